@@ -1,0 +1,123 @@
+//! Generated gRPC code for package `tokenvault.v1` (from proto/ by build.rs) and conversions
+//! between wire types and domain types.
+//!
+//! Architecture invariant: proto types stop here and in `server`/`cli`; `envelope`, `keys` and
+//! `store` never see them.
+
+#![allow(missing_docs, reason = "generated code")]
+#![allow(clippy::all, clippy::pedantic, reason = "generated code")]
+
+/// The `tokenvault.v1` package.
+pub mod v1 {
+    tonic::include_proto!("tokenvault.v1");
+
+    /// Encoded `FileDescriptorSet` for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tokenvault_descriptor");
+
+    impl std::fmt::Debug for GetTokenResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("GetTokenResponse")
+                .field("info", &self.info)
+                .field("secret", &"[REDACTED]")
+                .finish()
+        }
+    }
+}
+
+use crate::keys::{KeyInfo, KeyState};
+use crate::record::{Record, RecordMeta, SecretKind, ValidationError};
+
+impl From<SecretKind> for v1::SecretKind {
+    fn from(k: SecretKind) -> Self {
+        match k {
+            SecretKind::AccessToken => v1::SecretKind::AccessToken,
+            SecretKind::RefreshToken => v1::SecretKind::RefreshToken,
+            SecretKind::ClientSecret => v1::SecretKind::ClientSecret,
+            SecretKind::ApiKey => v1::SecretKind::ApiKey,
+            SecretKind::TokenBundle => v1::SecretKind::TokenBundle,
+        }
+    }
+}
+
+impl TryFrom<i32> for SecretKind {
+    type Error = ValidationError;
+
+    fn try_from(wire: i32) -> Result<Self, ValidationError> {
+        match v1::SecretKind::try_from(wire) {
+            Ok(v1::SecretKind::AccessToken) => Ok(SecretKind::AccessToken),
+            Ok(v1::SecretKind::RefreshToken) => Ok(SecretKind::RefreshToken),
+            Ok(v1::SecretKind::ClientSecret) => Ok(SecretKind::ClientSecret),
+            Ok(v1::SecretKind::ApiKey) => Ok(SecretKind::ApiKey),
+            Ok(v1::SecretKind::TokenBundle) => Ok(SecretKind::TokenBundle),
+            Ok(v1::SecretKind::Unspecified) | Err(_) => Err(ValidationError::UnknownKind),
+        }
+    }
+}
+
+impl TryFrom<&v1::RecordMeta> for RecordMeta {
+    type Error = ValidationError;
+
+    fn try_from(m: &v1::RecordMeta) -> Result<Self, ValidationError> {
+        RecordMeta::parse(
+            &m.id,
+            &m.owner,
+            &m.provider,
+            m.kind.try_into()?,
+            &m.scopes,
+            m.expires_at,
+        )
+    }
+}
+
+impl From<&RecordMeta> for v1::RecordMeta {
+    fn from(m: &RecordMeta) -> Self {
+        v1::RecordMeta {
+            id: m.id.to_string(),
+            owner: m.owner.as_str().to_string(),
+            provider: m.provider.to_string(),
+            kind: v1::SecretKind::from(m.kind).into(),
+            scopes: m.scopes.iter().map(|s| s.as_str().to_string()).collect(),
+            expires_at: m.expires_at.unwrap_or(0),
+        }
+    }
+}
+
+impl From<&Record> for v1::RecordInfo {
+    fn from(r: &Record) -> Self {
+        v1::RecordInfo {
+            meta: Some((&r.meta).into()),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            revoked: r.revoked,
+            version: r.version,
+            key_version: r.key_version,
+        }
+    }
+}
+
+impl From<KeyState> for v1::KeyState {
+    fn from(s: KeyState) -> Self {
+        match s {
+            KeyState::Active => v1::KeyState::Active,
+            KeyState::DecryptOnly => v1::KeyState::DecryptOnly,
+            KeyState::Retired => v1::KeyState::Retired,
+            KeyState::Destroyed => v1::KeyState::Destroyed,
+        }
+    }
+}
+
+impl From<&KeyInfo> for v1::PublicKey {
+    fn from(k: &KeyInfo) -> Self {
+        let spki_pem = crate::keys::PublicKey::from_spki_der(&k.spki_der)
+            .map(|p| p.to_pem())
+            .unwrap_or_default();
+        v1::PublicKey {
+            version: k.version,
+            fingerprint: k.id.to_hex(),
+            spki_pem,
+            state: v1::KeyState::from(k.state).into(),
+            created_at: k.created_at,
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `tokenvault keys`: offline key management on a stopped daemon's store and key directory.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use zeroize::Zeroizing;
+
+use super::{CliError, Location};
+use crate::config::{Config, Env};
+use crate::keys::keyring::{self, KeyDir};
+use crate::keys::{KeyInfo, PrivateKey};
+use crate::secret::Passphrase;
+use crate::store::{RocksStore, TokenStore};
+
+/// Env var with the passphrase of a key file being imported.
+pub(crate) const ENV_IMPORT_PASSPHRASE: &str = "TOKENVAULT_IMPORT_PASSPHRASE";
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create key version 1 (fresh RSA-2048) in an empty keyring.
+    Init {
+        #[command(flatten)]
+        at: Location,
+    },
+    /// Add a fresh RSA-2048 version and make it active; the previous one becomes decrypt-only.
+    Rotate {
+        #[command(flatten)]
+        at: Location,
+    },
+    /// List key versions with state and fingerprint.
+    List {
+        #[command(flatten)]
+        at: Location,
+    },
+    /// Print a version's public key (SPKI PEM) for web tiers; the active one by default.
+    ExportPublic {
+        #[command(flatten)]
+        at: Location,
+        /// Key version to export.
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Import an RSA private key (PKCS#8, encrypted PKCS#8 or PKCS#1 PEM, e.g. from
+    /// `openssl genpkey`) as the new active version.
+    Import {
+        #[command(flatten)]
+        at: Location,
+        /// The private key PEM file.
+        #[arg(long)]
+        private: PathBuf,
+        /// File with the passphrase of an encrypted key file (or set
+        /// TOKENVAULT_IMPORT_PASSPHRASE).
+        #[arg(long)]
+        import_passphrase_file: Option<PathBuf>,
+    },
+}
+
+fn open(at: &Location) -> Result<(RocksStore, KeyDir), CliError> {
+    let config = match (&at.config, at.dev) {
+        (Some(path), _) => Config::load(path, &Env)?,
+        (None, true) => {
+            let cwd = std::env::current_dir()
+                .map_err(|e| CliError::Internal(format!("current directory: {e}")))?;
+            Config::dev(&cwd, ([127, 0, 0, 1], 0).into(), vec![], &Env)?
+        }
+        (None, false) => {
+            return Err(CliError::Input(
+                "pass --config FILE, or --dev for the development layout".into(),
+            ));
+        }
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| CliError::Internal(format!("{}: {e}", config.data_dir.display())))?;
+    let store = RocksStore::open(&config.data_dir, 8 << 20)?;
+    Ok((store, KeyDir::new(config.key_dir, config.passphrase)))
+}
+
+fn describe(k: &KeyInfo) -> String {
+    format!(
+        "v{}  {:<12}  {}  created {}",
+        k.version,
+        k.state.as_str(),
+        k.id.to_hex(),
+        k.created_at
+    )
+}
+
+pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
+    let now = crate::unix_now();
+    match cmd {
+        KeysCommand::Init { at } => {
+            let (store, dir) = open(&at)?;
+            let info = keyring::init(&store, &dir, now)?;
+            println!("created {}", describe(&info));
+        }
+        KeysCommand::Rotate { at } => {
+            let (store, dir) = open(&at)?;
+            let info = keyring::add_version(&store, &dir, PrivateKey::generate()?, now)?;
+            println!("active {}", describe(&info));
+        }
+        KeysCommand::List { at } => {
+            let (store, _) = open(&at)?;
+            let keys = store.keys()?;
+            if keys.is_empty() {
+                return Err(CliError::NotFound(
+                    "no key versions; run `tokenvault keys init`".into(),
+                ));
+            }
+            for k in keys {
+                println!("{}", describe(&k));
+            }
+        }
+        KeysCommand::ExportPublic { at, version } => {
+            let (store, _) = open(&at)?;
+            let keys = store.keys()?;
+            let key = match version {
+                Some(v) => keys.iter().find(|k| k.version == v),
+                None => keys
+                    .iter()
+                    .find(|k| k.state == crate::keys::KeyState::Active),
+            }
+            .ok_or_else(|| match version {
+                Some(v) => CliError::NotFound(format!("no key version {v}")),
+                None => CliError::NotFound("no active key; run `tokenvault keys init`".into()),
+            })?;
+            let public = crate::keys::PublicKey::from_spki_der(&key.spki_der)?;
+            print!("{}", public.to_pem());
+        }
+        KeysCommand::Import {
+            at,
+            private,
+            import_passphrase_file,
+        } => {
+            let pem = Zeroizing::new(
+                std::fs::read_to_string(&private)
+                    .map_err(|e| CliError::Input(format!("{}: {e}", private.display())))?,
+            );
+            let passphrase = match (
+                std::env::var(ENV_IMPORT_PASSPHRASE).ok(),
+                import_passphrase_file,
+            ) {
+                (Some(p), _) => Some(Passphrase::new(p)),
+                (None, Some(f)) => Some(Passphrase::new(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| CliError::Input(format!("{}: {e}", f.display())))?,
+                )),
+                (None, None) => None,
+            };
+            // Validate before touching the store, so a bad file changes nothing.
+            let key = PrivateKey::from_pem(&pem, passphrase.as_ref())?;
+            let (store, dir) = open(&at)?;
+            let info = keyring::add_version(&store, &dir, key, now)?;
+            println!("imported as active {}", describe(&info));
+        }
+    }
+    Ok(())
+}

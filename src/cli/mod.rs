@@ -1,0 +1,176 @@
+//! The `tokenvault` command line: parse, dispatch, and map errors to exit codes once.
+//!
+//! Owns: the clap definitions, [`run`] and [`CliError`] with its exit codes. Subcommands live in
+//! `serve`, `keys` and `client`. Secrets are never taken from argv: the secret to seal comes
+//! from stdin or a file, credentials and passphrases from environment variables or files.
+//!
+//! Exit codes: 0 success, 1 internal or I/O error, 2 usage error, 3 not found, 4
+//! unauthenticated or permission denied, 5 invalid input, 6 failed precondition or conflict
+//! (revoked, expired, exists, stale version, locked data directory), 7 daemon unavailable.
+
+mod client;
+mod keys;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use thiserror::Error;
+
+/// Command-line interface of the tokenvault daemon and its clients.
+#[derive(Debug, Parser)]
+#[command(name = "tokenvault", version, about = "An encrypted vault for OAuth tokens", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (gRPC services Ingest, Broker, Admin).
+    Serve(serve::ServeArgs),
+    /// Manage key versions offline (the daemon must be stopped).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Seal a secret with the vault's public key and store it (web tier; ingest credential).
+    Seal(client::SealArgs),
+    /// Fetch and decrypt a secret (worker credential); the secret goes to stdout.
+    Get(client::GetArgs),
+    /// Revoke a record so it is never handed out again (admin credential).
+    Revoke(client::IdArgs),
+    /// Irrecoverably delete a record (admin credential).
+    Delete(client::IdArgs),
+}
+
+/// Where the daemon's data lives, for commands that open it directly.
+#[derive(Debug, Args)]
+pub(crate) struct Location {
+    /// Config file of the daemon whose store and keys to use.
+    #[arg(long, short = 'c', env = "TOKENVAULT_CONFIG", conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Use the development layout (./data and ./keys/dev under the working directory).
+    #[arg(long)]
+    dev: bool,
+}
+
+/// Why a command failed; each variant has an exit code.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// Bad input: file, key or argument.
+    #[error("{0}")]
+    Input(String),
+    /// Something does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation conflicts with current state.
+    #[error("{0}")]
+    Precondition(String),
+    /// Credentials missing or refused.
+    #[error("{0}")]
+    Auth(String),
+    /// The daemon could not be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Internal(_) => 1,
+            CliError::NotFound(_) => 3,
+            CliError::Auth(_) => 4,
+            CliError::Input(_) => 5,
+            CliError::Precondition(_) => 6,
+            CliError::Unavailable(_) => 7,
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let msg = format!("{:?}: {}", s.code(), s.message());
+        match s.code() {
+            Code::NotFound => CliError::NotFound(msg),
+            Code::Unauthenticated | Code::PermissionDenied => CliError::Auth(msg),
+            Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
+                CliError::Input(msg)
+            }
+            Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
+                CliError::Precondition(msg)
+            }
+            Code::Unavailable | Code::DeadlineExceeded => CliError::Unavailable(msg),
+            _ => CliError::Internal(msg),
+        }
+    }
+}
+
+impl From<crate::keys::KeyError> for CliError {
+    fn from(e: crate::keys::KeyError) -> Self {
+        use crate::keys::KeyError;
+        match e {
+            KeyError::AlreadyInitialized(_) | KeyError::Duplicate(_) | KeyError::NoActiveKey => {
+                CliError::Precondition(e.to_string())
+            }
+            KeyError::UnknownVersion(_) => CliError::NotFound(e.to_string()),
+            KeyError::Io { .. } | KeyError::Generation | KeyError::Store(_) => {
+                CliError::Internal(e.to_string())
+            }
+            _ => CliError::Input(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for CliError {
+    fn from(e: crate::store::StoreError) -> Self {
+        if e.to_string()
+            .contains("in use by another tokenvault process")
+        {
+            CliError::Precondition(format!("{e}; stop the daemon first"))
+        } else {
+            CliError::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<crate::config::ConfigError> for CliError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        CliError::Input(e.to_string())
+    }
+}
+
+/// Parses `std::env::args`, runs the command and returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CliError::Internal(format!("starting the async runtime: {e}")))
+    };
+    match cli.command {
+        Command::Serve(args) => serve::run(args, runtime()?),
+        Command::Keys(cmd) => keys::run(cmd),
+        Command::Seal(args) => runtime()?.block_on(client::seal(args)),
+        Command::Get(args) => runtime()?.block_on(client::get(args)),
+        Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
+        Command::Delete(args) => runtime()?.block_on(client::delete(args)),
+    }
+}

@@ -1,0 +1,428 @@
+//! Daemon configuration: a TOML file plus environment overrides, or the built-in dev profile.
+//!
+//! Owns: [`Config`], the [`Strings`] source abstraction (process environment in production, a
+//! map in tests), and [`ConfigError`]. Credentials appear in configuration only as SHA-256
+//! hashes; the key passphrase only through an environment variable or a file, never a flag or
+//! the TOML file.
+//!
+//! There is deliberately no `Default` for [`Config`]: every entry point says which profile
+//! it wants ([`Config::load`] or [`Config::dev`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::secret::{ApiCredential, Passphrase};
+
+/// Env var: listen address override.
+pub const ENV_LISTEN: &str = "TOKENVAULT_LISTEN";
+/// Env var: data directory override.
+pub const ENV_DATA_DIR: &str = "TOKENVAULT_DATA_DIR";
+/// Env var: key directory override.
+pub const ENV_KEY_DIR: &str = "TOKENVAULT_KEY_DIR";
+/// Env var: the private key passphrase itself.
+pub const ENV_KEY_PASSPHRASE: &str = "TOKENVAULT_KEY_PASSPHRASE";
+/// Env var: a file holding the private key passphrase.
+pub const ENV_KEY_PASSPHRASE_FILE: &str = "TOKENVAULT_KEY_PASSPHRASE_FILE";
+
+/// Default gRPC port.
+pub const DEFAULT_PORT: u16 = 50051;
+
+/// A source of configuration strings (the environment, or a map in tests).
+pub trait Strings {
+    /// The value of `key`, if set.
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct Env;
+
+impl Strings for Env {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Strings for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or has unknown keys.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The offending key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Caller roles. Each gRPC service admits exactly one role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The web tier: `Ingest` only.
+    Ingest,
+    /// Backend workers: `Broker` only.
+    Worker,
+    /// Security team: `Admin` only.
+    Admin,
+}
+
+impl Role {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ingest => "ingest",
+            Role::Worker => "worker",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// A configured API credential: a name for logs, a role and the SHA-256 of the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialEntry {
+    /// Name shown in logs and audit events.
+    pub name: String,
+    /// Role granted.
+    pub role: Role,
+    /// SHA-256 of the bearer credential.
+    pub sha256: [u8; 32],
+}
+
+impl CredentialEntry {
+    /// An entry for `credential`, hashing it.
+    pub fn for_credential(name: &str, role: Role, credential: &ApiCredential) -> Self {
+        Self {
+            name: name.to_string(),
+            role,
+            sha256: Sha256::digest(credential.expose_secret().as_bytes()).into(),
+        }
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted gRPC request message, in bytes.
+    pub max_request_bytes: usize,
+    /// Most records in one `PutSealedBatch`.
+    pub max_batch: usize,
+}
+
+/// Everything the daemon needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// RocksDB directory.
+    pub data_dir: PathBuf,
+    /// Private key directory.
+    pub key_dir: PathBuf,
+    /// Passphrase for private key files, if they are encrypted.
+    pub passphrase: Option<Passphrase>,
+    /// RocksDB block cache size in bytes.
+    pub block_cache_bytes: usize,
+    /// Request limits.
+    pub limits: Limits,
+    /// API credentials.
+    pub credentials: Vec<CredentialEntry>,
+    /// Allow plaintext gRPC on a non-loopback address.
+    pub insecure_plaintext: bool,
+    /// Dev profile: create the keyring on first run.
+    pub dev: bool,
+    /// Log filter (tracing `EnvFilter` syntax).
+    pub log: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    key_dir: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
+    block_cache_mb: Option<usize>,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    log: Option<String>,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    credentials: Vec<FileCredential>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_request_bytes: Option<usize>,
+    max_batch: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCredential {
+    name: String,
+    role: Role,
+    sha256: String,
+}
+
+/// Default request size limit: a full batch of maximum-size envelopes does not fit, on
+/// purpose; large imports are split into several batches.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Default batch size limit.
+pub const DEFAULT_MAX_BATCH: usize = 1000;
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+fn passphrase_from(
+    env: &dyn Strings,
+    file: Option<PathBuf>,
+) -> Result<Option<Passphrase>, ConfigError> {
+    if let Some(p) = env.get(ENV_KEY_PASSPHRASE) {
+        return Ok(Some(Passphrase::new(p)));
+    }
+    let Some(path) = env.get(ENV_KEY_PASSPHRASE_FILE).map(PathBuf::from).or(file) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(Passphrase::new(text)))
+}
+
+impl Config {
+    /// Loads `path` and applies environment overrides from `env`.
+    pub fn load(path: &Path, env: &dyn Strings) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let listen = env
+            .get(ENV_LISTEN)
+            .or(file.listen)
+            .unwrap_or_else(|| format!("127.0.0.1:{DEFAULT_PORT}"));
+        let listen = listen
+            .parse()
+            .map_err(|_| invalid("listen", "not an IP:port address"))?;
+        let data_dir = env
+            .get(ENV_DATA_DIR)
+            .map(PathBuf::from)
+            .or(file.data_dir)
+            .ok_or_else(|| invalid("data_dir", "required"))?;
+        let key_dir = env
+            .get(ENV_KEY_DIR)
+            .map(PathBuf::from)
+            .or(file.key_dir)
+            .ok_or_else(|| invalid("key_dir", "required"))?;
+        let mut credentials = Vec::new();
+        for (i, c) in file.credentials.into_iter().enumerate() {
+            let mut sha256 = [0u8; 32];
+            hex::decode_to_slice(&c.sha256, &mut sha256).map_err(|_| {
+                invalid(&format!("credentials[{i}].sha256"), "must be 64 hex digits")
+            })?;
+            credentials.push(CredentialEntry {
+                name: c.name,
+                role: c.role,
+                sha256,
+            });
+        }
+        let limits = Limits {
+            max_request_bytes: file
+                .limits
+                .max_request_bytes
+                .unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+            max_batch: file.limits.max_batch.unwrap_or(DEFAULT_MAX_BATCH),
+        };
+        if limits.max_batch == 0 || limits.max_request_bytes < 4096 {
+            return Err(invalid(
+                "limits",
+                "max_batch must be > 0, max_request_bytes >= 4096",
+            ));
+        }
+        let config = Config {
+            listen,
+            data_dir: base.join(data_dir),
+            key_dir: base.join(key_dir),
+            passphrase: passphrase_from(env, file.passphrase_file.map(|p| base.join(p)))?,
+            block_cache_bytes: file.block_cache_mb.unwrap_or(64) << 20,
+            limits,
+            credentials,
+            insecure_plaintext: file.insecure_plaintext,
+            dev: false,
+            log: file.log.unwrap_or_else(|| "info".into()),
+        };
+        config.check_listen()?;
+        Ok(config)
+    }
+
+    /// The development profile: `./data` and `./keys/dev` under `base`, loopback only,
+    /// credentials supplied by the caller, keyring created on first run.
+    pub fn dev(
+        base: &Path,
+        listen: SocketAddr,
+        credentials: Vec<CredentialEntry>,
+        env: &dyn Strings,
+    ) -> Result<Self, ConfigError> {
+        if !listen.ip().is_loopback() {
+            return Err(invalid(
+                "listen",
+                "--dev listens on loopback addresses only",
+            ));
+        }
+        Ok(Config {
+            listen,
+            data_dir: base.join("data"),
+            key_dir: base.join("keys").join("dev"),
+            passphrase: passphrase_from(env, None)?,
+            block_cache_bytes: 16 << 20,
+            limits: Limits {
+                max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+                max_batch: DEFAULT_MAX_BATCH,
+            },
+            credentials,
+            insecure_plaintext: false,
+            dev: true,
+            log: "info".into(),
+        })
+    }
+
+    fn check_listen(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && !self.insecure_plaintext {
+            return Err(invalid(
+                "listen",
+                "refusing plaintext gRPC on a non-loopback address; set insecure_plaintext = true \
+                 only behind a TLS-terminating proxy",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("tokenvault.toml");
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    #[test]
+    fn loads_file_with_env_overrides_and_relative_paths() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let hash = "ab".repeat(32);
+        let path = write(
+            tmp.path(),
+            &format!(
+                "data_dir = \"d\"\nkey_dir = \"/abs/k\"\n[limits]\nmax_batch = 10\n\
+                 [[credentials]]\nname = \"web\"\nrole = \"ingest\"\nsha256 = \"{hash}\"\n"
+            ),
+        );
+        let mut env = HashMap::new();
+        env.insert(ENV_LISTEN.to_string(), "127.0.0.1:6000".to_string());
+        env.insert(ENV_KEY_PASSPHRASE.to_string(), "pw".to_string());
+        let c = Config::load(&path, &env).expect("loads");
+        assert_eq!(c.listen, "127.0.0.1:6000".parse().expect("addr"));
+        assert_eq!(c.data_dir, tmp.path().join("d"));
+        assert_eq!(c.key_dir, PathBuf::from("/abs/k"));
+        assert_eq!(c.limits.max_batch, 10);
+        assert_eq!(c.credentials[0].role, Role::Ingest);
+        assert_eq!(c.credentials[0].sha256, [0xab; 32]);
+        assert_eq!(c.passphrase.expect("set").expose_secret(), "pw");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_bad_hashes_and_public_plaintext() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let env = HashMap::new();
+        let p = write(
+            tmp.path(),
+            "data_dir = \"d\"\nkey_dir = \"k\"\npassword = \"x\"\n",
+        );
+        assert!(matches!(
+            Config::load(&p, &env),
+            Err(ConfigError::Parse { .. })
+        ));
+        let p = write(
+            tmp.path(),
+            "data_dir = \"d\"\nkey_dir = \"k\"\n[[credentials]]\nname = \"a\"\nrole = \"admin\"\nsha256 = \"xyz\"\n",
+        );
+        let err = Config::load(&p, &env).expect_err("bad hash");
+        assert_eq!(
+            err.to_string(),
+            "credentials[0].sha256: must be 64 hex digits"
+        );
+        let p = write(
+            tmp.path(),
+            "listen = \"0.0.0.0:1\"\ndata_dir = \"d\"\nkey_dir = \"k\"\n",
+        );
+        assert!(
+            Config::load(&p, &env)
+                .expect_err("public")
+                .to_string()
+                .contains("non-loopback")
+        );
+        let p = write(
+            tmp.path(),
+            "listen = \"0.0.0.0:1\"\ndata_dir = \"d\"\nkey_dir = \"k\"\ninsecure_plaintext = true\n",
+        );
+        assert!(Config::load(&p, &env).is_ok());
+        let p = write(tmp.path(), "key_dir = \"k\"\n");
+        assert_eq!(
+            Config::load(&p, &env).expect_err("missing").to_string(),
+            "data_dir: required"
+        );
+    }
+
+    #[test]
+    fn dev_profile_is_loopback_only() {
+        let env = HashMap::new();
+        let base = Path::new("/tmp/x");
+        assert!(Config::dev(base, "0.0.0.0:50051".parse().expect("addr"), vec![], &env).is_err());
+        let c = Config::dev(base, "127.0.0.1:0".parse().expect("addr"), vec![], &env).expect("ok");
+        assert_eq!(c.data_dir, base.join("data"));
+        assert_eq!(c.key_dir, base.join("keys/dev"));
+    }
+}

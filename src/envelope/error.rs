@@ -1,0 +1,80 @@
+//! Errors of sealing and opening envelopes, split by direction.
+
+use thiserror::Error;
+
+use crate::keys::{KeyId, KeyState};
+
+/// Why bytes are not a well-formed envelope. Structural, so reported precisely.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// Shorter than its fields require.
+    #[error("envelope is truncated: {0}")]
+    Truncated(&'static str),
+    /// Does not start with the `TVE` magic.
+    #[error("not a tokenvault envelope (bad magic)")]
+    BadMagic,
+    /// A format version this build does not know.
+    #[error("unknown envelope format version {0}")]
+    UnknownVersion(u8),
+    /// The wrapped data key length is not that of an RSA 2048-4096 modulus.
+    #[error("wrapped data key length {0} is not 256-512 bytes")]
+    WrappedKeyLength(usize),
+    /// Larger than [`super::MAX_ENVELOPE_LEN`].
+    #[error("envelope is {len} bytes, larger than the limit of {max}")]
+    TooLarge {
+        /// Actual length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+}
+
+/// Why a secret could not be sealed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EncryptError {
+    /// The secret exceeds [`super::MAX_SECRET_LEN`].
+    #[error("secret is {len} bytes, larger than the limit of {max}")]
+    SecretTooLarge {
+        /// Actual length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The secret is empty.
+    #[error("secret is empty")]
+    EmptySecret,
+    /// RSA-OAEP wrapping failed.
+    #[error("wrapping the data key failed")]
+    Wrap,
+    /// AES-GCM encryption failed.
+    #[error("encrypting the secret failed")]
+    Seal,
+}
+
+/// Why an envelope could not be opened.
+///
+/// Every cryptographic failure (OAEP decoding, GCM tag, wrong associated data) is the one
+/// [`DecryptError::DecryptionFailed`], so opening is neither a padding nor an AEAD oracle.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecryptError {
+    /// The bytes are not a well-formed envelope.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// No key in the keyring has this fingerprint.
+    #[error("envelope is sealed under unknown key {0}")]
+    UnknownKey(KeyId),
+    /// The key exists but may not be used to open envelopes.
+    #[error("envelope is sealed under key version {version}, which is {state}")]
+    KeyUnavailable {
+        /// Key version.
+        version: u32,
+        /// Its state.
+        state: KeyState,
+    },
+    /// Authentication failed: wrong key, tampered envelope or wrong record identity.
+    #[error("decryption failed: the envelope does not authenticate for this record")]
+    DecryptionFailed,
+}

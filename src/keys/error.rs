@@ -1,0 +1,86 @@
+//! Errors of loading, validating and storing keys.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Why a key could not be loaded, validated or written. Messages never contain key material.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The text is not PEM, or holds an unexpected PEM label.
+    #[error("not a {expected} PEM file (found {found})")]
+    UnexpectedPem {
+        /// What was expected, e.g. "PUBLIC KEY".
+        expected: &'static str,
+        /// What was found.
+        found: String,
+    },
+    /// The DER inside the PEM did not decode as an RSA key.
+    #[error("not a valid RSA {what}: {reason}")]
+    Malformed {
+        /// "public key" or "private key".
+        what: &'static str,
+        /// Decoder message (never includes key bytes).
+        reason: String,
+    },
+    /// The key is RSA but of an unsupported size.
+    #[error("RSA key of {bits} bits refused: tokenvault accepts RSA 2048 to 4096 bits")]
+    UnsupportedSize {
+        /// Modulus size in bits.
+        bits: usize,
+    },
+    /// The private key is passphrase-protected and no passphrase was supplied.
+    #[error("private key is encrypted: set TOKENVAULT_KEY_PASSPHRASE or use --passphrase-file")]
+    PassphraseRequired,
+    /// The passphrase did not decrypt the private key.
+    #[error("could not decrypt the private key: wrong passphrase or corrupt file")]
+    WrongPassphrase,
+    /// The private key does not match the registered public key.
+    #[error(
+        "private key file {path} does not match key version {version} (fingerprint {expected})"
+    )]
+    Mismatch {
+        /// File that was read.
+        path: PathBuf,
+        /// Version in the registry.
+        version: u32,
+        /// Fingerprint in the registry.
+        expected: String,
+    },
+    /// A key file is readable by group or others.
+    #[error("private key file {path} is readable by group or others (mode {mode:o}); chmod 600 it")]
+    InsecurePermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Reading or writing a key file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The keyring has no active version.
+    #[error("the keyring has no active key version: run `tokenvault keys init`")]
+    NoActiveKey,
+    /// `keys init` on a keyring that already has versions.
+    #[error("the keyring already has {0} key version(s); use `tokenvault keys rotate`")]
+    AlreadyInitialized(usize),
+    /// A key version that does not exist.
+    #[error("no key version {0}")]
+    UnknownVersion(u32),
+    /// The imported key is already in the keyring.
+    #[error("that key is already key version {0}")]
+    Duplicate(u32),
+    /// Key generation failed in the crypto library.
+    #[error("RSA key generation failed")]
+    Generation,
+    /// Persisting the key registry failed.
+    #[error("key registry: {0}")]
+    Store(String),
+}

@@ -1,0 +1,351 @@
+//! The daemon's keyring: every key version with its state, and the private keys it may use.
+//!
+//! Owns: [`Keyring`] (in-memory, looked up by fingerprint on every open), [`KeyDir`] (the key
+//! file directory: `v0001.key.pem`, 0600, and `v0001.pub.pem`) and the operations that add key
+//! versions ([`init`], [`add_version`]). The public facts of each version live in the store's
+//! key registry; private keys live only in files and process memory.
+//!
+//! Invariant: exactly one version is active; adding a version makes it active and demotes the
+//! previous active version to decrypt-only in one atomic registry write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use super::{
+    KeyError, KeyId, KeyInfo, KeyState, PrivateKey, PublicKey, Unwrapper, UnwrapperLookup,
+};
+use crate::envelope::DecryptError;
+use crate::secret::Passphrase;
+use crate::store::TokenStore;
+
+/// The directory holding private key files, and the passphrase protecting them.
+#[derive(Debug, Clone)]
+pub struct KeyDir {
+    path: PathBuf,
+    passphrase: Option<Passphrase>,
+}
+
+impl KeyDir {
+    /// A key directory at `path`; key files are encrypted with `passphrase` when given.
+    pub fn new(path: impl Into<PathBuf>, passphrase: Option<Passphrase>) -> Self {
+        Self {
+            path: path.into(),
+            passphrase,
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn private_path(&self, version: u32) -> PathBuf {
+        self.path.join(format!("v{version:04}.key.pem"))
+    }
+
+    fn public_path(&self, version: u32) -> PathBuf {
+        self.path.join(format!("v{version:04}.pub.pem"))
+    }
+
+    /// Writes a version's key files: the private key 0600 (encrypted if a passphrase is set),
+    /// the public key 0644. Writes go to a temporary file that is renamed into place.
+    pub fn write(&self, version: u32, key: &PrivateKey) -> Result<(), KeyError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| KeyError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.path).map_err(io(&self.path))?;
+        let pem = key.to_pkcs8_pem(self.passphrase.as_ref())?;
+        write_atomic(&self.private_path(version), pem.as_bytes(), 0o600)
+            .map_err(io(&self.private_path(version)))?;
+        write_atomic(
+            &self.public_path(version),
+            key.public_key().to_pem().as_bytes(),
+            0o644,
+        )
+        .map_err(io(&self.public_path(version)))
+    }
+
+    /// Reads a version's private key, refusing files readable by group or others.
+    pub fn read(&self, version: u32) -> Result<PrivateKey, KeyError> {
+        let path = self.private_path(version);
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(KeyError::InsecurePermissions {
+                path,
+                mode: mode & 0o777,
+            });
+        }
+        let pem = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(io)?);
+        PrivateKey::from_pem(&pem, self.passphrase.as_ref())
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+struct Slot {
+    info: KeyInfo,
+    public: PublicKey,
+    private: Option<PrivateKey>,
+}
+
+/// Every key version, with private keys for those that may still open envelopes.
+pub struct Keyring {
+    slots: BTreeMap<u32, Slot>,
+    by_id: HashMap<KeyId, u32>,
+    active: u32,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("versions", &self.slots.keys().collect::<Vec<_>>())
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keyring {
+    /// Builds the keyring from registry entries, loading the private key of every active and
+    /// decrypt-only version from `dir` and checking it matches the registered fingerprint.
+    pub fn load(infos: Vec<KeyInfo>, dir: &KeyDir) -> Result<Self, KeyError> {
+        let mut slots = BTreeMap::new();
+        let mut by_id = HashMap::new();
+        let mut active = None;
+        for info in infos {
+            let public = PublicKey::from_spki_der(&info.spki_der)?;
+            let private = if info.state.accepts_envelopes() {
+                let key = dir.read(info.version)?;
+                if key.public_key().id() != info.id || public.id() != info.id {
+                    return Err(KeyError::Mismatch {
+                        path: dir.private_path(info.version),
+                        version: info.version,
+                        expected: info.id.to_hex(),
+                    });
+                }
+                Some(key)
+            } else {
+                None
+            };
+            if info.state == KeyState::Active {
+                active = Some(info.version);
+            }
+            by_id.insert(info.id, info.version);
+            slots.insert(
+                info.version,
+                Slot {
+                    info,
+                    public,
+                    private,
+                },
+            );
+        }
+        let active = active.ok_or(KeyError::NoActiveKey)?;
+        Ok(Self {
+            slots,
+            by_id,
+            active,
+        })
+    }
+
+    /// The active version: the one new envelopes must be sealed under.
+    pub fn active(&self) -> (&KeyInfo, &PublicKey) {
+        let slot = &self.slots[&self.active];
+        (&slot.info, &slot.public)
+    }
+
+    /// The registry entry of the key with fingerprint `id`.
+    pub fn info(&self, id: &KeyId) -> Option<&KeyInfo> {
+        self.by_id.get(id).map(|v| &self.slots[v].info)
+    }
+
+    /// The registry entry and public key of the key with fingerprint `id`.
+    pub fn public(&self, id: &KeyId) -> Option<(&KeyInfo, &PublicKey)> {
+        self.by_id
+            .get(id)
+            .map(|v| (&self.slots[v].info, &self.slots[v].public))
+    }
+
+    /// Every version, ascending.
+    pub fn infos(&self) -> impl Iterator<Item = &KeyInfo> {
+        self.slots.values().map(|s| &s.info)
+    }
+}
+
+impl UnwrapperLookup for Keyring {
+    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, DecryptError> {
+        let version = self.by_id.get(id).ok_or(DecryptError::UnknownKey(*id))?;
+        let slot = &self.slots[version];
+        match (&slot.private, slot.info.state.accepts_envelopes()) {
+            (Some(key), true) => Ok(key),
+            _ => Err(DecryptError::KeyUnavailable {
+                version: *version,
+                state: slot.info.state,
+            }),
+        }
+    }
+}
+
+fn store_err(e: crate::store::StoreError) -> KeyError {
+    KeyError::Store(e.to_string())
+}
+
+/// Creates key version 1 with a fresh RSA-2048 key. Refuses if the registry has any version.
+pub fn init(store: &dyn TokenStore, dir: &KeyDir, now: i64) -> Result<KeyInfo, KeyError> {
+    let existing = store.keys().map_err(store_err)?;
+    if !existing.is_empty() {
+        return Err(KeyError::AlreadyInitialized(existing.len()));
+    }
+    add_version(store, dir, PrivateKey::generate()?, now)
+}
+
+/// Adds `key` as the next version and makes it active; the previously active version becomes
+/// decrypt-only. The key file is written before the registry, so a crash in between leaves
+/// at most an unused file, never a registered version without its key.
+pub fn add_version(
+    store: &dyn TokenStore,
+    dir: &KeyDir,
+    key: PrivateKey,
+    now: i64,
+) -> Result<KeyInfo, KeyError> {
+    let existing = store.keys().map_err(store_err)?;
+    let id = key.public_key().id();
+    if let Some(dup) = existing.iter().find(|k| k.id == id) {
+        return Err(KeyError::Duplicate(dup.version));
+    }
+    let version = existing.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+    dir.write(version, &key)?;
+    let info = KeyInfo {
+        version,
+        id,
+        state: KeyState::Active,
+        created_at: now,
+        updated_at: now,
+        spki_der: key.public_key().spki_der().to_vec(),
+    };
+    let mut writes: Vec<KeyInfo> = existing
+        .into_iter()
+        .filter(|k| k.state == KeyState::Active)
+        .map(|mut k| {
+            k.state = KeyState::DecryptOnly;
+            k.updated_at = now;
+            k
+        })
+        .collect();
+    writes.push(info.clone());
+    store.put_keys(&writes).map_err(store_err)?;
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope;
+    use crate::record::{RecordMeta, SecretKind};
+    use crate::secret::Secret;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn rotation_keeps_old_records_readable_and_seals_under_the_new_key() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = KeyDir::new(tmp.path(), None);
+        let store = MemoryStore::new();
+        let v1 = init(&store, &dir, 10).expect("init");
+        assert!(matches!(
+            init(&store, &dir, 11),
+            Err(KeyError::AlreadyInitialized(1))
+        ));
+        let ring1 = Keyring::load(store.keys().expect("keys"), &dir).expect("load");
+        let meta = RecordMeta::parse("r", "o", "p", SecretKind::ApiKey, &[], 0).expect("valid");
+        let old =
+            envelope::seal(&meta, &Secret::new(b"s1".to_vec()), ring1.active().1).expect("seal");
+
+        let v2 =
+            add_version(&store, &dir, PrivateKey::generate().expect("gen"), 20).expect("rotate");
+        assert_eq!(v2.version, 2);
+        let ring = Keyring::load(store.keys().expect("keys"), &dir).expect("load");
+        assert_eq!(ring.active().0.version, 2);
+        assert_eq!(ring.info(&v1.id).expect("v1").state, KeyState::DecryptOnly);
+        assert_eq!(ring.info(&v1.id).expect("v1").updated_at, 20);
+        assert_eq!(
+            envelope::open(&meta, &old, &ring)
+                .expect("old opens")
+                .expose_secret(),
+            b"s1"
+        );
+        let mode = std::fs::metadata(tmp.path().join("v0002.key.pem"))
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn loading_refuses_readable_key_files_and_mismatched_keys() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = KeyDir::new(tmp.path(), None);
+        let store = MemoryStore::new();
+        init(&store, &dir, 1).expect("init");
+        let path = tmp.path().join("v0001.key.pem");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = Keyring::load(store.keys().expect("keys"), &dir).expect_err("insecure");
+        assert!(
+            matches!(err, KeyError::InsecurePermissions { mode: 0o644, .. }),
+            "{err}"
+        );
+        // Replace the file with another key: the fingerprint check catches it.
+        std::fs::remove_file(&path).expect("rm");
+        let other = KeyDir::new(tmp.path(), None);
+        other
+            .write(1, &PrivateKey::generate().expect("gen"))
+            .expect("write");
+        let err = Keyring::load(store.keys().expect("keys"), &dir).expect_err("mismatch");
+        assert!(
+            matches!(err, KeyError::Mismatch { version: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn passphrase_protected_key_files() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let pass = Passphrase::new("correct horse".into());
+        let dir = KeyDir::new(tmp.path(), Some(pass));
+        let store = MemoryStore::new();
+        init(&store, &dir, 1).expect("init");
+        let pem = std::fs::read_to_string(tmp.path().join("v0001.key.pem")).expect("read");
+        assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+        assert!(Keyring::load(store.keys().expect("keys"), &dir).is_ok());
+        let wrong = KeyDir::new(tmp.path(), Some(Passphrase::new("wrong".into())));
+        assert!(matches!(
+            Keyring::load(store.keys().expect("keys"), &wrong),
+            Err(KeyError::WrongPassphrase)
+        ));
+        let none = KeyDir::new(tmp.path(), None);
+        assert!(matches!(
+            Keyring::load(store.keys().expect("keys"), &none),
+            Err(KeyError::PassphraseRequired)
+        ));
+    }
+}

@@ -1,0 +1,168 @@
+//! RSA private keys: the only module that holds private key material.
+//!
+//! Owns: [`PrivateKey`], which imports PKCS#8 (plain or passphrase-encrypted) and PKCS#1 PEM,
+//! validates the key with the `rsa` crate, and performs every private-key operation with
+//! `aws-lc-rs` (constant-time; the `rsa` crate's private operations carry RUSTSEC-2023-0071).
+//!
+//! Must never: perform a private-key operation with the `rsa` crate, return private key bytes
+//! other than through [`PrivateKey::to_pkcs8_pem`] (used only to write 0600 key files), or put
+//! key material in an error, a log line or `Debug` output.
+
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::rsa::{
+    KeySize, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, PrivateDecryptingKey,
+};
+use pkcs8::{EncryptedPrivateKeyInfo, LineEnding, PrivateKeyInfo, SecretDocument};
+use rsa::pkcs1::DecodeRsaPrivateKey;
+use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use zeroize::Zeroizing;
+
+use super::public::pem_label;
+use super::{KeyError, KeyId, OAEP_LABEL, PublicKey, Unwrapper};
+use crate::envelope::DecryptError;
+use crate::secret::{DATA_KEY_LEN, DataKey, Passphrase};
+
+/// An RSA private key that unwraps data keys.
+pub struct PrivateKey {
+    public: PublicKey,
+    oaep: OaepPrivateDecryptingKey,
+    pkcs8_der: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrivateKey")
+            .field("id", &self.public.id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrivateKey {
+    /// Generates a fresh RSA-2048 key with aws-lc-rs.
+    pub fn generate() -> Result<Self, KeyError> {
+        let key =
+            PrivateDecryptingKey::generate(KeySize::Rsa2048).map_err(|_| KeyError::Generation)?;
+        let der = Zeroizing::new(
+            key.as_der()
+                .map_err(|_| KeyError::Generation)?
+                .as_ref()
+                .to_vec(),
+        );
+        Self::from_pkcs8_der(der)
+    }
+
+    /// Parses PEM: `PRIVATE KEY` (PKCS#8, as written by `openssl genpkey`),
+    /// `ENCRYPTED PRIVATE KEY` (PKCS#8 PBES2, needs `passphrase`) or `RSA PRIVATE KEY` (PKCS#1).
+    pub fn from_pem(pem: &str, passphrase: Option<&Passphrase>) -> Result<Self, KeyError> {
+        let label = pem_label(pem)?;
+        let malformed = |e: &dyn std::fmt::Display| KeyError::Malformed {
+            what: "private key",
+            reason: e.to_string(),
+        };
+        let der: Zeroizing<Vec<u8>> = match label.as_str() {
+            "PRIVATE KEY" => {
+                let (_, doc) = SecretDocument::from_pem(pem).map_err(|e| malformed(&e))?;
+                doc.to_bytes()
+            }
+            "ENCRYPTED PRIVATE KEY" => {
+                let pass = passphrase.ok_or(KeyError::PassphraseRequired)?;
+                let (_, doc) = pkcs8::Document::from_pem(pem).map_err(|e| malformed(&e))?;
+                let info =
+                    EncryptedPrivateKeyInfo::try_from(doc.as_bytes()).map_err(|e| malformed(&e))?;
+                info.decrypt(pass.expose_secret())
+                    .map_err(|_| KeyError::WrongPassphrase)?
+                    .to_bytes()
+            }
+            "RSA PRIVATE KEY" => {
+                let key = rsa::RsaPrivateKey::from_pkcs1_pem(pem).map_err(|e| malformed(&e))?;
+                key.to_pkcs8_der().map_err(|e| malformed(&e))?.to_bytes()
+            }
+            _ => {
+                return Err(KeyError::UnexpectedPem {
+                    expected: "PRIVATE KEY",
+                    found: label,
+                });
+            }
+        };
+        Self::from_pkcs8_der(der)
+    }
+
+    fn from_pkcs8_der(der: Zeroizing<Vec<u8>>) -> Result<Self, KeyError> {
+        let malformed = |e: &dyn std::fmt::Display| KeyError::Malformed {
+            what: "private key",
+            reason: e.to_string(),
+        };
+        // The rsa crate validates structure and consistency (no private-key operation), then
+        // aws-lc takes over for all arithmetic.
+        let rsa_key = rsa::RsaPrivateKey::from_pkcs8_der(&der).map_err(|e| malformed(&e))?;
+        rsa_key.validate().map_err(|e| malformed(&e))?;
+        let public = PublicKey::from_rsa(rsa_key.to_public_key())?;
+        let oaep = PrivateDecryptingKey::from_pkcs8(&der)
+            .ok()
+            .and_then(|k| OaepPrivateDecryptingKey::new(k).ok())
+            .ok_or_else(|| malformed(&"rejected by aws-lc"))?;
+        Ok(Self {
+            public,
+            oaep,
+            pkcs8_der: der,
+        })
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// PKCS#8 PEM, encrypted (PBES2: scrypt + AES-256-CBC) when `passphrase` is given.
+    ///
+    /// Used only to write key files; the result is zeroized on drop.
+    pub fn to_pkcs8_pem(
+        &self,
+        passphrase: Option<&Passphrase>,
+    ) -> Result<Zeroizing<String>, KeyError> {
+        let fail = |e: &dyn std::fmt::Display| KeyError::Malformed {
+            what: "private key",
+            reason: e.to_string(),
+        };
+        let pem = match passphrase {
+            None => {
+                let doc =
+                    SecretDocument::try_from(self.pkcs8_der.as_slice()).map_err(|e| fail(&e))?;
+                doc.to_pem("PRIVATE KEY", LineEnding::LF)
+                    .map_err(|e| fail(&e))?
+            }
+            Some(pass) => {
+                let info =
+                    PrivateKeyInfo::try_from(self.pkcs8_der.as_slice()).map_err(|e| fail(&e))?;
+                let doc = info
+                    .encrypt(rand::rngs::OsRng, pass.expose_secret())
+                    .map_err(|e| fail(&e))?;
+                doc.to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF)
+                    .map_err(|e| fail(&e))?
+            }
+        };
+        Ok(pem)
+    }
+}
+
+impl Unwrapper for PrivateKey {
+    fn key_id(&self) -> KeyId {
+        self.public.id()
+    }
+
+    fn unwrap_dek(&self, wrapped: &[u8]) -> Result<DataKey, DecryptError> {
+        if wrapped.len() != self.oaep.key_size_bytes() {
+            return Err(DecryptError::DecryptionFailed);
+        }
+        let mut out = Zeroizing::new(vec![0u8; self.oaep.min_output_size()]);
+        let plain = self
+            .oaep
+            .decrypt(&OAEP_SHA256_MGF1SHA256, wrapped, &mut out, Some(OAEP_LABEL))
+            .map_err(|_| DecryptError::DecryptionFailed)?;
+        if plain.len() != DATA_KEY_LEN {
+            return Err(DecryptError::DecryptionFailed);
+        }
+        // Clear intermediates: `out` is zeroized on drop after the copy.
+        DataKey::from_slice(plain).ok_or(DecryptError::DecryptionFailed)
+    }
+}

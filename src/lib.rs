@@ -1,0 +1,51 @@
+//! # tokenvault
+//!
+//! An encrypted vault for OAuth tokens built on asymmetric envelope encryption.
+//!
+//! The web tier seals each token with the vault's RSA **public** key ([`Sealer`]): a fresh
+//! AES-256-GCM data key per token, wrapped with RSA-OAEP-SHA256, bound to the record's identity.
+//! It can store sealed envelopes through the daemon's write-only `Ingest` service but can never
+//! read one back. The privileged daemon (`tokenvault serve`, feature `daemon`) holds the
+//! private keys, stores envelopes in RocksDB and hands decrypted tokens to authorized workers.
+//!
+//! Module map (see docs/ARCHITECTURE.md):
+//! - [`secret`]: zeroizing, redacted newtypes for every secret.
+//! - [`record`]: validated record identity and metadata.
+//! - [`envelope`]: the at-rest format (docs/ENVELOPE.md), seal and open.
+//! - [`keys`]: fingerprints, RSA-OAEP wrap/unwrap, the keyring.
+//! - [`sealer`]: the web tier's library entry point (public keys only).
+//! - [`store`]: the `TokenStore` trait, RocksDB and in-memory implementations.
+//! - [`api`]: generated gRPC types (`tokenvault.v1`).
+//! - [`config`], [`server`], [`cli`]: the daemon and command line (feature `daemon`).
+//!
+//! Cargo features: `aws-lc` (default) seals with aws-lc-rs; without it sealing uses the
+//! pure-Rust `rsa` crate (public-key operations only). `daemon` (default) adds everything that
+//! touches private keys or RocksDB; a web tier depends on tokenvault with
+//! `default-features = false` and cannot link the private-key code at all.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+pub mod api;
+#[cfg(feature = "daemon")]
+pub mod cli;
+#[cfg(feature = "daemon")]
+pub mod config;
+pub mod envelope;
+pub mod keys;
+pub mod record;
+pub mod sealer;
+pub mod secret;
+#[cfg(feature = "daemon")]
+pub mod server;
+pub mod store;
+
+pub use sealer::Sealer;
+
+/// The current time as Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

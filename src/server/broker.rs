@@ -1,0 +1,74 @@
+//! `Broker`: hands decrypted secrets to authorized workers.
+//!
+//! The secret crosses into a prost `Vec<u8>` for the response; prost and tonic buffers are not
+//! zeroized (documented in docs/THREAT_MODEL.md). Everything before that point is.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::status::ServiceError;
+use super::{State, caller_name};
+use crate::api::v1::{self, broker_server::Broker};
+use crate::envelope;
+use crate::record::RecordId;
+use crate::store::StoreError;
+
+/// The `tokenvault.v1.Broker` service.
+pub struct BrokerService(pub(super) Arc<State>);
+
+#[tonic::async_trait]
+impl Broker for BrokerService {
+    async fn get_token(
+        &self,
+        request: Request<v1::GetTokenRequest>,
+    ) -> Result<Response<v1::GetTokenResponse>, Status> {
+        let caller = caller_name(&request);
+        let id =
+            RecordId::parse(request.into_inner().id).map_err(|source| ServiceError::Invalid {
+                what: "record id".into(),
+                source,
+            })?;
+        let ring = self.0.keyring();
+        let log_id = id.clone();
+        let result =
+            self.0
+                .blocking(move |s| {
+                    let record = s
+                        .store
+                        .get_record(&id)?
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                    if record.revoked {
+                        return Err(ServiceError::Revoked(id.to_string()));
+                    }
+                    if let Some(expires_at) = record
+                        .meta
+                        .expires_at
+                        .filter(|_| record.meta.is_expired_at(crate::unix_now()))
+                    {
+                        return Err(ServiceError::Expired {
+                            id: id.to_string(),
+                            expires_at,
+                        });
+                    }
+                    let secret = envelope::open(&record.meta, &record.envelope, &*ring).map_err(
+                        |source| ServiceError::Open {
+                            id: id.to_string(),
+                            source,
+                        },
+                    )?;
+                    Ok(v1::GetTokenResponse {
+                        info: Some((&record).into()),
+                        secret: secret.expose_secret().to_vec(),
+                    })
+                })
+                .await;
+        match &result {
+            Ok(_) => tracing::info!(rpc = "GetToken", %caller, record = %log_id, "released"),
+            Err(e) => {
+                tracing::info!(rpc = "GetToken", %caller, record = %log_id, error = %e, "refused")
+            }
+        }
+        Ok(Response::new(result?))
+    }
+}

@@ -1,0 +1,217 @@
+//! The privileged daemon: gRPC services `Ingest`, `Broker` and `Admin` over one store and
+//! keyring, plus `grpc.health.v1.Health` and server reflection.
+//!
+//! Owns: [`Daemon`] (open store + keyring, then serve on a listener until shutdown), the
+//! service implementations, authentication ([`auth`]) and the one error → status mapping
+//! ([`status`]). Handlers convert proto requests into domain types first (`TryFrom`, failing
+//! with `INVALID_ARGUMENT`), then call `envelope`, `keys` and `store`.
+//!
+//! Architecture invariant: only this module and `cli` touch proto types. RSA and RocksDB work
+//! runs on the blocking pool, never on the async executor's threads.
+
+mod admin;
+pub mod auth;
+mod broker;
+mod ingest;
+pub mod status;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::v1::admin_server::AdminServer;
+use crate::api::v1::broker_server::BrokerServer;
+use crate::api::v1::ingest_server::IngestServer;
+use crate::config::{Config, Limits, Role};
+use crate::keys::KeyError;
+use crate::keys::keyring::{self, KeyDir, Keyring};
+use crate::store::{RocksStore, StoreError, TokenStore};
+use auth::{Authenticator, RoleGuard};
+use status::ServiceError;
+
+/// Why the daemon could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    /// The keyring could not be loaded or created.
+    #[error("loading the keyring: {0}")]
+    Keys(#[from] KeyError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Shared state of all services.
+pub(crate) struct State {
+    store: Arc<dyn TokenStore>,
+    keyring: RwLock<Arc<Keyring>>,
+    limits: Limits,
+}
+
+impl State {
+    fn keyring(&self) -> Arc<Keyring> {
+        Arc::clone(
+            &self
+                .keyring
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Runs blocking work (RocksDB, RSA) off the async executor.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&State) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let state = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|_| ServiceError::Task)?
+    }
+}
+
+/// An opened daemon: store and keyring loaded, ready to serve.
+pub struct Daemon {
+    state: Arc<State>,
+    auth: Arc<Authenticator>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Opens the RocksDB store and the keyring named by `config`. In the dev profile an empty
+    /// keyring is initialized with a fresh RSA-2048 key.
+    pub fn open(config: &Config) -> Result<Self, StartError> {
+        let store = RocksStore::open(&config.data_dir, config.block_cache_bytes)?;
+        Self::with_store(Arc::new(store), config)
+    }
+
+    /// Like [`Daemon::open`] over any store.
+    pub fn with_store(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, StartError> {
+        let dir = KeyDir::new(&config.key_dir, config.passphrase.clone());
+        if config.dev && store.keys()?.is_empty() {
+            let info = keyring::init(&*store, &dir, crate::unix_now())?;
+            tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");
+        }
+        let ring = Keyring::load(store.keys()?, &dir)?;
+        let (active, _) = ring.active();
+        tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
+        let state = State {
+            store,
+            keyring: RwLock::new(Arc::new(ring)),
+            limits: config.limits,
+        };
+        Ok(Self {
+            state: Arc::new(state),
+            auth: Arc::new(Authenticator::new(config.credentials.clone())),
+        })
+    }
+
+    /// Serves all services on `listener` until `shutdown` completes, then drains in-flight
+    /// requests and closes the store.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
+        let max = self.state.limits.max_request_bytes;
+        let guard = |role, service| RoleGuard::new(Arc::clone(&self.auth), role, service);
+        let ingest = IngestServer::new(ingest::IngestService(Arc::clone(&self.state)))
+            .max_decoding_message_size(max);
+        let broker = BrokerServer::new(broker::BrokerService(Arc::clone(&self.state)))
+            .max_decoding_message_size(max);
+        let admin = AdminServer::new(admin::AdminService(Arc::clone(&self.state)))
+            .max_decoding_message_size(max);
+
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<IngestServer<ingest::IngestService>>()
+            .await;
+        health_reporter
+            .set_serving::<BrokerServer<broker::BrokerService>>()
+            .await;
+        health_reporter
+            .set_serving::<AdminServer<admin::AdminService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor sets are valid");
+
+        tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                oversize_is_resource_exhausted,
+            ))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                ingest,
+                guard(Role::Ingest, "Ingest"),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                broker,
+                guard(Role::Worker, "Broker"),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                admin,
+                guard(Role::Admin, "Admin"),
+            ))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await?;
+        drop(self);
+        Ok(())
+    }
+
+    /// Where the daemon's data lives (for messages).
+    pub fn describe(config: &Config) -> String {
+        format!(
+            "data {} keys {}",
+            display(&config.data_dir),
+            display(&config.key_dir)
+        )
+    }
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// tonic rejects an oversized request with `OUT_OF_RANGE`; gRPC convention (and our contract)
+/// is `RESOURCE_EXHAUSTED`, so the status of exactly that error is rewritten here.
+fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").map(http::HeaderValue::as_bytes) != Some(b"11") {
+        return response;
+    }
+    if let Some(status) = tonic::Status::from_header_map(headers)
+        && let Some(detail) = status
+            .message()
+            .strip_prefix("Error, decoded message length too large: ")
+    {
+        let replacement = tonic::Status::resource_exhausted(format!("request too large: {detail}"));
+        if replacement.add_header(headers).is_err() {
+            tracing::warn!("could not rewrite an oversize status");
+        }
+    }
+    response
+}
+
+/// The authenticated caller's name, for logs.
+fn caller_name<T>(request: &tonic::Request<T>) -> String {
+    request
+        .extensions()
+        .get::<auth::Caller>()
+        .map_or_else(|| "?".into(), |c| c.name.clone())
+}

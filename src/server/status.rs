@@ -1,0 +1,182 @@
+//! The single mapping from service errors to `tonic::Status`.
+//!
+//! Every handler returns [`ServiceError`]; this is the only place that picks a gRPC code and
+//! the message a caller sees. Messages name the field, record or key at fault and never carry
+//! a secret, an owner or stored bytes. Unexpected engine errors are logged here and returned
+//! as a generic `INTERNAL`.
+
+use thiserror::Error;
+use tonic::{Code, Status};
+
+use crate::envelope::{DecryptError, FormatError};
+use crate::keys::{KeyId, KeyState};
+use crate::record::ValidationError;
+use crate::store::StoreError;
+
+/// Everything a handler can fail with.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// Caller input failed validation.
+    #[error("invalid {what}: {source}")]
+    Invalid {
+        /// What was being validated.
+        what: String,
+        /// Why.
+        #[source]
+        source: ValidationError,
+    },
+    /// A required message field was absent.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A malformed envelope.
+    #[error("malformed envelope: {0}")]
+    Envelope(#[from] FormatError),
+    /// Envelope sealed under a key the daemon does not know.
+    #[error("envelope is sealed under unknown key {0}; seal with the key from Ingest.PublicKeys")]
+    UnknownKey(KeyId),
+    /// Envelope sealed under a key no longer accepted.
+    #[error(
+        "envelope is sealed under key version {version}, which is {state}; seal with the key from Ingest.PublicKeys"
+    )]
+    KeyNotAccepted {
+        /// Version.
+        version: u32,
+        /// State.
+        state: KeyState,
+    },
+    /// The wrapped DEK length does not match the named key.
+    #[error("wrapped data key is {actual} bytes but key version {version} needs {expected}")]
+    WrappedLength {
+        /// Version.
+        version: u32,
+        /// Expected length.
+        expected: usize,
+        /// Actual length.
+        actual: usize,
+    },
+    /// Too many items in a batch.
+    #[error("batch of {count} records exceeds the limit of {max}")]
+    BatchTooLarge {
+        /// Items given.
+        count: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A batch with no items.
+    #[error("batch is empty")]
+    EmptyBatch,
+    /// The record is revoked.
+    #[error("record {0} is revoked")]
+    Revoked(String),
+    /// The record has expired.
+    #[error("record {id} expired at {expires_at} (Unix seconds)")]
+    Expired {
+        /// Record id.
+        id: String,
+        /// Expiry.
+        expires_at: i64,
+    },
+    /// The stored envelope did not open.
+    #[error("record {id}: {source}")]
+    Open {
+        /// Record id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: DecryptError,
+    },
+    /// A store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An item of a batch failed.
+    #[error("item {index}: {source}")]
+    Item {
+        /// Index in the request.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: Box<ServiceError>,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("worker task failed")]
+    Task,
+}
+
+impl ServiceError {
+    fn code(&self) -> Code {
+        match self {
+            ServiceError::Invalid { .. }
+            | ServiceError::Missing(_)
+            | ServiceError::Envelope(_)
+            | ServiceError::UnknownKey(_)
+            | ServiceError::WrappedLength { .. }
+            | ServiceError::EmptyBatch => Code::InvalidArgument,
+            ServiceError::KeyNotAccepted { .. }
+            | ServiceError::Revoked(_)
+            | ServiceError::Expired { .. } => Code::FailedPrecondition,
+            ServiceError::BatchTooLarge { .. } => Code::ResourceExhausted,
+            ServiceError::Open { source, .. } => match source {
+                DecryptError::DecryptionFailed | DecryptError::Format(_) => Code::DataLoss,
+                DecryptError::KeyUnavailable { .. } => Code::FailedPrecondition,
+                _ => Code::Internal,
+            },
+            ServiceError::Store(e) => match e {
+                StoreError::NotFound(_) => Code::NotFound,
+                StoreError::AlreadyExists(_) => Code::AlreadyExists,
+                StoreError::VersionMismatch { .. } => Code::Aborted,
+                StoreError::DuplicateInBatch(_) => Code::InvalidArgument,
+                _ => Code::Internal,
+            },
+            ServiceError::Item { source, .. } => source.code(),
+            ServiceError::Task => Code::Internal,
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = e.code();
+        if code == Code::Internal {
+            // Engine and task errors may carry paths or internals: log them, answer generically.
+            tracing::error!(error = %e, "internal error");
+            return Status::internal("internal error; see the daemon log");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_messages() {
+        let s = Status::from(ServiceError::Store(StoreError::VersionMismatch {
+            id: "r".into(),
+            expected: 1,
+            actual: 2,
+        }));
+        assert_eq!(s.code(), Code::Aborted);
+        assert_eq!(s.message(), "record r is at version 2, not the expected 1");
+        let s = Status::from(ServiceError::Item {
+            index: 3,
+            source: Box::new(ServiceError::Envelope(FormatError::UnknownVersion(9))),
+        });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "item 3: malformed envelope: unknown envelope format version 9"
+        );
+        let s = Status::from(ServiceError::Store(StoreError::Engine(
+            "/secret/path: IO".into(),
+        )));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("/secret/path"));
+        let s = Status::from(ServiceError::Open {
+            id: "r".into(),
+            source: DecryptError::DecryptionFailed,
+        });
+        assert_eq!(s.code(), Code::DataLoss);
+    }
+}

@@ -1,0 +1,237 @@
+//! Behaviour every [`TokenStore`] must have, run against each implementation.
+
+#[cfg(feature = "daemon")]
+use super::rocks::CF_RECORDS_FOR_TEST;
+use super::*;
+use crate::keys::{KeyId, KeyState};
+use crate::record::SecretKind;
+
+fn write(id: &str, owner: &str, expected: u64) -> RecordWrite {
+    RecordWrite {
+        meta: RecordMeta::parse(id, owner, "github", SecretKind::AccessToken, &[], 0)
+            .expect("valid"),
+        envelope: format!("envelope-of-{id}").into_bytes(),
+        key_version: 1,
+        expected_version: expected,
+    }
+}
+
+fn rid(id: &str) -> RecordId {
+    RecordId::parse(id).expect("valid")
+}
+
+pub(crate) fn create_read_replace(store: &dyn TokenStore) {
+    assert_eq!(store.put_records(&[write("a", "o1", 0)], 100), Ok(vec![1]));
+    let r = store.get_record(&rid("a")).expect("get").expect("present");
+    assert_eq!(
+        (r.version, r.created_at, r.updated_at, r.revoked),
+        (1, 100, 100, false)
+    );
+    assert_eq!(r.envelope, b"envelope-of-a");
+    // Create over an existing id, and a stale replace, both refuse and change nothing.
+    assert_eq!(
+        store.put_records(&[write("a", "o1", 0)], 101),
+        Err(StoreError::AlreadyExists("a".into()))
+    );
+    assert_eq!(
+        store.put_records(&[write("a", "o1", 7)], 101),
+        Err(StoreError::VersionMismatch {
+            id: "a".into(),
+            expected: 7,
+            actual: 1
+        })
+    );
+    assert_eq!(
+        store.put_records(&[write("zz", "o1", 3)], 101),
+        Err(StoreError::VersionMismatch {
+            id: "zz".into(),
+            expected: 3,
+            actual: 0
+        })
+    );
+    assert_eq!(store.get_record(&rid("a")).expect("get"), Some(r.clone()));
+    let mut w = write("a", "o2", 1);
+    w.envelope = b"new".to_vec();
+    assert_eq!(store.put_records(&[w], 102), Ok(vec![2]));
+    let r2 = store.get_record(&rid("a")).expect("get").expect("present");
+    assert_eq!((r2.version, r2.created_at, r2.updated_at), (2, 100, 102));
+    assert_eq!(r2.envelope, b"new");
+    // The owner moved with the replace: deleting the old owner leaves it alone.
+    assert_eq!(
+        store.delete_owner(&Owner::parse("o1").expect("valid")),
+        Ok(0)
+    );
+    assert_eq!(
+        store.delete_owner(&Owner::parse("o2").expect("valid")),
+        Ok(1)
+    );
+    assert_eq!(store.get_record(&rid("a")), Ok(None));
+}
+
+pub(crate) fn batches_are_atomic(store: &dyn TokenStore) {
+    store
+        .put_records(&[write("existing", "o", 0)], 1)
+        .expect("seed");
+    let bad = [
+        write("n1", "o", 0),
+        write("n2", "o", 0),
+        write("existing", "o", 0),
+    ];
+    assert_eq!(
+        store.put_records(&bad, 2),
+        Err(StoreError::AlreadyExists("existing".into()))
+    );
+    let dup = [write("n1", "o", 0), write("n1", "o", 0)];
+    assert_eq!(
+        store.put_records(&dup, 2),
+        Err(StoreError::DuplicateInBatch("n1".into()))
+    );
+    assert_eq!(store.get_record(&rid("n1")), Ok(None));
+    assert_eq!(store.get_record(&rid("n2")), Ok(None));
+    let good = [
+        write("n1", "o", 0),
+        write("n2", "o", 0),
+        write("existing", "o", 1),
+    ];
+    assert_eq!(store.put_records(&good, 3), Ok(vec![1, 1, 2]));
+    assert_eq!(store.stats().expect("stats").records, 3);
+}
+
+pub(crate) fn revoke_delete_and_stats(store: &dyn TokenStore) {
+    store
+        .put_records(
+            &[
+                write("r1", "alice", 0),
+                write("r2", "alice", 0),
+                write("r3", "bob", 0),
+            ],
+            1,
+        )
+        .expect("seed");
+    let r = store.revoke(&rid("r1"), 5).expect("revoke");
+    assert!(r.revoked);
+    assert_eq!(r.version, 2);
+    assert_eq!(store.revoke(&rid("r1"), 6).expect("idempotent").version, 2);
+    assert_eq!(
+        store.revoke(&rid("nope"), 6),
+        Err(StoreError::NotFound("nope".into()))
+    );
+    assert_eq!(
+        store.stats(),
+        Ok(StoreStats {
+            records: 3,
+            revoked: 1,
+            per_key_version: vec![(1, 3)]
+        })
+    );
+    assert_eq!(store.delete_record(&rid("r3")), Ok(true));
+    assert_eq!(store.delete_record(&rid("r3")), Ok(false));
+    // An owner that is a prefix of another must not take the other's records.
+    store
+        .put_records(&[write("r4", "alice2", 0)], 1)
+        .expect("seed");
+    assert_eq!(
+        store.delete_owner(&Owner::parse("alice").expect("valid")),
+        Ok(2)
+    );
+    assert_eq!(store.get_record(&rid("r1")), Ok(None));
+    assert!(store.get_record(&rid("r4")).expect("get").is_some());
+}
+
+pub(crate) fn key_registry(store: &dyn TokenStore) {
+    assert_eq!(store.keys(), Ok(vec![]));
+    let key = |version: u32, state| KeyInfo {
+        version,
+        id: KeyId([version as u8; 32]),
+        state,
+        created_at: 10,
+        updated_at: 11,
+        spki_der: vec![1, 2, 3],
+    };
+    store
+        .put_keys(&[key(2, KeyState::Active), key(1, KeyState::DecryptOnly)])
+        .expect("put");
+    store
+        .put_keys(&[key(1, KeyState::Retired)])
+        .expect("update");
+    assert_eq!(
+        store.keys(),
+        Ok(vec![key(1, KeyState::Retired), key(2, KeyState::Active)])
+    );
+}
+
+pub(crate) fn all(make: impl Fn() -> Box<dyn TokenStore>) {
+    create_read_replace(&*make());
+    batches_are_atomic(&*make());
+    revoke_delete_and_stats(&*make());
+    key_registry(&*make());
+}
+
+#[test]
+fn memory_store_conforms() {
+    all(|| Box::new(MemoryStore::new()));
+}
+
+#[cfg(feature = "daemon")]
+#[test]
+fn rocks_store_conforms_and_persists() {
+    let dirs = std::cell::RefCell::new(Vec::new());
+    all(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
+        dirs.borrow_mut().push(dir);
+        Box::new(store)
+    });
+    // Reopen: acknowledged writes and the registry survive; a second opener is refused clearly.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
+        store
+            .put_records(&[write("persist", "o", 0)], 1)
+            .expect("put");
+        let err = RocksStore::open(dir.path(), 8 << 20).expect_err("locked");
+        assert!(
+            err.to_string()
+                .contains("in use by another tokenvault process"),
+            "{err}"
+        );
+    }
+    let store = RocksStore::open(dir.path(), 8 << 20).expect("reopen");
+    assert_eq!(
+        store
+            .get_record(&rid("persist"))
+            .expect("get")
+            .expect("present")
+            .version,
+        1
+    );
+}
+
+#[cfg(feature = "daemon")]
+#[test]
+fn rocks_delete_removes_the_envelope_from_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
+    let mut w = write("gone", "o", 0);
+    w.envelope = b"UNIQUE-ENVELOPE-MARKER-1234567890".to_vec();
+    store
+        .put_records(&[w, write("kept", "o", 0)], 1)
+        .expect("put");
+    // Push it into SST files first, the hard case.
+    store
+        .db
+        .flush_cf(store.cf(CF_RECORDS_FOR_TEST))
+        .expect("flush");
+    assert!(store.delete_record(&rid("gone")).expect("delete"));
+    drop(store);
+    let marker = b"UNIQUE-ENVELOPE-MARKER";
+    for entry in std::fs::read_dir(dir.path()).expect("list") {
+        let path = entry.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "deleted envelope still in {}",
+            path.display()
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! Storage of records and the key registry behind the [`TokenStore`] trait.
+//!
+//! Owns: the trait, its error type and the two implementations: [`RocksStore`] (the embedded
+//! default) and [`MemoryStore`] (tests, benches). Both pass the same conformance tests.
+//!
+//! Architecture invariant: no RocksDB type appears in this file or in the trait; only
+//! `store/rocks.rs` imports `rocksdb`, so another engine can implement [`TokenStore`].
+//! Invariant: an acknowledged write is durable (WAL synced) and a batch is all-or-nothing.
+
+mod memory;
+#[cfg(feature = "daemon")]
+pub(crate) mod rocks;
+mod schema;
+
+use thiserror::Error;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "daemon")]
+pub use rocks::RocksStore;
+
+use crate::keys::KeyInfo;
+use crate::record::{Owner, Record, RecordId, RecordMeta};
+
+/// Why a store operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No record with this id.
+    #[error("no record with id {0}")]
+    NotFound(String),
+    /// A create found the id taken.
+    #[error("record {0} already exists")]
+    AlreadyExists(String),
+    /// A replace found another version than expected.
+    #[error("record {id} is at version {actual}, not the expected {expected}")]
+    VersionMismatch {
+        /// Record id.
+        id: String,
+        /// Version the writer expected.
+        expected: u64,
+        /// Version found (0 if absent).
+        actual: u64,
+    },
+    /// Two writes in one batch name the same id.
+    #[error("record {0} appears twice in one batch")]
+    DuplicateInBatch(String),
+    /// Stored bytes did not decode.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The engine failed (I/O, lock held by another process, ...).
+    #[error("storage engine: {0}")]
+    Engine(String),
+}
+
+/// One record write: create (`expected_version == 0`) or replace the record at that version.
+#[derive(Debug, Clone)]
+pub struct RecordWrite {
+    /// Record metadata.
+    pub meta: RecordMeta,
+    /// Sealed envelope.
+    pub envelope: Vec<u8>,
+    /// Key version named by the envelope's fingerprint.
+    pub key_version: u32,
+    /// 0 to create; otherwise the version being replaced.
+    pub expected_version: u64,
+}
+
+/// Aggregate counts for `Admin.Stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Number of records.
+    pub records: u64,
+    /// Number of revoked records.
+    pub revoked: u64,
+    /// Records per key version, ascending by version.
+    pub per_key_version: Vec<(u32, u64)>,
+}
+
+/// Records and the key registry. All methods are blocking; async callers run them on a
+/// blocking pool.
+pub trait TokenStore: Send + Sync + 'static {
+    /// Applies `writes` atomically with version checks; returns the new versions in order.
+    /// `now` (Unix seconds) stamps created/updated times.
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError>;
+
+    /// Reads one record.
+    fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError>;
+
+    /// Marks a record revoked (idempotent) and returns it.
+    fn revoke(&self, id: &RecordId, now: i64) -> Result<Record, StoreError>;
+
+    /// Deletes a record; false if there was none.
+    fn delete_record(&self, id: &RecordId) -> Result<bool, StoreError>;
+
+    /// Deletes every record of `owner`; returns how many.
+    fn delete_owner(&self, owner: &Owner) -> Result<u64, StoreError>;
+
+    /// Counts records.
+    fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// The key registry, ascending by version.
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
+
+    /// Inserts or replaces key registry entries atomically.
+    fn put_keys(&self, keys: &[KeyInfo]) -> Result<(), StoreError>;
+}
+
+/// Validates a batch against current versions, shared by every implementation so their
+/// semantics cannot drift. `current` returns the stored record for an id.
+pub(crate) fn plan_writes(
+    writes: &[RecordWrite],
+    now: i64,
+    mut current: impl FnMut(&RecordId) -> Result<Option<Record>, StoreError>,
+) -> Result<Vec<Record>, StoreError> {
+    let mut seen = std::collections::HashSet::with_capacity(writes.len());
+    let mut out = Vec::with_capacity(writes.len());
+    for w in writes {
+        if !seen.insert(w.meta.id.clone()) {
+            return Err(StoreError::DuplicateInBatch(w.meta.id.to_string()));
+        }
+        let existing = current(&w.meta.id)?;
+        let actual = existing.as_ref().map_or(0, |r| r.version);
+        if actual != w.expected_version {
+            return Err(if w.expected_version == 0 {
+                StoreError::AlreadyExists(w.meta.id.to_string())
+            } else {
+                StoreError::VersionMismatch {
+                    id: w.meta.id.to_string(),
+                    expected: w.expected_version,
+                    actual,
+                }
+            });
+        }
+        out.push(Record {
+            meta: w.meta.clone(),
+            envelope: w.envelope.clone(),
+            key_version: w.key_version,
+            created_at: existing.as_ref().map_or(now, |r| r.created_at),
+            updated_at: now,
+            revoked: false,
+            version: actual + 1,
+        });
+    }
+    Ok(out)
+}
+
+/// Counts records for [`TokenStore::stats`], shared by every implementation.
+pub(crate) fn count_stats<'a>(records: impl Iterator<Item = &'a Record>) -> StoreStats {
+    let mut stats = StoreStats::default();
+    let mut per_key = std::collections::BTreeMap::<u32, u64>::new();
+    for r in records {
+        stats.records += 1;
+        stats.revoked += u64::from(r.revoked);
+        *per_key.entry(r.key_version).or_default() += 1;
+    }
+    stats.per_key_version = per_key.into_iter().collect();
+    stats
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;

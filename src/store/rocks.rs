@@ -1,0 +1,292 @@
+//! The embedded RocksDB [`TokenStore`]: the only module that imports `rocksdb`.
+//!
+//! Column families: `records` (record id → record), `owners` (owner ‖ 0x00 ‖ id → empty, for
+//! `DeleteOwner`), `keys` (version, big-endian → key registry entry) and `meta` (schema
+//! version). Every write is a `WriteBatch` with `sync = true`, so an acknowledged write survives
+//! a crash and a batch is atomic. Read-check-write sequences (version checks) are serialized by
+//! one mutex; reads take no lock.
+//!
+//! Tuning: no compression (envelopes are ciphertext and do not compress), a bloom filter on
+//! `records` for point lookups, and one LRU block cache of configurable size shared by all
+//! column families.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rocksdb::{
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DB, DBCompressionType, Options, WriteBatch, WriteOptions,
+};
+
+use super::schema::{self, SCHEMA_VERSION};
+use super::{RecordWrite, StoreError, StoreStats, TokenStore, count_stats, plan_writes};
+use crate::keys::KeyInfo;
+use crate::record::{Owner, Record, RecordId};
+
+const CF_RECORDS: &str = "records";
+#[cfg(test)]
+pub(crate) const CF_RECORDS_FOR_TEST: &str = CF_RECORDS;
+const CF_OWNERS: &str = "owners";
+const CF_KEYS: &str = "keys";
+const CF_META: &str = "meta";
+const META_SCHEMA: &[u8] = b"schema_version";
+
+/// A [`TokenStore`] on an embedded RocksDB in one directory.
+pub struct RocksStore {
+    pub(crate) db: DB,
+    write_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for RocksStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksStore")
+            .field("path", &self.db.path())
+            .finish()
+    }
+}
+
+fn engine(e: rocksdb::Error) -> StoreError {
+    StoreError::Engine(e.into_string())
+}
+
+impl RocksStore {
+    /// Opens (creating if needed) the store in `path` with a block cache of `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let cache = Cache::new_lru_cache(cache_bytes);
+        let cf_opts = |bloom: bool| {
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            if bloom {
+                table.set_bloom_filter(10.0, false);
+            }
+            let mut o = Options::default();
+            o.set_compression_type(DBCompressionType::None);
+            o.set_block_based_table_factory(&table);
+            o
+        };
+        let mut db_opts = cf_opts(false);
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        // Secrets must not linger in old WAL files once their memtable is flushed.
+        db_opts.set_wal_ttl_seconds(0);
+        db_opts.set_keep_log_file_num(4);
+        let cfs = [
+            ColumnFamilyDescriptor::new(CF_RECORDS, cf_opts(true)),
+            ColumnFamilyDescriptor::new(CF_OWNERS, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_KEYS, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_META, cf_opts(false)),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            let msg = e.into_string();
+            if msg.contains("lock") {
+                StoreError::Engine(format!(
+                    "data directory {} is in use by another tokenvault process ({msg})",
+                    path.display()
+                ))
+            } else {
+                StoreError::Engine(msg)
+            }
+        })?;
+        let store = Self {
+            db,
+            write_lock: Mutex::new(()),
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META);
+        match self.db.get_cf(meta, META_SCHEMA).map_err(engine)? {
+            None => {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes());
+                self.write(batch)
+            }
+            Some(v) if v.as_slice() == SCHEMA_VERSION.to_be_bytes() => Ok(()),
+            Some(v) => Err(StoreError::Corrupt(format!(
+                "store schema version {v:?} is not {SCHEMA_VERSION}; this build cannot read it"
+            ))),
+        }
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created at open")
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(engine)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guard protects no data, only the ordering of read-check-write sequences.
+        self.write_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn read(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_RECORDS), id.as_str().as_bytes())
+            .map_err(engine)?
+            .map(|v| schema::decode_record(&v))
+            .transpose()
+    }
+
+    /// Pushes deleted records out of the memtable, WAL and SST files so their envelopes are
+    /// physically gone, not just shadowed by a tombstone.
+    fn purge(&self, ids: &[Vec<u8>]) -> Result<(), StoreError> {
+        // A WAL file is dropped only once every column family with data in it is flushed.
+        for cf in [
+            CF_RECORDS,
+            CF_OWNERS,
+            CF_KEYS,
+            CF_META,
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+        ] {
+            self.db.flush_cf(self.cf(cf)).map_err(engine)?;
+        }
+        let mut opts = CompactOptions::default();
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+        let (Some(lo), Some(hi)) = (ids.iter().min(), ids.iter().max()) else {
+            return Ok(());
+        };
+        self.db
+            .compact_range_cf_opt(self.cf(CF_RECORDS), Some(lo), Some(hi), &opts);
+        Ok(())
+    }
+}
+
+impl TokenStore for RocksStore {
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        let _guard = self.lock();
+        let mut previous_owners = Vec::new();
+        let planned = plan_writes(writes, now, |id| {
+            let r = self.read(id)?;
+            if let Some(r) = &r {
+                previous_owners.push((r.meta.owner.clone(), r.meta.id.clone()));
+            }
+            Ok(r)
+        })?;
+        let mut batch = WriteBatch::default();
+        for (owner, id) in previous_owners {
+            batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&owner, &id));
+        }
+        for r in &planned {
+            batch.put_cf(
+                self.cf(CF_RECORDS),
+                r.meta.id.as_str(),
+                schema::encode_record(r),
+            );
+            batch.put_cf(
+                self.cf(CF_OWNERS),
+                schema::owner_key(&r.meta.owner, &r.meta.id),
+                [],
+            );
+        }
+        self.write(batch)?;
+        Ok(planned.iter().map(|r| r.version).collect())
+    }
+
+    fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        self.read(id)
+    }
+
+    fn revoke(&self, id: &RecordId, now: i64) -> Result<Record, StoreError> {
+        let _guard = self.lock();
+        let mut r = self
+            .read(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        if !r.revoked {
+            r.revoked = true;
+            r.updated_at = now;
+            r.version += 1;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
+            self.write(batch)?;
+        }
+        Ok(r)
+    }
+
+    fn delete_record(&self, id: &RecordId) -> Result<bool, StoreError> {
+        {
+            let _guard = self.lock();
+            let Some(r) = self.read(id)? else {
+                return Ok(false);
+            };
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(self.cf(CF_RECORDS), id.as_str());
+            batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&r.meta.owner, id));
+            self.write(batch)?;
+        }
+        self.purge(&[id.as_str().as_bytes().to_vec()])?;
+        Ok(true)
+    }
+
+    fn delete_owner(&self, owner: &Owner) -> Result<u64, StoreError> {
+        let prefix = schema::owner_prefix(owner);
+        let ids: Vec<Vec<u8>> = {
+            let _guard = self.lock();
+            let mut ids = Vec::new();
+            for item in self.db.prefix_iterator_cf(self.cf(CF_OWNERS), &prefix) {
+                let (k, _) = item.map_err(engine)?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                ids.push(k[prefix.len()..].to_vec());
+            }
+            let mut batch = WriteBatch::default();
+            for id in &ids {
+                batch.delete_cf(self.cf(CF_RECORDS), id);
+                let mut k = prefix.clone();
+                k.extend_from_slice(id);
+                batch.delete_cf(self.cf(CF_OWNERS), k);
+            }
+            self.write(batch)?;
+            ids
+        };
+        self.purge(&ids)?;
+        Ok(ids.len() as u64)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut records = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_RECORDS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(engine)?;
+            records.push(schema::decode_record(&v)?);
+        }
+        Ok(count_stats(records.iter()))
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        let mut keys = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_KEYS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(engine)?;
+            keys.push(schema::decode_key(&v)?);
+        }
+        Ok(keys)
+    }
+
+    fn put_keys(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let mut batch = WriteBatch::default();
+        for k in keys {
+            batch.put_cf(
+                self.cf(CF_KEYS),
+                schema::key_key(k.version),
+                schema::encode_key(k),
+            );
+        }
+        self.write(batch)
+    }
+}

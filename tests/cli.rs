@@ -1,0 +1,578 @@
+//! The `tokenvault` binary as users run it: `serve --dev`, the client verbs and `keys`, with
+//! exit codes and messages; and a scan of everything the daemon wrote (logs, RocksDB files) for
+//! plaintext tokens.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cmd(cwd: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(cwd);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TOKENVAULT_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(cwd: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    let mut c = cmd(cwd);
+    c.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn tokenvault");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("wait")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_exit(o: &Output, code: i32, needle: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout {:?} stderr {:?}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(o)
+    );
+    assert!(
+        stderr(o).contains(needle),
+        "stderr {:?} lacks {needle:?}",
+        stderr(o)
+    );
+}
+
+struct Served {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+    stdout_seen: String,
+    creds: Vec<(String, String)>,
+}
+
+fn serve_dev(cwd: &Path) -> Served {
+    let log = cwd.join("daemon.log");
+    let mut child = cmd(cwd)
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn daemon");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("read stdout");
+        assert!(
+            n > 0,
+            "daemon exited before listening; log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        seen.push_str(&line);
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let env =
+        std::fs::read_to_string(cwd.join("data/dev-credentials.env")).expect("dev credentials");
+    let creds = env
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // Keep draining stdout so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    Served {
+        child,
+        addr: format!("http://{addr}"),
+        log,
+        stdout_seen: seen,
+        creds,
+    }
+}
+
+impl Served {
+    fn env(&self) -> Vec<(&str, &str)> {
+        let mut e: Vec<(&str, &str)> = self
+            .creds
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        e.push(("TOKENVAULT_ADDR", self.addr.as_str()));
+        e
+    }
+
+    fn cred(&self, name: &str) -> String {
+        self.creds
+            .iter()
+            .find(|(k, _)| k == name)
+            .expect("credential")
+            .1
+            .clone()
+    }
+
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let status = self.child.wait().expect("wait");
+        (status, std::fs::read_to_string(&self.log).expect("log"))
+    }
+}
+
+fn seal_args<'a>(id: &'a str, owner: &'a str) -> Vec<&'a str> {
+    vec![
+        "seal",
+        "--id",
+        id,
+        "--owner",
+        owner,
+        "--provider",
+        "github",
+        "--kind",
+        "access_token",
+        "--scope",
+        "repo",
+    ]
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            files_under(&p, out)
+        } else {
+            out.push(p)
+        }
+    }
+}
+
+#[test]
+fn walkthrough_exit_codes_and_no_plaintext_token_anywhere() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let d = serve_dev(cwd);
+    assert!(d.stdout_seen.contains("DEVELOPMENT"), "{}", d.stdout_seen);
+    let env = d.env();
+    let tokens = [
+        "gho_LEAKCHECK_aaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "ya29.LEAKCHECK_bbbbbbbbbbbbbbbbbbbbbbb",
+        "xoxb-LEAKCHECK-cccccccccccccccccccc",
+    ];
+    for (i, t) in tokens.iter().enumerate() {
+        let id = format!("rec-{i}");
+        let o = run(
+            cwd,
+            &seal_args(&id, "user-7"),
+            &env,
+            Some(format!("{t}\n").as_bytes()),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("stored {id} version 1")));
+    }
+    // Sealing with an explicit public key file exported by the CLI works too.
+    let o = run(cwd, &["get", "rec-0", "--info"], &env, None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.stdout, tokens[0].as_bytes());
+    assert!(stderr(&o).contains("kind=access_token"));
+
+    // The ingest credential cannot read a token back.
+    let ingest = d.cred("TOKENVAULT_INGEST_TOKEN");
+    let o = run(
+        cwd,
+        &["get", "rec-1"],
+        &[
+            ("TOKENVAULT_WORKER_TOKEN", &ingest),
+            ("TOKENVAULT_ADDR", &d.addr),
+        ],
+        None,
+    );
+    assert_exit(&o, 4, "PermissionDenied");
+    assert!(o.stdout.is_empty());
+    // Unknown credential, unknown record, invalid input, revoked, deleted.
+    let o = run(
+        cwd,
+        &["get", "rec-1"],
+        &[
+            ("TOKENVAULT_WORKER_TOKEN", "tv_wrong"),
+            ("TOKENVAULT_ADDR", &d.addr),
+        ],
+        None,
+    );
+    assert_exit(&o, 4, "Unauthenticated");
+    let o = run(
+        cwd,
+        &["get", "rec-1"],
+        &[("TOKENVAULT_ADDR", &d.addr)],
+        None,
+    );
+    assert_exit(&o, 4, "no credential: set TOKENVAULT_WORKER_TOKEN");
+    assert_exit(
+        &run(cwd, &["get", "nope"], &env, None),
+        3,
+        "no record with id nope",
+    );
+    assert_exit(
+        &run(cwd, &seal_args("bad id", "u"), &env, Some(b"t")),
+        5,
+        "record id contains a character outside",
+    );
+    assert_exit(
+        &run(cwd, &seal_args("rec-9", "u"), &env, Some(b"\n")),
+        5,
+        "the secret is empty",
+    );
+    assert_exit(
+        &run(cwd, &seal_args("rec-0", "u"), &env, Some(b"dup")),
+        6,
+        "already exists",
+    );
+    assert_exit(&run(cwd, &["revoke", "rec-1"], &env, None), 0, "");
+    assert_exit(
+        &run(cwd, &["get", "rec-1"], &env, None),
+        6,
+        "record rec-1 is revoked",
+    );
+    assert_exit(&run(cwd, &["delete", "rec-2"], &env, None), 0, "");
+    assert_exit(&run(cwd, &["get", "rec-2"], &env, None), 3, "no record");
+    assert_exit(&run(cwd, &["delete", "rec-2"], &env, None), 3, "no record");
+    // Offline key commands refuse while the daemon holds the store.
+    assert_exit(
+        &run(cwd, &["keys", "list", "--dev"], &[], None),
+        6,
+        "in use by another tokenvault process",
+    );
+
+    let (status, log) = d.terminate();
+    assert!(
+        status.success(),
+        "graceful shutdown on SIGTERM: {status:?}\n{log}"
+    );
+    assert!(log.contains("GetToken"), "the log records requests: {log}");
+    let mut files = Vec::new();
+    files_under(cwd, &mut files);
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "log" || e == "sst"))
+    );
+    for t in tokens {
+        assert!(!log.contains(t), "token in the daemon log");
+        for f in &files {
+            let bytes = std::fs::read(f).expect("read");
+            assert!(
+                !bytes.windows(t.len()).any(|w| w == t.as_bytes()),
+                "plaintext token in {}",
+                f.display()
+            );
+        }
+    }
+
+    // Restart on the same directory: the keyring and records are still there.
+    let d = serve_dev(cwd);
+    let o = run(cwd, &["get", "rec-0"], &d.env(), None);
+    assert_eq!(o.stdout, tokens[0].as_bytes(), "{}", stderr(&o));
+    let (status, _) = d.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn keys_commands_import_openssl_keys_and_refuse_bad_ones() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let fixture = |n: &str| {
+        root()
+            .join("keys/test")
+            .join(n)
+            .to_string_lossy()
+            .into_owned()
+    };
+    assert_exit(
+        &run(cwd, &["keys", "list", "--dev"], &[], None),
+        3,
+        "no key versions",
+    );
+    assert_exit(
+        &run(cwd, &["keys", "list"], &[], None),
+        5,
+        "pass --config FILE, or --dev",
+    );
+    // PKCS#1 ("BEGIN RSA PRIVATE KEY") imports into an empty keyring as version 1.
+    let o = run(
+        cwd,
+        &[
+            "keys",
+            "import",
+            "--dev",
+            "--private",
+            &fixture("fixture-a.key.pkcs1.pem"),
+        ],
+        &[],
+        None,
+    );
+    assert_exit(&o, 0, "");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("imported as active v1"));
+    assert_exit(
+        &run(cwd, &["keys", "init", "--dev"], &[], None),
+        6,
+        "already has 1 key version",
+    );
+    // The same key again, now as encrypted PKCS#8.
+    let pass = [("TOKENVAULT_IMPORT_PASSPHRASE", "fixture-passphrase")];
+    let enc = fixture("fixture-a.key.encrypted.pem");
+    assert_exit(
+        &run(
+            cwd,
+            &["keys", "import", "--dev", "--private", &enc],
+            &pass,
+            None,
+        ),
+        6,
+        "already key version 1",
+    );
+    assert_exit(
+        &run(
+            cwd,
+            &["keys", "import", "--dev", "--private", &enc],
+            &[("TOKENVAULT_IMPORT_PASSPHRASE", "wrong")],
+            None,
+        ),
+        5,
+        "wrong passphrase",
+    );
+    assert_exit(
+        &run(
+            cwd,
+            &["keys", "import", "--dev", "--private", &enc],
+            &[],
+            None,
+        ),
+        5,
+        "private key is encrypted",
+    );
+    assert_exit(
+        &run(
+            cwd,
+            &[
+                "keys",
+                "import",
+                "--dev",
+                "--private",
+                &fixture("fixture-1024.key.pem"),
+            ],
+            &[],
+            None,
+        ),
+        5,
+        "RSA key of 1024 bits refused",
+    );
+    assert_exit(
+        &run(
+            cwd,
+            &[
+                "keys",
+                "import",
+                "--dev",
+                "--private",
+                &fixture("fixture-ec.key.pem"),
+            ],
+            &[],
+            None,
+        ),
+        5,
+        "not a valid RSA private key",
+    );
+    assert_exit(
+        &run(
+            cwd,
+            &[
+                "keys",
+                "import",
+                "--dev",
+                "--private",
+                &fixture("fixture-b.pub.pem"),
+            ],
+            &[],
+            None,
+        ),
+        5,
+        "not a PRIVATE KEY PEM file",
+    );
+    assert_exit(
+        &run(
+            cwd,
+            &["keys", "import", "--dev", "--private", "/nonexistent.pem"],
+            &[],
+            None,
+        ),
+        5,
+        "/nonexistent.pem",
+    );
+    // PKCS#8 from `openssl genpkey` imports as version 2; rotate makes version 3.
+    assert_exit(
+        &run(
+            cwd,
+            &[
+                "keys",
+                "import",
+                "--dev",
+                "--private",
+                &fixture("fixture-b.key.pem"),
+            ],
+            &[],
+            None,
+        ),
+        0,
+        "",
+    );
+    let o = run(cwd, &["keys", "rotate", "--dev"], &[], None);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("active v3"),
+        "{}",
+        stderr(&o)
+    );
+    let list = String::from_utf8_lossy(&run(cwd, &["keys", "list", "--dev"], &[], None).stdout)
+        .into_owned();
+    let states: Vec<&str> = list
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).expect("state"))
+        .collect();
+    assert_eq!(states, ["decrypt-only", "decrypt-only", "active"], "{list}");
+
+    let o = run(
+        cwd,
+        &["keys", "export-public", "--dev", "--version", "2"],
+        &[],
+        None,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        std::fs::read_to_string(fixture("fixture-b.pub.pem")).expect("pem")
+    );
+    assert_exit(
+        &run(
+            cwd,
+            &["keys", "export-public", "--dev", "--version", "9"],
+            &[],
+            None,
+        ),
+        3,
+        "no key version 9",
+    );
+    let active = run(cwd, &["keys", "export-public", "--dev"], &[], None);
+    assert_eq!(
+        active.stdout,
+        std::fs::read(cwd.join("keys/dev/v0003.pub.pem")).expect("pub")
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    for v in 1..=3 {
+        let mode = std::fs::metadata(cwd.join(format!("keys/dev/v{v:04}.key.pem")))
+            .expect("key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "v{v}");
+    }
+}
+
+#[test]
+fn seal_with_an_exported_public_key_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let d = serve_dev(cwd);
+    let env = d.env();
+    let pem = cwd.join("vault.pub.pem");
+    std::fs::copy(cwd.join("keys/dev/v0001.pub.pem"), &pem).expect("copy");
+    let mut args = seal_args("from-file", "u");
+    let pem_s = pem.to_string_lossy().into_owned();
+    args.extend(["--public-key", &pem_s]);
+    let secret = cwd.join("secret.txt");
+    std::fs::write(&secret, "token-from-file").expect("write");
+    let secret_s = secret.to_string_lossy().into_owned();
+    args.extend(["--secret-file", &secret_s]);
+    assert_exit(&run(cwd, &args, &env, None), 0, "");
+    assert_eq!(
+        run(cwd, &["get", "from-file"], &env, None).stdout,
+        b"token-from-file"
+    );
+    // A key the daemon does not know is refused with a pointer to Ingest.PublicKeys.
+    let mut args = seal_args("foreign", "u");
+    let foreign = root()
+        .join("keys/test/fixture-b.pub.pem")
+        .to_string_lossy()
+        .into_owned();
+    args.extend(["--public-key", &foreign]);
+    assert_exit(
+        &run(cwd, &args, &env, Some(b"t")),
+        5,
+        "sealed under unknown key",
+    );
+    d.terminate();
+}
+
+#[test]
+fn serve_needs_a_config_or_dev_and_help_reads_well() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    assert_exit(
+        &run(tmp.path(), &["serve"], &[], None),
+        5,
+        "pass --config FILE, or --dev",
+    );
+    assert_exit(
+        &run(
+            tmp.path(),
+            &["serve", "--dev", "--listen", "0.0.0.0:0"],
+            &[],
+            None,
+        ),
+        5,
+        "loopback",
+    );
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "data_dir = 1\n").expect("write");
+    assert_exit(
+        &run(
+            tmp.path(),
+            &["serve", "--config", &cfg.to_string_lossy()],
+            &[],
+            None,
+        ),
+        5,
+        "bad.toml",
+    );
+    let help = run(tmp.path(), &["--help"], &[], None);
+    let text = String::from_utf8_lossy(&help.stdout);
+    for verb in ["serve", "keys", "seal", "get", "revoke", "delete"] {
+        assert!(text.contains(verb), "{text}");
+    }
+    let keys_help =
+        String::from_utf8_lossy(&run(tmp.path(), &["keys", "--help"], &[], None).stdout)
+            .into_owned();
+    for verb in ["init", "rotate", "list", "export-public", "import"] {
+        assert!(keys_help.contains(verb), "{keys_help}");
+    }
+}

@@ -1,0 +1,218 @@
+//! Shared harness: a real daemon in-process on 127.0.0.1:0 over a temp RocksDB, and clients.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokenvault::Sealer;
+use tokenvault::api::v1;
+use tokenvault::config::{Config, CredentialEntry, Role};
+use tokenvault::record::{RecordMeta, SecretKind};
+use tokenvault::secret::{ApiCredential, Secret};
+use tokenvault::server::Daemon;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const INGEST: &str = "tv_test_ingest_credential_0123456789abcdef";
+pub const WORKER: &str = "tv_test_worker_credential_0123456789abcdef";
+pub const ADMIN: &str = "tv_test_admin_credential_0123456789abcdef";
+
+pub fn credentials() -> Vec<CredentialEntry> {
+    vec![
+        CredentialEntry::for_credential(
+            "web-tier",
+            Role::Ingest,
+            &ApiCredential::new(INGEST.into()),
+        ),
+        CredentialEntry::for_credential(
+            "worker-1",
+            Role::Worker,
+            &ApiCredential::new(WORKER.into()),
+        ),
+        CredentialEntry::for_credential("secteam", Role::Admin, &ApiCredential::new(ADMIN.into())),
+    ]
+}
+
+pub fn config(base: &Path) -> Config {
+    let mut c = Config::dev(
+        base,
+        "127.0.0.1:0".parse().expect("addr"),
+        credentials(),
+        &HashMap::<String, String>::new(),
+    )
+    .expect("dev config");
+    c.limits.max_batch = 1000;
+    c
+}
+
+pub struct TestDaemon {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TestDaemon {
+    pub async fn start(base: &Path) -> Self {
+        Self::start_with(config(base)).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let daemon = tokio::task::spawn_blocking(move || Daemon::open(&config))
+            .await
+            .expect("join")
+            .expect("daemon opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            daemon
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("serve");
+        });
+        Self {
+            addr,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Graceful stop; returns once the store is closed.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("server task");
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn ingest(
+        &self,
+        cred: &str,
+    ) -> v1::ingest_client::IngestClient<InterceptedService<Channel, Bearer>> {
+        v1::ingest_client::IngestClient::new(InterceptedService::new(
+            self.channel().await,
+            Bearer::new(cred),
+        ))
+    }
+
+    pub async fn broker(
+        &self,
+        cred: &str,
+    ) -> v1::broker_client::BrokerClient<InterceptedService<Channel, Bearer>> {
+        v1::broker_client::BrokerClient::new(InterceptedService::new(
+            self.channel().await,
+            Bearer::new(cred),
+        ))
+    }
+
+    pub async fn admin(
+        &self,
+        cred: &str,
+    ) -> v1::admin_client::AdminClient<InterceptedService<Channel, Bearer>> {
+        v1::admin_client::AdminClient::new(InterceptedService::new(
+            self.channel().await,
+            Bearer::new(cred),
+        ))
+    }
+
+    /// A sealer for the daemon's active key, fetched over Ingest.PublicKeys.
+    pub async fn sealer(&self) -> Sealer {
+        let active = self
+            .ingest(INGEST)
+            .await
+            .public_keys(v1::PublicKeysRequest {})
+            .await
+            .expect("public keys")
+            .into_inner()
+            .active
+            .expect("active key");
+        Sealer::from_pem(&active.spki_pem).expect("pem")
+    }
+
+    /// Seals `secret` and stores it; returns the version.
+    pub async fn put(&self, meta: &RecordMeta, secret: &[u8]) -> u64 {
+        let record = self
+            .sealer()
+            .await
+            .seal_record(meta, &Secret::new(secret.to_vec()))
+            .expect("seal");
+        self.ingest(INGEST)
+            .await
+            .put_sealed(v1::PutSealedRequest {
+                record: Some(record),
+                expected_version: 0,
+            })
+            .await
+            .expect("put")
+            .into_inner()
+            .version
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// No credential when `None`-like empty string.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(cred: &str) -> Self {
+        if cred.is_empty() {
+            Self(None)
+        } else {
+            Self(Some(format!("Bearer {cred}").parse().expect("ascii")))
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub fn meta(id: &str, owner: &str) -> RecordMeta {
+    RecordMeta::parse(
+        id,
+        owner,
+        "github",
+        SecretKind::AccessToken,
+        &["repo".into()],
+        0,
+    )
+    .expect("valid")
+}
+
+pub fn fixture_path(rel: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}

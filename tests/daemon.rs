@@ -1,0 +1,769 @@
+//! The real daemon over real gRPC on loopback against a real RocksDB in a temp dir.
+
+mod common;
+
+use common::*;
+use tokenvault::Sealer;
+use tokenvault::api::v1;
+use tokenvault::envelope::format::HEADER_LEN;
+use tokenvault::keys::PublicKey;
+use tokenvault::record::{RecordMeta, SecretKind};
+use tokenvault::secret::Secret;
+use tonic::Code;
+
+async fn stats(d: &TestDaemon) -> v1::StatsResponse {
+    d.admin(ADMIN)
+        .await
+        .stats(v1::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+fn sealed(sealer: &Sealer, meta: &RecordMeta, secret: &[u8]) -> v1::SealedRecord {
+    sealer
+        .seal_record(meta, &Secret::new(secret.to_vec()))
+        .expect("seal")
+}
+
+fn put_req(record: v1::SealedRecord) -> v1::PutSealedRequest {
+    v1::PutSealedRequest {
+        record: Some(record),
+        expected_version: 0,
+    }
+}
+
+#[tokio::test]
+async fn seal_store_get_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let m = meta("github:user-42", "user-42");
+    assert_eq!(d.put(&m, b"gho_roundtrip_token").await, 1);
+    let resp = d
+        .broker(WORKER)
+        .await
+        .get_token(v1::GetTokenRequest {
+            id: "github:user-42".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(resp.secret, b"gho_roundtrip_token");
+    let info = resp.info.expect("info");
+    assert_eq!(
+        (info.version, info.key_version, info.revoked),
+        (1, 1, false)
+    );
+    let got = info.meta.expect("meta");
+    assert_eq!(
+        (got.id.as_str(), got.owner.as_str(), got.scopes),
+        ("github:user-42", "user-42", vec!["repo".to_string()])
+    );
+    // Debug of the response never shows the secret.
+    let resp = d
+        .broker(WORKER)
+        .await
+        .get_token(v1::GetTokenRequest {
+            id: "github:user-42".into(),
+        })
+        .await
+        .expect("get");
+    assert!(!format!("{resp:?}").contains("gho_roundtrip_token"));
+
+    // Replace with the right version; a stale writer is refused and changes nothing.
+    let sealer = d.sealer().await;
+    let mut ingest = d.ingest(INGEST).await;
+    let v2 = ingest
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(sealed(&sealer, &m, b"gho_second")),
+            expected_version: 1,
+        })
+        .await
+        .expect("replace")
+        .into_inner();
+    assert_eq!(v2.version, 2);
+    let stale = ingest
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(sealed(&sealer, &m, b"gho_stale")),
+            expected_version: 1,
+        })
+        .await
+        .expect_err("stale");
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(
+        stale.message(),
+        "record github:user-42 is at version 2, not the expected 1"
+    );
+    let exists = ingest
+        .put_sealed(put_req(sealed(&sealer, &m, b"gho_x")))
+        .await
+        .expect_err("exists");
+    assert_eq!(exists.code(), Code::AlreadyExists);
+    let secret = d
+        .broker(WORKER)
+        .await
+        .get_token(v1::GetTokenRequest {
+            id: m.id.to_string(),
+        })
+        .await
+        .expect("get");
+    assert_eq!(secret.into_inner().secret, b"gho_second");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn every_role_boundary_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.put(&meta("rec", "o"), b"secret").await;
+    let sealer = d.sealer().await;
+    // (credential, may call Ingest, Broker, Admin)
+    let cases = [
+        (INGEST, [true, false, false]),
+        (WORKER, [false, true, false]),
+        (ADMIN, [false, false, true]),
+    ];
+    for (cred, allowed) in cases {
+        let ingest = d
+            .ingest(cred)
+            .await
+            .put_sealed(put_req(sealed(
+                &sealer,
+                &meta(&format!("new-{}", &cred[8..14]), "o"),
+                b"s",
+            )))
+            .await;
+        let broker = d
+            .broker(cred)
+            .await
+            .get_token(v1::GetTokenRequest { id: "rec".into() })
+            .await;
+        let admin = d.admin(cred).await.stats(v1::StatsRequest {}).await;
+        for (result, ok) in [
+            (ingest.map(|_| ()), allowed[0]),
+            (broker.map(|_| ()), allowed[1]),
+            (admin.map(|_| ()), allowed[2]),
+        ] {
+            match (result, ok) {
+                (Ok(()), true) => {}
+                (Err(s), false) => {
+                    assert_eq!(s.code(), Code::PermissionDenied, "{cred}: {s:?}");
+                    assert!(!s.message().contains(cred), "credential echoed");
+                }
+                (r, ok) => panic!("{cred}: expected allowed={ok}, got {r:?}"),
+            }
+        }
+    }
+    for cred in ["", "tv_not_a_real_credential"] {
+        let e = d
+            .broker(cred)
+            .await
+            .get_token(v1::GetTokenRequest { id: "rec".into() })
+            .await
+            .expect_err("unauth");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let e = d
+            .ingest(cred)
+            .await
+            .public_keys(v1::PublicKeysRequest {})
+            .await
+            .expect_err("unauth");
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let e = d
+            .admin(cred)
+            .await
+            .delete(v1::DeleteRequest { id: "rec".into() })
+            .await
+            .expect_err("unauth");
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    // Nothing the refused callers tried changed anything.
+    assert_eq!(stats(&d).await.records, 2);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_ingest_is_refused_precisely_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.put(&meta("existing", "o"), b"keep-me").await;
+    let sealer = d.sealer().await;
+    let good = sealed(&sealer, &meta("new", "o"), b"s");
+    let other_key = PublicKey::from_pem(
+        &std::fs::read_to_string(fixture_path("keys/test/fixture-b.pub.pem")).expect("pem"),
+    )
+    .expect("key");
+    let foreign = Sealer::new(other_key)
+        .seal_record(&meta("new", "o"), &Secret::new(b"s".to_vec()))
+        .expect("seal");
+
+    let with_meta = |f: &dyn Fn(&mut v1::RecordMeta)| {
+        let mut r = good.clone();
+        f(r.meta.as_mut().expect("meta"));
+        put_req(r)
+    };
+    let with_env = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut r = good.clone();
+        f(&mut r.envelope);
+        put_req(r)
+    };
+    let cases: Vec<(&str, v1::PutSealedRequest, Code, &str)> = vec![
+        (
+            "no record",
+            v1::PutSealedRequest::default(),
+            Code::InvalidArgument,
+            "record is required",
+        ),
+        (
+            "no meta",
+            put_req(v1::SealedRecord {
+                meta: None,
+                envelope: good.envelope.clone(),
+            }),
+            Code::InvalidArgument,
+            "record.meta is required",
+        ),
+        (
+            "bad id charset",
+            with_meta(&|m| m.id = "has space".into()),
+            Code::InvalidArgument,
+            "invalid record metadata: record id contains a character outside",
+        ),
+        (
+            "id too long",
+            with_meta(&|m| m.id = "a".repeat(129)),
+            Code::InvalidArgument,
+            "record id is 129 bytes, longer than the limit of 128",
+        ),
+        (
+            "empty owner",
+            with_meta(&|m| m.owner = String::new()),
+            Code::InvalidArgument,
+            "owner must not be empty",
+        ),
+        (
+            "unknown kind",
+            with_meta(&|m| m.kind = 99),
+            Code::InvalidArgument,
+            "kind must be one of",
+        ),
+        (
+            "unspecified kind",
+            with_meta(&|m| m.kind = 0),
+            Code::InvalidArgument,
+            "kind must be one of",
+        ),
+        (
+            "negative expiry",
+            with_meta(&|m| m.expires_at = -5),
+            Code::InvalidArgument,
+            "expires_at",
+        ),
+        (
+            "empty envelope",
+            with_env(&|e| e.clear()),
+            Code::InvalidArgument,
+            "malformed envelope: envelope is truncated",
+        ),
+        (
+            "bad magic",
+            with_env(&|e| e[0] = b'Z'),
+            Code::InvalidArgument,
+            "bad magic",
+        ),
+        (
+            "unknown version",
+            with_env(&|e| e[3] = 7),
+            Code::InvalidArgument,
+            "unknown envelope format version 7",
+        ),
+        (
+            "truncated",
+            with_env(&|e| e.truncate(HEADER_LEN + 100)),
+            Code::InvalidArgument,
+            "truncated",
+        ),
+        (
+            "wrong wrapped length",
+            with_env(&|e| {
+                // Claim 257 bytes of wrapped key: structurally fine, but not this key's size.
+                e[36..38].copy_from_slice(&257u16.to_be_bytes());
+            }),
+            Code::InvalidArgument,
+            "wrapped data key is 257 bytes but key version 1 needs 256",
+        ),
+        (
+            "unknown key",
+            put_req(foreign),
+            Code::InvalidArgument,
+            "sealed under unknown key",
+        ),
+    ];
+    let mut ingest = d.ingest(INGEST).await;
+    for (name, req, code, msg) in cases {
+        let e = ingest.put_sealed(req).await.expect_err(name);
+        assert_eq!(e.code(), code, "{name}: {e:?}");
+        assert!(
+            e.message().contains(msg),
+            "{name}: {:?} lacks {msg:?}",
+            e.message()
+        );
+    }
+    assert_eq!(stats(&d).await.records, 1);
+    let kept = d
+        .broker(WORKER)
+        .await
+        .get_token(v1::GetTokenRequest {
+            id: "existing".into(),
+        })
+        .await
+        .expect("get");
+    assert_eq!(kept.into_inner().secret, b"keep-me");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn batches_are_atomic_and_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let sealer = d.sealer().await;
+    let mut ingest = d.ingest(INGEST).await;
+    let items: Vec<_> = (0..5)
+        .map(|i| put_req(sealed(&sealer, &meta(&format!("b{i}"), "o"), b"s")))
+        .collect();
+
+    let mut bad = items.clone();
+    bad[2]
+        .record
+        .as_mut()
+        .expect("record")
+        .envelope
+        .truncate(10);
+    let e = ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest { items: bad })
+        .await
+        .expect_err("bad item");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("item 2: malformed envelope"),
+        "{}",
+        e.message()
+    );
+
+    let mut dup = items.clone();
+    dup.push(items[0].clone());
+    let e = ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest { items: dup })
+        .await
+        .expect_err("dup");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.message(), "record b0 appears twice in one batch");
+
+    let e = ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest { items: vec![] })
+        .await
+        .expect_err("empty");
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "batch is empty")
+    );
+
+    let one = sealed(&sealer, &meta("x", "o"), b"s");
+    let too_many: Vec<_> = (0..1001)
+        .map(|i| {
+            let mut r = one.clone();
+            r.meta.as_mut().expect("meta").id = format!("x{i}");
+            put_req(r)
+        })
+        .collect();
+    let e = ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest { items: too_many })
+        .await
+        .expect_err("too many");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::ResourceExhausted,
+            "batch of 1001 records exceeds the limit of 1000"
+        )
+    );
+    assert_eq!(stats(&d).await.records, 0, "no failed batch wrote anything");
+
+    let ok = ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest { items })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(ok.versions, vec![1; 5]);
+    assert_eq!(stats(&d).await.records, 5);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_requests_are_resource_exhausted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let sealer = d.sealer().await;
+    let mut r = sealed(&sealer, &meta("big", "o"), b"s");
+    r.envelope = vec![0u8; 5 * 1024 * 1024];
+    let e = d
+        .ingest(INGEST)
+        .await
+        .put_sealed(put_req(r))
+        .await
+        .expect_err("too big");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().starts_with("request too large"),
+        "{}",
+        e.message()
+    );
+    // An envelope under the request limit but over the format limit is a format error.
+    let mut r = sealed(&sealer, &meta("big", "o"), b"s");
+    r.envelope.resize(200 * 1024, 0);
+    let e = d
+        .ingest(INGEST)
+        .await
+        .put_sealed(put_req(r))
+        .await
+        .expect_err("too big envelope");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("larger than the limit"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(stats(&d).await.records, 0);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn get_token_refusals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let mut expired = meta("expired", "o");
+    expired.expires_at = Some(1_000_000);
+    d.put(&expired, b"old").await;
+    d.put(&meta("revoked", "o"), b"r").await;
+    d.put(&meta("fine", "o"), b"fine-secret").await;
+    d.admin(ADMIN)
+        .await
+        .revoke(v1::RevokeRequest {
+            id: "revoked".into(),
+        })
+        .await
+        .expect("revoke");
+    // A web tier that binds an envelope to one owner but files it under another: ingest cannot
+    // tell, the broker can, and no other record is affected.
+    let sealer = d.sealer().await;
+    let mut misbound = sealed(&sealer, &meta("misbound", "alice"), b"stolen?");
+    misbound.meta.as_mut().expect("meta").owner = "mallory".into();
+    d.ingest(INGEST)
+        .await
+        .put_sealed(put_req(misbound))
+        .await
+        .expect("ingest accepts structure");
+
+    let mut broker = d.broker(WORKER).await;
+    let cases = [
+        ("nope", Code::NotFound, "no record with id nope"),
+        (
+            "bad id!",
+            Code::InvalidArgument,
+            "invalid record id: record id contains a character outside [A-Za-z0-9._:@/+=-]",
+        ),
+        (
+            "",
+            Code::InvalidArgument,
+            "invalid record id: record id must not be empty",
+        ),
+        (
+            "revoked",
+            Code::FailedPrecondition,
+            "record revoked is revoked",
+        ),
+        (
+            "expired",
+            Code::FailedPrecondition,
+            "record expired expired at 1000000 (Unix seconds)",
+        ),
+        (
+            "misbound",
+            Code::DataLoss,
+            "record misbound: decryption failed: the envelope does not authenticate for this record",
+        ),
+    ];
+    for (id, code, msg) in cases {
+        let e = broker
+            .get_token(v1::GetTokenRequest { id: id.into() })
+            .await
+            .expect_err(id);
+        assert_eq!(e.code(), code, "{id}");
+        assert_eq!(e.message(), msg, "{id}");
+    }
+    let ok = broker
+        .get_token(v1::GetTokenRequest { id: "fine".into() })
+        .await
+        .expect("fine");
+    assert_eq!(ok.into_inner().secret, b"fine-secret");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn admin_revoke_delete_owner_stats_and_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    for (id, owner) in [
+        ("a1", "alice"),
+        ("a2", "alice"),
+        ("b1", "bob"),
+        ("al", "alice2"),
+    ] {
+        d.put(&meta(id, owner), b"s").await;
+    }
+    let mut admin = d.admin(ADMIN).await;
+    let info = admin
+        .revoke(v1::RevokeRequest { id: "b1".into() })
+        .await
+        .expect("revoke")
+        .into_inner()
+        .info
+        .expect("info");
+    assert!(info.revoked);
+    assert_eq!(info.version, 2);
+    let s = stats(&d).await;
+    assert_eq!((s.records, s.revoked), (4, 1));
+    assert_eq!(
+        s.records_per_key_version,
+        vec![v1::KeyVersionCount {
+            key_version: 1,
+            records: 4
+        }]
+    );
+
+    admin
+        .delete(v1::DeleteRequest { id: "a1".into() })
+        .await
+        .expect("delete");
+    let e = admin
+        .delete(v1::DeleteRequest { id: "a1".into() })
+        .await
+        .expect_err("gone");
+    assert_eq!(e.code(), Code::NotFound);
+    let e = d
+        .broker(WORKER)
+        .await
+        .get_token(v1::GetTokenRequest { id: "a1".into() })
+        .await
+        .expect_err("gone");
+    assert_eq!(e.code(), Code::NotFound);
+    let e = admin
+        .revoke(v1::RevokeRequest { id: "zz".into() })
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound);
+    let e = admin
+        .delete_owner(v1::DeleteOwnerRequest {
+            owner: "bad\u{0}owner".into(),
+        })
+        .await
+        .expect_err("bad");
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let n = admin
+        .delete_owner(v1::DeleteOwnerRequest {
+            owner: "alice".into(),
+        })
+        .await
+        .expect("owner")
+        .into_inner();
+    assert_eq!(
+        n.deleted, 1,
+        "a2 only: a1 already deleted, alice2 is someone else"
+    );
+    assert_eq!(stats(&d).await.records, 2);
+
+    let keys = admin
+        .list_keys(v1::ListKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].state, v1::KeyState::Active as i32);
+    let pk = PublicKey::from_pem(&keys[0].spki_pem).expect("pem");
+    assert_eq!(pk.id().to_hex(), keys[0].fingerprint);
+    assert_eq!(pk.bits(), 2048);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn restart_and_offline_rotation_keep_every_record_readable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.put(&meta("before", "o"), b"sealed-under-v1").await;
+    let v1_fp = d.sealer().await.public_key().id();
+    d.stop().await;
+
+    // Offline rotation, as `tokenvault keys rotate` does it.
+    {
+        let cfg = config(dir.path());
+        let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 1 << 20).expect("open");
+        let kd = tokenvault::keys::keyring::KeyDir::new(&cfg.key_dir, None);
+        let key = tokenvault::keys::PrivateKey::generate().expect("gen");
+        tokenvault::keys::keyring::add_version(&store, &kd, key, 5).expect("rotate");
+    }
+
+    let d = TestDaemon::start(dir.path()).await;
+    let sealer = d.sealer().await;
+    assert_ne!(
+        sealer.public_key().id(),
+        v1_fp,
+        "PublicKeys serves the new version"
+    );
+    d.put(&meta("after", "o"), b"sealed-under-v2").await;
+    let mut broker = d.broker(WORKER).await;
+    for (id, secret, kv) in [
+        ("before", &b"sealed-under-v1"[..], 1),
+        ("after", &b"sealed-under-v2"[..], 2),
+    ] {
+        let r = broker
+            .get_token(v1::GetTokenRequest { id: id.into() })
+            .await
+            .expect(id)
+            .into_inner();
+        assert_eq!(r.secret, secret);
+        assert_eq!(r.info.expect("info").key_version, kv);
+    }
+    // Envelopes sealed under the now decrypt-only v1 are still accepted (web tiers catch up).
+    let keys = d
+        .admin(ADMIN)
+        .await
+        .list_keys(v1::ListKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys;
+    let old = keys.iter().find(|k| k.version == 1).expect("v1");
+    assert_eq!(old.state, v1::KeyState::DecryptOnly as i32);
+    let old_sealer = Sealer::from_pem(&old.spki_pem).expect("pem");
+    let rec = old_sealer
+        .seal_record(&meta("late", "o"), &Secret::new(b"late".to_vec()))
+        .expect("seal");
+    d.ingest(INGEST)
+        .await
+        .put_sealed(put_req(rec))
+        .await
+        .expect("decrypt-only key accepted");
+    let s = stats(&d).await;
+    assert_eq!(
+        s.records_per_key_version,
+        vec![
+            v1::KeyVersionCount {
+                key_version: 1,
+                records: 2
+            },
+            v1::KeyVersionCount {
+                key_version: 2,
+                records: 1
+            }
+        ]
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_serve_generic_clients() {
+    use tokenvault_test_reflection::*;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    for service in [
+        "",
+        "tokenvault.v1.Ingest",
+        "tokenvault.v1.Broker",
+        "tokenvault.v1.Admin",
+    ] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    let services = list_services(d.channel().await).await;
+    for s in [
+        "tokenvault.v1.Ingest",
+        "tokenvault.v1.Broker",
+        "tokenvault.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.iter().any(|x| x == s),
+            "{s} missing from {services:?}"
+        );
+    }
+    d.stop().await;
+}
+
+mod tokenvault_test_reflection {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    pub async fn list_services(channel: tonic::transport::Channel) -> Vec<String> {
+        let mut client = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let msg = stream
+            .message()
+            .await
+            .expect("message")
+            .expect("one response");
+        match msg.message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("unexpected reflection response {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn kinds_round_trip_over_the_wire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    for (i, kind) in SecretKind::ALL.into_iter().enumerate() {
+        let m = RecordMeta::parse(&format!("k{i}"), "o", "prov", kind, &[], 0).expect("valid");
+        d.put(&m, format!("secret-{i}").as_bytes()).await;
+        let r = d
+            .broker(WORKER)
+            .await
+            .get_token(v1::GetTokenRequest {
+                id: format!("k{i}"),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(
+            r.info.expect("info").meta.expect("meta").kind,
+            v1::SecretKind::from(kind) as i32
+        );
+        assert_eq!(r.secret, format!("secret-{i}").as_bytes());
+    }
+    d.stop().await;
+}
