@@ -4,7 +4,12 @@
 //! Architecture invariant: proto types stop here and in `server`/`cli`; `envelope`, `keys` and
 //! `store` never see them.
 
-#![allow(missing_docs, reason = "generated code")]
+#![allow(
+    missing_docs,
+    unused_qualifications,
+    missing_debug_implementations,
+    reason = "generated code"
+)]
 #![allow(clippy::all, clippy::pedantic, reason = "generated code")]
 
 /// The `tokenvault.v1` package.

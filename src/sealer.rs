@@ -19,6 +19,21 @@ pub enum Backend {
 }
 
 /// Seals secrets for the vault with the active public key.
+///
+/// ```
+/// use tokenvault::record::{RecordMeta, SecretKind};
+/// use tokenvault::secret::Secret;
+/// use tokenvault::Sealer;
+///
+/// // In production the PEM comes from `Ingest.PublicKeys` or `tokenvault keys export-public`.
+/// let pem = include_str!("../keys/test/fixture-a.pub.pem");
+/// let sealer = Sealer::from_pem(pem)?;
+/// let meta = RecordMeta::parse("github:user-42", "user-42", "github", SecretKind::AccessToken, &[], 0)?;
+/// let envelope = sealer.seal(&meta, &Secret::new(b"gho_example".to_vec()))?;
+/// assert_eq!(&envelope[..4], b"TVE\x01");
+/// assert_eq!(&envelope[4..36], &sealer.public_key().id().0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Sealer {
     key: PublicKey,

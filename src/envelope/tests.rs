@@ -104,6 +104,10 @@ fn sealing_reproduces_the_checked_in_positive_vectors() {
 }
 
 #[test]
+#[expect(
+    clippy::disallowed_types,
+    reason = "decrypting once with the rsa crate proves interop"
+)]
 fn aws_lc_and_rust_crypto_backends_interoperate() {
     let key = private_key("fixture-a");
     let m = meta("r1", "o1", "github", SecretKind::AccessToken);

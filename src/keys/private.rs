@@ -8,6 +8,11 @@
 //! other than through [`PrivateKey::to_pkcs8_pem`] (used only to write 0600 key files), or put
 //! key material in an error, a log line or `Debug` output.
 
+#![expect(
+    clippy::disallowed_types,
+    reason = "the one module allowed to parse keys with the rsa crate"
+)]
+
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::{
     KeySize, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, PrivateDecryptingKey,

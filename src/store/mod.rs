@@ -10,6 +10,7 @@
 mod memory;
 #[cfg(feature = "daemon")]
 pub(crate) mod rocks;
+#[cfg(feature = "daemon")]
 mod schema;
 
 use thiserror::Error;

@@ -10,6 +10,11 @@
 //! `records` for point lookups, and one LRU block cache of configurable size shared by all
 //! column families.
 
+#![expect(
+    clippy::disallowed_types,
+    reason = "the one module allowed to use RocksDB"
+)]
+
 use std::path::Path;
 use std::sync::Mutex;
 
