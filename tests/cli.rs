@@ -342,97 +342,45 @@ fn keys_commands_import_openssl_keys_and_refuse_bad_ones() {
         6,
         "already has 1 key version",
     );
-    // The same key again, now as encrypted PKCS#8.
-    let pass = [("TOKENVAULT_IMPORT_PASSPHRASE", "fixture-passphrase")];
+    // Each refused import exits with a precise code and message, and adds no version.
     let enc = fixture("fixture-a.key.encrypted.pem");
-    assert_exit(
-        &run(
-            cwd,
-            &["keys", "import", "--dev", "--private", &enc],
-            &pass,
+    let refused: [(&str, Option<&str>, i32, &str); 7] = [
+        (&enc, Some("fixture-passphrase"), 6, "already key version 1"),
+        (&enc, Some("wrong"), 5, "wrong passphrase"),
+        (&enc, None, 5, "private key is encrypted"),
+        (
+            "fixture-1024.key.pem",
             None,
+            5,
+            "RSA key of 1024 bits refused",
         ),
-        6,
-        "already key version 1",
-    );
-    assert_exit(
-        &run(
-            cwd,
-            &["keys", "import", "--dev", "--private", &enc],
-            &[("TOKENVAULT_IMPORT_PASSPHRASE", "wrong")],
-            None,
-        ),
-        5,
-        "wrong passphrase",
-    );
-    assert_exit(
-        &run(
-            cwd,
-            &["keys", "import", "--dev", "--private", &enc],
-            &[],
-            None,
-        ),
-        5,
-        "private key is encrypted",
-    );
-    assert_exit(
-        &run(
-            cwd,
-            &[
-                "keys",
-                "import",
-                "--dev",
-                "--private",
-                &fixture("fixture-1024.key.pem"),
-            ],
-            &[],
-            None,
-        ),
-        5,
-        "RSA key of 1024 bits refused",
-    );
-    assert_exit(
-        &run(
-            cwd,
-            &[
-                "keys",
-                "import",
-                "--dev",
-                "--private",
-                &fixture("fixture-ec.key.pem"),
-            ],
-            &[],
-            None,
-        ),
-        5,
-        "not a valid RSA private key",
-    );
-    assert_exit(
-        &run(
-            cwd,
-            &[
-                "keys",
-                "import",
-                "--dev",
-                "--private",
-                &fixture("fixture-b.pub.pem"),
-            ],
-            &[],
-            None,
-        ),
-        5,
-        "not a PRIVATE KEY PEM file",
-    );
-    assert_exit(
-        &run(
-            cwd,
-            &["keys", "import", "--dev", "--private", "/nonexistent.pem"],
-            &[],
-            None,
-        ),
-        5,
-        "/nonexistent.pem",
-    );
+        ("fixture-ec.key.pem", None, 5, "not a valid RSA private key"),
+        ("fixture-b.pub.pem", None, 5, "not a PRIVATE KEY PEM file"),
+        ("/nonexistent.pem", None, 5, "/nonexistent.pem"),
+    ];
+    for (file, pass, code, msg) in refused {
+        let path = if file.starts_with('/') {
+            file.to_string()
+        } else {
+            fixture(file)
+        };
+        let env: Vec<(&str, &str)> = pass
+            .map(|p| ("TOKENVAULT_IMPORT_PASSPHRASE", p))
+            .into_iter()
+            .collect();
+        assert_exit(
+            &run(
+                cwd,
+                &["keys", "import", "--dev", "--private", &path],
+                &env,
+                None,
+            ),
+            code,
+            msg,
+        );
+    }
+    let list = run(cwd, &["keys", "list", "--dev"], &[], None);
+    assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 1);
     // PKCS#8 from `openssl genpkey` imports as version 2; rotate makes version 3.
     assert_exit(
         &run(

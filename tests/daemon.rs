@@ -39,15 +39,7 @@ async fn seal_store_get_round_trip() {
     let d = TestDaemon::start(dir.path()).await;
     let m = meta("github:user-42", "user-42");
     assert_eq!(d.put(&m, b"gho_roundtrip_token").await, 1);
-    let resp = d
-        .broker(WORKER)
-        .await
-        .get_token(v1::GetTokenRequest {
-            id: "github:user-42".into(),
-        })
-        .await
-        .expect("get")
-        .into_inner();
+    let resp = d.get("github:user-42").await.expect("get").into_inner();
     assert_eq!(resp.secret, b"gho_roundtrip_token");
     let info = resp.info.expect("info");
     assert_eq!(
@@ -60,14 +52,7 @@ async fn seal_store_get_round_trip() {
         ("github:user-42", "user-42", vec!["repo".to_string()])
     );
     // Debug of the response never shows the secret.
-    let resp = d
-        .broker(WORKER)
-        .await
-        .get_token(v1::GetTokenRequest {
-            id: "github:user-42".into(),
-        })
-        .await
-        .expect("get");
+    let resp = d.get("github:user-42").await.expect("get");
     assert!(!format!("{resp:?}").contains("gho_roundtrip_token"));
 
     // Replace with the right version; a stale writer is refused and changes nothing.
@@ -99,14 +84,7 @@ async fn seal_store_get_round_trip() {
         .await
         .expect_err("exists");
     assert_eq!(exists.code(), Code::AlreadyExists);
-    let secret = d
-        .broker(WORKER)
-        .await
-        .get_token(v1::GetTokenRequest {
-            id: m.id.to_string(),
-        })
-        .await
-        .expect("get");
+    let secret = d.get(m.id.to_string()).await.expect("get");
     assert_eq!(secret.into_inner().secret, b"gho_second");
     d.stop().await;
 }
@@ -310,14 +288,7 @@ async fn malformed_ingest_is_refused_precisely_and_changes_nothing() {
         );
     }
     assert_eq!(stats(&d).await.records, 1);
-    let kept = d
-        .broker(WORKER)
-        .await
-        .get_token(v1::GetTokenRequest {
-            id: "existing".into(),
-        })
-        .await
-        .expect("get");
+    let kept = d.get("existing").await.expect("get");
     assert_eq!(kept.into_inner().secret, b"keep-me");
     d.stop().await;
 }
@@ -550,12 +521,7 @@ async fn admin_revoke_delete_owner_stats_and_keys() {
         .await
         .expect_err("gone");
     assert_eq!(e.code(), Code::NotFound);
-    let e = d
-        .broker(WORKER)
-        .await
-        .get_token(v1::GetTokenRequest { id: "a1".into() })
-        .await
-        .expect_err("gone");
+    let e = d.get("a1").await.expect_err("gone");
     assert_eq!(e.code(), Code::NotFound);
     let e = admin
         .revoke(v1::RevokeRequest { id: "zz".into() })
@@ -750,15 +716,7 @@ async fn kinds_round_trip_over_the_wire() {
     for (i, kind) in SecretKind::ALL.into_iter().enumerate() {
         let m = RecordMeta::parse(&format!("k{i}"), "o", "prov", kind, &[], 0).expect("valid");
         d.put(&m, format!("secret-{i}").as_bytes()).await;
-        let r = d
-            .broker(WORKER)
-            .await
-            .get_token(v1::GetTokenRequest {
-                id: format!("k{i}"),
-            })
-            .await
-            .expect("get")
-            .into_inner();
+        let r = d.get(format!("k{i}")).await.expect("get").into_inner();
         assert_eq!(
             r.info.expect("info").meta.expect("meta").kind,
             v1::SecretKind::from(kind) as i32

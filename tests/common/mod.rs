@@ -150,6 +150,17 @@ impl TestDaemon {
         Sealer::from_pem(&active.spki_pem).expect("pem")
     }
 
+    /// `Broker.GetToken` with the worker credential.
+    pub async fn get(
+        &self,
+        id: impl Into<String>,
+    ) -> Result<tonic::Response<v1::GetTokenResponse>, tonic::Status> {
+        self.broker(WORKER)
+            .await
+            .get_token(v1::GetTokenRequest { id: id.into() })
+            .await
+    }
+
     /// Seals `secret` and stores it; returns the version.
     pub async fn put(&self, meta: &RecordMeta, secret: &[u8]) -> u64 {
         let record = self
