@@ -524,3 +524,34 @@ fn serve_needs_a_config_or_dev_and_help_reads_well() {
         assert!(keys_help.contains(verb), "{keys_help}");
     }
 }
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let mut d = serve_dev(cwd);
+    let env = d.env();
+    for i in 0..20 {
+        let o = run(
+            cwd,
+            &seal_args(&format!("k{i}"), "u"),
+            &env,
+            Some(format!("token-{i}").as_bytes()),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
+    // No graceful shutdown: the process dies right after the last acknowledgement.
+    d.child.kill().expect("SIGKILL");
+    d.child.wait().expect("reaped");
+    let d = serve_dev(cwd);
+    for i in 0..20 {
+        let o = run(cwd, &["get", &format!("k{i}")], &d.env(), None);
+        assert_eq!(
+            o.stdout,
+            format!("token-{i}").as_bytes(),
+            "k{i}: {}",
+            stderr(&o)
+        );
+    }
+    d.terminate();
+}

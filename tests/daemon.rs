@@ -725,3 +725,62 @@ async fn kinds_round_trip_over_the_wire() {
     }
     d.stop().await;
 }
+
+#[tokio::test]
+async fn retired_keys_are_refused_at_ingest_and_at_open() {
+    use tokenvault::keys::{KeyState, keyring};
+    use tokenvault::store::TokenStore as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.put(&meta("under-v1", "o"), b"v1-secret").await;
+    let v1_sealer = d.sealer().await;
+    d.stop().await;
+    {
+        // Rotate, then mark v1 retired, as the key-lifecycle tooling will.
+        let cfg = config(dir.path());
+        let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 1 << 20).expect("open");
+        let kd = keyring::KeyDir::new(&cfg.key_dir, None);
+        keyring::add_version(
+            &store,
+            &kd,
+            tokenvault::keys::PrivateKey::generate().expect("gen"),
+            7,
+        )
+        .expect("rotate");
+        let mut v1 = store
+            .keys()
+            .expect("keys")
+            .into_iter()
+            .find(|k| k.version == 1)
+            .expect("v1");
+        v1.state = KeyState::Retired;
+        store.put_keys(&[v1]).expect("retire");
+    }
+    let d = TestDaemon::start(dir.path()).await;
+    let rec = v1_sealer
+        .seal_record(&meta("late", "o"), &Secret::new(b"x".to_vec()))
+        .expect("seal");
+    let e = d
+        .ingest(INGEST)
+        .await
+        .put_sealed(put_req(rec))
+        .await
+        .expect_err("retired key");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("key version 1, which is retired"),
+        "{}",
+        e.message()
+    );
+    let e = d
+        .get("under-v1")
+        .await
+        .expect_err("retired key cannot open");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        "record under-v1: envelope is sealed under key version 1, which is retired"
+    );
+    assert_eq!(stats(&d).await.records, 1);
+    d.stop().await;
+}
