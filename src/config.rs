@@ -162,6 +162,34 @@ pub struct Config {
     pub dev: bool,
     /// Log filter (tracing `EnvFilter` syntax).
     pub log: String,
+    /// Key lifecycle policy.
+    pub key_policy: KeyPolicy,
+}
+
+/// Key lifecycle settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyPolicy {
+    /// How long after a rotation envelopes sealed under the previous (now decrypt-only)
+    /// version are still accepted by `Ingest`, in seconds.
+    pub ingest_grace_seconds: i64,
+    /// Refuse to open anything wrapped under a lower version (0: no minimum).
+    pub min_decrypt_version: u32,
+    /// Rotate automatically when the active version is this old, in seconds (off if `None`).
+    pub auto_rotate_seconds: Option<i64>,
+}
+
+/// Default ingest grace period after a rotation: one day.
+pub const DEFAULT_INGEST_GRACE_SECONDS: i64 = 86_400;
+
+impl KeyPolicy {
+    /// One day of grace, no minimum version, no automatic rotation.
+    pub fn standard() -> Self {
+        Self {
+            ingest_grace_seconds: DEFAULT_INGEST_GRACE_SECONDS,
+            min_decrypt_version: 0,
+            auto_rotate_seconds: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +206,8 @@ struct FileConfig {
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
+    keys: FileKeys,
+    #[serde(default)]
     credentials: Vec<FileCredential>,
 }
 
@@ -186,6 +216,14 @@ struct FileConfig {
 struct FileLimits {
     max_request_bytes: Option<usize>,
     max_batch: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKeys {
+    ingest_grace_seconds: Option<i64>,
+    min_decrypt_version: Option<u32>,
+    auto_rotate_days: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +329,18 @@ impl Config {
             insecure_plaintext: file.insecure_plaintext,
             dev: false,
             log: file.log.unwrap_or_else(|| "info".into()),
+            key_policy: KeyPolicy {
+                ingest_grace_seconds: file
+                    .keys
+                    .ingest_grace_seconds
+                    .unwrap_or(DEFAULT_INGEST_GRACE_SECONDS)
+                    .max(0),
+                min_decrypt_version: file.keys.min_decrypt_version.unwrap_or(0),
+                auto_rotate_seconds: match file.keys.auto_rotate_days {
+                    Some(0) => return Err(invalid("keys.auto_rotate_days", "must be at least 1")),
+                    d => d.map(|d| i64::from(d) * 86_400),
+                },
+            },
         };
         config.check_listen()?;
         Ok(config)
@@ -324,6 +374,7 @@ impl Config {
             insecure_plaintext: false,
             dev: true,
             log: "info".into(),
+            key_policy: KeyPolicy::standard(),
         })
     }
 
@@ -357,6 +408,7 @@ mod tests {
             tmp.path(),
             &format!(
                 "data_dir = \"d\"\nkey_dir = \"/abs/k\"\n[limits]\nmax_batch = 10\n\
+                 [keys]\ningest_grace_seconds = 60\nmin_decrypt_version = 2\nauto_rotate_days = 90\n\
                  [[credentials]]\nname = \"web\"\nrole = \"ingest\"\nsha256 = \"{hash}\"\n"
             ),
         );
@@ -368,6 +420,14 @@ mod tests {
         assert_eq!(c.data_dir, tmp.path().join("d"));
         assert_eq!(c.key_dir, PathBuf::from("/abs/k"));
         assert_eq!(c.limits.max_batch, 10);
+        assert_eq!(
+            c.key_policy,
+            KeyPolicy {
+                ingest_grace_seconds: 60,
+                min_decrypt_version: 2,
+                auto_rotate_seconds: Some(90 * 86_400)
+            }
+        );
         assert_eq!(c.credentials[0].role, Role::Ingest);
         assert_eq!(c.credentials[0].sha256, [0xab; 32]);
         assert_eq!(c.passphrase.expect("set").expose_secret(), "pw");

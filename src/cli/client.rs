@@ -84,7 +84,7 @@ pub(crate) struct IdArgs {
     conn: Connection,
 }
 
-type Authed = InterceptedService<Channel, Bearer>;
+pub(crate) type Authed = InterceptedService<Channel, Bearer>;
 
 #[derive(Clone)]
 pub(crate) struct Bearer(MetadataValue<tonic::metadata::Ascii>);
@@ -115,7 +115,7 @@ fn credential(conn: &Connection, role: Role) -> Result<ApiCredential, CliError> 
         })
 }
 
-async fn connect(conn: &Connection, role: Role) -> Result<Authed, CliError> {
+pub(crate) async fn connect(conn: &Connection, role: Role) -> Result<Authed, CliError> {
     let cred = credential(conn, role)?;
     let mut value: MetadataValue<_> =
         format!("Bearer {}", cred.expose_secret())

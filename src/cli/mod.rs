@@ -8,6 +8,7 @@
 //! unauthenticated or permission denied, 5 invalid input, 6 failed precondition or conflict
 //! (revoked, expired, exists, stale version, locked data directory), 7 daemon unavailable.
 
+mod admin;
 mod client;
 mod keys;
 mod serve;
@@ -41,6 +42,9 @@ enum Command {
     Revoke(client::IdArgs),
     /// Irrecoverably delete a record (admin credential).
     Delete(client::IdArgs),
+    /// Key lifecycle on the running daemon: rotate, rewrap, retire, destroy (admin credential).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
 }
 
 /// Where the daemon's data lives, for commands that open it directly.
@@ -105,7 +109,11 @@ impl From<tonic::Status> for CliError {
             Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
                 CliError::Precondition(msg)
             }
-            Code::Unavailable | Code::DeadlineExceeded => CliError::Unavailable(msg),
+            // Transport failures (connection reset, daemon killed) reach clients as Unknown or
+            // Cancelled: the daemon itself never answers with those codes.
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+                CliError::Unavailable(msg)
+            }
             _ => CliError::Internal(msg),
         }
     }
@@ -172,5 +180,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Get(args) => runtime()?.block_on(client::get(args)),
         Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
         Command::Delete(args) => runtime()?.block_on(client::delete(args)),
+        Command::Admin(cmd) => runtime()?.block_on(admin::run(cmd)),
     }
 }

@@ -74,7 +74,29 @@ pub enum DecryptError {
         /// Its state.
         state: KeyState,
     },
+    /// The key version is below the configured minimum decryption version.
+    #[error(
+        "envelope is sealed under key version {version}, below the minimum decryption version {minimum}"
+    )]
+    BelowMinimum {
+        /// Key version.
+        version: u32,
+        /// Configured minimum.
+        minimum: u32,
+    },
     /// Authentication failed: wrong key, tampered envelope or wrong record identity.
     #[error("decryption failed: the envelope does not authenticate for this record")]
     DecryptionFailed,
+}
+
+/// Why a data key could not be rewrapped.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RewrapError {
+    /// The envelope did not open with its current key.
+    #[error(transparent)]
+    Open(#[from] DecryptError),
+    /// Wrapping under the new key failed.
+    #[error(transparent)]
+    Wrap(#[from] EncryptError),
 }

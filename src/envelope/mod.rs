@@ -25,7 +25,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-pub use error::{DecryptError, EncryptError, FormatError};
+pub use error::{DecryptError, EncryptError, FormatError, RewrapError};
 pub use format::EnvelopeRef;
 
 use crate::keys::{UnwrapperLookup, Wrapper};
@@ -140,6 +140,28 @@ pub fn open_with_dek(
         )
         .map_err(|_| DecryptError::DecryptionFailed)?;
     Ok(Secret::from(Zeroizing::new(plain)))
+}
+
+/// Rewraps the data key of `envelope` (record `meta`) from whichever key in `keys` wrapped it
+/// to the key of `to`. Only the fingerprint and the wrapped data key change: nonce, ciphertext
+/// and tag are copied untouched. The data key is first checked against the ciphertext, so a
+/// corrupt or mis-bound record is never re-sealed under the new key.
+pub fn rewrap(
+    meta: &RecordMeta,
+    envelope: &[u8],
+    keys: &dyn UnwrapperLookup,
+    to: &dyn Wrapper,
+) -> Result<Vec<u8>, RewrapError> {
+    let env = EnvelopeRef::decode(envelope).map_err(DecryptError::from)?;
+    let dek = keys.unwrapper(&env.key_id)?.unwrap_dek(env.wrapped_dek)?;
+    drop(open_with_dek(meta, &env, &dek)?);
+    let wrapped = to.wrap_dek(&dek, &mut rand::rngs::OsRng)?;
+    Ok(EnvelopeRef {
+        key_id: to.key_id(),
+        wrapped_dek: &wrapped.0,
+        ..env
+    }
+    .encode())
 }
 
 #[cfg(test)]

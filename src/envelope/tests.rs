@@ -142,6 +142,40 @@ fn aws_lc_and_rust_crypto_backends_interoperate() {
 }
 
 #[test]
+fn rewrap_changes_only_the_key_fields() {
+    let a = private_key("fixture-a");
+    let b = private_key("fixture-b");
+    let m = meta("r1", "o1", "github", SecretKind::AccessToken);
+    let env = seal(&m, &Secret::new(b"rotate-me".to_vec()), a.public_key()).expect("seal");
+    let moved = rewrap(&m, &env, &a, b.public_key()).expect("rewrap");
+    let (old, new) = (
+        EnvelopeRef::decode(&env).expect("old"),
+        EnvelopeRef::decode(&moved).expect("new"),
+    );
+    assert_eq!(new.key_id, b.public_key().id());
+    assert_eq!(
+        (new.nonce, new.ciphertext),
+        (old.nonce, old.ciphertext),
+        "ciphertext untouched"
+    );
+    assert_ne!(new.wrapped_dek, old.wrapped_dek);
+    assert_eq!(
+        open(&m, &moved, &b).expect("opens under b").expose_secret(),
+        b"rotate-me"
+    );
+    assert!(matches!(
+        open(&m, &moved, &a),
+        Err(DecryptError::UnknownKey(_))
+    ));
+    // A record that does not authenticate is refused, not re-sealed.
+    let other = meta("r2", "o1", "github", SecretKind::AccessToken);
+    assert_eq!(
+        rewrap(&other, &env, &a, b.public_key()),
+        Err(RewrapError::Open(DecryptError::DecryptionFailed))
+    );
+}
+
+#[test]
 fn every_identity_field_is_bound() {
     let key = private_key("fixture-a");
     let m = meta("r1", "o1", "github", SecretKind::AccessToken);

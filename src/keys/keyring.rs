@@ -68,6 +68,44 @@ impl KeyDir {
         .map_err(io(&self.public_path(version)))
     }
 
+    /// Whether the private key file of `version` exists.
+    pub fn has_private(&self, version: u32) -> bool {
+        self.private_path(version).exists()
+    }
+
+    /// Erases the private key file of `version`: overwritten with zeros and synced, then
+    /// unlinked. Already absent is fine. (On copy-on-write or journaling file systems and SSDs
+    /// an overwrite cannot guarantee the old blocks are gone; encrypt key files with a
+    /// passphrase so their remains are useless.)
+    pub fn erase(&self, version: u32) -> Result<(), KeyError> {
+        let path = self.private_path(version);
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        let len = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        f.write_all(&zeros)
+            .and_then(|()| f.sync_all())
+            .map_err(io)?;
+        drop(f);
+        std::fs::remove_file(&path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
     /// Reads a version's private key, refusing files readable by group or others.
     pub fn read(&self, version: u32) -> Result<PrivateKey, KeyError> {
         let path = self.private_path(version);
@@ -115,6 +153,7 @@ pub struct Keyring {
     slots: BTreeMap<u32, Slot>,
     by_id: HashMap<KeyId, u32>,
     active: u32,
+    min_version: u32,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -166,7 +205,20 @@ impl Keyring {
             slots,
             by_id,
             active,
+            min_version: 0,
         })
+    }
+
+    /// Refuses to open anything wrapped under a version below `min`, even if its key is still
+    /// present.
+    pub fn with_min_version(mut self, min: u32) -> Self {
+        self.min_version = min;
+        self
+    }
+
+    /// The minimum decryption version (0: none).
+    pub fn min_version(&self) -> u32 {
+        self.min_version
     }
 
     /// The active version: the one new envelopes must be sealed under.
@@ -196,6 +248,12 @@ impl Keyring {
 impl UnwrapperLookup for Keyring {
     fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, DecryptError> {
         let version = self.by_id.get(id).ok_or(DecryptError::UnknownKey(*id))?;
+        if *version < self.min_version {
+            return Err(DecryptError::BelowMinimum {
+                version: *version,
+                minimum: self.min_version,
+            });
+        }
         let slot = &self.slots[version];
         match (&slot.private, slot.info.state.accepts_envelopes()) {
             (Some(key), true) => Ok(key),

@@ -20,6 +20,8 @@ pub mod keyring;
 #[cfg(feature = "daemon")]
 mod private;
 mod public;
+#[cfg(feature = "daemon")]
+pub mod rotation;
 
 use std::fmt;
 

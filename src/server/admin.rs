@@ -1,14 +1,87 @@
 //! `Admin`: key listing, revocation, irrecoverable deletion and statistics.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
 use super::{State, caller_name};
 use crate::api::v1::{self, admin_server::Admin};
+use crate::keys::rotation::{self, RewrapOptions, RewrapProgress, RotationError};
+use crate::keys::{KeyInfo, KeyState, PrivateKey, keyring};
 use crate::record::{Owner, RecordId};
 use crate::store::StoreError;
+
+/// Rotates to a fresh RSA-2048 version; returns the new active and the previous version.
+pub(super) fn rotate(s: &State, now: i64) -> Result<(KeyInfo, Option<KeyInfo>), ServiceError> {
+    let _ops = s.key_ops();
+    let previous = s.keyring().active().0.version;
+    let info = keyring::add_version(&*s.store, &s.key_dir, PrivateKey::generate()?, now)?;
+    let ring = s.reload_keyring()?;
+    let previous = ring.infos().find(|k| k.version == previous).cloned();
+    Ok((info, previous))
+}
+
+fn retire(s: &State, version: u32, now: i64) -> Result<KeyInfo, ServiceError> {
+    let _ops = s.key_ops();
+    let mut info = rotation::retire(&*s.store, version, now)?;
+    s.reload_keyring()?;
+    // An envelope ingested under this version between the count and the reload would be
+    // stranded: count again now that Ingest refuses the version, and undo if one slipped in.
+    let late = rotation::records_under(&*s.store, version)?;
+    if late > 0 {
+        info.state = KeyState::DecryptOnly;
+        s.store.put_keys(std::slice::from_ref(&info))?;
+        s.reload_keyring()?;
+        return Err(RotationError::RecordsRemain {
+            version,
+            records: late,
+        }
+        .into());
+    }
+    Ok(info)
+}
+
+fn destroy(s: &State, version: u32, now: i64) -> Result<(KeyInfo, bool), ServiceError> {
+    let _ops = s.key_ops();
+    let records = rotation::records_under(&*s.store, version)?;
+    if records > 0 {
+        return Err(RotationError::RecordsRemain { version, records }.into());
+    }
+    let info = rotation::destroy(&*s.store, &s.key_dir, version, now)?;
+    s.reload_keyring()?;
+    Ok((info, !s.key_dir.has_private(version)))
+}
+
+fn progress(p: &RewrapProgress) -> v1::RewrapProgress {
+    v1::RewrapProgress {
+        target_version: p.target_version,
+        total: p.total,
+        rewrapped: p.rewrapped,
+        skipped: p.skipped,
+        conflicts: p.conflicts,
+        failed: p.failed,
+        done: p.done,
+        elapsed_seconds: p.elapsed.as_secs_f64(),
+    }
+}
+
+/// Clears the "rewrap running" flag however the run ends.
+struct Running(Arc<State>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.rewrapping.store(false, Ordering::SeqCst);
+    }
+}
+
+fn flag(state: &AtomicBool) -> bool {
+    state.swap(true, Ordering::SeqCst)
+}
 
 /// The `tokenvault.v1.Admin` service.
 pub struct AdminService(pub(super) Arc<State>);
@@ -22,6 +95,93 @@ fn record_id(raw: String) -> Result<RecordId, ServiceError> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type RewrapStream = Pin<Box<dyn Stream<Item = Result<v1::RewrapProgress, Status>> + Send>>;
+
+    async fn rotate_key(
+        &self,
+        request: Request<v1::RotateKeyRequest>,
+    ) -> Result<Response<v1::RotateKeyResponse>, Status> {
+        let caller = caller_name(&request);
+        let (active, previous) = self.0.blocking(|s| rotate(s, crate::unix_now())).await?;
+        tracing::info!(rpc = "RotateKey", %caller, version = active.version, fingerprint = %active.id, "rotated");
+        Ok(Response::new(v1::RotateKeyResponse {
+            active: Some((&active).into()),
+            previous: previous.as_ref().map(Into::into),
+        }))
+    }
+
+    async fn rewrap(
+        &self,
+        request: Request<v1::RewrapRequest>,
+    ) -> Result<Response<Self::RewrapStream>, Status> {
+        let caller = caller_name(&request);
+        let max = request.into_inner().max_records_per_second;
+        if flag(&self.0.rewrapping) {
+            return Err(ServiceError::RewrapBusy.into());
+        }
+        let running = Running(Arc::clone(&self.0));
+        let opts = RewrapOptions {
+            max_per_second: (max > 0).then_some(max),
+            ..RewrapOptions::full_speed()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tracing::info!(rpc = "Rewrap", %caller, "rewrap started");
+        tokio::task::spawn_blocking(move || {
+            let state = Arc::clone(&running.0);
+            let ring = state.keyring();
+            // The run continues if the caller goes away: it is resumable and idempotent, and
+            // stopping half way would only leave more work for the next run.
+            let result = rotation::rewrap_all(&*state.store, &ring, opts, crate::unix_now, |p| {
+                let _ = tx.blocking_send(Ok(progress(p)));
+            });
+            match result {
+                Ok(p) => tracing::info!(
+                    rewrapped = p.rewrapped,
+                    failed = p.failed,
+                    "rewrap finished"
+                ),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::from(ServiceError::from(e))));
+                }
+            }
+            drop(running);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn retire_key(
+        &self,
+        request: Request<v1::RetireKeyRequest>,
+    ) -> Result<Response<v1::RetireKeyResponse>, Status> {
+        let caller = caller_name(&request);
+        let version = request.into_inner().version;
+        let info = self
+            .0
+            .blocking(move |s| retire(s, version, crate::unix_now()))
+            .await?;
+        tracing::info!(rpc = "RetireKey", %caller, version, "retired");
+        Ok(Response::new(v1::RetireKeyResponse {
+            key: Some((&info).into()),
+        }))
+    }
+
+    async fn destroy_key(
+        &self,
+        request: Request<v1::DestroyKeyRequest>,
+    ) -> Result<Response<v1::DestroyKeyResponse>, Status> {
+        let caller = caller_name(&request);
+        let version = request.into_inner().version;
+        let (info, erased) = self
+            .0
+            .blocking(move |s| destroy(s, version, crate::unix_now()))
+            .await?;
+        tracing::info!(rpc = "DestroyKey", %caller, version, erased, "destroyed");
+        Ok(Response::new(v1::DestroyKeyResponse {
+            key: Some((&info).into()),
+            private_key_erased: erased,
+        }))
+    }
+
     async fn list_keys(
         &self,
         _request: Request<v1::ListKeysRequest>,

@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 use super::status::ServiceError;
 use super::{State, caller_name};
 use crate::api::v1::{self, ingest_server::Ingest};
+use crate::config::KeyPolicy;
 use crate::envelope::EnvelopeRef;
+use crate::keys::KeyState;
 use crate::keys::keyring::Keyring;
 use crate::record::RecordMeta;
 use crate::store::RecordWrite;
@@ -20,7 +22,12 @@ use crate::store::RecordWrite;
 /// The `tokenvault.v1.Ingest` service.
 pub struct IngestService(pub(super) Arc<State>);
 
-fn check_item(ring: &Keyring, item: v1::PutSealedRequest) -> Result<RecordWrite, ServiceError> {
+fn check_item(
+    ring: &Keyring,
+    policy: &KeyPolicy,
+    now: i64,
+    item: v1::PutSealedRequest,
+) -> Result<RecordWrite, ServiceError> {
     let record = item.record.ok_or(ServiceError::Missing("record"))?;
     let meta = record
         .meta
@@ -38,6 +45,22 @@ fn check_item(ring: &Keyring, item: v1::PutSealedRequest) -> Result<RecordWrite,
         return Err(ServiceError::KeyNotAccepted {
             version: info.version,
             state: info.state,
+        });
+    }
+    if info.version < ring.min_version() {
+        return Err(ServiceError::BelowMinimum {
+            version: info.version,
+            minimum: ring.min_version(),
+        });
+    }
+    // Web tiers pick up a rotated key at their own pace, within the grace period.
+    if info.state == KeyState::DecryptOnly
+        && now.saturating_sub(info.updated_at) > policy.ingest_grace_seconds
+    {
+        return Err(ServiceError::GraceEnded {
+            version: info.version,
+            since: info.updated_at,
+            grace_seconds: policy.ingest_grace_seconds,
         });
     }
     if env.wrapped_dek.len() != public.wrapped_len() {
@@ -62,7 +85,12 @@ impl Ingest for IngestService {
         request: Request<v1::PutSealedRequest>,
     ) -> Result<Response<v1::PutSealedResponse>, Status> {
         let caller = caller_name(&request);
-        let write = check_item(&self.0.keyring(), request.into_inner())?;
+        let write = check_item(
+            &self.0.keyring(),
+            &self.0.policy,
+            crate::unix_now(),
+            request.into_inner(),
+        )?;
         let id = write.meta.id.clone();
         let versions = self
             .0
@@ -92,11 +120,12 @@ impl Ingest for IngestService {
             .into());
         }
         let ring = self.0.keyring();
+        let now = crate::unix_now();
         let writes = items
             .into_iter()
             .enumerate()
             .map(|(index, item)| {
-                check_item(&ring, item).map_err(|e| ServiceError::Item {
+                check_item(&ring, &self.0.policy, now, item).map_err(|e| ServiceError::Item {
                     index,
                     source: Box::new(e),
                 })

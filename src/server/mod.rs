@@ -26,7 +26,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api::v1::admin_server::AdminServer;
 use crate::api::v1::broker_server::BrokerServer;
 use crate::api::v1::ingest_server::IngestServer;
-use crate::config::{Config, Limits, Role};
+use crate::config::{Config, KeyPolicy, Limits, Role};
 use crate::keys::KeyError;
 use crate::keys::keyring::{self, KeyDir, Keyring};
 use crate::store::{RocksStore, StoreError, TokenStore};
@@ -53,6 +53,12 @@ pub(crate) struct State {
     store: Arc<dyn TokenStore>,
     keyring: RwLock<Arc<Keyring>>,
     limits: Limits,
+    key_dir: KeyDir,
+    policy: KeyPolicy,
+    /// Serializes key lifecycle operations (rotate, retire, destroy, keyring reloads).
+    key_ops: std::sync::Mutex<()>,
+    /// Set while a rewrap runs; one at a time.
+    rewrapping: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -63,6 +69,26 @@ impl State {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// Reloads the keyring from the registry and key files after a lifecycle change.
+    fn reload_keyring(&self) -> Result<Arc<Keyring>, ServiceError> {
+        let ring = Arc::new(
+            Keyring::load(self.store.keys()?, &self.key_dir)?
+                .with_min_version(self.policy.min_decrypt_version),
+        );
+        *self
+            .keyring
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&ring);
+        Ok(ring)
+    }
+
+    /// Holds the key-operations lock.
+    fn key_ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.key_ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs blocking work (RocksDB, RSA) off the async executor.
@@ -104,13 +130,18 @@ impl Daemon {
             let info = keyring::init(&*store, &dir, crate::unix_now())?;
             tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");
         }
-        let ring = Keyring::load(store.keys()?, &dir)?;
+        let ring = Keyring::load(store.keys()?, &dir)?
+            .with_min_version(config.key_policy.min_decrypt_version);
         let (active, _) = ring.active();
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
         let state = State {
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,
+            key_dir: dir,
+            policy: config.key_policy,
+            key_ops: std::sync::Mutex::new(()),
+            rewrapping: std::sync::atomic::AtomicBool::new(false),
         };
         Ok(Self {
             state: Arc::new(state),
@@ -149,6 +180,10 @@ impl Daemon {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .expect("the embedded descriptor sets are valid");
+
+        if let Some(period) = self.state.policy.auto_rotate_seconds {
+            tokio::spawn(auto_rotate(Arc::clone(&self.state), period));
+        }
 
         tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(
@@ -206,6 +241,27 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
         }
     }
     response
+}
+
+/// Rotates when the active key is older than `period` seconds; checks once a minute.
+async fn auto_rotate(state: Arc<State>, period: i64) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let due = state.keyring().active().0.created_at.saturating_add(period) <= crate::unix_now();
+        if !due {
+            continue;
+        }
+        match state
+            .blocking(|s| admin::rotate(s, crate::unix_now()))
+            .await
+        {
+            Ok((active, _)) => {
+                tracing::info!(version = active.version, fingerprint = %active.id, "automatic rotation")
+            }
+            Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
+        }
+    }
 }
 
 /// The authenticated caller's name, for logs.

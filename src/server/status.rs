@@ -45,6 +45,37 @@ pub enum ServiceError {
         /// State.
         state: KeyState,
     },
+    /// Envelope sealed under a decrypt-only version whose ingest grace period has ended.
+    #[error(
+        "envelope is sealed under key version {version}, decrypt-only since {since} (Unix seconds); its ingest grace period of {grace_seconds} s has ended; seal with the key from Ingest.PublicKeys"
+    )]
+    GraceEnded {
+        /// Version.
+        version: u32,
+        /// When it stopped being active.
+        since: i64,
+        /// Configured grace.
+        grace_seconds: i64,
+    },
+    /// Envelope sealed under a version below the minimum decryption version.
+    #[error(
+        "envelope is sealed under key version {version}, below the minimum decryption version {minimum}"
+    )]
+    BelowMinimum {
+        /// Version.
+        version: u32,
+        /// Minimum.
+        minimum: u32,
+    },
+    /// A key lifecycle operation was refused.
+    #[error(transparent)]
+    Rotation(#[from] crate::keys::rotation::RotationError),
+    /// A key could not be created or loaded.
+    #[error("key operation failed: {0}")]
+    Key(#[from] crate::keys::KeyError),
+    /// A rewrap is already running.
+    #[error("a rewrap is already running; wait for it to finish")]
+    RewrapBusy,
     /// The wrapped DEK length does not match the named key.
     #[error("wrapped data key is {actual} bytes but key version {version} needs {expected}")]
     WrappedLength {
@@ -113,12 +144,17 @@ impl ServiceError {
             | ServiceError::WrappedLength { .. }
             | ServiceError::EmptyBatch => Code::InvalidArgument,
             ServiceError::KeyNotAccepted { .. }
+            | ServiceError::GraceEnded { .. }
+            | ServiceError::BelowMinimum { .. }
+            | ServiceError::RewrapBusy
             | ServiceError::Revoked(_)
             | ServiceError::Expired { .. } => Code::FailedPrecondition,
             ServiceError::BatchTooLarge { .. } => Code::ResourceExhausted,
             ServiceError::Open { source, .. } => match source {
                 DecryptError::DecryptionFailed | DecryptError::Format(_) => Code::DataLoss,
-                DecryptError::KeyUnavailable { .. } => Code::FailedPrecondition,
+                DecryptError::KeyUnavailable { .. } | DecryptError::BelowMinimum { .. } => {
+                    Code::FailedPrecondition
+                }
                 _ => Code::Internal,
             },
             ServiceError::Store(e) => match e {
@@ -128,6 +164,17 @@ impl ServiceError {
                 StoreError::DuplicateInBatch(_) => Code::InvalidArgument,
                 _ => Code::Internal,
             },
+            ServiceError::Rotation(e) => {
+                use crate::keys::rotation::RotationError;
+                match e {
+                    RotationError::UnknownVersion(_) => Code::NotFound,
+                    RotationError::WrongState { .. } | RotationError::RecordsRemain { .. } => {
+                        Code::FailedPrecondition
+                    }
+                    _ => Code::Internal,
+                }
+            }
+            ServiceError::Key(_) => Code::Internal,
             ServiceError::Item { source, .. } => source.code(),
             ServiceError::Task => Code::Internal,
         }

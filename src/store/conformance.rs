@@ -160,7 +160,84 @@ pub(crate) fn key_registry(store: &dyn TokenStore) {
     );
 }
 
+pub(crate) fn scan_replace_and_meta(store: &dyn TokenStore) {
+    let ids = ["c", "a", "e", "b", "d"];
+    let writes: Vec<_> = ids.iter().map(|id| write(id, "o", 0)).collect();
+    store.put_records(&writes, 1).expect("seed");
+    let page = |after: Option<&str>, n| -> Vec<String> {
+        let after = after.map(rid);
+        store
+            .scan_records(after.as_ref(), n)
+            .expect("scan")
+            .into_iter()
+            .map(|r| r.meta.id.to_string())
+            .collect()
+    };
+    assert_eq!(page(None, 2), ["a", "b"]);
+    assert_eq!(page(Some("b"), 2), ["c", "d"]);
+    assert_eq!(page(Some("d"), 10), ["e"]);
+    assert_eq!(
+        page(Some("bb"), 1),
+        ["c"],
+        "a cursor need not be an existing id"
+    );
+    assert!(page(Some("e"), 10).is_empty());
+
+    let item = |id: &str, expected, env: &[u8], kv| EnvelopeReplace {
+        id: rid(id),
+        expected_version: expected,
+        envelope: env.to_vec(),
+        key_version: kv,
+    };
+    let outcomes = store
+        .replace_envelopes(
+            &[
+                item("a", 1, b"rewrapped", 2),
+                item("b", 7, b"stale", 2),
+                item("zz", 1, b"x", 2),
+            ],
+            9,
+        )
+        .expect("engine ok");
+    assert_eq!(
+        outcomes,
+        vec![
+            Ok(2),
+            Err(StoreError::VersionMismatch {
+                id: "b".into(),
+                expected: 7,
+                actual: 1
+            }),
+            Err(StoreError::NotFound("zz".into())),
+        ]
+    );
+    let r = store.get_record(&rid("a")).expect("get").expect("present");
+    assert_eq!(
+        (
+            r.envelope.as_slice(),
+            r.key_version,
+            r.version,
+            r.updated_at
+        ),
+        (&b"rewrapped"[..], 2, 2, 9)
+    );
+    let b = store.get_record(&rid("b")).expect("get").expect("present");
+    assert_eq!(
+        (b.envelope.as_slice(), b.version),
+        (&b"envelope-of-b"[..], 1),
+        "a mismatch is left alone"
+    );
+    assert_eq!(store.get_record(&rid("zz")), Ok(None));
+
+    assert_eq!(store.get_meta("cursor"), Ok(None));
+    store.put_meta("cursor", Some(b"abc")).expect("put");
+    assert_eq!(store.get_meta("cursor"), Ok(Some(b"abc".to_vec())));
+    store.put_meta("cursor", None).expect("delete");
+    assert_eq!(store.get_meta("cursor"), Ok(None));
+}
+
 pub(crate) fn all(make: impl Fn() -> Box<dyn TokenStore>) {
+    scan_replace_and_meta(&*make());
     create_read_replace(&*make());
     batches_are_atomic(&*make());
     revoke_delete_and_stats(&*make());

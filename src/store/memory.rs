@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{RecordWrite, StoreError, StoreStats, TokenStore, plan_writes};
+use super::{
+    EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore, plan_replace_envelope,
+    plan_writes,
+};
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
 
@@ -17,6 +20,7 @@ pub struct MemoryStore {
 struct Inner {
     records: BTreeMap<RecordId, Record>,
     keys: BTreeMap<u32, KeyInfo>,
+    meta: BTreeMap<String, Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -76,6 +80,52 @@ impl TokenStore for MemoryStore {
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
         Ok(super::count_stats(self.lock().records.values()))
+    }
+
+    fn scan_records(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(inner
+            .records
+            .range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    fn replace_envelopes(
+        &self,
+        items: &[EnvelopeReplace],
+        now: i64,
+    ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+        let mut inner = self.lock();
+        Ok(items
+            .iter()
+            .map(|item| {
+                let r = plan_replace_envelope(inner.records.get(&item.id).cloned(), item, now)?;
+                let version = r.version;
+                inner.records.insert(item.id.clone(), r);
+                Ok(version)
+            })
+            .collect())
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        match value {
+            Some(v) => inner.meta.insert(key.to_string(), v.to_vec()),
+            None => inner.meta.remove(key),
+        };
+        Ok(())
     }
 
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {

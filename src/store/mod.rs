@@ -66,6 +66,19 @@ pub struct RecordWrite {
     pub expected_version: u64,
 }
 
+/// One rewrapped envelope to store, see [`TokenStore::replace_envelopes`].
+#[derive(Debug, Clone)]
+pub struct EnvelopeReplace {
+    /// Record id.
+    pub id: RecordId,
+    /// Version the envelope was read at.
+    pub expected_version: u64,
+    /// The rewrapped envelope.
+    pub envelope: Vec<u8>,
+    /// Key version that now wraps the data key.
+    pub key_version: u32,
+}
+
 /// Aggregate counts for `Admin.Stats`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -98,6 +111,30 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Counts records.
     fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Up to `limit` records with ids strictly after `after` (from the start if `None`), in id
+    /// order. Used by rewrap to walk the store in resumable pages.
+    fn scan_records(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    /// Replaces only the envelope and key version of each record still at its expected
+    /// version (rewrap), in one durable write. Each item gets its own outcome: the new version,
+    /// or `VersionMismatch` / `NotFound` for a record changed or deleted meanwhile, which is
+    /// left alone. The outer error is an engine failure (nothing written).
+    fn replace_envelopes(
+        &self,
+        items: &[EnvelopeReplace],
+        now: i64,
+    ) -> Result<Vec<Result<u64, StoreError>>, StoreError>;
+
+    /// Reads a small metadata value (e.g. the rewrap cursor).
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Durably writes a metadata value, or deletes it when `value` is `None`.
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError>;
 
     /// The key registry, ascending by version.
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
@@ -143,6 +180,27 @@ pub(crate) fn plan_writes(
         });
     }
     Ok(out)
+}
+
+/// Applies [`TokenStore::replace_envelope`] to `current`, shared by every implementation.
+pub(crate) fn plan_replace_envelope(
+    current: Option<Record>,
+    item: &EnvelopeReplace,
+    now: i64,
+) -> Result<Record, StoreError> {
+    let mut r = current.ok_or_else(|| StoreError::NotFound(item.id.to_string()))?;
+    if r.version != item.expected_version {
+        return Err(StoreError::VersionMismatch {
+            id: item.id.to_string(),
+            expected: item.expected_version,
+            actual: r.version,
+        });
+    }
+    r.envelope = item.envelope.clone();
+    r.key_version = item.key_version;
+    r.updated_at = now;
+    r.version += 1;
+    Ok(r)
 }
 
 /// Counts records for [`TokenStore::stats`], shared by every implementation.

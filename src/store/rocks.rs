@@ -24,7 +24,10 @@ use rocksdb::{
 };
 
 use super::schema::{self, SCHEMA_VERSION};
-use super::{RecordWrite, StoreError, StoreStats, TokenStore, count_stats, plan_writes};
+use super::{
+    EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore, count_stats,
+    plan_replace_envelope, plan_writes,
+};
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
 
@@ -268,6 +271,70 @@ impl TokenStore for RocksStore {
             records.push(schema::decode_record(&v)?);
         }
         Ok(count_stats(records.iter()))
+    }
+
+    fn scan_records(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let mode = match after {
+            Some(id) => {
+                rocksdb::IteratorMode::From(id.as_str().as_bytes(), rocksdb::Direction::Forward)
+            }
+            None => rocksdb::IteratorMode::Start,
+        };
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for item in self.db.iterator_cf(self.cf(CF_RECORDS), mode) {
+            let (k, v) = item.map_err(engine)?;
+            if after.is_some_and(|a| a.as_str().as_bytes() == &*k) {
+                continue;
+            }
+            if out.len() == limit {
+                break;
+            }
+            out.push(schema::decode_record(&v)?);
+        }
+        Ok(out)
+    }
+
+    fn replace_envelopes(
+        &self,
+        items: &[EnvelopeReplace],
+        now: i64,
+    ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+        let _guard = self.lock();
+        let mut batch = WriteBatch::default();
+        let mut outcomes = Vec::with_capacity(items.len());
+        for item in items {
+            outcomes.push(
+                plan_replace_envelope(self.read(&item.id)?, item, now).map(|r| {
+                    batch.put_cf(
+                        self.cf(CF_RECORDS),
+                        item.id.as_str(),
+                        schema::encode_record(&r),
+                    );
+                    r.version
+                }),
+            );
+        }
+        self.write(batch)?;
+        Ok(outcomes)
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf(CF_META), key.as_bytes())
+            .map_err(engine)
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        match value {
+            Some(v) => batch.put_cf(self.cf(CF_META), key.as_bytes(), v),
+            None => batch.delete_cf(self.cf(CF_META), key.as_bytes()),
+        }
+        self.write(batch)
     }
 
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {

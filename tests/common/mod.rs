@@ -161,6 +161,51 @@ impl TestDaemon {
             .await
     }
 
+    /// Seals and stores `n` records `{prefix}{i}` in batches of up to 1000.
+    pub async fn seed(&self, prefix: &str, n: usize) {
+        let sealer = self.sealer().await;
+        let mut ingest = self.ingest(INGEST).await;
+        let ids: Vec<usize> = (0..n).collect();
+        for chunk in ids.chunks(1000) {
+            let items = chunk
+                .iter()
+                .map(|i| v1::PutSealedRequest {
+                    record: Some(
+                        sealer
+                            .seal_record(
+                                &meta(&format!("{prefix}{i}"), "o"),
+                                &Secret::new(format!("secret-{i}").into_bytes()),
+                            )
+                            .expect("seal"),
+                    ),
+                    expected_version: 0,
+                })
+                .collect();
+            ingest
+                .put_sealed_batch(v1::PutSealedBatchRequest { items })
+                .await
+                .expect("batch");
+        }
+    }
+
+    /// Runs `Admin.Rewrap` to completion; returns the last progress report.
+    pub async fn rewrap(&self) -> v1::RewrapProgress {
+        let mut stream = self
+            .admin(ADMIN)
+            .await
+            .rewrap(v1::RewrapRequest::default())
+            .await
+            .expect("rewrap")
+            .into_inner();
+        let mut last = None;
+        while let Some(p) = stream.message().await.expect("progress") {
+            last = Some(p);
+        }
+        let last = last.expect("at least one report");
+        assert!(last.done);
+        last
+    }
+
     /// Seals `secret` and stores it; returns the version.
     pub async fn put(&self, meta: &RecordMeta, secret: &[u8]) -> u64 {
         let record = self

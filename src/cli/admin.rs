@@ -1,0 +1,280 @@
+//! `tokenvault admin`: key lifecycle over the running daemon's `Admin` service.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::CliError;
+use super::client::{Authed, Connection, connect};
+use crate::api::v1::{self, admin_client::AdminClient};
+use crate::config::Role;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AdminCommand {
+    /// Create a new key version and make it active (the previous one becomes decrypt-only).
+    Rotate(Conn),
+    /// Rewrap every data key under an older version to the active one, with progress.
+    Rewrap(RewrapArgs),
+    /// Retire a decrypt-only version (refused while records still use it).
+    Retire(VersionArgs),
+    /// Erase the private key of a retired version.
+    Destroy(VersionArgs),
+    /// Key versions and records per version.
+    Status(Conn),
+    /// Rotate, rewrap everything, retire and destroy every older version, then verify.
+    /// Waits for the daemon and resumes if it restarts mid-way.
+    EmergencyRotate(RewrapArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct Conn {
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VersionArgs {
+    /// Key version.
+    version: u32,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RewrapArgs {
+    /// Upper bound on rewrapped records per second (0: as fast as the daemon can).
+    #[arg(long, default_value_t = 0)]
+    max_per_second: u32,
+    /// How long to keep retrying while the daemon is unreachable, in seconds.
+    #[arg(long, default_value_t = 300)]
+    wait: u64,
+    /// No progress bar (for logs and scripts).
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+async fn client(conn: &Connection) -> Result<AdminClient<Authed>, CliError> {
+    Ok(AdminClient::new(connect(conn, Role::Admin).await?))
+}
+
+fn describe(k: &v1::PublicKey) -> String {
+    let state = v1::KeyState::try_from(k.state).map_or("unknown", |s| match s {
+        v1::KeyState::Active => "active",
+        v1::KeyState::DecryptOnly => "decrypt-only",
+        v1::KeyState::Retired => "retired",
+        v1::KeyState::Destroyed => "destroyed",
+        v1::KeyState::Unspecified => "unspecified",
+    });
+    format!("v{}  {:<12}  {}", k.version, state, k.fingerprint)
+}
+
+/// Runs one rewrap to completion, reconnecting (and so resuming) while the daemon is away.
+async fn rewrap(args: &RewrapArgs) -> Result<v1::RewrapProgress, CliError> {
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "rewrap to v{msg} [{bar:40}] {pos}/{len} records  {per_sec}  ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
+    let mut done_before = 0;
+    loop {
+        let attempt = async {
+            let mut c = client(&args.conn).await?;
+            let mut stream = c
+                .rewrap(v1::RewrapRequest {
+                    max_records_per_second: args.max_per_second,
+                })
+                .await?
+                .into_inner();
+            let mut last = None;
+            while let Some(p) = stream.message().await? {
+                bar.set_message(p.target_version.to_string());
+                bar.set_length(done_before + p.total);
+                bar.set_position(done_before + p.rewrapped + p.failed);
+                last = Some(p);
+            }
+            last.ok_or_else(|| CliError::Internal("rewrap stream ended without a report".into()))
+        };
+        match attempt.await {
+            Ok(p) if p.done => {
+                bar.finish();
+                return Ok(p);
+            }
+            Ok(_) => return Err(CliError::Internal("rewrap stream ended early".into())),
+            Err(CliError::Unavailable(msg)) if tokio::time::Instant::now() < deadline => {
+                // The daemon went away (killed, restarted): wait and resume from its cursor.
+                bar.println(format!("daemon unavailable ({msg}); retrying"));
+                done_before = bar.position();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn status(conn: &Connection) -> Result<(Vec<v1::PublicKey>, v1::StatsResponse), CliError> {
+    let mut c = client(conn).await?;
+    let keys = c.list_keys(v1::ListKeysRequest {}).await?.into_inner().keys;
+    let stats = c.stats(v1::StatsRequest {}).await?.into_inner();
+    Ok((keys, stats))
+}
+
+fn print_status(keys: &[v1::PublicKey], stats: &v1::StatsResponse) {
+    println!("key versions:");
+    for k in keys {
+        println!("  {}", describe(k));
+    }
+    println!("records: {} (revoked {})", stats.records, stats.revoked);
+    println!("records per key version:");
+    for c in &stats.records_per_key_version {
+        println!("  v{}: {}", c.key_version, c.records);
+    }
+}
+
+pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
+    match cmd {
+        AdminCommand::Rotate(a) => {
+            let r = client(&a.conn)
+                .await?
+                .rotate_key(v1::RotateKeyRequest {})
+                .await?
+                .into_inner();
+            if let Some(k) = &r.active {
+                println!("active    {}", describe(k));
+            }
+            if let Some(k) = &r.previous {
+                println!("previous  {}", describe(k));
+            }
+        }
+        AdminCommand::Rewrap(a) => {
+            let p = rewrap(&a).await?;
+            println!(
+                "rewrapped {} record(s) to v{} in {:.1}s ({} skipped, {} conflicts, {} failed)",
+                p.rewrapped, p.target_version, p.elapsed_seconds, p.skipped, p.conflicts, p.failed
+            );
+            if p.failed > 0 {
+                return Err(CliError::Precondition(format!(
+                    "{} record(s) could not be opened and were left under their old key; see the daemon log",
+                    p.failed
+                )));
+            }
+        }
+        AdminCommand::Retire(a) => {
+            let r = client(&a.conn)
+                .await?
+                .retire_key(v1::RetireKeyRequest { version: a.version })
+                .await?;
+            println!(
+                "{}",
+                r.into_inner()
+                    .key
+                    .as_ref()
+                    .map_or_else(String::new, describe)
+            );
+        }
+        AdminCommand::Destroy(a) => {
+            let r = client(&a.conn)
+                .await?
+                .destroy_key(v1::DestroyKeyRequest { version: a.version })
+                .await?
+                .into_inner();
+            println!(
+                "{}  private key erased: {}",
+                r.key.as_ref().map_or_else(String::new, describe),
+                r.private_key_erased
+            );
+        }
+        AdminCommand::Status(a) => {
+            let (keys, stats) = status(&a.conn).await?;
+            print_status(&keys, &stats);
+        }
+        AdminCommand::EmergencyRotate(a) => emergency(a).await?,
+    }
+    Ok(())
+}
+
+async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
+    let rotated = client(&a.conn)
+        .await?
+        .rotate_key(v1::RotateKeyRequest {})
+        .await?
+        .into_inner();
+    let active = rotated
+        .active
+        .ok_or_else(|| CliError::Internal("no active key in reply".into()))?;
+    println!("1/4 rotated: {}", describe(&active));
+    let p = rewrap(&a).await?;
+    println!(
+        "2/4 rewrapped {} record(s) to v{} in {:.1}s",
+        p.rewrapped, p.target_version, p.elapsed_seconds
+    );
+    if p.failed > 0 {
+        return Err(CliError::Precondition(format!(
+            "{} record(s) could not be opened; old keys kept so they are not lost; see the daemon log",
+            p.failed
+        )));
+    }
+    let mut c = client(&a.conn).await?;
+    let keys = c.list_keys(v1::ListKeysRequest {}).await?.into_inner().keys;
+    let mut erased = Vec::new();
+    for k in keys.iter().filter(|k| k.version != active.version) {
+        if k.state == v1::KeyState::DecryptOnly as i32 {
+            c.retire_key(v1::RetireKeyRequest { version: k.version })
+                .await?;
+            println!("3/4 retired v{}", k.version);
+        }
+        // Destroy is idempotent: an already destroyed version is checked again for its file.
+        let r = c
+            .destroy_key(v1::DestroyKeyRequest { version: k.version })
+            .await?
+            .into_inner();
+        println!(
+            "4/4 destroyed v{} (private key erased: {})",
+            k.version, r.private_key_erased
+        );
+        if r.private_key_erased {
+            erased.push(k.version);
+        }
+    }
+    // Verification report.
+    let (keys, stats) = status(&a.conn).await?;
+    println!("\nverification report");
+    print_status(&keys, &stats);
+    let stray: u64 = stats
+        .records_per_key_version
+        .iter()
+        .filter(|c| c.key_version != active.version)
+        .map(|c| c.records)
+        .sum();
+    let old_alive: Vec<u32> = keys
+        .iter()
+        .filter(|k| k.version != active.version && k.state != v1::KeyState::Destroyed as i32)
+        .map(|k| k.version)
+        .collect();
+    let not_erased: Vec<u32> = keys
+        .iter()
+        .filter(|k| k.version != active.version && !erased.contains(&k.version))
+        .map(|k| k.version)
+        .collect();
+    if stray == 0 && old_alive.is_empty() && not_erased.is_empty() {
+        println!(
+            "VERIFIED: all {} record(s) are wrapped under v{}; every older version is destroyed and its private key file is gone",
+            stats.records, active.version
+        );
+        Ok(())
+    } else {
+        Err(CliError::Internal(format!(
+            "VERIFICATION FAILED: {stray} record(s) under older versions; versions not destroyed: {old_alive:?}; private keys not confirmed erased: {not_erased:?}"
+        )))
+    }
+}

@@ -1,0 +1,373 @@
+//! Key lifecycle over the real daemon: rotate, online rewrap, retire, destroy, grace period,
+//! minimum decryption version.
+
+mod common;
+
+use common::*;
+use tokenvault::Sealer;
+use tokenvault::api::v1;
+use tokenvault::secret::Secret;
+use tonic::Code;
+
+async fn keys(d: &TestDaemon) -> Vec<v1::PublicKey> {
+    d.admin(ADMIN)
+        .await
+        .list_keys(v1::ListKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys
+}
+
+async fn per_version(d: &TestDaemon) -> Vec<(u32, u64)> {
+    let s = d
+        .admin(ADMIN)
+        .await
+        .stats(v1::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
+    s.records_per_key_version
+        .iter()
+        .map(|c| (c.key_version, c.records))
+        .collect()
+}
+
+fn state(keys: &[v1::PublicKey], version: u32) -> v1::KeyState {
+    let k = keys
+        .iter()
+        .find(|k| k.version == version)
+        .expect("version listed");
+    v1::KeyState::try_from(k.state).expect("known state")
+}
+
+#[tokio::test]
+async fn rotate_rewrap_retire_destroy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.seed("r", 300).await;
+    let old_sealer = d.sealer().await;
+    let mut admin = d.admin(ADMIN).await;
+
+    let rotated = admin
+        .rotate_key(v1::RotateKeyRequest {})
+        .await
+        .expect("rotate")
+        .into_inner();
+    let active = rotated.active.expect("active");
+    assert_eq!(active.version, 2);
+    assert_eq!(
+        rotated.previous.expect("previous").state,
+        v1::KeyState::DecryptOnly as i32
+    );
+    assert_eq!(
+        d.sealer().await.public_key().id().to_hex(),
+        active.fingerprint,
+        "PublicKeys serves v2 at once"
+    );
+    // Within the grace period an envelope sealed under v1 is still accepted.
+    let late = old_sealer
+        .seal_record(&meta("late", "o"), &Secret::new(b"late".to_vec()))
+        .expect("seal");
+    d.ingest(INGEST)
+        .await
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(late),
+            expected_version: 0,
+        })
+        .await
+        .expect("grace");
+    assert_eq!(per_version(&d).await, vec![(1, 301)]);
+
+    // Retire and destroy are refused while records remain; nothing changes.
+    let e = admin
+        .retire_key(v1::RetireKeyRequest { version: 1 })
+        .await
+        .expect_err("records remain");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        "key version 1 still wraps 301 record(s); run Admin.Rewrap first"
+    );
+    let e = admin
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect_err("records remain");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = admin
+        .retire_key(v1::RetireKeyRequest { version: 2 })
+        .await
+        .expect_err("active");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        "key version 2 is active; retire needs a decrypt-only key"
+    );
+    let e = admin
+        .retire_key(v1::RetireKeyRequest { version: 9 })
+        .await
+        .expect_err("unknown");
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::NotFound, "no key version 9")
+    );
+    assert_eq!(state(&keys(&d).await, 1), v1::KeyState::DecryptOnly);
+
+    let p = d.rewrap().await;
+    assert_eq!(
+        (p.target_version, p.total, p.rewrapped, p.failed),
+        (2, 301, 301, 0)
+    );
+    assert_eq!(per_version(&d).await, vec![(2, 301)]);
+    let again = d.rewrap().await;
+    assert_eq!(
+        (again.total, again.rewrapped),
+        (0, 0),
+        "idempotent: nothing left to do"
+    );
+
+    let r = admin
+        .retire_key(v1::RetireKeyRequest { version: 1 })
+        .await
+        .expect("retire")
+        .into_inner();
+    assert_eq!(r.key.expect("key").state, v1::KeyState::Retired as i32);
+    // A retired version is refused at ingest, grace period or not.
+    let refused = old_sealer
+        .seal_record(&meta("later", "o"), &Secret::new(b"x".to_vec()))
+        .expect("seal");
+    let e = d
+        .ingest(INGEST)
+        .await
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(refused),
+            expected_version: 0,
+        })
+        .await
+        .expect_err("retired");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let key_file = dir.path().join("keys/dev/v0001.key.pem");
+    assert!(key_file.exists());
+    let destroyed = admin
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("destroy")
+        .into_inner();
+    assert!(destroyed.private_key_erased);
+    assert!(!key_file.exists(), "private key file is gone");
+    assert!(
+        dir.path().join("keys/dev/v0001.pub.pem").exists(),
+        "the public half is kept"
+    );
+    assert_eq!(state(&keys(&d).await, 1), v1::KeyState::Destroyed);
+    let e = admin
+        .destroy_key(v1::DestroyKeyRequest { version: 2 })
+        .await
+        .expect_err("active");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    // Every record still opens, under v2.
+    for i in [0, 150, 299] {
+        let r = d.get(format!("r{i}")).await.expect("get").into_inner();
+        assert_eq!(r.secret, format!("secret-{i}").as_bytes());
+        assert_eq!(r.info.expect("info").key_version, 2);
+    }
+    d.stop().await;
+    // And after a restart, with v1's private key gone for good.
+    let d = TestDaemon::start(dir.path()).await;
+    assert_eq!(
+        d.get("late").await.expect("get").into_inner().secret,
+        b"late"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn rotation_and_rewrap_while_traffic_flows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = std::sync::Arc::new(TestDaemon::start(dir.path()).await);
+    d.seed("base", 500).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (d, stop) = (d.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                // A web tier refreshing its public key on every write.
+                d.put(&meta(&format!("w{n}"), "o"), format!("w-{n}").as_bytes())
+                    .await;
+                n += 1;
+            }
+            n
+        })
+    };
+    let reader = {
+        let (d, stop) = (d.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let i = n % 500;
+                let r = d
+                    .get(format!("base{i}"))
+                    .await
+                    .expect("reads never fail")
+                    .into_inner();
+                assert_eq!(r.secret, format!("secret-{i}").as_bytes());
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    d.admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {})
+        .await
+        .expect("rotate");
+    let p = d.rewrap().await;
+    assert_eq!(p.failed, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (written, read) = (writer.await.expect("writer"), reader.await.expect("reader"));
+    assert!(
+        written > 0 && read > 0,
+        "traffic flowed: {written} writes, {read} reads"
+    );
+    // Records written under v1 during the rewrap may remain; a second run picks them up.
+    d.rewrap().await;
+    let versions = per_version(&d).await;
+    assert_eq!(versions, vec![(2, 500 + written as u64)], "{versions:?}");
+    for n in 0..written {
+        assert_eq!(
+            d.get(format!("w{n}"))
+                .await
+                .expect("written record")
+                .into_inner()
+                .secret,
+            format!("w-{n}").as_bytes()
+        );
+    }
+}
+
+#[tokio::test]
+async fn ingest_grace_period_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.key_policy.ingest_grace_seconds = 0;
+    let d = TestDaemon::start_with(cfg).await;
+    let old = d.sealer().await;
+    d.admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {})
+        .await
+        .expect("rotate");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let rec = old
+        .seal_record(&meta("x", "o"), &Secret::new(b"x".to_vec()))
+        .expect("seal");
+    let e = d
+        .ingest(INGEST)
+        .await
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(rec),
+            expected_version: 0,
+        })
+        .await
+        .expect_err("grace over");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("ingest grace period of 0 s has ended"),
+        "{}",
+        e.message()
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn minimum_decryption_version_refuses_older_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.seed("old", 1).await;
+    d.admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {})
+        .await
+        .expect("rotate");
+    d.seed("new", 1).await;
+    let v1_pem = keys(&d)
+        .await
+        .into_iter()
+        .find(|k| k.version == 1)
+        .expect("v1")
+        .spki_pem;
+    d.stop().await;
+
+    let mut cfg = config(dir.path());
+    cfg.key_policy.min_decrypt_version = 2;
+    let d = TestDaemon::start_with(cfg).await;
+    let e = d.get("old0").await.expect_err("below minimum");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        "record old0: envelope is sealed under key version 1, below the minimum decryption version 2"
+    );
+    assert_eq!(
+        d.get("new0").await.expect("v2 record").into_inner().secret,
+        b"secret-0"
+    );
+    let rec = Sealer::from_pem(&v1_pem)
+        .expect("pem")
+        .seal_record(&meta("y", "o"), &Secret::new(b"y".to_vec()))
+        .expect("seal");
+    let e = d
+        .ingest(INGEST)
+        .await
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(rec),
+            expected_version: 0,
+        })
+        .await
+        .expect_err("below minimum");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn one_rewrap_at_a_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.seed("r", 2000).await;
+    let mut admin = d.admin(ADMIN).await;
+    admin
+        .rotate_key(v1::RotateKeyRequest {})
+        .await
+        .expect("rotate");
+    let mut first = admin
+        .rewrap(v1::RewrapRequest {
+            max_records_per_second: 1000,
+        })
+        .await
+        .expect("first")
+        .into_inner();
+    first
+        .message()
+        .await
+        .expect("progress")
+        .expect("one report");
+    let e = d
+        .admin(ADMIN)
+        .await
+        .rewrap(v1::RewrapRequest::default())
+        .await
+        .expect_err("busy");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::FailedPrecondition,
+            "a rewrap is already running; wait for it to finish"
+        )
+    );
+    while first.message().await.expect("progress").is_some() {}
+    assert_eq!(per_version(&d).await, vec![(2, 2000)]);
+    d.stop().await;
+}
