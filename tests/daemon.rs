@@ -577,7 +577,8 @@ async fn restart_and_offline_rotation_keep_every_record_readable() {
         let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 1 << 20).expect("open");
         let kd = tokenvault::keys::keyring::KeyDir::new(&cfg.key_dir, None);
         let key = tokenvault::keys::PrivateKey::generate().expect("gen");
-        tokenvault::keys::keyring::add_version(&store, &kd, key, 5).expect("rotate");
+        tokenvault::keys::keyring::add_version(&store, &kd, key, tokenvault::unix_now())
+            .expect("rotate");
     }
 
     let d = TestDaemon::start(dir.path()).await;
