@@ -1,0 +1,180 @@
+//! Running the `tokenvault` binary as a subprocess: the daemon and the client verbs.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn cmd(cwd: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(cwd);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TOKENVAULT_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+pub fn run(cwd: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    let mut c = cmd(cwd);
+    c.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn tokenvault");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("wait")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn assert_exit(o: &Output, code: i32, needle: &str) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout {:?} stderr {:?}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(o)
+    );
+    assert!(
+        stderr(o).contains(needle),
+        "stderr {:?} lacks {needle:?}",
+        stderr(o)
+    );
+}
+
+pub struct Served {
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+    pub stdout_seen: String,
+    pub creds: Vec<(String, String)>,
+}
+
+pub fn serve_dev(cwd: &Path) -> Served {
+    serve_dev_on(cwd, "127.0.0.1:0")
+}
+
+/// `serve --dev` on `listen`; returns once it prints its address.
+pub fn serve_dev_on(cwd: &Path, listen: &str) -> Served {
+    let log = cwd.join("daemon.log");
+    let mut child = cmd(cwd)
+        .args(["serve", "--dev", "--listen", listen])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn daemon");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("read stdout");
+        assert!(
+            n > 0,
+            "daemon exited before listening; log: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        seen.push_str(&line);
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let env =
+        std::fs::read_to_string(cwd.join("data/dev-credentials.env")).expect("dev credentials");
+    let creds = env
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // Keep draining stdout so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    Served {
+        child,
+        addr: format!("http://{addr}"),
+        log,
+        stdout_seen: seen,
+        creds,
+    }
+}
+
+impl Served {
+    pub fn env(&self) -> Vec<(&str, &str)> {
+        let mut e: Vec<(&str, &str)> = self
+            .creds
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        e.push(("TOKENVAULT_ADDR", self.addr.as_str()));
+        e
+    }
+
+    pub fn cred(&self, name: &str) -> String {
+        self.creds
+            .iter()
+            .find(|(k, _)| k == name)
+            .expect("credential")
+            .1
+            .clone()
+    }
+
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let status = self.child.wait().expect("wait");
+        (status, std::fs::read_to_string(&self.log).expect("log"))
+    }
+}
+
+pub fn seal_args<'a>(id: &'a str, owner: &'a str) -> Vec<&'a str> {
+    vec![
+        "seal",
+        "--id",
+        id,
+        "--owner",
+        owner,
+        "--provider",
+        "github",
+        "--kind",
+        "access_token",
+        "--scope",
+        "repo",
+    ]
+}
+
+pub fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            files_under(&p, out)
+        } else {
+            out.push(p)
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! `tokenvault admin` against a real daemon process: rewrap of 10,000 records survives the
+//! daemon being SIGKILLed mid-run, and `emergency-rotate` ends with a verification report.
+
+mod common;
+
+use std::path::Path;
+
+use common::Bearer;
+use common::process::*;
+use tokenvault::api::v1;
+use tokenvault::record::{RecordMeta, SecretKind};
+use tokenvault::secret::Secret;
+use tonic::service::interceptor::InterceptedService;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Seals and stores `n` records through Ingest, as a web tier would.
+fn seed(d: &Served, n: usize) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(d.addr.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut ingest = v1::ingest_client::IngestClient::new(InterceptedService::new(
+            channel,
+            Bearer::new(&d.cred("TOKENVAULT_INGEST_TOKEN")),
+        ));
+        let pem = ingest
+            .public_keys(v1::PublicKeysRequest {})
+            .await
+            .expect("keys")
+            .into_inner()
+            .active
+            .expect("active")
+            .spki_pem;
+        let sealer = tokenvault::Sealer::from_pem(&pem).expect("pem");
+        let ids: Vec<usize> = (0..n).collect();
+        for chunk in ids.chunks(1000) {
+            let items = chunk
+                .iter()
+                .map(|i| {
+                    let meta = RecordMeta::parse(
+                        &format!("rec-{i:05}"),
+                        "o",
+                        "github",
+                        SecretKind::AccessToken,
+                        &[],
+                        0,
+                    )
+                    .expect("valid");
+                    v1::PutSealedRequest {
+                        record: Some(
+                            sealer
+                                .seal_record(&meta, &Secret::new(format!("tok-{i}").into_bytes()))
+                                .expect("seal"),
+                        ),
+                        expected_version: 0,
+                    }
+                })
+                .collect();
+            ingest
+                .put_sealed_batch(v1::PutSealedBatchRequest { items })
+                .await
+                .expect("batch");
+        }
+    });
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn status_counts(cwd: &Path, env: &[(&str, &str)]) -> String {
+    let o = run(cwd, &["admin", "status"], env, None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    stdout(&o)
+}
+
+#[test]
+fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut d = serve_dev_on(cwd, &listen);
+    seed(&d, 10_000);
+    let env: Vec<(String, String)> = d
+        .env()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let o = run(cwd, &["admin", "rotate"], &env_ref, None);
+    assert!(
+        stdout(&o).starts_with("active    v2"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+
+    // Rate-limited so the kill lands mid-run.
+    let mut rewrap = cmd(cwd);
+    rewrap
+        .args([
+            "admin",
+            "rewrap",
+            "--quiet",
+            "--max-per-second",
+            "2500",
+            "--wait",
+            "120",
+        ])
+        .envs(env_ref.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let rewrap = rewrap.spawn().expect("spawn rewrap");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    d.child.kill().expect("SIGKILL the daemon");
+    d.child.wait().expect("reap");
+    let mid = {
+        // The store is readable offline: some, not all, records moved.
+        let store = tokenvault::store::RocksStore::open(&cwd.join("data"), 1 << 20).expect("open");
+        tokenvault::store::TokenStore::stats(&store)
+            .expect("stats")
+            .per_key_version
+    };
+    assert!(
+        mid.iter().any(|(v, n)| *v == 2 && *n > 0) && mid.iter().any(|(v, n)| *v == 1 && *n > 0),
+        "killed mid-run: {mid:?}"
+    );
+    assert_eq!(
+        mid.iter().map(|(_, n)| n).sum::<u64>(),
+        10_000,
+        "no record lost: {mid:?}"
+    );
+
+    // Same address: the waiting CLI reconnects and the run resumes from the stored cursor.
+    let d = serve_dev_on(cwd, &listen);
+    let out = rewrap.wait_with_output().expect("rewrap finishes");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("to v2"), "{}", stdout(&out));
+    let status = status_counts(cwd, &env_ref);
+    assert!(
+        status.contains("records per key version:\n  v2: 10000\n"),
+        "{status}"
+    );
+    for i in [0, 4321, 9999] {
+        let o = run(cwd, &["get", &format!("rec-{i:05}")], &env_ref, None);
+        assert_eq!(o.stdout, format!("tok-{i}").as_bytes(), "{}", stderr(&o));
+    }
+    d.terminate();
+}
+
+#[test]
+fn emergency_rotate_ends_with_a_verification_report() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let d = serve_dev(cwd);
+    seed(&d, 500);
+    let env = d.env();
+    // A second, older version left decrypt-only by an earlier routine rotation.
+    run(cwd, &["admin", "rotate"], &env, None);
+    let o = run(cwd, &["admin", "emergency-rotate", "--quiet"], &env, None);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("1/4 rotated: v3"), "{out}");
+    assert!(
+        out.contains("VERIFIED: all 500 record(s) are wrapped under v3"),
+        "{out}"
+    );
+    assert!(
+        out.contains("v1  destroyed") && out.contains("v2  destroyed"),
+        "{out}"
+    );
+    for v in [1, 2] {
+        assert!(
+            !cwd.join(format!("keys/dev/v{v:04}.key.pem")).exists(),
+            "v{v} private key file remains"
+        );
+    }
+    assert_eq!(
+        run(cwd, &["get", "rec-00042"], &env, None).stdout,
+        b"tok-42"
+    );
+    // Refusals carry precise exit codes.
+    assert_exit(
+        &run(cwd, &["admin", "retire", "3"], &env, None),
+        6,
+        "key version 3 is active",
+    );
+    assert_exit(
+        &run(cwd, &["admin", "destroy", "7"], &env, None),
+        3,
+        "no key version 7",
+    );
+    let worker_only = [
+        ("TOKENVAULT_ADMIN_TOKEN", d.cred("TOKENVAULT_WORKER_TOKEN")),
+        ("TOKENVAULT_ADDR", d.addr.clone()),
+    ];
+    let worker_only: Vec<(&str, &str)> =
+        worker_only.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_exit(
+        &run(cwd, &["admin", "rotate"], &worker_only, None),
+        4,
+        "PermissionDenied",
+    );
+    d.terminate();
+}
