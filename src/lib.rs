@@ -29,6 +29,8 @@
 
 pub mod api;
 #[cfg(feature = "daemon")]
+pub mod audit;
+#[cfg(feature = "daemon")]
 pub mod cli;
 #[cfg(feature = "daemon")]
 pub mod config;

@@ -22,9 +22,35 @@ pub(crate) enum AdminCommand {
     Destroy(VersionArgs),
     /// Key versions and records per version.
     Status(Conn),
+    /// Read and verify the tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Rotate, rewrap everything, retire and destroy every older version, then verify.
     /// Waits for the daemon and resumes if it restarts mid-way.
     EmergencyRotate(RewrapArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check the whole hash chain; reports the first broken link.
+    Verify(Conn),
+    /// Print events, optionally only those about one record or owner, or in a time range.
+    List {
+        /// Only events about this record id.
+        #[arg(long)]
+        record: Option<String>,
+        /// Only events about this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// From this Unix time in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        from_ms: i64,
+        /// Up to this Unix time in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        to_ms: i64,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -199,6 +225,57 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
             print_status(&keys, &stats);
         }
         AdminCommand::EmergencyRotate(a) => emergency(a).await?,
+        AdminCommand::Audit(AuditCommand::Verify(a)) => {
+            let mut stream = client(&a.conn)
+                .await?
+                .audit_log(v1::AuditLogRequest::default())
+                .await?
+                .into_inner();
+            let mut events = Vec::new();
+            while let Some(e) = stream.message().await? {
+                events.push((e.seq, e.raw));
+            }
+            match crate::audit::verify_chain(events) {
+                Ok(n) => println!("audit chain intact: {n} event(s)"),
+                Err(e) => return Err(CliError::Precondition(e.to_string())),
+            }
+        }
+        AdminCommand::Audit(AuditCommand::List {
+            record,
+            owner,
+            from_ms,
+            to_ms,
+            conn,
+        }) => {
+            let req = v1::AuditLogRequest {
+                from_time_ms: from_ms,
+                to_time_ms: to_ms,
+                record_id: record.unwrap_or_default(),
+                owner: owner.unwrap_or_default(),
+            };
+            let mut stream = client(&conn).await?.audit_log(req).await?.into_inner();
+            while let Some(e) = stream.message().await? {
+                println!(
+                    "{} {} caller={} action={} outcome={} record={} owner={} {}",
+                    e.seq,
+                    e.time_ms,
+                    e.caller,
+                    e.action,
+                    e.outcome,
+                    if e.record_hmac.is_empty() {
+                        "-"
+                    } else {
+                        &e.record_hmac[..16]
+                    },
+                    if e.owner_hmac.is_empty() {
+                        "-"
+                    } else {
+                        &e.owner_hmac[..16]
+                    },
+                    e.detail
+                );
+            }
+        }
     }
     Ok(())
 }

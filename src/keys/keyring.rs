@@ -18,7 +18,7 @@ use super::{
 };
 use crate::envelope::DecryptError;
 use crate::secret::Passphrase;
-use crate::store::TokenStore;
+use crate::store::{AuditAppend, TokenStore};
 
 /// The directory holding private key files, and the passphrase protecting them.
 #[derive(Debug, Clone)]
@@ -287,6 +287,17 @@ pub fn add_version(
     key: PrivateKey,
     now: i64,
 ) -> Result<KeyInfo, KeyError> {
+    add_version_audited(store, dir, key, now, None)
+}
+
+/// [`add_version`], writing `audit` in the same atomic registry write.
+pub fn add_version_audited(
+    store: &dyn TokenStore,
+    dir: &KeyDir,
+    key: PrivateKey,
+    now: i64,
+    audit: Option<&AuditAppend>,
+) -> Result<KeyInfo, KeyError> {
     let existing = store.keys().map_err(store_err)?;
     let id = key.public_key().id();
     if let Some(dup) = existing.iter().find(|k| k.id == id) {
@@ -312,7 +323,7 @@ pub fn add_version(
         })
         .collect();
     writes.push(info.clone());
-    store.put_keys(&writes).map_err(store_err)?;
+    store.put_keys(&writes, audit).map_err(store_err)?;
     Ok(info)
 }
 

@@ -20,7 +20,7 @@ use super::keyring::{KeyDir, Keyring};
 use super::{KeyInfo, KeyState, UnwrapperLookup};
 use crate::envelope::{self, RewrapError};
 use crate::record::RecordId;
-use crate::store::{EnvelopeReplace, StoreError, TokenStore};
+use crate::store::{AuditAppend, EnvelopeReplace, StoreError, TokenStore};
 
 /// Store metadata key of the rewrap cursor.
 pub const REWRAP_CURSOR: &str = "rewrap_cursor";
@@ -262,12 +262,18 @@ pub fn records_under(store: &dyn TokenStore, version: u32) -> Result<u64, Rotati
         .map_or(0, |(_, n)| *n))
 }
 
-/// Marks a decrypt-only version retired. Refused while any record still uses it.
-pub fn retire(store: &dyn TokenStore, version: u32, now: i64) -> Result<KeyInfo, RotationError> {
+/// Marks a decrypt-only version retired, writing `audit` in the same batch. Refused while any
+/// record still uses it.
+pub fn retire(
+    store: &dyn TokenStore,
+    version: u32,
+    now: i64,
+    audit: Option<&AuditAppend>,
+) -> Result<KeyInfo, RotationError> {
     let mut key = find(store, version)?;
     match key.state {
-        KeyState::Retired => return Ok(key),
-        KeyState::DecryptOnly => {}
+        // Retiring again rewrites the same entry (so the audit event lands with it).
+        KeyState::Retired | KeyState::DecryptOnly => {}
         state => {
             return Err(RotationError::WrongState {
                 version,
@@ -283,7 +289,7 @@ pub fn retire(store: &dyn TokenStore, version: u32, now: i64) -> Result<KeyInfo,
     }
     key.state = KeyState::Retired;
     key.updated_at = now;
-    store.put_keys(std::slice::from_ref(&key))?;
+    store.put_keys(std::slice::from_ref(&key), audit)?;
     Ok(key)
 }
 
@@ -294,6 +300,7 @@ pub fn destroy(
     dir: &KeyDir,
     version: u32,
     now: i64,
+    audit: Option<&AuditAppend>,
 ) -> Result<KeyInfo, RotationError> {
     let mut key = find(store, version)?;
     match key.state {
@@ -311,7 +318,8 @@ pub fn destroy(
     if key.state != KeyState::Destroyed {
         key.state = KeyState::Destroyed;
         key.updated_at = now;
-        store.put_keys(std::slice::from_ref(&key))?;
     }
+    // Written even when already destroyed, so the audit event lands with the registry entry.
+    store.put_keys(std::slice::from_ref(&key), audit)?;
     Ok(key)
 }

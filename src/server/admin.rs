@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use prost::Message as _;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -11,48 +12,81 @@ use tonic::{Request, Response, Status};
 use super::status::ServiceError;
 use super::{State, caller_name};
 use crate::api::v1::{self, admin_server::Admin};
+use crate::audit::Draft;
 use crate::keys::rotation::{self, RewrapOptions, RewrapProgress, RotationError};
 use crate::keys::{KeyInfo, KeyState, PrivateKey, keyring};
 use crate::record::{Owner, RecordId};
 use crate::store::StoreError;
 
 /// Rotates to a fresh RSA-2048 version; returns the new active and the previous version.
-pub(super) fn rotate(s: &State, now: i64) -> Result<(KeyInfo, Option<KeyInfo>), ServiceError> {
+pub(super) fn rotate(
+    s: &State,
+    caller: &str,
+    now: i64,
+) -> Result<(KeyInfo, Option<KeyInfo>), ServiceError> {
     let _ops = s.key_ops();
     let previous = s.keyring().active().0.version;
-    let info = keyring::add_version(&*s.store, &s.key_dir, PrivateKey::generate()?, now)?;
+    let key = PrivateKey::generate()?;
+    let draft = Draft::new(caller, "RotateKey").detail(format!("new version after v{previous}"));
+    let info = s.audited(draft, |a| {
+        Ok((
+            keyring::add_version_audited(&*s.store, &s.key_dir, key, now, Some(a))?,
+            true,
+        ))
+    })?;
     let ring = s.reload_keyring()?;
     let previous = ring.infos().find(|k| k.version == previous).cloned();
     Ok((info, previous))
 }
 
-fn retire(s: &State, version: u32, now: i64) -> Result<KeyInfo, ServiceError> {
+fn retire(s: &State, caller: &str, version: u32, now: i64) -> Result<KeyInfo, ServiceError> {
     let _ops = s.key_ops();
-    let mut info = rotation::retire(&*s.store, version, now)?;
+    let draft = Draft::new(caller, "RetireKey").detail(format!("v{version}"));
+    let mut info = s.audited(draft.clone(), |a| {
+        Ok((rotation::retire(&*s.store, version, now, Some(a))?, true))
+    })?;
     s.reload_keyring()?;
     // An envelope ingested under this version between the count and the reload would be
     // stranded: count again now that Ingest refuses the version, and undo if one slipped in.
     let late = rotation::records_under(&*s.store, version)?;
     if late > 0 {
         info.state = KeyState::DecryptOnly;
-        s.store.put_keys(std::slice::from_ref(&info))?;
-        s.reload_keyring()?;
-        return Err(RotationError::RecordsRemain {
+        let err: ServiceError = RotationError::RecordsRemain {
             version,
             records: late,
         }
-        .into());
+        .into();
+        s.audited(
+            draft.detail(format!("v{version} reverted to decrypt-only")),
+            |a| {
+                s.store.put_keys(std::slice::from_ref(&info), Some(a))?;
+                Ok(((), true))
+            },
+        )?;
+        s.reload_keyring()?;
+        return Err(err);
     }
     Ok(info)
 }
 
-fn destroy(s: &State, version: u32, now: i64) -> Result<(KeyInfo, bool), ServiceError> {
+fn destroy(
+    s: &State,
+    caller: &str,
+    version: u32,
+    now: i64,
+) -> Result<(KeyInfo, bool), ServiceError> {
     let _ops = s.key_ops();
-    let records = rotation::records_under(&*s.store, version)?;
-    if records > 0 {
-        return Err(RotationError::RecordsRemain { version, records }.into());
-    }
-    let info = rotation::destroy(&*s.store, &s.key_dir, version, now)?;
+    let draft = Draft::new(caller, "DestroyKey").detail(format!("v{version}"));
+    let info = s.audited(draft, |a| {
+        let records = rotation::records_under(&*s.store, version)?;
+        if records > 0 {
+            return Err(RotationError::RecordsRemain { version, records }.into());
+        }
+        Ok((
+            rotation::destroy(&*s.store, &s.key_dir, version, now, Some(a))?,
+            true,
+        ))
+    })?;
     s.reload_keyring()?;
     Ok((info, !s.key_dir.has_private(version)))
 }
@@ -96,13 +130,79 @@ fn record_id(raw: String) -> Result<RecordId, ServiceError> {
 #[tonic::async_trait]
 impl Admin for AdminService {
     type RewrapStream = Pin<Box<dyn Stream<Item = Result<v1::RewrapProgress, Status>> + Send>>;
+    type AuditLogStream = Pin<Box<dyn Stream<Item = Result<v1::AuditEvent, Status>> + Send>>;
+
+    async fn audit_log(
+        &self,
+        request: Request<v1::AuditLogRequest>,
+    ) -> Result<Response<Self::AuditLogStream>, Status> {
+        let req = request.into_inner();
+        let record = (!req.record_id.is_empty()).then(|| self.0.audit.hmac(&req.record_id));
+        let owner = (!req.owner.is_empty()).then(|| self.0.audit.hmac(&req.owner));
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let state = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || {
+            let mut next = 1;
+            loop {
+                let page = match state.store.audit_events(next, 512) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(Status::from(ServiceError::from(e))));
+                        return;
+                    }
+                };
+                let Some(&(last, _)) = page.last() else {
+                    return;
+                };
+                for (seq, raw) in page {
+                    let e = match crate::audit::Event::decode(raw.as_slice()) {
+                        Ok(e) => e,
+                        // Undecodable (tampered) events are passed on raw for the verifier.
+                        Err(_) => crate::audit::Event {
+                            seq,
+                            ..Default::default()
+                        },
+                    };
+                    let in_range = (req.from_time_ms == 0 || e.time_ms >= req.from_time_ms)
+                        && (req.to_time_ms == 0 || e.time_ms <= req.to_time_ms);
+                    let matches = record.as_ref().is_none_or(|h| *h == e.record_hmac)
+                        && owner.as_ref().is_none_or(|h| *h == e.owner_hmac);
+                    if !(in_range && matches) {
+                        continue;
+                    }
+                    let event = v1::AuditEvent {
+                        seq,
+                        time_ms: e.time_ms,
+                        caller: e.caller,
+                        action: e.action,
+                        record_hmac: e.record_hmac,
+                        owner_hmac: e.owner_hmac,
+                        outcome: e.outcome,
+                        detail: e.detail,
+                        prev_hash: e.prev_hash,
+                        hash: e.hash,
+                        raw,
+                    };
+                    if tx.blocking_send(Ok(event)).is_err() {
+                        return;
+                    }
+                }
+                next = last + 1;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn rotate_key(
         &self,
         request: Request<v1::RotateKeyRequest>,
     ) -> Result<Response<v1::RotateKeyResponse>, Status> {
         let caller = caller_name(&request);
-        let (active, previous) = self.0.blocking(|s| rotate(s, crate::unix_now())).await?;
+        let who = caller.clone();
+        let (active, previous) = self
+            .0
+            .blocking(move |s| rotate(s, &who, crate::unix_now()))
+            .await?;
         tracing::info!(rpc = "RotateKey", %caller, version = active.version, fingerprint = %active.id, "rotated");
         Ok(Response::new(v1::RotateKeyResponse {
             active: Some((&active).into()),
@@ -120,6 +220,12 @@ impl Admin for AdminService {
             return Err(ServiceError::RewrapBusy.into());
         }
         let running = Running(Arc::clone(&self.0));
+        let draft = Draft::new(&caller, "Rewrap")
+            .detail(format!("to v{}", self.0.keyring().active().0.version));
+        // Fail closed: no audit event, no rewrap.
+        self.0
+            .blocking(move |s| Ok(s.audit.append(&draft, true)?))
+            .await?;
         let opts = RewrapOptions {
             max_per_second: (max > 0).then_some(max),
             ..RewrapOptions::full_speed()
@@ -135,11 +241,20 @@ impl Admin for AdminService {
                 let _ = tx.blocking_send(Ok(progress(p)));
             });
             match result {
-                Ok(p) => tracing::info!(
-                    rewrapped = p.rewrapped,
-                    failed = p.failed,
-                    "rewrap finished"
-                ),
+                Ok(p) => {
+                    tracing::info!(
+                        rewrapped = p.rewrapped,
+                        failed = p.failed,
+                        "rewrap finished"
+                    );
+                    let done = Draft::new("rewrap", "RewrapFinished").detail(format!(
+                        "v{}: {} rewrapped, {} failed",
+                        p.target_version, p.rewrapped, p.failed
+                    ));
+                    if let Err(e) = state.audit.append(&done, true) {
+                        tracing::error!(error = %e, "could not audit the end of a rewrap");
+                    }
+                }
                 Err(e) => {
                     let _ = tx.blocking_send(Err(Status::from(ServiceError::from(e))));
                 }
@@ -157,7 +272,10 @@ impl Admin for AdminService {
         let version = request.into_inner().version;
         let info = self
             .0
-            .blocking(move |s| retire(s, version, crate::unix_now()))
+            .blocking({
+                let who = caller.clone();
+                move |s| retire(s, &who, version, crate::unix_now())
+            })
             .await?;
         tracing::info!(rpc = "RetireKey", %caller, version, "retired");
         Ok(Response::new(v1::RetireKeyResponse {
@@ -173,7 +291,10 @@ impl Admin for AdminService {
         let version = request.into_inner().version;
         let (info, erased) = self
             .0
-            .blocking(move |s| destroy(s, version, crate::unix_now()))
+            .blocking({
+                let who = caller.clone();
+                move |s| destroy(s, &who, version, crate::unix_now())
+            })
             .await?;
         tracing::info!(rpc = "DestroyKey", %caller, version, erased, "destroyed");
         Ok(Response::new(v1::DestroyKeyResponse {
@@ -199,9 +320,15 @@ impl Admin for AdminService {
         let caller = caller_name(&request);
         let id = record_id(request.into_inner().id)?;
         let log_id = id.clone();
+        let who = caller.clone();
         let record = self
             .0
-            .blocking(move |s| Ok(s.store.revoke(&id, crate::unix_now())?))
+            .blocking(move |s| {
+                let draft = Draft::new(&who, "Revoke").record(id.as_str());
+                s.audited(draft, |a| {
+                    Ok((s.store.revoke(&id, crate::unix_now(), Some(a))?, true))
+                })
+            })
             .await?;
         tracing::info!(rpc = "Revoke", %caller, record = %log_id, "revoked");
         Ok(Response::new(v1::RevokeResponse {
@@ -216,13 +343,17 @@ impl Admin for AdminService {
         let caller = caller_name(&request);
         let id = record_id(request.into_inner().id)?;
         let log_id = id.clone();
+        let who = caller.clone();
         self.0
             .blocking(move |s| {
-                if s.store.delete_record(&id)? {
-                    Ok(())
-                } else {
-                    Err(StoreError::NotFound(id.to_string()).into())
-                }
+                let draft = Draft::new(&who, "Delete").record(id.as_str());
+                s.audited(draft, |a| {
+                    if s.store.delete_record(&id, Some(a))? {
+                        Ok(((), true))
+                    } else {
+                        Err(StoreError::NotFound(id.to_string()).into())
+                    }
+                })
             })
             .await?;
         tracing::info!(rpc = "Delete", %caller, record = %log_id, "deleted");
@@ -239,9 +370,15 @@ impl Admin for AdminService {
                 what: "owner".into(),
                 source,
             })?;
+        let who = caller.clone();
         let deleted = self
             .0
-            .blocking(move |s| Ok(s.store.delete_owner(&owner)?))
+            .blocking(move |s| {
+                let draft = Draft::new(&who, "DeleteOwner").owner(owner.as_str());
+                s.audited(draft, |a| {
+                    Ok((s.store.delete_owner(&owner, Some(a))?, true))
+                })
+            })
             .await?;
         // The owner is a personal identifier: it is not logged.
         tracing::info!(rpc = "DeleteOwner", %caller, deleted, "deleted owner's records");

@@ -60,6 +60,7 @@ pub struct RoleGuard {
     auth: Arc<Authenticator>,
     role: Role,
     service: &'static str,
+    audit: Option<Arc<crate::audit::Auditor>>,
 }
 
 impl RoleGuard {
@@ -69,14 +70,45 @@ impl RoleGuard {
             auth,
             role,
             service,
+            audit: None,
         }
     }
 }
 
+impl RoleGuard {
+    /// Records every refused call in `audit`.
+    pub fn with_audit(mut self, audit: Arc<crate::audit::Auditor>) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    fn refused(&self, caller: &str, status: Status) -> Status {
+        if let Some(audit) = &self.audit {
+            let draft = crate::audit::Draft::new(caller, "auth")
+                .outcome(format!("{:?}", status.code()))
+                .detail(self.service);
+            if let Err(e) = audit.append(&draft, false) {
+                tracing::error!(error = %e, "could not audit an authentication failure");
+            }
+        }
+        status
+    }
+}
+
 impl Interceptor for RoleGuard {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(request)
+            .map_err(|(caller, status)| self.refused(&caller, status))
+    }
+}
+
+impl RoleGuard {
+    fn check(&self, mut request: Request<()>) -> Result<Request<()>, (String, Status)> {
+        let anonymous = |status| ("-".to_string(), status);
         let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing credential: send `authorization: Bearer <credential>`")
+            anonymous(Status::unauthenticated(
+                "missing credential: send `authorization: Bearer <credential>`",
+            ))
         })?;
         let presented = header
             .to_str()
@@ -86,26 +118,27 @@ impl Interceptor for RoleGuard {
                     .or_else(|| h.strip_prefix("bearer "))
             })
             .ok_or_else(|| {
-                Status::unauthenticated(
+                anonymous(Status::unauthenticated(
                     "malformed authorization header: expected `Bearer <credential>`",
-                )
+                ))
             })?;
         let Some(caller) = self.auth.authenticate(presented.trim()) else {
             tracing::warn!(
                 service = self.service,
                 "authentication failed: unknown credential"
             );
-            return Err(Status::unauthenticated("invalid credential"));
+            return Err(anonymous(Status::unauthenticated("invalid credential")));
         };
         if caller.role != self.role {
             tracing::warn!(service = self.service, caller = %caller.name, role = caller.role.as_str(), "permission denied");
-            return Err(Status::permission_denied(format!(
+            let status = Status::permission_denied(format!(
                 "credential '{}' has role {}; {} requires role {}",
                 caller.name,
                 caller.role.as_str(),
                 self.service,
                 self.role.as_str()
-            )));
+            ));
+            return Err((caller.name, status));
         }
         request.extensions_mut().insert(caller);
         Ok(request)

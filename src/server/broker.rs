@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status};
 use super::status::ServiceError;
 use super::{State, caller_name};
 use crate::api::v1::{self, broker_server::Broker};
+use crate::audit::Draft;
 use crate::envelope;
+use crate::keys::keyring::Keyring;
 use crate::record::RecordId;
 use crate::store::StoreError;
 
@@ -31,38 +33,20 @@ impl Broker for BrokerService {
             })?;
         let ring = self.0.keyring();
         let log_id = id.clone();
-        let result =
-            self.0
-                .blocking(move |s| {
-                    let record = s
-                        .store
-                        .get_record(&id)?
-                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                    if record.revoked {
-                        return Err(ServiceError::Revoked(id.to_string()));
-                    }
-                    if let Some(expires_at) = record
-                        .meta
-                        .expires_at
-                        .filter(|_| record.meta.is_expired_at(crate::unix_now()))
-                    {
-                        return Err(ServiceError::Expired {
-                            id: id.to_string(),
-                            expires_at,
-                        });
-                    }
-                    let secret = envelope::open(&record.meta, &record.envelope, &*ring).map_err(
-                        |source| ServiceError::Open {
-                            id: id.to_string(),
-                            source,
-                        },
-                    )?;
-                    Ok(v1::GetTokenResponse {
-                        info: Some((&record).into()),
-                        secret: secret.expose_secret().to_vec(),
-                    })
-                })
-                .await;
+        let who = caller.clone();
+        let result = self
+            .0
+            .blocking(move |s| {
+                let mut draft = Draft::new(&who, "GetToken").record(id.as_str());
+                let released = release(s, &id, &ring, &mut draft);
+                match &released {
+                    // Fail closed: no audit event, no secret.
+                    Ok(_) => s.audit.append(&draft, false)?,
+                    Err(e) => s.audit_outcome(draft, e),
+                }
+                released
+            })
+            .await;
         match &result {
             Ok(_) => tracing::info!(rpc = "GetToken", %caller, record = %log_id, "released"),
             Err(e) => {
@@ -71,4 +55,41 @@ impl Broker for BrokerService {
         }
         Ok(Response::new(result?))
     }
+}
+
+/// Reads, checks and opens one record.
+fn release(
+    s: &State,
+    id: &RecordId,
+    ring: &Keyring,
+    draft: &mut Draft,
+) -> Result<v1::GetTokenResponse, ServiceError> {
+    let record = s
+        .store
+        .get_record(id)?
+        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    *draft = std::mem::take(draft).owner(record.meta.owner.as_str());
+    if record.revoked {
+        return Err(ServiceError::Revoked(id.to_string()));
+    }
+    if let Some(expires_at) = record
+        .meta
+        .expires_at
+        .filter(|_| record.meta.is_expired_at(crate::unix_now()))
+    {
+        return Err(ServiceError::Expired {
+            id: id.to_string(),
+            expires_at,
+        });
+    }
+    let secret = envelope::open(&record.meta, &record.envelope, ring).map_err(|source| {
+        ServiceError::Open {
+            id: id.to_string(),
+            source,
+        }
+    })?;
+    Ok(v1::GetTokenResponse {
+        info: Some((&record).into()),
+        secret: secret.expose_secret().to_vec(),
+    })
 }

@@ -26,9 +26,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api::v1::admin_server::AdminServer;
 use crate::api::v1::broker_server::BrokerServer;
 use crate::api::v1::ingest_server::IngestServer;
+use crate::audit::{AuditError, Auditor, Draft};
 use crate::config::{Config, KeyPolicy, Limits, Role};
 use crate::keys::KeyError;
 use crate::keys::keyring::{self, KeyDir, Keyring};
+use crate::store::AuditAppend;
 use crate::store::{RocksStore, StoreError, TokenStore};
 use auth::{Authenticator, RoleGuard};
 use status::ServiceError;
@@ -43,6 +45,9 @@ pub enum StartError {
     /// The keyring could not be loaded or created.
     #[error("loading the keyring: {0}")]
     Keys(#[from] KeyError),
+    /// The audit trail could not be opened.
+    #[error("opening the audit trail: {0}")]
+    Audit(#[from] AuditError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -59,6 +64,8 @@ pub(crate) struct State {
     key_ops: std::sync::Mutex<()>,
     /// Set while a rewrap runs; one at a time.
     rewrapping: std::sync::atomic::AtomicBool,
+    /// The audit trail.
+    audit: Arc<Auditor>,
 }
 
 impl State {
@@ -82,6 +89,28 @@ impl State {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&ring);
         Ok(ring)
+    }
+
+    /// Runs a change that writes its audit event in the same atomic batch (`write` gets the
+    /// sealed event and reports whether it stored it). A refused change is audited on its own.
+    fn audited<T>(
+        &self,
+        draft: Draft,
+        write: impl FnOnce(&AuditAppend) -> Result<(T, bool), ServiceError>,
+    ) -> Result<T, ServiceError> {
+        let result = self.audit.append_with(&draft, write);
+        if let Err(e) = &result {
+            self.audit_outcome(draft, e);
+        }
+        result
+    }
+
+    /// Records a refusal or failure; the original error is what the caller sees either way.
+    fn audit_outcome(&self, draft: Draft, e: &ServiceError) {
+        let draft = draft.outcome(format!("{:?}", e.code()));
+        if let Err(audit_err) = self.audit.append(&draft, true) {
+            tracing::error!(error = %audit_err, "could not audit a refused request");
+        }
     }
 
     /// Holds the key-operations lock.
@@ -134,6 +163,7 @@ impl Daemon {
             .with_min_version(config.key_policy.min_decrypt_version);
         let (active, _) = ring.active();
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
+        let store_for_audit = Arc::clone(&store);
         let state = State {
             store,
             keyring: RwLock::new(Arc::new(ring)),
@@ -142,6 +172,10 @@ impl Daemon {
             policy: config.key_policy,
             key_ops: std::sync::Mutex::new(()),
             rewrapping: std::sync::atomic::AtomicBool::new(false),
+            audit: Arc::new(Auditor::open(
+                Arc::clone(&store_for_audit),
+                &config.key_dir,
+            )?),
         };
         Ok(Self {
             state: Arc::new(state),
@@ -157,7 +191,10 @@ impl Daemon {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
         let max = self.state.limits.max_request_bytes;
-        let guard = |role, service| RoleGuard::new(Arc::clone(&self.auth), role, service);
+        let guard = |role, service| {
+            RoleGuard::new(Arc::clone(&self.auth), role, service)
+                .with_audit(Arc::clone(&self.state.audit))
+        };
         let ingest = IngestServer::new(ingest::IngestService(Arc::clone(&self.state)))
             .max_decoding_message_size(max);
         let broker = BrokerServer::new(broker::BrokerService(Arc::clone(&self.state)))
@@ -253,7 +290,7 @@ async fn auto_rotate(state: Arc<State>, period: i64) {
             continue;
         }
         match state
-            .blocking(|s| admin::rotate(s, crate::unix_now()))
+            .blocking(|s| admin::rotate(s, "auto-rotation", crate::unix_now()))
             .await
         {
             Ok((active, _)) => {

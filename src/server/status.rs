@@ -73,6 +73,9 @@ pub enum ServiceError {
     /// A key could not be created or loaded.
     #[error("key operation failed: {0}")]
     Key(#[from] crate::keys::KeyError),
+    /// The audit trail could not record the action, so it was not performed.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// A rewrap is already running.
     #[error("a rewrap is already running; wait for it to finish")]
     RewrapBusy,
@@ -135,7 +138,8 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    fn code(&self) -> Code {
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> Code {
         match self {
             ServiceError::Invalid { .. }
             | ServiceError::Missing(_)
@@ -174,7 +178,7 @@ impl ServiceError {
                     _ => Code::Internal,
                 }
             }
-            ServiceError::Key(_) => Code::Internal,
+            ServiceError::Key(_) | ServiceError::Audit(_) => Code::Internal,
             ServiceError::Item { source, .. } => source.code(),
             ServiceError::Task => Code::Internal,
         }

@@ -58,11 +58,11 @@ pub(crate) fn create_read_replace(store: &dyn TokenStore) {
     assert_eq!(r2.envelope, b"new");
     // The owner moved with the replace: deleting the old owner leaves it alone.
     assert_eq!(
-        store.delete_owner(&Owner::parse("o1").expect("valid")),
+        store.delete_owner(&Owner::parse("o1").expect("valid"), None),
         Ok(0)
     );
     assert_eq!(
-        store.delete_owner(&Owner::parse("o2").expect("valid")),
+        store.delete_owner(&Owner::parse("o2").expect("valid"), None),
         Ok(1)
     );
     assert_eq!(store.get_record(&rid("a")), Ok(None));
@@ -108,12 +108,18 @@ pub(crate) fn revoke_delete_and_stats(store: &dyn TokenStore) {
             1,
         )
         .expect("seed");
-    let r = store.revoke(&rid("r1"), 5).expect("revoke");
+    let r = store.revoke(&rid("r1"), 5, None).expect("revoke");
     assert!(r.revoked);
     assert_eq!(r.version, 2);
-    assert_eq!(store.revoke(&rid("r1"), 6).expect("idempotent").version, 2);
     assert_eq!(
-        store.revoke(&rid("nope"), 6),
+        store
+            .revoke(&rid("r1"), 6, None)
+            .expect("idempotent")
+            .version,
+        2
+    );
+    assert_eq!(
+        store.revoke(&rid("nope"), 6, None),
         Err(StoreError::NotFound("nope".into()))
     );
     assert_eq!(
@@ -124,14 +130,14 @@ pub(crate) fn revoke_delete_and_stats(store: &dyn TokenStore) {
             per_key_version: vec![(1, 3)]
         })
     );
-    assert_eq!(store.delete_record(&rid("r3")), Ok(true));
-    assert_eq!(store.delete_record(&rid("r3")), Ok(false));
+    assert_eq!(store.delete_record(&rid("r3"), None), Ok(true));
+    assert_eq!(store.delete_record(&rid("r3"), None), Ok(false));
     // An owner that is a prefix of another must not take the other's records.
     store
         .put_records(&[write("r4", "alice2", 0)], 1)
         .expect("seed");
     assert_eq!(
-        store.delete_owner(&Owner::parse("alice").expect("valid")),
+        store.delete_owner(&Owner::parse("alice").expect("valid"), None),
         Ok(2)
     );
     assert_eq!(store.get_record(&rid("r1")), Ok(None));
@@ -149,10 +155,13 @@ pub(crate) fn key_registry(store: &dyn TokenStore) {
         spki_der: vec![1, 2, 3],
     };
     store
-        .put_keys(&[key(2, KeyState::Active), key(1, KeyState::DecryptOnly)])
+        .put_keys(
+            &[key(2, KeyState::Active), key(1, KeyState::DecryptOnly)],
+            None,
+        )
         .expect("put");
     store
-        .put_keys(&[key(1, KeyState::Retired)])
+        .put_keys(&[key(1, KeyState::Retired)], None)
         .expect("update");
     assert_eq!(
         store.keys(),
@@ -299,7 +308,7 @@ fn rocks_delete_removes_the_envelope_from_disk() {
         .db
         .flush_cf(store.cf(CF_RECORDS_FOR_TEST))
         .expect("flush");
-    assert!(store.delete_record(&rid("gone")).expect("delete"));
+    assert!(store.delete_record(&rid("gone"), None).expect("delete"));
     drop(store);
     let marker = b"UNIQUE-ENVELOPE-MARKER";
     for entry in std::fs::read_dir(dir.path()).expect("list") {

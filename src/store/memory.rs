@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore, plan_replace_envelope,
-    plan_writes,
+    AuditAppend, EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore,
+    plan_replace_envelope, plan_writes,
 };
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
@@ -21,6 +21,7 @@ struct Inner {
     records: BTreeMap<RecordId, Record>,
     keys: BTreeMap<u32, KeyInfo>,
     meta: BTreeMap<String, Vec<u8>>,
+    audit: BTreeMap<u64, Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -53,8 +54,16 @@ impl TokenStore for MemoryStore {
         Ok(self.lock().records.get(id).cloned())
     }
 
-    fn revoke(&self, id: &RecordId, now: i64) -> Result<Record, StoreError> {
+    fn revoke(
+        &self,
+        id: &RecordId,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError> {
         let mut inner = self.lock();
+        if let (true, Some(a)) = (inner.records.contains_key(id), audit) {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
         let r = inner
             .records
             .get_mut(id)
@@ -67,12 +76,24 @@ impl TokenStore for MemoryStore {
         Ok(r.clone())
     }
 
-    fn delete_record(&self, id: &RecordId) -> Result<bool, StoreError> {
-        Ok(self.lock().records.remove(id).is_some())
+    fn delete_record(
+        &self,
+        id: &RecordId,
+        audit: Option<&AuditAppend>,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let removed = inner.records.remove(id).is_some();
+        if let (true, Some(a)) = (removed, audit) {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
+        Ok(removed)
     }
 
-    fn delete_owner(&self, owner: &Owner) -> Result<u64, StoreError> {
+    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
         let mut inner = self.lock();
+        if let Some(a) = audit {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
         let before = inner.records.len();
         inner.records.retain(|_, r| &r.meta.owner != owner);
         Ok((before - inner.records.len()) as u64)
@@ -132,11 +153,43 @@ impl TokenStore for MemoryStore {
         Ok(self.lock().keys.values().cloned().collect())
     }
 
-    fn put_keys(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
+    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let mut inner = self.lock();
+        if let Some(a) = audit {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
         for k in keys {
             inner.keys.insert(k.version, k.clone());
         }
+        Ok(())
+    }
+
+    fn append_audit(&self, entry: &AuditAppend, _sync: bool) -> Result<(), StoreError> {
+        self.lock().audit.insert(entry.seq, entry.bytes.clone());
+        Ok(())
+    }
+
+    fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .lock()
+            .audit
+            .range(from_seq..)
+            .take(limit)
+            .map(|(k, v)| (*k, v.clone()))
+            .collect())
+    }
+
+    fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .lock()
+            .audit
+            .iter()
+            .next_back()
+            .map(|(k, v)| (*k, v.clone())))
+    }
+
+    fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.lock().audit.insert(seq, bytes.to_vec());
         Ok(())
     }
 }

@@ -66,6 +66,15 @@ pub struct RecordWrite {
     pub expected_version: u64,
 }
 
+/// One encoded audit event and its position in the hash chain (see `audit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditAppend {
+    /// Sequence number, 1 for the first event.
+    pub seq: u64,
+    /// The encoded event.
+    pub bytes: Vec<u8>,
+}
+
 /// One rewrapped envelope to store, see [`TokenStore::replace_envelopes`].
 #[derive(Debug, Clone)]
 pub struct EnvelopeReplace {
@@ -100,14 +109,21 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Reads one record.
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError>;
 
-    /// Marks a record revoked (idempotent) and returns it.
-    fn revoke(&self, id: &RecordId, now: i64) -> Result<Record, StoreError>;
+    /// Marks a record revoked (idempotent) and returns it. `audit`, if given, is written in the
+    /// same atomic batch (and only if the record exists).
+    fn revoke(
+        &self,
+        id: &RecordId,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError>;
 
-    /// Deletes a record; false if there was none.
-    fn delete_record(&self, id: &RecordId) -> Result<bool, StoreError>;
+    /// Deletes a record; false if there was none (and then `audit` is not written).
+    fn delete_record(&self, id: &RecordId, audit: Option<&AuditAppend>)
+    -> Result<bool, StoreError>;
 
-    /// Deletes every record of `owner`; returns how many.
-    fn delete_owner(&self, owner: &Owner) -> Result<u64, StoreError>;
+    /// Deletes every record of `owner`, with `audit` in the same batch; returns how many.
+    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError>;
 
     /// Counts records.
     fn stats(&self) -> Result<StoreStats, StoreError>;
@@ -139,8 +155,22 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The key registry, ascending by version.
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
 
-    /// Inserts or replaces key registry entries atomically.
-    fn put_keys(&self, keys: &[KeyInfo]) -> Result<(), StoreError>;
+    /// Inserts or replaces key registry entries atomically, with `audit` in the same batch.
+    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError>;
+
+    /// Appends one audit event. `sync` forces the WAL to disk before returning.
+    fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError>;
+
+    /// Up to `limit` audit events with sequence numbers from `from_seq`, ascending.
+    fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+
+    /// The audit event with the highest sequence number.
+    fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
+
+    /// Overwrites a stored audit event's bytes. Exists only so tests can prove that tampering
+    /// is detected; nothing in the daemon calls it.
+    #[doc(hidden)]
+    fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
 }
 
 /// Validates a batch against current versions, shared by every implementation so their

@@ -25,7 +25,7 @@ use rocksdb::{
 
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore, count_stats,
+    AuditAppend, EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore, count_stats,
     plan_replace_envelope, plan_writes,
 };
 use crate::keys::KeyInfo;
@@ -37,6 +37,7 @@ pub(crate) const CF_RECORDS_FOR_TEST: &str = CF_RECORDS;
 const CF_OWNERS: &str = "owners";
 const CF_KEYS: &str = "keys";
 const CF_META: &str = "meta";
+const CF_AUDIT: &str = "audit";
 const META_SCHEMA: &[u8] = b"schema_version";
 
 /// A [`TokenStore`] on an embedded RocksDB in one directory.
@@ -83,6 +84,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_OWNERS, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_KEYS, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_META, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_AUDIT, cf_opts(false)),
         ];
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let msg = e.into_string();
@@ -130,6 +132,12 @@ impl RocksStore {
         self.db.write_opt(batch, &opts).map_err(engine)
     }
 
+    fn add_audit(&self, batch: &mut WriteBatch, audit: Option<&AuditAppend>) {
+        if let Some(a) = audit {
+            batch.put_cf(self.cf(CF_AUDIT), a.seq.to_be_bytes(), &a.bytes);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         // The guard protects no data, only the ordering of read-check-write sequences.
         self.write_lock
@@ -154,6 +162,7 @@ impl RocksStore {
             CF_OWNERS,
             CF_KEYS,
             CF_META,
+            CF_AUDIT,
             rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
         ] {
             self.db.flush_cf(self.cf(cf)).map_err(engine)?;
@@ -204,23 +213,35 @@ impl TokenStore for RocksStore {
         self.read(id)
     }
 
-    fn revoke(&self, id: &RecordId, now: i64) -> Result<Record, StoreError> {
+    fn revoke(
+        &self,
+        id: &RecordId,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError> {
         let _guard = self.lock();
         let mut r = self
             .read(id)?
             .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        let mut batch = WriteBatch::default();
         if !r.revoked {
             r.revoked = true;
             r.updated_at = now;
             r.version += 1;
-            let mut batch = WriteBatch::default();
             batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
+        }
+        self.add_audit(&mut batch, audit);
+        if !batch.is_empty() {
             self.write(batch)?;
         }
         Ok(r)
     }
 
-    fn delete_record(&self, id: &RecordId) -> Result<bool, StoreError> {
+    fn delete_record(
+        &self,
+        id: &RecordId,
+        audit: Option<&AuditAppend>,
+    ) -> Result<bool, StoreError> {
         {
             let _guard = self.lock();
             let Some(r) = self.read(id)? else {
@@ -229,13 +250,14 @@ impl TokenStore for RocksStore {
             let mut batch = WriteBatch::default();
             batch.delete_cf(self.cf(CF_RECORDS), id.as_str());
             batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&r.meta.owner, id));
+            self.add_audit(&mut batch, audit);
             self.write(batch)?;
         }
         self.purge(&[id.as_str().as_bytes().to_vec()])?;
         Ok(true)
     }
 
-    fn delete_owner(&self, owner: &Owner) -> Result<u64, StoreError> {
+    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
         let prefix = schema::owner_prefix(owner);
         let ids: Vec<Vec<u8>> = {
             let _guard = self.lock();
@@ -254,6 +276,7 @@ impl TokenStore for RocksStore {
                 k.extend_from_slice(id);
                 batch.delete_cf(self.cf(CF_OWNERS), k);
             }
+            self.add_audit(&mut batch, audit);
             self.write(batch)?;
             ids
         };
@@ -349,7 +372,7 @@ impl TokenStore for RocksStore {
         Ok(keys)
     }
 
-    fn put_keys(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
+    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let _guard = self.lock();
         let mut batch = WriteBatch::default();
         for k in keys {
@@ -359,6 +382,52 @@ impl TokenStore for RocksStore {
                 schema::encode_key(k),
             );
         }
+        self.add_audit(&mut batch, audit);
         self.write(batch)
     }
+
+    fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        self.add_audit(&mut batch, Some(entry));
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch, &opts).map_err(engine)
+    }
+
+    fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = from_seq.to_be_bytes();
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_AUDIT), mode).take(limit) {
+            let (k, v) = item.map_err(engine)?;
+            out.push((audit_seq(&k)?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match self
+            .db
+            .iterator_cf(self.cf(CF_AUDIT), rocksdb::IteratorMode::End)
+            .next()
+        {
+            None => Ok(None),
+            Some(item) => {
+                let (k, v) = item.map_err(engine)?;
+                Ok(Some((audit_seq(&k)?, v.to_vec())))
+            }
+        }
+    }
+
+    fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_AUDIT), seq.to_be_bytes(), bytes);
+        self.write(batch)
+    }
+}
+
+fn audit_seq(key: &[u8]) -> Result<u64, StoreError> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt("audit key is not 8 bytes".into()))
 }
