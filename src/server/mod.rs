@@ -21,7 +21,6 @@ use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::v1::admin_server::AdminServer;
 use crate::api::v1::broker_server::BrokerServer;
@@ -240,7 +239,12 @@ impl Daemon {
                 admin,
                 guard(Role::Admin, "Admin"),
             ))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY, Nagle's algorithm holds back the trailers of each
+                // response until the client ACKs: ~0.5 ms added to every call.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await?;
         drop(self);
         Ok(())
