@@ -517,3 +517,38 @@ async fn audit_trail_records_who_did_what_and_reveals_tampering() {
     assert_eq!(err.seq, 5, "{err}");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn automatic_rotation_when_the_active_key_is_old_enough() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.key_policy.auto_rotate_seconds = Some(1);
+    let d = TestDaemon::start_with(cfg).await;
+    d.seed("r", 3).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while keys(&d).await.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no automatic rotation within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let ks = keys(&d).await;
+    assert_eq!(state(&ks, 2), v1::KeyState::Active);
+    assert_eq!(state(&ks, 1), v1::KeyState::DecryptOnly);
+    assert_eq!(
+        d.get("r1")
+            .await
+            .expect("old record opens")
+            .into_inner()
+            .secret,
+        b"secret-1"
+    );
+    let events = audit_events(&d, v1::AuditLogRequest::default()).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.caller == "auto-rotation" && e.action == "RotateKey")
+    );
+    d.stop().await;
+}

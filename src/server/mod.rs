@@ -284,9 +284,11 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
     response
 }
 
-/// Rotates when the active key is older than `period` seconds; checks once a minute.
+/// Rotates when the active key is older than `period` seconds; checks once a minute (more
+/// often for periods under a minute, which only tests use).
 async fn auto_rotate(state: Arc<State>, period: i64) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    let every = u64::try_from(period.clamp(1, 60)).unwrap_or(60);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every));
     loop {
         tick.tick().await;
         let due = state.keyring().active().0.created_at.saturating_add(period) <= crate::unix_now();
