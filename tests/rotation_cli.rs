@@ -152,6 +152,11 @@ fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
         stderr(&out)
     );
     assert!(stdout(&out).contains("to v2"), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("daemon unavailable"),
+        "the CLI says it waited: {}",
+        stderr(&out)
+    );
     let status = status_counts(cwd, &env_ref);
     assert!(
         status.contains("records per key version:\n  v2: 10000\n"),

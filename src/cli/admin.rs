@@ -139,7 +139,7 @@ async fn rewrap(args: &RewrapArgs) -> Result<v1::RewrapProgress, CliError> {
             Ok(_) => return Err(CliError::Internal("rewrap stream ended early".into())),
             Err(CliError::Unavailable(msg)) if tokio::time::Instant::now() < deadline => {
                 // The daemon went away (killed, restarted): wait and resume from its cursor.
-                bar.println(format!("daemon unavailable ({msg}); retrying"));
+                bar.suspend(|| eprintln!("daemon unavailable ({msg}); retrying"));
                 done_before = bar.position();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
