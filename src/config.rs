@@ -108,15 +108,31 @@ impl Role {
     }
 }
 
-/// A configured API credential: a name for logs, a role and the SHA-256 of the secret.
+/// A configured caller: a name for logs, a role, and how it proves itself — the SHA-256 of a
+/// bearer credential, or an identity its client certificate asserts (mutual TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialEntry {
     /// Name shown in logs and audit events.
     pub name: String,
     /// Role granted.
     pub role: Role,
-    /// SHA-256 of the bearer credential.
-    pub sha256: [u8; 32],
+    /// SHA-256 of the bearer credential, for bearer callers.
+    pub sha256: Option<[u8; 32]>,
+    /// SAN DNS name, SAN URI or subject CN of the client certificate, for mTLS callers.
+    pub mtls_identity: Option<String>,
+}
+
+/// TLS on the gRPC listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Server certificate chain, PEM.
+    pub cert_file: PathBuf,
+    /// Server private key, PEM (mode 0600).
+    pub key_file: PathBuf,
+    /// CA that signs client certificates; enables mutual TLS.
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse connections without a valid client certificate.
+    pub require_client_cert: bool,
 }
 
 impl CredentialEntry {
@@ -125,7 +141,8 @@ impl CredentialEntry {
         Self {
             name: name.to_string(),
             role,
-            sha256: Sha256::digest(credential.expose_secret().as_bytes()).into(),
+            sha256: Some(Sha256::digest(credential.expose_secret().as_bytes()).into()),
+            mtls_identity: None,
         }
     }
 }
@@ -156,6 +173,8 @@ pub struct Config {
     pub limits: Limits,
     /// API credentials.
     pub credentials: Vec<CredentialEntry>,
+    /// TLS (and optionally mutual TLS) on the listener.
+    pub tls: Option<TlsConfig>,
     /// Allow plaintext gRPC on a non-loopback address.
     pub insecure_plaintext: bool,
     /// Dev profile: create the keyring on first run.
@@ -207,6 +226,7 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     keys: FileKeys,
+    tls: Option<FileTls>,
     #[serde(default)]
     credentials: Vec<FileCredential>,
 }
@@ -231,7 +251,18 @@ struct FileKeys {
 struct FileCredential {
     name: String,
     role: Role,
-    sha256: String,
+    sha256: Option<String>,
+    mtls_identity: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    require_client_cert: bool,
 }
 
 /// Default request size limit: a full batch of maximum-size envelopes does not fit, on
@@ -294,15 +325,46 @@ impl Config {
             .or(file.key_dir)
             .ok_or_else(|| invalid("key_dir", "required"))?;
         let mut credentials = Vec::new();
+        let tls = file.tls.map(|t| TlsConfig {
+            cert_file: base.join(t.cert_file),
+            key_file: base.join(t.key_file),
+            client_ca_file: t.client_ca_file.map(|p| base.join(p)),
+            require_client_cert: t.require_client_cert,
+        });
+        let mtls = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        if tls
+            .as_ref()
+            .is_some_and(|t| t.require_client_cert && t.client_ca_file.is_none())
+        {
+            return Err(invalid(
+                "tls.require_client_cert",
+                "needs tls.client_ca_file",
+            ));
+        }
         for (i, c) in file.credentials.into_iter().enumerate() {
-            let mut sha256 = [0u8; 32];
-            hex::decode_to_slice(&c.sha256, &mut sha256).map_err(|_| {
-                invalid(&format!("credentials[{i}].sha256"), "must be 64 hex digits")
-            })?;
+            let key = format!("credentials[{i}]");
+            let sha256 = match c.sha256 {
+                Some(h) => {
+                    let mut sha256 = [0u8; 32];
+                    hex::decode_to_slice(&h, &mut sha256)
+                        .map_err(|_| invalid(&format!("{key}.sha256"), "must be 64 hex digits"))?;
+                    Some(sha256)
+                }
+                None => None,
+            };
+            match (&sha256, &c.mtls_identity) {
+                (Some(_), None) => {}
+                (None, Some(_)) if mtls => {}
+                (None, Some(_)) => {
+                    return Err(invalid(&key, "mtls_identity needs tls.client_ca_file"));
+                }
+                _ => return Err(invalid(&key, "set exactly one of sha256 or mtls_identity")),
+            }
             credentials.push(CredentialEntry {
                 name: c.name,
                 role: c.role,
                 sha256,
+                mtls_identity: c.mtls_identity,
             });
         }
         let limits = Limits {
@@ -326,6 +388,7 @@ impl Config {
             block_cache_bytes: file.block_cache_mb.unwrap_or(64) << 20,
             limits,
             credentials,
+            tls,
             insecure_plaintext: file.insecure_plaintext,
             dev: false,
             log: file.log.unwrap_or_else(|| "info".into()),
@@ -371,6 +434,7 @@ impl Config {
                 max_batch: DEFAULT_MAX_BATCH,
             },
             credentials,
+            tls: None,
             insecure_plaintext: false,
             dev: true,
             log: "info".into(),
@@ -379,11 +443,11 @@ impl Config {
     }
 
     fn check_listen(&self) -> Result<(), ConfigError> {
-        if !self.listen.ip().is_loopback() && !self.insecure_plaintext {
+        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.insecure_plaintext {
             return Err(invalid(
                 "listen",
-                "refusing plaintext gRPC on a non-loopback address; set insecure_plaintext = true \
-                 only behind a TLS-terminating proxy",
+                "refusing plaintext gRPC on a non-loopback address; configure [tls], or set \
+                 insecure_plaintext = true only behind a TLS-terminating proxy",
             ));
         }
         Ok(())
@@ -429,7 +493,7 @@ mod tests {
             }
         );
         assert_eq!(c.credentials[0].role, Role::Ingest);
-        assert_eq!(c.credentials[0].sha256, [0xab; 32]);
+        assert_eq!(c.credentials[0].sha256, Some([0xab; 32]));
         assert_eq!(c.passphrase.expect("set").expose_secret(), "pw");
     }
 

@@ -11,6 +11,17 @@ fn walkthrough_exit_codes_and_no_plaintext_token_anywhere() {
     let cwd = tmp.path();
     let d = serve_dev(cwd);
     assert!(d.stdout_seen.contains("DEVELOPMENT"), "{}", d.stdout_seen);
+    // Core dumps are off for the daemon process: secrets never reach a core file.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.child.id())).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core line");
+    assert_eq!(
+        core.split_whitespace().collect::<Vec<_>>()[4..6],
+        ["0", "0"],
+        "{core}"
+    );
     let env = d.env();
     let tokens = [
         "gho_LEAKCHECK_aaaaaaaaaaaaaaaaaaaaaaaaaaaa",

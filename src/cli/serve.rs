@@ -124,6 +124,9 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
         (config, None)
     };
     init_tracing(&config.log);
+    if let Err(e) = crate::server::harden_process() {
+        tracing::warn!(error = %e, "could not disable core dumps; secrets could reach a core file");
+    }
     let daemon = Daemon::open(&config).map_err(|e| match e {
         crate::server::StartError::Store(s) => CliError::from(s),
         other => CliError::Internal(other.to_string()),

@@ -43,7 +43,8 @@ impl Authenticator {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
         for e in &self.entries {
-            if bool::from(e.sha256.ct_eq(&digest)) {
+            let Some(hash) = &e.sha256 else { continue };
+            if bool::from(hash.ct_eq(&digest)) {
                 found = Some(Caller {
                     name: e.name.clone(),
                     role: e.role,
@@ -51,6 +52,23 @@ impl Authenticator {
             }
         }
         found
+    }
+}
+
+impl Authenticator {
+    /// The caller configured for one of the identities a verified client certificate asserts.
+    pub fn authenticate_identities(&self, identities: &[String]) -> Option<Caller> {
+        self.entries
+            .iter()
+            .find(|e| {
+                e.mtls_identity
+                    .as_ref()
+                    .is_some_and(|m| identities.contains(m))
+            })
+            .map(|e| Caller {
+                name: e.name.clone(),
+                role: e.role,
+            })
     }
 }
 
@@ -103,13 +121,29 @@ impl Interceptor for RoleGuard {
 }
 
 impl RoleGuard {
-    fn check(&self, mut request: Request<()>) -> Result<Request<()>, (String, Status)> {
+    fn check(&self, request: Request<()>) -> Result<Request<()>, (String, Status)> {
         let anonymous = |status| ("-".to_string(), status);
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            anonymous(Status::unauthenticated(
-                "missing credential: send `authorization: Bearer <credential>`",
-            ))
-        })?;
+        let Some(header) = request.metadata().get("authorization") else {
+            // No bearer credential: a verified client certificate may identify the caller.
+            let identities = request
+                .peer_certs()
+                .and_then(|chain| chain.first().map(|c| super::tls::client_identities(c)))
+                .unwrap_or_default();
+            let caller = match self.auth.authenticate_identities(&identities) {
+                Some(c) => c,
+                None if identities.is_empty() => {
+                    return Err(anonymous(Status::unauthenticated(
+                        "missing credential: send `authorization: Bearer <credential>` or a client certificate",
+                    )));
+                }
+                None => {
+                    return Err(anonymous(Status::unauthenticated(
+                        "client certificate identity is not a configured caller",
+                    )));
+                }
+            };
+            return self.admit(request, caller);
+        };
         let presented = header
             .to_str()
             .ok()
@@ -129,6 +163,14 @@ impl RoleGuard {
             );
             return Err(anonymous(Status::unauthenticated("invalid credential")));
         };
+        self.admit(request, caller)
+    }
+
+    fn admit(
+        &self,
+        mut request: Request<()>,
+        caller: Caller,
+    ) -> Result<Request<()>, (String, Status)> {
         if caller.role != self.role {
             tracing::warn!(service = self.service, caller = %caller.name, role = caller.role.as_str(), "permission denied");
             let status = Status::permission_denied(format!(

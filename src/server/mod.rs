@@ -14,6 +14,7 @@ pub mod auth;
 mod broker;
 mod ingest;
 pub mod status;
+pub mod tls;
 
 use std::future::Future;
 use std::path::Path;
@@ -47,6 +48,9 @@ pub enum StartError {
     /// The audit trail could not be opened.
     #[error("opening the audit trail: {0}")]
     Audit(#[from] AuditError),
+    /// The TLS configuration could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -135,6 +139,7 @@ impl State {
 pub struct Daemon {
     state: Arc<State>,
     auth: Arc<Authenticator>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -176,9 +181,16 @@ impl Daemon {
                 &config.key_dir,
             )?),
         };
+        let tls = config
+            .tls
+            .as_ref()
+            .map(tls::server_config)
+            .transpose()
+            .map_err(StartError::Tls)?;
         Ok(Self {
             state: Arc::new(state),
             auth: Arc::new(Authenticator::new(config.credentials.clone())),
+            tls,
         })
     }
 
@@ -221,7 +233,11 @@ impl Daemon {
             tokio::spawn(auto_rotate(Arc::clone(&self.state), period));
         }
 
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
             .layer(tower::util::MapResponseLayer::new(
                 oversize_is_resource_exhausted,
             ))
@@ -305,6 +321,21 @@ async fn auto_rotate(state: Arc<State>, period: i64) {
             Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
         }
     }
+}
+
+/// Makes the process non-dumpable and disables core dumps, so private keys and tokens in
+/// memory cannot end up in a core file or be read through /proc by another user's debugger.
+pub fn harden_process() -> std::io::Result<()> {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
 }
 
 /// The authenticated caller's name, for logs.

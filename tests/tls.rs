@@ -1,0 +1,304 @@
+//! TLS and mutual TLS on the gRPC listener: certificates made by rcgen, the daemon configured
+//! from a TOML file like production, clients over real TLS on loopback.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tokenvault::api::v1;
+use tokenvault::config::{Config, Env};
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+struct Pki {
+    ca_pem: String,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+fn ca(name: &str) -> Pki {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let issuer =
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
+    Pki {
+        ca_pem: issuer.pem(),
+        issuer,
+    }
+}
+
+/// (certificate PEM, key PEM) for `sans`, signed by `pki`.
+fn leaf(pki: &Pki, sans: &[&str], cn: &str) -> (String, String) {
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &pki.issuer).expect("sign");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str, mode: u32) {
+    std::fs::write(dir.join(name), text).expect("write");
+    std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A daemon with TLS and client CA `ca`, configured through a TOML file. The worker
+/// `worker-1.internal` authenticates by client certificate only.
+async fn tls_daemon(dir: &Path, pki: &Pki, require_client_cert: bool) -> TestDaemon {
+    let (cert, key) = leaf(pki, &["localhost"], "tokenvault");
+    write(dir, "server.pem", &cert, 0o644);
+    write(dir, "server.key", &key, 0o600);
+    write(dir, "client-ca.pem", &pki.ca_pem, 0o644);
+    let hash = |c: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_bytes()));
+    let toml = format!(
+        r#"data_dir = "data"
+key_dir = "keys/dev"
+[tls]
+cert_file = "server.pem"
+key_file = "server.key"
+client_ca_file = "client-ca.pem"
+require_client_cert = {require_client_cert}
+[[credentials]]
+name = "web-tier"
+role = "ingest"
+sha256 = "{}"
+[[credentials]]
+name = "worker-mtls"
+role = "worker"
+mtls_identity = "worker-1.internal"
+"#,
+        hash(INGEST)
+    );
+    write(dir, "tokenvault.toml", &toml, 0o644);
+    let mut config = Config::load(&dir.join("tokenvault.toml"), &Env).expect("config");
+    config.dev = true; // create the keyring on first start
+    TestDaemon::start_with(config).await
+}
+
+async fn tls_channel(
+    d: &TestDaemon,
+    ca_pem: &str,
+    client: Option<(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{}", d.addr))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+#[tokio::test]
+async fn mutual_tls_identifies_workers_and_bearer_still_works_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = ca("tokenvault test CA");
+    let d = tls_daemon(dir.path(), &pki, false).await;
+
+    // The web tier: TLS without a client certificate, bearer credential.
+    let channel = tls_channel(&d, &pki.ca_pem, None)
+        .await
+        .expect("tls connect");
+    let mut ingest = v1::ingest_client::IngestClient::new(InterceptedService::new(
+        channel.clone(),
+        Bearer::new(INGEST),
+    ));
+    let pem = ingest
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("public keys")
+        .into_inner()
+        .active
+        .expect("active")
+        .spki_pem;
+    let sealer = tokenvault::Sealer::from_pem(&pem).expect("pem");
+    let record = sealer
+        .seal_record(
+            &meta("mtls-rec", "o"),
+            &tokenvault::secret::Secret::new(b"tls-secret".to_vec()),
+        )
+        .expect("seal");
+    ingest
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(record),
+            expected_version: 0,
+        })
+        .await
+        .expect("put over TLS");
+    // Without a certificate or bearer, the Broker refuses.
+    let e = v1::broker_client::BrokerClient::new(channel)
+        .get_token(v1::GetTokenRequest {
+            id: "mtls-rec".into(),
+        })
+        .await
+        .expect_err("anonymous");
+    assert_eq!(e.code(), Code::Unauthenticated);
+
+    // The worker: identified by its client certificate alone.
+    let worker = tls_channel(
+        &d,
+        &pki.ca_pem,
+        Some(leaf(&pki, &["worker-1.internal"], "worker-1")),
+    )
+    .await
+    .expect("mtls connect");
+    let r = v1::broker_client::BrokerClient::new(worker.clone())
+        .get_token(v1::GetTokenRequest {
+            id: "mtls-rec".into(),
+        })
+        .await
+        .expect("mTLS worker gets the token")
+        .into_inner();
+    assert_eq!(r.secret, b"tls-secret");
+    // Its role is worker only.
+    let e = v1::admin_client::AdminClient::new(worker)
+        .stats(v1::StatsRequest {})
+        .await
+        .expect_err("not admin");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(
+        e.message()
+            .contains("credential 'worker-mtls' has role worker"),
+        "{}",
+        e.message()
+    );
+
+    // A valid certificate for an identity nobody configured is refused.
+    let stranger = tls_channel(
+        &d,
+        &pki.ca_pem,
+        Some(leaf(&pki, &["stranger.internal"], "stranger")),
+    )
+    .await
+    .expect("connect");
+    let e = v1::broker_client::BrokerClient::new(stranger)
+        .get_token(v1::GetTokenRequest {
+            id: "mtls-rec".into(),
+        })
+        .await
+        .expect_err("unknown identity");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::Unauthenticated,
+            "client certificate identity is not a configured caller"
+        )
+    );
+
+    // A certificate naming the right identity but issued by another CA fails the handshake.
+    let rogue = ca("rogue CA");
+    let forged = tls_channel(
+        &d,
+        &pki.ca_pem,
+        Some(leaf(&rogue, &["worker-1.internal"], "worker-1")),
+    )
+    .await;
+    let refused = match forged {
+        Err(_) => true,
+        Ok(ch) => v1::broker_client::BrokerClient::new(ch)
+            .get_token(v1::GetTokenRequest {
+                id: "mtls-rec".into(),
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a certificate from another CA must not get in");
+
+    // Plaintext HTTP/2 to the TLS port gets nowhere.
+    let plain = Channel::from_shared(format!("http://{}", d.addr))
+        .expect("uri")
+        .connect()
+        .await;
+    if let Ok(ch) = plain {
+        let r =
+            v1::ingest_client::IngestClient::new(InterceptedService::new(ch, Bearer::new(INGEST)))
+                .public_keys(v1::PublicKeysRequest {})
+                .await;
+        assert!(r.is_err(), "plaintext must not be served on a TLS listener");
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn required_client_certificates_and_key_file_permissions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = ca("tokenvault test CA");
+    let d = tls_daemon(dir.path(), &pki, true).await;
+    let no_cert = tls_channel(&d, &pki.ca_pem, None).await;
+    let refused = match no_cert {
+        Err(_) => true,
+        Ok(ch) => {
+            v1::ingest_client::IngestClient::new(InterceptedService::new(ch, Bearer::new(INGEST)))
+                .public_keys(v1::PublicKeysRequest {})
+                .await
+                .is_err()
+        }
+    };
+    assert!(
+        refused,
+        "require_client_cert refuses callers without a certificate, bearer or not"
+    );
+    let with_cert = tls_channel(
+        &d,
+        &pki.ca_pem,
+        Some(leaf(&pki, &["worker-1.internal"], "w")),
+    )
+    .await
+    .expect("mtls");
+    v1::ingest_client::IngestClient::new(InterceptedService::new(with_cert, Bearer::new(INGEST)))
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("certificate plus bearer");
+    d.stop().await;
+
+    // A TLS key readable by others is refused at start.
+    std::fs::set_permissions(
+        dir.path().join("server.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+    let config = Config::load(&dir.path().join("tokenvault.toml"), &Env).expect("config");
+    let err = tokenvault::server::Daemon::open(&config).expect_err("insecure key");
+    assert!(
+        err.to_string().contains("readable by group or others"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_refuses_inconsistent_tls_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nrequire_client_cert = true\n",
+            "tls.require_client_cert: needs tls.client_ca_file",
+        ),
+        (
+            "[[credentials]]\nname = \"w\"\nrole = \"worker\"\nmtls_identity = \"w.internal\"\n",
+            "credentials[0]: mtls_identity needs tls.client_ca_file",
+        ),
+        (
+            "[[credentials]]\nname = \"w\"\nrole = \"worker\"\n",
+            "credentials[0]: set exactly one of sha256 or mtls_identity",
+        ),
+    ];
+    for (extra, msg) in cases {
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, format!("data_dir = \"d\"\nkey_dir = \"k\"\n{extra}"))
+            .expect("write");
+        let err = Config::load(&path, &Env).expect_err(msg);
+        assert_eq!(err.to_string(), msg);
+    }
+    // Non-loopback is allowed with TLS.
+    let path = dir.path().join("t.toml");
+    std::fs::write(&path, "listen = \"0.0.0.0:7000\"\ndata_dir = \"d\"\nkey_dir = \"k\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n").expect("write");
+    assert!(Config::load(&path, &Env).is_ok());
+}
