@@ -50,7 +50,7 @@ async fn rotate_rewrap_retire_destroy() {
     let mut admin = d.admin(ADMIN).await;
 
     let rotated = admin
-        .rotate_key(v1::RotateKeyRequest {})
+        .rotate_key(v1::RotateKeyRequest::default())
         .await
         .expect("rotate")
         .into_inner();
@@ -221,7 +221,7 @@ async fn rotation_and_rewrap_while_traffic_flows() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     d.admin(ADMIN)
         .await
-        .rotate_key(v1::RotateKeyRequest {})
+        .rotate_key(v1::RotateKeyRequest::default())
         .await
         .expect("rotate");
     let p = d.rewrap().await;
@@ -258,7 +258,7 @@ async fn ingest_grace_period_ends() {
     let old = d.sealer().await;
     d.admin(ADMIN)
         .await
-        .rotate_key(v1::RotateKeyRequest {})
+        .rotate_key(v1::RotateKeyRequest::default())
         .await
         .expect("rotate");
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
@@ -290,7 +290,7 @@ async fn minimum_decryption_version_refuses_older_records() {
     d.seed("old", 1).await;
     d.admin(ADMIN)
         .await
-        .rotate_key(v1::RotateKeyRequest {})
+        .rotate_key(v1::RotateKeyRequest::default())
         .await
         .expect("rotate");
     d.seed("new", 1).await;
@@ -339,7 +339,7 @@ async fn one_rewrap_at_a_time() {
     d.seed("r", 2000).await;
     let mut admin = d.admin(ADMIN).await;
     admin
-        .rotate_key(v1::RotateKeyRequest {})
+        .rotate_key(v1::RotateKeyRequest::default())
         .await
         .expect("rotate");
     let mut first = admin
@@ -423,7 +423,7 @@ async fn audit_trail_records_who_did_what_and_reveals_tampering() {
         .await
         .expect("delete");
     admin
-        .rotate_key(v1::RotateKeyRequest {})
+        .rotate_key(v1::RotateKeyRequest::default())
         .await
         .expect("rotate");
 
@@ -549,6 +549,76 @@ async fn automatic_rotation_when_the_active_key_is_old_enough() {
         events
             .iter()
             .any(|e| e.caller == "auto-rotation" && e.action == "RotateKey")
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn rotate_key_imports_a_provided_key_pair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.seed("r", 2).await;
+    let read = |n: &str| {
+        std::fs::read_to_string(fixture_path(&format!("keys/test/{n}"))).expect("fixture")
+    };
+    let mut admin = d.admin(ADMIN).await;
+    let cases = [
+        (
+            read("fixture-b.key.pem"),
+            read("fixture-a.pub.pem"),
+            "invalid key: the public key does not match the private key",
+        ),
+        (
+            "not a key".to_string(),
+            String::new(),
+            "invalid key: not a PEM file (no -----BEGIN line)",
+        ),
+        (
+            read("fixture-1024.key.pem"),
+            String::new(),
+            "invalid key: RSA key of 1024 bits refused",
+        ),
+        (
+            read("fixture-a.key.encrypted.pem"),
+            String::new(),
+            "invalid key: private key is encrypted",
+        ),
+    ];
+    for (private_key_pem, public_key_pem, msg) in cases {
+        let e = admin
+            .rotate_key(v1::RotateKeyRequest {
+                private_key_pem,
+                public_key_pem,
+            })
+            .await
+            .expect_err(msg);
+        assert_eq!(e.code(), Code::InvalidArgument, "{msg}");
+        assert!(e.message().starts_with(msg), "{} vs {msg}", e.message());
+    }
+    assert_eq!(keys(&d).await.len(), 1, "refused imports change nothing");
+
+    let r = admin
+        .rotate_key(v1::RotateKeyRequest {
+            private_key_pem: read("fixture-b.key.pem"),
+            public_key_pem: read("fixture-b.pub.pem"),
+        })
+        .await
+        .expect("import")
+        .into_inner();
+    let b = tokenvault::keys::PublicKey::from_pem(&read("fixture-b.pub.pem")).expect("pem");
+    assert_eq!(r.active.expect("active").fingerprint, b.id().to_hex());
+    let again = admin
+        .rotate_key(v1::RotateKeyRequest {
+            private_key_pem: read("fixture-b.key.pem"),
+            public_key_pem: String::new(),
+        })
+        .await
+        .expect_err("duplicate");
+    assert_eq!(again.code(), Code::AlreadyExists);
+    assert_eq!(d.rewrap().await.rewrapped, 2);
+    assert_eq!(
+        d.get("r1").await.expect("get").into_inner().secret,
+        b"secret-1"
     );
     d.stop().await;
 }

@@ -222,5 +222,85 @@ fn emergency_rotate_ends_with_a_verification_report() {
         4,
         "PermissionDenied",
     );
+
+    // Importing a key through the Admin API: decrypted locally, sent only to loopback or TLS.
+    let enc = root()
+        .join("keys/test/fixture-a.key.encrypted.pem")
+        .to_string_lossy()
+        .into_owned();
+    let mut with_pass = env.clone();
+    with_pass.push(("TOKENVAULT_IMPORT_PASSPHRASE", "fixture-passphrase"));
+    let o = run(
+        cwd,
+        &["admin", "rotate", "--import-private", &enc],
+        &with_pass,
+        None,
+    );
+    assert!(
+        stdout(&o).starts_with("active    v4"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let remote = [
+        ("TOKENVAULT_ADDR", "http://192.0.2.10:50051"),
+        ("TOKENVAULT_ADMIN_TOKEN", "x"),
+        ("TOKENVAULT_IMPORT_PASSPHRASE", "fixture-passphrase"),
+    ];
+    assert_exit(
+        &run(
+            cwd,
+            &["admin", "rotate", "--import-private", &enc],
+            &remote,
+            None,
+        ),
+        5,
+        "refusing to send a private key in plaintext",
+    );
+
+    let o = run(cwd, &["admin", "audit", "verify"], &env, None);
+    assert!(
+        stdout(&o).starts_with("audit chain intact:"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    let o = run(
+        cwd,
+        &["admin", "audit", "list", "--record", "rec-00042"],
+        &env,
+        None,
+    );
+    assert!(
+        stdout(&o).contains("action=GetToken outcome=ok"),
+        "{}",
+        stdout(&o)
+    );
+    let addr = d.addr.clone();
+    let creds = d.creds.clone();
+    d.terminate();
+
+    // Tamper with one stored event while the daemon is down; `audit verify` names it.
+    {
+        let store = tokenvault::store::RocksStore::open(&cwd.join("data"), 1 << 20).expect("open");
+        let (seq, mut raw) = tokenvault::store::TokenStore::audit_events(&store, 2, 1)
+            .expect("events")
+            .remove(0);
+        let n = raw.len() - 40;
+        raw[n] ^= 0x01;
+        tokenvault::store::TokenStore::dangerous_overwrite_audit(&store, seq, &raw)
+            .expect("tamper");
+    }
+    let d = serve_dev_on(cwd, addr.trim_start_matches("http://"));
+    let mut env: Vec<(&str, &str)> = creds
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    env.push(("TOKENVAULT_ADDR", addr.as_str()));
+    assert_exit(
+        &run(cwd, &["admin", "audit", "verify"], &env, None),
+        6,
+        "audit chain broken at event 2",
+    );
     d.terminate();
 }

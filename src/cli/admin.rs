@@ -13,7 +13,7 @@ use crate::config::Role;
 #[derive(Debug, Subcommand)]
 pub(crate) enum AdminCommand {
     /// Create a new key version and make it active (the previous one becomes decrypt-only).
-    Rotate(Conn),
+    Rotate(RotateArgs),
     /// Rewrap every data key under an older version to the active one, with progress.
     Rewrap(RewrapArgs),
     /// Retire a decrypt-only version (refused while records still use it).
@@ -55,6 +55,19 @@ pub(crate) enum AuditCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct Conn {
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RotateArgs {
+    /// Import this RSA private key (PKCS#8, encrypted PKCS#8 or PKCS#1 PEM) instead of
+    /// generating one. Sent only over TLS or to a loopback daemon.
+    #[arg(long)]
+    import_private: Option<std::path::PathBuf>,
+    /// File with the passphrase of an encrypted key file (or set TOKENVAULT_IMPORT_PASSPHRASE).
+    #[arg(long, requires = "import_private")]
+    import_passphrase_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     conn: Connection,
 }
@@ -148,6 +161,38 @@ async fn rewrap(args: &RewrapArgs) -> Result<v1::RewrapProgress, CliError> {
     }
 }
 
+/// Builds `RotateKey`: generate in the daemon, or import a key read (and decrypted) here.
+fn rotate_request(a: &RotateArgs) -> Result<v1::RotateKeyRequest, CliError> {
+    let Some(path) = &a.import_private else {
+        return Ok(v1::RotateKeyRequest::default());
+    };
+    if !a.conn.is_confidential() {
+        return Err(CliError::Input(format!(
+            "refusing to send a private key in plaintext to {}; use https:// or a loopback daemon",
+            a.conn.addr()
+        )));
+    }
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| CliError::Input(format!("{}: {e}", p.display())))
+    };
+    let pem = read(path)?;
+    let passphrase = match (
+        std::env::var(super::keys::ENV_IMPORT_PASSPHRASE).ok(),
+        &a.import_passphrase_file,
+    ) {
+        (Some(p), _) => Some(crate::secret::Passphrase::new(p)),
+        (None, Some(f)) => Some(crate::secret::Passphrase::new(read(f)?.to_string())),
+        (None, None) => None,
+    };
+    let key = crate::keys::PrivateKey::from_pem(&pem, passphrase.as_ref())?;
+    Ok(v1::RotateKeyRequest {
+        private_key_pem: key.to_pkcs8_pem(None)?.to_string(),
+        public_key_pem: key.public_key().to_pem(),
+    })
+}
+
 async fn status(conn: &Connection) -> Result<(Vec<v1::PublicKey>, v1::StatsResponse), CliError> {
     let mut c = client(conn).await?;
     let keys = c.list_keys(v1::ListKeysRequest {}).await?.into_inner().keys;
@@ -170,9 +215,10 @@ fn print_status(keys: &[v1::PublicKey], stats: &v1::StatsResponse) {
 pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
     match cmd {
         AdminCommand::Rotate(a) => {
+            let request = rotate_request(&a)?;
             let r = client(&a.conn)
                 .await?
-                .rotate_key(v1::RotateKeyRequest {})
+                .rotate_key(request)
                 .await?
                 .into_inner();
             if let Some(k) = &r.active {
@@ -283,7 +329,7 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
 async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
     let rotated = client(&a.conn)
         .await?
-        .rotate_key(v1::RotateKeyRequest {})
+        .rotate_key(v1::RotateKeyRequest::default())
         .await?
         .into_inner();
     let active = rotated

@@ -84,6 +84,27 @@ pub(crate) struct IdArgs {
     conn: Connection,
 }
 
+impl Connection {
+    /// The daemon address.
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether traffic to the daemon is protected: TLS, or a loopback address.
+    pub(crate) fn is_confidential(&self) -> bool {
+        let Ok(uri) = self.addr.parse::<http::Uri>() else {
+            return false;
+        };
+        uri.scheme_str() == Some("https")
+            || matches!(uri.host(), Some("localhost"))
+            || uri
+                .host()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+                .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                .is_some_and(|ip| ip.is_loopback())
+    }
+}
+
 pub(crate) type Authed = InterceptedService<Channel, Bearer>;
 
 #[derive(Clone)]

@@ -16,6 +16,9 @@ pub enum KeyError {
         /// What was found.
         found: String,
     },
+    /// The text has no PEM block at all.
+    #[error("not a PEM file (no -----BEGIN line)")]
+    NotPem,
     /// The DER inside the PEM did not decode as an RSA key.
     #[error("not a valid RSA {what}: {reason}")]
     Malformed {

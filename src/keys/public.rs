@@ -208,10 +208,5 @@ pub(crate) fn pem_label(pem: &str) -> Result<String, KeyError> {
         l.strip_prefix("-----BEGIN ")
             .and_then(|l| l.strip_suffix("-----"))
     });
-    begin
-        .map(str::to_owned)
-        .ok_or_else(|| KeyError::UnexpectedPem {
-            expected: "PEM",
-            found: "no PEM header".into(),
-        })
+    begin.map(str::to_owned).ok_or(KeyError::NotPem)
 }

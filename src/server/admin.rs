@@ -24,9 +24,32 @@ pub(super) fn rotate(
     caller: &str,
     now: i64,
 ) -> Result<(KeyInfo, Option<KeyInfo>), ServiceError> {
+    rotate_to(s, caller, now, PrivateKey::generate()?)
+}
+
+/// Parses a key supplied to `RotateKey` for import, checking the optional public half.
+fn imported_key(private_pem: &str, public_pem: &str) -> Result<PrivateKey, ServiceError> {
+    let bad = |e: crate::keys::KeyError| ServiceError::BadKey(e.to_string());
+    let key = PrivateKey::from_pem(private_pem, None).map_err(bad)?;
+    if !public_pem.is_empty() {
+        let public = crate::keys::PublicKey::from_pem(public_pem).map_err(bad)?;
+        if public.id() != key.public_key().id() {
+            return Err(ServiceError::BadKey(
+                "the public key does not match the private key".into(),
+            ));
+        }
+    }
+    Ok(key)
+}
+
+fn rotate_to(
+    s: &State,
+    caller: &str,
+    now: i64,
+    key: PrivateKey,
+) -> Result<(KeyInfo, Option<KeyInfo>), ServiceError> {
     let _ops = s.key_ops();
     let previous = s.keyring().active().0.version;
-    let key = PrivateKey::generate()?;
     let draft = Draft::new(caller, "RotateKey").detail(format!("new version after v{previous}"));
     let info = s.audited(draft, |a| {
         Ok((
@@ -199,9 +222,17 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::RotateKeyResponse>, Status> {
         let caller = caller_name(&request);
         let who = caller.clone();
+        let req = request.into_inner();
         let (active, previous) = self
             .0
-            .blocking(move |s| rotate(s, &who, crate::unix_now()))
+            .blocking(move |s| {
+                let key = if req.private_key_pem.is_empty() {
+                    PrivateKey::generate()?
+                } else {
+                    imported_key(&req.private_key_pem, &req.public_key_pem)?
+                };
+                rotate_to(s, &who, crate::unix_now(), key)
+            })
             .await?;
         tracing::info!(rpc = "RotateKey", %caller, version = active.version, fingerprint = %active.id, "rotated");
         Ok(Response::new(v1::RotateKeyResponse {

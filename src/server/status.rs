@@ -76,6 +76,9 @@ pub enum ServiceError {
     /// The audit trail could not record the action, so it was not performed.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// A key supplied for import was refused.
+    #[error("invalid key: {0}")]
+    BadKey(String),
     /// A rewrap is already running.
     #[error("a rewrap is already running; wait for it to finish")]
     RewrapBusy,
@@ -146,7 +149,8 @@ impl ServiceError {
             | ServiceError::Envelope(_)
             | ServiceError::UnknownKey(_)
             | ServiceError::WrappedLength { .. }
-            | ServiceError::EmptyBatch => Code::InvalidArgument,
+            | ServiceError::EmptyBatch
+            | ServiceError::BadKey(_) => Code::InvalidArgument,
             ServiceError::KeyNotAccepted { .. }
             | ServiceError::GraceEnded { .. }
             | ServiceError::BelowMinimum { .. }
@@ -178,6 +182,7 @@ impl ServiceError {
                     _ => Code::Internal,
                 }
             }
+            ServiceError::Key(crate::keys::KeyError::Duplicate(_)) => Code::AlreadyExists,
             ServiceError::Key(_) | ServiceError::Audit(_) => Code::Internal,
             ServiceError::Item { source, .. } => source.code(),
             ServiceError::Task => Code::Internal,
