@@ -16,6 +16,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::record::{RecordMeta, SecretKind};
 use crate::secret::{ApiCredential, Passphrase};
 
 /// Env var: listen address override.
@@ -120,6 +121,60 @@ pub struct CredentialEntry {
     pub sha256: Option<[u8; 32]>,
     /// SAN DNS name, SAN URI or subject CN of the client certificate, for mTLS callers.
     pub mtls_identity: Option<String>,
+    /// What the caller may touch.
+    pub policy: CallerPolicy,
+}
+
+/// What one caller may touch, beyond its role. Empty lists allow everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallerPolicy {
+    /// Providers whose records the caller may read or store.
+    pub providers: Vec<String>,
+    /// Owner prefixes whose records the caller may read or store.
+    pub owner_prefixes: Vec<String>,
+    /// Secret kinds the caller may read or store.
+    pub kinds: Vec<SecretKind>,
+    /// Client addresses the caller may connect from.
+    pub allowed_ips: Vec<ipnet::IpNet>,
+    /// Token-bucket rate limit: sustained requests per second.
+    pub rate_per_second: Option<u32>,
+    /// Token-bucket burst size (defaults to the rate).
+    pub burst: Option<u32>,
+}
+
+impl CallerPolicy {
+    /// Why the caller may not touch a record with this metadata, if it may not.
+    pub fn check_record(&self, meta: &RecordMeta) -> Result<(), String> {
+        if !self.providers.is_empty() && !self.providers.iter().any(|p| p == meta.provider.as_str())
+        {
+            return Err(format!(
+                "provider {} is outside this caller's providers",
+                meta.provider
+            ));
+        }
+        if !self.kinds.is_empty() && !self.kinds.contains(&meta.kind) {
+            return Err(format!("kind {} is outside this caller's kinds", meta.kind));
+        }
+        if !self.owner_prefixes.is_empty()
+            && !self
+                .owner_prefixes
+                .iter()
+                .any(|p| meta.owner.as_str().starts_with(p.as_str()))
+        {
+            // The owner is personal data: the message does not repeat it.
+            return Err("the record's owner is outside this caller's owner prefixes".into());
+        }
+        Ok(())
+    }
+
+    /// Whether a client at `ip` may use this caller's credential.
+    pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.allowed_ips.is_empty() || self.allowed_ips.iter().any(|net| net.contains(&ip))
+    }
 }
 
 /// TLS on the gRPC listener.
@@ -143,6 +198,7 @@ impl CredentialEntry {
             role,
             sha256: Some(Sha256::digest(credential.expose_secret().as_bytes()).into()),
             mtls_identity: None,
+            policy: CallerPolicy::default(),
         }
     }
 }
@@ -253,6 +309,16 @@ struct FileCredential {
     role: Role,
     sha256: Option<String>,
     mtls_identity: Option<String>,
+    #[serde(default)]
+    providers: Vec<String>,
+    #[serde(default)]
+    owner_prefixes: Vec<String>,
+    #[serde(default)]
+    kinds: Vec<String>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
+    rate_per_second: Option<u32>,
+    burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -360,11 +426,45 @@ impl Config {
                 }
                 _ => return Err(invalid(&key, "set exactly one of sha256 or mtls_identity")),
             }
+            let kinds = c
+                .kinds
+                .iter()
+                .map(|k| SecretKind::parse(k))
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(&format!("{key}.kinds"), e.to_string()))?;
+            let allowed_ips = c
+                .allowed_ips
+                .iter()
+                .map(|n| {
+                    n.parse::<ipnet::IpNet>()
+                        .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|_| {
+                    invalid(
+                        &format!("{key}.allowed_ips"),
+                        "each entry must be an IP or CIDR",
+                    )
+                })?;
+            if c.rate_per_second == Some(0) {
+                return Err(invalid(
+                    &format!("{key}.rate_per_second"),
+                    "must be at least 1",
+                ));
+            }
             credentials.push(CredentialEntry {
                 name: c.name,
                 role: c.role,
                 sha256,
                 mtls_identity: c.mtls_identity,
+                policy: CallerPolicy {
+                    providers: c.providers,
+                    owner_prefixes: c.owner_prefixes,
+                    kinds,
+                    allowed_ips,
+                    rate_per_second: c.rate_per_second,
+                    burst: c.burst,
+                },
             });
         }
         let limits = Limits {

@@ -113,7 +113,7 @@ fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
             "rewrap",
             "--quiet",
             "--max-per-second",
-            "2500",
+            "2000",
             "--wait",
             "120",
         ])
@@ -121,7 +121,7 @@ fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let rewrap = rewrap.spawn().expect("spawn rewrap");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     d.child.kill().expect("SIGKILL the daemon");
     d.child.wait().expect("reap");
     let mid = {

@@ -1,20 +1,23 @@
 //! Caller authentication and role checks for every gRPC service.
 //!
-//! Owns: [`Authenticator`] (configured credential hashes, constant-time comparison) and
-//! [`RoleGuard`], the tonic interceptor that admits exactly one role per service.
-//! `UNAUTHENTICATED` without a valid credential, `PERMISSION_DENIED` for a valid credential of
-//! the wrong role.
+//! Owns: [`Authenticator`] (configured credential hashes, constant-time comparison, per-caller
+//! token buckets, denial-burst alerts) and [`RoleGuard`], the tonic interceptor that admits
+//! exactly one role per service. `UNAUTHENTICATED` without a valid credential,
+//! `PERMISSION_DENIED` for a valid credential of the wrong role or from an address outside its
+//! allowlist, `RESOURCE_EXHAUSTED` past its rate limit.
 //!
 //! Must never: log or echo a presented credential, or compare credentials in variable time.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::config::{CredentialEntry, Role};
+use crate::config::{CallerPolicy, CredentialEntry, Role};
 
 /// The authenticated caller, attached to each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,18 +26,84 @@ pub struct Caller {
     pub name: String,
     /// Its role.
     pub role: Role,
+    /// What it may touch.
+    pub policy: Arc<CallerPolicy>,
+}
+
+/// Refusals of one caller within [`DENIAL_WINDOW`] that raise a denial-burst alert.
+pub const DENIAL_ALERT_THRESHOLD: usize = 10;
+/// Window over which refusals are counted.
+pub const DENIAL_WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
 }
 
 /// Checks bearer credentials against configured SHA-256 hashes.
 #[derive(Debug)]
 pub struct Authenticator {
-    entries: Vec<CredentialEntry>,
+    entries: Vec<(CredentialEntry, Arc<CallerPolicy>)>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    denials: Mutex<HashMap<String, Vec<Instant>>>,
 }
 
 impl Authenticator {
     /// An authenticator for `entries`.
     pub fn new(entries: Vec<CredentialEntry>) -> Self {
-        Self { entries }
+        Self {
+            entries: entries
+                .into_iter()
+                .map(|e| {
+                    let policy = Arc::new(e.policy.clone());
+                    (e, policy)
+                })
+                .collect(),
+            buckets: Mutex::new(HashMap::new()),
+            denials: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token from the caller's bucket; false when its rate limit is exhausted.
+    fn take_token(&self, caller: &Caller) -> bool {
+        let Some(rate) = caller.policy.rate_per_second else {
+            return true;
+        };
+        let burst = f64::from(caller.policy.burst.unwrap_or(rate).max(1));
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let b = buckets.entry(caller.name.clone()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(rate)).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Counts a refusal; raises a structured alert when a caller is refused again and again,
+    /// which is what a stolen credential probing its limits looks like.
+    fn note_denial(&self, caller: &str) {
+        let mut denials = self
+            .denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let recent = denials.entry(caller.to_string()).or_default();
+        recent.retain(|t| now.duration_since(*t) < DENIAL_WINDOW);
+        recent.push(now);
+        if recent.len() == DENIAL_ALERT_THRESHOLD {
+            tracing::warn!(alert = "denial_burst", %caller, denials = recent.len(), window_seconds = DENIAL_WINDOW.as_secs(), "caller refused repeatedly; credential may be stolen");
+        }
     }
 
     /// The caller whose credential is `presented`, if any. Every entry is compared, in constant
@@ -42,12 +111,13 @@ impl Authenticator {
     pub fn authenticate(&self, presented: &str) -> Option<Caller> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
-        for e in &self.entries {
+        for (e, policy) in &self.entries {
             let Some(hash) = &e.sha256 else { continue };
             if bool::from(hash.ct_eq(&digest)) {
                 found = Some(Caller {
                     name: e.name.clone(),
                     role: e.role,
+                    policy: Arc::clone(policy),
                 });
             }
         }
@@ -60,14 +130,15 @@ impl Authenticator {
     pub fn authenticate_identities(&self, identities: &[String]) -> Option<Caller> {
         self.entries
             .iter()
-            .find(|e| {
+            .find(|(e, _)| {
                 e.mtls_identity
                     .as_ref()
                     .is_some_and(|m| identities.contains(m))
             })
-            .map(|e| Caller {
+            .map(|(e, policy)| Caller {
                 name: e.name.clone(),
                 role: e.role,
+                policy: Arc::clone(policy),
             })
     }
 }
@@ -101,6 +172,7 @@ impl RoleGuard {
     }
 
     fn refused(&self, caller: &str, status: Status) -> Status {
+        self.auth.note_denial(caller);
         if let Some(audit) = &self.audit {
             let draft = crate::audit::Draft::new(caller, "auth")
                 .outcome(format!("{:?}", status.code()))
@@ -182,6 +254,28 @@ impl RoleGuard {
             ));
             return Err((caller.name, status));
         }
+        if let Some(ip) = request.remote_addr().map(|a| a.ip()) {
+            if !caller.policy.allows_ip(ip) {
+                tracing::warn!(service = self.service, caller = %caller.name, %ip, "client address not allowed");
+                let status = Status::permission_denied(format!(
+                    "client address {ip} is not allowed for credential '{}'",
+                    caller.name
+                ));
+                return Err((caller.name, status));
+            }
+        } else if !caller.policy.allowed_ips.is_empty() {
+            let status =
+                Status::permission_denied("client address unknown; credential has an IP allowlist");
+            return Err((caller.name, status));
+        }
+        if !self.auth.take_token(&caller) {
+            let status = Status::resource_exhausted(format!(
+                "credential '{}' exceeded its rate limit of {} requests/s",
+                caller.name,
+                caller.policy.rate_per_second.unwrap_or(0)
+            ));
+            return Err((caller.name, status));
+        }
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -217,13 +311,7 @@ mod tests {
         let (mut g, ingest, admin) = guard(Role::Admin);
         let ok =
             call(&mut g, Some(&format!("Bearer {}", admin.expose_secret()))).expect("admin ok");
-        assert_eq!(
-            ok,
-            Caller {
-                name: "sec".into(),
-                role: Role::Admin
-            }
-        );
+        assert_eq!((ok.name.as_str(), ok.role), ("sec", Role::Admin));
         let denied = call(&mut g, Some(&format!("Bearer {}", ingest.expose_secret())))
             .expect_err("wrong role");
         assert_eq!(denied.code(), tonic::Code::PermissionDenied);

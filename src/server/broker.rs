@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
-use super::{State, caller_name};
+use super::{State, caller_name, caller_policy};
 use crate::api::v1::{self, broker_server::Broker};
 use crate::audit::Draft;
 use crate::envelope;
@@ -26,6 +26,7 @@ impl Broker for BrokerService {
         request: Request<v1::GetTokenRequest>,
     ) -> Result<Response<v1::GetTokenResponse>, Status> {
         let caller = caller_name(&request);
+        let policy = caller_policy(&request);
         let id =
             RecordId::parse(request.into_inner().id).map_err(|source| ServiceError::Invalid {
                 what: "record id".into(),
@@ -38,7 +39,7 @@ impl Broker for BrokerService {
             .0
             .blocking(move |s| {
                 let mut draft = Draft::new(&who, "GetToken").record(id.as_str());
-                let released = release(s, &id, &ring, &mut draft);
+                let released = release(s, &id, &ring, &policy, &mut draft);
                 match &released {
                     // Fail closed: no audit event, no secret.
                     Ok(_) => s.audit.append(&draft, false)?,
@@ -62,6 +63,7 @@ fn release(
     s: &State,
     id: &RecordId,
     ring: &Keyring,
+    policy: &crate::config::CallerPolicy,
     draft: &mut Draft,
 ) -> Result<v1::GetTokenResponse, ServiceError> {
     let record = s
@@ -69,6 +71,9 @@ fn release(
         .get_record(id)?
         .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     *draft = std::mem::take(draft).owner(record.meta.owner.as_str());
+    policy
+        .check_record(&record.meta)
+        .map_err(ServiceError::PolicyDenied)?;
     if record.revoked {
         return Err(ServiceError::Revoked(id.to_string()));
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
-use super::{State, caller_name};
+use super::{State, caller_name, caller_policy};
 use crate::api::v1::{self, ingest_server::Ingest};
 use crate::config::KeyPolicy;
 use crate::envelope::EnvelopeRef;
@@ -25,6 +25,7 @@ pub struct IngestService(pub(super) Arc<State>);
 fn check_item(
     ring: &Keyring,
     policy: &KeyPolicy,
+    caller: &crate::config::CallerPolicy,
     now: i64,
     item: v1::PutSealedRequest,
 ) -> Result<RecordWrite, ServiceError> {
@@ -37,6 +38,9 @@ fn check_item(
         what: "record metadata".into(),
         source,
     })?;
+    caller
+        .check_record(&meta)
+        .map_err(ServiceError::PolicyDenied)?;
     let env = EnvelopeRef::decode(&record.envelope)?;
     let (info, public) = ring
         .public(&env.key_id)
@@ -85,9 +89,11 @@ impl Ingest for IngestService {
         request: Request<v1::PutSealedRequest>,
     ) -> Result<Response<v1::PutSealedResponse>, Status> {
         let caller = caller_name(&request);
+        let caller_policy = caller_policy(&request);
         let write = check_item(
             &self.0.keyring(),
             &self.0.policy,
+            &caller_policy,
             crate::unix_now(),
             request.into_inner(),
         )?;
@@ -107,6 +113,7 @@ impl Ingest for IngestService {
         request: Request<v1::PutSealedBatchRequest>,
     ) -> Result<Response<v1::PutSealedBatchResponse>, Status> {
         let caller = caller_name(&request);
+        let caller_policy = caller_policy(&request);
         let items = request.into_inner().items;
         let max = self.0.limits.max_batch;
         if items.is_empty() {
@@ -125,9 +132,11 @@ impl Ingest for IngestService {
             .into_iter()
             .enumerate()
             .map(|(index, item)| {
-                check_item(&ring, &self.0.policy, now, item).map_err(|e| ServiceError::Item {
-                    index,
-                    source: Box::new(e),
+                check_item(&ring, &self.0.policy, &caller_policy, now, item).map_err(|e| {
+                    ServiceError::Item {
+                        index,
+                        source: Box::new(e),
+                    }
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -338,6 +338,14 @@ pub fn harden_process() -> std::io::Result<()> {
     Ok(())
 }
 
+/// The authenticated caller's policy (the interceptor always sets the caller).
+fn caller_policy<T>(request: &tonic::Request<T>) -> Arc<crate::config::CallerPolicy> {
+    request
+        .extensions()
+        .get::<auth::Caller>()
+        .map_or_else(Default::default, |c| Arc::clone(&c.policy))
+}
+
 /// The authenticated caller's name, for logs.
 fn caller_name<T>(request: &tonic::Request<T>) -> String {
     request

@@ -76,6 +76,9 @@ pub enum ServiceError {
     /// The audit trail could not record the action, so it was not performed.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// The caller's policy does not cover this record.
+    #[error("permission denied: {0}")]
+    PolicyDenied(String),
     /// A key supplied for import was refused.
     #[error("invalid key: {0}")]
     BadKey(String),
@@ -158,6 +161,7 @@ impl ServiceError {
             | ServiceError::Revoked(_)
             | ServiceError::Expired { .. } => Code::FailedPrecondition,
             ServiceError::BatchTooLarge { .. } => Code::ResourceExhausted,
+            ServiceError::PolicyDenied(_) => Code::PermissionDenied,
             ServiceError::Open { source, .. } => match source {
                 DecryptError::DecryptionFailed | DecryptError::Format(_) => Code::DataLoss,
                 DecryptError::KeyUnavailable { .. } | DecryptError::BelowMinimum { .. } => {

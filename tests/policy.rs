@@ -1,0 +1,316 @@
+//! Per-caller policies: providers, owner prefixes, kinds, client IP allowlists and rate limits.
+
+mod common;
+
+use common::*;
+use tokenvault::api::v1;
+use tokenvault::config::{CallerPolicy, Config, CredentialEntry, Env, Role};
+use tokenvault::record::{RecordMeta, SecretKind};
+use tokenvault::secret::{ApiCredential, Secret};
+use tonic::Code;
+
+const RESTRICTED: &str = "tv_restricted_worker_credential";
+const GH_INGEST: &str = "tv_github_only_ingest_credential";
+const REMOTE_ADMIN: &str = "tv_remote_admin_credential";
+const LOCAL_WORKER: &str = "tv_local_worker_credential";
+const LIMITED: &str = "tv_rate_limited_worker_credential";
+
+fn entry(name: &str, role: Role, cred: &str, policy: CallerPolicy) -> CredentialEntry {
+    CredentialEntry {
+        policy,
+        ..CredentialEntry::for_credential(name, role, &ApiCredential::new(cred.into()))
+    }
+}
+
+async fn start(dir: &std::path::Path) -> TestDaemon {
+    let mut cfg = config(dir);
+    cfg.credentials.extend([
+        entry(
+            "restricted",
+            Role::Worker,
+            RESTRICTED,
+            CallerPolicy {
+                providers: vec!["github".into()],
+                owner_prefixes: vec!["team-a/".into()],
+                kinds: vec![SecretKind::AccessToken],
+                ..CallerPolicy::default()
+            },
+        ),
+        entry(
+            "gh-ingest",
+            Role::Ingest,
+            GH_INGEST,
+            CallerPolicy {
+                providers: vec!["github".into()],
+                ..CallerPolicy::default()
+            },
+        ),
+        entry(
+            "remote-admin",
+            Role::Admin,
+            REMOTE_ADMIN,
+            CallerPolicy {
+                allowed_ips: vec!["10.0.0.0/8".parse().expect("cidr")],
+                ..CallerPolicy::default()
+            },
+        ),
+        entry(
+            "local-worker",
+            Role::Worker,
+            LOCAL_WORKER,
+            CallerPolicy {
+                allowed_ips: vec!["127.0.0.1/32".parse().expect("cidr")],
+                ..CallerPolicy::default()
+            },
+        ),
+        entry(
+            "limited",
+            Role::Worker,
+            LIMITED,
+            CallerPolicy {
+                rate_per_second: Some(1),
+                burst: Some(3),
+                ..CallerPolicy::default()
+            },
+        ),
+    ]);
+    TestDaemon::start_with(cfg).await
+}
+
+fn record(id: &str, owner: &str, provider: &str, kind: SecretKind) -> RecordMeta {
+    RecordMeta::parse(id, owner, provider, kind, &[], 0).expect("valid")
+}
+
+#[tokio::test]
+async fn record_policies_limit_what_a_caller_may_read_and_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(dir.path()).await;
+    let sealer = d.sealer().await;
+    let sealed = |m: &RecordMeta| v1::PutSealedRequest {
+        record: Some(
+            sealer
+                .seal_record(m, &Secret::new(b"s".to_vec()))
+                .expect("seal"),
+        ),
+        expected_version: 0,
+    };
+    let mut gh = d.ingest(GH_INGEST).await;
+    gh.put_sealed(sealed(&record(
+        "ok",
+        "team-a/alice",
+        "github",
+        SecretKind::AccessToken,
+    )))
+    .await
+    .expect("github allowed");
+    let e = gh
+        .put_sealed(sealed(&record(
+            "slack",
+            "team-a/alice",
+            "slack",
+            SecretKind::AccessToken,
+        )))
+        .await
+        .expect_err("slack");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::PermissionDenied,
+            "permission denied: provider slack is outside this caller's providers"
+        )
+    );
+    for (id, owner, provider, kind) in [
+        (
+            "other-team",
+            "team-b/bob",
+            "github",
+            SecretKind::AccessToken,
+        ),
+        (
+            "refresh",
+            "team-a/alice",
+            "github",
+            SecretKind::RefreshToken,
+        ),
+        ("slack", "team-a/alice", "slack", SecretKind::AccessToken),
+    ] {
+        d.put(&record(id, owner, provider, kind), b"s").await;
+    }
+
+    let mut restricted = d.broker(RESTRICTED).await;
+    restricted
+        .get_token(v1::GetTokenRequest { id: "ok".into() })
+        .await
+        .expect("in policy");
+    let cases = [
+        (
+            "other-team",
+            "permission denied: the record's owner is outside this caller's owner prefixes",
+        ),
+        (
+            "refresh",
+            "permission denied: kind refresh_token is outside this caller's kinds",
+        ),
+        (
+            "slack",
+            "permission denied: provider slack is outside this caller's providers",
+        ),
+    ];
+    for (id, msg) in cases {
+        let e = restricted
+            .get_token(v1::GetTokenRequest { id: id.into() })
+            .await
+            .expect_err(id);
+        assert_eq!(
+            (e.code(), e.message()),
+            (Code::PermissionDenied, msg),
+            "{id}"
+        );
+        assert!(!e.message().contains("team-b"), "owner leaked");
+    }
+    // An unrestricted worker still reads everything.
+    d.get("refresh").await.expect("unrestricted worker");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn ip_allowlists_and_rate_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = start(dir.path()).await;
+    d.put(&meta("r", "o"), b"s").await;
+    let e = d
+        .admin(REMOTE_ADMIN)
+        .await
+        .stats(v1::StatsRequest {})
+        .await
+        .expect_err("wrong network");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::PermissionDenied,
+            "client address 127.0.0.1 is not allowed for credential 'remote-admin'"
+        )
+    );
+    d.broker(LOCAL_WORKER)
+        .await
+        .get_token(v1::GetTokenRequest { id: "r".into() })
+        .await
+        .expect("allowed network");
+
+    let mut limited = d.broker(LIMITED).await;
+    // Burst of 3, then one per second: of 10 rapid calls at most 3 + elapsed seconds succeed.
+    let t0 = std::time::Instant::now();
+    let mut ok = 0u64;
+    let mut refused = None;
+    for _ in 0..10 {
+        match limited
+            .get_token(v1::GetTokenRequest { id: "r".into() })
+            .await
+        {
+            Ok(_) => ok += 1,
+            Err(e) => refused = Some(e),
+        }
+    }
+    let allowed = 3 + t0.elapsed().as_secs() + 1;
+    assert!(
+        (3..=allowed).contains(&ok),
+        "{ok} calls succeeded, at most {allowed} allowed"
+    );
+    let e = refused.expect("some calls were refused");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::ResourceExhausted,
+            "credential 'limited' exceeded its rate limit of 1 requests/s"
+        )
+    );
+    // Other callers are unaffected, and the bucket refills.
+    d.get("r").await.expect("other worker");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    limited
+        .get_token(v1::GetTokenRequest { id: "r".into() })
+        .await
+        .expect("refilled");
+    // Every refusal is in the audit trail.
+    let mut stream = d
+        .admin(ADMIN)
+        .await
+        .audit_log(v1::AuditLogRequest::default())
+        .await
+        .expect("audit")
+        .into_inner();
+    let mut refusals = Vec::new();
+    while let Some(ev) = stream.message().await.expect("event") {
+        if ev.action == "auth" {
+            refusals.push((ev.caller, ev.outcome));
+        }
+    }
+    assert!(
+        refusals.contains(&("remote-admin".into(), "PermissionDenied".into())),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals.contains(&("limited".into(), "ResourceExhausted".into())),
+        "{refusals:?}"
+    );
+    d.stop().await;
+}
+
+#[test]
+fn policies_load_from_the_config_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.toml");
+    let hash = "ab".repeat(32);
+    let base = format!(
+        "data_dir = \"d\"\nkey_dir = \"k\"\n[[credentials]]\nname = \"w\"\nrole = \"worker\"\nsha256 = \"{hash}\"\n"
+    );
+    std::fs::write(
+        &path,
+        format!("{base}providers = [\"github\"]\nowner_prefixes = [\"t/\"]\nkinds = [\"api_key\"]\nallowed_ips = [\"10.0.0.0/8\", \"::1\", \"192.0.2.7\"]\nrate_per_second = 20\nburst = 40\n"),
+    )
+    .expect("write");
+    let c = Config::load(&path, &Env).expect("loads");
+    let p = &c.credentials[0].policy;
+    assert_eq!(
+        (
+            p.providers.clone(),
+            p.kinds.clone(),
+            p.rate_per_second,
+            p.burst
+        ),
+        (
+            vec!["github".to_string()],
+            vec![SecretKind::ApiKey],
+            Some(20),
+            Some(40)
+        )
+    );
+    assert!(
+        p.allows_ip("10.1.2.3".parse().expect("ip"))
+            && p.allows_ip("::1".parse().expect("ip"))
+            && p.allows_ip("192.0.2.7".parse().expect("ip"))
+    );
+    assert!(!p.allows_ip("192.0.2.8".parse().expect("ip")));
+    assert!(
+        p.allows_ip("::ffff:10.0.0.1".parse().expect("ip")),
+        "IPv4-mapped IPv6 matches the IPv4 range"
+    );
+    for (extra, msg) in [
+        (
+            "kinds = [\"password\"]\n",
+            "credentials[0].kinds: kind must be one of",
+        ),
+        (
+            "allowed_ips = [\"10.0.0.0/33\"]\n",
+            "credentials[0].allowed_ips: each entry must be an IP or CIDR",
+        ),
+        (
+            "rate_per_second = 0\n",
+            "credentials[0].rate_per_second: must be at least 1",
+        ),
+    ] {
+        std::fs::write(&path, format!("{base}{extra}")).expect("write");
+        let err = Config::load(&path, &Env).expect_err(msg).to_string();
+        assert!(err.starts_with(msg), "{err}");
+    }
+}
