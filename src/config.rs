@@ -215,8 +215,10 @@ pub struct Limits {
 /// Everything the daemon needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// gRPC listen address.
+    /// gRPC listen address (all services).
     pub listen: SocketAddr,
+    /// Optional second address serving only `Ingest`, for the web tier.
+    pub ingest_listen: Option<SocketAddr>,
     /// RocksDB directory.
     pub data_dir: PathBuf,
     /// Private key directory.
@@ -271,6 +273,7 @@ impl KeyPolicy {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<String>,
+    ingest_listen: Option<String>,
     data_dir: Option<PathBuf>,
     key_dir: Option<PathBuf>,
     passphrase_file: Option<PathBuf>,
@@ -380,6 +383,11 @@ impl Config {
         let listen = listen
             .parse()
             .map_err(|_| invalid("listen", "not an IP:port address"))?;
+        let ingest_listen = file
+            .ingest_listen
+            .map(|a| a.parse())
+            .transpose()
+            .map_err(|_| invalid("ingest_listen", "not an IP:port address"))?;
         let data_dir = env
             .get(ENV_DATA_DIR)
             .map(PathBuf::from)
@@ -482,6 +490,7 @@ impl Config {
         }
         let config = Config {
             listen,
+            ingest_listen,
             data_dir: base.join(data_dir),
             key_dir: base.join(key_dir),
             passphrase: passphrase_from(env, file.passphrase_file.map(|p| base.join(p)))?,
@@ -525,6 +534,7 @@ impl Config {
         }
         Ok(Config {
             listen,
+            ingest_listen: None,
             data_dir: base.join("data"),
             key_dir: base.join("keys").join("dev"),
             passphrase: passphrase_from(env, None)?,
@@ -543,7 +553,9 @@ impl Config {
     }
 
     fn check_listen(&self) -> Result<(), ConfigError> {
-        if !self.listen.ip().is_loopback() && self.tls.is_none() && !self.insecure_plaintext {
+        let public = !self.listen.ip().is_loopback()
+            || self.ingest_listen.is_some_and(|a| !a.ip().is_loopback());
+        if public && self.tls.is_none() && !self.insecure_plaintext {
             return Err(invalid(
                 "listen",
                 "refusing plaintext gRPC on a non-loopback address; configure [tls], or set \

@@ -785,3 +785,74 @@ async fn retired_keys_are_refused_at_ingest_and_at_open() {
     assert_eq!(stats(&d).await.records, 1);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn the_ingest_only_listener_cannot_reach_broker_or_admin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let daemon = tokio::task::spawn_blocking(move || tokenvault::server::Daemon::open(&cfg))
+        .await
+        .expect("join")
+        .expect("open");
+    let main = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let web = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let web_addr = web.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(daemon.serve_split(main, Some(web), async {
+        let _ = rx.await;
+    }));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{web_addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let with = |cred: &str| {
+        tonic::service::interceptor::InterceptedService::new(channel.clone(), Bearer::new(cred))
+    };
+    let pem = v1::ingest_client::IngestClient::new(with(INGEST))
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("ingest works on the web port")
+        .into_inner()
+        .active
+        .expect("active")
+        .spki_pem;
+    let rec = Sealer::from_pem(&pem)
+        .expect("pem")
+        .seal_record(&meta("web", "o"), &Secret::new(b"s".to_vec()))
+        .expect("seal");
+    v1::ingest_client::IngestClient::new(with(INGEST))
+        .put_sealed(put_req(rec))
+        .await
+        .expect("put on the web port");
+    let e = v1::broker_client::BrokerClient::new(with(WORKER))
+        .get_token(v1::GetTokenRequest { id: "web".into() })
+        .await
+        .expect_err("no broker here");
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    let e = v1::admin_client::AdminClient::new(with(ADMIN))
+        .stats(v1::StatsRequest {})
+        .await
+        .expect_err("no admin here");
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "tokenvault.v1.Ingest".into(),
+        })
+        .await
+        .expect("health");
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let _ = tx.send(());
+    server
+        .await
+        .expect("join")
+        .expect("clean shutdown of both listeners");
+}

@@ -146,11 +146,22 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
                 println!("  export {}={}", credential_env(*role), cred.expose_secret());
             }
         }
+        let ingest_listener = match config.ingest_listen {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| CliError::Unavailable(format!("cannot listen on {a}: {e}")))?;
+                let bound = l.local_addr().map_err(|e| CliError::Internal(format!("local address: {e}")))?;
+                println!("ingest only: listening on {bound}");
+                Some(l)
+            }
+            None => None,
+        };
         println!("listening on {addr}");
         // Flush so scripts waiting for the address see it before the first request.
         let _ = std::io::stdout().flush();
         daemon
-            .serve(listener, shutdown_signal())
+            .serve_split(listener, ingest_listener, shutdown_signal())
             .await
             .map_err(|e| CliError::Internal(e.to_string()))?;
         tracing::info!("shut down cleanly");

@@ -48,6 +48,9 @@ pub enum StartError {
     /// The audit trail could not be opened.
     #[error("opening the audit trail: {0}")]
     Audit(#[from] AuditError),
+    /// A listener could not be served.
+    #[error("listener: {0}")]
+    Listener(String),
     /// The TLS configuration could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
@@ -201,13 +204,30 @@ impl Daemon {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
+        self.serve_split(listener, None, shutdown).await
+    }
+
+    /// Like [`Daemon::serve`], plus an optional second listener that serves only `Ingest` (and
+    /// health), for the port exposed to the web tier: Broker and Admin are not reachable on it
+    /// at all (`UNIMPLEMENTED`).
+    pub async fn serve_split(
+        self,
+        listener: TcpListener,
+        ingest_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
         let max = self.state.limits.max_request_bytes;
         let guard = |role, service| {
             RoleGuard::new(Arc::clone(&self.auth), role, service)
                 .with_audit(Arc::clone(&self.state.audit))
         };
-        let ingest = IngestServer::new(ingest::IngestService(Arc::clone(&self.state)))
-            .max_decoding_message_size(max);
+        let ingest = || {
+            tonic::service::interceptor::InterceptedService::new(
+                IngestServer::new(ingest::IngestService(Arc::clone(&self.state)))
+                    .max_decoding_message_size(max),
+                guard(Role::Ingest, "Ingest"),
+            )
+        };
         let broker = BrokerServer::new(broker::BrokerService(Arc::clone(&self.state)))
             .max_decoding_message_size(max);
         let admin = AdminServer::new(admin::AdminService(Arc::clone(&self.state)))
@@ -233,20 +253,43 @@ impl Daemon {
             tokio::spawn(auto_rotate(Arc::clone(&self.state), period));
         }
 
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = self.tls.clone() {
-            builder = builder.tls_config(tls)?;
-        }
-        builder
-            .layer(tower::util::MapResponseLayer::new(
-                oversize_is_resource_exhausted,
-            ))
+        let builder = || -> Result<tonic::transport::Server<_>, StartError> {
+            let mut b = tonic::transport::Server::builder().layer(
+                tower::util::MapResponseLayer::new(oversize_is_resource_exhausted),
+            );
+            if let Some(tls) = self.tls.clone() {
+                b = b.tls_config(tls)?;
+            }
+            Ok(b)
+        };
+        // Without TCP_NODELAY, Nagle's algorithm holds back the trailers of each response
+        // until the client ACKs: ~0.5 ms added to every call.
+        let incoming = |l: TcpListener| {
+            tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let ingest_only = match ingest_listener {
+            Some(l) => {
+                let (_, ingest_health) = {
+                    let (r, h) = tonic_health::server::health_reporter();
+                    r.set_serving::<IngestServer<ingest::IngestService>>().await;
+                    (r, h)
+                };
+                let server = builder()?
+                    .add_service(ingest_health)
+                    .add_service(ingest())
+                    .serve_with_incoming_shutdown(incoming(l), stopped(stop_rx.clone()));
+                Some(tokio::spawn(server))
+            }
+            None => None,
+        };
+        let main = builder()?
             .add_service(health)
             .add_service(reflection)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                ingest,
-                guard(Role::Ingest, "Ingest"),
-            ))
+            .add_service(ingest())
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 broker,
                 guard(Role::Worker, "Broker"),
@@ -255,13 +298,17 @@ impl Daemon {
                 admin,
                 guard(Role::Admin, "Admin"),
             ))
-            .serve_with_incoming_shutdown(
-                // Without TCP_NODELAY, Nagle's algorithm holds back the trailers of each
-                // response until the client ACKs: ~0.5 ms added to every call.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            )
-            .await?;
+            .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx));
+        let signal = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let (result, ()) = tokio::join!(main, signal);
+        result?;
+        if let Some(task) = ingest_only {
+            task.await
+                .map_err(|_| StartError::Listener("the ingest listener task failed".into()))??;
+        }
         drop(self);
         Ok(())
     }
