@@ -314,3 +314,53 @@ fn policies_load_from_the_config_file() {
         assert!(err.starts_with(msg), "{err}");
     }
 }
+
+#[tokio::test]
+async fn credentials_rotate_without_downtime() {
+    // Old and new credential of the same caller are valid together during the overlap.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = "tv_worker_credential_old_generation";
+    let new = "tv_worker_credential_new_generation";
+    let mut cfg = config(dir.path());
+    cfg.credentials.push(CredentialEntry::for_credential(
+        "billing",
+        Role::Worker,
+        &ApiCredential::new(old.into()),
+    ));
+    cfg.credentials.push(CredentialEntry::for_credential(
+        "billing",
+        Role::Worker,
+        &ApiCredential::new(new.into()),
+    ));
+    let d = TestDaemon::start_with(cfg).await;
+    d.put(&meta("r", "o"), b"s").await;
+    for cred in [old, new] {
+        d.broker(cred)
+            .await
+            .get_token(v1::GetTokenRequest { id: "r".into() })
+            .await
+            .expect(cred);
+    }
+    d.stop().await;
+    // The old one removed: only the new one works.
+    let mut cfg = config(dir.path());
+    cfg.credentials.push(CredentialEntry::for_credential(
+        "billing",
+        Role::Worker,
+        &ApiCredential::new(new.into()),
+    ));
+    let d = TestDaemon::start_with(cfg).await;
+    d.broker(new)
+        .await
+        .get_token(v1::GetTokenRequest { id: "r".into() })
+        .await
+        .expect("new");
+    let e = d
+        .broker(old)
+        .await
+        .get_token(v1::GetTokenRequest { id: "r".into() })
+        .await
+        .expect_err("old retired");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    d.stop().await;
+}
