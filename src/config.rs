@@ -241,6 +241,17 @@ pub struct Config {
     pub log: String,
     /// Key lifecycle policy.
     pub key_policy: KeyPolicy,
+    /// The optional DEK cache (off when `None`).
+    pub dek_cache: Option<DekCacheConfig>,
+}
+
+/// Bounds of the DEK cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DekCacheConfig {
+    /// Most data keys held.
+    pub max_entries: usize,
+    /// Longest a data key is held, in seconds.
+    pub ttl_seconds: u64,
 }
 
 /// Key lifecycle settings.
@@ -286,6 +297,7 @@ struct FileConfig {
     #[serde(default)]
     keys: FileKeys,
     tls: Option<FileTls>,
+    dek_cache: Option<FileDekCache>,
     #[serde(default)]
     credentials: Vec<FileCredential>,
 }
@@ -322,6 +334,15 @@ struct FileCredential {
     allowed_ips: Vec<String>,
     rate_per_second: Option<u32>,
     burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDekCache {
+    #[serde(default)]
+    enabled: bool,
+    max_entries: Option<usize>,
+    ttl_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -501,6 +522,22 @@ impl Config {
             insecure_plaintext: file.insecure_plaintext,
             dev: false,
             log: file.log.unwrap_or_else(|| "info".into()),
+            dek_cache: match file.dek_cache {
+                Some(c) if c.enabled => {
+                    let cache = DekCacheConfig {
+                        max_entries: c.max_entries.unwrap_or(10_000),
+                        ttl_seconds: c.ttl_seconds.unwrap_or(300),
+                    };
+                    if cache.max_entries == 0 || cache.ttl_seconds == 0 {
+                        return Err(invalid(
+                            "dek_cache",
+                            "max_entries and ttl_seconds must be > 0",
+                        ));
+                    }
+                    Some(cache)
+                }
+                _ => None,
+            },
             key_policy: KeyPolicy {
                 ingest_grace_seconds: file
                     .keys
@@ -549,6 +586,7 @@ impl Config {
             dev: true,
             log: "info".into(),
             key_policy: KeyPolicy::standard(),
+            dek_cache: None,
         })
     }
 

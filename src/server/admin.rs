@@ -278,6 +278,7 @@ impl Admin for AdminService {
                         failed = p.failed,
                         "rewrap finished"
                     );
+                    state.forget_deks(None);
                     let done = Draft::new("rewrap", "RewrapFinished").detail(format!(
                         "v{}: {} rewrapped, {} failed",
                         p.target_version, p.rewrapped, p.failed
@@ -356,6 +357,7 @@ impl Admin for AdminService {
             .0
             .blocking(move |s| {
                 let draft = Draft::new(&who, "Revoke").record(id.as_str());
+                s.forget_deks(Some(&id));
                 s.audited(draft, |a| {
                     Ok((s.store.revoke(&id, crate::unix_now(), Some(a))?, true))
                 })
@@ -378,6 +380,7 @@ impl Admin for AdminService {
         self.0
             .blocking(move |s| {
                 let draft = Draft::new(&who, "Delete").record(id.as_str());
+                s.forget_deks(Some(&id));
                 s.audited(draft, |a| {
                     if s.store.delete_record(&id, Some(a))? {
                         Ok(((), true))
@@ -406,6 +409,7 @@ impl Admin for AdminService {
             .0
             .blocking(move |s| {
                 let draft = Draft::new(&who, "DeleteOwner").owner(owner.as_str());
+                s.forget_deks(None);
                 s.audited(draft, |a| {
                     Ok((s.store.delete_owner(&owner, Some(a))?, true))
                 })
@@ -421,9 +425,18 @@ impl Admin for AdminService {
         _request: Request<v1::StatsRequest>,
     ) -> Result<Response<v1::StatsResponse>, Status> {
         let stats = self.0.blocking(|s| Ok(s.store.stats()?)).await?;
+        let cache = self
+            .0
+            .dek_cache
+            .as_ref()
+            .map(|c| c.stats())
+            .unwrap_or_default();
         Ok(Response::new(v1::StatsResponse {
             records: stats.records,
             revoked: stats.revoked,
+            dek_cache_hits: cache.hits,
+            dek_cache_misses: cache.misses,
+            dek_cache_entries: cache.entries,
             records_per_key_version: stats
                 .per_key_version
                 .into_iter()

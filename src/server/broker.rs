@@ -11,7 +11,8 @@ use super::status::ServiceError;
 use super::{State, caller_name, caller_policy};
 use crate::api::v1::{self, broker_server::Broker};
 use crate::audit::Draft;
-use crate::envelope;
+use crate::envelope::{self, DecryptError, EnvelopeRef};
+use crate::keys::UnwrapperLookup as _;
 use crate::keys::keyring::Keyring;
 use crate::record::RecordId;
 use crate::store::StoreError;
@@ -87,14 +88,35 @@ fn release(
             expires_at,
         });
     }
-    let secret = envelope::open(&record.meta, &record.envelope, ring).map_err(|source| {
-        ServiceError::Open {
-            id: id.to_string(),
-            source,
-        }
+    let secret = open(s, id, &record, ring).map_err(|source| ServiceError::Open {
+        id: id.to_string(),
+        source,
     })?;
     Ok(v1::GetTokenResponse {
         info: Some((&record).into()),
         secret: secret.expose_secret().to_vec(),
     })
+}
+
+/// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
+/// call, so a destroyed key or the minimum decryption version applies to cached keys too.
+fn open(
+    s: &State,
+    id: &RecordId,
+    record: &crate::record::Record,
+    ring: &Keyring,
+) -> Result<crate::secret::Secret, DecryptError> {
+    let Some(cache) = &s.dek_cache else {
+        return envelope::open(&record.meta, &record.envelope, ring);
+    };
+    let env = EnvelopeRef::decode(&record.envelope)?;
+    let unwrapper = ring.unwrapper(&env.key_id)?;
+    if let Some(dek) = cache.get(id, record.version, &env.key_id) {
+        return envelope::open_with_dek(&record.meta, &env, &dek);
+    }
+    let dek = Arc::new(unwrapper.unwrap_dek(env.wrapped_dek)?);
+    let secret = envelope::open_with_dek(&record.meta, &env, &dek)?;
+    // Cached only once it has opened the record, so a bad key is never reused.
+    cache.put(id.clone(), record.version, env.key_id, dek);
+    Ok(secret)
 }

@@ -12,6 +12,7 @@
 mod admin;
 pub mod auth;
 mod broker;
+pub mod dek_cache;
 mod ingest;
 pub mod status;
 pub mod tls;
@@ -72,6 +73,8 @@ pub(crate) struct State {
     rewrapping: std::sync::atomic::AtomicBool,
     /// The audit trail.
     audit: Arc<Auditor>,
+    /// Unwrapped data keys of recently read records, if enabled.
+    dek_cache: Option<dek_cache::DekCache>,
 }
 
 impl State {
@@ -94,6 +97,7 @@ impl State {
             .keyring
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&ring);
+        self.forget_deks(None);
         Ok(ring)
     }
 
@@ -116,6 +120,16 @@ impl State {
         let draft = draft.outcome(format!("{:?}", e.code()));
         if let Err(audit_err) = self.audit.append(&draft, true) {
             tracing::error!(error = %audit_err, "could not audit a refused request");
+        }
+    }
+
+    /// Forgets cached data keys: one record's, or all of them.
+    fn forget_deks(&self, id: Option<&crate::record::RecordId>) {
+        if let Some(cache) = &self.dek_cache {
+            match id {
+                Some(id) => cache.remove(id),
+                None => cache.clear(),
+            }
         }
     }
 
@@ -183,6 +197,13 @@ impl Daemon {
                 Arc::clone(&store_for_audit),
                 &config.key_dir,
             )?),
+            dek_cache: config.dek_cache.map(|c| {
+                dek_cache::DekCache::new(
+                    std::num::NonZeroUsize::new(c.max_entries)
+                        .unwrap_or(std::num::NonZeroUsize::MIN),
+                    std::time::Duration::from_secs(c.ttl_seconds),
+                )
+            }),
         };
         let tls = config
             .tls
