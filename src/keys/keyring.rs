@@ -209,6 +209,26 @@ impl Keyring {
         })
     }
 
+    /// A keyring of one active version holding `key`, with no files or store behind it: for
+    /// fuzzing and tests only.
+    #[cfg(any(test, fuzzing))]
+    pub fn single(key: PrivateKey) -> Self {
+        let info = KeyInfo {
+            version: 1,
+            id: key.public_key().id(),
+            state: KeyState::Active,
+            created_at: 0,
+            updated_at: 0,
+            spki_der: key.public_key().spki_der().to_vec(),
+        };
+        let public = key.public_key().clone();
+        let mut by_id = HashMap::new();
+        by_id.insert(info.id, 1);
+        let mut slots = BTreeMap::new();
+        slots.insert(1, Slot { info, public, private: Some(key) });
+        Self { slots, by_id, active: 1, min_version: 0 }
+    }
+
     /// Refuses to open anything wrapped under a version below `min`, even if its key is still
     /// present.
     pub fn with_min_version(mut self, min: u32) -> Self {

@@ -22,6 +22,16 @@ use crate::store::RecordWrite;
 /// The `tokenvault.v1.Ingest` service.
 pub struct IngestService(pub(super) Arc<State>);
 
+/// Runs Ingest's validation of one encoded `PutSealedRequest` against `ring`, as the fuzzer
+/// does: it must return (accept or refuse) for any input, never panic.
+#[cfg(fuzzing)]
+pub fn fuzz_check_item(ring: &Keyring, bytes: &[u8]) -> bool {
+    use prost::Message as _;
+    let Ok(item) = v1::PutSealedRequest::decode(bytes) else { return false };
+    let policy = crate::config::CallerPolicy::default();
+    check_item(ring, &KeyPolicy::standard(), &policy, 0, item).is_ok()
+}
+
 fn check_item(
     ring: &Keyring,
     policy: &KeyPolicy,

@@ -13,6 +13,9 @@ mod admin;
 pub mod auth;
 mod broker;
 pub mod dek_cache;
+#[cfg(fuzzing)]
+pub mod ingest;
+#[cfg(not(fuzzing))]
 mod ingest;
 pub mod status;
 pub mod tls;

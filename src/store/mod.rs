@@ -233,6 +233,12 @@ pub(crate) fn plan_replace_envelope(
     Ok(r)
 }
 
+/// Decodes a stored record value, as the fuzzer does: never panics, whatever the bytes.
+#[cfg(all(fuzzing, feature = "daemon"))]
+pub fn fuzz_decode_record(bytes: &[u8]) -> bool {
+    schema::decode_record(bytes).is_ok()
+}
+
 /// Counts records for [`TokenStore::stats`], shared by every implementation.
 pub(crate) fn count_stats<'a>(records: impl Iterator<Item = &'a Record>) -> StoreStats {
     let mut stats = StoreStats::default();
