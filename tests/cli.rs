@@ -399,3 +399,36 @@ fn acknowledged_writes_survive_sigkill() {
     }
     d.terminate();
 }
+
+#[test]
+fn a_burst_of_refusals_raises_an_alert_in_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let d = serve_dev(cwd);
+    // A stolen ingest credential probing the Broker.
+    let ingest = d.cred("TOKENVAULT_INGEST_TOKEN");
+    let env = [
+        ("TOKENVAULT_WORKER_TOKEN", ingest.as_str()),
+        ("TOKENVAULT_ADDR", d.addr.as_str()),
+    ];
+    for _ in 0..10 {
+        assert_exit(
+            &run(cwd, &["get", "anything"], &env, None),
+            4,
+            "PermissionDenied",
+        );
+    }
+    let (_, log) = d.terminate();
+    let alert = log
+        .lines()
+        .find(|l| l.contains("denial_burst"))
+        .unwrap_or_else(|| panic!("no alert in:\n{log}"));
+    assert!(
+        alert.contains("dev-ingest") && alert.contains("denials=10"),
+        "{alert}"
+    );
+    assert!(
+        !log.contains(&ingest),
+        "the credential itself is never logged"
+    );
+}

@@ -225,8 +225,20 @@ impl Keyring {
         let mut by_id = HashMap::new();
         by_id.insert(info.id, 1);
         let mut slots = BTreeMap::new();
-        slots.insert(1, Slot { info, public, private: Some(key) });
-        Self { slots, by_id, active: 1, min_version: 0 }
+        slots.insert(
+            1,
+            Slot {
+                info,
+                public,
+                private: Some(key),
+            },
+        );
+        Self {
+            slots,
+            by_id,
+            active: 1,
+            min_version: 0,
+        }
     }
 
     /// Refuses to open anything wrapped under a version below `min`, even if its key is still

@@ -27,7 +27,9 @@ pub struct IngestService(pub(super) Arc<State>);
 #[cfg(fuzzing)]
 pub fn fuzz_check_item(ring: &Keyring, bytes: &[u8]) -> bool {
     use prost::Message as _;
-    let Ok(item) = v1::PutSealedRequest::decode(bytes) else { return false };
+    let Ok(item) = v1::PutSealedRequest::decode(bytes) else {
+        return false;
+    };
     let policy = crate::config::CallerPolicy::default();
     check_item(ring, &KeyPolicy::standard(), &policy, 0, item).is_ok()
 }
