@@ -140,6 +140,9 @@ pub struct CallerPolicy {
     pub rate_per_second: Option<u32>,
     /// Token-bucket burst size (defaults to the rate).
     pub burst: Option<u32>,
+    /// Token-bucket limit per record for this caller: `GetToken`s of one record per second
+    /// (burst equal to the rate).
+    pub record_rate_per_second: Option<u32>,
 }
 
 impl CallerPolicy {
@@ -334,6 +337,7 @@ struct FileCredential {
     allowed_ips: Vec<String>,
     rate_per_second: Option<u32>,
     burst: Option<u32>,
+    record_rate_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -475,6 +479,12 @@ impl Config {
                         "each entry must be an IP or CIDR",
                     )
                 })?;
+            if c.record_rate_per_second == Some(0) {
+                return Err(invalid(
+                    &format!("{key}.record_rate_per_second"),
+                    "must be at least 1",
+                ));
+            }
             if c.rate_per_second == Some(0) {
                 return Err(invalid(
                     &format!("{key}.rate_per_second"),
@@ -493,6 +503,7 @@ impl Config {
                     allowed_ips,
                     rate_per_second: c.rate_per_second,
                     burst: c.burst,
+                    record_rate_per_second: c.record_rate_per_second,
                 },
             });
         }

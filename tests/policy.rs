@@ -364,3 +364,50 @@ async fn credentials_rotate_without_downtime() {
     assert_eq!(e.code(), Code::Unauthenticated);
     d.stop().await;
 }
+
+#[tokio::test]
+async fn per_record_rate_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cred = "tv_per_record_limited_worker";
+    let mut cfg = config(dir.path());
+    cfg.credentials.push(entry(
+        "per-record",
+        Role::Worker,
+        cred,
+        CallerPolicy {
+            record_rate_per_second: Some(1),
+            ..CallerPolicy::default()
+        },
+    ));
+    let d = TestDaemon::start_with(cfg).await;
+    d.seed("r", 2).await;
+    let mut w = d.broker(cred).await;
+    let t0 = std::time::Instant::now();
+    let mut ok = 0u64;
+    let mut refused = None;
+    for _ in 0..6 {
+        match w.get_token(v1::GetTokenRequest { id: "r0".into() }).await {
+            Ok(_) => ok += 1,
+            Err(e) => refused = Some(e),
+        }
+    }
+    let allowed = 1 + t0.elapsed().as_secs() + 1;
+    assert!(
+        (1..=allowed).contains(&ok),
+        "{ok} of 6 succeeded, at most {allowed} allowed"
+    );
+    let e = refused.expect("some reads of r0 were refused");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::ResourceExhausted,
+            "credential 'per-record' exceeded its rate limit of 1 requests/s for record r0"
+        )
+    );
+    // Another record has its own bucket; another caller is unaffected.
+    w.get_token(v1::GetTokenRequest { id: "r1".into() })
+        .await
+        .expect("other record");
+    d.get("r0").await.expect("other caller");
+    d.stop().await;
+}

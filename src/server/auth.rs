@@ -36,9 +36,34 @@ pub const DENIAL_ALERT_THRESHOLD: usize = 10;
 pub const DENIAL_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub(crate) fn full(burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst.max(1)),
+            at: Instant::now(),
+        }
+    }
+
+    /// Refills at `rate` per second up to `burst`, then takes one token if there is one.
+    pub(crate) fn take(&mut self, rate: u32, burst: u32) -> bool {
+        let now = Instant::now();
+        let burst = f64::from(burst.max(1));
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * f64::from(rate)).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Checks bearer credentials against configured SHA-256 hashes.
@@ -70,24 +95,15 @@ impl Authenticator {
         let Some(rate) = caller.policy.rate_per_second else {
             return true;
         };
-        let burst = f64::from(caller.policy.burst.unwrap_or(rate).max(1));
+        let burst = caller.policy.burst.unwrap_or(rate);
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        let b = buckets.entry(caller.name.clone()).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(rate)).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        buckets
+            .entry(caller.name.clone())
+            .or_insert_with(|| Bucket::full(burst))
+            .take(rate, burst)
     }
 
     /// Counts a refusal; raises a structured alert when a caller is refused again and again,

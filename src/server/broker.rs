@@ -40,7 +40,9 @@ impl Broker for BrokerService {
             .0
             .blocking(move |s| {
                 let mut draft = Draft::new(&who, "GetToken").record(id.as_str());
-                let released = release(s, &id, &ring, &policy, &mut draft);
+                let released = s
+                    .record_token(&who, &policy, &id)
+                    .and_then(|()| release(s, &id, &ring, &policy, &mut draft));
                 match &released {
                     // Fail closed: no audit event, no secret.
                     Ok(_) => s.audit.append(&draft, false)?,

@@ -78,6 +78,9 @@ pub(crate) struct State {
     audit: Arc<Auditor>,
     /// Unwrapped data keys of recently read records, if enabled.
     dek_cache: Option<dek_cache::DekCache>,
+    /// Per caller and record token buckets (bounded: least recently used pairs are dropped).
+    record_buckets:
+        std::sync::Mutex<lru::LruCache<(String, crate::record::RecordId), auth::Bucket>>,
 }
 
 impl State {
@@ -123,6 +126,34 @@ impl State {
         let draft = draft.outcome(format!("{:?}", e.code()));
         if let Err(audit_err) = self.audit.append(&draft, true) {
             tracing::error!(error = %audit_err, "could not audit a refused request");
+        }
+    }
+
+    /// Takes a token from the caller's bucket for this record, if it has a per-record limit.
+    fn record_token(
+        &self,
+        caller: &str,
+        policy: &crate::config::CallerPolicy,
+        id: &crate::record::RecordId,
+    ) -> Result<(), ServiceError> {
+        let Some(rate) = policy.record_rate_per_second else {
+            return Ok(());
+        };
+        let mut buckets = self
+            .record_buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bucket = buckets.get_or_insert_mut((caller.to_string(), id.clone()), || {
+            auth::Bucket::full(rate)
+        });
+        if bucket.take(rate, rate) {
+            Ok(())
+        } else {
+            Err(ServiceError::RecordRateLimited {
+                caller: caller.to_string(),
+                rate,
+                id: id.to_string(),
+            })
         }
     }
 
@@ -200,6 +231,9 @@ impl Daemon {
                 Arc::clone(&store_for_audit),
                 &config.key_dir,
             )?),
+            record_buckets: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(100_000).expect("non-zero"),
+            )),
             dek_cache: config.dek_cache.map(|c| {
                 dek_cache::DekCache::new(
                     std::num::NonZeroUsize::new(c.max_entries)

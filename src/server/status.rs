@@ -79,6 +79,16 @@ pub enum ServiceError {
     /// The caller's policy does not cover this record.
     #[error("permission denied: {0}")]
     PolicyDenied(String),
+    /// The caller exceeded its per-record rate limit.
+    #[error("credential '{caller}' exceeded its rate limit of {rate} requests/s for record {id}")]
+    RecordRateLimited {
+        /// Caller name.
+        caller: String,
+        /// Configured rate.
+        rate: u32,
+        /// Record id.
+        id: String,
+    },
     /// A key supplied for import was refused.
     #[error("invalid key: {0}")]
     BadKey(String),
@@ -162,6 +172,7 @@ impl ServiceError {
             | ServiceError::Expired { .. } => Code::FailedPrecondition,
             ServiceError::BatchTooLarge { .. } => Code::ResourceExhausted,
             ServiceError::PolicyDenied(_) => Code::PermissionDenied,
+            ServiceError::RecordRateLimited { .. } => Code::ResourceExhausted,
             ServiceError::Open { source, .. } => match source {
                 DecryptError::DecryptionFailed | DecryptError::Format(_) => Code::DataLoss,
                 DecryptError::KeyUnavailable { .. } | DecryptError::BelowMinimum { .. } => {
