@@ -252,6 +252,35 @@ fn find(store: &dyn TokenStore, version: u32) -> Result<KeyInfo, RotationError> 
         .ok_or(RotationError::UnknownVersion(version))
 }
 
+/// The registry entry of `version`, which must be in one of the `allowed` states for `action`.
+fn find_in(
+    store: &dyn TokenStore,
+    version: u32,
+    allowed: &[KeyState],
+    action: &'static str,
+    needed: &'static str,
+) -> Result<KeyInfo, RotationError> {
+    let key = find(store, version)?;
+    if allowed.contains(&key.state) {
+        Ok(key)
+    } else {
+        Err(RotationError::WrongState {
+            version,
+            state: key.state,
+            action,
+            needed,
+        })
+    }
+}
+
+/// Refuses while any record is still wrapped under `version`.
+fn ensure_unused(store: &dyn TokenStore, version: u32) -> Result<(), RotationError> {
+    match records_under(store, version)? {
+        0 => Ok(()),
+        records => Err(RotationError::RecordsRemain { version, records }),
+    }
+}
+
 /// Records wrapped under `version` right now.
 pub fn records_under(store: &dyn TokenStore, version: u32) -> Result<u64, RotationError> {
     Ok(store
@@ -270,23 +299,15 @@ pub fn retire(
     now: i64,
     audit: Option<&AuditAppend>,
 ) -> Result<KeyInfo, RotationError> {
-    let mut key = find(store, version)?;
-    match key.state {
-        // Retiring again rewrites the same entry (so the audit event lands with it).
-        KeyState::Retired | KeyState::DecryptOnly => {}
-        state => {
-            return Err(RotationError::WrongState {
-                version,
-                state,
-                action: "retire",
-                needed: "decrypt-only",
-            });
-        }
-    }
-    let records = records_under(store, version)?;
-    if records > 0 {
-        return Err(RotationError::RecordsRemain { version, records });
-    }
+    // Retiring again rewrites the same entry (so the audit event lands with it).
+    let mut key = find_in(
+        store,
+        version,
+        &[KeyState::DecryptOnly, KeyState::Retired],
+        "retire",
+        "decrypt-only",
+    )?;
+    ensure_unused(store, version)?;
     key.state = KeyState::Retired;
     key.updated_at = now;
     store.put_keys(std::slice::from_ref(&key), audit)?;
@@ -302,18 +323,16 @@ pub fn destroy(
     now: i64,
     audit: Option<&AuditAppend>,
 ) -> Result<KeyInfo, RotationError> {
-    let mut key = find(store, version)?;
-    match key.state {
-        KeyState::Retired | KeyState::Destroyed => {}
-        state => {
-            return Err(RotationError::WrongState {
-                version,
-                state,
-                action: "destroy",
-                needed: "retired",
-            });
-        }
-    }
+    // Checked here as well as at retirement: an envelope that slipped in under a retiring key
+    // must never lose its only private key.
+    ensure_unused(store, version)?;
+    let mut key = find_in(
+        store,
+        version,
+        &[KeyState::Retired, KeyState::Destroyed],
+        "destroy",
+        "retired",
+    )?;
     dir.erase(version)?;
     if key.state != KeyState::Destroyed {
         key.state = KeyState::Destroyed;

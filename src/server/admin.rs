@@ -101,10 +101,6 @@ fn destroy(
     let _ops = s.key_ops();
     let draft = Draft::new(caller, "DestroyKey").detail(format!("v{version}"));
     let info = s.audited(draft, |a| {
-        let records = rotation::records_under(&*s.store, version)?;
-        if records > 0 {
-            return Err(RotationError::RecordsRemain { version, records }.into());
-        }
         Ok((
             rotation::destroy(&*s.store, &s.key_dir, version, now, Some(a))?,
             true,
