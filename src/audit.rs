@@ -427,6 +427,38 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_audit_key_file_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(AUDIT_KEY_FILE);
+        let store: Arc<dyn TokenStore> = Arc::new(MemoryStore::new());
+        for (bytes, mode, msg) in [
+            (
+                vec![7u8; 32],
+                0o644,
+                "readable by group or others (mode 644)",
+            ),
+            (vec![7u8; 31], 0o600, "must hold exactly 32 bytes"),
+        ] {
+            std::fs::write(&path, &bytes).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = Auditor::open(Arc::clone(&store), dir.path())
+                .expect_err(msg)
+                .to_string();
+            assert!(err.contains(msg), "{err}");
+            assert!(
+                !err.contains("0707"),
+                "key bytes never in the message: {err}"
+            );
+            assert_eq!(
+                std::fs::read(&path).expect("read"),
+                bytes,
+                "the file is not replaced"
+            );
+        }
+        assert_eq!(store.audit_events(1, 10).expect("events"), vec![]);
+    }
+
+    #[test]
     fn append_with_advances_only_when_written() {
         let (store, a, _dir) = auditor();
         let r: Result<u8, ()> = a.append_with(&Draft::new("c", "Delete"), |_| Ok((1, false)));

@@ -702,6 +702,34 @@ mod tests {
     }
 
     #[test]
+    fn rejects_bad_listener_and_key_policy_values() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let env = HashMap::new();
+        for (extra, msg) in [
+            (
+                "ingest_listen = \"nope\"\n",
+                "ingest_listen: not an IP:port address",
+            ),
+            (
+                "ingest_listen = \"0.0.0.0:9\"\n",
+                "listen: refusing plaintext gRPC",
+            ),
+            (
+                "[keys]\nauto_rotate_days = 0\n",
+                "keys.auto_rotate_days: must be at least 1",
+            ),
+            ("[keys]\nmin_decrypt_version = -1\n", "config file"),
+        ] {
+            let p = write(
+                tmp.path(),
+                &format!("data_dir = \"d\"\nkey_dir = \"k\"\n{extra}"),
+            );
+            let err = Config::load(&p, &env).expect_err(msg).to_string();
+            assert!(err.contains(msg), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
     fn dev_profile_is_loopback_only() {
         let env = HashMap::new();
         let base = Path::new("/tmp/x");
