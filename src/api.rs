@@ -114,13 +114,11 @@ impl From<KeyState> for v1::KeyState {
 
 impl From<&KeyInfo> for v1::PublicKey {
     fn from(k: &KeyInfo) -> Self {
-        let spki_pem = crate::keys::PublicKey::from_spki_der(&k.spki_der)
-            .map(|p| p.to_pem())
-            .unwrap_or_default();
         v1::PublicKey {
             version: k.version,
             fingerprint: k.id.to_hex(),
-            spki_pem,
+            // Pure encoding of the registered DER; no key parsing on every PublicKeys call.
+            spki_pem: crate::keys::spki_pem(&k.spki_der),
             state: v1::KeyState::from(k.state).into(),
             created_at: k.created_at,
         }

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 pub use error::KeyError;
 #[cfg(feature = "daemon")]
 pub use private::PrivateKey;
-pub use public::{PublicKey, RustCryptoWrapper};
+pub use public::{PublicKey, RustCryptoWrapper, spki_pem};
 
 use crate::envelope::{DecryptError, EncryptError};
 use crate::secret::DataKey;

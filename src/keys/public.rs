@@ -114,9 +114,7 @@ impl PublicKey {
 
     /// SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`).
     pub fn to_pem(&self) -> String {
-        self.rsa
-            .to_public_key_pem(LineEnding::LF)
-            .expect("a validated RSA public key always encodes")
+        spki_pem(&self.spki_der)
     }
 
     /// Modulus size in bits.
@@ -200,6 +198,13 @@ impl Wrapper for RustCryptoWrapper<'_> {
             .map(WrappedDek)
             .map_err(|_| EncryptError::Wrap)
     }
+}
+
+/// SubjectPublicKeyInfo DER as PEM (`PUBLIC KEY`, LF, 64 columns, as OpenSSL writes it). Pure
+/// encoding: callers that already hold the DER need not parse the key again.
+pub fn spki_pem(spki_der: &[u8]) -> String {
+    pkcs8::der::pem::encode_string("PUBLIC KEY", LineEnding::LF, spki_der)
+        .expect("PEM encoding of bytes cannot fail")
 }
 
 /// The label of the first PEM block in `pem`.
