@@ -95,6 +95,7 @@ impl From<&Record> for v1::RecordInfo {
             created_at: r.created_at,
             updated_at: r.updated_at,
             revoked: r.revoked,
+            needs_reauth: r.needs_reauth,
             version: r.version,
             key_version: r.key_version,
         }

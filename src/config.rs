@@ -246,6 +246,10 @@ pub struct Config {
     pub key_policy: KeyPolicy,
     /// The optional DEK cache (off when `None`).
     pub dek_cache: Option<DekCacheConfig>,
+    /// Upstream providers for `Broker.Proxy` and token refresh, by name.
+    pub providers: std::collections::BTreeMap<String, crate::provider::ProviderPolicy>,
+    /// The file this configuration was loaded from (re-read on reload), if any.
+    pub source: Option<PathBuf>,
 }
 
 /// Bounds of the DEK cache.
@@ -303,6 +307,8 @@ struct FileConfig {
     dek_cache: Option<FileDekCache>,
     #[serde(default)]
     credentials: Vec<FileCredential>,
+    #[serde(default)]
+    providers: std::collections::BTreeMap<String, crate::provider::FileProvider>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -389,17 +395,21 @@ fn passphrase_from(
     Ok(Some(Passphrase::new(text)))
 }
 
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
 impl Config {
     /// Loads `path` and applies environment overrides from `env`.
     pub fn load(path: &Path, env: &dyn Strings) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let file = read_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         let listen = env
             .get(ENV_LISTEN)
@@ -549,6 +559,8 @@ impl Config {
                 }
                 _ => None,
             },
+            providers: crate::provider::parse_all(file.providers, base)?,
+            source: Some(path.to_path_buf()),
             key_policy: KeyPolicy {
                 ingest_grace_seconds: file
                     .keys
@@ -598,7 +610,19 @@ impl Config {
             log: "info".into(),
             key_policy: KeyPolicy::standard(),
             dek_cache: None,
+            providers: std::collections::BTreeMap::new(),
+            source: None,
         })
+    }
+
+    /// Re-reads only the `[providers]` tables of `path` (hot reload; other settings need a
+    /// restart).
+    pub fn load_providers(
+        path: &Path,
+    ) -> Result<std::collections::BTreeMap<String, crate::provider::ProviderPolicy>, ConfigError>
+    {
+        let file = read_file(path)?;
+        crate::provider::parse_all(file.providers, path.parent().unwrap_or(Path::new(".")))
     }
 
     fn check_listen(&self) -> Result<(), ConfigError> {

@@ -17,6 +17,8 @@
 //! - [`store`]: the `TokenStore` trait, RocksDB and in-memory implementations.
 //! - [`api`]: generated gRPC types (`tokenvault.v1`).
 //! - [`config`], [`server`], [`cli`]: the daemon and command line (feature `daemon`).
+//! - [`provider`], [`proxy`], [`oauth`]: upstream calls with the credential injected, and
+//!   token refresh (feature `daemon`).
 //!
 //! Cargo features: `aws-lc` (default) seals with aws-lc-rs; without it sealing uses the
 //! pure-Rust `rsa` crate (public-key operations only). `daemon` (default) adds everything that
@@ -36,6 +38,12 @@ pub mod cli;
 pub mod config;
 pub mod envelope;
 pub mod keys;
+#[cfg(feature = "daemon")]
+pub mod oauth;
+#[cfg(feature = "daemon")]
+pub mod provider;
+#[cfg(feature = "daemon")]
+pub mod proxy;
 pub mod record;
 pub mod sealer;
 pub mod secret;

@@ -325,6 +325,9 @@ pub struct Record {
     pub updated_at: i64,
     /// Whether the record has been revoked.
     pub revoked: bool,
+    /// Whether the provider rejected the record's refresh token (`invalid_grant`): the owner
+    /// must authorize again, and the next write of the record clears it.
+    pub needs_reauth: bool,
     /// Version counter, 1 on creation, incremented by every write.
     pub version: u64,
 }

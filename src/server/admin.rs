@@ -430,6 +430,7 @@ impl Admin for AdminService {
         Ok(Response::new(v1::StatsResponse {
             records: stats.records,
             revoked: stats.revoked,
+            needs_reauth: stats.needs_reauth,
             dek_cache_hits: cache.hits,
             dek_cache_misses: cache.misses,
             dek_cache_entries: cache.entries,
@@ -442,5 +443,14 @@ impl Admin for AdminService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn reload_providers(
+        &self,
+        request: Request<v1::ReloadProvidersRequest>,
+    ) -> Result<Response<v1::ReloadProvidersResponse>, Status> {
+        let caller = caller_name(&request);
+        let providers = self.0.reload_providers(&caller).await?;
+        Ok(Response::new(v1::ReloadProvidersResponse { providers }))
     }
 }

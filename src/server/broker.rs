@@ -1,24 +1,38 @@
-//! `Broker`: hands decrypted secrets to authorized workers.
+//! `Broker`: hands decrypted secrets to authorized workers (`GetToken`), or makes their
+//! upstream calls with the credential injected (`Proxy`).
 //!
-//! The secret crosses into a prost `Vec<u8>` for the response; prost and tonic buffers are not
-//! zeroized (documented in docs/THREAT_MODEL.md). Everything before that point is.
+//! The secret crosses into a prost `Vec<u8>` for a `GetToken` response; prost and tonic buffers
+//! are not zeroized (documented in docs/THREAT_MODEL.md). Everything before that point is.
+//! `Proxy` validates the outbound request before the record is decrypted, so a refused
+//! request never touches the credential.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
-use super::{State, caller_name, caller_policy};
+use super::{State, caller_name, caller_policy, refresh};
 use crate::api::v1::{self, broker_server::Broker};
 use crate::audit::Draft;
+use crate::config::CallerPolicy;
 use crate::envelope::{self, DecryptError, EnvelopeRef};
 use crate::keys::UnwrapperLookup as _;
 use crate::keys::keyring::Keyring;
-use crate::record::RecordId;
+use crate::oauth::TokenBundle;
+use crate::proxy::{self, CallerRequest};
+use crate::record::{Record, RecordId, SecretKind};
+use crate::secret::Secret;
 use crate::store::StoreError;
 
 /// The `tokenvault.v1.Broker` service.
 pub struct BrokerService(pub(super) Arc<State>);
+
+fn parse_id(id: String) -> Result<RecordId, ServiceError> {
+    RecordId::parse(id).map_err(|source| ServiceError::Invalid {
+        what: "record id".into(),
+        source,
+    })
+}
 
 #[tonic::async_trait]
 impl Broker for BrokerService {
@@ -28,37 +42,183 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::GetTokenResponse>, Status> {
         let caller = caller_name(&request);
         let policy = caller_policy(&request);
-        let id =
-            RecordId::parse(request.into_inner().id).map_err(|source| ServiceError::Invalid {
-                what: "record id".into(),
-                source,
-            })?;
-        let ring = self.0.keyring();
-        let log_id = id.clone();
-        let who = caller.clone();
-        let result = self
-            .0
-            .blocking(move |s| {
-                let mut draft = Draft::new(&who, "GetToken").record(id.as_str());
-                let released = s
-                    .record_token(&who, &policy, &id)
-                    .and_then(|()| release(s, &id, &ring, &policy, &mut draft));
-                match &released {
-                    // Fail closed: no audit event, no secret.
-                    Ok(_) => s.audit.append(&draft, false)?,
-                    Err(e) => s.audit_outcome(draft, e),
+        let id = parse_id(request.into_inner().id)?;
+        let result = async {
+            let (mut record, mut secret) = load(
+                &self.0,
+                &caller,
+                &policy,
+                &id,
+                Draft::new(&caller, "GetToken"),
+            )
+            .await?;
+            if let Some((upstream, oauth)) = refresh::oauth_for(&self.0, &record) {
+                let bundle =
+                    TokenBundle::parse(&secret).map_err(|source| ServiceError::Refresh {
+                        id: id.to_string(),
+                        source,
+                    })?;
+                if bundle.expires_within(crate::unix_now(), oauth.refresh_skew_seconds) {
+                    let (r, fresh) = refresh::refresh(&self.0, &upstream, &caller, &record).await?;
+                    record = r;
+                    secret = fresh.to_secret();
                 }
-                released
+            }
+            Ok::<_, ServiceError>(v1::GetTokenResponse {
+                info: Some((&record).into()),
+                secret: secret.expose_secret().to_vec(),
             })
-            .await;
+        }
+        .await;
         match &result {
-            Ok(_) => tracing::info!(rpc = "GetToken", %caller, record = %log_id, "released"),
+            Ok(_) => tracing::info!(rpc = "GetToken", %caller, record = %id, "released"),
             Err(e) => {
-                tracing::info!(rpc = "GetToken", %caller, record = %log_id, error = %e, "refused")
+                tracing::info!(rpc = "GetToken", %caller, record = %id, error = %e, "refused")
             }
         }
         Ok(Response::new(result?))
     }
+
+    async fn proxy(
+        &self,
+        request: Request<v1::ProxyRequest>,
+    ) -> Result<Response<v1::ProxyResponse>, Status> {
+        let caller = caller_name(&request);
+        let policy = caller_policy(&request);
+        let req = request.into_inner();
+        let id = parse_id(req.id)?;
+        let call = CallerRequest {
+            method: req.method,
+            path: req.path,
+            headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            body: req.body,
+        };
+        let result = self.proxy_call(&caller, &policy, &id, call).await;
+        match &result {
+            Ok(r) => {
+                tracing::info!(rpc = "Proxy", %caller, record = %id, status = r.status, refreshed = r.refreshed, "proxied")
+            }
+            Err(e) => tracing::info!(rpc = "Proxy", %caller, record = %id, error = %e, "refused"),
+        }
+        Ok(Response::new(result?))
+    }
+}
+
+impl BrokerService {
+    async fn proxy_call(
+        &self,
+        caller: &str,
+        policy: &Arc<CallerPolicy>,
+        id: &RecordId,
+        call: CallerRequest,
+    ) -> Result<v1::ProxyResponse, ServiceError> {
+        let state = &self.0;
+        // The record's metadata names the provider; policy checks happen before decrypting.
+        let meta = {
+            let (id, policy) = (id.clone(), Arc::clone(policy));
+            state
+                .blocking(move |s| {
+                    let record = s
+                        .store
+                        .get_record(&id)?
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                    policy
+                        .check_record(&record.meta)
+                        .map_err(ServiceError::PolicyDenied)?;
+                    Ok(record.meta)
+                })
+                .await?
+        };
+        let upstream = state
+            .upstreams()
+            .get(meta.provider.as_str())
+            .ok_or_else(|| ServiceError::NoProvider(meta.provider.to_string()))?;
+        if !matches!(
+            meta.kind,
+            SecretKind::AccessToken | SecretKind::ApiKey | SecretKind::TokenBundle
+        ) {
+            return Err(ServiceError::NotACredential {
+                id: id.to_string(),
+                kind: meta.kind,
+            });
+        }
+        let prepared = upstream.prepare(call)?;
+        let draft = Draft::new(caller, "Proxy").detail(prepared.method().as_str());
+        let (mut record, secret) = load(state, caller, policy, id, draft).await?;
+        let refreshable = refresh::oauth_for(state, &record);
+        let mut refreshed = false;
+        let mut token = match record.meta.kind {
+            SecretKind::TokenBundle => {
+                let bundle =
+                    TokenBundle::parse(&secret).map_err(|source| ServiceError::Refresh {
+                        id: id.to_string(),
+                        source,
+                    })?;
+                match &refreshable {
+                    Some((up, oauth))
+                        if bundle.expires_within(crate::unix_now(), oauth.refresh_skew_seconds) =>
+                    {
+                        let (r, fresh) = refresh::refresh(state, up, caller, &record).await?;
+                        record = r;
+                        refreshed = true;
+                        fresh.access()
+                    }
+                    _ => bundle.access(),
+                }
+            }
+            _ => secret,
+        };
+        let mut response = upstream.send(&prepared, &token).await?;
+        // One refresh after the provider rejects the access token.
+        if proxy::is_unauthorized(response.status)
+            && !refreshed
+            && let Some((up, _)) = &refreshable
+        {
+            let (_, fresh) = refresh::refresh(state, up, caller, &record).await?;
+            refreshed = true;
+            token = fresh.access();
+            response = upstream.send(&prepared, &token).await?;
+        }
+        drop(token);
+        Ok(v1::ProxyResponse {
+            status: u32::from(response.status),
+            headers: response
+                .headers
+                .into_iter()
+                .map(|(name, value)| v1::HttpHeader { name, value })
+                .collect(),
+            body: response.body.to_vec(),
+            refreshed,
+        })
+    }
+}
+
+/// Reads, checks and opens one record for `caller`, auditing `draft` before the secret is
+/// released (fail closed: no audit event, no secret). A refreshable token bundle past its
+/// expiry is returned (the caller refreshes it); anything else past expiry is refused.
+async fn load(
+    state: &Arc<State>,
+    caller: &str,
+    policy: &Arc<CallerPolicy>,
+    id: &RecordId,
+    draft: Draft,
+) -> Result<(Record, Secret), ServiceError> {
+    let ring = state.keyring();
+    let (who, policy, id) = (caller.to_string(), Arc::clone(policy), id.clone());
+    let draft = draft.record(id.as_str());
+    state
+        .blocking(move |s| {
+            let mut draft = draft;
+            let released = s
+                .record_token(&who, &policy, &id)
+                .and_then(|()| release(s, &id, &ring, &policy, &mut draft));
+            match &released {
+                Ok(_) => s.audit.append(&draft, false)?,
+                Err(e) => s.audit_outcome(draft, e),
+            }
+            released
+        })
+        .await
 }
 
 /// Reads, checks and opens one record.
@@ -66,9 +226,9 @@ fn release(
     s: &State,
     id: &RecordId,
     ring: &Keyring,
-    policy: &crate::config::CallerPolicy,
+    policy: &CallerPolicy,
     draft: &mut Draft,
-) -> Result<v1::GetTokenResponse, ServiceError> {
+) -> Result<(Record, Secret), ServiceError> {
     let record = s
         .store
         .get_record(id)?
@@ -80,10 +240,14 @@ fn release(
     if record.revoked {
         return Err(ServiceError::Revoked(id.to_string()));
     }
+    if record.needs_reauth {
+        return Err(ServiceError::NeedsReauth(id.to_string()));
+    }
+    let refreshable = refresh::oauth_for(s, &record).is_some();
     if let Some(expires_at) = record
         .meta
         .expires_at
-        .filter(|_| record.meta.is_expired_at(crate::unix_now()))
+        .filter(|_| !refreshable && record.meta.is_expired_at(crate::unix_now()))
     {
         return Err(ServiceError::Expired {
             id: id.to_string(),
@@ -94,20 +258,12 @@ fn release(
         id: id.to_string(),
         source,
     })?;
-    Ok(v1::GetTokenResponse {
-        info: Some((&record).into()),
-        secret: secret.expose_secret().to_vec(),
-    })
+    Ok((record, secret))
 }
 
 /// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
 /// call, so a destroyed key or the minimum decryption version applies to cached keys too.
-fn open(
-    s: &State,
-    id: &RecordId,
-    record: &crate::record::Record,
-    ring: &Keyring,
-) -> Result<crate::secret::Secret, DecryptError> {
+fn open(s: &State, id: &RecordId, record: &Record, ring: &Keyring) -> Result<Secret, DecryptError> {
     let Some(cache) = &s.dek_cache else {
         return envelope::open(&record.meta, &record.envelope, ring);
     };

@@ -17,6 +17,7 @@ pub mod dek_cache;
 pub mod ingest;
 #[cfg(not(fuzzing))]
 mod ingest;
+mod refresh;
 pub mod status;
 pub mod tls;
 
@@ -58,6 +59,9 @@ pub enum StartError {
     /// The TLS configuration could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A provider's configuration could not be used.
+    #[error("providers: {0}")]
+    Providers(String),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -81,9 +85,56 @@ pub(crate) struct State {
     /// Per caller and record token buckets (bounded: least recently used pairs are dropped).
     record_buckets:
         std::sync::Mutex<lru::LruCache<(String, crate::record::RecordId), auth::Bucket>>,
+    /// Upstream clients by provider; replaced wholesale on reload.
+    upstreams: RwLock<Arc<crate::proxy::Upstreams>>,
+    /// The config file providers are reloaded from, if the daemon has one.
+    config_source: Option<std::path::PathBuf>,
+    /// One refresh at a time per record.
+    single_flight: refresh::SingleFlight,
 }
 
 impl State {
+    fn upstreams(&self) -> Arc<crate::proxy::Upstreams> {
+        Arc::clone(
+            &self
+                .upstreams
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Re-reads the providers from the config file; on any error the old ones stay.
+    async fn reload_providers(&self, caller: &str) -> Result<Vec<String>, ServiceError> {
+        let path = self.config_source.clone().ok_or_else(|| {
+            ServiceError::Reload("the daemon was started without a config file".into())
+        })?;
+        let draft = Draft::new(caller, "ReloadProviders");
+        let loaded = tokio::task::spawn_blocking(move || {
+            let policies = Config::load_providers(&path).map_err(|e| e.to_string())?;
+            crate::proxy::Upstreams::new(policies.values())
+        })
+        .await
+        .map_err(|_| ServiceError::Task)?
+        .map_err(ServiceError::Reload);
+        match loaded {
+            Ok(upstreams) => {
+                let names = upstreams.names();
+                *self
+                    .upstreams
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(upstreams);
+                self.audit.append(&draft.detail(names.join(",")), true)?;
+                tracing::info!(providers = ?names, "providers reloaded");
+                Ok(names)
+            }
+            Err(e) => {
+                self.audit_outcome(draft, &e);
+                tracing::error!(error = %e, "provider reload failed");
+                Err(e)
+            }
+        }
+    }
+
     fn keyring(&self) -> Arc<Keyring> {
         Arc::clone(
             &self
@@ -218,8 +269,13 @@ impl Daemon {
             .with_min_version(config.key_policy.min_decrypt_version);
         let (active, _) = ring.active();
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
+        let upstreams = crate::proxy::Upstreams::new(config.providers.values())
+            .map_err(StartError::Providers)?;
         let store_for_audit = Arc::clone(&store);
         let state = State {
+            upstreams: RwLock::new(Arc::new(upstreams)),
+            config_source: config.source.clone(),
+            single_flight: refresh::SingleFlight::default(),
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,
@@ -307,6 +363,9 @@ impl Daemon {
             .build_v1()
             .expect("the embedded descriptor sets are valid");
 
+        tokio::spawn(refresh::background(Arc::clone(&self.state)));
+        #[cfg(unix)]
+        tokio::spawn(reload_on_sighup(Arc::clone(&self.state)));
         if let Some(period) = self.state.policy.auto_rotate_seconds {
             tokio::spawn(auto_rotate(Arc::clone(&self.state), period));
         }
@@ -425,6 +484,19 @@ async fn auto_rotate(state: Arc<State>, period: i64) {
             }
             Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
         }
+    }
+}
+
+/// Reloads the providers on every SIGHUP.
+#[cfg(unix)]
+async fn reload_on_sighup(state: Arc<State>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; use Admin.ReloadProviders");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        // Errors are logged and audited inside.
+        let _ = state.reload_providers("SIGHUP").await;
     }
 }
 

@@ -151,6 +151,46 @@ pub enum ServiceError {
     /// A blocking task panicked or was cancelled.
     #[error("worker task failed")]
     Task,
+    /// The provider rejected the record's refresh token; its owner must authorize again.
+    #[error(
+        "record {0} needs re-authorization: the provider rejected its refresh token (invalid_grant)"
+    )]
+    NeedsReauth(String),
+    /// The record's provider has no `[providers.NAME]` configuration.
+    #[error("provider {0} has no [providers.{0}] configuration in the daemon")]
+    NoProvider(String),
+    /// The record's provider has no OAuth refresh configuration.
+    #[error("provider {0} has no [providers.{0}.oauth] configuration; cannot refresh")]
+    NoRefresh(String),
+    /// The record's kind cannot be sent upstream as a credential.
+    #[error("record {id} is a {kind}, which cannot be used as an upstream credential")]
+    NotACredential {
+        /// Record id.
+        id: String,
+        /// Its kind.
+        kind: crate::record::SecretKind,
+    },
+    /// The configured client secret record is missing, revoked or of the wrong kind.
+    #[error("client secret record {0} is not a usable client_secret record")]
+    ClientSecret(String),
+    /// A refresh could not be performed.
+    #[error("refreshing record {id}: {source}")]
+    Refresh {
+        /// Record id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: crate::oauth::OAuthError,
+    },
+    /// The upstream call failed or was refused.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
+    /// A refreshed bundle could not be sealed.
+    #[error("sealing: {0}")]
+    Seal(#[from] crate::envelope::EncryptError),
+    /// The provider configuration could not be reloaded; the previous one stays in effect.
+    #[error("reloading providers failed, the previous configuration stays in effect: {0}")]
+    Reload(String),
 }
 
 impl ServiceError {
@@ -200,7 +240,34 @@ impl ServiceError {
             ServiceError::Key(crate::keys::KeyError::Duplicate(_)) => Code::AlreadyExists,
             ServiceError::Key(_) | ServiceError::Audit(_) => Code::Internal,
             ServiceError::Item { source, .. } => source.code(),
-            ServiceError::Task => Code::Internal,
+            ServiceError::Task | ServiceError::Seal(_) => Code::Internal,
+            ServiceError::NeedsReauth(_)
+            | ServiceError::NoProvider(_)
+            | ServiceError::NoRefresh(_)
+            | ServiceError::NotACredential { .. }
+            | ServiceError::ClientSecret(_)
+            | ServiceError::Reload(_) => Code::FailedPrecondition,
+            ServiceError::Refresh { source, .. } => {
+                use crate::oauth::OAuthError;
+                match source {
+                    OAuthError::BadBundle | OAuthError::NoRefreshToken => Code::FailedPrecondition,
+                    OAuthError::InvalidGrant => Code::FailedPrecondition,
+                    _ => Code::Unavailable,
+                }
+            }
+            ServiceError::Proxy(e) => {
+                use crate::proxy::ProxyError;
+                match e {
+                    ProxyError::Refused(_) => Code::PermissionDenied,
+                    ProxyError::BadRequest(_) => Code::InvalidArgument,
+                    ProxyError::RequestTooLarge { .. }
+                    | ProxyError::ResponseTooLarge { .. }
+                    | ProxyError::Busy(_) => Code::ResourceExhausted,
+                    ProxyError::Timeout { .. } => Code::DeadlineExceeded,
+                    ProxyError::BadCredential => Code::FailedPrecondition,
+                    _ => Code::Unavailable,
+                }
+            }
         }
     }
 }

@@ -122,13 +122,35 @@ pub(crate) fn revoke_delete_and_stats(store: &dyn TokenStore) {
         store.revoke(&rid("nope"), 6, None),
         Err(StoreError::NotFound("nope".into()))
     );
+    // Needs-reauth is version checked, counted, and cleared by the next write.
+    assert!(matches!(
+        store.mark_needs_reauth(&rid("r2"), 7, 5, None),
+        Err(StoreError::VersionMismatch { .. })
+    ));
+    let marked = store
+        .mark_needs_reauth(&rid("r2"), 1, 5, None)
+        .expect("mark");
+    assert!(marked.needs_reauth && marked.version == 2);
+    assert_eq!(store.get_record(&rid("r2")).expect("get"), Some(marked));
     assert_eq!(
         store.stats(),
         Ok(StoreStats {
             records: 3,
             revoked: 1,
+            needs_reauth: 1,
             per_key_version: vec![(1, 3)]
         })
+    );
+    let rewritten = store
+        .put_records(&[write("r2", "alice", 2)], 6)
+        .expect("re-authorized");
+    assert_eq!(rewritten, vec![3]);
+    assert!(
+        !store
+            .get_record(&rid("r2"))
+            .expect("get")
+            .expect("r2")
+            .needs_reauth
     );
     assert_eq!(store.delete_record(&rid("r3"), None), Ok(true));
     assert_eq!(store.delete_record(&rid("r3"), None), Ok(false));

@@ -76,6 +76,27 @@ impl TokenStore for MemoryStore {
         Ok(r.clone())
     }
 
+    fn mark_needs_reauth(
+        &self,
+        id: &RecordId,
+        expected_version: u64,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError> {
+        let mut inner = self.lock();
+        let r = super::plan_mark_needs_reauth(
+            inner.records.get(id).cloned(),
+            id,
+            expected_version,
+            now,
+        )?;
+        if let Some(a) = audit {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
+        inner.records.insert(id.clone(), r.clone());
+        Ok(r)
+    }
+
     fn delete_record(
         &self,
         id: &RecordId,

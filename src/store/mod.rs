@@ -95,6 +95,8 @@ pub struct StoreStats {
     pub records: u64,
     /// Number of revoked records.
     pub revoked: u64,
+    /// Number of records whose owner must authorize again.
+    pub needs_reauth: u64,
     /// Records per key version, ascending by version.
     pub per_key_version: Vec<(u32, u64)>,
 }
@@ -114,6 +116,16 @@ pub trait TokenStore: Send + Sync + 'static {
     fn revoke(
         &self,
         id: &RecordId,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError>;
+
+    /// Marks a record as needing re-authorization if it is still at `expected_version`, with
+    /// `audit` in the same batch; returns the updated record (`VersionMismatch` otherwise).
+    fn mark_needs_reauth(
+        &self,
+        id: &RecordId,
+        expected_version: u64,
         now: i64,
         audit: Option<&AuditAppend>,
     ) -> Result<Record, StoreError>;
@@ -206,6 +218,7 @@ pub(crate) fn plan_writes(
             created_at: existing.as_ref().map_or(now, |r| r.created_at),
             updated_at: now,
             revoked: false,
+            needs_reauth: false,
             version: actual + 1,
         });
     }
@@ -233,6 +246,27 @@ pub(crate) fn plan_replace_envelope(
     Ok(r)
 }
 
+/// Applies [`TokenStore::mark_needs_reauth`] to `current`, shared by every implementation.
+pub(crate) fn plan_mark_needs_reauth(
+    current: Option<Record>,
+    id: &RecordId,
+    expected_version: u64,
+    now: i64,
+) -> Result<Record, StoreError> {
+    let mut r = current.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    if r.version != expected_version {
+        return Err(StoreError::VersionMismatch {
+            id: id.to_string(),
+            expected: expected_version,
+            actual: r.version,
+        });
+    }
+    r.needs_reauth = true;
+    r.updated_at = now;
+    r.version += 1;
+    Ok(r)
+}
+
 /// Decodes a stored record value, as the fuzzer does: never panics, whatever the bytes.
 #[cfg(all(fuzzing, feature = "daemon"))]
 pub fn fuzz_decode_record(bytes: &[u8]) -> bool {
@@ -246,6 +280,7 @@ pub(crate) fn count_stats<'a>(records: impl Iterator<Item = &'a Record>) -> Stor
     for r in records {
         stats.records += 1;
         stats.revoked += u64::from(r.revoked);
+        stats.needs_reauth += u64::from(r.needs_reauth);
         *per_key.entry(r.key_version).or_default() += 1;
     }
     stats.per_key_version = per_key.into_iter().collect();

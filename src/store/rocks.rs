@@ -237,6 +237,22 @@ impl TokenStore for RocksStore {
         Ok(r)
     }
 
+    fn mark_needs_reauth(
+        &self,
+        id: &RecordId,
+        expected_version: u64,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError> {
+        let _guard = self.lock();
+        let r = super::plan_mark_needs_reauth(self.read(id)?, id, expected_version, now)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
+        self.add_audit(&mut batch, audit);
+        self.write(batch)?;
+        Ok(r)
+    }
+
     fn delete_record(
         &self,
         id: &RecordId,

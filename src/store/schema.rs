@@ -39,6 +39,8 @@ struct StoredRecord {
     key_version: u32,
     #[prost(bytes = "vec", tag = "12")]
     envelope: Vec<u8>,
+    #[prost(bool, tag = "13")]
+    needs_reauth: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -76,6 +78,7 @@ pub(crate) fn encode_record(r: &Record) -> Vec<u8> {
         version: r.version,
         key_version: r.key_version,
         envelope: r.envelope.clone(),
+        needs_reauth: r.needs_reauth,
     }
     .encode_to_vec()
 }
@@ -102,6 +105,7 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, StoreError> {
         created_at: s.created_at,
         updated_at: s.updated_at,
         revoked: s.revoked,
+        needs_reauth: s.needs_reauth,
         version: s.version,
     })
 }

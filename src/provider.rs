@@ -1,0 +1,345 @@
+//! Upstream provider configuration: where `Broker.Proxy` may send a record's credential, and
+//! how its tokens are refreshed.
+//!
+//! Owns: [`ProviderPolicy`] and [`OAuthConfig`], parsed from the `[providers.NAME]` tables of
+//! the config file (hot-reloadable). Must never hold a secret: the OAuth client secret is a
+//! sealed record in the vault, named here only by its record id.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method, Uri};
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+use crate::record::{Provider, RecordId};
+
+/// Everything the proxy enforces for one provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderPolicy {
+    /// Provider name (records name it in their metadata).
+    pub name: String,
+    /// Scheme and authority of the base URL.
+    pub base: Uri,
+    /// Path of the base URL without a trailing '/', e.g. `""` or `"/v3"`.
+    pub base_path: String,
+    /// Hosts the base URL, redirects and the token endpoint may name: exact, or `.suffix`.
+    pub allowed_hosts: Vec<String>,
+    /// Methods callers may use.
+    pub allowed_methods: Vec<Method>,
+    /// Path prefixes (below the base path) callers may reach.
+    pub allowed_path_prefixes: Vec<String>,
+    /// Special addresses (loopback, private, link-local, ...) this provider may reach anyway.
+    pub allowed_networks: Vec<ipnet::IpNet>,
+    /// Allow `http://` (only ever to a loopback address).
+    pub allow_plain_http: bool,
+    /// Header the credential is injected into.
+    pub auth_header: HeaderName,
+    /// Scheme before the credential (`Bearer`), or empty for the bare value.
+    pub auth_scheme: String,
+    /// Largest request body forwarded.
+    pub max_request_bytes: usize,
+    /// Largest response body returned.
+    pub max_response_bytes: usize,
+    /// Whole-call deadline, retries and redirects included.
+    pub timeout: Duration,
+    /// Retries after a connect error, 429 or 503.
+    pub max_retries: u32,
+    /// Longest `Retry-After` honoured; a longer one returns the response as it is.
+    pub max_retry_after: Duration,
+    /// Same-host redirects followed.
+    pub max_redirects: u32,
+    /// Concurrent upstream calls to this provider.
+    pub max_concurrency: usize,
+    /// Trust only this CA (PEM) instead of the bundled Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+    /// Token refresh, if the provider's records are refreshable bundles.
+    pub oauth: Option<OAuthConfig>,
+}
+
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with the URL-encoded client id and secret.
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+}
+
+/// Refresh settings of one provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthConfig {
+    /// The token endpoint (must pass the provider's URL checks).
+    pub token_endpoint: Uri,
+    /// OAuth client id.
+    pub client_id: String,
+    /// Client authentication method.
+    pub client_auth: ClientAuth,
+    /// Id of the sealed record (kind `client_secret`) holding the client secret.
+    pub client_secret_record: RecordId,
+    /// Refresh when the access token expires within this many seconds.
+    pub refresh_skew_seconds: i64,
+    /// Background renewal, if enabled.
+    pub background: Option<Background>,
+}
+
+/// The optional background refresher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Background {
+    /// Seconds between scans.
+    pub interval_seconds: u64,
+    /// Concurrent refreshes.
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileProvider {
+    base_url: String,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    #[serde(default)]
+    allowed_methods: Vec<String>,
+    #[serde(default)]
+    allowed_path_prefixes: Vec<String>,
+    #[serde(default)]
+    allowed_networks: Vec<String>,
+    #[serde(default)]
+    allow_plain_http: bool,
+    auth_header: Option<String>,
+    auth_scheme: Option<String>,
+    max_request_bytes: Option<usize>,
+    max_response_bytes: Option<usize>,
+    timeout_ms: Option<u64>,
+    max_retries: Option<u32>,
+    max_retry_after_seconds: Option<u64>,
+    max_redirects: Option<u32>,
+    max_concurrency: Option<usize>,
+    ca_file: Option<PathBuf>,
+    oauth: Option<FileOAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOAuth {
+    token_endpoint: String,
+    client_id: String,
+    client_auth: ClientAuth,
+    client_secret_record: String,
+    refresh_skew_seconds: Option<i64>,
+    #[serde(default)]
+    background_refresh: bool,
+    background_interval_seconds: Option<u64>,
+    background_concurrency: Option<usize>,
+}
+
+/// Largest response body a provider may allow (gRPC messages are capped at 16 MiB here).
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Parses every `[providers.NAME]` table; relative paths are resolved against `base`.
+pub(crate) fn parse_all(
+    tables: BTreeMap<String, FileProvider>,
+    base: &Path,
+) -> Result<BTreeMap<String, ProviderPolicy>, ConfigError> {
+    tables
+        .into_iter()
+        .map(|(name, f)| {
+            let p = parse(&name, f, base)?;
+            Ok((name, p))
+        })
+        .collect()
+}
+
+fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, ConfigError> {
+    let key = |field: &str| format!("providers.{name}.{field}");
+    Provider::parse(name).map_err(|e| invalid(&format!("providers.{name}"), e.to_string()))?;
+    let url: Uri = f
+        .base_url
+        .parse()
+        .map_err(|_| invalid(&key("base_url"), "not a URL"))?;
+    let (Some(scheme), Some(authority)) = (url.scheme(), url.authority()) else {
+        return Err(invalid(&key("base_url"), "needs a scheme and a host"));
+    };
+    if url.query().is_some() {
+        return Err(invalid(&key("base_url"), "must not have a query"));
+    }
+    let base_uri = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|_| invalid(&key("base_url"), "not a URL"))?;
+    let base_path = url.path().trim_end_matches('/').to_string();
+    let allowed_hosts = if f.allowed_hosts.is_empty() {
+        vec![authority.host().to_ascii_lowercase()]
+    } else {
+        f.allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect()
+    };
+    let allowed_methods = if f.allowed_methods.is_empty() {
+        vec![Method::GET, Method::HEAD]
+    } else {
+        f.allowed_methods
+            .iter()
+            .map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| invalid(&key("allowed_methods"), "not an HTTP method"))?
+    };
+    let allowed_path_prefixes = if f.allowed_path_prefixes.is_empty() {
+        vec!["/".to_string()]
+    } else {
+        f.allowed_path_prefixes
+    };
+    if allowed_path_prefixes
+        .iter()
+        .any(|p| !p.starts_with('/') || p.contains(".."))
+    {
+        return Err(invalid(
+            &key("allowed_path_prefixes"),
+            "each prefix must start with '/' and contain no '..'",
+        ));
+    }
+    let allowed_networks = f
+        .allowed_networks
+        .iter()
+        .map(|n| {
+            n.parse::<ipnet::IpNet>()
+                .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|_| invalid(&key("allowed_networks"), "each entry must be an IP or CIDR"))?;
+    let auth_header = HeaderName::from_bytes(
+        f.auth_header
+            .as_deref()
+            .unwrap_or("authorization")
+            .as_bytes(),
+    )
+    .map_err(|_| invalid(&key("auth_header"), "not a header name"))?;
+    let max_response_bytes = f.max_response_bytes.unwrap_or(4 << 20);
+    if max_response_bytes == 0 || max_response_bytes > MAX_RESPONSE_BYTES {
+        return Err(invalid(
+            &key("max_response_bytes"),
+            format!("must be between 1 and {MAX_RESPONSE_BYTES}"),
+        ));
+    }
+    let max_concurrency = f.max_concurrency.unwrap_or(64);
+    let timeout_ms = f.timeout_ms.unwrap_or(10_000);
+    if max_concurrency == 0 || timeout_ms == 0 {
+        return Err(invalid(
+            &format!("providers.{name}"),
+            "max_concurrency and timeout_ms must be > 0",
+        ));
+    }
+    let oauth = f
+        .oauth
+        .map(|o| {
+            let token_endpoint: Uri = o
+                .token_endpoint
+                .parse()
+                .map_err(|_| invalid(&key("oauth.token_endpoint"), "not a URL"))?;
+            if token_endpoint.authority().is_none() {
+                return Err(invalid(&key("oauth.token_endpoint"), "needs a host"));
+            }
+            let client_secret_record = RecordId::parse(o.client_secret_record)
+                .map_err(|e| invalid(&key("oauth.client_secret_record"), e.to_string()))?;
+            let background = o.background_refresh.then(|| Background {
+                interval_seconds: o.background_interval_seconds.unwrap_or(60).max(1),
+                concurrency: o.background_concurrency.unwrap_or(4).max(1),
+            });
+            Ok(OAuthConfig {
+                token_endpoint,
+                client_id: o.client_id,
+                client_auth: o.client_auth,
+                client_secret_record,
+                refresh_skew_seconds: o.refresh_skew_seconds.unwrap_or(300).max(0),
+                background,
+            })
+        })
+        .transpose()?;
+    Ok(ProviderPolicy {
+        name: name.to_string(),
+        base: base_uri,
+        base_path,
+        allowed_hosts,
+        allowed_methods,
+        allowed_path_prefixes,
+        allowed_networks,
+        allow_plain_http: f.allow_plain_http,
+        auth_header,
+        auth_scheme: f.auth_scheme.unwrap_or_else(|| "Bearer".into()),
+        max_request_bytes: f.max_request_bytes.unwrap_or(1 << 20),
+        max_response_bytes,
+        timeout: Duration::from_millis(timeout_ms),
+        max_retries: f.max_retries.unwrap_or(2).min(10),
+        max_retry_after: Duration::from_secs(f.max_retry_after_seconds.unwrap_or(10)),
+        max_redirects: f.max_redirects.unwrap_or(3).min(10),
+        max_concurrency,
+        ca_file: f.ca_file.map(|p| base.join(p)),
+        oauth,
+    })
+}
+
+impl ProviderPolicy {
+    /// A permissive policy for `base_url` (unit tests only).
+    #[cfg(test)]
+    pub(crate) fn for_tests(base_url: &str) -> Self {
+        let file: FileProvider =
+            toml::from_str(&format!("base_url = \"{base_url}\"\n")).expect("test provider parses");
+        parse("test", file, Path::new(".")).expect("test provider is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_refusals() {
+        let p = ProviderPolicy::for_tests("https://API.example.com/v3/");
+        assert_eq!(p.base.to_string(), "https://API.example.com/");
+        assert_eq!(p.base_path, "/v3");
+        assert_eq!(p.allowed_hosts, vec!["api.example.com".to_string()]);
+        assert_eq!(p.allowed_methods, vec![Method::GET, Method::HEAD]);
+        assert_eq!(p.auth_header, http::header::AUTHORIZATION);
+        assert_eq!(p.auth_scheme, "Bearer");
+        for (text, msg) in [
+            (
+                "base_url = \"nope\"",
+                "providers.x.base_url: needs a scheme and a host",
+            ),
+            (
+                "base_url = \"https://a\"\nallowed_path_prefixes = [\"x\"]",
+                "providers.x.allowed_path_prefixes",
+            ),
+            (
+                "base_url = \"https://a\"\nallowed_networks = [\"10.0.0.0/33\"]",
+                "providers.x.allowed_networks",
+            ),
+            (
+                "base_url = \"https://a\"\nmax_response_bytes = 0",
+                "providers.x.max_response_bytes",
+            ),
+            (
+                "base_url = \"https://a\"\n[oauth]\ntoken_endpoint = \"https://a/t\"\nclient_id = \"c\"\nclient_auth = \"client_secret_jwt\"\nclient_secret_record = \"cs\"",
+                "unknown variant",
+            ),
+        ] {
+            let err = toml::from_str::<FileProvider>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| parse("x", f, Path::new(".")).map_err(|e| e.to_string()))
+                .expect_err(text);
+            assert!(err.contains(msg), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Keeps token bundles fresh: the refresh of one record (single-flight, version-checked
+//! write), and the optional background refresher.
+//!
+//! Guarantees: concurrent callers of one record wait for a single refresh and then use its
+//! result; a refreshed bundle is written only over the version it was refreshed from, so two
+//! daemons (or a crash) never overwrite a newer refresh token with an older one; if the
+//! provider omits a new refresh token the old one is kept; `invalid_grant` marks the record as
+//! needing re-authorization instead of retrying forever.
+//!
+//! Known limit: a daemon that crashes after the provider answered but before the write lands
+//! loses that answer; with rotating refresh tokens the stored (now spent) one then fails with
+//! `invalid_grant` and the record is marked for re-authorization rather than looping.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::HeaderValue;
+
+use super::State;
+use super::status::ServiceError;
+use crate::audit::Draft;
+use crate::envelope;
+use crate::oauth::{self, OAuthError, TokenBundle};
+use crate::provider::OAuthConfig;
+use crate::proxy::Upstream;
+use crate::record::{Record, RecordId, Scope, SecretKind};
+use crate::secret::Secret;
+use crate::store::{RecordWrite, StoreError};
+
+/// Per-record locks so that one refresh runs at a time per record in this daemon.
+#[derive(Debug, Default)]
+pub(super) struct SingleFlight {
+    locks: Mutex<HashMap<RecordId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SingleFlight {
+    fn lock_for(&self, id: &RecordId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(locks.entry(id.clone()).or_default())
+    }
+
+    /// Drops the entry once nobody else holds or waits for it.
+    fn release(&self, id: &RecordId, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Two references: the map's and ours.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(id);
+        }
+    }
+}
+
+/// Reads and opens a record without any caller policy (internal use by the refresher).
+fn read_open(s: &State, id: &RecordId) -> Result<(Record, Secret), ServiceError> {
+    let record = s
+        .store
+        .get_record(id)?
+        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    let ring = s.keyring();
+    let secret = envelope::open(&record.meta, &record.envelope, &*ring).map_err(|source| {
+        ServiceError::Open {
+            id: id.to_string(),
+            source,
+        }
+    })?;
+    Ok((record, secret))
+}
+
+fn usable(record: &Record) -> Result<(), ServiceError> {
+    if record.revoked {
+        return Err(ServiceError::Revoked(record.meta.id.to_string()));
+    }
+    if record.needs_reauth {
+        return Err(ServiceError::NeedsReauth(record.meta.id.to_string()));
+    }
+    Ok(())
+}
+
+fn bundle_of(record: &Record, secret: &Secret) -> Result<TokenBundle, ServiceError> {
+    TokenBundle::parse(secret).map_err(|source| ServiceError::Refresh {
+        id: record.meta.id.to_string(),
+        source,
+    })
+}
+
+/// Refreshes `seen` (a token bundle record as the caller read it) unless someone else already
+/// did; returns the record and bundle to use.
+pub(super) async fn refresh(
+    state: &Arc<State>,
+    upstream: &Upstream,
+    caller: &str,
+    seen: &Record,
+) -> Result<(Record, TokenBundle), ServiceError> {
+    let id = seen.meta.id.clone();
+    let lock = state.single_flight.lock_for(&id);
+    let result = {
+        let _guard = lock.lock().await;
+        refresh_locked(state, upstream, caller, seen).await
+    };
+    state.single_flight.release(&id, lock);
+    result
+}
+
+async fn refresh_locked(
+    state: &Arc<State>,
+    upstream: &Upstream,
+    caller: &str,
+    seen: &Record,
+) -> Result<(Record, TokenBundle), ServiceError> {
+    let oauth = upstream
+        .policy()
+        .oauth
+        .clone()
+        .ok_or_else(|| ServiceError::NoRefresh(seen.meta.provider.to_string()))?;
+    let id = seen.meta.id.clone();
+    let (current, secret) = {
+        let id = id.clone();
+        state.blocking(move |s| read_open(s, &id)).await?
+    };
+    usable(&current)?;
+    let bundle = bundle_of(&current, &secret)?;
+    if current.version != seen.version {
+        // Refreshed (or re-authorized) meanwhile: use what is stored now.
+        return Ok((current, bundle));
+    }
+    let refresh_token = bundle
+        .refresh_token
+        .clone()
+        .ok_or_else(|| ServiceError::Refresh {
+            id: id.to_string(),
+            source: OAuthError::NoRefreshToken,
+        })?;
+    let client_secret = {
+        let cs = oauth.client_secret_record.clone();
+        state
+            .blocking(move |s| {
+                let (record, secret) = read_open(s, &cs)?;
+                if record.meta.kind != SecretKind::ClientSecret || record.revoked {
+                    return Err(ServiceError::ClientSecret(cs.to_string()));
+                }
+                Ok(secret)
+            })
+            .await?
+    };
+    let request =
+        oauth::refresh_request(&oauth, &refresh_token, &client_secret).map_err(|source| {
+            ServiceError::Refresh {
+                id: id.to_string(),
+                source,
+            }
+        })?;
+    drop(client_secret);
+    let auth = match &request.authorization {
+        Some(a) => {
+            let mut v = HeaderValue::from_str(a).map_err(|_| ServiceError::Refresh {
+                id: id.to_string(),
+                source: OAuthError::BadBundle,
+            })?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+        None => None,
+    };
+    let response = upstream
+        .post_form(
+            &oauth.token_endpoint,
+            auth,
+            Bytes::copy_from_slice(&request.body),
+        )
+        .await;
+    drop(request);
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            audit_refresh(state, caller, &current, &format!("failed: {e}"));
+            return Err(ServiceError::Proxy(e));
+        }
+    };
+    let now = crate::unix_now();
+    match oauth::parse_token_response(response.status, &response.body) {
+        Ok(answer) => {
+            let fresh = bundle.refreshed(answer, now);
+            let caller = caller.to_string();
+            state
+                .blocking(move |s| store_refreshed(s, &caller, &current, fresh, now))
+                .await
+        }
+        Err(OAuthError::InvalidGrant) => {
+            let caller = caller.to_string();
+            let outcome = state
+                .blocking(move |s| mark_reauth(s, &caller, &current, now))
+                .await?;
+            match outcome {
+                // Another daemon refreshed with the same (now spent) token first.
+                Some(newer) => Ok(newer),
+                None => Err(ServiceError::NeedsReauth(id.to_string())),
+            }
+        }
+        Err(source) => {
+            audit_refresh(state, caller, &current, &format!("failed: {source}"));
+            Err(ServiceError::Refresh {
+                id: id.to_string(),
+                source,
+            })
+        }
+    }
+}
+
+fn audit_refresh(state: &State, caller: &str, record: &Record, outcome: &str) {
+    let draft = Draft::new(caller, "Refresh")
+        .record(record.meta.id.as_str())
+        .owner(record.meta.owner.as_str())
+        .outcome(outcome);
+    if let Err(e) = state.audit.append(&draft, false) {
+        tracing::error!(error = %e, "could not audit a refresh");
+    }
+}
+
+/// Seals the refreshed bundle under the active key and writes it over `seen`'s version. If
+/// the record changed meanwhile, the stored version wins and is returned instead.
+fn store_refreshed(
+    s: &State,
+    caller: &str,
+    seen: &Record,
+    fresh: TokenBundle,
+    now: i64,
+) -> Result<(Record, TokenBundle), ServiceError> {
+    let mut meta = seen.meta.clone();
+    meta.expires_at = fresh.expires_at;
+    // Scopes the record metadata cannot hold (odd characters) stay only in the bundle.
+    if let Ok(scopes) = fresh
+        .scopes
+        .iter()
+        .map(|s| Scope::parse(s.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        && !scopes.is_empty()
+    {
+        meta.scopes = scopes;
+    }
+    let ring = s.keyring();
+    let (active, public) = ring.active();
+    let sealed = envelope::seal(&meta, &fresh.to_secret(), public)?;
+    let write = RecordWrite {
+        meta,
+        envelope: sealed,
+        key_version: active.version,
+        expected_version: seen.version,
+    };
+    match s.store.put_records(&[write], now) {
+        Ok(versions) => {
+            audit_refresh(s, caller, seen, "refreshed");
+            tracing::info!(record = %seen.meta.id, version = versions.first().copied().unwrap_or(0), "token refreshed");
+            s.forget_deks(Some(&seen.meta.id));
+            let (record, _) = read_open(s, &seen.meta.id)?;
+            Ok((record, fresh))
+        }
+        Err(StoreError::VersionMismatch { .. } | StoreError::NotFound(_)) => {
+            audit_refresh(s, caller, seen, "conflict: a newer version was kept");
+            let (record, secret) = read_open(s, &seen.meta.id)?;
+            usable(&record)?;
+            let bundle = bundle_of(&record, &secret)?;
+            Ok((record, bundle))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Marks `seen` as needing re-authorization, unless it changed meanwhile (then returns the
+/// newer record to use).
+fn mark_reauth(
+    s: &State,
+    caller: &str,
+    seen: &Record,
+    now: i64,
+) -> Result<Option<(Record, TokenBundle)>, ServiceError> {
+    let draft = Draft::new(caller, "Refresh")
+        .record(seen.meta.id.as_str())
+        .owner(seen.meta.owner.as_str())
+        .outcome("invalid_grant: needs re-authorization");
+    let marked = s.audited(draft, |audit| {
+        match s
+            .store
+            .mark_needs_reauth(&seen.meta.id, seen.version, now, Some(audit))
+        {
+            Ok(_) => Ok((true, true)),
+            Err(StoreError::VersionMismatch { .. }) => Ok((false, false)),
+            Err(e) => Err(e.into()),
+        }
+    })?;
+    if marked {
+        tracing::warn!(record = %seen.meta.id, "refresh token rejected (invalid_grant); record needs re-authorization");
+        s.forget_deks(Some(&seen.meta.id));
+        return Ok(None);
+    }
+    let (record, secret) = read_open(s, &seen.meta.id)?;
+    usable(&record)?;
+    Ok(Some((record.clone(), bundle_of(&record, &secret)?)))
+}
+
+/// The refresh settings of a record's provider, if its bundles are refreshable.
+pub(super) fn oauth_for(state: &State, record: &Record) -> Option<(Arc<Upstream>, OAuthConfig)> {
+    if record.meta.kind != SecretKind::TokenBundle {
+        return None;
+    }
+    let upstream = state.upstreams().get(record.meta.provider.as_str())?;
+    let oauth = upstream.policy().oauth.clone()?;
+    Some((upstream, oauth))
+}
+
+/// Renews bundles of providers with `background_refresh` that expire within their skew plus
+/// one interval. Runs until the daemon stops.
+pub(super) async fn background(state: Arc<State>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut next_scan: HashMap<String, std::time::Instant> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let upstreams = state.upstreams();
+        let due: Vec<Arc<Upstream>> = upstreams
+            .all()
+            .filter(|u| {
+                u.policy()
+                    .oauth
+                    .as_ref()
+                    .is_some_and(|o| o.background.is_some())
+                    && next_scan
+                        .get(&u.policy().name)
+                        .is_none_or(|t| *t <= std::time::Instant::now())
+            })
+            .cloned()
+            .collect();
+        for upstream in due {
+            let Some(oauth) = upstream.policy().oauth.clone() else {
+                continue;
+            };
+            let Some(bg) = oauth.background else {
+                continue;
+            };
+            next_scan.insert(
+                upstream.policy().name.clone(),
+                std::time::Instant::now() + std::time::Duration::from_secs(bg.interval_seconds),
+            );
+            let horizon = crate::unix_now()
+                + oauth.refresh_skew_seconds
+                + i64::try_from(bg.interval_seconds).unwrap_or(i64::MAX / 4);
+            let provider = upstream.policy().name.clone();
+            let candidates = match state
+                .blocking(move |s| due_records(s, &provider, horizon))
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "background refresh scan failed");
+                    continue;
+                }
+            };
+            let slots = Arc::new(tokio::sync::Semaphore::new(bg.concurrency));
+            let mut tasks = tokio::task::JoinSet::new();
+            for record in candidates {
+                let (state, upstream, slots) = (
+                    Arc::clone(&state),
+                    Arc::clone(&upstream),
+                    Arc::clone(&slots),
+                );
+                tasks.spawn(async move {
+                    let Ok(_slot) = slots.acquire_owned().await else {
+                        return;
+                    };
+                    // Jitter spreads a cohort of tokens issued together.
+                    let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..250u64);
+                    tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+                    if let Err(e) = refresh(&state, &upstream, "background-refresh", &record).await
+                    {
+                        tracing::warn!(record = %record.meta.id, error = %e, "background refresh failed");
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+}
+
+/// Bundles of `provider` expiring before `horizon` that can be refreshed.
+fn due_records(s: &State, provider: &str, horizon: i64) -> Result<Vec<Record>, ServiceError> {
+    let mut out = Vec::new();
+    let mut after: Option<RecordId> = None;
+    loop {
+        let page = s.store.scan_records(after.as_ref(), 512)?;
+        let Some(last) = page.last() else {
+            return Ok(out);
+        };
+        after = Some(last.meta.id.clone());
+        out.extend(page.into_iter().filter(|r| {
+            r.meta.kind == SecretKind::TokenBundle
+                && r.meta.provider.as_str() == provider
+                && !r.revoked
+                && !r.needs_reauth
+                && r.meta.expires_at.is_some_and(|at| at <= horizon)
+        }));
+    }
+}
