@@ -373,18 +373,7 @@ async fn one_rewrap_at_a_time() {
 }
 
 async fn audit_events(d: &TestDaemon, req: v1::AuditLogRequest) -> Vec<v1::AuditEvent> {
-    let mut stream = d
-        .admin(ADMIN)
-        .await
-        .audit_log(req)
-        .await
-        .expect("audit log")
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = stream.message().await.expect("event") {
-        out.push(e);
-    }
-    out
+    d.audit_events(req).await
 }
 
 #[tokio::test]

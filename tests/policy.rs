@@ -232,19 +232,13 @@ async fn ip_allowlists_and_rate_limits() {
         .await
         .expect("refilled");
     // Every refusal is in the audit trail.
-    let mut stream = d
-        .admin(ADMIN)
+    let refusals: Vec<(String, String)> = d
+        .audit_events(v1::AuditLogRequest::default())
         .await
-        .audit_log(v1::AuditLogRequest::default())
-        .await
-        .expect("audit")
-        .into_inner();
-    let mut refusals = Vec::new();
-    while let Some(ev) = stream.message().await.expect("event") {
-        if ev.action == "auth" {
-            refusals.push((ev.caller, ev.outcome));
-        }
-    }
+        .into_iter()
+        .filter(|ev| ev.action == "auth")
+        .map(|ev| (ev.caller, ev.outcome))
+        .collect();
     assert!(
         refusals.contains(&("remote-admin".into(), "PermissionDenied".into())),
         "{refusals:?}"

@@ -363,11 +363,14 @@ impl Daemon {
             .build_v1()
             .expect("the embedded descriptor sets are valid");
 
-        tokio::spawn(refresh::background(Arc::clone(&self.state)));
+        // Background tasks hold the state (and so the store): they are stopped and awaited
+        // before `serve` returns, so the store is closed when it does.
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(refresh::background(Arc::clone(&self.state)));
         #[cfg(unix)]
-        tokio::spawn(reload_on_sighup(Arc::clone(&self.state)));
+        background.spawn(reload_on_sighup(Arc::clone(&self.state)));
         if let Some(period) = self.state.policy.auto_rotate_seconds {
-            tokio::spawn(auto_rotate(Arc::clone(&self.state), period));
+            background.spawn(auto_rotate(Arc::clone(&self.state), period));
         }
 
         let builder = || -> Result<tonic::transport::Server<_>, StartError> {
@@ -426,6 +429,7 @@ impl Daemon {
             task.await
                 .map_err(|_| StartError::Listener("the ingest listener task failed".into()))??;
         }
+        background.shutdown().await;
         drop(self);
         Ok(())
     }

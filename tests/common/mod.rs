@@ -5,6 +5,7 @@
 )]
 
 pub mod process;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -206,6 +207,22 @@ impl TestDaemon {
         let last = last.expect("at least one report");
         assert!(last.done);
         last
+    }
+
+    /// The audit trail through `Admin.AuditLog`.
+    pub async fn audit_events(&self, req: v1::AuditLogRequest) -> Vec<v1::AuditEvent> {
+        let mut stream = self
+            .admin(ADMIN)
+            .await
+            .audit_log(req)
+            .await
+            .expect("audit log")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = stream.message().await.expect("event") {
+            out.push(e);
+        }
+        out
     }
 
     /// Seals `secret` and stores it; returns the version.

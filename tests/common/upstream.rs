@@ -1,0 +1,235 @@
+//! A fake OAuth provider on 127.0.0.1: an API that checks the bearer token and an OAuth 2.0
+//! token endpoint that issues rotating refresh tokens and rejects a reused one.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+pub const CLIENT_ID: &str = "tv-client";
+pub const CLIENT_SECRET: &str = "tv-client-secret-0123456789";
+
+#[derive(Debug, Default)]
+pub struct ProviderState {
+    /// The access token `/api/me` accepts.
+    pub access: String,
+    /// The refresh token the token endpoint accepts (one use each: rotated on success).
+    pub refresh: String,
+    pub generation: u32,
+    /// Successful refreshes.
+    pub refreshes: u32,
+    /// All token endpoint requests.
+    pub token_requests: u32,
+    /// Headers of the last API request (lowercase names).
+    pub last_headers: Vec<(String, String)>,
+    /// Requests per path.
+    pub hits: HashMap<String, u32>,
+    /// Delay before the token endpoint answers.
+    pub token_delay: Duration,
+    /// Leave `refresh_token` out of token responses.
+    pub omit_refresh: bool,
+}
+
+#[derive(Clone)]
+pub struct FakeProvider {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<ProviderState>>,
+}
+
+impl FakeProvider {
+    pub async fn start(access: &str, refresh: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(ProviderState {
+            access: access.into(),
+            refresh: refresh.into(),
+            ..Default::default()
+        }));
+        let shared = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let _ = stream.set_nodelay(true);
+                let state = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handle(addr, state, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, state }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, ProviderState> {
+        self.state.lock().expect("lock")
+    }
+
+    pub fn hits(&self, path: &str) -> u32 {
+        self.lock().hits.get(path).copied().unwrap_or(0)
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+fn reply(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .expect("response")
+}
+
+async fn handle(
+    addr: SocketAddr,
+    state: Arc<Mutex<ProviderState>>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let (hits, expected) = {
+        let mut s = state.lock().expect("lock");
+        let hits = {
+            let h = s.hits.entry(path.clone()).or_default();
+            *h += 1;
+            *h
+        };
+        if path.starts_with("/api/") {
+            s.last_headers = headers;
+        }
+        (hits, format!("Bearer {}", s.access))
+    };
+    if path == "/oauth/token" {
+        return token(&state, &auth, &body).await;
+    }
+    let authorized = auth == expected;
+    match path.as_str() {
+        "/api/me" | "/api/upload" if authorized => reply(
+            200,
+            format!("{{\"user\":\"octocat\",\"received\":{}}}", body.len()),
+        ),
+        "/api/me" | "/api/upload" => reply(401, "{\"message\":\"Bad credentials\"}"),
+        "/api/echo" => reply(200, format!("{{\"authorization\":\"{auth}\"}}")),
+        "/api/redirect-same" => redirect("/api/me".into()),
+        "/api/redirect-cross" => redirect(format!("http://localhost:{}/api/me", addr.port())),
+        "/api/redirect-userinfo" => redirect(format!("http://x@{addr}/api/me")),
+        "/api/redirect-loop" => redirect("/api/redirect-loop".into()),
+        "/api/flaky" if hits == 1 => Response::builder()
+            .status(429)
+            .header("retry-after", "1")
+            .body(Full::new(Bytes::new()))
+            .expect("response"),
+        "/api/flaky" => reply(200, "{\"ok\":true}"),
+        "/api/busy" => Response::builder()
+            .status(429)
+            .header("retry-after", "3600")
+            .body(Full::new(Bytes::from_static(
+                b"{\"message\":\"slow down\"}",
+            )))
+            .expect("response"),
+        "/api/error" => reply(500, "{\"message\":\"upstream exploded\"}"),
+        "/api/slow" => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            reply(200, "{}")
+        }
+        "/api/big" => reply(200, vec![b'x'; 2 << 20]),
+        _ => reply(404, "{\"message\":\"Not Found\"}"),
+    }
+}
+
+fn redirect(location: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(302)
+        .header("location", location)
+        .body(Full::new(Bytes::new()))
+        .expect("response")
+}
+
+async fn token(
+    state: &Arc<Mutex<ProviderState>>,
+    auth: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    use base64::Engine as _;
+    let delay = {
+        let mut s = state.lock().expect("lock");
+        s.token_requests += 1;
+        s.token_delay
+    };
+    tokio::time::sleep(delay).await;
+    let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"))
+    );
+    let client_ok = auth == basic
+        || (form.get("client_id").map(String::as_str) == Some(CLIENT_ID)
+            && form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET));
+    if !client_ok {
+        return reply(401, "{\"error\":\"invalid_client\"}");
+    }
+    if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
+        return reply(400, "{\"error\":\"unsupported_grant_type\"}");
+    }
+    let mut s = state.lock().expect("lock");
+    if form.get("refresh_token") != Some(&s.refresh) {
+        return reply(
+            400,
+            "{\"error\":\"invalid_grant\",\"error_description\":\"refresh token reused or revoked\"}",
+        );
+    }
+    s.generation += 1;
+    s.refreshes += 1;
+    s.access = format!("at-{}-{}", s.generation, rand::random::<u32>());
+    let refresh = if s.omit_refresh {
+        String::new()
+    } else {
+        s.refresh = format!("rt-{}-{}", s.generation, rand::random::<u32>());
+        format!(",\"refresh_token\":\"{}\"", s.refresh)
+    };
+    reply(
+        200,
+        format!(
+            "{{\"access_token\":\"{}\",\"token_type\":\"Bearer\",\"expires_in\":3600,\"scope\":\"repo user\"{refresh}}}",
+            s.access
+        ),
+    )
+}

@@ -1,0 +1,753 @@
+//! Broker.Proxy and token refresh against real HTTP servers on 127.0.0.1: an API that checks
+//! the bearer token and an OAuth token endpoint with rotating, single-use refresh tokens.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::upstream::{CLIENT_SECRET, FakeProvider};
+use common::{ADMIN, INGEST, TestDaemon, WORKER};
+use tokenvault::api::v1;
+use tokenvault::config::Config;
+use tokenvault::record::{RecordMeta, SecretKind};
+use tonic::Code;
+
+const ACCESS: &str = "at-0-initial-access-token";
+const REFRESH: &str = "rt-0-initial-refresh-token";
+
+/// The `[providers]` tables for the fake provider, plus extra TOML.
+fn providers_toml(p: &FakeProvider, extra: &str) -> String {
+    let base = p.base();
+    format!(
+        r#"
+[providers.github]
+base_url = "{base}/api"
+allow_plain_http = true
+allowed_networks = ["127.0.0.0/8"]
+allowed_methods = ["GET", "POST"]
+timeout_ms = 1500
+max_request_bytes = 4096
+max_response_bytes = 1048576
+max_retry_after_seconds = 2
+
+[providers.github.oauth]
+token_endpoint = "{base}/oauth/token"
+client_id = "tv-client"
+client_auth = "client_secret_basic"
+client_secret_record = "github-client-secret"
+refresh_skew_seconds = 60
+
+[providers.narrow]
+base_url = "{base}/api"
+allow_plain_http = true
+allowed_networks = ["127.0.0.0/8"]
+allowed_path_prefixes = ["/me"]
+
+[providers.iplit]
+base_url = "{base}/api"
+allow_plain_http = true
+
+[providers.userinfo]
+base_url = "http://user:pw@{addr}/api"
+allow_plain_http = true
+allowed_networks = ["127.0.0.0/8"]
+
+[providers.localname]
+base_url = "http://localhost:{port}/api"
+allow_plain_http = true
+
+[providers.metadata]
+base_url = "http://169.254.169.254/latest"
+allow_plain_http = true
+
+[providers.ula]
+base_url = "https://[fd00::1]/"
+
+[providers.plainhttp]
+base_url = "http://api.github.invalid/"
+{extra}"#,
+        addr = p.addr,
+        port = p.addr.port(),
+    )
+}
+
+fn write_config(dir: &Path, providers: &str) -> std::path::PathBuf {
+    let path = dir.join("tokenvault.toml");
+    std::fs::write(
+        &path,
+        format!("data_dir = \"data\"\nkey_dir = \"keys\"\n{providers}"),
+    )
+    .expect("write config");
+    path
+}
+
+fn load(dir: &Path, providers: &str) -> Config {
+    let path = write_config(dir, providers);
+    let mut c = Config::load(&path, &HashMap::<String, String>::new()).expect("config loads");
+    c.dev = true;
+    c.credentials = common::credentials();
+    c
+}
+
+fn meta(id: &str, provider: &str, kind: SecretKind, expires_at: i64) -> RecordMeta {
+    RecordMeta::parse(id, "alice", provider, kind, &["repo".into()], expires_at).expect("meta")
+}
+
+fn bundle(access: &str, refresh: &str, expires_at: i64) -> Vec<u8> {
+    format!(
+        r#"{{"access_token":"{access}","refresh_token":"{refresh}","expires_at":{expires_at},"token_type":"Bearer"}}"#
+    )
+    .into_bytes()
+}
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    provider: FakeProvider,
+    daemon: TestDaemon,
+    /// The providers part of the config file.
+    providers: String,
+}
+
+async fn setup() -> Setup {
+    setup_with(|_| String::new()).await
+}
+
+/// A fake provider, and a daemon configured for it plus `extra(provider)` TOML, holding the
+/// OAuth client secret.
+async fn setup_with(extra: impl Fn(&FakeProvider) -> String) -> Setup {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    let providers = providers_toml(&provider, &extra(&provider));
+    let daemon = TestDaemon::start_with(load(tmp.path(), &providers)).await;
+    put_client_secret(&daemon).await;
+    Setup {
+        tmp,
+        provider,
+        daemon,
+        providers,
+    }
+}
+
+async fn put_client_secret(d: &TestDaemon) {
+    let m = meta(
+        "github-client-secret",
+        "github",
+        SecretKind::ClientSecret,
+        0,
+    );
+    d.put(&m, CLIENT_SECRET.as_bytes()).await;
+}
+
+/// Stores a token bundle record.
+async fn put_bundle(d: &TestDaemon, id: &str, provider: &str, tokens: (&str, &str), at: i64) {
+    let m = meta(id, provider, SecretKind::TokenBundle, at);
+    d.put(&m, &bundle(tokens.0, tokens.1, at)).await;
+}
+
+fn request(id: &str, method: &str, path: &str) -> v1::ProxyRequest {
+    v1::ProxyRequest {
+        id: id.into(),
+        method: method.into(),
+        path: path.into(),
+        headers: vec![],
+        body: vec![],
+    }
+}
+
+async fn proxy(d: &TestDaemon, req: v1::ProxyRequest) -> Result<v1::ProxyResponse, tonic::Status> {
+    d.broker(WORKER)
+        .await
+        .proxy(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test]
+async fn injects_the_token_and_strips_caller_credentials() {
+    let s = setup().await;
+    s.daemon
+        .put(
+            &meta("tok", "github", SecretKind::AccessToken, 0),
+            ACCESS.as_bytes(),
+        )
+        .await;
+    let h = |n: &str, v: &str| v1::HttpHeader {
+        name: n.into(),
+        value: v.as_bytes().to_vec(),
+    };
+    let mut req = request("tok", "POST", "/upload?x=1");
+    req.headers = vec![
+        h("Authorization", "Bearer attacker"),
+        h("Cookie", "session=1"),
+        h("Proxy-Authorization", "Basic x"),
+        h("Connection", "x-hop"),
+        h("X-Hop", "1"),
+        h("X-Forwarded-For", "6.6.6.6"),
+        h("X-Request-Id", "req-7"),
+    ];
+    req.body = b"hello".to_vec();
+    let r = proxy(&s.daemon, req).await.expect("proxied");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"{\"user\":\"octocat\",\"received\":5}");
+    assert!(!r.refreshed);
+    let seen = s.provider.lock().last_headers.clone();
+    assert_eq!(
+        header(&seen, "authorization"),
+        Some(&*format!("Bearer {ACCESS}"))
+    );
+    assert_eq!(header(&seen, "x-request-id"), Some("req-7"));
+    for stripped in ["cookie", "proxy-authorization", "x-hop", "x-forwarded-for"] {
+        assert_eq!(header(&seen, stripped), None, "{stripped} was forwarded");
+    }
+    // The worker never receives the token, even from an endpoint that reflects it.
+    let r = proxy(&s.daemon, request("tok", "GET", "/echo"))
+        .await
+        .expect("echo");
+    let body = String::from_utf8(r.body).expect("utf8");
+    assert_eq!(body, "{\"authorization\":\"Bearer [REDACTED]\"}");
+    // Upstream errors are passed through as answers.
+    let r = proxy(&s.daemon, request("tok", "GET", "/error"))
+        .await
+        .expect("500 is an answer");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.body, b"{\"message\":\"upstream exploded\"}");
+}
+
+#[tokio::test]
+async fn every_ssrf_vector_is_refused_before_any_request() {
+    let s = setup().await;
+    for provider in [
+        "github",
+        "narrow",
+        "iplit",
+        "userinfo",
+        "localname",
+        "metadata",
+        "ula",
+        "plainhttp",
+    ] {
+        s.daemon
+            .put(
+                &meta(
+                    &format!("t-{provider}"),
+                    provider,
+                    SecretKind::AccessToken,
+                    0,
+                ),
+                ACCESS.as_bytes(),
+            )
+            .await;
+    }
+    let cases = [
+        ("t-github", "GET", "/../oauth/token", "dot segment"),
+        ("t-github", "GET", "/%2e%2e/oauth/token", "dot segment"),
+        ("t-github", "GET", "/%252e%252e/oauth/token", "dot segment"),
+        ("t-github", "GET", "/a/%2F..%2Foauth", "encoded '/'"),
+        ("t-github", "GET", "/a\\..\\oauth", "forbidden character"),
+        (
+            "t-github",
+            "GET",
+            "http://evil.example/",
+            "must start with '/'",
+        ),
+        ("t-github", "GET", "//evil.example/api/me", "network-path"),
+        ("t-github", "GET", "@evil.example/me", "must start with '/'"),
+        ("t-github", "DELETE", "/me", "method DELETE is not allowed"),
+        (
+            "t-narrow",
+            "GET",
+            "/echo",
+            "outside the provider's allowed path prefixes",
+        ),
+        (
+            "t-iplit",
+            "GET",
+            "/me",
+            "IP literal host 127.0.0.1 is refused",
+        ),
+        ("t-userinfo", "GET", "/me", "userinfo"),
+        (
+            "t-metadata",
+            "GET",
+            "/meta-data",
+            "IP literal host 169.254.169.254",
+        ),
+        ("t-ula", "GET", "/", "IP literal host fd00::1"),
+        ("t-plainhttp", "GET", "/", "plain http is refused"),
+        // DNS answers: the name resolves to loopback, which this provider does not allow.
+        ("t-localname", "GET", "/me", "is loopback"),
+        // Redirects: another host, userinfo, and a loop.
+        (
+            "t-github",
+            "GET",
+            "/redirect-cross",
+            "redirect to another host",
+        ),
+        (
+            "t-github",
+            "GET",
+            "/redirect-userinfo",
+            "redirect to another host",
+        ),
+        ("t-github", "GET", "/redirect-loop", "more than 3 redirects"),
+    ];
+    for (id, method, path, why) in cases {
+        let before = s.provider.hits("/api/me") + s.provider.hits("/oauth/token");
+        let err = proxy(&s.daemon, request(id, method, path))
+            .await
+            .expect_err(path);
+        assert_eq!(err.code(), Code::PermissionDenied, "{id} {path}: {err:?}");
+        assert!(
+            err.message().contains(why),
+            "{id} {path}: {}",
+            err.message()
+        );
+        assert!(!err.message().contains(ACCESS));
+        assert_eq!(
+            s.provider.hits("/api/me") + s.provider.hits("/oauth/token"),
+            before,
+            "{path} reached the upstream's other endpoints"
+        );
+    }
+    // A same-host redirect is followed, with the credential.
+    let r = proxy(&s.daemon, request("t-github", "GET", "/redirect-same"))
+        .await
+        .expect("same host");
+    assert_eq!(r.status, 200);
+    assert_eq!(s.provider.hits("/api/me"), 1);
+}
+
+#[tokio::test]
+async fn retries_timeouts_sizes_and_bad_requests() {
+    let s = setup().await;
+    s.daemon
+        .put(
+            &meta("tok", "github", SecretKind::AccessToken, 0),
+            ACCESS.as_bytes(),
+        )
+        .await;
+    // 429 with Retry-After: 1 is retried after a second.
+    let started = Instant::now();
+    let r = proxy(&s.daemon, request("tok", "GET", "/flaky"))
+        .await
+        .expect("retried");
+    assert_eq!(r.status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(950));
+    assert_eq!(s.provider.hits("/api/flaky"), 2);
+    // A Retry-After beyond the cap is the caller's to handle: returned as is, not retried.
+    let r = proxy(&s.daemon, request("tok", "GET", "/busy"))
+        .await
+        .expect("429 answer");
+    assert_eq!(r.status, 429);
+    assert!(
+        r.headers
+            .iter()
+            .any(|h| h.name == "retry-after" && h.value == b"3600")
+    );
+    assert_eq!(s.provider.hits("/api/busy"), 1);
+    let err = proxy(&s.daemon, request("tok", "GET", "/slow"))
+        .await
+        .expect_err("timeout");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert_eq!(err.message(), "upstream call timed out after 1500 ms");
+    let err = proxy(&s.daemon, request("tok", "GET", "/big"))
+        .await
+        .expect_err("oversize response");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(
+        err.message(),
+        "upstream response body exceeds the provider's limit of 1048576 bytes"
+    );
+    let mut big = request("tok", "POST", "/upload");
+    big.body = vec![0; 4097];
+    let err = proxy(&s.daemon, big).await.expect_err("oversize request");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(s.provider.hits("/api/upload"), 0);
+    let mut bad = request("tok", "GET", "/me");
+    bad.headers = vec![v1::HttpHeader {
+        name: "bad header".into(),
+        value: b"x".to_vec(),
+    }];
+    let err = proxy(&s.daemon, bad).await.expect_err("bad header");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "headers[0]: invalid name");
+    let err = proxy(&s.daemon, request("tok", "G ET", "/me"))
+        .await
+        .expect_err("bad method");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = proxy(&s.daemon, request("no such id", "GET", "/me"))
+        .await
+        .expect_err("bad id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = proxy(&s.daemon, request("missing", "GET", "/me"))
+        .await
+        .expect_err("missing");
+    assert_eq!(err.code(), Code::NotFound);
+    // A record whose provider has no configuration, and kinds that are not credentials.
+    s.daemon
+        .put(
+            &meta("other", "gitlab", SecretKind::AccessToken, 0),
+            b"x-token-1234",
+        )
+        .await;
+    let err = proxy(&s.daemon, request("other", "GET", "/me"))
+        .await
+        .expect_err("no provider");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "provider gitlab has no [providers.gitlab] configuration in the daemon"
+    );
+    let err = proxy(&s.daemon, request("github-client-secret", "GET", "/me"))
+        .await
+        .expect_err("client secret");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "record github-client-secret is a client_secret, which cannot be used as an upstream credential"
+    );
+    // Revoked records are not used.
+    s.daemon
+        .admin(ADMIN)
+        .await
+        .revoke(v1::RevokeRequest { id: "tok".into() })
+        .await
+        .expect("revoke");
+    let err = proxy(&s.daemon, request("tok", "GET", "/me"))
+        .await
+        .expect_err("revoked");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // The ingest and admin credentials cannot proxy at all.
+    for cred in [INGEST, ADMIN] {
+        let err = s
+            .daemon
+            .broker(cred)
+            .await
+            .proxy(request("tok", "GET", "/me"))
+            .await
+            .expect_err("wrong role");
+        assert_eq!(err.code(), Code::PermissionDenied);
+    }
+    let err = s
+        .daemon
+        .broker("tv_not_a_credential")
+        .await
+        .proxy(request("tok", "GET", "/me"))
+        .await
+        .expect_err("unknown credential");
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn expiry_and_401_trigger_one_refresh_each_and_rotation_is_kept() {
+    let s = setup().await;
+    let soon = tokenvault::unix_now() + 30;
+    put_bundle(&s.daemon, "b", "github", (ACCESS, REFRESH), soon).await;
+    let r = proxy(&s.daemon, request("b", "GET", "/me"))
+        .await
+        .expect("proxied");
+    assert_eq!((r.status, r.refreshed), (200, true));
+    assert_eq!(s.provider.lock().refreshes, 1);
+    let (access1, refresh1) = {
+        let p = s.provider.lock();
+        (p.access.clone(), p.refresh.clone())
+    };
+    // GetToken sees the rotated bundle and the new expiry in the record's metadata.
+    let got = s.daemon.get("b").await.expect("get").into_inner();
+    let text = String::from_utf8(got.secret).expect("utf8");
+    assert!(
+        text.contains(&access1) && text.contains(&refresh1),
+        "{text}"
+    );
+    let info = got.info.expect("info");
+    let stored = info.meta.expect("meta");
+    assert!(stored.expires_at > tokenvault::unix_now() + 3000);
+    assert_eq!(stored.scopes, vec!["repo".to_string(), "user".to_string()]);
+    // Fresh bundle: no refresh.
+    let r = proxy(&s.daemon, request("b", "GET", "/me"))
+        .await
+        .expect("proxied");
+    assert_eq!((r.status, r.refreshed), (200, false));
+    // The provider revokes the access token: one 401, one refresh, one retry.
+    s.provider.lock().access = "revoked-by-provider".into();
+    let r = proxy(&s.daemon, request("b", "GET", "/me"))
+        .await
+        .expect("proxied");
+    assert_eq!((r.status, r.refreshed), (200, true));
+    assert_eq!(s.provider.lock().refreshes, 2);
+    // A record without a refresh configuration gets the 401 back as an answer.
+    s.daemon
+        .put(
+            &meta("plain", "github", SecretKind::AccessToken, 0),
+            b"stale-token-123",
+        )
+        .await;
+    let r = proxy(&s.daemon, request("plain", "GET", "/me"))
+        .await
+        .expect("401 answer");
+    assert_eq!((r.status, r.refreshed), (401, false));
+    assert_eq!(s.provider.lock().refreshes, 2);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_callers_cause_exactly_one_refresh() {
+    let s = setup().await;
+    s.provider.lock().token_delay = Duration::from_millis(300);
+    let soon = tokenvault::unix_now() + 10;
+    put_bundle(&s.daemon, "b", "github", (ACCESS, REFRESH), soon).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let mut client = s.daemon.broker(WORKER).await;
+        tasks.spawn(async move { client.proxy(request("b", "GET", "/me")).await });
+    }
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        let r = r.expect("join").expect("proxied").into_inner();
+        assert_eq!(r.status, 200);
+        ok += 1;
+    }
+    assert_eq!(ok, 50);
+    let p = s.provider.lock();
+    assert_eq!(p.refreshes, 1);
+    assert_eq!(p.token_requests, 1);
+}
+
+#[tokio::test]
+async fn rotating_refresh_tokens_survive_a_restart() {
+    let Setup {
+        tmp,
+        provider,
+        daemon,
+        providers,
+    } = setup().await;
+    let soon = tokenvault::unix_now() + 5;
+    put_bundle(&daemon, "b", "github", (ACCESS, REFRESH), soon).await;
+    assert!(
+        proxy(&daemon, request("b", "GET", "/me"))
+            .await
+            .expect("first")
+            .refreshed
+    );
+    daemon.stop().await;
+    provider.lock().access = "expired-upstream".into();
+    let daemon = TestDaemon::start_with(load(tmp.path(), &providers)).await;
+    // The second refresh must present the rotated token (the original one is spent).
+    let r = proxy(&daemon, request("b", "GET", "/me"))
+        .await
+        .expect("second");
+    assert_eq!((r.status, r.refreshed), (200, true));
+    let p = provider.lock();
+    assert_eq!((p.refreshes, p.token_requests), (2, 2));
+}
+
+#[tokio::test]
+async fn omitted_refresh_token_keeps_the_old_one() {
+    let s = setup().await;
+    s.provider.lock().omit_refresh = true;
+    let soon = tokenvault::unix_now() + 5;
+    put_bundle(&s.daemon, "b", "github", (ACCESS, REFRESH), soon).await;
+    assert!(
+        proxy(&s.daemon, request("b", "GET", "/me"))
+            .await
+            .expect("refreshed")
+            .refreshed
+    );
+    let text =
+        String::from_utf8(s.daemon.get("b").await.expect("get").into_inner().secret).expect("utf8");
+    assert!(text.contains(REFRESH), "{text}");
+}
+
+#[tokio::test]
+async fn invalid_grant_marks_the_record_for_reauthorization() {
+    let s = setup().await;
+    let soon = tokenvault::unix_now() + 5;
+    put_bundle(
+        &s.daemon,
+        "b",
+        "github",
+        (ACCESS, "rt-revoked-by-user"),
+        soon,
+    )
+    .await;
+    let err = proxy(&s.daemon, request("b", "GET", "/me"))
+        .await
+        .expect_err("invalid_grant");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "record b needs re-authorization: the provider rejected its refresh token (invalid_grant)"
+    );
+    assert!(!err.message().contains("rt-revoked"));
+    // No retry loop: later calls fail fast without contacting the provider.
+    let err = s.daemon.get("b").await.expect_err("get");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(proxy(&s.daemon, request("b", "GET", "/me")).await.is_err());
+    assert_eq!(s.provider.lock().token_requests, 1);
+    let mut admin = s.daemon.admin(ADMIN).await;
+    let stats = admin
+        .stats(v1::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.needs_reauth, 1);
+    let events = s.daemon.audit_events(v1::AuditLogRequest::default()).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "Refresh" && e.outcome.starts_with("invalid_grant")),
+        "{events:?}"
+    );
+    // The web tier stores a re-authorized bundle over the marked version (created at 1,
+    // marked at 2): usable again.
+    let record = s
+        .daemon
+        .sealer()
+        .await
+        .seal_record(
+            &meta(
+                "b",
+                "github",
+                SecretKind::TokenBundle,
+                tokenvault::unix_now() + 3600,
+            ),
+            &tokenvault::secret::Secret::new(bundle(
+                ACCESS,
+                REFRESH,
+                tokenvault::unix_now() + 3600,
+            )),
+        )
+        .expect("seal");
+    s.daemon
+        .ingest(INGEST)
+        .await
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(record),
+            expected_version: 2,
+        })
+        .await
+        .expect("re-authorized");
+    let r = proxy(&s.daemon, request("b", "GET", "/me"))
+        .await
+        .expect("usable again");
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn providers_reload_without_restart_and_a_bad_reload_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    let daemon = TestDaemon::start_with(load(tmp.path(), "")).await;
+    daemon
+        .put(
+            &meta("tok", "github", SecretKind::AccessToken, 0),
+            ACCESS.as_bytes(),
+        )
+        .await;
+    let err = proxy(&daemon, request("tok", "GET", "/me"))
+        .await
+        .expect_err("not configured yet");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    write_config(tmp.path(), &providers_toml(&provider, ""));
+    let mut admin = daemon.admin(ADMIN).await;
+    let names = admin
+        .reload_providers(v1::ReloadProvidersRequest {})
+        .await
+        .expect("reload")
+        .into_inner()
+        .providers;
+    assert!(names.contains(&"github".to_string()), "{names:?}");
+    assert_eq!(
+        proxy(&daemon, request("tok", "GET", "/me"))
+            .await
+            .expect("configured")
+            .status,
+        200
+    );
+    write_config(tmp.path(), "[providers.github]\nbase_url = \"not a url\"\n");
+    let err = admin
+        .reload_providers(v1::ReloadProvidersRequest {})
+        .await
+        .expect_err("bad config");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("providers.github.base_url"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        proxy(&daemon, request("tok", "GET", "/me"))
+            .await
+            .expect("old providers stay")
+            .status,
+        200
+    );
+    let err = daemon
+        .broker(WORKER)
+        .await
+        .get_token(v1::GetTokenRequest { id: "tok".into() })
+        .await;
+    assert!(err.is_ok());
+    let err = daemon
+        .admin(WORKER)
+        .await
+        .reload_providers(v1::ReloadProvidersRequest {})
+        .await
+        .expect_err("worker");
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn background_refresher_renews_bundles_before_they_expire() {
+    let Setup {
+        tmp: _tmp,
+        provider,
+        daemon,
+        ..
+    } = setup_with(|p| {
+        let base = p.base();
+        format!(
+            r#"
+[providers.bg]
+base_url = "{base}/api"
+allow_plain_http = true
+allowed_networks = ["127.0.0.0/8"]
+
+[providers.bg.oauth]
+token_endpoint = "{base}/oauth/token"
+client_id = "tv-client"
+client_auth = "client_secret_post"
+client_secret_record = "github-client-secret"
+refresh_skew_seconds = 60
+background_refresh = true
+background_interval_seconds = 1
+"#
+        )
+    })
+    .await;
+    let soon = tokenvault::unix_now() + 30;
+    put_bundle(&daemon, "due", "bg", (ACCESS, REFRESH), soon).await;
+    let later = tokenvault::unix_now() + 86_400;
+    put_bundle(&daemon, "not-due", "bg", ("other", "rt-other"), later).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.lock().refreshes == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let another scan pass: the renewed bundle is no longer due, the other never was.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counts = {
+        let p = provider.lock();
+        (p.refreshes, p.token_requests)
+    };
+    assert_eq!(counts, (1, 1));
+    let got = daemon.get("due").await.expect("get").into_inner();
+    assert!(got.info.expect("info").meta.expect("meta").expires_at > later - 86_400 + 3000);
+}
