@@ -140,6 +140,12 @@ async fn put_client_secret(d: &TestDaemon) {
     d.put(&m, CLIENT_SECRET.as_bytes()).await;
 }
 
+/// Stores an access token record.
+async fn put_token(d: &TestDaemon, id: &str, provider: &str, token: &[u8]) {
+    d.put(&meta(id, provider, SecretKind::AccessToken, 0), token)
+        .await;
+}
+
 /// Stores a token bundle record.
 async fn put_bundle(d: &TestDaemon, id: &str, provider: &str, tokens: (&str, &str), at: i64) {
     let m = meta(id, provider, SecretKind::TokenBundle, at);
@@ -174,12 +180,7 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 #[tokio::test]
 async fn injects_the_token_and_strips_caller_credentials() {
     let s = setup().await;
-    s.daemon
-        .put(
-            &meta("tok", "github", SecretKind::AccessToken, 0),
-            ACCESS.as_bytes(),
-        )
-        .await;
+    put_token(&s.daemon, "tok", "github", ACCESS.as_bytes()).await;
     let h = |n: &str, v: &str| v1::HttpHeader {
         name: n.into(),
         value: v.as_bytes().to_vec(),
@@ -235,17 +236,13 @@ async fn every_ssrf_vector_is_refused_before_any_request() {
         "ula",
         "plainhttp",
     ] {
-        s.daemon
-            .put(
-                &meta(
-                    &format!("t-{provider}"),
-                    provider,
-                    SecretKind::AccessToken,
-                    0,
-                ),
-                ACCESS.as_bytes(),
-            )
-            .await;
+        put_token(
+            &s.daemon,
+            &format!("t-{provider}"),
+            provider,
+            ACCESS.as_bytes(),
+        )
+        .await;
     }
     let cases = [
         ("t-github", "GET", "/../oauth/token", "dot segment"),
@@ -329,12 +326,7 @@ async fn every_ssrf_vector_is_refused_before_any_request() {
 #[tokio::test]
 async fn retries_timeouts_sizes_and_bad_requests() {
     let s = setup().await;
-    s.daemon
-        .put(
-            &meta("tok", "github", SecretKind::AccessToken, 0),
-            ACCESS.as_bytes(),
-        )
-        .await;
+    put_token(&s.daemon, "tok", "github", ACCESS.as_bytes()).await;
     // 429 with Retry-After: 1 is retried after a second.
     let started = Instant::now();
     let r = proxy(&s.daemon, request("tok", "GET", "/flaky"))
@@ -393,12 +385,7 @@ async fn retries_timeouts_sizes_and_bad_requests() {
         .expect_err("missing");
     assert_eq!(err.code(), Code::NotFound);
     // A record whose provider has no configuration, and kinds that are not credentials.
-    s.daemon
-        .put(
-            &meta("other", "gitlab", SecretKind::AccessToken, 0),
-            b"x-token-1234",
-        )
-        .await;
+    put_token(&s.daemon, "other", "gitlab", b"x-token-1234").await;
     let err = proxy(&s.daemon, request("other", "GET", "/me"))
         .await
         .expect_err("no provider");
@@ -485,12 +472,7 @@ async fn expiry_and_401_trigger_one_refresh_each_and_rotation_is_kept() {
     assert_eq!((r.status, r.refreshed), (200, true));
     assert_eq!(s.provider.lock().refreshes, 2);
     // A record without a refresh configuration gets the 401 back as an answer.
-    s.daemon
-        .put(
-            &meta("plain", "github", SecretKind::AccessToken, 0),
-            b"stale-token-123",
-        )
-        .await;
+    put_token(&s.daemon, "plain", "github", b"stale-token-123").await;
     let r = proxy(&s.daemon, request("plain", "GET", "/me"))
         .await
         .expect("401 answer");
@@ -646,12 +628,7 @@ async fn providers_reload_without_restart_and_a_bad_reload_changes_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let provider = FakeProvider::start(ACCESS, REFRESH).await;
     let daemon = TestDaemon::start_with(load(tmp.path(), "")).await;
-    daemon
-        .put(
-            &meta("tok", "github", SecretKind::AccessToken, 0),
-            ACCESS.as_bytes(),
-        )
-        .await;
+    put_token(&daemon, "tok", "github", ACCESS.as_bytes()).await;
     let err = proxy(&daemon, request("tok", "GET", "/me"))
         .await
         .expect_err("not configured yet");
@@ -750,4 +727,168 @@ background_interval_seconds = 1
     assert_eq!(counts, (1, 1));
     let got = daemon.get("due").await.expect("get").into_inner();
     assert!(got.info.expect("info").meta.expect("meta").expires_at > later - 86_400 + 3000);
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_configured_ca() {
+    let pki = common::pki::ca("upstream test CA");
+    let (cert, key) = common::pki::leaf(&pki, &["localhost"], "localhost");
+    let provider = FakeProvider::start_tls(ACCESS, REFRESH, &cert, &key).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("upstream-ca.pem"), &pki.ca_pem).expect("ca");
+    let other = common::pki::ca("some other CA");
+    std::fs::write(tmp.path().join("other-ca.pem"), &other.ca_pem).expect("ca");
+    let port = provider.addr.port();
+    let toml = format!(
+        r#"
+[providers.github]
+base_url = "https://localhost:{port}/api"
+allowed_networks = ["127.0.0.0/8", "::1/128"]
+ca_file = "upstream-ca.pem"
+
+[providers.wrongca]
+base_url = "https://localhost:{port}/api"
+allowed_networks = ["127.0.0.0/8", "::1/128"]
+ca_file = "other-ca.pem"
+"#
+    );
+    let daemon = TestDaemon::start_with(load(tmp.path(), &toml)).await;
+    put_token(&daemon, "tok", "github", ACCESS.as_bytes()).await;
+    put_token(&daemon, "tok2", "wrongca", ACCESS.as_bytes()).await;
+    let r = proxy(&daemon, request("tok", "GET", "/me"))
+        .await
+        .expect("https");
+    assert_eq!(r.status, 200);
+    let err = proxy(&daemon, request("tok2", "GET", "/me"))
+        .await
+        .expect_err("untrusted certificate");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("TLS with localhost"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(provider.hits("/api/me"), 1);
+}
+
+#[tokio::test]
+async fn a_slow_provider_cannot_starve_another() {
+    let s = setup_with(|p| {
+        let base = p.base();
+        format!(
+            r#"
+[providers.slowp]
+base_url = "{base}/api"
+allow_plain_http = true
+allowed_networks = ["127.0.0.0/8"]
+max_concurrency = 2
+timeout_ms = 3000
+"#
+        )
+    })
+    .await;
+    put_token(&s.daemon, "slow", "slowp", ACCESS.as_bytes()).await;
+    put_token(&s.daemon, "fast", "github", ACCESS.as_bytes()).await;
+    let started = Instant::now();
+    let mut slow = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut client = s.daemon.broker(WORKER).await;
+        slow.spawn(async move { client.proxy(request("slow", "GET", "/wait")).await });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Meanwhile the other provider answers at once.
+    let fast_started = Instant::now();
+    let r = proxy(&s.daemon, request("fast", "GET", "/me"))
+        .await
+        .expect("fast");
+    assert_eq!(r.status, 200);
+    assert!(fast_started.elapsed() < Duration::from_millis(300));
+    while let Some(r) = slow.join_next().await {
+        assert_eq!(
+            r.expect("join").expect("slow call").into_inner().status,
+            200
+        );
+    }
+    // Four 600 ms calls through two slots take two rounds.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1150),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(s.provider.hits("/api/wait"), 4);
+}
+
+#[tokio::test]
+async fn cli_proxy_and_reload_providers() {
+    use common::process::{assert_exit, run};
+    let s = setup().await;
+    put_token(&s.daemon, "tok", "github", ACCESS.as_bytes()).await;
+    let addr = format!("http://{}", s.daemon.addr);
+    let cwd = s.tmp.path().to_path_buf();
+    let env = [
+        ("TOKENVAULT_WORKER_TOKEN", WORKER),
+        ("TOKENVAULT_ADMIN_TOKEN", ADMIN),
+        ("TOKENVAULT_ADDR", addr.as_str()),
+    ];
+    let cli = move |args: Vec<&'static str>, env: Vec<(&'static str, String)>| {
+        let cwd = cwd.clone();
+        tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            run(&cwd, &args, &env, Some(b"posted body"))
+        })
+    };
+    let env: Vec<(&'static str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let o = cli(
+        vec![
+            "proxy",
+            "tok",
+            "GET",
+            "/me",
+            "-H",
+            "Accept: application/json",
+        ],
+        env.clone(),
+    )
+    .await
+    .expect("join");
+    assert_exit(&o, 0, "HTTP 200");
+    assert_eq!(o.stdout, b"{\"user\":\"octocat\",\"received\":0}");
+    let o = cli(
+        vec!["proxy", "tok", "POST", "/upload", "--body-file", "-"],
+        env.clone(),
+    )
+    .await
+    .expect("join");
+    assert_exit(&o, 0, "HTTP 200");
+    assert_eq!(o.stdout, b"{\"user\":\"octocat\",\"received\":11}");
+    let o = cli(vec!["proxy", "tok", "GET", "/error", "--fail"], env.clone())
+        .await
+        .expect("join");
+    assert_exit(&o, 6, "upstream answered HTTP 500");
+    let o = cli(
+        vec!["proxy", "tok", "GET", "/me", "-H", "no colon"],
+        env.clone(),
+    )
+    .await
+    .expect("join");
+    assert_exit(&o, 5, "is not \"Name: value\"");
+    let o = cli(vec!["proxy", "tok", "GET", "/../oauth/token"], env.clone())
+        .await
+        .expect("join");
+    assert_exit(&o, 4, "dot segment");
+    let o = cli(vec!["admin", "reload-providers"], env.clone())
+        .await
+        .expect("join");
+    assert_exit(&o, 0, "");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(stdout.starts_with("providers: github, iplit,"), "{stdout}");
+    let worker_only: Vec<(&'static str, String)> = env
+        .iter()
+        .filter(|(k, _)| *k != "TOKENVAULT_ADMIN_TOKEN")
+        .cloned()
+        .collect();
+    let o = cli(vec!["admin", "reload-providers"], worker_only)
+        .await
+        .expect("join");
+    assert_exit(&o, 4, "no credential");
 }

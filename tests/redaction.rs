@@ -3,6 +3,7 @@
 
 use tokenvault::api::v1;
 use tokenvault::keys::PrivateKey;
+use tokenvault::oauth::TokenBundle;
 use tokenvault::secret::{ApiCredential, DataKey, Passphrase, Secret};
 
 #[test]
@@ -12,6 +13,25 @@ fn no_secret_type_prints_its_secret() {
     let key = PrivateKey::from_pem(&pem, None).expect("key");
     let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     let token = "gho_SECRETSECRETSECRETSECRET";
+    let bundle = TokenBundle::parse(&Secret::new(
+        format!(r#"{{"access_token":"{token}","refresh_token":"rt_REFRESH","expires_at":1}}"#)
+            .into_bytes(),
+    ))
+    .expect("bundle");
+    let oauth = tokenvault::provider::OAuthConfig {
+        token_endpoint: "https://auth.example.com/token".parse().expect("uri"),
+        client_id: "id".into(),
+        client_auth: tokenvault::provider::ClientAuth::ClientSecretPost,
+        client_secret_record: tokenvault::record::RecordId::parse("cs").expect("id"),
+        refresh_skew_seconds: 0,
+        background: None,
+    };
+    let refresh_request = tokenvault::oauth::refresh_request(
+        &oauth,
+        "rt_REFRESH",
+        &Secret::new(b"client-SECRET".to_vec()),
+    )
+    .expect("request");
     let cases: Vec<(String, String)> = vec![
         (
             format!("{:?}", DataKey::from_slice(&[0x5a; 32]).expect("32")),
@@ -34,6 +54,10 @@ fn no_secret_type_prints_its_secret() {
             "horse".into(),
         ),
         (format!("{key:?}"), body[..40].to_string()),
+        (format!("{bundle:?}"), "SECRETSECRET".into()),
+        (format!("{bundle:?}"), "rt_REFRESH".into()),
+        (format!("{refresh_request:?}"), "rt_REFRESH".into()),
+        (format!("{refresh_request:?}"), "client-SECRET".into()),
         (
             format!(
                 "{:?}",

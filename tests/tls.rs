@@ -6,40 +6,13 @@ mod common;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
+use common::pki::{Pki, ca, leaf};
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tokenvault::api::v1;
 use tokenvault::config::{Config, Env};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-struct Pki {
-    ca_pem: String,
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-fn ca(name: &str) -> Pki {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let issuer =
-        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
-    Pki {
-        ca_pem: issuer.pem(),
-        issuer,
-    }
-}
-
-/// (certificate PEM, key PEM) for `sans`, signed by `pki`.
-fn leaf(pki: &Pki, sans: &[&str], cn: &str) -> (String, String) {
-    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .expect("params");
-    params.distinguished_name.push(DnType::CommonName, cn);
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, &pki.issuer).expect("sign");
-    (cert.pem(), key.serialize_pem())
-}
 
 fn write(dir: &Path, name: &str, text: &str, mode: u32) {
     std::fs::write(dir.join(name), text).expect("write");

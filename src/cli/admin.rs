@@ -28,6 +28,8 @@ pub(crate) enum AdminCommand {
     /// Rotate, rewrap everything, retire and destroy every older version, then verify.
     /// Waits for the daemon and resumes if it restarts mid-way.
     EmergencyRotate(RewrapArgs),
+    /// Re-read the [providers] tables of the daemon's config file (same as SIGHUP).
+    ReloadProviders(Conn),
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,7 +207,10 @@ fn print_status(keys: &[v1::PublicKey], stats: &v1::StatsResponse) {
     for k in keys {
         println!("  {}", describe(k));
     }
-    println!("records: {} (revoked {})", stats.records, stats.revoked);
+    println!(
+        "records: {} (revoked {}, needing re-authorization {})",
+        stats.records, stats.revoked, stats.needs_reauth
+    );
     println!("records per key version:");
     for c in &stats.records_per_key_version {
         println!("  v{}: {}", c.key_version, c.records);
@@ -271,6 +276,14 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
             print_status(&keys, &stats);
         }
         AdminCommand::EmergencyRotate(a) => emergency(a).await?,
+        AdminCommand::ReloadProviders(a) => {
+            let r = client(&a.conn)
+                .await?
+                .reload_providers(v1::ReloadProvidersRequest {})
+                .await?
+                .into_inner();
+            println!("providers: {}", r.providers.join(", "));
+        }
         AdminCommand::Audit(AuditCommand::Verify(a)) => {
             let mut stream = client(&a.conn)
                 .await?

@@ -77,6 +77,27 @@ pub(crate) struct GetArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct ProxyArgs {
+    /// Record id whose credential the daemon injects.
+    id: String,
+    /// HTTP method.
+    method: String,
+    /// Path and query relative to the provider's base URL, e.g. /user/repos?per_page=5.
+    path: String,
+    /// Request header "Name: value" (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// Request body from this file ("-" for stdin).
+    #[arg(long)]
+    body_file: Option<PathBuf>,
+    /// Exit with code 6 when the upstream answers 4xx or 5xx.
+    #[arg(long)]
+    fail: bool,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct IdArgs {
     /// Record id.
     id: String,
@@ -260,6 +281,65 @@ pub(crate) async fn get(args: GetArgs) -> Result<(), CliError> {
         })
         .and_then(|()| out.flush())
         .map_err(|e| CliError::Internal(format!("writing to stdout: {e}")))
+}
+
+pub(crate) async fn proxy(args: ProxyArgs) -> Result<(), CliError> {
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| CliError::Input(format!("header {h:?} is not \"Name: value\"")))?;
+            Ok(v1::HttpHeader {
+                name: name.trim().to_string(),
+                value: value.trim().as_bytes().to_vec(),
+            })
+        })
+        .collect::<Result<Vec<_>, CliError>>()?;
+    let body = match &args.body_file {
+        None => Vec::new(),
+        Some(p) if p.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .map_err(|e| CliError::Input(format!("reading stdin: {e}")))?;
+            buf
+        }
+        Some(p) => std::fs::read(p)
+            .map_err(|e| CliError::Input(format!("reading {}: {e}", p.display())))?,
+    };
+    let mut client = v1::broker_client::BrokerClient::new(connect(&args.conn, Role::Worker).await?);
+    let resp = client
+        .proxy(v1::ProxyRequest {
+            id: args.id,
+            method: args.method,
+            path: args.path,
+            headers,
+            body,
+        })
+        .await?
+        .into_inner();
+    eprintln!(
+        "HTTP {}{}",
+        resp.status,
+        if resp.refreshed {
+            " (token refreshed)"
+        } else {
+            ""
+        }
+    );
+    let mut out = std::io::stdout().lock();
+    out.write_all(&resp.body)
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::Internal(format!("writing to stdout: {e}")))?;
+    if args.fail && resp.status >= 400 {
+        return Err(CliError::Precondition(format!(
+            "upstream answered HTTP {}",
+            resp.status
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) async fn revoke(args: IdArgs) -> Result<(), CliError> {

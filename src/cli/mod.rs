@@ -38,6 +38,9 @@ enum Command {
     Seal(client::SealArgs),
     /// Fetch and decrypt a secret (worker credential); the secret goes to stdout.
     Get(client::GetArgs),
+    /// Call the record's provider through the daemon, which injects the credential (worker
+    /// credential). The response body goes to stdout, the status line to stderr.
+    Proxy(client::ProxyArgs),
     /// Revoke a record so it is never handed out again (admin credential).
     Revoke(client::IdArgs),
     /// Irrecoverably delete a record (admin credential).
@@ -178,6 +181,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Seal(args) => runtime()?.block_on(client::seal(args)),
         Command::Get(args) => runtime()?.block_on(client::get(args)),
+        Command::Proxy(args) => runtime()?.block_on(client::proxy(args)),
         Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
         Command::Delete(args) => runtime()?.block_on(client::delete(args)),
         Command::Admin(cmd) => runtime()?.block_on(admin::run(cmd)),

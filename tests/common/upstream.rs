@@ -45,6 +45,34 @@ pub struct FakeProvider {
 
 impl FakeProvider {
     pub async fn start(access: &str, refresh: &str) -> Self {
+        Self::serve(access, refresh, None).await
+    }
+
+    /// Serves https with the certificate chain and key given as PEM.
+    pub async fn start_tls(access: &str, refresh: &str, cert_pem: &str, key_pem: &str) -> Self {
+        use rustls::pki_types::pem::PemObject as _;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certs");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+        Self::serve(
+            access,
+            refresh,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn serve(access: &str, refresh: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -62,14 +90,23 @@ impl FakeProvider {
                 };
                 let _ = stream.set_nodelay(true);
                 let state = Arc::clone(&shared);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let state = Arc::clone(&state);
                         async move { Ok::<_, Infallible>(handle(addr, state, req).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
@@ -168,6 +205,10 @@ async fn handle(
         "/api/error" => reply(500, "{\"message\":\"upstream exploded\"}"),
         "/api/slow" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
+            reply(200, "{}")
+        }
+        "/api/wait" => {
+            tokio::time::sleep(Duration::from_millis(600)).await;
             reply(200, "{}")
         }
         "/api/big" => reply(200, vec![b'x'; 2 << 20]),
