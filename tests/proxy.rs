@@ -892,3 +892,26 @@ async fn cli_proxy_and_reload_providers() {
         .expect("join");
     assert_exit(&o, 4, "no credential");
 }
+
+/// docs/PROXY.md's configuration examples load as written.
+#[test]
+fn the_documented_provider_configuration_loads() {
+    let doc = std::fs::read_to_string(common::fixture_path("docs/PROXY.md")).expect("doc");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .map(|b| b.split("```").next().expect("closed block"))
+        .collect();
+    assert_eq!(blocks.len(), 2);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = write_config(tmp.path(), &blocks.concat());
+    let providers = Config::load_providers(&path).expect("documented config loads");
+    let github = &providers["github"];
+    assert_eq!(github.base.to_string(), "https://api.github.com/");
+    assert_eq!(github.allowed_path_prefixes, vec!["/user", "/repos/"]);
+    assert_eq!(github.max_response_bytes, 4_194_304);
+    let oauth = github.oauth.as_ref().expect("oauth");
+    assert_eq!(oauth.client_secret_record.as_str(), "github-client-secret");
+    assert_eq!(oauth.refresh_skew_seconds, 300);
+    assert!(oauth.background.is_none());
+}

@@ -138,12 +138,14 @@ const STRIPPED: &[&str] = &[
     "authorization",
     "cookie",
     "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
 ];
 
 fn stripped(name: &HeaderName, extra: &[HeaderName]) -> bool {
-    STRIPPED.contains(&name.as_str()) || name.as_str().starts_with("proxy-") || extra.contains(name)
+    let n = name.as_str();
+    STRIPPED.contains(&n)
+        || n.starts_with("proxy-")
+        || n.starts_with("x-forwarded-")
+        || extra.contains(name)
 }
 
 /// Names listed in `Connection` headers are hop-by-hop too.

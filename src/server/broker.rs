@@ -44,12 +44,13 @@ impl Broker for BrokerService {
         let policy = caller_policy(&request);
         let id = parse_id(request.into_inner().id)?;
         let result = async {
-            let (mut record, mut secret) = load(
+            let (mut record, mut secret, ()) = load(
                 &self.0,
                 &caller,
                 &policy,
                 &id,
                 Draft::new(&caller, "GetToken"),
+                |_, _, _| Ok(()),
             )
             .await?;
             if let Some((upstream, oauth)) = refresh::oauth_for(&self.0, &record) {
@@ -113,38 +114,30 @@ impl BrokerService {
         call: CallerRequest,
     ) -> Result<v1::ProxyResponse, ServiceError> {
         let state = &self.0;
-        // The record's metadata names the provider; policy checks happen before decrypting.
-        let meta = {
-            let (id, policy) = (id.clone(), Arc::clone(policy));
-            state
-                .blocking(move |s| {
-                    let record = s
-                        .store
-                        .get_record(&id)?
-                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                    policy
-                        .check_record(&record.meta)
-                        .map_err(ServiceError::PolicyDenied)?;
-                    Ok(record.meta)
-                })
-                .await?
-        };
-        let upstream = state
-            .upstreams()
-            .get(meta.provider.as_str())
-            .ok_or_else(|| ServiceError::NoProvider(meta.provider.to_string()))?;
-        if !matches!(
-            meta.kind,
-            SecretKind::AccessToken | SecretKind::ApiKey | SecretKind::TokenBundle
-        ) {
-            return Err(ServiceError::NotACredential {
-                id: id.to_string(),
-                kind: meta.kind,
-            });
-        }
-        let prepared = upstream.prepare(call)?;
-        let draft = Draft::new(caller, "Proxy").detail(prepared.method().as_str());
-        let (mut record, secret) = load(state, caller, policy, id, draft).await?;
+        let draft = Draft::new(caller, "Proxy");
+        // The outbound request is checked against the record's provider before the record is
+        // opened, in the same blocking step (and audited if refused).
+        let (mut record, secret, (upstream, prepared)) =
+            load(state, caller, policy, id, draft, move |s, record, draft| {
+                let meta = &record.meta;
+                let upstream = s
+                    .upstreams()
+                    .get(meta.provider.as_str())
+                    .ok_or_else(|| ServiceError::NoProvider(meta.provider.to_string()))?;
+                if !matches!(
+                    meta.kind,
+                    SecretKind::AccessToken | SecretKind::ApiKey | SecretKind::TokenBundle
+                ) {
+                    return Err(ServiceError::NotACredential {
+                        id: meta.id.to_string(),
+                        kind: meta.kind,
+                    });
+                }
+                *draft = std::mem::take(draft).detail(call.method.to_ascii_uppercase());
+                let prepared = upstream.prepare(call)?;
+                Ok((upstream, prepared))
+            })
+            .await?;
         let refreshable = refresh::oauth_for(state, &record);
         let mut refreshed = false;
         let mut token = match record.meta.kind {
@@ -194,15 +187,18 @@ impl BrokerService {
 }
 
 /// Reads, checks and opens one record for `caller`, auditing `draft` before the secret is
-/// released (fail closed: no audit event, no secret). A refreshable token bundle past its
-/// expiry is returned (the caller refreshes it); anything else past expiry is refused.
-async fn load(
+/// released (fail closed: no audit event, no secret). `check` runs after the caller's policy
+/// and before the record is opened; its refusal is audited like any other. A refreshable token
+/// bundle past its expiry is returned (the caller refreshes it); anything else past expiry is
+/// refused.
+async fn load<T: Send + 'static>(
     state: &Arc<State>,
     caller: &str,
     policy: &Arc<CallerPolicy>,
     id: &RecordId,
     draft: Draft,
-) -> Result<(Record, Secret), ServiceError> {
+    check: impl FnOnce(&State, &Record, &mut Draft) -> Result<T, ServiceError> + Send + 'static,
+) -> Result<(Record, Secret, T), ServiceError> {
     let ring = state.keyring();
     let (who, policy, id) = (caller.to_string(), Arc::clone(policy), id.clone());
     let draft = draft.record(id.as_str());
@@ -211,7 +207,7 @@ async fn load(
             let mut draft = draft;
             let released = s
                 .record_token(&who, &policy, &id)
-                .and_then(|()| release(s, &id, &ring, &policy, &mut draft));
+                .and_then(|()| release(s, &id, &ring, &policy, &mut draft, check));
             match &released {
                 Ok(_) => s.audit.append(&draft, false)?,
                 Err(e) => s.audit_outcome(draft, e),
@@ -222,13 +218,14 @@ async fn load(
 }
 
 /// Reads, checks and opens one record.
-fn release(
+fn release<T>(
     s: &State,
     id: &RecordId,
     ring: &Keyring,
     policy: &CallerPolicy,
     draft: &mut Draft,
-) -> Result<(Record, Secret), ServiceError> {
+    check: impl FnOnce(&State, &Record, &mut Draft) -> Result<T, ServiceError>,
+) -> Result<(Record, Secret, T), ServiceError> {
     let record = s
         .store
         .get_record(id)?
@@ -243,6 +240,7 @@ fn release(
     if record.needs_reauth {
         return Err(ServiceError::NeedsReauth(id.to_string()));
     }
+    let checked = check(s, &record, draft)?;
     let refreshable = refresh::oauth_for(s, &record).is_some();
     if let Some(expires_at) = record
         .meta
@@ -258,7 +256,7 @@ fn release(
         id: id.to_string(),
         source,
     })?;
-    Ok((record, secret))
+    Ok((record, secret, checked))
 }
 
 /// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
