@@ -915,3 +915,35 @@ fn the_documented_provider_configuration_loads() {
     assert_eq!(oauth.refresh_skew_seconds, 300);
     assert!(oauth.background.is_none());
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_providers() {
+    // Installed first, so a SIGHUP can never take the default action (terminating the tests).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("signal handler");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    let daemon = TestDaemon::start_with(load(tmp.path(), "")).await;
+    put_token(&daemon, "tok", "github", ACCESS.as_bytes()).await;
+    write_config(tmp.path(), &providers_toml(&provider, ""));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reloaded = loop {
+        rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::HUP)
+            .expect("SIGHUP");
+        let _ = hup.recv().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match proxy(&daemon, request("tok", "GET", "/me")).await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => assert_eq!(e.code(), Code::FailedPrecondition),
+            Err(e) => panic!("providers not reloaded: {e:?}"),
+        }
+    };
+    assert_eq!(reloaded.status, 200);
+    let events = daemon.audit_events(v1::AuditLogRequest::default()).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "ReloadProviders" && e.caller == "SIGHUP"),
+        "{events:?}"
+    );
+}
