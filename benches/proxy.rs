@@ -160,6 +160,7 @@ fn bench(c: &mut Criterion) {
                             path: "/me".into(),
                             headers: vec![],
                             body: vec![],
+                            grant: String::new(),
                         })
                         .await
                         .expect("proxy")

@@ -143,6 +143,8 @@ pub struct CallerPolicy {
     /// Token-bucket limit per record for this caller: `GetToken`s of one record per second
     /// (burst equal to the rate).
     pub record_rate_per_second: Option<u32>,
+    /// May mint and revoke downscoped grants (`Broker.IssueGrant` / `RevokeGrant`).
+    pub issue_grants: bool,
 }
 
 impl CallerPolicy {
@@ -344,6 +346,8 @@ struct FileCredential {
     rate_per_second: Option<u32>,
     burst: Option<u32>,
     record_rate_per_second: Option<u32>,
+    #[serde(default)]
+    issue_grants: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -514,6 +518,7 @@ impl Config {
                     rate_per_second: c.rate_per_second,
                     burst: c.burst,
                     record_rate_per_second: c.record_rate_per_second,
+                    issue_grants: c.issue_grants,
                 },
             });
         }

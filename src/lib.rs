@@ -37,6 +37,8 @@ pub mod cli;
 #[cfg(feature = "daemon")]
 pub mod config;
 pub mod envelope;
+#[cfg(feature = "daemon")]
+pub mod grant;
 pub mod keys;
 #[cfg(feature = "daemon")]
 pub mod oauth;

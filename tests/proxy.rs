@@ -159,6 +159,7 @@ fn request(id: &str, method: &str, path: &str) -> v1::ProxyRequest {
         path: path.into(),
         headers: vec![],
         body: vec![],
+        grant: String::new(),
     }
 }
 
@@ -946,4 +947,329 @@ async fn sighup_reloads_the_providers() {
             .any(|e| e.action == "ReloadProviders" && e.caller == "SIGHUP"),
         "{events:?}"
     );
+}
+
+const ISSUER: &str = "tv_test_issuer_credential_0123456789abcdef";
+const HOLDER: &str = "tv_test_holder_credential_0123456789abcdef";
+
+/// A daemon with two extra workers: `issuer` (may issue grants, github records only) and
+/// `holder` (no records of its own).
+async fn grants_setup() -> Setup {
+    use tokenvault::config::{CallerPolicy, CredentialEntry, Role};
+    use tokenvault::secret::ApiCredential;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    let providers = providers_toml(&provider, "");
+    let mut config = load(tmp.path(), &providers);
+    let worker = |name: &str, cred: &str, policy: CallerPolicy| {
+        let mut e =
+            CredentialEntry::for_credential(name, Role::Worker, &ApiCredential::new(cred.into()));
+        e.policy = policy;
+        e
+    };
+    config.credentials.push(worker(
+        "issuer",
+        ISSUER,
+        CallerPolicy {
+            issue_grants: true,
+            providers: vec!["github".into()],
+            ..Default::default()
+        },
+    ));
+    config.credentials.push(worker(
+        "holder",
+        HOLDER,
+        CallerPolicy {
+            providers: vec!["none".into()],
+            ..Default::default()
+        },
+    ));
+    let daemon = TestDaemon::start_with(config).await;
+    put_token(&daemon, "tok", "github", ACCESS.as_bytes()).await;
+    put_token(&daemon, "lab", "narrow", ACCESS.as_bytes()).await;
+    Setup {
+        tmp,
+        provider,
+        daemon,
+        providers,
+    }
+}
+
+fn grant_request(id: &str, ttl: i64, max_uses: u32) -> v1::IssueGrantRequest {
+    v1::IssueGrantRequest {
+        id: id.into(),
+        owner: String::new(),
+        methods: vec!["GET".into()],
+        path_prefixes: vec!["/me".into()],
+        ttl_seconds: ttl,
+        max_uses,
+        audience: "holder".into(),
+    }
+}
+
+async fn issue(
+    d: &TestDaemon,
+    req: v1::IssueGrantRequest,
+) -> Result<v1::IssueGrantResponse, tonic::Status> {
+    d.broker(ISSUER)
+        .await
+        .issue_grant(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn with_grant(
+    d: &TestDaemon,
+    cred: &str,
+    grant: &str,
+    id: &str,
+    method: &str,
+    path: &str,
+) -> Result<v1::ProxyResponse, tonic::Status> {
+    let mut req = request(id, method, path);
+    req.grant = grant.into();
+    d.broker(cred)
+        .await
+        .proxy(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn grants_are_narrow_counted_expiring_and_revocable() {
+    let s = grants_setup().await;
+    let d = &s.daemon;
+    let g = issue(d, grant_request("tok", 60, 2)).await.expect("issued");
+    assert!(g.grant.starts_with("tvg_") && g.grant.len() == 47);
+    assert_eq!(g.grant_id.len(), 64);
+    // The holder has no access of its own...
+    assert_eq!(
+        proxy_as(d, HOLDER, request("tok", "GET", "/me"))
+            .await
+            .expect_err("own")
+            .code(),
+        Code::PermissionDenied
+    );
+    // ...and a grant never allows GetToken.
+    assert_eq!(
+        d.broker(HOLDER)
+            .await
+            .get_token(v1::GetTokenRequest { id: "tok".into() })
+            .await
+            .expect_err("get")
+            .code(),
+        Code::PermissionDenied
+    );
+    // Within scope: allowed, and the worker never sees the token.
+    let r = with_grant(d, HOLDER, &g.grant, "", "GET", "/me")
+        .await
+        .expect("granted");
+    assert_eq!(r.status, 200);
+    // Outside scope: refused without using up the grant.
+    for (cred, method, path, why) in [
+        (HOLDER, "POST", "/me", "method POST is not allowed"),
+        (
+            HOLDER,
+            "GET",
+            "/echo",
+            "path /echo is outside its path prefixes",
+        ),
+        (WORKER, "GET", "/me", "was issued for another caller"),
+    ] {
+        let err = with_grant(d, cred, &g.grant, "", method, path)
+            .await
+            .expect_err(why);
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains(why), "{}", err.message());
+        assert!(!err.message().contains(&g.grant));
+    }
+    let err = with_grant(d, HOLDER, &g.grant, "lab", "GET", "/me")
+        .await
+        .expect_err("other record");
+    assert!(
+        err.message().contains("record lab is not covered"),
+        "{}",
+        err.message()
+    );
+    // The second (last) use, then nothing.
+    with_grant(d, HOLDER, &g.grant, "tok", "GET", "/me")
+        .await
+        .expect("second use");
+    let err = with_grant(d, HOLDER, &g.grant, "", "GET", "/me")
+        .await
+        .expect_err("used up");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(s.provider.hits("/api/me"), 2);
+    // Expiry.
+    let short = issue(d, grant_request("tok", 1, 0)).await.expect("issued");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let err = with_grant(d, HOLDER, &short.grant, "", "GET", "/me")
+        .await
+        .expect_err("expired");
+    assert!(err.message().contains("has expired"), "{}", err.message());
+    // Revocation, by id.
+    let r = issue(d, grant_request("tok", 60, 0)).await.expect("issued");
+    d.broker(ISSUER)
+        .await
+        .revoke_grant(v1::RevokeGrantRequest {
+            grant_id: r.grant_id.clone(),
+        })
+        .await
+        .expect("revoked");
+    let err = with_grant(d, HOLDER, &r.grant, "", "GET", "/me")
+        .await
+        .expect_err("revoked");
+    assert_eq!(err.message(), "unknown, revoked or expired grant");
+    let err = d
+        .broker(ISSUER)
+        .await
+        .revoke_grant(v1::RevokeGrantRequest {
+            grant_id: r.grant_id.clone(),
+        })
+        .await
+        .expect_err("again");
+    assert_eq!(err.code(), Code::NotFound);
+    // Only callers with issue_grants may revoke.
+    let live = issue(d, grant_request("tok", 60, 0)).await.expect("issued");
+    let err = d
+        .broker(HOLDER)
+        .await
+        .revoke_grant(v1::RevokeGrantRequest {
+            grant_id: live.grant_id.clone(),
+        })
+        .await
+        .expect_err("holder");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    for action in ["IssueGrant", "RevokeGrant"] {
+        assert!(events.iter().any(|e| e.action == action), "{action}");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "Proxy" && e.caller == "holder" && e.detail.contains("grant"))
+    );
+    // Only the handle's hash is stored.
+    let Setup { tmp, daemon, .. } = s;
+    daemon.stop().await;
+    let mut files = Vec::new();
+    common::process::files_under(&tmp.path().join("data"), &mut files);
+    let contains = |needle: &[u8]| {
+        files.iter().any(|f| {
+            std::fs::read(f)
+                .map(|b| b.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+    };
+    assert!(
+        contains(live.grant_id.as_bytes()),
+        "the scan finds stored grant ids"
+    );
+    assert!(!contains(live.grant.as_bytes()), "a grant handle is stored");
+}
+
+#[tokio::test]
+async fn issuing_is_refused_outside_the_issuers_own_access() {
+    let s = grants_setup().await;
+    let d = &s.daemon;
+    let err = d
+        .broker(HOLDER)
+        .await
+        .issue_grant(grant_request("tok", 60, 1))
+        .await
+        .expect_err("no issue_grants");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("may not issue"), "{}", err.message());
+    for (req, code, why) in [
+        (
+            grant_request("lab", 60, 1),
+            Code::PermissionDenied,
+            "provider narrow is outside",
+        ),
+        (grant_request("missing", 60, 1), Code::NotFound, "missing"),
+        (
+            grant_request("tok", 0, 1),
+            Code::InvalidArgument,
+            "ttl_seconds must be between 1 and 86400",
+        ),
+        (
+            grant_request("tok", 86_401, 1),
+            Code::InvalidArgument,
+            "ttl_seconds",
+        ),
+        (
+            v1::IssueGrantRequest {
+                owner: "alice".into(),
+                ..grant_request("tok", 60, 1)
+            },
+            Code::InvalidArgument,
+            "set exactly one of id or owner",
+        ),
+        (
+            v1::IssueGrantRequest {
+                path_prefixes: vec!["/../x".into()],
+                ..grant_request("tok", 60, 1)
+            },
+            Code::InvalidArgument,
+            "must start with '/' and contain no '..'",
+        ),
+        (
+            v1::IssueGrantRequest {
+                methods: vec!["G ET".into()],
+                ..grant_request("tok", 60, 1)
+            },
+            Code::InvalidArgument,
+            "invalid method",
+        ),
+    ] {
+        let err = issue(d, req).await.expect_err(why);
+        assert_eq!(
+            (err.code(), err.message().contains(why)),
+            (code, true),
+            "{}",
+            err.message()
+        );
+    }
+    // An owner grant: the caller names the record; the issuer's provider limit still applies.
+    let g = issue(
+        d,
+        v1::IssueGrantRequest {
+            id: String::new(),
+            owner: "alice".into(),
+            ..grant_request("", 60, 0)
+        },
+    )
+    .await
+    .expect("owner grant");
+    assert_eq!(
+        with_grant(d, HOLDER, &g.grant, "tok", "GET", "/me")
+            .await
+            .expect("tok")
+            .status,
+        200
+    );
+    let err = with_grant(d, HOLDER, &g.grant, "", "GET", "/me")
+        .await
+        .expect_err("no id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = with_grant(d, HOLDER, &g.grant, "lab", "GET", "/me")
+        .await
+        .expect_err("other provider");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = with_grant(d, HOLDER, "tvg_forged", "tok", "GET", "/me")
+        .await
+        .expect_err("forged");
+    assert_eq!(err.message(), "unknown, revoked or expired grant");
+}
+
+async fn proxy_as(
+    d: &TestDaemon,
+    cred: &str,
+    req: v1::ProxyRequest,
+) -> Result<v1::ProxyResponse, tonic::Status> {
+    d.broker(cred)
+        .await
+        .proxy(req)
+        .await
+        .map(tonic::Response::into_inner)
 }

@@ -93,8 +93,49 @@ pub(crate) struct ProxyArgs {
     /// Exit with code 6 when the upstream answers 4xx or 5xx.
     #[arg(long)]
     fail: bool,
+    /// Use a grant handle from `tokenvault grant issue` (read from this file) instead of the
+    /// caller's own access; ID may then be "-" for a record grant.
+    #[arg(long)]
+    grant_file: Option<PathBuf>,
     #[command(flatten)]
     conn: Connection,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum GrantCommand {
+    /// Mint a grant; the handle goes to stdout, its id and expiry to stderr.
+    Issue {
+        /// The one record the grant covers.
+        #[arg(long, conflicts_with = "owner", required_unless_present = "owner")]
+        id: Option<String>,
+        /// Or: every record of this owner.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Allowed HTTP method (repeatable; default: the provider's).
+        #[arg(long = "method")]
+        methods: Vec<String>,
+        /// Allowed path prefix (repeatable; default: the provider's).
+        #[arg(long = "path-prefix")]
+        path_prefixes: Vec<String>,
+        /// Lifetime in seconds (at most 86400).
+        #[arg(long, default_value_t = 300)]
+        ttl: i64,
+        /// Most uses (0: unlimited within the lifetime).
+        #[arg(long, default_value_t = 0)]
+        max_uses: u32,
+        /// Only this caller (credential name) may use it.
+        #[arg(long)]
+        audience: Option<String>,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// End a grant early.
+    Revoke {
+        /// The grant id (or the handle).
+        grant_id: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -309,10 +350,24 @@ pub(crate) async fn proxy(args: ProxyArgs) -> Result<(), CliError> {
         Some(p) => std::fs::read(p)
             .map_err(|e| CliError::Input(format!("reading {}: {e}", p.display())))?,
     };
+    let grant = match &args.grant_file {
+        Some(p) => Zeroizing::new(
+            std::fs::read_to_string(p)
+                .map_err(|e| CliError::Input(format!("reading {}: {e}", p.display())))?,
+        )
+        .trim()
+        .to_string(),
+        None => String::new(),
+    };
     let mut client = v1::broker_client::BrokerClient::new(connect(&args.conn, Role::Worker).await?);
     let resp = client
         .proxy(v1::ProxyRequest {
-            id: args.id,
+            grant,
+            id: if args.id == "-" {
+                String::new()
+            } else {
+                args.id
+            },
             method: args.method,
             path: args.path,
             headers,
@@ -338,6 +393,53 @@ pub(crate) async fn proxy(args: ProxyArgs) -> Result<(), CliError> {
             "upstream answered HTTP {}",
             resp.status
         )));
+    }
+    Ok(())
+}
+
+pub(crate) async fn grant(cmd: GrantCommand) -> Result<(), CliError> {
+    match cmd {
+        GrantCommand::Issue {
+            id,
+            owner,
+            methods,
+            path_prefixes,
+            ttl,
+            max_uses,
+            audience,
+            conn,
+        } => {
+            let mut client =
+                v1::broker_client::BrokerClient::new(connect(&conn, Role::Worker).await?);
+            let r = client
+                .issue_grant(v1::IssueGrantRequest {
+                    id: id.unwrap_or_default(),
+                    owner: owner.unwrap_or_default(),
+                    methods,
+                    path_prefixes,
+                    ttl_seconds: ttl,
+                    max_uses,
+                    audience: audience.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let handle = Zeroizing::new(r.grant);
+            eprintln!("grant_id={} expires_at={}", r.grant_id, r.expires_at);
+            println!("{}", handle.as_str());
+        }
+        GrantCommand::Revoke { grant_id, conn } => {
+            let mut client =
+                v1::broker_client::BrokerClient::new(connect(&conn, Role::Worker).await?);
+            client
+                .revoke_grant(v1::RevokeGrantRequest {
+                    grant_id: grant_id.clone(),
+                })
+                .await?;
+            println!(
+                "revoked grant {}",
+                crate::grant::short(&crate::grant::grant_id(&grant_id))
+            );
+        }
     }
     Ok(())
 }

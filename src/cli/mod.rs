@@ -41,6 +41,9 @@ enum Command {
     /// Call the record's provider through the daemon, which injects the credential (worker
     /// credential). The response body goes to stdout, the status line to stderr.
     Proxy(client::ProxyArgs),
+    /// Mint or revoke downscoped Proxy grants (worker credential with `issue_grants`).
+    #[command(subcommand)]
+    Grant(client::GrantCommand),
     /// Revoke a record so it is never handed out again (admin credential).
     Revoke(client::IdArgs),
     /// Irrecoverably delete a record (admin credential).
@@ -182,6 +185,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Seal(args) => runtime()?.block_on(client::seal(args)),
         Command::Get(args) => runtime()?.block_on(client::get(args)),
         Command::Proxy(args) => runtime()?.block_on(client::proxy(args)),
+        Command::Grant(cmd) => runtime()?.block_on(client::grant(cmd)),
         Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
         Command::Delete(args) => runtime()?.block_on(client::delete(args)),
         Command::Admin(cmd) => runtime()?.block_on(admin::run(cmd)),

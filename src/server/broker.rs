@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
-use super::{State, caller_name, caller_policy, refresh};
+use super::{State, caller_name, caller_policy, grants, refresh};
 use crate::api::v1::{self, broker_server::Broker};
 use crate::audit::Draft;
 use crate::config::CallerPolicy;
@@ -87,14 +87,23 @@ impl Broker for BrokerService {
         let caller = caller_name(&request);
         let policy = caller_policy(&request);
         let req = request.into_inner();
-        let id = parse_id(req.id)?;
+        let grant = (!req.grant.is_empty()).then_some(req.grant);
+        let id = match &grant {
+            Some(handle) if req.id.is_empty() => {
+                let handle = handle.clone();
+                self.0
+                    .blocking(move |s| grants::record_of(s, &handle))
+                    .await?
+            }
+            _ => parse_id(req.id)?,
+        };
         let call = CallerRequest {
             method: req.method,
             path: req.path,
             headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
             body: req.body,
         };
-        let result = self.proxy_call(&caller, &policy, &id, call).await;
+        let result = self.proxy_call(&caller, &policy, &id, call, grant).await;
         match &result {
             Ok(r) => {
                 tracing::info!(rpc = "Proxy", %caller, record = %id, status = r.status, refreshed = r.refreshed, "proxied")
@@ -102,6 +111,59 @@ impl Broker for BrokerService {
             Err(e) => tracing::info!(rpc = "Proxy", %caller, record = %id, error = %e, "refused"),
         }
         Ok(Response::new(result?))
+    }
+
+    async fn issue_grant(
+        &self,
+        request: Request<v1::IssueGrantRequest>,
+    ) -> Result<Response<v1::IssueGrantResponse>, Status> {
+        let caller = caller_name(&request);
+        let policy = caller_policy(&request);
+        let req = request.into_inner();
+        let who = caller.clone();
+        let result = self
+            .0
+            .blocking(move |s| {
+                let draft = Draft::new(&who, "IssueGrant");
+                let issued = grants::issue(s, &who, &policy, req, crate::unix_now());
+                if let Err(e) = &issued {
+                    s.audit_outcome(draft, e);
+                }
+                issued
+            })
+            .await;
+        match &result {
+            Ok(g) => {
+                tracing::info!(rpc = "IssueGrant", %caller, grant = %crate::grant::short(&g.grant_id), expires_at = g.expires_at, "issued")
+            }
+            Err(e) => tracing::info!(rpc = "IssueGrant", %caller, error = %e, "refused"),
+        }
+        Ok(Response::new(result?))
+    }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<v1::RevokeGrantRequest>,
+    ) -> Result<Response<v1::RevokeGrantResponse>, Status> {
+        let caller = caller_name(&request);
+        let policy = caller_policy(&request);
+        let handle = request.into_inner().grant_id;
+        let who = caller.clone();
+        let result = self
+            .0
+            .blocking(move |s| {
+                let revoked = grants::revoke(s, &who, &policy, &handle);
+                if let Err(e) = &revoked {
+                    s.audit_outcome(Draft::new(&who, "RevokeGrant"), e);
+                }
+                revoked
+            })
+            .await;
+        if let Err(e) = &result {
+            tracing::info!(rpc = "RevokeGrant", %caller, error = %e, "refused");
+        }
+        result?;
+        Ok(Response::new(v1::RevokeGrantResponse {}))
     }
 }
 
@@ -112,9 +174,16 @@ impl BrokerService {
         policy: &Arc<CallerPolicy>,
         id: &RecordId,
         call: CallerRequest,
+        grant: Option<String>,
     ) -> Result<v1::ProxyResponse, ServiceError> {
         let state = &self.0;
         let draft = Draft::new(caller, "Proxy");
+        // With a grant, the grant decides which records; the caller's rate limits still apply.
+        let policy = match &grant {
+            Some(_) => &grants::grant_policy(policy),
+            None => policy,
+        };
+        let who = caller.to_string();
         // The outbound request is checked against the record's provider before the record is
         // opened, in the same blocking step (and audited if refused).
         let (mut record, secret, (upstream, prepared)) =
@@ -133,9 +202,21 @@ impl BrokerService {
                         kind: meta.kind,
                     });
                 }
-                *draft = std::mem::take(draft).detail(call.method.to_ascii_uppercase());
-                let prepared = upstream.prepare(call)?;
-                Ok((upstream, prepared))
+                let method = call.method.to_ascii_uppercase();
+                let prepare = || Ok((Arc::clone(&upstream), upstream.prepare(call.clone())?));
+                match &grant {
+                    None => {
+                        *draft = std::mem::take(draft).detail(method);
+                        prepare()
+                    }
+                    Some(handle) => {
+                        *draft = std::mem::take(draft).detail(format!(
+                            "{method} grant {}",
+                            crate::grant::short(&crate::grant::grant_id(handle))
+                        ));
+                        grants::use_grant(s, handle, &who, record, &method, &call.path, prepare)
+                    }
+                }
             })
             .await?;
         let refreshable = refresh::oauth_for(state, &record);

@@ -13,6 +13,7 @@ mod admin;
 pub mod auth;
 mod broker;
 pub mod dek_cache;
+mod grants;
 #[cfg(fuzzing)]
 pub mod ingest;
 #[cfg(not(fuzzing))]
@@ -91,9 +92,17 @@ pub(crate) struct State {
     config_source: Option<std::path::PathBuf>,
     /// One refresh at a time per record.
     single_flight: refresh::SingleFlight,
+    /// Serializes grant uses and revocations (read-check-write of the use count).
+    grants: std::sync::Mutex<()>,
 }
 
 impl State {
+    fn grants_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.grants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn upstreams(&self) -> Arc<crate::proxy::Upstreams> {
         Arc::clone(
             &self
@@ -276,6 +285,7 @@ impl Daemon {
             upstreams: RwLock::new(Arc::new(upstreams)),
             config_source: config.source.clone(),
             single_flight: refresh::SingleFlight::default(),
+            grants: std::sync::Mutex::new(()),
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,

@@ -188,6 +188,9 @@ pub enum ServiceError {
     /// A refreshed bundle could not be sealed.
     #[error("sealing: {0}")]
     Seal(#[from] crate::envelope::EncryptError),
+    /// A grant was refused.
+    #[error(transparent)]
+    Grant(#[from] crate::grant::GrantError),
     /// The provider configuration could not be reloaded; the previous one stays in effect.
     #[error("reloading providers failed, the previous configuration stays in effect: {0}")]
     Reload(String),
@@ -255,6 +258,8 @@ impl ServiceError {
                     _ => Code::Unavailable,
                 }
             }
+            ServiceError::Grant(crate::grant::GrantError::Invalid(_)) => Code::InvalidArgument,
+            ServiceError::Grant(_) => Code::PermissionDenied,
             ServiceError::Proxy(e) => {
                 use crate::proxy::ProxyError;
                 match e {
