@@ -252,6 +252,8 @@ pub struct Config {
     pub providers: std::collections::BTreeMap<String, crate::provider::ProviderPolicy>,
     /// The file this configuration was loaded from (re-read on reload), if any.
     pub source: Option<PathBuf>,
+    /// Trusted issuers of provider security events.
+    pub security_event_issuers: Vec<crate::security_event::Issuer>,
 }
 
 /// Bounds of the DEK cache.
@@ -311,6 +313,18 @@ struct FileConfig {
     credentials: Vec<FileCredential>,
     #[serde(default)]
     providers: std::collections::BTreeMap<String, crate::provider::FileProvider>,
+    #[serde(default)]
+    security_event_issuers: Vec<FileIssuer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIssuer {
+    issuer: String,
+    audience: String,
+    provider: String,
+    public_key_file: PathBuf,
+    max_age_seconds: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -566,6 +580,26 @@ impl Config {
             },
             providers: crate::provider::parse_all(file.providers, base)?,
             source: Some(path.to_path_buf()),
+            security_event_issuers: file
+                .security_event_issuers
+                .into_iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let key = format!("security_event_issuers[{i}]");
+                    crate::record::Provider::parse(f.provider.as_str())
+                        .map_err(|e| invalid(&format!("{key}.provider"), e.to_string()))?;
+                    Ok(crate::security_event::Issuer {
+                        key: crate::security_event::VerifyingKey::from_pem_file(
+                            &base.join(&f.public_key_file),
+                        )
+                        .map_err(|e| invalid(&format!("{key}.public_key_file"), e))?,
+                        issuer: f.issuer,
+                        audience: f.audience,
+                        provider: f.provider,
+                        max_age_seconds: f.max_age_seconds.unwrap_or(300).max(1),
+                    })
+                })
+                .collect::<Result<_, ConfigError>>()?,
             key_policy: KeyPolicy {
                 ingest_grace_seconds: file
                     .keys
@@ -617,6 +651,7 @@ impl Config {
             dek_cache: None,
             providers: std::collections::BTreeMap::new(),
             source: None,
+            security_event_issuers: Vec::new(),
         })
     }
 

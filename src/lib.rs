@@ -50,6 +50,8 @@ pub mod record;
 pub mod sealer;
 pub mod secret;
 #[cfg(feature = "daemon")]
+pub mod security_event;
+#[cfg(feature = "daemon")]
 pub mod server;
 pub mod store;
 

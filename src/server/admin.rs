@@ -445,6 +445,34 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn security_event(
+        &self,
+        request: Request<v1::SecurityEventRequest>,
+    ) -> Result<Response<v1::SecurityEventResponse>, Status> {
+        let caller = caller_name(&request);
+        let token = request.into_inner().token;
+        let who = caller.clone();
+        let result = self
+            .0
+            .blocking(move |s| {
+                let applied = apply_security_event(s, &who, &token, crate::unix_now());
+                if let Err(e) = &applied {
+                    s.audit_outcome(Draft::new(&who, "SecurityEvent"), e);
+                }
+                applied
+            })
+            .await;
+        match &result {
+            Ok(r) => {
+                tracing::warn!(rpc = "SecurityEvent", %caller, event = %r.event_type, revoked = r.revoked, deleted = r.deleted, "security event applied")
+            }
+            Err(e) => {
+                tracing::warn!(rpc = "SecurityEvent", %caller, error = %e, "security event refused")
+            }
+        }
+        Ok(Response::new(result?))
+    }
+
     async fn reload_providers(
         &self,
         request: Request<v1::ReloadProvidersRequest>,
@@ -453,4 +481,92 @@ impl Admin for AdminService {
         let providers = self.0.reload_providers(&caller).await?;
         Ok(Response::new(v1::ReloadProvidersResponse { providers }))
     }
+}
+
+/// Verifies a security event token and revokes or deletes the subject's records of the
+/// issuer's provider, each change audited; a token is applied once (its `jti` is kept).
+fn apply_security_event(
+    s: &State,
+    caller: &str,
+    token: &str,
+    now: i64,
+) -> Result<v1::SecurityEventResponse, ServiceError> {
+    use crate::security_event::{self, Action};
+    use sha2::Digest as _;
+    let event = security_event::verify(token, &s.security_event_issuers, now)?;
+    let issuer = &s.security_event_issuers[event.issuer];
+    let replay_key = format!(
+        "set_jti/{}",
+        hex::encode(sha2::Sha256::digest(format!(
+            "{}\0{}",
+            issuer.issuer, event.jti
+        )))
+    );
+    if s.store.get_meta(&replay_key)?.is_some() {
+        return Err(StoreError::AlreadyExists(format!(
+            "security event jti {} (already applied)",
+            event.jti
+        ))
+        .into());
+    }
+    let owner = Owner::parse(event.owner.clone()).map_err(|source| ServiceError::Invalid {
+        what: "security event subject".into(),
+        source,
+    })?;
+    let short_type = event
+        .event_type
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let detail = format!("{short_type} from {} jti {}", issuer.issuer, event.jti);
+    s.audit.append(
+        &Draft::new(caller, "SecurityEvent")
+            .owner(owner.as_str())
+            .detail(detail.clone()),
+        true,
+    )?;
+    let (mut revoked, mut deleted) = (0, 0);
+    for id in s.store.owner_record_ids(&owner)? {
+        let Some(record) = s.store.get_record(&id)? else {
+            continue;
+        };
+        if record.meta.provider.as_str() != issuer.provider {
+            continue;
+        }
+        let draft = |action: &str| {
+            Draft::new(caller, action)
+                .record(id.as_str())
+                .owner(owner.as_str())
+                .detail(format!("security event: {detail}"))
+        };
+        s.forget_deks(Some(&id));
+        match &event.action {
+            Action::Delete => {
+                s.audited(draft("Delete"), |a| {
+                    Ok(((), s.store.delete_record(&id, Some(a))?))
+                })?;
+                deleted += 1;
+            }
+            Action::RevokeScopesOutside(kept)
+                if record
+                    .meta
+                    .scopes
+                    .iter()
+                    .all(|sc| kept.iter().any(|k| k == sc.as_str())) => {}
+            Action::Revoke | Action::RevokeScopesOutside(_) if !record.revoked => {
+                s.audited(draft("Revoke"), |a| {
+                    Ok(((), s.store.revoke(&id, now, Some(a)).map(|_| true)?))
+                })?;
+                revoked += 1;
+            }
+            _ => {}
+        }
+    }
+    s.store.put_meta(&replay_key, Some(&now.to_be_bytes()))?;
+    Ok(v1::SecurityEventResponse {
+        event_type: event.event_type,
+        revoked,
+        deleted,
+    })
 }

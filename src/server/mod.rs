@@ -94,6 +94,8 @@ pub(crate) struct State {
     single_flight: refresh::SingleFlight,
     /// Serializes grant uses and revocations (read-check-write of the use count).
     grants: std::sync::Mutex<()>,
+    /// Trusted issuers of provider security events.
+    security_event_issuers: Vec<crate::security_event::Issuer>,
 }
 
 impl State {
@@ -286,6 +288,7 @@ impl Daemon {
             config_source: config.source.clone(),
             single_flight: refresh::SingleFlight::default(),
             grants: std::sync::Mutex::new(()),
+            security_event_issuers: config.security_event_issuers.clone(),
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,

@@ -188,6 +188,9 @@ pub enum ServiceError {
     /// A refreshed bundle could not be sealed.
     #[error("sealing: {0}")]
     Seal(#[from] crate::envelope::EncryptError),
+    /// A security event token was refused.
+    #[error("security event refused: {0}")]
+    SecurityEvent(#[from] crate::security_event::SetError),
     /// A grant was refused.
     #[error(transparent)]
     Grant(#[from] crate::grant::GrantError),
@@ -256,6 +259,15 @@ impl ServiceError {
                     OAuthError::BadBundle | OAuthError::NoRefreshToken => Code::FailedPrecondition,
                     OAuthError::InvalidGrant => Code::FailedPrecondition,
                     _ => Code::Unavailable,
+                }
+            }
+            ServiceError::SecurityEvent(e) => {
+                use crate::security_event::SetError;
+                match e {
+                    SetError::Signature | SetError::UnknownIssuer | SetError::Algorithm(_) => {
+                        Code::PermissionDenied
+                    }
+                    _ => Code::InvalidArgument,
                 }
             }
             ServiceError::Grant(crate::grant::GrantError::Invalid(_)) => Code::InvalidArgument,

@@ -158,6 +158,10 @@ pub(crate) fn revoke_delete_and_stats(store: &dyn TokenStore) {
     store
         .put_records(&[write("r4", "alice2", 0)], 1)
         .expect("seed");
+    let alice = Owner::parse("alice").expect("valid");
+    let mut ids = store.owner_record_ids(&alice).expect("ids");
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(ids, vec![rid("r1"), rid("r2")]);
     assert_eq!(
         store.delete_owner(&Owner::parse("alice").expect("valid"), None),
         Ok(2)

@@ -120,6 +120,16 @@ impl TokenStore for MemoryStore {
         Ok((before - inner.records.len()) as u64)
     }
 
+    fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
+        Ok(self
+            .lock()
+            .records
+            .values()
+            .filter(|r| &r.meta.owner == owner)
+            .map(|r| r.meta.id.clone())
+            .collect())
+    }
+
     fn stats(&self) -> Result<StoreStats, StoreError> {
         Ok(super::count_stats(self.lock().records.values()))
     }

@@ -137,6 +137,9 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Deletes every record of `owner`, with `audit` in the same batch; returns how many.
     fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError>;
 
+    /// Ids of every record of `owner`.
+    fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError>;
+
     /// Counts records.
     fn stats(&self) -> Result<StoreStats, StoreError>;
 

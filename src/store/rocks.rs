@@ -300,6 +300,23 @@ impl TokenStore for RocksStore {
         Ok(ids.len() as u64)
     }
 
+    fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
+        let prefix = schema::owner_prefix(owner);
+        let mut ids = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(CF_OWNERS), &prefix) {
+            let (k, _) = item.map_err(engine)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|s| RecordId::parse(s).ok())
+                .ok_or_else(|| StoreError::Corrupt("owner index: bad record id".into()))?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
     fn stats(&self) -> Result<StoreStats, StoreError> {
         let mut records = Vec::new();
         for item in self

@@ -1,0 +1,340 @@
+//! Admin.SecurityEvent: signed provider security events (RISC / CAEP Security Event Tokens)
+//! revoke or delete exactly the affected records, once, and are audited.
+
+mod common;
+
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use common::{ADMIN, TestDaemon, WORKER, fixture_path};
+use serde_json::json;
+use tokenvault::api::v1;
+use tokenvault::config::Config;
+use tokenvault::record::{RecordMeta, SecretKind};
+use tokenvault::security_event::{ACCOUNT_PURGED, TOKEN_CLAIMS_CHANGE, TOKENS_REVOKED};
+use tonic::Code;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn der(pem_file: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::PrivatePkcs8KeyDer::from_pem_file(fixture_path(pem_file))
+        .expect("pkcs8 pem")
+        .secret_pkcs8_der()
+        .to_vec()
+}
+
+/// A compact JWS over `claims`, RS256 with `key` (PKCS#8 PEM fixture).
+fn rs256(key: &str, claims: &serde_json::Value) -> String {
+    let pair = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&der(key)).expect("rsa key");
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"RS256","typ":"secevent+jwt"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut sig = vec![0; pair.public_modulus_len()];
+    pair.sign(
+        &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+        &aws_lc_rs::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut sig,
+    )
+    .expect("sign");
+    format!("{input}.{}", b64(&sig))
+}
+
+fn es256(claims: &serde_json::Value) -> String {
+    let pair = aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &der("keys/test/fixture-ec.key.pem"),
+    )
+    .expect("ec key");
+    let input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"ES256"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = pair
+        .sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes())
+        .expect("sign");
+    format!("{input}.{}", b64(sig.as_ref()))
+}
+
+fn set(iss: &str, jti: &str, event: &str, body: serde_json::Value) -> serde_json::Value {
+    json!({
+        "iss": iss,
+        "aud": "tokenvault",
+        "iat": tokenvault::unix_now(),
+        "jti": jti,
+        "events": { event: body },
+    })
+}
+
+fn subject(owner: &str) -> serde_json::Value {
+    json!({"subject": {"format": "email", "email": owner}})
+}
+
+async fn daemon(dir: &std::path::Path) -> TestDaemon {
+    std::fs::copy(
+        fixture_path("keys/test/fixture-a.pub.pem"),
+        dir.join("idp.pem"),
+    )
+    .expect("copy");
+    std::fs::copy(
+        fixture_path("keys/test/fixture-ec.pub.pem"),
+        dir.join("ec.pem"),
+    )
+    .expect("copy");
+    std::fs::write(
+        dir.join("tokenvault.toml"),
+        r#"data_dir = "data"
+key_dir = "keys"
+[[security_event_issuers]]
+issuer = "https://idp.example"
+audience = "tokenvault"
+provider = "github"
+public_key_file = "idp.pem"
+[[security_event_issuers]]
+issuer = "https://ec.example"
+audience = "tokenvault"
+provider = "gitlab"
+public_key_file = "ec.pem"
+max_age_seconds = 60
+"#,
+    )
+    .expect("config");
+    let mut c = Config::load(
+        &dir.join("tokenvault.toml"),
+        &HashMap::<String, String>::new(),
+    )
+    .expect("config loads");
+    c.dev = true;
+    c.credentials = common::credentials();
+    TestDaemon::start_with(c).await
+}
+
+async fn put(d: &TestDaemon, id: &str, owner: &str, provider: &str, scopes: &[&str]) {
+    let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+    let meta =
+        RecordMeta::parse(id, owner, provider, SecretKind::AccessToken, &scopes, 0).expect("meta");
+    d.put(&meta, format!("secret-{id}").as_bytes()).await;
+}
+
+async fn send(
+    d: &TestDaemon,
+    cred: &str,
+    token: String,
+) -> Result<v1::SecurityEventResponse, tonic::Status> {
+    d.admin(cred)
+        .await
+        .security_event(v1::SecurityEventRequest { token })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn security_events_revoke_or_delete_exactly_the_affected_records() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = daemon(tmp.path()).await;
+    let alice = "alice@example.com";
+    put(&d, "a-gh-1", alice, "github", &["repo"]).await;
+    put(&d, "a-gh-2", alice, "github", &["repo", "user"]).await;
+    put(&d, "a-gl", alice, "gitlab", &["api"]).await;
+    put(&d, "b-gh", "bob@example.com", "github", &["repo"]).await;
+    put(
+        &d,
+        "b-gh-wide",
+        "bob@example.com",
+        "github",
+        &["repo", "admin:org"],
+    )
+    .await;
+
+    // Token revoked (RS256): alice's github records only.
+    let token = rs256(
+        "keys/test/fixture-a.key.pem",
+        &set("https://idp.example", "e1", TOKENS_REVOKED, subject(alice)),
+    );
+    let r = send(&d, ADMIN, token.clone()).await.expect("applied");
+    assert_eq!(
+        (r.event_type.as_str(), r.revoked, r.deleted),
+        (TOKENS_REVOKED, 2, 0)
+    );
+    for id in ["a-gh-1", "a-gh-2"] {
+        assert_eq!(
+            d.get(id).await.expect_err(id).code(),
+            Code::FailedPrecondition
+        );
+    }
+    for id in ["a-gl", "b-gh", "b-gh-wide"] {
+        d.get(id).await.expect(id);
+    }
+    // Replayed: refused, nothing else happens.
+    let err = send(&d, ADMIN, token).await.expect_err("replay");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(
+        err.message().contains("already applied"),
+        "{}",
+        err.message()
+    );
+
+    // Scope withdrawn: bob keeps only "repo"; the record holding more is revoked.
+    let mut body = subject("bob@example.com");
+    body["claims"] = json!({"scope": "repo"});
+    let r = send(
+        &d,
+        ADMIN,
+        rs256(
+            "keys/test/fixture-a.key.pem",
+            &set("https://idp.example", "e2", TOKEN_CLAIMS_CHANGE, body),
+        ),
+    )
+    .await
+    .expect("applied");
+    assert_eq!((r.revoked, r.deleted), (1, 0));
+    d.get("b-gh").await.expect("still granted");
+    assert_eq!(
+        d.get("b-gh-wide").await.expect_err("wide").code(),
+        Code::FailedPrecondition
+    );
+
+    // User unlinked (ES256 issuer for gitlab): deleted.
+    let r = send(
+        &d,
+        ADMIN,
+        es256(&set(
+            "https://ec.example",
+            "e3",
+            ACCOUNT_PURGED,
+            subject(alice),
+        )),
+    )
+    .await
+    .expect("applied");
+    assert_eq!((r.revoked, r.deleted), (0, 1));
+    assert_eq!(
+        d.get("a-gl").await.expect_err("deleted").code(),
+        Code::NotFound
+    );
+
+    // Refusals change nothing.
+    let forged = rs256(
+        "keys/test/fixture-b.key.pem",
+        &set(
+            "https://idp.example",
+            "f1",
+            ACCOUNT_PURGED,
+            subject("bob@example.com"),
+        ),
+    );
+    let stale = {
+        let mut c = set(
+            "https://idp.example",
+            "f2",
+            ACCOUNT_PURGED,
+            subject("bob@example.com"),
+        );
+        c["iat"] = json!(tokenvault::unix_now() - 3600);
+        rs256("keys/test/fixture-a.key.pem", &c)
+    };
+    let wrong_aud = {
+        let mut c = set(
+            "https://idp.example",
+            "f3",
+            ACCOUNT_PURGED,
+            subject("bob@example.com"),
+        );
+        c["aud"] = json!("someone-else");
+        rs256("keys/test/fixture-a.key.pem", &c)
+    };
+    let unknown_issuer = rs256(
+        "keys/test/fixture-a.key.pem",
+        &set(
+            "https://other.example",
+            "f4",
+            ACCOUNT_PURGED,
+            subject("bob@example.com"),
+        ),
+    );
+    // An ES256 issuer's key does not accept an RS256 token.
+    let alg_swap = rs256(
+        "keys/test/fixture-a.key.pem",
+        &set(
+            "https://ec.example",
+            "f5",
+            ACCOUNT_PURGED,
+            subject("bob@example.com"),
+        ),
+    );
+    for (cred, token, code, why) in [
+        (
+            ADMIN,
+            forged,
+            Code::PermissionDenied,
+            "signature does not verify",
+        ),
+        (ADMIN, stale, Code::InvalidArgument, "iat is outside"),
+        (
+            ADMIN,
+            wrong_aud,
+            Code::InvalidArgument,
+            "aud does not contain",
+        ),
+        (
+            ADMIN,
+            unknown_issuer,
+            Code::PermissionDenied,
+            "issuer is not configured",
+        ),
+        (
+            ADMIN,
+            alg_swap,
+            Code::PermissionDenied,
+            "algorithm \"RS256\" refused",
+        ),
+        (
+            ADMIN,
+            "not.a.jwt".into(),
+            Code::InvalidArgument,
+            "not a compact JWS",
+        ),
+        (
+            ADMIN,
+            "x".repeat(70_000),
+            Code::InvalidArgument,
+            "longer than 64 KiB",
+        ),
+        (
+            WORKER,
+            "anything".into(),
+            Code::PermissionDenied,
+            "requires role admin",
+        ),
+    ] {
+        let err = send(&d, cred, token).await.expect_err(why);
+        assert_eq!(err.code(), code, "{why}: {}", err.message());
+        assert!(err.message().contains(why), "{why}: {}", err.message());
+    }
+    d.get("b-gh").await.expect("untouched by refused events");
+
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    let applied = events
+        .iter()
+        .filter(|e| e.action == "SecurityEvent" && e.outcome == "ok")
+        .count();
+    assert_eq!(applied, 3);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "Delete" && e.detail.starts_with("security event: account-purged"))
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == "Revoke" && e.detail.starts_with("security event"))
+            .count(),
+        3
+    );
+}
