@@ -254,6 +254,8 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Trusted issuers of provider security events.
     pub security_event_issuers: Vec<crate::security_event::Issuer>,
+    /// Lock the daemon's memory into RAM (`mlockall`) where the OS allows it.
+    pub lock_memory: bool,
 }
 
 /// Bounds of the DEK cache.
@@ -302,6 +304,7 @@ struct FileConfig {
     block_cache_mb: Option<usize>,
     #[serde(default)]
     insecure_plaintext: bool,
+    lock_memory: Option<bool>,
     log: Option<String>,
     #[serde(default)]
     limits: FileLimits,
@@ -580,6 +583,7 @@ impl Config {
             },
             providers: crate::provider::parse_all(file.providers, base)?,
             source: Some(path.to_path_buf()),
+            lock_memory: file.lock_memory.unwrap_or(true),
             security_event_issuers: file
                 .security_event_issuers
                 .into_iter()
@@ -652,6 +656,7 @@ impl Config {
             providers: std::collections::BTreeMap::new(),
             source: None,
             security_event_issuers: Vec::new(),
+            lock_memory: true,
         })
     }
 

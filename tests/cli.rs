@@ -22,6 +22,28 @@ fn walkthrough_exit_codes_and_no_plaintext_token_anywhere() {
         ["0", "0"],
         "{core}"
     );
+    // Memory is locked where the OS allows it, and a clear warning says so where it does not.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let may_lock = u64::from_str_radix(&field("CapEff:"), 16).is_ok_and(|c| c & (1 << 14) != 0);
+    let log = std::fs::read_to_string(&d.log).expect("log");
+    if may_lock {
+        assert!(log.contains("memory locked"), "{log}");
+        let locked_kb: u64 = field("VmLck:")
+            .trim_end_matches(" kB")
+            .trim()
+            .parse()
+            .expect("VmLck");
+        assert!(locked_kb > 0, "VmLck {locked_kb} kB");
+    } else {
+        assert!(log.contains("memory NOT locked"), "{log}");
+    }
     let env = d.env();
     let tokens = [
         "gho_LEAKCHECK_aaaaaaaaaaaaaaaaaaaaaaaaaaaa",

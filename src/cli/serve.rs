@@ -129,6 +129,16 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
     if let Err(e) = crate::server::harden_process() {
         tracing::warn!(error = %e, "could not disable core dumps; secrets could reach a core file");
     }
+    if config.lock_memory {
+        match crate::server::lock_memory() {
+            Ok(()) => tracing::info!("memory locked: keys and tokens are never swapped to disk"),
+            Err(why) => tracing::warn!(
+                %why,
+                "memory NOT locked: private keys and tokens may be swapped to disk; allow it \
+                 with LimitMEMLOCK=infinity (systemd) or CAP_IPC_LOCK, or use encrypted swap"
+            ),
+        }
+    }
     let daemon = Daemon::open(&config).map_err(|e| match e {
         crate::server::StartError::Store(s) => CliError::from(s),
         other => CliError::Internal(other.to_string()),

@@ -517,6 +517,41 @@ async fn reload_on_sighup(state: Arc<State>) {
     }
 }
 
+/// Locks all current and future memory of the process into RAM (`mlockall`, pages locked as
+/// they are touched), so private keys, data keys and tokens are never written to swap.
+///
+/// Only attempted when the lock cannot hit a limit later: `RLIMIT_MEMLOCK` is unlimited or the
+/// process has `CAP_IPC_LOCK`. With a finite limit, `MCL_FUTURE` would turn ordinary growth
+/// (RocksDB's block cache, bursts of requests) into allocation failures, so the daemon refuses
+/// and the caller warns instead. Returns why memory was not locked.
+pub fn lock_memory() -> Result<(), String> {
+    use rustix::mm::{MlockAllFlags, mlockall};
+    use rustix::process::{Resource, getrlimit};
+    let unlimited = getrlimit(Resource::Memlock).current.is_none();
+    if !unlimited && !has_cap_ipc_lock() {
+        let limit = getrlimit(Resource::Memlock)
+            .current
+            .map_or_else(|| "unlimited".into(), |b| format!("{b} bytes"));
+        return Err(format!(
+            "RLIMIT_MEMLOCK is {limit} and the process lacks CAP_IPC_LOCK"
+        ));
+    }
+    mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
+        .map_err(|e| format!("mlockall failed: {e}"))
+}
+
+/// Whether the effective capability set holds `CAP_IPC_LOCK` (bit 14).
+fn has_cap_ipc_lock() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 14) != 0)
+}
+
 /// Makes the process non-dumpable and disables core dumps, so private keys and tokens in
 /// memory cannot end up in a core file or be read through /proc by another user's debugger.
 pub fn harden_process() -> std::io::Result<()> {
