@@ -256,6 +256,8 @@ pub struct Config {
     pub security_event_issuers: Vec<crate::security_event::Issuer>,
     /// Lock the daemon's memory into RAM (`mlockall`) where the OS allows it.
     pub lock_memory: bool,
+    /// Prometheus metrics HTTP listener (off when `None`; port 0 picks a free port).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Bounds of the DEK cache.
@@ -305,6 +307,7 @@ struct FileConfig {
     #[serde(default)]
     insecure_plaintext: bool,
     lock_memory: Option<bool>,
+    metrics_listen: Option<String>,
     log: Option<String>,
     #[serde(default)]
     limits: FileLimits,
@@ -584,6 +587,11 @@ impl Config {
             providers: crate::provider::parse_all(file.providers, base)?,
             source: Some(path.to_path_buf()),
             lock_memory: file.lock_memory.unwrap_or(true),
+            metrics_listen: file
+                .metrics_listen
+                .map(|a| a.parse())
+                .transpose()
+                .map_err(|_| invalid("metrics_listen", "not an IP:port address"))?,
             security_event_issuers: file
                 .security_event_issuers
                 .into_iter()
@@ -657,6 +665,7 @@ impl Config {
             source: None,
             security_event_issuers: Vec::new(),
             lock_memory: true,
+            metrics_listen: Some(SocketAddr::new(listen.ip(), 0)),
         })
     }
 

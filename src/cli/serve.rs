@@ -169,6 +169,17 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
             }
             None => None,
         };
+        let daemon = match config.metrics_listen {
+            Some(a) => {
+                let l = tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| CliError::Unavailable(format!("cannot listen on {a}: {e}")))?;
+                let bound = l.local_addr().map_err(|e| CliError::Internal(format!("local address: {e}")))?;
+                println!("metrics: {}", crate::server::metrics::url(bound));
+                daemon.with_metrics_listener(l)
+            }
+            None => daemon,
+        };
         println!("listening on {addr}");
         // Flush so scripts waiting for the address see it before the first request.
         let _ = std::io::stdout().flush();

@@ -265,6 +265,14 @@ impl Admin for AdminService {
             // The run continues if the caller goes away: it is resumable and idempotent, and
             // stopping half way would only leave more work for the next run.
             let result = rotation::rewrap_all(&*state.store, &ring, opts, crate::unix_now, |p| {
+                state
+                    .metrics
+                    .rewrap_total
+                    .set(i64::try_from(p.total).unwrap_or(i64::MAX));
+                state
+                    .metrics
+                    .rewrap_done
+                    .set(i64::try_from(p.rewrapped).unwrap_or(i64::MAX));
                 let _ = tx.blocking_send(Ok(progress(p)));
             });
             match result {

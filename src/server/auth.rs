@@ -72,6 +72,7 @@ pub struct Authenticator {
     entries: Vec<(CredentialEntry, Arc<CallerPolicy>)>,
     buckets: Mutex<HashMap<String, Bucket>>,
     denials: Mutex<HashMap<String, Vec<Instant>>>,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 impl Authenticator {
@@ -87,7 +88,14 @@ impl Authenticator {
                 .collect(),
             buckets: Mutex::new(HashMap::new()),
             denials: Mutex::new(HashMap::new()),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts refusals in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<super::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Takes one token from the caller's bucket; false when its rate limit is exhausted.
@@ -118,6 +126,7 @@ impl Authenticator {
         recent.retain(|t| now.duration_since(*t) < DENIAL_WINDOW);
         recent.push(now);
         if recent.len() == DENIAL_ALERT_THRESHOLD {
+            self.metrics.denial_bursts.inc();
             tracing::warn!(alert = "denial_burst", %caller, denials = recent.len(), window_seconds = DENIAL_WINDOW.as_secs(), "caller refused repeatedly; credential may be stolen");
         }
     }
@@ -189,6 +198,11 @@ impl RoleGuard {
 
     fn refused(&self, caller: &str, status: Status) -> Status {
         self.auth.note_denial(caller);
+        let code = format!("{:?}", status.code());
+        super::metrics::Metrics::count(&self.auth.metrics.auth_denials, &code);
+        if status.code() == tonic::Code::ResourceExhausted {
+            super::metrics::Metrics::count(&self.auth.metrics.rate_limited, "caller");
+        }
         if let Some(audit) = &self.audit {
             let draft = crate::audit::Draft::new(caller, "auth")
                 .outcome(format!("{:?}", status.code()))

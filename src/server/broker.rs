@@ -242,7 +242,17 @@ impl BrokerService {
             }
             _ => secret,
         };
-        let mut response = upstream.send(&prepared, &token).await?;
+        let provider = upstream.policy().name.clone();
+        let count = |r: &Result<proxy::UpstreamResponse, proxy::ProxyError>| {
+            let class = match r {
+                Ok(r) => format!("{}xx", r.status / 100),
+                Err(e) => proxy_error_kind(e).to_string(),
+            };
+            state.metrics.upstream(&provider, &class);
+        };
+        let sent = upstream.send(&prepared, &token).await;
+        count(&sent);
+        let mut response = sent?;
         // One refresh after the provider rejects the access token.
         if proxy::is_unauthorized(response.status)
             && !refreshed
@@ -251,7 +261,9 @@ impl BrokerService {
             let (_, fresh) = refresh::refresh(state, up, caller, &record).await?;
             refreshed = true;
             token = fresh.access();
-            response = upstream.send(&prepared, &token).await?;
+            let sent = upstream.send(&prepared, &token).await;
+            count(&sent);
+            response = sent?;
         }
         drop(token);
         Ok(v1::ProxyResponse {
@@ -343,17 +355,34 @@ fn release<T>(
 /// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
 /// call, so a destroyed key or the minimum decryption version applies to cached keys too.
 fn open(s: &State, id: &RecordId, record: &Record, ring: &Keyring) -> Result<Secret, DecryptError> {
-    let Some(cache) = &s.dek_cache else {
-        return envelope::open(&record.meta, &record.envelope, ring);
-    };
     let env = EnvelopeRef::decode(&record.envelope)?;
     let unwrapper = ring.unwrapper(&env.key_id)?;
-    if let Some(dek) = cache.get(id, record.version, &env.key_id) {
+    let cache = s.dek_cache.as_ref();
+    if let Some(dek) = cache.and_then(|c| c.get(id, record.version, &env.key_id)) {
         return envelope::open_with_dek(&record.meta, &env, &dek);
     }
+    let started = std::time::Instant::now();
     let dek = Arc::new(unwrapper.unwrap_dek(env.wrapped_dek)?);
+    s.metrics
+        .rsa_unwrap
+        .observe(started.elapsed().as_secs_f64());
     let secret = envelope::open_with_dek(&record.meta, &env, &dek)?;
     // Cached only once it has opened the record, so a bad key is never reused.
-    cache.put(id.clone(), record.version, env.key_id, dek);
+    if let Some(cache) = cache {
+        cache.put(id.clone(), record.version, env.key_id, dek);
+    }
     Ok(secret)
+}
+
+/// A bounded label for a proxy failure.
+fn proxy_error_kind(e: &proxy::ProxyError) -> &'static str {
+    use proxy::ProxyError;
+    match e {
+        ProxyError::Refused(_) => "refused",
+        ProxyError::Timeout { .. } => "timeout",
+        ProxyError::ResponseTooLarge { .. } => "too_large",
+        ProxyError::Busy(_) => "busy",
+        ProxyError::Unavailable(_) => "unavailable",
+        _ => "error",
+    }
 }

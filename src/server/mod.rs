@@ -18,6 +18,7 @@ mod grants;
 pub mod ingest;
 #[cfg(not(fuzzing))]
 mod ingest;
+pub mod metrics;
 mod refresh;
 pub mod status;
 pub mod tls;
@@ -96,6 +97,8 @@ pub(crate) struct State {
     grants: std::sync::Mutex<()>,
     /// Trusted issuers of provider security events.
     security_event_issuers: Vec<crate::security_event::Issuer>,
+    /// Prometheus metrics.
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl State {
@@ -201,6 +204,7 @@ impl State {
         let Some(rate) = policy.record_rate_per_second else {
             return Ok(());
         };
+        let limited = || metrics::Metrics::count(&self.metrics.rate_limited, "record");
         let mut buckets = self
             .record_buckets
             .lock()
@@ -211,6 +215,7 @@ impl State {
         if bucket.take(rate, rate) {
             Ok(())
         } else {
+            limited();
             Err(ServiceError::RecordRateLimited {
                 caller: caller.to_string(),
                 rate,
@@ -253,6 +258,7 @@ pub struct Daemon {
     state: Arc<State>,
     auth: Arc<Authenticator>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -282,6 +288,7 @@ impl Daemon {
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
         let upstreams = crate::proxy::Upstreams::new(config.providers.values())
             .map_err(StartError::Providers)?;
+        let metrics = Arc::new(metrics::Metrics::default());
         let store_for_audit = Arc::clone(&store);
         let state = State {
             upstreams: RwLock::new(Arc::new(upstreams)),
@@ -289,6 +296,7 @@ impl Daemon {
             single_flight: refresh::SingleFlight::default(),
             grants: std::sync::Mutex::new(()),
             security_event_issuers: config.security_event_issuers.clone(),
+            metrics: Arc::clone(&metrics),
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,
@@ -319,9 +327,18 @@ impl Daemon {
             .map_err(StartError::Tls)?;
         Ok(Self {
             state: Arc::new(state),
-            auth: Arc::new(Authenticator::new(config.credentials.clone())),
+            auth: Arc::new(
+                Authenticator::new(config.credentials.clone()).with_metrics(Arc::clone(&metrics)),
+            ),
             tls,
+            metrics_listener: None,
         })
+    }
+
+    /// Also serves Prometheus metrics (`GET /metrics`) on `listener`.
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics_listener = Some(listener);
+        self
     }
 
     /// Serves all services on `listener` until `shutdown` completes, then drains in-flight
@@ -338,7 +355,7 @@ impl Daemon {
     /// health), for the port exposed to the web tier: Broker and Admin are not reachable on it
     /// at all (`UNIMPLEMENTED`).
     pub async fn serve_split(
-        self,
+        mut self,
         listener: TcpListener,
         ingest_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
@@ -385,11 +402,16 @@ impl Daemon {
         if let Some(period) = self.state.policy.auto_rotate_seconds {
             background.spawn(auto_rotate(Arc::clone(&self.state), period));
         }
+        if let Some(l) = self.metrics_listener.take() {
+            background.spawn(metrics::serve(l, Arc::clone(&self.state)));
+        }
 
         let builder = || -> Result<tonic::transport::Server<_>, StartError> {
-            let mut b = tonic::transport::Server::builder().layer(
-                tower::util::MapResponseLayer::new(oversize_is_resource_exhausted),
-            );
+            let mut b = tonic::transport::Server::builder()
+                .layer(metrics::MetricsLayer(Arc::clone(&self.state.metrics)))
+                .layer(tower::util::MapResponseLayer::new(
+                    oversize_is_resource_exhausted,
+                ));
             if let Some(tls) = self.tls.clone() {
                 b = b.tls_config(tls)?;
             }

@@ -213,6 +213,8 @@ async fn refresh_locked(
 }
 
 fn audit_refresh(state: &State, caller: &str, record: &Record, outcome: &str) {
+    let kind = outcome.split(':').next().unwrap_or(outcome);
+    super::metrics::Metrics::count(&state.metrics.refreshes, kind);
     let draft = Draft::new(caller, "Refresh")
         .record(record.meta.id.as_str())
         .owner(record.meta.owner.as_str())
@@ -294,6 +296,7 @@ fn mark_reauth(
         }
     })?;
     if marked {
+        super::metrics::Metrics::count(&s.metrics.refreshes, "invalid_grant");
         tracing::warn!(record = %seen.meta.id, "refresh token rejected (invalid_grant); record needs re-authorization");
         s.forget_deks(Some(&seen.meta.id));
         return Ok(None);

@@ -140,6 +140,11 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Ids of every record of `owner`.
     fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError>;
 
+    /// Engine figures worth exporting as metrics (name, value); none by default.
+    fn engine_stats(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+
     /// Counts records.
     fn stats(&self) -> Result<StoreStats, StoreError>;
 

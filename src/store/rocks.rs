@@ -300,6 +300,23 @@ impl TokenStore for RocksStore {
         Ok(ids.len() as u64)
     }
 
+    fn engine_stats(&self) -> Vec<(String, u64)> {
+        let records = self.cf(CF_RECORDS);
+        [
+            ("estimated_records", "rocksdb.estimate-num-keys"),
+            ("live_sst_bytes", "rocksdb.live-sst-files-size"),
+            ("memtable_bytes", "rocksdb.cur-size-all-mem-tables"),
+            ("block_cache_usage_bytes", "rocksdb.block-cache-usage"),
+            ("block_cache_capacity_bytes", "rocksdb.block-cache-capacity"),
+        ]
+        .into_iter()
+        .filter_map(|(name, property)| {
+            let value = self.db.property_int_value_cf(records, property).ok()??;
+            Some((name.to_string(), value))
+        })
+        .collect()
+    }
+
     fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
         let prefix = schema::owner_prefix(owner);
         let mut ids = Vec::new();
