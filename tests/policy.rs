@@ -405,3 +405,62 @@ async fn per_record_rate_limits() {
     d.get("r0").await.expect("other caller");
     d.stop().await;
 }
+
+#[tokio::test]
+async fn ipv6_allowlists_and_spoofed_forwarded_headers() {
+    const V6_WORKER: &str = "tv_ipv6_only_worker_credential";
+    const V4_WORKER: &str = "tv_ipv4_only_worker_credential";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.credentials.extend([
+        entry(
+            "v6-worker",
+            Role::Worker,
+            V6_WORKER,
+            CallerPolicy {
+                allowed_ips: vec!["::1/128".parse().expect("cidr")],
+                ..CallerPolicy::default()
+            },
+        ),
+        entry(
+            "v4-worker",
+            Role::Worker,
+            V4_WORKER,
+            CallerPolicy {
+                allowed_ips: vec!["10.0.0.0/8".parse().expect("cidr")],
+                ..CallerPolicy::default()
+            },
+        ),
+    ]);
+    // Over IPv6 loopback.
+    let d = TestDaemon::start_on(cfg, "[::1]:0").await;
+    d.put(&meta("r", "o"), b"s").await;
+    d.broker(V6_WORKER)
+        .await
+        .get_token(v1::GetTokenRequest { id: "r".into() })
+        .await
+        .expect("::1 is allowed");
+    // A client claiming, in headers, to come from an allowed address is judged by the TCP peer:
+    // X-Forwarded-For, X-Real-IP and Forwarded are never trusted (no proxy is trusted).
+    let mut req = tonic::Request::new(v1::GetTokenRequest { id: "r".into() });
+    for (k, v) in [
+        ("x-forwarded-for", "10.1.2.3"),
+        ("x-real-ip", "10.1.2.3"),
+        ("forwarded", "for=10.1.2.3"),
+    ] {
+        req.metadata_mut().insert(k, v.parse().expect("ascii"));
+    }
+    let e = d
+        .broker(V4_WORKER)
+        .await
+        .get_token(req)
+        .await
+        .expect_err("spoofed header ignored");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::PermissionDenied,
+            "client address ::1 is not allowed for credential 'v4-worker'"
+        )
+    );
+}

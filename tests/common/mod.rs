@@ -68,13 +68,16 @@ impl TestDaemon {
     }
 
     pub async fn start_with(config: Config) -> Self {
+        Self::start_on(config, "127.0.0.1:0").await
+    }
+
+    /// Like [`TestDaemon::start_with`], listening on `bind` (e.g. `[::1]:0`).
+    pub async fn start_on(config: Config, bind: &str) -> Self {
         let daemon = tokio::task::spawn_blocking(move || Daemon::open(&config))
             .await
             .expect("join")
             .expect("daemon opens");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
