@@ -258,6 +258,30 @@ pub struct Config {
     pub lock_memory: bool,
     /// Prometheus metrics HTTP listener (off when `None`; port 0 picks a free port).
     pub metrics_listen: Option<SocketAddr>,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text.
+    Pretty,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+/// Env var: log format override (`json` or `pretty`).
+pub const ENV_LOG_FORMAT: &str = "TOKENVAULT_LOG_FORMAT";
+
+fn log_format(env: &dyn Strings, file: Option<LogFormat>) -> Result<LogFormat, ConfigError> {
+    match env.get(ENV_LOG_FORMAT).as_deref() {
+        Some("json") => Ok(LogFormat::Json),
+        Some("pretty") => Ok(LogFormat::Pretty),
+        Some(_) => Err(invalid(ENV_LOG_FORMAT, "must be json or pretty")),
+        None => Ok(file.unwrap_or(LogFormat::Pretty)),
+    }
 }
 
 /// Bounds of the DEK cache.
@@ -309,6 +333,7 @@ struct FileConfig {
     lock_memory: Option<bool>,
     metrics_listen: Option<String>,
     log: Option<String>,
+    log_format: Option<LogFormat>,
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
@@ -587,6 +612,7 @@ impl Config {
             providers: crate::provider::parse_all(file.providers, base)?,
             source: Some(path.to_path_buf()),
             lock_memory: file.lock_memory.unwrap_or(true),
+            log_format: log_format(env, file.log_format)?,
             metrics_listen: file
                 .metrics_listen
                 .map(|a| a.parse())
@@ -666,6 +692,7 @@ impl Config {
             security_event_issuers: Vec::new(),
             lock_memory: true,
             metrics_listen: Some(SocketAddr::new(listen.ip(), 0)),
+            log_format: log_format(env, None)?,
         })
     }
 

@@ -496,3 +496,41 @@ fn scrape_metrics(stdout: &str) -> String {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
+
+#[test]
+fn json_logs_carry_request_ids_and_no_secrets() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let d = serve_dev_with(cwd, "127.0.0.1:0", &[("TOKENVAULT_LOG_FORMAT", "json")]);
+    let env = d.env();
+    let token = "gho_JSONLOGCHECK_dddddddddddddddddddddd";
+    let o = run(
+        cwd,
+        &seal_args("j-1", "user-9"),
+        &env,
+        Some(token.as_bytes()),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_exit(&run(cwd, &["get", "j-1"], &env, None), 0, "");
+    assert_exit(&run(cwd, &["get", "nope"], &env, None), 3, "no record");
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains(token));
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let released: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["rpc"] == "GetToken").collect();
+    assert_eq!(released.len(), 2, "{log}");
+    let ids: Vec<&str> = released
+        .iter()
+        .map(|l| {
+            l["span"]["request_id"]
+                .as_str()
+                .expect("request id on the line")
+        })
+        .collect();
+    assert_ne!(ids[0], ids[1], "each call has its own id");
+    assert!(ids.iter().all(|id| id.len() == 16));
+}

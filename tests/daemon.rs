@@ -856,3 +856,47 @@ async fn the_ingest_only_listener_cannot_reach_broker_or_admin() {
         .expect("join")
         .expect("clean shutdown of both listeners");
 }
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.put(&meta("r", "o"), b"s").await;
+    let mut broker = d.broker(WORKER).await;
+    let mut call = |id: Option<&str>| {
+        let mut req = tonic::Request::new(v1::GetTokenRequest { id: "r".into() });
+        if let Some(id) = id {
+            req.metadata_mut()
+                .insert("x-request-id", id.parse().expect("ascii"));
+        }
+        req
+    };
+    let given = broker
+        .get_token(call(Some("trace-42.a_b")))
+        .await
+        .expect("get");
+    assert_eq!(
+        given
+            .metadata()
+            .get("x-request-id")
+            .map(|v| v.to_str().expect("ascii")),
+        Some("trace-42.a_b")
+    );
+    // An implausible id is replaced, and errors carry one too.
+    let err = broker.get_token(call(Some("no spaces or ; please"))).await;
+    let fresh = err.expect("get");
+    let id = fresh
+        .metadata()
+        .get("x-request-id")
+        .expect("id")
+        .to_str()
+        .expect("ascii");
+    assert_eq!(id.len(), 16);
+    let refused = broker
+        .get_token(tonic::Request::new(v1::GetTokenRequest {
+            id: "missing".into(),
+        }))
+        .await
+        .expect_err("not found");
+    assert!(refused.metadata().get("x-request-id").is_some());
+}

@@ -9,7 +9,7 @@ use clap::Args;
 use zeroize::Zeroizing;
 
 use super::CliError;
-use crate::config::{Config, CredentialEntry, DEFAULT_PORT, Env, Role};
+use crate::config::{Config, CredentialEntry, DEFAULT_PORT, Env, LogFormat, Role};
 use crate::secret::ApiCredential;
 use crate::server::Daemon;
 
@@ -88,16 +88,24 @@ fn dev_credentials(path: &Path) -> Result<Vec<(Role, ApiCredential)>, CliError> 
     Ok(creds)
 }
 
-fn init_tracing(filter: &str) {
+fn init_tracing(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKENVAULT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    // A second initialisation (tests running the CLI in-process) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour only on a terminal: log files and journald get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests running the CLI in-process) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
 }
 
 pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(), CliError> {
@@ -125,7 +133,7 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
         }
         (config, None)
     };
-    init_tracing(&config.log);
+    init_tracing(&config.log, config.log_format);
     if let Err(e) = crate::server::harden_process() {
         tracing::warn!(error = %e, "could not disable core dumps; secrets could reach a core file");
     }

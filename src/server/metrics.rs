@@ -245,7 +245,9 @@ impl Metrics {
     }
 }
 
-/// Counts and times every gRPC call.
+/// Counts and times every gRPC call, and gives it a request id: the caller's `x-request-id`
+/// if it is a plausible id (1-64 of `[A-Za-z0-9._-]`), else a fresh random one. The id is on
+/// every log line of the call (span `rpc`) and returned in the `x-request-id` response header.
 #[derive(Clone, Debug)]
 pub struct MetricsLayer(pub(super) Arc<Metrics>);
 
@@ -280,41 +282,64 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use tracing::Instrument as _;
         let method = request.uri().path().to_string();
         let start = Instant::now();
-        let future = self.inner.call(request);
+        let request_id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                (1..=64).contains(&v.len())
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            })
+            .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_string);
+        let span = tracing::info_span!("rpc", request_id = %request_id);
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
         let metrics = Arc::clone(&self.metrics);
-        Box::pin(async move {
-            let result = future.await;
-            if let Ok(response) = &result {
-                // Errors are trailers-only responses (status in the headers); a success carries
-                // its status in the trailers, after this point: counted as OK.
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-                // Unimplemented methods would let a client create labels at will.
-                let method = if code == tonic::Code::Unimplemented {
-                    "unknown".to_string()
-                } else {
-                    method
-                };
-                metrics
-                    .rpc_requests
-                    .get_or_create(&RpcLabels {
-                        method: method.clone(),
-                        code: format!("{code:?}"),
-                    })
-                    .inc();
-                metrics
-                    .rpc_duration
-                    .get_or_create(&MethodLabels { method })
-                    .observe(start.elapsed().as_secs_f64());
+        Box::pin(
+            async move {
+                let mut result = future.await;
+                if let Ok(response) = &mut result
+                    && let Ok(v) = http::HeaderValue::from_str(&request_id)
+                {
+                    response.headers_mut().insert("x-request-id", v);
+                }
+                if let Ok(response) = &result {
+                    // Errors are trailers-only responses (status in the headers); a success carries
+                    // its status in the trailers, after this point: counted as OK.
+                    let code = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+                    // Unimplemented methods would let a client create labels at will.
+                    let method = if code == tonic::Code::Unimplemented {
+                        "unknown".to_string()
+                    } else {
+                        method
+                    };
+                    metrics
+                        .rpc_requests
+                        .get_or_create(&RpcLabels {
+                            method: method.clone(),
+                            code: format!("{code:?}"),
+                        })
+                        .inc();
+                    metrics
+                        .rpc_duration
+                        .get_or_create(&MethodLabels { method })
+                        .observe(start.elapsed().as_secs_f64());
+                }
+                result
             }
-            result
-        })
+            .instrument(span),
+        )
     }
 }
 

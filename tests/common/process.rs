@@ -78,9 +78,15 @@ pub fn serve_dev(cwd: &Path) -> Served {
 
 /// `serve --dev` on `listen`; returns once it prints its address.
 pub fn serve_dev_on(cwd: &Path, listen: &str) -> Served {
+    serve_dev_with(cwd, listen, &[])
+}
+
+/// `serve --dev` on `listen` with extra environment variables.
+pub fn serve_dev_with(cwd: &Path, listen: &str, env: &[(&str, &str)]) -> Served {
     let log = cwd.join("daemon.log");
     let mut child = cmd(cwd)
         .args(["serve", "--dev", "--listen", listen])
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
