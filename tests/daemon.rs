@@ -863,7 +863,7 @@ async fn every_response_carries_a_request_id() {
     let d = TestDaemon::start(dir.path()).await;
     d.put(&meta("r", "o"), b"s").await;
     let mut broker = d.broker(WORKER).await;
-    let mut call = |id: Option<&str>| {
+    let call = |id: Option<&str>| {
         let mut req = tonic::Request::new(v1::GetTokenRequest { id: "r".into() });
         if let Some(id) = id {
             req.metadata_mut()
