@@ -834,6 +834,21 @@ mod tests {
         }
     }
 
+    /// deploy/tokenvault.toml is a configuration the daemon accepts as shipped.
+    #[test]
+    fn the_sample_production_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tokenvault.toml");
+        let mut env = HashMap::new();
+        env.insert(ENV_KEY_PASSPHRASE.to_string(), "x".to_string());
+        let c = Config::load(&path, &env).expect("sample config loads");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/tokenvault/data"));
+        assert!(c.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()));
+        assert_eq!(c.credentials.len(), 3);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.lock_memory && c.metrics_listen.is_some());
+        assert!(c.providers["github"].oauth.is_some());
+    }
+
     #[test]
     fn dev_profile_is_loopback_only() {
         let env = HashMap::new();
