@@ -534,3 +534,79 @@ fn json_logs_carry_request_ids_and_no_secrets() {
     assert_ne!(ids[0], ids[1], "each call has its own id");
     assert!(ids.iter().all(|id| id.len() == 16));
 }
+
+#[test]
+fn bench_drives_every_operation_and_reports_json() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let d = serve_dev(cwd);
+    let mut env = d.env();
+    env.retain(|(k, _)| *k != "TOKENVAULT_ADMIN_TOKEN");
+    let o = run(
+        cwd,
+        &[
+            "bench",
+            "--duration",
+            "1",
+            "--concurrency",
+            "4",
+            "--records",
+            "20",
+            "--mix",
+            "get=2,put=1,batch=1",
+            "--batch-size",
+            "10",
+            "--json",
+        ],
+        &env,
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let ops = report["operations"].as_array().expect("operations");
+    let names: Vec<&str> = ops.iter().filter_map(|o| o["operation"].as_str()).collect();
+    assert_eq!(names, ["get", "put", "batch"]);
+    for op in ops {
+        assert!(op["count"].as_u64().expect("count") > 0, "{op}");
+        assert_eq!(op["errors"], 0, "{op}");
+        assert!(op["p50_us"].as_u64() <= op["p99_us"].as_u64(), "{op}");
+    }
+    // Batches carry up to --batch-size records (one may be short when the pre-sealed pool ends).
+    let (items, calls) = (
+        ops[2]["items"].as_u64().expect("items"),
+        ops[2]["count"].as_u64().expect("count"),
+    );
+    assert!(
+        items > calls * 9 && items <= calls * 10,
+        "{items} records in {calls} batches"
+    );
+    // Rewrap needs the admin credential: refused without it, then timed with it.
+    assert_exit(
+        &run(
+            cwd,
+            &["bench", "--mix", "rewrap", "--records", "30"],
+            &env,
+            None,
+        ),
+        4,
+        "no credential",
+    );
+    let o = run(
+        cwd,
+        &["bench", "--mix", "rewrap", "--records", "30", "--json"],
+        &d.env(),
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let rewrap = &report["operations"][0];
+    assert!(rewrap["items"].as_u64().expect("items") >= 30, "{rewrap}");
+    assert_eq!(rewrap["errors"], 0);
+    assert_exit(
+        &run(cwd, &["bench", "--mix", "delete=1"], &d.env(), None),
+        5,
+        "unknown operation",
+    );
+    let (status, log) = d.terminate();
+    assert!(status.success(), "{log}");
+}

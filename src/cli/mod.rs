@@ -9,6 +9,7 @@
 //! (revoked, expired, exists, stale version, locked data directory), 7 daemon unavailable.
 
 mod admin;
+mod bench;
 mod client;
 mod keys;
 mod serve;
@@ -44,6 +45,9 @@ enum Command {
     /// Mint or revoke downscoped Proxy grants (worker credential with `issue_grants`).
     #[command(subcommand)]
     Grant(client::GrantCommand),
+    /// Load-test a running daemon: a mix of operations, throughput and latency percentiles
+    /// (ingest, worker and, for rewrap, admin credentials).
+    Bench(bench::BenchArgs),
     /// Revoke a record so it is never handed out again (admin credential).
     Revoke(client::IdArgs),
     /// Irrecoverably delete a record (admin credential).
@@ -186,6 +190,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Get(args) => runtime()?.block_on(client::get(args)),
         Command::Proxy(args) => runtime()?.block_on(client::proxy(args)),
         Command::Grant(cmd) => runtime()?.block_on(client::grant(cmd)),
+        Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
         Command::Delete(args) => runtime()?.block_on(client::delete(args)),
         Command::Admin(cmd) => runtime()?.block_on(admin::run(cmd)),

@@ -1,0 +1,521 @@
+//! `tokenvault bench`: drives a running daemon with a mix of operations and reports throughput
+//! and latency percentiles per operation, as a table or JSON. Seeds its own records.
+//!
+//! Envelopes are sealed before the timed phase (sealing is the web tier's CPU, not the
+//! daemon's), so on a shared machine the figures measure the daemon.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rand::Rng as _;
+
+use super::CliError;
+use super::client::{Authed, Connection, connect};
+use crate::api::v1;
+use crate::config::Role;
+use crate::record::{RecordMeta, SecretKind};
+use crate::sealer::Sealer;
+use crate::secret::Secret;
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Weighted mix of operations: get, put (PutSealed), batch (PutSealedBatch), proxy, e.g.
+    /// "get=8,put=1,batch=1"; or "rewrap" alone (rotate, then time one Admin.Rewrap).
+    #[arg(long, default_value = "get=1")]
+    mix: String,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// gRPC connections the requests are spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Records seeded for get and proxy.
+    #[arg(long, default_value_t = 1000)]
+    records: usize,
+    /// Records per PutSealedBatch.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Bytes of each sealed secret.
+    #[arg(long, default_value_t = 40)]
+    secret_bytes: usize,
+    /// Provider of the seeded records (proxy needs it configured in the daemon).
+    #[arg(long, default_value = "bench")]
+    provider: String,
+    /// Method and path of proxy calls.
+    #[arg(long, default_value = "GET /")]
+    proxy_request: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Op {
+    Get,
+    Put,
+    Batch,
+    Proxy,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::Batch => "batch",
+            Op::Proxy => "proxy",
+        }
+    }
+}
+
+fn parse_mix(mix: &str) -> Result<Vec<(Op, u32)>, CliError> {
+    let mut out = Vec::new();
+    for part in mix.split(',').filter(|p| !p.is_empty()) {
+        let (name, weight) = part.split_once('=').unwrap_or((part, "1"));
+        let op = match name.trim() {
+            "get" => Op::Get,
+            "put" => Op::Put,
+            "batch" => Op::Batch,
+            "proxy" => Op::Proxy,
+            other => {
+                return Err(CliError::Input(format!(
+                    "unknown operation {other:?} in --mix (get, put, batch, proxy, or rewrap alone)"
+                )));
+            }
+        };
+        let weight: u32 = weight
+            .trim()
+            .parse()
+            .map_err(|_| CliError::Input(format!("bad weight in --mix: {part:?}")))?;
+        if weight > 0 {
+            out.push((op, weight));
+        }
+    }
+    if out.is_empty() {
+        return Err(CliError::Input(
+            "--mix names no operation with a weight > 0".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Latencies and errors of one operation.
+#[derive(Debug, Default)]
+struct Samples {
+    micros: Vec<u64>,
+    errors: u64,
+    /// Records written (batch) or 1 per call.
+    items: u64,
+}
+
+/// Per-operation results of a run.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    operation: String,
+    count: u64,
+    items: u64,
+    ops_per_second: f64,
+    items_per_second: f64,
+    p50_us: u64,
+    p90_us: u64,
+    p99_us: u64,
+    max_us: u64,
+    errors: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn report(op: &str, mut s: Samples, seconds: f64) -> Report {
+    s.micros.sort_unstable();
+    let count = s.micros.len() as u64;
+    Report {
+        operation: op.to_string(),
+        count,
+        items: s.items,
+        ops_per_second: count as f64 / seconds,
+        items_per_second: s.items as f64 / seconds,
+        p50_us: percentile(&s.micros, 50.0),
+        p90_us: percentile(&s.micros, 90.0),
+        p99_us: percentile(&s.micros, 99.0),
+        max_us: s.micros.last().copied().unwrap_or(0),
+        errors: s.errors,
+    }
+}
+
+/// Records to write, each handed out once: pre-sealed ones first, then sealed on demand
+/// (which then costs client CPU during the run).
+struct Pool {
+    records: std::sync::Mutex<Vec<v1::SealedRecord>>,
+    sealer: Sealer,
+    prefix: String,
+    provider: String,
+    secret_bytes: usize,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    fn take(&self, n: usize) -> Result<Vec<v1::SealedRecord>, CliError> {
+        let pre = {
+            let mut r = self
+                .records
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let at = r.len().saturating_sub(n);
+            r.split_off(at)
+        };
+        if !pre.is_empty() {
+            return Ok(pre);
+        }
+        let first = self.next.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        seal_many(
+            &self.sealer,
+            &self.prefix,
+            first..first + n,
+            &self.provider,
+            self.secret_bytes,
+        )
+    }
+}
+
+fn seal_many(
+    sealer: &Sealer,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    provider: &str,
+    secret_bytes: usize,
+) -> Result<Vec<v1::SealedRecord>, CliError> {
+    range
+        .map(|i| {
+            let meta = RecordMeta::parse(
+                &format!("{prefix}{i}"),
+                "bench-owner",
+                provider,
+                SecretKind::AccessToken,
+                &[],
+                0,
+            )
+            .map_err(|e| CliError::Input(e.to_string()))?;
+            let mut secret = vec![b'x'; secret_bytes.max(1)];
+            rand::thread_rng().fill(&mut secret[..]);
+            for b in &mut secret {
+                *b = b'a' + (*b % 26);
+            }
+            sealer
+                .seal_record(&meta, &Secret::new(secret))
+                .map_err(|e| CliError::Internal(format!("sealing: {e}")))
+        })
+        .collect()
+}
+
+pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
+    if args.mix.trim() == "rewrap" {
+        return rewrap(&args).await;
+    }
+    let mix = parse_mix(&args.mix)?;
+    let concurrency = args.concurrency.max(1);
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let mut ingest = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        ingest.push(connect(&args.conn, Role::Ingest).await?);
+        if mix.iter().any(|(op, _)| matches!(op, Op::Get | Op::Proxy)) {
+            workers.push(connect(&args.conn, Role::Worker).await?);
+        }
+    }
+    // Seed the records get and proxy read.
+    let seeded = format!("bench-{run_id}-r-");
+    let records = args.records.max(1);
+    let sealer = seed(ingest[0].clone(), &args, &seeded, records).await?;
+    // Envelopes for the write operations, sealed before the clock starts.
+    let writes: u32 = mix
+        .iter()
+        .filter(|(op, _)| matches!(op, Op::Put | Op::Batch))
+        .map(|(_, w)| *w)
+        .sum();
+    let pool_size = if writes == 0 {
+        0
+    } else {
+        (args.batch_size.max(1) * 200).min(200_000)
+    };
+    let prefix = format!("bench-{run_id}-w-");
+    let pool = Arc::new(Pool {
+        records: std::sync::Mutex::new(seal_many(
+            &sealer,
+            &prefix,
+            0..pool_size,
+            &args.provider,
+            args.secret_bytes,
+        )?),
+        sealer,
+        prefix,
+        provider: args.provider.clone(),
+        secret_bytes: args.secret_bytes,
+        next: std::sync::atomic::AtomicUsize::new(pool_size),
+    });
+    let (method, path) = args
+        .proxy_request
+        .split_once(' ')
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .unwrap_or_else(|| ("GET".into(), "/".into()));
+    let total_weight: u32 = mix.iter().map(|(_, w)| w).sum();
+    let deadline = Instant::now() + Duration::from_secs(args.duration.max(1));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..concurrency {
+        let ingest = v1::ingest_client::IngestClient::new(ingest[t % ingest.len()].clone());
+        let broker = workers
+            .get(t % workers.len().max(1))
+            .cloned()
+            .map(v1::broker_client::BrokerClient::new);
+        let (mix, pool, seeded) = (mix.clone(), Arc::clone(&pool), seeded.clone());
+        let (method, path, batch_size) = (method.clone(), path.clone(), args.batch_size.max(1));
+        tasks.spawn(async move {
+            let mut ingest: v1::ingest_client::IngestClient<Authed> = ingest;
+            let mut broker = broker;
+            let mut samples: BTreeMap<Op, Samples> = BTreeMap::new();
+            while Instant::now() < deadline {
+                let mut pick = rand::thread_rng().gen_range(0..total_weight);
+                let op = mix
+                    .iter()
+                    .find(|(_, w)| {
+                        if pick < *w {
+                            true
+                        } else {
+                            pick -= w;
+                            false
+                        }
+                    })
+                    .map_or(Op::Get, |(op, _)| *op);
+                let id = format!("{seeded}{}", rand::thread_rng().gen_range(0..records));
+                let t0 = Instant::now();
+                let (ok, items) = match (op, broker.as_mut()) {
+                    (Op::Get, Some(b)) => {
+                        (b.get_token(v1::GetTokenRequest { id }).await.is_ok(), 1)
+                    }
+                    (Op::Proxy, Some(b)) => (
+                        b.proxy(v1::ProxyRequest {
+                            id,
+                            method: method.clone(),
+                            path: path.clone(),
+                            headers: vec![],
+                            body: vec![],
+                            grant: String::new(),
+                        })
+                        .await
+                        .is_ok(),
+                        1,
+                    ),
+                    (Op::Put, _) => match pool.take(1).ok().and_then(|mut r| r.pop()) {
+                        Some(record) => (
+                            ingest
+                                .put_sealed(v1::PutSealedRequest {
+                                    record: Some(record),
+                                    expected_version: 0,
+                                })
+                                .await
+                                .is_ok(),
+                            1,
+                        ),
+                        None => break,
+                    },
+                    (Op::Batch, _) => {
+                        let records = pool.take(batch_size).unwrap_or_default();
+                        if records.is_empty() {
+                            break;
+                        }
+                        let n = records.len() as u64;
+                        (ingest.put_sealed_batch(creates(records)).await.is_ok(), n)
+                    }
+                    (_, None) => (false, 0),
+                };
+                let s = samples.entry(op).or_default();
+                if ok {
+                    s.micros
+                        .push(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    s.items += items;
+                } else {
+                    s.errors += 1;
+                }
+            }
+            samples
+        });
+    }
+    let mut merged: BTreeMap<Op, Samples> = BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        let samples = r.map_err(|e| CliError::Internal(format!("load task: {e}")))?;
+        for (op, s) in samples {
+            let m = merged.entry(op).or_default();
+            m.micros.extend(s.micros);
+            m.errors += s.errors;
+            m.items += s.items;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let reports: Vec<Report> = merged
+        .into_iter()
+        .map(|(op, s)| report(op.name(), s, seconds))
+        .collect();
+    print_reports(&args, concurrency, seconds, &reports)
+}
+
+fn print_reports(
+    args: &BenchArgs,
+    concurrency: usize,
+    seconds: f64,
+    reports: &[Report],
+) -> Result<(), CliError> {
+    if args.json {
+        let out = serde_json::json!({
+            "mix": args.mix,
+            "concurrency": concurrency,
+            "connections": args.connections,
+            "seconds": seconds,
+            "operations": reports,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "mix {} · concurrency {} · {} connection(s) · {:.1} s",
+            args.mix, concurrency, args.connections, seconds
+        );
+        println!(
+            "{:<8} {:>9} {:>11} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "op", "calls", "calls/s", "records/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "errors"
+        );
+        for r in reports {
+            println!(
+                "{:<8} {:>9} {:>11.0} {:>12.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                r.operation,
+                r.count,
+                r.ops_per_second,
+                r.items_per_second,
+                r.p50_us,
+                r.p90_us,
+                r.p99_us,
+                r.max_us,
+                r.errors
+            );
+        }
+    }
+    if reports.iter().any(|r| r.errors > 0 && r.count == 0) {
+        return Err(CliError::Precondition(
+            "an operation failed every time (credentials? provider configured for proxy?)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A batch creating each of `records`.
+fn creates(records: Vec<v1::SealedRecord>) -> v1::PutSealedBatchRequest {
+    v1::PutSealedBatchRequest {
+        items: records
+            .into_iter()
+            .map(|r| v1::PutSealedRequest {
+                record: Some(r),
+                expected_version: 0,
+            })
+            .collect(),
+    }
+}
+
+/// Stores `count` records `{prefix}0..` in batches of 1000; returns a sealer for the daemon's
+/// active key.
+async fn seed(
+    ingest: Authed,
+    args: &BenchArgs,
+    prefix: &str,
+    count: usize,
+) -> Result<Sealer, CliError> {
+    let mut ingest = v1::ingest_client::IngestClient::new(ingest);
+    let pem = ingest
+        .public_keys(v1::PublicKeysRequest {})
+        .await?
+        .into_inner()
+        .active
+        .ok_or_else(|| CliError::Internal("the daemon returned no active key".into()))?
+        .spki_pem;
+    let sealer = Sealer::from_pem(&pem).map_err(|e| CliError::Internal(e.to_string()))?;
+    for start in (0..count).step_by(1000) {
+        let records = seal_many(
+            &sealer,
+            prefix,
+            start..(start + 1000).min(count),
+            &args.provider,
+            args.secret_bytes,
+        )?;
+        ingest.put_sealed_batch(creates(records)).await?;
+    }
+    Ok(sealer)
+}
+
+/// Seeds records, rotates, and times one Admin.Rewrap of all of them.
+async fn rewrap(args: &BenchArgs) -> Result<(), CliError> {
+    let ingest = connect(&args.conn, Role::Ingest).await?;
+    let admin = connect(&args.conn, Role::Admin).await?;
+    let prefix = format!("bench-{:08x}-rw-", rand::random::<u32>());
+    seed(ingest, args, &prefix, args.records.max(1)).await?;
+    let mut admin = v1::admin_client::AdminClient::new(admin);
+    admin.rotate_key(v1::RotateKeyRequest::default()).await?;
+    let started = Instant::now();
+    let mut stream = admin
+        .rewrap(v1::RewrapRequest::default())
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(p) = stream.message().await? {
+        last = Some(p);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let last = last.ok_or_else(|| CliError::Internal("rewrap reported nothing".into()))?;
+    let report = Report {
+        operation: "rewrap".into(),
+        count: 1,
+        items: last.rewrapped,
+        ops_per_second: 1.0 / seconds,
+        items_per_second: last.rewrapped as f64 / seconds,
+        p50_us: 0,
+        p90_us: 0,
+        p99_us: 0,
+        max_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        errors: last.failed,
+    };
+    print_reports(args, 1, seconds, &[report])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixes_and_percentiles() {
+        assert_eq!(
+            parse_mix("get=8,put=1,batch=0").expect("ok"),
+            vec![(Op::Get, 8), (Op::Put, 1)]
+        );
+        assert!(parse_mix("delete=1").is_err());
+        assert!(parse_mix("get=0").is_err());
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(
+            (
+                percentile(&v, 50.0),
+                percentile(&v, 99.0),
+                percentile(&v, 100.0)
+            ),
+            (50, 99, 100)
+        );
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+}
