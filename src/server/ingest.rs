@@ -112,8 +112,10 @@ impl Ingest for IngestService {
         let id = write.meta.id.clone();
         let versions = self
             .0
-            .blocking(move |s| Ok(s.store.put_records(&[write], crate::unix_now())?))
-            .await?;
+            .commit
+            .submit(vec![write])
+            .await
+            .map_err(ServiceError::from)?;
         tracing::info!(rpc = "PutSealed", %caller, record = %id, version = versions[0], "stored");
         Ok(Response::new(v1::PutSealedResponse {
             version: versions[0],
@@ -155,8 +157,10 @@ impl Ingest for IngestService {
         let count = writes.len();
         let versions = self
             .0
-            .blocking(move |s| Ok(s.store.put_records(&writes, crate::unix_now())?))
-            .await?;
+            .commit
+            .submit(writes)
+            .await
+            .map_err(ServiceError::from)?;
         tracing::info!(rpc = "PutSealedBatch", %caller, records = count, "stored");
         Ok(Response::new(v1::PutSealedBatchResponse { versions }))
     }

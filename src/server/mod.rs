@@ -12,6 +12,7 @@
 mod admin;
 pub mod auth;
 mod broker;
+mod commit;
 pub mod dek_cache;
 mod grants;
 #[cfg(fuzzing)]
@@ -99,6 +100,8 @@ pub(crate) struct State {
     security_event_issuers: Vec<crate::security_event::Issuer>,
     /// Prometheus metrics.
     metrics: Arc<metrics::Metrics>,
+    /// Group commit of ingest writes.
+    commit: commit::GroupCommit,
 }
 
 impl State {
@@ -297,6 +300,8 @@ impl Daemon {
             grants: std::sync::Mutex::new(()),
             security_event_issuers: config.security_event_issuers.clone(),
             metrics: Arc::clone(&metrics),
+            commit: commit::GroupCommit::start(Arc::clone(&store))
+                .map_err(|e| StartError::Listener(format!("starting the commit thread: {e}")))?,
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,

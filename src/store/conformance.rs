@@ -271,7 +271,40 @@ pub(crate) fn scan_replace_and_meta(store: &dyn TokenStore) {
     assert_eq!(store.get_meta("cursor"), Ok(None));
 }
 
+/// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing.
+pub(crate) fn group_commit(store: &dyn TokenStore) {
+    store
+        .put_records(&[write("taken", "o", 0)], 1)
+        .expect("seed");
+    let a = [write("g1", "o", 0), write("g2", "o", 0)];
+    let refused = [write("g3", "o", 0), write("taken", "o", 0)];
+    let replace_g1 = [write("g1", "o2", 1)];
+    let stale = [write("g1", "o", 1)];
+    let outcomes = store
+        .put_record_groups(&[&a, &refused, &replace_g1, &stale], 2)
+        .expect("commit");
+    assert_eq!(outcomes[0], Ok(vec![1, 1]));
+    assert_eq!(outcomes[1], Err(StoreError::AlreadyExists("taken".into())));
+    assert_eq!(outcomes[2], Ok(vec![2]));
+    assert!(matches!(
+        outcomes[3],
+        Err(StoreError::VersionMismatch { actual: 2, .. })
+    ));
+    // The refused group wrote nothing, not even its valid item.
+    assert_eq!(store.get_record(&rid("g3")), Ok(None));
+    let g1 = store.get_record(&rid("g1")).expect("get").expect("g1");
+    assert_eq!((g1.version, g1.meta.owner.as_str()), (2, "o2"));
+    // The owner index follows the replace.
+    assert_eq!(
+        store
+            .owner_record_ids(&Owner::parse("o2").expect("owner"))
+            .expect("ids"),
+        vec![rid("g1")]
+    );
+}
+
 pub(crate) fn all(make: impl Fn() -> Box<dyn TokenStore>) {
+    group_commit(&*make());
     scan_replace_and_meta(&*make());
     create_read_replace(&*make());
     batches_are_atomic(&*make());

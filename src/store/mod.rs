@@ -108,6 +108,19 @@ pub trait TokenStore: Send + Sync + 'static {
     /// `now` (Unix seconds) stamps created/updated times.
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError>;
 
+    /// Group commit: applies several independent requests (each an atomic group following
+    /// [`TokenStore::put_records`]' rules) with one durable write. Groups are planned in order,
+    /// each seeing the groups accepted before it, and each gets its own outcome; a refused group
+    /// changes nothing. The outer error is an engine failure (nothing written). The default
+    /// applies the groups one by one.
+    fn put_record_groups(
+        &self,
+        groups: &[&[RecordWrite]],
+        now: i64,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        Ok(groups.iter().map(|g| self.put_records(g, now)).collect())
+    }
+
     /// Reads one record.
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError>;
 

@@ -180,33 +180,64 @@ impl RocksStore {
 
 impl TokenStore for RocksStore {
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        self.put_record_groups(&[writes], now)?
+            .pop()
+            .unwrap_or_else(|| Ok(Vec::new()))
+    }
+
+    fn put_record_groups(
+        &self,
+        groups: &[&[RecordWrite]],
+        now: i64,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let _guard = self.lock();
-        let mut previous_owners = Vec::new();
-        let planned = plan_writes(writes, now, |id| {
-            let r = self.read(id)?;
-            if let Some(r) = &r {
-                previous_owners.push((r.meta.owner.clone(), r.meta.id.clone()));
-            }
-            Ok(r)
-        })?;
+        // Records accepted earlier in this commit, which later groups must see.
+        let mut accepted: std::collections::HashMap<RecordId, Record> =
+            std::collections::HashMap::new();
         let mut batch = WriteBatch::default();
-        for (owner, id) in previous_owners {
-            batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&owner, &id));
+        let mut outcomes = Vec::with_capacity(groups.len());
+        for writes in groups {
+            let mut previous_owners = Vec::new();
+            let planned = plan_writes(writes, now, |id| {
+                let r = match accepted.get(id) {
+                    Some(r) => Some(r.clone()),
+                    None => self.read(id)?,
+                };
+                if let Some(r) = &r {
+                    previous_owners.push((r.meta.owner.clone(), r.meta.id.clone()));
+                }
+                Ok(r)
+            });
+            let planned = match planned {
+                Ok(p) => p,
+                Err(e @ (StoreError::Engine(_) | StoreError::Corrupt(_))) => return Err(e),
+                Err(e) => {
+                    outcomes.push(Err(e));
+                    continue;
+                }
+            };
+            for (owner, id) in previous_owners {
+                batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&owner, &id));
+            }
+            for r in &planned {
+                batch.put_cf(
+                    self.cf(CF_RECORDS),
+                    r.meta.id.as_str(),
+                    schema::encode_record(r),
+                );
+                batch.put_cf(
+                    self.cf(CF_OWNERS),
+                    schema::owner_key(&r.meta.owner, &r.meta.id),
+                    [],
+                );
+            }
+            outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
+            accepted.extend(planned.into_iter().map(|r| (r.meta.id.clone(), r)));
         }
-        for r in &planned {
-            batch.put_cf(
-                self.cf(CF_RECORDS),
-                r.meta.id.as_str(),
-                schema::encode_record(r),
-            );
-            batch.put_cf(
-                self.cf(CF_OWNERS),
-                schema::owner_key(&r.meta.owner, &r.meta.id),
-                [],
-            );
+        if !batch.is_empty() {
+            self.write(batch)?;
         }
-        self.write(batch)?;
-        Ok(planned.iter().map(|r| r.version).collect())
+        Ok(outcomes)
     }
 
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
