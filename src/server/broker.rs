@@ -296,7 +296,7 @@ async fn load<T: Send + 'static>(
     let (who, policy, id) = (caller.to_string(), Arc::clone(policy), id.clone());
     let draft = draft.record(id.as_str());
     state
-        .blocking(move |s| {
+        .cpu_bound(move |s| {
             let mut draft = draft;
             let released = s
                 .record_token(&who, &policy, &id)

@@ -13,6 +13,7 @@ mod admin;
 pub mod auth;
 mod broker;
 mod commit;
+mod cpu_pool;
 pub mod dek_cache;
 mod grants;
 #[cfg(fuzzing)]
@@ -102,6 +103,8 @@ pub(crate) struct State {
     metrics: Arc<metrics::Metrics>,
     /// Group commit of ingest writes.
     commit: commit::GroupCommit,
+    /// One thread per core for private-key work.
+    cpu: cpu_pool::CpuPool,
 }
 
 impl State {
@@ -244,6 +247,19 @@ impl State {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Like [`State::blocking`], for work dominated by a private-key operation: it runs on the
+    /// pool of one thread per core, queued behind the work already there.
+    async fn cpu_bound<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&State) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let state = Arc::clone(self);
+        self.cpu
+            .run(move || f(&state))
+            .await
+            .ok_or(ServiceError::Task)?
+    }
+
     /// Runs blocking work (RocksDB, RSA) off the async executor.
     async fn blocking<T: Send + 'static>(
         self: &Arc<Self>,
@@ -300,6 +316,10 @@ impl Daemon {
             grants: std::sync::Mutex::new(()),
             security_event_issuers: config.security_event_issuers.clone(),
             metrics: Arc::clone(&metrics),
+            cpu: cpu_pool::CpuPool::start(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )
+            .map_err(|e| StartError::Listener(format!("starting the RSA pool: {e}")))?,
             commit: commit::GroupCommit::start(Arc::clone(&store))
                 .map_err(|e| StartError::Listener(format!("starting the commit thread: {e}")))?,
             store,
