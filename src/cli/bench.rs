@@ -21,7 +21,8 @@ use crate::secret::Secret;
 
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
-    /// Weighted mix of operations: get, put (PutSealed), batch (PutSealedBatch), proxy, e.g.
+    /// Weighted mix of operations: get, put (PutSealed), batch (PutSealedBatch), proxy, echo
+    /// (Ingest.PublicKeys: gRPC and authentication only, the baseline), e.g.
     /// "get=8,put=1,batch=1"; or "rewrap" alone (rotate, then time one Admin.Rewrap).
     #[arg(long, default_value = "get=1")]
     mix: String,
@@ -62,6 +63,7 @@ enum Op {
     Put,
     Batch,
     Proxy,
+    Echo,
 }
 
 impl Op {
@@ -71,6 +73,7 @@ impl Op {
             Op::Put => "put",
             Op::Batch => "batch",
             Op::Proxy => "proxy",
+            Op::Echo => "echo",
         }
     }
 }
@@ -84,9 +87,10 @@ fn parse_mix(mix: &str) -> Result<Vec<(Op, u32)>, CliError> {
             "put" => Op::Put,
             "batch" => Op::Batch,
             "proxy" => Op::Proxy,
+            "echo" => Op::Echo,
             other => {
                 return Err(CliError::Input(format!(
-                    "unknown operation {other:?} in --mix (get, put, batch, proxy, or rewrap alone)"
+                    "unknown operation {other:?} in --mix (get, put, batch, proxy, echo, or rewrap alone)"
                 )));
             }
         };
@@ -316,6 +320,10 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
                         })
                         .await
                         .is_ok(),
+                        1,
+                    ),
+                    (Op::Echo, _) => (
+                        ingest.public_keys(v1::PublicKeysRequest {}).await.is_ok(),
                         1,
                     ),
                     (Op::Put, _) => match pool.take(1).ok().and_then(|mut r| r.pop()) {
