@@ -501,7 +501,15 @@ fn scrape_metrics(stdout: &str) -> String {
 fn json_logs_carry_request_ids_and_no_secrets() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cwd = tmp.path();
-    let d = serve_dev_with(cwd, "127.0.0.1:0", &[("TOKENVAULT_LOG_FORMAT", "json")]);
+    // Successful calls log at debug (a line per call would cost more than the call itself).
+    let d = serve_dev_with(
+        cwd,
+        "127.0.0.1:0",
+        &[
+            ("TOKENVAULT_LOG_FORMAT", "json"),
+            ("TOKENVAULT_LOG", "info,tokenvault=debug"),
+        ],
+    );
     let env = d.env();
     let token = "gho_JSONLOGCHECK_dddddddddddddddddddddd";
     let o = run(

@@ -72,7 +72,7 @@ impl Broker for BrokerService {
         }
         .await;
         match &result {
-            Ok(_) => tracing::info!(rpc = "GetToken", %caller, record = %id, "released"),
+            Ok(_) => tracing::debug!(rpc = "GetToken", %caller, record = %id, "released"),
             Err(e) => {
                 tracing::info!(rpc = "GetToken", %caller, record = %id, error = %e, "refused")
             }
@@ -106,7 +106,7 @@ impl Broker for BrokerService {
         let result = self.proxy_call(&caller, &policy, &id, call, grant).await;
         match &result {
             Ok(r) => {
-                tracing::info!(rpc = "Proxy", %caller, record = %id, status = r.status, refreshed = r.refreshed, "proxied")
+                tracing::debug!(rpc = "Proxy", %caller, record = %id, status = r.status, refreshed = r.refreshed, "proxied")
             }
             Err(e) => tracing::info!(rpc = "Proxy", %caller, record = %id, error = %e, "refused"),
         }

@@ -116,7 +116,7 @@ impl Ingest for IngestService {
             .submit(vec![write])
             .await
             .map_err(ServiceError::from)?;
-        tracing::info!(rpc = "PutSealed", %caller, record = %id, version = versions[0], "stored");
+        tracing::debug!(rpc = "PutSealed", %caller, record = %id, version = versions[0], "stored");
         Ok(Response::new(v1::PutSealedResponse {
             version: versions[0],
         }))
@@ -161,7 +161,7 @@ impl Ingest for IngestService {
             .submit(writes)
             .await
             .map_err(ServiceError::from)?;
-        tracing::info!(rpc = "PutSealedBatch", %caller, records = count, "stored");
+        tracing::debug!(rpc = "PutSealedBatch", %caller, records = count, "stored");
         Ok(Response::new(v1::PutSealedBatchResponse { versions }))
     }
 
