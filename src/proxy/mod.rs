@@ -123,9 +123,8 @@ pub struct UpstreamResponse {
 /// Replaces the credential where a response reflects it.
 pub const REDACTED: &[u8] = b"[REDACTED]";
 
-/// Headers never forwarded in either direction (RFC 9110 §7.6.1), plus those that would let a
-/// caller smuggle or override credentials.
-const STRIPPED: &[&str] = &[
+/// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded in either direction.
+const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -133,6 +132,10 @@ const STRIPPED: &[&str] = &[
     "trailer",
     "transfer-encoding",
     "upgrade",
+];
+
+/// Caller headers that would let it smuggle or override credentials or routing.
+const CALLER_FORBIDDEN: &[&str] = &[
     "host",
     "content-length",
     "authorization",
@@ -142,7 +145,8 @@ const STRIPPED: &[&str] = &[
 
 fn stripped(name: &HeaderName, extra: &[HeaderName]) -> bool {
     let n = name.as_str();
-    STRIPPED.contains(&n)
+    HOP_BY_HOP.contains(&n)
+        || CALLER_FORBIDDEN.contains(&n)
         || n.starts_with("proxy-")
         || n.starts_with("x-forwarded-")
         || extra.contains(name)
@@ -447,7 +451,7 @@ impl Upstream {
             .headers
             .iter()
             .filter(|(n, _)| {
-                !(STRIPPED[..7].contains(&n.as_str())
+                !(HOP_BY_HOP.contains(&n.as_str())
                     || n.as_str().starts_with("proxy-")
                     || listed.contains(n))
             })
