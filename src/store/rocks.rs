@@ -8,7 +8,8 @@
 //!
 //! Tuning: no compression (envelopes are ciphertext and do not compress), a bloom filter on
 //! `records` for point lookups, and one LRU block cache of configurable size shared by all
-//! column families.
+//! column families that also holds index and filter blocks, and a 64 MiB budget for all
+//! memtables: memory does not grow with the data.
 
 #![expect(
     clippy::disallowed_types,
@@ -58,6 +59,11 @@ fn engine(e: rocksdb::Error) -> StoreError {
     StoreError::Engine(e.into_string())
 }
 
+/// Memtable size per column family.
+const WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// Memtable budget across column families.
+const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
+
 impl RocksStore {
     /// Opens (creating if needed) the store in `path` with a block cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
@@ -65,15 +71,23 @@ impl RocksStore {
         let cf_opts = |bloom: bool| {
             let mut table = BlockBasedOptions::default();
             table.set_block_cache(&cache);
+            // Index and filter blocks live in the (bounded) block cache instead of growing
+            // with the data; L0's stay pinned so point lookups never miss them.
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             if bloom {
                 table.set_bloom_filter(10.0, false);
             }
             let mut o = Options::default();
             o.set_compression_type(DBCompressionType::None);
             o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(WRITE_BUFFER_BYTES);
             o
         };
         let mut db_opts = cf_opts(false);
+        // All memtables together stay under this budget (RocksDB flushes the largest when it is
+        // reached), so memory is block cache + this + a little, whatever the data size.
+        db_opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         // Secrets must not linger in old WAL files once their memtable is flushed.
