@@ -291,9 +291,9 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Con
 }
 
 impl ProviderPolicy {
-    /// A permissive policy for `base_url` (unit tests only).
-    #[cfg(test)]
-    pub(crate) fn for_tests(base_url: &str) -> Self {
+    /// A permissive policy for `base_url` (unit tests and fuzzing only).
+    #[cfg(any(test, fuzzing))]
+    pub fn for_tests(base_url: &str) -> Self {
         let file: FileProvider =
             toml::from_str(&format!("base_url = \"{base_url}\"\n")).expect("test provider parses");
         parse("test", file, Path::new(".")).expect("test provider is valid")

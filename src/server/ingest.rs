@@ -22,6 +22,12 @@ use crate::store::RecordWrite;
 /// The `tokenvault.v1.Ingest` service.
 pub struct IngestService(pub(super) Arc<State>);
 
+impl std::fmt::Debug for IngestService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IngestService")
+    }
+}
+
 /// Runs Ingest's validation of one encoded `PutSealedRequest` against `ring`, as the fuzzer
 /// does: it must return (accept or refuse) for any input, never panic.
 #[cfg(fuzzing)]
