@@ -153,7 +153,7 @@ impl Default for Metrics {
         );
         let rewrap_total = Gauge::default();
         registry.register(
-            "rewrap_records_total",
+            "rewrap_records_planned",
             "Records under older key versions when the running or last rewrap started",
             rewrap_total.clone(),
         );
