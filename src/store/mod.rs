@@ -246,33 +246,14 @@ pub(crate) fn plan_writes(
     Ok(out)
 }
 
-/// Applies [`TokenStore::replace_envelope`] to `current`, shared by every implementation.
-pub(crate) fn plan_replace_envelope(
-    current: Option<Record>,
-    item: &EnvelopeReplace,
-    now: i64,
-) -> Result<Record, StoreError> {
-    let mut r = current.ok_or_else(|| StoreError::NotFound(item.id.to_string()))?;
-    if r.version != item.expected_version {
-        return Err(StoreError::VersionMismatch {
-            id: item.id.to_string(),
-            expected: item.expected_version,
-            actual: r.version,
-        });
-    }
-    r.envelope = item.envelope.clone();
-    r.key_version = item.key_version;
-    r.updated_at = now;
-    r.version += 1;
-    Ok(r)
-}
-
-/// Applies [`TokenStore::mark_needs_reauth`] to `current`, shared by every implementation.
-pub(crate) fn plan_mark_needs_reauth(
+/// Applies one change to `current` if it is still at `expected_version`: the version check,
+/// timestamp and version bump every single-record update shares.
+fn plan_update(
     current: Option<Record>,
     id: &RecordId,
     expected_version: u64,
     now: i64,
+    change: impl FnOnce(&mut Record),
 ) -> Result<Record, StoreError> {
     let mut r = current.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     if r.version != expected_version {
@@ -282,10 +263,34 @@ pub(crate) fn plan_mark_needs_reauth(
             actual: r.version,
         });
     }
-    r.needs_reauth = true;
+    change(&mut r);
     r.updated_at = now;
     r.version += 1;
     Ok(r)
+}
+
+/// Applies [`TokenStore::replace_envelopes`] to `current`, shared by every implementation.
+pub(crate) fn plan_replace_envelope(
+    current: Option<Record>,
+    item: &EnvelopeReplace,
+    now: i64,
+) -> Result<Record, StoreError> {
+    plan_update(current, &item.id, item.expected_version, now, |r| {
+        r.envelope = item.envelope.clone();
+        r.key_version = item.key_version;
+    })
+}
+
+/// Applies [`TokenStore::mark_needs_reauth`] to `current`, shared by every implementation.
+pub(crate) fn plan_mark_needs_reauth(
+    current: Option<Record>,
+    id: &RecordId,
+    expected_version: u64,
+    now: i64,
+) -> Result<Record, StoreError> {
+    plan_update(current, id, expected_version, now, |r| {
+        r.needs_reauth = true
+    })
 }
 
 /// Decodes a stored record value, as the fuzzer does: never panics, whatever the bytes.
