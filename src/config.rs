@@ -160,16 +160,20 @@ impl CallerPolicy {
         if !self.kinds.is_empty() && !self.kinds.contains(&meta.kind) {
             return Err(format!("kind {} is outside this caller's kinds", meta.kind));
         }
-        if !self.owner_prefixes.is_empty()
-            && !self
-                .owner_prefixes
-                .iter()
-                .any(|p| meta.owner.as_str().starts_with(p.as_str()))
-        {
+        if !self.allows_owner(meta.owner.as_str()) {
             // The owner is personal data: the message does not repeat it.
             return Err("the record's owner is outside this caller's owner prefixes".into());
         }
         Ok(())
+    }
+
+    /// Whether `owner` starts with one of the caller's owner prefixes (or it has none).
+    pub fn allows_owner(&self, owner: &str) -> bool {
+        self.owner_prefixes.is_empty()
+            || self
+                .owner_prefixes
+                .iter()
+                .any(|p| owner.starts_with(p.as_str()))
     }
 
     /// Whether a client at `ip` may use this caller's credential.

@@ -951,6 +951,7 @@ async fn sighup_reloads_the_providers() {
 
 const ISSUER: &str = "tv_test_issuer_credential_0123456789abcdef";
 const HOLDER: &str = "tv_test_holder_credential_0123456789abcdef";
+const TENANT_ISSUER: &str = "tv_test_tenant_issuer_credential_0123456789";
 
 /// A daemon with two extra workers: `issuer` (may issue grants, github records only) and
 /// `holder` (no records of its own).
@@ -973,6 +974,15 @@ async fn grants_setup() -> Setup {
         CallerPolicy {
             issue_grants: true,
             providers: vec!["github".into()],
+            ..Default::default()
+        },
+    ));
+    config.credentials.push(worker(
+        "tenant-issuer",
+        TENANT_ISSUER,
+        CallerPolicy {
+            issue_grants: true,
+            owner_prefixes: vec!["tenant-7/".into()],
             ..Default::default()
         },
     ));
@@ -1226,6 +1236,27 @@ async fn issuing_is_refused_outside_the_issuers_own_access() {
         assert_eq!(
             (err.code(), err.message().contains(why)),
             (code, true),
+            "{}",
+            err.message()
+        );
+    }
+    // An issuer limited to some owners can grant neither another owner nor their records.
+    let mut tenant = d.broker(TENANT_ISSUER).await;
+    for req in [
+        v1::IssueGrantRequest {
+            id: String::new(),
+            owner: "alice".into(),
+            ..grant_request("", 60, 0)
+        },
+        grant_request("tok", 60, 0),
+    ] {
+        let err = tenant
+            .issue_grant(req)
+            .await
+            .expect_err("outside owner prefixes");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(
+            err.message().contains("owner prefixes"),
             "{}",
             err.message()
         );

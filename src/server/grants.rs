@@ -85,12 +85,7 @@ pub(super) fn issue(
                 what: "owner".into(),
                 source,
             })?;
-            if !policy.owner_prefixes.is_empty()
-                && !policy
-                    .owner_prefixes
-                    .iter()
-                    .any(|p| owner.as_str().starts_with(p.as_str()))
-            {
+            if !policy.allows_owner(owner.as_str()) {
                 return Err(ServiceError::PolicyDenied(
                     "the owner is outside this caller's owner prefixes".into(),
                 ));
