@@ -354,7 +354,12 @@ fn release<T>(
 
 /// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
 /// call, so a destroyed key or the minimum decryption version applies to cached keys too.
-pub(super) fn open(s: &State, id: &RecordId, record: &Record, ring: &Keyring) -> Result<Secret, DecryptError> {
+pub(super) fn open(
+    s: &State,
+    id: &RecordId,
+    record: &Record,
+    ring: &Keyring,
+) -> Result<Secret, DecryptError> {
     let env = EnvelopeRef::decode(&record.envelope)?;
     let unwrapper = ring.unwrapper(&env.key_id)?;
     let cache = s.dek_cache.as_ref();
