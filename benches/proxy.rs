@@ -11,55 +11,23 @@
 #[path = "../tests/common/upstream.rs"]
 mod upstream;
 
-use std::collections::HashMap;
+mod common;
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt as _, Full};
 use tokenvault::api::v1;
-use tokenvault::config::{Config, CredentialEntry, DekCacheConfig, Role};
-use tokenvault::record::{RecordMeta, SecretKind};
-use tokenvault::secret::{ApiCredential, Secret};
-use tokenvault::server::Daemon;
-use tonic::metadata::MetadataValue;
+use tokenvault::config::{Config, DekCacheConfig};
 
-const WORKER: &str = "tv_bench_worker";
-const INGEST: &str = "tv_bench_ingest";
 const TOKEN: &str = "gho_bench_token_value_0123456789";
 
-type Broker = v1::broker_client::BrokerClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
->;
-
-#[derive(Clone)]
-struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl Bearer {
-    fn new(cred: &str) -> Self {
-        Self(format!("Bearer {cred}").parse().expect("ascii"))
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
-
 /// Starts a daemon for `provider`, stores the token, returns a worker client.
-async fn daemon(dir: &std::path::Path, provider: &upstream::FakeProvider, cache: bool) -> Broker {
-    let creds = vec![
-        CredentialEntry::for_credential("w", Role::Worker, &ApiCredential::new(WORKER.into())),
-        CredentialEntry::for_credential("i", Role::Ingest, &ApiCredential::new(INGEST.into())),
-    ];
-    let mut config = Config::dev(
-        dir,
-        "127.0.0.1:0".parse().expect("addr"),
-        creds,
-        &HashMap::<String, String>::new(),
-    )
-    .expect("config");
+async fn daemon(
+    dir: &std::path::Path,
+    provider: &upstream::FakeProvider,
+    cache: bool,
+) -> common::Broker {
+    let mut config = common::dev_config(dir);
     let providers = dir.join("providers.toml");
     std::fs::write(
         &providers,
@@ -77,41 +45,7 @@ async fn daemon(dir: &std::path::Path, provider: &upstream::FakeProvider, cache:
             ttl_seconds: 3600,
         });
     }
-    let daemon = Daemon::open(&config).expect("daemon");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(daemon.serve(listener, std::future::pending()));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut ingest =
-        v1::ingest_client::IngestClient::with_interceptor(channel.clone(), Bearer::new(INGEST));
-    let pem = ingest
-        .public_keys(v1::PublicKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .active
-        .expect("active")
-        .spki_pem;
-    let sealer = tokenvault::Sealer::from_pem(&pem).expect("pem");
-    let meta =
-        RecordMeta::parse("bench", "o", "github", SecretKind::AccessToken, &[], 0).expect("valid");
-    let record = sealer
-        .seal_record(&meta, &Secret::new(TOKEN.as_bytes().to_vec()))
-        .expect("seal");
-    ingest
-        .put_sealed(v1::PutSealedRequest {
-            record: Some(record),
-            expected_version: 0,
-        })
-        .await
-        .expect("put");
-    v1::broker_client::BrokerClient::with_interceptor(channel, Bearer::new(WORKER))
+    common::start(&config, TOKEN.as_bytes()).await
 }
 
 fn bench(c: &mut Criterion) {

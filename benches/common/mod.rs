@@ -1,0 +1,92 @@
+//! Shared by the gRPC-level benches: an in-process daemon on loopback with one token stored,
+//! and a worker client for it.
+#![allow(dead_code, reason = "each bench uses a different part")]
+
+use std::collections::HashMap;
+
+use tokenvault::api::v1;
+use tokenvault::config::{Config, CredentialEntry, Role};
+use tokenvault::record::{RecordMeta, SecretKind};
+use tokenvault::secret::{ApiCredential, Secret};
+use tokenvault::server::Daemon;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const WORKER: &str = "tv_bench_worker";
+pub const INGEST: &str = "tv_bench_ingest";
+
+/// A worker client.
+pub type Broker = v1::broker_client::BrokerClient<InterceptedService<Channel, Bearer>>;
+
+/// `authorization: Bearer …` on every request.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    pub fn new(cred: &str) -> Self {
+        Self(format!("Bearer {cred}").parse().expect("ascii"))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+/// The dev profile in `dir` with a worker and an ingest credential.
+pub fn dev_config(dir: &std::path::Path) -> Config {
+    let creds = vec![
+        CredentialEntry::for_credential("w", Role::Worker, &ApiCredential::new(WORKER.into())),
+        CredentialEntry::for_credential("i", Role::Ingest, &ApiCredential::new(INGEST.into())),
+    ];
+    Config::dev(
+        dir,
+        "127.0.0.1:0".parse().expect("addr"),
+        creds,
+        &HashMap::<String, String>::new(),
+    )
+    .expect("config")
+}
+
+/// Serves `config` on loopback, stores `token` as access-token record `bench` of provider
+/// `github`, and returns a worker client.
+pub async fn start(config: &Config, token: &[u8]) -> Broker {
+    let daemon = Daemon::open(config).expect("daemon");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(daemon.serve(listener, std::future::pending()));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut ingest =
+        v1::ingest_client::IngestClient::with_interceptor(channel.clone(), Bearer::new(INGEST));
+    let pem = ingest
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .active
+        .expect("active")
+        .spki_pem;
+    let sealer = tokenvault::Sealer::from_pem(&pem).expect("pem");
+    let meta =
+        RecordMeta::parse("bench", "o", "github", SecretKind::AccessToken, &[], 0).expect("valid");
+    let record = sealer
+        .seal_record(&meta, &Secret::new(token.to_vec()))
+        .expect("seal");
+    ingest
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(record),
+            expected_version: 0,
+        })
+        .await
+        .expect("put");
+    v1::broker_client::BrokerClient::with_interceptor(channel, Bearer::new(WORKER))
+}
