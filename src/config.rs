@@ -828,6 +828,27 @@ mod tests {
                 "keys.auto_rotate_days: must be at least 1",
             ),
             ("[keys]\nmin_decrypt_version = -1\n", "config file"),
+            (
+                "metrics_listen = \"nope\"\n",
+                "metrics_listen: not an IP:port address",
+            ),
+            ("log_format = \"xml\"\n", "unknown variant `xml`"),
+            (
+                "[[security_event_issuers]]\nissuer = \"i\"\naudience = \"a\"\nprovider = \"p\"\npublic_key_file = \"missing.pem\"\n",
+                "security_event_issuers[0].public_key_file: reading",
+            ),
+            (
+                "[[security_event_issuers]]\nissuer = \"i\"\naudience = \"a\"\nprovider = \"p\"\npublic_key_file = \"tokenvault.toml\"\n",
+                "security_event_issuers[0].public_key_file: ",
+            ),
+            (
+                "[[security_event_issuers]]\nissuer = \"i\"\naudience = \"a\"\nprovider = \"Bad Provider\"\npublic_key_file = \"k.pem\"\n",
+                "security_event_issuers[0].provider",
+            ),
+            (
+                "[providers.x]\nbase_url = \"https://a\"\nunknown = 1\n",
+                "unknown field `unknown`",
+            ),
         ] {
             let p = write(
                 tmp.path(),
@@ -836,6 +857,30 @@ mod tests {
             let err = Config::load(&p, &env).expect_err(msg).to_string();
             assert!(err.contains(msg), "{extra:?}: {err}");
         }
+    }
+
+    #[test]
+    fn log_format_comes_from_env_then_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = write(
+            tmp.path(),
+            "data_dir = \"d\"\nkey_dir = \"k\"\nlog_format = \"json\"\n",
+        );
+        let mut env = HashMap::new();
+        assert_eq!(
+            Config::load(&p, &env).expect("loads").log_format,
+            LogFormat::Json
+        );
+        env.insert(ENV_LOG_FORMAT.to_string(), "pretty".to_string());
+        assert_eq!(
+            Config::load(&p, &env).expect("loads").log_format,
+            LogFormat::Pretty
+        );
+        env.insert(ENV_LOG_FORMAT.to_string(), "yaml".to_string());
+        assert_eq!(
+            Config::load(&p, &env).expect_err("bad env").to_string(),
+            "TOKENVAULT_LOG_FORMAT: must be json or pretty"
+        );
     }
 
     /// deploy/tokenvault.toml is a configuration the daemon accepts as shipped.

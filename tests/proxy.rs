@@ -373,6 +373,14 @@ async fn retries_timeouts_sizes_and_bad_requests() {
     let err = proxy(&s.daemon, bad).await.expect_err("bad header");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "headers[0]: invalid name");
+    let mut bad = request("tok", "GET", "/me");
+    bad.headers = vec![v1::HttpHeader {
+        name: "x-ok".into(),
+        value: b"line\r\nX-Injected: 1".to_vec(),
+    }];
+    let err = proxy(&s.daemon, bad).await.expect_err("header injection");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "headers[0] (x-ok): invalid value");
     let err = proxy(&s.daemon, request("tok", "G ET", "/me"))
         .await
         .expect_err("bad method");
@@ -877,6 +885,34 @@ async fn cli_proxy_and_reload_providers() {
         .await
         .expect("join");
     assert_exit(&o, 4, "dot segment");
+    let o = cli(
+        vec![
+            "proxy",
+            "tok",
+            "POST",
+            "/upload",
+            "--body-file",
+            "/nonexistent/body",
+        ],
+        env.clone(),
+    )
+    .await
+    .expect("join");
+    assert_exit(&o, 5, "reading /nonexistent/body");
+    let o = cli(
+        vec![
+            "proxy",
+            "-",
+            "GET",
+            "/me",
+            "--grant-file",
+            "/nonexistent/grant",
+        ],
+        env.clone(),
+    )
+    .await
+    .expect("join");
+    assert_exit(&o, 5, "reading /nonexistent/grant");
     let o = cli(vec!["admin", "reload-providers"], env.clone())
         .await
         .expect("join");
@@ -1303,4 +1339,21 @@ async fn proxy_as(
         .proxy(req)
         .await
         .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn reload_needs_a_config_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(tmp.path()).await;
+    let err = d
+        .admin(ADMIN)
+        .await
+        .reload_providers(v1::ReloadProvidersRequest {})
+        .await
+        .expect_err("dev daemon");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "reloading providers failed, the previous configuration stays in effect: the daemon was started without a config file"
+    );
 }

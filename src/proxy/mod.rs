@@ -630,6 +630,20 @@ mod tests {
     }
 
     #[test]
+    fn bad_ca_files_are_refused_at_start() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut p = ProviderPolicy::for_tests("https://api.example.com");
+        p.ca_file = Some(tmp.path().join("missing.pem"));
+        let err = Upstream::new(p.clone()).expect_err("missing");
+        assert!(err.starts_with("reading ca_file"), "{err}");
+        let empty = tmp.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        p.ca_file = Some(empty);
+        let err = Upstream::new(p).expect_err("empty");
+        assert!(err.ends_with("holds no certificate"), "{err}");
+    }
+
+    #[test]
     fn redacts_reflected_credentials() {
         let mut r = UpstreamResponse {
             status: 200,
