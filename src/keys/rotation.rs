@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::keyring::{KeyDir, Keyring};
-use super::{KeyInfo, KeyState, UnwrapperLookup};
+use super::{KeyInfo, KeyState, UnwrapperLookup, Wrapper};
 use crate::envelope::{self, RewrapError};
-use crate::record::RecordId;
+use crate::record::{Record, RecordId};
 use crate::store::{AuditAppend, EnvelopeReplace, StoreError, TokenStore};
 
 /// Store metadata key of the rewrap cursor.
@@ -140,108 +140,170 @@ pub fn rewrap_all(
             .sum(),
         ..RewrapProgress::default()
     };
-    let mut cursor = store
+    let cursor = store
         .get_meta(REWRAP_CURSOR)?
         .and_then(|c| decode_cursor(&c, target));
     if let Some(c) = &cursor {
         tracing::info!(target_version = target, after = %c, "resuming rewrap");
     }
-    let threads = opts.threads.max(1);
-    loop {
-        let page = store.scan_records(cursor.as_ref(), opts.page.max(1))?;
-        let Some(last) = page.last().map(|r| r.meta.id.clone()) else {
-            break;
-        };
-        let mut todo: Vec<_> = page
-            .into_iter()
-            .filter(|r| r.key_version != target)
-            .collect();
-        // Retry each conflicting record once after re-reading it; a second conflict means it is
-        // being written right now by someone who seals under the active key anyway.
-        for attempt in 0..2 {
-            let chunk = todo.len().div_ceil(threads).max(1);
-            let results: Vec<(usize, Result<Vec<u8>, RewrapError>)> = std::thread::scope(|s| {
-                let handles: Vec<_> = todo
-                    .chunks(chunk)
-                    .enumerate()
-                    .map(|(c, recs)| {
-                        s.spawn(move || {
-                            recs.iter()
-                                .enumerate()
-                                .map(|(i, r)| {
-                                    (
-                                        c * chunk + i,
-                                        envelope::rewrap(
-                                            &r.meta,
-                                            &r.envelope,
-                                            ring as &dyn UnwrapperLookup,
-                                            public,
-                                        ),
-                                    )
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("rewrap worker does not panic"))
-                    .collect()
-            });
-            let mut items = Vec::with_capacity(results.len());
-            for (i, result) in results {
-                match result {
-                    Ok(envelope) => items.push(EnvelopeReplace {
-                        id: todo[i].meta.id.clone(),
-                        expected_version: todo[i].version,
-                        envelope,
-                        key_version: target,
-                    }),
+    let (threads, page) = (opts.threads.max(1), opts.page.max(1));
+    // Two stages, so the cores never wait for the store: a reader thread scans the next page
+    // and does its RSA work while this thread writes the previous one, stores the cursor and
+    // reports progress. The bounded channel keeps the reader at most one page ahead (and
+    // behind the rate limit).
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Page, StoreError>>(1);
+        let from = cursor.clone();
+        s.spawn(move || {
+            let mut cursor = from;
+            loop {
+                let records = match store.scan_records(cursor.as_ref(), page) {
+                    Ok(records) => records,
                     Err(e) => {
-                        p.failed += 1;
-                        tracing::warn!(record = %todo[i].meta.id, error = %e, "record not rewrapped");
+                        let _ = tx.send(Err(e));
+                        return;
                     }
+                };
+                let Some(last) = records.last().map(|r| r.meta.id.clone()) else {
+                    return;
+                };
+                let todo: Vec<Record> = records
+                    .into_iter()
+                    .filter(|r| r.key_version != target)
+                    .collect();
+                let wrapped = rewrap_records(&todo, ring, public, threads);
+                cursor = Some(last.clone());
+                if tx
+                    .send(Ok(Page {
+                        todo,
+                        wrapped,
+                        last,
+                    }))
+                    .is_err()
+                {
+                    return; // the writer stopped on an error
                 }
             }
+        });
+        for next in rx {
+            let Page {
+                todo,
+                wrapped,
+                last,
+            } = next?;
+            let items = replacements(&todo, wrapped, target, &mut p);
             let outcomes = store.replace_envelopes(&items, now())?;
+            // Retry each conflicting record once after re-reading it; a second conflict means
+            // it is being written right now by someone who seals under the active key anyway.
             let mut retry = Vec::new();
             for (item, outcome) in items.iter().zip(outcomes) {
                 match outcome {
                     Ok(_) => p.rewrapped += 1,
-                    Err(StoreError::VersionMismatch { .. }) if attempt == 0 => {
+                    Err(StoreError::VersionMismatch { .. }) => {
                         p.conflicts += 1;
-                        if let Some(r) = store.get_record(&item.id)? {
-                            if r.key_version != target {
-                                retry.push(r);
-                            } else {
-                                p.skipped += 1;
-                            }
+                        match store.get_record(&item.id)? {
+                            Some(r) if r.key_version != target => retry.push(r),
+                            _ => p.skipped += 1,
                         }
                     }
                     Err(_) => p.skipped += 1,
                 }
             }
-            todo = retry;
-            if todo.is_empty() {
-                break;
+            if !retry.is_empty() {
+                let wrapped = rewrap_records(&retry, ring, public, 1);
+                let items = replacements(&retry, wrapped, target, &mut p);
+                for outcome in store.replace_envelopes(&items, now())? {
+                    match outcome {
+                        Ok(_) => p.rewrapped += 1,
+                        Err(_) => p.skipped += 1,
+                    }
+                }
+            }
+            store.put_meta(REWRAP_CURSOR, Some(&encode_cursor(target, &last)))?;
+            p.elapsed = start.elapsed();
+            on_progress(&p);
+            if let Some(limit) = opts.max_per_second.filter(|l| *l > 0) {
+                let due = Duration::from_secs_f64(p.rewrapped as f64 / f64::from(limit));
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
             }
         }
-        store.put_meta(REWRAP_CURSOR, Some(&encode_cursor(target, &last)))?;
-        cursor = Some(last);
-        p.elapsed = start.elapsed();
-        on_progress(&p);
-        if let Some(limit) = opts.max_per_second.filter(|l| *l > 0) {
-            let due = Duration::from_secs_f64(p.rewrapped as f64 / f64::from(limit));
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-    }
+        Ok::<_, RotationError>(())
+    })?;
     store.put_meta(REWRAP_CURSOR, None)?;
     p.done = true;
     p.elapsed = start.elapsed();
     on_progress(&p);
     Ok(p)
+}
+
+/// One scanned page: the records to move, their new envelopes (in the same order) and the
+/// last id scanned, which becomes the cursor once the page is written.
+struct Page {
+    todo: Vec<Record>,
+    wrapped: Vec<Result<Vec<u8>, RewrapError>>,
+    last: RecordId,
+}
+
+/// Rewraps `records` on `threads` threads, each taking the next record as it finishes (a
+/// preempted thread does not leave the others idle at the end of the page); results are in
+/// the order of `records`.
+fn rewrap_records(
+    records: &[Record],
+    ring: &Keyring,
+    to: &dyn Wrapper,
+    threads: usize,
+) -> Vec<Result<Vec<u8>, RewrapError>> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(r) = records.get(i) else {
+                return done;
+            };
+            let keys = ring as &dyn UnwrapperLookup;
+            done.push((i, envelope::rewrap(&r.meta, &r.envelope, keys, to)));
+        }
+    };
+    let mut results: Vec<_> = std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..threads.min(records.len()))
+            .map(|_| s.spawn(work))
+            .collect();
+        let mut all = work();
+        for h in helpers {
+            all.extend(h.join().expect("rewrap worker does not panic"));
+        }
+        all
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The store writes for a page's successful rewraps; failures are counted and logged.
+fn replacements(
+    todo: &[Record],
+    wrapped: Vec<Result<Vec<u8>, RewrapError>>,
+    target: u32,
+    p: &mut RewrapProgress,
+) -> Vec<EnvelopeReplace> {
+    let mut items = Vec::with_capacity(todo.len());
+    for (r, result) in todo.iter().zip(wrapped) {
+        match result {
+            Ok(envelope) => items.push(EnvelopeReplace {
+                id: r.meta.id.clone(),
+                expected_version: r.version,
+                envelope,
+                key_version: target,
+            }),
+            Err(e) => {
+                p.failed += 1;
+                tracing::warn!(record = %r.meta.id, error = %e, "record not rewrapped");
+            }
+        }
+    }
+    items
 }
 
 fn find(store: &dyn TokenStore, version: u32) -> Result<KeyInfo, RotationError> {
@@ -341,4 +403,131 @@ pub fn destroy(
     // Written even when already destroyed, so the audit event lands with the registry entry.
     store.put_keys(std::slice::from_ref(&key), audit)?;
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use crate::keys::keyring::{add_version, init};
+    use crate::record::{RecordMeta, SecretKind};
+    use crate::secret::Secret;
+    use crate::store::{MemoryStore, RecordWrite};
+
+    /// A store with `n` records `r00`.. sealed under version 1, then version 2 made active.
+    fn rotated(n: usize) -> (MemoryStore, Keyring, tempfile::TempDir) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = KeyDir::new(tmp.path(), None);
+        let store = MemoryStore::new();
+        init(&store, &dir, 10).expect("init");
+        let ring1 = Keyring::load(store.keys().expect("keys"), &dir).expect("load");
+        let writes: Vec<RecordWrite> = (0..n)
+            .map(|i| {
+                let meta =
+                    RecordMeta::parse(&format!("r{i:02}"), "o", "p", SecretKind::ApiKey, &[], 0)
+                        .expect("valid");
+                let secret = Secret::new(format!("secret-{i}").into_bytes());
+                let envelope = envelope::seal(&meta, &secret, ring1.active().1).expect("seal");
+                RecordWrite {
+                    meta,
+                    envelope,
+                    key_version: 1,
+                    expected_version: 0,
+                }
+            })
+            .collect();
+        store.put_records(&writes, 10).expect("put");
+        add_version(&store, &dir, PrivateKey::generate().expect("gen"), 20).expect("rotate");
+        let ring = Keyring::load(store.keys().expect("keys"), &dir).expect("load");
+        (store, ring, tmp)
+    }
+
+    fn opts(page: usize, threads: usize) -> RewrapOptions {
+        RewrapOptions {
+            page,
+            threads,
+            max_per_second: None,
+        }
+    }
+
+    #[test]
+    fn rewraps_every_page_and_leaves_a_record_that_does_not_open() {
+        let (store, ring, _tmp) = rotated(11);
+        // Bind r05's envelope to another record: it no longer opens, so it must be counted as
+        // failed and left exactly as it was while every other record moves.
+        let r04 = store
+            .get_record(&RecordId::parse("r04").expect("id"))
+            .expect("get")
+            .expect("r04");
+        let r05 = store
+            .get_record(&RecordId::parse("r05").expect("id"))
+            .expect("get")
+            .expect("r05");
+        store
+            .put_records(
+                &[RecordWrite {
+                    meta: r05.meta.clone(),
+                    envelope: r04.envelope.clone(),
+                    key_version: 1,
+                    expected_version: r05.version,
+                }],
+                15,
+            )
+            .expect("corrupt r05");
+        let mut reports = Vec::new();
+        let p = rewrap_all(
+            &store,
+            &ring,
+            opts(3, 2),
+            || 30,
+            |p| reports.push(p.clone()),
+        )
+        .expect("rewrap");
+        assert_eq!((p.total, p.rewrapped, p.failed, p.skipped), (11, 10, 1, 0));
+        assert!(p.done);
+        // One report per page of 3 (11 records: 4 pages), then the final one.
+        assert_eq!(reports.len(), 5);
+        assert_eq!(
+            reports.iter().map(|r| r.rewrapped).collect::<Vec<_>>(),
+            vec![3, 5, 8, 10, 10]
+        );
+        for r in store.scan_records(None, 100).expect("scan") {
+            if r.meta.id.as_str() == "r05" {
+                assert_eq!((r.key_version, &r.envelope), (1, &r04.envelope));
+                continue;
+            }
+            assert_eq!(r.key_version, 2, "{}", r.meta.id);
+            let i: usize = r.meta.id.as_str()[1..].parse().expect("index");
+            let opened = envelope::open(&r.meta, &r.envelope, &ring).expect("opens");
+            assert_eq!(opened.expose_secret(), format!("secret-{i}").as_bytes());
+        }
+        assert_eq!(store.get_meta(REWRAP_CURSOR).expect("meta"), None);
+        // A second run finds nothing left to move but the record that does not open.
+        let again = rewrap_all(&store, &ring, opts(3, 2), || 40, |_| {}).expect("rewrap");
+        assert_eq!((again.total, again.rewrapped, again.failed), (1, 0, 1));
+    }
+
+    #[test]
+    fn resumes_after_the_stored_cursor() {
+        let (store, ring, _tmp) = rotated(6);
+        // A run that stopped after writing r02 left this cursor.
+        let cursor = encode_cursor(2, &RecordId::parse("r02").expect("id"));
+        store
+            .put_meta(REWRAP_CURSOR, Some(&cursor))
+            .expect("cursor");
+        let p = rewrap_all(&store, &ring, opts(2, 3), || 30, |_| {}).expect("rewrap");
+        assert_eq!(p.rewrapped, 3);
+        let versions: Vec<u32> = store
+            .scan_records(None, 100)
+            .expect("scan")
+            .iter()
+            .map(|r| r.key_version)
+            .collect();
+        assert_eq!(versions, vec![1, 1, 1, 2, 2, 2]);
+        // A cursor for another target version is ignored: the next run starts from the top.
+        let stale = encode_cursor(7, &RecordId::parse("r04").expect("id"));
+        store.put_meta(REWRAP_CURSOR, Some(&stale)).expect("cursor");
+        let p = rewrap_all(&store, &ring, opts(4, 1), || 40, |_| {}).expect("rewrap");
+        assert_eq!(p.rewrapped, 3);
+    }
 }
