@@ -565,12 +565,25 @@ fn bench_drives_every_operation_and_reports_json() {
             "--batch-size",
             "10",
             "--json",
+            "--daemon-pid",
+            &d.child.id().to_string(),
         ],
         &env,
         None,
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    // CPU per operation of both processes over the timed second: the daemon did real work.
+    let cpu = &report["cpu"];
+    assert!(
+        cpu["daemon_seconds"].as_f64().expect("daemon cpu") > 0.0,
+        "{cpu}"
+    );
+    assert!(
+        cpu["daemon_us_per_op"].as_f64().expect("per op") > 0.0,
+        "{cpu}"
+    );
+    assert!(cpu["load_generator_us_per_op"].as_f64().is_some(), "{cpu}");
     let ops = report["operations"].as_array().expect("operations");
     let names: Vec<&str> = ops.iter().filter_map(|o| o["operation"].as_str()).collect();
     assert_eq!(names, ["get", "put", "batch"]);
@@ -615,6 +628,21 @@ fn bench_drives_every_operation_and_reports_json() {
         5,
         "unknown operation",
     );
+    // A pid that is not running is refused before anything is seeded.
+    let status = || run(cwd, &["admin", "status"], &d.env(), None).stdout;
+    let before = status();
+    assert!(String::from_utf8_lossy(&before).contains("records"));
+    assert_exit(
+        &run(
+            cwd,
+            &["bench", "--mix", "put=1", "--daemon-pid", "999999999"],
+            &d.env(),
+            None,
+        ),
+        6,
+        "reading /proc/999999999/stat",
+    );
+    assert_eq!(status(), before, "no record was seeded");
     let (status, log) = d.terminate();
     assert!(status.success(), "{log}");
 }

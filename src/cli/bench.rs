@@ -55,6 +55,11 @@ pub(crate) struct BenchArgs {
     /// from the same state.
     #[arg(long)]
     no_warmup: bool,
+    /// Also report the CPU time the daemon with this process id spent per operation during
+    /// the timed window (read from /proc: Linux, same machine). The load generator's own CPU
+    /// time is always reported.
+    #[arg(long, value_name = "PID")]
+    daemon_pid: Option<u32>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -234,6 +239,8 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         return rewrap(&args).await;
     }
     let mix = parse_mix(&args.mix)?;
+    // Checked before anything is seeded, so a wrong pid changes nothing.
+    CpuUse::now(args.daemon_pid)?;
     let concurrency = args.concurrency.max(1);
     let run_id = format!("{:08x}", rand::random::<u32>());
     let mut ingest = Vec::new();
@@ -283,6 +290,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         warm_up(&workers, &seeded, records, concurrency).await?;
     }
     let total_weight: u32 = mix.iter().map(|(_, w)| w).sum();
+    let cpu_before = CpuUse::now(args.daemon_pid)?;
     let deadline = Instant::now() + Duration::from_secs(args.duration.max(1));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -380,11 +388,60 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = CpuUse::now(args.daemon_pid)?.since(&cpu_before);
     let reports: Vec<Report> = merged
         .into_iter()
         .map(|(op, s)| report(op.name(), s, seconds))
         .collect();
-    print_reports(&args, concurrency, seconds, &reports)
+    print_reports(&args, concurrency, seconds, &reports, Some(&cpu))
+}
+
+/// CPU seconds (user + system, all threads) of this process and optionally the daemon.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct CpuUse {
+    load_generator_seconds: f64,
+    daemon_seconds: Option<f64>,
+}
+
+impl CpuUse {
+    fn now(daemon: Option<u32>) -> Result<Self, CliError> {
+        Ok(Self {
+            load_generator_seconds: process_cpu_seconds("self")?,
+            daemon_seconds: daemon
+                .map(|pid| process_cpu_seconds(&pid.to_string()))
+                .transpose()?,
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            load_generator_seconds: self.load_generator_seconds - before.load_generator_seconds,
+            daemon_seconds: self
+                .daemon_seconds
+                .zip(before.daemon_seconds)
+                .map(|(now, then)| now - then),
+        }
+    }
+}
+
+/// utime + stime of `/proc/{pid}/stat`, in seconds.
+fn process_cpu_seconds(pid: &str) -> Result<f64, CliError> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)
+        .map_err(|e| CliError::Precondition(format!("reading {path}: {e}")))?;
+    parse_cpu_ticks(&stat)
+        .map(|ticks| ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
+        .ok_or_else(|| CliError::Internal(format!("{path} has no CPU times")))
+}
+
+/// Fields 14 and 15 (utime, stime) of a `/proc/PID/stat` line; the command name (field 2) may
+/// hold spaces and parentheses, so fields are counted from its closing parenthesis.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
 }
 
 fn print_reports(
@@ -392,7 +449,10 @@ fn print_reports(
     concurrency: usize,
     seconds: f64,
     reports: &[Report],
+    cpu: Option<&CpuUse>,
 ) -> Result<(), CliError> {
+    let ops: u64 = reports.iter().map(|r| r.count).sum();
+    let per_op = |s: f64| (ops > 0).then(|| s * 1e6 / ops as f64);
     if args.json {
         let out = serde_json::json!({
             "mix": args.mix,
@@ -400,6 +460,12 @@ fn print_reports(
             "connections": args.connections,
             "seconds": seconds,
             "operations": reports,
+            "cpu": cpu.map(|c| serde_json::json!({
+                "load_generator_seconds": c.load_generator_seconds,
+                "daemon_seconds": c.daemon_seconds,
+                "load_generator_us_per_op": per_op(c.load_generator_seconds),
+                "daemon_us_per_op": c.daemon_seconds.and_then(per_op),
+            })),
         });
         println!("{out}");
     } else {
@@ -423,6 +489,14 @@ fn print_reports(
                 r.p99_us,
                 r.max_us,
                 r.errors
+            );
+        }
+        if let Some(c) = cpu {
+            let show = |s: Option<f64>| s.map_or("-".to_string(), |us| format!("{us:.1}"));
+            println!(
+                "cpu µs per operation: load generator {}, daemon {}",
+                show(per_op(c.load_generator_seconds)),
+                show(c.daemon_seconds.and_then(per_op))
             );
         }
     }
@@ -537,12 +611,26 @@ async fn rewrap(args: &BenchArgs) -> Result<(), CliError> {
         max_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         errors: last.failed,
     };
-    print_reports(args, 1, seconds, &[report])
+    print_reports(args, 1, seconds, &[report], None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (tokenvault (x) y) S 1 4242 4242 0 -1 4194560 5 0 0 0 123 45 0 0 20 0 9";
+        assert_eq!(parse_cpu_ticks(stat), Some(168));
+        assert_eq!(parse_cpu_ticks("4242 (short) S 1 2"), None);
+        assert_eq!(parse_cpu_ticks("no parenthesis"), None);
+        let mine = process_cpu_seconds("self").expect("own stat");
+        assert!(mine >= 0.0);
+        assert!(matches!(
+            process_cpu_seconds("999999999"),
+            Err(CliError::Precondition(_))
+        ));
+    }
 
     #[test]
     fn mixes_and_percentiles() {
