@@ -115,10 +115,15 @@ pub fn meta_key(id: &str) -> String {
 }
 
 impl Grant {
+    /// Whether the grant no longer allows anything at `now` (Unix seconds).
+    pub fn is_expired_at(&self, now: i64) -> bool {
+        now >= self.expires_at
+    }
+
     /// Checks the subject of a request and takes one use. Returns the updated grant to store
     /// (or `None` when it has no uses left afterwards and should be deleted).
     pub fn authorize(&self, id: &str, caller: &str, now: i64) -> Result<Option<Grant>, GrantError> {
-        if now >= self.expires_at {
+        if self.is_expired_at(now) {
             return Err(GrantError::Expired(short(id)));
         }
         if self.audience.as_deref().is_some_and(|a| a != caller) {

@@ -992,12 +992,26 @@ const TENANT_ISSUER: &str = "tv_test_tenant_issuer_credential_0123456789";
 /// A daemon with two extra workers: `issuer` (may issue grants, github records only) and
 /// `holder` (no records of its own).
 async fn grants_setup() -> Setup {
-    use tokenvault::config::{CallerPolicy, CredentialEntry, Role};
-    use tokenvault::secret::ApiCredential;
     let tmp = tempfile::tempdir().expect("tempdir");
     let provider = FakeProvider::start(ACCESS, REFRESH).await;
     let providers = providers_toml(&provider, "");
-    let mut config = load(tmp.path(), &providers);
+    let daemon = TestDaemon::start_with(grants_config(tmp.path(), &providers)).await;
+    put_token(&daemon, "tok", "github", ACCESS.as_bytes()).await;
+    put_token(&daemon, "lab", "narrow", ACCESS.as_bytes()).await;
+    Setup {
+        tmp,
+        provider,
+        daemon,
+        providers,
+    }
+}
+
+/// The config of [`grants_setup`]: an issuer for github records, an issuer limited to owners
+/// under tenant-7/, and a holder with no access of its own.
+fn grants_config(base: &Path, providers: &str) -> Config {
+    use tokenvault::config::{CallerPolicy, CredentialEntry, Role};
+    use tokenvault::secret::ApiCredential;
+    let mut config = load(base, providers);
     let worker = |name: &str, cred: &str, policy: CallerPolicy| {
         let mut e =
             CredentialEntry::for_credential(name, Role::Worker, &ApiCredential::new(cred.into()));
@@ -1030,15 +1044,58 @@ async fn grants_setup() -> Setup {
             ..Default::default()
         },
     ));
-    let daemon = TestDaemon::start_with(config).await;
-    put_token(&daemon, "tok", "github", ACCESS.as_bytes()).await;
-    put_token(&daemon, "lab", "narrow", ACCESS.as_bytes()).await;
-    Setup {
-        tmp,
-        provider,
-        daemon,
-        providers,
+    config
+}
+
+#[tokio::test]
+async fn expired_grants_are_deleted_even_if_never_presented() {
+    use tokenvault::store::{MemoryStore, TokenStore};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    let providers = providers_toml(&provider, "");
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let grants = |store: &MemoryStore| -> Vec<String> {
+        store
+            .meta_page(tokenvault::grant::META_PREFIX, None, 100)
+            .expect("grants")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    let d =
+        TestDaemon::start_with_store(grants_config(tmp.path(), &providers), store.clone()).await;
+    put_token(&d, "tok", "github", ACCESS.as_bytes()).await;
+    let short = issue(&d, grant_request("tok", 1, 0)).await.expect("issued");
+    let long = issue(&d, grant_request("tok", 600, 0))
+        .await
+        .expect("issued");
+    let (short_key, long_key) = (
+        tokenvault::grant::meta_key(&short.grant_id),
+        tokenvault::grant::meta_key(&long.grant_id),
+    );
+    let mut both = vec![short_key.clone(), long_key.clone()];
+    both.sort();
+    assert_eq!(grants(&store), both);
+    d.stop().await;
+    // The short grant expires without ever being presented; the next start sweeps it.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let d =
+        TestDaemon::start_with_store(grants_config(tmp.path(), &providers), store.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while grants(&store).contains(&short_key) {
+        assert!(
+            Instant::now() < deadline,
+            "expired grant still stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_eq!(grants(&store), vec![long_key], "the live grant is kept");
+    // And it still works.
+    let r = with_grant(&d, HOLDER, &long.grant, "", "GET", "/me")
+        .await
+        .expect("live grant");
+    assert_eq!(r.status, 200);
+    d.stop().await;
 }
 
 fn grant_request(id: &str, ttl: i64, max_uses: u32) -> v1::IssueGrantRequest {

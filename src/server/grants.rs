@@ -2,7 +2,8 @@
 //!
 //! Grants live in the store's metadata under `grant/<sha256 of the handle>`; a use is a
 //! read-check-write under one lock, so a grant with N uses serves exactly N calls. Expired
-//! grants are deleted when next presented.
+//! grants are deleted when next presented, and by [`sweep_expired`] (at startup and every
+//! [`SWEEP_EVERY`]) when they never are.
 
 use std::sync::Arc;
 
@@ -146,6 +147,38 @@ pub(super) fn revoke(
     )?;
     s.store.put_meta(&grant::meta_key(&id), None)?;
     Ok(())
+}
+
+/// How often expired grants are swept.
+pub(super) const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Deletes every grant expired at `now`, a page at a time; returns how many. A grant that is
+/// never presented again would otherwise stay in the store for good. Grants that do not decode
+/// are left for an operator to look at (they already allow nothing).
+pub(super) fn sweep_expired(s: &State, now: i64) -> Result<u64, ServiceError> {
+    let mut after: Option<String> = None;
+    let mut deleted = 0u64;
+    loop {
+        let page = s
+            .store
+            .meta_page(grant::META_PREFIX, after.as_deref(), 1000)?;
+        let Some((last, _)) = page.last() else {
+            return Ok(deleted);
+        };
+        after = Some(last.clone());
+        let expired: Vec<String> = page
+            .into_iter()
+            .filter(|(_, v)| Grant::decode(v).is_some_and(|g| g.is_expired_at(now)))
+            .map(|(k, _)| k)
+            .collect();
+        if !expired.is_empty() {
+            // Expiry is final, so nothing can revive these between the read and the delete;
+            // the lock only keeps the delete out of the middle of a use.
+            let _guard = s.grants_lock();
+            s.store.delete_meta(&expired)?;
+            deleted += expired.len() as u64;
+        }
+    }
 }
 
 /// The record a record grant covers (for a `Proxy` call that names only the grant).

@@ -424,6 +424,7 @@ impl Daemon {
         background.spawn(refresh::background(Arc::clone(&self.state)));
         #[cfg(unix)]
         background.spawn(reload_on_sighup(Arc::clone(&self.state)));
+        background.spawn(sweep_grants(Arc::clone(&self.state)));
         if let Some(period) = self.state.policy.auto_rotate_seconds {
             background.spawn(auto_rotate(Arc::clone(&self.state), period));
         }
@@ -547,6 +548,22 @@ async fn auto_rotate(state: Arc<State>, period: i64) {
                 tracing::info!(version = active.version, fingerprint = %active.id, "automatic rotation")
             }
             Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
+        }
+    }
+}
+
+/// Deletes expired grants at startup and every [`grants::SWEEP_EVERY`].
+async fn sweep_grants(state: Arc<State>) {
+    let mut tick = tokio::time::interval(grants::SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        match state
+            .blocking(|s| grants::sweep_expired(s, crate::unix_now()))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "expired grants deleted"),
+            Err(e) => tracing::error!(error = %e, "sweeping expired grants failed"),
         }
     }
 }

@@ -269,6 +269,47 @@ pub(crate) fn scan_replace_and_meta(store: &dyn TokenStore) {
     assert_eq!(store.get_meta("cursor"), Ok(Some(b"abc".to_vec())));
     store.put_meta("cursor", None).expect("delete");
     assert_eq!(store.get_meta("cursor"), Ok(None));
+
+    // Prefix pages: only keys under the prefix, in order, resumable after the last key.
+    for key in ["g/1", "g/2", "g/3", "g0", "f/9", "h"] {
+        store.put_meta(key, Some(key.as_bytes())).expect("put");
+    }
+    let keys = |page: Vec<(String, Vec<u8>)>| -> Vec<String> {
+        page.into_iter()
+            .map(|(k, v)| {
+                assert_eq!(k.as_bytes(), v.as_slice());
+                k
+            })
+            .collect()
+    };
+    assert_eq!(
+        keys(store.meta_page("g/", None, 2).expect("page")),
+        ["g/1", "g/2"]
+    );
+    assert_eq!(
+        keys(store.meta_page("g/", Some("g/2"), 2).expect("page")),
+        ["g/3"]
+    );
+    assert_eq!(
+        keys(store.meta_page("g/", Some("g/3"), 2).expect("page")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        keys(store.meta_page("x/", None, 10).expect("page")),
+        Vec::<String>::new()
+    );
+    store
+        .delete_meta(&["g/1".to_string(), "g/3".to_string(), "absent".to_string()])
+        .expect("delete");
+    assert_eq!(
+        keys(store.meta_page("g/", None, 10).expect("page")),
+        ["g/2"]
+    );
+    assert_eq!(
+        store.get_meta("g0"),
+        Ok(Some(b"g0".to_vec())),
+        "outside the prefix: kept"
+    );
 }
 
 /// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing.

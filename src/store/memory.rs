@@ -180,6 +180,34 @@ impl TokenStore for MemoryStore {
         Ok(())
     }
 
+    fn meta_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Included(prefix.to_string()), |a| {
+            Bound::Excluded(a.to_string())
+        });
+        Ok(self
+            .lock()
+            .meta
+            .range((from, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn delete_meta(&self, keys: &[String]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for key in keys {
+            inner.meta.remove(key);
+        }
+        Ok(())
+    }
+
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         Ok(self.lock().keys.values().cloned().collect())
     }

@@ -185,6 +185,18 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Durably writes a metadata value, or deletes it when `value` is `None`.
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError>;
 
+    /// Up to `limit` metadata entries whose key starts with `prefix`, in key order, after the
+    /// key `after` when given.
+    fn meta_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Durably deletes metadata keys, all in one batch.
+    fn delete_meta(&self, keys: &[String]) -> Result<(), StoreError>;
+
     /// The key registry, ascending by version.
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
 

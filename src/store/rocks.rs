@@ -455,6 +455,38 @@ impl TokenStore for RocksStore {
         self.write(batch)
     }
 
+    fn meta_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let from = after.unwrap_or(prefix);
+        let mode = rocksdb::IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (k, v) = item.map_err(engine)?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() == limit {
+                break;
+            }
+            if after.is_some_and(|a| a.as_bytes() == &*k) {
+                continue;
+            }
+            let key = String::from_utf8(k.to_vec())
+                .map_err(|_| StoreError::Corrupt("metadata key is not UTF-8".into()))?;
+            out.push((key, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn delete_meta(&self, keys: &[String]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for key in keys {
+            batch.delete_cf(self.cf(CF_META), key.as_bytes());
+        }
+        self.write(batch)
+    }
+
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         let mut keys = Vec::new();
         for item in self

@@ -77,6 +77,21 @@ impl TestDaemon {
             .await
             .expect("join")
             .expect("daemon opens");
+        Self::serve(daemon, bind).await
+    }
+
+    /// Like [`TestDaemon::start_with`] over `store`, which the test can read while the daemon
+    /// runs.
+    #[allow(dead_code)]
+    pub async fn start_with_store(
+        config: Config,
+        store: std::sync::Arc<dyn tokenvault::store::TokenStore>,
+    ) -> Self {
+        let daemon = Daemon::with_store(store, &config).expect("daemon opens");
+        Self::serve(daemon, "127.0.0.1:0").await
+    }
+
+    async fn serve(daemon: Daemon, bind: &str) -> Self {
         let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
