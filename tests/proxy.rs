@@ -1083,10 +1083,7 @@ async fn expired_grants_are_deleted_even_if_never_presented() {
         TestDaemon::start_with_store(grants_config(tmp.path(), &providers), store.clone()).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while grants(&store).contains(&short_key) {
-        assert!(
-            Instant::now() < deadline,
-            "expired grant still stored"
-        );
+        assert!(Instant::now() < deadline, "expired grant still stored");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(grants(&store), vec![long_key], "the live grant is kept");
