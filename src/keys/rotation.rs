@@ -508,6 +508,37 @@ mod tests {
     }
 
     #[test]
+    fn the_rate_limit_holds_with_the_reader_a_page_ahead() {
+        let (store, ring, _tmp) = rotated(12);
+        let limited = RewrapOptions {
+            page: 2,
+            threads: 2,
+            max_per_second: Some(40),
+        };
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        let p = rewrap_all(
+            &store,
+            &ring,
+            limited,
+            || 30,
+            |p| {
+                seen.push((p.rewrapped, started.elapsed()));
+            },
+        )
+        .expect("rewrap");
+        assert_eq!(p.rewrapped, 12);
+        // However far ahead the reader computes, no page is written before its time: the
+        // k-th report (2k records written) comes no earlier than 2(k-1)/40 s, the sleep
+        // after the previous page.
+        for (rewrapped, at) in &seen {
+            let floor = Duration::from_secs_f64(rewrapped.saturating_sub(2) as f64 / 40.0);
+            assert!(*at >= floor, "{rewrapped} written after {at:?}");
+        }
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+
+    #[test]
     fn resumes_after_the_stored_cursor() {
         let (store, ring, _tmp) = rotated(6);
         // A run that stopped after writing r02 left this cursor.
