@@ -591,13 +591,11 @@ async fn reload_on_sighup(state: Arc<State>) {
 pub fn lock_memory() -> Result<(), String> {
     use rustix::mm::{MlockAllFlags, mlockall};
     use rustix::process::{Resource, getrlimit};
-    let unlimited = getrlimit(Resource::Memlock).current.is_none();
-    if !unlimited && !has_cap_ipc_lock() {
-        let limit = getrlimit(Resource::Memlock)
-            .current
-            .map_or_else(|| "unlimited".into(), |b| format!("{b} bytes"));
+    if let Some(limit) = getrlimit(Resource::Memlock).current
+        && !has_cap_ipc_lock()
+    {
         return Err(format!(
-            "RLIMIT_MEMLOCK is {limit} and the process lacks CAP_IPC_LOCK"
+            "RLIMIT_MEMLOCK is {limit} bytes and the process lacks CAP_IPC_LOCK"
         ));
     }
     mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
