@@ -203,7 +203,12 @@ impl BrokerService {
                     });
                 }
                 let method = call.method.to_ascii_uppercase();
-                let prepare = || Ok((Arc::clone(&upstream), upstream.prepare(call.clone())?));
+                let path = call.path.clone();
+                // Moves the request (its body may be megabytes) instead of copying it.
+                let prepare = move || {
+                    let prepared = upstream.prepare(call)?;
+                    Ok((upstream, prepared))
+                };
                 match &grant {
                     None => {
                         *draft = std::mem::take(draft).detail(method);
@@ -214,7 +219,7 @@ impl BrokerService {
                             "{method} grant {}",
                             crate::grant::short(&crate::grant::grant_id(handle))
                         ));
-                        grants::use_grant(s, handle, &who, record, &method, &call.path, prepare)
+                        grants::use_grant(s, handle, &who, record, &method, &path, prepare)
                     }
                 }
             })
