@@ -10,12 +10,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
-use super::{State, caller_name};
+use super::{State, caller_name, record_id};
 use crate::api::v1::{self, admin_server::Admin};
 use crate::audit::Draft;
 use crate::keys::rotation::{self, RewrapOptions, RewrapProgress, RotationError};
 use crate::keys::{KeyInfo, KeyState, PrivateKey, keyring};
-use crate::record::{Owner, RecordId};
+use crate::record::Owner;
 use crate::store::StoreError;
 
 /// Rotates to a fresh RSA-2048 version; returns the new active and the previous version.
@@ -138,13 +138,6 @@ fn flag(state: &AtomicBool) -> bool {
 
 /// The `tokenvault.v1.Admin` service.
 pub struct AdminService(pub(super) Arc<State>);
-
-fn record_id(raw: String) -> Result<RecordId, ServiceError> {
-    RecordId::parse(raw).map_err(|source| ServiceError::Invalid {
-        what: "record id".into(),
-        source,
-    })
-}
 
 #[tonic::async_trait]
 impl Admin for AdminService {
@@ -464,10 +457,7 @@ impl Admin for AdminService {
             .0
             .blocking(move |s| {
                 let applied = apply_security_event(s, &who, &token, crate::unix_now());
-                if let Err(e) = &applied {
-                    s.audit_outcome(Draft::new(&who, "SecurityEvent"), e);
-                }
-                applied
+                s.audit_if_refused(Draft::new(&who, "SecurityEvent"), applied)
             })
             .await;
         match &result {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
-use super::{State, caller_name, caller_policy, grants, refresh};
+use super::{State, caller_name, caller_policy, grants, record_id, refresh};
 use crate::api::v1::{self, broker_server::Broker};
 use crate::audit::Draft;
 use crate::config::CallerPolicy;
@@ -27,13 +27,6 @@ use crate::store::StoreError;
 /// The `tokenvault.v1.Broker` service.
 pub struct BrokerService(pub(super) Arc<State>);
 
-fn parse_id(id: String) -> Result<RecordId, ServiceError> {
-    RecordId::parse(id).map_err(|source| ServiceError::Invalid {
-        what: "record id".into(),
-        source,
-    })
-}
-
 #[tonic::async_trait]
 impl Broker for BrokerService {
     async fn get_token(
@@ -42,7 +35,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::GetTokenResponse>, Status> {
         let caller = caller_name(&request);
         let policy = caller_policy(&request);
-        let id = parse_id(request.into_inner().id)?;
+        let id = record_id(request.into_inner().id)?;
         let result = async {
             let (mut record, mut secret, ()) = load(
                 &self.0,
@@ -95,7 +88,7 @@ impl Broker for BrokerService {
                     .blocking(move |s| grants::record_of(s, &handle))
                     .await?
             }
-            _ => parse_id(req.id)?,
+            _ => record_id(req.id)?,
         };
         let call = CallerRequest {
             method: req.method,
@@ -124,12 +117,8 @@ impl Broker for BrokerService {
         let result = self
             .0
             .blocking(move |s| {
-                let draft = Draft::new(&who, "IssueGrant");
                 let issued = grants::issue(s, &who, &policy, req, crate::unix_now());
-                if let Err(e) = &issued {
-                    s.audit_outcome(draft, e);
-                }
-                issued
+                s.audit_if_refused(Draft::new(&who, "IssueGrant"), issued)
             })
             .await;
         match &result {
@@ -153,10 +142,7 @@ impl Broker for BrokerService {
             .0
             .blocking(move |s| {
                 let revoked = grants::revoke(s, &who, &policy, &handle);
-                if let Err(e) = &revoked {
-                    s.audit_outcome(Draft::new(&who, "RevokeGrant"), e);
-                }
-                revoked
+                s.audit_if_refused(Draft::new(&who, "RevokeGrant"), revoked)
             })
             .await;
         if let Err(e) = &result {

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use super::State;
 use super::status::ServiceError;
+use super::{State, record_id};
 use crate::api::v1;
 use crate::audit::Draft;
 use crate::config::CallerPolicy;
@@ -67,10 +67,7 @@ pub(super) fn issue(
     let mut draft = Draft::new(caller, "IssueGrant");
     let subject = match (req.id.is_empty(), req.owner.is_empty()) {
         (false, true) => {
-            let id = RecordId::parse(req.id).map_err(|source| ServiceError::Invalid {
-                what: "record id".into(),
-                source,
-            })?;
+            let id = record_id(req.id)?;
             let record = s
                 .store
                 .get_record(&id)?

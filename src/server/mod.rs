@@ -186,6 +186,15 @@ impl State {
         write: impl FnOnce(&AuditAppend) -> Result<(T, bool), ServiceError>,
     ) -> Result<T, ServiceError> {
         let result = self.audit.append_with(&draft, write);
+        self.audit_if_refused(draft, result)
+    }
+
+    /// Passes `result` through, auditing `draft` as refused when it is an error.
+    fn audit_if_refused<T>(
+        &self,
+        draft: Draft,
+        result: Result<T, ServiceError>,
+    ) -> Result<T, ServiceError> {
         if let Err(e) = &result {
             self.audit_outcome(draft, e);
         }
@@ -635,6 +644,14 @@ fn caller_policy<T>(request: &tonic::Request<T>) -> Arc<crate::config::CallerPol
         .extensions()
         .get::<auth::Caller>()
         .map_or_else(Default::default, |c| Arc::clone(&c.policy))
+}
+
+/// A record id from a request field, or `INVALID_ARGUMENT` saying why not.
+fn record_id(raw: String) -> Result<crate::record::RecordId, ServiceError> {
+    crate::record::RecordId::parse(raw).map_err(|source| ServiceError::Invalid {
+        what: "record id".into(),
+        source,
+    })
 }
 
 /// The authenticated caller's name, for logs.
