@@ -12,7 +12,7 @@ use clap::Args;
 use rand::Rng as _;
 
 use super::CliError;
-use super::client::{Authed, Connection, connect};
+use super::client::{Authed, Connection, active_sealer, connect};
 use crate::api::v1;
 use crate::config::Role;
 use crate::record::{RecordMeta, SecretKind};
@@ -530,14 +530,7 @@ async fn seed(
     count: usize,
 ) -> Result<Sealer, CliError> {
     let mut ingest = v1::ingest_client::IngestClient::new(ingest);
-    let pem = ingest
-        .public_keys(v1::PublicKeysRequest {})
-        .await?
-        .into_inner()
-        .active
-        .ok_or_else(|| CliError::Internal("the daemon returned no active key".into()))?
-        .spki_pem;
-    let sealer = Sealer::from_pem(&pem).map_err(|e| CliError::Internal(e.to_string()))?;
+    let sealer = active_sealer(&mut ingest).await?;
     for start in (0..count).step_by(1000) {
         let records = seal_many(
             &sealer,

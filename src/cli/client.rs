@@ -218,6 +218,19 @@ pub(crate) async fn connect(conn: &Connection, role: Role) -> Result<Authed, Cli
     Ok(InterceptedService::new(channel, Bearer(value)))
 }
 
+/// A sealer for the daemon's active key, as the web tier would fetch it.
+pub(crate) async fn active_sealer(
+    client: &mut v1::ingest_client::IngestClient<Authed>,
+) -> Result<Sealer, CliError> {
+    let active = client
+        .public_keys(v1::PublicKeysRequest {})
+        .await?
+        .into_inner()
+        .active
+        .ok_or_else(|| CliError::Internal("the daemon returned no active key".into()))?;
+    Ok(Sealer::from_pem(&active.spki_pem)?)
+}
+
 fn read_secret(file: Option<&PathBuf>) -> Result<Secret, CliError> {
     let mut bytes = Zeroizing::new(Vec::new());
     match file {
@@ -260,15 +273,7 @@ pub(crate) async fn seal(args: SealArgs) -> Result<(), CliError> {
                 .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
             Sealer::from_pem(&pem)?
         }
-        None => {
-            let active = client
-                .public_keys(v1::PublicKeysRequest {})
-                .await?
-                .into_inner()
-                .active
-                .ok_or_else(|| CliError::Internal("the daemon returned no active key".into()))?;
-            Sealer::from_pem(&active.spki_pem)?
-        }
+        None => active_sealer(&mut client).await?,
     };
     let record = sealer
         .seal_record(&meta, &secret)
