@@ -1321,6 +1321,27 @@ async fn issuing_is_refused_outside_the_issuers_own_access() {
             Code::InvalidArgument,
             "invalid method",
         ),
+        (
+            grant_request("tok\nx", 60, 1),
+            Code::InvalidArgument,
+            "invalid record id",
+        ),
+        (
+            v1::IssueGrantRequest {
+                owner: "alice\u{7}".into(),
+                ..grant_request("", 60, 1)
+            },
+            Code::InvalidArgument,
+            "invalid owner",
+        ),
+        (
+            v1::IssueGrantRequest {
+                owner: "o".repeat(257),
+                ..grant_request("", 60, 1)
+            },
+            Code::InvalidArgument,
+            "invalid owner",
+        ),
     ] {
         let err = issue(d, req).await.expect_err(why);
         assert_eq!(
