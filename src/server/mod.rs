@@ -427,16 +427,24 @@ impl Daemon {
             .build_v1()
             .expect("the embedded descriptor sets are valid");
 
-        // Background tasks hold the state (and so the store): they are stopped and awaited
-        // before `serve` returns, so the store is closed when it does.
+        // Background tasks hold the state (and so the store): they end before `serve` returns,
+        // so the store is closed when it does. Periodic store jobs are told to stop and
+        // awaited, because aborting one mid-run would leave its blocking work holding the
+        // store; the others are aborted.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut periodic = tokio::task::JoinSet::new();
+        periodic.spawn(sweep_grants(Arc::clone(&self.state), stop_rx.clone()));
+        if let Some(period) = self.state.policy.auto_rotate_seconds {
+            periodic.spawn(auto_rotate(
+                Arc::clone(&self.state),
+                period,
+                stop_rx.clone(),
+            ));
+        }
         let mut background = tokio::task::JoinSet::new();
         background.spawn(refresh::background(Arc::clone(&self.state)));
         #[cfg(unix)]
         background.spawn(reload_on_sighup(Arc::clone(&self.state)));
-        background.spawn(sweep_grants(Arc::clone(&self.state)));
-        if let Some(period) = self.state.policy.auto_rotate_seconds {
-            background.spawn(auto_rotate(Arc::clone(&self.state), period));
-        }
         if let Some(l) = self.metrics_listener.take() {
             background.spawn(metrics::serve(l, Arc::clone(&self.state)));
         }
@@ -457,7 +465,6 @@ impl Daemon {
         let incoming = |l: TcpListener| {
             tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))
         };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
@@ -500,6 +507,7 @@ impl Daemon {
                 .map_err(|_| StartError::Listener("the ingest listener task failed".into()))??;
         }
         background.shutdown().await;
+        periodic.join_all().await;
         drop(self);
         Ok(())
     }
@@ -540,14 +548,12 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 
 /// Rotates when the active key is older than `period` seconds; checks once a minute (more
 /// often for periods under a minute, which only tests use).
-async fn auto_rotate(state: Arc<State>, period: i64) {
+async fn auto_rotate(state: Arc<State>, period: i64, stop: tokio::sync::watch::Receiver<bool>) {
     let every = u64::try_from(period.clamp(1, 60)).unwrap_or(60);
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(every));
-    loop {
-        tick.tick().await;
+    periodically(std::time::Duration::from_secs(every), stop, || async {
         let due = state.keyring().active().0.created_at.saturating_add(period) <= crate::unix_now();
         if !due {
-            continue;
+            return;
         }
         match state
             .blocking(|s| admin::rotate(s, "auto-rotation", crate::unix_now()))
@@ -558,14 +564,13 @@ async fn auto_rotate(state: Arc<State>, period: i64) {
             }
             Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// Deletes expired grants at startup and every [`grants::SWEEP_EVERY`].
-async fn sweep_grants(state: Arc<State>) {
-    let mut tick = tokio::time::interval(grants::SWEEP_EVERY);
-    loop {
-        tick.tick().await;
+async fn sweep_grants(state: Arc<State>, stop: tokio::sync::watch::Receiver<bool>) {
+    periodically(grants::SWEEP_EVERY, stop, || async {
         match state
             .blocking(|s| grants::sweep_expired(s, crate::unix_now()))
             .await
@@ -574,6 +579,27 @@ async fn sweep_grants(state: Arc<State>) {
             Ok(n) => tracing::info!(deleted = n, "expired grants deleted"),
             Err(e) => tracing::error!(error = %e, "sweeping expired grants failed"),
         }
+    })
+    .await;
+}
+
+/// Runs `job` now and then every `period` until `stop` is set (or its sender dropped). A run
+/// that has started is finished, never cancelled: its blocking work must not outlive `serve`.
+async fn periodically<F: Future<Output = ()>>(
+    period: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut job: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        let due = tokio::select! {
+            _ = tick.tick() => true,
+            _ = stop.wait_for(|stopped| *stopped) => false,
+        };
+        if !due {
+            return;
+        }
+        job().await;
     }
 }
 
