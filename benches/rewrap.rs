@@ -70,8 +70,14 @@ fn bench(c: &mut Criterion) {
                     .collect();
                 store.put_records(&writes, 1).expect("seed");
                 let start = Instant::now();
-                let p = rewrap_all(&store, &ring, RewrapOptions::full_speed(), || 3, |_| {})
-                    .expect("rewrap");
+                let p = rewrap_all(
+                    &store,
+                    &ring,
+                    RewrapOptions::full_speed(),
+                    || 3,
+                    |_| std::ops::ControlFlow::Continue(()),
+                )
+                .expect("rewrap");
                 total += start.elapsed();
                 assert_eq!(p.rewrapped, RECORDS as u64);
             }

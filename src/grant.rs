@@ -120,9 +120,10 @@ impl Grant {
         now >= self.expires_at
     }
 
-    /// Checks the subject of a request and takes one use. Returns the updated grant to store
-    /// (or `None` when it has no uses left afterwards and should be deleted).
-    pub fn authorize(&self, id: &str, caller: &str, now: i64) -> Result<Option<Grant>, GrantError> {
+    /// Checks the subject of a request and takes one use. Returns the updated grant to store.
+    /// A grant whose last use is taken is kept (with no uses left) until it expires, so a later
+    /// use is told "has no uses left" rather than "unknown".
+    pub fn authorize(&self, id: &str, caller: &str, now: i64) -> Result<Grant, GrantError> {
         if self.is_expired_at(now) {
             return Err(GrantError::Expired(short(id)));
         }
@@ -131,12 +132,11 @@ impl Grant {
         }
         match self.uses_left {
             Some(0) => Err(GrantError::UsedUp(short(id))),
-            Some(1) => Ok(None),
-            Some(n) => Ok(Some(Grant {
+            Some(n) => Ok(Grant {
                 uses_left: Some(n - 1),
                 ..self.clone()
-            })),
-            None => Ok(Some(self.clone())),
+            }),
+            None => Ok(self.clone()),
         }
     }
 
@@ -291,12 +291,14 @@ mod tests {
     #[test]
     fn uses_expiry_audience_and_scope() {
         let g = grant();
-        let once = g
-            .authorize("id", "worker-1", 50)
-            .expect("ok")
-            .expect("left");
+        let once = g.authorize("id", "worker-1", 50).expect("ok");
         assert_eq!(once.uses_left, Some(1));
-        assert_eq!(once.authorize("id", "worker-1", 50), Ok(None));
+        let spent = once.authorize("id", "worker-1", 50).expect("last use");
+        assert_eq!(spent.uses_left, Some(0));
+        assert_eq!(
+            spent.authorize("id", "worker-1", 50),
+            Err(GrantError::UsedUp("id".into()))
+        );
         assert_eq!(
             Grant {
                 uses_left: Some(0),

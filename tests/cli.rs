@@ -52,12 +52,9 @@ fn walkthrough_exit_codes_and_no_plaintext_token_anywhere() {
     ];
     for (i, t) in tokens.iter().enumerate() {
         let id = format!("rec-{i}");
-        let o = run(
-            cwd,
-            &seal_args(&id, "user-7"),
-            &env,
-            Some(format!("{t}\n").as_bytes()),
-        );
+        let mut args = seal_args(&id, "user-7");
+        args.push("--trim-newline");
+        let o = run(cwd, &args, &env, Some(format!("{t}\n").as_bytes()));
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("stored {id} version 1")));
     }
@@ -109,7 +106,14 @@ fn walkthrough_exit_codes_and_no_plaintext_token_anywhere() {
         "record id contains a character outside",
     );
     assert_exit(
-        &run(cwd, &seal_args("rec-9", "u"), &env, Some(b"\n")),
+        &run(cwd, &seal_args("rec-9", "u"), &env, Some(b"")),
+        5,
+        "the secret is empty",
+    );
+    let mut trimmed = seal_args("rec-9", "u");
+    trimmed.push("--trim-newline");
+    assert_exit(
+        &run(cwd, &trimmed, &env, Some(b"\r\n")),
         5,
         "the secret is empty",
     );
@@ -153,6 +157,26 @@ fn walkthrough_exit_codes_and_no_plaintext_token_anywhere() {
     }
     for id in ["rec-0", "user-7"] {
         assert!(!metrics.contains(id), "metrics name a record or owner");
+    }
+
+    // Secrets are stored byte for byte: trailing CR/LF stays unless --trim-newline is given,
+    // which removes exactly one line ending.
+    for (id, input, trim, stored) in [
+        ("nl-kept", &b"tok\r\n"[..], false, &b"tok\r\n"[..]),
+        ("nl-lf", b"tok\n", false, b"tok\n"),
+        ("nl-trim-one", b"tok\r\n\n", true, b"tok\r\n"),
+        ("nl-trim-crlf", b"tok\r\n", true, b"tok"),
+        ("nl-cr-only", b"tok\r", true, b"tok\r"),
+    ] {
+        let mut args = seal_args(id, "u");
+        if trim {
+            args.push("--trim-newline");
+        }
+        assert_exit(&run(cwd, &args, &env, Some(input)), 0, "");
+        let o = run(cwd, &["get", id], &env, None);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert_eq!(o.stdout, stored, "{id}");
+        assert_exit(&run(cwd, &["delete", id], &env, None), 0, "");
     }
 
     let (status, log) = d.terminate();
@@ -231,17 +255,43 @@ fn keys_commands_import_openssl_keys_and_refuse_bad_ones() {
     );
     // Each refused import exits with a precise code and message, and adds no version.
     let enc = fixture("fixture-a.key.encrypted.pem");
-    let refused: [(&str, Option<&str>, i32, &str); 7] = [
+    let no_end = cwd.join("no-end.pem");
+    let full = std::fs::read_to_string(fixture("fixture-b.key.pem")).expect("fixture");
+    std::fs::write(
+        &no_end,
+        full.trim_end()
+            .trim_end_matches("-----END PRIVATE KEY-----"),
+    )
+    .expect("write");
+    let no_end = no_end.display().to_string();
+    let refused: [(&str, Option<&str>, i32, &str); 8] = [
         (&enc, Some("fixture-passphrase"), 6, "already key version 1"),
         (&enc, Some("wrong"), 5, "wrong passphrase"),
-        (&enc, None, 5, "private key is encrypted"),
+        (
+            &enc,
+            None,
+            5,
+            "error: private key is encrypted: give its passphrase with --import-passphrase-file \
+             FILE or TOKENVAULT_IMPORT_PASSPHRASE",
+        ),
         (
             "fixture-1024.key.pem",
             None,
             5,
             "RSA key of 1024 bits refused",
         ),
-        ("fixture-ec.key.pem", None, 5, "not a valid RSA private key"),
+        (
+            "fixture-ec.key.pem",
+            None,
+            5,
+            "private key uses the EC (id-ecPublicKey) algorithm; tokenvault accepts RSA keys",
+        ),
+        (
+            &no_end,
+            None,
+            5,
+            "PEM block \"PRIVATE KEY\" has no -----END PRIVATE KEY----- line",
+        ),
         ("fixture-b.pub.pem", None, 5, "not a PRIVATE KEY PEM file"),
         ("/nonexistent.pem", None, 5, "/nonexistent.pem"),
     ];

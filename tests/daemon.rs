@@ -641,7 +641,7 @@ async fn restart_and_offline_rotation_keep_every_record_readable() {
 
 #[tokio::test]
 async fn health_and_reflection_serve_generic_clients() {
-    use tokenvault_test_reflection::*;
+    use tokenvault_test_reflection as reflection;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = TestDaemon::start(dir.path()).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
@@ -664,50 +664,67 @@ async fn health_and_reflection_serve_generic_clients() {
             "{service}"
         );
     }
-    let services = list_services(d.channel().await).await;
-    for s in [
-        "tokenvault.v1.Ingest",
-        "tokenvault.v1.Broker",
-        "tokenvault.v1.Admin",
-        "grpc.health.v1.Health",
+    // Clients that speak only grpc.reflection.v1 (grpcurl 1.9+) or only v1alpha (grpcurl 1.8,
+    // Python's grpcio-reflection) both list the services.
+    for services in [
+        reflection::v1::list_services(d.channel().await).await,
+        reflection::v1alpha::list_services(d.channel().await).await,
     ] {
-        assert!(
-            services.iter().any(|x| x == s),
-            "{s} missing from {services:?}"
-        );
+        for s in [
+            "tokenvault.v1.Ingest",
+            "tokenvault.v1.Broker",
+            "tokenvault.v1.Admin",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                services.iter().any(|x| x == s),
+                "{s} missing from {services:?}"
+            );
+        }
     }
     d.stop().await;
 }
 
-mod tokenvault_test_reflection {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// A reflection client for one protocol version: `v1` or `v1alpha` (the same messages in two
+/// packages).
+macro_rules! reflection_client {
+    ($version:ident) => {
+        pub mod $version {
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
 
-    pub async fn list_services(channel: tonic::transport::Channel) -> Vec<String> {
-        let mut client = ServerReflectionClient::new(channel);
-        let req = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut stream = client
-            .server_reflection_info(tokio_stream::iter(vec![req]))
-            .await
-            .expect("reflection")
-            .into_inner();
-        let msg = stream
-            .message()
-            .await
-            .expect("message")
-            .expect("one response");
-        match msg.message_response {
-            Some(MessageResponse::ListServicesResponse(l)) => {
-                l.service.into_iter().map(|s| s.name).collect()
+            pub async fn list_services(channel: tonic::transport::Channel) -> Vec<String> {
+                let mut client = ServerReflectionClient::new(channel);
+                let req = ServerReflectionRequest {
+                    host: String::new(),
+                    message_request: Some(MessageRequest::ListServices(String::new())),
+                };
+                let mut stream = client
+                    .server_reflection_info(tokio_stream::iter(vec![req]))
+                    .await
+                    .expect("reflection")
+                    .into_inner();
+                let msg = stream
+                    .message()
+                    .await
+                    .expect("message")
+                    .expect("one response");
+                match msg.message_response {
+                    Some(MessageResponse::ListServicesResponse(l)) => {
+                        l.service.into_iter().map(|s| s.name).collect()
+                    }
+                    other => panic!("unexpected reflection response {other:?}"),
+                }
             }
-            other => panic!("unexpected reflection response {other:?}"),
         }
-    }
+    };
+}
+
+mod tokenvault_test_reflection {
+    reflection_client!(v1);
+    reflection_client!(v1alpha);
 }
 
 #[tokio::test]
@@ -948,4 +965,117 @@ async fn concurrent_puts_commit_together_with_independent_outcomes() {
         assert_eq!(got.into_inner().secret, format!("s-{i}").into_bytes());
     }
     d.get("gc-race").await.expect("the winner is stored");
+}
+
+/// A tester who alters the key fingerprint inside a stored envelope (bytes 4 and 35, the first
+/// and last bytes of the 32-byte key id) gets DATA_LOSS naming the record, like any other
+/// envelope that does not open for its record, not INTERNAL; the other records still open.
+#[tokio::test]
+async fn stored_envelope_with_altered_key_fingerprint_is_data_loss() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    for id in ["fp-first", "fp-last", "intact"] {
+        d.put(&meta(id, "o"), b"secret-bytes").await;
+    }
+    d.stop().await;
+    {
+        let cfg = config(dir.path());
+        let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 1 << 20).expect("open");
+        use tokenvault::store::TokenStore as _;
+        let mut items = Vec::new();
+        for (id, byte) in [("fp-first", 4usize), ("fp-last", 35)] {
+            let rid = tokenvault::record::RecordId::parse(id).expect("id");
+            let rec = store.get_record(&rid).expect("get").expect("present");
+            let mut envelope = rec.envelope.clone();
+            envelope[byte] ^= 0x01;
+            items.push(tokenvault::store::EnvelopeReplace {
+                id: rid,
+                expected_version: rec.version,
+                envelope,
+                key_version: rec.key_version,
+            });
+        }
+        for r in store
+            .replace_envelopes(&items, tokenvault::unix_now())
+            .expect("tamper")
+        {
+            r.expect("replaced");
+        }
+    }
+    let d = TestDaemon::start(dir.path()).await;
+    for id in ["fp-first", "fp-last"] {
+        let e = d.get(id).await.expect_err(id);
+        assert_eq!(e.code(), Code::DataLoss, "{id}: {}", e.message());
+        assert!(
+            e.message().starts_with(&format!(
+                "record {id}: envelope is sealed under unknown key "
+            )),
+            "{}",
+            e.message()
+        );
+    }
+    let ok = d.get("intact").await.expect("intact").into_inner();
+    assert_eq!(ok.secret, b"secret-bytes");
+    d.stop().await;
+}
+
+/// docs/ENVELOPE.md: a secret is 1 to 65,536 bytes. Ingest reads the secret's length from the
+/// ciphertext (length - 16-byte tag) and refuses envelopes from any sealer outside that range,
+/// singly and in a batch, storing nothing; the two boundaries are accepted.
+#[tokio::test]
+async fn ingest_enforces_the_documented_secret_length() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let sealer = d.sealer().await;
+    // Another sealer's envelope: a valid header and wrapped key, with a ciphertext of any
+    // length (Ingest cannot authenticate it; only its length matters here).
+    let with_secret_len = |id: &str, len: usize| {
+        let mut r = sealed(&sealer, &meta(id, "o"), b"x");
+        r.envelope.truncate(HEADER_LEN + 256 + 12);
+        r.envelope.resize(HEADER_LEN + 256 + 12 + len + 16, 0x5a);
+        r
+    };
+    let mut ingest = d.ingest(INGEST).await;
+    for len in [0usize, 65_537, 65_792] {
+        let e = ingest
+            .put_sealed(put_req(with_secret_len("bad", len)))
+            .await
+            .expect_err("out of range");
+        assert_eq!(e.code(), Code::InvalidArgument, "{len}: {e:?}");
+        assert_eq!(
+            e.message(),
+            format!("the sealed secret is {len} bytes; a secret must be 1 to 65536 bytes"),
+        );
+    }
+    let e = ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest {
+            items: vec![
+                put_req(with_secret_len("ok-in-batch", 10)),
+                put_req(with_secret_len("bad-in-batch", 0)),
+            ],
+        })
+        .await
+        .expect_err("batch with an empty secret");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .starts_with("item 1: the sealed secret is 0 bytes"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(stats(&d).await.records, 0, "nothing stored");
+
+    // The boundaries, sealed for real, are stored and served byte for byte.
+    let max = vec![0x41u8; 65_536];
+    d.put(&meta("one-byte", "o"), b"z").await;
+    d.put(&meta("max-len", "o"), &max).await;
+    assert_eq!(
+        d.get("one-byte").await.expect("1").into_inner().secret,
+        b"z"
+    );
+    assert_eq!(
+        d.get("max-len").await.expect("max").into_inner().secret,
+        max
+    );
+    d.stop().await;
 }

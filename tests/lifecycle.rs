@@ -372,6 +372,73 @@ async fn one_rewrap_at_a_time() {
     d.stop().await;
 }
 
+/// A client that cancels a slow paced rewrap frees the "already running" slot at once (not
+/// after the pacing), the run stops where it was, says so in the audit trail, and the next
+/// Rewrap resumes and finishes it.
+#[tokio::test]
+async fn cancelling_a_paced_rewrap_frees_the_slot_and_the_next_run_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.seed("r", 200).await;
+    let mut admin = d.admin(ADMIN).await;
+    admin
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    // 200 records at 5/s: 40 s if left to run.
+    let mut slow = admin
+        .rewrap(v1::RewrapRequest {
+            max_records_per_second: 5,
+        })
+        .await
+        .expect("slow")
+        .into_inner();
+    slow.message().await.expect("progress").expect("one report");
+    let cancelled_at = std::time::Instant::now();
+    drop(slow);
+    // Wait on the event (the slot frees), bounded well below the 40 s run.
+    let last = loop {
+        match d
+            .admin(ADMIN)
+            .await
+            .rewrap(v1::RewrapRequest::default())
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut last = None;
+                while let Some(p) = stream.message().await.expect("progress") {
+                    last = Some(p);
+                }
+                break last.expect("reports");
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+                assert!(
+                    cancelled_at.elapsed() < std::time::Duration::from_secs(10),
+                    "the slot is still taken {:?} after the cancel",
+                    cancelled_at.elapsed()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(last.done);
+    assert!(
+        last.rewrapped < 200,
+        "the resumed run did not redo the first part"
+    );
+    assert_eq!(per_version(&d).await, vec![(2, 200)]);
+    let kinds: Vec<String> = audit_events(&d, v1::AuditLogRequest::default())
+        .await
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert!(kinds.iter().any(|a| a == "RewrapStopped"), "{kinds:?}");
+    assert!(kinds.iter().any(|a| a == "RewrapFinished"), "{kinds:?}");
+    d.stop().await;
+}
+
 async fn audit_events(d: &TestDaemon, req: v1::AuditLogRequest) -> Vec<v1::AuditEvent> {
     d.audit_events(req).await
 }
@@ -570,7 +637,28 @@ async fn rotate_key_imports_a_provided_key_pair() {
         (
             read("fixture-a.key.encrypted.pem"),
             String::new(),
-            "invalid key: private key is encrypted",
+            "invalid key: private key is encrypted: Admin.RotateKey takes an unencrypted PKCS#8 \
+             or PKCS#1 PEM; `tokenvault admin rotate --import-private FILE \
+             --import-passphrase-file PASSFILE` decrypts it locally first",
+        ),
+        (
+            read("fixture-ec.key.pem"),
+            String::new(),
+            "invalid key: private key uses the EC (id-ecPublicKey) algorithm; tokenvault \
+             accepts RSA keys (2048 to 4096 bits) only",
+        ),
+        (
+            read("fixture-b.key.pem"),
+            read("fixture-ec.pub.pem"),
+            "invalid key: public key uses the EC (id-ecPublicKey) algorithm",
+        ),
+        (
+            read("fixture-b.key.pem")
+                .trim_end()
+                .trim_end_matches("-----END PRIVATE KEY-----")
+                .to_string(),
+            String::new(),
+            "invalid key: PEM block \"PRIVATE KEY\" has no -----END PRIVATE KEY----- line",
         ),
     ];
     for (private_key_pem, public_key_pem, msg) in cases {

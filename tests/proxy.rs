@@ -65,6 +65,10 @@ allow_plain_http = true
 [providers.ula]
 base_url = "https://[fd00::1]/"
 
+[providers.zoned]
+base_url = "http://[fe80::1%25lo]/"
+allow_plain_http = true
+
 [providers.plainhttp]
 base_url = "http://api.github.invalid/"
 {extra}"#,
@@ -235,6 +239,7 @@ async fn every_ssrf_vector_is_refused_before_any_request() {
         "localname",
         "metadata",
         "ula",
+        "zoned",
         "plainhttp",
     ] {
         put_token(
@@ -280,6 +285,32 @@ async fn every_ssrf_vector_is_refused_before_any_request() {
             "IP literal host 169.254.169.254",
         ),
         ("t-ula", "GET", "/", "IP literal host fd00::1"),
+        // A zone-scoped IPv6 literal is an IP literal, not a name for the resolver.
+        (
+            "t-zoned",
+            "GET",
+            "/",
+            "IP literal host [fe80::1%25lo] is refused",
+        ),
+        // Percent-encoded control characters in the query, as in the path.
+        (
+            "t-github",
+            "GET",
+            "/me?x=1%0d%0aHost:%20evil",
+            "query contains an encoded control character",
+        ),
+        (
+            "t-github",
+            "GET",
+            "/me?x=%00",
+            "query contains an encoded control character",
+        ),
+        (
+            "t-github",
+            "GET",
+            "/me?x=a%0ab",
+            "query contains an encoded control character",
+        ),
         ("t-plainhttp", "GET", "/", "plain http is refused"),
         // DNS answers: the name resolves to loopback, which this provider does not allow.
         ("t-localname", "GET", "/me", "is loopback"),
@@ -1195,10 +1226,18 @@ async fn grants_are_narrow_counted_expiring_and_revocable() {
     with_grant(d, HOLDER, &g.grant, "tok", "GET", "/me")
         .await
         .expect("second use");
-    let err = with_grant(d, HOLDER, &g.grant, "", "GET", "/me")
-        .await
-        .expect_err("used up");
-    assert_eq!(err.code(), Code::PermissionDenied);
+    // The third use of a two-use grant is told so, with or without the record id, and the
+    // provider sees no third call.
+    for id in ["", "tok"] {
+        let err = with_grant(d, HOLDER, &g.grant, id, "GET", "/me")
+            .await
+            .expect_err("used up");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(
+            err.message(),
+            format!("grant {} has no uses left", &g.grant_id[..12])
+        );
+    }
     assert_eq!(s.provider.hits("/api/me"), 2);
     // Expiry.
     let short = issue(d, grant_request("tok", 1, 0)).await.expect("issued");

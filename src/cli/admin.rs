@@ -174,21 +174,7 @@ fn rotate_request(a: &RotateArgs) -> Result<v1::RotateKeyRequest, CliError> {
             a.conn.addr()
         )));
     }
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p)
-            .map(zeroize::Zeroizing::new)
-            .map_err(|e| CliError::Input(format!("{}: {e}", p.display())))
-    };
-    let pem = read(path)?;
-    let passphrase = match (
-        std::env::var(super::keys::ENV_IMPORT_PASSPHRASE).ok(),
-        &a.import_passphrase_file,
-    ) {
-        (Some(p), _) => Some(crate::secret::Passphrase::new(p)),
-        (None, Some(f)) => Some(crate::secret::Passphrase::new(read(f)?.to_string())),
-        (None, None) => None,
-    };
-    let key = crate::keys::PrivateKey::from_pem(&pem, passphrase.as_ref())?;
+    let key = super::keys::read_import_key(path, a.import_passphrase_file.as_deref())?;
     Ok(v1::RotateKeyRequest {
         private_key_pem: key.to_pkcs8_pem(None)?.to_string(),
         public_key_pem: key.public_key().to_pem(),

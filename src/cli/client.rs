@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use zeroize::Zeroizing;
 
 use super::CliError;
@@ -19,7 +19,8 @@ use crate::secret::{ApiCredential, Secret};
 
 #[derive(Debug, Args)]
 pub(crate) struct Connection {
-    /// Daemon address.
+    /// Daemon address: http://HOST:PORT (loopback, or behind a TLS-terminating proxy) or
+    /// https://HOST:PORT (TLS).
     #[arg(
         long,
         env = "TOKENVAULT_ADDR",
@@ -27,9 +28,24 @@ pub(crate) struct Connection {
     )]
     addr: String,
     /// File holding the API credential (otherwise read from TOKENVAULT_<ROLE>_TOKEN, then
-    /// TOKENVAULT_TOKEN).
+    /// TOKENVAULT_TOKEN). Not needed when --client-cert identifies the caller.
     #[arg(long)]
     credential_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the daemon's TLS certificate (https:// only; default: the
+    /// bundled Mozilla roots).
+    #[arg(long, env = "TOKENVAULT_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (https:// only); a daemon whose credential has
+    /// `mtls_identity` authenticates the caller by it, with no bearer credential.
+    #[arg(long, env = "TOKENVAULT_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert; must not be readable by group or others.
+    #[arg(long, env = "TOKENVAULT_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// The name to verify the daemon's certificate against, when it differs from the host in
+    /// --addr (e.g. connecting by IP address to a certificate issued for a DNS name).
+    #[arg(long, env = "TOKENVAULT_SERVER_NAME")]
+    server_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -52,9 +68,13 @@ pub(crate) struct SealArgs {
     /// Expiry as Unix seconds (0: never).
     #[arg(long, default_value_t = 0)]
     expires_at: i64,
-    /// Read the secret from this file instead of stdin.
+    /// Read the secret from this file instead of stdin. The secret is stored byte for byte.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Remove one trailing line ending (LF or CR LF) from the secret, for `echo TOKEN | tokenvault
+    /// seal`; without it a trailing newline is part of the secret.
+    #[arg(long)]
+    trim_newline: bool,
     /// Seal with this SPKI PEM public key instead of fetching the active one from the daemon.
     #[arg(long)]
     public_key: Option<PathBuf>,
@@ -152,6 +172,12 @@ impl Connection {
         &self.addr
     }
 
+    fn is_https(&self) -> bool {
+        self.addr
+            .parse::<http::Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("https"))
+    }
+
     /// Whether traffic to the daemon is protected: TLS, or a loopback address.
     pub(crate) fn is_confidential(&self) -> bool {
         let Ok(uri) = self.addr.parse::<http::Uri>() else {
@@ -165,57 +191,234 @@ impl Connection {
                 .and_then(|h| h.parse::<std::net::IpAddr>().ok())
                 .is_some_and(|ip| ip.is_loopback())
     }
+
+    /// The TLS settings for an https:// address; refuses TLS options with a plaintext one.
+    fn tls(&self) -> Result<Option<TlsFiles>, CliError> {
+        if !self.is_https() {
+            if self.ca_file.is_some() || self.client_cert.is_some() || self.server_name.is_some() {
+                return Err(CliError::Input(format!(
+                    "--ca-file, --client-cert and --server-name need an https:// address, not {}",
+                    self.addr
+                )));
+            }
+            return Ok(None);
+        }
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p)
+                .map(Zeroizing::new)
+                .map_err(|e| CliError::Input(format!("{what} {}: {e}", p.display())))
+        };
+        let identity = match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => {
+                check_key_file_mode(key)?;
+                Some((read(cert, "--client-cert")?, read(key, "--client-key")?))
+            }
+            _ => None,
+        };
+        Ok(Some(TlsFiles {
+            ca_pem: match &self.ca_file {
+                Some(ca) => Some(read(ca, "--ca-file")?),
+                None => None,
+            },
+            identity,
+            server_name: self.server_name.clone(),
+        }))
+    }
+}
+
+/// PEM bytes read from a file; zeroized on drop (a client key is among them).
+type Pem = Zeroizing<Vec<u8>>;
+
+/// What `--ca-file`, `--client-cert`/`--client-key` and `--server-name` hold.
+struct TlsFiles {
+    ca_pem: Option<Pem>,
+    /// Certificate chain and private key.
+    identity: Option<(Pem, Pem)>,
+    server_name: Option<String>,
+}
+
+impl TlsFiles {
+    fn tonic(&self) -> ClientTlsConfig {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca_pem {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(&**ca)),
+            None => tls.trust_anchors(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        };
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(&**cert, &**key));
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        tls
+    }
+
+    /// With TLS 1.3 the daemon judges a client certificate after the handshake has completed
+    /// on this side, so tonic reports a refusal only as "connection closed". This makes one TLS
+    /// connection of its own first and reads until the daemon speaks (its HTTP/2 settings) or
+    /// refuses with an alert, which is then reported as what it is (exit 4).
+    async fn probe_client_certificate(&self, uri: &http::Uri) -> Result<(), CliError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use tokio::io::AsyncReadExt as _;
+        let Some((cert, key)) = &self.identity else {
+            return Ok(());
+        };
+        let input = |what: &str, e: &dyn std::fmt::Display| {
+            CliError::Input(format!("{what} is not usable: {e}"))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_pem {
+            Some(ca) => {
+                for c in CertificateDer::pem_slice_iter(ca) {
+                    let c = c.map_err(|e| input("--ca-file", &e))?;
+                    roots.add(c).map_err(|e| input("--ca-file", &e))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| input("--client-cert", &e))?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| input("--client-key", &e))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CliError::Internal(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| {
+            CliError::Input(format!(
+                "the TLS settings are not usable (do --client-cert and --client-key belong \
+                 together?): {e}"
+            ))
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let name = ServerName::try_from(self.server_name.clone().unwrap_or_else(|| host.clone()))
+            .map_err(|e| input("--server-name", &e))?;
+        let unavailable = |e: &dyn std::fmt::Display| {
+            CliError::Unavailable(format!("cannot reach the daemon at {host}:{port}: {e}"))
+        };
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| super::tls_refusal(&e).unwrap_or_else(|| unavailable(&e)))?;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(std::time::Duration::from_secs(5), tls.read(&mut first)).await {
+            Ok(Err(e)) => Err(super::tls_refusal(&e).unwrap_or_else(|| unavailable(&e))),
+            Ok(Ok(0)) => Err(CliError::Auth(
+                "the daemon closed the TLS connection right after the handshake: it did not \
+                 accept --client-cert"
+                    .into(),
+            )),
+            // The daemon spoke, or stayed silent: the certificate was not refused.
+            Ok(Ok(_)) | Err(_) => Ok(()),
+        }
+    }
+}
+
+/// A client key readable by others is refused, as the daemon refuses its own key files.
+fn check_key_file_mode(path: &std::path::Path) -> Result<(), CliError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| CliError::Input(format!("--client-key {}: {e}", path.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(CliError::Input(format!(
+            "client key file {} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) type Authed = InterceptedService<Channel, Bearer>;
 
+/// Adds `authorization: Bearer …` when the caller has a credential; a caller identified by its
+/// client certificate sends none.
 #[derive(Clone)]
-pub(crate) struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+pub(crate) struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
         Ok(req)
     }
 }
 
-fn credential(conn: &Connection, role: Role) -> Result<ApiCredential, CliError> {
+fn credential(conn: &Connection, role: Role) -> Result<Option<ApiCredential>, CliError> {
     if let Some(path) = &conn.credential_file {
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?,
         );
-        return Ok(ApiCredential::new(text.trim().to_string()));
+        return Ok(Some(ApiCredential::new(text.trim().to_string())));
     }
-    std::env::var(credential_env(role))
-        .or_else(|_| std::env::var("TOKENVAULT_TOKEN"))
-        .map(ApiCredential::new)
-        .map_err(|_| {
-            CliError::Auth(format!(
-                "no credential: set {} (or TOKENVAULT_TOKEN) or pass --credential-file",
-                credential_env(role)
-            ))
-        })
+    match std::env::var(credential_env(role)).or_else(|_| std::env::var("TOKENVAULT_TOKEN")) {
+        Ok(c) => Ok(Some(ApiCredential::new(c))),
+        // The client certificate is the credential.
+        Err(_) if conn.client_cert.is_some() => Ok(None),
+        Err(_) => Err(CliError::Auth(format!(
+            "no credential: set {} (or TOKENVAULT_TOKEN), pass --credential-file, or use \
+             --client-cert with a daemon that maps it to a credential",
+            credential_env(role)
+        ))),
+    }
 }
 
 pub(crate) async fn connect(conn: &Connection, role: Role) -> Result<Authed, CliError> {
-    let cred = credential(conn, role)?;
-    let mut value: MetadataValue<_> =
-        format!("Bearer {}", cred.expose_secret())
-            .parse()
-            .map_err(|_| {
-                CliError::Input("the credential contains characters not allowed in a header".into())
-            })?;
-    // Sensitive values are never added to HPACK tables.
-    value.set_sensitive(true);
-    let channel = Channel::from_shared(conn.addr.clone())
-        .map_err(|e| CliError::Input(format!("bad --addr {}: {e}", conn.addr)))?
-        .connect()
-        .await
-        .map_err(|e| {
-            CliError::Unavailable(format!("cannot reach the daemon at {}: {e}", conn.addr))
+    let bearer = match credential(conn, role)? {
+        Some(cred) => {
+            let mut value: MetadataValue<_> = format!("Bearer {}", cred.expose_secret())
+                .parse()
+                .map_err(|_| {
+                    CliError::Input(
+                        "the credential contains characters not allowed in a header".into(),
+                    )
+                })?;
+            // Sensitive values are never added to HPACK tables.
+            value.set_sensitive(true);
+            Some(value)
+        }
+        None => None,
+    };
+    let mut endpoint = Channel::from_shared(conn.addr.clone())
+        .map_err(|e| CliError::Input(format!("bad --addr {}: {e}", conn.addr)))?;
+    if let Some(files) = conn.tls()? {
+        files.probe_client_certificate(endpoint.uri()).await?;
+        endpoint = endpoint.tls_config(files.tonic()).map_err(|e| {
+            CliError::Input(format!(
+                "the TLS settings are not usable (do --client-cert and --client-key belong \
+                 together?): {}",
+                super::describe_error(&e)
+            ))
         })?;
-    Ok(InterceptedService::new(channel, Bearer(value)))
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        super::tls_refusal(&e).unwrap_or_else(|| {
+            CliError::Unavailable(format!(
+                "cannot reach the daemon at {}: {}",
+                conn.addr,
+                super::describe_error(&e)
+            ))
+        })
+    })?;
+    Ok(InterceptedService::new(channel, Bearer(bearer)))
 }
 
 /// A sealer for the daemon's active key, as the web tier would fetch it.
@@ -231,7 +434,7 @@ pub(crate) async fn active_sealer(
     Ok(Sealer::from_pem(&active.spki_pem)?)
 }
 
-fn read_secret(file: Option<&PathBuf>) -> Result<Secret, CliError> {
+fn read_secret(file: Option<&PathBuf>, trim_newline: bool) -> Result<Secret, CliError> {
     let mut bytes = Zeroizing::new(Vec::new());
     match file {
         Some(path) => {
@@ -242,9 +445,12 @@ fn read_secret(file: Option<&PathBuf>) -> Result<Secret, CliError> {
         None => std::io::stdin().read_to_end(&mut bytes),
     }
     .map_err(|e| CliError::Input(format!("reading the secret: {e}")))?;
-    // A secret typed or echoed in ends with a newline that is not part of it.
-    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+    // Only on request, and only one line ending: a secret is otherwise stored as given.
+    if trim_newline && bytes.last() == Some(&b'\n') {
         bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
     }
     if bytes.is_empty() {
         return Err(CliError::Input(
@@ -265,7 +471,7 @@ pub(crate) async fn seal(args: SealArgs) -> Result<(), CliError> {
         args.expires_at,
     )
     .map_err(|e| CliError::Input(format!("invalid record: {e}")))?;
-    let secret = read_secret(args.secret_file.as_ref())?;
+    let secret = read_secret(args.secret_file.as_ref(), args.trim_newline)?;
     let mut client = v1::ingest_client::IngestClient::new(connect(&args.conn, Role::Ingest).await?);
     let sealer = match &args.public_key {
         Some(path) => {

@@ -15,6 +15,29 @@ use crate::store::{RocksStore, TokenStore};
 /// Env var with the passphrase of a key file being imported.
 pub(crate) const ENV_IMPORT_PASSPHRASE: &str = "TOKENVAULT_IMPORT_PASSPHRASE";
 
+/// Reads a private key file to import (`keys import --private`, `admin rotate
+/// --import-private`), decrypting it with TOKENVAULT_IMPORT_PASSPHRASE or the passphrase file.
+pub(crate) fn read_import_key(
+    path: &std::path::Path,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<PrivateKey, CliError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map(Zeroizing::new)
+            .map_err(|e| CliError::Input(format!("{}: {e}", p.display())))
+    };
+    let pem = read(path)?;
+    let passphrase = match (std::env::var(ENV_IMPORT_PASSPHRASE).ok(), passphrase_file) {
+        (Some(p), _) => Some(Passphrase::new(p)),
+        (None, Some(f)) => Some(Passphrase::new(read(f)?.to_string())),
+        (None, None) => None,
+    };
+    PrivateKey::from_pem(&pem, passphrase.as_ref()).map_err(|e| {
+        e.with_passphrase_hint(crate::keys::passphrase_hint::IMPORT)
+            .into()
+    })
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
     /// Create key version 1 (fresh RSA-2048) in an empty keyring.
@@ -131,23 +154,8 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
             private,
             import_passphrase_file,
         } => {
-            let pem = Zeroizing::new(
-                std::fs::read_to_string(&private)
-                    .map_err(|e| CliError::Input(format!("{}: {e}", private.display())))?,
-            );
-            let passphrase = match (
-                std::env::var(ENV_IMPORT_PASSPHRASE).ok(),
-                import_passphrase_file,
-            ) {
-                (Some(p), _) => Some(Passphrase::new(p)),
-                (None, Some(f)) => Some(Passphrase::new(
-                    std::fs::read_to_string(&f)
-                        .map_err(|e| CliError::Input(format!("{}: {e}", f.display())))?,
-                )),
-                (None, None) => None,
-            };
             // Validate before touching the store, so a bad file changes nothing.
-            let key = PrivateKey::from_pem(&pem, passphrase.as_ref())?;
+            let key = read_import_key(&private, import_passphrase_file.as_deref())?;
             let (store, dir) = open(&at)?;
             let info = keyring::add_version(&store, &dir, key, now)?;
             println!("imported as active {}", describe(&info));

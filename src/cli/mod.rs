@@ -5,8 +5,11 @@
 //! from stdin or a file, credentials and passphrases from environment variables or files.
 //!
 //! Exit codes: 0 success, 1 internal or I/O error, 2 usage error, 3 not found, 4
-//! unauthenticated or permission denied, 5 invalid input, 6 failed precondition or conflict
-//! (revoked, expired, exists, stale version, locked data directory), 7 daemon unavailable.
+//! unauthenticated or permission denied (a TLS certificate refused by either side included), 5
+//! invalid input, 6 failed precondition or conflict (revoked, expired, exists, stale version,
+//! locked data directory), 7 daemon unavailable, 8 a limit was hit (RESOURCE_EXHAUSTED: rate
+//! limit, concurrency, or a size cap; the message says which; a rate limit is worth retrying
+//! after a pause).
 
 mod admin;
 mod bench;
@@ -87,6 +90,9 @@ pub enum CliError {
     /// The daemon could not be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// A limit was hit (RESOURCE_EXHAUSTED): rate, concurrency or size.
+    #[error("{0}")]
+    Limited(String),
     /// Anything else.
     #[error("{0}")]
     Internal(String),
@@ -102,20 +108,79 @@ impl CliError {
             CliError::Input(_) => 5,
             CliError::Precondition(_) => 6,
             CliError::Unavailable(_) => 7,
+            CliError::Limited(_) => 8,
         }
     }
+}
+
+/// An error and its causes on one line (tonic's transport errors say little at the top).
+pub(crate) fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let t = cause.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+/// The TLS refusal inside a transport error, if that is what failed: the daemon's certificate
+/// not accepted here, or ours refused there (an alert). Both are exit 4, with the fix named.
+pub(crate) fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<CliError> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        // io::Error::source skips the error it wraps, so look inside it explicitly.
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            match candidate.downcast_ref::<rustls::Error>() {
+                Some(rustls::Error::InvalidCertificate(why)) => {
+                    return Some(CliError::Auth(format!(
+                        "the daemon's TLS certificate was not accepted ({why:?}); check \
+                         --ca-file (the CA that signed it), --server-name and its validity dates"
+                    )));
+                }
+                Some(rustls::Error::AlertReceived(alert)) => {
+                    return Some(CliError::Auth(format!(
+                        "the daemon refused the TLS connection (alert {alert:?}); check that \
+                         --client-cert is valid, unexpired and signed by the daemon's \
+                         client_ca_file"
+                    )));
+                }
+                Some(other) => {
+                    return Some(CliError::Unavailable(format!("TLS failed: {other}")));
+                }
+                None => {}
+            }
+        }
+        next = err.source();
+    }
+    None
 }
 
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
-        let msg = format!("{:?}: {}", s.code(), s.message());
+        // With TLS 1.3 a refused client certificate surfaces at the first call, not at connect.
+        if let Some(tls) = tls_refusal(&s) {
+            return tls;
+        }
+        // A transport failure's cause is in its source chain, not in its message.
+        let msg = match std::error::Error::source(&s) {
+            Some(cause) => format!("{:?}: {}: {}", s.code(), s.message(), describe_error(cause)),
+            None => format!("{:?}: {}", s.code(), s.message()),
+        };
         match s.code() {
             Code::NotFound => CliError::NotFound(msg),
             Code::Unauthenticated | Code::PermissionDenied => CliError::Auth(msg),
-            Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted => {
-                CliError::Input(msg)
-            }
+            Code::ResourceExhausted => CliError::Limited(msg),
+            Code::InvalidArgument | Code::OutOfRange => CliError::Input(msg),
             Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
                 CliError::Precondition(msg)
             }

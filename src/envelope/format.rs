@@ -86,6 +86,12 @@ impl<'a> EnvelopeRef<'a> {
         })
     }
 
+    /// Length of the sealed secret: the ciphertext length less the tag (AES-GCM adds nothing
+    /// else), so the daemon can enforce the secret's size without opening the envelope.
+    pub fn secret_len(&self) -> usize {
+        self.ciphertext.len().saturating_sub(TAG_LEN)
+    }
+
     /// Encodes the fields into a new envelope.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
@@ -137,6 +143,7 @@ mod tests {
         assert_eq!(env.wrapped_dek, &[0xAA; 256][..]);
         assert_eq!(env.nonce, &[0x11; 12]);
         assert_eq!(env.ciphertext, &[0x22; 20][..]);
+        assert_eq!(env.secret_len(), 4);
         assert_eq!(env.encode(), bytes);
     }
 

@@ -33,9 +33,26 @@ pub enum KeyError {
         /// Modulus size in bits.
         bits: usize,
     },
-    /// The private key is passphrase-protected and no passphrase was supplied.
-    #[error("private key is encrypted: set TOKENVAULT_KEY_PASSPHRASE or use --passphrase-file")]
-    PassphraseRequired,
+    /// The private key is passphrase-protected and no passphrase was supplied; the text says
+    /// how to supply one where the key was read (see [`KeyError::with_passphrase_hint`]).
+    #[error("private key is encrypted: {0}")]
+    PassphraseRequired(&'static str),
+    /// The PEM block has no matching END line.
+    #[error("PEM block {label:?} has no -----END {label}----- line")]
+    PemMissingEnd {
+        /// The label of the BEGIN line.
+        label: String,
+    },
+    /// The key is not an RSA key.
+    #[error(
+        "{what} uses the {algorithm} algorithm; tokenvault accepts RSA keys (2048 to 4096 bits) only"
+    )]
+    NotRsa {
+        /// "public key" or "private key".
+        what: &'static str,
+        /// The key's own algorithm, by name where known, else its OID.
+        algorithm: String,
+    },
     /// The passphrase did not decrypt the private key.
     #[error("could not decrypt the private key: wrong passphrase or corrupt file")]
     WrongPassphrase,
@@ -86,4 +103,28 @@ pub enum KeyError {
     /// Persisting the key registry failed.
     #[error("key registry: {0}")]
     Store(String),
+}
+
+/// How to supply a passphrase, by where the key is being read.
+pub mod passphrase_hint {
+    /// No context: the bare fact.
+    pub const NONE: &str = "no passphrase was supplied";
+    /// The daemon's key directory.
+    pub const KEY_DIR: &str = "set TOKENVAULT_KEY_PASSPHRASE or TOKENVAULT_KEY_PASSPHRASE_FILE, or passphrase_file in the config";
+    /// `keys import --private` and `admin rotate --import-private`.
+    pub const IMPORT: &str =
+        "give its passphrase with --import-passphrase-file FILE or TOKENVAULT_IMPORT_PASSPHRASE";
+    /// `Admin.RotateKey` over the network.
+    pub const REMOTE: &str = "Admin.RotateKey takes an unencrypted PKCS#8 or PKCS#1 PEM; `tokenvault admin rotate --import-private FILE --import-passphrase-file PASSFILE` decrypts it locally first";
+}
+
+impl KeyError {
+    /// Replaces the passphrase hint of a [`KeyError::PassphraseRequired`]; other errors pass
+    /// through unchanged.
+    pub fn with_passphrase_hint(self, hint: &'static str) -> Self {
+        match self {
+            KeyError::PassphraseRequired(_) => KeyError::PassphraseRequired(hint),
+            other => other,
+        }
+    }
 }

@@ -122,6 +122,7 @@ impl KeyDir {
         }
         let pem = zeroize::Zeroizing::new(std::fs::read_to_string(&path).map_err(io)?);
         PrivateKey::from_pem(&pem, self.passphrase.as_ref())
+            .map_err(|e| e.with_passphrase_hint(super::passphrase_hint::KEY_DIR))
     }
 }
 
@@ -444,9 +445,12 @@ mod tests {
             Err(KeyError::WrongPassphrase)
         ));
         let none = KeyDir::new(tmp.path(), None);
-        assert!(matches!(
-            Keyring::load(store.keys().expect("keys"), &none),
-            Err(KeyError::PassphraseRequired)
-        ));
+        let err = Keyring::load(store.keys().expect("keys"), &none).expect_err("no passphrase");
+        assert!(matches!(err, KeyError::PassphraseRequired(_)));
+        assert_eq!(
+            err.to_string(),
+            "private key is encrypted: set TOKENVAULT_KEY_PASSPHRASE or \
+             TOKENVAULT_KEY_PASSPHRASE_FILE, or passphrase_file in the config"
+        );
     }
 }

@@ -28,7 +28,7 @@ use std::fmt;
 use rand_core::CryptoRngCore;
 use sha2::{Digest, Sha256};
 
-pub use error::KeyError;
+pub use error::{KeyError, passphrase_hint};
 #[cfg(feature = "daemon")]
 pub use private::PrivateKey;
 pub use public::{PublicKey, RustCryptoWrapper, spki_pem};

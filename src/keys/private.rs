@@ -23,7 +23,7 @@ use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
 use super::public::pem_label;
-use super::{KeyError, KeyId, OAEP_LABEL, PublicKey, Unwrapper};
+use super::{KeyError, KeyId, OAEP_LABEL, PublicKey, Unwrapper, passphrase_hint};
 use crate::envelope::DecryptError;
 use crate::secret::{DATA_KEY_LEN, DataKey, Passphrase};
 
@@ -70,7 +70,7 @@ impl PrivateKey {
                 doc.to_bytes()
             }
             "ENCRYPTED PRIVATE KEY" => {
-                let pass = passphrase.ok_or(KeyError::PassphraseRequired)?;
+                let pass = passphrase.ok_or(KeyError::PassphraseRequired(passphrase_hint::NONE))?;
                 let (_, doc) = pkcs8::Document::from_pem(pem).map_err(|e| malformed(&e))?;
                 let info =
                     EncryptedPrivateKeyInfo::try_from(doc.as_bytes()).map_err(|e| malformed(&e))?;
@@ -97,6 +97,11 @@ impl PrivateKey {
             what: "private key",
             reason: e.to_string(),
         };
+        // Name a non-RSA key's own algorithm: the rsa crate's error quotes the RSA OID it
+        // expected, which reads as if the key were RSA.
+        if let Ok(info) = PrivateKeyInfo::try_from(der.as_slice()) {
+            super::public::require_rsa("private key", info.algorithm.oid)?;
+        }
         // The rsa crate validates structure and consistency (no private-key operation), then
         // aws-lc takes over for all arithmetic.
         let rsa_key = rsa::RsaPrivateKey::from_pkcs8_der(&der).map_err(|e| malformed(&e))?;

@@ -38,6 +38,9 @@ impl std::fmt::Debug for PublicKey {
 impl PublicKey {
     /// Parses a SubjectPublicKeyInfo DER encoding of an RSA 2048-4096 bit key.
     pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
+        if let Ok(spki) = spki::SubjectPublicKeyInfoRef::try_from(der) {
+            require_rsa("public key", spki.algorithm.oid)?;
+        }
         let rsa = RsaPublicKey::from_public_key_der(der).map_err(|e| KeyError::Malformed {
             what: "public key",
             reason: e.to_string(),
@@ -51,10 +54,11 @@ impl PublicKey {
         let label = pem_label(pem)?;
         let rsa = match label.as_str() {
             "PUBLIC KEY" => {
-                RsaPublicKey::from_public_key_pem(pem).map_err(|e| KeyError::Malformed {
+                let (_, doc) = spki::Document::from_pem(pem).map_err(|e| KeyError::Malformed {
                     what: "public key",
                     reason: e.to_string(),
-                })?
+                })?;
+                return Self::from_spki_der(doc.as_bytes());
             }
             "RSA PUBLIC KEY" => {
                 RsaPublicKey::from_pkcs1_pem(pem).map_err(|e| KeyError::Malformed {
@@ -207,11 +211,40 @@ pub fn spki_pem(spki_der: &[u8]) -> String {
         .expect("PEM encoding of bytes cannot fail")
 }
 
-/// The label of the first PEM block in `pem`.
+/// The label of the first PEM block in `pem`, which must have its END line (the decoder
+/// would otherwise report a missing END as a bad BEGIN boundary).
 pub(crate) fn pem_label(pem: &str) -> Result<String, KeyError> {
-    let begin = pem.lines().map(str::trim).find_map(|l| {
-        l.strip_prefix("-----BEGIN ")
-            .and_then(|l| l.strip_suffix("-----"))
-    });
-    begin.map(str::to_owned).ok_or(KeyError::NotPem)
+    let mut lines = pem.lines().map(str::trim);
+    let label = lines
+        .find_map(|l| {
+            l.strip_prefix("-----BEGIN ")
+                .and_then(|l| l.strip_suffix("-----"))
+        })
+        .map(str::to_owned)
+        .ok_or(KeyError::NotPem)?;
+    let end = format!("-----END {label}-----");
+    if !lines.any(|l| l == end) {
+        return Err(KeyError::PemMissingEnd { label });
+    }
+    Ok(label)
+}
+
+/// Refuses a key whose algorithm is not rsaEncryption, naming the algorithm it has.
+pub(crate) fn require_rsa(
+    what: &'static str,
+    oid: pkcs8::ObjectIdentifier,
+) -> Result<(), KeyError> {
+    let algorithm = match oid.to_string().as_str() {
+        "1.2.840.113549.1.1.1" => return Ok(()),
+        "1.2.840.10045.2.1" => "EC (id-ecPublicKey)".to_string(),
+        "1.2.840.113549.1.1.10" => "RSASSA-PSS".to_string(),
+        "1.3.101.110" => "X25519".to_string(),
+        "1.3.101.111" => "X448".to_string(),
+        "1.3.101.112" => "Ed25519".to_string(),
+        "1.3.101.113" => "Ed448".to_string(),
+        "1.2.840.10040.4.1" => "DSA".to_string(),
+        "1.2.840.10046.2.1" => "DH (dhpublicnumber)".to_string(),
+        other => format!("OID {other}"),
+    };
+    Err(KeyError::NotRsa { what, algorithm })
 }

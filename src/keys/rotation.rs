@@ -12,6 +12,7 @@
 //! durably, so a crashed or killed run resumes where it stopped; records already under the
 //! target are skipped, so a second run finds nothing to do.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -117,14 +118,27 @@ fn decode_cursor(bytes: &[u8], target: u32) -> Option<RecordId> {
     RecordId::parse(std::str::from_utf8(id).ok()?).ok()
 }
 
+/// How long one paced page may take at most: pages under a rate limit hold this much of the
+/// rate, so the figure holds over any one-second window (within 1/20) instead of arriving in
+/// bursts of a whole page followed by a long pause.
+const PACED_SLICE_PER_SECOND: u32 = 20;
+
+/// Records per page under a rate limit of `limit` records/s.
+fn paced_page(page: usize, limit: u32) -> usize {
+    page.min(usize::try_from(limit / PACED_SLICE_PER_SECOND).unwrap_or(usize::MAX))
+        .max(1)
+}
+
 /// Rewraps every record not under the active version of `ring`. Resumes from the stored
 /// cursor of an interrupted run with the same target; reports progress after every page.
+/// `on_progress` returning `Break` stops the run after that page (cursor stored, so the next
+/// run resumes there); the returned progress then has `done == false`.
 pub fn rewrap_all(
     store: &dyn TokenStore,
     ring: &Keyring,
     opts: RewrapOptions,
     now: impl Fn() -> i64,
-    mut on_progress: impl FnMut(&RewrapProgress),
+    mut on_progress: impl FnMut(&RewrapProgress) -> ControlFlow<()>,
 ) -> Result<RewrapProgress, RotationError> {
     let start = Instant::now();
     let (active, public) = ring.active();
@@ -146,7 +160,16 @@ pub fn rewrap_all(
     if let Some(c) = &cursor {
         tracing::info!(target_version = target, after = %c, "resuming rewrap");
     }
-    let (threads, page) = (opts.threads.max(1), opts.page.max(1));
+    let limit = opts.max_per_second.filter(|l| *l > 0);
+    let page = match limit {
+        Some(l) => paced_page(opts.page.max(1), l),
+        None => opts.page.max(1),
+    };
+    let threads = opts.threads.max(1);
+    // Pacing: the earliest time the next page may be written. A stall (the store, or a busy
+    // machine) is never made up with a burst: the schedule restarts from now.
+    let mut next_write = Instant::now();
+    let mut stopped = false;
     // Two stages, so the cores never wait for the store: a reader thread scans the next page
     // and does its RSA work while this thread writes the previous one, stores the cursor and
     // reports progress. The bounded channel keeps the reader at most one page ahead (and
@@ -191,6 +214,14 @@ pub fn rewrap_all(
                 wrapped,
                 last,
             } = next?;
+            if let Some(l) = limit {
+                let wait = next_write.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+                next_write = Instant::now().max(next_write)
+                    + Duration::from_secs_f64(todo.len() as f64 / f64::from(l));
+            }
             let items = replacements(&todo, wrapped, target, &mut p);
             let outcomes = store.replace_envelopes(&items, now())?;
             // Retry each conflicting record once after re-reading it; a second conflict means
@@ -221,20 +252,23 @@ pub fn rewrap_all(
             }
             store.put_meta(REWRAP_CURSOR, Some(&encode_cursor(target, &last)))?;
             p.elapsed = start.elapsed();
-            on_progress(&p);
-            if let Some(limit) = opts.max_per_second.filter(|l| *l > 0) {
-                let due = Duration::from_secs_f64(p.rewrapped as f64 / f64::from(limit));
-                if let Some(wait) = due.checked_sub(start.elapsed()) {
-                    std::thread::sleep(wait);
-                }
+            if on_progress(&p).is_break() {
+                // Dropping the receiver makes the reader stop at its next send.
+                stopped = true;
+                break;
             }
         }
         Ok::<_, RotationError>(())
     })?;
+    if stopped {
+        p.elapsed = start.elapsed();
+        return Ok(p);
+    }
     store.put_meta(REWRAP_CURSOR, None)?;
     p.done = true;
     p.elapsed = start.elapsed();
-    on_progress(&p);
+    // The run is over: a caller that went away now changes nothing.
+    let _ = on_progress(&p);
     Ok(p)
 }
 
@@ -480,7 +514,10 @@ mod tests {
             &ring,
             opts(3, 2),
             || 30,
-            |p| reports.push(p.clone()),
+            |p| {
+                reports.push(p.clone());
+                ControlFlow::Continue(())
+            },
         )
         .expect("rewrap");
         assert_eq!((p.total, p.rewrapped, p.failed, p.skipped), (11, 10, 1, 0));
@@ -503,7 +540,14 @@ mod tests {
         }
         assert_eq!(store.get_meta(REWRAP_CURSOR).expect("meta"), None);
         // A second run finds nothing left to move but the record that does not open.
-        let again = rewrap_all(&store, &ring, opts(3, 2), || 40, |_| {}).expect("rewrap");
+        let again = rewrap_all(
+            &store,
+            &ring,
+            opts(3, 2),
+            || 40,
+            |_| ControlFlow::Continue(()),
+        )
+        .expect("rewrap");
         assert_eq!((again.total, again.rewrapped, again.failed), (1, 0, 1));
     }
 
@@ -524,6 +568,7 @@ mod tests {
             || 30,
             |p| {
                 seen.push((p.rewrapped, started.elapsed()));
+                ControlFlow::Continue(())
             },
         )
         .expect("rewrap");
@@ -538,6 +583,101 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(250));
     }
 
+    /// `admin rewrap --max-per-second 200`: the rate holds over every one-second window of
+    /// the run (within 10%), instead of a whole page at once and then a pause.
+    #[test]
+    fn a_paced_rewrap_holds_its_rate_over_any_one_second_window() {
+        let (store, ring, _tmp) = rotated(500);
+        let limit = 200u32;
+        let paced = RewrapOptions {
+            page: 512,
+            threads: 2,
+            max_per_second: Some(limit),
+        };
+        let started = Instant::now();
+        let mut seen = vec![(0u64, Duration::ZERO)];
+        let p = rewrap_all(
+            &store,
+            &ring,
+            paced,
+            || 30,
+            |p| {
+                seen.push((p.rewrapped, started.elapsed()));
+                ControlFlow::Continue(())
+            },
+        )
+        .expect("rewrap");
+        assert_eq!(p.rewrapped, 500);
+        // Records written by time t: the last report at or before t.
+        let written_by = |t: Duration| {
+            seen.iter()
+                .take_while(|(_, at)| *at <= t)
+                .last()
+                .map_or(0, |(n, _)| *n)
+        };
+        let end = seen.last().expect("reports").1;
+        assert!(
+            end >= Duration::from_millis(2400),
+            "500 records at 200/s took {end:?}"
+        );
+        let (low, high) = (f64::from(limit) * 0.9, f64::from(limit) * 1.1);
+        let mut t = Duration::ZERO;
+        while t + Duration::from_secs(1) <= end {
+            let n = (written_by(t + Duration::from_secs(1)) - written_by(t)) as f64;
+            assert!(
+                (low..=high).contains(&n),
+                "{n} records in the second after {t:?}; reports {seen:?}"
+            );
+            t += Duration::from_millis(10);
+        }
+    }
+
+    /// A caller that goes away stops the run after the page in flight, even in the middle of a
+    /// slow paced run; the cursor stays, so the next run resumes and finishes.
+    #[test]
+    fn a_break_from_progress_stops_the_run_and_leaves_it_resumable() {
+        let (store, ring, _tmp) = rotated(40);
+        let slow = RewrapOptions {
+            page: 512,
+            threads: 1,
+            max_per_second: Some(4),
+        };
+        let started = Instant::now();
+        let p = rewrap_all(
+            &store,
+            &ring,
+            slow,
+            || 30,
+            |p| {
+                if p.rewrapped >= 2 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
+        .expect("stopped");
+        assert!(!p.done);
+        assert_eq!(p.rewrapped, 2);
+        // Well before the 10 s the whole paced run would take.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(store.get_meta(REWRAP_CURSOR).expect("meta").is_some());
+        let rest = rewrap_all(
+            &store,
+            &ring,
+            opts(512, 2),
+            || 40,
+            |_| ControlFlow::Continue(()),
+        )
+        .expect("resumed");
+        assert!(rest.done);
+        assert_eq!(rest.rewrapped, 38);
+    }
+
     #[test]
     fn resumes_after_the_stored_cursor() {
         let (store, ring, _tmp) = rotated(6);
@@ -546,7 +686,14 @@ mod tests {
         store
             .put_meta(REWRAP_CURSOR, Some(&cursor))
             .expect("cursor");
-        let p = rewrap_all(&store, &ring, opts(2, 3), || 30, |_| {}).expect("rewrap");
+        let p = rewrap_all(
+            &store,
+            &ring,
+            opts(2, 3),
+            || 30,
+            |_| ControlFlow::Continue(()),
+        )
+        .expect("rewrap");
         assert_eq!(p.rewrapped, 3);
         let versions: Vec<u32> = store
             .scan_records(None, 100)
@@ -558,7 +705,14 @@ mod tests {
         // A cursor for another target version is ignored: the next run starts from the top.
         let stale = encode_cursor(7, &RecordId::parse("r04").expect("id"));
         store.put_meta(REWRAP_CURSOR, Some(&stale)).expect("cursor");
-        let p = rewrap_all(&store, &ring, opts(4, 1), || 40, |_| {}).expect("rewrap");
+        let p = rewrap_all(
+            &store,
+            &ring,
+            opts(4, 1),
+            || 40,
+            |_| ControlFlow::Continue(()),
+        )
+        .expect("rewrap");
         assert_eq!(p.rewrapped, 3);
     }
 }

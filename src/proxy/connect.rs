@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::target::check_addr;
+use super::target::{Host, check_addr, classify_host};
 use super::{ProviderPolicy, Refusal};
 
 /// Resolves a host name to socket addresses (the system resolver outside tests).
@@ -95,9 +95,9 @@ impl Connector {
             .trim_end_matches(']')
             .to_string();
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let addrs = match bare.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => (self.resolver)(bare.clone(), port)
+        let addrs = match classify_host(host).map_err(ConnectError::Refused)? {
+            Host::Ip(ip) => vec![SocketAddr::new(ip, port)],
+            Host::Name(_) => (self.resolver)(bare.clone(), port)
                 .await
                 .map_err(|e| ConnectError::Failed(format!("resolving {bare}: {e}")))?,
         };

@@ -353,7 +353,12 @@ impl Upstream {
             loop {
                 let outcome = self.once(&current, credential.as_ref()).await;
                 let retry_in = match &outcome {
-                    Err(ProxyError::Unavailable(_)) => Some(backoff(retries)),
+                    // docs/PROXY.md: a request the upstream may have received is repeated only
+                    // when its method is idempotent; one that never left is always safe.
+                    Err(Failed {
+                        error: ProxyError::Unavailable(_),
+                        maybe_sent,
+                    }) if !maybe_sent || current.method.is_idempotent() => Some(backoff(retries)),
                     Ok(r) if r.status == 429 || r.status == 503 => {
                         match retry_after(&r.headers, p.max_retry_after) {
                             RetryAfter::Wait(d) => Some(d),
@@ -371,7 +376,7 @@ impl Upstream {
                     tokio::time::sleep(wait).await;
                     continue;
                 }
-                let response = outcome?;
+                let response = outcome.map_err(|f| f.error)?;
                 let location = matches!(response.status, 301 | 302 | 303 | 307 | 308)
                     .then(|| header_value(&response.headers, "location"))
                     .flatten();
@@ -405,13 +410,13 @@ impl Upstream {
         &self,
         prepared: &Prepared,
         credential: Option<&(HeaderName, HeaderValue)>,
-    ) -> Result<UpstreamResponse, ProxyError> {
+    ) -> Result<UpstreamResponse, Failed> {
         let p = &*self.policy;
         let mut request = Request::builder()
             .method(prepared.method.clone())
             .uri(prepared.uri.clone())
             .body(Full::new(prepared.body.clone()))
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+            .map_err(|e| Failed::before_sending(ProxyError::BadRequest(e.to_string())))?;
         *request.headers_mut() = prepared.headers.clone();
         if let Some((name, value)) = credential {
             request.headers_mut().insert(name.clone(), value.clone());
@@ -421,9 +426,13 @@ impl Upstream {
                 .request(request)
                 .await
                 .map_err(|e| match find_connect_error(&e) {
-                    Some(ConnectError::Refused(r)) => ProxyError::Refused(r.clone()),
-                    Some(ConnectError::Failed(m)) => ProxyError::Unavailable(m.clone()),
-                    None => ProxyError::Unavailable(describe(&e)),
+                    Some(ConnectError::Refused(r)) => {
+                        Failed::before_sending(ProxyError::Refused(r.clone()))
+                    }
+                    Some(ConnectError::Failed(m)) => {
+                        Failed::before_sending(ProxyError::Unavailable(m.clone()))
+                    }
+                    None => Failed::maybe_sent(ProxyError::Unavailable(describe(&e))),
                 })?;
         let (parts, body) = response.into_parts();
         let max = p.max_response_bytes;
@@ -433,17 +442,17 @@ impl Upstream {
             .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
             .is_some_and(|len| len > max)
         {
-            return Err(ProxyError::ResponseTooLarge { max });
+            return Err(Failed::maybe_sent(ProxyError::ResponseTooLarge { max }));
         }
         let body = Limited::new(body, max)
             .collect()
             .await
             .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
+                Failed::maybe_sent(if e.is::<http_body_util::LengthLimitError>() {
                     ProxyError::ResponseTooLarge { max }
                 } else {
                     ProxyError::Unavailable(format!("reading the response: {e}"))
-                }
+                })
             })?
             .to_bytes();
         let listed = connection_listed(&parts.headers);
@@ -462,6 +471,29 @@ impl Upstream {
             headers,
             body,
         })
+    }
+}
+
+/// One attempt's failure, and whether the upstream may have received the request: only a
+/// connect failure (or a refusal before connecting) proves it did not.
+struct Failed {
+    error: ProxyError,
+    maybe_sent: bool,
+}
+
+impl Failed {
+    fn before_sending(error: ProxyError) -> Self {
+        Self {
+            error,
+            maybe_sent: false,
+        }
+    }
+
+    fn maybe_sent(error: ProxyError) -> Self {
+        Self {
+            error,
+            maybe_sent: true,
+        }
     }
 }
 
@@ -496,11 +528,15 @@ fn header_value(headers: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
         .map(|(_, v)| v.clone())
 }
 
-/// Exponential backoff with full jitter: up to 100 ms, 200 ms, 400 ms, ...
+/// Exponential backoff with full jitter: uniform in 0..=cap, cap 100 ms, 200 ms, 400 ms, ...
+/// (capped at 6.4 s), so callers retrying together spread out.
 fn backoff(retries: u32) -> Duration {
     use rand::Rng as _;
-    let cap = 100u64.saturating_mul(1 << retries.min(6));
-    Duration::from_millis(rand::thread_rng().gen_range(cap / 2..=cap))
+    Duration::from_millis(rand::thread_rng().gen_range(0..=backoff_cap_ms(retries)))
+}
+
+fn backoff_cap_ms(retries: u32) -> u64 {
+    100u64.saturating_mul(1 << retries.min(6))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -627,6 +663,130 @@ mod tests {
             retry_after(&h(&past), cap),
             RetryAfter::Wait(Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_below_the_cap() {
+        for retries in 0..8 {
+            let cap = Duration::from_millis(backoff_cap_ms(retries));
+            let waits: Vec<Duration> = (0..200).map(|_| backoff(retries)).collect();
+            assert!(waits.iter().all(|w| *w <= cap), "{retries}");
+            // Full jitter draws from the whole range, not only its upper half (the chance of
+            // 200 draws all landing in one half is 2^-200).
+            assert!(waits.iter().any(|w| *w < cap / 2), "{retries}: {waits:?}");
+        }
+        assert_eq!(backoff_cap_ms(0), 100);
+        assert_eq!(backoff_cap_ms(2), 400);
+        assert_eq!(backoff_cap_ms(20), 6400);
+    }
+
+    /// An upstream on loopback that reads each request and closes the connection without
+    /// answering: the request may have been processed. Returns its address and a counter of
+    /// requests received.
+    async fn upstream_that_hangs_up() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    drop(sock);
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn loopback_policy(addr: std::net::SocketAddr) -> ProviderPolicy {
+        let mut p = ProviderPolicy::for_tests(&format!("http://{addr}"));
+        p.allow_plain_http = true;
+        p.allowed_networks = vec!["127.0.0.0/8".parse().expect("net")];
+        p.allowed_methods = vec![Method::GET, Method::POST, Method::PUT];
+        p.max_retries = 2;
+        p.timeout = Duration::from_secs(10);
+        p
+    }
+
+    #[tokio::test]
+    async fn a_request_that_may_have_arrived_is_repeated_only_if_idempotent() {
+        let (addr, seen) = upstream_that_hangs_up().await;
+        let up = Upstream::new(loopback_policy(addr)).expect("upstream");
+        let cred = Secret::new(b"credential-abcdefgh".to_vec());
+        for (method, attempts) in [("POST", 1), ("GET", 3), ("PUT", 3)] {
+            seen.store(0, std::sync::atomic::Ordering::SeqCst);
+            let prepared = up
+                .prepare(CallerRequest {
+                    method: method.into(),
+                    path: "/x".into(),
+                    ..Default::default()
+                })
+                .expect("valid");
+            let err = up.send(&prepared, &cred).await.expect_err(method);
+            assert!(matches!(err, ProxyError::Unavailable(_)), "{method}: {err}");
+            assert_eq!(
+                seen.load(std::sync::atomic::Ordering::SeqCst),
+                attempts,
+                "{method}"
+            );
+        }
+        // The token endpoint's POST is not repeated either.
+        seen.store(0, std::sync::atomic::Ordering::SeqCst);
+        let uri: Uri = format!("http://{addr}/token").parse().expect("uri");
+        let err = up
+            .post_form(&uri, None, Bytes::from_static(b"grant_type=refresh_token"))
+            .await
+            .expect_err("hung up");
+        assert!(matches!(err, ProxyError::Unavailable(_)), "{err}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connect_error_is_retried_for_any_method() {
+        // A port that was just free: every connect is refused, so the request never left and
+        // even a POST is repeated. Each attempt resolves the name once: count those.
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let lookups = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = Arc::clone(&lookups);
+        let resolver: Resolver = Arc::new(move |_, _| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move { Ok(vec![addr]) })
+        });
+        let mut policy = loopback_policy(addr);
+        policy.base = format!("http://upstream.test:{}/", addr.port())
+            .parse()
+            .expect("uri");
+        policy.allowed_hosts = vec!["upstream.test".into()];
+        let up = Upstream::with_resolver(policy, resolver).expect("upstream");
+        let prepared = up
+            .prepare(CallerRequest {
+                method: "POST".into(),
+                path: "/x".into(),
+                ..Default::default()
+            })
+            .expect("valid");
+        let err = up
+            .send(&prepared, &Secret::new(b"credential-abcdefgh".to_vec()))
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, ProxyError::Unavailable(_)), "{err}");
+        assert_eq!(lookups.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]

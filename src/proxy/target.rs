@@ -16,15 +16,43 @@ pub fn special_range(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => special_v4(v4),
         IpAddr::V6(v6) => {
-            // Addresses that embed an IPv4 address are judged by it.
+            // Addresses that carry an IPv4 address reach it (through a translator, a relay or
+            // the host's own stack), so they are judged by the IPv4 rules too.
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return special_v4(v4);
             }
             let seg = v6.segments();
+            let v4_at = |i: usize| {
+                let [a, b] = seg[i].to_be_bytes();
+                let [c, d] = seg[i + 1].to_be_bytes();
+                Ipv4Addr::new(a, b, c, d)
+            };
+            // Well-known NAT64 prefix 64:ff9b::/96 (RFC 6052).
             if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
-                let [a, b] = seg[6].to_be_bytes();
-                let [c, d] = seg[7].to_be_bytes();
-                return special_v4(Ipv4Addr::new(a, b, c, d)).map(|_| "NAT64-embedded special");
+                return special_v4(v4_at(6)).map(|_| "NAT64-embedded special");
+            }
+            // Local-use NAT64 64:ff9b:1::/48 (RFC 8215): where the IPv4 address sits depends
+            // on the operator's prefix length, so the whole prefix is refused.
+            if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+                return Some("local-use NAT64");
+            }
+            // 6to4 2002::/16 (RFC 3056): the IPv4 address follows the prefix.
+            if seg[0] == 0x2002 {
+                return special_v4(v4_at(1)).map(|_| "6to4-embedded special");
+            }
+            // Teredo 2001::/32 (RFC 4380): the server's IPv4 address, and the client's with
+            // every bit inverted.
+            if seg[0] == 0x2001 && seg[1] == 0 {
+                let server = v4_at(2);
+                let client = Ipv4Addr::from(!u32::from(v4_at(6)));
+                return special_v4(server)
+                    .or(special_v4(client))
+                    .map(|_| "Teredo-embedded special");
+            }
+            // The deprecated IPv4-compatible form ::a.b.c.d (RFC 4291 2.5.5.1); :: and ::1 are
+            // judged below as IPv6.
+            if seg[..6] == [0, 0, 0, 0, 0, 0] && !v6.is_unspecified() && !v6.is_loopback() {
+                return special_v4(v4_at(6)).map(|_| "IPv4-compatible special");
             }
             special_v6(v6)
         }
@@ -113,19 +141,58 @@ pub fn check_url(policy: &ProviderPolicy, uri: &Uri) -> Result<(), Refusal> {
         return Err(Refusal("URLs with userinfo (user@host) are refused".into()));
     }
     let host = authority.host();
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        if !policy.allowed_networks.iter().any(|n| n.contains(&ip)) {
+    match classify_host(host)? {
+        Host::Ip(ip) => {
+            if !policy.allowed_networks.iter().any(|n| n.contains(&ip)) {
+                return Err(Refusal(format!(
+                    "IP literal host {ip} is refused; name the host, or add it to allowed_networks"
+                )));
+            }
+        }
+        Host::Name(_) if !host_allowed(policy, host) => {
             return Err(Refusal(format!(
-                "IP literal host {ip} is refused; name the host, or add it to allowed_networks"
+                "host {host} is not in the provider's allowed hosts"
             )));
         }
-    } else if !host_allowed(policy, host) {
-        return Err(Refusal(format!(
-            "host {host} is not in the provider's allowed hosts"
-        )));
+        Host::Name(_) => {}
     }
     Ok(())
+}
+
+/// A URL's host: a name to resolve, or an IP literal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host<'a> {
+    /// A registered name (resolved, then each address is checked).
+    Name(&'a str),
+    /// An IPv4 or IPv6 literal.
+    Ip(IpAddr),
+}
+
+/// Classifies `host` as it appears in a URL. A bracketed host is always an IP literal, so one
+/// that does not parse (a zone-scoped `[fe80::1%25lo]` among them) is refused as such and is
+/// never handed to the resolver as a name.
+pub fn classify_host(host: &str) -> Result<Host<'_>, Refusal> {
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').unwrap_or(inner);
+        if inner.contains('%') {
+            return Err(Refusal(format!(
+                "IP literal host {host} is refused: a zone-scoped IPv6 address names a local \
+                 interface"
+            )));
+        }
+        return inner
+            .parse::<Ipv6Addr>()
+            .map(|ip| Host::Ip(IpAddr::V6(ip)))
+            .map_err(|_| {
+                Refusal(format!(
+                    "IP literal host {host} is not a valid IPv6 address"
+                ))
+            });
+    }
+    Ok(match host.parse::<IpAddr>() {
+        Ok(ip) => Host::Ip(ip),
+        Err(_) => Host::Name(host),
+    })
 }
 
 /// Validates a caller-supplied path (with optional query) and joins it to the provider's base
@@ -171,6 +238,9 @@ pub fn join(policy: &ProviderPolicy, path_and_query: &str) -> Result<Uri, Refusa
             return Err(Refusal("path contains an encoded control character".into()));
         }
     }
+    if let Some(query) = query {
+        check_query(query)?;
+    }
     let full = format!("{}{}", policy.base_path, path);
     if !policy
         .allowed_path_prefixes
@@ -199,6 +269,28 @@ pub fn join(policy: &ProviderPolicy, path_and_query: &str) -> Result<Uri, Refusa
         return Err(Refusal("path changes the URL's host".into()));
     }
     Ok(uri)
+}
+
+/// The path's control-character rule applied to the query: no control character, literal or
+/// percent-encoded (once or twice), e.g. `%0d%0a` or `%00`. Unlike a path segment, a query may
+/// carry percent-encoded bytes that are not UTF-8.
+fn check_query(query: &str) -> Result<(), Refusal> {
+    let mut current = query.as_bytes().to_vec();
+    for _ in 0..3 {
+        let next: Vec<u8> = percent_encoding::percent_decode(&current).collect();
+        let control = next.iter().any(|b| *b < 0x20 || *b == 0x7f)
+            || std::str::from_utf8(&next).is_ok_and(|t| t.chars().any(char::is_control));
+        if control {
+            return Err(Refusal(
+                "query contains an encoded control character".into(),
+            ));
+        }
+        if next == current {
+            break;
+        }
+        current = next;
+    }
+    Ok(())
 }
 
 /// Percent-decodes until stable (at most three rounds), so double encoding cannot hide `..`.
@@ -291,10 +383,36 @@ mod tests {
             ("::ffff:169.254.169.254", "cloud metadata"),
             ("64:ff9b::a9fe:a9fe", "NAT64-embedded special"),
             ("fd00:ec2::254", "cloud metadata"),
+            // 6to4 of 127.0.0.1, 10.0.0.1 and 169.254.169.254.
+            ("2002:7f00:1::", "6to4-embedded special"),
+            ("2002:a00:1::1", "6to4-embedded special"),
+            ("2002:a9fe:a9fe::", "6to4-embedded special"),
+            ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"),
+            ("64:ff9b:1:ffff::808:808", "local-use NAT64"),
+            // Teredo, client 127.0.0.1 (obfuscated as 80ff:fffe) behind a public server, and a
+            // private server address.
+            (
+                "2001:0:4136:e378:8000:63bf:80ff:fffe",
+                "Teredo-embedded special",
+            ),
+            ("2001:0:a00:1::f7f7:f7f7", "Teredo-embedded special"),
+            ("::127.0.0.1", "IPv4-compatible special"),
+            ("::a9fe:a9fe", "IPv4-compatible special"),
+            ("::10.1.2.3", "IPv4-compatible special"),
         ] {
             assert_eq!(special_range(ip.parse().expect("ip")), Some(why), "{ip}");
         }
-        for ip in ["8.8.8.8", "140.82.112.3", "2606:4700::1111"] {
+        // The same forms embedding public addresses are ordinary (Teredo: server 65.54.227.120,
+        // client 8.8.8.8, obfuscated as f7f7:f7f7).
+        for ip in [
+            "8.8.8.8",
+            "140.82.112.3",
+            "2606:4700::1111",
+            "2002:808:808::",
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7",
+            "::8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
             assert_eq!(special_range(ip.parse().expect("ip")), None, "{ip}");
         }
     }
@@ -318,6 +436,15 @@ mod tests {
                 .to_string(),
             "https://api.example.com/v3/user/repos?per_page=5&q=a%20b"
         );
+        // Encoded bytes that are not UTF-8, and encoded reserved characters, stay allowed in
+        // the query.
+        for q in [
+            "/a?sig=%ff%fe",
+            "/a?redirect=https%3A%2F%2Fx%2Fy",
+            "/a?t=%2520",
+        ] {
+            assert!(join(&p, q).is_ok(), "{q}");
+        }
         for (path, why) in [
             ("https://evil.example/", "must start with '/'"),
             ("//evil.example/x", "network-path"),
@@ -333,6 +460,16 @@ mod tests {
             ("/a/%00", "control"),
             ("@evil.example/x", "must start with '/'"),
             ("/%25252e%25252e", "more than twice"),
+            (
+                "/a?x=1%0d%0aHost:%20evil",
+                "query contains an encoded control character",
+            ),
+            ("/a?x=%00", "query contains an encoded control character"),
+            ("/a?x=a%0ab", "query contains an encoded control character"),
+            ("/a?x=%7f", "query contains an encoded control character"),
+            ("/a?x=%250a", "query contains an encoded control character"),
+            ("/a?x=%c2%85", "query contains an encoded control character"),
+            ("/a?x=\u{1}", "forbidden character"),
         ] {
             let err = join(&p, path).expect_err(path);
             assert!(err.0.contains(why), "{path}: {}", err.0);
@@ -362,6 +499,32 @@ mod tests {
         assert!(ok("https://user:pw@api.example.com/x").is_err());
         assert!(ok("https://169.254.169.254/latest").is_err());
         assert!(ok("https://[fd00::1]/x").is_err());
+        // A zone-scoped literal is an IP literal too, refused before any resolver sees it.
+        let err = ok("https://[fe80::1%25lo]/").expect_err("zone");
+        assert!(
+            err.0
+                .starts_with("IP literal host [fe80::1%25lo] is refused"),
+            "{}",
+            err.0
+        );
+        // Even a policy that names it as a host and allows link-local addresses.
+        let mut open = p.clone();
+        open.allowed_hosts.push("[fe80::1%25lo]".into());
+        open.allowed_hosts.push("fe80::1%25lo".into());
+        open.allowed_networks = vec!["fe80::/10".parse().expect("net")];
+        open.allow_plain_http = true;
+        for u in ["http://[fe80::1%25lo]/", "https://[fe80::1%25eth0]/"] {
+            assert!(check_url(&open, &u.parse().expect("uri")).is_err(), "{u}");
+        }
+        assert_eq!(
+            classify_host("[2606:4700::1111]"),
+            Ok(Host::Ip("2606:4700::1111".parse().expect("ip")))
+        );
+        assert_eq!(
+            classify_host("api.example.com"),
+            Ok(Host::Name("api.example.com"))
+        );
+        assert!(classify_host("[not-an-ip]").is_err());
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub(super) fn rotate(
 /// Parses a key supplied to `RotateKey` for import, checking the optional public half.
 fn imported_key(private_pem: &str, public_pem: &str) -> Result<PrivateKey, ServiceError> {
     let bad = |e: crate::keys::KeyError| ServiceError::BadKey(e.to_string());
-    let key = PrivateKey::from_pem(private_pem, None).map_err(bad)?;
+    let key = PrivateKey::from_pem(private_pem, None)
+        .map_err(|e| bad(e.with_passphrase_hint(crate::keys::passphrase_hint::REMOTE)))?;
     if !public_pem.is_empty() {
         let public = crate::keys::PublicKey::from_pem(public_pem).map_err(bad)?;
         if public.id() != key.public_key().id() {
@@ -255,8 +256,9 @@ impl Admin for AdminService {
         tokio::task::spawn_blocking(move || {
             let state = Arc::clone(&running.0);
             let ring = state.keyring();
-            // The run continues if the caller goes away: it is resumable and idempotent, and
-            // stopping half way would only leave more work for the next run.
+            // A caller that goes away (Ctrl-C, a cancelled stream) stops the run after the
+            // page in flight, so the "already running" slot is free again at once; the stored
+            // cursor lets the next Rewrap resume where this one stopped.
             let result = rotation::rewrap_all(&*state.store, &ring, opts, crate::unix_now, |p| {
                 state
                     .metrics
@@ -266,9 +268,25 @@ impl Admin for AdminService {
                     .metrics
                     .rewrap_done
                     .set(i64::try_from(p.rewrapped).unwrap_or(i64::MAX));
-                let _ = tx.blocking_send(Ok(progress(p)));
+                match tx.blocking_send(Ok(progress(p))) {
+                    Ok(()) => std::ops::ControlFlow::Continue(()),
+                    Err(_) => std::ops::ControlFlow::Break(()),
+                }
             });
             match result {
+                Ok(p) if !p.done => {
+                    tracing::info!(
+                        rewrapped = p.rewrapped,
+                        "rewrap stopped: the caller went away; the next Rewrap resumes"
+                    );
+                    let stopped = Draft::new("rewrap", "RewrapStopped").detail(format!(
+                        "v{}: {} rewrapped before the caller went away",
+                        p.target_version, p.rewrapped
+                    ));
+                    if let Err(e) = state.audit.append(&stopped, true) {
+                        tracing::error!(error = %e, "could not audit the stop of a rewrap");
+                    }
+                }
                 Ok(p) => {
                     tracing::info!(
                         rewrapped = p.rewrapped,

@@ -222,11 +222,11 @@ pub(super) fn use_grant<T>(
     g.covers(&id, &record.meta)?;
     g.allows(&id, method, path)?;
     let out = then()?;
-    match after {
-        Some(left) => s
-            .store
-            .put_meta(&grant::meta_key(&id), Some(&left.encode()))?,
-        None => s.store.put_meta(&grant::meta_key(&id), None)?,
+    // An unlimited grant is unchanged by a use; a counted one is kept at zero until it expires
+    // (the sweep removes it), so its next use is refused as "no uses left".
+    if after.uses_left.is_some() {
+        s.store
+            .put_meta(&grant::meta_key(&id), Some(&after.encode()))?;
     }
     Ok(out)
 }

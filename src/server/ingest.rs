@@ -13,7 +13,7 @@ use super::status::ServiceError;
 use super::{State, caller_name, caller_policy};
 use crate::api::v1::{self, ingest_server::Ingest};
 use crate::config::KeyPolicy;
-use crate::envelope::EnvelopeRef;
+use crate::envelope::{EnvelopeRef, MAX_SECRET_LEN};
 use crate::keys::KeyState;
 use crate::keys::keyring::Keyring;
 use crate::record::RecordMeta;
@@ -90,6 +90,14 @@ fn check_item(
             version: info.version,
             expected: public.wrapped_len(),
             actual: env.wrapped_dek.len(),
+        });
+    }
+    // Every sealer meets the documented secret size (docs/ENVELOPE.md), not only ours.
+    let secret_len = env.secret_len();
+    if !(1..=MAX_SECRET_LEN).contains(&secret_len) {
+        return Err(ServiceError::SecretLength {
+            len: secret_len,
+            max: MAX_SECRET_LEN,
         });
     }
     Ok(RecordWrite {

@@ -421,10 +421,18 @@ impl Daemon {
         health_reporter
             .set_serving::<AdminServer<admin::AdminService>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::api::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Both reflection versions, as grpc-go and grpc-java serve them: grpcurl 1.8 and
+        // Python's grpcio-reflection still speak only v1alpha.
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::api::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder()
             .build_v1()
+            .expect("the embedded descriptor sets are valid");
+        let reflection_v1alpha = reflection_builder()
+            .build_v1alpha()
             .expect("the embedded descriptor sets are valid");
 
         // Background tasks hold the state (and so the store): they end before `serve` returns,
@@ -486,6 +494,7 @@ impl Daemon {
         let main = builder()?
             .add_service(health)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(ingest())
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 broker,

@@ -32,6 +32,14 @@ pub enum ServiceError {
     /// A malformed envelope.
     #[error("malformed envelope: {0}")]
     Envelope(#[from] FormatError),
+    /// The sealed secret is outside the documented 1..=max bytes.
+    #[error("the sealed secret is {len} bytes; a secret must be 1 to {max} bytes")]
+    SecretLength {
+        /// Length of the sealed secret.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
     /// Envelope sealed under a key the daemon does not know.
     #[error("envelope is sealed under unknown key {0}; seal with the key from Ingest.PublicKeys")]
     UnknownKey(KeyId),
@@ -206,6 +214,7 @@ impl ServiceError {
             ServiceError::Invalid { .. }
             | ServiceError::Missing(_)
             | ServiceError::Envelope(_)
+            | ServiceError::SecretLength { .. }
             | ServiceError::UnknownKey(_)
             | ServiceError::WrappedLength { .. }
             | ServiceError::EmptyBatch
@@ -219,20 +228,18 @@ impl ServiceError {
             ServiceError::BatchTooLarge { .. } => Code::ResourceExhausted,
             ServiceError::PolicyDenied(_) => Code::PermissionDenied,
             ServiceError::RecordRateLimited { .. } => Code::ResourceExhausted,
+            // Every way a stored envelope can fail to open for its record is DATA_LOSS except the
+            // key lifecycle refusals, which an operator caused on purpose. Exhaustive, so a new
+            // variant must be placed here rather than falling into INTERNAL.
             ServiceError::Open { source, .. } => match source {
-                DecryptError::DecryptionFailed | DecryptError::Format(_) => Code::DataLoss,
+                DecryptError::DecryptionFailed
+                | DecryptError::Format(_)
+                | DecryptError::UnknownKey(_) => Code::DataLoss,
                 DecryptError::KeyUnavailable { .. } | DecryptError::BelowMinimum { .. } => {
                     Code::FailedPrecondition
                 }
-                _ => Code::Internal,
             },
-            ServiceError::Store(e) => match e {
-                StoreError::NotFound(_) => Code::NotFound,
-                StoreError::AlreadyExists(_) => Code::AlreadyExists,
-                StoreError::VersionMismatch { .. } => Code::Aborted,
-                StoreError::DuplicateInBatch(_) => Code::InvalidArgument,
-                _ => Code::Internal,
-            },
+            ServiceError::Store(e) => Self::store_code(e),
             ServiceError::Rotation(e) => {
                 use crate::keys::rotation::RotationError;
                 match e {
@@ -240,7 +247,8 @@ impl ServiceError {
                     RotationError::WrongState { .. } | RotationError::RecordsRemain { .. } => {
                         Code::FailedPrecondition
                     }
-                    _ => Code::Internal,
+                    RotationError::Store(e) => ServiceError::store_code(e),
+                    RotationError::Key(_) => Code::Internal,
                 }
             }
             ServiceError::Key(crate::keys::KeyError::Duplicate(_)) => Code::AlreadyExists,
@@ -258,7 +266,7 @@ impl ServiceError {
                 match source {
                     OAuthError::BadBundle | OAuthError::NoRefreshToken => Code::FailedPrecondition,
                     OAuthError::InvalidGrant => Code::FailedPrecondition,
-                    _ => Code::Unavailable,
+                    OAuthError::Endpoint { .. } | OAuthError::BadResponse => Code::Unavailable,
                 }
             }
             ServiceError::SecurityEvent(e) => {
@@ -267,11 +275,22 @@ impl ServiceError {
                     SetError::Signature | SetError::UnknownIssuer | SetError::Algorithm(_) => {
                         Code::PermissionDenied
                     }
-                    _ => Code::InvalidArgument,
+                    SetError::Malformed(_) | SetError::Claim(_) | SetError::Unsupported => {
+                        Code::InvalidArgument
+                    }
                 }
             }
-            ServiceError::Grant(crate::grant::GrantError::Invalid(_)) => Code::InvalidArgument,
-            ServiceError::Grant(_) => Code::PermissionDenied,
+            ServiceError::Grant(e) => {
+                use crate::grant::GrantError;
+                match e {
+                    GrantError::Invalid(_) => Code::InvalidArgument,
+                    GrantError::Unknown
+                    | GrantError::Expired(_)
+                    | GrantError::UsedUp(_)
+                    | GrantError::WrongCaller(_)
+                    | GrantError::OutOfScope { .. } => Code::PermissionDenied,
+                }
+            }
             ServiceError::Proxy(e) => {
                 use crate::proxy::ProxyError;
                 match e {
@@ -282,9 +301,21 @@ impl ServiceError {
                     | ProxyError::Busy(_) => Code::ResourceExhausted,
                     ProxyError::Timeout { .. } => Code::DeadlineExceeded,
                     ProxyError::BadCredential => Code::FailedPrecondition,
-                    _ => Code::Unavailable,
+                    ProxyError::Unavailable(_) => Code::Unavailable,
                 }
             }
+        }
+    }
+}
+
+impl ServiceError {
+    fn store_code(e: &StoreError) -> Code {
+        match e {
+            StoreError::NotFound(_) => Code::NotFound,
+            StoreError::AlreadyExists(_) => Code::AlreadyExists,
+            StoreError::VersionMismatch { .. } => Code::Aborted,
+            StoreError::DuplicateInBatch(_) => Code::InvalidArgument,
+            StoreError::Corrupt(_) | StoreError::Engine(_) => Code::Internal,
         }
     }
 }
@@ -333,5 +364,13 @@ mod tests {
             source: DecryptError::DecryptionFailed,
         });
         assert_eq!(s.code(), Code::DataLoss);
+        // A stored envelope naming a fingerprint no key has (its key id bytes were altered)
+        // is damaged data for that record, not an internal fault.
+        let s = Status::from(ServiceError::Open {
+            id: "r".into(),
+            source: DecryptError::UnknownKey(KeyId([7; 32])),
+        });
+        assert_eq!(s.code(), Code::DataLoss);
+        assert!(s.message().contains("unknown key"), "{}", s.message());
     }
 }

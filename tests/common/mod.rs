@@ -158,18 +158,22 @@ impl TestDaemon {
         ))
     }
 
-    /// A sealer for the daemon's active key, fetched over Ingest.PublicKeys.
-    pub async fn sealer(&self) -> Sealer {
-        let active = self
-            .ingest(INGEST)
+    /// The active public key's SPKI PEM, as Ingest.PublicKeys returns it.
+    pub async fn active_spki_pem(&self) -> String {
+        self.ingest(INGEST)
             .await
             .public_keys(v1::PublicKeysRequest {})
             .await
             .expect("public keys")
             .into_inner()
             .active
-            .expect("active key");
-        Sealer::from_pem(&active.spki_pem).expect("pem")
+            .expect("active key")
+            .spki_pem
+    }
+
+    /// A sealer for the daemon's active key, fetched over Ingest.PublicKeys.
+    pub async fn sealer(&self) -> Sealer {
+        Sealer::from_pem(&self.active_spki_pem().await).expect("pem")
     }
 
     /// `Broker.GetToken` with the worker credential.

@@ -29,3 +29,15 @@ pub fn leaf(pki: &Pki, sans: &[&str], cn: &str) -> (String, String) {
     let cert = params.signed_by(&key, &pki.issuer).expect("sign");
     (cert.pem(), key.serialize_pem())
 }
+
+/// Like [`leaf`], but valid only in 2020: expired now.
+pub fn expired_leaf(pki: &Pki, sans: &[&str], cn: &str) -> (String, String) {
+    let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &pki.issuer).expect("sign");
+    (cert.pem(), key.serialize_pem())
+}

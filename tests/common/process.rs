@@ -81,11 +81,12 @@ pub fn serve_dev_on(cwd: &Path, listen: &str) -> Served {
     serve_dev_with(cwd, listen, &[])
 }
 
-/// `serve --dev` on `listen` with extra environment variables.
-pub fn serve_dev_with(cwd: &Path, listen: &str, env: &[(&str, &str)]) -> Served {
+/// Starts `tokenvault ARGS` in `cwd` with its log in `cwd/daemon.log`; returns once it prints
+/// "listening on ADDR", with the child, ADDR and everything it printed until then.
+pub fn spawn_daemon(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String, String) {
     let log = cwd.join("daemon.log");
     let mut child = cmd(cwd)
-        .args(["serve", "--dev", "--listen", listen])
+        .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("log file"))
@@ -106,6 +107,14 @@ pub fn serve_dev_with(cwd: &Path, listen: &str, env: &[(&str, &str)]) -> Served 
             break a.to_string();
         }
     };
+    // Keep draining stdout so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in reader.lines() {});
+    (child, addr, seen)
+}
+
+/// `serve --dev` on `listen` with extra environment variables.
+pub fn serve_dev_with(cwd: &Path, listen: &str, env: &[(&str, &str)]) -> Served {
+    let (child, addr, seen) = spawn_daemon(cwd, &["serve", "--dev", "--listen", listen], env);
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");
     let env =
         std::fs::read_to_string(cwd.join("data/dev-credentials.env")).expect("dev credentials");
@@ -115,12 +124,10 @@ pub fn serve_dev_with(cwd: &Path, listen: &str, env: &[(&str, &str)]) -> Served 
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    // Keep draining stdout so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || for _ in reader.lines() {});
     Served {
         child,
         addr: format!("http://{addr}"),
-        log,
+        log: cwd.join("daemon.log"),
         stdout_seen: seen,
         creds,
     }
