@@ -8,8 +8,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("tokenvault_descriptor.bin"))
-        // These messages carry a decrypted secret: their Debug is written by hand and redacts it.
-        .skip_debug(["tokenvault.v1.GetTokenResponse"])
+        // These messages carry a secret (a token, a grant handle, a private key): their Debug
+        // is written by hand in src/api.rs and redacts it.
+        .skip_debug([
+            "tokenvault.v1.GetTokenResponse",
+            "tokenvault.v1.ProxyRequest",
+            "tokenvault.v1.IssueGrantResponse",
+            "tokenvault.v1.RevokeGrantRequest",
+            "tokenvault.v1.RotateKeyRequest",
+        ])
         .compile_with_config(
             config,
             &["proto/tokenvault/v1/tokenvault.proto"],

@@ -20,11 +20,63 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("tokenvault_descriptor");
 
+    // Hand-written Debug for the messages that carry a secret (build.rs skips the derive):
+    // every field but the secret, which prints as [REDACTED].
+    const REDACTED: &str = "[REDACTED]";
+
     impl std::fmt::Debug for GetTokenResponse {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("GetTokenResponse")
                 .field("info", &self.info)
-                .field("secret", &"[REDACTED]")
+                .field("secret", &REDACTED)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for ProxyRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ProxyRequest")
+                .field("id", &self.id)
+                .field("method", &self.method)
+                .field("path", &self.path)
+                .field("headers", &self.headers)
+                .field("body_len", &self.body.len())
+                .field("grant", &REDACTED)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for IssueGrantResponse {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("IssueGrantResponse")
+                .field("grant", &REDACTED)
+                .field("grant_id", &self.grant_id)
+                .field("expires_at", &self.expires_at)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for RevokeGrantRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            // The field may hold the handle itself.
+            f.debug_struct("RevokeGrantRequest")
+                .field("grant_id", &REDACTED)
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for RotateKeyRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RotateKeyRequest")
+                .field(
+                    "private_key_pem",
+                    &if self.private_key_pem.is_empty() {
+                        ""
+                    } else {
+                        REDACTED
+                    },
+                )
+                .field("public_key_pem", &self.public_key_pem)
                 .finish()
         }
     }

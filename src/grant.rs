@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::proxy::target::path_has_prefix;
 use crate::record::{Owner, RecordId, RecordMeta};
+use crate::secret::GrantHandle;
 
 /// Longest grant lifetime, seconds.
 pub const MAX_TTL_SECONDS: i64 = 86_400;
@@ -84,15 +85,15 @@ pub enum GrantError {
 }
 
 /// A fresh handle and its id (the hex SHA-256 under which it is stored).
-pub fn new_handle() -> (Zeroizing<String>, String) {
+pub fn new_handle() -> (GrantHandle, String) {
     use base64::Engine as _;
     let mut raw = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(&mut raw[..]);
-    let handle = Zeroizing::new(format!(
+    let handle = GrantHandle::new(format!(
         "{HANDLE_PREFIX}{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw[..])
     ));
-    let id = grant_id(&handle);
+    let id = grant_id(handle.expose_secret());
     (handle, id)
 }
 
@@ -280,7 +281,8 @@ mod tests {
     fn handles_are_random_and_only_their_hash_names_them() {
         let (a, id_a) = new_handle();
         let (b, id_b) = new_handle();
-        assert_ne!(*a, *b);
+        assert_ne!(a, b);
+        let a = a.expose_secret();
         assert!(a.starts_with(HANDLE_PREFIX) && a.len() == 4 + 43);
         assert_eq!(grant_id(&a), id_a);
         assert_eq!(grant_id(&id_a), id_a);

@@ -118,6 +118,29 @@ impl fmt::Debug for ApiCredential {
     }
 }
 
+/// A grant handle (`tvg_…`, docs/PROXY.md): whoever presents it may use the grant. Zeroized on
+/// drop, redacted in `Debug`; only its SHA-256 (the grant id) is stored or logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GrantHandle(Zeroizing<String>);
+
+impl GrantHandle {
+    /// Wraps a handle as received or generated.
+    pub fn new(value: String) -> Self {
+        Self(Zeroizing::new(value))
+    }
+
+    /// The handle text.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for GrantHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GrantHandle([REDACTED])")
+    }
+}
+
 /// A passphrase protecting private key files.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct Passphrase(String);

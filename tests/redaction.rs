@@ -1,5 +1,6 @@
 //! Every type that holds a secret prints without it: the secret newtypes, private keys, the
-//! keyring, the audit trail's key holder, and the gRPC response that carries a token.
+//! keyring, the audit trail's key holder, and every gRPC message that carries a token, a grant
+//! handle or a private key.
 
 use tokenvault::api::v1;
 use tokenvault::keys::PrivateKey;
@@ -79,6 +80,92 @@ fn no_secret_type_prints_its_secret() {
             format!("{:?}", token.as_bytes()),
         ),
     ];
+    // The keyring (holding private keys) and the auditor (holding the audit HMAC key), built
+    // as the daemon builds them.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = std::sync::Arc::new(tokenvault::store::MemoryStore::new());
+    let dir = tokenvault::keys::keyring::KeyDir::new(tmp.path(), None);
+    tokenvault::keys::keyring::init(&*store, &dir, 1).expect("init");
+    let ring = tokenvault::keys::keyring::Keyring::load(
+        tokenvault::store::TokenStore::keys(&*store).expect("keys"),
+        &dir,
+    )
+    .expect("keyring");
+    let ring_pem = std::fs::read_to_string(tmp.path().join("v0001.key.pem")).expect("key file");
+    let ring_body: String = ring_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let auditor = tokenvault::audit::Auditor::open(store.clone(), tmp.path()).expect("auditor");
+    let audit_key = std::fs::read(tmp.path().join(tokenvault::audit::AUDIT_KEY_FILE)).expect("key");
+    let handle = "tvg_HANDLEHANDLEHANDLEHANDLEHANDLEHANDLEHANDLE";
+    let mut cases = cases;
+    cases.extend([
+        (format!("{ring:?}"), ring_body[..40].to_string()),
+        (format!("{auditor:?}"), hex::encode(&audit_key[..8])),
+        (format!("{auditor:?}"), format!("{:?}", &audit_key[..4])),
+        (
+            format!("{:?}", tokenvault::secret::GrantHandle::new(handle.into())),
+            "HANDLEHANDLE".into(),
+        ),
+        (
+            format!(
+                "{:?}",
+                v1::ProxyRequest {
+                    grant: handle.into(),
+                    id: "r".into(),
+                    method: "GET".into(),
+                    path: "/user".into(),
+                    headers: vec![],
+                    body: b"body".to_vec(),
+                }
+            ),
+            "HANDLEHANDLE".into(),
+        ),
+        (
+            format!(
+                "{:?}",
+                v1::IssueGrantResponse {
+                    grant: handle.into(),
+                    grant_id: "0".repeat(64),
+                    expires_at: 1,
+                }
+            ),
+            "HANDLEHANDLE".into(),
+        ),
+        (
+            format!(
+                "{:?}",
+                v1::RevokeGrantRequest {
+                    grant_id: handle.into(),
+                }
+            ),
+            "HANDLEHANDLE".into(),
+        ),
+        (
+            format!(
+                "{:?}",
+                v1::RotateKeyRequest {
+                    private_key_pem: pem.clone(),
+                    public_key_pem: String::new(),
+                }
+            ),
+            body[..40].to_string(),
+        ),
+    ]);
+    // What is not secret still shows, so the redaction is not a blanket one.
+    let shown = format!(
+        "{:?}",
+        v1::ProxyRequest {
+            grant: handle.into(),
+            id: "rec-7".into(),
+            method: "GET".into(),
+            path: "/user".into(),
+            headers: vec![],
+            body: vec![],
+        }
+    );
+    assert!(shown.contains("rec-7") && shown.contains("/user") && shown.contains("[REDACTED]"));
     for (debug, secret) in cases {
         assert!(!debug.contains(&secret), "{debug} shows {secret}");
     }

@@ -622,7 +622,7 @@ pub(crate) async fn grant(cmd: GrantCommand) -> Result<(), CliError> {
         } => {
             let mut client =
                 v1::broker_client::BrokerClient::new(connect(&conn, Role::Worker).await?);
-            let r = client
+            let mut r = client
                 .issue_grant(v1::IssueGrantRequest {
                     id: id.unwrap_or_default(),
                     owner: owner.unwrap_or_default(),
@@ -634,9 +634,10 @@ pub(crate) async fn grant(cmd: GrantCommand) -> Result<(), CliError> {
                 })
                 .await?
                 .into_inner();
-            let handle = Zeroizing::new(r.grant);
+            let handle = crate::secret::GrantHandle::new(std::mem::take(&mut r.grant));
             eprintln!("grant_id={} expires_at={}", r.grant_id, r.expires_at);
-            println!("{}", handle.as_str());
+            // The one place a handle is printed: the caller asked for it.
+            println!("{}", handle.expose_secret());
         }
         GrantCommand::Revoke { grant_id, conn } => {
             let mut client =

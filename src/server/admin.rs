@@ -212,14 +212,16 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::RotateKeyResponse>, Status> {
         let caller = caller_name(&request);
         let who = caller.clone();
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        // The PEM leaves the prost message at once, into memory that is zeroized on drop.
+        let private_pem = zeroize::Zeroizing::new(std::mem::take(&mut req.private_key_pem));
         let (active, previous) = self
             .0
             .blocking(move |s| {
-                let key = if req.private_key_pem.is_empty() {
+                let key = if private_pem.is_empty() {
                     PrivateKey::generate()?
                 } else {
-                    imported_key(&req.private_key_pem, &req.public_key_pem)?
+                    imported_key(&private_pem, &req.public_key_pem)?
                 };
                 rotate_to(s, &who, crate::unix_now(), key)
             })

@@ -21,7 +21,7 @@ use crate::keys::keyring::Keyring;
 use crate::oauth::TokenBundle;
 use crate::proxy::{self, CallerRequest};
 use crate::record::{Record, RecordId, SecretKind};
-use crate::secret::Secret;
+use crate::secret::{GrantHandle, Secret};
 use crate::store::StoreError;
 
 /// The `tokenvault.v1.Broker` service.
@@ -79,8 +79,9 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::ProxyResponse>, Status> {
         let caller = caller_name(&request);
         let policy = caller_policy(&request);
-        let req = request.into_inner();
-        let grant = (!req.grant.is_empty()).then_some(req.grant);
+        let mut req = request.into_inner();
+        let grant =
+            (!req.grant.is_empty()).then(|| GrantHandle::new(std::mem::take(&mut req.grant)));
         let id = match &grant {
             Some(handle) if req.id.is_empty() => {
                 let handle = handle.clone();
@@ -136,12 +137,13 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::RevokeGrantResponse>, Status> {
         let caller = caller_name(&request);
         let policy = caller_policy(&request);
-        let handle = request.into_inner().grant_id;
+        // The field takes the grant id or the handle itself: treated as a secret either way.
+        let handle = GrantHandle::new(request.into_inner().grant_id);
         let who = caller.clone();
         let result = self
             .0
             .blocking(move |s| {
-                let revoked = grants::revoke(s, &who, &policy, &handle);
+                let revoked = grants::revoke(s, &who, &policy, handle.expose_secret());
                 s.audit_if_refused(Draft::new(&who, "RevokeGrant"), revoked)
             })
             .await;
@@ -160,7 +162,7 @@ impl BrokerService {
         policy: &Arc<CallerPolicy>,
         id: &RecordId,
         call: CallerRequest,
-        grant: Option<String>,
+        grant: Option<GrantHandle>,
     ) -> Result<v1::ProxyResponse, ServiceError> {
         let state = &self.0;
         let draft = Draft::new(caller, "Proxy");
@@ -203,7 +205,7 @@ impl BrokerService {
                     Some(handle) => {
                         *draft = std::mem::take(draft).detail(format!(
                             "{method} grant {}",
-                            crate::grant::short(&crate::grant::grant_id(handle))
+                            crate::grant::short(&crate::grant::grant_id(handle.expose_secret()))
                         ));
                         grants::use_grant(s, handle, &who, record, &method, &path, prepare)
                     }

@@ -14,6 +14,7 @@ use crate::audit::Draft;
 use crate::config::CallerPolicy;
 use crate::grant::{self, Grant, GrantError, Subject};
 use crate::record::{Owner, Record, RecordId};
+use crate::secret::GrantHandle;
 use crate::store::StoreError;
 
 fn invalid(message: impl Into<String>) -> ServiceError {
@@ -119,7 +120,7 @@ pub(super) fn issue(
     s.audit.append(&draft, true)?;
     s.store.put_meta(&grant::meta_key(&id), Some(&g.encode()))?;
     Ok(v1::IssueGrantResponse {
-        grant: handle.to_string(),
+        grant: handle.expose_secret().to_string(),
         grant_id: id,
         expires_at: g.expires_at,
     })
@@ -179,8 +180,8 @@ pub(super) fn sweep_expired(s: &State, now: i64) -> Result<u64, ServiceError> {
 }
 
 /// The record a record grant covers (for a `Proxy` call that names only the grant).
-pub(super) fn record_of(s: &State, handle: &str) -> Result<RecordId, ServiceError> {
-    let id = grant::grant_id(handle);
+pub(super) fn record_of(s: &State, handle: &GrantHandle) -> Result<RecordId, ServiceError> {
+    let id = grant::grant_id(handle.expose_secret());
     match read(s, &id)?.subject {
         Subject::Record(r) => Ok(r),
         Subject::Owner(_) => Err(invalid(
@@ -201,14 +202,14 @@ fn read(s: &State, id: &str) -> Result<Grant, ServiceError> {
 /// runs `then` (the provider checks) and takes one use only if everything passed.
 pub(super) fn use_grant<T>(
     s: &State,
-    handle: &str,
+    handle: &GrantHandle,
     caller: &str,
     record: &Record,
     method: &str,
     path: &str,
     then: impl FnOnce() -> Result<T, ServiceError>,
 ) -> Result<T, ServiceError> {
-    let id = grant::grant_id(handle);
+    let id = grant::grant_id(handle.expose_secret());
     let _guard = s.grants_lock();
     let g = read(s, &id)?;
     let now = crate::unix_now();
