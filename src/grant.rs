@@ -284,7 +284,7 @@ mod tests {
         assert_ne!(a, b);
         let a = a.expose_secret();
         assert!(a.starts_with(HANDLE_PREFIX) && a.len() == 4 + 43);
-        assert_eq!(grant_id(&a), id_a);
+        assert_eq!(grant_id(a), id_a);
         assert_eq!(grant_id(&id_a), id_a);
         assert_ne!(id_a, id_b);
         assert!(!id_a.contains(&a[4..]));
