@@ -341,6 +341,32 @@ impl Auditor {
         Ok(())
     }
 
+    /// Like [`Auditor::append_with`] for several events at once: `write` gets them sealed as
+    /// consecutive links of the chain and must store all of them in its one atomic batch.
+    pub fn append_all_with<T, E>(
+        &self,
+        drafts: &[Draft],
+        write: impl FnOnce(&[AuditAppend]) -> Result<(T, bool), E>,
+    ) -> Result<T, E> {
+        let mut head = self.lock();
+        let mut next = Head {
+            next_seq: head.next_seq,
+            last_hash: head.last_hash,
+        };
+        let mut appends = Vec::with_capacity(drafts.len());
+        for draft in drafts {
+            let (append, hash) = self.seal(&next, draft);
+            appends.push(append);
+            next.next_seq += 1;
+            next.last_hash = hash;
+        }
+        let (value, written) = write(&appends)?;
+        if written {
+            *head = next;
+        }
+        Ok(value)
+    }
+
     /// Runs `write`, which must store the sealed event in the same atomic batch as its change
     /// and report whether it did. The chain advances only if it did; events are serialized.
     pub fn append_with<T, E>(

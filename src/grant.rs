@@ -20,8 +20,6 @@ use crate::secret::GrantHandle;
 pub const MAX_TTL_SECONDS: i64 = 86_400;
 /// Prefix of every handle (recognisable in logs and secret scanners).
 pub const HANDLE_PREFIX: &str = "tvg_";
-/// Store metadata key prefix of grants.
-pub const META_PREFIX: &str = "grant/";
 
 /// What a grant covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,11 +106,6 @@ pub fn grant_id(handle_or_id: &str) -> String {
         return handle_or_id.to_string();
     }
     hex::encode(Sha256::digest(handle_or_id.as_bytes()))
-}
-
-/// The store metadata key of a grant id.
-pub fn meta_key(id: &str) -> String {
-    format!("{META_PREFIX}{id}")
 }
 
 impl Grant {

@@ -1087,7 +1087,7 @@ async fn expired_grants_are_deleted_even_if_never_presented() {
     let store = std::sync::Arc::new(MemoryStore::new());
     let grants = |store: &MemoryStore| -> Vec<String> {
         store
-            .meta_page(tokenvault::grant::META_PREFIX, None, 100)
+            .grant_page(None, 100)
             .expect("grants")
             .into_iter()
             .map(|(k, _)| k)
@@ -1100,10 +1100,7 @@ async fn expired_grants_are_deleted_even_if_never_presented() {
     let long = issue(&d, grant_request("tok", 600, 0))
         .await
         .expect("issued");
-    let (short_key, long_key) = (
-        tokenvault::grant::meta_key(&short.grant_id),
-        tokenvault::grant::meta_key(&long.grant_id),
-    );
+    let (short_key, long_key) = (short.grant_id.clone(), long.grant_id.clone());
     let mut both = vec![short_key.clone(), long_key.clone()];
     both.sort();
     assert_eq!(grants(&store), both);
@@ -1470,4 +1467,136 @@ async fn reload_needs_a_config_file() {
         err.message(),
         "reloading providers failed, the previous configuration stays in effect: the daemon was started without a config file"
     );
+}
+
+/// IssueGrant and RevokeGrant write the grant and their audit event together: when the grant
+/// cannot be written, no audit event claims it was issued (or revoked), and nothing changed.
+#[tokio::test]
+async fn grant_changes_and_their_audit_events_are_one_write() {
+    use common::faulty::FaultyStore;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    let providers = providers_toml(&provider, "");
+    let store = std::sync::Arc::new(FaultyStore::new(std::sync::Arc::new(
+        tokenvault::store::MemoryStore::new(),
+    )));
+    let d =
+        TestDaemon::start_with_store(grants_config(tmp.path(), &providers), store.clone()).await;
+    put_token(&d, "tok", "github", ACCESS.as_bytes()).await;
+    let ok_events = |action: &'static str| {
+        let d = &d;
+        async move {
+            d.audit_events(v1::AuditLogRequest::default())
+                .await
+                .into_iter()
+                .filter(|e| e.action == action && e.outcome == "ok")
+                .count()
+        }
+    };
+    store.fail_grants(true);
+    let err = issue(&d, grant_request("tok", 60, 2))
+        .await
+        .expect_err("injected");
+    assert_eq!(err.code(), Code::Internal);
+    assert_eq!(ok_events("IssueGrant").await, 0);
+    assert!(
+        tokenvault::store::TokenStore::grant_page(&*store, None, 10)
+            .expect("grants")
+            .is_empty()
+    );
+    store.fail_grants(false);
+    let g = issue(&d, grant_request("tok", 60, 2))
+        .await
+        .expect("issued");
+    assert_eq!(ok_events("IssueGrant").await, 1);
+    store.fail_grants(true);
+    let err = d
+        .broker(ISSUER)
+        .await
+        .revoke_grant(v1::RevokeGrantRequest {
+            grant_id: g.grant_id.clone(),
+        })
+        .await
+        .expect_err("injected");
+    assert_eq!(err.code(), Code::Internal);
+    assert_eq!(ok_events("RevokeGrant").await, 0);
+    // A use that cannot be recorded is refused before the upstream sees anything.
+    let err = with_grant(&d, HOLDER, &g.grant, "", "GET", "/me")
+        .await
+        .expect_err("use not recorded");
+    assert_eq!(err.code(), Code::Internal);
+    assert_eq!(provider.hits("/api/me"), 0);
+    store.fail_grants(false);
+    // Both uses are still there.
+    for _ in 0..2 {
+        with_grant(&d, HOLDER, &g.grant, "", "GET", "/me")
+            .await
+            .expect("use");
+    }
+    assert_eq!(provider.hits("/api/me"), 2);
+    d.stop().await;
+}
+
+/// docs/PROXY.md: a use is spent once the call is attempted. With 20 calls at once on a grant
+/// of 5 uses, exactly 5 reach the upstream, the rest are told the grant has no uses left, and
+/// the audit trail holds exactly 5 successful Proxy uses.
+#[tokio::test]
+async fn a_counted_grant_serves_exactly_its_uses_under_concurrency() {
+    let s = grants_setup().await;
+    let d = &s.daemon;
+    let g = issue(d, grant_request("tok", 60, 5)).await.expect("issued");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let mut broker = d.broker(HOLDER).await;
+        let mut req = request("", "GET", "/me");
+        req.grant = g.grant.clone();
+        tasks.spawn(async move { broker.proxy(req).await.map(tonic::Response::into_inner) });
+    }
+    let results = tasks.join_all().await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 5, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.code(), Code::PermissionDenied);
+        assert!(r.message().ends_with("has no uses left"), "{}", r.message());
+    }
+    assert_eq!(s.provider.hits("/api/me"), 5);
+    let uses = d
+        .audit_events(v1::AuditLogRequest::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action == "Proxy" && e.outcome == "ok")
+        .count();
+    assert_eq!(uses, 5);
+    s.daemon.stop().await;
+}
+
+/// docs/PROXY.md: a grant's use is spent when the call is attempted, so a call the upstream
+/// fails still counts; a call refused before that (here: a method the grant does not allow)
+/// spends nothing.
+#[tokio::test]
+async fn a_grant_use_is_spent_when_the_call_is_attempted() {
+    let s = grants_setup().await;
+    let d = &s.daemon;
+    let mut req = grant_request("tok", 60, 1);
+    req.path_prefixes = vec!["/error".into()];
+    let g = issue(d, req).await.expect("issued");
+    let refused = with_grant(d, HOLDER, &g.grant, "", "POST", "/error")
+        .await
+        .expect_err("method");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let r = with_grant(d, HOLDER, &g.grant, "", "GET", "/error")
+        .await
+        .expect("attempted");
+    assert_eq!(r.status, 500);
+    assert_eq!(s.provider.hits("/api/error"), 1);
+    let err = with_grant(d, HOLDER, &g.grant, "", "GET", "/error")
+        .await
+        .expect_err("spent");
+    assert!(
+        err.message().ends_with("has no uses left"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(s.provider.hits("/api/error"), 1);
+    s.daemon.stop().await;
 }

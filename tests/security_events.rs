@@ -338,3 +338,67 @@ async fn security_events_revoke_or_delete_exactly_the_affected_records() {
         3
     );
 }
+
+/// A security event whose write fails part-way (here: on the second of three records) changes
+/// nothing: no record revoked, no audit event of a revocation, and the event is not marked as
+/// applied, so the provider's retry applies it whole.
+#[tokio::test]
+async fn a_security_event_that_fails_midway_changes_nothing_and_can_be_retried() {
+    use common::faulty::FaultyStore;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let first = daemon(tmp.path()).await;
+    first.stop().await;
+    let config = {
+        let mut c = Config::load(
+            &tmp.path().join("tokenvault.toml"),
+            &HashMap::<String, String>::new(),
+        )
+        .expect("config loads");
+        c.dev = true;
+        c.credentials = common::credentials();
+        c
+    };
+    let store = std::sync::Arc::new(FaultyStore::new(std::sync::Arc::new(
+        tokenvault::store::MemoryStore::new(),
+    )));
+    let d = TestDaemon::start_with_store(config, store.clone()).await;
+    let alice = "alice@example.com";
+    for id in ["s1", "s2", "s3"] {
+        put(&d, id, alice, "github", &["repo"]).await;
+    }
+    let token = rs256(
+        "keys/test/fixture-a.key.pem",
+        &set(
+            "https://idp.example",
+            "mid-1",
+            TOKENS_REVOKED,
+            subject(alice),
+        ),
+    );
+    store.fail_record(Some("s2"));
+    let err = send(&d, ADMIN, token.clone()).await.expect_err("injected");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    store.fail_record(None);
+    for id in ["s1", "s2", "s3"] {
+        d.get(id)
+            .await
+            .unwrap_or_else(|e| panic!("{id} changed: {e:?}"));
+    }
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.action == "Revoke" || (e.action == "SecurityEvent" && e.outcome == "ok")),
+        "{events:?}"
+    );
+    // Not marked applied: the retry goes through, whole.
+    let r = send(&d, ADMIN, token).await.expect("retried");
+    assert_eq!((r.revoked, r.deleted), (3, 0));
+    for id in ["s1", "s2", "s3"] {
+        assert_eq!(
+            d.get(id).await.expect_err(id).code(),
+            Code::FailedPrecondition
+        );
+    }
+    d.stop().await;
+}

@@ -403,10 +403,15 @@ pub fn retire(
         "retire",
         "decrypt-only",
     )?;
-    ensure_unused(store, version)?;
     key.state = KeyState::Retired;
     key.updated_at = now;
-    store.put_keys(std::slice::from_ref(&key), audit)?;
+    // Atomic with record writes: none can land under the version once it is retired.
+    store.retire_key(&key, audit).map_err(|e| match e {
+        StoreError::KeyInUse { version, records } => {
+            RotationError::RecordsRemain { version, records }
+        }
+        other => other.into(),
+    })?;
     Ok(key)
 }
 

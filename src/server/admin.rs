@@ -13,10 +13,10 @@ use super::status::ServiceError;
 use super::{State, caller_name, record_id};
 use crate::api::v1::{self, admin_server::Admin};
 use crate::audit::Draft;
-use crate::keys::rotation::{self, RewrapOptions, RewrapProgress, RotationError};
-use crate::keys::{KeyInfo, KeyState, PrivateKey, keyring};
+use crate::keys::rotation::{self, RewrapOptions, RewrapProgress};
+use crate::keys::{KeyInfo, PrivateKey, keyring};
 use crate::record::Owner;
-use crate::store::StoreError;
+use crate::store::{Mutation, StoreError};
 
 /// Rotates to a fresh RSA-2048 version; returns the new active and the previous version.
 pub(super) fn rotate(
@@ -66,30 +66,13 @@ fn rotate_to(
 fn retire(s: &State, caller: &str, version: u32, now: i64) -> Result<KeyInfo, ServiceError> {
     let _ops = s.key_ops();
     let draft = Draft::new(caller, "RetireKey").detail(format!("v{version}"));
-    let mut info = s.audited(draft.clone(), |a| {
+    // The store checks that no record uses the version in the same critical section as record
+    // writes, which refuse a retired version: nothing can be stranded under it, and a refused
+    // retirement changes nothing.
+    let info = s.audited(draft, |a| {
         Ok((rotation::retire(&*s.store, version, now, Some(a))?, true))
     })?;
     s.reload_keyring()?;
-    // An envelope ingested under this version between the count and the reload would be
-    // stranded: count again now that Ingest refuses the version, and undo if one slipped in.
-    let late = rotation::records_under(&*s.store, version)?;
-    if late > 0 {
-        info.state = KeyState::DecryptOnly;
-        let err: ServiceError = RotationError::RecordsRemain {
-            version,
-            records: late,
-        }
-        .into();
-        s.audited(
-            draft.detail(format!("v{version} reverted to decrypt-only")),
-            |a| {
-                s.store.put_keys(std::slice::from_ref(&info), Some(a))?;
-                Ok(((), true))
-            },
-        )?;
-        s.reload_keyring()?;
-        return Err(err);
-    }
     Ok(info)
 }
 
@@ -502,7 +485,8 @@ impl Admin for AdminService {
 }
 
 /// Verifies a security event token and revokes or deletes the subject's records of the
-/// issuer's provider, each change audited; a token is applied once (its `jti` is kept).
+/// issuer's provider. The changes, their audit events and the replay marker are one atomic
+/// write: an event is applied whole or not at all, and once (its `jti` is kept).
 fn apply_security_event(
     s: &State,
     caller: &str,
@@ -513,20 +497,10 @@ fn apply_security_event(
     use sha2::Digest as _;
     let event = security_event::verify(token, &s.security_event_issuers, now)?;
     let issuer = &s.security_event_issuers[event.issuer];
-    let replay_key = format!(
-        "set_jti/{}",
-        hex::encode(sha2::Sha256::digest(format!(
-            "{}\0{}",
-            issuer.issuer, event.jti
-        )))
-    );
-    if s.store.get_meta(&replay_key)?.is_some() {
-        return Err(StoreError::AlreadyExists(format!(
-            "security event jti {} (already applied)",
-            event.jti
-        ))
-        .into());
-    }
+    let marker = hex::encode(sha2::Sha256::digest(format!(
+        "{}\0{}",
+        issuer.issuer, event.jti
+    )));
     let owner = Owner::parse(event.owner.clone()).map_err(|source| ServiceError::Invalid {
         what: "security event subject".into(),
         source,
@@ -538,53 +512,80 @@ fn apply_security_event(
         .unwrap_or_default()
         .to_string();
     let detail = format!("{short_type} from {} jti {}", issuer.issuer, event.jti);
-    s.audit.append(
-        &Draft::new(caller, "SecurityEvent")
-            .owner(owner.as_str())
-            .detail(detail.clone()),
-        true,
-    )?;
-    let (mut revoked, mut deleted) = (0, 0);
-    for id in s.store.owner_record_ids(&owner)? {
-        let Some(record) = s.store.get_record(&id)? else {
-            continue;
-        };
-        if record.meta.provider.as_str() != issuer.provider {
-            continue;
-        }
-        let draft = |action: &str| {
-            Draft::new(caller, action)
-                .record(id.as_str())
+    // A record deleted between the plan and the write makes the write refuse (NotFound);
+    // planning again sees it gone.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut drafts = vec![
+            Draft::new(caller, "SecurityEvent")
                 .owner(owner.as_str())
-                .detail(format!("security event: {detail}"))
-        };
-        s.forget_deks(Some(&id));
-        match &event.action {
-            Action::Delete => {
-                s.audited(draft("Delete"), |a| {
-                    Ok(((), s.store.delete_record(&id, Some(a))?))
-                })?;
-                deleted += 1;
+                .detail(detail.clone()),
+        ];
+        let mut mutations = Vec::new();
+        let (mut revoked, mut deleted) = (0, 0);
+        for id in s.store.owner_record_ids(&owner)? {
+            let Some(record) = s.store.get_record(&id)? else {
+                continue;
+            };
+            if record.meta.provider.as_str() != issuer.provider {
+                continue;
             }
-            Action::RevokeScopesOutside(kept)
-                if record
-                    .meta
-                    .scopes
-                    .iter()
-                    .all(|sc| kept.iter().any(|k| k == sc.as_str())) => {}
-            Action::Revoke | Action::RevokeScopesOutside(_) if !record.revoked => {
-                s.audited(draft("Revoke"), |a| {
-                    Ok(((), s.store.revoke(&id, now, Some(a)).map(|_| true)?))
-                })?;
-                revoked += 1;
+            let draft = |action: &str| {
+                Draft::new(caller, action)
+                    .record(id.as_str())
+                    .owner(owner.as_str())
+                    .detail(format!("security event: {detail}"))
+            };
+            match &event.action {
+                Action::Delete => {
+                    drafts.push(draft("Delete"));
+                    mutations.push(Mutation::DeleteRecord(id));
+                    deleted += 1;
+                }
+                Action::RevokeScopesOutside(kept)
+                    if record
+                        .meta
+                        .scopes
+                        .iter()
+                        .all(|sc| kept.iter().any(|k| k == sc.as_str())) => {}
+                Action::Revoke | Action::RevokeScopesOutside(_) if !record.revoked => {
+                    drafts.push(draft("Revoke"));
+                    mutations.push(Mutation::Revoke(id));
+                    revoked += 1;
+                }
+                _ => {}
             }
-            _ => {}
         }
+        mutations.push(Mutation::PutReplayMarker {
+            key: marker.clone(),
+            at: now,
+        });
+        let written = s.audit.append_all_with(&drafts, |appends| {
+            match s.store.apply(&mutations, appends, now) {
+                Ok(()) => Ok((true, true)),
+                Err(StoreError::NotFound(_)) if attempts < 3 => Ok((false, false)),
+                Err(StoreError::AlreadyExists(_)) => {
+                    Err(ServiceError::from(StoreError::AlreadyExists(format!(
+                        "security event jti {} (already applied)",
+                        event.jti
+                    ))))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })?;
+        if !written {
+            continue;
+        }
+        for m in &mutations {
+            if let Mutation::Revoke(id) | Mutation::DeleteRecord(id) = m {
+                s.forget_deks(Some(id));
+            }
+        }
+        return Ok(v1::SecurityEventResponse {
+            event_type: event.event_type,
+            revoked,
+            deleted,
+        });
     }
-    s.store.put_meta(&replay_key, Some(&now.to_be_bytes()))?;
-    Ok(v1::SecurityEventResponse {
-        event_type: event.event_type,
-        revoked,
-        deleted,
-    })
 }

@@ -43,6 +43,7 @@ impl Broker for BrokerService {
                 &policy,
                 &id,
                 Draft::new(&caller, "GetToken"),
+                None,
                 |_, _, _| Ok(()),
             )
             .await?;
@@ -172,10 +173,23 @@ impl BrokerService {
             None => policy,
         };
         let who = caller.to_string();
+        let grant_use = grant.map(|handle| grants::GrantUse {
+            handle,
+            method: call.method.to_ascii_uppercase(),
+            path: call.path.clone(),
+        });
+        let grant_use = grant_use.map(Arc::new);
+        let check_use = grant_use.clone();
         // The outbound request is checked against the record's provider before the record is
         // opened, in the same blocking step (and audited if refused).
-        let (mut record, secret, (upstream, prepared)) =
-            load(state, caller, policy, id, draft, move |s, record, draft| {
+        let (mut record, secret, (upstream, prepared)) = load(
+            state,
+            caller,
+            policy,
+            id,
+            draft,
+            grant_use,
+            move |s, record, draft| {
                 let meta = &record.meta;
                 let upstream = s
                     .upstreams()
@@ -191,27 +205,22 @@ impl BrokerService {
                     });
                 }
                 let method = call.method.to_ascii_uppercase();
-                let path = call.path.clone();
-                // Moves the request (its body may be megabytes) instead of copying it.
-                let prepare = move || {
-                    let prepared = upstream.prepare(call)?;
-                    Ok((upstream, prepared))
-                };
-                match &grant {
-                    None => {
-                        *draft = std::mem::take(draft).detail(method);
-                        prepare()
-                    }
-                    Some(handle) => {
+                match &check_use {
+                    None => *draft = std::mem::take(draft).detail(method),
+                    Some(g) => {
                         *draft = std::mem::take(draft).detail(format!(
                             "{method} grant {}",
-                            crate::grant::short(&crate::grant::grant_id(handle.expose_secret()))
+                            crate::grant::short(&crate::grant::grant_id(g.handle.expose_secret()))
                         ));
-                        grants::use_grant(s, handle, &who, record, &method, &path, prepare)
+                        g.check(s, &who, record)?;
                     }
                 }
-            })
-            .await?;
+                // Moves the request (its body may be megabytes) instead of copying it.
+                let prepared = upstream.prepare(call)?;
+                Ok((upstream, prepared))
+            },
+        )
+        .await?;
         let refreshable = refresh::oauth_for(state, &record);
         let mut refreshed = false;
         let mut token = match record.meta.kind {
@@ -274,15 +283,17 @@ impl BrokerService {
 
 /// Reads, checks and opens one record for `caller`, auditing `draft` before the secret is
 /// released (fail closed: no audit event, no secret). `check` runs after the caller's policy
-/// and before the record is opened; its refusal is audited like any other. A refreshable token
-/// bundle past its expiry is returned (the caller refreshes it); anything else past expiry is
-/// refused.
+/// and before the record is opened; its refusal is audited like any other. With a grant, its
+/// use is spent only once everything passed, in the same write as the audit event. A
+/// refreshable token bundle past its expiry is returned (the caller refreshes it); anything
+/// else past expiry is refused.
 async fn load<T: Send + 'static>(
     state: &Arc<State>,
     caller: &str,
     policy: &Arc<CallerPolicy>,
     id: &RecordId,
     draft: Draft,
+    grant: Option<Arc<grants::GrantUse>>,
     check: impl FnOnce(&State, &Record, &mut Draft) -> Result<T, ServiceError> + Send + 'static,
 ) -> Result<(Record, Secret, T), ServiceError> {
     let ring = state.keyring();
@@ -293,10 +304,18 @@ async fn load<T: Send + 'static>(
             let mut draft = draft;
             let released = s
                 .record_token(&who, &policy, &id)
-                .and_then(|()| release(s, &id, &ring, &policy, &mut draft, check));
-            match &released {
-                Ok(_) => s.audit.append(&draft, false)?,
-                Err(e) => s.audit_outcome(draft, e),
+                .and_then(|()| release(s, &id, &ring, &policy, &mut draft, check))
+                .and_then(|released| {
+                    match &grant {
+                        Some(g) => g.spend(s, &who, &released.0, &draft)?,
+                        None => s.audit.append(&draft, false)?,
+                    }
+                    Ok(released)
+                });
+            if let Err(e) = &released
+                && !matches!(e, ServiceError::Audit(_))
+            {
+                s.audit_outcome(draft, e);
             }
             released
         })

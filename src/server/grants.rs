@@ -1,8 +1,9 @@
 //! `Broker.IssueGrant` / `RevokeGrant`, and the use of a grant by `Proxy`.
 //!
-//! Grants live in the store's metadata under `grant/<sha256 of the handle>`; a use is a
-//! read-check-write under one lock, so a grant with N uses serves exactly N calls. Expired
-//! grants are deleted when next presented, and by [`sweep_expired`] (at startup and every
+//! Grants live in the store under the SHA-256 of their handle; every issue, revocation and use
+//! is written together with its audit event. A use is a compare-and-swap on the stored grant,
+//! so a grant with N uses serves at most N calls however they interleave. Expired grants are
+//! deleted when next presented, and by [`sweep_expired`] (at startup and every
 //! [`SWEEP_EVERY`]) when they never are.
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use crate::config::CallerPolicy;
 use crate::grant::{self, Grant, GrantError, Subject};
 use crate::record::{Owner, Record, RecordId};
 use crate::secret::GrantHandle;
-use crate::store::StoreError;
+use crate::store::{Mutation, StoreError};
 
 fn invalid(message: impl Into<String>) -> ServiceError {
     ServiceError::Grant(GrantError::Invalid(message.into()))
@@ -116,9 +117,16 @@ pub(super) fn issue(
         req.ttl_seconds,
         req.max_uses
     ));
-    // Audited first: a grant that cannot be audited is not issued.
-    s.audit.append(&draft, true)?;
-    s.store.put_meta(&grant::meta_key(&id), Some(&g.encode()))?;
+    // The grant and its audit event are one write: no grant without its event.
+    let put = Mutation::PutGrant {
+        id: id.clone(),
+        grant: g.encode(),
+        expected: None,
+    };
+    s.audited(draft, |a| {
+        s.store.apply(&[put], std::slice::from_ref(a), now)?;
+        Ok(((), true))
+    })?;
     Ok(v1::IssueGrantResponse {
         grant: handle.expose_secret().to_string(),
         grant_id: id,
@@ -126,7 +134,7 @@ pub(super) fn issue(
     })
 }
 
-/// Deletes a grant.
+/// Deletes a grant, with its audit event in the same write.
 pub(super) fn revoke(
     s: &State,
     caller: &str,
@@ -135,16 +143,18 @@ pub(super) fn revoke(
 ) -> Result<(), ServiceError> {
     may_issue(caller, policy)?;
     let id = grant::grant_id(handle_or_id);
-    let _guard = s.grants_lock();
-    if s.store.get_meta(&grant::meta_key(&id))?.is_none() {
+    if s.store.get_grant(&id)?.is_none() {
         return Err(StoreError::NotFound(format!("grant {}", grant::short(&id))).into());
     }
-    s.audit.append(
-        &Draft::new(caller, "RevokeGrant").detail(format!("grant {}", grant::short(&id))),
-        true,
-    )?;
-    s.store.put_meta(&grant::meta_key(&id), None)?;
-    Ok(())
+    let draft = Draft::new(caller, "RevokeGrant").detail(format!("grant {}", grant::short(&id)));
+    s.audited(draft, |a| {
+        s.store.apply(
+            &[Mutation::DeleteGrant(id.clone())],
+            std::slice::from_ref(a),
+            crate::unix_now(),
+        )?;
+        Ok(((), true))
+    })
 }
 
 /// How often expired grants are swept.
@@ -152,28 +162,24 @@ pub(super) const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_se
 
 /// Deletes every grant expired at `now`, a page at a time; returns how many. A grant that is
 /// never presented again would otherwise stay in the store for good. Grants that do not decode
-/// are left for an operator to look at (they already allow nothing).
+/// are left for an operator to look at (they already allow nothing). Expiry is final, so a
+/// concurrent use cannot revive one (its compare-and-swap finds it gone).
 pub(super) fn sweep_expired(s: &State, now: i64) -> Result<u64, ServiceError> {
     let mut after: Option<String> = None;
     let mut deleted = 0u64;
     loop {
-        let page = s
-            .store
-            .meta_page(grant::META_PREFIX, after.as_deref(), 1000)?;
+        let page = s.store.grant_page(after.as_deref(), 1000)?;
         let Some((last, _)) = page.last() else {
             return Ok(deleted);
         };
         after = Some(last.clone());
-        let expired: Vec<String> = page
+        let expired: Vec<Mutation> = page
             .into_iter()
             .filter(|(_, v)| Grant::decode(v).is_some_and(|g| g.is_expired_at(now)))
-            .map(|(k, _)| k)
+            .map(|(id, _)| Mutation::DeleteGrant(id))
             .collect();
         if !expired.is_empty() {
-            // Expiry is final, so nothing can revive these between the read and the delete;
-            // the lock only keeps the delete out of the middle of a use.
-            let _guard = s.grants_lock();
-            s.store.delete_meta(&expired)?;
+            s.store.apply(&expired, &[], now)?;
             deleted += expired.len() as u64;
         }
     }
@@ -182,7 +188,7 @@ pub(super) fn sweep_expired(s: &State, now: i64) -> Result<u64, ServiceError> {
 /// The record a record grant covers (for a `Proxy` call that names only the grant).
 pub(super) fn record_of(s: &State, handle: &GrantHandle) -> Result<RecordId, ServiceError> {
     let id = grant::grant_id(handle.expose_secret());
-    match read(s, &id)?.subject {
+    match read(s, &id)?.1.subject {
         Subject::Record(r) => Ok(r),
         Subject::Owner(_) => Err(invalid(
             "id is required with an owner grant: name the record to use",
@@ -190,46 +196,104 @@ pub(super) fn record_of(s: &State, handle: &GrantHandle) -> Result<RecordId, Ser
     }
 }
 
-fn read(s: &State, id: &str) -> Result<Grant, ServiceError> {
-    s.store
-        .get_meta(&grant::meta_key(id))?
-        .as_deref()
-        .and_then(Grant::decode)
-        .ok_or(ServiceError::Grant(GrantError::Unknown))
+/// The stored grant (its bytes, for a compare-and-swap, and decoded).
+fn read(s: &State, id: &str) -> Result<(Vec<u8>, Grant), ServiceError> {
+    let bytes = s
+        .store
+        .get_grant(id)?
+        .ok_or(ServiceError::Grant(GrantError::Unknown))?;
+    let grant = Grant::decode(&bytes).ok_or(ServiceError::Grant(GrantError::Unknown))?;
+    Ok((bytes, grant))
 }
 
-/// Uses a grant for a `Proxy` call on `record`: checks it covers the record, method and path,
-/// runs `then` (the provider checks) and takes one use only if everything passed.
-pub(super) fn use_grant<T>(
-    s: &State,
-    handle: &GrantHandle,
-    caller: &str,
-    record: &Record,
-    method: &str,
-    path: &str,
-    then: impl FnOnce() -> Result<T, ServiceError>,
-) -> Result<T, ServiceError> {
-    let id = grant::grant_id(handle.expose_secret());
-    let _guard = s.grants_lock();
-    let g = read(s, &id)?;
-    let now = crate::unix_now();
-    let after = match g.authorize(&id, caller, now) {
-        Err(e @ GrantError::Expired(_)) => {
-            s.store.put_meta(&grant::meta_key(&id), None)?;
-            return Err(e.into());
-        }
-        other => other?,
-    };
-    g.covers(&id, &record.meta)?;
-    g.allows(&id, method, path)?;
-    let out = then()?;
-    // An unlimited grant is unchanged by a use; a counted one is kept at zero until it expires
-    // (the sweep removes it), so its next use is refused as "no uses left".
-    if after.uses_left.is_some() {
-        s.store
-            .put_meta(&grant::meta_key(&id), Some(&after.encode()))?;
+/// One `Proxy` call made with a grant.
+#[derive(Debug)]
+pub(super) struct GrantUse {
+    /// The handle presented.
+    pub(super) handle: GrantHandle,
+    /// The request's method, upper case.
+    pub(super) method: String,
+    /// The request's path.
+    pub(super) path: String,
+}
+
+impl GrantUse {
+    /// Checks the grant allows this call on `record` (caller, expiry, uses, record, method,
+    /// path) without taking a use, so a refused call, or one that fails later, spends nothing.
+    /// An expired grant is deleted on the spot.
+    pub(super) fn check(
+        &self,
+        s: &State,
+        caller: &str,
+        record: &Record,
+    ) -> Result<(), ServiceError> {
+        let id = grant::grant_id(self.handle.expose_secret());
+        let (_, g) = read(s, &id)?;
+        self.authorize(s, &id, &g, caller, record).map(|_| ())
     }
-    Ok(out)
+
+    fn authorize(
+        &self,
+        s: &State,
+        id: &str,
+        g: &Grant,
+        caller: &str,
+        record: &Record,
+    ) -> Result<Grant, ServiceError> {
+        let now = crate::unix_now();
+        let after = match g.authorize(id, caller, now) {
+            Err(e @ GrantError::Expired(_)) => {
+                s.store
+                    .apply(&[Mutation::DeleteGrant(id.to_string())], &[], now)?;
+                return Err(e.into());
+            }
+            other => other?,
+        };
+        g.covers(id, &record.meta)?;
+        g.allows(id, &self.method, &self.path)?;
+        Ok(after)
+    }
+
+    /// Takes one use, in the same write as the call's audit event `draft`: the use is spent
+    /// once the call is about to be attempted (docs/PROXY.md), and a grant with N uses serves
+    /// at most N calls, however many run at once (compare-and-swap, retried on a lost race).
+    pub(super) fn spend(
+        &self,
+        s: &State,
+        caller: &str,
+        record: &Record,
+        draft: &Draft,
+    ) -> Result<(), ServiceError> {
+        let id = grant::grant_id(self.handle.expose_secret());
+        for _ in 0..16 {
+            let (bytes, g) = read(s, &id)?;
+            let after = self.authorize(s, &id, &g, caller, record)?;
+            if after.uses_left.is_none() {
+                // Unlimited: a use changes nothing but the audit trail.
+                s.audit.append(draft, false)?;
+                return Ok(());
+            }
+            let put = Mutation::PutGrant {
+                id: id.clone(),
+                grant: after.encode(),
+                expected: Some(bytes),
+            };
+            let spent = s.audit.append_with(draft, |a| {
+                match s
+                    .store
+                    .apply(&[put], std::slice::from_ref(a), crate::unix_now())
+                {
+                    Ok(()) => Ok((true, true)),
+                    Err(StoreError::Conflict(_)) => Ok((false, false)),
+                    Err(e) => Err(ServiceError::from(e)),
+                }
+            })?;
+            if spent {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Conflict(format!("grant {}", grant::short(&id))).into())
+    }
 }
 
 /// The caller policy to apply to a grant-based call: the grant decides which records, the

@@ -95,8 +95,6 @@ pub(crate) struct State {
     config_source: Option<std::path::PathBuf>,
     /// One refresh at a time per record.
     single_flight: refresh::SingleFlight,
-    /// Serializes grant uses and revocations (read-check-write of the use count).
-    grants: std::sync::Mutex<()>,
     /// Trusted issuers of provider security events.
     security_event_issuers: Vec<crate::security_event::Issuer>,
     /// Prometheus metrics.
@@ -108,12 +106,6 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn grants_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.grants
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     fn upstreams(&self) -> Arc<crate::proxy::Upstreams> {
         Arc::clone(
             &self
@@ -322,7 +314,6 @@ impl Daemon {
             upstreams: RwLock::new(Arc::new(upstreams)),
             config_source: config.source.clone(),
             single_flight: refresh::SingleFlight::default(),
-            grants: std::sync::Mutex::new(()),
             security_event_issuers: config.security_event_issuers.clone(),
             metrics: Arc::clone(&metrics),
             cpu: cpu_pool::CpuPool::start(

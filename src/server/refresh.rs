@@ -26,7 +26,7 @@ use crate::provider::OAuthConfig;
 use crate::proxy::Upstream;
 use crate::record::{Record, RecordId, Scope, SecretKind};
 use crate::secret::Secret;
-use crate::store::{RecordWrite, StoreError};
+use crate::store::{Mutation, RecordWrite, StoreError};
 
 /// Per-record locks so that one refresh runs at a time per record in this daemon.
 #[derive(Debug, Default)]
@@ -211,14 +211,21 @@ async fn refresh_locked(
     }
 }
 
+fn refresh_draft(caller: &str, record: &Record, outcome: &str) -> Draft {
+    Draft::new(caller, "Refresh")
+        .record(record.meta.id.as_str())
+        .owner(record.meta.owner.as_str())
+        .outcome(outcome)
+}
+
+/// Audits a refresh that changed nothing (failed, or lost to a newer version).
 fn audit_refresh(state: &State, caller: &str, record: &Record, outcome: &str) {
     let kind = outcome.split(':').next().unwrap_or(outcome);
     super::metrics::Metrics::count(&state.metrics.refreshes, kind);
-    let draft = Draft::new(caller, "Refresh")
-        .record(record.meta.id.as_str())
-        .owner(record.meta.owner.as_str())
-        .outcome(outcome);
-    if let Err(e) = state.audit.append(&draft, false) {
+    if let Err(e) = state
+        .audit
+        .append(&refresh_draft(caller, record, outcome), true)
+    {
         tracing::error!(error = %e, "could not audit a refresh");
     }
 }
@@ -253,10 +260,24 @@ fn store_refreshed(
         key_version: active.version,
         expected_version: seen.version,
     };
-    match s.store.put_records(&[write], now) {
-        Ok(versions) => {
-            audit_refresh(s, caller, seen, "refreshed");
-            tracing::info!(record = %seen.meta.id, version = versions.first().copied().unwrap_or(0), "token refreshed");
+    // The new bundle and its audit event are one durable write.
+    let draft = refresh_draft(caller, seen, "refreshed");
+    let written = s.audit.append_with(&draft, |a| {
+        match s
+            .store
+            .apply(&[Mutation::PutRecord(write)], std::slice::from_ref(a), now)
+        {
+            Ok(()) => Ok((Ok(()), true)),
+            Err(e @ (StoreError::VersionMismatch { .. } | StoreError::NotFound(_))) => {
+                Ok((Err(e), false))
+            }
+            Err(e) => Err(ServiceError::from(e)),
+        }
+    })?;
+    match written {
+        Ok(()) => {
+            super::metrics::Metrics::count(&s.metrics.refreshes, "refreshed");
+            tracing::info!(record = %seen.meta.id, "token refreshed");
             s.forget_deks(Some(&seen.meta.id));
             let (record, _) = read_open(s, &seen.meta.id)?;
             Ok((record, fresh))
@@ -280,10 +301,7 @@ fn mark_reauth(
     seen: &Record,
     now: i64,
 ) -> Result<Option<(Record, TokenBundle)>, ServiceError> {
-    let draft = Draft::new(caller, "Refresh")
-        .record(seen.meta.id.as_str())
-        .owner(seen.meta.owner.as_str())
-        .outcome("invalid_grant: needs re-authorization");
+    let draft = refresh_draft(caller, seen, "invalid_grant: needs re-authorization");
     let marked = s.audited(draft, |audit| {
         match s
             .store

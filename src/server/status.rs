@@ -315,7 +315,14 @@ impl ServiceError {
             StoreError::AlreadyExists(_) => Code::AlreadyExists,
             StoreError::VersionMismatch { .. } => Code::Aborted,
             StoreError::DuplicateInBatch(_) => Code::InvalidArgument,
-            StoreError::Corrupt(_) | StoreError::Engine(_) => Code::Internal,
+            StoreError::KeyNotAccepted { .. } | StoreError::KeyInUse { .. } => {
+                Code::FailedPrecondition
+            }
+            // A compare-and-swap lost to a concurrent writer: the caller may retry.
+            StoreError::Conflict(_) => Code::Aborted,
+            StoreError::Corrupt(_) | StoreError::Engine(_) | StoreError::Locked(_) => {
+                Code::Internal
+            }
         }
     }
 }

@@ -269,47 +269,196 @@ pub(crate) fn scan_replace_and_meta(store: &dyn TokenStore) {
     assert_eq!(store.get_meta("cursor"), Ok(Some(b"abc".to_vec())));
     store.put_meta("cursor", None).expect("delete");
     assert_eq!(store.get_meta("cursor"), Ok(None));
+}
 
-    // Prefix pages: only keys under the prefix, in order, resumable after the last key.
-    for key in ["g/1", "g/2", "g/3", "g0", "f/9", "h"] {
-        store.put_meta(key, Some(key.as_bytes())).expect("put");
+/// Grants: compare-and-swap puts, idempotent deletes, pages in id order.
+pub(crate) fn grants(store: &dyn TokenStore) {
+    let put = |id: &str, grant: &[u8], expected: Option<&[u8]>| Mutation::PutGrant {
+        id: id.into(),
+        grant: grant.to_vec(),
+        expected: expected.map(<[u8]>::to_vec),
+    };
+    for id in ["a1", "a2", "a3"] {
+        store
+            .apply(&[put(id, id.as_bytes(), None)], &[], 1)
+            .expect("create");
     }
-    let keys = |page: Vec<(String, Vec<u8>)>| -> Vec<String> {
-        page.into_iter()
-            .map(|(k, v)| {
-                assert_eq!(k.as_bytes(), v.as_slice());
-                k
-            })
-            .collect()
+    // A create over an existing grant, or a swap from a value it no longer has, refuses.
+    assert!(matches!(
+        store.apply(&[put("a1", b"x", None)], &[], 1),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.apply(&[put("a1", b"x", Some(b"stale"))], &[], 1),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.get_grant("a1"), Ok(Some(b"a1".to_vec())));
+    store
+        .apply(&[put("a1", b"a1-used", Some(b"a1"))], &[], 2)
+        .expect("swap");
+    assert_eq!(store.get_grant("a1"), Ok(Some(b"a1-used".to_vec())));
+    // Other metadata is not a grant.
+    store.put_meta("rewrap_cursor", Some(b"c")).expect("meta");
+    let ids = |page: Vec<(String, Vec<u8>)>| page.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(ids(store.grant_page(None, 2).expect("page")), ["a1", "a2"]);
+    assert_eq!(ids(store.grant_page(Some("a2"), 2).expect("page")), ["a3"]);
+    assert!(store.grant_page(Some("a3"), 2).expect("page").is_empty());
+    store
+        .apply(
+            &[
+                Mutation::DeleteGrant("a1".into()),
+                Mutation::DeleteGrant("a3".into()),
+                Mutation::DeleteGrant("absent".into()),
+            ],
+            &[],
+            3,
+        )
+        .expect("delete");
+    assert_eq!(ids(store.grant_page(None, 10).expect("page")), ["a2"]);
+    assert_eq!(store.get_grant("a1"), Ok(None));
+    assert_eq!(store.get_meta("rewrap_cursor"), Ok(Some(b"c".to_vec())));
+}
+
+/// `apply`: all or nothing with its audit events; each mutation sees the ones before it.
+pub(crate) fn apply_is_atomic_and_audited(store: &dyn TokenStore) {
+    store
+        .put_records(&[write("r1", "o", 0), write("r2", "o", 0)], 1)
+        .expect("put");
+    let audit = |seq: u64| AuditAppend {
+        seq,
+        bytes: format!("event-{seq}").into_bytes(),
+    };
+    let marker = |key: &str| Mutation::PutReplayMarker {
+        key: key.into(),
+        at: 5,
+    };
+    store
+        .apply(
+            &[
+                Mutation::Revoke(rid("r1")),
+                Mutation::DeleteRecord(rid("r2")),
+                marker("event-a"),
+            ],
+            &[audit(1), audit(2), audit(3)],
+            5,
+        )
+        .expect("apply");
+    let r1 = store.get_record(&rid("r1")).expect("get").expect("r1");
+    assert_eq!((r1.revoked, r1.version, r1.updated_at), (true, 2, 5));
+    assert_eq!(store.get_record(&rid("r2")), Ok(None));
+    assert_eq!(
+        store
+            .audit_events(1, 10)
+            .expect("events")
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    // A replayed marker, a missing record or a stale version refuses the whole batch: the
+    // changes before it and the audit events are not written.
+    store.put_records(&[write("r3", "o", 0)], 6).expect("put");
+    for (bad, expect_err) in [
+        (marker("event-a"), "AlreadyExists"),
+        (Mutation::Revoke(rid("gone")), "NotFound"),
+        (Mutation::PutRecord(write("r3", "o", 7)), "VersionMismatch"),
+    ] {
+        let err = store
+            .apply(
+                &[
+                    Mutation::Revoke(rid("r3")),
+                    Mutation::PutGrant {
+                        id: "g".into(),
+                        grant: b"g".to_vec(),
+                        expected: None,
+                    },
+                    bad,
+                ],
+                &[audit(4)],
+                7,
+            )
+            .expect_err("refused");
+        assert!(format!("{err:?}").starts_with(expect_err), "{err:?}");
+        let r3 = store.get_record(&rid("r3")).expect("get").expect("r3");
+        assert_eq!((r3.revoked, r3.version), (false, 1));
+        assert_eq!(store.get_grant("g"), Ok(None));
+        assert_eq!(store.audit_events(4, 10), Ok(vec![]));
+    }
+    // A record written and then revoked in one batch.
+    store
+        .apply(
+            &[
+                Mutation::PutRecord(write("r4", "o", 0)),
+                Mutation::Revoke(rid("r4")),
+            ],
+            &[],
+            8,
+        )
+        .expect("apply");
+    let r4 = store.get_record(&rid("r4")).expect("get").expect("r4");
+    assert_eq!((r4.revoked, r4.version), (true, 2));
+}
+
+/// Retiring a key version is refused while records use it, and record writes are refused
+/// under a retired or destroyed version: no interleaving strands a record.
+pub(crate) fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
+    let key = |version: u32, state: KeyState| KeyInfo {
+        version,
+        id: KeyId([version as u8; 32]),
+        spki_der: vec![version as u8],
+        state,
+        created_at: 1,
+        updated_at: 1,
+    };
+    store
+        .put_keys(
+            &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
+            None,
+        )
+        .expect("keys");
+    store.put_records(&[write("v1", "o", 0)], 1).expect("put");
+    assert_eq!(
+        store.retire_key(&key(1, KeyState::Retired), None),
+        Err(StoreError::KeyInUse {
+            version: 1,
+            records: 1
+        })
+    );
+    assert_eq!(store.keys().expect("keys")[0].state, KeyState::DecryptOnly);
+    store.delete_record(&rid("v1"), None).expect("delete");
+    store
+        .retire_key(
+            &key(1, KeyState::Retired),
+            Some(&AuditAppend {
+                seq: 1,
+                bytes: b"retired".to_vec(),
+            }),
+        )
+        .expect("retire");
+    assert_eq!(store.keys().expect("keys")[0].state, KeyState::Retired);
+    assert_eq!(store.audit_events(1, 1).expect("events").len(), 1);
+    // Now no write may land under v1, singly, in a group or through apply.
+    let refused = StoreError::KeyNotAccepted {
+        version: 1,
+        state: KeyState::Retired,
     };
     assert_eq!(
-        keys(store.meta_page("g/", None, 2).expect("page")),
-        ["g/1", "g/2"]
+        store.put_records(&[write("late", "o", 0)], 2),
+        Err(refused.clone())
     );
     assert_eq!(
-        keys(store.meta_page("g/", Some("g/2"), 2).expect("page")),
-        ["g/3"]
+        store.put_record_groups(&[&[write("late", "o", 0)]], 2),
+        Ok(vec![Err(refused.clone())])
     );
     assert_eq!(
-        keys(store.meta_page("g/", Some("g/3"), 2).expect("page")),
-        Vec::<String>::new()
+        store.apply(&[Mutation::PutRecord(write("late", "o", 0))], &[], 2),
+        Err(refused)
     );
-    assert_eq!(
-        keys(store.meta_page("x/", None, 10).expect("page")),
-        Vec::<String>::new()
-    );
+    let mut v2 = write("late", "o", 0);
+    v2.key_version = 2;
     store
-        .delete_meta(&["g/1".to_string(), "g/3".to_string(), "absent".to_string()])
-        .expect("delete");
-    assert_eq!(
-        keys(store.meta_page("g/", None, 10).expect("page")),
-        ["g/2"]
-    );
-    assert_eq!(
-        store.get_meta("g0"),
-        Ok(Some(b"g0".to_vec())),
-        "outside the prefix: kept"
-    );
+        .put_records(&[v2], 2)
+        .expect("active version accepted");
 }
 
 /// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing.
@@ -345,6 +494,9 @@ pub(crate) fn group_commit(store: &dyn TokenStore) {
 }
 
 pub(crate) fn all(make: impl Fn() -> Box<dyn TokenStore>) {
+    grants(&*make());
+    apply_is_atomic_and_audited(&*make());
+    retire_is_atomic_with_record_writes(&*make());
     group_commit(&*make());
     scan_replace_and_meta(&*make());
     create_read_replace(&*make());

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{
-    AuditAppend, EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore,
-    plan_replace_envelope, plan_writes,
+    AuditAppend, EnvelopeReplace, GRANT_PREFIX, Mutation, RecordWrite, StoreError, StoreStats,
+    TokenStore, grant_key, plan_replace_envelope, plan_writes, replay_key, short_id,
 };
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
@@ -16,7 +16,7 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Inner {
     records: BTreeMap<RecordId, Record>,
     keys: BTreeMap<u32, KeyInfo>,
@@ -42,7 +42,13 @@ impl MemoryStore {
 impl TokenStore for MemoryStore {
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
         let mut inner = self.lock();
-        let planned = plan_writes(writes, now, |id| Ok(inner.records.get(id).cloned()))?;
+        let keys = inner.keys.clone();
+        let planned = plan_writes(
+            writes,
+            now,
+            |id| Ok(inner.records.get(id).cloned()),
+            |v| Ok(keys.get(&v).map(|k| k.state)),
+        )?;
         let versions = planned.iter().map(|r| r.version).collect();
         for r in planned {
             inner.records.insert(r.meta.id.clone(), r);
@@ -180,31 +186,116 @@ impl TokenStore for MemoryStore {
         Ok(())
     }
 
-    fn meta_page(
+    fn apply(
         &self,
-        prefix: &str,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        // Applied to a copy that replaces the store only if every mutation passes: all or
+        // nothing, as in one RocksDB batch. (A test store; the copy's cost does not matter.)
+        let mut next = inner.clone();
+        for m in mutations {
+            match m {
+                Mutation::PutRecord(w) => {
+                    let keys = next.keys.clone();
+                    let planned = plan_writes(
+                        std::slice::from_ref(w),
+                        now,
+                        |id| Ok(next.records.get(id).cloned()),
+                        |v| Ok(keys.get(&v).map(|k| k.state)),
+                    )?;
+                    for r in planned {
+                        next.records.insert(r.meta.id.clone(), r);
+                    }
+                }
+                Mutation::Revoke(id) => {
+                    let r = next
+                        .records
+                        .get_mut(id)
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                    if !r.revoked {
+                        r.revoked = true;
+                        r.updated_at = now;
+                        r.version += 1;
+                    }
+                }
+                Mutation::DeleteRecord(id) => {
+                    next.records
+                        .remove(id)
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                }
+                Mutation::PutGrant {
+                    id,
+                    grant,
+                    expected,
+                } => {
+                    let previous = next.meta.insert(grant_key(id), grant.clone());
+                    if previous != *expected {
+                        return Err(StoreError::Conflict(format!("grant {}", short_id(id))));
+                    }
+                }
+                Mutation::DeleteGrant(id) => {
+                    next.meta.remove(&grant_key(id));
+                }
+                Mutation::PutReplayMarker { key, at } => {
+                    if next
+                        .meta
+                        .insert(replay_key(key), at.to_be_bytes().to_vec())
+                        .is_some()
+                    {
+                        return Err(StoreError::AlreadyExists(format!("replay marker {key}")));
+                    }
+                }
+            }
+        }
+        for a in audit {
+            next.audit.insert(a.seq, a.bytes.clone());
+        }
+        *inner = next;
+        Ok(())
+    }
+
+    fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().meta.get(&grant_key(id)).cloned())
+    }
+
+    fn grant_page(
+        &self,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         use std::ops::Bound;
-        let from = after.map_or(Bound::Included(prefix.to_string()), |a| {
-            Bound::Excluded(a.to_string())
+        let from = after.map_or(Bound::Included(GRANT_PREFIX.to_string()), |a| {
+            Bound::Excluded(grant_key(a))
         });
         Ok(self
             .lock()
             .meta
             .range((from, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
+            .map_while(|(k, v)| Some((k.strip_prefix(GRANT_PREFIX)?.to_string(), v.clone())))
             .take(limit)
-            .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
 
-    fn delete_meta(&self, keys: &[String]) -> Result<(), StoreError> {
+    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        for key in keys {
-            inner.meta.remove(key);
+        let records = inner
+            .records
+            .values()
+            .filter(|r| r.key_version == key.version)
+            .count() as u64;
+        if records > 0 {
+            return Err(StoreError::KeyInUse {
+                version: key.version,
+                records,
+            });
         }
+        if let Some(a) = audit {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
+        inner.keys.insert(key.version, key.clone());
         Ok(())
     }
 

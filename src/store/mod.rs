@@ -48,10 +48,83 @@ pub enum StoreError {
     /// Stored bytes did not decode.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    /// The engine failed (I/O, lock held by another process, ...).
+    /// The engine failed (I/O, ...).
     #[error("storage engine: {0}")]
     Engine(String),
+    /// The store is held by another process (RocksDB's lock on its directory).
+    #[error("the data directory {0} is in use by another tokenvault process")]
+    Locked(String),
+    /// A record write names a key version the registry marks retired or destroyed.
+    #[error("key version {version} is {state}; records cannot be written under it")]
+    KeyNotAccepted {
+        /// Version.
+        version: u32,
+        /// Its state in the registry.
+        state: crate::keys::KeyState,
+    },
+    /// A compare-and-swap found another value than expected (e.g. a grant used concurrently).
+    #[error("{0} changed concurrently")]
+    Conflict(String),
+    /// A key version cannot be retired while records use it.
+    #[error("key version {version} still wraps {records} record(s); run Admin.Rewrap first")]
+    KeyInUse {
+        /// Version.
+        version: u32,
+        /// How many records.
+        records: u64,
+    },
 }
+
+/// One change of an atomic, audited write ([`TokenStore::apply`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Mutation {
+    /// Creates or replaces a record, version-checked like [`TokenStore::put_records`].
+    PutRecord(RecordWrite),
+    /// Marks a record revoked (no change if it already is); `NotFound` if absent.
+    Revoke(RecordId),
+    /// Deletes a record, physically purged after the write; `NotFound` if absent.
+    DeleteRecord(RecordId),
+    /// Stores or replaces a grant (docs/PROXY.md) under its id.
+    PutGrant {
+        /// The grant id (hex SHA-256 of the handle).
+        id: String,
+        /// The encoded grant.
+        grant: Vec<u8>,
+        /// Compare-and-swap: the grant as it was read (`None`: it must not exist yet);
+        /// `Conflict` if another writer changed it meanwhile, so a use count holds under
+        /// concurrent uses (and across daemons sharing a store).
+        expected: Option<Vec<u8>>,
+    },
+    /// Deletes a grant; nothing if there is none.
+    DeleteGrant(String),
+    /// Records that a security event was applied; `AlreadyExists` if it was before, so an
+    /// event is applied once.
+    PutReplayMarker {
+        /// Hex SHA-256 of the issuer and the event's `jti`.
+        key: String,
+        /// When it was applied, Unix seconds.
+        at: i64,
+    },
+}
+
+/// Metadata key of a grant; the one layout both stores use.
+pub(crate) fn grant_key(id: &str) -> String {
+    format!("grant/{id}")
+}
+
+/// Metadata key of a security-event replay marker.
+pub(crate) fn replay_key(key: &str) -> String {
+    format!("set_jti/{key}")
+}
+
+/// The first 12 hex digits of an id, as logs and messages show grant ids.
+pub(crate) fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// Prefix of every grant's metadata key.
+pub(crate) const GRANT_PREFIX: &str = "grant/";
 
 /// One record write: create (`expected_version == 0`) or replace the record at that version.
 #[derive(Debug, Clone)]
@@ -185,23 +258,38 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Durably writes a metadata value, or deletes it when `value` is `None`.
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError>;
 
-    /// Up to `limit` metadata entries whose key starts with `prefix`, in key order, after the
-    /// key `after` when given.
-    fn meta_page(
+    /// The one audited-write API: applies `mutations` and appends `audit` (consecutive events
+    /// of the chain) in one atomic, durable write. Every precondition is checked first, in
+    /// order, each mutation seeing the ones before it; if any fails, nothing is written and
+    /// its error is returned.
+    fn apply(
         &self,
-        prefix: &str,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Reads a grant by id.
+    fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` grants (id, encoded grant) with ids after `after`, in id order.
+    fn grant_page(
+        &self,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-
-    /// Durably deletes metadata keys, all in one batch.
-    fn delete_meta(&self, keys: &[String]) -> Result<(), StoreError>;
 
     /// The key registry, ascending by version.
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
 
     /// Inserts or replaces key registry entries atomically, with `audit` in the same batch.
     fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError>;
+
+    /// Writes `key` (a version being retired) with `audit`, only if no record is under its
+    /// version: `KeyInUse` otherwise. Checked in the same critical section as record writes,
+    /// which refuse versions the registry marks retired or destroyed (`KeyNotAccepted`), so no
+    /// record can be left under a retired key however writes and the retirement interleave.
+    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError>;
 
     /// Appends one audit event. `sync` forces the WAL to disk before returning.
     fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError>;
@@ -224,12 +312,24 @@ pub(crate) fn plan_writes(
     writes: &[RecordWrite],
     now: i64,
     mut current: impl FnMut(&RecordId) -> Result<Option<Record>, StoreError>,
+    mut key_state: impl FnMut(u32) -> Result<Option<crate::keys::KeyState>, StoreError>,
 ) -> Result<Vec<Record>, StoreError> {
     let mut seen = std::collections::HashSet::with_capacity(writes.len());
     let mut out = Vec::with_capacity(writes.len());
     for w in writes {
         if !seen.insert(w.meta.id.clone()) {
             return Err(StoreError::DuplicateInBatch(w.meta.id.to_string()));
+        }
+        // A version absent from the registry is the caller's business (the daemon checks
+        // every envelope against its keyring); a retired or destroyed one is refused here,
+        // under the store's write ordering, so a retirement cannot strand a record.
+        if let Some(state @ (crate::keys::KeyState::Retired | crate::keys::KeyState::Destroyed)) =
+            key_state(w.key_version)?
+        {
+            return Err(StoreError::KeyNotAccepted {
+                version: w.key_version,
+                state,
+            });
         }
         let existing = current(&w.meta.id)?;
         let actual = existing.as_ref().map_or(0, |r| r.version);

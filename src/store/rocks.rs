@@ -26,8 +26,8 @@ use rocksdb::{
 
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    AuditAppend, EnvelopeReplace, RecordWrite, StoreError, StoreStats, TokenStore, count_stats,
-    plan_replace_envelope, plan_writes,
+    AuditAppend, EnvelopeReplace, GRANT_PREFIX, Mutation, RecordWrite, StoreError, StoreStats,
+    TokenStore, count_stats, grant_key, plan_replace_envelope, plan_writes, replay_key, short_id,
 };
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
@@ -103,10 +103,7 @@ impl RocksStore {
         let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
             let msg = e.into_string();
             if msg.contains("lock") {
-                StoreError::Engine(format!(
-                    "data directory {} is in use by another tokenvault process ({msg})",
-                    path.display()
-                ))
+                StoreError::Locked(path.display().to_string())
             } else {
                 StoreError::Engine(msg)
             }
@@ -157,6 +154,35 @@ impl RocksStore {
         self.write_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The registry state of key `version`, if it is registered.
+    fn key_state(&self, version: u32) -> Result<Option<crate::keys::KeyState>, StoreError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_KEYS), schema::key_key(version))
+            .map_err(engine)?
+            .map(|v| schema::decode_key(&v).map(|k| k.state))
+            .transpose()
+    }
+
+    /// Stages `new` over `previous` (owner index included) in `batch`.
+    fn stage_record(&self, batch: &mut WriteBatch, previous: Option<&Record>, new: &Record) {
+        if let Some(old) = previous {
+            batch.delete_cf(
+                self.cf(CF_OWNERS),
+                schema::owner_key(&old.meta.owner, &old.meta.id),
+            );
+        }
+        batch.put_cf(
+            self.cf(CF_RECORDS),
+            new.meta.id.as_str(),
+            schema::encode_record(new),
+        );
+        batch.put_cf(
+            self.cf(CF_OWNERS),
+            schema::owner_key(&new.meta.owner, &new.meta.id),
+            [],
+        );
     }
 
     fn read(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
@@ -211,17 +237,22 @@ impl TokenStore for RocksStore {
         let mut batch = WriteBatch::default();
         let mut outcomes = Vec::with_capacity(groups.len());
         for writes in groups {
-            let mut previous_owners = Vec::new();
-            let planned = plan_writes(writes, now, |id| {
-                let r = match accepted.get(id) {
-                    Some(r) => Some(r.clone()),
-                    None => self.read(id)?,
-                };
-                if let Some(r) = &r {
-                    previous_owners.push((r.meta.owner.clone(), r.meta.id.clone()));
-                }
-                Ok(r)
-            });
+            let mut previous = std::collections::HashMap::new();
+            let planned = plan_writes(
+                writes,
+                now,
+                |id| {
+                    let r = match accepted.get(id) {
+                        Some(r) => Some(r.clone()),
+                        None => self.read(id)?,
+                    };
+                    if let Some(r) = &r {
+                        previous.insert(r.meta.id.clone(), r.clone());
+                    }
+                    Ok(r)
+                },
+                |v| self.key_state(v),
+            );
             let planned = match planned {
                 Ok(p) => p,
                 Err(e @ (StoreError::Engine(_) | StoreError::Corrupt(_))) => return Err(e),
@@ -230,20 +261,8 @@ impl TokenStore for RocksStore {
                     continue;
                 }
             };
-            for (owner, id) in previous_owners {
-                batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&owner, &id));
-            }
             for r in &planned {
-                batch.put_cf(
-                    self.cf(CF_RECORDS),
-                    r.meta.id.as_str(),
-                    schema::encode_record(r),
-                );
-                batch.put_cf(
-                    self.cf(CF_OWNERS),
-                    schema::owner_key(&r.meta.owner, &r.meta.id),
-                    [],
-                );
+                self.stage_record(&mut batch, previous.get(&r.meta.id), r);
             }
             outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
             accepted.extend(planned.into_iter().map(|r| (r.meta.id.clone(), r)));
@@ -455,35 +474,160 @@ impl TokenStore for RocksStore {
         self.write(batch)
     }
 
-    fn meta_page(
+    fn apply(
         &self,
-        prefix: &str,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let guard = self.lock();
+        // Records as this batch leaves them (None: deleted), which later mutations must see.
+        let mut staged: std::collections::HashMap<RecordId, Option<Record>> =
+            std::collections::HashMap::new();
+        let current = |staged: &std::collections::HashMap<RecordId, Option<Record>>,
+                       id: &RecordId| match staged.get(id) {
+            Some(r) => Ok(r.clone()),
+            None => self.read(id),
+        };
+        let mut staged_meta: std::collections::HashMap<String, Option<Vec<u8>>> =
+            std::collections::HashMap::new();
+        let mut batch = WriteBatch::default();
+        let mut purge = Vec::new();
+        for m in mutations {
+            match m {
+                Mutation::PutRecord(w) => {
+                    let previous = current(&staged, &w.meta.id)?;
+                    let planned = plan_writes(
+                        std::slice::from_ref(w),
+                        now,
+                        |_| Ok(previous.clone()),
+                        |v| self.key_state(v),
+                    )?;
+                    for r in planned {
+                        self.stage_record(&mut batch, previous.as_ref(), &r);
+                        staged.insert(r.meta.id.clone(), Some(r));
+                    }
+                }
+                Mutation::Revoke(id) => {
+                    let mut r = current(&staged, id)?
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                    if !r.revoked {
+                        r.revoked = true;
+                        r.updated_at = now;
+                        r.version += 1;
+                        batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
+                        staged.insert(id.clone(), Some(r));
+                    }
+                }
+                Mutation::DeleteRecord(id) => {
+                    let r = current(&staged, id)?
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                    batch.delete_cf(self.cf(CF_RECORDS), id.as_str());
+                    batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&r.meta.owner, id));
+                    staged.insert(id.clone(), None);
+                    purge.push(id.as_str().as_bytes().to_vec());
+                }
+                Mutation::PutGrant {
+                    id,
+                    grant,
+                    expected,
+                } => {
+                    let key = grant_key(id);
+                    let stored = match staged_meta.get(&key) {
+                        Some(v) => v.clone(),
+                        None => self.db.get_cf(self.cf(CF_META), &key).map_err(engine)?,
+                    };
+                    if stored != *expected {
+                        return Err(StoreError::Conflict(format!("grant {}", short_id(id))));
+                    }
+                    batch.put_cf(self.cf(CF_META), &key, grant);
+                    staged_meta.insert(key, Some(grant.clone()));
+                }
+                Mutation::DeleteGrant(id) => {
+                    let key = grant_key(id);
+                    batch.delete_cf(self.cf(CF_META), &key);
+                    staged_meta.insert(key, None);
+                }
+                Mutation::PutReplayMarker { key, at } => {
+                    let k = replay_key(key);
+                    if self
+                        .db
+                        .get_pinned_cf(self.cf(CF_META), &k)
+                        .map_err(engine)?
+                        .is_some()
+                    {
+                        return Err(StoreError::AlreadyExists(format!("replay marker {key}")));
+                    }
+                    batch.put_cf(self.cf(CF_META), k, at.to_be_bytes());
+                }
+            }
+        }
+        for a in audit {
+            self.add_audit(&mut batch, Some(a));
+        }
+        if !batch.is_empty() {
+            self.write(batch)?;
+        }
+        drop(guard);
+        if !purge.is_empty() {
+            self.purge(&purge)?;
+        }
+        Ok(())
+    }
+
+    fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get_meta(&grant_key(id))
+    }
+
+    fn grant_page(
+        &self,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let from = after.unwrap_or(prefix);
+        let from = after.map_or_else(|| GRANT_PREFIX.to_string(), grant_key);
         let mode = rocksdb::IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(CF_META), mode) {
             let (k, v) = item.map_err(engine)?;
-            if !k.starts_with(prefix.as_bytes()) || out.len() == limit {
+            let Some(id) = k.strip_prefix(GRANT_PREFIX.as_bytes()) else {
+                break;
+            };
+            if out.len() == limit {
                 break;
             }
-            if after.is_some_and(|a| a.as_bytes() == &*k) {
+            if after.is_some_and(|a| a.as_bytes() == id) {
                 continue;
             }
-            let key = String::from_utf8(k.to_vec())
-                .map_err(|_| StoreError::Corrupt("metadata key is not UTF-8".into()))?;
-            out.push((key, v.to_vec()));
+            let id = String::from_utf8(id.to_vec())
+                .map_err(|_| StoreError::Corrupt("grant id is not UTF-8".into()))?;
+            out.push((id, v.to_vec()));
         }
         Ok(out)
     }
 
-    fn delete_meta(&self, keys: &[String]) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for key in keys {
-            batch.delete_cf(self.cf(CF_META), key.as_bytes());
+    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let mut records = 0u64;
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_RECORDS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(engine)?;
+            records += u64::from(schema::decode_record(&v)?.key_version == key.version);
         }
+        if records > 0 {
+            return Err(StoreError::KeyInUse {
+                version: key.version,
+                records,
+            });
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_KEYS),
+            schema::key_key(key.version),
+            schema::encode_key(key),
+        );
+        self.add_audit(&mut batch, audit);
         self.write(batch)
     }
 

@@ -4,6 +4,7 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod faulty;
 pub mod pki;
 pub mod process;
 pub mod upstream;

@@ -1,0 +1,210 @@
+//! A real store with a fault switch: every call goes to the wrapped [`TokenStore`] (a
+//! `MemoryStore` or `RocksStore`), except writes that touch a chosen record or any grant, which
+//! fail with an engine error while the switch is on. Proves that a failure mid-way through an
+//! operation leaves nothing half-written.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::sync::{Arc, Mutex};
+
+use tokenvault::keys::KeyInfo;
+use tokenvault::record::{Owner, Record, RecordId};
+use tokenvault::store::{
+    AuditAppend, EnvelopeReplace, Mutation, RecordWrite, StoreError, StoreStats, TokenStore,
+};
+
+#[derive(Default)]
+struct Faults {
+    record: Option<RecordId>,
+    grants: bool,
+}
+
+pub struct FaultyStore {
+    inner: Arc<dyn TokenStore>,
+    faults: Mutex<Faults>,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn TokenStore>) -> Self {
+        Self {
+            inner,
+            faults: Mutex::new(Faults::default()),
+        }
+    }
+
+    /// Writes that change record `id` fail from now on (`None`: none do).
+    pub fn fail_record(&self, id: Option<&str>) {
+        self.faults.lock().expect("faults").record =
+            id.map(|i| RecordId::parse(i).expect("record id"));
+    }
+
+    /// Writes that change a grant fail from now on.
+    pub fn fail_grants(&self, on: bool) {
+        self.faults.lock().expect("faults").grants = on;
+    }
+
+    fn check_record(&self, id: &RecordId) -> Result<(), StoreError> {
+        match &self.faults.lock().expect("faults").record {
+            Some(bad) if bad == id => Err(StoreError::Engine("injected write failure".into())),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_grants(&self) -> Result<(), StoreError> {
+        if self.faults.lock().expect("faults").grants {
+            Err(StoreError::Engine("injected write failure".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl TokenStore for FaultyStore {
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        for w in writes {
+            self.check_record(&w.meta.id)?;
+        }
+        self.inner.put_records(writes, now)
+    }
+
+    fn put_record_groups(
+        &self,
+        groups: &[&[RecordWrite]],
+        now: i64,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        for w in groups.iter().flat_map(|g| g.iter()) {
+            self.check_record(&w.meta.id)?;
+        }
+        self.inner.put_record_groups(groups, now)
+    }
+
+    fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        self.inner.get_record(id)
+    }
+
+    fn revoke(
+        &self,
+        id: &RecordId,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError> {
+        self.check_record(id)?;
+        self.inner.revoke(id, now, audit)
+    }
+
+    fn mark_needs_reauth(
+        &self,
+        id: &RecordId,
+        expected_version: u64,
+        now: i64,
+        audit: Option<&AuditAppend>,
+    ) -> Result<Record, StoreError> {
+        self.check_record(id)?;
+        self.inner
+            .mark_needs_reauth(id, expected_version, now, audit)
+    }
+
+    fn delete_record(
+        &self,
+        id: &RecordId,
+        audit: Option<&AuditAppend>,
+    ) -> Result<bool, StoreError> {
+        self.check_record(id)?;
+        self.inner.delete_record(id, audit)
+    }
+
+    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
+        self.inner.delete_owner(owner, audit)
+    }
+
+    fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
+        self.inner.owner_record_ids(owner)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.inner.stats()
+    }
+
+    fn scan_records(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.inner.scan_records(after, limit)
+    }
+
+    fn replace_envelopes(
+        &self,
+        items: &[EnvelopeReplace],
+        now: i64,
+    ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+        for i in items {
+            self.check_record(&i.id)?;
+        }
+        self.inner.replace_envelopes(items, now)
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_meta(key)
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        self.inner.put_meta(key, value)
+    }
+
+    fn apply(
+        &self,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        for m in mutations {
+            match m {
+                Mutation::PutRecord(w) => self.check_record(&w.meta.id)?,
+                Mutation::Revoke(id) | Mutation::DeleteRecord(id) => self.check_record(id)?,
+                Mutation::PutGrant { .. } | Mutation::DeleteGrant(_) => self.check_grants()?,
+                _ => {}
+            }
+        }
+        self.inner.apply(mutations, audit, now)
+    }
+
+    fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_grant(id)
+    }
+
+    fn grant_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.grant_page(after, limit)
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        self.inner.keys()
+    }
+
+    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        self.inner.put_keys(keys, audit)
+    }
+
+    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        self.inner.retire_key(key, audit)
+    }
+
+    fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError> {
+        self.inner.append_audit(entry, sync)
+    }
+
+    fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.audit_events(from_seq, limit)
+    }
+
+    fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        self.inner.last_audit_event()
+    }
+
+    fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner.dangerous_overwrite_audit(seq, bytes)
+    }
+}
