@@ -60,62 +60,6 @@ impl TokenStore for MemoryStore {
         Ok(self.lock().records.get(id).cloned())
     }
 
-    fn revoke(
-        &self,
-        id: &RecordId,
-        now: i64,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError> {
-        let mut inner = self.lock();
-        if let (true, Some(a)) = (inner.records.contains_key(id), audit) {
-            inner.audit.insert(a.seq, a.bytes.clone());
-        }
-        let r = inner
-            .records
-            .get_mut(id)
-            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        if !r.revoked {
-            r.revoked = true;
-            r.updated_at = now;
-            r.version += 1;
-        }
-        Ok(r.clone())
-    }
-
-    fn mark_needs_reauth(
-        &self,
-        id: &RecordId,
-        expected_version: u64,
-        now: i64,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError> {
-        let mut inner = self.lock();
-        let r = super::plan_mark_needs_reauth(
-            inner.records.get(id).cloned(),
-            id,
-            expected_version,
-            now,
-        )?;
-        if let Some(a) = audit {
-            inner.audit.insert(a.seq, a.bytes.clone());
-        }
-        inner.records.insert(id.clone(), r.clone());
-        Ok(r)
-    }
-
-    fn delete_record(
-        &self,
-        id: &RecordId,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        let removed = inner.records.remove(id).is_some();
-        if let (true, Some(a)) = (removed, audit) {
-            inner.audit.insert(a.seq, a.bytes.clone());
-        }
-        Ok(removed)
-    }
-
     fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         if let Some(a) = audit {
@@ -220,6 +164,18 @@ impl TokenStore for MemoryStore {
                         r.updated_at = now;
                         r.version += 1;
                     }
+                }
+                Mutation::MarkNeedsReauth {
+                    id,
+                    expected_version,
+                } => {
+                    let r = super::plan_mark_needs_reauth(
+                        next.records.get(id).cloned(),
+                        id,
+                        *expected_version,
+                        now,
+                    )?;
+                    next.records.insert(id.clone(), r);
                 }
                 Mutation::DeleteRecord(id) => {
                     next.records

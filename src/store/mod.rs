@@ -85,6 +85,13 @@ pub enum Mutation {
     Revoke(RecordId),
     /// Deletes a record, physically purged after the write; `NotFound` if absent.
     DeleteRecord(RecordId),
+    /// Marks a record as needing re-authorization if it is still at `expected_version`.
+    MarkNeedsReauth {
+        /// Record id.
+        id: RecordId,
+        /// The version the caller read.
+        expected_version: u64,
+    },
     /// Stores or replaces a grant (docs/PROXY.md) under its id.
     PutGrant {
         /// The grant id (hex SHA-256 of the handle).
@@ -204,7 +211,15 @@ pub trait TokenStore: Send + Sync + 'static {
         id: &RecordId,
         now: i64,
         audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError>;
+    ) -> Result<Record, StoreError> {
+        self.apply(
+            &[Mutation::Revoke(id.clone())],
+            audit.map_or(&[], std::slice::from_ref),
+            now,
+        )?;
+        self.get_record(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
 
     /// Marks a record as needing re-authorization if it is still at `expected_version`, with
     /// `audit` in the same batch; returns the updated record (`VersionMismatch` otherwise).
@@ -214,11 +229,35 @@ pub trait TokenStore: Send + Sync + 'static {
         expected_version: u64,
         now: i64,
         audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError>;
+    ) -> Result<Record, StoreError> {
+        self.apply(
+            &[Mutation::MarkNeedsReauth {
+                id: id.clone(),
+                expected_version,
+            }],
+            audit.map_or(&[], std::slice::from_ref),
+            now,
+        )?;
+        self.get_record(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))
+    }
 
     /// Deletes a record; false if there was none (and then `audit` is not written).
-    fn delete_record(&self, id: &RecordId, audit: Option<&AuditAppend>)
-    -> Result<bool, StoreError>;
+    fn delete_record(
+        &self,
+        id: &RecordId,
+        audit: Option<&AuditAppend>,
+    ) -> Result<bool, StoreError> {
+        match self.apply(
+            &[Mutation::DeleteRecord(id.clone())],
+            audit.map_or(&[], std::slice::from_ref),
+            0,
+        ) {
+            Ok(()) => Ok(true),
+            Err(StoreError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 
     /// Deletes every record of `owner`, with `audit` in the same batch; returns how many.
     fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError>;

@@ -277,66 +277,6 @@ impl TokenStore for RocksStore {
         self.read(id)
     }
 
-    fn revoke(
-        &self,
-        id: &RecordId,
-        now: i64,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError> {
-        let _guard = self.lock();
-        let mut r = self
-            .read(id)?
-            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        let mut batch = WriteBatch::default();
-        if !r.revoked {
-            r.revoked = true;
-            r.updated_at = now;
-            r.version += 1;
-            batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
-        }
-        self.add_audit(&mut batch, audit);
-        if !batch.is_empty() {
-            self.write(batch)?;
-        }
-        Ok(r)
-    }
-
-    fn mark_needs_reauth(
-        &self,
-        id: &RecordId,
-        expected_version: u64,
-        now: i64,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError> {
-        let _guard = self.lock();
-        let r = super::plan_mark_needs_reauth(self.read(id)?, id, expected_version, now)?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
-        self.add_audit(&mut batch, audit);
-        self.write(batch)?;
-        Ok(r)
-    }
-
-    fn delete_record(
-        &self,
-        id: &RecordId,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError> {
-        {
-            let _guard = self.lock();
-            let Some(r) = self.read(id)? else {
-                return Ok(false);
-            };
-            let mut batch = WriteBatch::default();
-            batch.delete_cf(self.cf(CF_RECORDS), id.as_str());
-            batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&r.meta.owner, id));
-            self.add_audit(&mut batch, audit);
-            self.write(batch)?;
-        }
-        self.purge(&[id.as_str().as_bytes().to_vec()])?;
-        Ok(true)
-    }
-
     fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
         let prefix = schema::owner_prefix(owner);
         let ids: Vec<Vec<u8>> = {
@@ -518,6 +458,19 @@ impl TokenStore for RocksStore {
                         batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
                         staged.insert(id.clone(), Some(r));
                     }
+                }
+                Mutation::MarkNeedsReauth {
+                    id,
+                    expected_version,
+                } => {
+                    let r = super::plan_mark_needs_reauth(
+                        current(&staged, id)?,
+                        id,
+                        *expected_version,
+                        now,
+                    )?;
+                    batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
+                    staged.insert(id.clone(), Some(r));
                 }
                 Mutation::DeleteRecord(id) => {
                     let r = current(&staged, id)?

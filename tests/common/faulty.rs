@@ -81,37 +81,6 @@ impl TokenStore for FaultyStore {
         self.inner.get_record(id)
     }
 
-    fn revoke(
-        &self,
-        id: &RecordId,
-        now: i64,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError> {
-        self.check_record(id)?;
-        self.inner.revoke(id, now, audit)
-    }
-
-    fn mark_needs_reauth(
-        &self,
-        id: &RecordId,
-        expected_version: u64,
-        now: i64,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError> {
-        self.check_record(id)?;
-        self.inner
-            .mark_needs_reauth(id, expected_version, now, audit)
-    }
-
-    fn delete_record(
-        &self,
-        id: &RecordId,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError> {
-        self.check_record(id)?;
-        self.inner.delete_record(id, audit)
-    }
-
     fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
         self.inner.delete_owner(owner, audit)
     }
@@ -160,7 +129,9 @@ impl TokenStore for FaultyStore {
         for m in mutations {
             match m {
                 Mutation::PutRecord(w) => self.check_record(&w.meta.id)?,
-                Mutation::Revoke(id) | Mutation::DeleteRecord(id) => self.check_record(id)?,
+                Mutation::Revoke(id)
+                | Mutation::DeleteRecord(id)
+                | Mutation::MarkNeedsReauth { id, .. } => self.check_record(id)?,
                 Mutation::PutGrant { .. } | Mutation::DeleteGrant(_) => self.check_grants()?,
                 _ => {}
             }
