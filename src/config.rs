@@ -147,22 +147,39 @@ pub struct CallerPolicy {
     pub issue_grants: bool,
 }
 
+/// Why a caller's policy refuses a request. The owner is personal data: no message repeats it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum PolicyDenial {
+    /// The record's provider is not among the caller's providers.
+    #[error("provider {0} is outside this caller's providers")]
+    Provider(String),
+    /// The record's kind is not among the caller's kinds.
+    #[error("kind {0} is outside this caller's kinds")]
+    Kind(SecretKind),
+    /// The record's owner does not start with one of the caller's owner prefixes.
+    #[error("the record's owner is outside this caller's owner prefixes")]
+    RecordOwner,
+    /// An owner named in the request does not start with one of the caller's owner prefixes.
+    #[error("the owner is outside this caller's owner prefixes")]
+    Owner,
+    /// The caller may not issue or revoke grants.
+    #[error("credential '{0}' may not issue or revoke grants (issue_grants is not set)")]
+    IssueGrants(String),
+}
+
 impl CallerPolicy {
     /// Why the caller may not touch a record with this metadata, if it may not.
-    pub fn check_record(&self, meta: &RecordMeta) -> Result<(), String> {
+    pub fn check_record(&self, meta: &RecordMeta) -> Result<(), PolicyDenial> {
         if !self.providers.is_empty() && !self.providers.iter().any(|p| p == meta.provider.as_str())
         {
-            return Err(format!(
-                "provider {} is outside this caller's providers",
-                meta.provider
-            ));
+            return Err(PolicyDenial::Provider(meta.provider.to_string()));
         }
         if !self.kinds.is_empty() && !self.kinds.contains(&meta.kind) {
-            return Err(format!("kind {} is outside this caller's kinds", meta.kind));
+            return Err(PolicyDenial::Kind(meta.kind));
         }
         if !self.allows_owner(meta.owner.as_str()) {
-            // The owner is personal data: the message does not repeat it.
-            return Err("the record's owner is outside this caller's owner prefixes".into());
+            return Err(PolicyDenial::RecordOwner);
         }
         Ok(())
     }
@@ -634,7 +651,7 @@ impl Config {
                         key: crate::security_event::VerifyingKey::from_pem_file(
                             &base.join(&f.public_key_file),
                         )
-                        .map_err(|e| invalid(&format!("{key}.public_key_file"), e))?,
+                        .map_err(|e| invalid(&format!("{key}.public_key_file"), e.to_string()))?,
                         issuer: f.issuer,
                         audience: f.audience,
                         provider: f.provider,

@@ -64,14 +64,51 @@ impl std::fmt::Debug for VerifyingKey {
     }
 }
 
+/// Why an issuer's public key file could not be used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum IssuerKeyError {
+    /// The file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not an SPKI public key PEM.
+    #[error("{}: not an SPKI public key: {reason}", path.display())]
+    NotSpki {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The decoder's reason.
+        reason: String,
+    },
+    /// The key's algorithm is neither RSA nor P-256.
+    #[error("{}: unsupported key algorithm {oid}; use RSA (RS256) or P-256 (ES256)", path.display())]
+    Algorithm {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The algorithm's OID.
+        oid: String,
+    },
+}
+
 impl VerifyingKey {
     /// Reads an SPKI PEM file holding an RSA (2048+ bits) or P-256 public key.
-    pub fn from_pem_file(path: &Path) -> Result<Self, String> {
+    pub fn from_pem_file(path: &Path) -> Result<Self, IssuerKeyError> {
         use spki::der::DecodePem as _;
-        let pem = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let info = spki::SubjectPublicKeyInfoOwned::from_pem(pem.as_bytes())
-            .map_err(|e| format!("{}: not an SPKI public key: {e}", path.display()))?;
+        let pem = std::fs::read_to_string(path).map_err(|source| IssuerKeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let info = spki::SubjectPublicKeyInfoOwned::from_pem(pem.as_bytes()).map_err(|e| {
+            IssuerKeyError::NotSpki {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
         let bits = info.subject_public_key.raw_bytes().to_vec();
         const RSA: &str = "1.2.840.113549.1.1.1";
         const EC: &str = "1.2.840.10045.2.1";
@@ -87,10 +124,10 @@ impl VerifyingKey {
             {
                 Ok(VerifyingKey::Es256(bits))
             }
-            other => Err(format!(
-                "{}: unsupported key algorithm {other}; use RSA (RS256) or P-256 (ES256)",
-                path.display()
-            )),
+            other => Err(IssuerKeyError::Algorithm {
+                path: path.to_path_buf(),
+                oid: other.to_string(),
+            }),
         }
     }
 

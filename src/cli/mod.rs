@@ -205,19 +205,33 @@ impl From<crate::keys::KeyError> for CliError {
             KeyError::Io { .. } | KeyError::Generation | KeyError::Store(_) => {
                 CliError::Internal(e.to_string())
             }
-            _ => CliError::Input(e.to_string()),
+            KeyError::UnexpectedPem { .. }
+            | KeyError::NotPem
+            | KeyError::Malformed { .. }
+            | KeyError::UnsupportedSize { .. }
+            | KeyError::PassphraseRequired(_)
+            | KeyError::PemMissingEnd { .. }
+            | KeyError::NotRsa { .. }
+            | KeyError::WrongPassphrase
+            | KeyError::Mismatch { .. }
+            | KeyError::InsecurePermissions { .. } => CliError::Input(e.to_string()),
         }
     }
 }
 
 impl From<crate::store::StoreError> for CliError {
     fn from(e: crate::store::StoreError) -> Self {
-        if e.to_string()
-            .contains("in use by another tokenvault process")
-        {
-            CliError::Precondition(format!("{e}; stop the daemon first"))
-        } else {
-            CliError::Internal(e.to_string())
+        use crate::store::StoreError;
+        match e {
+            StoreError::Locked(_) => CliError::Precondition(format!("{e}; stop the daemon first")),
+            StoreError::NotFound(_) => CliError::NotFound(e.to_string()),
+            StoreError::AlreadyExists(_)
+            | StoreError::VersionMismatch { .. }
+            | StoreError::Conflict(_)
+            | StoreError::KeyNotAccepted { .. }
+            | StoreError::KeyInUse { .. } => CliError::Precondition(e.to_string()),
+            StoreError::DuplicateInBatch(_) => CliError::Input(e.to_string()),
+            StoreError::Corrupt(_) | StoreError::Engine(_) => CliError::Internal(e.to_string()),
         }
     }
 }

@@ -178,31 +178,75 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Why a provider's client could not be built.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum UpstreamSetupError {
+    /// The CA file could not be read.
+    #[error("reading ca_file {}: {source}", path.display())]
+    ReadCa {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A certificate in the CA file is not usable.
+    #[error("ca_file {}: {reason}", path.display())]
+    BadCa {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The decoder's or rustls's reason.
+        reason: String,
+    },
+    /// The CA file holds no certificate.
+    #[error("ca_file {} holds no certificate", path.display())]
+    EmptyCa {
+        /// Its path.
+        path: std::path::PathBuf,
+    },
+    /// The TLS library refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// One provider's client, by name.
+    #[error("provider {name}: {source}")]
+    Provider {
+        /// The provider.
+        name: String,
+        /// The cause.
+        #[source]
+        source: Box<UpstreamSetupError>,
+    },
+}
+
 /// Builds the TLS configuration: the provider's CA file, or the bundled Mozilla roots.
-fn tls_config(policy: &ProviderPolicy) -> Result<rustls::ClientConfig, String> {
+fn tls_config(policy: &ProviderPolicy) -> Result<rustls::ClientConfig, UpstreamSetupError> {
     let mut roots = rustls::RootCertStore::empty();
     match &policy.ca_file {
         Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("reading ca_file {}: {e}", path.display()))?;
+            let pem = std::fs::read(path).map_err(|source| UpstreamSetupError::ReadCa {
+                path: path.clone(),
+                source,
+            })?;
+            let bad = |reason: String| UpstreamSetupError::BadCa {
+                path: path.clone(),
+                reason,
+            };
             let mut any = false;
             for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
                 any = true;
             }
             if !any {
-                return Err(format!("ca_file {} holds no certificate", path.display()));
+                return Err(UpstreamSetupError::EmptyCa { path: path.clone() });
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
@@ -211,12 +255,15 @@ use rustls::pki_types::pem::PemObject as _;
 
 impl Upstream {
     /// A client for `policy` using the system resolver.
-    pub fn new(policy: ProviderPolicy) -> Result<Self, String> {
+    pub fn new(policy: ProviderPolicy) -> Result<Self, UpstreamSetupError> {
         Self::with_resolver(policy, connect::system_resolver())
     }
 
     /// A client for `policy` resolving names with `resolver`.
-    pub fn with_resolver(policy: ProviderPolicy, resolver: Resolver) -> Result<Self, String> {
+    pub fn with_resolver(
+        policy: ProviderPolicy,
+        resolver: Resolver,
+    ) -> Result<Self, UpstreamSetupError> {
         let tls = Arc::new(tls_config(&policy)?);
         let policy = Arc::new(policy);
         let connector = Connector::new(Arc::clone(&policy), tls, resolver);
@@ -610,11 +657,15 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Builds one client per provider.
-    pub fn new<'a>(policies: impl IntoIterator<Item = &'a ProviderPolicy>) -> Result<Self, String> {
+    pub fn new<'a>(
+        policies: impl IntoIterator<Item = &'a ProviderPolicy>,
+    ) -> Result<Self, UpstreamSetupError> {
         let mut by_name = HashMap::new();
         for p in policies {
-            let upstream =
-                Upstream::new(p.clone()).map_err(|e| format!("provider {}: {e}", p.name))?;
+            let upstream = Upstream::new(p.clone()).map_err(|e| UpstreamSetupError::Provider {
+                name: p.name.clone(),
+                source: Box::new(e),
+            })?;
             by_name.insert(p.name.clone(), Arc::new(upstream));
         }
         Ok(Self { by_name })
@@ -794,12 +845,12 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut p = ProviderPolicy::for_tests("https://api.example.com");
         p.ca_file = Some(tmp.path().join("missing.pem"));
-        let err = Upstream::new(p.clone()).expect_err("missing");
+        let err = Upstream::new(p.clone()).expect_err("missing").to_string();
         assert!(err.starts_with("reading ca_file"), "{err}");
         let empty = tmp.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").expect("write");
         p.ca_file = Some(empty);
-        let err = Upstream::new(p).expect_err("empty");
+        let err = Upstream::new(p).expect_err("empty").to_string();
         assert!(err.ends_with("holds no certificate"), "{err}");
     }
 

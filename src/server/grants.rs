@@ -12,7 +12,7 @@ use super::status::ServiceError;
 use super::{State, record_id};
 use crate::api::v1;
 use crate::audit::Draft;
-use crate::config::CallerPolicy;
+use crate::config::{CallerPolicy, PolicyDenial};
 use crate::grant::{self, Grant, GrantError, Subject};
 use crate::record::{Owner, Record, RecordId};
 use crate::secret::GrantHandle;
@@ -26,9 +26,7 @@ fn may_issue(caller: &str, policy: &CallerPolicy) -> Result<(), ServiceError> {
     if policy.issue_grants {
         Ok(())
     } else {
-        Err(ServiceError::PolicyDenied(format!(
-            "credential '{caller}' may not issue or revoke grants (issue_grants is not set)"
-        )))
+        Err(PolicyDenial::IssueGrants(caller.to_string()).into())
     }
 }
 
@@ -86,9 +84,7 @@ pub(super) fn issue(
                 source,
             })?;
             if !policy.allows_owner(owner.as_str()) {
-                return Err(ServiceError::PolicyDenied(
-                    "the owner is outside this caller's owner prefixes".into(),
-                ));
+                return Err(PolicyDenial::Owner.into());
             }
             draft = draft.owner(owner.as_str());
             Subject::Owner(owner)

@@ -62,10 +62,19 @@ pub enum StartError {
     Listener(String),
     /// The TLS configuration could not be loaded.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] tls::TlsSetupError),
     /// A provider's configuration could not be used.
     #[error("providers: {0}")]
-    Providers(String),
+    Providers(#[from] crate::proxy::UpstreamSetupError),
+    /// The pool of private-key threads or the commit thread could not start.
+    #[error("starting the {what} thread(s): {source}")]
+    Threads {
+        /// Which.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -122,12 +131,13 @@ impl State {
         })?;
         let draft = Draft::new(caller, "ReloadProviders");
         let loaded = tokio::task::spawn_blocking(move || {
-            let policies = Config::load_providers(&path).map_err(|e| e.to_string())?;
+            let policies =
+                Config::load_providers(&path).map_err(|e| ServiceError::Reload(e.to_string()))?;
             crate::proxy::Upstreams::new(policies.values())
+                .map_err(|e| ServiceError::Reload(e.to_string()))
         })
         .await
-        .map_err(|_| ServiceError::Task)?
-        .map_err(ServiceError::Reload);
+        .map_err(|_| ServiceError::Task)?;
         match loaded {
             Ok(upstreams) => {
                 let names = upstreams.names();
@@ -306,8 +316,7 @@ impl Daemon {
             .with_min_version(config.key_policy.min_decrypt_version);
         let (active, _) = ring.active();
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
-        let upstreams = crate::proxy::Upstreams::new(config.providers.values())
-            .map_err(StartError::Providers)?;
+        let upstreams = crate::proxy::Upstreams::new(config.providers.values())?;
         let metrics = Arc::new(metrics::Metrics::default());
         let store_for_audit = Arc::clone(&store);
         let state = State {
@@ -319,9 +328,16 @@ impl Daemon {
             cpu: cpu_pool::CpuPool::start(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )
-            .map_err(|e| StartError::Listener(format!("starting the RSA pool: {e}")))?,
-            commit: commit::GroupCommit::start(Arc::clone(&store))
-                .map_err(|e| StartError::Listener(format!("starting the commit thread: {e}")))?,
+            .map_err(|source| StartError::Threads {
+                what: "RSA pool",
+                source,
+            })?,
+            commit: commit::GroupCommit::start(Arc::clone(&store)).map_err(|source| {
+                StartError::Threads {
+                    what: "group commit",
+                    source,
+                }
+            })?,
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,
@@ -344,12 +360,7 @@ impl Daemon {
                 )
             }),
         };
-        let tls = config
-            .tls
-            .as_ref()
-            .map(tls::server_config)
-            .transpose()
-            .map_err(StartError::Tls)?;
+        let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
         Ok(Self {
             state: Arc::new(state),
             auth: Arc::new(
@@ -623,18 +634,31 @@ async fn reload_on_sighup(state: Arc<State>) {
 /// process has `CAP_IPC_LOCK`. With a finite limit, `MCL_FUTURE` would turn ordinary growth
 /// (RocksDB's block cache, bursts of requests) into allocation failures, so the daemon refuses
 /// and the caller warns instead. Returns why memory was not locked.
-pub fn lock_memory() -> Result<(), String> {
+pub fn lock_memory() -> Result<(), MemoryLockError> {
     use rustix::mm::{MlockAllFlags, mlockall};
     use rustix::process::{Resource, getrlimit};
     if let Some(limit) = getrlimit(Resource::Memlock).current
         && !has_cap_ipc_lock()
     {
-        return Err(format!(
-            "RLIMIT_MEMLOCK is {limit} bytes and the process lacks CAP_IPC_LOCK"
-        ));
+        return Err(MemoryLockError::Limited { limit });
     }
     mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT)
-        .map_err(|e| format!("mlockall failed: {e}"))
+        .map_err(|e| MemoryLockError::Failed(e.into()))
+}
+
+/// Why memory was not locked.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MemoryLockError {
+    /// A finite limit without the capability to exceed it.
+    #[error("RLIMIT_MEMLOCK is {limit} bytes and the process lacks CAP_IPC_LOCK")]
+    Limited {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The system call failed.
+    #[error("mlockall failed: {0}")]
+    Failed(std::io::Error),
 }
 
 /// Whether the effective capability set holds `CAP_IPC_LOCK` (bit 14).

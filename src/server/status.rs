@@ -86,7 +86,7 @@ pub enum ServiceError {
     Audit(#[from] crate::audit::AuditError),
     /// The caller's policy does not cover this record.
     #[error("permission denied: {0}")]
-    PolicyDenied(String),
+    PolicyDenied(#[from] crate::config::PolicyDenial),
     /// The caller exceeded its per-record rate limit.
     #[error("credential '{caller}' exceeded its rate limit of {rate} requests/s for record {id}")]
     RecordRateLimited {

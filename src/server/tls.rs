@@ -22,22 +22,54 @@ use crate::config::TlsConfig;
 const COMMON_NAME: x509_cert::der::oid::ObjectIdentifier =
     x509_cert::der::oid::ObjectIdentifier::new_unwrap("2.5.4.3");
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+/// Why the listener's TLS configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsSetupError {
+    /// A certificate or key file could not be read.
+    #[error("{what} {}: {source}", path.display())]
+    Read {
+        /// Which file ("TLS certificate", "TLS key", "client CA").
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The private key file is readable by others.
+    #[error("TLS key {} is readable by group or others (mode {mode:o}); chmod 600 it", path.display())]
+    KeyPermissions {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsSetupError> {
+    std::fs::read(path).map_err(|source| TlsSetupError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Builds the listener's TLS configuration from `tls`.
-pub fn server_config(tls: &TlsConfig) -> Result<ServerTlsConfig, String> {
+pub fn server_config(tls: &TlsConfig) -> Result<ServerTlsConfig, TlsSetupError> {
     let mode = std::fs::metadata(&tls.key_file)
-        .map_err(|e| format!("TLS key {}: {e}", tls.key_file.display()))?
+        .map_err(|source| TlsSetupError::Read {
+            what: "TLS key",
+            path: tls.key_file.clone(),
+            source,
+        })?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        return Err(format!(
-            "TLS key {} is readable by group or others (mode {:o}); chmod 600 it",
-            tls.key_file.display(),
-            mode & 0o777
-        ));
+        return Err(TlsSetupError::KeyPermissions {
+            path: tls.key_file.clone(),
+            mode: mode & 0o777,
+        });
     }
     let cert = read(&tls.cert_file, "TLS certificate")?;
     let key = zeroize::Zeroizing::new(read(&tls.key_file, "TLS key")?);
