@@ -281,7 +281,13 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// On shutdown, how long health reports NOT_SERVING before the listeners close, so load
+    /// balancers stop routing new calls first.
+    pub shutdown_grace: std::time::Duration,
 }
+
+/// Longest accepted `shutdown_grace_seconds`.
+pub const MAX_SHUTDOWN_GRACE_SECONDS: u64 = 300;
 
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -352,6 +358,7 @@ struct FileConfig {
     #[serde(default)]
     insecure_plaintext: bool,
     lock_memory: Option<bool>,
+    shutdown_grace_seconds: Option<u64>,
     metrics_listen: Option<String>,
     log: Option<String>,
     log_format: Option<LogFormat>,
@@ -601,7 +608,15 @@ impl Config {
                 "max_batch must be > 0, max_request_bytes >= 4096",
             ));
         }
+        let shutdown_grace_seconds = file.shutdown_grace_seconds.unwrap_or(0);
+        if shutdown_grace_seconds > MAX_SHUTDOWN_GRACE_SECONDS {
+            return Err(invalid(
+                "shutdown_grace_seconds",
+                format!("must be at most {MAX_SHUTDOWN_GRACE_SECONDS}"),
+            ));
+        }
         let config = Config {
+            shutdown_grace: std::time::Duration::from_secs(shutdown_grace_seconds),
             listen,
             ingest_listen,
             data_dir: base.join(data_dir),
@@ -712,6 +727,7 @@ impl Config {
             source: None,
             security_event_issuers: Vec::new(),
             lock_memory: true,
+            shutdown_grace: std::time::Duration::ZERO,
             metrics_listen: Some(SocketAddr::new(listen.ip(), 0)),
             log_format: log_format(env, None)?,
         })
@@ -850,6 +866,12 @@ mod tests {
                 "metrics_listen: not an IP:port address",
             ),
             ("log_format = \"xml\"\n", "unknown variant `xml`"),
+            (
+                "shutdown_grace_seconds = 301\n",
+                "shutdown_grace_seconds: must be at most 300",
+            ),
+            ("shutdown_grace_seconds = -1\n", "config file"),
+            ("shutdown_grace_seconds = \"5\"\n", "invalid type"),
             (
                 "[[security_event_issuers]]\nissuer = \"i\"\naudience = \"a\"\nprovider = \"p\"\npublic_key_file = \"missing.pem\"\n",
                 "security_event_issuers[0].public_key_file: reading",

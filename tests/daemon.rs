@@ -1079,3 +1079,98 @@ async fn ingest_enforces_the_documented_secret_length() {
     );
     d.stop().await;
 }
+
+/// From the moment shutdown begins, health answers NOT_SERVING (through the grace period, so
+/// load balancers move away first), a long-running rewrap stops at its next page (resumable,
+/// audited), and when `serve` returns nothing holds the store any more: it opens at once.
+#[tokio::test]
+async fn shutdown_reports_not_serving_stops_long_work_and_releases_the_store() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.shutdown_grace = std::time::Duration::from_secs(2);
+    let mut d = TestDaemon::start_with(cfg).await;
+    d.seed("r", 300).await;
+    let mut admin = d.admin(ADMIN).await;
+    admin
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    // 300 records at 10/s: half a minute if nothing stopped it.
+    let mut rewrap = admin
+        .rewrap(v1::RewrapRequest {
+            max_records_per_second: 10,
+        })
+        .await
+        .expect("rewrap")
+        .into_inner();
+    rewrap
+        .message()
+        .await
+        .expect("progress")
+        .expect("first report");
+    let health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let status = |service: &str| {
+        let mut health = health.clone();
+        let service = service.to_string();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest { service })
+                .await
+                .expect("health")
+                .into_inner()
+                .status
+        }
+    };
+    assert_eq!(status("").await, ServingStatus::Serving as i32);
+    let started = std::time::Instant::now();
+    d.begin_stop();
+    // Wait on the event, bounded well inside the grace period.
+    while status("").await != ServingStatus::NotServing as i32 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "still SERVING"
+        );
+        tokio::task::yield_now().await;
+    }
+    for service in [
+        "tokenvault.v1.Ingest",
+        "tokenvault.v1.Broker",
+        "tokenvault.v1.Admin",
+    ] {
+        assert_eq!(
+            status(service).await,
+            ServingStatus::NotServing as i32,
+            "{service}"
+        );
+    }
+    drop(health);
+    // The paced rewrap ends long before its 30 s, not done.
+    let mut last = None;
+    while let Ok(Some(p)) = rewrap.message().await {
+        last = Some(p);
+    }
+    assert!(last.is_none_or(|p| !p.done));
+    d.stop().await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // Nothing holds the store: it opens at once, with some records still to move and the
+    // stop in the audit trail.
+    let store = tokenvault::store::RocksStore::open(&config(dir.path()).data_dir, 1 << 20)
+        .expect("the store is free as soon as serve returns");
+    use tokenvault::store::TokenStore as _;
+    let per_version = store.stats().expect("stats").per_key_version;
+    assert!(
+        per_version.iter().any(|(v, n)| *v == 1 && *n > 0),
+        "{per_version:?}"
+    );
+    let mut actions = Vec::new();
+    for (_, raw) in store.audit_events(1, 10_000).expect("events") {
+        use prost::Message as _;
+        actions.push(
+            tokenvault::audit::Event::decode(raw.as_slice())
+                .expect("event")
+                .action,
+        );
+    }
+    assert!(actions.iter().any(|a| a == "RewrapStopped"), "{actions:?}");
+}

@@ -42,6 +42,7 @@ block_cache_mb = 16
 log = "info"
 log_format = "json"
 lock_memory = true
+shutdown_grace_seconds = 1
 
 [limits]
 max_request_bytes = 4194304

@@ -137,9 +137,16 @@ impl Admin for AdminService {
         let owner = (!req.owner.is_empty()).then(|| self.0.audit.hmac(&req.owner));
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let state = Arc::clone(&self.0);
-        tokio::task::spawn_blocking(move || {
+        // Tracked and stopped at shutdown: it reads the store page by page.
+        self.0.tasks.spawn_blocking(move || {
             let mut next = 1;
             loop {
+                if state.stopping.is_cancelled() {
+                    let _ = tx.blocking_send(Err(Status::unavailable(
+                        "the daemon is shutting down; read the rest after it restarts",
+                    )));
+                    return;
+                }
                 let page = match state.store.audit_events(next, 512) {
                     Ok(p) => p,
                     Err(e) => {
@@ -238,7 +245,7 @@ impl Admin for AdminService {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tracing::info!(rpc = "Rewrap", %caller, "rewrap started");
-        tokio::task::spawn_blocking(move || {
+        self.0.tasks.spawn_blocking(move || {
             let state = Arc::clone(&running.0);
             let ring = state.keyring();
             // A caller that goes away (Ctrl-C, a cancelled stream) stops the run after the
@@ -253,6 +260,10 @@ impl Admin for AdminService {
                     .metrics
                     .rewrap_done
                     .set(i64::try_from(p.rewrapped).unwrap_or(i64::MAX));
+                // Shutdown stops the run like a caller that went away: it resumes next time.
+                if state.stopping.is_cancelled() {
+                    return std::ops::ControlFlow::Break(());
+                }
                 match tx.blocking_send(Ok(progress(p))) {
                     Ok(()) => std::ops::ControlFlow::Continue(()),
                     Err(_) => std::ops::ControlFlow::Break(()),
@@ -262,10 +273,10 @@ impl Admin for AdminService {
                 Ok(p) if !p.done => {
                     tracing::info!(
                         rewrapped = p.rewrapped,
-                        "rewrap stopped: the caller went away; the next Rewrap resumes"
+                        "rewrap stopped (the caller went away or the daemon is stopping); the next Rewrap resumes"
                     );
                     let stopped = Draft::new("rewrap", "RewrapStopped").detail(format!(
-                        "v{}: {} rewrapped before the caller went away",
+                        "v{}: {} rewrapped before the caller went away or the daemon stopped",
                         p.target_version, p.rewrapped
                     ));
                     if let Err(e) = state.audit.append(&stopped, true) {

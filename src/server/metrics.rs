@@ -344,15 +344,37 @@ where
 }
 
 /// Serves `GET /metrics` on `listener` until the daemon stops.
-pub(super) async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
+pub(super) async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     use http_body_util::Full;
     use hyper_util::rt::TokioIo;
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => return,
         };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = std::time::Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning on accept.
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let scrape_state = Arc::clone(&state);
+        let stop_conn = stop.clone();
+        // Tracked: a scrape in progress reads the store, so `serve` waits for it.
+        state.tasks.spawn(async move {
+            let state = scrape_state;
             let service = hyper::service::service_fn(move |req: http::Request<_>| {
                 let state = Arc::clone(&state);
                 async move {
@@ -373,9 +395,18 @@ pub(super) async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) 
                     Ok::<_, std::convert::Infallible>(response.unwrap_or_default())
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            // A scraper keeps its connection open between scrapes: on shutdown it is closed
+            // once the response in progress (if any) is sent.
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop_conn.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
 }

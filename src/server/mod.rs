@@ -112,6 +112,14 @@ pub(crate) struct State {
     commit: commit::GroupCommit,
     /// One thread per core for private-key work.
     cpu: cpu_pool::CpuPool,
+    /// Cancelled when shutdown begins: long-running work (rewrap, audit streams, background
+    /// jobs) stops at its next safe point.
+    stopping: tokio_util::sync::CancellationToken,
+    /// Every task the daemon starts beyond request handlers; `serve` waits for all of them,
+    /// since they may hold the store.
+    tasks: tokio_util::task::TaskTracker,
+    /// How long health says NOT_SERVING before the listeners close.
+    shutdown_grace: std::time::Duration,
 }
 
 impl State {
@@ -130,14 +138,16 @@ impl State {
             ServiceError::Reload("the daemon was started without a config file".into())
         })?;
         let draft = Draft::new(caller, "ReloadProviders");
-        let loaded = tokio::task::spawn_blocking(move || {
-            let policies =
-                Config::load_providers(&path).map_err(|e| ServiceError::Reload(e.to_string()))?;
-            crate::proxy::Upstreams::new(policies.values())
-                .map_err(|e| ServiceError::Reload(e.to_string()))
-        })
-        .await
-        .map_err(|_| ServiceError::Task)?;
+        let loaded = self
+            .tasks
+            .spawn_blocking(move || {
+                let policies = Config::load_providers(&path)
+                    .map_err(|e| ServiceError::Reload(e.to_string()))?;
+                crate::proxy::Upstreams::new(policies.values())
+                    .map_err(|e| ServiceError::Reload(e.to_string()))
+            })
+            .await
+            .map_err(|_| ServiceError::Task)?;
         match loaded {
             Ok(upstreams) => {
                 let names = upstreams.names();
@@ -277,7 +287,9 @@ impl State {
         f: impl FnOnce(&State) -> Result<T, ServiceError> + Send + 'static,
     ) -> Result<T, ServiceError> {
         let state = Arc::clone(self);
-        tokio::task::spawn_blocking(move || f(&state))
+        // Tracked, so `serve` waits for it even when the request that started it was dropped.
+        self.tasks
+            .spawn_blocking(move || f(&state))
             .await
             .map_err(|_| ServiceError::Task)?
     }
@@ -338,6 +350,9 @@ impl Daemon {
                     source,
                 }
             })?,
+            stopping: tokio_util::sync::CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            shutdown_grace: config.shutdown_grace,
             store,
             keyring: RwLock::new(Arc::new(ring)),
             limits: config.limits,
@@ -437,27 +452,33 @@ impl Daemon {
             .build_v1alpha()
             .expect("the embedded descriptor sets are valid");
 
-        // Background tasks hold the state (and so the store): they end before `serve` returns,
-        // so the store is closed when it does. Periodic store jobs are told to stop and
-        // awaited, because aborting one mid-run would leave its blocking work holding the
-        // store; the others are aborted.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut periodic = tokio::task::JoinSet::new();
-        periodic.spawn(sweep_grants(Arc::clone(&self.state), stop_rx.clone()));
-        if let Some(period) = self.state.policy.auto_rotate_seconds {
-            periodic.spawn(auto_rotate(
-                Arc::clone(&self.state),
-                period,
-                stop_rx.clone(),
-            ));
+        // Background tasks hold the state (and so the store): they are told to stop when
+        // shutdown begins and awaited before `serve` returns, so the store is closed when it
+        // does. A run in progress (a sweep, a refresh, a scrape) finishes; none is aborted
+        // mid-way, since aborting a task does not stop the blocking work it started.
+        let state = &self.state;
+        let stopping = state.stopping.clone();
+        state
+            .tasks
+            .spawn(sweep_grants(Arc::clone(state), stopping.clone()));
+        if let Some(period) = state.policy.auto_rotate_seconds {
+            state
+                .tasks
+                .spawn(auto_rotate(Arc::clone(state), period, stopping.clone()));
         }
-        let mut background = tokio::task::JoinSet::new();
-        background.spawn(refresh::background(Arc::clone(&self.state)));
+        state
+            .tasks
+            .spawn(refresh::background(Arc::clone(state), stopping.clone()));
         #[cfg(unix)]
-        background.spawn(reload_on_sighup(Arc::clone(&self.state)));
+        state
+            .tasks
+            .spawn(reload_on_sighup(Arc::clone(state), stopping.clone()));
         if let Some(l) = self.metrics_listener.take() {
-            background.spawn(metrics::serve(l, Arc::clone(&self.state)));
+            state
+                .tasks
+                .spawn(metrics::serve(l, Arc::clone(state), stopping.clone()));
         }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
         let builder = || -> Result<tonic::transport::Server<_>, StartError> {
             let mut b = tonic::transport::Server::builder()
@@ -478,13 +499,14 @@ impl Daemon {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let mut reporters = vec![health_reporter];
         let ingest_only = match ingest_listener {
             Some(l) => {
-                let (_, ingest_health) = {
-                    let (r, h) = tonic_health::server::health_reporter();
-                    r.set_serving::<IngestServer<ingest::IngestService>>().await;
-                    (r, h)
-                };
+                let (ingest_reporter, ingest_health) = tonic_health::server::health_reporter();
+                ingest_reporter
+                    .set_serving::<IngestServer<ingest::IngestService>>()
+                    .await;
+                reporters.push(ingest_reporter);
                 let server = builder()?
                     .add_service(ingest_health)
                     .add_service(ingest())
@@ -507,8 +529,27 @@ impl Daemon {
                 guard(Role::Admin, "Admin"),
             ))
             .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx));
+        let grace = state.shutdown_grace;
         let signal = async move {
             shutdown.await;
+            // From the moment shutdown begins, health says NOT_SERVING (for the grace period,
+            // so load balancers route new calls elsewhere) and long-running work stops.
+            for r in &reporters {
+                r.set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                r.set_not_serving::<IngestServer<ingest::IngestService>>()
+                    .await;
+                r.set_not_serving::<BrokerServer<broker::BrokerService>>()
+                    .await;
+                r.set_not_serving::<AdminServer<admin::AdminService>>()
+                    .await;
+            }
+            stopping.cancel();
+            tracing::info!(
+                grace_ms = grace.as_millis(),
+                "shutting down: health NOT_SERVING"
+            );
+            tokio::time::sleep(grace).await;
             let _ = stop_tx.send(true);
         };
         let (result, ()) = tokio::join!(main, signal);
@@ -517,8 +558,8 @@ impl Daemon {
             task.await
                 .map_err(|_| StartError::Listener("the ingest listener task failed".into()))??;
         }
-        background.shutdown().await;
-        periodic.join_all().await;
+        self.state.tasks.close();
+        self.state.tasks.wait().await;
         drop(self);
         Ok(())
     }
@@ -559,7 +600,7 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 
 /// Rotates when the active key is older than `period` seconds; checks once a minute (more
 /// often for periods under a minute, which only tests use).
-async fn auto_rotate(state: Arc<State>, period: i64, stop: tokio::sync::watch::Receiver<bool>) {
+async fn auto_rotate(state: Arc<State>, period: i64, stop: tokio_util::sync::CancellationToken) {
     let every = u64::try_from(period.clamp(1, 60)).unwrap_or(60);
     periodically(std::time::Duration::from_secs(every), stop, || async {
         let due = state.keyring().active().0.created_at.saturating_add(period) <= crate::unix_now();
@@ -580,7 +621,7 @@ async fn auto_rotate(state: Arc<State>, period: i64, stop: tokio::sync::watch::R
 }
 
 /// Deletes expired grants at startup and every [`grants::SWEEP_EVERY`].
-async fn sweep_grants(state: Arc<State>, stop: tokio::sync::watch::Receiver<bool>) {
+async fn sweep_grants(state: Arc<State>, stop: tokio_util::sync::CancellationToken) {
     periodically(grants::SWEEP_EVERY, stop, || async {
         match state
             .blocking(|s| grants::sweep_expired(s, crate::unix_now()))
@@ -594,36 +635,40 @@ async fn sweep_grants(state: Arc<State>, stop: tokio::sync::watch::Receiver<bool
     .await;
 }
 
-/// Runs `job` now and then every `period` until `stop` is set (or its sender dropped). A run
-/// that has started is finished, never cancelled: its blocking work must not outlive `serve`.
+/// Runs `job` now and then every `period` until `stop` is cancelled. A run that has started is
+/// finished, never cancelled: its blocking work must not outlive `serve`.
 async fn periodically<F: Future<Output = ()>>(
     period: std::time::Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
     mut job: impl FnMut() -> F,
 ) {
     let mut tick = tokio::time::interval(period);
     loop {
-        let due = tokio::select! {
-            _ = tick.tick() => true,
-            _ = stop.wait_for(|stopped| *stopped) => false,
-        };
-        if !due {
-            return;
+        tokio::select! {
+            _ = tick.tick() => job().await,
+            () = stop.cancelled() => return,
         }
-        job().await;
     }
 }
 
-/// Reloads the providers on every SIGHUP.
+/// Reloads the providers on every SIGHUP, until shutdown.
 #[cfg(unix)]
-async fn reload_on_sighup(state: Arc<State>) {
+async fn reload_on_sighup(state: Arc<State>, stop: tokio_util::sync::CancellationToken) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; use Admin.ReloadProviders");
         return;
     };
-    while hup.recv().await.is_some() {
-        // Errors are logged and audited inside.
-        let _ = state.reload_providers("SIGHUP").await;
+    loop {
+        tokio::select! {
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                // Errors are logged and audited inside.
+                let _ = state.reload_providers("SIGHUP").await;
+            }
+            () = stop.cancelled() => return,
+        }
     }
 }
 

@@ -334,12 +334,16 @@ pub(super) fn oauth_for(state: &State, record: &Record) -> Option<(Arc<Upstream>
 }
 
 /// Renews bundles of providers with `background_refresh` that expire within their skew plus
-/// one interval. Runs until the daemon stops.
-pub(super) async fn background(state: Arc<State>) {
+/// one interval. Runs until `stop` is cancelled; refreshes already under way then finish (an
+/// aborted one could lose a rotated refresh token), none is started.
+pub(super) async fn background(state: Arc<State>, stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut next_scan: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
         let upstreams = state.upstreams();
         let due: Vec<Arc<Upstream>> = upstreams
             .all()
@@ -382,15 +386,19 @@ pub(super) async fn background(state: Arc<State>) {
             let slots = Arc::new(tokio::sync::Semaphore::new(bg.concurrency));
             let mut tasks = tokio::task::JoinSet::new();
             for record in candidates {
-                let (state, upstream, slots) = (
+                let (state, upstream, slots, stop) = (
                     Arc::clone(&state),
                     Arc::clone(&upstream),
                     Arc::clone(&slots),
+                    stop.clone(),
                 );
                 tasks.spawn(async move {
                     let Ok(_slot) = slots.acquire_owned().await else {
                         return;
                     };
+                    if stop.is_cancelled() {
+                        return;
+                    }
                     // Jitter spreads a cohort of tokens issued together.
                     let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..250u64);
                     tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;

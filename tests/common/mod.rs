@@ -111,6 +111,13 @@ impl TestDaemon {
         }
     }
 
+    /// Begins a graceful stop (as SIGTERM does) without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Graceful stop; returns once the store is closed.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
