@@ -187,25 +187,33 @@ async fn rotation_and_rewrap_while_traffic_flows() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = std::sync::Arc::new(TestDaemon::start(dir.path()).await);
     d.seed("base", 500).await;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Calls completed by each side, to wait on traffic instead of on the clock.
+    let (writes, reads) = (
+        std::sync::Arc::new(AtomicUsize::new(0)),
+        std::sync::Arc::new(AtomicUsize::new(0)),
+    );
     let writer = {
-        let (d, stop) = (d.clone(), stop.clone());
+        let (d, stop, writes) = (d.clone(), stop.clone(), writes.clone());
         tokio::spawn(async move {
             let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            while !stop.load(Ordering::SeqCst) {
                 // A web tier refreshing its public key on every write.
                 d.put(&meta(&format!("w{n}"), "o"), format!("w-{n}").as_bytes())
                     .await;
                 n += 1;
+                writes.fetch_add(1, Ordering::SeqCst);
             }
             n
         })
     };
     let reader = {
-        let (d, stop) = (d.clone(), stop.clone());
+        let (d, stop, reads) = (d.clone(), stop.clone(), reads.clone());
         tokio::spawn(async move {
             let mut n = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            while !stop.load(Ordering::SeqCst) {
+                reads.fetch_add(1, Ordering::SeqCst);
                 let i = n % 500;
                 let r = d
                     .get(format!("base{i}"))
@@ -218,7 +226,19 @@ async fn rotation_and_rewrap_while_traffic_flows() {
             n
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Until both sides have made some calls (awaited, not slept).
+    let flowing = |after: (usize, usize)| {
+        let (writes, reads) = (writes.clone(), reads.clone());
+        async move {
+            while writes.load(Ordering::SeqCst) < after.0 + 10
+                || reads.load(Ordering::SeqCst) < after.1 + 10
+            {
+                tokio::task::yield_now().await;
+            }
+            (writes.load(Ordering::SeqCst), reads.load(Ordering::SeqCst))
+        }
+    };
+    let before = flowing((0, 0)).await;
     d.admin(ADMIN)
         .await
         .rotate_key(v1::RotateKeyRequest::default())
@@ -226,8 +246,9 @@ async fn rotation_and_rewrap_while_traffic_flows() {
         .expect("rotate");
     let p = d.rewrap().await;
     assert_eq!(p.failed, 0);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Traffic goes on after the rotation and rewrap, on the new key.
+    flowing(before).await;
+    stop.store(true, Ordering::SeqCst);
     let (written, read) = (writer.await.expect("writer"), reader.await.expect("reader"));
     assert!(
         written > 0 && read > 0,

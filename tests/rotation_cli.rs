@@ -121,7 +121,24 @@ fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let rewrap = rewrap.spawn().expect("spawn rewrap");
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // Kill it once the run is seen under way (some records on v2), not after a fixed time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = status_counts(cwd, &env_ref);
+        let moved = status
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("v2: "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if moved > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     d.child.kill().expect("SIGKILL the daemon");
     d.child.wait().expect("reap");
     let mid = {

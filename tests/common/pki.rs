@@ -41,3 +41,59 @@ pub fn expired_leaf(pki: &Pki, sans: &[&str], cn: &str) -> (String, String) {
     let cert = params.signed_by(&key, &pki.issuer).expect("sign");
     (cert.pem(), key.serialize_pem())
 }
+
+/// What the server at `addr` does with a TLS client presenting `client` (certificate and key
+/// PEM) and trusting `ca_pem`: `Ok(())` if it completes the handshake and speaks (HTTP/2
+/// settings), or the alert it refused the connection with. With TLS 1.3 a refused client
+/// certificate shows only after the handshake, so this reads until the server says something.
+pub async fn tls_verdict(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<(String, String)>,
+    server_name: &str,
+) -> Result<(), rustls::AlertDescription> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("ca pem")).expect("ca");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let mut config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .expect("cert"),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key"),
+            )
+            .expect("client auth"),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let name = ServerName::try_from(server_name.to_string()).expect("name");
+    let alert = |e: std::io::Error| -> rustls::AlertDescription {
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::AlertReceived(a)) => *a,
+            _ => panic!("not refused with a TLS alert: {e}"),
+        }
+    };
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(alert)?;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => panic!("the server closed the connection without a word"),
+        Ok(Err(e)) => Err(alert(e)),
+        Err(_) => panic!("the server neither spoke nor refused within 10 s"),
+    }
+}

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 pub const CLIENT_ID: &str = "tv-client";
 pub const CLIENT_SECRET: &str = "tv-client-secret-0123456789";
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProviderState {
     /// The access token `/api/me` accepts.
     pub access: String,
@@ -35,6 +35,8 @@ pub struct ProviderState {
     pub token_delay: Duration,
     /// Leave `refresh_token` out of token responses.
     pub omit_refresh: bool,
+    /// `/api/hold` answers only once it can take a permit from here (tests add them).
+    pub gate: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Clone)]
@@ -80,7 +82,14 @@ impl FakeProvider {
         let state = Arc::new(Mutex::new(ProviderState {
             access: access.into(),
             refresh: refresh.into(),
-            ..Default::default()
+            generation: 0,
+            refreshes: 0,
+            token_requests: 0,
+            last_headers: Vec::new(),
+            hits: HashMap::new(),
+            token_delay: Duration::ZERO,
+            omit_refresh: false,
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
         }));
         let shared = Arc::clone(&state);
         tokio::spawn(async move {
@@ -115,6 +124,11 @@ impl FakeProvider {
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, ProviderState> {
         self.state.lock().expect("lock")
+    }
+
+    /// Lets `n` held `/api/hold` requests answer.
+    pub fn release(&self, n: usize) {
+        self.lock().gate.add_permits(n);
     }
 
     pub fn hits(&self, path: &str) -> u32 {
@@ -205,6 +219,13 @@ async fn handle(
         "/api/error" => reply(500, "{\"message\":\"upstream exploded\"}"),
         "/api/slow" => {
             tokio::time::sleep(Duration::from_secs(5)).await;
+            reply(200, "{}")
+        }
+        "/api/hold" => {
+            let gate = Arc::clone(&state.lock().expect("lock").gate);
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
             reply(200, "{}")
         }
         "/api/wait" => {
