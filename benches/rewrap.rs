@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokenvault::keys::PrivateKey;
-use tokenvault::keys::keyring::{self, KeyDir, Keyring};
-use tokenvault::keys::rotation::{RewrapOptions, rewrap_all};
+use tokenvault::keys::keyring::{KeyDir, Keyring};
 use tokenvault::record::{RecordMeta, SecretKind};
+use tokenvault::rotation::{RewrapOptions, rewrap_all};
 use tokenvault::secret::Secret;
 use tokenvault::store::{RecordWrite, RocksStore, TokenStore};
 
@@ -21,9 +21,10 @@ fn bench(c: &mut Criterion) {
     let keys_dir = tempfile::tempdir().expect("tempdir");
     let kd = KeyDir::new(keys_dir.path(), None);
     let registry = tokenvault::store::MemoryStore::new();
-    keyring::init(&registry, &kd, 1).expect("v1");
+    tokenvault::rotation::init(&registry, &kd, 1).expect("v1");
     let v1 = Keyring::load(registry.keys().expect("keys"), &kd).expect("ring");
-    keyring::add_version(&registry, &kd, PrivateKey::generate().expect("gen"), 2).expect("v2");
+    tokenvault::rotation::add_version(&registry, &kd, PrivateKey::generate().expect("gen"), 2)
+        .expect("v2");
     let infos = registry.keys().expect("keys");
     let ring = Keyring::load(infos.clone(), &kd).expect("ring");
     assert_eq!(ring.active().0.version, 2);

@@ -82,7 +82,25 @@ pub mod v1 {
     }
 }
 
+use crate::envelope::EncryptError;
 use crate::keys::{KeyInfo, KeyState};
+use crate::sealer::Sealer;
+use crate::secret::Secret;
+
+impl Sealer {
+    /// Seals `secret` and packages the record for `Ingest.PutSealed` (the wire form of
+    /// [`Sealer::seal`]).
+    pub fn seal_record(
+        &self,
+        meta: &RecordMeta,
+        secret: &Secret,
+    ) -> Result<v1::SealedRecord, EncryptError> {
+        Ok(v1::SealedRecord {
+            meta: Some(meta.into()),
+            envelope: self.seal(meta, secret)?,
+        })
+    }
+}
 use crate::record::{Record, RecordMeta, SecretKind, ValidationError};
 
 impl From<SecretKind> for v1::SecretKind {

@@ -86,6 +86,15 @@ pub enum ConfigError {
     },
 }
 
+impl From<crate::provider::ProviderError> for ConfigError {
+    fn from(e: crate::provider::ProviderError) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            message: e.message,
+        }
+    }
+}
+
 /// Caller roles. Each gRPC service admits exactly one role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -740,7 +749,10 @@ impl Config {
     ) -> Result<std::collections::BTreeMap<String, crate::provider::ProviderPolicy>, ConfigError>
     {
         let file = read_file(path)?;
-        crate::provider::parse_all(file.providers, path.parent().unwrap_or(Path::new(".")))
+        Ok(crate::provider::parse_all(
+            file.providers,
+            path.parent().unwrap_or(Path::new(".")),
+        )?)
     }
 
     fn check_listen(&self) -> Result<(), ConfigError> {

@@ -13,6 +13,7 @@
 //! - [`record`]: validated record identity and metadata.
 //! - [`envelope`]: the at-rest format (docs/ENVELOPE.md), seal and open.
 //! - [`keys`]: fingerprints, RSA-OAEP wrap/unwrap, the keyring.
+//! - [`rotation`]: the key lifecycle over a store: rewrap, retire, destroy (feature `daemon`).
 //! - [`sealer`]: the web tier's library entry point (public keys only).
 //! - [`store`]: the `TokenStore` trait, RocksDB and in-memory implementations.
 //! - [`api`]: generated gRPC types (`tokenvault.v1`).
@@ -47,6 +48,8 @@ pub mod provider;
 #[cfg(feature = "daemon")]
 pub mod proxy;
 pub mod record;
+#[cfg(feature = "daemon")]
+pub mod rotation;
 pub mod sealer;
 pub mod secret;
 #[cfg(feature = "daemon")]

@@ -12,7 +12,6 @@ use std::time::Duration;
 use http::{HeaderName, Method, Uri};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
 use crate::record::{Provider, RecordId};
 
 /// Everything the proxy enforces for one provider.
@@ -138,8 +137,19 @@ struct FileOAuth {
 /// Largest response body a provider may allow (gRPC messages are capped at 16 MiB here).
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
+/// An invalid `[providers.NAME]` setting. The config loader reports it as its own error; this
+/// module knows nothing of the rest of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ProviderError {
+    /// The offending key, e.g. `providers.github.base_url`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ProviderError {
+    ProviderError {
         key: key.to_string(),
         message: message.into(),
     }
@@ -149,7 +159,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 pub(crate) fn parse_all(
     tables: BTreeMap<String, FileProvider>,
     base: &Path,
-) -> Result<BTreeMap<String, ProviderPolicy>, ConfigError> {
+) -> Result<BTreeMap<String, ProviderPolicy>, ProviderError> {
     tables
         .into_iter()
         .map(|(name, f)| {
@@ -159,7 +169,7 @@ pub(crate) fn parse_all(
         .collect()
 }
 
-fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, ConfigError> {
+fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, ProviderError> {
     let key = |field: &str| format!("providers.{name}.{field}");
     Provider::parse(name).map_err(|e| invalid(&format!("providers.{name}"), e.to_string()))?;
     let url: Uri = f

@@ -1,9 +1,9 @@
 //! The web tier's entry point: seal secrets with a public key, never open them.
 //!
 //! Owns: [`Sealer`]. It holds only a [`PublicKey`] and its version; it cannot reach private-key
-//! code (which is compiled only with the `daemon` feature).
+//! code (which is compiled only with the `daemon` feature). It knows no wire types: the gRPC
+//! packaging (`Sealer::seal_record`) is the adapter's, in `api`.
 
-use crate::api::v1;
 use crate::envelope::{self, EncryptError};
 use crate::keys::{KeyError, PublicKey, Wrapper};
 use crate::record::RecordMeta;
@@ -77,17 +77,5 @@ impl Sealer {
             }
         };
         envelope::seal(meta, secret, wrapper)
-    }
-
-    /// Seals and packages a record ready for `Ingest.PutSealed`.
-    pub fn seal_record(
-        &self,
-        meta: &RecordMeta,
-        secret: &Secret,
-    ) -> Result<v1::SealedRecord, EncryptError> {
-        Ok(v1::SealedRecord {
-            meta: Some(meta.into()),
-            envelope: self.seal(meta, secret)?,
-        })
     }
 }

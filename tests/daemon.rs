@@ -577,7 +577,7 @@ async fn restart_and_offline_rotation_keep_every_record_readable() {
         let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 1 << 20).expect("open");
         let kd = tokenvault::keys::keyring::KeyDir::new(&cfg.key_dir, None);
         let key = tokenvault::keys::PrivateKey::generate().expect("gen");
-        tokenvault::keys::keyring::add_version(&store, &kd, key, tokenvault::unix_now())
+        tokenvault::rotation::add_version(&store, &kd, key, tokenvault::unix_now())
             .expect("rotate");
     }
 
@@ -758,7 +758,7 @@ async fn retired_keys_are_refused_at_ingest_and_at_open() {
         let cfg = config(dir.path());
         let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 1 << 20).expect("open");
         let kd = keyring::KeyDir::new(&cfg.key_dir, None);
-        keyring::add_version(
+        tokenvault::rotation::add_version(
             &store,
             &kd,
             tokenvault::keys::PrivateKey::generate().expect("gen"),

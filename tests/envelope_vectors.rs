@@ -6,18 +6,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use tokenvault::envelope::{self, DecryptError, EnvelopeRef, FormatError};
-use tokenvault::keys::{KeyId, PrivateKey, Unwrapper, UnwrapperLookup};
+use tokenvault::keys::{KeyId, KeyLookupError, PrivateKey, Unwrapper, UnwrapperLookup};
 use tokenvault::record::{RecordMeta, SecretKind};
 
 struct Keys(Vec<PrivateKey>);
 
 impl UnwrapperLookup for Keys {
-    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, DecryptError> {
+    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, KeyLookupError> {
         self.0
             .iter()
             .find(|k| k.key_id() == *id)
             .map(|k| k as &dyn Unwrapper)
-            .ok_or(DecryptError::UnknownKey(*id))
+            .ok_or(KeyLookupError::UnknownKey(*id))
     }
 }
 

@@ -85,7 +85,7 @@ fn no_secret_type_prints_its_secret() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = std::sync::Arc::new(tokenvault::store::MemoryStore::new());
     let dir = tokenvault::keys::keyring::KeyDir::new(tmp.path(), None);
-    tokenvault::keys::keyring::init(&*store, &dir, 1).expect("init");
+    tokenvault::rotation::init(&*store, &dir, 1).expect("init");
     let ring = tokenvault::keys::keyring::Keyring::load(
         tokenvault::store::TokenStore::keys(&*store).expect("keys"),
         &dir,

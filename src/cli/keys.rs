@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 
 use super::{CliError, Location};
 use crate::config::{Config, Env};
-use crate::keys::keyring::{self, KeyDir};
+use crate::keys::keyring::KeyDir;
 use crate::keys::{KeyInfo, PrivateKey};
 use crate::secret::Passphrase;
 use crate::store::{RocksStore, TokenStore};
@@ -113,12 +113,12 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
     match cmd {
         KeysCommand::Init { at } => {
             let (store, dir) = open(&at)?;
-            let info = keyring::init(&store, &dir, now)?;
+            let info = crate::rotation::init(&store, &dir, now)?;
             println!("created {}", describe(&info));
         }
         KeysCommand::Rotate { at } => {
             let (store, dir) = open(&at)?;
-            let info = keyring::add_version(&store, &dir, PrivateKey::generate()?, now)?;
+            let info = crate::rotation::add_version(&store, &dir, PrivateKey::generate()?, now)?;
             println!("active {}", describe(&info));
         }
         KeysCommand::List { at } => {
@@ -157,7 +157,7 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
             // Validate before touching the store, so a bad file changes nothing.
             let key = read_import_key(&private, import_passphrase_file.as_deref())?;
             let (store, dir) = open(&at)?;
-            let info = keyring::add_version(&store, &dir, key, now)?;
+            let info = crate::rotation::add_version(&store, &dir, key, now)?;
             println!("imported as active {}", describe(&info));
         }
     }

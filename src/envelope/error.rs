@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::keys::{KeyId, KeyState};
+use crate::keys::{KeyId, KeyLookupError, KeyOpError, KeyState};
 
 /// Why bytes are not a well-formed envelope. Structural, so reported precisely.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -99,4 +99,30 @@ pub enum RewrapError {
     /// Wrapping under the new key failed.
     #[error(transparent)]
     Wrap(#[from] EncryptError),
+}
+
+impl From<KeyOpError> for EncryptError {
+    fn from(_: KeyOpError) -> Self {
+        EncryptError::Wrap
+    }
+}
+
+impl From<KeyOpError> for DecryptError {
+    fn from(_: KeyOpError) -> Self {
+        DecryptError::DecryptionFailed
+    }
+}
+
+impl From<KeyLookupError> for DecryptError {
+    fn from(e: KeyLookupError) -> Self {
+        match e {
+            KeyLookupError::UnknownKey(id) => DecryptError::UnknownKey(id),
+            KeyLookupError::KeyUnavailable { version, state } => {
+                DecryptError::KeyUnavailable { version, state }
+            }
+            KeyLookupError::BelowMinimum { version, minimum } => {
+                DecryptError::BelowMinimum { version, minimum }
+            }
+        }
+    }
 }

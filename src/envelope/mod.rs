@@ -153,9 +153,15 @@ pub fn rewrap(
     to: &dyn Wrapper,
 ) -> Result<Vec<u8>, RewrapError> {
     let env = EnvelopeRef::decode(envelope).map_err(DecryptError::from)?;
-    let dek = keys.unwrapper(&env.key_id)?.unwrap_dek(env.wrapped_dek)?;
+    let dek = keys
+        .unwrapper(&env.key_id)
+        .map_err(DecryptError::from)?
+        .unwrap_dek(env.wrapped_dek)
+        .map_err(DecryptError::from)?;
     drop(open_with_dek(meta, &env, &dek)?);
-    let wrapped = to.wrap_dek(&dek, &mut rand::rngs::OsRng)?;
+    let wrapped = to
+        .wrap_dek(&dek, &mut rand::rngs::OsRng)
+        .map_err(EncryptError::from)?;
     Ok(EnvelopeRef {
         key_id: to.key_id(),
         wrapped_dek: &wrapped.0,

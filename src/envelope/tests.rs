@@ -241,7 +241,7 @@ fn crypto_failures_collapse_to_decryption_failed() {
     assert!(key.unwrap_dek(&wrapped.0).is_ok());
     assert_eq!(
         key.unwrap_dek(&wrapped.0[1..]).map(|_| ()),
-        Err(DecryptError::DecryptionFailed)
+        Err(crate::keys::KeyOpError::Unwrap)
     );
 }
 

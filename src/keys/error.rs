@@ -128,3 +128,41 @@ impl KeyError {
         }
     }
 }
+
+/// A key operation failed. Every RSA-OAEP failure is the one [`KeyOpError::Unwrap`], so an
+/// opener is no padding oracle; `envelope` maps these into its own errors.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyOpError {
+    /// RSA-OAEP wrapping failed.
+    #[error("wrapping the data key failed")]
+    Wrap,
+    /// RSA-OAEP unwrapping failed (wrong key, altered bytes, wrong label: one error).
+    #[error("unwrapping the data key failed")]
+    Unwrap,
+}
+
+/// Why no key can unwrap a data key sealed under a fingerprint.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyLookupError {
+    /// No key has this fingerprint.
+    #[error("no key with fingerprint {0}")]
+    UnknownKey(super::KeyId),
+    /// The key exists but may not be used to open envelopes.
+    #[error("key version {version} is {state}")]
+    KeyUnavailable {
+        /// Key version.
+        version: u32,
+        /// Its state.
+        state: super::KeyState,
+    },
+    /// The key version is below the configured minimum decryption version.
+    #[error("key version {version} is below the minimum decryption version {minimum}")]
+    BelowMinimum {
+        /// Key version.
+        version: u32,
+        /// Configured minimum.
+        minimum: u32,
+    },
+}

@@ -2,7 +2,7 @@
 //!
 //! Owns: [`Keyring`] (in-memory, looked up by fingerprint on every open), [`KeyDir`] (the key
 //! file directory: `v0001.key.pem`, 0600, and `v0001.pub.pem`) and the operations that add key
-//! versions ([`init`], [`add_version`]). The public facts of each version live in the store's
+//! versions (`rotation::init`, `rotation::add_version`). The public facts of each version live in the store's
 //! key registry; private keys live only in files and process memory.
 //!
 //! Invariant: exactly one version is active; adding a version makes it active and demotes the
@@ -13,12 +13,11 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use super::KeyLookupError;
 use super::{
     KeyError, KeyId, KeyInfo, KeyState, PrivateKey, PublicKey, Unwrapper, UnwrapperLookup,
 };
-use crate::envelope::DecryptError;
 use crate::secret::Passphrase;
-use crate::store::{AuditAppend, TokenStore};
 
 /// The directory holding private key files, and the passphrase protecting them.
 #[derive(Debug, Clone)]
@@ -279,10 +278,10 @@ impl Keyring {
 }
 
 impl UnwrapperLookup for Keyring {
-    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, DecryptError> {
-        let version = self.by_id.get(id).ok_or(DecryptError::UnknownKey(*id))?;
+    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, KeyLookupError> {
+        let version = self.by_id.get(id).ok_or(KeyLookupError::UnknownKey(*id))?;
         if *version < self.min_version {
-            return Err(DecryptError::BelowMinimum {
+            return Err(KeyLookupError::BelowMinimum {
                 version: *version,
                 minimum: self.min_version,
             });
@@ -290,7 +289,7 @@ impl UnwrapperLookup for Keyring {
         let slot = &self.slots[version];
         match (&slot.private, slot.info.state.accepts_envelopes()) {
             (Some(key), true) => Ok(key),
-            _ => Err(DecryptError::KeyUnavailable {
+            _ => Err(KeyLookupError::KeyUnavailable {
                 version: *version,
                 state: slot.info.state,
             }),
@@ -298,75 +297,14 @@ impl UnwrapperLookup for Keyring {
     }
 }
 
-fn store_err(e: crate::store::StoreError) -> KeyError {
-    KeyError::Store(e.to_string())
-}
-
-/// Creates key version 1 with a fresh RSA-2048 key. Refuses if the registry has any version.
-pub fn init(store: &dyn TokenStore, dir: &KeyDir, now: i64) -> Result<KeyInfo, KeyError> {
-    let existing = store.keys().map_err(store_err)?;
-    if !existing.is_empty() {
-        return Err(KeyError::AlreadyInitialized(existing.len()));
-    }
-    add_version(store, dir, PrivateKey::generate()?, now)
-}
-
-/// Adds `key` as the next version and makes it active; the previously active version becomes
-/// decrypt-only. The key file is written before the registry, so a crash in between leaves
-/// at most an unused file, never a registered version without its key.
-pub fn add_version(
-    store: &dyn TokenStore,
-    dir: &KeyDir,
-    key: PrivateKey,
-    now: i64,
-) -> Result<KeyInfo, KeyError> {
-    add_version_audited(store, dir, key, now, None)
-}
-
-/// [`add_version`], writing `audit` in the same atomic registry write.
-pub fn add_version_audited(
-    store: &dyn TokenStore,
-    dir: &KeyDir,
-    key: PrivateKey,
-    now: i64,
-    audit: Option<&AuditAppend>,
-) -> Result<KeyInfo, KeyError> {
-    let existing = store.keys().map_err(store_err)?;
-    let id = key.public_key().id();
-    if let Some(dup) = existing.iter().find(|k| k.id == id) {
-        return Err(KeyError::Duplicate(dup.version));
-    }
-    let version = existing.iter().map(|k| k.version).max().unwrap_or(0) + 1;
-    dir.write(version, &key)?;
-    let info = KeyInfo {
-        version,
-        id,
-        state: KeyState::Active,
-        created_at: now,
-        updated_at: now,
-        spki_der: key.public_key().spki_der().to_vec(),
-    };
-    let mut writes: Vec<KeyInfo> = existing
-        .into_iter()
-        .filter(|k| k.state == KeyState::Active)
-        .map(|mut k| {
-            k.state = KeyState::DecryptOnly;
-            k.updated_at = now;
-            k
-        })
-        .collect();
-    writes.push(info.clone());
-    store.put_keys(&writes, audit).map_err(store_err)?;
-    Ok(info)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::envelope;
     use crate::record::{RecordMeta, SecretKind};
+    use crate::rotation::{add_version, init};
     use crate::secret::Secret;
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryStore, TokenStore as _};
 
     #[test]
     fn rotation_keeps_old_records_readable_and_seals_under_the_new_key() {

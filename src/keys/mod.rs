@@ -20,20 +20,17 @@ pub mod keyring;
 #[cfg(feature = "daemon")]
 mod private;
 mod public;
-#[cfg(feature = "daemon")]
-pub mod rotation;
 
 use std::fmt;
 
 use rand_core::CryptoRngCore;
 use sha2::{Digest, Sha256};
 
-pub use error::{KeyError, passphrase_hint};
+pub use error::{KeyError, KeyLookupError, KeyOpError, passphrase_hint};
 #[cfg(feature = "daemon")]
 pub use private::PrivateKey;
 pub use public::{PublicKey, RustCryptoWrapper, spki_pem};
 
-use crate::envelope::{DecryptError, EncryptError};
 use crate::secret::DataKey;
 
 /// The OAEP label every wrapped data key is bound to (domain separation from any other use of
@@ -151,7 +148,7 @@ pub trait Wrapper: Send + Sync {
         &self,
         dek: &DataKey,
         rng: &mut dyn CryptoRngCore,
-    ) -> Result<WrappedDek, EncryptError>;
+    ) -> Result<WrappedDek, KeyOpError>;
 }
 
 /// Unwraps data keys with one private key.
@@ -160,23 +157,22 @@ pub trait Unwrapper: Send + Sync {
     fn key_id(&self) -> KeyId;
 
     /// Decrypts a wrapped data key. Every cryptographic failure is the single
-    /// [`DecryptError::DecryptionFailed`], so callers cannot be used as a padding oracle.
-    fn unwrap_dek(&self, wrapped: &[u8]) -> Result<DataKey, DecryptError>;
+    /// [`KeyOpError::Unwrap`], so callers cannot be used as a padding oracle.
+    fn unwrap_dek(&self, wrapped: &[u8]) -> Result<DataKey, KeyOpError>;
 }
 
 /// Finds the unwrapper for a key fingerprint named in an envelope.
 pub trait UnwrapperLookup {
-    /// The unwrapper for `id`, or [`DecryptError::UnknownKey`] /
-    /// [`DecryptError::KeyUnavailable`].
-    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, DecryptError>;
+    /// The unwrapper for `id`, or why there is none.
+    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, KeyLookupError>;
 }
 
 impl<U: Unwrapper> UnwrapperLookup for U {
-    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, DecryptError> {
+    fn unwrapper(&self, id: &KeyId) -> Result<&dyn Unwrapper, KeyLookupError> {
         if self.key_id() == *id {
             Ok(self)
         } else {
-            Err(DecryptError::UnknownKey(*id))
+            Err(KeyLookupError::UnknownKey(*id))
         }
     }
 }

@@ -23,8 +23,7 @@ use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
 use super::public::pem_label;
-use super::{KeyError, KeyId, OAEP_LABEL, PublicKey, Unwrapper, passphrase_hint};
-use crate::envelope::DecryptError;
+use super::{KeyError, KeyId, KeyOpError, OAEP_LABEL, PublicKey, Unwrapper, passphrase_hint};
 use crate::secret::{DATA_KEY_LEN, DataKey, Passphrase};
 
 /// An RSA private key that unwraps data keys.
@@ -160,19 +159,19 @@ impl Unwrapper for PrivateKey {
         self.public.id()
     }
 
-    fn unwrap_dek(&self, wrapped: &[u8]) -> Result<DataKey, DecryptError> {
+    fn unwrap_dek(&self, wrapped: &[u8]) -> Result<DataKey, KeyOpError> {
         if wrapped.len() != self.oaep.key_size_bytes() {
-            return Err(DecryptError::DecryptionFailed);
+            return Err(KeyOpError::Unwrap);
         }
         let mut out = Zeroizing::new(vec![0u8; self.oaep.min_output_size()]);
         let plain = self
             .oaep
             .decrypt(&OAEP_SHA256_MGF1SHA256, wrapped, &mut out, Some(OAEP_LABEL))
-            .map_err(|_| DecryptError::DecryptionFailed)?;
+            .map_err(|_| KeyOpError::Unwrap)?;
         if plain.len() != DATA_KEY_LEN {
-            return Err(DecryptError::DecryptionFailed);
+            return Err(KeyOpError::Unwrap);
         }
         // Clear intermediates: `out` is zeroized on drop after the copy.
-        DataKey::from_slice(plain).ok_or(DecryptError::DecryptionFailed)
+        DataKey::from_slice(plain).ok_or(KeyOpError::Unwrap)
     }
 }

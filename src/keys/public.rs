@@ -12,8 +12,9 @@ use rsa::traits::PublicKeyParts;
 use rsa::{Oaep, RsaPublicKey};
 use sha2::Sha256;
 
-use super::{KeyError, KeyId, MAX_RSA_BITS, MIN_RSA_BITS, OAEP_LABEL, WrappedDek, Wrapper};
-use crate::envelope::EncryptError;
+use super::{
+    KeyError, KeyId, KeyOpError, MAX_RSA_BITS, MIN_RSA_BITS, OAEP_LABEL, WrappedDek, Wrapper,
+};
 use crate::secret::DataKey;
 
 /// An RSA public key that wraps data keys.
@@ -147,7 +148,7 @@ impl Wrapper for PublicKey {
         &self,
         dek: &DataKey,
         _rng: &mut dyn CryptoRngCore,
-    ) -> Result<WrappedDek, EncryptError> {
+    ) -> Result<WrappedDek, KeyOpError> {
         let mut out = vec![0u8; self.aws.ciphertext_size()];
         let len = self
             .aws
@@ -157,7 +158,7 @@ impl Wrapper for PublicKey {
                 &mut out,
                 Some(OAEP_LABEL),
             )
-            .map_err(|_| EncryptError::Wrap)?
+            .map_err(|_| KeyOpError::Wrap)?
             .len();
         out.truncate(len);
         Ok(WrappedDek(out))
@@ -174,7 +175,7 @@ impl Wrapper for PublicKey {
         &self,
         dek: &DataKey,
         rng: &mut dyn CryptoRngCore,
-    ) -> Result<WrappedDek, EncryptError> {
+    ) -> Result<WrappedDek, KeyOpError> {
         self.rust_crypto().wrap_dek(dek, rng)
     }
 }
@@ -193,14 +194,14 @@ impl Wrapper for RustCryptoWrapper<'_> {
         &self,
         dek: &DataKey,
         mut rng: &mut dyn CryptoRngCore,
-    ) -> Result<WrappedDek, EncryptError> {
+    ) -> Result<WrappedDek, KeyOpError> {
         let label = std::str::from_utf8(OAEP_LABEL).expect("the OAEP label is ASCII");
         let padding = Oaep::new_with_label::<Sha256, _>(label);
         self.0
             .rsa
             .encrypt(&mut rng, padding, dek.expose_secret())
             .map(WrappedDek)
-            .map_err(|_| EncryptError::Wrap)
+            .map_err(|_| KeyOpError::Wrap)
     }
 }
 

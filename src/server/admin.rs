@@ -13,9 +13,9 @@ use super::status::ServiceError;
 use super::{State, caller_name, record_id};
 use crate::api::v1::{self, admin_server::Admin};
 use crate::audit::Draft;
-use crate::keys::rotation::{self, RewrapOptions, RewrapProgress};
-use crate::keys::{KeyInfo, PrivateKey, keyring};
+use crate::keys::{KeyInfo, PrivateKey};
 use crate::record::Owner;
+use crate::rotation::{self, RewrapOptions, RewrapProgress};
 use crate::store::{Mutation, StoreError};
 
 /// Rotates to a fresh RSA-2048 version; returns the new active and the previous version.
@@ -54,7 +54,7 @@ fn rotate_to(
     let draft = Draft::new(caller, "RotateKey").detail(format!("new version after v{previous}"));
     let info = s.audited(draft, |a| {
         Ok((
-            keyring::add_version_audited(&*s.store, &s.key_dir, key, now, Some(a))?,
+            rotation::add_version_audited(&*s.store, &s.key_dir, key, now, Some(a))?,
             true,
         ))
     })?;

@@ -11,12 +11,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::status::ServiceError;
-use super::{State, caller_name, caller_policy, grants, record_id, refresh};
+use super::{State, caller_name, caller_policy, grants, record_id, records, refresh};
 use crate::api::v1::{self, broker_server::Broker};
 use crate::audit::Draft;
 use crate::config::CallerPolicy;
-use crate::envelope::{self, DecryptError, EnvelopeRef};
-use crate::keys::UnwrapperLookup as _;
 use crate::keys::keyring::Keyring;
 use crate::oauth::TokenBundle;
 use crate::proxy::{self, CallerRequest};
@@ -357,38 +355,11 @@ fn release<T>(
             expires_at,
         });
     }
-    let secret = open(s, id, &record, ring).map_err(|source| ServiceError::Open {
+    let secret = records::open(s, id, &record, ring).map_err(|source| ServiceError::Open {
         id: id.to_string(),
         source,
     })?;
     Ok((record, secret, checked))
-}
-
-/// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
-/// call, so a destroyed key or the minimum decryption version applies to cached keys too.
-pub(super) fn open(
-    s: &State,
-    id: &RecordId,
-    record: &Record,
-    ring: &Keyring,
-) -> Result<Secret, DecryptError> {
-    let env = EnvelopeRef::decode(&record.envelope)?;
-    let unwrapper = ring.unwrapper(&env.key_id)?;
-    let cache = s.dek_cache.as_ref();
-    if let Some(dek) = cache.and_then(|c| c.get(id, record.version, &env.key_id)) {
-        return envelope::open_with_dek(&record.meta, &env, &dek);
-    }
-    let started = std::time::Instant::now();
-    let dek = Arc::new(unwrapper.unwrap_dek(env.wrapped_dek)?);
-    s.metrics
-        .rsa_unwrap
-        .observe(started.elapsed().as_secs_f64());
-    let secret = envelope::open_with_dek(&record.meta, &env, &dek)?;
-    // Cached only once it has opened the record, so a bad key is never reused.
-    if let Some(cache) = cache {
-        cache.put(id.clone(), record.version, env.key_id, dek);
-    }
-    Ok(secret)
 }
 
 /// A bounded label for a proxy failure.

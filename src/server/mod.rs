@@ -21,6 +21,7 @@ pub mod ingest;
 #[cfg(not(fuzzing))]
 mod ingest;
 pub mod metrics;
+mod records;
 mod refresh;
 pub mod status;
 pub mod tls;
@@ -38,7 +39,7 @@ use crate::api::v1::ingest_server::IngestServer;
 use crate::audit::{AuditError, Auditor, Draft};
 use crate::config::{Config, KeyPolicy, Limits, Role};
 use crate::keys::KeyError;
-use crate::keys::keyring::{self, KeyDir, Keyring};
+use crate::keys::keyring::{KeyDir, Keyring};
 use crate::store::AuditAppend;
 use crate::store::{RocksStore, StoreError, TokenStore};
 use auth::{Authenticator, RoleGuard};
@@ -321,7 +322,7 @@ impl Daemon {
     pub fn with_store(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, StartError> {
         let dir = KeyDir::new(&config.key_dir, config.passphrase.clone());
         if config.dev && store.keys()?.is_empty() {
-            let info = keyring::init(&*store, &dir, crate::unix_now())?;
+            let info = crate::rotation::init(&*store, &dir, crate::unix_now())?;
             tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");
         }
         let ring = Keyring::load(store.keys()?, &dir)?

@@ -63,11 +63,12 @@ fn read_open(s: &State, id: &RecordId) -> Result<(Record, Secret), ServiceError>
         .get_record(id)?
         .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     // The same open as GetToken: through the DEK cache, counted in the RSA metric.
-    let secret =
-        super::broker::open(s, id, &record, &s.keyring()).map_err(|source| ServiceError::Open {
+    let secret = super::records::open(s, id, &record, &s.keyring()).map_err(|source| {
+        ServiceError::Open {
             id: id.to_string(),
             source,
-        })?;
+        }
+    })?;
     Ok((record, secret))
 }
 

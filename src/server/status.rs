@@ -77,7 +77,7 @@ pub enum ServiceError {
     },
     /// A key lifecycle operation was refused.
     #[error(transparent)]
-    Rotation(#[from] crate::keys::rotation::RotationError),
+    Rotation(#[from] crate::rotation::RotationError),
     /// A key could not be created or loaded.
     #[error("key operation failed: {0}")]
     Key(#[from] crate::keys::KeyError),
@@ -241,7 +241,7 @@ impl ServiceError {
             },
             ServiceError::Store(e) => Self::store_code(e),
             ServiceError::Rotation(e) => {
-                use crate::keys::rotation::RotationError;
+                use crate::rotation::RotationError;
                 match e {
                     RotationError::UnknownVersion(_) => Code::NotFound,
                     RotationError::WrongState { .. } | RotationError::RecordsRemain { .. } => {

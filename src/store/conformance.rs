@@ -1,7 +1,13 @@
-//! Behaviour every [`TokenStore`] must have, run against each implementation.
+//! Behaviour every [`TokenStore`] must have: the one suite each implementation runs (this
+//! crate's `MemoryStore` and `RocksStore`, and any other engine). Public behind the `testing`
+//! feature, so a store written elsewhere runs the very same checks:
+//!
+//! ```ignore
+//! tokenvault::store::conformance::all(|| Box::new(MyStore::fresh()));
+//! ```
+//!
+//! Each check takes an empty store.
 
-#[cfg(feature = "daemon")]
-use super::rocks::CF_RECORDS_FOR_TEST;
 use super::*;
 use crate::keys::{KeyId, KeyState};
 use crate::record::SecretKind;
@@ -20,7 +26,8 @@ fn rid(id: &str) -> RecordId {
     RecordId::parse(id).expect("valid")
 }
 
-pub(crate) fn create_read_replace(store: &dyn TokenStore) {
+/// Create, read, version-checked replace, owner index.
+pub fn create_read_replace(store: &dyn TokenStore) {
     assert_eq!(store.put_records(&[write("a", "o1", 0)], 100), Ok(vec![1]));
     let r = store.get_record(&rid("a")).expect("get").expect("present");
     assert_eq!(
@@ -68,7 +75,8 @@ pub(crate) fn create_read_replace(store: &dyn TokenStore) {
     assert_eq!(store.get_record(&rid("a")), Ok(None));
 }
 
-pub(crate) fn batches_are_atomic(store: &dyn TokenStore) {
+/// Record batches are all or nothing.
+pub fn batches_are_atomic(store: &dyn TokenStore) {
     store
         .put_records(&[write("existing", "o", 0)], 1)
         .expect("seed");
@@ -97,7 +105,8 @@ pub(crate) fn batches_are_atomic(store: &dyn TokenStore) {
     assert_eq!(store.stats().expect("stats").records, 3);
 }
 
-pub(crate) fn revoke_delete_and_stats(store: &dyn TokenStore) {
+/// Revoke, delete, delete by owner, counts.
+pub fn revoke_delete_and_stats(store: &dyn TokenStore) {
     store
         .put_records(
             &[
@@ -170,7 +179,8 @@ pub(crate) fn revoke_delete_and_stats(store: &dyn TokenStore) {
     assert!(store.get_record(&rid("r4")).expect("get").is_some());
 }
 
-pub(crate) fn key_registry(store: &dyn TokenStore) {
+/// The key registry.
+pub fn key_registry(store: &dyn TokenStore) {
     assert_eq!(store.keys(), Ok(vec![]));
     let key = |version: u32, state| KeyInfo {
         version,
@@ -195,7 +205,8 @@ pub(crate) fn key_registry(store: &dyn TokenStore) {
     );
 }
 
-pub(crate) fn scan_replace_and_meta(store: &dyn TokenStore) {
+/// Paged scans, envelope replacement (rewrap), small metadata values.
+pub fn scan_replace_and_meta(store: &dyn TokenStore) {
     let ids = ["c", "a", "e", "b", "d"];
     let writes: Vec<_> = ids.iter().map(|id| write(id, "o", 0)).collect();
     store.put_records(&writes, 1).expect("seed");
@@ -272,7 +283,7 @@ pub(crate) fn scan_replace_and_meta(store: &dyn TokenStore) {
 }
 
 /// Grants: compare-and-swap puts, idempotent deletes, pages in id order.
-pub(crate) fn grants(store: &dyn TokenStore) {
+pub fn grants(store: &dyn TokenStore) {
     let put = |id: &str, grant: &[u8], expected: Option<&[u8]>| Mutation::PutGrant {
         id: id.into(),
         grant: grant.to_vec(),
@@ -320,7 +331,7 @@ pub(crate) fn grants(store: &dyn TokenStore) {
 }
 
 /// `apply`: all or nothing with its audit events; each mutation sees the ones before it.
-pub(crate) fn apply_is_atomic_and_audited(store: &dyn TokenStore) {
+pub fn apply_is_atomic_and_audited(store: &dyn TokenStore) {
     store
         .put_records(&[write("r1", "o", 0), write("r2", "o", 0)], 1)
         .expect("put");
@@ -401,7 +412,7 @@ pub(crate) fn apply_is_atomic_and_audited(store: &dyn TokenStore) {
 
 /// Retiring a key version is refused while records use it, and record writes are refused
 /// under a retired or destroyed version: no interleaving strands a record.
-pub(crate) fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
+pub fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
     let key = |version: u32, state: KeyState| KeyInfo {
         version,
         id: KeyId([version as u8; 32]),
@@ -462,7 +473,7 @@ pub(crate) fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
 }
 
 /// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing.
-pub(crate) fn group_commit(store: &dyn TokenStore) {
+pub fn group_commit(store: &dyn TokenStore) {
     store
         .put_records(&[write("taken", "o", 0)], 1)
         .expect("seed");
@@ -493,7 +504,8 @@ pub(crate) fn group_commit(store: &dyn TokenStore) {
     );
 }
 
-pub(crate) fn all(make: impl Fn() -> Box<dyn TokenStore>) {
+/// Runs every check, each on a fresh store from `make`.
+pub fn all(make: impl Fn() -> Box<dyn TokenStore>) {
     grants(&*make());
     apply_is_atomic_and_audited(&*make());
     retire_is_atomic_with_record_writes(&*make());
@@ -505,71 +517,78 @@ pub(crate) fn all(make: impl Fn() -> Box<dyn TokenStore>) {
     key_registry(&*make());
 }
 
-#[test]
-fn memory_store_conforms() {
-    all(|| Box::new(MemoryStore::new()));
-}
+#[cfg(test)]
+mod tests {
+    #[cfg(feature = "daemon")]
+    use super::super::rocks::CF_RECORDS_FOR_TEST;
+    use super::*;
 
-#[cfg(feature = "daemon")]
-#[test]
-fn rocks_store_conforms_and_persists() {
-    let dirs = std::cell::RefCell::new(Vec::new());
-    all(|| {
+    #[test]
+    fn memory_store_conforms() {
+        all(|| Box::new(MemoryStore::new()));
+    }
+
+    #[cfg(feature = "daemon")]
+    #[test]
+    fn rocks_store_conforms_and_persists() {
+        let dirs = std::cell::RefCell::new(Vec::new());
+        all(|| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
+            dirs.borrow_mut().push(dir);
+            Box::new(store)
+        });
+        // Reopen: acknowledged writes and the registry survive; a second opener is refused clearly.
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
-        dirs.borrow_mut().push(dir);
-        Box::new(store)
-    });
-    // Reopen: acknowledged writes and the registry survive; a second opener is refused clearly.
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
-        store
-            .put_records(&[write("persist", "o", 0)], 1)
-            .expect("put");
-        let err = RocksStore::open(dir.path(), 8 << 20).expect_err("locked");
-        assert!(
-            err.to_string()
-                .contains("in use by another tokenvault process"),
-            "{err}"
+        {
+            let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
+            store
+                .put_records(&[write("persist", "o", 0)], 1)
+                .expect("put");
+            let err = RocksStore::open(dir.path(), 8 << 20).expect_err("locked");
+            assert!(
+                err.to_string()
+                    .contains("in use by another tokenvault process"),
+                "{err}"
+            );
+        }
+        let store = RocksStore::open(dir.path(), 8 << 20).expect("reopen");
+        assert_eq!(
+            store
+                .get_record(&rid("persist"))
+                .expect("get")
+                .expect("present")
+                .version,
+            1
         );
     }
-    let store = RocksStore::open(dir.path(), 8 << 20).expect("reopen");
-    assert_eq!(
-        store
-            .get_record(&rid("persist"))
-            .expect("get")
-            .expect("present")
-            .version,
-        1
-    );
-}
 
-#[cfg(feature = "daemon")]
-#[test]
-fn rocks_delete_removes_the_envelope_from_disk() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
-    let mut w = write("gone", "o", 0);
-    w.envelope = b"UNIQUE-ENVELOPE-MARKER-1234567890".to_vec();
-    store
-        .put_records(&[w, write("kept", "o", 0)], 1)
-        .expect("put");
-    // Push it into SST files first, the hard case.
-    store
-        .db
-        .flush_cf(store.cf(CF_RECORDS_FOR_TEST))
-        .expect("flush");
-    assert!(store.delete_record(&rid("gone"), None).expect("delete"));
-    drop(store);
-    let marker = b"UNIQUE-ENVELOPE-MARKER";
-    for entry in std::fs::read_dir(dir.path()).expect("list") {
-        let path = entry.expect("entry").path();
-        let bytes = std::fs::read(&path).expect("read");
-        assert!(
-            !bytes.windows(marker.len()).any(|w| w == marker),
-            "deleted envelope still in {}",
-            path.display()
-        );
+    #[cfg(feature = "daemon")]
+    #[test]
+    fn rocks_delete_removes_the_envelope_from_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
+        let mut w = write("gone", "o", 0);
+        w.envelope = b"UNIQUE-ENVELOPE-MARKER-1234567890".to_vec();
+        store
+            .put_records(&[w, write("kept", "o", 0)], 1)
+            .expect("put");
+        // Push it into SST files first, the hard case.
+        store
+            .db
+            .flush_cf(store.cf(CF_RECORDS_FOR_TEST))
+            .expect("flush");
+        assert!(store.delete_record(&rid("gone"), None).expect("delete"));
+        drop(store);
+        let marker = b"UNIQUE-ENVELOPE-MARKER";
+        for entry in std::fs::read_dir(dir.path()).expect("list") {
+            let path = entry.expect("entry").path();
+            let bytes = std::fs::read(&path).expect("read");
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker),
+                "deleted envelope still in {}",
+                path.display()
+            );
+        }
     }
 }

@@ -464,5 +464,5 @@ pub(crate) fn count_stats<'a>(records: impl Iterator<Item = &'a Record>) -> Stor
     stats
 }
 
-#[cfg(test)]
-pub(crate) mod conformance;
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use super::keyring::{KeyDir, Keyring};
-use super::{KeyInfo, KeyState, UnwrapperLookup, Wrapper};
 use crate::envelope::{self, RewrapError};
+use crate::keys::PrivateKey;
+use crate::keys::keyring::{KeyDir, Keyring};
+use crate::keys::{KeyError, KeyInfo, KeyState, UnwrapperLookup, Wrapper};
 use crate::record::{Record, RecordId};
 use crate::store::{AuditAppend, EnvelopeReplace, StoreError, TokenStore};
 
@@ -58,7 +59,7 @@ pub enum RotationError {
     Store(#[from] StoreError),
     /// A key file failure.
     #[error(transparent)]
-    Key(#[from] super::KeyError),
+    Key(#[from] KeyError),
 }
 
 /// Tuning of a rewrap run.
@@ -444,11 +445,72 @@ pub fn destroy(
     Ok(key)
 }
 
+fn store_err(e: StoreError) -> KeyError {
+    KeyError::Store(e.to_string())
+}
+
+/// Creates key version 1 with a fresh RSA-2048 key. Refuses if the registry has any version.
+pub fn init(store: &dyn TokenStore, dir: &KeyDir, now: i64) -> Result<KeyInfo, KeyError> {
+    let existing = store.keys().map_err(store_err)?;
+    if !existing.is_empty() {
+        return Err(KeyError::AlreadyInitialized(existing.len()));
+    }
+    add_version(store, dir, PrivateKey::generate()?, now)
+}
+
+/// Adds `key` as the next version and makes it active; the previously active version becomes
+/// decrypt-only. The key file is written before the registry, so a crash in between leaves
+/// at most an unused file, never a registered version without its key.
+pub fn add_version(
+    store: &dyn TokenStore,
+    dir: &KeyDir,
+    key: PrivateKey,
+    now: i64,
+) -> Result<KeyInfo, KeyError> {
+    add_version_audited(store, dir, key, now, None)
+}
+
+/// [`add_version`], writing `audit` in the same atomic registry write.
+pub fn add_version_audited(
+    store: &dyn TokenStore,
+    dir: &KeyDir,
+    key: PrivateKey,
+    now: i64,
+    audit: Option<&AuditAppend>,
+) -> Result<KeyInfo, KeyError> {
+    let existing = store.keys().map_err(store_err)?;
+    let id = key.public_key().id();
+    if let Some(dup) = existing.iter().find(|k| k.id == id) {
+        return Err(KeyError::Duplicate(dup.version));
+    }
+    let version = existing.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+    dir.write(version, &key)?;
+    let info = KeyInfo {
+        version,
+        id,
+        state: KeyState::Active,
+        created_at: now,
+        updated_at: now,
+        spki_der: key.public_key().spki_der().to_vec(),
+    };
+    let mut writes: Vec<KeyInfo> = existing
+        .into_iter()
+        .filter(|k| k.state == KeyState::Active)
+        .map(|mut k| {
+            k.state = KeyState::DecryptOnly;
+            k.updated_at = now;
+            k
+        })
+        .collect();
+    writes.push(info.clone());
+    store.put_keys(&writes, audit).map_err(store_err)?;
+    Ok(info)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::PrivateKey;
-    use crate::keys::keyring::{add_version, init};
     use crate::record::{RecordMeta, SecretKind};
     use crate::secret::Secret;
     use crate::store::{MemoryStore, RecordWrite};

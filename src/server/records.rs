@@ -1,0 +1,41 @@
+//! The one way the daemon opens a stored record: through the DEK cache when it is enabled,
+//! with the RSA unwrap timed in the metrics. `Broker` (for callers) and the refresher (for
+//! itself) both use it, so neither depends on the other for it.
+//!
+//! Must never: check a caller's policy (callers do that first) or write to the store.
+
+use std::sync::Arc;
+
+use super::State;
+use crate::envelope::{self, DecryptError, EnvelopeRef};
+use crate::keys::UnwrapperLookup as _;
+use crate::keys::keyring::Keyring;
+use crate::record::{Record, RecordId};
+use crate::secret::Secret;
+
+/// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
+/// call, so a destroyed key or the minimum decryption version applies to cached keys too.
+pub(super) fn open(
+    s: &State,
+    id: &RecordId,
+    record: &Record,
+    ring: &Keyring,
+) -> Result<Secret, DecryptError> {
+    let env = EnvelopeRef::decode(&record.envelope)?;
+    let unwrapper = ring.unwrapper(&env.key_id)?;
+    let cache = s.dek_cache.as_ref();
+    if let Some(dek) = cache.and_then(|c| c.get(id, record.version, &env.key_id)) {
+        return envelope::open_with_dek(&record.meta, &env, &dek);
+    }
+    let started = std::time::Instant::now();
+    let dek = Arc::new(unwrapper.unwrap_dek(env.wrapped_dek)?);
+    s.metrics
+        .rsa_unwrap
+        .observe(started.elapsed().as_secs_f64());
+    let secret = envelope::open_with_dek(&record.meta, &env, &dek)?;
+    // Cached only once it has opened the record, so a bad key is never reused.
+    if let Some(cache) = cache {
+        cache.put(id.clone(), record.version, env.key_id, dek);
+    }
+    Ok(secret)
+}

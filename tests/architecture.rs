@@ -1,0 +1,295 @@
+//! docs/ARCHITECTURE.md's invariants, checked on the source text so a change that breaks one
+//! fails the build's tests: no import cycle between modules (top-level, and among the daemon's
+//! `server/*` parts), the envelope does no I/O and sees no wire or store types, proto types
+//! stop at the adapters, only `store/rocks.rs` names RocksDB, only `keys/private.rs` names a
+//! private-key type, and the core modules never name tonic. Test code (`#[cfg(test)] mod
+//! tests`) is left out: tests may reach across.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// Every `.rs` file under `dir`, relative to `src/`.
+fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p.strip_prefix(src()).expect("under src").to_path_buf());
+        }
+    }
+}
+
+/// The file's code without comments and without its unit-test module.
+fn code(rel: &Path) -> String {
+    let text = std::fs::read_to_string(src().join(rel)).expect("read");
+    if rel
+        .file_name()
+        .is_some_and(|n| n == "tests.rs" || n == "conformance.rs")
+    {
+        return String::new();
+    }
+    let mut out = String::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let t = line.trim_start();
+        if t == "#[cfg(test)]"
+            && lines
+                .peek()
+                .is_some_and(|n| n.trim_start().starts_with("mod tests"))
+        {
+            break;
+        }
+        if t.starts_with("//") {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The top-level module a file belongs to (`keys/private.rs` -> `keys`).
+fn top(rel: &Path) -> String {
+    let first = rel.components().next().expect("component");
+    first
+        .as_os_str()
+        .to_string_lossy()
+        .trim_end_matches(".rs")
+        .to_string()
+}
+
+/// Names referenced as `{prefix}name` or inside `{prefix}{a, b::c}`.
+fn referenced(code: &str, prefix: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = code;
+    while let Some(i) = rest.find(prefix) {
+        rest = &rest[i + prefix.len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let end = group.find('}').unwrap_or(group.len());
+            for item in group[..end].split(',') {
+                let name: String = item
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    out.insert(name);
+                }
+            }
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            out.insert(name);
+        }
+    }
+    out
+}
+
+fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == n) {
+            let mut c = path[i..].to_vec();
+            c.push(n.to_string());
+            return Some(c);
+        }
+        if done.contains(n) {
+            return None;
+        }
+        path.push(n.to_string());
+        for m in graph.get(n).into_iter().flatten() {
+            if let Some(c) = visit(m, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(n.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
+}
+
+fn all_files() -> Vec<(PathBuf, String)> {
+    let mut rels = Vec::new();
+    files(&src(), &mut rels);
+    rels.sort();
+    rels.into_iter()
+        .map(|r| {
+            let c = code(&r);
+            (r, c)
+        })
+        .collect()
+}
+
+#[test]
+fn no_import_cycle_between_modules() {
+    let files = all_files();
+    let modules: BTreeSet<String> = files
+        .iter()
+        .map(|(r, _)| top(r))
+        .filter(|m| m != "lib" && m != "main")
+        .collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rel, code) in &files {
+        let from = top(rel);
+        if !modules.contains(&from) {
+            continue;
+        }
+        for to in referenced(code, "crate::") {
+            if to != from && modules.contains(&to) {
+                graph.entry(from.clone()).or_default().insert(to);
+            }
+        }
+    }
+    assert!(
+        graph.get("server").is_some_and(|d| d.contains("store")),
+        "the scan sees edges: {graph:?}"
+    );
+    assert_eq!(cycle(&graph), None, "module graph: {graph:#?}");
+
+    // The daemon's parts among themselves (server/*.rs files, by `super::name`).
+    let parts: BTreeSet<String> = files
+        .iter()
+        .filter(|(r, _)| r.starts_with("server") && r.components().count() == 2)
+        .map(|(r, _)| r.file_stem().expect("stem").to_string_lossy().into_owned())
+        .filter(|n| n != "mod")
+        .collect();
+    let mut server: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rel, code) in &files {
+        if !(rel.starts_with("server") && rel.components().count() == 2) {
+            continue;
+        }
+        let from = rel
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .into_owned();
+        if from == "mod" {
+            continue;
+        }
+        for to in referenced(code, "super::") {
+            if to != from && parts.contains(&to) {
+                server.entry(from.clone()).or_default().insert(to);
+            }
+        }
+    }
+    assert!(
+        server.get("broker").is_some_and(|d| d.contains("refresh")),
+        "{server:?}"
+    );
+    assert_eq!(cycle(&server), None, "server parts: {server:#?}");
+}
+
+/// Files (relative to src/) whose code mentions `needle`.
+fn mentioning(needle: &str) -> Vec<String> {
+    all_files()
+        .into_iter()
+        .filter(|(_, c)| c.contains(needle))
+        .map(|(r, _)| r.display().to_string())
+        .collect()
+}
+
+#[test]
+fn the_envelope_does_no_io_and_sees_no_wire_or_store_types() {
+    for needle in [
+        "std::fs",
+        "std::net",
+        "tokio",
+        "crate::store",
+        "crate::api",
+        "tonic",
+        "prost",
+        "crate::server",
+    ] {
+        let hits: Vec<String> = mentioning(needle)
+            .into_iter()
+            .filter(|f| f.starts_with("envelope"))
+            .collect();
+        assert!(hits.is_empty(), "envelope mentions {needle}: {hits:?}");
+    }
+}
+
+#[test]
+fn wire_types_stop_at_the_adapters() {
+    for f in mentioning("crate::api") {
+        assert!(
+            f == "api.rs" || f.starts_with("server") || f.starts_with("cli"),
+            "{f} names the generated gRPC types"
+        );
+    }
+    for needle in ["tonic", "prost"] {
+        for f in mentioning(needle) {
+            let core = [
+                "envelope",
+                "keys",
+                "store",
+                "record",
+                "secret",
+                "sealer",
+                "rotation",
+                "audit",
+                "grant",
+                "provider",
+                "proxy",
+                "oauth",
+                "security_event",
+                "config",
+            ];
+            assert!(
+                !core.iter().any(|m| f.starts_with(m))
+                    || (needle == "prost"
+                        && (f == "audit.rs" || f == "grant.rs" || f.starts_with("store/schema"))),
+                "{f} names {needle}"
+            );
+        }
+    }
+}
+
+#[test]
+fn only_the_rocks_store_names_rocksdb() {
+    // The crate, not the word (metric names say "rocksdb").
+    for needle in ["rocksdb::", "use rocksdb", "librocksdb"] {
+        for f in mentioning(needle) {
+            assert_eq!(f, "store/rocks.rs", "{f} names {needle}");
+        }
+    }
+    assert!(
+        !mentioning("rocksdb::").is_empty(),
+        "the scan sees store/rocks.rs"
+    );
+}
+
+#[test]
+fn only_keys_private_names_a_private_key_type() {
+    assert!(
+        !mentioning("PrivateDecryptingKey").is_empty(),
+        "the scan sees keys/private.rs"
+    );
+    for needle in [
+        "RsaPrivateKey",
+        "PrivateDecryptingKey",
+        "OaepPrivateDecryptingKey",
+        "PrivateKeyInfo",
+        "EncryptedPrivateKeyInfo",
+        "RsaKeyPair",
+        "EcdsaKeyPair",
+    ] {
+        for f in mentioning(needle) {
+            assert_eq!(f, "keys/private.rs", "{f} names {needle}");
+        }
+    }
+}
