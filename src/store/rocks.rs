@@ -236,6 +236,9 @@ impl TokenStore for RocksStore {
             std::collections::HashMap::new();
         let mut batch = WriteBatch::default();
         let mut outcomes = Vec::with_capacity(groups.len());
+        // Key states read once per commit, not once per record (the lock keeps them current).
+        let mut key_states: std::collections::HashMap<u32, Option<crate::keys::KeyState>> =
+            std::collections::HashMap::new();
         for writes in groups {
             let mut previous = std::collections::HashMap::new();
             let planned = plan_writes(
@@ -251,7 +254,14 @@ impl TokenStore for RocksStore {
                     }
                     Ok(r)
                 },
-                |v| self.key_state(v),
+                |v| match key_states.get(&v) {
+                    Some(state) => Ok(*state),
+                    None => {
+                        let state = self.key_state(v)?;
+                        key_states.insert(v, state);
+                        Ok(state)
+                    }
+                },
             );
             let planned = match planned {
                 Ok(p) => p,
