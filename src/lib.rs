@@ -16,7 +16,7 @@
 //! - [`rotation`]: the key lifecycle over a store: rewrap, retire, destroy (feature `daemon`).
 //! - [`sealer`]: the web tier's library entry point (public keys only).
 //! - [`store`]: the `TokenStore` trait, RocksDB and in-memory implementations.
-//! - [`api`]: generated gRPC types (`tokenvault.v1`).
+//! - [`api`]: generated gRPC types (`tokenvault.v1`); [`client`]: the bearer interceptor.
 //! - [`config`], [`server`], [`cli`]: the daemon and command line (feature `daemon`).
 //! - [`provider`], [`proxy`], [`oauth`]: upstream calls with the credential injected, and
 //!   token refresh (feature `daemon`).
@@ -35,6 +35,7 @@ pub mod api;
 pub mod audit;
 #[cfg(feature = "daemon")]
 pub mod cli;
+pub mod client;
 #[cfg(feature = "daemon")]
 pub mod config;
 pub mod envelope;

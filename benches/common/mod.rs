@@ -9,7 +9,6 @@ use tokenvault::config::{Config, CredentialEntry, Role};
 use tokenvault::record::{RecordMeta, SecretKind};
 use tokenvault::secret::{ApiCredential, Secret};
 use tokenvault::server::Daemon;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -19,22 +18,7 @@ pub const INGEST: &str = "tv_bench_ingest";
 /// A worker client.
 pub type Broker = v1::broker_client::BrokerClient<InterceptedService<Channel, Bearer>>;
 
-/// `authorization: Bearer …` on every request.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl Bearer {
-    pub fn new(cred: &str) -> Self {
-        Self(format!("Bearer {cred}").parse().expect("ascii"))
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
-        Ok(r)
-    }
-}
+pub use tokenvault::client::Bearer;
 
 /// The dev profile in `dir` with a worker and an ingest credential.
 pub fn dev_config(dir: &std::path::Path) -> Config {
@@ -65,8 +49,10 @@ pub async fn start(config: &Config, token: &[u8]) -> Broker {
         .connect()
         .await
         .expect("connect");
-    let mut ingest =
-        v1::ingest_client::IngestClient::with_interceptor(channel.clone(), Bearer::new(INGEST));
+    let mut ingest = v1::ingest_client::IngestClient::with_interceptor(
+        channel.clone(),
+        Bearer::new(INGEST).expect("credential"),
+    );
     let pem = ingest
         .public_keys(v1::PublicKeysRequest {})
         .await
@@ -88,5 +74,8 @@ pub async fn start(config: &Config, token: &[u8]) -> Broker {
         })
         .await
         .expect("put");
-    v1::broker_client::BrokerClient::with_interceptor(channel, Bearer::new(WORKER))
+    v1::broker_client::BrokerClient::with_interceptor(
+        channel,
+        Bearer::new(WORKER).expect("credential"),
+    )
 }

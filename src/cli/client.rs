@@ -4,7 +4,6 @@ use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::path::PathBuf;
 
 use clap::Args;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use zeroize::Zeroizing;
@@ -12,6 +11,7 @@ use zeroize::Zeroizing;
 use super::CliError;
 use super::serve::credential_env;
 use crate::api::v1;
+use crate::client::Bearer;
 use crate::config::Role;
 use crate::record::{RecordMeta, SecretKind};
 use crate::sealer::Sealer;
@@ -347,20 +347,6 @@ fn check_key_file_mode(path: &std::path::Path) -> Result<(), CliError> {
 
 pub(crate) type Authed = InterceptedService<Channel, Bearer>;
 
-/// Adds `authorization: Bearer …` when the caller has a credential; a caller identified by its
-/// client certificate sends none.
-#[derive(Clone)]
-pub(crate) struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
 fn credential(conn: &Connection, role: Role) -> Result<Option<ApiCredential>, CliError> {
     if let Some(path) = &conn.credential_file {
         let text = Zeroizing::new(
@@ -384,18 +370,9 @@ fn credential(conn: &Connection, role: Role) -> Result<Option<ApiCredential>, Cl
 pub(crate) async fn connect(conn: &Connection, role: Role) -> Result<Authed, CliError> {
     let bearer = match credential(conn, role)? {
         Some(cred) => {
-            let mut value: MetadataValue<_> = format!("Bearer {}", cred.expose_secret())
-                .parse()
-                .map_err(|_| {
-                    CliError::Input(
-                        "the credential contains characters not allowed in a header".into(),
-                    )
-                })?;
-            // Sensitive values are never added to HPACK tables.
-            value.set_sensitive(true);
-            Some(value)
+            Bearer::new(cred.expose_secret()).map_err(|e| CliError::Input(e.to_string()))?
         }
-        None => None,
+        None => Bearer::none(),
     };
     let mut endpoint = Channel::from_shared(conn.addr.clone())
         .map_err(|e| CliError::Input(format!("bad --addr {}: {e}", conn.addr)))?;
@@ -418,7 +395,7 @@ pub(crate) async fn connect(conn: &Connection, role: Role) -> Result<Authed, Cli
             ))
         })
     })?;
-    Ok(InterceptedService::new(channel, Bearer(bearer)))
+    Ok(InterceptedService::new(channel, bearer))
 }
 
 /// A sealer for the daemon's active key, as the web tier would fetch it.

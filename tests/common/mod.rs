@@ -21,7 +21,6 @@ use tokenvault::secret::{ApiCredential, Secret};
 use tokenvault::server::Daemon;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -139,7 +138,8 @@ impl TestDaemon {
     pub async fn ingest(
         &self,
         cred: &str,
-    ) -> v1::ingest_client::IngestClient<InterceptedService<Channel, Bearer>> {
+    ) -> v1::ingest_client::IngestClient<InterceptedService<Channel, tokenvault::client::Bearer>>
+    {
         v1::ingest_client::IngestClient::new(InterceptedService::new(
             self.channel().await,
             Bearer::new(cred),
@@ -149,7 +149,8 @@ impl TestDaemon {
     pub async fn broker(
         &self,
         cred: &str,
-    ) -> v1::broker_client::BrokerClient<InterceptedService<Channel, Bearer>> {
+    ) -> v1::broker_client::BrokerClient<InterceptedService<Channel, tokenvault::client::Bearer>>
+    {
         v1::broker_client::BrokerClient::new(InterceptedService::new(
             self.channel().await,
             Bearer::new(cred),
@@ -159,7 +160,8 @@ impl TestDaemon {
     pub async fn admin(
         &self,
         cred: &str,
-    ) -> v1::admin_client::AdminClient<InterceptedService<Channel, Bearer>> {
+    ) -> v1::admin_client::AdminClient<InterceptedService<Channel, tokenvault::client::Bearer>>
+    {
         v1::admin_client::AdminClient::new(InterceptedService::new(
             self.channel().await,
             Bearer::new(cred),
@@ -284,26 +286,20 @@ impl Drop for TestDaemon {
     }
 }
 
-/// No credential when `None`-like empty string.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+/// The library's bearer interceptor, as every client uses it; an empty credential sends none.
+pub struct Bearer;
 
 impl Bearer {
-    pub fn new(cred: &str) -> Self {
+    #[allow(
+        clippy::new_ret_no_self,
+        reason = "a test shorthand for the library's Bearer"
+    )]
+    pub fn new(cred: &str) -> tokenvault::client::Bearer {
         if cred.is_empty() {
-            Self(None)
+            tokenvault::client::Bearer::none()
         } else {
-            Self(Some(format!("Bearer {cred}").parse().expect("ascii")))
+            tokenvault::client::Bearer::new(cred).expect("valid credential")
         }
-    }
-}
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
     }
 }
 
