@@ -382,6 +382,31 @@ fn keys_commands_import_openssl_keys_and_refuse_bad_ones() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "v{v}");
     }
+    // Offline key changes are in the audit trail, each written with its registry change and
+    // chained like the daemon's own events; the refused imports left nothing.
+    let d = serve_dev(cwd);
+    let env = d.env();
+    let o = run(cwd, &["admin", "audit", "list"], &env, None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    let offline: Vec<&str> = list
+        .lines()
+        .filter(|l| l.contains("caller=keys-cli"))
+        .collect();
+    assert_eq!(offline.len(), 3, "{list}");
+    assert!(
+        offline
+            .iter()
+            .all(|l| l.contains("action=RotateKey outcome=ok")),
+        "{list}"
+    );
+    let o = run(cwd, &["admin", "audit", "verify"], &env, None);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("audit chain intact:"),
+        "{}",
+        stderr(&o)
+    );
+    d.terminate();
 }
 
 #[test]

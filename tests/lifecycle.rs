@@ -510,6 +510,8 @@ async fn audit_trail_records_who_did_what_and_reveals_tampering() {
         .map(|e| (e.caller.clone(), e.action.clone(), e.outcome.clone()))
         .collect();
     let expected = [
+        // The development keyring's first version, recorded when the daemon created it.
+        ("dev-profile", "InitKeys", "ok"),
         ("worker-1", "GetToken", "Ok"),
         ("worker-1", "GetToken", "NotFound"),
         ("web-tier", "auth", "PermissionDenied"),
@@ -535,7 +537,7 @@ async fn audit_trail_records_who_did_what_and_reveals_tampering() {
     assert_eq!(summary, expected);
     assert_eq!(
         tokenvault::audit::verify_chain(events.iter().map(|e| (e.seq, e.raw.clone()))),
-        Ok(7)
+        Ok(8)
     );
     for e in &events {
         let text = String::from_utf8_lossy(&e.raw);

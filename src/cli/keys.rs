@@ -108,17 +108,55 @@ fn describe(k: &KeyInfo) -> String {
     )
 }
 
+/// The caller offline key changes are recorded under in the audit trail.
+const OFFLINE_CALLER: &str = "keys-cli";
+
+/// Adds a key version offline through the same audited path as the daemon's `RotateKey`: the
+/// registry change and its audit event are one write, chained after the daemon's events.
+/// `init` refuses a keyring that already has versions.
+fn add_recorded(
+    store: RocksStore,
+    dir: &KeyDir,
+    key: Option<PrivateKey>,
+    init: bool,
+    now: i64,
+) -> Result<KeyInfo, CliError> {
+    let store: std::sync::Arc<dyn TokenStore> = std::sync::Arc::new(store);
+    let auditor = crate::audit::Auditor::open(std::sync::Arc::clone(&store), dir.path())
+        .map_err(|e| CliError::Internal(e.to_string()))?;
+    let existing = store.keys()?;
+    if init && !existing.is_empty() {
+        return Err(crate::keys::KeyError::AlreadyInitialized(existing.len()).into());
+    }
+    let (action, detail) = match (init, &key) {
+        (true, _) => ("InitKeys", "version 1, offline".to_string()),
+        (false, Some(_)) => ("RotateKey", "imported key, offline".to_string()),
+        (false, None) => ("RotateKey", "new version, offline".to_string()),
+    };
+    let key = match key {
+        Some(k) => k,
+        None => PrivateKey::generate()?,
+    };
+    let draft = crate::audit::Draft::new(OFFLINE_CALLER, action).detail(detail);
+    auditor.append_with(&draft, |a| {
+        Ok::<_, CliError>((
+            crate::rotation::add_version_audited(&*store, dir, key, now, Some(a))?,
+            true,
+        ))
+    })
+}
+
 pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
     let now = crate::unix_now();
     match cmd {
         KeysCommand::Init { at } => {
             let (store, dir) = open(&at)?;
-            let info = crate::rotation::init(&store, &dir, now)?;
+            let info = add_recorded(store, &dir, None, true, now)?;
             println!("created {}", describe(&info));
         }
         KeysCommand::Rotate { at } => {
             let (store, dir) = open(&at)?;
-            let info = crate::rotation::add_version(&store, &dir, PrivateKey::generate()?, now)?;
+            let info = add_recorded(store, &dir, None, false, now)?;
             println!("active {}", describe(&info));
         }
         KeysCommand::List { at } => {
@@ -157,7 +195,7 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
             // Validate before touching the store, so a bad file changes nothing.
             let key = read_import_key(&private, import_passphrase_file.as_deref())?;
             let (store, dir) = open(&at)?;
-            let info = crate::rotation::add_version(&store, &dir, key, now)?;
+            let info = add_recorded(store, &dir, Some(key), false, now)?;
             println!("imported as active {}", describe(&info));
         }
     }

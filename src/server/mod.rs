@@ -321,8 +321,23 @@ impl Daemon {
     /// Like [`Daemon::open`] over any store.
     pub fn with_store(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, StartError> {
         let dir = KeyDir::new(&config.key_dir, config.passphrase.clone());
+        let audit = Arc::new(Auditor::open(Arc::clone(&store), &config.key_dir)?);
         if config.dev && store.keys()?.is_empty() {
-            let info = crate::rotation::init(&*store, &dir, crate::unix_now())?;
+            // Recorded like every other key change: registry write and audit event together.
+            let draft = Draft::new("dev-profile", "InitKeys").detail("version 1, development");
+            let info = audit.append_with(&draft, |a| {
+                let key = crate::keys::PrivateKey::generate()?;
+                Ok::<_, StartError>((
+                    crate::rotation::add_version_audited(
+                        &*store,
+                        &dir,
+                        key,
+                        crate::unix_now(),
+                        Some(a),
+                    )?,
+                    true,
+                ))
+            })?;
             tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");
         }
         let ring = Keyring::load(store.keys()?, &dir)?
@@ -331,7 +346,6 @@ impl Daemon {
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
         let upstreams = crate::proxy::Upstreams::new(config.providers.values())?;
         let metrics = Arc::new(metrics::Metrics::default());
-        let store_for_audit = Arc::clone(&store);
         let state = State {
             upstreams: RwLock::new(Arc::new(upstreams)),
             config_source: config.source.clone(),
@@ -361,10 +375,7 @@ impl Daemon {
             policy: config.key_policy,
             key_ops: std::sync::Mutex::new(()),
             rewrapping: std::sync::atomic::AtomicBool::new(false),
-            audit: Arc::new(Auditor::open(
-                Arc::clone(&store_for_audit),
-                &config.key_dir,
-            )?),
+            audit,
             record_buckets: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(100_000).expect("non-zero"),
             )),
