@@ -343,6 +343,20 @@ fn the_runbook_runs_over_mutual_tls_and_bad_tls_setups_are_refused() {
             4,
             "the daemon's TLS certificate was not accepted",
         ),
+        // A CA file or client key that does not exist.
+        (
+            with(&admin, &[("TOKENVAULT_CA_FILE", "/nonexistent/ca.pem")]),
+            5,
+            "--ca-file /nonexistent/ca.pem",
+        ),
+        (
+            with(
+                &admin,
+                &[("TOKENVAULT_CLIENT_KEY", "/nonexistent/client.key")],
+            ),
+            5,
+            "--client-key /nonexistent/client.key",
+        ),
         // A client key others can read.
         (
             with(&admin, &[("TOKENVAULT_CLIENT_KEY", &loose_key)]),
