@@ -71,6 +71,17 @@ pub struct Event {
     pub hash: Vec<u8>,
 }
 
+impl Event {
+    /// Decodes a stored event; one that does not decode (tampered) comes back with only its
+    /// sequence number, for the verifier to report from its raw bytes.
+    pub fn from_stored(seq: u64, raw: &[u8]) -> Self {
+        Event::decode(raw).unwrap_or(Event {
+            seq,
+            ..Default::default()
+        })
+    }
+}
+
 fn event_hash(event: &Event) -> [u8; 32] {
     let unhashed = Event {
         hash: Vec::new(),

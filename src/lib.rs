@@ -17,7 +17,9 @@
 //! - [`sealer`]: the web tier's library entry point (public keys only).
 //! - [`store`]: the `TokenStore` trait, RocksDB and in-memory implementations.
 //! - [`api`]: generated gRPC types (`tokenvault.v1`); [`client`]: the bearer interceptor.
-//! - [`config`], [`server`], [`cli`]: the daemon and command line (feature `daemon`).
+//! - [`vault`]: the application core, every use case without a transport (feature `daemon`).
+//! - [`config`], [`server`], [`cli`]: the daemon's configuration, its gRPC adapters and the
+//!   command line (feature `daemon`).
 //! - [`provider`], [`proxy`], [`oauth`]: upstream calls with the credential injected, and
 //!   token refresh (feature `daemon`).
 //!
@@ -58,6 +60,8 @@ pub mod security_event;
 #[cfg(feature = "daemon")]
 pub mod server;
 pub mod store;
+#[cfg(feature = "daemon")]
+pub mod vault;
 
 pub use sealer::Sealer;
 

@@ -3,7 +3,7 @@
 //!
 //! Owns: [`TokenBundle`] (the plaintext of a `token_bundle` record, JSON, see
 //! docs/PROXY.md), [`refresh_request`] and [`parse_token_response`]. No I/O: the daemon's
-//! refresh orchestration (server/refresh.rs) sends the request through the proxy's client.
+//! refresh orchestration (vault/refresh.rs) sends the request through the proxy's client.
 //!
 //! Must never: put a token or client secret into an error message or a `Debug` output.
 

@@ -507,6 +507,93 @@ pub fn add_version_audited(
     Ok(info)
 }
 
+/// The audited key service: every key lifecycle change (a new version, retirement,
+/// destruction) is written in one atomic store write together with its audit event, chained
+/// after every other event of the trail. The daemon's `RotateKey` / `RetireKey` /
+/// `DestroyKey`, its automatic rotation, the dev profile's first key and the offline
+/// `tokenvault keys` commands all go through it, so no key change escapes the audit trail.
+pub struct KeyService<'a> {
+    store: &'a dyn TokenStore,
+    dir: &'a KeyDir,
+    audit: &'a crate::audit::Auditor,
+}
+
+impl std::fmt::Debug for KeyService<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyService").finish_non_exhaustive()
+    }
+}
+
+impl<'a> KeyService<'a> {
+    /// The service over a store, its key directory and its audit trail.
+    pub fn new(
+        store: &'a dyn TokenStore,
+        dir: &'a KeyDir,
+        audit: &'a crate::audit::Auditor,
+    ) -> Self {
+        Self { store, dir, audit }
+    }
+
+    /// Runs `change`, which writes `draft`'s sealed event in its one registry write.
+    fn recorded(
+        &self,
+        draft: &crate::audit::Draft,
+        change: impl FnOnce(&AuditAppend) -> Result<KeyInfo, RotationError>,
+    ) -> Result<KeyInfo, RotationError> {
+        self.audit.append_with(draft, |a| Ok((change(a)?, true)))
+    }
+
+    /// Adds `key` as the new active version ([`add_version`]), with `draft` in the same write.
+    pub fn add_version(
+        &self,
+        draft: &crate::audit::Draft,
+        key: PrivateKey,
+        now: i64,
+    ) -> Result<KeyInfo, RotationError> {
+        self.recorded(draft, |a| {
+            Ok(add_version_audited(
+                self.store,
+                self.dir,
+                key,
+                now,
+                Some(a),
+            )?)
+        })
+    }
+
+    /// Creates version 1 with a fresh RSA-2048 key; refuses a registry that has any version,
+    /// and then changes nothing.
+    pub fn init(&self, draft: &crate::audit::Draft, now: i64) -> Result<KeyInfo, RotationError> {
+        let existing = self.store.keys()?;
+        if !existing.is_empty() {
+            return Err(KeyError::AlreadyInitialized(existing.len()).into());
+        }
+        self.add_version(draft, PrivateKey::generate()?, now)
+    }
+
+    /// Retires a decrypt-only version ([`retire`]), with `draft` in the same write.
+    pub fn retire(
+        &self,
+        draft: &crate::audit::Draft,
+        version: u32,
+        now: i64,
+    ) -> Result<KeyInfo, RotationError> {
+        self.recorded(draft, |a| retire(self.store, version, now, Some(a)))
+    }
+
+    /// Destroys a retired version ([`destroy`]), with `draft` in the same write.
+    pub fn destroy(
+        &self,
+        draft: &crate::audit::Draft,
+        version: u32,
+        now: i64,
+    ) -> Result<KeyInfo, RotationError> {
+        self.recorded(draft, |a| {
+            destroy(self.store, self.dir, version, now, Some(a))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

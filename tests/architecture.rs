@@ -1,7 +1,8 @@
 //! docs/ARCHITECTURE.md's invariants, checked on the source text so a change that breaks one
-//! fails the build's tests: no import cycle between modules (top-level, and among the daemon's
-//! `server/*` parts), the envelope does no I/O and sees no wire or store types, proto types
-//! stop at the adapters, only `store/rocks.rs` names RocksDB, only `keys/private.rs` names a
+//! fails the build's tests: no import cycle between modules (top-level, and among the parts of
+//! `server/*` and `vault/*`), the envelope does no I/O and sees no wire or store types, proto
+//! types stop at the adapters, the vault never names a transport and the adapters reach the
+//! store only through it, only `store/rocks.rs` names RocksDB, only `keys/private.rs` names a
 //! private-key type, and the core modules never name tonic. Test code (`#[cfg(test)] mod
 //! tests`) is left out: tests may reach across.
 
@@ -161,37 +162,88 @@ fn no_import_cycle_between_modules() {
     );
     assert_eq!(cycle(&graph), None, "module graph: {graph:#?}");
 
-    // The daemon's parts among themselves (server/*.rs files, by `super::name`).
+    // The parts of the daemon's adapters and of the vault among themselves (`dir/*.rs`
+    // files, by `super::name`).
+    for (dir, edge) in [
+        ("server", ("admin", "status")),
+        ("vault", ("broker", "refresh")),
+    ] {
+        let parts = parts_graph(&files, dir);
+        assert!(
+            parts.get(edge.0).is_some_and(|d| d.contains(edge.1)),
+            "the scan sees {dir}'s edges: {parts:?}"
+        );
+        assert_eq!(cycle(&parts), None, "{dir} parts: {parts:#?}");
+    }
+}
+
+/// The `super::` references between the files directly under `dir` (its `mod.rs` excluded).
+fn parts_graph(files: &[(PathBuf, String)], dir: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let direct = |r: &Path| r.starts_with(dir) && r.components().count() == 2;
+    let stem = |r: &Path| r.file_stem().expect("stem").to_string_lossy().into_owned();
     let parts: BTreeSet<String> = files
         .iter()
-        .filter(|(r, _)| r.starts_with("server") && r.components().count() == 2)
-        .map(|(r, _)| r.file_stem().expect("stem").to_string_lossy().into_owned())
+        .filter(|(r, _)| direct(r))
+        .map(|(r, _)| stem(r))
         .filter(|n| n != "mod")
         .collect();
-    let mut server: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (rel, code) in &files {
-        if !(rel.starts_with("server") && rel.components().count() == 2) {
-            continue;
-        }
-        let from = rel
-            .file_stem()
-            .expect("stem")
-            .to_string_lossy()
-            .into_owned();
-        if from == "mod" {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rel, code) in files {
+        let from = stem(rel);
+        if !direct(rel) || from == "mod" {
             continue;
         }
         for to in referenced(code, "super::") {
             if to != from && parts.contains(&to) {
-                server.entry(from.clone()).or_default().insert(to);
+                graph.entry(from.clone()).or_default().insert(to);
             }
         }
     }
+    graph
+}
+
+#[test]
+fn the_vault_never_names_a_transport() {
+    // The application core is callable without tonic: a GetToken or PutSealed goes adapter ->
+    // vault -> store and back, never from the vault into an adapter.
     assert!(
-        server.get("broker").is_some_and(|d| d.contains("refresh")),
-        "{server:?}"
+        !mentioning("impl Vault").is_empty(),
+        "the scan sees the vault"
     );
-    assert_eq!(cycle(&server), None, "server parts: {server:#?}");
+    for needle in [
+        "tonic",
+        "prost",
+        "crate::api",
+        "crate::server",
+        "crate::cli",
+        "axum",
+        "hyper::",
+    ] {
+        let hits: Vec<String> = mentioning(needle)
+            .into_iter()
+            .filter(|f| f.starts_with("vault"))
+            .collect();
+        assert!(hits.is_empty(), "the vault mentions {needle}: {hits:?}");
+    }
+}
+
+#[test]
+fn adapters_reach_the_store_only_through_the_vault() {
+    // The gRPC handlers hold a `Vault`, never a store: every mutation goes through the vault's
+    // audited writes.
+    for f in ["server/ingest.rs", "server/broker.rs", "server/admin.rs"] {
+        let code = code(Path::new(f));
+        assert!(code.contains("Arc<Vault>"), "{f} is a vault adapter");
+        for needle in [
+            "crate::store",
+            "TokenStore",
+            "0.store",
+            "crate::audit",
+            "Auditor",
+        ] {
+            assert!(!code.contains(needle), "{f} names {needle}");
+        }
+    }
 }
 
 /// Files (relative to src/) whose code mentions `needle`.
@@ -248,6 +300,7 @@ fn wire_types_stop_at_the_adapters() {
                 "oauth",
                 "security_event",
                 "config",
+                "vault",
             ];
             assert!(
                 !core.iter().any(|m| f.starts_with(m))

@@ -274,32 +274,51 @@ async fn rotation_and_rewrap_while_traffic_flows() {
 async fn ingest_grace_period_ends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = config(dir.path());
-    cfg.key_policy.ingest_grace_seconds = 0;
-    let d = TestDaemon::start_with(cfg).await;
+    cfg.key_policy.ingest_grace_seconds = 30;
+    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
+    let clock = TestClock::new();
+    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
     let old = d.sealer().await;
     d.admin(ADMIN)
         .await
         .rotate_key(v1::RotateKeyRequest::default())
         .await
         .expect("rotate");
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let rec = old
-        .seal_record(&meta("x", "o"), &Secret::new(b"x".to_vec()))
-        .expect("seal");
-    let e = d
-        .ingest(INGEST)
-        .await
-        .put_sealed(v1::PutSealedRequest {
-            record: Some(rec),
-            expected_version: 0,
-        })
-        .await
-        .expect_err("grace over");
+    let put = |id: &str| {
+        let rec = old
+            .seal_record(&meta(id, "o"), &Secret::new(b"x".to_vec()))
+            .expect("seal");
+        let d = &d;
+        async move {
+            d.ingest(INGEST)
+                .await
+                .put_sealed(v1::PutSealedRequest {
+                    record: Some(rec),
+                    expected_version: 0,
+                })
+                .await
+        }
+    };
+    // Accepted under the previous key through the last second of the grace period...
+    clock.advance(30);
+    put("in-grace").await.expect("within the grace period");
+    // ...and refused after it.
+    clock.advance(1);
+    let e = put("late").await.expect_err("grace over");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
-        e.message().contains("ingest grace period of 0 s has ended"),
+        e.message()
+            .contains("ingest grace period of 30 s has ended"),
         "{}",
         e.message()
+    );
+    assert_eq!(
+        d.get("in-grace").await.expect("stored").into_inner().secret,
+        b"x"
+    );
+    assert_eq!(
+        d.get("late").await.expect_err("not stored").code(),
+        Code::NotFound
     );
     d.stop().await;
 }

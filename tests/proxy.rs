@@ -112,6 +112,8 @@ struct Setup {
     daemon: TestDaemon,
     /// The providers part of the config file.
     providers: String,
+    /// The vault's clock, when the test moves time.
+    clock: Option<common::TestClock>,
 }
 
 async fn setup() -> Setup {
@@ -131,6 +133,7 @@ async fn setup_with(extra: impl Fn(&FakeProvider) -> String) -> Setup {
         provider,
         daemon,
         providers,
+        clock: None,
     }
 }
 
@@ -550,6 +553,7 @@ async fn rotating_refresh_tokens_survive_a_restart() {
         provider,
         daemon,
         providers,
+        ..
     } = setup().await;
     let soon = tokenvault::unix_now() + 5;
     put_bundle(&daemon, "b", "github", (ACCESS, REFRESH), soon).await;
@@ -1043,7 +1047,10 @@ async fn grants_setup() -> Setup {
     let tmp = tempfile::tempdir().expect("tempdir");
     let provider = FakeProvider::start(ACCESS, REFRESH).await;
     let providers = providers_toml(&provider, "");
-    let daemon = TestDaemon::start_with(grants_config(tmp.path(), &providers)).await;
+    let config = grants_config(tmp.path(), &providers);
+    let store = tokenvault::store::RocksStore::open(&config.data_dir, 8 << 20).expect("store");
+    let clock = common::TestClock::new();
+    let daemon = TestDaemon::start_with_clock(config, std::sync::Arc::new(store), &clock).await;
     put_token(&daemon, "tok", "github", ACCESS.as_bytes()).await;
     put_token(&daemon, "lab", "narrow", ACCESS.as_bytes()).await;
     Setup {
@@ -1051,6 +1058,7 @@ async fn grants_setup() -> Setup {
         provider,
         daemon,
         providers,
+        clock: Some(clock),
     }
 }
 
@@ -1110,8 +1118,10 @@ async fn expired_grants_are_deleted_even_if_never_presented() {
             .map(|(k, _)| k)
             .collect()
     };
+    let clock = common::TestClock::new();
     let d =
-        TestDaemon::start_with_store(grants_config(tmp.path(), &providers), store.clone()).await;
+        TestDaemon::start_with_clock(grants_config(tmp.path(), &providers), store.clone(), &clock)
+            .await;
     put_token(&d, "tok", "github", ACCESS.as_bytes()).await;
     let short = issue(&d, grant_request("tok", 1, 0)).await.expect("issued");
     let long = issue(&d, grant_request("tok", 600, 0))
@@ -1123,9 +1133,10 @@ async fn expired_grants_are_deleted_even_if_never_presented() {
     assert_eq!(grants(&store), both);
     d.stop().await;
     // The short grant expires without ever being presented; the next start sweeps it.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    clock.advance(2);
     let d =
-        TestDaemon::start_with_store(grants_config(tmp.path(), &providers), store.clone()).await;
+        TestDaemon::start_with_clock(grants_config(tmp.path(), &providers), store.clone(), &clock)
+            .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while grants(&store).contains(&short_key) {
         assert!(Instant::now() < deadline, "expired grant still stored");
@@ -1254,8 +1265,14 @@ async fn grants_are_narrow_counted_expiring_and_revocable() {
     }
     assert_eq!(s.provider.hits("/api/me"), 2);
     // Expiry.
-    let short = issue(d, grant_request("tok", 1, 0)).await.expect("issued");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let short = issue(d, grant_request("tok", 2, 0)).await.expect("issued");
+    let clock = s.clock.as_ref().expect("grants_setup has a clock");
+    // Valid until its expiry second, expired from it on.
+    clock.advance(1);
+    with_grant(d, HOLDER, &short.grant, "", "GET", "/me")
+        .await
+        .expect("valid before its expiry");
+    clock.advance(1);
     let err = with_grant(d, HOLDER, &short.grant, "", "GET", "/me")
         .await
         .expect_err("expired");
@@ -1497,8 +1514,10 @@ async fn grant_changes_and_their_audit_events_are_one_write() {
     let store = std::sync::Arc::new(FaultyStore::new(std::sync::Arc::new(
         tokenvault::store::MemoryStore::new(),
     )));
+    let clock = common::TestClock::new();
     let d =
-        TestDaemon::start_with_store(grants_config(tmp.path(), &providers), store.clone()).await;
+        TestDaemon::start_with_clock(grants_config(tmp.path(), &providers), store.clone(), &clock)
+            .await;
     put_token(&d, "tok", "github", ACCESS.as_bytes()).await;
     let ok_events = |action: &'static str| {
         let d = &d;

@@ -111,9 +111,9 @@ fn describe(k: &KeyInfo) -> String {
 /// The caller offline key changes are recorded under in the audit trail.
 const OFFLINE_CALLER: &str = "keys-cli";
 
-/// Adds a key version offline through the same audited path as the daemon's `RotateKey`: the
-/// registry change and its audit event are one write, chained after the daemon's events.
-/// `init` refuses a keyring that already has versions.
+/// Adds a key version offline through the vault's audited key service, the same one the
+/// daemon's `RotateKey` uses: the registry change and its audit event are one write, chained
+/// after the daemon's events. `init` refuses a keyring that already has versions.
 fn add_recorded(
     store: RocksStore,
     dir: &KeyDir,
@@ -124,25 +124,17 @@ fn add_recorded(
     let store: std::sync::Arc<dyn TokenStore> = std::sync::Arc::new(store);
     let auditor = crate::audit::Auditor::open(std::sync::Arc::clone(&store), dir.path())
         .map_err(|e| CliError::Internal(e.to_string()))?;
-    let existing = store.keys()?;
-    if init && !existing.is_empty() {
-        return Err(crate::keys::KeyError::AlreadyInitialized(existing.len()).into());
-    }
+    let keys = crate::rotation::KeyService::new(&*store, dir, &auditor);
     let (action, detail) = match (init, &key) {
-        (true, _) => ("InitKeys", "version 1, offline".to_string()),
-        (false, Some(_)) => ("RotateKey", "imported key, offline".to_string()),
-        (false, None) => ("RotateKey", "new version, offline".to_string()),
-    };
-    let key = match key {
-        Some(k) => k,
-        None => PrivateKey::generate()?,
+        (true, _) => ("InitKeys", "version 1, offline"),
+        (false, Some(_)) => ("RotateKey", "imported key, offline"),
+        (false, None) => ("RotateKey", "new version, offline"),
     };
     let draft = crate::audit::Draft::new(OFFLINE_CALLER, action).detail(detail);
-    auditor.append_with(&draft, |a| {
-        Ok::<_, CliError>((
-            crate::rotation::add_version_audited(&*store, dir, key, now, Some(a))?,
-            true,
-        ))
+    Ok(match (init, key) {
+        (true, _) => keys.init(&draft, now)?,
+        (false, Some(key)) => keys.add_version(&draft, key, now)?,
+        (false, None) => keys.add_version(&draft, PrivateKey::generate()?, now)?,
     })
 }
 

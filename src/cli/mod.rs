@@ -236,6 +236,20 @@ impl From<crate::store::StoreError> for CliError {
     }
 }
 
+impl From<crate::rotation::RotationError> for CliError {
+    fn from(e: crate::rotation::RotationError) -> Self {
+        use crate::rotation::RotationError;
+        match e {
+            RotationError::Key(k) => k.into(),
+            RotationError::Store(s) => s.into(),
+            RotationError::UnknownVersion(_) => CliError::NotFound(e.to_string()),
+            RotationError::WrongState { .. } | RotationError::RecordsRemain { .. } => {
+                CliError::Precondition(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<crate::config::ConfigError> for CliError {
     fn from(e: crate::config::ConfigError) -> Self {
         CliError::Input(e.to_string())

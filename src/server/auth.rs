@@ -18,6 +18,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::config::{CallerPolicy, CredentialEntry, Role};
+use crate::vault::limits::Bucket;
 
 /// The authenticated caller, attached to each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,44 +36,13 @@ pub const DENIAL_ALERT_THRESHOLD: usize = 10;
 /// Window over which refusals are counted.
 pub const DENIAL_WINDOW: Duration = Duration::from_secs(60);
 
-#[derive(Debug)]
-pub(crate) struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    /// A full bucket.
-    pub(crate) fn full(burst: u32) -> Self {
-        Self {
-            tokens: f64::from(burst.max(1)),
-            at: Instant::now(),
-        }
-    }
-
-    /// Refills at `rate` per second up to `burst`, then takes one token if there is one.
-    pub(crate) fn take(&mut self, rate: u32, burst: u32) -> bool {
-        let now = Instant::now();
-        let burst = f64::from(burst.max(1));
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * f64::from(rate)).min(burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// Checks bearer credentials against configured SHA-256 hashes.
 #[derive(Debug)]
 pub struct Authenticator {
     entries: Vec<(CredentialEntry, Arc<CallerPolicy>)>,
     buckets: Mutex<HashMap<String, Bucket>>,
     denials: Mutex<HashMap<String, Vec<Instant>>>,
-    metrics: Arc<super::metrics::Metrics>,
+    metrics: Arc<crate::vault::metrics::Metrics>,
 }
 
 impl Authenticator {
@@ -93,7 +63,7 @@ impl Authenticator {
     }
 
     /// Counts refusals in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<super::metrics::Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<crate::vault::metrics::Metrics>) -> Self {
         self.metrics = metrics;
         self
     }
@@ -199,9 +169,9 @@ impl RoleGuard {
     fn refused(&self, caller: &str, status: Status) -> Status {
         self.auth.note_denial(caller);
         let code = format!("{:?}", status.code());
-        super::metrics::Metrics::count(&self.auth.metrics.auth_denials, &code);
+        crate::vault::metrics::Metrics::count(&self.auth.metrics.auth_denials, &code);
         if status.code() == tonic::Code::ResourceExhausted {
-            super::metrics::Metrics::count(&self.auth.metrics.rate_limited, "caller");
+            crate::vault::metrics::Metrics::count(&self.auth.metrics.rate_limited, "caller");
         }
         if let Some(audit) = &self.audit {
             let draft = crate::audit::Draft::new(caller, "auth")

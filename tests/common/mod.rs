@@ -44,6 +44,30 @@ pub fn credentials() -> Vec<CredentialEntry> {
     ]
 }
 
+/// A clock a test moves by hand: it starts at the real time and advances only when told.
+#[derive(Clone, Debug)]
+#[allow(dead_code)]
+pub struct TestClock(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+#[allow(dead_code)]
+impl TestClock {
+    pub fn new() -> Self {
+        Self(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
+            tokenvault::unix_now(),
+        )))
+    }
+
+    pub fn advance(&self, seconds: i64) {
+        self.0
+            .fetch_add(seconds, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn source(&self) -> tokenvault::vault::Clock {
+        let now = std::sync::Arc::clone(&self.0);
+        std::sync::Arc::new(move || now.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
 pub fn config(base: &Path) -> Config {
     let mut c = Config::dev(
         base,
@@ -88,6 +112,21 @@ impl TestDaemon {
         store: std::sync::Arc<dyn tokenvault::store::TokenStore>,
     ) -> Self {
         let daemon = Daemon::with_store(store, &config).expect("daemon opens");
+        Self::serve(daemon, "127.0.0.1:0").await
+    }
+
+    /// Like [`TestDaemon::start_with_store`] with the vault reading time from `clock`, which
+    /// the test moves instead of sleeping.
+    #[allow(dead_code)]
+    pub async fn start_with_clock(
+        config: Config,
+        store: std::sync::Arc<dyn tokenvault::store::TokenStore>,
+        clock: &TestClock,
+    ) -> Self {
+        let vault = tokenvault::vault::Vault::open(store, &config)
+            .expect("vault opens")
+            .with_clock(clock.source());
+        let daemon = Daemon::with_vault(vault, &config).expect("daemon opens");
         Self::serve(daemon, "127.0.0.1:0").await
     }
 

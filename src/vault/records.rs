@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::State;
+use super::Vault;
 use crate::envelope::{self, DecryptError, EnvelopeRef};
 use crate::keys::UnwrapperLookup as _;
 use crate::keys::keyring::Keyring;
@@ -16,7 +16,7 @@ use crate::secret::Secret;
 /// Opens a record, through the DEK cache when it is enabled. The key lookup runs on every
 /// call, so a destroyed key or the minimum decryption version applies to cached keys too.
 pub(super) fn open(
-    s: &State,
+    s: &Vault,
     id: &RecordId,
     record: &Record,
     ring: &Keyring,

@@ -8,9 +8,7 @@
 
 use std::sync::Arc;
 
-use super::status::ServiceError;
-use super::{State, record_id};
-use crate::api::v1;
+use super::{Vault, VaultError};
 use crate::audit::Draft;
 use crate::config::{CallerPolicy, PolicyDenial};
 use crate::grant::{self, Grant, GrantError, Subject};
@@ -18,11 +16,48 @@ use crate::record::{Owner, Record, RecordId};
 use crate::secret::GrantHandle;
 use crate::store::{Mutation, StoreError};
 
-fn invalid(message: impl Into<String>) -> ServiceError {
-    ServiceError::Grant(GrantError::Invalid(message.into()))
+/// What a grant covers.
+#[derive(Debug, Clone)]
+pub enum GrantSubject {
+    /// One record.
+    Record(RecordId),
+    /// Every record of an owner the issuer may touch.
+    Owner(Owner),
 }
 
-fn may_issue(caller: &str, policy: &CallerPolicy) -> Result<(), ServiceError> {
+/// A request to issue a grant.
+#[derive(Debug, Clone)]
+pub struct IssueGrant {
+    /// What it covers.
+    pub subject: GrantSubject,
+    /// Allowed HTTP methods (any case); empty allows every method.
+    pub methods: Vec<String>,
+    /// Allowed path prefixes; empty allows every path.
+    pub path_prefixes: Vec<String>,
+    /// Lifetime in seconds (1..=[`crate::grant::MAX_TTL_SECONDS`]).
+    pub ttl_seconds: i64,
+    /// Most uses; 0 is unlimited.
+    pub max_uses: u32,
+    /// The only caller that may use it; `None` for any caller allowed to proxy.
+    pub audience: Option<String>,
+}
+
+/// An issued grant.
+#[derive(Debug)]
+pub struct IssuedGrant {
+    /// The handle (a bearer secret for `Proxy`).
+    pub handle: GrantHandle,
+    /// The public id of the grant (hash of the handle).
+    pub grant_id: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: i64,
+}
+
+fn invalid(message: impl Into<String>) -> VaultError {
+    VaultError::Grant(GrantError::Invalid(message.into()))
+}
+
+fn may_issue(caller: &str, policy: &CallerPolicy) -> Result<(), VaultError> {
     if policy.issue_grants {
         Ok(())
     } else {
@@ -32,12 +67,12 @@ fn may_issue(caller: &str, policy: &CallerPolicy) -> Result<(), ServiceError> {
 
 /// Validates and stores a new grant; returns the response with the handle.
 pub(super) fn issue(
-    s: &State,
+    s: &Vault,
     caller: &str,
     policy: &CallerPolicy,
-    req: v1::IssueGrantRequest,
+    req: IssueGrant,
     now: i64,
-) -> Result<v1::IssueGrantResponse, ServiceError> {
+) -> Result<IssuedGrant, VaultError> {
     may_issue(caller, policy)?;
     if !(1..=grant::MAX_TTL_SECONDS).contains(&req.ttl_seconds) {
         return Err(invalid(format!(
@@ -65,31 +100,25 @@ pub(super) fn issue(
         )));
     }
     let mut draft = Draft::new(caller, "IssueGrant");
-    let subject = match (req.id.is_empty(), req.owner.is_empty()) {
-        (false, true) => {
-            let id = record_id(req.id)?;
+    let subject = match req.subject {
+        GrantSubject::Record(id) => {
             let record = s
                 .store
                 .get_record(&id)?
                 .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
             policy
                 .check_record(&record.meta)
-                .map_err(ServiceError::PolicyDenied)?;
+                .map_err(VaultError::PolicyDenied)?;
             draft = draft.record(id.as_str()).owner(record.meta.owner.as_str());
             Subject::Record(id)
         }
-        (true, false) => {
-            let owner = Owner::parse(req.owner).map_err(|source| ServiceError::Invalid {
-                what: "owner".into(),
-                source,
-            })?;
+        GrantSubject::Owner(owner) => {
             if !policy.allows_owner(owner.as_str()) {
                 return Err(PolicyDenial::Owner.into());
             }
             draft = draft.owner(owner.as_str());
             Subject::Owner(owner)
         }
-        _ => return Err(invalid("set exactly one of id or owner")),
     };
     let (handle, id) = grant::new_handle();
     let g = Grant {
@@ -98,7 +127,7 @@ pub(super) fn issue(
         path_prefixes: req.path_prefixes,
         expires_at: now + req.ttl_seconds,
         uses_left: (req.max_uses > 0).then_some(req.max_uses),
-        audience: (!req.audience.is_empty()).then_some(req.audience),
+        audience: req.audience,
         issuer: caller.to_string(),
         providers: policy.providers.clone(),
         kinds: policy
@@ -123,8 +152,8 @@ pub(super) fn issue(
         s.store.apply(&[put], std::slice::from_ref(a), now)?;
         Ok(((), true))
     })?;
-    Ok(v1::IssueGrantResponse {
-        grant: handle.expose_secret().to_string(),
+    Ok(IssuedGrant {
+        handle,
         grant_id: id,
         expires_at: g.expires_at,
     })
@@ -132,11 +161,11 @@ pub(super) fn issue(
 
 /// Deletes a grant, with its audit event in the same write.
 pub(super) fn revoke(
-    s: &State,
+    s: &Vault,
     caller: &str,
     policy: &CallerPolicy,
     handle_or_id: &str,
-) -> Result<(), ServiceError> {
+) -> Result<(), VaultError> {
     may_issue(caller, policy)?;
     let id = grant::grant_id(handle_or_id);
     if s.store.get_grant(&id)?.is_none() {
@@ -147,7 +176,7 @@ pub(super) fn revoke(
         s.store.apply(
             &[Mutation::DeleteGrant(id.clone())],
             std::slice::from_ref(a),
-            crate::unix_now(),
+            s.now(),
         )?;
         Ok(((), true))
     })
@@ -160,7 +189,7 @@ pub(super) const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_se
 /// never presented again would otherwise stay in the store for good. Grants that do not decode
 /// are left for an operator to look at (they already allow nothing). Expiry is final, so a
 /// concurrent use cannot revive one (its compare-and-swap finds it gone).
-pub(super) fn sweep_expired(s: &State, now: i64) -> Result<u64, ServiceError> {
+pub(super) fn sweep_expired(s: &Vault, now: i64) -> Result<u64, VaultError> {
     let mut after: Option<String> = None;
     let mut deleted = 0u64;
     loop {
@@ -182,7 +211,7 @@ pub(super) fn sweep_expired(s: &State, now: i64) -> Result<u64, ServiceError> {
 }
 
 /// The record a record grant covers (for a `Proxy` call that names only the grant).
-pub(super) fn record_of(s: &State, handle: &GrantHandle) -> Result<RecordId, ServiceError> {
+pub(super) fn record_of(s: &Vault, handle: &GrantHandle) -> Result<RecordId, VaultError> {
     let id = grant::grant_id(handle.expose_secret());
     match read(s, &id)?.1.subject {
         Subject::Record(r) => Ok(r),
@@ -193,12 +222,12 @@ pub(super) fn record_of(s: &State, handle: &GrantHandle) -> Result<RecordId, Ser
 }
 
 /// The stored grant (its bytes, for a compare-and-swap, and decoded).
-fn read(s: &State, id: &str) -> Result<(Vec<u8>, Grant), ServiceError> {
+fn read(s: &Vault, id: &str) -> Result<(Vec<u8>, Grant), VaultError> {
     let bytes = s
         .store
         .get_grant(id)?
-        .ok_or(ServiceError::Grant(GrantError::Unknown))?;
-    let grant = Grant::decode(&bytes).ok_or(ServiceError::Grant(GrantError::Unknown))?;
+        .ok_or(VaultError::Grant(GrantError::Unknown))?;
+    let grant = Grant::decode(&bytes).ok_or(VaultError::Grant(GrantError::Unknown))?;
     Ok((bytes, grant))
 }
 
@@ -217,12 +246,7 @@ impl GrantUse {
     /// Checks the grant allows this call on `record` (caller, expiry, uses, record, method,
     /// path) without taking a use, so a refused call, or one that fails later, spends nothing.
     /// An expired grant is deleted on the spot.
-    pub(super) fn check(
-        &self,
-        s: &State,
-        caller: &str,
-        record: &Record,
-    ) -> Result<(), ServiceError> {
+    pub(super) fn check(&self, s: &Vault, caller: &str, record: &Record) -> Result<(), VaultError> {
         let id = grant::grant_id(self.handle.expose_secret());
         let (_, g) = read(s, &id)?;
         self.authorize(s, &id, &g, caller, record).map(|_| ())
@@ -230,13 +254,13 @@ impl GrantUse {
 
     fn authorize(
         &self,
-        s: &State,
+        s: &Vault,
         id: &str,
         g: &Grant,
         caller: &str,
         record: &Record,
-    ) -> Result<Grant, ServiceError> {
-        let now = crate::unix_now();
+    ) -> Result<Grant, VaultError> {
+        let now = s.now();
         let after = match g.authorize(id, caller, now) {
             Err(e @ GrantError::Expired(_)) => {
                 s.store
@@ -255,11 +279,11 @@ impl GrantUse {
     /// at most N calls, however many run at once (compare-and-swap, retried on a lost race).
     pub(super) fn spend(
         &self,
-        s: &State,
+        s: &Vault,
         caller: &str,
         record: &Record,
         draft: &Draft,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<(), VaultError> {
         let id = grant::grant_id(self.handle.expose_secret());
         for _ in 0..16 {
             let (bytes, g) = read(s, &id)?;
@@ -275,13 +299,10 @@ impl GrantUse {
                 expected: Some(bytes),
             };
             let spent = s.audit.append_with(draft, |a| {
-                match s
-                    .store
-                    .apply(&[put], std::slice::from_ref(a), crate::unix_now())
-                {
+                match s.store.apply(&[put], std::slice::from_ref(a), s.now()) {
                     Ok(()) => Ok((true, true)),
                     Err(StoreError::Conflict(_)) => Ok((false, false)),
-                    Err(e) => Err(ServiceError::from(e)),
+                    Err(e) => Err(VaultError::from(e)),
                 }
             })?;
             if spent {

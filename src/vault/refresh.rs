@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::HeaderValue;
 
-use super::State;
-use super::status::ServiceError;
+use super::Vault;
+use super::VaultError;
 use crate::audit::Draft;
 use crate::envelope;
 use crate::oauth::{self, OAuthError, TokenBundle};
@@ -57,33 +57,32 @@ impl SingleFlight {
 }
 
 /// Reads and opens a record without any caller policy (internal use by the refresher).
-fn read_open(s: &State, id: &RecordId) -> Result<(Record, Secret), ServiceError> {
+fn read_open(s: &Vault, id: &RecordId) -> Result<(Record, Secret), VaultError> {
     let record = s
         .store
         .get_record(id)?
         .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     // The same open as GetToken: through the DEK cache, counted in the RSA metric.
-    let secret = super::records::open(s, id, &record, &s.keyring()).map_err(|source| {
-        ServiceError::Open {
+    let secret =
+        super::records::open(s, id, &record, &s.keyring()).map_err(|source| VaultError::Open {
             id: id.to_string(),
             source,
-        }
-    })?;
+        })?;
     Ok((record, secret))
 }
 
-fn usable(record: &Record) -> Result<(), ServiceError> {
+fn usable(record: &Record) -> Result<(), VaultError> {
     if record.revoked {
-        return Err(ServiceError::Revoked(record.meta.id.to_string()));
+        return Err(VaultError::Revoked(record.meta.id.to_string()));
     }
     if record.needs_reauth {
-        return Err(ServiceError::NeedsReauth(record.meta.id.to_string()));
+        return Err(VaultError::NeedsReauth(record.meta.id.to_string()));
     }
     Ok(())
 }
 
-fn bundle_of(record: &Record, secret: &Secret) -> Result<TokenBundle, ServiceError> {
-    TokenBundle::parse(secret).map_err(|source| ServiceError::Refresh {
+fn bundle_of(record: &Record, secret: &Secret) -> Result<TokenBundle, VaultError> {
+    TokenBundle::parse(secret).map_err(|source| VaultError::Refresh {
         id: record.meta.id.to_string(),
         source,
     })
@@ -92,11 +91,11 @@ fn bundle_of(record: &Record, secret: &Secret) -> Result<TokenBundle, ServiceErr
 /// Refreshes `seen` (a token bundle record as the caller read it) unless someone else already
 /// did; returns the record and bundle to use.
 pub(super) async fn refresh(
-    state: &Arc<State>,
+    state: &Arc<Vault>,
     upstream: &Upstream,
     caller: &str,
     seen: &Record,
-) -> Result<(Record, TokenBundle), ServiceError> {
+) -> Result<(Record, TokenBundle), VaultError> {
     let id = seen.meta.id.clone();
     let lock = state.single_flight.lock_for(&id);
     let result = {
@@ -108,16 +107,16 @@ pub(super) async fn refresh(
 }
 
 async fn refresh_locked(
-    state: &Arc<State>,
+    state: &Arc<Vault>,
     upstream: &Upstream,
     caller: &str,
     seen: &Record,
-) -> Result<(Record, TokenBundle), ServiceError> {
+) -> Result<(Record, TokenBundle), VaultError> {
     let oauth = upstream
         .policy()
         .oauth
         .clone()
-        .ok_or_else(|| ServiceError::NoRefresh(seen.meta.provider.to_string()))?;
+        .ok_or_else(|| VaultError::NoRefresh(seen.meta.provider.to_string()))?;
     let id = seen.meta.id.clone();
     let (current, secret) = {
         let id = id.clone();
@@ -132,7 +131,7 @@ async fn refresh_locked(
     let refresh_token = bundle
         .refresh_token
         .clone()
-        .ok_or_else(|| ServiceError::Refresh {
+        .ok_or_else(|| VaultError::Refresh {
             id: id.to_string(),
             source: OAuthError::NoRefreshToken,
         })?;
@@ -142,7 +141,7 @@ async fn refresh_locked(
             .blocking(move |s| {
                 let (record, secret) = read_open(s, &cs)?;
                 if record.meta.kind != SecretKind::ClientSecret || record.revoked {
-                    return Err(ServiceError::ClientSecret(cs.to_string()));
+                    return Err(VaultError::ClientSecret(cs.to_string()));
                 }
                 Ok(secret)
             })
@@ -150,7 +149,7 @@ async fn refresh_locked(
     };
     let request =
         oauth::refresh_request(&oauth, &refresh_token, &client_secret).map_err(|source| {
-            ServiceError::Refresh {
+            VaultError::Refresh {
                 id: id.to_string(),
                 source,
             }
@@ -158,7 +157,7 @@ async fn refresh_locked(
     drop(client_secret);
     let auth = match &request.authorization {
         Some(a) => {
-            let mut v = HeaderValue::from_str(a).map_err(|_| ServiceError::Refresh {
+            let mut v = HeaderValue::from_str(a).map_err(|_| VaultError::Refresh {
                 id: id.to_string(),
                 source: OAuthError::BadBundle,
             })?;
@@ -179,10 +178,10 @@ async fn refresh_locked(
         Ok(r) => r,
         Err(e) => {
             audit_refresh(state, caller, &current, &format!("failed: {e}"));
-            return Err(ServiceError::Proxy(e));
+            return Err(VaultError::Proxy(e));
         }
     };
-    let now = crate::unix_now();
+    let now = state.now();
     match oauth::parse_token_response(response.status, &response.body) {
         Ok(answer) => {
             let fresh = bundle.refreshed(answer, now);
@@ -199,12 +198,12 @@ async fn refresh_locked(
             match outcome {
                 // Another daemon refreshed with the same (now spent) token first.
                 Some(newer) => Ok(newer),
-                None => Err(ServiceError::NeedsReauth(id.to_string())),
+                None => Err(VaultError::NeedsReauth(id.to_string())),
             }
         }
         Err(source) => {
             audit_refresh(state, caller, &current, &format!("failed: {source}"));
-            Err(ServiceError::Refresh {
+            Err(VaultError::Refresh {
                 id: id.to_string(),
                 source,
             })
@@ -220,7 +219,7 @@ fn refresh_draft(caller: &str, record: &Record, outcome: &str) -> Draft {
 }
 
 /// Audits a refresh that changed nothing (failed, or lost to a newer version).
-fn audit_refresh(state: &State, caller: &str, record: &Record, outcome: &str) {
+fn audit_refresh(state: &Vault, caller: &str, record: &Record, outcome: &str) {
     let kind = outcome.split(':').next().unwrap_or(outcome);
     super::metrics::Metrics::count(&state.metrics.refreshes, kind);
     if let Err(e) = state
@@ -234,12 +233,12 @@ fn audit_refresh(state: &State, caller: &str, record: &Record, outcome: &str) {
 /// Seals the refreshed bundle under the active key and writes it over `seen`'s version. If
 /// the record changed meanwhile, the stored version wins and is returned instead.
 fn store_refreshed(
-    s: &State,
+    s: &Vault,
     caller: &str,
     seen: &Record,
     fresh: TokenBundle,
     now: i64,
-) -> Result<(Record, TokenBundle), ServiceError> {
+) -> Result<(Record, TokenBundle), VaultError> {
     let mut meta = seen.meta.clone();
     meta.expires_at = fresh.expires_at;
     // Scopes the record metadata cannot hold (odd characters) stay only in the bundle.
@@ -272,7 +271,7 @@ fn store_refreshed(
             Err(e @ (StoreError::VersionMismatch { .. } | StoreError::NotFound(_))) => {
                 Ok((Err(e), false))
             }
-            Err(e) => Err(ServiceError::from(e)),
+            Err(e) => Err(VaultError::from(e)),
         }
     })?;
     match written {
@@ -297,11 +296,11 @@ fn store_refreshed(
 /// Marks `seen` as needing re-authorization, unless it changed meanwhile (then returns the
 /// newer record to use).
 fn mark_reauth(
-    s: &State,
+    s: &Vault,
     caller: &str,
     seen: &Record,
     now: i64,
-) -> Result<Option<(Record, TokenBundle)>, ServiceError> {
+) -> Result<Option<(Record, TokenBundle)>, VaultError> {
     let draft = refresh_draft(caller, seen, "invalid_grant: needs re-authorization");
     let marked = s.audited(draft, |audit| {
         match s
@@ -325,7 +324,7 @@ fn mark_reauth(
 }
 
 /// The refresh settings of a record's provider, if its bundles are refreshable.
-pub(super) fn oauth_for(state: &State, record: &Record) -> Option<(Arc<Upstream>, OAuthConfig)> {
+pub(super) fn oauth_for(state: &Vault, record: &Record) -> Option<(Arc<Upstream>, OAuthConfig)> {
     if record.meta.kind != SecretKind::TokenBundle {
         return None;
     }
@@ -337,7 +336,7 @@ pub(super) fn oauth_for(state: &State, record: &Record) -> Option<(Arc<Upstream>
 /// Renews bundles of providers with `background_refresh` that expire within their skew plus
 /// one interval. Runs until `stop` is cancelled; refreshes already under way then finish (an
 /// aborted one could lose a rotated refresh token), none is started.
-pub(super) async fn background(state: Arc<State>, stop: tokio_util::sync::CancellationToken) {
+pub(super) async fn background(state: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut next_scan: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
@@ -370,7 +369,7 @@ pub(super) async fn background(state: Arc<State>, stop: tokio_util::sync::Cancel
                 upstream.policy().name.clone(),
                 std::time::Instant::now() + std::time::Duration::from_secs(bg.interval_seconds),
             );
-            let horizon = crate::unix_now()
+            let horizon = state.now()
                 + oauth.refresh_skew_seconds
                 + i64::try_from(bg.interval_seconds).unwrap_or(i64::MAX / 4);
             let provider = upstream.policy().name.clone();
@@ -415,7 +414,7 @@ pub(super) async fn background(state: Arc<State>, stop: tokio_util::sync::Cancel
 }
 
 /// Bundles of `provider` expiring before `horizon` that can be refreshed.
-fn due_records(s: &State, provider: &str, horizon: i64) -> Result<Vec<Record>, ServiceError> {
+fn due_records(s: &Vault, provider: &str, horizon: i64) -> Result<Vec<Record>, VaultError> {
     let mut out = Vec::new();
     let mut after: Option<RecordId> = None;
     loop {

@@ -1,0 +1,529 @@
+//! Admin's use cases: the key lifecycle (rotate, retire, destroy, rewrap), revocation and
+//! irrecoverable deletion, provider security events, statistics and the audit query.
+//!
+//! Every change goes through one audited write (the change and its audit event in one atomic
+//! store write); a refusal is audited on its own and changes nothing. Key changes go through
+//! [`crate::rotation::KeyService`], the same service the offline `tokenvault keys` commands use.
+//!
+//! Must never: leave the keyring or the DEK cache out of step with the store after a change.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use zeroize::Zeroizing;
+
+use super::{Caller, Vault, VaultError};
+use crate::audit::Draft;
+use crate::keys::{KeyInfo, PrivateKey};
+use crate::record::{Owner, Record, RecordId};
+use crate::rotation::{self, KeyService, RewrapOptions, RewrapProgress};
+use crate::store::{Mutation, StoreError, StoreStats};
+
+/// A key supplied for import by `RotateKey`.
+#[derive(Debug)]
+pub struct KeyImport {
+    /// The private key PEM (PKCS#8 or PKCS#1, unencrypted).
+    pub private_pem: Zeroizing<String>,
+    /// Optionally, the public key PEM it must match.
+    pub public_pem: Option<String>,
+}
+
+/// The outcome of a rotation.
+#[derive(Debug, Clone)]
+pub struct Rotated {
+    /// The new active version.
+    pub active: KeyInfo,
+    /// The version it replaced (now decrypt-only), if there was one.
+    pub previous: Option<KeyInfo>,
+}
+
+/// The outcome of an applied security event.
+#[derive(Debug, Clone)]
+pub struct SecurityEventOutcome {
+    /// The event type URI.
+    pub event_type: String,
+    /// Records revoked.
+    pub revoked: u64,
+    /// Records deleted.
+    pub deleted: u64,
+}
+
+/// Counts over the store and the DEK cache.
+#[derive(Debug, Clone, Default)]
+pub struct VaultStats {
+    /// Records by state and key version.
+    pub store: StoreStats,
+    /// DEK cache counters (zero when the cache is off).
+    pub cache: super::dek_cache::CacheStats,
+}
+
+/// Which audit events to read; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only events about this record id.
+    pub record_id: Option<String>,
+    /// Only events about this owner.
+    pub owner: Option<String>,
+    /// Only events at or after this time (Unix ms).
+    pub from_time_ms: Option<i64>,
+    /// Only events at or before this time (Unix ms).
+    pub to_time_ms: Option<i64>,
+}
+
+/// One stored audit event: decoded (default fields if it does not decode, for the verifier)
+/// and its raw stored bytes.
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    /// Sequence number.
+    pub seq: u64,
+    /// The event.
+    pub event: crate::audit::Event,
+    /// The stored bytes, which the hash chain covers.
+    pub raw: Vec<u8>,
+}
+
+/// Clears the "rewrap running" flag however the run ends.
+struct Running(Arc<Vault>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.rewrapping.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Vault {
+    fn key_service(&self) -> KeyService<'_> {
+        KeyService::new(&*self.store, &self.key_dir, &self.audit)
+    }
+
+    /// Rotates to a fresh RSA-2048 version, or to an imported key.
+    pub async fn rotate(
+        self: &Arc<Self>,
+        caller: &Caller,
+        import: Option<KeyImport>,
+    ) -> Result<Rotated, VaultError> {
+        let who = caller.name.clone();
+        let rotated = self
+            .blocking(move |v| {
+                let key = match import {
+                    None => PrivateKey::generate()?,
+                    Some(k) => imported_key(&k.private_pem, k.public_pem.as_deref())?,
+                };
+                v.rotate_to(&who, key)
+            })
+            .await?;
+        tracing::info!(rpc = "RotateKey", caller = %caller.name, version = rotated.active.version, fingerprint = %rotated.active.id, "rotated");
+        Ok(rotated)
+    }
+
+    /// Rotates to a fresh key (automatic rotation; blocking).
+    pub(super) fn rotate_now(&self, caller: &str) -> Result<Rotated, VaultError> {
+        self.rotate_to(caller, PrivateKey::generate()?)
+    }
+
+    fn rotate_to(&self, caller: &str, key: PrivateKey) -> Result<Rotated, VaultError> {
+        let _ops = self.key_ops();
+        let previous = self.keyring().active().0.version;
+        let draft =
+            Draft::new(caller, "RotateKey").detail(format!("new version after v{previous}"));
+        let added = self.key_service().add_version(&draft, key, self.now());
+        let active = self.audit_if_refused(draft, added.map_err(VaultError::from))?;
+        let ring = self.reload_keyring()?;
+        let previous = ring.infos().find(|k| k.version == previous).cloned();
+        Ok(Rotated { active, previous })
+    }
+
+    /// Retires a decrypt-only version no record uses any more.
+    pub async fn retire_key(
+        self: &Arc<Self>,
+        caller: &Caller,
+        version: u32,
+    ) -> Result<KeyInfo, VaultError> {
+        let who = caller.name.clone();
+        let info = self
+            .blocking(move |v| {
+                let _ops = v.key_ops();
+                let draft = Draft::new(&who, "RetireKey").detail(format!("v{version}"));
+                // The store checks that no record uses the version in the same critical section
+                // as record writes, which refuse a retired version: nothing can be stranded
+                // under it, and a refused retirement changes nothing.
+                let retired = v.key_service().retire(&draft, version, v.now());
+                let info = v.audit_if_refused(draft, retired.map_err(VaultError::from))?;
+                v.reload_keyring()?;
+                Ok(info)
+            })
+            .await?;
+        tracing::info!(rpc = "RetireKey", caller = %caller.name, version, "retired");
+        Ok(info)
+    }
+
+    /// Destroys a retired version: erases its private key. Returns the entry and whether the
+    /// private key file is gone.
+    pub async fn destroy_key(
+        self: &Arc<Self>,
+        caller: &Caller,
+        version: u32,
+    ) -> Result<(KeyInfo, bool), VaultError> {
+        let who = caller.name.clone();
+        let (info, erased) = self
+            .blocking(move |v| {
+                let _ops = v.key_ops();
+                let draft = Draft::new(&who, "DestroyKey").detail(format!("v{version}"));
+                let destroyed = v.key_service().destroy(&draft, version, v.now());
+                let info = v.audit_if_refused(draft, destroyed.map_err(VaultError::from))?;
+                v.reload_keyring()?;
+                Ok((info, !v.key_dir.has_private(version)))
+            })
+            .await?;
+        tracing::info!(rpc = "DestroyKey", caller = %caller.name, version, erased, "destroyed");
+        Ok((info, erased))
+    }
+
+    /// Starts a rewrap of every stored data key to the active version, one run at a time;
+    /// progress arrives on the returned channel. A receiver that goes away stops the run after
+    /// the page in flight (the next run resumes); so does shutdown.
+    pub async fn rewrap(
+        self: &Arc<Self>,
+        caller: &Caller,
+        max_per_second: Option<u32>,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<RewrapProgress, VaultError>>, VaultError> {
+        if self.rewrapping.swap(true, Ordering::SeqCst) {
+            return Err(VaultError::RewrapBusy);
+        }
+        let running = Running(Arc::clone(self));
+        let draft = Draft::new(&caller.name, "Rewrap")
+            .detail(format!("to v{}", self.keyring().active().0.version));
+        // Fail closed: no audit event, no rewrap.
+        self.blocking(move |v| Ok(v.audit.append(&draft, true)?))
+            .await?;
+        let opts = RewrapOptions {
+            max_per_second,
+            ..RewrapOptions::full_speed()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tracing::info!(rpc = "Rewrap", caller = %caller.name, "rewrap started");
+        self.tasks.spawn_blocking(move || {
+            let v = Arc::clone(&running.0);
+            let ring = v.keyring();
+            let clock = Arc::clone(&v.clock);
+            let result = rotation::rewrap_all(&*v.store, &ring, opts, move || clock(), |p| {
+                v.metrics
+                    .rewrap_total
+                    .set(i64::try_from(p.total).unwrap_or(i64::MAX));
+                v.metrics
+                    .rewrap_done
+                    .set(i64::try_from(p.rewrapped).unwrap_or(i64::MAX));
+                // Shutdown stops the run like a caller that went away: it resumes next time.
+                if v.stopping.is_cancelled() {
+                    return std::ops::ControlFlow::Break(());
+                }
+                match tx.blocking_send(Ok(p.clone())) {
+                    Ok(()) => std::ops::ControlFlow::Continue(()),
+                    Err(_) => std::ops::ControlFlow::Break(()),
+                }
+            });
+            match result {
+                Ok(p) if !p.done => {
+                    tracing::info!(
+                        rewrapped = p.rewrapped,
+                        "rewrap stopped (the caller went away or the daemon is stopping); the next Rewrap resumes"
+                    );
+                    let stopped = Draft::new("rewrap", "RewrapStopped").detail(format!(
+                        "v{}: {} rewrapped before the caller went away or the daemon stopped",
+                        p.target_version, p.rewrapped
+                    ));
+                    if let Err(e) = v.audit.append(&stopped, true) {
+                        tracing::error!(error = %e, "could not audit the stop of a rewrap");
+                    }
+                }
+                Ok(p) => {
+                    tracing::info!(
+                        rewrapped = p.rewrapped,
+                        failed = p.failed,
+                        "rewrap finished"
+                    );
+                    v.forget_deks(None);
+                    let done = Draft::new("rewrap", "RewrapFinished").detail(format!(
+                        "v{}: {} rewrapped, {} failed",
+                        p.target_version, p.rewrapped, p.failed
+                    ));
+                    if let Err(e) = v.audit.append(&done, true) {
+                        tracing::error!(error = %e, "could not audit the end of a rewrap");
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(VaultError::from(e)));
+                }
+            }
+            drop(running);
+        });
+        Ok(rx)
+    }
+
+    /// Marks a record revoked: it is never released again.
+    pub async fn revoke(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: RecordId,
+    ) -> Result<Record, VaultError> {
+        let (who, log_id) = (caller.name.clone(), id.clone());
+        let record = self
+            .blocking(move |v| {
+                let draft = Draft::new(&who, "Revoke").record(id.as_str());
+                v.forget_deks(Some(&id));
+                v.audited(draft, |a| {
+                    Ok((v.store.revoke(&id, v.now(), Some(a))?, true))
+                })
+            })
+            .await?;
+        tracing::info!(rpc = "Revoke", caller = %caller.name, record = %log_id, "revoked");
+        Ok(record)
+    }
+
+    /// Deletes a record irrecoverably (docs/THREAT_MODEL.md says what that means).
+    pub async fn delete(self: &Arc<Self>, caller: &Caller, id: RecordId) -> Result<(), VaultError> {
+        let (who, log_id) = (caller.name.clone(), id.clone());
+        self.blocking(move |v| {
+            let draft = Draft::new(&who, "Delete").record(id.as_str());
+            v.forget_deks(Some(&id));
+            v.audited(draft, |a| {
+                if v.store.delete_record(&id, Some(a))? {
+                    Ok(((), true))
+                } else {
+                    Err(StoreError::NotFound(id.to_string()).into())
+                }
+            })
+        })
+        .await?;
+        tracing::info!(rpc = "Delete", caller = %caller.name, record = %log_id, "deleted");
+        Ok(())
+    }
+
+    /// Deletes every record of an owner; returns how many.
+    pub async fn delete_owner(
+        self: &Arc<Self>,
+        caller: &Caller,
+        owner: Owner,
+    ) -> Result<u64, VaultError> {
+        let who = caller.name.clone();
+        let deleted = self
+            .blocking(move |v| {
+                let draft = Draft::new(&who, "DeleteOwner").owner(owner.as_str());
+                v.forget_deks(None);
+                v.audited(draft, |a| {
+                    Ok((v.store.delete_owner(&owner, Some(a))?, true))
+                })
+            })
+            .await?;
+        // The owner is a personal identifier: it is not logged.
+        tracing::info!(rpc = "DeleteOwner", caller = %caller.name, deleted, "deleted owner's records");
+        Ok(deleted)
+    }
+
+    /// Counts over the store and the DEK cache.
+    pub async fn stats(self: &Arc<Self>) -> Result<VaultStats, VaultError> {
+        let store = self.blocking(|v| Ok(v.store.stats()?)).await?;
+        let cache = self
+            .dek_cache
+            .as_ref()
+            .map(|c| c.stats())
+            .unwrap_or_default();
+        Ok(VaultStats { store, cache })
+    }
+
+    /// Verifies and applies a provider's security event token (RFC 8417).
+    pub async fn security_event(
+        self: &Arc<Self>,
+        caller: &Caller,
+        token: String,
+    ) -> Result<SecurityEventOutcome, VaultError> {
+        let who = caller.name.clone();
+        let result = self
+            .blocking(move |v| {
+                let applied = apply_security_event(v, &who, &token, v.now());
+                v.audit_if_refused(Draft::new(&who, "SecurityEvent"), applied)
+            })
+            .await;
+        match &result {
+            Ok(r) => {
+                tracing::warn!(rpc = "SecurityEvent", caller = %caller.name, event = %r.event_type, revoked = r.revoked, deleted = r.deleted, "security event applied")
+            }
+            Err(e) => {
+                tracing::warn!(rpc = "SecurityEvent", caller = %caller.name, error = %e, "security event refused")
+            }
+        }
+        result
+    }
+
+    /// Streams the audit events matching `filter`, oldest first, a page at a time from the
+    /// store. Stops at shutdown with [`VaultError::ShuttingDown`].
+    pub fn audit_log(
+        self: &Arc<Self>,
+        filter: AuditFilter,
+    ) -> tokio::sync::mpsc::Receiver<Result<AuditEntry, VaultError>> {
+        let record = filter.record_id.as_deref().map(|r| self.audit.hmac(r));
+        let owner = filter.owner.as_deref().map(|o| self.audit.hmac(o));
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let v = Arc::clone(self);
+        // Tracked and stopped at shutdown: it reads the store page by page.
+        self.tasks.spawn_blocking(move || {
+            let mut next = 1;
+            loop {
+                if v.stopping.is_cancelled() {
+                    let _ = tx.blocking_send(Err(VaultError::ShuttingDown));
+                    return;
+                }
+                let page = match v.store.audit_events(next, 512) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(VaultError::from(e)));
+                        return;
+                    }
+                };
+                let Some(&(last, _)) = page.last() else {
+                    return;
+                };
+                for (seq, raw) in page {
+                    let event = crate::audit::Event::from_stored(seq, &raw);
+                    let in_range = filter.from_time_ms.is_none_or(|t| event.time_ms >= t)
+                        && filter.to_time_ms.is_none_or(|t| event.time_ms <= t);
+                    let matches = record.as_ref().is_none_or(|h| *h == event.record_hmac)
+                        && owner.as_ref().is_none_or(|h| *h == event.owner_hmac);
+                    if !(in_range && matches) {
+                        continue;
+                    }
+                    if tx
+                        .blocking_send(Ok(AuditEntry { seq, event, raw }))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                next = last + 1;
+            }
+        });
+        rx
+    }
+}
+
+/// Parses a key supplied to `RotateKey` for import, checking the optional public half.
+fn imported_key(private_pem: &str, public_pem: Option<&str>) -> Result<PrivateKey, VaultError> {
+    let bad = |e: crate::keys::KeyError| VaultError::BadKey(e.to_string());
+    let key = PrivateKey::from_pem(private_pem, None)
+        .map_err(|e| bad(e.with_passphrase_hint(crate::keys::passphrase_hint::REMOTE)))?;
+    if let Some(public_pem) = public_pem {
+        let public = crate::keys::PublicKey::from_pem(public_pem).map_err(bad)?;
+        if public.id() != key.public_key().id() {
+            return Err(VaultError::BadKey(
+                "the public key does not match the private key".into(),
+            ));
+        }
+    }
+    Ok(key)
+}
+
+/// Verifies a security event token and revokes or deletes the subject's records of the
+/// issuer's provider. The changes, their audit events and the replay marker are one atomic
+/// write: an event is applied whole or not at all, and once (its `jti` is kept).
+fn apply_security_event(
+    s: &Vault,
+    caller: &str,
+    token: &str,
+    now: i64,
+) -> Result<SecurityEventOutcome, VaultError> {
+    use crate::security_event::{self, Action};
+    use sha2::Digest as _;
+    let event = security_event::verify(token, &s.security_event_issuers, now)?;
+    let issuer = &s.security_event_issuers[event.issuer];
+    let marker = hex::encode(sha2::Sha256::digest(format!(
+        "{}\0{}",
+        issuer.issuer, event.jti
+    )));
+    let owner = Owner::parse(event.owner.clone()).map_err(|source| VaultError::Invalid {
+        what: "security event subject".into(),
+        source,
+    })?;
+    let short_type = event
+        .event_type
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let detail = format!("{short_type} from {} jti {}", issuer.issuer, event.jti);
+    // A record deleted between the plan and the write makes the write refuse (NotFound);
+    // planning again sees it gone.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut drafts = vec![
+            Draft::new(caller, "SecurityEvent")
+                .owner(owner.as_str())
+                .detail(detail.clone()),
+        ];
+        let mut mutations = Vec::new();
+        let (mut revoked, mut deleted) = (0, 0);
+        for id in s.store.owner_record_ids(&owner)? {
+            let Some(record) = s.store.get_record(&id)? else {
+                continue;
+            };
+            if record.meta.provider.as_str() != issuer.provider {
+                continue;
+            }
+            let draft = |action: &str| {
+                Draft::new(caller, action)
+                    .record(id.as_str())
+                    .owner(owner.as_str())
+                    .detail(format!("security event: {detail}"))
+            };
+            match &event.action {
+                Action::Delete => {
+                    drafts.push(draft("Delete"));
+                    mutations.push(Mutation::DeleteRecord(id));
+                    deleted += 1;
+                }
+                Action::RevokeScopesOutside(kept)
+                    if record
+                        .meta
+                        .scopes
+                        .iter()
+                        .all(|sc| kept.iter().any(|k| k == sc.as_str())) => {}
+                Action::Revoke | Action::RevokeScopesOutside(_) if !record.revoked => {
+                    drafts.push(draft("Revoke"));
+                    mutations.push(Mutation::Revoke(id));
+                    revoked += 1;
+                }
+                _ => {}
+            }
+        }
+        mutations.push(Mutation::PutReplayMarker {
+            key: marker.clone(),
+            at: now,
+        });
+        let written = s.audit.append_all_with(&drafts, |appends| {
+            match s.store.apply(&mutations, appends, now) {
+                Ok(()) => Ok((true, true)),
+                Err(StoreError::NotFound(_)) if attempts < 3 => Ok((false, false)),
+                Err(StoreError::AlreadyExists(_)) => {
+                    Err(VaultError::from(StoreError::AlreadyExists(format!(
+                        "security event jti {} (already applied)",
+                        event.jti
+                    ))))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })?;
+        if !written {
+            continue;
+        }
+        for m in &mutations {
+            if let Mutation::Revoke(id) | Mutation::DeleteRecord(id) = m {
+                s.forget_deks(Some(id));
+            }
+        }
+        return Ok(SecurityEventOutcome {
+            event_type: event.event_type,
+            revoked,
+            deleted,
+        });
+    }
+}

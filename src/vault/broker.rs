@@ -1,0 +1,386 @@
+//! Broker's use cases: hand a decrypted secret to an authorized worker ([`Vault::get_token`]),
+//! or make its upstream call with the credential injected ([`Vault::proxy`]); issue and revoke
+//! grants.
+//!
+//! Every release of a secret is audited before the secret leaves (fail closed: no audit event,
+//! no secret). `proxy` validates the outbound request before the record is decrypted, so a
+//! refused request never touches the credential.
+//!
+//! Must never: return a secret to a caller whose policy, grant or limits refused it, or spend
+//! a grant use for a call that is not attempted.
+
+use std::sync::Arc;
+
+use super::grants::{IssueGrant, IssuedGrant};
+use super::{Caller, Vault, VaultError, grants, records, refresh};
+use crate::audit::Draft;
+use crate::config::CallerPolicy;
+use crate::keys::keyring::Keyring;
+use crate::oauth::TokenBundle;
+use crate::proxy::{self, CallerRequest, UpstreamResponse};
+use crate::record::{Record, RecordId, SecretKind};
+use crate::secret::{GrantHandle, Secret};
+use crate::store::StoreError;
+
+/// A released secret and the record it belongs to.
+#[derive(Debug)]
+pub struct Released {
+    /// The record as read (refreshed, if its bundle was refreshed on the way).
+    pub record: Record,
+    /// The secret (a refreshed bundle's, if refreshed).
+    pub secret: Secret,
+}
+
+/// What a `Proxy` call acts on: a record, a grant, or a record through an owner grant.
+#[derive(Debug)]
+pub struct ProxyTarget {
+    /// The record; required unless the grant covers exactly one record.
+    pub id: Option<RecordId>,
+    /// The grant presented instead of the caller's own policy.
+    pub grant: Option<GrantHandle>,
+}
+
+/// The upstream's answer to a proxied call.
+#[derive(Debug)]
+pub struct Proxied {
+    /// Status, headers (hop-by-hop removed, credential redacted) and body.
+    pub response: UpstreamResponse,
+    /// Whether the token was refreshed to make the call.
+    pub refreshed: bool,
+}
+
+impl Vault {
+    /// Releases a record's secret to `caller`: policy, limits, state and expiry checked; a
+    /// refreshable bundle near expiry is refreshed first. Audited before release.
+    pub async fn get_token(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: &RecordId,
+    ) -> Result<Released, VaultError> {
+        let result = async {
+            let (mut record, mut secret, ()) = load(
+                self,
+                &caller.name,
+                &caller.policy,
+                id,
+                Draft::new(&caller.name, "GetToken"),
+                None,
+                |_, _, _| Ok(()),
+            )
+            .await?;
+            if let Some((upstream, oauth)) = refresh::oauth_for(self, &record) {
+                let bundle = TokenBundle::parse(&secret).map_err(|source| VaultError::Refresh {
+                    id: id.to_string(),
+                    source,
+                })?;
+                if bundle.expires_within(self.now(), oauth.refresh_skew_seconds) {
+                    let (r, fresh) =
+                        refresh::refresh(self, &upstream, &caller.name, &record).await?;
+                    record = r;
+                    secret = fresh.to_secret();
+                }
+            }
+            Ok::<_, VaultError>(Released { record, secret })
+        }
+        .await;
+        match &result {
+            Ok(_) => {
+                tracing::debug!(rpc = "GetToken", caller = %caller.name, record = %id, "released")
+            }
+            Err(e) => {
+                tracing::info!(rpc = "GetToken", caller = %caller.name, record = %id, error = %e, "refused")
+            }
+        }
+        result
+    }
+
+    /// Makes `call` to the record's provider with its credential injected, refreshing the token
+    /// when it is near expiry or the provider rejects it (once). With a grant, the grant decides
+    /// which records and requests are allowed; a use is spent when the call is attempted.
+    pub async fn proxy(
+        self: &Arc<Self>,
+        caller: &Caller,
+        target: ProxyTarget,
+        call: CallerRequest,
+    ) -> Result<Proxied, VaultError> {
+        let ProxyTarget { id, grant } = target;
+        let id = match (id, &grant) {
+            (Some(id), _) => id,
+            (None, Some(handle)) => {
+                let handle = handle.clone();
+                self.blocking(move |v| grants::record_of(v, &handle))
+                    .await?
+            }
+            (None, None) => return Err(VaultError::Missing("id")),
+        };
+        let result = self
+            .proxy_call(&caller.name, &caller.policy, &id, call, grant)
+            .await;
+        match &result {
+            Ok(r) => {
+                tracing::debug!(rpc = "Proxy", caller = %caller.name, record = %id, status = r.response.status, refreshed = r.refreshed, "proxied")
+            }
+            Err(e) => {
+                tracing::info!(rpc = "Proxy", caller = %caller.name, record = %id, error = %e, "refused")
+            }
+        }
+        result
+    }
+
+    /// Issues a grant on behalf of `caller` (whose policy must allow issuing, and cover the
+    /// subject); the grant and its audit event are one write.
+    pub async fn issue_grant(
+        self: &Arc<Self>,
+        caller: &Caller,
+        request: IssueGrant,
+    ) -> Result<IssuedGrant, VaultError> {
+        let who = caller.clone();
+        let result = self
+            .blocking(move |v| {
+                let issued = grants::issue(v, &who.name, &who.policy, request, v.now());
+                v.audit_if_refused(Draft::new(&who.name, "IssueGrant"), issued)
+            })
+            .await;
+        match &result {
+            Ok(g) => {
+                tracing::info!(rpc = "IssueGrant", caller = %caller.name, grant = %crate::grant::short(&g.grant_id), expires_at = g.expires_at, "issued")
+            }
+            Err(e) => {
+                tracing::info!(rpc = "IssueGrant", caller = %caller.name, error = %e, "refused")
+            }
+        }
+        result
+    }
+
+    /// Revokes a grant, named by its id or its handle.
+    pub async fn revoke_grant(
+        self: &Arc<Self>,
+        caller: &Caller,
+        handle_or_id: GrantHandle,
+    ) -> Result<(), VaultError> {
+        let who = caller.clone();
+        let result = self
+            .blocking(move |v| {
+                let revoked =
+                    grants::revoke(v, &who.name, &who.policy, handle_or_id.expose_secret());
+                v.audit_if_refused(Draft::new(&who.name, "RevokeGrant"), revoked)
+            })
+            .await;
+        if let Err(e) = &result {
+            tracing::info!(rpc = "RevokeGrant", caller = %caller.name, error = %e, "refused");
+        }
+        result
+    }
+
+    async fn proxy_call(
+        self: &Arc<Self>,
+        caller: &str,
+        policy: &Arc<CallerPolicy>,
+        id: &RecordId,
+        call: CallerRequest,
+        grant: Option<GrantHandle>,
+    ) -> Result<Proxied, VaultError> {
+        let state = self;
+        let draft = Draft::new(caller, "Proxy");
+        // With a grant, the grant decides which records; the caller's rate limits still apply.
+        let policy = match &grant {
+            Some(_) => &grants::grant_policy(policy),
+            None => policy,
+        };
+        let who = caller.to_string();
+        let grant_use = grant.map(|handle| grants::GrantUse {
+            handle,
+            method: call.method.to_ascii_uppercase(),
+            path: call.path.clone(),
+        });
+        let grant_use = grant_use.map(Arc::new);
+        let check_use = grant_use.clone();
+        // The outbound request is checked against the record's provider before the record is
+        // opened, in the same blocking step (and audited if refused).
+        let (mut record, secret, (upstream, prepared)) = load(
+            state,
+            caller,
+            policy,
+            id,
+            draft,
+            grant_use,
+            move |s, record, draft| {
+                let meta = &record.meta;
+                let upstream = s
+                    .upstreams()
+                    .get(meta.provider.as_str())
+                    .ok_or_else(|| VaultError::NoProvider(meta.provider.to_string()))?;
+                if !matches!(
+                    meta.kind,
+                    SecretKind::AccessToken | SecretKind::ApiKey | SecretKind::TokenBundle
+                ) {
+                    return Err(VaultError::NotACredential {
+                        id: meta.id.to_string(),
+                        kind: meta.kind,
+                    });
+                }
+                let method = call.method.to_ascii_uppercase();
+                match &check_use {
+                    None => *draft = std::mem::take(draft).detail(method),
+                    Some(g) => {
+                        *draft = std::mem::take(draft).detail(format!(
+                            "{method} grant {}",
+                            crate::grant::short(&crate::grant::grant_id(g.handle.expose_secret()))
+                        ));
+                        g.check(s, &who, record)?;
+                    }
+                }
+                // Moves the request (its body may be megabytes) instead of copying it.
+                let prepared = upstream.prepare(call)?;
+                Ok((upstream, prepared))
+            },
+        )
+        .await?;
+        let refreshable = refresh::oauth_for(state, &record);
+        let mut refreshed = false;
+        let mut token = match record.meta.kind {
+            SecretKind::TokenBundle => {
+                let bundle = TokenBundle::parse(&secret).map_err(|source| VaultError::Refresh {
+                    id: id.to_string(),
+                    source,
+                })?;
+                match &refreshable {
+                    Some((up, oauth))
+                        if bundle.expires_within(state.now(), oauth.refresh_skew_seconds) =>
+                    {
+                        let (r, fresh) = refresh::refresh(state, up, caller, &record).await?;
+                        record = r;
+                        refreshed = true;
+                        fresh.access()
+                    }
+                    _ => bundle.access(),
+                }
+            }
+            _ => secret,
+        };
+        let provider = upstream.policy().name.clone();
+        let count = |r: &Result<UpstreamResponse, proxy::ProxyError>| {
+            let class = match r {
+                Ok(r) => format!("{}xx", r.status / 100),
+                Err(e) => proxy_error_kind(e).to_string(),
+            };
+            state.metrics.upstream(&provider, &class);
+        };
+        let sent = upstream.send(&prepared, &token).await;
+        count(&sent);
+        let mut response = sent?;
+        // One refresh after the provider rejects the access token.
+        if proxy::is_unauthorized(response.status)
+            && !refreshed
+            && let Some((up, _)) = &refreshable
+        {
+            let (_, fresh) = refresh::refresh(state, up, caller, &record).await?;
+            refreshed = true;
+            token = fresh.access();
+            let sent = upstream.send(&prepared, &token).await;
+            count(&sent);
+            response = sent?;
+        }
+        drop(token);
+        Ok(Proxied {
+            response,
+            refreshed,
+        })
+    }
+}
+
+/// Reads, checks and opens one record for `caller`, auditing `draft` before the secret is
+/// released (fail closed: no audit event, no secret). `check` runs after the caller's policy
+/// and before the record is opened; its refusal is audited like any other. With a grant, its
+/// use is spent only once everything passed, in the same write as the audit event. A
+/// refreshable token bundle past its expiry is returned (the caller refreshes it); anything
+/// else past expiry is refused.
+async fn load<T: Send + 'static>(
+    state: &Arc<Vault>,
+    caller: &str,
+    policy: &Arc<CallerPolicy>,
+    id: &RecordId,
+    draft: Draft,
+    grant: Option<Arc<grants::GrantUse>>,
+    check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError> + Send + 'static,
+) -> Result<(Record, Secret, T), VaultError> {
+    let ring = state.keyring();
+    let (who, policy, id) = (caller.to_string(), Arc::clone(policy), id.clone());
+    let draft = draft.record(id.as_str());
+    state
+        .cpu_bound(move |s| {
+            let mut draft = draft;
+            let released = s
+                .record_token(&who, &policy, &id)
+                .and_then(|()| release(s, &id, &ring, &policy, &mut draft, check))
+                .and_then(|released| {
+                    match &grant {
+                        Some(g) => g.spend(s, &who, &released.0, &draft)?,
+                        None => s.audit.append(&draft, false)?,
+                    }
+                    Ok(released)
+                });
+            if let Err(e) = &released
+                && !matches!(e, VaultError::Audit(_))
+            {
+                s.audit_outcome(draft, e);
+            }
+            released
+        })
+        .await
+}
+
+/// Reads, checks and opens one record.
+fn release<T>(
+    s: &Vault,
+    id: &RecordId,
+    ring: &Keyring,
+    policy: &CallerPolicy,
+    draft: &mut Draft,
+    check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError>,
+) -> Result<(Record, Secret, T), VaultError> {
+    let record = s
+        .store
+        .get_record(id)?
+        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    *draft = std::mem::take(draft).owner(record.meta.owner.as_str());
+    policy
+        .check_record(&record.meta)
+        .map_err(VaultError::PolicyDenied)?;
+    if record.revoked {
+        return Err(VaultError::Revoked(id.to_string()));
+    }
+    if record.needs_reauth {
+        return Err(VaultError::NeedsReauth(id.to_string()));
+    }
+    let checked = check(s, &record, draft)?;
+    let refreshable = refresh::oauth_for(s, &record).is_some();
+    if let Some(expires_at) = record
+        .meta
+        .expires_at
+        .filter(|_| !refreshable && record.meta.is_expired_at(s.now()))
+    {
+        return Err(VaultError::Expired {
+            id: id.to_string(),
+            expires_at,
+        });
+    }
+    let secret = records::open(s, id, &record, ring).map_err(|source| VaultError::Open {
+        id: id.to_string(),
+        source,
+    })?;
+    Ok((record, secret, checked))
+}
+
+/// A bounded label for a proxy failure.
+fn proxy_error_kind(e: &proxy::ProxyError) -> &'static str {
+    use proxy::ProxyError;
+    match e {
+        ProxyError::Refused(_) => "refused",
+        ProxyError::Timeout { .. } => "timeout",
+        ProxyError::ResponseTooLarge { .. } => "too_large",
+        ProxyError::Busy(_) => "busy",
+        ProxyError::Unavailable(_) => "unavailable",
+        _ => "error",
+    }
+}

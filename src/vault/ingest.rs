@@ -1,0 +1,155 @@
+//! Ingest's use cases: write-only storage of sealed envelopes, and the active public key.
+//!
+//! Validates structure and metadata without any private key: envelope layout, a known key
+//! fingerprint in an accepted state, and a wrapped-key length matching that key. It cannot
+//! check the AES-GCM binding (that needs the data key); a mis-bound envelope fails later, at
+//! `GetToken`, with `DATA_LOSS`, and harms no other record.
+//!
+//! Must never: open an envelope or touch a private key.
+
+use super::{Caller, Vault, VaultError};
+use crate::config::{CallerPolicy, KeyPolicy};
+use crate::envelope::{EnvelopeRef, MAX_SECRET_LEN};
+use crate::keys::keyring::Keyring;
+use crate::keys::{KeyInfo, KeyState};
+use crate::record::RecordMeta;
+use crate::store::RecordWrite;
+
+/// One sealed record as a web tier hands it over: validated metadata and the envelope bytes,
+/// not yet checked against the keyring.
+#[derive(Debug, Clone)]
+pub struct SealedRecord {
+    /// The record's identity and metadata (validated).
+    pub meta: RecordMeta,
+    /// The envelope (docs/ENVELOPE.md).
+    pub envelope: Vec<u8>,
+    /// Replace only this stored version; 0 creates a new record.
+    pub expected_version: u64,
+}
+
+/// Checks one sealed record against the caller's policy and the keyring at `now`, and turns it
+/// into a store write. Pure: no I/O, so the fuzzer runs it on arbitrary input.
+pub fn check_item(
+    ring: &Keyring,
+    policy: &KeyPolicy,
+    caller: &CallerPolicy,
+    now: i64,
+    item: SealedRecord,
+) -> Result<RecordWrite, VaultError> {
+    let meta = item.meta;
+    caller
+        .check_record(&meta)
+        .map_err(VaultError::PolicyDenied)?;
+    let env = EnvelopeRef::decode(&item.envelope)?;
+    let (info, public) = ring
+        .public(&env.key_id)
+        .ok_or(VaultError::UnknownKey(env.key_id))?;
+    if !info.state.accepts_envelopes() {
+        return Err(VaultError::KeyNotAccepted {
+            version: info.version,
+            state: info.state,
+        });
+    }
+    if info.version < ring.min_version() {
+        return Err(VaultError::BelowMinimum {
+            version: info.version,
+            minimum: ring.min_version(),
+        });
+    }
+    // Web tiers pick up a rotated key at their own pace, within the grace period.
+    if info.state == KeyState::DecryptOnly
+        && now.saturating_sub(info.updated_at) > policy.ingest_grace_seconds
+    {
+        return Err(VaultError::GraceEnded {
+            version: info.version,
+            since: info.updated_at,
+            grace_seconds: policy.ingest_grace_seconds,
+        });
+    }
+    if env.wrapped_dek.len() != public.wrapped_len() {
+        return Err(VaultError::WrappedLength {
+            version: info.version,
+            expected: public.wrapped_len(),
+            actual: env.wrapped_dek.len(),
+        });
+    }
+    // Every sealer meets the documented secret size (docs/ENVELOPE.md), not only ours.
+    let secret_len = env.secret_len();
+    if !(1..=MAX_SECRET_LEN).contains(&secret_len) {
+        return Err(VaultError::SecretLength {
+            len: secret_len,
+            max: MAX_SECRET_LEN,
+        });
+    }
+    Ok(RecordWrite {
+        meta,
+        key_version: info.version,
+        envelope: item.envelope,
+        expected_version: item.expected_version,
+    })
+}
+
+impl Vault {
+    /// Stores one sealed record durably (group commit); returns its new version.
+    pub async fn put_sealed(&self, caller: &Caller, item: SealedRecord) -> Result<u64, VaultError> {
+        let write = check_item(
+            &self.keyring(),
+            &self.policy,
+            &caller.policy,
+            self.now(),
+            item,
+        )?;
+        let id = write.meta.id.clone();
+        let versions = self.commit.submit(vec![write]).await?;
+        let version = versions.first().copied().ok_or(VaultError::Task)?;
+        tracing::debug!(rpc = "PutSealed", caller = %caller.name, record = %id, version, "stored");
+        Ok(version)
+    }
+
+    /// Refuses a batch size outside 1..=`max_batch` (before its items are even decoded, so an
+    /// oversized batch is reported as such rather than by its first bad item).
+    pub fn check_batch_size(&self, count: usize) -> Result<(), VaultError> {
+        let max = self.limits.max_batch;
+        if count == 0 {
+            return Err(VaultError::EmptyBatch);
+        }
+        if count > max {
+            return Err(VaultError::BatchTooLarge { count, max });
+        }
+        Ok(())
+    }
+
+    /// Stores sealed records atomically: all or none. Returns their new versions in order. An
+    /// item's refusal names its index.
+    pub async fn put_sealed_batch(
+        &self,
+        caller: &Caller,
+        items: Vec<SealedRecord>,
+    ) -> Result<Vec<u64>, VaultError> {
+        self.check_batch_size(items.len())?;
+        let ring = self.keyring();
+        let now = self.now();
+        let writes = items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                check_item(&ring, &self.policy, &caller.policy, now, item)
+                    .map_err(|e| e.at_item(index))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let count = writes.len();
+        let versions = self.commit.submit(writes).await?;
+        tracing::debug!(rpc = "PutSealedBatch", caller = %caller.name, records = count, "stored");
+        Ok(versions)
+    }
+
+    /// The active key version, which sealers must use.
+    pub fn active_key(&self) -> KeyInfo {
+        self.keyring().active().0.clone()
+    }
+
+    /// Every key version known to the keyring.
+    pub fn keys(&self) -> Vec<KeyInfo> {
+        self.keyring().infos().cloned().collect()
+    }
+}

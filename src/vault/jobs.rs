@@ -1,0 +1,96 @@
+//! The vault's periodic jobs: the grant sweep, automatic rotation, background refresh and the
+//! provider reload on SIGHUP.
+//!
+//! Every job is tracked by the vault and stops when shutdown begins; a run that has started is
+//! finished, never cancelled, since its blocking work must not outlive the vault.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use super::{Caller, Vault, grants, refresh};
+
+/// Starts every job the configuration asks for.
+pub(super) fn start(vault: &Arc<Vault>) {
+    let stop = vault.stopping.clone();
+    vault
+        .tasks
+        .spawn(sweep_grants(Arc::clone(vault), stop.clone()));
+    if let Some(period) = vault.policy.auto_rotate_seconds {
+        vault
+            .tasks
+            .spawn(auto_rotate(Arc::clone(vault), period, stop.clone()));
+    }
+    vault
+        .tasks
+        .spawn(refresh::background(Arc::clone(vault), stop.clone()));
+    #[cfg(unix)]
+    vault.tasks.spawn(reload_on_sighup(Arc::clone(vault), stop));
+}
+
+/// Rotates when the active key is older than `period` seconds (by the vault's clock); checks
+/// once a minute (more often for periods under a minute, which only tests use).
+async fn auto_rotate(vault: Arc<Vault>, period: i64, stop: tokio_util::sync::CancellationToken) {
+    let every = u64::try_from(period.clamp(1, 60)).unwrap_or(60);
+    periodically(std::time::Duration::from_secs(every), stop, || async {
+        let due = vault.keyring().active().0.created_at.saturating_add(period) <= vault.now();
+        if !due {
+            return;
+        }
+        match vault.blocking(|v| v.rotate_now("auto-rotation")).await {
+            Ok(r) => {
+                tracing::info!(version = r.active.version, fingerprint = %r.active.id, "automatic rotation")
+            }
+            Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
+        }
+    })
+    .await;
+}
+
+/// Deletes expired grants at startup and every [`grants::SWEEP_EVERY`].
+async fn sweep_grants(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    periodically(grants::SWEEP_EVERY, stop, || async {
+        match vault.blocking(|v| grants::sweep_expired(v, v.now())).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "expired grants deleted"),
+            Err(e) => tracing::error!(error = %e, "sweeping expired grants failed"),
+        }
+    })
+    .await;
+}
+
+/// Runs `job` now and then every `period` until `stop` is cancelled. A run that has started is
+/// finished, never cancelled: its blocking work must not outlive the vault.
+async fn periodically<F: Future<Output = ()>>(
+    period: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+    mut job: impl FnMut() -> F,
+) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => job().await,
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Reloads the providers on every SIGHUP, until shutdown.
+#[cfg(unix)]
+async fn reload_on_sighup(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; use Admin.ReloadProviders");
+        return;
+    };
+    loop {
+        tokio::select! {
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                // Errors are logged and audited inside.
+                let _ = vault.reload_providers(&Caller::internal("SIGHUP")).await;
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! The vault's application core: every use case, callable without any transport.
+//!
+//! Owns: [`Vault`], whose methods are the use cases (put sealed records, get a token, proxy a
+//! call, issue and revoke grants, revoke, delete, rotate, rewrap, retire, destroy, audit query,
+//! security events, stats), each taking a typed [`Caller`] and domain types and returning a
+//! [`VaultError`]; and the components it alone owns: the keyring, the record-open path with the
+//! DEK cache ([`records`]), the audit trail, grants ([`grants`]), token refresh ([`refresh`]),
+//! upstreams, per-record limits, group commit ([`commit`]), the private-key thread pool
+//! ([`cpu_pool`]) and the periodic jobs ([`jobs`]).
+//!
+//! Adapters (`server` for gRPC, the CLI) convert their wire types into the domain types here,
+//! call one method, and convert the result back; the error mapping lives with them.
+//!
+//! Must never: name tonic, a generated proto type or any transport (enforced by
+//! `tests/architecture.rs`); run RSA or store work on the async executor's threads; release a
+//! secret before its audit event is written; change anything on a refused request.
+
+mod admin;
+mod broker;
+pub(crate) mod commit;
+pub(crate) mod cpu_pool;
+pub mod dek_cache;
+mod error;
+mod grants;
+pub mod ingest;
+mod jobs;
+pub mod limits;
+pub mod metrics;
+mod records;
+mod refresh;
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+
+use thiserror::Error;
+
+pub use admin::{AuditEntry, AuditFilter, KeyImport, Rotated, SecurityEventOutcome, VaultStats};
+pub use broker::{Proxied, ProxyTarget, Released};
+pub use error::{ErrorKind, VaultError};
+pub use grants::{GrantSubject, IssueGrant, IssuedGrant};
+pub use ingest::SealedRecord;
+
+use crate::audit::{AuditError, Auditor, Draft};
+use crate::config::{CallerPolicy, Config, KeyPolicy, Limits};
+use crate::keys::KeyError;
+use crate::keys::keyring::{KeyDir, Keyring};
+use crate::store::AuditAppend;
+use crate::store::{StoreError, TokenStore};
+
+/// Who is asking: the authenticated credential's name and what it may touch. Adapters build it
+/// from their own authentication; the vault never sees a credential.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Credential name from the configuration (audit trail, logs).
+    pub name: String,
+    /// What it may touch.
+    pub policy: Arc<CallerPolicy>,
+}
+
+impl Caller {
+    /// A caller with `policy`.
+    pub fn new(name: impl Into<String>, policy: Arc<CallerPolicy>) -> Self {
+        Self {
+            name: name.into(),
+            policy,
+        }
+    }
+
+    /// An internal caller (jobs, signals) with the default policy.
+    pub fn internal(name: &str) -> Self {
+        Self::new(name, Arc::default())
+    }
+}
+
+/// Why the vault could not be opened.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The store could not be read.
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    /// The keyring could not be loaded or created.
+    #[error("loading the keyring: {0}")]
+    Keys(#[from] KeyError),
+    /// The audit trail could not be opened.
+    #[error("opening the audit trail: {0}")]
+    Audit(#[from] AuditError),
+    /// A key lifecycle change (the dev profile's first key) failed.
+    #[error("creating the first key: {0}")]
+    Rotation(#[from] crate::rotation::RotationError),
+    /// A provider's configuration could not be used.
+    #[error("providers: {0}")]
+    Providers(#[from] crate::proxy::UpstreamSetupError),
+    /// The pool of private-key threads or the commit thread could not start.
+    #[error("starting the {what} thread(s): {source}")]
+    Threads {
+        /// Which.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The source of "now" (Unix seconds) for every time-based rule of the vault: grant expiry,
+/// record expiry, the ingest grace period, automatic rotation. Tests inject their own to move
+/// time instead of sleeping.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The application core. One per daemon; shared by every adapter through an `Arc`.
+pub struct Vault {
+    store: Arc<dyn TokenStore>,
+    keyring: RwLock<Arc<Keyring>>,
+    limits: Limits,
+    key_dir: KeyDir,
+    policy: KeyPolicy,
+    /// Serializes key lifecycle operations (rotate, retire, destroy, keyring reloads).
+    key_ops: std::sync::Mutex<()>,
+    /// Set while a rewrap runs; one at a time.
+    rewrapping: std::sync::atomic::AtomicBool,
+    audit: Arc<Auditor>,
+    /// Unwrapped data keys of recently read records, if enabled.
+    dek_cache: Option<dek_cache::DekCache>,
+    /// Per caller and record token buckets.
+    record_limits: limits::RecordLimits,
+    /// Upstream clients by provider; replaced wholesale on reload.
+    upstreams: RwLock<Arc<crate::proxy::Upstreams>>,
+    /// The config file providers are reloaded from, if the daemon has one.
+    config_source: Option<std::path::PathBuf>,
+    /// One refresh at a time per record.
+    single_flight: refresh::SingleFlight,
+    /// Trusted issuers of provider security events.
+    security_event_issuers: Vec<crate::security_event::Issuer>,
+    metrics: Arc<metrics::Metrics>,
+    /// Group commit of ingest writes.
+    commit: commit::GroupCommit,
+    /// One thread per core for private-key work.
+    cpu: cpu_pool::CpuPool,
+    /// Cancelled when shutdown begins: long-running work (rewrap, audit streams, background
+    /// jobs) stops at its next safe point.
+    stopping: tokio_util::sync::CancellationToken,
+    /// Every task the vault starts beyond request handlers; [`Vault::stopped`] waits for all of
+    /// them, since they may hold the store.
+    tasks: tokio_util::task::TaskTracker,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// Opens the vault over `store` with the keys, providers and limits of `config`. In the dev
+    /// profile an empty keyring is initialized with a fresh RSA-2048 key.
+    pub fn open(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, OpenError> {
+        let dir = KeyDir::new(&config.key_dir, config.passphrase.clone());
+        let audit = Arc::new(Auditor::open(Arc::clone(&store), &config.key_dir)?);
+        if config.dev && store.keys()?.is_empty() {
+            let keys = crate::rotation::KeyService::new(&*store, &dir, &audit);
+            let info = keys.init(
+                &Draft::new("dev-profile", "InitKeys").detail("version 1, development"),
+                crate::unix_now(),
+            )?;
+            tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");
+        }
+        let ring = Keyring::load(store.keys()?, &dir)?
+            .with_min_version(config.key_policy.min_decrypt_version);
+        let (active, _) = ring.active();
+        tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
+        let upstreams = crate::proxy::Upstreams::new(config.providers.values())?;
+        Ok(Self {
+            upstreams: RwLock::new(Arc::new(upstreams)),
+            config_source: config.source.clone(),
+            single_flight: refresh::SingleFlight::default(),
+            security_event_issuers: config.security_event_issuers.clone(),
+            metrics: Arc::new(metrics::Metrics::default()),
+            cpu: cpu_pool::CpuPool::start(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )
+            .map_err(|source| OpenError::Threads {
+                what: "RSA pool",
+                source,
+            })?,
+            commit: commit::GroupCommit::start(Arc::clone(&store)).map_err(|source| {
+                OpenError::Threads {
+                    what: "group commit",
+                    source,
+                }
+            })?,
+            stopping: tokio_util::sync::CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            store,
+            keyring: RwLock::new(Arc::new(ring)),
+            limits: config.limits,
+            key_dir: dir,
+            policy: config.key_policy,
+            key_ops: std::sync::Mutex::new(()),
+            rewrapping: std::sync::atomic::AtomicBool::new(false),
+            audit,
+            record_limits: limits::RecordLimits::default(),
+            dek_cache: config.dek_cache.map(|c| {
+                dek_cache::DekCache::new(
+                    std::num::NonZeroUsize::new(c.max_entries)
+                        .unwrap_or(std::num::NonZeroUsize::MIN),
+                    std::time::Duration::from_secs(c.ttl_seconds),
+                )
+            }),
+            clock: Arc::new(crate::unix_now),
+        })
+    }
+
+    /// Replaces the clock (tests move time with it instead of sleeping).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, in Unix seconds, by the vault's clock.
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// The metrics every component counts into (adapters add their own, e.g. per RPC).
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The audit trail (adapters audit refused authentication with it).
+    pub fn audit(&self) -> &Arc<Auditor> {
+        &self.audit
+    }
+
+    /// The configured request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Starts the periodic jobs: grant sweep, automatic rotation, background refresh, reload
+    /// on SIGHUP. They stop when [`Vault::begin_shutdown`] is called.
+    pub fn start_jobs(self: &Arc<Self>) {
+        jobs::start(self);
+    }
+
+    /// Runs `task` as one of the vault's own: [`Vault::stopped`] waits for it.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
+    /// A token cancelled when shutdown begins.
+    pub fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Tells every job and long-running stream (rewrap, audit log) to stop at its next safe
+    /// point. Work already under way finishes; none is aborted mid-way, since aborting a task
+    /// does not stop the blocking work it started.
+    pub fn begin_shutdown(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Waits until every task the vault started has finished (call after
+    /// [`Vault::begin_shutdown`]); the store is then free once the vault is dropped.
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    fn upstreams(&self) -> Arc<crate::proxy::Upstreams> {
+        Arc::clone(
+            &self
+                .upstreams
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Re-reads the providers from the config file; on any error the old ones stay. Returns the
+    /// provider names now configured.
+    pub async fn reload_providers(&self, caller: &Caller) -> Result<Vec<String>, VaultError> {
+        let path = self.config_source.clone().ok_or_else(|| {
+            VaultError::Reload("the daemon was started without a config file".into())
+        })?;
+        let draft = Draft::new(&caller.name, "ReloadProviders");
+        let loaded = self
+            .tasks
+            .spawn_blocking(move || {
+                let policies =
+                    Config::load_providers(&path).map_err(|e| VaultError::Reload(e.to_string()))?;
+                crate::proxy::Upstreams::new(policies.values())
+                    .map_err(|e| VaultError::Reload(e.to_string()))
+            })
+            .await
+            .map_err(|_| VaultError::Task)?;
+        match loaded {
+            Ok(upstreams) => {
+                let names = upstreams.names();
+                *self
+                    .upstreams
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(upstreams);
+                self.audit.append(&draft.detail(names.join(",")), true)?;
+                tracing::info!(providers = ?names, "providers reloaded");
+                Ok(names)
+            }
+            Err(e) => {
+                self.audit_outcome(draft, &e);
+                tracing::error!(error = %e, "provider reload failed");
+                Err(e)
+            }
+        }
+    }
+
+    fn keyring(&self) -> Arc<Keyring> {
+        Arc::clone(
+            &self
+                .keyring
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Reloads the keyring from the registry and key files after a lifecycle change.
+    fn reload_keyring(&self) -> Result<Arc<Keyring>, VaultError> {
+        let ring = Arc::new(
+            Keyring::load(self.store.keys()?, &self.key_dir)?
+                .with_min_version(self.policy.min_decrypt_version),
+        );
+        *self
+            .keyring
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&ring);
+        self.forget_deks(None);
+        Ok(ring)
+    }
+
+    /// Runs a change that writes its audit event in the same atomic batch (`write` gets the
+    /// sealed event and reports whether it stored it). A refused change is audited on its own.
+    fn audited<T>(
+        &self,
+        draft: Draft,
+        write: impl FnOnce(&AuditAppend) -> Result<(T, bool), VaultError>,
+    ) -> Result<T, VaultError> {
+        let result = self.audit.append_with(&draft, write);
+        self.audit_if_refused(draft, result)
+    }
+
+    /// Passes `result` through, auditing `draft` as refused when it is an error.
+    fn audit_if_refused<T>(
+        &self,
+        draft: Draft,
+        result: Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        if let Err(e) = &result {
+            self.audit_outcome(draft, e);
+        }
+        result
+    }
+
+    /// Records a refusal or failure; the original error is what the caller sees either way.
+    fn audit_outcome(&self, draft: Draft, e: &VaultError) {
+        let draft = draft.outcome(e.kind().name());
+        if let Err(audit_err) = self.audit.append(&draft, true) {
+            tracing::error!(error = %audit_err, "could not audit a refused request");
+        }
+    }
+
+    /// Forgets cached data keys: one record's, or all of them.
+    fn forget_deks(&self, id: Option<&crate::record::RecordId>) {
+        if let Some(cache) = &self.dek_cache {
+            match id {
+                Some(id) => cache.remove(id),
+                None => cache.clear(),
+            }
+        }
+    }
+
+    /// Holds the key-operations lock.
+    fn key_ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.key_ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Like [`Vault::blocking`], for work dominated by a private-key operation: it runs on the
+    /// pool of one thread per core, queued behind the work already there.
+    async fn cpu_bound<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
+    ) -> Result<T, VaultError> {
+        let vault = Arc::clone(self);
+        self.cpu
+            .run(move || f(&vault))
+            .await
+            .ok_or(VaultError::Task)?
+    }
+
+    /// Runs blocking work (store, RSA) off the async executor.
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
+    ) -> Result<T, VaultError> {
+        let vault = Arc::clone(self);
+        // Tracked, so shutdown waits for it even when the request that started it was dropped.
+        self.tasks
+            .spawn_blocking(move || f(&vault))
+            .await
+            .map_err(|_| VaultError::Task)?
+    }
+}
