@@ -29,6 +29,8 @@ pub const ENV_KEY_DIR: &str = "TOKENVAULT_KEY_DIR";
 pub const ENV_KEY_PASSPHRASE: &str = "TOKENVAULT_KEY_PASSPHRASE";
 /// Env var: a file holding the private key passphrase.
 pub const ENV_KEY_PASSPHRASE_FILE: &str = "TOKENVAULT_KEY_PASSPHRASE_FILE";
+/// Env var: the password of the `[store]` database user (instead of `store.password_file`).
+pub const ENV_STORE_PASSWORD: &str = "TOKENVAULT_STORE_PASSWORD";
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50051;
@@ -262,6 +264,9 @@ pub struct Config {
     pub passphrase: Option<Passphrase>,
     /// RocksDB block cache size in bytes.
     pub block_cache_bytes: usize,
+    /// Which engine holds the records (RocksDB in `data_dir` unless `[store]` names a
+    /// database).
+    pub store: StoreConfig,
     /// Request limits.
     pub limits: Limits,
     /// API credentials.
@@ -294,6 +299,51 @@ pub struct Config {
     /// balancers stop routing new calls first.
     pub shutdown_grace: std::time::Duration,
 }
+
+/// Which engine holds the records.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum StoreConfig {
+    /// The embedded RocksDB in `data_dir` (the default, and the dev profile's).
+    #[default]
+    Rocks,
+    /// A PostgreSQL database (or a PostgreSQL-wire engine) shared by several daemons.
+    Postgres(Box<PostgresConfig>),
+}
+
+/// `[store]` with a `url`: how to reach the shared database.
+#[derive(Clone)]
+pub struct PostgresConfig {
+    /// Hosts, port, user and database from `store.url` (never a password).
+    pub connection: tokio_postgres::Config,
+    /// From `store.password_file` or `TOKENVAULT_STORE_PASSWORD`.
+    pub password: Option<Passphrase>,
+    /// CA certificates the database's TLS certificate must chain to; TLS is required whenever
+    /// this is set, and it must be set unless every host is loopback or a Unix socket.
+    pub ca_file: Option<PathBuf>,
+    /// Most pooled connections of this daemon.
+    pub pool_size: usize,
+    /// This daemon's name among those sharing the database (its audit chain).
+    pub instance: String,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("hosts", &self.connection.get_hosts())
+            .field("ports", &self.connection.get_ports())
+            .field("user", &self.connection.get_user())
+            .field("dbname", &self.connection.get_dbname())
+            .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .field("instance", &self.instance)
+            .finish()
+    }
+}
+
+/// Default `store.pool_size`.
+pub const DEFAULT_STORE_POOL_SIZE: usize = 16;
 
 /// Longest accepted `shutdown_grace_seconds`.
 pub const MAX_SHUTDOWN_GRACE_SECONDS: u64 = 300;
@@ -377,6 +427,7 @@ struct FileConfig {
     keys: FileKeys,
     tls: Option<FileTls>,
     dek_cache: Option<FileDekCache>,
+    store: Option<FileStore>,
     #[serde(default)]
     credentials: Vec<FileCredential>,
     #[serde(default)]
@@ -430,6 +481,105 @@ struct FileCredential {
     record_rate_per_second: Option<u32>,
     #[serde(default)]
     issue_grants: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    url: String,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    pool_size: Option<usize>,
+    instance: Option<String>,
+}
+
+/// Validates `[store]`: a PostgreSQL URL without a password, TLS unless loopback, a sane pool
+/// and an instance name. Messages never echo the URL (it might hold a password).
+fn store_from(
+    file: FileStore,
+    base: &Path,
+    env: &dyn Strings,
+) -> Result<PostgresConfig, ConfigError> {
+    let connection: tokio_postgres::Config = file.url.parse().map_err(|_| {
+        invalid(
+            "store.url",
+            "not a PostgreSQL connection URL (postgres://USER@HOST:PORT/DATABASE)",
+        )
+    })?;
+    if connection.get_password().is_some() {
+        return Err(invalid(
+            "store.url",
+            format!(
+                "must not contain a password; put it in store.password_file or {ENV_STORE_PASSWORD}"
+            ),
+        ));
+    }
+    if connection.get_hosts().is_empty() {
+        return Err(invalid("store.url", "names no host"));
+    }
+    let loopback = connection.get_hosts().iter().all(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        tokio_postgres::config::Host::Unix(_) => true,
+    });
+    let ca_file = file.ca_file.map(|p| base.join(p));
+    if ca_file.is_none() && !loopback {
+        return Err(invalid(
+            "store.ca_file",
+            "required for a database that is not on loopback or a Unix socket: the connection \
+             carries tokens' envelopes and the database password, so it must use TLS",
+        ));
+    }
+    let password = match (env.get(ENV_STORE_PASSWORD), file.password_file) {
+        (Some(p), _) => Some(Passphrase::new(p)),
+        (None, Some(f)) => {
+            let path = base.join(f);
+            let mut text = std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::Read { path, source })?;
+            // A file written by `echo` ends in a newline that is not part of the password.
+            if text.ends_with('\n') {
+                text.pop();
+                if text.ends_with('\r') {
+                    text.pop();
+                }
+            }
+            Some(Passphrase::new(text))
+        }
+        (None, None) => None,
+    };
+    let pool_size = file.pool_size.unwrap_or(DEFAULT_STORE_POOL_SIZE);
+    if !(1..=1000).contains(&pool_size) {
+        return Err(invalid("store.pool_size", "must be between 1 and 1000"));
+    }
+    let instance = file.instance.ok_or_else(|| {
+        invalid(
+            "store.instance",
+            "required with store.url: a name unique to this daemon among those sharing the \
+             database (1-64 of A-Z a-z 0-9 . _ -)",
+        )
+    })?;
+    if instance.is_empty()
+        || instance.len() > 64
+        || !instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(invalid(
+            "store.instance",
+            "must be 1-64 of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    Ok(PostgresConfig {
+        connection,
+        password,
+        ca_file,
+        pool_size,
+        instance,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -632,6 +782,10 @@ impl Config {
             key_dir: base.join(key_dir),
             passphrase: passphrase_from(env, file.passphrase_file.map(|p| base.join(p)))?,
             block_cache_bytes: file.block_cache_mb.unwrap_or(64) << 20,
+            store: match file.store {
+                Some(f) => StoreConfig::Postgres(Box::new(store_from(f, base, env)?)),
+                None => StoreConfig::Rocks,
+            },
             limits,
             credentials,
             tls,
@@ -721,6 +875,7 @@ impl Config {
             key_dir: base.join("keys").join("dev"),
             passphrase: passphrase_from(env, None)?,
             block_cache_bytes: 16 << 20,
+            store: StoreConfig::Rocks,
             limits: Limits {
                 max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
                 max_batch: DEFAULT_MAX_BATCH,

@@ -10,7 +10,7 @@ use crate::config::{Config, Env};
 use crate::keys::keyring::KeyDir;
 use crate::keys::{KeyInfo, PrivateKey};
 use crate::secret::Passphrase;
-use crate::store::{RocksStore, TokenStore};
+use crate::store::TokenStore;
 
 /// Env var with the passphrase of a key file being imported.
 pub(crate) const ENV_IMPORT_PASSPHRASE: &str = "TOKENVAULT_IMPORT_PASSPHRASE";
@@ -78,7 +78,7 @@ pub(crate) enum KeysCommand {
     },
 }
 
-fn open(at: &Location) -> Result<(RocksStore, KeyDir), CliError> {
+fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir), CliError> {
     let config = match (&at.config, at.dev) {
         (Some(path), _) => Config::load(path, &Env)?,
         (None, true) => {
@@ -94,7 +94,10 @@ fn open(at: &Location) -> Result<(RocksStore, KeyDir), CliError> {
     };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CliError::Internal(format!("{}: {e}", config.data_dir.display())))?;
-    let store = RocksStore::open(&config.data_dir, 8 << 20)?;
+    let store = crate::vault::open_store(&config).map_err(|e| match e {
+        crate::vault::OpenError::Store(s) => CliError::from(s),
+        other => CliError::Input(other.to_string()),
+    })?;
     Ok((store, KeyDir::new(config.key_dir, config.passphrase)))
 }
 
@@ -115,13 +118,12 @@ const OFFLINE_CALLER: &str = "keys-cli";
 /// daemon's `RotateKey` uses: the registry change and its audit event are one write, chained
 /// after the daemon's events. `init` refuses a keyring that already has versions.
 fn add_recorded(
-    store: RocksStore,
+    store: std::sync::Arc<dyn TokenStore>,
     dir: &KeyDir,
     key: Option<PrivateKey>,
     init: bool,
     now: i64,
 ) -> Result<KeyInfo, CliError> {
-    let store: std::sync::Arc<dyn TokenStore> = std::sync::Arc::new(store);
     let auditor = crate::audit::Auditor::open(std::sync::Arc::clone(&store), dir.path())
         .map_err(|e| CliError::Internal(e.to_string()))?;
     let keys = crate::rotation::KeyService::new(&*store, dir, &auditor);

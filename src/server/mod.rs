@@ -31,7 +31,7 @@ use crate::api::v1::admin_server::AdminServer;
 use crate::api::v1::broker_server::BrokerServer;
 use crate::api::v1::ingest_server::IngestServer;
 use crate::config::{Config, Role};
-use crate::store::{RocksStore, StoreError, TokenStore};
+use crate::store::{StoreError, TokenStore};
 use crate::vault::{Caller, Vault, VaultError};
 use auth::{Authenticator, RoleGuard};
 
@@ -72,11 +72,10 @@ impl std::fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// Opens the RocksDB store and the keyring named by `config`. In the dev profile an empty
+    /// Opens the store (RocksDB, or the `[store]` database) and the keyring named by `config`. In the dev profile an empty
     /// keyring is initialized with a fresh RSA-2048 key.
     pub fn open(config: &Config) -> Result<Self, StartError> {
-        let store = RocksStore::open(&config.data_dir, config.block_cache_bytes)?;
-        Self::with_store(Arc::new(store), config)
+        Self::with_store(crate::vault::open_store(config)?, config)
     }
 
     /// Like [`Daemon::open`] over any store.
@@ -260,13 +259,23 @@ impl Daemon {
         Ok(())
     }
 
-    /// Where the daemon's data lives (for messages).
+    /// Where the daemon's data lives (for messages; never a password).
     pub fn describe(config: &Config) -> String {
-        format!(
-            "data {} keys {}",
-            display(&config.data_dir),
-            display(&config.key_dir)
-        )
+        match &config.store {
+            crate::config::StoreConfig::Postgres(pg) => format!(
+                "store postgres {:?}:{:?}/{} as instance {} keys {}",
+                pg.connection.get_hosts(),
+                pg.connection.get_ports(),
+                pg.connection.get_dbname().unwrap_or("-"),
+                pg.instance,
+                display(&config.key_dir)
+            ),
+            _ => format!(
+                "data {} keys {}",
+                display(&config.data_dir),
+                display(&config.key_dir)
+            ),
+        }
     }
 }
 

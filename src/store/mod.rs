@@ -1,13 +1,16 @@
 //! Storage of records and the key registry behind the [`TokenStore`] trait.
 //!
-//! Owns: the trait, its error type and the two implementations: [`RocksStore`] (the embedded
-//! default) and [`MemoryStore`] (tests, benches). Both pass the same conformance tests.
+//! Owns: the trait, its error type and the implementations: [`RocksStore`] (the embedded
+//! default), [`PostgresStore`] (shared by several daemons) and [`MemoryStore`] (tests,
+//! benches). All pass the same conformance suite.
 //!
 //! Architecture invariant: no RocksDB type appears in this file or in the trait; only
 //! `store/rocks.rs` imports `rocksdb`, so another engine can implement [`TokenStore`].
 //! Invariant: an acknowledged write is durable (WAL synced) and a batch is all-or-nothing.
 
 mod memory;
+#[cfg(feature = "daemon")]
+pub mod postgres;
 #[cfg(feature = "daemon")]
 pub(crate) mod rocks;
 #[cfg(feature = "daemon")]
@@ -16,6 +19,8 @@ mod schema;
 use thiserror::Error;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "daemon")]
+pub use postgres::{PostgresOptions, PostgresStore};
 #[cfg(feature = "daemon")]
 pub use rocks::RocksStore;
 
@@ -65,6 +70,20 @@ pub enum StoreError {
     /// A compare-and-swap found another value than expected (e.g. a grant used concurrently).
     #[error("{0} changed concurrently")]
     Conflict(String),
+    /// The database cannot be reached right now (down, restarting, out of connections); the
+    /// same call may succeed later. Nothing was written.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database was migrated by a newer tokenvault than this one.
+    #[error(
+        "the database schema is at version {found}, newer than the {supported} this tokenvault knows; run the newer tokenvault or restore a matching backup"
+    )]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: i32,
+        /// Newest version this build knows.
+        supported: i32,
+    },
     /// A key version cannot be retired while records use it.
     #[error("key version {version} still wraps {records} record(s); run Admin.Rewrap first")]
     KeyInUse {

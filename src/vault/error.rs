@@ -394,6 +394,9 @@ impl VaultError {
             }
             // A compare-and-swap lost to a concurrent writer: the caller may retry.
             StoreError::Conflict(_) => ErrorKind::Aborted,
+            // The database is down or restarting: the caller may retry, nothing was written.
+            StoreError::Unavailable(_) => ErrorKind::Unavailable,
+            StoreError::SchemaTooNew { .. } => ErrorKind::FailedPrecondition,
             StoreError::Corrupt(_) | StoreError::Engine(_) | StoreError::Locked(_) => {
                 ErrorKind::Internal
             }

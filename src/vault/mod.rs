@@ -91,6 +91,14 @@ pub enum OpenError {
     /// A provider's configuration could not be used.
     #[error("providers: {0}")]
     Providers(#[from] crate::proxy::UpstreamSetupError),
+    /// The database's CA file could not be used.
+    #[error("store.ca_file {}: {message}", path.display())]
+    StoreCa {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
     /// The pool of private-key threads or the commit thread could not start.
     #[error("starting the {what} thread(s): {source}")]
     Threads {
@@ -100,6 +108,71 @@ pub enum OpenError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Opens the store `config` names: RocksDB in `data_dir`, or the `[store]` database (schema
+/// migrations applied, TLS as configured).
+pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, OpenError> {
+    match &config.store {
+        crate::config::StoreConfig::Rocks => Ok(Arc::new(crate::store::RocksStore::open(
+            &config.data_dir,
+            config.block_cache_bytes,
+        )?)),
+        crate::config::StoreConfig::Postgres(pg) => {
+            let mut connection = pg.connection.clone();
+            if let Some(p) = &pg.password {
+                connection.password(p.expose_secret());
+            }
+            let tls = match &pg.ca_file {
+                Some(path) => {
+                    connection.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    Some(database_tls(path)?)
+                }
+                None => {
+                    connection.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                    None
+                }
+            };
+            let options = crate::store::PostgresOptions {
+                config: connection,
+                tls,
+                pool_size: pg.pool_size,
+                connect_timeout: std::time::Duration::from_secs(10),
+            };
+            Ok(Arc::new(crate::store::PostgresStore::connect(
+                options,
+                &pg.instance,
+            )?))
+        }
+    }
+}
+
+/// A TLS client configuration trusting only the CA certificates in `path` (rustls on
+/// aws-lc-rs; the server name is checked against the URL's host).
+fn database_tls(path: &std::path::Path) -> Result<rustls::ClientConfig, OpenError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let fail = |message: String| OpenError::StoreCa {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| fail(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(fail("holds no PEM certificate".into()));
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| fail(e.to_string()))?;
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| fail(e.to_string()))
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// The source of "now" (Unix seconds) for every time-based rule of the vault: grant expiry,

@@ -5,6 +5,7 @@
 )]
 
 pub mod faulty;
+pub mod pg;
 pub mod pki;
 pub mod process;
 pub mod upstream;

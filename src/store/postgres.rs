@@ -1,0 +1,1118 @@
+//! The PostgreSQL [`TokenStore`]: the engine several daemons share (PostgreSQL, and the engines
+//! that speak its wire protocol).
+//!
+//! Owns: the connection pool (tokio-postgres under deadpool-postgres, on a small runtime of its
+//! own), the embedded, versioned schema migrations, and the SQL for every trait method. Values
+//! use the same encodings as RocksDB (`schema.rs`), so a copy between engines moves bytes as
+//! they are; the columns beside them (owner, key version, version, flags) exist for indexes and
+//! conditions only.
+//!
+//! Guarantees, in PostgreSQL terms: every acknowledged write is a committed transaction
+//! (`synchronous_commit` as the server has it: on by default); a batch is one transaction; every
+//! replace is version-checked under a row lock (`SELECT ... FOR UPDATE`), so two daemons never
+//! lose an update; a group commit is one transaction with a savepoint per request. Record writes
+//! take a share lock on the registry rows of the key versions they use and retirement an
+//! exclusive one, so no record can land under a retiring key. Serialization failures and
+//! deadlocks (SQLSTATE 40001 / 40P01) re-run the whole transaction, a bounded number of times.
+//! A database that cannot be reached is [`StoreError::Unavailable`], never a panic.
+//!
+//! Why tokio-postgres + deadpool rather than the blocking `postgres` crate: one runtime serves
+//! every pooled connection (the blocking crate starts one per connection), pool waits and
+//! connects have timeouts, and the trait's blocking callers (blocking pool, private-key threads,
+//! the commit thread, and the odd call from async code) all just wait on a channel, which
+//! cannot panic the way a nested `block_on` can.
+//!
+//! Must never: put a password or any stored bytes into an error message; leave a transaction
+//! half applied.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+
+use super::schema::{decode_key, decode_record, encode_key, encode_record};
+use super::{
+    AuditAppend, EnvelopeReplace, Mutation, RecordWrite, StoreError, StoreStats, TokenStore,
+    plan_replace_envelope, plan_writes, short_id,
+};
+use crate::keys::{KeyInfo, KeyState};
+use crate::record::{Owner, Record, RecordId};
+
+/// The newest schema version this build knows. A database at a newer version (migrated by a
+/// newer tokenvault) is refused rather than written with an older idea of the schema.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`. Each runs in one transaction
+/// together with the row that records it, so it is applied whole, and once.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE tokenvault_records (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    owner TEXT COLLATE "C" NOT NULL,
+    key_version BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    revoked BOOLEAN NOT NULL,
+    needs_reauth BOOLEAN NOT NULL,
+    value BYTEA NOT NULL
+);
+CREATE INDEX tokenvault_records_owner ON tokenvault_records (owner);
+CREATE INDEX tokenvault_records_key_version ON tokenvault_records (key_version);
+CREATE TABLE tokenvault_keys (version BIGINT PRIMARY KEY, value BYTEA NOT NULL);
+CREATE TABLE tokenvault_meta (key TEXT COLLATE "C" PRIMARY KEY, value BYTEA NOT NULL);
+CREATE TABLE tokenvault_grants (id TEXT COLLATE "C" PRIMARY KEY, value BYTEA NOT NULL);
+CREATE TABLE tokenvault_replay (key TEXT COLLATE "C" PRIMARY KEY, applied_at BIGINT NOT NULL);
+CREATE TABLE tokenvault_audit (
+    chain TEXT COLLATE "C" NOT NULL,
+    seq BIGINT NOT NULL,
+    value BYTEA NOT NULL,
+    PRIMARY KEY (chain, seq)
+);
+"#];
+
+/// How many times a transaction is re-run after a serialization failure or deadlock.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PostgresOptions {
+    /// Host, port, user, database, password (set from a file or the environment, never argv).
+    pub config: tokio_postgres::Config,
+    /// TLS to the database (required unless the host is loopback or a Unix socket).
+    pub tls: Option<rustls::ClientConfig>,
+    /// Most pooled connections.
+    pub pool_size: usize,
+    /// How long a call waits for a connection before reporting the database unavailable.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio_postgres::Config's Debug redacts the password; the TLS config holds no secret.
+        f.debug_struct("PostgresOptions")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+/// A [`TokenStore`] in a PostgreSQL database.
+pub struct PostgresStore {
+    pool: Pool,
+    runtime: tokio::runtime::Runtime,
+    /// The audit chain this store appends to and reads.
+    chain: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("chain", &self.chain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A failure inside a transaction: final, or worth re-running the transaction for.
+enum Fail {
+    Retry(String),
+    Final(StoreError),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Final(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.code() {
+            Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE => Fail::Retry(e.to_string()),
+            Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Fail::Retry(e.to_string()),
+            _ => Fail::Final(db_error(&e)),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Fail {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError;
+        Fail::Final(match e {
+            PoolError::Backend(e) => db_error(&e),
+            PoolError::Timeout(_) => {
+                StoreError::Unavailable("timed out waiting for a database connection".into())
+            }
+            other => StoreError::Unavailable(format!("database connection: {other}")),
+        })
+    }
+}
+
+/// Classifies a driver error: no connection (down, restarting, refused) is `Unavailable`,
+/// which callers may retry; anything else is an engine error. Messages carry the SQLSTATE and
+/// the server's text, never a parameter value.
+fn db_error(e: &tokio_postgres::Error) -> StoreError {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let unavailable = e.is_closed()
+        || io
+        || e.to_string().starts_with("error connecting")
+        || e.code().is_some_and(|c| {
+            c.code().starts_with("08")
+                || *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+        });
+    match e.as_db_error() {
+        Some(db) if !unavailable => {
+            StoreError::Engine(format!("PostgreSQL {}: {}", db.code().code(), db.message()))
+        }
+        Some(db) => {
+            StoreError::Unavailable(format!("PostgreSQL {}: {}", db.code().code(), db.message()))
+        }
+        None if unavailable => StoreError::Unavailable(format!("database connection: {e}")),
+        None => StoreError::Engine(format!(
+            "database client: {e}{}",
+            std::error::Error::source(e).map_or(String::new(), |s| format!(": {s}"))
+        )),
+    }
+}
+
+fn version_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn version_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+type Txn<'a> = deadpool_postgres::Transaction<'a>;
+
+impl PostgresStore {
+    /// Connects, applies any pending schema migration, and returns the store. The audit trail
+    /// is read and appended under chain `chain` (one per daemon instance sharing the database).
+    pub fn connect(options: PostgresOptions, chain: &str) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tokenvault-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Engine(format!("starting the database runtime: {e}")))?;
+        let manager_config = ManagerConfig {
+            // A recycled connection is checked with a round trip, so one broken by a database
+            // restart is replaced instead of failing the next call.
+            recycling_method: RecyclingMethod::Verified,
+        };
+        let mut pg = options.config.clone();
+        pg.connect_timeout(options.connect_timeout);
+        let manager = match options.tls {
+            Some(tls) => Manager::from_config(
+                pg,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                manager_config,
+            ),
+            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(options.connect_timeout))
+            .create_timeout(Some(options.connect_timeout))
+            .recycle_timeout(Some(options.connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
+        let store = Self {
+            pool,
+            runtime,
+            chain: chain.to_string(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Runs `op` on the store's runtime in a fresh transaction, re-running it after a
+    /// serialization failure or deadlock, and waits for the outcome on this thread.
+    fn txn<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'a> Fn(&'a Txn<'a>) -> futures_like::BoxFuture<'a, Result<T, Fail>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let pool = self.pool.clone();
+        self.wait(async move {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let outcome = async {
+                    let mut client = pool.get().await?;
+                    let txn = client.transaction().await?;
+                    let value = op(&txn).await?;
+                    txn.commit().await?;
+                    Ok::<_, Fail>(value)
+                }
+                .await;
+                match outcome {
+                    Ok(v) => return Ok(v),
+                    Err(Fail::Final(e)) => return Err(e),
+                    Err(Fail::Retry(why)) if attempt < MAX_ATTEMPTS => {
+                        tracing::debug!(attempt, %why, "retrying a database transaction");
+                        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..10u64);
+                        tokio::time::sleep(Duration::from_millis(
+                            (5u64 << attempt.min(6)) + jitter,
+                        ))
+                        .await;
+                    }
+                    Err(Fail::Retry(why)) => {
+                        return Err(StoreError::Unavailable(format!(
+                            "the database kept refusing the transaction ({why}); retry"
+                        )));
+                    }
+                }
+            }
+        })
+    }
+
+    /// Runs `fut` on the store's runtime and blocks this thread until it is done. Waiting on a
+    /// channel (not `block_on`) works from any thread, async or not.
+    fn wait<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| StoreError::Engine("the database task stopped".into()))?
+    }
+
+    /// Applies the migrations this database lacks; refuses one migrated by a newer build.
+    fn migrate(&self) -> Result<(), StoreError> {
+        let pool = self.pool.clone();
+        self.wait(async move {
+            let client = pool.get().await.map_err(|e| match Fail::from(e) {
+                Fail::Final(e) => e,
+                Fail::Retry(m) => StoreError::Unavailable(m),
+            })?;
+            // Two daemons starting together may both create the table; one of them then
+            // fails on the catalog's unique index and simply reads the winner's table.
+            if let Err(e) = client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS tokenvault_schema (
+                        version INT PRIMARY KEY,
+                        applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+                )
+                .await
+                && e.code() != Some(&SqlState::UNIQUE_VIOLATION)
+            {
+                return Err(db_error(&e));
+            }
+            Ok(())
+        })?;
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            self.txn(move |t| {
+                Box::pin(async move {
+                    let current: i32 = t
+                        .query_one(
+                            "SELECT coalesce(max(version), 0) FROM tokenvault_schema",
+                            &[],
+                        )
+                        .await?
+                        .get(0);
+                    if current > SCHEMA_VERSION {
+                        return Err(StoreError::SchemaTooNew {
+                            found: current,
+                            supported: SCHEMA_VERSION,
+                        }
+                        .into());
+                    }
+                    if current >= version {
+                        return Ok(());
+                    }
+                    t.batch_execute(sql).await?;
+                    // A concurrent migration of the same version makes this insert (and so
+                    // the whole transaction, DDL included) fail; the retry then skips it.
+                    match t
+                        .execute(
+                            "INSERT INTO tokenvault_schema (version) VALUES ($1)",
+                            &[&version],
+                        )
+                        .await
+                    {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                            Err(Fail::Retry("a concurrent migration".into()))
+                        }
+                        Err(e) => Err(e.into()),
+                    }
+                })
+            })?;
+        }
+        // Checked again when nothing was pending.
+        let found = self.schema_version()?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(())
+    }
+
+    /// The schema version the database is at.
+    pub fn schema_version(&self) -> Result<i32, StoreError> {
+        self.txn(|t| {
+            Box::pin(async move {
+                Ok(t.query_one(
+                    "SELECT coalesce(max(version), 0) FROM tokenvault_schema",
+                    &[],
+                )
+                .await?
+                .get(0))
+            })
+        })
+    }
+}
+
+/// A boxed future borrowing the transaction (what [`PostgresStore::txn`] closures return).
+mod futures_like {
+    pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+    use std::future::Future;
+}
+
+/// The records with these ids, locked for update until the transaction ends.
+async fn lock_records(
+    t: &Txn<'_>,
+    ids: &[String],
+) -> Result<std::collections::HashMap<String, Record>, Fail> {
+    let rows = t
+        .query(
+            "SELECT id, value FROM tokenvault_records WHERE id = ANY($1) FOR UPDATE",
+            &[&ids],
+        )
+        .await?;
+    let mut out = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id: String = row.get(0);
+        let value: Vec<u8> = row.get(1);
+        out.insert(id, decode_record(&value)?);
+    }
+    Ok(out)
+}
+
+/// The registry states of these key versions, share-locked until the transaction ends: a
+/// retirement (which locks the row exclusively) waits for the writer, or the writer sees it.
+async fn share_key_states(
+    t: &Txn<'_>,
+    versions: &[i64],
+) -> Result<std::collections::HashMap<u32, KeyState>, Fail> {
+    let rows = t
+        .query(
+            "SELECT value FROM tokenvault_keys WHERE version = ANY($1) FOR SHARE",
+            &[&versions],
+        )
+        .await?;
+    let mut out = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let value: Vec<u8> = row.get(0);
+        let key = decode_key(&value)?;
+        out.insert(key.version, key.state);
+    }
+    Ok(out)
+}
+
+/// Plans and writes one atomic group of record writes; the error of a refused group.
+async fn write_group(
+    t: &Txn<'_>,
+    writes: &[RecordWrite],
+    now: i64,
+) -> Result<Result<Vec<u64>, StoreError>, Fail> {
+    let ids: Vec<String> = writes.iter().map(|w| w.meta.id.to_string()).collect();
+    let mut versions: Vec<i64> = writes.iter().map(|w| i64::from(w.key_version)).collect();
+    versions.sort_unstable();
+    versions.dedup();
+    let states = share_key_states(t, &versions).await?;
+    let current = lock_records(t, &ids).await?;
+    let planned = match plan_writes(
+        writes,
+        now,
+        |id| Ok(current.get(id.as_str()).cloned()),
+        |v| Ok(states.get(&v).copied()),
+    ) {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e)),
+    };
+    let out = planned.iter().map(|r| r.version).collect();
+    if let Err(e) = store_records(t, &planned).await? {
+        return Ok(Err(e));
+    }
+    Ok(Ok(out))
+}
+
+/// Writes planned records: version 1 is created (and refused with `AlreadyExists` if another
+/// writer created the id since it was read), others replace the version before them.
+async fn store_records(t: &Txn<'_>, records: &[Record]) -> Result<Result<(), StoreError>, Fail> {
+    for r in records {
+        let value = encode_record(r);
+        let (id, owner) = (r.meta.id.as_str(), r.meta.owner.as_str());
+        let key_version = i64::from(r.key_version);
+        let version = version_i64(r.version);
+        let changed = if r.version == 1 {
+            t.execute(
+                "INSERT INTO tokenvault_records
+                     (id, owner, key_version, version, revoked, needs_reauth, value)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &id,
+                    &owner,
+                    &key_version,
+                    &version,
+                    &r.revoked,
+                    &r.needs_reauth,
+                    &value,
+                ],
+            )
+            .await?
+        } else {
+            let previous = version - 1;
+            t.execute(
+                "UPDATE tokenvault_records SET owner = $2, key_version = $3::bigint,
+                     version = $4::bigint, revoked = $5, needs_reauth = $6, value = $7
+                 WHERE id = $1 AND version = $8::bigint",
+                &[
+                    &id,
+                    &owner,
+                    &key_version,
+                    &version,
+                    &r.revoked,
+                    &r.needs_reauth,
+                    &value,
+                    &previous,
+                ],
+            )
+            .await?
+        };
+        if changed != 1 {
+            return Ok(Err(if r.version == 1 {
+                StoreError::AlreadyExists(id.to_string())
+            } else {
+                StoreError::Conflict(format!("record {id}"))
+            }));
+        }
+    }
+    Ok(Ok(()))
+}
+
+async fn insert_audit(t: &Txn<'_>, chain: &str, audit: &[AuditAppend]) -> Result<(), Fail> {
+    for a in audit {
+        let seq = version_i64(a.seq);
+        let inserted = t
+            .execute(
+                "INSERT INTO tokenvault_audit (chain, seq, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (chain, seq) DO NOTHING",
+                &[&chain, &seq, &a.bytes],
+            )
+            .await?;
+        if inserted != 1 {
+            // Another writer took this place in the chain: the whole change is refused.
+            return Err(StoreError::Conflict(format!("audit event {}", a.seq)).into());
+        }
+    }
+    Ok(())
+}
+
+async fn upsert_keys(t: &Txn<'_>, keys: &[KeyInfo]) -> Result<(), Fail> {
+    for k in keys {
+        t.execute(
+            "INSERT INTO tokenvault_keys (version, value) VALUES ($1, $2)
+             ON CONFLICT (version) DO UPDATE SET value = EXCLUDED.value",
+            &[&i64::from(k.version), &encode_key(k)],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+impl TokenStore for PostgresStore {
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        let writes = writes.to_vec();
+        self.txn(move |t| {
+            let writes = writes.clone();
+            Box::pin(async move { write_group(t, &writes, now).await })
+        })?
+    }
+
+    fn put_record_groups(
+        &self,
+        groups: &[&[RecordWrite]],
+        now: i64,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        let groups: Vec<Vec<RecordWrite>> = groups.iter().map(|g| g.to_vec()).collect();
+        let groups = Arc::new(groups);
+        self.txn(move |t| {
+            let groups = Arc::clone(&groups);
+            Box::pin(async move {
+                let mut outcomes = Vec::with_capacity(groups.len());
+                for g in groups.iter() {
+                    // Each request is atomic on its own: a refused one is rolled back to here.
+                    t.batch_execute("SAVEPOINT tokenvault_group").await?;
+                    let outcome = write_group(t, g, now).await?;
+                    t.batch_execute(if outcome.is_ok() {
+                        "RELEASE SAVEPOINT tokenvault_group"
+                    } else {
+                        "ROLLBACK TO SAVEPOINT tokenvault_group"
+                    })
+                    .await?;
+                    outcomes.push(outcome);
+                }
+                Ok(outcomes)
+            })
+        })
+    }
+
+    fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        let id = id.to_string();
+        self.txn(move |t| {
+            let id = id.clone();
+            Box::pin(async move {
+                let row = t
+                    .query_opt("SELECT value FROM tokenvault_records WHERE id = $1", &[&id])
+                    .await?;
+                Ok(match row {
+                    Some(row) => Some(decode_record(row.get::<_, &[u8]>(0))?),
+                    None => None,
+                })
+            })
+        })
+    }
+
+    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
+        let owner = owner.as_str().to_string();
+        let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let (owner, audit, chain) = (owner.clone(), audit.clone(), chain.clone());
+            Box::pin(async move {
+                let n = t
+                    .execute("DELETE FROM tokenvault_records WHERE owner = $1", &[&owner])
+                    .await?;
+                insert_audit(t, &chain, &audit).await?;
+                Ok(n)
+            })
+        })
+    }
+
+    fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
+        let owner = owner.as_str().to_string();
+        self.txn(move |t| {
+            let owner = owner.clone();
+            Box::pin(async move {
+                let rows = t
+                    .query(
+                        "SELECT id FROM tokenvault_records WHERE owner = $1 ORDER BY id",
+                        &[&owner],
+                    )
+                    .await?;
+                rows.into_iter()
+                    .map(|r| {
+                        RecordId::parse(r.get::<_, String>(0))
+                            .map_err(|e| StoreError::Corrupt(format!("record id: {e}")).into())
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    fn engine_stats(&self) -> Vec<(String, u64)> {
+        let s = self.pool.status();
+        vec![
+            ("postgres_pool_connections".into(), s.size as u64),
+            ("postgres_pool_idle".into(), s.available as u64),
+            ("postgres_pool_waiting".into(), s.waiting as u64),
+        ]
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.txn(|t| {
+            Box::pin(async move {
+                let totals = t
+                    .query_one(
+                        "SELECT count(*), count(*) FILTER (WHERE revoked),
+                                count(*) FILTER (WHERE needs_reauth)
+                         FROM tokenvault_records",
+                        &[],
+                    )
+                    .await?;
+                let per_key = t
+                    .query(
+                        "SELECT key_version, count(*) FROM tokenvault_records
+                         GROUP BY key_version ORDER BY key_version",
+                        &[],
+                    )
+                    .await?;
+                Ok(StoreStats {
+                    records: version_u64(totals.get(0)),
+                    revoked: version_u64(totals.get(1)),
+                    needs_reauth: version_u64(totals.get(2)),
+                    per_key_version: per_key
+                        .into_iter()
+                        .map(|r| {
+                            (
+                                u32::try_from(r.get::<_, i64>(0)).unwrap_or(u32::MAX),
+                                version_u64(r.get(1)),
+                            )
+                        })
+                        .collect(),
+                })
+            })
+        })
+    }
+
+    fn scan_records(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let after = after.map(ToString::to_string);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.txn(move |t| {
+            let after = after.clone();
+            Box::pin(async move {
+                let rows = t
+                    .query(
+                        "SELECT value FROM tokenvault_records
+                         WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2",
+                        &[&after, &limit],
+                    )
+                    .await?;
+                rows.into_iter()
+                    .map(|r| decode_record(r.get::<_, &[u8]>(0)).map_err(Fail::from))
+                    .collect()
+            })
+        })
+    }
+
+    fn replace_envelopes(
+        &self,
+        items: &[EnvelopeReplace],
+        now: i64,
+    ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+        let items = Arc::new(items.to_vec());
+        self.txn(move |t| {
+            let items = Arc::clone(&items);
+            Box::pin(async move {
+                let ids: Vec<String> = items.iter().map(|i| i.id.to_string()).collect();
+                let current = lock_records(t, &ids).await?;
+                let mut out = Vec::with_capacity(items.len());
+                for item in items.iter() {
+                    match plan_replace_envelope(current.get(item.id.as_str()).cloned(), item, now) {
+                        Ok(r) => {
+                            let version = r.version;
+                            out.push(
+                                store_records(t, std::slice::from_ref(&r))
+                                    .await?
+                                    .map(|()| version),
+                            );
+                        }
+                        Err(e) => out.push(Err(e)),
+                    }
+                }
+                Ok(out)
+            })
+        })
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_string();
+        self.txn(move |t| {
+            let key = key.clone();
+            Box::pin(async move {
+                Ok(
+                    t.query_opt("SELECT value FROM tokenvault_meta WHERE key = $1", &[&key])
+                        .await?
+                        .map(|r| r.get(0)),
+                )
+            })
+        })
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let key = key.to_string();
+        let value = value.map(<[u8]>::to_vec);
+        self.txn(move |t| {
+            let (key, value) = (key.clone(), value.clone());
+            Box::pin(async move {
+                match value {
+                    Some(v) => {
+                        t.execute(
+                            "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
+                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                            &[&key, &v],
+                        )
+                        .await?
+                    }
+                    None => {
+                        t.execute("DELETE FROM tokenvault_meta WHERE key = $1", &[&key])
+                            .await?
+                    }
+                };
+                Ok(())
+            })
+        })
+    }
+
+    fn apply(
+        &self,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mutations = Arc::new(mutations.to_vec());
+        let audit = Arc::new(audit.to_vec());
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let (mutations, audit, chain) =
+                (Arc::clone(&mutations), Arc::clone(&audit), chain.clone());
+            Box::pin(async move {
+                for m in mutations.iter() {
+                    apply_one(t, m, now).await?;
+                }
+                insert_audit(t, &chain, &audit).await
+            })
+        })
+    }
+
+    fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let id = id.to_string();
+        self.txn(move |t| {
+            let id = id.clone();
+            Box::pin(async move {
+                Ok(
+                    t.query_opt("SELECT value FROM tokenvault_grants WHERE id = $1", &[&id])
+                        .await?
+                        .map(|r| r.get(0)),
+                )
+            })
+        })
+    }
+
+    fn grant_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let after = after.map(ToString::to_string);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.txn(move |t| {
+            let after = after.clone();
+            Box::pin(async move {
+                Ok(t.query(
+                    "SELECT id, value FROM tokenvault_grants
+                     WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2",
+                    &[&after, &limit],
+                )
+                .await?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+            })
+        })
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        self.txn(|t| {
+            Box::pin(async move {
+                t.query("SELECT value FROM tokenvault_keys ORDER BY version", &[])
+                    .await?
+                    .into_iter()
+                    .map(|r| decode_key(r.get::<_, &[u8]>(0)).map_err(Fail::from))
+                    .collect()
+            })
+        })
+    }
+
+    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
+        let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let (keys, audit, chain) = (keys.clone(), audit.clone(), chain.clone());
+            Box::pin(async move {
+                upsert_keys(t, &keys).await?;
+                insert_audit(t, &chain, &audit).await
+            })
+        })
+    }
+
+    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        let key = key.clone();
+        let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let (key, audit, chain) = (key.clone(), audit.clone(), chain.clone());
+            Box::pin(async move {
+                let version = i64::from(key.version);
+                // Exclusive: record writes under this version hold a share lock on it, so the
+                // count below sees every one of them that committed, and none can follow.
+                t.query(
+                    "SELECT version FROM tokenvault_keys WHERE version = $1 FOR UPDATE",
+                    &[&version],
+                )
+                .await?;
+                let records: i64 = t
+                    .query_one(
+                        "SELECT count(*) FROM tokenvault_records WHERE key_version = $1",
+                        &[&version],
+                    )
+                    .await?
+                    .get(0);
+                if records > 0 {
+                    return Err(StoreError::KeyInUse {
+                        version: key.version,
+                        records: version_u64(records),
+                    }
+                    .into());
+                }
+                upsert_keys(t, std::slice::from_ref(&key)).await?;
+                insert_audit(t, &chain, &audit).await
+            })
+        })
+    }
+
+    fn append_audit(&self, entry: &AuditAppend, _sync: bool) -> Result<(), StoreError> {
+        // Always a committed (synced) transaction: PostgreSQL's asynchronous commit could lose
+        // an event that was already acted on if the server crashed, which RocksDB's unsynced
+        // WAL write does not risk for a daemon crash.
+        let entry = vec![entry.clone()];
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let (entry, chain) = (entry.clone(), chain.clone());
+            Box::pin(async move { insert_audit(t, &chain, &entry).await })
+        })
+    }
+
+    fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let chain = self.chain.clone();
+        let from = version_i64(from_seq);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.txn(move |t| {
+            let chain = chain.clone();
+            Box::pin(async move {
+                Ok(t.query(
+                    "SELECT seq, value FROM tokenvault_audit
+                     WHERE chain = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                    &[&chain, &from, &limit],
+                )
+                .await?
+                .into_iter()
+                .map(|r| (version_u64(r.get(0)), r.get(1)))
+                .collect())
+            })
+        })
+    }
+
+    fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let chain = chain.clone();
+            Box::pin(async move {
+                Ok(t.query_opt(
+                    "SELECT seq, value FROM tokenvault_audit WHERE chain = $1
+                     ORDER BY seq DESC LIMIT 1",
+                    &[&chain],
+                )
+                .await?
+                .map(|r| (version_u64(r.get(0)), r.get(1))))
+            })
+        })
+    }
+
+    fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let chain = self.chain.clone();
+        let (seq, bytes) = (version_i64(seq), bytes.to_vec());
+        self.txn(move |t| {
+            let (chain, bytes) = (chain.clone(), bytes.clone());
+            Box::pin(async move {
+                t.execute(
+                    "INSERT INTO tokenvault_audit (chain, seq, value) VALUES ($1, $2, $3)
+                     ON CONFLICT (chain, seq) DO UPDATE SET value = EXCLUDED.value",
+                    &[&chain, &seq, &bytes],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+    }
+}
+
+/// One mutation of [`TokenStore::apply`], seeing the ones before it in the transaction.
+async fn apply_one(t: &Txn<'_>, m: &Mutation, now: i64) -> Result<(), Fail> {
+    match m {
+        Mutation::PutRecord(w) => write_group(t, std::slice::from_ref(w), now)
+            .await?
+            .map(|_| ())
+            .map_err(Fail::from),
+        Mutation::Revoke(id) => {
+            let current = lock_records(t, &[id.to_string()]).await?;
+            let mut r = current
+                .get(id.as_str())
+                .cloned()
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            if r.revoked {
+                return Ok(());
+            }
+            r.revoked = true;
+            r.updated_at = now;
+            r.version += 1;
+            store_records(t, std::slice::from_ref(&r))
+                .await?
+                .map_err(Fail::from)
+        }
+        Mutation::MarkNeedsReauth {
+            id,
+            expected_version,
+        } => {
+            let current = lock_records(t, &[id.to_string()]).await?;
+            let r = super::plan_mark_needs_reauth(
+                current.get(id.as_str()).cloned(),
+                id,
+                *expected_version,
+                now,
+            )?;
+            store_records(t, std::slice::from_ref(&r))
+                .await?
+                .map_err(Fail::from)
+        }
+        Mutation::DeleteRecord(id) => {
+            let n = t
+                .execute(
+                    "DELETE FROM tokenvault_records WHERE id = $1",
+                    &[&id.as_str()],
+                )
+                .await?;
+            if n == 0 {
+                return Err(StoreError::NotFound(id.to_string()).into());
+            }
+            Ok(())
+        }
+        Mutation::PutGrant {
+            id,
+            grant,
+            expected,
+        } => {
+            let n = match expected {
+                None => {
+                    t.execute(
+                        "INSERT INTO tokenvault_grants (id, value) VALUES ($1, $2)
+                         ON CONFLICT (id) DO NOTHING",
+                        &[id, grant],
+                    )
+                    .await?
+                }
+                Some(old) => {
+                    t.execute(
+                        "UPDATE tokenvault_grants SET value = $2 WHERE id = $1 AND value = $3",
+                        &[id, grant, old],
+                    )
+                    .await?
+                }
+            };
+            if n != 1 {
+                return Err(StoreError::Conflict(format!("grant {}", short_id(id))).into());
+            }
+            Ok(())
+        }
+        Mutation::DeleteGrant(id) => {
+            t.execute("DELETE FROM tokenvault_grants WHERE id = $1", &[id])
+                .await?;
+            Ok(())
+        }
+        Mutation::PutReplayMarker { key, at } => {
+            let n = t
+                .execute(
+                    "INSERT INTO tokenvault_replay (key, applied_at) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                    &[key, at],
+                )
+                .await?;
+            if n != 1 {
+                return Err(StoreError::AlreadyExists(format!("replay marker {key}")).into());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh, empty database on the test server (scripts/with-postgres starts one).
+    pub(crate) fn fresh() -> (PostgresStore, tokio_postgres::Config) {
+        let url = std::env::var("TOKENVAULT_TEST_PG_URL").expect(
+            "TOKENVAULT_TEST_PG_URL is not set: run the tests with ./scripts/test, which starts \
+             a throwaway PostgreSQL (or scripts/with-postgres cargo test)",
+        );
+        let admin: tokio_postgres::Config = url.parse().expect("test URL");
+        let name = format!("tv_{}", hex::encode(rand::random::<[u8; 8]>()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (client, conn) = admin.connect(tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create database");
+        });
+        let mut config = admin.clone();
+        config.dbname(&name);
+        let store = PostgresStore::connect(options(config.clone()), "test").expect("store");
+        (store, config)
+    }
+
+    fn options(config: tokio_postgres::Config) -> PostgresOptions {
+        PostgresOptions {
+            config,
+            tls: None,
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn conformance() {
+        crate::store::conformance::all(|| Box::new(fresh().0));
+    }
+
+    #[test]
+    fn migrations_are_applied_once_and_a_newer_schema_is_refused() {
+        let (store, config) = fresh();
+        assert_eq!(store.schema_version(), Ok(SCHEMA_VERSION));
+        // A second daemon on the same database finds nothing to do.
+        let again = PostgresStore::connect(options(config.clone()), "other").expect("reconnect");
+        assert_eq!(again.schema_version(), Ok(SCHEMA_VERSION));
+        store
+            .txn(|t| {
+                Box::pin(async move {
+                    t.execute("INSERT INTO tokenvault_schema (version) VALUES (99)", &[])
+                        .await?;
+                    Ok(())
+                })
+            })
+            .expect("simulate a newer build's migration");
+        let err = PostgresStore::connect(options(config), "other").expect_err("newer schema");
+        assert_eq!(
+            err,
+            StoreError::SchemaTooNew {
+                found: 99,
+                supported: SCHEMA_VERSION
+            }
+        );
+    }
+}

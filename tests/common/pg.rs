@@ -1,0 +1,63 @@
+//! A fresh database on the throwaway PostgreSQL server that scripts/with-postgres starts (the
+//! README's test command runs the suite under it).
+
+use std::path::Path;
+
+use tokenvault::config::{Config, StoreConfig};
+
+/// The server's URL (trust authentication, loopback).
+pub fn server_url() -> String {
+    std::env::var("TOKENVAULT_TEST_PG_URL").expect(
+        "TOKENVAULT_TEST_PG_URL is not set: run the tests with ./scripts/test, which starts a \
+         throwaway PostgreSQL (or scripts/with-postgres cargo test)",
+    )
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn database() -> String {
+    let url = server_url();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test server");
+    tokio::spawn(conn);
+    let name = format!("tv_{}", hex::encode(rand::random::<[u8; 8]>()));
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let base = url.rsplit_once('/').expect("URL with a database").0;
+    format!("{base}/{name}")
+}
+
+/// `base`'s dev config with the records in the database at `url`, as daemon `instance`; the
+/// `[store]` table goes through the real config loader.
+pub fn config_on(base: &Path, url: &str, instance: &str) -> Config {
+    let mut config = super::config(base);
+    config.store = store_config(
+        base,
+        &format!("url = \"{url}\"\ninstance = \"{instance}\"\n"),
+    );
+    config
+}
+
+/// Loads a config file whose `[store]` table is `store_toml`; returns its store setting.
+pub fn store_config(base: &Path, store_toml: &str) -> StoreConfig {
+    load_store(base, store_toml).expect("valid [store]")
+}
+
+/// Loads a config file whose `[store]` table is `store_toml`.
+pub fn load_store(
+    base: &Path,
+    store_toml: &str,
+) -> Result<StoreConfig, tokenvault::config::ConfigError> {
+    let path = base.join(format!(
+        "store-{}.toml",
+        hex::encode(rand::random::<[u8; 4]>())
+    ));
+    std::fs::write(
+        &path,
+        format!("data_dir = \"data\"\nkey_dir = \"keys\"\n[store]\n{store_toml}"),
+    )
+    .expect("write config");
+    Config::load(&path, &std::collections::HashMap::<String, String>::new()).map(|c| c.store)
+}
