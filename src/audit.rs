@@ -219,6 +219,98 @@ impl std::fmt::Debug for Auditor {
     }
 }
 
+/// Store metadata key of the shared audit HMAC key (encrypted; see [`shared_key`]).
+const SHARED_KEY_META: &str = "audit_hmac_key";
+const SHARED_KEY_AAD: &[u8] = b"tokenvault/v1/audit-hmac-key";
+
+/// A key-encryption key from the passphrase: scrypt (N = 2^15, r = 8, p = 1; the cost of the
+/// key files' PBES2), so a copy of the database gives no cheap guesses at it.
+fn passphrase_kek(
+    passphrase: &crate::secret::Passphrase,
+    salt: &[u8],
+) -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    let mut kek = Zeroizing::new([0u8; 32]);
+    let params = scrypt::Params::new(15, 8, 1, 32).map_err(|e| AuditError::Key {
+        path: SHARED_KEY_META.into(),
+        message: e.to_string(),
+    })?;
+    scrypt::scrypt(
+        passphrase.expose_secret().as_bytes(),
+        salt,
+        &params,
+        &mut kek[..],
+    )
+    .map_err(|e| AuditError::Key {
+        path: SHARED_KEY_META.into(),
+        message: e.to_string(),
+    })?;
+    Ok(kek)
+}
+
+/// The audit HMAC key of a shared store: read and decrypted, or created (salt 16 bytes, nonce
+/// 12, AES-256-GCM) by the first daemon, atomically so two starting together agree.
+fn shared_key(
+    store: &dyn TokenStore,
+    passphrase: &crate::secret::Passphrase,
+) -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    use aes_gcm::aead::{Aead as _, KeyInit as _, Payload};
+    let err = |message: &str| AuditError::Key {
+        path: format!("{SHARED_KEY_META} (in the store)"),
+        message: message.to_string(),
+    };
+    for _ in 0..2 {
+        if let Some(blob) = store.get_meta(SHARED_KEY_META)? {
+            if blob.len() != 16 + 12 + 32 + 16 {
+                return Err(err("has the wrong length"));
+            }
+            let kek = passphrase_kek(passphrase, &blob[..16])?;
+            let cipher =
+                aes_gcm::Aes256Gcm::new_from_slice(&kek[..]).map_err(|_| err("bad key length"))?;
+            let plain = Zeroizing::new(
+                cipher
+                    .decrypt(
+                        aes_gcm::Nonce::from_slice(&blob[16..28]),
+                        Payload {
+                            msg: &blob[28..],
+                            aad: SHARED_KEY_AAD,
+                        },
+                    )
+                    .map_err(|_| {
+                        err("does not open with this passphrase (every daemon sharing the store needs the same one)")
+                    })?,
+            );
+            let mut key = Zeroizing::new([0u8; 32]);
+            key.copy_from_slice(&plain[..]);
+            return Ok(key);
+        }
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(&mut key[..]);
+        let mut salt = [0u8; 16];
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let kek = passphrase_kek(passphrase, &salt)?;
+        let cipher =
+            aes_gcm::Aes256Gcm::new_from_slice(&kek[..]).map_err(|_| err("bad key length"))?;
+        let sealed = cipher
+            .encrypt(
+                aes_gcm::Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &key[..],
+                    aad: SHARED_KEY_AAD,
+                },
+            )
+            .map_err(|_| err("could not be encrypted"))?;
+        let blob = [&salt[..], &nonce[..], &sealed[..]].concat();
+        if store.put_meta_if_absent(SHARED_KEY_META, &blob)? {
+            tracing::info!("created the shared audit HMAC key");
+            return Ok(key);
+        }
+        // Another daemon created it first: read that one.
+    }
+    Err(err("could not be created"))
+}
+
 fn load_or_create_key(dir: &Path) -> Result<Zeroizing<[u8; 32]>, AuditError> {
     let path = dir.join(AUDIT_KEY_FILE);
     let err = |message: String| AuditError::Key {
@@ -267,6 +359,22 @@ impl Auditor {
     /// Opens the trail in `store`, with the HMAC key from `key_dir` (created on first use).
     pub fn open(store: Arc<dyn TokenStore>, key_dir: &Path) -> Result<Self, AuditError> {
         let key = load_or_create_key(key_dir)?;
+        Self::with_key(store, key)
+    }
+
+    /// Opens the trail of daemons sharing one store: the HMAC key is in the store, encrypted
+    /// with `passphrase`, so every daemon writes the same HMAC for the same record id and an
+    /// audit query by record id finds its events whichever daemon served it. The first daemon
+    /// creates it; a wrong passphrase fails closed.
+    pub fn open_shared(
+        store: Arc<dyn TokenStore>,
+        passphrase: &crate::secret::Passphrase,
+    ) -> Result<Self, AuditError> {
+        let key = shared_key(&*store, passphrase)?;
+        Self::with_key(store, key)
+    }
+
+    fn with_key(store: Arc<dyn TokenStore>, key: Zeroizing<[u8; 32]>) -> Result<Self, AuditError> {
         let head = match store.last_audit_event()? {
             None => Head {
                 next_seq: 1,

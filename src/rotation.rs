@@ -483,7 +483,12 @@ pub fn add_version_audited(
     if let Some(dup) = existing.iter().find(|k| k.id == id) {
         return Err(KeyError::Duplicate(dup.version));
     }
-    let version = existing.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+    let mut version = existing.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+    // In a shared store, a private key without its registry entry is what a daemon that died
+    // between the two writes leaves behind; its version number is skipped, never reused.
+    while dir.is_shared() && dir.has_private(version) {
+        version += 1;
+    }
     dir.write(version, &key)?;
     let info = KeyInfo {
         version,

@@ -48,7 +48,12 @@ async fn a_daemon_on_postgres_serves_and_keeps_everything_across_a_restart() {
         .into_inner();
     assert_eq!((stats.records, stats.revoked), (30, 1));
     // The audit trail continued across the restart and verifies.
-    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    let events = d
+        .audit_events(v1::AuditLogRequest {
+            instance: "a".into(),
+            ..Default::default()
+        })
+        .await;
     let raw: Vec<(u64, Vec<u8>)> = events.iter().map(|e| (e.seq, e.raw.clone())).collect();
     let verified = tokenvault::audit::verify_chain(raw).expect("chain verifies");
     assert_eq!(verified, events.len() as u64);
@@ -62,7 +67,6 @@ async fn two_daemons_share_records_and_grants_through_one_database() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = pg::database().await;
     let a = TestDaemon::start_with(pg::config_on(dir.path(), &url, "a")).await;
-    // Until the keyring lives in the store, both daemons read the same key directory.
     let b = TestDaemon::start_with(pg::config_on(dir.path(), &url, "b")).await;
     a.seed("x", 5).await;
     assert_eq!(
@@ -79,13 +83,42 @@ async fn two_daemons_share_records_and_grants_through_one_database() {
         a.get("x1").await.expect_err("revoked").code(),
         Code::FailedPrecondition
     );
-    // Each daemon keeps its own audit chain, and each verifies.
+    // Each daemon keeps its own audit chain, and each verifies; either daemon streams both.
     for d in [&a, &b] {
         let events = d.audit_events(v1::AuditLogRequest::default()).await;
-        let raw: Vec<(u64, Vec<u8>)> = events.iter().map(|e| (e.seq, e.raw.clone())).collect();
-        assert!(!events.is_empty());
-        tokenvault::audit::verify_chain(raw).expect("chain verifies");
+        let chains: Vec<&str> = {
+            let mut c: Vec<&str> = events.iter().map(|e| e.instance.as_str()).collect();
+            c.dedup();
+            c
+        };
+        assert_eq!(chains, ["a", "b"]);
+        for chain in chains {
+            let raw: Vec<(u64, Vec<u8>)> = events
+                .iter()
+                .filter(|e| e.instance == chain)
+                .map(|e| (e.seq, e.raw.clone()))
+                .collect();
+            tokenvault::audit::verify_chain(raw).expect("chain verifies");
+        }
     }
+    // A tampered event is found in its own chain.
+    pg::client(&url)
+        .await
+        .batch_execute("UPDATE tokenvault_audit SET value = value || '\\x00'::bytea WHERE chain = 'b' AND seq = 2")
+        .await
+        .expect("tamper");
+    let events = a.audit_events(v1::AuditLogRequest::default()).await;
+    let chain_b: Vec<(u64, Vec<u8>)> = events
+        .iter()
+        .filter(|e| e.instance == "b")
+        .map(|e| (e.seq, e.raw.clone()))
+        .collect();
+    assert_eq!(
+        tokenvault::audit::verify_chain(chain_b)
+            .expect_err("tampered")
+            .seq,
+        2
+    );
     a.stop().await;
     b.stop().await;
 }
@@ -163,4 +196,184 @@ async fn bad_store_settings_are_refused_at_start_with_a_clear_error() {
         .expect("query")
         .get(0);
     assert_eq!(max, 99);
+}
+
+/// The key versions a daemon has loaded, as (version, state).
+async fn key_states(d: &TestDaemon) -> Vec<(u32, i32)> {
+    d.admin(ADMIN)
+        .await
+        .list_keys(v1::ListKeysRequest::default())
+        .await
+        .expect("list keys")
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| (k.version, k.state))
+        .collect()
+}
+
+/// Waits (on the daemon's answers, polled) until `d` reports `want`; fails after 10 s.
+async fn until_keys(d: &TestDaemon, want: &[(u32, v1::KeyState)]) {
+    let want: Vec<(u32, i32)> = want.iter().map(|(v, s)| (*v, *s as i32)).collect();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = key_states(d).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "keys {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn daemons_with_their_own_key_dirs_share_one_encrypted_keyring() {
+    use v1::KeyState::{Active, DecryptOnly, Destroyed, Retired};
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let url = pg::database().await;
+    let a = TestDaemon::start_with(pg::config_on(dir_a.path(), &url, "a")).await;
+    let b = TestDaemon::start_with(pg::config_on(dir_b.path(), &url, "b")).await;
+    // The private keys are in the store, encrypted; no key file was written anywhere.
+    let db = pg::client(&url).await;
+    let stored: Vec<(String, Vec<u8>)> = db
+        .query(
+            "SELECT key, value FROM tokenvault_meta WHERE key LIKE 'private_key/%' ORDER BY key",
+            &[],
+        )
+        .await
+        .expect("query")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(stored.len(), 1);
+    assert!(
+        stored[0]
+            .1
+            .starts_with(b"-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+        "stored encrypted"
+    );
+    for d in [dir_a.path(), dir_b.path()] {
+        let files: Vec<_> = std::fs::read_dir(d.join("keys"))
+            .map(|r| r.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(files.is_empty(), "no key files: {files:?}");
+    }
+    a.seed("old", 3).await;
+
+    // A rotation on one daemon reaches the other: a web tier sealing with the new key through
+    // b is served at once (b reloads on the unknown key), and b follows the registry.
+    a.admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate on a");
+    let fresh = a.sealer().await;
+    let rec = fresh
+        .seal_record(
+            &meta("new", "o"),
+            &tokenvault::secret::Secret::new(b"n".to_vec()),
+        )
+        .expect("seal");
+    b.ingest(INGEST)
+        .await
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(rec),
+            expected_version: 0,
+        })
+        .await
+        .expect("b accepts the new key");
+    assert_eq!(b.get("new").await.expect("get").into_inner().secret, b"n");
+    until_keys(&b, &[(1, DecryptOnly), (2, Active)]).await;
+
+    // Rewrap on b, retire and destroy on a: b stops holding version 1 within the poll bound,
+    // and the private key is gone from the store.
+    assert_eq!(b.rewrap().await.rewrapped, 3);
+    let admin = || async { a.admin(ADMIN).await };
+    admin()
+        .await
+        .retire_key(v1::RetireKeyRequest { version: 1 })
+        .await
+        .expect("retire");
+    until_keys(&b, &[(1, Retired), (2, Active)]).await;
+    let destroyed = admin()
+        .await
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("destroy")
+        .into_inner();
+    assert!(destroyed.private_key_erased);
+    until_keys(&b, &[(1, Destroyed), (2, Active)]).await;
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM tokenvault_meta WHERE key = 'private_key/v0001'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(
+        left, 0,
+        "the destroyed private key is deleted from the store"
+    );
+    assert_eq!(
+        b.get("old2").await.expect("get").into_inner().secret,
+        b"secret-2"
+    );
+    // An audit query by record id finds the events of both daemons: one HMAC key.
+    for d in [&a, &b] {
+        let events = d
+            .audit_events(v1::AuditLogRequest {
+                record_id: "new".into(),
+                ..Default::default()
+            })
+            .await;
+        assert!(events.iter().any(|e| e.action == "GetToken"), "{events:?}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_shared_store_needs_the_right_passphrase() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = pg::database().await;
+    let a = TestDaemon::start_with(pg::config_on(dir.path(), &url, "a")).await;
+    a.seed("r", 1).await;
+    a.stop().await;
+    let open = |config: tokenvault::config::Config| async move {
+        tokio::task::spawn_blocking(move || tokenvault::server::Daemon::open(&config))
+            .await
+            .expect("join")
+            .expect_err("refused")
+            .to_string()
+    };
+    let mut none = pg::config_on(dir.path(), &url, "b");
+    none.passphrase = None;
+    let e = open(none).await;
+    assert!(
+        e.contains("keeps the private keys encrypted with the passphrase"),
+        "{e}"
+    );
+    let mut wrong = pg::config_on(dir.path(), &url, "b");
+    wrong.passphrase = Some(tokenvault::secret::Passphrase::new("wrong".into()));
+    let e = open(wrong).await;
+    assert!(e.contains("does not open with this passphrase"), "{e}");
+    assert!(!e.contains(pg::PASSPHRASE) && !e.contains("wrong\""), "{e}");
+    // Nothing was written by the refused daemons: no audit chain "b".
+    let chains: i64 = pg::client(&url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM tokenvault_audit WHERE chain = 'b'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(chains, 0);
 }

@@ -276,13 +276,28 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
                 .audit_log(v1::AuditLogRequest::default())
                 .await?
                 .into_inner();
-            let mut events = Vec::new();
+            // One chain per daemon instance sharing the store, each verified on its own.
+            let mut chains: std::collections::BTreeMap<String, Vec<(u64, Vec<u8>)>> =
+                std::collections::BTreeMap::new();
             while let Some(e) = stream.message().await? {
-                events.push((e.seq, e.raw));
+                chains.entry(e.instance).or_default().push((e.seq, e.raw));
             }
-            match crate::audit::verify_chain(events) {
-                Ok(n) => println!("audit chain intact: {n} event(s)"),
-                Err(e) => return Err(CliError::Precondition(e.to_string())),
+            if chains.is_empty() {
+                chains.insert(String::new(), Vec::new());
+            }
+            for (instance, events) in chains {
+                let name = if instance.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of instance {instance}")
+                };
+                match crate::audit::verify_chain(events) {
+                    Ok(n) => println!("audit chain{name} intact: {n} event(s)"),
+                    Err(e) if name.is_empty() => return Err(CliError::Precondition(e.to_string())),
+                    Err(e) => {
+                        return Err(CliError::Precondition(format!("chain{name}: {e}")));
+                    }
+                }
             }
         }
         AdminCommand::Audit(AuditCommand::List {
@@ -297,11 +312,17 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
                 to_time_ms: to_ms,
                 record_id: record.unwrap_or_default(),
                 owner: owner.unwrap_or_default(),
+                instance: String::new(),
             };
             let mut stream = client(&conn).await?.audit_log(req).await?.into_inner();
             while let Some(e) = stream.message().await? {
                 println!(
-                    "{} {} caller={} action={} outcome={} record={} owner={} {}",
+                    "{}{} {} caller={} action={} outcome={} record={} owner={} {}",
+                    if e.instance.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}/", e.instance)
+                    },
                     e.seq,
                     e.time_ms,
                     e.caller,

@@ -78,7 +78,7 @@ pub(crate) enum KeysCommand {
     },
 }
 
-fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir), CliError> {
+fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir, Config), CliError> {
     let config = match (&at.config, at.dev) {
         (Some(path), _) => Config::load(path, &Env)?,
         (None, true) => {
@@ -94,11 +94,16 @@ fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir), CliEr
     };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| CliError::Internal(format!("{}: {e}", config.data_dir.display())))?;
-    let store = crate::vault::open_store(&config).map_err(|e| match e {
+    let store = crate::vault::open_store(&config).map_err(open_error)?;
+    let dir = crate::vault::key_dir(&config, &store).map_err(open_error)?;
+    Ok((store, dir, config))
+}
+
+fn open_error(e: crate::vault::OpenError) -> CliError {
+    match e {
         crate::vault::OpenError::Store(s) => CliError::from(s),
         other => CliError::Input(other.to_string()),
-    })?;
-    Ok((store, KeyDir::new(config.key_dir, config.passphrase)))
+    }
 }
 
 fn describe(k: &KeyInfo) -> String {
@@ -118,15 +123,13 @@ const OFFLINE_CALLER: &str = "keys-cli";
 /// daemon's `RotateKey` uses: the registry change and its audit event are one write, chained
 /// after the daemon's events. `init` refuses a keyring that already has versions.
 fn add_recorded(
-    store: std::sync::Arc<dyn TokenStore>,
-    dir: &KeyDir,
+    (store, dir, config): (std::sync::Arc<dyn TokenStore>, KeyDir, Config),
     key: Option<PrivateKey>,
     init: bool,
     now: i64,
 ) -> Result<KeyInfo, CliError> {
-    let auditor = crate::audit::Auditor::open(std::sync::Arc::clone(&store), dir.path())
-        .map_err(|e| CliError::Internal(e.to_string()))?;
-    let keys = crate::rotation::KeyService::new(&*store, dir, &auditor);
+    let auditor = crate::vault::auditor(&config, &store).map_err(open_error)?;
+    let keys = crate::rotation::KeyService::new(&*store, &dir, &auditor);
     let (action, detail) = match (init, &key) {
         (true, _) => ("InitKeys", "version 1, offline"),
         (false, Some(_)) => ("RotateKey", "imported key, offline"),
@@ -144,17 +147,15 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
     let now = crate::unix_now();
     match cmd {
         KeysCommand::Init { at } => {
-            let (store, dir) = open(&at)?;
-            let info = add_recorded(store, &dir, None, true, now)?;
+            let info = add_recorded(open(&at)?, None, true, now)?;
             println!("created {}", describe(&info));
         }
         KeysCommand::Rotate { at } => {
-            let (store, dir) = open(&at)?;
-            let info = add_recorded(store, &dir, None, false, now)?;
+            let info = add_recorded(open(&at)?, None, false, now)?;
             println!("active {}", describe(&info));
         }
         KeysCommand::List { at } => {
-            let (store, _) = open(&at)?;
+            let (store, _, _) = open(&at)?;
             let keys = store.keys()?;
             if keys.is_empty() {
                 return Err(CliError::NotFound(
@@ -166,7 +167,7 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
             }
         }
         KeysCommand::ExportPublic { at, version } => {
-            let (store, _) = open(&at)?;
+            let (store, _, _) = open(&at)?;
             let keys = store.keys()?;
             let key = match version {
                 Some(v) => keys.iter().find(|k| k.version == v),
@@ -188,8 +189,7 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
         } => {
             // Validate before touching the store, so a bad file changes nothing.
             let key = read_import_key(&private, import_passphrase_file.as_deref())?;
-            let (store, dir) = open(&at)?;
-            let info = add_recorded(store, &dir, Some(key), false, now)?;
+            let info = add_recorded(open(&at)?, Some(key), false, now)?;
             println!("imported as active {}", describe(&info));
         }
     }

@@ -198,9 +198,10 @@ impl From<crate::keys::KeyError> for CliError {
     fn from(e: crate::keys::KeyError) -> Self {
         use crate::keys::KeyError;
         match e {
-            KeyError::AlreadyInitialized(_) | KeyError::Duplicate(_) | KeyError::NoActiveKey => {
-                CliError::Precondition(e.to_string())
-            }
+            KeyError::AlreadyInitialized(_)
+            | KeyError::Duplicate(_)
+            | KeyError::NoActiveKey
+            | KeyError::VersionTaken(_) => CliError::Precondition(e.to_string()),
             KeyError::UnknownVersion(_) => CliError::NotFound(e.to_string()),
             KeyError::Io { .. } | KeyError::Generation | KeyError::Store(_) => {
                 CliError::Internal(e.to_string())

@@ -94,6 +94,9 @@ pub enum KeyError {
     /// A key version that does not exist.
     #[error("no key version {0}")]
     UnknownVersion(u32),
+    /// Another daemon sharing the store added this key version first.
+    #[error("key version {0} was just added by another daemon; retry")]
+    VersionTaken(u32),
     /// The imported key is already in the keyring.
     #[error("that key is already key version {0}")]
     Duplicate(u32),

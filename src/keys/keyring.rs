@@ -1,9 +1,11 @@
 //! The daemon's keyring: every key version with its state, and the private keys it may use.
 //!
 //! Owns: [`Keyring`] (in-memory, looked up by fingerprint on every open), [`KeyDir`] (the key
-//! file directory: `v0001.key.pem`, 0600, and `v0001.pub.pem`) and the operations that add key
-//! versions (`rotation::init`, `rotation::add_version`). The public facts of each version live in the store's
-//! key registry; private keys live only in files and process memory.
+//! file directory: `v0001.key.pem`, 0600, and `v0001.pub.pem`, or, for daemons sharing one
+//! database, the store through [`SharedKeys`], always passphrase-encrypted PKCS#8) and the
+//! operations that add key versions (`rotation::init`, `rotation::add_version`). The public facts
+//! of each version live in the store's key registry; private keys live only in key files (or
+//! encrypted in the shared store) and process memory.
 //!
 //! Invariant: exactly one version is active; adding a version makes it active and demotes the
 //! previous active version to decrypt-only in one atomic registry write.
@@ -19,11 +21,25 @@ use super::{
 };
 use crate::secret::Passphrase;
 
-/// The directory holding private key files, and the passphrase protecting them.
+/// Private keys kept in a store several daemons share: one encrypted PKCS#8 PEM per version.
+/// Implemented over the `TokenStore` (this module does not know the store).
+pub trait SharedKeys: Send + Sync + std::fmt::Debug {
+    /// The stored PEM of `version`, if any.
+    fn get(&self, version: u32) -> Result<Option<Vec<u8>>, KeyError>;
+    /// Stores the PEM of `version` unless one is there already (another daemon claimed the
+    /// version first); whether it was stored.
+    fn claim(&self, version: u32, pem: &[u8]) -> Result<bool, KeyError>;
+    /// Deletes the PEM of `version`; already absent is fine.
+    fn erase(&self, version: u32) -> Result<(), KeyError>;
+}
+
+/// Where the private keys are (a key directory, or the shared store), and the passphrase
+/// protecting them.
 #[derive(Debug, Clone)]
 pub struct KeyDir {
     path: PathBuf,
     passphrase: Option<Passphrase>,
+    shared: Option<std::sync::Arc<dyn SharedKeys>>,
 }
 
 impl KeyDir {
@@ -32,6 +48,40 @@ impl KeyDir {
         Self {
             path: path.into(),
             passphrase,
+            shared: None,
+        }
+    }
+
+    /// Private keys in a shared store, encrypted with `passphrase` (required: a key never
+    /// reaches a shared database in the clear). `path` still holds the local files a daemon
+    /// keeps (the TLS files, nothing secret about the vault's keys).
+    pub fn shared(
+        path: impl Into<PathBuf>,
+        passphrase: Passphrase,
+        keys: std::sync::Arc<dyn SharedKeys>,
+    ) -> Self {
+        Self {
+            path: path.into(),
+            passphrase: Some(passphrase),
+            shared: Some(keys),
+        }
+    }
+
+    /// Whether the private keys are in a shared store.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The passphrase protecting the keys, if any.
+    pub fn passphrase(&self) -> Option<&Passphrase> {
+        self.passphrase.as_ref()
+    }
+
+    /// Where a version's private key is, for messages.
+    fn location(&self, version: u32) -> PathBuf {
+        match &self.shared {
+            Some(_) => PathBuf::from(format!("shared store: private key v{version}")),
+            None => self.private_path(version),
         }
     }
 
@@ -51,6 +101,14 @@ impl KeyDir {
     /// Writes a version's key files: the private key 0600 (encrypted if a passphrase is set),
     /// the public key 0644. Writes go to a temporary file that is renamed into place.
     pub fn write(&self, version: u32, key: &PrivateKey) -> Result<(), KeyError> {
+        if let Some(shared) = &self.shared {
+            let pem = key.to_pkcs8_pem(self.passphrase.as_ref())?;
+            return if shared.claim(version, pem.as_bytes())? {
+                Ok(())
+            } else {
+                Err(KeyError::VersionTaken(version))
+            };
+        }
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| KeyError::Io { path, source }
@@ -67,9 +125,12 @@ impl KeyDir {
         .map_err(io(&self.public_path(version)))
     }
 
-    /// Whether the private key file of `version` exists.
+    /// Whether the private key of `version` exists.
     pub fn has_private(&self, version: u32) -> bool {
-        self.private_path(version).exists()
+        match &self.shared {
+            Some(shared) => !matches!(shared.get(version), Ok(None)),
+            None => self.private_path(version).exists(),
+        }
     }
 
     /// Erases the private key file of `version`: overwritten with zeros and synced, then
@@ -77,6 +138,9 @@ impl KeyDir {
     /// an overwrite cannot guarantee the old blocks are gone; encrypt key files with a
     /// passphrase so their remains are useless.)
     pub fn erase(&self, version: u32) -> Result<(), KeyError> {
+        if let Some(shared) = &self.shared {
+            return shared.erase(version);
+        }
         let path = self.private_path(version);
         let io = |source| KeyError::Io {
             path: path.clone(),
@@ -107,6 +171,14 @@ impl KeyDir {
 
     /// Reads a version's private key, refusing files readable by group or others.
     pub fn read(&self, version: u32) -> Result<PrivateKey, KeyError> {
+        if let Some(shared) = &self.shared {
+            let pem = shared
+                .get(version)?
+                .map(|b| zeroize::Zeroizing::new(String::from_utf8_lossy(&b).into_owned()))
+                .ok_or(KeyError::UnknownVersion(version))?;
+            return PrivateKey::from_pem(&pem, self.passphrase.as_ref())
+                .map_err(|e| e.with_passphrase_hint(super::passphrase_hint::KEY_DIR));
+        }
         let path = self.private_path(version);
         let io = |source| KeyError::Io {
             path: path.clone(),
@@ -178,7 +250,7 @@ impl Keyring {
                 let key = dir.read(info.version)?;
                 if key.public_key().id() != info.id || public.id() != info.id {
                     return Err(KeyError::Mismatch {
-                        path: dir.private_path(info.version),
+                        path: dir.location(info.version),
                         version: info.version,
                         expected: info.id.to_hex(),
                     });

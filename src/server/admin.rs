@@ -42,6 +42,7 @@ impl From<AuditEntry> for v1::AuditEvent {
             prev_hash: e.prev_hash,
             hash: e.hash,
             raw: entry.raw,
+            instance: entry.chain,
         }
     }
 }
@@ -53,6 +54,7 @@ impl From<v1::AuditLogRequest> for AuditFilter {
             owner: (!req.owner.is_empty()).then_some(req.owner),
             from_time_ms: (req.from_time_ms != 0).then_some(req.from_time_ms),
             to_time_ms: (req.to_time_ms != 0).then_some(req.to_time_ms),
+            instance: (!req.instance.is_empty()).then_some(req.instance),
         }
     }
 }

@@ -57,7 +57,7 @@ pub fn fuzz_check_item(ring: &crate::keys::keyring::Keyring, bytes: &[u8]) -> bo
         &crate::config::KeyPolicy::standard(),
         &policy,
         0,
-        item,
+        &item,
     )
     .is_ok()
 }

@@ -316,6 +316,17 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Durably writes a metadata value, or deletes it when `value` is `None`.
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError>;
 
+    /// Writes a metadata value unless the key has one; whether it wrote. Atomic against other
+    /// writers of the same store: two daemons sharing a database can both try, one wins. The
+    /// default suits stores one process owns (RocksDB's directory lock, memory).
+    fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        if self.get_meta(key)?.is_some() {
+            return Ok(false);
+        }
+        self.put_meta(key, Some(value))?;
+        Ok(true)
+    }
+
     /// The one audited-write API: applies `mutations` and appends `audit` (consecutive events
     /// of the chain) in one atomic, durable write. Every precondition is checked first, in
     /// order, each mutation seeing the ones before it; if any fails, nothing is written and
@@ -358,10 +369,70 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The audit event with the highest sequence number.
     fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
+    /// The names of every audit chain in the store, ascending: one per daemon instance sharing
+    /// it. A store one daemon owns has one chain, `""`.
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        Ok(vec![String::new()])
+    }
+
+    /// Like [`TokenStore::audit_events`] for the chain named `chain` (of any daemon sharing the
+    /// store; this daemon's own is what `audit_events` reads).
+    fn chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if chain.is_empty() {
+            self.audit_events(from_seq, limit)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
     /// Overwrites a stored audit event's bytes. Exists only so tests can prove that tampering
     /// is detected; nothing in the daemon calls it.
     #[doc(hidden)]
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
+}
+
+/// Private keys kept in the store (daemons sharing a database): one passphrase-encrypted PKCS#8
+/// PEM per version, in metadata. The keyring never sees the store; it sees [`SharedKeys`].
+#[cfg(feature = "daemon")]
+#[derive(Debug, Clone)]
+pub struct StoreKeys(pub std::sync::Arc<dyn TokenStore>);
+
+#[cfg(feature = "daemon")]
+impl std::fmt::Debug for dyn TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenStore")
+    }
+}
+
+#[cfg(feature = "daemon")]
+fn private_key_meta(version: u32) -> String {
+    format!("private_key/v{version:04}")
+}
+
+#[cfg(feature = "daemon")]
+impl crate::keys::keyring::SharedKeys for StoreKeys {
+    fn get(&self, version: u32) -> Result<Option<Vec<u8>>, crate::keys::KeyError> {
+        self.0
+            .get_meta(&private_key_meta(version))
+            .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
+    }
+
+    fn claim(&self, version: u32, pem: &[u8]) -> Result<bool, crate::keys::KeyError> {
+        self.0
+            .put_meta_if_absent(&private_key_meta(version), pem)
+            .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
+    }
+
+    fn erase(&self, version: u32) -> Result<(), crate::keys::KeyError> {
+        self.0
+            .put_meta(&private_key_meta(version), None)
+            .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
+    }
 }
 
 /// Validates a batch against current versions, shared by every implementation so their

@@ -764,6 +764,22 @@ impl TokenStore for PostgresStore {
         })
     }
 
+    fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let (key, value) = (key.to_string(), value.to_vec());
+        self.txn(move |t| {
+            let (key, value) = (key.clone(), value.clone());
+            Box::pin(async move {
+                Ok(t.execute(
+                    "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                    &[&key, &value],
+                )
+                .await?
+                    == 1)
+            })
+        })
+    }
+
     fn apply(
         &self,
         mutations: &[Mutation],
@@ -895,23 +911,31 @@ impl TokenStore for PostgresStore {
     }
 
     fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let chain = self.chain.clone();
-        let from = version_i64(from_seq);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.txn(move |t| {
-            let chain = chain.clone();
+        chain_page(self, self.chain.clone(), from_seq, limit)
+    }
+
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        self.txn(|t| {
             Box::pin(async move {
                 Ok(t.query(
-                    "SELECT seq, value FROM tokenvault_audit
-                     WHERE chain = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-                    &[&chain, &from, &limit],
+                    "SELECT DISTINCT chain FROM tokenvault_audit ORDER BY chain",
+                    &[],
                 )
                 .await?
                 .into_iter()
-                .map(|r| (version_u64(r.get(0)), r.get(1)))
+                .map(|r| r.get(0))
                 .collect())
             })
         })
+    }
+
+    fn chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        chain_page(self, chain.to_string(), from_seq, limit)
     }
 
     fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
@@ -946,6 +970,31 @@ impl TokenStore for PostgresStore {
             })
         })
     }
+}
+
+/// Up to `limit` events of `chain` from `from_seq`, ascending.
+fn chain_page(
+    store: &PostgresStore,
+    chain: String,
+    from_seq: u64,
+    limit: usize,
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let from = version_i64(from_seq);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    store.txn(move |t| {
+        let chain = chain.clone();
+        Box::pin(async move {
+            Ok(t.query(
+                "SELECT seq, value FROM tokenvault_audit
+                 WHERE chain = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                &[&chain, &from, &limit],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (version_u64(r.get(0)), r.get(1)))
+            .collect())
+        })
+    })
 }
 
 /// One mutation of [`TokenStore::apply`], seeing the ones before it in the transaction.

@@ -68,13 +68,17 @@ pub struct AuditFilter {
     pub from_time_ms: Option<i64>,
     /// Only events at or before this time (Unix ms).
     pub to_time_ms: Option<i64>,
+    /// Only this daemon instance's chain; `None`: every chain in the store.
+    pub instance: Option<String>,
 }
 
 /// One stored audit event: decoded (default fields if it does not decode, for the verifier)
 /// and its raw stored bytes.
 #[derive(Debug, Clone)]
 pub struct AuditEntry {
-    /// Sequence number.
+    /// The chain (daemon instance) holding it.
+    pub chain: String,
+    /// Sequence number within its chain.
     pub seq: u64,
     /// The event.
     pub event: crate::audit::Event,
@@ -367,39 +371,55 @@ impl Vault {
         let v = Arc::clone(self);
         // Tracked and stopped at shutdown: it reads the store page by page.
         self.tasks.spawn_blocking(move || {
-            let mut next = 1;
-            loop {
-                if v.stopping.is_cancelled() {
-                    let _ = tx.blocking_send(Err(VaultError::ShuttingDown));
+            let chains = match &filter.instance {
+                Some(one) => Ok(vec![one.clone()]),
+                None => v.store.audit_chains(),
+            };
+            let chains = match chains {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(VaultError::from(e)));
                     return;
                 }
-                let page = match v.store.audit_events(next, 512) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(VaultError::from(e)));
+            };
+            for chain in chains {
+                let mut next = 1;
+                loop {
+                    if v.stopping.is_cancelled() {
+                        let _ = tx.blocking_send(Err(VaultError::ShuttingDown));
                         return;
                     }
-                };
-                let Some(&(last, _)) = page.last() else {
-                    return;
-                };
-                for (seq, raw) in page {
-                    let event = crate::audit::Event::from_stored(seq, &raw);
-                    let in_range = filter.from_time_ms.is_none_or(|t| event.time_ms >= t)
-                        && filter.to_time_ms.is_none_or(|t| event.time_ms <= t);
-                    let matches = record.as_ref().is_none_or(|h| *h == event.record_hmac)
-                        && owner.as_ref().is_none_or(|h| *h == event.owner_hmac);
-                    if !(in_range && matches) {
-                        continue;
+                    let page = match v.store.chain_events(&chain, next, 512) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(VaultError::from(e)));
+                            return;
+                        }
+                    };
+                    let Some(&(last, _)) = page.last() else {
+                        break;
+                    };
+                    for (seq, raw) in page {
+                        let event = crate::audit::Event::from_stored(seq, &raw);
+                        let in_range = filter.from_time_ms.is_none_or(|t| event.time_ms >= t)
+                            && filter.to_time_ms.is_none_or(|t| event.time_ms <= t);
+                        let matches = record.as_ref().is_none_or(|h| *h == event.record_hmac)
+                            && owner.as_ref().is_none_or(|h| *h == event.owner_hmac);
+                        if !(in_range && matches) {
+                            continue;
+                        }
+                        let entry = AuditEntry {
+                            chain: chain.clone(),
+                            seq,
+                            event,
+                            raw,
+                        };
+                        if tx.blocking_send(Ok(entry)).is_err() {
+                            return;
+                        }
                     }
-                    if tx
-                        .blocking_send(Ok(AuditEntry { seq, event, raw }))
-                        .is_err()
-                    {
-                        return;
-                    }
+                    next = last + 1;
                 }
-                next = last + 1;
             }
         });
         rx

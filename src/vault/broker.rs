@@ -365,7 +365,14 @@ fn release<T>(
             expires_at,
         });
     }
-    let secret = records::open(s, id, &record, ring).map_err(|source| VaultError::Open {
+    let secret = match records::open(s, id, &record, ring) {
+        // A version another daemon sharing the store just added: reload once and retry.
+        Err(crate::envelope::DecryptError::UnknownKey(_)) if s.reload_for_unknown_key() => {
+            records::open(s, id, &record, &s.keyring())
+        }
+        other => other,
+    }
+    .map_err(|source| VaultError::Open {
         id: id.to_string(),
         source,
     })?;

@@ -379,6 +379,8 @@ impl VaultError {
     fn key_kind(e: &crate::keys::KeyError) -> ErrorKind {
         match e {
             crate::keys::KeyError::Duplicate(_) => ErrorKind::AlreadyExists,
+            // A concurrent rotation on another daemon won: retrying rotates again.
+            crate::keys::KeyError::VersionTaken(_) => ErrorKind::Aborted,
             _ => ErrorKind::Internal,
         }
     }

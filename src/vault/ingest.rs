@@ -7,6 +7,8 @@
 //!
 //! Must never: open an envelope or touch a private key.
 
+use std::sync::Arc;
+
 use super::{Caller, Vault, VaultError};
 use crate::config::{CallerPolicy, KeyPolicy};
 use crate::envelope::{EnvelopeRef, MAX_SECRET_LEN};
@@ -27,18 +29,18 @@ pub struct SealedRecord {
     pub expected_version: u64,
 }
 
-/// Checks one sealed record against the caller's policy and the keyring at `now`, and turns it
-/// into a store write. Pure: no I/O, so the fuzzer runs it on arbitrary input.
+/// Checks one sealed record against the caller's policy and the keyring at `now`; returns the
+/// key version that wraps it. Pure: no I/O, so the fuzzer runs it on arbitrary input.
 pub fn check_item(
     ring: &Keyring,
     policy: &KeyPolicy,
     caller: &CallerPolicy,
     now: i64,
-    item: SealedRecord,
-) -> Result<RecordWrite, VaultError> {
-    let meta = item.meta;
+    item: &SealedRecord,
+) -> Result<u32, VaultError> {
+    let meta = &item.meta;
     caller
-        .check_record(&meta)
+        .check_record(meta)
         .map_err(VaultError::PolicyDenied)?;
     let env = EnvelopeRef::decode(&item.envelope)?;
     let (info, public) = ring
@@ -81,24 +83,37 @@ pub fn check_item(
             max: MAX_SECRET_LEN,
         });
     }
-    Ok(RecordWrite {
-        meta,
-        key_version: info.version,
-        envelope: item.envelope,
-        expected_version: item.expected_version,
-    })
+    Ok(info.version)
+}
+
+impl SealedRecord {
+    fn into_write(self, key_version: u32) -> RecordWrite {
+        RecordWrite {
+            meta: self.meta,
+            key_version,
+            envelope: self.envelope,
+            expected_version: self.expected_version,
+        }
+    }
 }
 
 impl Vault {
     /// Stores one sealed record durably (group commit); returns its new version.
-    pub async fn put_sealed(&self, caller: &Caller, item: SealedRecord) -> Result<u64, VaultError> {
-        let write = check_item(
-            &self.keyring(),
-            &self.policy,
-            &caller.policy,
-            self.now(),
-            item,
-        )?;
+    pub async fn put_sealed(
+        self: &Arc<Self>,
+        caller: &Caller,
+        item: SealedRecord,
+    ) -> Result<u64, VaultError> {
+        let check =
+            |ring: &Keyring| check_item(ring, &self.policy, &caller.policy, self.now(), &item);
+        let key_version = match check(&self.keyring()) {
+            // Sealed under a version another daemon sharing the store just added.
+            Err(VaultError::UnknownKey(_)) if self.reload_for_unknown_key_blocking().await => {
+                check(&self.keyring())?
+            }
+            other => other?,
+        };
+        let write = item.into_write(key_version);
         let id = write.meta.id.clone();
         let versions = self.commit.submit(vec![write]).await?;
         let version = versions.first().copied().ok_or(VaultError::Task)?;
@@ -122,25 +137,50 @@ impl Vault {
     /// Stores sealed records atomically: all or none. Returns their new versions in order. An
     /// item's refusal names its index.
     pub async fn put_sealed_batch(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         items: Vec<SealedRecord>,
     ) -> Result<Vec<u64>, VaultError> {
         self.check_batch_size(items.len())?;
-        let ring = self.keyring();
         let now = self.now();
-        let writes = items
+        let check_all = |ring: &Keyring| {
+            items
+                .iter()
+                .enumerate()
+                .map(|(index, item)| {
+                    check_item(ring, &self.policy, &caller.policy, now, item)
+                        .map_err(|e| e.at_item(index))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let key_versions = match check_all(&self.keyring()) {
+            Err(VaultError::Item { source, .. })
+                if matches!(*source, VaultError::UnknownKey(_))
+                    && self.reload_for_unknown_key_blocking().await =>
+            {
+                check_all(&self.keyring())?
+            }
+            other => other?,
+        };
+        let writes: Vec<RecordWrite> = items
             .into_iter()
-            .enumerate()
-            .map(|(index, item)| {
-                check_item(&ring, &self.policy, &caller.policy, now, item)
-                    .map_err(|e| e.at_item(index))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .zip(key_versions)
+            .map(|(item, v)| item.into_write(v))
+            .collect();
         let count = writes.len();
         let versions = self.commit.submit(writes).await?;
         tracing::debug!(rpc = "PutSealedBatch", caller = %caller.name, records = count, "stored");
         Ok(versions)
+    }
+
+    /// [`Vault::reload_for_unknown_key`] off the async executor (it reads the store and
+    /// decrypts private keys); false at once when the keys are not shared.
+    async fn reload_for_unknown_key_blocking(self: &Arc<Self>) -> bool {
+        self.shares_keys()
+            && self
+                .blocking(|v| Ok(v.reload_for_unknown_key()))
+                .await
+                .unwrap_or(false)
     }
 
     /// The active key version, which sealers must use.

@@ -23,6 +23,11 @@ pub(super) fn start(vault: &Arc<Vault>) {
     vault
         .tasks
         .spawn(refresh::background(Arc::clone(vault), stop.clone()));
+    if vault.shares_keys() {
+        vault
+            .tasks
+            .spawn(follow_key_registry(Arc::clone(vault), stop.clone()));
+    }
     #[cfg(unix)]
     vault.tasks.spawn(reload_on_sighup(Arc::clone(vault), stop));
 }
@@ -41,6 +46,20 @@ async fn auto_rotate(vault: Arc<Vault>, period: i64, stop: tokio_util::sync::Can
                 tracing::info!(version = r.active.version, fingerprint = %r.active.id, "automatic rotation")
             }
             Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
+        }
+    })
+    .await;
+}
+
+/// How often a daemon sharing its store re-reads the key registry: the bound on how long it may
+/// still use a version another daemon retired or destroyed (docs/THREAT_MODEL.md).
+pub(super) const KEY_REGISTRY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Follows key lifecycle changes made by other daemons on the shared store.
+async fn follow_key_registry(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    periodically(KEY_REGISTRY_POLL, stop, || async {
+        if let Err(e) = vault.blocking(Vault::sync_keyring).await {
+            tracing::warn!(error = %e, "reading the shared key registry failed");
         }
     })
     .await;

@@ -91,6 +91,11 @@ pub enum OpenError {
     /// A provider's configuration could not be used.
     #[error("providers: {0}")]
     Providers(#[from] crate::proxy::UpstreamSetupError),
+    /// A shared store keeps the private keys, always encrypted: a passphrase is required.
+    #[error(
+        "a [store] database shared by several daemons keeps the private keys encrypted with the passphrase: set passphrase_file or TOKENVAULT_KEY_PASSPHRASE (the same on every daemon)"
+    )]
+    SharedKeysNeedPassphrase,
     /// The database's CA file could not be used.
     #[error("store.ca_file {}: {message}", path.display())]
     StoreCa {
@@ -144,6 +149,40 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, OpenError> {
                 &pg.instance,
             )?))
         }
+    }
+}
+
+/// Where `config`'s private keys are: files in `key_dir`, or, on a database several daemons
+/// share, the store itself, encrypted with the passphrase (which is then required).
+pub fn key_dir(config: &Config, store: &Arc<dyn TokenStore>) -> Result<KeyDir, OpenError> {
+    match &config.store {
+        crate::config::StoreConfig::Postgres(_) => {
+            let passphrase = config
+                .passphrase
+                .clone()
+                .ok_or(OpenError::SharedKeysNeedPassphrase)?;
+            Ok(KeyDir::shared(
+                &config.key_dir,
+                passphrase,
+                Arc::new(crate::store::StoreKeys(Arc::clone(store))),
+            ))
+        }
+        _ => Ok(KeyDir::new(&config.key_dir, config.passphrase.clone())),
+    }
+}
+
+/// The audit trail of `config` over `store`: its HMAC key in `key_dir`, or, on a shared
+/// database, in the store (encrypted with the passphrase, the same for every daemon).
+pub fn auditor(config: &Config, store: &Arc<dyn TokenStore>) -> Result<Auditor, OpenError> {
+    match &config.store {
+        crate::config::StoreConfig::Postgres(_) => {
+            let passphrase = config
+                .passphrase
+                .as_ref()
+                .ok_or(OpenError::SharedKeysNeedPassphrase)?;
+            Ok(Auditor::open_shared(Arc::clone(store), passphrase)?)
+        }
+        _ => Ok(Auditor::open(Arc::clone(store), &config.key_dir)?),
     }
 }
 
@@ -216,6 +255,8 @@ pub struct Vault {
     /// them, since they may hold the store.
     tasks: tokio_util::task::TaskTracker,
     clock: Clock,
+    /// When the keyring was last reloaded for an unknown key (rate limit).
+    last_unknown_reload: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -228,8 +269,8 @@ impl Vault {
     /// Opens the vault over `store` with the keys, providers and limits of `config`. In the dev
     /// profile an empty keyring is initialized with a fresh RSA-2048 key.
     pub fn open(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, OpenError> {
-        let dir = KeyDir::new(&config.key_dir, config.passphrase.clone());
-        let audit = Arc::new(Auditor::open(Arc::clone(&store), &config.key_dir)?);
+        let dir = key_dir(config, &store)?;
+        let audit = Arc::new(auditor(config, &store)?);
         if config.dev && store.keys()?.is_empty() {
             let keys = crate::rotation::KeyService::new(&*store, &dir, &audit);
             let info = keys.init(
@@ -281,6 +322,7 @@ impl Vault {
                 )
             }),
             clock: Arc::new(crate::unix_now),
+            last_unknown_reload: std::sync::Mutex::new(None),
         })
     }
 
@@ -395,6 +437,52 @@ impl Vault {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// Whether the private keys (and so the registry) are shared with other daemons.
+    fn shares_keys(&self) -> bool {
+        self.key_dir.is_shared()
+    }
+
+    /// Reloads the keyring if the registry in the store differs from the loaded one: another
+    /// daemon sharing the store rotated, retired or destroyed a version. Returns whether it did.
+    fn sync_keyring(&self) -> Result<bool, VaultError> {
+        let stored = self.store.keys()?;
+        let loaded: Vec<crate::keys::KeyInfo> = self.keyring().infos().cloned().collect();
+        if stored == loaded {
+            return Ok(false);
+        }
+        let _ops = self.key_ops();
+        self.reload_keyring()?;
+        tracing::info!("key registry changed in the shared store; keyring reloaded");
+        Ok(true)
+    }
+
+    /// After meeting an envelope under a key this daemon does not know: if the keys are shared,
+    /// reloads the registry once (a version another daemon just added), at most once a second
+    /// however many such envelopes arrive. Returns whether the keyring changed.
+    fn reload_for_unknown_key(&self) -> bool {
+        if !self.shares_keys() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        {
+            let mut last = self
+                .last_unknown_reload
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
+                return false;
+            }
+            *last = Some(now);
+        }
+        match self.sync_keyring() {
+            Ok(changed) => changed,
+            Err(e) => {
+                tracing::warn!(error = %e, "reloading the keyring for an unknown key failed");
+                false
+            }
+        }
     }
 
     /// Reloads the keyring from the registry and key files after a lifecycle change.

@@ -37,7 +37,20 @@ pub fn config_on(base: &Path, url: &str, instance: &str) -> Config {
         base,
         &format!("url = \"{url}\"\ninstance = \"{instance}\"\n"),
     );
+    config.passphrase = Some(tokenvault::secret::Passphrase::new(PASSPHRASE.into()));
     config
+}
+
+/// The key passphrase every test daemon on a shared store uses.
+pub const PASSPHRASE: &str = "correct horse battery staple";
+
+/// A client of the database at `url`, to look at what the daemons stored.
+pub async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client
 }
 
 /// Loads a config file whose `[store]` table is `store_toml`; returns its store setting.
