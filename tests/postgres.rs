@@ -187,7 +187,7 @@ async fn bad_store_settings_are_refused_at_start_with_a_clear_error() {
         .expect_err("newer schema");
     assert!(
         err.to_string()
-            .contains("the database schema is at version 99, newer than the 1"),
+            .contains("the database schema is at version 99, newer than the 2"),
         "{err}"
     );
     let max: i32 = client
@@ -376,4 +376,116 @@ async fn a_shared_store_needs_the_right_passphrase() {
         .expect("query")
         .get(0);
     assert_eq!(chains, 0);
+}
+
+#[tokio::test]
+async fn a_rewrap_whose_daemon_is_killed_is_finished_by_another() {
+    use sha2::Digest as _;
+    let url = pg::database().await;
+    let (seed_dir, dir_a, dir_b) = (
+        tempfile::tempdir().expect("seed"),
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    // 400 records under version 1, then version 2 made active.
+    let seed = TestDaemon::start_with(pg::config_on(seed_dir.path(), &url, "seed")).await;
+    seed.seed("r", 400).await;
+    seed.admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    seed.stop().await;
+
+    // Daemon a, its own process, starts a slow rewrap and is killed (-9) mid-run.
+    std::fs::write(dir_a.path().join("pass"), pg::PASSPHRASE).expect("passphrase file");
+    std::fs::write(
+        dir_a.path().join("a.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkey_dir = \"keys\"\n\
+             passphrase_file = \"pass\"\nlock_memory = false\n\
+             [store]\nurl = \"{url}\"\ninstance = \"a\"\n\
+             [[credentials]]\nname = \"admin\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+            hex::encode(sha2::Sha256::digest(ADMIN.as_bytes()))
+        ),
+    )
+    .expect("config");
+    let (mut child, addr, _) =
+        process::spawn_daemon(dir_a.path(), &["serve", "--config", "a.toml"], &[]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to a");
+    let mut admin_a = v1::admin_client::AdminClient::new(
+        tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(ADMIN)),
+    );
+    let mut stream = admin_a
+        .rewrap(v1::RewrapRequest {
+            max_records_per_second: 40,
+        })
+        .await
+        .expect("rewrap on a")
+        .into_inner();
+    let first = stream.message().await.expect("progress").expect("a report");
+    assert!(!first.done && first.rewrapped > 0, "{first:?}");
+    child.kill().expect("SIGKILL a");
+    child.wait().expect("reap a");
+
+    // Daemon b cannot start a second run while a's lease lasts, then takes the run over and
+    // finishes it from the stored cursor.
+    let b = TestDaemon::start_with(pg::config_on(dir_b.path(), &url, "b")).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(40);
+    let mut refused = 0;
+    let last = loop {
+        match b
+            .admin(ADMIN)
+            .await
+            .rewrap(v1::RewrapRequest::default())
+            .await
+        {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                let mut last = None;
+                while let Some(p) = s.message().await.expect("progress") {
+                    last = Some(p);
+                }
+                break last.expect("a report");
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+                assert!(e.message().contains("already running"), "{}", e.message());
+                refused += 1;
+                assert!(tokio::time::Instant::now() < deadline, "never taken over");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(refused > 0, "a's lease held b off until it expired");
+    assert!(last.done);
+    assert!(last.rewrapped < 400, "b resumed, not restarted: {last:?}");
+    let stats = b
+        .admin(ADMIN)
+        .await
+        .stats(v1::StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    let per_version: Vec<(u32, u64)> = stats
+        .records_per_key_version
+        .iter()
+        .map(|k| (k.key_version, k.records))
+        .collect();
+    assert_eq!(per_version, vec![(2, 400)], "every record on the new key");
+    for i in (0..400).step_by(37) {
+        assert_eq!(
+            b.get(format!("r{i}"))
+                .await
+                .expect("opens")
+                .into_inner()
+                .secret,
+            format!("secret-{i}").as_bytes()
+        );
+    }
+    b.stop().await;
 }

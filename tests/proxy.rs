@@ -547,6 +547,56 @@ async fn fifty_concurrent_callers_cause_exactly_one_refresh() {
 }
 
 #[tokio::test]
+async fn fifty_callers_on_three_daemons_sharing_postgres_cause_exactly_one_refresh() {
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    provider.lock().token_delay = Duration::from_millis(300);
+    let providers = providers_toml(&provider, "");
+    let url = common::pg::database().await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut daemons = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        // One after another: the first creates the shared keyring.
+        let config = common::pg::shared(
+            load(dir.path(), &providers),
+            dir.path(),
+            &url,
+            &format!("d{i}"),
+        );
+        daemons.push(TestDaemon::start_with(config).await);
+    }
+    put_client_secret(&daemons[0]).await;
+    let soon = tokenvault::unix_now() + 10;
+    put_bundle(&daemons[0], "b", "github", (ACCESS, REFRESH), soon).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let mut client = daemons[i % 3].broker(WORKER).await;
+        tasks.spawn(async move { client.proxy(request("b", "GET", "/me")).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let r = r.expect("join").expect("proxied").into_inner();
+        assert_eq!(r.status, 200);
+    }
+    {
+        let p = provider.lock();
+        assert_eq!(
+            (p.refreshes, p.token_requests),
+            (1, 1),
+            "one refresh in all"
+        );
+    }
+    // The rotated refresh token was kept: the next refresh (forced by a 401) succeeds.
+    provider.lock().access = "rotated-elsewhere".into();
+    let r = proxy(&daemons[2], request("b", "GET", "/me"))
+        .await
+        .expect("refreshed again");
+    assert_eq!((r.status, r.refreshed), (200, true));
+    assert_eq!(provider.lock().refreshes, 2);
+    for d in daemons {
+        d.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn rotating_refresh_tokens_survive_a_restart() {
     let Setup {
         tmp,

@@ -369,6 +369,28 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The audit event with the highest sequence number.
     fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
+    /// Takes or renews the lease `name` for `owner` until `ttl` from now by the store's clock
+    /// (not the daemons'): returns its fencing token (raised each time the lease changes
+    /// owner) while `owner` holds it, `None` while another owner's lease is unexpired. How
+    /// daemons sharing a store run something once at a time: a token refresh, a rewrap, an
+    /// instance name. A store one process owns needs no lease: the default grants every one.
+    fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let _ = (name, owner, ttl);
+        Ok(Some(0))
+    }
+
+    /// Gives up `owner`'s lease `name` at once (its fencing token is kept); nothing if another
+    /// owner holds it.
+    fn release_lease(&self, name: &str, owner: &str) -> Result<(), StoreError> {
+        let _ = (name, owner);
+        Ok(())
+    }
+
     /// The names of every audit chain in the store, ascending: one per daemon instance sharing
     /// it. A store one daemon owns has one chain, `""`.
     fn audit_chains(&self) -> Result<Vec<String>, StoreError> {

@@ -42,11 +42,12 @@ use crate::record::{Owner, Record, RecordId};
 
 /// The newest schema version this build knows. A database at a newer version (migrated by a
 /// newer tokenvault) is refused rather than written with an older idea of the schema.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`. Each runs in one transaction
 /// together with the row that records it, so it is applied whole, and once.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tokenvault_records (
     id TEXT COLLATE "C" PRIMARY KEY,
     owner TEXT COLLATE "C" NOT NULL,
@@ -68,7 +69,18 @@ CREATE TABLE tokenvault_audit (
     value BYTEA NOT NULL,
     PRIMARY KEY (chain, seq)
 );
-"#];
+"#,
+    // 2: leases, so daemons sharing the database run a refresh, a rewrap or an instance name
+    // one at a time. Expiry is by the database's clock.
+    r#"
+CREATE TABLE tokenvault_leases (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    owner TEXT NOT NULL,
+    token BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+"#,
+];
 
 /// How many times a transaction is re-run after a serialization failure or deadlock.
 const MAX_ATTEMPTS: u32 = 8;
@@ -914,6 +926,53 @@ impl TokenStore for PostgresStore {
         chain_page(self, self.chain.clone(), from_seq, limit)
     }
 
+    fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let (name, owner) = (name.to_string(), owner.to_string());
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        self.txn(move |t| {
+            let (name, owner) = (name.clone(), owner.clone());
+            Box::pin(async move {
+                // Taken when free, expired, or already ours; the token rises on a change of
+                // owner, so a holder that stalled past its expiry can be told apart.
+                let row = t
+                    .query_opt(
+                        "INSERT INTO tokenvault_leases AS l (name, owner, token, expires_at)
+                         VALUES ($1, $2, 1, now() + $3::bigint * interval '1 millisecond')
+                         ON CONFLICT (name) DO UPDATE SET
+                             owner = EXCLUDED.owner,
+                             token = l.token + CASE WHEN l.owner = EXCLUDED.owner THEN 0 ELSE 1 END,
+                             expires_at = EXCLUDED.expires_at
+                         WHERE l.expires_at < now() OR l.owner = EXCLUDED.owner
+                         RETURNING token",
+                        &[&name, &owner, &ttl_ms],
+                    )
+                    .await?;
+                Ok(row.map(|r| version_u64(r.get(0))))
+            })
+        })
+    }
+
+    fn release_lease(&self, name: &str, owner: &str) -> Result<(), StoreError> {
+        let (name, owner) = (name.to_string(), owner.to_string());
+        self.txn(move |t| {
+            let (name, owner) = (name.clone(), owner.clone());
+            Box::pin(async move {
+                t.execute(
+                    "UPDATE tokenvault_leases SET expires_at = now() - interval '1 millisecond'
+                     WHERE name = $1 AND owner = $2",
+                    &[&name, &owner],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+    }
+
     fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
         self.txn(|t| {
             Box::pin(async move {
@@ -1137,6 +1196,39 @@ mod tests {
     #[test]
     fn conformance() {
         crate::store::conformance::all(|| Box::new(fresh().0));
+    }
+
+    #[test]
+    fn leases_have_one_owner_until_they_expire_or_are_released() {
+        let (store, _) = fresh();
+        let long = Duration::from_secs(60);
+        assert_eq!(store.acquire_lease("x", "a", long), Ok(Some(1)));
+        // Renewing keeps the token; another owner is refused while it lasts.
+        assert_eq!(store.acquire_lease("x", "a", long), Ok(Some(1)));
+        assert_eq!(store.acquire_lease("x", "b", long), Ok(None));
+        // Another lease name is independent.
+        assert_eq!(store.acquire_lease("y", "b", long), Ok(Some(1)));
+        // Released: the next owner gets it with a higher fencing token.
+        store.release_lease("x", "b").expect("not b's: no effect");
+        assert_eq!(store.acquire_lease("x", "b", long), Ok(None));
+        store.release_lease("x", "a").expect("release");
+        assert_eq!(store.acquire_lease("x", "b", long), Ok(Some(2)));
+        // Expired (by the database's clock): taken over.
+        assert_eq!(
+            store.acquire_lease("z", "a", Duration::from_millis(1)),
+            Ok(Some(1))
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match store.acquire_lease("z", "b", long) {
+                Ok(Some(token)) => {
+                    assert_eq!(token, 2);
+                    break;
+                }
+                Ok(None) => assert!(std::time::Instant::now() < deadline, "never expired"),
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     #[test]

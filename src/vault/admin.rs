@@ -86,6 +86,12 @@ pub struct AuditEntry {
     pub raw: Vec<u8>,
 }
 
+/// The lease that makes a rewrap one run at a time across daemons sharing a store.
+const REWRAP_LEASE_NAME: &str = "rewrap";
+/// How long a rewrap lease lasts unrenewed: how soon another daemon can take over the run of a
+/// daemon that died. Renewed with every progress report (several a second).
+pub(super) const REWRAP_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Clears the "rewrap running" flag however the run ends.
 struct Running(Arc<Vault>);
 
@@ -195,6 +201,17 @@ impl Vault {
             return Err(VaultError::RewrapBusy);
         }
         let running = Running(Arc::clone(self));
+        // One run across every daemon sharing the store; a run whose daemon died is taken over
+        // once its lease expires, and resumes from the stored cursor.
+        let held = self
+            .blocking(|v| {
+                Ok(v.store
+                    .acquire_lease(REWRAP_LEASE_NAME, &v.instance_id, REWRAP_LEASE)?)
+            })
+            .await?;
+        if held.is_none() {
+            return Err(VaultError::RewrapBusy);
+        }
         let draft = Draft::new(&caller.name, "Rewrap")
             .detail(format!("to v{}", self.keyring().active().0.version));
         // Fail closed: no audit event, no rewrap.
@@ -220,6 +237,23 @@ impl Vault {
                 // Shutdown stops the run like a caller that went away: it resumes next time.
                 if v.stopping.is_cancelled() {
                     return std::ops::ControlFlow::Break(());
+                }
+                // Renewed with every report; a run that lost its lease (stalled past it while
+                // another daemon took over) stops. Its late writes are harmless: each is
+                // version-checked and rewraps to the same key.
+                match v
+                    .store
+                    .acquire_lease(REWRAP_LEASE_NAME, &v.instance_id, REWRAP_LEASE)
+                {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        tracing::warn!("the rewrap lease passed to another daemon; stopping");
+                        return std::ops::ControlFlow::Break(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing the rewrap lease failed; stopping");
+                        return std::ops::ControlFlow::Break(());
+                    }
                 }
                 match tx.blocking_send(Ok(p.clone())) {
                     Ok(()) => std::ops::ControlFlow::Continue(()),
@@ -258,6 +292,9 @@ impl Vault {
                 Err(e) => {
                     let _ = tx.blocking_send(Err(VaultError::from(e)));
                 }
+            }
+            if let Err(e) = v.store.release_lease(REWRAP_LEASE_NAME, &v.instance_id) {
+                tracing::warn!(error = %e, "releasing the rewrap lease failed; it expires");
             }
             drop(running);
         });

@@ -152,6 +152,14 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, OpenError> {
     }
 }
 
+/// The daemon's instance name in a shared store (`""` on RocksDB).
+fn instance_name(config: &Config) -> &str {
+    match &config.store {
+        crate::config::StoreConfig::Postgres(pg) => &pg.instance,
+        _ => "",
+    }
+}
+
 /// Where `config`'s private keys are: files in `key_dir`, or, on a database several daemons
 /// share, the store itself, encrypted with the passphrase (which is then required).
 pub fn key_dir(config: &Config, store: &Arc<dyn TokenStore>) -> Result<KeyDir, OpenError> {
@@ -255,6 +263,8 @@ pub struct Vault {
     /// them, since they may hold the store.
     tasks: tokio_util::task::TaskTracker,
     clock: Clock,
+    /// This process's identity as a lease owner (random per start).
+    instance_id: String,
     /// When the keyring was last reloaded for an unknown key (rate limit).
     last_unknown_reload: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -323,6 +333,11 @@ impl Vault {
             }),
             clock: Arc::new(crate::unix_now),
             last_unknown_reload: std::sync::Mutex::new(None),
+            instance_id: format!(
+                "{}/{}",
+                instance_name(config),
+                hex::encode(rand::random::<[u8; 8]>())
+            ),
         })
     }
 

@@ -100,10 +100,62 @@ pub(super) async fn refresh(
     let lock = state.single_flight.lock_for(&id);
     let result = {
         let _guard = lock.lock().await;
-        refresh_locked(state, upstream, caller, seen).await
+        // One refresh per record in this daemon (the lock), and across the daemons sharing
+        // the store (the lease): a rotating refresh token is presented once.
+        match refresh_lease(state, &id).await {
+            Ok(lease) => {
+                let r = refresh_locked(state, upstream, caller, seen).await;
+                lease.release(state).await;
+                r
+            }
+            Err(e) => Err(e),
+        }
     };
     state.single_flight.release(&id, lock);
     result
+}
+
+/// How long a refresh lease lasts: a daemon that dies mid-refresh holds the record up this
+/// long at most; a live one finishes far sooner (the token endpoint has its own deadline).
+pub(super) const REFRESH_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A held refresh lease.
+struct RefreshLease(String);
+
+impl RefreshLease {
+    async fn release(self, state: &Arc<Vault>) {
+        let name = self.0;
+        if let Err(e) = state
+            .blocking(move |s| Ok(s.store.release_lease(&name, &s.instance_id)?))
+            .await
+        {
+            // It expires on its own.
+            tracing::warn!(error = %e, "releasing a refresh lease failed");
+        }
+    }
+}
+
+/// Takes the record's refresh lease, waiting while another daemon holds it (its refresh then
+/// shows as a new record version, which the caller uses instead of refreshing again).
+async fn refresh_lease(state: &Arc<Vault>, id: &RecordId) -> Result<RefreshLease, VaultError> {
+    let name = format!("refresh/{id}");
+    let deadline = std::time::Instant::now() + REFRESH_LEASE + std::time::Duration::from_secs(5);
+    loop {
+        let n = name.clone();
+        let held = state
+            .blocking(move |s| Ok(s.store.acquire_lease(&n, &s.instance_id, REFRESH_LEASE)?))
+            .await?;
+        if held.is_some() {
+            return Ok(RefreshLease(name));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StoreError::Unavailable(format!(
+                "another daemon has been refreshing record {id} for too long"
+            ))
+            .into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 async fn refresh_locked(

@@ -32,7 +32,11 @@ pub async fn database() -> String {
 /// `base`'s dev config with the records in the database at `url`, as daemon `instance`; the
 /// `[store]` table goes through the real config loader.
 pub fn config_on(base: &Path, url: &str, instance: &str) -> Config {
-    let mut config = super::config(base);
+    shared(super::config(base), base, url, instance)
+}
+
+/// `config` moved onto the database at `url` as daemon `instance`, with the shared passphrase.
+pub fn shared(mut config: Config, base: &Path, url: &str, instance: &str) -> Config {
     config.store = store_config(
         base,
         &format!("url = \"{url}\"\ninstance = \"{instance}\"\n"),
