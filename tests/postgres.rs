@@ -378,9 +378,106 @@ async fn a_shared_store_needs_the_right_passphrase() {
     assert_eq!(chains, 0);
 }
 
+/// Starts `tokenvault serve` as its own process on the database at `url` as `instance` (a
+/// config file with the test credentials and the shared passphrase); returns it and a channel.
+async fn spawn_on(
+    dir: &std::path::Path,
+    url: &str,
+    instance: &str,
+) -> (std::process::Child, tonic::transport::Channel) {
+    use sha2::Digest as _;
+    let hash = |c: &str| hex::encode(sha2::Sha256::digest(c.as_bytes()));
+    std::fs::write(dir.join("pass"), pg::PASSPHRASE).expect("passphrase file");
+    std::fs::write(
+        dir.join("daemon.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkey_dir = \"keys\"\n\
+             passphrase_file = \"pass\"\nlock_memory = false\n\
+             [store]\nurl = \"{url}\"\ninstance = \"{instance}\"\n\
+             [[credentials]]\nname = \"admin\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
+             [[credentials]]\nname = \"ingest\"\nrole = \"ingest\"\nsha256 = \"{}\"\n",
+            hash(ADMIN),
+            hash(INGEST)
+        ),
+    )
+    .expect("config");
+    let (child, addr, _) = process::spawn_daemon(dir, &["serve", "--config", "daemon.toml"], &[]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    (child, channel)
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_kill_of_the_daemon_under_load() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let url = pg::database().await;
+    // b (in-process) makes the shared keyring and afterwards reads what a acknowledged.
+    let b = TestDaemon::start_with(pg::config_on(dir_b.path(), &url, "b")).await;
+    let sealer = b.sealer().await;
+    let (mut child, channel) = spawn_on(dir_a.path(), &url, "a").await;
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let mut ingest = v1::ingest_client::IngestClient::new(
+            tonic::service::interceptor::InterceptedService::new(
+                channel.clone(),
+                Bearer::new(INGEST),
+            ),
+        );
+        let sealer = sealer.clone();
+        writers.spawn(async move {
+            let mut acked = Vec::new();
+            for n in 0.. {
+                let id = format!("k{w}-{n}");
+                let rec = sealer
+                    .seal_record(
+                        &meta(&id, "o"),
+                        &tokenvault::secret::Secret::new(id.clone().into_bytes()),
+                    )
+                    .expect("seal");
+                let put = ingest
+                    .put_sealed(v1::PutSealedRequest {
+                        record: Some(rec),
+                        expected_version: 0,
+                    })
+                    .await;
+                match put {
+                    Ok(_) => acked.push(id),
+                    // The daemon is gone: this write and the rest are not acknowledged.
+                    Err(_) => return acked,
+                }
+            }
+            acked
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let mut acked = Vec::new();
+    while let Some(r) = writers.join_next().await {
+        acked.extend(r.expect("join"));
+    }
+    assert!(acked.len() > 20, "writes were under way: {}", acked.len());
+    for id in &acked {
+        assert_eq!(
+            b.get(id.as_str())
+                .await
+                .expect("acknowledged, so stored")
+                .into_inner()
+                .secret,
+            id.as_bytes()
+        );
+    }
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_rewrap_whose_daemon_is_killed_is_finished_by_another() {
-    use sha2::Digest as _;
     let url = pg::database().await;
     let (seed_dir, dir_a, dir_b) = (
         tempfile::tempdir().expect("seed"),
@@ -398,25 +495,7 @@ async fn a_rewrap_whose_daemon_is_killed_is_finished_by_another() {
     seed.stop().await;
 
     // Daemon a, its own process, starts a slow rewrap and is killed (-9) mid-run.
-    std::fs::write(dir_a.path().join("pass"), pg::PASSPHRASE).expect("passphrase file");
-    std::fs::write(
-        dir_a.path().join("a.toml"),
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkey_dir = \"keys\"\n\
-             passphrase_file = \"pass\"\nlock_memory = false\n\
-             [store]\nurl = \"{url}\"\ninstance = \"a\"\n\
-             [[credentials]]\nname = \"admin\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
-            hex::encode(sha2::Sha256::digest(ADMIN.as_bytes()))
-        ),
-    )
-    .expect("config");
-    let (mut child, addr, _) =
-        process::spawn_daemon(dir_a.path(), &["serve", "--config", "a.toml"], &[]);
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect to a");
+    let (mut child, channel) = spawn_on(dir_a.path(), &url, "a").await;
     let mut admin_a = v1::admin_client::AdminClient::new(
         tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(ADMIN)),
     );

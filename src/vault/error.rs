@@ -314,6 +314,11 @@ impl VaultError {
                 }
             }
             VaultError::Key(e) => Self::key_kind(e),
+            // Fail closed either way; a database that is down is worth retrying, anything else
+            // is the daemon's fault.
+            VaultError::Audit(crate::audit::AuditError::Store(StoreError::Unavailable(_))) => {
+                ErrorKind::Unavailable
+            }
             VaultError::Audit(_) => ErrorKind::Internal,
             VaultError::Item { source, .. } => source.kind(),
             VaultError::Task | VaultError::Seal(_) => ErrorKind::Internal,

@@ -78,3 +78,34 @@ pub fn load_store(
     .expect("write config");
     Config::load(&path, &std::collections::HashMap::<String, String>::new()).map(|c| c.store)
 }
+
+/// Runs `pg_ctl ACTION` on the test server (as the `postgres` user when the tests run as root,
+/// since PostgreSQL refuses to run as root). Only a test binary of its own may stop the server:
+/// test binaries run one after another, tests within one binary at the same time.
+pub fn pg_ctl(action: &str) {
+    let var =
+        |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} (set by scripts/with-postgres)"));
+    let bin = std::path::PathBuf::from(var("TOKENVAULT_TEST_PG_BIN")).join("pg_ctl");
+    let data = var("TOKENVAULT_TEST_PG_DATA");
+    let log = var("TOKENVAULT_TEST_PG_LOG");
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&bin);
+        c
+    } else {
+        std::process::Command::new(&bin)
+    };
+    cmd.args([
+        "-D", &data, "-l", &log, "-w", "-t", "60", "-m", "fast", action,
+    ]);
+    let out = cmd.output().expect("run pg_ctl");
+    assert!(
+        out.status.success(),
+        "pg_ctl {action}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
