@@ -201,16 +201,38 @@ impl Draft {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Head {
     next_seq: u64,
     last_hash: [u8; 32],
 }
 
+/// The chain's position and the events sealed but not yet written.
+struct Chain {
+    /// Where the next sealed event goes.
+    head: Head,
+    /// Just after the last event known to be written.
+    durable: Head,
+    /// Sealed events of reads waiting for the next group write, in order, with their hashes.
+    queue: Vec<(AuditAppend, [u8; 32])>,
+    /// Raised when a group write fails: queued events of an older epoch were dropped (their
+    /// callers are refused) and the head went back to `durable`, so the chain has no gap.
+    epoch: u64,
+}
+
 /// Appends events to the store's audit chain.
+///
+/// Events of reads (`append(.., false)`, one per `GetToken`) are written in groups: each caller
+/// seals its event under a short lock, then one of the waiting callers writes every queued
+/// event with one store call while the others wait for it, so a store with a round trip per
+/// write (PostgreSQL) is not limited to one event per round trip. Every other event is written
+/// after the queue, in order, so the stored chain never has a gap.
 pub struct Auditor {
     store: Arc<dyn TokenStore>,
     key: Zeroizing<[u8; 32]>,
-    head: Mutex<Head>,
+    chain: Mutex<Chain>,
+    /// Held by whoever writes to the store: one group or one change at a time, in chain order.
+    writer: Mutex<()>,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -397,7 +419,13 @@ impl Auditor {
         Ok(Self {
             store,
             key,
-            head: Mutex::new(head),
+            chain: Mutex::new(Chain {
+                head,
+                durable: head,
+                queue: Vec::new(),
+                epoch: 0,
+            }),
+            writer: Mutex::new(()),
         })
     }
 
@@ -443,21 +471,95 @@ impl Auditor {
         )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Head> {
-        self.head
+    fn lock(&self) -> std::sync::MutexGuard<'_, Chain> {
+        self.chain
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends `draft` on its own. `sync` forces it to disk first (mutations); reads use the
-    /// WAL without fsync, which survives a process crash.
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the queued events of reads (the caller holds the writer lock and `chain`). On a
+    /// failure they are dropped and the head goes back to the last written event.
+    fn flush(&self, chain: &mut Chain) -> Result<(), StoreError> {
+        if chain.queue.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut chain.queue);
+        let appends: Vec<AuditAppend> = batch.iter().map(|(a, _)| a.clone()).collect();
+        let written = self.store.append_audit_batch(&appends, false);
+        self.settle(chain, &batch, written)
+    }
+
+    /// Records the outcome of writing `batch`.
+    fn settle(
+        &self,
+        chain: &mut Chain,
+        batch: &[(AuditAppend, [u8; 32])],
+        written: Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        match (written, batch.last()) {
+            (Ok(()), Some((last, hash))) => {
+                chain.durable = Head {
+                    next_seq: last.seq + 1,
+                    last_hash: *hash,
+                };
+                Ok(())
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(e), _) => {
+                chain.epoch += 1;
+                chain.queue.clear();
+                chain.head = chain.durable;
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends `draft` on its own. `sync` forces it to disk first (mutations, refusals); events
+    /// of reads are written without fsync (they survive a process crash), in groups.
     pub fn append(&self, draft: &Draft, sync: bool) -> Result<(), AuditError> {
-        let mut head = self.lock();
-        let (append, hash) = self.seal(&head, draft);
-        self.store.append_audit(&append, sync)?;
-        head.next_seq += 1;
-        head.last_hash = hash;
-        Ok(())
+        if sync {
+            return self.append_with(draft, |a| {
+                self.store.append_audit(a, true)?;
+                Ok::<_, AuditError>(((), true))
+            });
+        }
+        let (epoch, seq) = {
+            let mut chain = self.lock();
+            let head = chain.head;
+            let (append, hash) = self.seal(&head, draft);
+            chain.queue.push((append, hash));
+            chain.head = Head {
+                next_seq: head.next_seq + 1,
+                last_hash: hash,
+            };
+            (chain.epoch, head.next_seq)
+        };
+        let _writer = self.writer();
+        let batch = {
+            let mut chain = self.lock();
+            if chain.epoch != epoch {
+                return Err(StoreError::Unavailable(
+                    "a group write of audit events failed; the call was refused".into(),
+                )
+                .into());
+            }
+            if chain.durable.next_seq > seq {
+                // Another caller wrote it with its group.
+                return Ok(());
+            }
+            std::mem::take(&mut chain.queue)
+        };
+        // Written without holding the chain, so callers keep sealing the next group meanwhile.
+        let appends: Vec<AuditAppend> = batch.iter().map(|(a, _)| a.clone()).collect();
+        let written = self.store.append_audit_batch(&appends, false);
+        let mut chain = self.lock();
+        Ok(self.settle(&mut chain, &batch, written)?)
     }
 
     /// Like [`Auditor::append_with`] for several events at once: `write` gets them sealed as
@@ -467,11 +569,12 @@ impl Auditor {
         drafts: &[Draft],
         write: impl FnOnce(&[AuditAppend]) -> Result<(T, bool), E>,
     ) -> Result<T, E> {
-        let mut head = self.lock();
-        let mut next = Head {
-            next_seq: head.next_seq,
-            last_hash: head.last_hash,
-        };
+        let _writer = self.writer();
+        let mut chain = self.lock();
+        // Queued events of reads go first; if they cannot be written they are dropped (their
+        // callers are refused) and this change is sealed after the last written event.
+        let _ = self.flush(&mut chain);
+        let mut next = chain.head;
         let mut appends = Vec::with_capacity(drafts.len());
         for draft in drafts {
             let (append, hash) = self.seal(&next, draft);
@@ -481,7 +584,8 @@ impl Auditor {
         }
         let (value, written) = write(&appends)?;
         if written {
-            *head = next;
+            chain.head = next;
+            chain.durable = next;
         }
         Ok(value)
     }
@@ -493,14 +597,11 @@ impl Auditor {
         draft: &Draft,
         write: impl FnOnce(&AuditAppend) -> Result<(T, bool), E>,
     ) -> Result<T, E> {
-        let mut head = self.lock();
-        let (append, hash) = self.seal(&head, draft);
-        let (value, written) = write(&append)?;
-        if written {
-            head.next_seq += 1;
-            head.last_hash = hash;
-        }
-        Ok(value)
+        self.append_all_with(std::slice::from_ref(draft), |appends| match appends {
+            [one] => write(one),
+            // One draft gives one event.
+            _ => unreachable!("one draft, one event"),
+        })
     }
 }
 
@@ -508,6 +609,34 @@ impl Auditor {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+
+    #[test]
+    fn concurrent_reads_are_written_in_groups_without_a_gap() {
+        let (store, a, _dir) = auditor();
+        let a = Arc::new(a);
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let a = Arc::clone(&a);
+                s.spawn(move || {
+                    for i in 0..200 {
+                        a.append(
+                            &Draft::new(&format!("t{t}"), "GetToken").record(&i.to_string()),
+                            false,
+                        )
+                        .expect("append");
+                        if i % 50 == 0 {
+                            // A change in between: written after every queued read.
+                            a.append(&Draft::new("admin", "Revoke"), true)
+                                .expect("append");
+                        }
+                    }
+                });
+            }
+        });
+        let events = store.audit_events(1, 10_000).expect("events");
+        assert_eq!(events.len(), 8 * 200 + 8 * 4);
+        assert_eq!(verify_chain(events), Ok(8 * 200 + 8 * 4));
+    }
 
     fn auditor() -> (Arc<MemoryStore>, Auditor, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -363,6 +363,12 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Appends one audit event. `sync` forces the WAL to disk before returning.
     fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError>;
 
+    /// Appends consecutive audit events in one write (the events of reads, written in groups).
+    /// The default writes them one by one, in order.
+    fn append_audit_batch(&self, entries: &[AuditAppend], sync: bool) -> Result<(), StoreError> {
+        entries.iter().try_for_each(|e| self.append_audit(e, sync))
+    }
+
     /// Up to `limit` audit events with sequence numbers from `from_seq`, ascending.
     fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
 

@@ -112,6 +112,9 @@ impl std::fmt::Debug for PostgresOptions {
 /// A [`TokenStore`] in a PostgreSQL database.
 pub struct PostgresStore {
     pool: Pool,
+    /// Connections whose session commits asynchronously (`synchronous_commit = off`): the
+    /// audit events of reads, one round trip each (see `append_audit`).
+    async_pool: Pool,
     runtime: tokio::runtime::Runtime,
     /// The audit chain this store appends to and reads.
     chain: String,
@@ -210,31 +213,39 @@ impl PostgresStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Engine(format!("starting the database runtime: {e}")))?;
-        let manager_config = ManagerConfig {
-            // A recycled connection is checked with a round trip, so one broken by a database
-            // restart is replaced instead of failing the next call.
-            recycling_method: RecyclingMethod::Verified,
+        let build = |pg: tokio_postgres::Config, size: usize| {
+            let manager_config = ManagerConfig {
+                // Only `is_closed` on recycling: a connection a database restart broke is
+                // closed by then (its connection task ended), and a round trip per checkout
+                // would double the cost of a read.
+                recycling_method: RecyclingMethod::Fast,
+            };
+            let manager = match &options.tls {
+                Some(tls) => Manager::from_config(
+                    pg,
+                    tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone()),
+                    manager_config,
+                ),
+                None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
+            };
+            Pool::builder(manager)
+                .max_size(size.max(1))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(options.connect_timeout))
+                .create_timeout(Some(options.connect_timeout))
+                .recycle_timeout(Some(options.connect_timeout))
+                .build()
+                .map_err(|e| StoreError::Engine(format!("database pool: {e}")))
         };
         let mut pg = options.config.clone();
         pg.connect_timeout(options.connect_timeout);
-        let manager = match options.tls {
-            Some(tls) => Manager::from_config(
-                pg,
-                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                manager_config,
-            ),
-            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(options.connect_timeout))
-            .create_timeout(Some(options.connect_timeout))
-            .recycle_timeout(Some(options.connect_timeout))
-            .build()
-            .map_err(|e| StoreError::Engine(format!("database pool: {e}")))?;
+        let pool = build(pg.clone(), options.pool_size)?;
+        let mut asynchronous = pg;
+        asynchronous.options("-c synchronous_commit=off");
+        let async_pool = build(asynchronous, 2)?;
         let store = Self {
             pool,
+            async_pool,
             runtime,
             chain: chain.to_string(),
         };
@@ -252,29 +263,82 @@ impl PostgresStore {
             + Sync
             + 'static,
     {
-        let pool = self.pool.clone();
+        let op = Arc::new(op);
+        self.retrying(move |pool| {
+            let op = Arc::clone(&op);
+            Box::pin(async move {
+                let mut client = pool.get().await?;
+                let txn = client.transaction().await?;
+                let value = op(&txn).await?;
+                txn.commit().await?;
+                Ok(value)
+            })
+        })
+    }
+
+    /// Runs a read on a pooled connection without a transaction (one statement, one round
+    /// trip with the statement cache), with the same retries as [`PostgresStore::txn`].
+    fn read<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'a> Fn(
+                &'a deadpool_postgres::Client,
+            ) -> futures_like::BoxFuture<'a, Result<T, Fail>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.read_on(self.pool.clone(), op)
+    }
+
+    /// [`PostgresStore::read`] on `pool`.
+    fn read_on<T, F>(&self, pool: Pool, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'a> Fn(
+                &'a deadpool_postgres::Client,
+            ) -> futures_like::BoxFuture<'a, Result<T, Fail>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let op = Arc::new(op);
+        self.retrying_on(pool, move |pool| {
+            let op = Arc::clone(&op);
+            Box::pin(async move {
+                let client = pool.get().await?;
+                op(&client).await
+            })
+        })
+    }
+
+    /// Runs `attempt` on the store's runtime, again after a serialization failure or deadlock
+    /// (bounded, with jittered backoff), and waits for the outcome on this thread.
+    fn retrying<T, F>(&self, attempt: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(Pool) -> futures_like::BoxFuture<'static, Result<T, Fail>> + Send + 'static,
+    {
+        self.retrying_on(self.pool.clone(), attempt)
+    }
+
+    fn retrying_on<T, F>(&self, pool: Pool, attempt: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(Pool) -> futures_like::BoxFuture<'static, Result<T, Fail>> + Send + 'static,
+    {
         self.wait(async move {
-            let mut attempt = 0;
+            let mut n = 0;
             loop {
-                attempt += 1;
-                let outcome = async {
-                    let mut client = pool.get().await?;
-                    let txn = client.transaction().await?;
-                    let value = op(&txn).await?;
-                    txn.commit().await?;
-                    Ok::<_, Fail>(value)
-                }
-                .await;
-                match outcome {
+                n += 1;
+                match attempt(pool.clone()).await {
                     Ok(v) => return Ok(v),
                     Err(Fail::Final(e)) => return Err(e),
-                    Err(Fail::Retry(why)) if attempt < MAX_ATTEMPTS => {
-                        tracing::debug!(attempt, %why, "retrying a database transaction");
+                    Err(Fail::Retry(why)) if n < MAX_ATTEMPTS => {
+                        tracing::debug!(attempt = n, %why, "retrying a database transaction");
                         let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..10u64);
-                        tokio::time::sleep(Duration::from_millis(
-                            (5u64 << attempt.min(6)) + jitter,
-                        ))
-                        .await;
+                        tokio::time::sleep(Duration::from_millis((5u64 << n.min(6)) + jitter))
+                            .await;
                     }
                     Err(Fail::Retry(why)) => {
                         return Err(StoreError::Unavailable(format!(
@@ -400,12 +464,10 @@ async fn lock_records(
     t: &Txn<'_>,
     ids: &[String],
 ) -> Result<std::collections::HashMap<String, Record>, Fail> {
-    let rows = t
-        .query(
-            "SELECT id, value FROM tokenvault_records WHERE id = ANY($1) FOR UPDATE",
-            &[&ids],
-        )
+    let stmt = t
+        .prepare_cached("SELECT id, value FROM tokenvault_records WHERE id = ANY($1) FOR UPDATE")
         .await?;
+    let rows = t.query(&stmt, &[&ids]).await?;
     let mut out = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
         let id: String = row.get(0);
@@ -421,12 +483,10 @@ async fn share_key_states(
     t: &Txn<'_>,
     versions: &[i64],
 ) -> Result<std::collections::HashMap<u32, KeyState>, Fail> {
-    let rows = t
-        .query(
-            "SELECT value FROM tokenvault_keys WHERE version = ANY($1) FOR SHARE",
-            &[&versions],
-        )
+    let stmt = t
+        .prepare_cached("SELECT value FROM tokenvault_keys WHERE version = ANY($1) FOR SHARE")
         .await?;
+    let rows = t.query(&stmt, &[&versions]).await?;
     let mut out = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
         let value: Vec<u8> = row.get(0);
@@ -436,98 +496,185 @@ async fn share_key_states(
     Ok(out)
 }
 
-/// Plans and writes one atomic group of record writes; the error of a refused group.
+/// Plans groups of record writes in order, each seeing the groups accepted before it, against
+/// the rows locked for all of them; then writes the final state of every record they touch with
+/// two statements, whatever the number of groups. A refused group changes nothing.
+async fn write_groups(
+    t: &Txn<'_>,
+    groups: &[Vec<RecordWrite>],
+    now: i64,
+) -> Result<Vec<Result<Vec<u64>, StoreError>>, Fail> {
+    let mut ids: Vec<String> = groups
+        .iter()
+        .flatten()
+        .map(|w| w.meta.id.to_string())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut versions: Vec<i64> = groups
+        .iter()
+        .flatten()
+        .map(|w| i64::from(w.key_version))
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    let states = share_key_states(t, &versions).await?;
+    let mut current = lock_records(t, &ids).await?;
+    let stored: std::collections::HashMap<String, u64> = current
+        .iter()
+        .map(|(id, r)| (id.clone(), r.version))
+        .collect();
+    let mut touched = std::collections::BTreeSet::new();
+    let mut outcomes = Vec::with_capacity(groups.len());
+    for g in groups {
+        match plan_writes(
+            g,
+            now,
+            |id| Ok(current.get(id.as_str()).cloned()),
+            |v| Ok(states.get(&v).copied()),
+        ) {
+            Ok(planned) => {
+                outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
+                for r in planned {
+                    touched.insert(r.meta.id.to_string());
+                    current.insert(r.meta.id.to_string(), r);
+                }
+            }
+            Err(e) => outcomes.push(Err(e)),
+        }
+    }
+    let rows: Vec<(Record, Option<u64>)> = touched
+        .into_iter()
+        .filter_map(|id| {
+            let prev = stored.get(&id).copied();
+            current.remove(&id).map(|r| (r, prev))
+        })
+        .collect();
+    store_rows(t, &rows).await?;
+    Ok(outcomes)
+}
+
+/// Writes records: each `(record, None)` is created, each `(record, Some(v))` replaces the
+/// stored version `v` (locked by the caller). If another writer created one of the ids since it
+/// was read, the transaction is re-run, and its planning then sees that record.
+async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), Fail> {
+    #[derive(Default)]
+    struct Columns {
+        id: Vec<String>,
+        owner: Vec<String>,
+        key_version: Vec<i64>,
+        version: Vec<i64>,
+        revoked: Vec<bool>,
+        needs_reauth: Vec<bool>,
+        value: Vec<Vec<u8>>,
+        prev: Vec<i64>,
+    }
+    let (mut creates, mut updates) = (Columns::default(), Columns::default());
+    for (r, prev) in rows {
+        let c = if prev.is_some() {
+            &mut updates
+        } else {
+            &mut creates
+        };
+        c.id.push(r.meta.id.to_string());
+        c.owner.push(r.meta.owner.as_str().to_string());
+        c.key_version.push(i64::from(r.key_version));
+        c.version.push(version_i64(r.version));
+        c.revoked.push(r.revoked);
+        c.needs_reauth.push(r.needs_reauth);
+        c.value.push(encode_record(r));
+        c.prev.push(prev.map_or(0, version_i64));
+    }
+    if !creates.id.is_empty() {
+        let stmt = t
+            .prepare_cached(
+                "INSERT INTO tokenvault_records
+                     (id, owner, key_version, version, revoked, needs_reauth, value)
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[],
+                                      $5::bool[], $6::bool[], $7::bytea[])
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .await?;
+        let n = t
+            .execute(
+                &stmt,
+                &[
+                    &creates.id,
+                    &creates.owner,
+                    &creates.key_version,
+                    &creates.version,
+                    &creates.revoked,
+                    &creates.needs_reauth,
+                    &creates.value,
+                ],
+            )
+            .await?;
+        if n != creates.id.len() as u64 {
+            return Err(Fail::Retry("a record was created concurrently".into()));
+        }
+    }
+    if !updates.id.is_empty() {
+        let stmt = t
+            .prepare_cached(
+                "UPDATE tokenvault_records AS t SET owner = u.owner, key_version = u.key_version,
+                     version = u.version, revoked = u.revoked, needs_reauth = u.needs_reauth,
+                     value = u.value
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bool[],
+                             $6::bool[], $7::bytea[], $8::bigint[])
+                     AS u(id, owner, key_version, version, revoked, needs_reauth, value, prev)
+                 WHERE t.id = u.id COLLATE \"C\" AND t.version = u.prev",
+            )
+            .await?;
+        let n = t
+            .execute(
+                &stmt,
+                &[
+                    &updates.id,
+                    &updates.owner,
+                    &updates.key_version,
+                    &updates.version,
+                    &updates.revoked,
+                    &updates.needs_reauth,
+                    &updates.value,
+                    &updates.prev,
+                ],
+            )
+            .await?;
+        if n != updates.id.len() as u64 {
+            // The rows were locked: this means they changed under the lock, which cannot be.
+            return Err(Fail::Retry("a locked record changed".into()));
+        }
+    }
+    Ok(())
+}
+
+/// Plans and writes one atomic group (the error of a refused group).
 async fn write_group(
     t: &Txn<'_>,
     writes: &[RecordWrite],
     now: i64,
 ) -> Result<Result<Vec<u64>, StoreError>, Fail> {
-    let ids: Vec<String> = writes.iter().map(|w| w.meta.id.to_string()).collect();
-    let mut versions: Vec<i64> = writes.iter().map(|w| i64::from(w.key_version)).collect();
-    versions.sort_unstable();
-    versions.dedup();
-    let states = share_key_states(t, &versions).await?;
-    let current = lock_records(t, &ids).await?;
-    let planned = match plan_writes(
-        writes,
-        now,
-        |id| Ok(current.get(id.as_str()).cloned()),
-        |v| Ok(states.get(&v).copied()),
-    ) {
-        Ok(p) => p,
-        Err(e) => return Ok(Err(e)),
-    };
-    let out = planned.iter().map(|r| r.version).collect();
-    if let Err(e) = store_records(t, &planned).await? {
-        return Ok(Err(e));
-    }
-    Ok(Ok(out))
+    Ok(write_groups(t, &[writes.to_vec()], now)
+        .await?
+        .pop()
+        .unwrap_or(Ok(Vec::new())))
 }
 
-/// Writes planned records: version 1 is created (and refused with `AlreadyExists` if another
-/// writer created the id since it was read), others replace the version before them.
-async fn store_records(t: &Txn<'_>, records: &[Record]) -> Result<Result<(), StoreError>, Fail> {
-    for r in records {
-        let value = encode_record(r);
-        let (id, owner) = (r.meta.id.as_str(), r.meta.owner.as_str());
-        let key_version = i64::from(r.key_version);
-        let version = version_i64(r.version);
-        let changed = if r.version == 1 {
-            t.execute(
-                "INSERT INTO tokenvault_records
-                     (id, owner, key_version, version, revoked, needs_reauth, value)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
-                &[
-                    &id,
-                    &owner,
-                    &key_version,
-                    &version,
-                    &r.revoked,
-                    &r.needs_reauth,
-                    &value,
-                ],
-            )
-            .await?
-        } else {
-            let previous = version - 1;
-            t.execute(
-                "UPDATE tokenvault_records SET owner = $2, key_version = $3::bigint,
-                     version = $4::bigint, revoked = $5, needs_reauth = $6, value = $7
-                 WHERE id = $1 AND version = $8::bigint",
-                &[
-                    &id,
-                    &owner,
-                    &key_version,
-                    &version,
-                    &r.revoked,
-                    &r.needs_reauth,
-                    &value,
-                    &previous,
-                ],
-            )
-            .await?
-        };
-        if changed != 1 {
-            return Ok(Err(if r.version == 1 {
-                StoreError::AlreadyExists(id.to_string())
-            } else {
-                StoreError::Conflict(format!("record {id}"))
-            }));
-        }
-    }
-    Ok(Ok(()))
+/// Writes one updated record over the version it was read at.
+async fn update_one(t: &Txn<'_>, r: Record, prev: u64) -> Result<(), Fail> {
+    store_rows(t, &[(r, Some(prev))]).await
 }
 
 async fn insert_audit(t: &Txn<'_>, chain: &str, audit: &[AuditAppend]) -> Result<(), Fail> {
     for a in audit {
         let seq = version_i64(a.seq);
-        let inserted = t
-            .execute(
+        let stmt = t
+            .prepare_cached(
                 "INSERT INTO tokenvault_audit (chain, seq, value) VALUES ($1, $2, $3)
                  ON CONFLICT (chain, seq) DO NOTHING",
-                &[&chain, &seq, &a.bytes],
             )
             .await?;
+        let inserted = t.execute(&stmt, &[&chain, &seq, &a.bytes]).await?;
         if inserted != 1 {
             // Another writer took this place in the chain: the whole change is refused.
             return Err(StoreError::Conflict(format!("audit event {}", a.seq)).into());
@@ -566,34 +713,19 @@ impl TokenStore for PostgresStore {
         let groups = Arc::new(groups);
         self.txn(move |t| {
             let groups = Arc::clone(&groups);
-            Box::pin(async move {
-                let mut outcomes = Vec::with_capacity(groups.len());
-                for g in groups.iter() {
-                    // Each request is atomic on its own: a refused one is rolled back to here.
-                    t.batch_execute("SAVEPOINT tokenvault_group").await?;
-                    let outcome = write_group(t, g, now).await?;
-                    t.batch_execute(if outcome.is_ok() {
-                        "RELEASE SAVEPOINT tokenvault_group"
-                    } else {
-                        "ROLLBACK TO SAVEPOINT tokenvault_group"
-                    })
-                    .await?;
-                    outcomes.push(outcome);
-                }
-                Ok(outcomes)
-            })
+            Box::pin(async move { write_groups(t, &groups, now).await })
         })
     }
 
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
         let id = id.to_string();
-        self.txn(move |t| {
+        self.read(move |c| {
             let id = id.clone();
             Box::pin(async move {
-                let row = t
-                    .query_opt("SELECT value FROM tokenvault_records WHERE id = $1", &[&id])
+                let stmt = c
+                    .prepare_cached("SELECT value FROM tokenvault_records WHERE id = $1")
                     .await?;
-                Ok(match row {
+                Ok(match c.query_opt(&stmt, &[&id]).await? {
                     Some(row) => Some(decode_record(row.get::<_, &[u8]>(0))?),
                     None => None,
                 })
@@ -723,11 +855,8 @@ impl TokenStore for PostgresStore {
                     match plan_replace_envelope(current.get(item.id.as_str()).cloned(), item, now) {
                         Ok(r) => {
                             let version = r.version;
-                            out.push(
-                                store_records(t, std::slice::from_ref(&r))
-                                    .await?
-                                    .map(|()| version),
-                            );
+                            update_one(t, r, item.expected_version).await?;
+                            out.push(Ok(version));
                         }
                         Err(e) => out.push(Err(e)),
                     }
@@ -739,14 +868,13 @@ impl TokenStore for PostgresStore {
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_string();
-        self.txn(move |t| {
+        self.read(move |c| {
             let key = key.clone();
             Box::pin(async move {
-                Ok(
-                    t.query_opt("SELECT value FROM tokenvault_meta WHERE key = $1", &[&key])
-                        .await?
-                        .map(|r| r.get(0)),
-                )
+                let stmt = c
+                    .prepare_cached("SELECT value FROM tokenvault_meta WHERE key = $1")
+                    .await?;
+                Ok(c.query_opt(&stmt, &[&key]).await?.map(|r| r.get(0)))
             })
         })
     }
@@ -815,14 +943,13 @@ impl TokenStore for PostgresStore {
 
     fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let id = id.to_string();
-        self.txn(move |t| {
+        self.read(move |c| {
             let id = id.clone();
             Box::pin(async move {
-                Ok(
-                    t.query_opt("SELECT value FROM tokenvault_grants WHERE id = $1", &[&id])
-                        .await?
-                        .map(|r| r.get(0)),
-                )
+                let stmt = c
+                    .prepare_cached("SELECT value FROM tokenvault_grants WHERE id = $1")
+                    .await?;
+                Ok(c.query_opt(&stmt, &[&id]).await?.map(|r| r.get(0)))
             })
         })
     }
@@ -851,9 +978,9 @@ impl TokenStore for PostgresStore {
     }
 
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
-        self.txn(|t| {
+        self.read(|c| {
             Box::pin(async move {
-                t.query("SELECT value FROM tokenvault_keys ORDER BY version", &[])
+                c.query("SELECT value FROM tokenvault_keys ORDER BY version", &[])
                     .await?
                     .into_iter()
                     .map(|r| decode_key(r.get::<_, &[u8]>(0)).map_err(Fail::from))
@@ -910,15 +1037,44 @@ impl TokenStore for PostgresStore {
         })
     }
 
-    fn append_audit(&self, entry: &AuditAppend, _sync: bool) -> Result<(), StoreError> {
-        // Always a committed (synced) transaction: PostgreSQL's asynchronous commit could lose
-        // an event that was already acted on if the server crashed, which RocksDB's unsynced
-        // WAL write does not risk for a daemon crash.
-        let entry = vec![entry.clone()];
+    fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError> {
+        self.append_audit_batch(std::slice::from_ref(entry), sync)
+    }
+
+    fn append_audit_batch(&self, entries: &[AuditAppend], sync: bool) -> Result<(), StoreError> {
+        let entries = Arc::new(entries.to_vec());
         let chain = self.chain.clone();
-        self.txn(move |t| {
-            let (entry, chain) = (entry.clone(), chain.clone());
-            Box::pin(async move { insert_audit(t, &chain, &entry).await })
+        if sync {
+            return self.txn(move |t| {
+                let (entries, chain) = (Arc::clone(&entries), chain.clone());
+                Box::pin(async move { insert_audit(t, &chain, &entries).await })
+            });
+        }
+        // Events of reads: one statement on a connection that commits asynchronously. Like
+        // RocksDB's unsynced WAL write they survive a crash of the daemon (they are in the
+        // server's WAL buffers, flushed within wal_writer_delay) but not one of the database
+        // server or its machine.
+        self.read_on(self.async_pool.clone(), move |c| {
+            let (entries, chain) = (Arc::clone(&entries), chain.clone());
+            Box::pin(async move {
+                let stmt = c
+                    .prepare_cached(
+                        "INSERT INTO tokenvault_audit (chain, seq, value)
+                         SELECT $1, * FROM UNNEST($2::bigint[], $3::bytea[])
+                         ON CONFLICT (chain, seq) DO NOTHING",
+                    )
+                    .await?;
+                let seqs: Vec<i64> = entries.iter().map(|a| version_i64(a.seq)).collect();
+                let values: Vec<&[u8]> = entries.iter().map(|a| a.bytes.as_slice()).collect();
+                let n = c.execute(&stmt, &[&chain, &seqs, &values]).await?;
+                if n != entries.len() as u64 {
+                    return Err(StoreError::Conflict(
+                        "audit events (another writer on this chain)".into(),
+                    )
+                    .into());
+                }
+                Ok(())
+            })
         })
     }
 
@@ -1072,12 +1228,11 @@ async fn apply_one(t: &Txn<'_>, m: &Mutation, now: i64) -> Result<(), Fail> {
             if r.revoked {
                 return Ok(());
             }
+            let prev = r.version;
             r.revoked = true;
             r.updated_at = now;
             r.version += 1;
-            store_records(t, std::slice::from_ref(&r))
-                .await?
-                .map_err(Fail::from)
+            update_one(t, r, prev).await
         }
         Mutation::MarkNeedsReauth {
             id,
@@ -1090,9 +1245,7 @@ async fn apply_one(t: &Txn<'_>, m: &Mutation, now: i64) -> Result<(), Fail> {
                 *expected_version,
                 now,
             )?;
-            store_records(t, std::slice::from_ref(&r))
-                .await?
-                .map_err(Fail::from)
+            update_one(t, r, *expected_version).await
         }
         Mutation::DeleteRecord(id) => {
             let n = t
