@@ -568,3 +568,58 @@ async fn a_rewrap_whose_daemon_is_killed_is_finished_by_another() {
     }
     b.stop().await;
 }
+
+#[test]
+fn offline_key_commands_work_on_the_shared_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(pg::database());
+    std::fs::write(dir.path().join("pass"), pg::PASSPHRASE).expect("passphrase");
+    for n in ["a", "b"] {
+        std::fs::write(
+            dir.path().join(format!("{n}.toml")),
+            format!(
+                "data_dir = \"data-{n}\"\nkey_dir = \"keys-{n}\"\npassphrase_file = \"pass\"\n\
+                 [store]\nurl = \"{url}\"\ninstance = \"{n}\"\n"
+            ),
+        )
+        .expect("config");
+    }
+    let run = |args: &[&str]| process::run(dir.path(), args, &[], None);
+    let init = run(&["keys", "init", "--config", "a.toml"]);
+    assert!(init.status.success(), "{}", process::stderr(&init));
+    // The other daemon's config sees the same keyring, and a second init is refused.
+    let list = run(&["keys", "list", "--config", "b.toml"]);
+    assert!(String::from_utf8_lossy(&list.stdout).starts_with("v1  active"));
+    process::assert_exit(
+        &run(&["keys", "init", "--config", "b.toml"]),
+        6,
+        "the keyring already has 1 key version(s)",
+    );
+    let rotate = run(&["keys", "rotate", "--config", "b.toml"]);
+    assert!(rotate.status.success(), "{}", process::stderr(&rotate));
+    let list =
+        String::from_utf8_lossy(&run(&["keys", "list", "--config", "a.toml"]).stdout).into_owned();
+    assert!(
+        list.contains("v1  decrypt-only") && list.contains("v2  active"),
+        "{list}"
+    );
+    // Nothing was written to local directories: keys and data are in the database.
+    for local in ["data-a", "data-b", "keys-a", "keys-b"] {
+        assert!(!dir.path().join(local).exists(), "{local} created");
+    }
+    // Without the passphrase the commands refuse, naming what is missing.
+    std::fs::write(
+        dir.path().join("c.toml"),
+        format!("data_dir = \"d\"\nkey_dir = \"k\"\n[store]\nurl = \"{url}\"\ninstance = \"c\"\n"),
+    )
+    .expect("config");
+    let refused = run(&["keys", "rotate", "--config", "c.toml"]);
+    assert!(!refused.status.success());
+    assert!(
+        process::stderr(&refused).contains("keeps the private keys encrypted with the passphrase"),
+        "{}",
+        process::stderr(&refused)
+    );
+}

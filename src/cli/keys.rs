@@ -92,8 +92,10 @@ fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir, Config
             ));
         }
     };
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| CliError::Internal(format!("{}: {e}", config.data_dir.display())))?;
+    if matches!(config.store, crate::config::StoreConfig::Rocks) {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| CliError::Internal(format!("{}: {e}", config.data_dir.display())))?;
+    }
     let store = crate::vault::open_store(&config).map_err(open_error)?;
     let dir = crate::vault::key_dir(&config, &store).map_err(open_error)?;
     Ok((store, dir, config))
