@@ -623,3 +623,40 @@ fn offline_key_commands_work_on_the_shared_database() {
         process::stderr(&refused)
     );
 }
+
+#[tokio::test]
+async fn an_instance_name_runs_once() {
+    let (dir, other) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let url = pg::database().await;
+    let a = TestDaemon::start_with(pg::config_on(dir.path(), &url, "a")).await;
+    // A second daemon configured with the same name waits out a possibly dead holder's lease,
+    // then refuses to start, saying why.
+    let config = pg::config_on(other.path(), &url, "a");
+    let started = std::time::Instant::now();
+    let err = tokio::task::spawn_blocking(move || tokenvault::server::Daemon::open(&config))
+        .await
+        .expect("join")
+        .expect_err("name in use");
+    assert!(
+        err.to_string().contains("store.instance \"a\" is in use"),
+        "{err}"
+    );
+    assert!(started.elapsed() >= tokenvault::vault::INSTANCE_LEASE);
+    // A clean stop frees the name at once: its lease is already expired when it returns.
+    a.stop().await;
+    let free: bool = pg::client(&url)
+        .await
+        .query_one(
+            "SELECT expires_at < now() FROM tokenvault_leases WHERE name = 'instance/a'",
+            &[],
+        )
+        .await
+        .expect("lease row")
+        .get(0);
+    assert!(free, "released on a clean stop");
+    let again = TestDaemon::start_with(pg::config_on(dir.path(), &url, "a")).await;
+    again.stop().await;
+}

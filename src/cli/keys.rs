@@ -104,6 +104,7 @@ fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir, Config
 fn open_error(e: crate::vault::OpenError) -> CliError {
     match e {
         crate::vault::OpenError::Store(s) => CliError::from(s),
+        e @ crate::vault::OpenError::InstanceInUse(_) => CliError::Precondition(e.to_string()),
         other => CliError::Input(other.to_string()),
     }
 }
@@ -130,8 +131,34 @@ fn add_recorded(
     init: bool,
     now: i64,
 ) -> Result<KeyInfo, CliError> {
-    let auditor = crate::vault::auditor(&config, &store).map_err(open_error)?;
-    let keys = crate::rotation::KeyService::new(&*store, &dir, &auditor);
+    // On a shared database, the command appends to this config's audit chain: it holds the
+    // instance name meanwhile, so it never runs beside the daemon that owns that chain.
+    let shared = !matches!(config.store, crate::config::StoreConfig::Rocks);
+    let instance = match &config.store {
+        crate::config::StoreConfig::Postgres(pg) => pg.instance.clone(),
+        _ => String::new(),
+    };
+    let owner = format!("{instance}/keys-cli-{}", std::process::id());
+    if shared {
+        crate::vault::Vault::claim_instance(&*store, &instance, &owner).map_err(open_error)?;
+    }
+    let result = add_recorded_claimed(&store, &dir, &config, key, init, now);
+    if shared {
+        let _ = store.release_lease(&format!("instance/{instance}"), &owner);
+    }
+    result
+}
+
+fn add_recorded_claimed(
+    store: &std::sync::Arc<dyn TokenStore>,
+    dir: &KeyDir,
+    config: &Config,
+    key: Option<PrivateKey>,
+    init: bool,
+    now: i64,
+) -> Result<KeyInfo, CliError> {
+    let auditor = crate::vault::auditor(config, store).map_err(open_error)?;
+    let keys = crate::rotation::KeyService::new(&**store, dir, &auditor);
     let (action, detail) = match (init, &key) {
         (true, _) => ("InitKeys", "version 1, offline"),
         (false, Some(_)) => ("RotateKey", "imported key, offline"),

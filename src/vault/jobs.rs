@@ -27,6 +27,9 @@ pub(super) fn start(vault: &Arc<Vault>) {
         vault
             .tasks
             .spawn(follow_key_registry(Arc::clone(vault), stop.clone()));
+        vault
+            .tasks
+            .spawn(hold_instance(Arc::clone(vault), stop.clone()));
     }
     #[cfg(unix)]
     vault.tasks.spawn(reload_on_sighup(Arc::clone(vault), stop));
@@ -60,6 +63,30 @@ async fn follow_key_registry(vault: Arc<Vault>, stop: tokio_util::sync::Cancella
     periodically(KEY_REGISTRY_POLL, stop, || async {
         if let Err(e) = vault.blocking(Vault::sync_keyring).await {
             tracing::warn!(error = %e, "reading the shared key registry failed");
+        }
+    })
+    .await;
+}
+
+/// Renews this daemon's claim on its instance name.
+async fn hold_instance(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    periodically(super::INSTANCE_LEASE / 3, stop, || async {
+        let renewed = vault
+            .blocking(|v| {
+                let name = format!(
+                    "instance/{}",
+                    v.instance_id.split('/').next().unwrap_or_default()
+                );
+                Ok(v.store
+                    .acquire_lease(&name, &v.instance_id, super::INSTANCE_LEASE)?)
+            })
+            .await;
+        match renewed {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::error!(
+                "another daemon took this daemon's instance name (this one stalled past its lease); its audit appends will conflict"
+            ),
+            Err(e) => tracing::warn!(error = %e, "renewing the instance lease failed"),
         }
     })
     .await;

@@ -91,6 +91,11 @@ pub enum OpenError {
     /// A provider's configuration could not be used.
     #[error("providers: {0}")]
     Providers(#[from] crate::proxy::UpstreamSetupError),
+    /// Another live daemon runs with this instance name on the shared store.
+    #[error(
+        "store.instance {0:?} is in use by another running daemon on this database; give each daemon its own instance name"
+    )]
+    InstanceInUse(String),
     /// A shared store keeps the private keys, always encrypted: a passphrase is required.
     #[error(
         "a [store] database shared by several daemons keeps the private keys encrypted with the passphrase: set passphrase_file or TOKENVAULT_KEY_PASSPHRASE (the same on every daemon)"
@@ -151,6 +156,9 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, OpenError> {
         }
     }
 }
+
+/// How long a daemon's claim on its instance name lasts unrenewed (renewed every third of it).
+pub const INSTANCE_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The daemon's instance name in a shared store (`""` on RocksDB).
 fn instance_name(config: &Config) -> &str {
@@ -280,6 +288,14 @@ impl Vault {
     /// profile an empty keyring is initialized with a fresh RSA-2048 key.
     pub fn open(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, OpenError> {
         let dir = key_dir(config, &store)?;
+        let instance_id = format!(
+            "{}/{}",
+            instance_name(config),
+            hex::encode(rand::random::<[u8; 8]>())
+        );
+        if dir.is_shared() {
+            Self::claim_instance(&*store, instance_name(config), &instance_id)?;
+        }
         let audit = Arc::new(auditor(config, &store)?);
         if config.dev && store.keys()?.is_empty() {
             let keys = crate::rotation::KeyService::new(&*store, &dir, &audit);
@@ -333,12 +349,41 @@ impl Vault {
             }),
             clock: Arc::new(crate::unix_now),
             last_unknown_reload: std::sync::Mutex::new(None),
-            instance_id: format!(
-                "{}/{}",
-                instance_name(config),
-                hex::encode(rand::random::<[u8; 8]>())
-            ),
+            instance_id,
         })
+    }
+
+    /// Claims this daemon's instance name in a shared store, so two daemons configured with the
+    /// same name (which would fork one audit chain) cannot run at once. A lease left by an
+    /// instance that died expires within [`INSTANCE_LEASE`]; the start waits that long for it.
+    pub fn claim_instance(
+        store: &dyn TokenStore,
+        name: &str,
+        owner: &str,
+    ) -> Result<(), OpenError> {
+        let lease = format!("instance/{name}");
+        let deadline =
+            std::time::Instant::now() + INSTANCE_LEASE + std::time::Duration::from_secs(1);
+        let mut logged = false;
+        loop {
+            if store
+                .acquire_lease(&lease, owner, INSTANCE_LEASE)?
+                .is_some()
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(OpenError::InstanceInUse(name.to_string()));
+            }
+            if !logged {
+                tracing::warn!(
+                    instance = name,
+                    "instance name held by another daemon (or one that just died); waiting for its lease to expire"
+                );
+                logged = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
     }
 
     /// Replaces the clock (tests move time with it instead of sleeping).
@@ -398,6 +443,16 @@ impl Vault {
     pub async fn stopped(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+        if self.shares_keys() {
+            // A clean stop frees the instance name at once for a restart.
+            let (store, owner) = (Arc::clone(&self.store), self.instance_id.clone());
+            let name = format!("instance/{}", owner.split('/').next().unwrap_or_default());
+            let released =
+                tokio::task::spawn_blocking(move || store.release_lease(&name, &owner)).await;
+            if !matches!(released, Ok(Ok(()))) {
+                tracing::warn!("could not release the instance lease; it expires on its own");
+            }
+        }
     }
 
     fn upstreams(&self) -> Arc<crate::proxy::Upstreams> {
