@@ -12,7 +12,7 @@
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lru::LruCache;
 
@@ -24,7 +24,8 @@ struct Entry {
     version: u64,
     key_id: KeyId,
     dek: Arc<DataKey>,
-    at: Instant,
+    /// When it was filled, Unix seconds by the vault's clock.
+    at: i64,
 }
 
 /// Counters for `Admin.Stats`.
@@ -71,11 +72,23 @@ impl DekCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The cached key for this exact record version and wrapping key, if fresh.
-    pub fn get(&self, id: &RecordId, version: u64, key_id: &KeyId) -> Option<Arc<DataKey>> {
+    /// The cached key for this exact record version and wrapping key, if fresh at `now` (Unix
+    /// seconds by the vault's clock, which tests move).
+    pub fn get(
+        &self,
+        id: &RecordId,
+        version: u64,
+        key_id: &KeyId,
+        now: i64,
+    ) -> Option<Arc<DataKey>> {
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
         let mut cache = self.lock();
         let hit = match cache.get(id) {
-            Some(e) if e.version == version && e.key_id == *key_id && e.at.elapsed() < self.ttl => {
+            Some(e)
+                if e.version == version
+                    && e.key_id == *key_id
+                    && now.saturating_sub(e.at) < ttl =>
+            {
                 Some(Arc::clone(&e.dek))
             }
             Some(_) => {
@@ -94,15 +107,15 @@ impl DekCache {
         hit
     }
 
-    /// Remembers the key that opened this record version.
-    pub fn put(&self, id: RecordId, version: u64, key_id: KeyId, dek: Arc<DataKey>) {
+    /// Remembers the key that opened this record version at `now`.
+    pub fn put(&self, id: RecordId, version: u64, key_id: KeyId, dek: Arc<DataKey>, now: i64) {
         self.lock().put(
             id,
             Entry {
                 version,
                 key_id,
                 dek,
-                at: Instant::now(),
+                at: now,
             },
         );
     }
@@ -137,36 +150,42 @@ mod tests {
 
     #[test]
     fn hits_only_for_the_same_version_and_key_and_within_ttl() {
-        let cache = DekCache::new(NonZeroUsize::new(2).expect("2"), Duration::from_millis(200));
+        let cache = DekCache::new(NonZeroUsize::new(2).expect("2"), Duration::from_secs(2));
         let (a, b, c) = (
             RecordId::parse("a").expect("id"),
             RecordId::parse("b").expect("id"),
             RecordId::parse("c").expect("id"),
         );
         let k1 = KeyId([1; 32]);
-        cache.put(a.clone(), 1, k1, dek(7));
+        cache.put(a.clone(), 1, k1, dek(7), 100);
         assert_eq!(
-            cache.get(&a, 1, &k1).expect("hit").expose_secret(),
+            cache.get(&a, 1, &k1, 100).expect("hit").expose_secret(),
             &[7; 32]
         );
-        assert!(cache.get(&a, 2, &k1).is_none(), "another version");
-        assert!(cache.get(&a, 1, &k1).is_none(), "a stale entry is dropped");
-        cache.put(a.clone(), 1, k1, dek(7));
-        assert!(cache.get(&a, 1, &KeyId([2; 32])).is_none(), "another key");
-        cache.put(a.clone(), 1, k1, dek(7));
-        cache.put(b.clone(), 1, k1, dek(8));
-        cache.put(c.clone(), 1, k1, dek(9));
+        assert!(cache.get(&a, 2, &k1, 100).is_none(), "another version");
         assert!(
-            cache.get(&a, 1, &k1).is_none(),
+            cache.get(&a, 1, &k1, 100).is_none(),
+            "a stale entry is dropped"
+        );
+        cache.put(a.clone(), 1, k1, dek(7), 100);
+        assert!(
+            cache.get(&a, 1, &KeyId([2; 32]), 100).is_none(),
+            "another key"
+        );
+        cache.put(a.clone(), 1, k1, dek(7), 100);
+        cache.put(b.clone(), 1, k1, dek(8), 100);
+        cache.put(c.clone(), 1, k1, dek(9), 100);
+        assert!(
+            cache.get(&a, 1, &k1, 100).is_none(),
             "least recently used evicted at capacity"
         );
-        std::thread::sleep(Duration::from_millis(250));
-        assert!(cache.get(&c, 1, &k1).is_none(), "expired");
-        cache.put(c.clone(), 1, k1, dek(9));
+        assert!(cache.get(&c, 1, &k1, 101).is_some(), "fresh within its ttl");
+        assert!(cache.get(&c, 1, &k1, 102).is_none(), "expired at its ttl");
+        cache.put(c.clone(), 1, k1, dek(9), 102);
         cache.remove(&c);
-        assert!(cache.get(&c, 1, &k1).is_none());
+        assert!(cache.get(&c, 1, &k1, 102).is_none());
         let s = cache.stats();
-        assert_eq!((s.hits, s.entries), (1, 1));
+        assert_eq!((s.hits, s.entries), (2, 1));
         cache.clear();
         assert_eq!(cache.stats().entries, 0);
     }

@@ -24,7 +24,7 @@ pub(super) fn open(
     let env = EnvelopeRef::decode(&record.envelope)?;
     let unwrapper = ring.unwrapper(&env.key_id)?;
     let cache = s.dek_cache.as_ref();
-    if let Some(dek) = cache.and_then(|c| c.get(id, record.version, &env.key_id)) {
+    if let Some(dek) = cache.and_then(|c| c.get(id, record.version, &env.key_id, s.now())) {
         return envelope::open_with_dek(&record.meta, &env, &dek);
     }
     let started = std::time::Instant::now();
@@ -35,7 +35,7 @@ pub(super) fn open(
     let secret = envelope::open_with_dek(&record.meta, &env, &dek)?;
     // Cached only once it has opened the record, so a bad key is never reused.
     if let Some(cache) = cache {
-        cache.put(id.clone(), record.version, env.key_id, dek);
+        cache.put(id.clone(), record.version, env.key_id, dek, s.now());
     }
     Ok(secret)
 }
