@@ -721,3 +721,21 @@ fn bench_drives_every_operation_and_reports_json() {
     let (status, log) = d.terminate();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let init = run(dir.path(), &["keys", "init", "--dev"], &[], None);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let mut child = cmd(dir.path())
+        .args(["keys", "list", "--dev"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The reader is gone before anything is written (opening the store takes far longer).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
