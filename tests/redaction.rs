@@ -172,3 +172,39 @@ fn no_secret_type_prints_its_secret() {
     // The key's Debug identifies it by its public fingerprint only.
     assert!(format!("{key:?}").contains(&key.public_key().id().to_hex()));
 }
+
+#[test]
+fn the_database_settings_print_without_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = "db-PASSWORD-1234567890";
+    std::fs::write(dir.path().join("db-password"), format!("{password}\n")).expect("file");
+    let path = dir.path().join("tokenvault.toml");
+    std::fs::write(
+        &path,
+        "data_dir = \"d\"\nkey_dir = \"k\"\n[store]\n\
+         url = \"postgres://tv@127.0.0.1:5432/vault\"\npassword_file = \"db-password\"\n\
+         instance = \"a\"\n",
+    )
+    .expect("config");
+    let config = tokenvault::config::Config::load(
+        &path,
+        &std::collections::HashMap::<String, String>::new(),
+    )
+    .expect("loads");
+    let tokenvault::config::StoreConfig::Postgres(pg) = &config.store else {
+        panic!("a [store] database");
+    };
+    // The file's newline is not part of the password.
+    assert_eq!(
+        pg.password.as_ref().map(Passphrase::expose_secret),
+        Some(password)
+    );
+    for printed in [
+        format!("{config:?}"),
+        format!("{pg:?}"),
+        format!("{:?}", pg.connection),
+    ] {
+        assert!(!printed.contains(password), "{printed}");
+    }
+    assert!(format!("{pg:?}").contains("[REDACTED]"));
+}
