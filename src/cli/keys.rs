@@ -144,7 +144,7 @@ fn add_recorded(
     }
     let result = add_recorded_claimed(&store, &dir, &config, key, init, now);
     if shared {
-        let _ = store.release_lease(&format!("instance/{instance}"), &owner);
+        let _ = store.release_lease(&crate::vault::instance_lease(&instance), &owner);
     }
     result
 }

@@ -73,10 +73,7 @@ async fn hold_instance(vault: Arc<Vault>, stop: tokio_util::sync::CancellationTo
     periodically(super::INSTANCE_LEASE / 3, stop, || async {
         let renewed = vault
             .blocking(|v| {
-                let name = format!(
-                    "instance/{}",
-                    v.instance_id.split('/').next().unwrap_or_default()
-                );
+                let name = v.instance_lease();
                 Ok(v.store
                     .acquire_lease(&name, &v.instance_id, super::INSTANCE_LEASE)?)
             })

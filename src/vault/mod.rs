@@ -160,6 +160,11 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, OpenError> {
 /// How long a daemon's claim on its instance name lasts unrenewed (renewed every third of it).
 pub const INSTANCE_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The name of the lease that claims instance name `name` in a shared store.
+pub fn instance_lease(name: &str) -> String {
+    format!("instance/{name}")
+}
+
 /// The daemon's instance name in a shared store (`""` on RocksDB).
 fn instance_name(config: &Config) -> &str {
     match &config.store {
@@ -361,7 +366,7 @@ impl Vault {
         name: &str,
         owner: &str,
     ) -> Result<(), OpenError> {
-        let lease = format!("instance/{name}");
+        let lease = instance_lease(name);
         let deadline =
             std::time::Instant::now() + INSTANCE_LEASE + std::time::Duration::from_secs(1);
         let mut logged = false;
@@ -446,7 +451,7 @@ impl Vault {
         if self.shares_keys() {
             // A clean stop frees the instance name at once for a restart.
             let (store, owner) = (Arc::clone(&self.store), self.instance_id.clone());
-            let name = format!("instance/{}", owner.split('/').next().unwrap_or_default());
+            let name = self.instance_lease();
             let released =
                 tokio::task::spawn_blocking(move || store.release_lease(&name, &owner)).await;
             if !matches!(released, Ok(Ok(()))) {
@@ -507,6 +512,11 @@ impl Vault {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// The lease holding this daemon's instance name.
+    fn instance_lease(&self) -> String {
+        instance_lease(self.instance_id.split('/').next().unwrap_or_default())
     }
 
     /// Whether the private keys (and so the registry) are shared with other daemons.
