@@ -493,6 +493,28 @@ struct FileStore {
     instance: Option<String>,
 }
 
+/// A database named on the command line (`tokenvault store copy`), checked as `[store]` is: no
+/// password in the URL (it comes from `password_file` or TOKENVAULT_STORE_PASSWORD), TLS with
+/// `ca_file` unless the database is on loopback.
+pub fn database_from_url(
+    url: &str,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    env: &dyn Strings,
+) -> Result<PostgresConfig, ConfigError> {
+    store_from(
+        FileStore {
+            url: url.to_string(),
+            password_file,
+            ca_file,
+            pool_size: Some(4),
+            instance: Some("store-copy".to_string()),
+        },
+        Path::new(""),
+        env,
+    )
+}
+
 /// Validates `[store]`: a PostgreSQL URL without a password, TLS unless loopback, a sane pool
 /// and an instance name. Messages never echo the URL (it might hold a password).
 fn store_from(

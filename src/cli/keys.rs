@@ -104,7 +104,8 @@ fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir, Config
 fn open_error(e: crate::vault::OpenError) -> CliError {
     match e {
         crate::vault::OpenError::Store(s) => CliError::from(s),
-        e @ crate::vault::OpenError::InstanceInUse(_) => CliError::Precondition(e.to_string()),
+        e @ (crate::vault::OpenError::InstanceInUse(_)
+        | crate::vault::OpenError::UnfinishedCopy) => CliError::Precondition(e.to_string()),
         other => CliError::Input(other.to_string()),
     }
 }

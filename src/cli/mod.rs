@@ -16,6 +16,7 @@ mod bench;
 mod client;
 mod keys;
 mod serve;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,9 @@ enum Command {
     /// Key lifecycle on the running daemon: rotate, rewrap, retire, destroy (admin credential).
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Whole-store operations: copy between engines, back up a running daemon's RocksDB.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 /// Where the daemon's data lives, for commands that open it directly.
@@ -99,6 +103,20 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// The same error, its message prefixed with `context: `.
+    pub(crate) fn with_prefix(self, context: &str) -> Self {
+        let p = |m: String| format!("{context}: {m}");
+        match self {
+            CliError::Input(m) => CliError::Input(p(m)),
+            CliError::NotFound(m) => CliError::NotFound(p(m)),
+            CliError::Precondition(m) => CliError::Precondition(p(m)),
+            CliError::Auth(m) => CliError::Auth(p(m)),
+            CliError::Unavailable(m) => CliError::Unavailable(p(m)),
+            CliError::Limited(m) => CliError::Limited(p(m)),
+            CliError::Internal(m) => CliError::Internal(p(m)),
+        }
+    }
+
     /// The process exit code.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -312,5 +330,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
         Command::Delete(args) => runtime()?.block_on(client::delete(args)),
         Command::Admin(cmd) => runtime()?.block_on(admin::run(cmd)),
+        Command::Store(cmd) => store::run(cmd),
     }
 }

@@ -150,6 +150,9 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
     let daemon = Daemon::open(&config).map_err(|e| match e {
         crate::server::StartError::Store(s)
         | crate::server::StartError::Vault(crate::vault::OpenError::Store(s)) => CliError::from(s),
+        e @ crate::server::StartError::Vault(crate::vault::OpenError::UnfinishedCopy) => {
+            CliError::Precondition(e.to_string())
+        }
         other => CliError::Internal(other.to_string()),
     })?;
     runtime.block_on(async move {

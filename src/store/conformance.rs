@@ -504,6 +504,112 @@ pub fn group_commit(store: &dyn TokenStore) {
     );
 }
 
+/// What `store copy` relies on: metadata listed in key order across pages (grants and replay
+/// markers under their shared keys), and an import written as it is, over what is there.
+pub fn import_and_listing(store: &dyn TokenStore) {
+    store
+        .apply(
+            &[
+                Mutation::PutGrant {
+                    id: "g1".into(),
+                    grant: b"grant-1".to_vec(),
+                    expected: None,
+                },
+                Mutation::PutReplayMarker {
+                    key: "m1".into(),
+                    at: 77,
+                },
+            ],
+            &[],
+            1,
+        )
+        .expect("apply");
+    store.put_meta("cursor", Some(b"c")).expect("meta");
+    let expected = vec![
+        ("cursor".to_string(), b"c".to_vec()),
+        (grant_key("g1"), b"grant-1".to_vec()),
+        (replay_key("m1"), replay_value(77).to_vec()),
+    ];
+    assert_eq!(store.meta_page(None, 10), Ok(expected.clone()));
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.meta_page(after.as_deref(), 1).expect("page");
+        let Some(last) = page.last() else { break };
+        after = Some(last.0.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged, expected);
+
+    let record = |owner: &str| Record {
+        meta: RecordMeta::parse("imp", owner, "github", SecretKind::AccessToken, &[], 0)
+            .expect("valid"),
+        envelope: b"imported-envelope".to_vec(),
+        key_version: 3,
+        created_at: 5,
+        updated_at: 9,
+        revoked: true,
+        needs_reauth: true,
+        version: 7,
+    };
+    let key = KeyInfo {
+        version: 3,
+        id: KeyId([3; 32]),
+        state: KeyState::DecryptOnly,
+        created_at: 1,
+        updated_at: 2,
+        spki_der: vec![3],
+    };
+    let batch = Import {
+        records: vec![record("o1")],
+        keys: vec![key.clone()],
+        meta: vec![
+            (grant_key("g2"), b"grant-2".to_vec()),
+            (replay_key("m2"), replay_value(88).to_vec()),
+            ("other".into(), b"v".to_vec()),
+        ],
+        audit: vec![
+            ("zz-copied".into(), 1, b"e1".to_vec()),
+            ("zz-copied".into(), 2, b"e2".to_vec()),
+        ],
+    };
+    store.import(&batch).expect("import");
+    // Written again (a resumed copy), with the owner changed: no duplicate, index follows.
+    let mut again = batch.clone();
+    again.records = vec![record("o2")];
+    store.import(&again).expect("import again");
+    assert_eq!(store.get_record(&rid("imp")), Ok(Some(record("o2"))));
+    let owner = |o: &str| Owner::parse(o).expect("owner");
+    assert_eq!(store.owner_record_ids(&owner("o1")), Ok(vec![]));
+    assert_eq!(store.owner_record_ids(&owner("o2")), Ok(vec![rid("imp")]));
+    assert_eq!(store.keys(), Ok(vec![key]));
+    assert_eq!(store.get_grant("g2"), Ok(Some(b"grant-2".to_vec())));
+    assert_eq!(store.get_meta("other"), Ok(Some(b"v".to_vec())));
+    // The imported replay marker refuses the event a second time.
+    assert!(matches!(
+        store.apply(
+            &[Mutation::PutReplayMarker {
+                key: "m2".into(),
+                at: 99
+            }],
+            &[],
+            1
+        ),
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(
+        store
+            .audit_chains()
+            .expect("chains")
+            .contains(&"zz-copied".to_string())
+    );
+    assert_eq!(
+        store.chain_events("zz-copied", 2, 10),
+        Ok(vec![(2, b"e2".to_vec())])
+    );
+    assert_eq!(store.meta_page(None, 10).expect("page").len(), 6);
+}
+
 /// Runs every check, each on a fresh store from `make`.
 pub fn all(make: impl Fn() -> Box<dyn TokenStore>) {
     grants(&*make());
@@ -515,6 +621,7 @@ pub fn all(make: impl Fn() -> Box<dyn TokenStore>) {
     batches_are_atomic(&*make());
     revoke_delete_and_stats(&*make());
     key_registry(&*make());
+    import_and_listing(&*make());
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ struct Inner {
     keys: BTreeMap<u32, KeyInfo>,
     meta: BTreeMap<String, Vec<u8>>,
     audit: BTreeMap<u64, Vec<u8>>,
+    /// Other daemons' audit chains, brought in by `store copy`.
+    chains: BTreeMap<(String, u64), Vec<u8>>,
 }
 
 impl MemoryStore {
@@ -292,6 +294,67 @@ impl TokenStore for MemoryStore {
             .iter()
             .next_back()
             .map(|(k, v)| (*k, v.clone())))
+    }
+
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        let inner = self.lock();
+        let mut names = vec![String::new()];
+        names.extend(inner.chains.keys().map(|(c, _)| c.clone()));
+        names.dedup();
+        Ok(names)
+    }
+
+    fn other_chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .lock()
+            .chains
+            .range((chain.to_string(), from_seq)..)
+            .take_while(|((c, _), _)| c == chain)
+            .take(limit)
+            .map(|((_, seq), v)| (*seq, v.clone()))
+            .collect())
+    }
+
+    fn meta_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_string()));
+        Ok(self
+            .lock()
+            .meta
+            .range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn import(&self, batch: &super::Import) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for r in &batch.records {
+            inner.records.insert(r.meta.id.clone(), r.clone());
+        }
+        for k in &batch.keys {
+            inner.keys.insert(k.version, k.clone());
+        }
+        for (k, v) in &batch.meta {
+            inner.meta.insert(k.clone(), v.clone());
+        }
+        for (chain, seq, bytes) in &batch.audit {
+            if chain.is_empty() {
+                inner.audit.insert(*seq, bytes.clone());
+            } else {
+                inner.chains.insert((chain.clone(), *seq), bytes.clone());
+            }
+        }
+        Ok(())
     }
 
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {

@@ -8,6 +8,8 @@
 //! `store/rocks.rs` imports `rocksdb`, so another engine can implement [`TokenStore`].
 //! Invariant: an acknowledged write is durable (WAL synced) and a batch is all-or-nothing.
 
+#[cfg(feature = "daemon")]
+pub mod copy;
 mod memory;
 #[cfg(feature = "daemon")]
 pub mod postgres;
@@ -141,8 +143,11 @@ pub(crate) fn grant_key(id: &str) -> String {
 
 /// Metadata key of a security-event replay marker.
 pub(crate) fn replay_key(key: &str) -> String {
-    format!("set_jti/{key}")
+    format!("{REPLAY_PREFIX}{key}")
 }
+
+/// Prefix of every replay marker's metadata key.
+pub(crate) const REPLAY_PREFIX: &str = "set_jti/";
 
 /// The first 12 hex digits of an id, as logs and messages show grant ids.
 pub(crate) fn short_id(id: &str) -> &str {
@@ -185,6 +190,36 @@ pub struct EnvelopeReplace {
     pub envelope: Vec<u8>,
     /// Key version that now wraps the data key.
     pub key_version: u32,
+}
+
+/// State written as it is by [`TokenStore::import`] (`tokenvault store copy`): records keep
+/// their versions and times, audit events their chain and sequence number.
+#[derive(Debug, Clone, Default)]
+pub struct Import {
+    /// Records, created or overwritten whole.
+    pub records: Vec<Record>,
+    /// Key registry entries, created or overwritten.
+    pub keys: Vec<KeyInfo>,
+    /// Metadata as [`TokenStore::meta_page`] lists it (grants and replay markers included).
+    pub meta: Vec<(String, Vec<u8>)>,
+    /// Audit events: chain name, sequence number, encoded event.
+    pub audit: Vec<(String, u64, Vec<u8>)>,
+}
+
+impl Import {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.keys.is_empty()
+            && self.meta.is_empty()
+            && self.audit.is_empty()
+    }
+}
+
+/// Value of a replay marker in [`TokenStore::meta_page`]: when it was applied, Unix seconds,
+/// big-endian (RocksDB's and memory's stored form; PostgreSQL's column is converted).
+pub(crate) fn replay_value(at: i64) -> [u8; 8] {
+    at.to_be_bytes()
 }
 
 /// Aggregate counts for `Admin.Stats`.
@@ -414,9 +449,37 @@ pub trait TokenStore: Send + Sync + 'static {
         if chain.is_empty() {
             self.audit_events(from_seq, limit)
         } else {
-            Ok(Vec::new())
+            self.other_chain_events(chain, from_seq, limit)
         }
     }
+
+    /// [`TokenStore::chain_events`] of a chain other than the store's own `""`: in a store one
+    /// daemon owns, those `store copy` brought from a shared database. None by default.
+    fn other_chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let _ = (chain, from_seq, limit);
+        Ok(Vec::new())
+    }
+
+    /// Up to `limit` metadata entries with keys after `after`, in key order: every piece of
+    /// state that is not a record, a registry entry or an audit event, grants under
+    /// [`grant_key`] and replay markers under [`replay_key`] (value: [`replay_value`]), so
+    /// `store copy` moves them between engines whatever their tables. The engine's own
+    /// bookkeeping (schema version, leases) is not listed.
+    fn meta_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Writes `batch` as it is, in one atomic, durable write: no version check, no new
+    /// timestamps, overwriting what is there (so a resumed copy can write a page again). Only
+    /// `store copy` calls this, on a store no daemon serves.
+    fn import(&self, batch: &Import) -> Result<(), StoreError>;
 
     /// Overwrites a stored audit event's bytes. Exists only so tests can prove that tampering
     /// is detected; nothing in the daemon calls it.

@@ -1169,6 +1169,52 @@ impl TokenStore for PostgresStore {
         })
     }
 
+    fn meta_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let after = after.unwrap_or_default().to_string();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            let after = after.clone();
+            Box::pin(async move {
+                // Grants and replay markers have tables of their own here; listed under the
+                // keys the other engines use, so a copy moves them whatever the engines.
+                let rows = c
+                    .query(
+                        "SELECT key, value, applied_at FROM (
+                             SELECT key COLLATE \"C\" AS key, value, NULL::bigint AS applied_at
+                                 FROM tokenvault_meta
+                             UNION ALL SELECT 'grant/' || id, value, NULL FROM tokenvault_grants
+                             UNION ALL SELECT 'set_jti/' || key, NULL, applied_at
+                                 FROM tokenvault_replay
+                         ) m WHERE key > $1 ORDER BY key LIMIT $2",
+                        &[&after, &limit],
+                    )
+                    .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|r| {
+                        let value = match r.get::<_, Option<i64>>(2) {
+                            Some(at) => super::replay_value(at).to_vec(),
+                            None => r.get::<_, Option<Vec<u8>>>(1).unwrap_or_default(),
+                        };
+                        (r.get(0), value)
+                    })
+                    .collect())
+            })
+        })
+    }
+
+    fn import(&self, batch: &super::Import) -> Result<(), StoreError> {
+        let batch = Arc::new(batch.clone());
+        self.txn(move |t| {
+            let batch = Arc::clone(&batch);
+            Box::pin(async move { import_in(t, &batch).await })
+        })
+    }
+
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         let chain = self.chain.clone();
         let (seq, bytes) = (version_i64(seq), bytes.to_vec());
@@ -1185,6 +1231,85 @@ impl TokenStore for PostgresStore {
             })
         })
     }
+}
+
+/// Writes an import (`store copy`) as it is, overwriting what is there.
+async fn import_in(t: &Txn<'_>, batch: &super::Import) -> Result<(), Fail> {
+    if !batch.records.is_empty() {
+        let mut id = Vec::new();
+        let mut owner = Vec::new();
+        let mut key_version = Vec::new();
+        let mut version = Vec::new();
+        let mut revoked = Vec::new();
+        let mut needs_reauth = Vec::new();
+        let mut value = Vec::new();
+        for r in &batch.records {
+            id.push(r.meta.id.to_string());
+            owner.push(r.meta.owner.as_str().to_string());
+            key_version.push(i64::from(r.key_version));
+            version.push(version_i64(r.version));
+            revoked.push(r.revoked);
+            needs_reauth.push(r.needs_reauth);
+            value.push(encode_record(r));
+        }
+        t.execute(
+            "INSERT INTO tokenvault_records
+                 (id, owner, key_version, version, revoked, needs_reauth, value)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[],
+                                  $5::bool[], $6::bool[], $7::bytea[])
+             ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner,
+                 key_version = EXCLUDED.key_version, version = EXCLUDED.version,
+                 revoked = EXCLUDED.revoked, needs_reauth = EXCLUDED.needs_reauth,
+                 value = EXCLUDED.value",
+            &[
+                &id,
+                &owner,
+                &key_version,
+                &version,
+                &revoked,
+                &needs_reauth,
+                &value,
+            ],
+        )
+        .await?;
+    }
+    upsert_keys(t, &batch.keys).await?;
+    for (key, value) in &batch.meta {
+        if let Some(id) = key.strip_prefix(super::GRANT_PREFIX) {
+            t.execute(
+                "INSERT INTO tokenvault_grants (id, value) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value",
+                &[&id, value],
+            )
+            .await?;
+        } else if let Some(marker) = key.strip_prefix(super::REPLAY_PREFIX) {
+            let at = <[u8; 8]>::try_from(value.as_slice())
+                .map(i64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt(format!("replay marker {key} is not 8 bytes")))?;
+            t.execute(
+                "INSERT INTO tokenvault_replay (key, applied_at) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET applied_at = EXCLUDED.applied_at",
+                &[&marker, &at],
+            )
+            .await?;
+        } else {
+            t.execute(
+                "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[key, value],
+            )
+            .await?;
+        }
+    }
+    for (chain, seq, bytes) in &batch.audit {
+        t.execute(
+            "INSERT INTO tokenvault_audit (chain, seq, value) VALUES ($1, $2, $3)
+             ON CONFLICT (chain, seq) DO UPDATE SET value = EXCLUDED.value",
+            &[chain, &version_i64(*seq), bytes],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Up to `limit` events of `chain` from `from_seq`, ascending.

@@ -1,8 +1,9 @@
 //! The embedded RocksDB [`TokenStore`]: the only module that imports `rocksdb`.
 //!
 //! Column families: `records` (record id → record), `owners` (owner ‖ 0x00 ‖ id → empty, for
-//! `DeleteOwner`), `keys` (version, big-endian → key registry entry) and `meta` (schema
-//! version). Every write is a `WriteBatch` with `sync = true`, so an acknowledged write survives
+//! `DeleteOwner`), `keys` (version, big-endian → key registry entry), `meta` (schema
+//! version, grants, replay markers, the rewrap cursor), `audit` (seq, big-endian → event) and
+//! `audit_chains` (other daemons' chains brought in by `store copy`). Every write is a `WriteBatch` with `sync = true`, so an acknowledged write survives
 //! a crash and a batch is atomic. Read-check-write sequences (version checks) are serialized by
 //! one mutex; reads take no lock.
 //!
@@ -39,6 +40,9 @@ const CF_OWNERS: &str = "owners";
 const CF_KEYS: &str = "keys";
 const CF_META: &str = "meta";
 const CF_AUDIT: &str = "audit";
+/// Other daemons' audit chains, brought in by `store copy` from a shared database: chain name
+/// ‖ 0x00 ‖ seq (big-endian) → event. Names never contain NUL.
+const CF_CHAINS: &str = "audit_chains";
 const META_SCHEMA: &[u8] = b"schema_version";
 
 /// A [`TokenStore`] on an embedded RocksDB in one directory.
@@ -67,6 +71,74 @@ const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
 impl RocksStore {
     /// Opens (creating if needed) the store in `path` with a block cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let (db_opts, cfs) = Self::options(cache_bytes);
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
+            let msg = e.into_string();
+            if msg.contains("lock") {
+                StoreError::Locked(path.display().to_string())
+            } else {
+                StoreError::Engine(msg)
+            }
+        })?;
+        let store = Self {
+            db,
+            write_lock: Mutex::new(()),
+        };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// Opens the store in `path` for reading only, as a RocksDB secondary instance (its own
+    /// files in `scratch`), so it works while a daemon holds the directory: the view is one
+    /// consistent point in time (whole write batches only) that does not move while it is
+    /// read, which is what a backup of a running daemon needs. Writes through it fail.
+    pub fn open_snapshot(path: &Path, scratch: &Path) -> Result<Self, StoreError> {
+        let (mut db_opts, cfs) = Self::options(8 << 20);
+        // A secondary must keep every table file open: the primary may delete compacted ones
+        // while they are read.
+        db_opts.set_max_open_files(-1);
+        db_opts.create_if_missing(false);
+        let existing = DB::list_cf(&db_opts, path).map_err(|e| {
+            StoreError::Engine(format!(
+                "{}: not a tokenvault data directory ({})",
+                path.display(),
+                e.into_string()
+            ))
+        })?;
+        for required in [CF_RECORDS, CF_OWNERS, CF_KEYS, CF_META, CF_AUDIT] {
+            if !existing.iter().any(|c| c == required) {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: no column family {required}; not a tokenvault data directory",
+                    path.display()
+                )));
+            }
+        }
+        let cfs = cfs
+            .into_iter()
+            .filter(|d| existing.iter().any(|c| c == d.name()));
+        let db = DB::open_cf_descriptors_as_secondary(&db_opts, path, scratch, cfs)
+            .map_err(|e| StoreError::Engine(e.into_string()))?;
+        db.try_catch_up_with_primary()
+            .map_err(|e| StoreError::Engine(e.into_string()))?;
+        let store = Self {
+            db,
+            write_lock: Mutex::new(()),
+        };
+        match store
+            .db
+            .get_cf(store.cf(CF_META), META_SCHEMA)
+            .map_err(engine)?
+        {
+            Some(v) if v.as_slice() == SCHEMA_VERSION.to_be_bytes() => Ok(store),
+            other => Err(StoreError::Corrupt(format!(
+                "{}: store schema version {other:?} is not {SCHEMA_VERSION}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Database options and column families for a block cache of `cache_bytes`.
+    fn options(cache_bytes: usize) -> (Options, Vec<ColumnFamilyDescriptor>) {
         let cache = Cache::new_lru_cache(cache_bytes);
         let cf_opts = |bloom: bool| {
             let mut table = BlockBasedOptions::default();
@@ -93,27 +165,15 @@ impl RocksStore {
         // Secrets must not linger in old WAL files once their memtable is flushed.
         db_opts.set_wal_ttl_seconds(0);
         db_opts.set_keep_log_file_num(4);
-        let cfs = [
+        let cfs = vec![
             ColumnFamilyDescriptor::new(CF_RECORDS, cf_opts(true)),
             ColumnFamilyDescriptor::new(CF_OWNERS, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_KEYS, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_META, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_AUDIT, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_CHAINS, cf_opts(false)),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(|e| {
-            let msg = e.into_string();
-            if msg.contains("lock") {
-                StoreError::Locked(path.display().to_string())
-            } else {
-                StoreError::Engine(msg)
-            }
-        })?;
-        let store = Self {
-            db,
-            write_lock: Mutex::new(()),
-        };
-        store.check_schema()?;
-        Ok(store)
+        (db_opts, cfs)
     }
 
     fn check_schema(&self) -> Result<(), StoreError> {
@@ -135,6 +195,12 @@ impl RocksStore {
         self.db
             .cf_handle(name)
             .expect("every column family is created at open")
+    }
+
+    /// The foreign audit chains' column family; absent only in a snapshot of a directory
+    /// written by an older tokenvault.
+    fn chains(&self) -> Option<&ColumnFamily> {
+        self.db.cf_handle(CF_CHAINS)
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
@@ -203,6 +269,7 @@ impl RocksStore {
             CF_KEYS,
             CF_META,
             CF_AUDIT,
+            CF_CHAINS,
             rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
         ] {
             self.db.flush_cf(self.cf(cf)).map_err(engine)?;
@@ -653,11 +720,128 @@ impl TokenStore for RocksStore {
         }
     }
 
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        let mut names = vec![String::new()];
+        let Some(cf) = self.chains() else {
+            return Ok(names);
+        };
+        // One seek per chain, not a walk over every event.
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek_to_first();
+        while let Some(key) = it.key() {
+            let name = key.split(|b| *b == 0).next().unwrap_or_default();
+            let name = String::from_utf8(name.to_vec())
+                .map_err(|_| StoreError::Corrupt("audit chain name is not UTF-8".into()))?;
+            let mut next = name.as_bytes().to_vec();
+            next.push(1);
+            names.push(name);
+            it.seek(&next);
+        }
+        it.status().map_err(engine)?;
+        Ok(names)
+    }
+
+    fn other_chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let Some(cf) = self.chains() else {
+            return Ok(Vec::new());
+        };
+        let prefix = chain_prefix(chain);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&from_seq.to_be_bytes());
+        let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, mode) {
+            let (k, v) = item.map_err(engine)?;
+            let Some(seq) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push((audit_seq(seq)?, v.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn meta_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mode = match after {
+            Some(a) => rocksdb::IteratorMode::From(a.as_bytes(), rocksdb::Direction::Forward),
+            None => rocksdb::IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (k, v) = item.map_err(engine)?;
+            if after.is_some_and(|a| a.as_bytes() == &*k) || &*k == META_SCHEMA {
+                continue;
+            }
+            let key = String::from_utf8(k.to_vec())
+                .map_err(|_| StoreError::Corrupt("metadata key is not UTF-8".into()))?;
+            out.push((key, v.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn import(&self, batch: &super::Import) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let mut wb = WriteBatch::default();
+        for r in &batch.records {
+            let previous = self.read(&r.meta.id)?;
+            self.stage_record(&mut wb, previous.as_ref(), r);
+        }
+        for k in &batch.keys {
+            wb.put_cf(
+                self.cf(CF_KEYS),
+                schema::key_key(k.version),
+                schema::encode_key(k),
+            );
+        }
+        for (k, v) in &batch.meta {
+            if k.as_bytes() == META_SCHEMA {
+                return Err(StoreError::Corrupt(
+                    "an import cannot set the schema version".into(),
+                ));
+            }
+            wb.put_cf(self.cf(CF_META), k.as_bytes(), v);
+        }
+        for (chain, seq, bytes) in &batch.audit {
+            if chain.is_empty() {
+                wb.put_cf(self.cf(CF_AUDIT), seq.to_be_bytes(), bytes);
+            } else {
+                let cf = self.chains().ok_or_else(|| {
+                    StoreError::Engine("this store cannot hold other audit chains".into())
+                })?;
+                let mut key = chain_prefix(chain);
+                key.extend_from_slice(&seq.to_be_bytes());
+                wb.put_cf(cf, key, bytes);
+            }
+        }
+        self.write(wb)
+    }
+
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.put_cf(self.cf(CF_AUDIT), seq.to_be_bytes(), bytes);
         self.write(batch)
     }
+}
+
+/// Key prefix of audit chain `chain` in [`CF_CHAINS`].
+fn chain_prefix(chain: &str) -> Vec<u8> {
+    let mut key = chain.as_bytes().to_vec();
+    key.push(0);
+    key
 }
 
 fn audit_seq(key: &[u8]) -> Result<u64, StoreError> {

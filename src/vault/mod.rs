@@ -91,6 +91,11 @@ pub enum OpenError {
     /// A provider's configuration could not be used.
     #[error("providers: {0}")]
     Providers(#[from] crate::proxy::UpstreamSetupError),
+    /// The store is the target of a `store copy` that has not finished (or did not verify).
+    #[error(
+        "the store holds an unfinished `tokenvault store copy` (store_copy/state): run the same copy again to finish it, or delete this target"
+    )]
+    UnfinishedCopy,
     /// Another live daemon runs with this instance name on the shared store.
     #[error(
         "store.instance {0:?} is in use by another running daemon on this database; give each daemon its own instance name"
@@ -123,38 +128,48 @@ pub enum OpenError {
 /// Opens the store `config` names: RocksDB in `data_dir`, or the `[store]` database (schema
 /// migrations applied, TLS as configured).
 pub fn open_store(config: &Config) -> Result<Arc<dyn TokenStore>, OpenError> {
+    let store = open_engine(config)?;
+    if crate::store::copy::unfinished(&*store)? {
+        return Err(OpenError::UnfinishedCopy);
+    }
+    Ok(store)
+}
+
+fn open_engine(config: &Config) -> Result<Arc<dyn TokenStore>, OpenError> {
     match &config.store {
         crate::config::StoreConfig::Rocks => Ok(Arc::new(crate::store::RocksStore::open(
             &config.data_dir,
             config.block_cache_bytes,
         )?)),
-        crate::config::StoreConfig::Postgres(pg) => {
-            let mut connection = pg.connection.clone();
-            if let Some(p) = &pg.password {
-                connection.password(p.expose_secret());
-            }
-            let tls = match &pg.ca_file {
-                Some(path) => {
-                    connection.ssl_mode(tokio_postgres::config::SslMode::Require);
-                    Some(database_tls(path)?)
-                }
-                None => {
-                    connection.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                    None
-                }
-            };
-            let options = crate::store::PostgresOptions {
-                config: connection,
-                tls,
-                pool_size: pg.pool_size,
-                connect_timeout: std::time::Duration::from_secs(10),
-            };
-            Ok(Arc::new(crate::store::PostgresStore::connect(
-                options,
-                &pg.instance,
-            )?))
-        }
+        crate::config::StoreConfig::Postgres(pg) => Ok(Arc::new(open_postgres(pg)?)),
     }
+}
+
+/// Connects to the `[store]` database (schema migrations applied, TLS as configured).
+pub fn open_postgres(
+    pg: &crate::config::PostgresConfig,
+) -> Result<crate::store::PostgresStore, OpenError> {
+    let mut connection = pg.connection.clone();
+    if let Some(p) = &pg.password {
+        connection.password(p.expose_secret());
+    }
+    let tls = match &pg.ca_file {
+        Some(path) => {
+            connection.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Some(database_tls(path)?)
+        }
+        None => {
+            connection.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            None
+        }
+    };
+    let options = crate::store::PostgresOptions {
+        config: connection,
+        tls,
+        pool_size: pg.pool_size,
+        connect_timeout: std::time::Duration::from_secs(10),
+    };
+    Ok(crate::store::PostgresStore::connect(options, &pg.instance)?)
 }
 
 /// How long a daemon's claim on its instance name lasts unrenewed (renewed every third of it).

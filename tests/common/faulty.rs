@@ -116,6 +116,18 @@ impl TokenStore for FaultyStore {
         self.inner.get_meta(key)
     }
 
+    fn meta_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.meta_page(after, limit)
+    }
+
+    fn import(&self, batch: &tokenvault::store::Import) -> Result<(), StoreError> {
+        self.inner.import(batch)
+    }
+
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         self.inner.put_meta(key, value)
     }

@@ -1,0 +1,312 @@
+//! `tokenvault store copy`: RocksDB -> PostgreSQL -> RocksDB with a daemon serving the result,
+//! the backup of a running daemon's RocksDB, and refused copies that change nothing. Real
+//! daemons, the real binary, a real PostgreSQL (scripts/with-postgres).
+
+mod common;
+
+use std::path::Path;
+
+use common::process::{assert_exit, run};
+use common::*;
+use tokenvault::api::v1;
+use tonic::Code;
+
+/// Copies a key directory tree (private keys stay 0600: `fs::copy` keeps the mode).
+fn copy_keys(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("key dir");
+    for entry in std::fs::read_dir(from).expect("read keys") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_keys(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy key file");
+        }
+    }
+}
+
+fn copy(cwd: &Path, from: &str, to: &str) -> std::process::Output {
+    run(
+        cwd,
+        &["store", "copy", "--from", from, "--to", to],
+        &[],
+        None,
+    )
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+async fn stats(d: &TestDaemon) -> v1::StatsResponse {
+    d.admin(ADMIN)
+        .await
+        .stats(v1::StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+/// The daemon's own audit chain, verified; returns its raw events.
+async fn verified_trail(d: &TestDaemon) -> Vec<(u64, Vec<u8>)> {
+    let raw: Vec<(u64, Vec<u8>)> = d
+        .audit_events(v1::AuditLogRequest::default())
+        .await
+        .iter()
+        .map(|e| (e.seq, e.raw.clone()))
+        .collect();
+    tokenvault::audit::verify_chain(raw.clone()).expect("chain verifies");
+    raw
+}
+
+#[tokio::test]
+async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
+    let (a, c) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("c"),
+    );
+    // The source: records under two key versions, one revoked, a grant, an audit trail.
+    let d = TestDaemon::start(a.path()).await;
+    d.seed("r", 300).await;
+    d.admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    d.seed("s", 40).await;
+    d.admin(ADMIN)
+        .await
+        .revoke(v1::RevokeRequest { id: "r3".into() })
+        .await
+        .expect("revoke");
+    let before = stats(&d).await;
+    assert_eq!(before.records_per_key_version.len(), 2);
+    let trail = verified_trail(&d).await;
+    d.stop().await;
+
+    let url = pg::database().await;
+    let rocks_a = format!("rocksdb:{}", a.path().join("data").display());
+    let out = copy(a.path(), &rocks_a, &url);
+    assert_exit(&out, 0, "");
+    let report = stdout(&out);
+    assert!(report.contains("records under key v1"), "{report}");
+    assert!(report.contains("records under key v2"), "{report}");
+    assert!(report.contains("verified"), "{report}");
+    // Copying into the now filled database again is refused and changes nothing.
+    let again = copy(a.path(), &rocks_a, &url);
+    assert_exit(&again, 6, "not empty");
+
+    let rocks_c = format!("rocksdb:{}", c.path().join("data").display());
+    let out = copy(c.path(), &url, &rocks_c);
+    assert_exit(&out, 0, "");
+    // The same counts and checksums both ways.
+    let lines = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains("sha256"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(lines(&stdout(&out)), lines(&report));
+
+    // A daemon on the copy of the copy, with the source's keys, serves everything.
+    copy_keys(&a.path().join("keys"), &c.path().join("keys"));
+    let d = TestDaemon::start(c.path()).await;
+    assert_eq!(
+        d.get("r7").await.expect("get").into_inner().secret,
+        b"secret-7"
+    );
+    assert_eq!(
+        d.get("s39").await.expect("get").into_inner().secret,
+        b"secret-39"
+    );
+    assert_eq!(
+        d.get("r3").await.expect_err("revoked").code(),
+        Code::FailedPrecondition
+    );
+    let after = stats(&d).await;
+    assert_eq!(after.records, before.records);
+    assert_eq!(after.revoked, before.revoked);
+    assert_eq!(
+        after.records_per_key_version,
+        before.records_per_key_version
+    );
+    // The trail came along event for event, and continues verifiably.
+    let copied = verified_trail(&d).await;
+    assert!(copied.len() > trail.len(), "the gets above were audited");
+    assert_eq!(copied[..trail.len()], trail[..]);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_running_daemons_rocksdb_is_backed_up_as_a_consistent_snapshot() {
+    let (a, b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
+    let d = TestDaemon::start(a.path()).await;
+    d.seed("pre", 200).await;
+    // Writes continue while the backup runs.
+    let sealer = d.sealer().await;
+    let mut ingest = d.ingest(INGEST).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = {
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let id = format!("live{n}");
+                let rec = sealer
+                    .seal_record(
+                        &meta(&id, "o"),
+                        &tokenvault::secret::Secret::new(id.clone().into_bytes()),
+                    )
+                    .expect("seal");
+                ingest
+                    .put_sealed(v1::PutSealedRequest {
+                        record: Some(rec),
+                        expected_version: 0,
+                    })
+                    .await
+                    .expect("put");
+                n += 1;
+            }
+            n
+        })
+    };
+    let from = format!("rocksdb:{}", a.path().join("data").display());
+    let to = format!("rocksdb:{}", b.path().join("data").display());
+    let cwd = a.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || copy(&cwd, &from, &to))
+        .await
+        .expect("join");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writing.await.expect("writer");
+    assert_exit(&out, 0, "");
+    assert!(written > 0, "writes ran during the backup");
+
+    // The backup opens in a daemon of its own while the source keeps running.
+    copy_keys(&a.path().join("keys"), &b.path().join("keys"));
+    let backup = TestDaemon::start(b.path()).await;
+    for i in [0, 99, 199] {
+        assert_eq!(
+            backup
+                .get(format!("pre{i}").as_str())
+                .await
+                .expect("acknowledged before the backup")
+                .into_inner()
+                .secret,
+            format!("secret-{i}").as_bytes()
+        );
+    }
+    let n = stats(&backup).await.records;
+    assert!((200..=200 + u64::from(written)).contains(&n), "{n}");
+    // A consistent point in time: the live writes it holds are a prefix of those made.
+    for i in 0..(n - 200) {
+        let id = format!("live{i}");
+        assert_eq!(
+            backup
+                .get(id.as_str())
+                .await
+                .expect("in the snapshot")
+                .into_inner()
+                .secret,
+            id.as_bytes()
+        );
+    }
+    verified_trail(&backup).await;
+    backup.stop().await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn refused_copies_say_why_and_change_nothing() {
+    let a = tempfile::tempdir().expect("a");
+    let d = TestDaemon::start(a.path()).await;
+    d.seed("r", 5).await;
+    d.stop().await;
+    let src = format!("rocksdb:{}", a.path().join("data").display());
+    let fresh = |name: &str| format!("rocksdb:{}", a.path().join(name).display());
+
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        (
+            vec![src.clone(), "mysql://u@127.0.0.1/db".into()],
+            5,
+            "must be rocksdb:PATH or postgres://",
+        ),
+        (vec![src.clone(), "rocksdb:".into()], 5, "needs a directory"),
+        (
+            vec![fresh("nonexistent"), fresh("t1")],
+            5,
+            "No such file or directory",
+        ),
+        (vec![src.clone(), src.clone()], 5, "the same store"),
+        (
+            vec![
+                src.clone(),
+                "postgres://u:hunter2-secret@127.0.0.1:9/db".into(),
+            ],
+            5,
+            "must not contain a password",
+        ),
+        // Nothing listens on port 9 (discard): the database is unavailable.
+        (
+            vec![src.clone(), "postgres://u@127.0.0.1:9/db".into()],
+            7,
+            "unavailable",
+        ),
+        (
+            vec![src.clone(), "postgres://u@db.example.com/db".into()],
+            5,
+            "ca_file",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let out = copy(a.path(), &args[0], &args[1]);
+        assert_exit(&out, code, needle);
+        assert!(
+            !process::stderr(&out).contains("hunter2"),
+            "password echoed"
+        );
+    }
+    assert!(!a.path().join("t1").exists(), "nothing was created");
+
+    // A target holding anything is refused, and left as it was.
+    let t = tempfile::tempdir().expect("t");
+    let d = TestDaemon::start(t.path()).await;
+    d.seed("other", 3).await;
+    d.stop().await;
+    let target = format!("rocksdb:{}", t.path().join("data").display());
+    assert_exit(&copy(a.path(), &src, &target), 6, "not empty");
+    let d = TestDaemon::start(t.path()).await;
+    assert_eq!(stats(&d).await.records, 3);
+    assert_eq!(
+        d.get("r1").await.expect_err("not copied").code(),
+        Code::NotFound
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_daemon_refuses_a_store_holding_an_unfinished_copy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = config(dir.path());
+    {
+        let store = tokenvault::store::RocksStore::open(&config.data_dir, 8 << 20).expect("open");
+        tokenvault::store::TokenStore::put_meta(
+            &store,
+            tokenvault::store::copy::COPY_STATE,
+            Some(b"source=00\nphase=records\nafter=\n"),
+        )
+        .expect("meta");
+    }
+    let err = tokenvault::server::Daemon::open(&config).expect_err("refused");
+    assert!(err.to_string().contains("unfinished"), "{err}");
+    // `serve` says the same with exit 6 (failed precondition).
+    let out = run(
+        dir.path(),
+        &["serve", "--dev", "--listen", "127.0.0.1:0"],
+        &[],
+        None,
+    );
+    assert_exit(&out, 6, "unfinished `tokenvault store copy`");
+}
