@@ -270,11 +270,14 @@ fn passphrase_kek(
 }
 
 /// The audit HMAC key of a shared store: read and decrypted, or created (salt 16 bytes, nonce
-/// 12, AES-256-GCM) by the first daemon, atomically so two starting together agree.
+/// 12, AES-256-GCM) by the first daemon, atomically so two starting together agree; created as
+/// `proposed` when given (a key directory's key moved in), otherwise random. Also says whether
+/// this call created it.
 fn shared_key(
     store: &dyn TokenStore,
     passphrase: &crate::secret::Passphrase,
-) -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    proposed: Option<&[u8; 32]>,
+) -> Result<(Zeroizing<[u8; 32]>, bool), AuditError> {
     use aes_gcm::aead::{Aead as _, KeyInit as _, Payload};
     let err = |message: &str| AuditError::Key {
         path: format!("{SHARED_KEY_META} (in the store)"),
@@ -303,10 +306,13 @@ fn shared_key(
             );
             let mut key = Zeroizing::new([0u8; 32]);
             key.copy_from_slice(&plain[..]);
-            return Ok(key);
+            return Ok((key, false));
         }
         let mut key = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng.fill_bytes(&mut key[..]);
+        match proposed {
+            Some(k) => key.copy_from_slice(k),
+            None => rand::rngs::OsRng.fill_bytes(&mut key[..]),
+        }
         let mut salt = [0u8; 16];
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut salt);
@@ -326,24 +332,51 @@ fn shared_key(
         let blob = [&salt[..], &nonce[..], &sealed[..]].concat();
         if store.put_meta_if_absent(SHARED_KEY_META, &blob)? {
             tracing::info!("created the shared audit HMAC key");
-            return Ok(key);
+            return Ok((key, true));
         }
         // Another daemon created it first: read that one.
     }
     Err(err("could not be created"))
 }
 
-fn load_or_create_key(dir: &Path) -> Result<Zeroizing<[u8; 32]>, AuditError> {
-    let path = dir.join(AUDIT_KEY_FILE);
+/// Moves `key_dir`'s audit HMAC key into a shared store, encrypted with `passphrase`, so the
+/// daemons on it write and search the same HMACs as the trail copied from that directory's
+/// daemon (`tokenvault keys share`). Whether it was stored: false if the store already had this
+/// very key; an error if it has another one, or the directory has none.
+pub fn share_key_file(
+    store: &dyn TokenStore,
+    passphrase: &crate::secret::Passphrase,
+    key_dir: &Path,
+) -> Result<bool, AuditError> {
+    let path = key_dir.join(AUDIT_KEY_FILE);
+    let key = read_key_file(&path)?.ok_or_else(|| AuditError::Key {
+        path: path.display().to_string(),
+        message: "does not exist".into(),
+    })?;
+    let (stored, created) = shared_key(store, passphrase, Some(&key))?;
+    if !created && !bool::from(subtle::ConstantTimeEq::ct_eq(&stored[..], &key[..])) {
+        return Err(AuditError::Key {
+            path: format!("{SHARED_KEY_META} (in the store)"),
+            message: format!(
+                "differs from {}: the store's trail was written under another key",
+                path.display()
+            ),
+        });
+    }
+    Ok(created)
+}
+
+/// Reads an audit key file (`None` if there is none), refusing one others can read.
+fn read_key_file(path: &Path) -> Result<Option<Zeroizing<[u8; 32]>>, AuditError> {
     let err = |message: String| AuditError::Key {
         path: path.display().to_string(),
         message,
     };
     let mut key = Zeroizing::new([0u8; 32]);
-    match std::fs::read(&path) {
+    match std::fs::read(path) {
         Ok(bytes) => {
             let bytes = Zeroizing::new(bytes);
-            let mode = std::fs::metadata(&path)
+            let mode = std::fs::metadata(path)
                 .map_err(|e| err(e.to_string()))?
                 .permissions()
                 .mode();
@@ -357,23 +390,35 @@ fn load_or_create_key(dir: &Path) -> Result<Zeroizing<[u8; 32]>, AuditError> {
                 return Err(err("must hold exactly 32 bytes".into()));
             }
             key.copy_from_slice(&bytes);
+            Ok(Some(key))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            rand::rngs::OsRng.fill_bytes(&mut key[..]);
-            std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| err(e.to_string()))?;
-            f.write_all(&key[..])
-                .and_then(|()| f.sync_all())
-                .map_err(|e| err(e.to_string()))?;
-            tracing::info!(path = %path.display(), "created audit HMAC key");
-        }
-        Err(e) => return Err(err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(err(e.to_string())),
     }
+}
+
+fn load_or_create_key(dir: &Path) -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    let path = dir.join(AUDIT_KEY_FILE);
+    let err = |message: String| AuditError::Key {
+        path: path.display().to_string(),
+        message,
+    };
+    if let Some(key) = read_key_file(&path)? {
+        return Ok(key);
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(&mut key[..]);
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| err(e.to_string()))?;
+    f.write_all(&key[..])
+        .and_then(|()| f.sync_all())
+        .map_err(|e| err(e.to_string()))?;
+    tracing::info!(path = %path.display(), "created audit HMAC key");
     Ok(key)
 }
 
@@ -392,7 +437,7 @@ impl Auditor {
         store: Arc<dyn TokenStore>,
         passphrase: &crate::secret::Passphrase,
     ) -> Result<Self, AuditError> {
-        let key = shared_key(&*store, passphrase)?;
+        let (key, _) = shared_key(&*store, passphrase, None)?;
         Self::with_key(store, key)
     }
 

@@ -660,3 +660,78 @@ async fn an_instance_name_runs_once() {
     let again = TestDaemon::start_with(pg::config_on(dir.path(), &url, "a")).await;
     again.stop().await;
 }
+
+/// The README's `[store]` tables, byte for byte: the reference's commented block uncommented,
+/// and the "Running several daemons" example, load as the text says (paths moved to a
+/// temporary directory, since the files they name must exist).
+#[test]
+fn the_readme_store_tables_load_as_documented() {
+    let readme = std::fs::read_to_string(fixture_path("README.md")).expect("README.md");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etc = dir.path().join("etc/");
+    std::fs::create_dir_all(&etc).expect("etc");
+    std::fs::write(etc.join("db-password"), "s3cret\n").expect("password");
+    std::fs::write(etc.join("db-ca.pem"), "").expect("ca");
+    let toml_blocks: Vec<String> = {
+        let mut out = Vec::new();
+        let mut lines = readme.lines();
+        while let Some(line) = lines.next() {
+            if line.trim() == "```toml" {
+                out.push(
+                    lines
+                        .by_ref()
+                        .take_while(|l| l.trim() != "```")
+                        .map(|l| l.trim_start().to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
+            }
+        }
+        out
+    };
+    // From its `[store]` line to the next table (or, commented out, to the first line that is
+    // not a comment).
+    let store_table = |block: &str, uncomment: bool| -> String {
+        let start = if uncomment { "# [store]" } else { "[store]" };
+        block
+            .lines()
+            .skip_while(|l| !l.starts_with(start))
+            .enumerate()
+            .take_while(|(i, l)| {
+                *i == 0
+                    || if uncomment {
+                        l.starts_with("# ")
+                    } else {
+                        !l.starts_with('[')
+                    }
+            })
+            .map(|(_, l)| if uncomment { &l[2..] } else { l })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("/etc/tokenvault/", &etc.display().to_string())
+    };
+    let reference = toml_blocks
+        .iter()
+        .find(|b| b.contains("# [store]"))
+        .expect("the configuration reference");
+    let example = toml_blocks
+        .iter()
+        .find(|b| b.contains("instance = \"vault-a\"") && b.contains("\n[store]"))
+        .expect("the several-daemons example");
+    for table in [store_table(reference, true), store_table(example, false)] {
+        assert!(table.contains("url = \"postgres://tokenvault@db.internal:5432/tokenvault\""));
+        let table = table.strip_prefix("[store]").expect("starts with [store]");
+        let store = pg::load_store(dir.path(), table).expect("loads");
+        let tokenvault::config::StoreConfig::Postgres(pg) = store else {
+            panic!("not a database store");
+        };
+        assert_eq!(pg.instance, "vault-a");
+        assert_eq!(pg.connection.get_dbname(), Some("tokenvault"));
+        assert_eq!(
+            pg.password.as_ref().map(|p| p.expose_secret().to_string()),
+            Some("s3cret".into()),
+            "the file's newline is not part of the password"
+        );
+        assert_eq!(pg.ca_file, Some(etc.join("db-ca.pem")));
+    }
+}

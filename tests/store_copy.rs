@@ -47,16 +47,21 @@ async fn stats(d: &TestDaemon) -> v1::StatsResponse {
         .into_inner()
 }
 
-/// The daemon's own audit chain, verified; returns its raw events.
+/// Every audit chain the daemon holds, each verified; returns the events of chain `""` (a
+/// RocksDB daemon's own).
 async fn verified_trail(d: &TestDaemon) -> Vec<(u64, Vec<u8>)> {
-    let raw: Vec<(u64, Vec<u8>)> = d
-        .audit_events(v1::AuditLogRequest::default())
-        .await
-        .iter()
-        .map(|e| (e.seq, e.raw.clone()))
-        .collect();
-    tokenvault::audit::verify_chain(raw.clone()).expect("chain verifies");
-    raw
+    let mut chains: std::collections::BTreeMap<String, Vec<(u64, Vec<u8>)>> = Default::default();
+    for e in d.audit_events(v1::AuditLogRequest::default()).await {
+        chains
+            .entry(e.instance.clone())
+            .or_default()
+            .push((e.seq, e.raw.clone()));
+    }
+    for (name, events) in &chains {
+        tokenvault::audit::verify_chain(events.clone())
+            .unwrap_or_else(|e| panic!("chain {name:?}: {e}"));
+    }
+    chains.remove("").unwrap_or_default()
 }
 
 #[tokio::test]
@@ -96,17 +101,96 @@ async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
     let again = copy(a.path(), &rocks_a, &url);
     assert_exit(&again, 6, "not empty");
 
+    // The database serves too, once the RocksDB daemon's keys are shared into it (checked
+    // against the registry first: the wrong directory is refused and nothing is written).
+    let key_dir = config(a.path()).key_dir;
+    std::fs::write(a.path().join("pass"), pg::PASSPHRASE).expect("passphrase");
+    let database_config = |name: &str, url: &str| {
+        std::fs::write(
+            a.path().join(name),
+            format!(
+                "data_dir = \"pgdata\"\nkey_dir = \"pgkeys\"\npassphrase_file = \"pass\"\n\
+                 [store]\nurl = \"{url}\"\ninstance = \"p\"\n"
+            ),
+        )
+        .expect("config");
+    };
+    database_config("pg.toml", &url);
+    let share_with = |at: &[&str], from: &Path| {
+        let mut args = vec!["keys", "share"];
+        args.extend_from_slice(at);
+        args.extend(["--from-key-dir", from.to_str().expect("utf-8")]);
+        run(a.path(), &args, &[], None)
+    };
+    let share = |from: &Path| share_with(&["--config", "pg.toml"], from);
+    // Not a shared database: nothing to share into.
+    assert_exit(
+        &share_with(&["--dev"], &key_dir),
+        5,
+        "must name a daemon on a shared [store] database",
+    );
+    // An empty database has no registry to check the files against.
+    let empty = pg::database().await;
+    database_config("empty.toml", &empty);
+    assert_exit(
+        &share_with(&["--config", "empty.toml"], &key_dir),
+        3,
+        "no key registry",
+    );
+    assert_eq!(
+        pg::client(&empty)
+            .await
+            .query_one("SELECT count(*) FROM tokenvault_meta", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0),
+        0,
+        "nothing written"
+    );
+    let stranger = tempfile::tempdir().expect("stranger");
+    {
+        let other = TestDaemon::start(stranger.path()).await;
+        other.stop().await;
+    }
+    assert_exit(
+        &share(&config(stranger.path()).key_dir),
+        5,
+        "is not the one the registry holds",
+    );
+    let shared = share(&key_dir);
+    assert_exit(&shared, 0, "");
+    assert!(stdout(&shared).contains("shared private key v1"));
+    assert!(stdout(&shared).contains("shared private key v2"));
+    assert!(stdout(&shared).contains("shared the audit HMAC key"));
+    let on_pg = TestDaemon::start_with(pg::config_on(c.path(), &url, "p")).await;
+    assert_eq!(
+        on_pg.get("r8").await.expect("get").into_inner().secret,
+        b"secret-8"
+    );
+    // Same audit key: a search by record id finds the events the RocksDB daemon wrote.
+    let found = on_pg
+        .audit_events(v1::AuditLogRequest {
+            record_id: "r3".into(),
+            instance: String::new(),
+            ..Default::default()
+        })
+        .await;
+    assert!(found.iter().any(|e| e.action == "Revoke"), "{found:?}");
+    on_pg.stop().await;
+
     let rocks_c = format!("rocksdb:{}", c.path().join("data").display());
     let out = copy(c.path(), &url, &rocks_c);
     assert_exit(&out, 0, "");
-    // The same counts and checksums both ways.
+    // The records, registry and the RocksDB daemon's chain have the same counts and
+    // checksums both ways (the database gained the shared keys and daemon p's chain since).
     let lines = |s: &str| {
         s.lines()
-            .filter(|l| l.contains("sha256"))
+            .filter(|l| l.contains("sha256") && !l.contains("metadata") && !l.contains("\"p\""))
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
     assert_eq!(lines(&stdout(&out)), lines(&report));
+    assert!(stdout(&out).contains("audit events, chain \"p\""));
 
     // A daemon on the copy of the copy, with the source's keys, serves everything.
     copy_keys(&a.path().join("keys"), &c.path().join("keys"));

@@ -76,6 +76,20 @@ pub(crate) enum KeysCommand {
         #[arg(long)]
         import_passphrase_file: Option<PathBuf>,
     },
+    /// Move a key directory's private keys and audit key into the shared database named by
+    /// --config, encrypted with its passphrase: the step after `store copy` from a RocksDB
+    /// daemon, so daemons on the database open what that daemon sealed.
+    Share {
+        #[command(flatten)]
+        at: Location,
+        /// The RocksDB daemon's key directory (its `key_dir`).
+        #[arg(long)]
+        from_key_dir: PathBuf,
+        /// File with the passphrase of that directory's key files, if they are encrypted (or
+        /// set TOKENVAULT_IMPORT_PASSPHRASE).
+        #[arg(long)]
+        import_passphrase_file: Option<PathBuf>,
+    },
 }
 
 fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir, Config), CliError> {
@@ -222,6 +236,80 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
             let info = add_recorded(open(&at)?, Some(key), false, now)?;
             println!("imported as active {}", describe(&info));
         }
+        KeysCommand::Share {
+            at,
+            from_key_dir,
+            import_passphrase_file,
+        } => share(&at, &from_key_dir, import_passphrase_file.as_deref())?,
     }
+    Ok(())
+}
+
+/// `keys share`: every private key the registry still needs, read from `from` and checked
+/// against its registered fingerprint before anything is written, then stored encrypted.
+fn share(
+    at: &Location,
+    from: &std::path::Path,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<(), CliError> {
+    let (store, shared, _) = open(at)?;
+    let Some(passphrase) = shared.is_shared().then(|| shared.passphrase()).flatten() else {
+        return Err(CliError::Input(
+            "--config must name a daemon on a shared [store] database; its key_dir already \
+             holds the keys"
+                .into(),
+        ));
+    };
+    let local_passphrase = match (std::env::var(ENV_IMPORT_PASSPHRASE).ok(), passphrase_file) {
+        (Some(p), _) => Some(Passphrase::new(p)),
+        (None, Some(f)) => Some(Passphrase::new(
+            std::fs::read_to_string(f)
+                .map_err(|e| CliError::Input(format!("{}: {e}", f.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        )),
+        (None, None) => None,
+    };
+    let local = KeyDir::new(from, local_passphrase);
+    let keys = store.keys()?;
+    if keys.is_empty() {
+        return Err(CliError::NotFound(
+            "the database has no key registry; run `tokenvault store copy` from the RocksDB \
+             daemon first"
+                .into(),
+        ));
+    }
+    let mut moving = Vec::new();
+    for k in keys
+        .iter()
+        .filter(|k| k.state != crate::keys::KeyState::Destroyed)
+    {
+        if shared.has_private(k.version) {
+            continue;
+        }
+        let key = local.read(k.version).map_err(|e| {
+            CliError::from(e.with_passphrase_hint(crate::keys::passphrase_hint::IMPORT))
+        })?;
+        if key.public_key().id() != k.id {
+            return Err(CliError::Input(format!(
+                "{}: key v{} is not the one the registry holds (fingerprint {}, registered {})",
+                from.display(),
+                k.version,
+                key.public_key().id().to_hex(),
+                k.id.to_hex()
+            )));
+        }
+        moving.push((k.version, key));
+    }
+    for (version, key) in &moving {
+        shared.write(*version, key)?;
+        println!("shared private key v{version}");
+    }
+    let stored = crate::audit::share_key_file(&*store, passphrase, from)
+        .map_err(|e| CliError::Precondition(e.to_string()))?;
+    println!(
+        "{} the audit HMAC key; daemons on this database can now open every record",
+        if stored { "shared" } else { "already had" }
+    );
     Ok(())
 }
