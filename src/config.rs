@@ -584,12 +584,7 @@ fn store_from(
              database (1-64 of A-Z a-z 0-9 . _ -)",
         )
     })?;
-    if instance.is_empty()
-        || instance.len() > 64
-        || !instance
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
+    if crate::record::check_instance(&instance).is_err() {
         return Err(invalid(
             "store.instance",
             "must be 1-64 of A-Z a-z 0-9 . _ -",

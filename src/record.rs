@@ -332,6 +332,32 @@ pub struct Record {
     pub version: u64,
 }
 
+/// Checks a daemon instance name (`[store] instance`, the name of its audit chain): 1-64 of
+/// `A-Z a-z 0-9 . _ -`.
+pub fn check_instance(name: &str) -> Result<(), ValidationError> {
+    const FIELD: &str = "instance";
+    if name.is_empty() {
+        return Err(ValidationError::Empty { field: FIELD });
+    }
+    if name.len() > 64 {
+        return Err(ValidationError::TooLong {
+            field: FIELD,
+            len: name.len(),
+            max: 64,
+        });
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(ValidationError::BadCharset {
+            field: FIELD,
+            allowed: "A-Z a-z 0-9 . _ -",
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

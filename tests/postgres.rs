@@ -59,6 +59,31 @@ async fn a_daemon_on_postgres_serves_and_keeps_everything_across_a_restart() {
     assert_eq!(verified, events.len() as u64);
     assert!(events.iter().any(|e| e.action == "Revoke"));
     assert!(events.iter().filter(|e| e.action == "GetToken").count() >= 3);
+    // An instance with no chain yet has no events; a name no instance can have is refused.
+    let none = d
+        .audit_events(v1::AuditLogRequest {
+            instance: "nobody".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(none.is_empty());
+    for bad in ["a b", &"x".repeat(65)] {
+        let err = d
+            .admin(ADMIN)
+            .await
+            .audit_log(v1::AuditLogRequest {
+                instance: bad.to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("invalid instance");
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert!(
+            err.message().contains("invalid instance"),
+            "{}",
+            err.message()
+        );
+    }
     d.stop().await;
 }
 
@@ -149,6 +174,39 @@ async fn bad_store_settings_are_refused_at_start_with_a_clear_error() {
     assert!(e.contains("store.pool_size"), "{e}");
     let e = refused("url = \"postgres://tv@127.0.0.1/db\"\ninstance = \"a\"\nbogus = 1\n");
     assert!(e.contains("bogus"), "{e}");
+    let e = refused(
+        "url = \"postgres://tv@127.0.0.1/db\"\ninstance = \"a\"\npassword_file = \"no-such-file\"\n",
+    );
+    assert!(
+        e.contains("no-such-file") && e.contains("No such file"),
+        "{e}"
+    );
+
+    // A CA file that is missing or holds no certificate stops the start, naming the file.
+    std::fs::write(dir.path().join("not-a-ca.pem"), "just text\n").expect("write");
+    for (file, why) in [
+        ("missing-ca.pem", "No such file"),
+        ("not-a-ca.pem", "holds no PEM certificate"),
+    ] {
+        let mut config = config(dir.path());
+        config.store = pg::store_config(
+            dir.path(),
+            &format!(
+                "url = \"{}\"\ninstance = \"a\"\nca_file = \"{file}\"\n",
+                pg::server_url()
+            ),
+        );
+        config.passphrase = Some(tokenvault::secret::Passphrase::new(pg::PASSPHRASE.into()));
+        let err = tokio::task::spawn_blocking(move || tokenvault::server::Daemon::open(&config))
+            .await
+            .expect("join")
+            .expect_err("bad CA file");
+        let e = err.to_string();
+        assert!(
+            e.contains("store.ca_file") && e.contains(file) && e.contains(why),
+            "{e}"
+        );
+    }
 
     // Nothing listens on this port: the start fails with UNAVAILABLE's exit class, quickly.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -376,6 +434,53 @@ async fn a_shared_store_needs_the_right_passphrase() {
         .expect("query")
         .get(0);
     assert_eq!(chains, 0);
+
+    // A tampered encrypted row is refused like a wrong passphrase, and nothing is written.
+    let client = pg::client(&url).await;
+    for key in ["audit_hmac_key", "private_key/v0001"] {
+        let original: Vec<u8> = client
+            .query_one("SELECT value FROM tokenvault_meta WHERE key = $1", &[&key])
+            .await
+            .expect("row")
+            .get(0);
+        let mut tampered = original.clone();
+        let at = tampered.len() / 2;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let write = |v: Vec<u8>| {
+            let client = &client;
+            async move {
+                client
+                    .execute(
+                        "UPDATE tokenvault_meta SET value = $2 WHERE key = $1",
+                        &[&key, &v],
+                    )
+                    .await
+                    .expect("update")
+            }
+        };
+        write(tampered).await;
+        let e = open(pg::config_on(dir.path(), &url, "b")).await;
+        let expected = match key {
+            "audit_hmac_key" => "audit_hmac_key (in the store): does not open with this passphrase",
+            _ => "shared store: private key v1: not a valid RSA private key",
+        };
+        assert!(e.contains(expected), "{key}: {e}");
+        write(original).await;
+    }
+    let chains: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tokenvault_audit WHERE chain = 'b'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(chains, 0);
+    // Restored, the same daemon starts.
+    TestDaemon::start_with(pg::config_on(dir.path(), &url, "b"))
+        .await
+        .stop()
+        .await;
 }
 
 /// Starts `tokenvault serve` as its own process on the database at `url` as `instance` (a

@@ -215,7 +215,8 @@ impl From<tonic::Status> for CliError {
 impl From<crate::keys::KeyError> for CliError {
     fn from(e: crate::keys::KeyError) -> Self {
         use crate::keys::KeyError;
-        match e {
+        match e.cause() {
+            KeyError::At { .. } => CliError::Internal(e.to_string()),
             KeyError::AlreadyInitialized(_)
             | KeyError::Duplicate(_)
             | KeyError::NoActiveKey

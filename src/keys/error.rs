@@ -53,6 +53,15 @@ pub enum KeyError {
         /// The key's own algorithm, by name where known, else its OID.
         algorithm: String,
     },
+    /// A key read for a version failed; names where it was read from (a key file, or the
+    /// shared store's row), so an operator knows which one to look at.
+    #[error("{}: {error}", location.display())]
+    At {
+        /// The key file, or `shared store: private key vN`.
+        location: PathBuf,
+        /// What was wrong with it.
+        error: Box<KeyError>,
+    },
     /// The passphrase did not decrypt the private key.
     #[error("could not decrypt the private key: wrong passphrase or corrupt file")]
     WrongPassphrase,
@@ -127,6 +136,18 @@ impl KeyError {
     pub fn with_passphrase_hint(self, hint: &'static str) -> Self {
         match self {
             KeyError::PassphraseRequired(_) => KeyError::PassphraseRequired(hint),
+            KeyError::At { location, error } => KeyError::At {
+                location,
+                error: Box::new(error.with_passphrase_hint(hint)),
+            },
+            other => other,
+        }
+    }
+
+    /// The error itself, without where it happened ([`KeyError::At`]).
+    pub fn cause(&self) -> &KeyError {
+        match self {
+            KeyError::At { error, .. } => error.cause(),
             other => other,
         }
     }

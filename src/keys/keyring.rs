@@ -247,7 +247,14 @@ impl Keyring {
         for info in infos {
             let public = PublicKey::from_spki_der(&info.spki_der)?;
             let private = if info.state.accepts_envelopes() {
-                let key = dir.read(info.version)?;
+                let key = dir.read(info.version).map_err(|e| match e {
+                    // Already names the file.
+                    e @ (KeyError::Io { .. } | KeyError::InsecurePermissions { .. }) => e,
+                    e => KeyError::At {
+                        location: dir.location(info.version),
+                        error: Box::new(e),
+                    },
+                })?;
                 if key.public_key().id() != info.id || public.id() != info.id {
                     return Err(KeyError::Mismatch {
                         path: dir.location(info.version),
@@ -450,17 +457,19 @@ mod tests {
         assert!(pem.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
         assert!(Keyring::load(store.keys().expect("keys"), &dir).is_ok());
         let wrong = KeyDir::new(tmp.path(), Some(Passphrase::new("wrong".into())));
-        assert!(matches!(
-            Keyring::load(store.keys().expect("keys"), &wrong),
-            Err(KeyError::WrongPassphrase)
-        ));
+        let err = Keyring::load(store.keys().expect("keys"), &wrong).expect_err("wrong");
+        assert!(matches!(err.cause(), KeyError::WrongPassphrase));
+        assert!(err.to_string().contains("v0001.key.pem"), "{err}");
         let none = KeyDir::new(tmp.path(), None);
         let err = Keyring::load(store.keys().expect("keys"), &none).expect_err("no passphrase");
-        assert!(matches!(err, KeyError::PassphraseRequired(_)));
+        assert!(matches!(err.cause(), KeyError::PassphraseRequired(_)));
         assert_eq!(
             err.to_string(),
-            "private key is encrypted: set TOKENVAULT_KEY_PASSPHRASE or \
-             TOKENVAULT_KEY_PASSPHRASE_FILE, or passphrase_file in the config"
+            format!(
+                "{}: private key is encrypted: set TOKENVAULT_KEY_PASSPHRASE or \
+                 TOKENVAULT_KEY_PASSPHRASE_FILE, or passphrase_file in the config",
+                tmp.path().join("v0001.key.pem").display()
+            )
         );
     }
 }

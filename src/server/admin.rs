@@ -47,15 +47,23 @@ impl From<AuditEntry> for v1::AuditEvent {
     }
 }
 
-impl From<v1::AuditLogRequest> for AuditFilter {
-    fn from(req: v1::AuditLogRequest) -> Self {
-        AuditFilter {
+impl TryFrom<v1::AuditLogRequest> for AuditFilter {
+    type Error = VaultError;
+
+    fn try_from(req: v1::AuditLogRequest) -> Result<Self, VaultError> {
+        if !req.instance.is_empty() {
+            crate::record::check_instance(&req.instance).map_err(|source| VaultError::Invalid {
+                what: "instance".into(),
+                source,
+            })?;
+        }
+        Ok(AuditFilter {
             record_id: (!req.record_id.is_empty()).then_some(req.record_id),
             owner: (!req.owner.is_empty()).then_some(req.owner),
             from_time_ms: (req.from_time_ms != 0).then_some(req.from_time_ms),
             to_time_ms: (req.to_time_ms != 0).then_some(req.to_time_ms),
             instance: (!req.instance.is_empty()).then_some(req.instance),
-        }
+        })
     }
 }
 
@@ -71,7 +79,9 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::AuditLogRequest>,
     ) -> Result<Response<Self::AuditLogStream>, Status> {
-        let events = self.0.audit_log(request.into_inner().into());
+        let events = self
+            .0
+            .audit_log(AuditFilter::try_from(request.into_inner())?);
         Ok(Response::new(Box::pin(
             ReceiverStream::new(events).map(|e| e.map(Into::into).map_err(Status::from)),
         )))

@@ -382,7 +382,7 @@ impl VaultError {
     /// A key that is already registered is the caller's doing; every other key failure at
     /// run time (file I/O, generation) is the daemon's.
     fn key_kind(e: &crate::keys::KeyError) -> ErrorKind {
-        match e {
+        match e.cause() {
             crate::keys::KeyError::Duplicate(_) => ErrorKind::AlreadyExists,
             // A concurrent rotation on another daemon won: retrying rotates again.
             crate::keys::KeyError::VersionTaken(_) => ErrorKind::Aborted,
