@@ -424,19 +424,20 @@ async fn a_shared_store_needs_the_right_passphrase() {
     assert!(e.contains("does not open with this passphrase"), "{e}");
     assert!(!e.contains(pg::PASSPHRASE) && !e.contains("wrong\""), "{e}");
     // Nothing was written by the refused daemons: no audit chain "b".
-    let chains: i64 = pg::client(&url)
-        .await
-        .query_one(
-            "SELECT count(*) FROM tokenvault_audit WHERE chain = 'b'",
-            &[],
-        )
-        .await
-        .expect("query")
-        .get(0);
-    assert_eq!(chains, 0);
+    let client = pg::client(&url).await;
+    let chain_b = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM tokenvault_audit WHERE chain = 'b'",
+                &[],
+            )
+            .await
+            .expect("query")
+            .get::<_, i64>(0)
+    };
+    assert_eq!(chain_b().await, 0);
 
     // A tampered encrypted row is refused like a wrong passphrase, and nothing is written.
-    let client = pg::client(&url).await;
     for key in ["audit_hmac_key", "private_key/v0001"] {
         let original: Vec<u8> = client
             .query_one("SELECT value FROM tokenvault_meta WHERE key = $1", &[&key])
@@ -467,15 +468,7 @@ async fn a_shared_store_needs_the_right_passphrase() {
         assert!(e.contains(expected), "{key}: {e}");
         write(original).await;
     }
-    let chains: i64 = client
-        .query_one(
-            "SELECT count(*) FROM tokenvault_audit WHERE chain = 'b'",
-            &[],
-        )
-        .await
-        .expect("query")
-        .get(0);
-    assert_eq!(chains, 0);
+    assert_eq!(chain_b().await, 0);
     // Restored, the same daemon starts.
     TestDaemon::start_with(pg::config_on(dir.path(), &url, "b"))
         .await
