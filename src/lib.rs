@@ -14,7 +14,8 @@
 //! - [`envelope`]: the at-rest format (docs/ENVELOPE.md), seal and open.
 //! - [`keys`]: fingerprints, RSA-OAEP wrap/unwrap, the keyring.
 //! - [`rotation`]: the key lifecycle over a store: rewrap, retire, destroy (feature `daemon`).
-//! - [`sealer`]: the web tier's library entry point (public keys only).
+//! - [`sealer`]: the web tier's library entry point (public keys only); [`web`]: its OAuth
+//!   callback (state, nonce, PKCE S256).
 //! - [`store`]: the `TokenStore` trait, RocksDB and in-memory implementations.
 //! - [`api`]: generated gRPC types (`tokenvault.v1`); [`client`]: the bearer interceptor.
 //! - [`vault`]: the application core, every use case without a transport (feature `daemon`).
@@ -62,6 +63,7 @@ pub mod server;
 pub mod store;
 #[cfg(feature = "daemon")]
 pub mod vault;
+pub mod web;
 
 pub use sealer::Sealer;
 

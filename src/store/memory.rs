@@ -200,7 +200,7 @@ impl TokenStore for MemoryStore {
                 Mutation::PutReplayMarker { key, at } => {
                     if next
                         .meta
-                        .insert(replay_key(key), at.to_be_bytes().to_vec())
+                        .insert(replay_key(key), super::replay_value(*at).to_vec())
                         .is_some()
                     {
                         return Err(StoreError::AlreadyExists(format!("replay marker {key}")));

@@ -588,7 +588,7 @@ impl TokenStore for RocksStore {
                     {
                         return Err(StoreError::AlreadyExists(format!("replay marker {key}")));
                     }
-                    batch.put_cf(self.cf(CF_META), k, at.to_be_bytes());
+                    batch.put_cf(self.cf(CF_META), k, super::replay_value(*at));
                 }
             }
         }
