@@ -38,15 +38,6 @@ fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-async fn stats(d: &TestDaemon) -> v1::StatsResponse {
-    d.admin(ADMIN)
-        .await
-        .stats(v1::StatsRequest::default())
-        .await
-        .expect("stats")
-        .into_inner()
-}
-
 /// Every audit chain the daemon holds, each verified; returns the events of chain `""` (a
 /// RocksDB daemon's own).
 async fn verified_trail(d: &TestDaemon) -> Vec<(u64, Vec<u8>)> {
@@ -84,7 +75,7 @@ async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
         .revoke(v1::RevokeRequest { id: "r3".into() })
         .await
         .expect("revoke");
-    let before = stats(&d).await;
+    let before = d.stats().await;
     assert_eq!(before.records_per_key_version.len(), 2);
     let trail = verified_trail(&d).await;
     d.stop().await;
@@ -207,7 +198,7 @@ async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
         d.get("r3").await.expect_err("revoked").code(),
         Code::FailedPrecondition
     );
-    let after = stats(&d).await;
+    let after = d.stats().await;
     assert_eq!(after.records, before.records);
     assert_eq!(after.revoked, before.revoked);
     assert_eq!(
@@ -282,7 +273,7 @@ async fn a_running_daemons_rocksdb_is_backed_up_as_a_consistent_snapshot() {
             format!("secret-{i}").as_bytes()
         );
     }
-    let n = stats(&backup).await.records;
+    let n = backup.stats().await.records;
     assert!((200..=200 + u64::from(written)).contains(&n), "{n}");
     // A consistent point in time: the live writes it holds are a prefix of those made.
     for i in 0..(n - 200) {
@@ -362,7 +353,7 @@ async fn refused_copies_say_why_and_change_nothing() {
     let target = format!("rocksdb:{}", t.path().join("data").display());
     assert_exit(&copy(a.path(), &src, &target), 6, "not empty");
     let d = TestDaemon::start(t.path()).await;
-    assert_eq!(stats(&d).await.records, 3);
+    assert_eq!(d.stats().await.records, 3);
     assert_eq!(
         d.get("r1").await.expect_err("not copied").code(),
         Code::NotFound

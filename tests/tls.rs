@@ -280,3 +280,75 @@ fn config_refuses_inconsistent_tls_settings() {
     std::fs::write(&path, "listen = \"0.0.0.0:7000\"\ndata_dir = \"d\"\nkey_dir = \"k\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n").expect("write");
     assert!(Config::load(&path, &Env).is_ok());
 }
+
+/// The HTTP/JSON routes over TLS to a client that offers only `http/1.1` by ALPN (Python's
+/// urllib3 and Node's fetch do): the handshake succeeds and the route answers, with the
+/// bearer credential as over gRPC.
+#[tokio::test]
+async fn http_json_over_tls_to_an_http1_only_client() {
+    use http_body_util::{BodyExt as _, Empty};
+    use rustls::pki_types::pem::PemObject as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = ca("tokenvault test CA");
+    let d = tls_daemon(dir.path(), &pki, false).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(c.expect("ca pem")).expect("ca");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let get = |credential: &'static str| {
+        let config = config.clone();
+        let addr = d.addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+            let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                    tcp,
+                )
+                .await
+                .expect("an http/1.1-only handshake succeeds");
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .expect("http/1.1");
+            tokio::spawn(conn);
+            let response = sender
+                .send_request(
+                    http::Request::get("/v1/public-keys")
+                        .header("host", "localhost")
+                        .header("authorization", format!("Bearer {credential}"))
+                        .body(Empty::<bytes::Bytes>::new())
+                        .expect("request"),
+                )
+                .await
+                .expect("response");
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            (status, json)
+        }
+    };
+    let (status, json) = get(INGEST).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["active"]["state"], "KEY_STATE_ACTIVE");
+    let (status, json) = get("tv_not_a_credential").await;
+    assert_eq!(
+        (status, json["code"].as_str()),
+        (401, Some("UNAUTHENTICATED"))
+    );
+    d.stop().await;
+}

@@ -22,7 +22,8 @@ use crate::secret::Secret;
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
     /// Weighted mix of operations: get, put (PutSealed), batch (PutSealedBatch), proxy, echo
-    /// (Ingest.PublicKeys: gRPC and authentication only, the baseline), e.g.
+    /// (Ingest.PublicKeys: gRPC and authentication only, the baseline), http-put (POST
+    /// /v1/records over HTTP/1.1 JSON, next to put's gRPC), e.g.
     /// "get=8,put=1,batch=1"; or "rewrap" alone (rotate, then time one Admin.Rewrap).
     #[arg(long, default_value = "get=1")]
     mix: String,
@@ -74,6 +75,7 @@ enum Op {
     Batch,
     Proxy,
     Echo,
+    HttpPut,
 }
 
 impl Op {
@@ -84,6 +86,7 @@ impl Op {
             Op::Batch => "batch",
             Op::Proxy => "proxy",
             Op::Echo => "echo",
+            Op::HttpPut => "http-put",
         }
     }
 }
@@ -98,9 +101,10 @@ fn parse_mix(mix: &str) -> Result<Vec<(Op, u32)>, CliError> {
             "batch" => Op::Batch,
             "proxy" => Op::Proxy,
             "echo" => Op::Echo,
+            "http-put" => Op::HttpPut,
             other => {
                 return Err(CliError::Input(format!(
-                    "unknown operation {other:?} in --mix (get, put, batch, proxy, echo, or rewrap alone)"
+                    "unknown operation {other:?} in --mix (get, put, batch, proxy, echo, http-put, or rewrap alone)"
                 )));
             }
         };
@@ -258,7 +262,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
     // Envelopes for the write operations, sealed before the clock starts.
     let writes: u32 = mix
         .iter()
-        .filter(|(op, _)| matches!(op, Op::Put | Op::Batch))
+        .filter(|(op, _)| matches!(op, Op::Put | Op::Batch | Op::HttpPut))
         .map(|(_, w)| *w)
         .sum();
     let pool_size = if writes == 0 {
@@ -289,6 +293,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
     if !args.no_warmup && !workers.is_empty() {
         warm_up(&workers, &seeded, records, concurrency).await?;
     }
+    let http = if mix.iter().any(|(op, _)| *op == Op::HttpPut) {
+        Some(HttpIngest::new(&args.conn)?)
+    } else {
+        None
+    };
     let total_weight: u32 = mix.iter().map(|(_, w)| w).sum();
     let cpu_before = CpuUse::now(args.daemon_pid)?;
     let deadline = Instant::now() + Duration::from_secs(args.duration.max(1));
@@ -301,6 +310,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
             .cloned()
             .map(v1::broker_client::BrokerClient::new);
         let (mix, pool, seeded) = (mix.clone(), Arc::clone(&pool), seeded.clone());
+        let http = http.clone();
         let (method, path, batch_size) = (method.clone(), path.clone(), args.batch_size.max(1));
         tasks.spawn(async move {
             let mut ingest: v1::ingest_client::IngestClient<Authed> = ingest;
@@ -363,6 +373,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
                         let n = records.len() as u64;
                         (ingest.put_sealed_batch(creates(records)).await.is_ok(), n)
                     }
+                    (Op::HttpPut, _) => {
+                        match (http.as_ref(), pool.take(1).ok().and_then(|mut r| r.pop())) {
+                            (Some(h), Some(record)) => (h.put(&record).await, 1),
+                            _ => break,
+                        }
+                    }
                     (_, None) => (false, 0),
                 };
                 let s = samples.entry(op).or_default();
@@ -394,6 +410,79 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         .map(|(op, s)| report(op.name(), s, seconds))
         .collect();
     print_reports(&args, concurrency, seconds, &reports, Some(&cpu))
+}
+
+/// `POST /v1/records` over HTTP/1.1 (keep-alive, pooled), the JSON route a web tier without
+/// gRPC uses; plain `http://` only (a bench runs on loopback).
+#[derive(Clone)]
+struct HttpIngest {
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    url: String,
+    authorization: Arc<zeroize::Zeroizing<String>>,
+}
+
+impl HttpIngest {
+    fn new(conn: &Connection) -> Result<Self, CliError> {
+        let base = conn.addr().trim_end_matches('/');
+        if !base.starts_with("http://") {
+            return Err(CliError::Input(
+                "--mix http-put needs an http:// --addr (the bench's HTTP client has no TLS)"
+                    .into(),
+            ));
+        }
+        let credential = super::client::credential(conn, Role::Ingest)?.ok_or_else(|| {
+            CliError::Auth("--mix http-put needs a bearer credential for the ingest role".into())
+        })?;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        Ok(Self {
+            client,
+            url: format!("{base}/v1/records"),
+            authorization: Arc::new(zeroize::Zeroizing::new(format!(
+                "Bearer {}",
+                credential.expose_secret()
+            ))),
+        })
+    }
+
+    async fn put(&self, record: &v1::SealedRecord) -> bool {
+        use base64::Engine as _;
+        let Some(meta) = &record.meta else {
+            return false;
+        };
+        let kind = v1::SecretKind::try_from(meta.kind)
+            .map_or("SECRET_KIND_UNSPECIFIED", |k| k.as_str_name());
+        let body = serde_json::json!({
+            "record": {
+                "meta": {
+                    "id": meta.id, "owner": meta.owner, "provider": meta.provider,
+                    "kind": kind, "scopes": meta.scopes, "expiresAt": meta.expires_at.to_string(),
+                },
+                "envelope": base64::engine::general_purpose::STANDARD.encode(&record.envelope),
+            },
+        })
+        .to_string();
+        let Ok(request) = http::Request::post(&self.url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::AUTHORIZATION, self.authorization.as_str())
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        else {
+            return false;
+        };
+        match self.client.request(request).await {
+            Ok(response) => {
+                let ok = response.status() == http::StatusCode::OK;
+                // Read the body so the connection goes back to the pool.
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                ok
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// CPU seconds (user + system, all threads) of this process and optionally the daemon.

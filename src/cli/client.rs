@@ -347,7 +347,7 @@ fn check_key_file_mode(path: &std::path::Path) -> Result<(), CliError> {
 
 pub(crate) type Authed = InterceptedService<Channel, Bearer>;
 
-fn credential(conn: &Connection, role: Role) -> Result<Option<ApiCredential>, CliError> {
+pub(crate) fn credential(conn: &Connection, role: Role) -> Result<Option<ApiCredential>, CliError> {
     if let Some(path) = &conn.credential_file {
         let text = Zeroizing::new(
             std::fs::read_to_string(path)

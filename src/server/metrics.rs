@@ -80,14 +80,26 @@ where
                 if let Ok(response) = &result {
                     // Errors are trailers-only responses (status in the headers); a success carries
                     // its status in the trailers, after this point: counted as OK.
+                    // The HTTP/JSON routes put their code in the extensions.
                     let code = response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i32>().ok())
-                        .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-                    // Unimplemented methods would let a client create labels at will.
-                    let method = if code == tonic::Code::Unimplemented {
+                        .extensions()
+                        .get::<tonic::Code>()
+                        .copied()
+                        .unwrap_or_else(|| {
+                            response
+                                .headers()
+                                .get("grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse::<i32>().ok())
+                                .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+                        });
+                    // Unimplemented methods and unknown routes would let a client create
+                    // labels at will.
+                    let unrouted = response
+                        .extensions()
+                        .get::<super::http_json::Unrouted>()
+                        .is_some();
+                    let method = if code == tonic::Code::Unimplemented || unrouted {
                         "unknown".to_string()
                     } else {
                         method

@@ -1,17 +1,23 @@
-//! TLS and mutual TLS for the gRPC listener, and client-certificate identities.
+//! TLS and mutual TLS for the listeners, and client-certificate identities.
 //!
-//! Owns: loading the server certificate, key and client CA from PEM files into tonic's
-//! `ServerTlsConfig` (rustls on aws-lc-rs), and [`client_identities`], which reads the names a
-//! client certificate asserts (SAN DNS names and URIs, then the subject CN) so `auth` can map
-//! them to a configured caller. rustls has already verified the chain against the client CA
-//! before a request gets here.
+//! Owns: loading the server certificate, key and client CA from PEM files into a rustls
+//! `ServerConfig` (aws-lc-rs) that offers both `h2` (gRPC) and `http/1.1` (the HTTP/JSON
+//! routes) by ALPN, the accept loop that runs handshakes off the accepting task
+//! ([`incoming`]), and [`client_identities`], which reads the names a client certificate
+//! asserts (SAN DNS names and URIs, then the subject CN) so `auth` can map them to a
+//! configured caller. rustls has already verified the chain against the client CA before a
+//! request gets here. Hand-written rather than tonic's `ServerTlsConfig` because tonic's
+//! offers `h2` only, which an HTTP/1.1 client's handshake fails against.
 //!
 //! Must never: accept a TLS private key file readable by group or others.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_cert::der::Decode as _;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -37,6 +43,16 @@ pub enum TlsSetupError {
         #[source]
         source: std::io::Error,
     },
+    /// A file holds no usable certificate or key.
+    #[error("{what} {}: {message}", path.display())]
+    Invalid {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
     /// The private key file is readable by others.
     #[error("TLS key {} is readable by group or others (mode {mode:o}); chmod 600 it", path.display())]
     KeyPermissions {
@@ -55,8 +71,10 @@ fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsSetupError> {
     })
 }
 
-/// Builds the listener's TLS configuration from `tls`.
-pub fn server_config(tls: &TlsConfig) -> Result<ServerTlsConfig, TlsSetupError> {
+/// Builds the listeners' TLS configuration from `tls`: TLS 1.2 and 1.3 on aws-lc-rs, ALPN
+/// `h2` then `http/1.1`, and client certificates checked against `client_ca_file` (required
+/// with `require_client_cert`, optional otherwise).
+pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
     let mode = std::fs::metadata(&tls.key_file)
         .map_err(|source| TlsSetupError::Read {
             what: "TLS key",
@@ -71,15 +89,106 @@ pub fn server_config(tls: &TlsConfig) -> Result<ServerTlsConfig, TlsSetupError> 
             mode: mode & 0o777,
         });
     }
-    let cert = read(&tls.cert_file, "TLS certificate")?;
-    let key = zeroize::Zeroizing::new(read(&tls.key_file, "TLS key")?);
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, &*key));
-    if let Some(ca) = &tls.client_ca_file {
-        config = config
-            .client_ca_root(Certificate::from_pem(read(ca, "client CA")?))
-            .client_auth_optional(!tls.require_client_cert);
-    }
-    Ok(config)
+    let invalid = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |message: String| TlsSetupError::Invalid {
+            what,
+            path,
+            message,
+        }
+    };
+    let certs = |path: &Path, what| -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+        let pem = read(path, what)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(what, path)(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(invalid(what, path)("holds no PEM certificate".into()));
+        }
+        Ok(certs)
+    };
+    let chain = certs(&tls.cert_file, "TLS certificate")?;
+    let key_pem = zeroize::Zeroizing::new(read(&tls.key_file, "TLS key")?);
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| invalid("TLS key", &tls.key_file)(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("TLS certificate", &tls.cert_file)(e.to_string()))?;
+    let builder = match &tls.client_ca_file {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certs(ca, "client CA")? {
+                roots
+                    .add(cert)
+                    .map_err(|e| invalid("client CA", ca)(e.to_string()))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
+            let verifier = if tls.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| invalid("client CA", ca)(e.to_string()))?,
+            )
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid("TLS key", &tls.key_file)(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The TLS connections accepted on `listener`: each handshake runs in a task of its own (a
+/// slow or silent client holds up nobody), failed ones are dropped with a debug line. Accept
+/// errors (EMFILE, ...) pause the loop briefly instead of spinning. The loop ends, closing
+/// the listener, when the returned stream is dropped.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let tcp = match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed; pausing");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Without TCP_NODELAY, Nagle's algorithm holds back small responses.
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The identities a (chain-verified) client certificate asserts: every SAN DNS name and URI,

@@ -282,6 +282,17 @@ impl TestDaemon {
         last
     }
 
+    /// `Admin.Stats`.
+    #[allow(dead_code)]
+    pub async fn stats(&self) -> v1::StatsResponse {
+        self.admin(ADMIN)
+            .await
+            .stats(v1::StatsRequest::default())
+            .await
+            .expect("stats")
+            .into_inner()
+    }
+
     /// The audit trail through `Admin.AuditLog`.
     pub async fn audit_events(&self, req: v1::AuditLogRequest) -> Vec<v1::AuditEvent> {
         let mut stream = self

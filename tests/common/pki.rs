@@ -54,7 +54,7 @@ pub async fn tls_verdict(
 ) -> Result<(), rustls::AlertDescription> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use tokio::io::AsyncReadExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.expect("ca pem")).expect("ca");
@@ -89,6 +89,11 @@ pub async fn tls_verdict(
         .connect(name, tcp)
         .await
         .map_err(alert)?;
+    // The listeners also speak HTTP/1.1, so the server waits for the client's first bytes
+    // before it answers: send the HTTP/2 connection preface, as a gRPC client does.
+    if let Err(e) = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await {
+        return Err(alert(e));
+    }
     let mut first = [0u8; 1];
     match tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut first)).await {
         Ok(Ok(n)) if n > 0 => Ok(()),

@@ -1,0 +1,494 @@
+//! The HTTP/JSON adapter of `Ingest`, served next to gRPC on the same listeners, for web tiers
+//! that do not speak gRPC (README, "HTTP/JSON for web tiers"): `GET /v1/public-keys`,
+//! `POST /v1/records`, `POST /v1/records:batch`.
+//!
+//! Owns: the routes, their JSON (the proto3 JSON mapping of the same messages: lowerCamelCase
+//! names, proto names accepted too, 64-bit integers as strings, bytes as base64, enums by name)
+//! and [`http_status`], the one mapping from a gRPC code to an HTTP status.
+//!
+//! Must never: hold use-case logic. A handler authenticates with the very `RoleGuard` the gRPC
+//! `Ingest` service uses (same credentials, caller policy, rate limit and audit of refusals),
+//! decodes the body into the proto message, converts it as the gRPC adapter does, makes one
+//! vault call and encodes the answer. Errors go through the same `VaultError` → gRPC code
+//! mapping, then [`http_status`]; a message never echoes a value from the body.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use base64::Engine as _;
+use http::StatusCode;
+use serde::{Deserialize, Deserializer};
+use tonic::Code;
+use tonic::service::Interceptor as _;
+
+use super::auth::RoleGuard;
+use crate::api::v1;
+use crate::vault::{SealedRecord, Vault};
+
+/// What every handler needs.
+#[derive(Clone)]
+struct Http {
+    vault: Arc<Vault>,
+    guard: RoleGuard,
+    max_body: usize,
+}
+
+/// The HTTP status of a gRPC code: each code the daemon answers with has its own status
+/// (README's table). `ABORTED` (a stale `expectedVersion`) is 412, as a failed `If-Match` is;
+/// `FAILED_PRECONDITION` (the state forbids it) is 422.
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists => StatusCode::CONFLICT,
+        Code::Aborted => StatusCode::PRECONDITION_FAILED,
+        Code::FailedPrecondition => StatusCode::UNPROCESSABLE_ENTITY,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Internal | Code::Unknown | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The canonical name of a code, as the JSON error body's `code` carries it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A refusal as HTTP: `{"code": "ALREADY_EXISTS", "message": "..."}` with its status. The
+/// code also goes into the response's extensions, where the metrics layer counts it.
+fn error_response(status: &tonic::Status) -> Response {
+    let body = serde_json::json!({
+        "code": code_name(status.code()),
+        "message": status.message(),
+    });
+    json_response(http_status(status.code()), &body, status.code())
+}
+
+fn ok_json(value: serde_json::Value) -> Response {
+    json_response(StatusCode::OK, &value, Code::Ok)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value, code: Code) -> Response {
+    let mut response = (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response();
+    response.extensions_mut().insert(code);
+    response
+}
+
+/// The routes, for `role_guard`'s callers (the ingest role).
+pub(super) fn router(vault: Arc<Vault>, guard: RoleGuard, max_body: usize) -> Router {
+    let state = Http {
+        vault,
+        guard,
+        max_body,
+    };
+    Router::new()
+        .route(
+            "/v1/public-keys",
+            get(public_keys).fallback(method_not_allowed),
+        )
+        .route("/v1/records", post(put_record).fallback(method_not_allowed))
+        .route(
+            "/v1/records:batch",
+            post(put_batch).fallback(method_not_allowed),
+        )
+        .route("/v1/{*rest}", any(not_found))
+        .with_state(state)
+}
+
+/// Marks a response to a request no route took, so metrics count it under `unknown` rather
+/// than its path (which the client chose).
+#[derive(Debug, Clone, Copy)]
+pub struct Unrouted;
+
+async fn method_not_allowed() -> Response {
+    let mut r = error_response(&tonic::Status::unimplemented(
+        "this route does not take that method",
+    ));
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    r.extensions_mut().insert(Unrouted);
+    r
+}
+
+async fn not_found() -> Response {
+    let mut r = error_response(&tonic::Status::not_found(
+        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records and POST /v1/records:batch",
+    ));
+    r.extensions_mut().insert(Unrouted);
+    r
+}
+
+/// Authenticates like the gRPC `Ingest` service; returns the vault's caller and the body.
+async fn admit(s: &Http, req: Request) -> Result<(crate::vault::Caller, bytes::Bytes), Refusal> {
+    let (parts, body) = req.into_parts();
+    let json = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    let needs_body = parts.method == http::Method::POST;
+    let request = tonic::Request::from_http(http::Request::from_parts(parts, ()));
+    let request = s
+        .guard
+        .clone()
+        .call(request)
+        .map_err(|status| Box::new(error_response(&status)))?;
+    let caller = super::caller(&request);
+    if !needs_body {
+        return Ok((caller, bytes::Bytes::new()));
+    }
+    if !json {
+        return Err(Box::new(error_response(&tonic::Status::invalid_argument(
+            "content-type must be application/json",
+        ))));
+    }
+    let bytes = axum::body::to_bytes(body, s.max_body).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        Box::new(error_response(&if too_large {
+            tonic::Status::resource_exhausted(format!(
+                "request too large: the body is over max_request_bytes ({} bytes)",
+                s.max_body
+            ))
+        } else {
+            tonic::Status::invalid_argument("the request body could not be read")
+        }))
+    })?;
+    Ok((caller, bytes))
+}
+
+/// Decodes a JSON body, with a message that says where it is wrong but never echoes a value.
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let message = e.to_string();
+        let at = format!("line {} column {}", e.line(), e.column());
+        let message = if message.contains('"') && !message.starts_with("unknown field") {
+            // serde's text would quote the offending value.
+            format!("invalid JSON value at {at}")
+        } else if message.contains(" at line ") {
+            format!("invalid JSON: {message}")
+        } else {
+            format!("invalid JSON: {message} at {at}")
+        };
+        Box::new(error_response(&tonic::Status::invalid_argument(message)))
+    })
+}
+
+/// A refused request's response (boxed: it is large and travels through `Result`s).
+type Refusal = Box<Response>;
+
+async fn public_keys(State(s): State<Http>, req: Request) -> Response {
+    if let Err(r) = admit(&s, req).await {
+        return *r;
+    }
+    let key: v1::PublicKey = (&s.vault.active_key()).into();
+    ok_json(serde_json::json!({ "active": public_key_json(&key) }))
+}
+
+fn public_key_json(k: &v1::PublicKey) -> serde_json::Value {
+    let state =
+        v1::KeyState::try_from(k.state).map_or("KEY_STATE_UNSPECIFIED", |s| s.as_str_name());
+    serde_json::json!({
+        "version": k.version,
+        "fingerprint": k.fingerprint,
+        "spkiPem": k.spki_pem,
+        "state": state,
+        "createdAt": k.created_at.to_string(),
+    })
+}
+
+async fn put_record(State(s): State<Http>, req: Request) -> Response {
+    let (caller, body) = match admit(&s, req).await {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let item: JsonPutSealed = match decode(&body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let result = async {
+        let item = SealedRecord::try_from(v1::PutSealedRequest::from(item))?;
+        s.vault.put_sealed(&caller, item).await
+    }
+    .await;
+    match result {
+        Ok(version) => ok_json(serde_json::json!({ "version": version.to_string() })),
+        Err(e) => error_response(&tonic::Status::from(e)),
+    }
+}
+
+async fn put_batch(State(s): State<Http>, req: Request) -> Response {
+    let (caller, body) = match admit(&s, req).await {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let batch: JsonBatch = match decode(&body) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let result = async {
+        s.vault.check_batch_size(batch.items.len())?;
+        let items = batch
+            .items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                SealedRecord::try_from(v1::PutSealedRequest::from(item))
+                    .map_err(|e| e.at_item(index))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        s.vault.put_sealed_batch(&caller, items).await
+    }
+    .await;
+    match result {
+        Ok(versions) => ok_json(serde_json::json!({
+            "versions": versions.iter().map(u64::to_string).collect::<Vec<_>>()
+        })),
+        Err(e) => error_response(&tonic::Status::from(e)),
+    }
+}
+
+/// `PutSealedRequest` in the proto3 JSON mapping.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonPutSealed {
+    record: Option<JsonSealedRecord>,
+    #[serde(
+        default,
+        rename = "expectedVersion",
+        alias = "expected_version",
+        deserialize_with = "uint64"
+    )]
+    expected_version: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonBatch {
+    #[serde(default)]
+    items: Vec<JsonPutSealed>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSealedRecord {
+    meta: Option<JsonRecordMeta>,
+    /// base64 (standard or URL-safe, padded or not, as proto3 JSON parsers accept).
+    #[serde(default, deserialize_with = "base64_bytes")]
+    envelope: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRecordMeta {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    owner: String,
+    #[serde(default)]
+    provider: String,
+    #[serde(default, deserialize_with = "secret_kind")]
+    kind: i32,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(
+        default,
+        rename = "expiresAt",
+        alias = "expires_at",
+        deserialize_with = "int64"
+    )]
+    expires_at: i64,
+}
+
+impl From<JsonPutSealed> for v1::PutSealedRequest {
+    fn from(item: JsonPutSealed) -> Self {
+        v1::PutSealedRequest {
+            record: item.record.map(|r| v1::SealedRecord {
+                meta: r.meta.map(|m| v1::RecordMeta {
+                    id: m.id,
+                    owner: m.owner,
+                    provider: m.provider,
+                    kind: m.kind,
+                    scopes: m.scopes,
+                    expires_at: m.expires_at,
+                }),
+                envelope: r.envelope,
+            }),
+            expected_version: item.expected_version,
+        }
+    }
+}
+
+fn base64_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    let text = String::deserialize(d)?;
+    decode_base64(&text).ok_or_else(|| serde::de::Error::custom("envelope: expected base64"))
+}
+
+/// Bytes as proto3 JSON writes them: standard or URL-safe base64, with or without padding.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    let config =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    let standard = GeneralPurpose::new(&base64::alphabet::STANDARD, config);
+    let url_safe = GeneralPurpose::new(&base64::alphabet::URL_SAFE, config);
+    standard
+        .decode(text)
+        .ok()
+        .or_else(|| url_safe.decode(text).ok())
+}
+
+/// A proto3 JSON integer: a number, or a string holding one.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum JsonInt {
+    Number(serde_json::Number),
+    Text(String),
+}
+
+fn integer<'de, D: Deserializer<'de>, T: std::str::FromStr>(
+    d: D,
+    what: &'static str,
+) -> Result<T, D::Error> {
+    let text = match JsonInt::deserialize(d)? {
+        JsonInt::Number(n) => n.to_string(),
+        JsonInt::Text(t) => t,
+    };
+    text.parse::<T>()
+        .map_err(|_| serde::de::Error::custom(format!("expected {what}")))
+}
+
+fn uint64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    integer(
+        d,
+        "an unsigned 64-bit integer (a number or a string of digits)",
+    )
+}
+
+fn int64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    integer(d, "a 64-bit integer (a number or a string of digits)")
+}
+
+/// A `SecretKind` by name (`SECRET_KIND_ACCESS_TOKEN`) or number.
+fn secret_kind<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Kind {
+        Number(i32),
+        Name(String),
+    }
+    match Kind::deserialize(d)? {
+        Kind::Number(n) => Ok(n),
+        Kind::Name(name) => v1::SecretKind::from_str_name(&name)
+            .map(|k| k as i32)
+            .ok_or_else(|| {
+                serde::de::Error::custom(
+                    "kind: expected a SecretKind name such as SECRET_KIND_ACCESS_TOKEN",
+                )
+            }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_its_own_status_except_the_internal_ones() {
+        use std::collections::HashMap;
+        let answered = [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::Aborted,
+            Code::FailedPrecondition,
+            Code::ResourceExhausted,
+            Code::Unimplemented,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Internal,
+        ];
+        let mut seen = HashMap::new();
+        for c in answered {
+            assert!(
+                seen.insert(http_status(c), c).is_none(),
+                "{c:?} shares {} with {:?}",
+                http_status(c),
+                seen[&http_status(c)]
+            );
+            assert_eq!(
+                code_name(c).replace('_', "").to_ascii_lowercase(),
+                format!("{c:?}").to_ascii_lowercase()
+            );
+        }
+    }
+
+    #[test]
+    fn proto3_json_integers_and_bytes_are_read_as_parsers_write_them() {
+        let item: JsonPutSealed = serde_json::from_str(
+            r#"{"record": {"meta": {"id": "a", "owner": "o", "provider": "p",
+                "kind": "SECRET_KIND_REFRESH_TOKEN", "expires_at": "17"},
+                "envelope": "AQID"}, "expectedVersion": 3}"#,
+        )
+        .expect("decode");
+        let req = v1::PutSealedRequest::from(item);
+        assert_eq!(req.expected_version, 3);
+        let rec = req.record.expect("record");
+        assert_eq!(rec.envelope, vec![1, 2, 3]);
+        let meta = rec.meta.expect("meta");
+        assert_eq!(meta.kind, v1::SecretKind::RefreshToken as i32);
+        assert_eq!(meta.expires_at, 17);
+        assert_eq!(decode_base64("_-8"), Some(vec![0xff, 0xef]));
+        assert_eq!(decode_base64("/+8="), Some(vec![0xff, 0xef]));
+        assert_eq!(decode_base64("!!"), None);
+    }
+
+    #[test]
+    fn json_errors_say_where_without_the_value() {
+        let r = *decode::<JsonPutSealed>(br#"{"record": {"meta": {"owner": 5}}}"#)
+            .err()
+            .expect("refused");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = *decode::<JsonPutSealed>(br#"{"expectedVersion": "alice@example.com"}"#)
+            .err()
+            .expect("refused");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+}
