@@ -1,0 +1,150 @@
+"""Seal secrets for a tokenvault daemon and store them over its HTTP/JSON ingest routes.
+
+Written from docs/ENVELOPE.md and the README's "HTTP/JSON for web tiers" alone, with the
+``cryptography`` package and the standard library. The web tier holds the vault's public key
+only: it can seal and store, never read back.
+
+    client = Client("https://vault.internal:50052", credential, ca_file="vault-ca.pem")
+    key = client.public_key()
+    envelope = seal(key["spkiPem"], "github:user-42", "user-42", "github", "access_token", token)
+    version = client.put_sealed("github:user-42", "user-42", "github", "access_token", envelope)
+"""
+
+import base64
+import hashlib
+import json
+import os
+import ssl
+import struct
+import urllib.error
+import urllib.request
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = ["KINDS", "seal", "Client", "TokenvaultError"]
+
+#: The kind strings bound in the associated data, and their ``SecretKind`` names on the wire.
+KINDS = {
+    "access_token": "SECRET_KIND_ACCESS_TOKEN",
+    "refresh_token": "SECRET_KIND_REFRESH_TOKEN",
+    "client_secret": "SECRET_KIND_CLIENT_SECRET",
+    "api_key": "SECRET_KIND_API_KEY",
+    "token_bundle": "SECRET_KIND_TOKEN_BUNDLE",
+}
+_LABEL = b"tokenvault/v1/dek"
+_MAGIC = b"TVE\x01"
+
+
+def _lp(text):
+    b = text.encode("utf-8")
+    return struct.pack(">I", len(b)) + b
+
+
+def seal(spki_pem, record_id, owner, provider, kind, secret, *, _dek=None, _nonce=None):
+    """Returns the envelope (bytes) of ``secret`` for the record's identity.
+
+    ``spki_pem`` is the active public key's ``spkiPem`` (``GET /v1/public-keys``). ``_dek`` and
+    ``_nonce`` exist for known-answer tests only; never pass them otherwise.
+    """
+    if kind not in KINDS:
+        raise ValueError("unknown kind %r; one of %s" % (kind, ", ".join(KINDS)))
+    if not isinstance(secret, (bytes, bytearray)) or not 1 <= len(secret) <= 65536:
+        raise ValueError("a secret is 1 to 65536 bytes")
+    pk = serialization.load_pem_public_key(spki_pem.encode("ascii"))
+    if not isinstance(pk, rsa.RSAPublicKey) or not 2048 <= pk.key_size <= 4096:
+        raise ValueError("the vault's key is RSA, 2048 to 4096 bits")
+    spki_der = pk.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    dek = _dek if _dek is not None else os.urandom(32)
+    nonce = _nonce if _nonce is not None else os.urandom(12)
+    aad = _MAGIC + _lp(record_id) + _lp(owner) + _lp(provider) + _lp(kind)
+    ct_and_tag = AESGCM(dek).encrypt(nonce, bytes(secret), aad)
+    wrapped = pk.encrypt(
+        dek,
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=_LABEL),
+    )
+    return (
+        _MAGIC
+        + hashlib.sha256(spki_der).digest()
+        + struct.pack(">H", len(wrapped))
+        + wrapped
+        + nonce
+        + ct_and_tag
+    )
+
+
+class TokenvaultError(Exception):
+    """A refusal: ``code`` is the gRPC code name (``ALREADY_EXISTS``), ``status`` the HTTP one."""
+
+    def __init__(self, status, code, message):
+        super().__init__("%s (HTTP %d): %s" % (code, status, message))
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Client:
+    """The daemon's HTTP/JSON ingest routes, with an ingest credential."""
+
+    def __init__(self, base_url, credential, ca_file=None, timeout=10.0):
+        self._base = base_url.rstrip("/")
+        self._credential = credential
+        self._timeout = timeout
+        self._context = None
+        if self._base.startswith("https://"):
+            self._context = ssl.create_default_context(cafile=ca_file)
+        elif not self._base.startswith("http://"):
+            raise ValueError("base_url must be http:// (loopback) or https://")
+
+    def __repr__(self):
+        return "Client(%r, credential=[REDACTED])" % self._base
+
+    def _call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(self._base + path, data=data, method=method)
+        request.add_header("Authorization", "Bearer " + self._credential)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout, context=self._context) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                err = json.loads(e.read())
+                raise TokenvaultError(e.code, err["code"], err["message"]) from None
+            except (ValueError, KeyError):
+                raise TokenvaultError(e.code, "UNKNOWN", "HTTP %d without a JSON error" % e.code) from None
+
+    def public_key(self):
+        """The active key: ``version``, ``fingerprint``, ``spkiPem``, ``state``, ``createdAt``."""
+        return self._call("GET", "/v1/public-keys")["active"]
+
+    @staticmethod
+    def _item(record_id, owner, provider, kind, envelope, scopes=(), expires_at=0, expected_version=0):
+        return {
+            "record": {
+                "meta": {
+                    "id": record_id,
+                    "owner": owner,
+                    "provider": provider,
+                    "kind": KINDS[kind],
+                    "scopes": list(scopes),
+                    "expiresAt": str(int(expires_at)),
+                },
+                "envelope": base64.b64encode(envelope).decode("ascii"),
+            },
+            "expectedVersion": str(int(expected_version)),
+        }
+
+    def put_sealed(self, record_id, owner, provider, kind, envelope, scopes=(), expires_at=0, expected_version=0):
+        """Stores one sealed record; returns its new version. ``expected_version`` 0 creates."""
+        body = self._item(record_id, owner, provider, kind, envelope, scopes, expires_at, expected_version)
+        return int(self._call("POST", "/v1/records", body)["version"])
+
+    def put_sealed_batch(self, items):
+        """Stores several records atomically; ``items`` are dicts of ``put_sealed``'s arguments."""
+        body = {"items": [self._item(**item) for item in items]}
+        return [int(v) for v in self._call("POST", "/v1/records:batch", body)["versions"]]

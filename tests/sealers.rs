@@ -1,0 +1,129 @@
+//! The Python and Node.js sealers in clients/: their own test suites (pytest, `node --test`)
+//! run against a real daemon over HTTP/JSON, then every record they stored is read back with
+//! `tokenvault get` and compared with the vector's plaintext.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::process::{root, run};
+use common::*;
+
+/// The `ok-*` vectors: (file stem, plaintext).
+fn ok_vectors() -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root().join("tests/vectors")).expect("vectors") {
+        let path = entry.expect("entry").path();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !stem.starts_with("ok-") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("vector");
+        let plaintext = text
+            .lines()
+            .find_map(|l| l.strip_prefix("plaintext: "))
+            .map(|h| hex::decode(h).expect("hex"))
+            .expect("plaintext");
+        out.push((stem, plaintext));
+    }
+    assert!(out.len() >= 3, "the ok vectors are there");
+    out
+}
+
+/// Runs a sealer's test suite against `d`; every test must pass, none may be skipped.
+fn run_suite(addr: std::net::SocketAddr, program: &str, args: &[&str], dir: &Path) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("TOKENVAULT_TEST_URL", format!("http://{addr}"))
+        .env("TOKENVAULT_INGEST_TOKEN", INGEST)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e} (./scripts/test installs Python and Node.js)")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("skipped") || stdout.contains("# skipped 0"),
+        "a daemon test was skipped:\n{stdout}"
+    );
+}
+
+/// Reads every record a sealer stored (prefix `py-` or `node-`) with `tokenvault get`.
+fn read_back(d: &TestDaemon, prefix: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = format!("http://{}", d.addr);
+    let get = |id: &str| {
+        let out = run(
+            dir.path(),
+            &["get", id, "--addr", &addr],
+            &[("TOKENVAULT_WORKER_TOKEN", WORKER)],
+            None,
+        );
+        assert!(out.status.success(), "get {id}: {}", process::stderr(&out));
+        out.stdout
+    };
+    for (stem, plaintext) in ok_vectors() {
+        assert_eq!(get(&format!("{prefix}{stem}")), plaintext, "{prefix}{stem}");
+    }
+    for i in 0..3 {
+        assert_eq!(
+            get(&format!("{prefix}batch-{i}")),
+            format!("batch-{i}").into_bytes()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sealer_stores_what_tokenvault_get_reads_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let python = std::env::var("TOKENVAULT_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!("TOKENVAULT_TEST_PYTHON is not set: run ./scripts/test (scripts/pyenv makes it)")
+    });
+    let clients = root().join("clients/python");
+    let addr = d.addr;
+    let suite = tokio::task::spawn_blocking(move || {
+        run_suite(
+            addr,
+            &python,
+            &[
+                "-m",
+                "pytest",
+                "-q",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+                "tests",
+            ],
+            &clients,
+        );
+    });
+    suite.await.expect("pytest");
+    read_back(&d, "py-");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_sealer_stores_what_tokenvault_get_reads_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let clients = root().join("clients/node");
+    let addr = d.addr;
+    let suite = tokio::task::spawn_blocking(move || {
+        run_suite(addr, "node", &["--test", "test/sealer.test.js"], &clients);
+    });
+    suite.await.expect("node --test");
+    read_back(&d, "node-");
+    d.stop().await;
+}
