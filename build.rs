@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tokenvault.v1.IssueGrantResponse",
             "tokenvault.v1.RevokeGrantRequest",
             "tokenvault.v1.RotateKeyRequest",
+            "tokenvault.v1.ExchangeCodeRequest",
         ])
         .compile_with_config(
             config,

@@ -65,6 +65,18 @@ pub mod v1 {
         }
     }
 
+    impl std::fmt::Debug for ExchangeCodeRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ExchangeCodeRequest")
+                .field("meta", &self.meta)
+                .field("code", &REDACTED)
+                .field("code_verifier", &REDACTED)
+                .field("redirect_uri", &self.redirect_uri)
+                .field("expected_version", &self.expected_version)
+                .finish()
+        }
+    }
+
     impl std::fmt::Debug for RotateKeyRequest {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.debug_struct("RotateKeyRequest")

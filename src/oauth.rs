@@ -106,6 +106,32 @@ impl TokenBundle {
             .is_some_and(|at| at <= now.saturating_add(skew))
     }
 
+    /// The bundle a code exchange issued: the response's tokens and expiry, its scopes (or
+    /// `requested` when it names none).
+    pub fn issued(response: TokenResponse, requested: &[String], now: i64) -> Self {
+        let scopes = response
+            .scope
+            .as_deref()
+            .map(|s| {
+                s.split(' ')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .filter(|v: &Vec<String>| !v.is_empty())
+            .unwrap_or_else(|| requested.to_vec());
+        TokenBundle {
+            access_token: response.access_token,
+            refresh_token: response.refresh_token.filter(|t| !t.is_empty()),
+            expires_at: response
+                .expires_in
+                .filter(|e| *e > 0)
+                .map(|e| now.saturating_add(e)),
+            scopes,
+            token_type: response.token_type,
+        }
+    }
+
     /// The bundle after a successful refresh: new access token, the new refresh token if one
     /// was issued (else the old one), new expiry and scopes (old scopes if none were named).
     pub fn refreshed(&self, response: TokenResponse, now: i64) -> Self {
@@ -208,11 +234,49 @@ pub fn refresh_request(
     refresh_token: &str,
     client_secret: &Secret,
 ) -> Result<RefreshRequest, OAuthError> {
+    token_request(
+        config,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+        ],
+        client_secret,
+    )
+}
+
+/// Builds the `authorization_code` grant request (RFC 6749 §4.1.3) with the PKCE verifier
+/// (RFC 7636 §4.5) and the configured client authentication.
+pub fn code_request(
+    config: &OAuthConfig,
+    code: &str,
+    code_verifier: &str,
+    redirect_uri: &str,
+    client_secret: &Secret,
+) -> Result<RefreshRequest, OAuthError> {
+    token_request(
+        config,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", code_verifier),
+        ],
+        client_secret,
+    )
+}
+
+/// A token endpoint request: `pairs`, then the client's authentication.
+fn token_request(
+    config: &OAuthConfig,
+    pairs: &[(&str, &str)],
+    client_secret: &Secret,
+) -> Result<RefreshRequest, OAuthError> {
     let secret =
         std::str::from_utf8(client_secret.expose_secret()).map_err(|_| OAuthError::BadBundle)?;
     let mut form = form_urlencoded::Serializer::new(String::with_capacity(4096));
-    form.append_pair("grant_type", "refresh_token");
-    form.append_pair("refresh_token", refresh_token);
+    for (k, v) in pairs {
+        form.append_pair(k, v);
+    }
     let authorization = match config.client_auth {
         ClientAuth::ClientSecretPost => {
             form.append_pair("client_id", &config.client_id);
@@ -248,6 +312,7 @@ mod tests {
             client_auth: auth,
             client_secret_record: crate::record::RecordId::parse("cs").expect("id"),
             refresh_skew_seconds: 60,
+            redirect_uris: vec![],
             background: None,
         }
     }

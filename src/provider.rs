@@ -80,6 +80,9 @@ pub struct OAuthConfig {
     pub client_secret_record: RecordId,
     /// Refresh when the access token expires within this many seconds.
     pub refresh_skew_seconds: i64,
+    /// The redirect URIs registered with the provider: `Ingest.ExchangeCode` accepts exactly
+    /// these (none: it is refused for this provider).
+    pub redirect_uris: Vec<String>,
     /// Background renewal, if enabled.
     pub background: Option<Background>,
 }
@@ -128,6 +131,8 @@ struct FileOAuth {
     client_auth: ClientAuth,
     client_secret_record: String,
     refresh_skew_seconds: Option<i64>,
+    #[serde(default)]
+    redirect_uris: Vec<String>,
     #[serde(default)]
     background_refresh: bool,
     background_interval_seconds: Option<u64>,
@@ -263,6 +268,21 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Pro
             }
             let client_secret_record = RecordId::parse(o.client_secret_record)
                 .map_err(|e| invalid(&key("oauth.client_secret_record"), e.to_string()))?;
+            for uri in &o.redirect_uris {
+                let ok = (uri.starts_with("https://")
+                    || uri.starts_with("http://127.0.0.1")
+                    || uri.starts_with("http://localhost")
+                    || uri.starts_with("http://[::1]"))
+                    && uri.len() <= 2048
+                    && !uri.contains('#')
+                    && !uri.bytes().any(|b| b.is_ascii_control() || b == b' ');
+                if !ok {
+                    return Err(invalid(
+                        &key("oauth.redirect_uris"),
+                        "each must be an https:// URL (http:// only on loopback) without a fragment",
+                    ));
+                }
+            }
             let background = o.background_refresh.then(|| Background {
                 interval_seconds: o.background_interval_seconds.unwrap_or(60).max(1),
                 concurrency: o.background_concurrency.unwrap_or(4).max(1),
@@ -273,6 +293,7 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Pro
                 client_auth: o.client_auth,
                 client_secret_record,
                 refresh_skew_seconds: o.refresh_skew_seconds.unwrap_or(300).max(0),
+                redirect_uris: o.redirect_uris,
                 background,
             })
         })

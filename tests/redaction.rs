@@ -25,6 +25,7 @@ fn no_secret_type_prints_its_secret() {
         client_auth: tokenvault::provider::ClientAuth::ClientSecretPost,
         client_secret_record: tokenvault::record::RecordId::parse("cs").expect("id"),
         refresh_skew_seconds: 0,
+        redirect_uris: vec![],
         background: None,
     };
     let refresh_request = tokenvault::oauth::refresh_request(
@@ -151,6 +152,48 @@ fn no_secret_type_prints_its_secret() {
                 }
             ),
             body[..40].to_string(),
+        ),
+        (
+            format!(
+                "{:?}",
+                v1::ExchangeCodeRequest {
+                    code: "CODECODE-1".into(),
+                    code_verifier: "VERIFIERVERIFIERVERIFIERVERIFIERVERIFIER123".into(),
+                    ..Default::default()
+                }
+            ),
+            "CODECODE".into(),
+        ),
+        (
+            format!(
+                "{:?}",
+                v1::ExchangeCodeRequest {
+                    code_verifier: "VERIFIERVERIFIERVERIFIERVERIFIERVERIFIER123".into(),
+                    ..Default::default()
+                }
+            ),
+            "VERIFIER".into(),
+        ),
+        (
+            format!(
+                "{:?}",
+                tokenvault::vault::CodeExchange {
+                    meta: tokenvault::record::RecordMeta::parse(
+                        "r",
+                        "o",
+                        "github",
+                        tokenvault::record::SecretKind::TokenBundle,
+                        &[],
+                        0
+                    )
+                    .expect("meta"),
+                    code: Secret::new(b"CODECODE-2".to_vec()),
+                    code_verifier: Secret::new(b"VERIFIERVERIFIER".to_vec()),
+                    redirect_uri: "https://app.example/cb".into(),
+                    expected_version: 0,
+                }
+            ),
+            "CODECODE".into(),
         ),
     ]);
     // What is not secret still shows, so the redaction is not a blanket one.

@@ -1,6 +1,6 @@
 //! The HTTP/JSON adapter of `Ingest`, served next to gRPC on the same listeners, for web tiers
 //! that do not speak gRPC (README, "HTTP/JSON for web tiers"): `GET /v1/public-keys`,
-//! `POST /v1/records`, `POST /v1/records:batch`.
+//! `POST /v1/records`, `POST /v1/records:batch`, `POST /v1/code-exchange`.
 //!
 //! Owns: the routes, their JSON (the proto3 JSON mapping of the same messages: lowerCamelCase
 //! names, proto names accepted too, 64-bit integers as strings, bytes as base64, enums by name)
@@ -26,7 +26,7 @@ use tonic::service::Interceptor as _;
 
 use super::auth::RoleGuard;
 use crate::api::v1;
-use crate::vault::{SealedRecord, Vault};
+use crate::vault::{CodeExchange, SealedRecord, Vault};
 
 /// What every handler needs.
 #[derive(Clone)]
@@ -123,6 +123,10 @@ pub(super) fn router(vault: Arc<Vault>, guard: RoleGuard, max_body: usize) -> Ro
             "/v1/records:batch",
             post(put_batch).fallback(method_not_allowed),
         )
+        .route(
+            "/v1/code-exchange",
+            post(exchange_code).fallback(method_not_allowed),
+        )
         .route("/v1/{*rest}", any(not_found))
         .with_state(state)
 }
@@ -143,7 +147,7 @@ async fn method_not_allowed() -> Response {
 
 async fn not_found() -> Response {
     let mut r = error_response(&tonic::Status::not_found(
-        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records and POST /v1/records:batch",
+        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records, POST /v1/records:batch and POST /v1/code-exchange",
     ));
     r.extensions_mut().insert(Unrouted);
     r
@@ -193,6 +197,15 @@ async fn admit(s: &Http, req: Request) -> Result<(crate::vault::Caller, bytes::B
     Ok((caller, bytes))
 }
 
+/// [`admit`], then [`decode`] of the body.
+async fn admit_json<T: serde::de::DeserializeOwned>(
+    s: &Http,
+    req: Request,
+) -> Result<(crate::vault::Caller, T), Refusal> {
+    let (caller, body) = admit(s, req).await?;
+    Ok((caller, decode(&body)?))
+}
+
 /// Decodes a JSON body, with a message that says where it is wrong but never echoes a value.
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
     serde_json::from_slice(bytes).map_err(|e| {
@@ -234,11 +247,7 @@ fn public_key_json(k: &v1::PublicKey) -> serde_json::Value {
 }
 
 async fn put_record(State(s): State<Http>, req: Request) -> Response {
-    let (caller, body) = match admit(&s, req).await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let item: JsonPutSealed = match decode(&body) {
+    let (caller, item) = match admit_json::<JsonPutSealed>(&s, req).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -254,11 +263,7 @@ async fn put_record(State(s): State<Http>, req: Request) -> Response {
 }
 
 async fn put_batch(State(s): State<Http>, req: Request) -> Response {
-    let (caller, body) = match admit(&s, req).await {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let batch: JsonBatch = match decode(&body) {
+    let (caller, batch) = match admit_json::<JsonBatch>(&s, req).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -282,6 +287,54 @@ async fn put_batch(State(s): State<Http>, req: Request) -> Response {
         })),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
+}
+
+async fn exchange_code(State(s): State<Http>, req: Request) -> Response {
+    let (caller, item) = match admit_json::<JsonExchange>(&s, req).await {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let result = async {
+        let req = CodeExchange::try_from(v1::ExchangeCodeRequest {
+            meta: item.meta.map(JsonRecordMeta::into_proto),
+            code: item.code.to_string(),
+            code_verifier: item.code_verifier.to_string(),
+            redirect_uri: item.redirect_uri,
+            expected_version: item.expected_version,
+        })?;
+        let id = req.meta.id.to_string();
+        s.vault.exchange_code(&caller, req).await.map(|e| (id, e))
+    }
+    .await;
+    match result {
+        Ok((id, e)) => ok_json(serde_json::json!({
+            "id": id,
+            "version": e.version.to_string(),
+            "expiresAt": e.expires_at.unwrap_or(0).to_string(),
+            "scopes": e.scopes,
+        })),
+        Err(e) => error_response(&tonic::Status::from(e)),
+    }
+}
+
+/// `ExchangeCodeRequest` in the proto3 JSON mapping.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonExchange {
+    meta: Option<JsonRecordMeta>,
+    #[serde(default)]
+    code: zeroize::Zeroizing<String>,
+    #[serde(default, rename = "codeVerifier", alias = "code_verifier")]
+    code_verifier: zeroize::Zeroizing<String>,
+    #[serde(default, rename = "redirectUri", alias = "redirect_uri")]
+    redirect_uri: String,
+    #[serde(
+        default,
+        rename = "expectedVersion",
+        alias = "expected_version",
+        deserialize_with = "uint64"
+    )]
+    expected_version: u64,
 }
 
 /// `PutSealedRequest` in the proto3 JSON mapping.
@@ -340,17 +393,23 @@ impl From<JsonPutSealed> for v1::PutSealedRequest {
     fn from(item: JsonPutSealed) -> Self {
         v1::PutSealedRequest {
             record: item.record.map(|r| v1::SealedRecord {
-                meta: r.meta.map(|m| v1::RecordMeta {
-                    id: m.id,
-                    owner: m.owner,
-                    provider: m.provider,
-                    kind: m.kind,
-                    scopes: m.scopes,
-                    expires_at: m.expires_at,
-                }),
+                meta: r.meta.map(JsonRecordMeta::into_proto),
                 envelope: r.envelope,
             }),
             expected_version: item.expected_version,
+        }
+    }
+}
+
+impl JsonRecordMeta {
+    fn into_proto(self) -> v1::RecordMeta {
+        v1::RecordMeta {
+            id: self.id,
+            owner: self.owner,
+            provider: self.provider,
+            kind: self.kind,
+            scopes: self.scopes,
+            expires_at: self.expires_at,
         }
     }
 }

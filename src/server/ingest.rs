@@ -8,7 +8,7 @@ use super::caller;
 use super::status::VaultError;
 use crate::api::v1::{self, ingest_server::Ingest};
 use crate::record::RecordMeta;
-use crate::vault::{SealedRecord, Vault};
+use crate::vault::{CodeExchange, Exchanged, SealedRecord, Vault};
 
 /// The `tokenvault.v1.Ingest` service.
 pub struct IngestService(pub(super) Arc<Vault>);
@@ -37,6 +37,39 @@ impl TryFrom<v1::PutSealedRequest> for SealedRecord {
             envelope: record.envelope,
             expected_version: item.expected_version,
         })
+    }
+}
+
+impl TryFrom<v1::ExchangeCodeRequest> for CodeExchange {
+    type Error = VaultError;
+
+    fn try_from(req: v1::ExchangeCodeRequest) -> Result<Self, VaultError> {
+        let mut meta = req.meta.ok_or(VaultError::Missing("meta"))?;
+        if meta.kind == v1::SecretKind::Unspecified as i32 {
+            meta.kind = v1::SecretKind::TokenBundle as i32;
+        }
+        let meta = RecordMeta::try_from(&meta).map_err(|source| VaultError::Invalid {
+            what: "record metadata".into(),
+            source,
+        })?;
+        Ok(CodeExchange {
+            meta,
+            code: crate::secret::Secret::new(req.code.into_bytes()),
+            code_verifier: crate::secret::Secret::new(req.code_verifier.into_bytes()),
+            redirect_uri: req.redirect_uri,
+            expected_version: req.expected_version,
+        })
+    }
+}
+
+impl From<(&str, Exchanged)> for v1::ExchangeCodeResponse {
+    fn from((id, e): (&str, Exchanged)) -> Self {
+        v1::ExchangeCodeResponse {
+            id: id.to_string(),
+            version: e.version,
+            expires_at: e.expires_at.unwrap_or(0),
+            scopes: e.scopes,
+        }
     }
 }
 
@@ -88,6 +121,17 @@ impl Ingest for IngestService {
             .collect::<Result<Vec<_>, _>>()?;
         let versions = self.0.put_sealed_batch(&caller, items).await?;
         Ok(Response::new(v1::PutSealedBatchResponse { versions }))
+    }
+
+    async fn exchange_code(
+        &self,
+        request: Request<v1::ExchangeCodeRequest>,
+    ) -> Result<Response<v1::ExchangeCodeResponse>, Status> {
+        let caller = caller(&request);
+        let req = CodeExchange::try_from(request.into_inner())?;
+        let id = req.meta.id.to_string();
+        let done = self.0.exchange_code(&caller, req).await?;
+        Ok(Response::new((id.as_str(), done).into()))
     }
 
     async fn public_keys(

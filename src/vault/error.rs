@@ -255,6 +255,23 @@ pub enum VaultError {
     /// A grant was refused.
     #[error(transparent)]
     Grant(#[from] crate::grant::GrantError),
+    /// A code exchange request is malformed; says which field.
+    #[error("{0}")]
+    BadExchange(&'static str),
+    /// The redirect URI is not one the provider's configuration registers.
+    #[error(
+        "redirect_uri is not one of providers.{0}.oauth.redirect_uris (it must match a registered URI exactly)"
+    )]
+    RedirectNotRegistered(String),
+    /// The provider refused or failed the code exchange; nothing was stored.
+    #[error("exchanging the authorization code at provider {provider}: {source}")]
+    Exchange {
+        /// Provider name.
+        provider: String,
+        /// Cause.
+        #[source]
+        source: crate::oauth::OAuthError,
+    },
     /// The provider configuration could not be reloaded; the previous one stays in effect.
     #[error("reloading providers failed, the previous configuration stays in effect: {0}")]
     Reload(String),
@@ -329,6 +346,20 @@ impl VaultError {
             | VaultError::NotACredential { .. }
             | VaultError::ClientSecret(_)
             | VaultError::Reload(_) => ErrorKind::FailedPrecondition,
+            VaultError::BadExchange(_) | VaultError::RedirectNotRegistered(_) => {
+                ErrorKind::InvalidArgument
+            }
+            VaultError::Exchange { source, .. } => {
+                use crate::oauth::OAuthError;
+                match source {
+                    // The code is spent, expired, or not for this client, redirect or verifier.
+                    OAuthError::InvalidGrant => ErrorKind::FailedPrecondition,
+                    OAuthError::BadBundle | OAuthError::NoRefreshToken => {
+                        ErrorKind::FailedPrecondition
+                    }
+                    OAuthError::Endpoint { .. } | OAuthError::BadResponse => ErrorKind::Unavailable,
+                }
+            }
             VaultError::Refresh { source, .. } => {
                 use crate::oauth::OAuthError;
                 match source {

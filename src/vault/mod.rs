@@ -21,6 +21,7 @@ pub(crate) mod commit;
 pub(crate) mod cpu_pool;
 pub mod dek_cache;
 mod error;
+mod exchange;
 mod grants;
 pub mod ingest;
 mod jobs;
@@ -37,6 +38,7 @@ use thiserror::Error;
 pub use admin::{AuditEntry, AuditFilter, KeyImport, Rotated, SecurityEventOutcome, VaultStats};
 pub use broker::{Proxied, ProxyTarget, Released};
 pub use error::{ErrorKind, VaultError};
+pub use exchange::{CodeExchange, Exchanged};
 pub use grants::{GrantSubject, IssueGrant, IssuedGrant};
 pub use ingest::SealedRecord;
 

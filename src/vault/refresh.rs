@@ -57,7 +57,7 @@ impl SingleFlight {
 }
 
 /// Reads and opens a record without any caller policy (internal use by the refresher).
-fn read_open(s: &Vault, id: &RecordId) -> Result<(Record, Secret), VaultError> {
+pub(super) fn read_open(s: &Vault, id: &RecordId) -> Result<(Record, Secret), VaultError> {
     let record = s
         .store
         .get_record(id)?
@@ -187,18 +187,7 @@ async fn refresh_locked(
             id: id.to_string(),
             source: OAuthError::NoRefreshToken,
         })?;
-    let client_secret = {
-        let cs = oauth.client_secret_record.clone();
-        state
-            .blocking(move |s| {
-                let (record, secret) = read_open(s, &cs)?;
-                if record.meta.kind != SecretKind::ClientSecret || record.revoked {
-                    return Err(VaultError::ClientSecret(cs.to_string()));
-                }
-                Ok(secret)
-            })
-            .await?
-    };
+    let client_secret = client_secret(state, &oauth).await?;
     let request =
         oauth::refresh_request(&oauth, &refresh_token, &client_secret).map_err(|source| {
             VaultError::Refresh {
@@ -207,25 +196,7 @@ async fn refresh_locked(
             }
         })?;
     drop(client_secret);
-    let auth = match &request.authorization {
-        Some(a) => {
-            let mut v = HeaderValue::from_str(a).map_err(|_| VaultError::Refresh {
-                id: id.to_string(),
-                source: OAuthError::BadBundle,
-            })?;
-            v.set_sensitive(true);
-            Some(v)
-        }
-        None => None,
-    };
-    let response = upstream
-        .post_form(
-            &oauth.token_endpoint,
-            auth,
-            Bytes::copy_from_slice(&request.body),
-        )
-        .await;
-    drop(request);
+    let response = post_token_request(upstream, &oauth, request).await;
     let response = match response {
         Ok(r) => r,
         Err(e) => {
@@ -263,6 +234,47 @@ async fn refresh_locked(
     }
 }
 
+/// The provider's client secret, from its sealed `client_secret` record.
+pub(super) async fn client_secret(
+    state: &Arc<Vault>,
+    oauth: &OAuthConfig,
+) -> Result<Secret, VaultError> {
+    let cs = oauth.client_secret_record.clone();
+    state
+        .blocking(move |s| {
+            let (record, secret) = read_open(s, &cs)?;
+            if record.meta.kind != SecretKind::ClientSecret || record.revoked {
+                return Err(VaultError::ClientSecret(cs.to_string()));
+            }
+            Ok(secret)
+        })
+        .await
+}
+
+/// Sends a token endpoint request through the provider's client (its outbound policy and SSRF
+/// guard), the `Authorization` header marked sensitive; the request is dropped (zeroized) as
+/// soon as it is sent.
+pub(super) async fn post_token_request(
+    upstream: &Upstream,
+    oauth: &OAuthConfig,
+    request: oauth::RefreshRequest,
+) -> Result<crate::proxy::UpstreamResponse, crate::proxy::ProxyError> {
+    let auth = request.authorization.as_ref().and_then(|a| {
+        let mut v = HeaderValue::from_str(a).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    });
+    let response = upstream
+        .post_form(
+            &oauth.token_endpoint,
+            auth,
+            Bytes::copy_from_slice(&request.body),
+        )
+        .await;
+    drop(request);
+    response
+}
+
 fn refresh_draft(caller: &str, record: &Record, outcome: &str) -> Draft {
     Draft::new(caller, "Refresh")
         .record(record.meta.id.as_str())
@@ -292,26 +304,7 @@ fn store_refreshed(
     now: i64,
 ) -> Result<(Record, TokenBundle), VaultError> {
     let mut meta = seen.meta.clone();
-    meta.expires_at = fresh.expires_at;
-    // Scopes the record metadata cannot hold (odd characters) stay only in the bundle.
-    if let Ok(scopes) = fresh
-        .scopes
-        .iter()
-        .map(|s| Scope::parse(s.as_str()))
-        .collect::<Result<Vec<_>, _>>()
-        && !scopes.is_empty()
-    {
-        meta.scopes = scopes;
-    }
-    let ring = s.keyring();
-    let (active, public) = ring.active();
-    let sealed = envelope::seal(&meta, &fresh.to_secret(), public)?;
-    let write = RecordWrite {
-        meta,
-        envelope: sealed,
-        key_version: active.version,
-        expected_version: seen.version,
-    };
+    let write = bundle_write(s, &mut meta, &fresh, seen.version)?;
     // The new bundle and its audit event are one durable write.
     let draft = refresh_draft(caller, seen, "refreshed");
     let written = s.audit.append_with(&draft, |a| {
@@ -343,6 +336,35 @@ fn store_refreshed(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The write of `bundle` over `meta` at `expected_version`: the bundle's expiry and (when the
+/// metadata can hold them) scopes go into `meta`, and it is sealed under the active key.
+pub(super) fn bundle_write(
+    s: &Vault,
+    meta: &mut crate::record::RecordMeta,
+    bundle: &TokenBundle,
+    expected_version: u64,
+) -> Result<RecordWrite, VaultError> {
+    meta.expires_at = bundle.expires_at;
+    // Scopes the record metadata cannot hold (odd characters) stay only in the bundle.
+    if let Ok(scopes) = bundle
+        .scopes
+        .iter()
+        .map(|x| Scope::parse(x.as_str()))
+        .collect::<Result<Vec<_>, _>>()
+        && !scopes.is_empty()
+    {
+        meta.scopes = scopes;
+    }
+    let ring = s.keyring();
+    let (active, public) = ring.active();
+    Ok(RecordWrite {
+        meta: meta.clone(),
+        envelope: envelope::seal(meta, &bundle.to_secret(), public)?,
+        key_version: active.version,
+        expected_version,
+    })
 }
 
 /// Marks `seen` as needing re-authorization, unless it changed meanwhile (then returns the

@@ -37,6 +37,10 @@ pub struct ProviderState {
     pub omit_refresh: bool,
     /// `/api/hold` answers only once it can take a permit from here (tests add them).
     pub gate: Arc<tokio::sync::Semaphore>,
+    /// Authorization codes not yet redeemed: code → (PKCE S256 challenge, redirect URI).
+    pub codes: HashMap<String, (String, String)>,
+    /// Codes redeemed successfully.
+    pub exchanges: u32,
 }
 
 #[derive(Clone)]
@@ -90,6 +94,8 @@ impl FakeProvider {
             token_delay: Duration::ZERO,
             omit_refresh: false,
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            codes: HashMap::new(),
+            exchanges: 0,
         }));
         let shared = Arc::clone(&state);
         tokio::spawn(async move {
@@ -120,6 +126,17 @@ impl FakeProvider {
             }
         });
         Self { addr, state }
+    }
+
+    /// What the provider's authorization endpoint does when the user consents: issues a
+    /// one-time code bound to the request's PKCE challenge and redirect URI.
+    pub fn issue_code(&self, challenge: &str, redirect_uri: &str) -> String {
+        let code = format!("code-{}", rand::random::<u64>());
+        self.lock().codes.insert(
+            code.clone(),
+            (challenge.to_string(), redirect_uri.to_string()),
+        );
+        code
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, ProviderState> {
@@ -237,6 +254,38 @@ async fn handle(
     }
 }
 
+/// The `authorization_code` grant (RFC 6749 §4.1.3) with PKCE (RFC 7636 §4.6): the code is
+/// spent on first use, whatever the outcome; the redirect URI and the verifier must match.
+fn code_grant(
+    state: &Arc<Mutex<ProviderState>>,
+    form: &HashMap<String, String>,
+) -> Response<Full<Bytes>> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let invalid = || reply(400, "{\"error\":\"invalid_grant\"}");
+    let mut s = state.lock().expect("lock");
+    let Some((challenge, redirect)) = form.get("code").and_then(|c| s.codes.remove(c)) else {
+        return invalid();
+    };
+    let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+    let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    if form.get("redirect_uri") != Some(&redirect) || computed != challenge {
+        return invalid();
+    }
+    s.exchanges += 1;
+    s.generation += 1;
+    s.access = format!("at-{}-{}", s.generation, rand::random::<u32>());
+    s.refresh = format!("rt-{}-{}", s.generation, rand::random::<u32>());
+    reply(
+        200,
+        format!(
+            "{{\"access_token\":\"{}\",\"token_type\":\"Bearer\",\"expires_in\":3600,\"scope\":\"repo user\",\"refresh_token\":\"{}\"}}",
+            s.access, s.refresh
+        ),
+    )
+}
+
 fn redirect(location: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(302)
@@ -267,6 +316,9 @@ async fn token(
             && form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET));
     if !client_ok {
         return reply(401, "{\"error\":\"invalid_client\"}");
+    }
+    if form.get("grant_type").map(String::as_str) == Some("authorization_code") {
+        return code_grant(state, &form);
     }
     if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
         return reply(400, "{\"error\":\"unsupported_grant_type\"}");

@@ -1,0 +1,292 @@
+//! The OAuth callback end to end: `tokenvault::web` starts the authorization request, a local
+//! OAuth provider (a real HTTP server with PKCE) issues a code, the callback is checked, and
+//! the daemon redeems the code (`Ingest.ExchangeCode`, gRPC and HTTP/JSON) with the client
+//! secret it holds; the web tier never sees a token.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::upstream::{CLIENT_SECRET, FakeProvider};
+use common::*;
+use tokenvault::api::v1;
+use tokenvault::record::{RecordMeta, SecretKind};
+use tonic::Code;
+
+const REDIRECT: &str = "https://app.example/oauth/callback";
+
+async fn setup() -> (tempfile::TempDir, FakeProvider, TestDaemon) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start("unused-access", "unused-refresh").await;
+    let base = provider.base();
+    let toml = format!(
+        r#"data_dir = "data"
+key_dir = "keys"
+[providers.github]
+base_url = "{base}/api"
+allow_plain_http = true
+allowed_networks = ["127.0.0.0/8"]
+[providers.github.oauth]
+token_endpoint = "{base}/oauth/token"
+client_id = "tv-client"
+client_auth = "client_secret_post"
+client_secret_record = "github-client-secret"
+redirect_uris = ["{REDIRECT}"]
+"#
+    );
+    let path = tmp.path().join("tokenvault.toml");
+    std::fs::write(&path, toml).expect("config");
+    let mut config = tokenvault::config::Config::load(&path, &HashMap::<String, String>::new())
+        .expect("config loads");
+    config.dev = true;
+    config.credentials = credentials();
+    let d = TestDaemon::start_with(config).await;
+    let secret = RecordMeta::parse(
+        "github-client-secret",
+        "ops",
+        "github",
+        SecretKind::ClientSecret,
+        &[],
+        0,
+    )
+    .expect("meta");
+    d.put(&secret, CLIENT_SECRET.as_bytes()).await;
+    (tmp, provider, d)
+}
+
+/// The web tier's half: start the request, let the provider issue a code for it, check the
+/// callback. Returns the code and verifier to hand to the daemon.
+fn authorize(provider: &FakeProvider) -> tokenvault::web::AuthorizationCode {
+    let endpoint = format!("{}/oauth/authorize", provider.base());
+    let (url, pending) = tokenvault::web::start(
+        &tokenvault::web::AuthorizeParams {
+            authorization_endpoint: &endpoint,
+            client_id: "tv-client",
+            redirect_uri: REDIRECT,
+            scopes: &["repo"],
+            openid: false,
+            prompt_login: true,
+            ttl_seconds: 0,
+        },
+        tokenvault::unix_now(),
+    )
+    .expect("start");
+    let query: HashMap<String, String> =
+        form_urlencoded::parse(url.split_once('?').expect("query").1.as_bytes())
+            .into_owned()
+            .collect();
+    assert_eq!(query["code_challenge_method"], "S256");
+    // The user consents; the provider redirects back with a code and the state.
+    let code = provider.issue_code(&query["code_challenge"], &query["redirect_uri"]);
+    let callback = format!("code={code}&state={}", query["state"]);
+    pending
+        .complete(&callback, tokenvault::unix_now())
+        .expect("callback")
+}
+
+fn request(id: &str, code: &tokenvault::web::AuthorizationCode) -> v1::ExchangeCodeRequest {
+    v1::ExchangeCodeRequest {
+        meta: Some(v1::RecordMeta {
+            id: id.into(),
+            owner: "user-42".into(),
+            provider: "github".into(),
+            kind: v1::SecretKind::TokenBundle as i32,
+            scopes: vec!["repo".into()],
+            expires_at: 0,
+        }),
+        code: code.expose_code().into(),
+        code_verifier: code.expose_verifier().into(),
+        redirect_uri: code.redirect_uri().into(),
+        expected_version: 0,
+    }
+}
+
+async fn exchange(
+    d: &TestDaemon,
+    credential: &str,
+    req: v1::ExchangeCodeRequest,
+) -> Result<v1::ExchangeCodeResponse, tonic::Status> {
+    d.ingest(credential)
+        .await
+        .exchange_code(req)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_code_is_redeemed_by_the_daemon_and_the_web_tier_never_sees_a_token() {
+    let (_tmp, provider, d) = setup().await;
+    let code = authorize(&provider);
+    let before = tokenvault::unix_now();
+    let stored = exchange(&d, INGEST, request("github:user-42", &code))
+        .await
+        .expect("exchanged");
+    assert_eq!(stored.id, "github:user-42");
+    assert_eq!(stored.version, 1);
+    assert_eq!(stored.scopes, vec!["repo", "user"]);
+    assert!(stored.expires_at >= before + 3600, "{}", stored.expires_at);
+    // The answer carries no token (the message has no field for one); the worker reads the
+    // bundle the provider issued.
+    let issued = provider.lock().access.clone();
+    let got = d.get("github:user-42").await.expect("get").into_inner();
+    let bundle: serde_json::Value = serde_json::from_slice(&got.secret).expect("bundle JSON");
+    assert_eq!(bundle["access_token"], issued.as_str());
+    assert!(
+        bundle["refresh_token"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("rt-"))
+    );
+    let info = got.info.expect("info");
+    assert_eq!(
+        info.meta.expect("meta").kind,
+        v1::SecretKind::TokenBundle as i32
+    );
+    assert_eq!(provider.lock().exchanges, 1);
+
+    // The same code again: the provider refuses it, nothing is stored.
+    let replay = exchange(&d, INGEST, request("github:user-43", &code))
+        .await
+        .expect_err("replayed");
+    assert_eq!(replay.code(), Code::FailedPrecondition, "{replay:?}");
+    assert!(
+        replay.message().contains("invalid_grant"),
+        "{}",
+        replay.message()
+    );
+    assert_eq!(
+        d.get("github:user-43").await.expect_err("absent").code(),
+        Code::NotFound
+    );
+
+    // Re-authorization replaces the record at its version, over HTTP/JSON this time.
+    let again = authorize(&provider);
+    let body = serde_json::json!({
+        "meta": {"id": "github:user-42", "owner": "user-42", "provider": "github", "scopes": ["repo"]},
+        "code": again.expose_code(),
+        "codeVerifier": again.expose_verifier(),
+        "redirectUri": again.redirect_uri(),
+        "expectedVersion": "1",
+    });
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let response = client
+        .request(
+            http::Request::post(format!("http://{}/v1/code-exchange", d.addr))
+                .header("authorization", format!("Bearer {INGEST}"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
+                .expect("request"),
+        )
+        .await
+        .expect("HTTP");
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["version"], "2", "{json}");
+    assert!(
+        !String::from_utf8_lossy(&body).contains("at-"),
+        "no token in the answer"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn bad_exchanges_are_refused_precisely_and_store_nothing() {
+    let (_tmp, provider, d) = setup().await;
+    let code = authorize(&provider);
+    let base = request("r1", &code);
+    let with = |f: &dyn Fn(&mut v1::ExchangeCodeRequest)| {
+        let mut r = base.clone();
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(v1::ExchangeCodeRequest, &str, Code, &str)> = vec![
+        (
+            with(&|r| r.redirect_uri = "https://evil.example/cb".into()),
+            INGEST,
+            Code::InvalidArgument,
+            "not one of providers.github.oauth.redirect_uris",
+        ),
+        (
+            with(&|r| r.code_verifier = "short".into()),
+            INGEST,
+            Code::InvalidArgument,
+            "code_verifier must be 43-128",
+        ),
+        (
+            with(&|r| r.code = String::new()),
+            INGEST,
+            Code::InvalidArgument,
+            "code must be 1-2048",
+        ),
+        (
+            with(&|r| r.code = "a b".into()),
+            INGEST,
+            Code::InvalidArgument,
+            "code must be 1-2048",
+        ),
+        (
+            with(&|r| r.meta.as_mut().expect("meta").kind = v1::SecretKind::AccessToken as i32),
+            INGEST,
+            Code::InvalidArgument,
+            "SECRET_KIND_TOKEN_BUNDLE",
+        ),
+        (
+            with(&|r| r.meta = None),
+            INGEST,
+            Code::InvalidArgument,
+            "meta is required",
+        ),
+        (
+            with(&|r| r.meta.as_mut().expect("meta").provider = "gitlab".into()),
+            INGEST,
+            Code::FailedPrecondition,
+            "no [providers.gitlab]",
+        ),
+        (
+            base.clone(),
+            WORKER,
+            Code::PermissionDenied,
+            "requires role ingest",
+        ),
+        // A verifier of the right shape that is not this request's: the provider refuses.
+        (
+            with(&|r| r.code_verifier = "x".repeat(43)),
+            INGEST,
+            Code::FailedPrecondition,
+            "invalid_grant",
+        ),
+    ];
+    for (req, credential, code_want, needle) in cases {
+        let err = exchange(&d, credential, req).await.expect_err(needle);
+        assert_eq!(err.code(), code_want, "{needle}: {err:?}");
+        assert!(
+            err.message().contains(needle),
+            "{:?} lacks {needle:?}",
+            err.message()
+        );
+        assert!(
+            !err.message().contains(code.expose_code()),
+            "the code leaked"
+        );
+        assert!(!err.message().contains(CLIENT_SECRET), "the secret leaked");
+    }
+    // Only the one client secret record is stored; the provider's code was spent by the bad
+    // verifier (the provider's rule), so nothing else happened.
+    assert_eq!(d.stats().await.records, 1);
+    assert_eq!(provider.lock().exchanges, 0);
+    // The refused exchange that reached the provider is in the audit trail, with no code.
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "ExchangeCode" && e.outcome == "FailedPrecondition"),
+        "{events:?}"
+    );
+    d.stop().await;
+}
