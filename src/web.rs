@@ -677,3 +677,8 @@ mod tests {
         }
     }
 }
+
+/// docs/WEB_TIER.md's Rust block runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/WEB_TIER.md")]
+struct WebTierDoc;

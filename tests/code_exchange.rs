@@ -290,3 +290,165 @@ async fn bad_exchanges_are_refused_precisely_and_store_nothing() {
     );
     d.stop().await;
 }
+
+/// A fenced block of docs/WEB_TIER.md.
+fn web_tier_block(lang: &str) -> String {
+    let doc = std::fs::read_to_string(fixture_path("docs/WEB_TIER.md")).expect("WEB_TIER.md");
+    let fence = format!("```{lang}");
+    let mut lines = doc.lines().skip_while(|l| l.trim_end() != fence);
+    lines.next().expect("the block");
+    lines
+        .take_while(|l| l.trim_end() != "```")
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// Runs a documented callback handler: the program prints the authorization URL, the test
+/// (as the user and the provider) answers with the redirect's query on stdin, the program
+/// prints what the daemon stored. Returns that line.
+fn run_handler(provider: &FakeProvider, mut cmd: std::process::Command) -> serde_json::Value {
+    use std::io::{BufRead as _, Write as _};
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the handler");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut url = String::new();
+    out.read_line(&mut url).expect("the authorization URL");
+    let query: HashMap<String, String> =
+        form_urlencoded::parse(url.trim().split_once('?').map_or("", |(_, q)| q).as_bytes())
+            .into_owned()
+            .collect();
+    assert_eq!(
+        query.get("code_challenge_method").map(String::as_str),
+        Some("S256"),
+        "{url}"
+    );
+    assert_eq!(query.get("prompt").map(String::as_str), Some("login"));
+    let code = provider.issue_code(&query["code_challenge"], &query["redirect_uri"]);
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "code={code}&state={}", query["state"]).expect("write");
+    drop(stdin);
+    let mut result = String::new();
+    out.read_line(&mut result).expect("the result");
+    let status = child.wait_with_output().expect("wait");
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    serde_json::from_str(&result).unwrap_or_else(|_| panic!("not JSON: {result:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_python_and_node_callback_handlers_work_against_a_daemon() {
+    let (tmp, provider, d) = setup().await;
+    let url = format!("http://{}", d.addr);
+    let python = std::env::var("TOKENVAULT_TEST_PYTHON")
+        .unwrap_or_else(|_| panic!("TOKENVAULT_TEST_PYTHON is not set: run ./scripts/test"));
+    let py = tmp.path().join("handler.py");
+    std::fs::write(
+        &py,
+        web_tier_block("python")
+            + r#"
+import json, sys
+from tokenvault_sealer import TokenvaultError
+assert pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+session = {}
+print(start_login(session), flush=True)
+query = sys.stdin.readline().strip()
+forged = {"pending": dict(session["pending"])}
+try:
+    on_callback(forged, "u1", "code=x&state=forged")
+    raise SystemExit("a forged state was accepted")
+except PermissionError:
+    pass
+verifier = session["pending"]["verifier"]
+stored = on_callback(session, "py-user", query)
+code = urllib.parse.parse_qs(query)["code"][0]
+try:
+    vault.exchange_code("github:replay", "u", "github", code, verifier, REDIRECT_URI)
+    raise SystemExit("a replayed code was accepted")
+except TokenvaultError as e:
+    assert e.code == "FAILED_PRECONDITION", e
+print(json.dumps(stored), flush=True)
+"#,
+    )
+    .expect("write");
+    let provider_py = provider.clone();
+    let (addr_py, py_path) = (url.clone(), py.clone());
+    let stored = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg(&py_path)
+            .env("PYTHONPATH", process::root().join("clients/python"))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("TOKENVAULT_URL", addr_py)
+            .env("TOKENVAULT_INGEST_TOKEN", INGEST);
+        run_handler(&provider_py, cmd)
+    })
+    .await
+    .expect("python");
+    assert_eq!(stored["id"], "github:py-user", "{stored}");
+    assert_eq!(stored["version"], "1");
+
+    // Node.js: `require('tokenvault-sealer')` resolves to clients/node.
+    let modules = tmp.path().join("node_modules");
+    std::fs::create_dir_all(&modules).expect("node_modules");
+    std::os::unix::fs::symlink(
+        process::root().join("clients/node"),
+        modules.join("tokenvault-sealer"),
+    )
+    .expect("link");
+    let js = tmp.path().join("handler.js");
+    std::fs::write(
+        &js,
+        web_tier_block("js")
+            + r#"
+const assert = require('node:assert');
+const readline = require('node:readline');
+(async () => {
+  assert.strictEqual(pkceChallenge('dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk'), 'E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM');
+  const session = {};
+  console.log(startLogin(session));
+  const rl = readline.createInterface({ input: process.stdin });
+  const query = (await rl[Symbol.asyncIterator]().next()).value.trim();
+  rl.close();
+  await assert.rejects(onCallback({ pending: { ...session.pending } }, 'u1', 'code=x&state=forged'), /state mismatch/);
+  const verifier = session.pending.verifier;
+  const stored = await onCallback(session, 'node-user', query);
+  const code = new URLSearchParams(query).get('code');
+  await assert.rejects(vault.exchangeCode({ id: 'github:replay', owner: 'u', provider: 'github', code, codeVerifier: verifier, redirectUri: REDIRECT_URI }), (e) => e.code === 'FAILED_PRECONDITION');
+  console.log(JSON.stringify(stored));
+})().catch((e) => { console.error(e); process.exit(1); });
+"#,
+    )
+    .expect("write");
+    let provider_js = provider.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(&js)
+            .env("TOKENVAULT_URL", url)
+            .env("TOKENVAULT_INGEST_TOKEN", INGEST);
+        run_handler(&provider_js, cmd)
+    })
+    .await
+    .expect("node");
+    assert_eq!(stored["id"], "github:node-user", "{stored}");
+    assert_eq!(stored["version"], "1");
+
+    // Both bundles are in the vault, as the provider issued them.
+    for id in ["github:py-user", "github:node-user"] {
+        let got = d.get(id).await.expect("get").into_inner();
+        let bundle: serde_json::Value = serde_json::from_slice(&got.secret).expect("bundle");
+        assert!(
+            bundle["access_token"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("at-"))
+        );
+    }
+    assert_eq!(provider.lock().exchanges, 2);
+    d.stop().await;
+}

@@ -137,6 +137,18 @@ class Client {
     return Number((await this.#call('POST', '/v1/records', Client.item(record))).version);
   }
 
+  // Has the daemon redeem an OAuth authorization code and store the token bundle; resolves to
+  // {id, version, expiresAt, scopes}, never a token.
+  async exchangeCode({ id, owner, provider, code, codeVerifier, redirectUri, scopes = [], expectedVersion = 0 }) {
+    return this.#call('POST', '/v1/code-exchange', {
+      meta: { id, owner, provider, scopes },
+      code,
+      codeVerifier,
+      redirectUri,
+      expectedVersion: String(expectedVersion),
+    });
+  }
+
   // Stores several records atomically; resolves to their versions.
   async putSealedBatch(records) {
     const body = { items: records.map((r) => Client.item(r)) };

@@ -144,6 +144,22 @@ class Client:
         body = self._item(record_id, owner, provider, kind, envelope, scopes, expires_at, expected_version)
         return int(self._call("POST", "/v1/records", body)["version"])
 
+    def exchange_code(self, record_id, owner, provider, code, code_verifier, redirect_uri,
+                      scopes=(), expected_version=0):
+        """Has the daemon redeem an OAuth authorization code and store the token bundle.
+
+        Returns ``{"id", "version", "expiresAt", "scopes"}``, never a token: the web tier does not
+        see the tokens, and the client secret stays in the vault.
+        """
+        body = {
+            "meta": {"id": record_id, "owner": owner, "provider": provider, "scopes": list(scopes)},
+            "code": code,
+            "codeVerifier": code_verifier,
+            "redirectUri": redirect_uri,
+            "expectedVersion": str(int(expected_version)),
+        }
+        return self._call("POST", "/v1/code-exchange", body)
+
     def put_sealed_batch(self, items):
         """Stores several records atomically; ``items`` are dicts of ``put_sealed``'s arguments."""
         body = {"items": [self._item(**item) for item in items]}
