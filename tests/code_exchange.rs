@@ -167,25 +167,18 @@ async fn a_code_is_redeemed_by_the_daemon_and_the_web_tier_never_sees_a_token() 
         "redirectUri": again.redirect_uri(),
         "expectedVersion": "1",
     });
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let response = client
-        .request(
-            http::Request::post(format!("http://{}/v1/code-exchange", d.addr))
-                .header("authorization", format!("Bearer {INGEST}"))
-                .header("content-type", "application/json")
-                .body(http_body_util::Full::new(bytes::Bytes::from(
-                    body.to_string(),
-                )))
-                .expect("request"),
-        )
-        .await
-        .expect("HTTP");
-    assert_eq!(response.status(), 200);
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .expect("body")
-        .to_bytes();
+    let (status, _, body) = http_call(
+        d.addr,
+        "POST",
+        "/v1/code-exchange",
+        &[
+            ("authorization", format!("Bearer {INGEST}")),
+            ("content-type", "application/json".into()),
+        ],
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(json["version"], "2", "{json}");
     assert!(

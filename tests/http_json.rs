@@ -5,9 +5,6 @@ mod common;
 
 use base64::Engine as _;
 use common::*;
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 struct Reply {
     status: u16,
@@ -22,38 +19,19 @@ async fn call(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Reply {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<bytes::Bytes>>();
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(format!("http://{addr}{path}"));
+    let mut headers = Vec::new();
     if let Some(c) = credential {
-        req = req.header("authorization", format!("Bearer {c}"));
+        headers.push(("authorization", format!("Bearer {c}")));
     }
     if let Some(t) = content_type {
-        req = req.header("content-type", t);
+        headers.push(("content-type", t.to_string()));
     }
-    let response = client
-        .request(
-            req.body(Full::new(bytes::Bytes::from(body)))
-                .expect("request"),
-        )
-        .await
-        .expect("HTTP call");
-    let status = response.status().as_u16();
+    let (status, content_type, bytes) = http_call(addr, method, path, &headers, body).await;
     assert_eq!(
-        response
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap_or_default()),
+        content_type.as_deref(),
         Some("application/json"),
         "{method} {path}"
     );
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
     Reply {
         status,
         json: serde_json::from_slice(&bytes).expect("a JSON body"),

@@ -402,3 +402,124 @@ async fn a_security_event_that_fails_midway_changes_nothing_and_can_be_retried()
     }
     d.stop().await;
 }
+
+/// One RFC 8935 push: `(status, body)`.
+async fn push(d: &TestDaemon, content_type: &str, body: String) -> (u16, serde_json::Value) {
+    let (status, _, bytes) = common::http_call(
+        d.addr,
+        "POST",
+        "/v1/security-events",
+        &[("content-type", content_type.to_string())],
+        body.into_bytes(),
+    )
+    .await;
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("a JSON body")
+    };
+    (status, json)
+}
+
+#[tokio::test]
+async fn security_events_pushed_over_http_are_authorized_by_their_signature() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = daemon(tmp.path()).await;
+    let alice = "alice@example.com";
+    put(&d, "p-gh", alice, "github", &["repo"]).await;
+    put(&d, "p-other", "bob@example.com", "github", &["repo"]).await;
+    const SET: &str = "application/secevent+jwt";
+    let good = rs256(
+        "keys/test/fixture-a.key.pem",
+        &set(
+            "https://idp.example",
+            "push-1",
+            TOKENS_REVOKED,
+            subject(alice),
+        ),
+    );
+    // Refusals first: each is 400 with the RFC 8935 error code, and changes nothing.
+    // One signature character changed (in the middle, so the base64url stays canonical).
+    let forged = {
+        let at = good.rfind('.').expect("three parts") + 10;
+        let mut t = good.clone().into_bytes();
+        t[at] = if t[at] == b'A' { b'B' } else { b'A' };
+        String::from_utf8(t).expect("ascii")
+    };
+    let stranger = rs256(
+        "keys/test/fixture-b.key.pem",
+        &set(
+            "https://idp.example",
+            "push-2",
+            TOKENS_REVOKED,
+            subject(alice),
+        ),
+    );
+    let unknown_issuer = rs256(
+        "keys/test/fixture-a.key.pem",
+        &set(
+            "https://other.example",
+            "push-3",
+            TOKENS_REVOKED,
+            subject(alice),
+        ),
+    );
+    let mut wrong_aud = set(
+        "https://idp.example",
+        "push-4",
+        TOKENS_REVOKED,
+        subject(alice),
+    );
+    wrong_aud["aud"] = "someone-else".into();
+    let wrong_aud = rs256("keys/test/fixture-a.key.pem", &wrong_aud);
+    let cases = [
+        (SET, forged, "invalid_key"),
+        (SET, stranger, "invalid_key"),
+        (SET, unknown_issuer, "invalid_issuer"),
+        (SET, wrong_aud, "invalid_audience"),
+        (SET, "not.a.jwt".to_string(), "invalid_request"),
+        (SET, "x".repeat(70 * 1024), "invalid_request"),
+        ("application/json", good.clone(), "invalid_request"),
+    ];
+    for (content_type, body, err) in cases {
+        let (status, json) = push(&d, content_type, body).await;
+        assert_eq!((status, json["err"].as_str()), (400, Some(err)), "{json}");
+        assert!(json["description"].as_str().is_some_and(|s| !s.is_empty()));
+    }
+    d.get("p-gh")
+        .await
+        .expect("untouched by the refused pushes");
+
+    // The provider's push as is, no credential: applied.
+    let (status, json) = push(&d, SET, good.clone()).await;
+    assert_eq!(status, 202, "{json}");
+    assert_eq!(
+        d.get("p-gh").await.expect_err("revoked").code(),
+        Code::FailedPrecondition
+    );
+    d.get("p-other")
+        .await
+        .expect("another owner's record stays");
+    // Replayed: refused.
+    let (status, json) = push(&d, SET, good).await;
+    assert_eq!(
+        (status, json["err"].as_str()),
+        (400, Some("invalid_request")),
+        "{json}"
+    );
+    assert!(
+        json["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("already applied")
+    );
+    // The push is audited like the gRPC call, under its own caller name.
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.caller == "security-event-push" && e.outcome == "ok"),
+        "{events:?}"
+    );
+    d.stop().await;
+}

@@ -1,6 +1,8 @@
 //! The HTTP/JSON adapter of `Ingest`, served next to gRPC on the same listeners, for web tiers
 //! that do not speak gRPC (README, "HTTP/JSON for web tiers"): `GET /v1/public-keys`,
-//! `POST /v1/records`, `POST /v1/records:batch`, `POST /v1/code-exchange`.
+//! `POST /v1/records`, `POST /v1/records:batch`, `POST /v1/code-exchange`, and the push
+//! receiver of provider security events (RFC 8935), `POST /v1/security-events`, which the
+//! event's signature authorizes rather than a credential.
 //!
 //! Owns: the routes, their JSON (the proto3 JSON mapping of the same messages: lowerCamelCase
 //! names, proto names accepted too, 64-bit integers as strings, bytes as base64, enums by name)
@@ -25,6 +27,7 @@ use tonic::Code;
 use tonic::service::Interceptor as _;
 
 use super::auth::RoleGuard;
+use super::status::VaultError;
 use crate::api::v1;
 use crate::vault::{CodeExchange, SealedRecord, Vault};
 
@@ -127,6 +130,10 @@ pub(super) fn router(vault: Arc<Vault>, guard: RoleGuard, max_body: usize) -> Ro
             "/v1/code-exchange",
             post(exchange_code).fallback(method_not_allowed),
         )
+        .route(
+            "/v1/security-events",
+            post(security_event_push).fallback(method_not_allowed),
+        )
         .route("/v1/{*rest}", any(not_found))
         .with_state(state)
 }
@@ -147,7 +154,7 @@ async fn method_not_allowed() -> Response {
 
 async fn not_found() -> Response {
     let mut r = error_response(&tonic::Status::not_found(
-        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records, POST /v1/records:batch and POST /v1/code-exchange",
+        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records, POST /v1/records:batch, POST /v1/code-exchange and POST /v1/security-events",
     ));
     r.extensions_mut().insert(Unrouted);
     r
@@ -314,6 +321,88 @@ async fn exchange_code(State(s): State<Http>, req: Request) -> Response {
             "scopes": e.scopes,
         })),
         Err(e) => error_response(&tonic::Status::from(e)),
+    }
+}
+
+/// Largest Security Event Token accepted, as over gRPC.
+const MAX_SET_BYTES: usize = 64 * 1024;
+
+/// An RFC 8935 §2.3 error: 400 with `{"err": ..., "description": ...}`.
+fn set_error(err: &str, description: &str, code: Code) -> Response {
+    let mut r = json_response(
+        StatusCode::BAD_REQUEST,
+        &serde_json::json!({ "err": err, "description": description }),
+        code,
+    );
+    r.extensions_mut().insert(code);
+    r
+}
+
+/// RFC 8935 push delivery: the provider (or a web tier or load balancer forwarding its push
+/// as is) posts one SET as `application/secevent+jwt`. No credential: the issuer's signature
+/// authorizes, and the same verification, replay marker and audit as `Admin.SecurityEvent`
+/// apply. 202 when applied; 400 with an RFC 8935 `err` code otherwise.
+async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let set_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/secevent+jwt"));
+    if !set_type {
+        return set_error(
+            "invalid_request",
+            "Content-Type must be application/secevent+jwt",
+            Code::InvalidArgument,
+        );
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_SET_BYTES).await else {
+        return set_error(
+            "invalid_request",
+            "the body is not a readable SET of at most 64 KiB",
+            Code::InvalidArgument,
+        );
+    };
+    let Ok(token) = String::from_utf8(bytes.to_vec()) else {
+        return set_error(
+            "invalid_request",
+            "the SET is not UTF-8",
+            Code::InvalidArgument,
+        );
+    };
+    let caller = crate::vault::Caller::internal("security-event-push");
+    match s
+        .vault
+        .security_event(&caller, token.trim().to_string())
+        .await
+    {
+        Ok(_) => {
+            let mut r = StatusCode::ACCEPTED.into_response();
+            r.extensions_mut().insert(Code::Ok);
+            r
+        }
+        Err(e) => {
+            use crate::security_event::SetError;
+            let (err, code) = match &e {
+                VaultError::SecurityEvent(SetError::Signature | SetError::Algorithm(_)) => {
+                    ("invalid_key", Code::PermissionDenied)
+                }
+                VaultError::SecurityEvent(SetError::UnknownIssuer) => {
+                    ("invalid_issuer", Code::PermissionDenied)
+                }
+                VaultError::SecurityEvent(SetError::Claim(c)) if c.starts_with("aud ") => {
+                    ("invalid_audience", Code::PermissionDenied)
+                }
+                VaultError::SecurityEvent(_) => ("invalid_request", Code::InvalidArgument),
+                // A replayed jti: refused, as over gRPC.
+                VaultError::Store(crate::store::StoreError::AlreadyExists(_)) => {
+                    ("invalid_request", Code::AlreadyExists)
+                }
+                _ => return error_response(&tonic::Status::from(e)),
+            };
+            set_error(err, &e.to_string(), code)
+        }
     }
 }
 
