@@ -442,7 +442,12 @@ struct FileIssuer {
     issuer: String,
     audience: String,
     provider: String,
-    public_key_file: PathBuf,
+    public_key_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    #[serde(default)]
+    jwks_allowed_networks: Vec<String>,
+    #[serde(default)]
+    jwks_allow_plain_http: bool,
     max_age_seconds: Option<i64>,
 }
 
@@ -842,11 +847,39 @@ impl Config {
                     let key = format!("security_event_issuers[{i}]");
                     crate::record::Provider::parse(f.provider.as_str())
                         .map_err(|e| invalid(&format!("{key}.provider"), e.to_string()))?;
+                    let keys = match (&f.public_key_file, &f.jwks_url) {
+                        (Some(file), None) => crate::security_event::IssuerKeys::Static(
+                            crate::security_event::VerifyingKey::from_pem_file(&base.join(file))
+                                .map_err(|e| {
+                                    invalid(&format!("{key}.public_key_file"), e.to_string())
+                                })?,
+                        ),
+                        (None, Some(url)) => {
+                            // The fetch goes through a provider client of its own: that URL's
+                            // host only, https unless allowed, no private address unless listed.
+                            let policy = crate::provider::jwks_policy(
+                                &key,
+                                url,
+                                &f.jwks_allowed_networks,
+                                f.jwks_allow_plain_http,
+                            )
+                            .map_err(ConfigError::from)?;
+                            let uri: http::Uri = url
+                                .parse()
+                                .map_err(|_| invalid(&format!("{key}.jwks_url"), "not a URL"))?;
+                            crate::security_event::IssuerKeys::Jwks(std::sync::Arc::new(
+                                crate::security_event::Jwks::new(uri, policy),
+                            ))
+                        }
+                        _ => {
+                            return Err(invalid(
+                                &key,
+                                "set exactly one of public_key_file and jwks_url",
+                            ));
+                        }
+                    };
                     Ok(crate::security_event::Issuer {
-                        key: crate::security_event::VerifyingKey::from_pem_file(
-                            &base.join(&f.public_key_file),
-                        )
-                        .map_err(|e| invalid(&format!("{key}.public_key_file"), e.to_string()))?,
+                        key: keys,
                         issuer: f.issuer,
                         audience: f.audience,
                         provider: f.provider,

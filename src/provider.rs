@@ -331,6 +331,52 @@ impl ProviderPolicy {
     }
 }
 
+/// The outbound policy of a security event issuer's JWKS fetch (errors name `name`'s keys): the URL's host only, `GET`,
+/// a 1 MiB answer within 5 s, `https://` unless `allow_plain_http` (loopback only), and no
+/// special address (loopback, private, link-local, metadata) outside `allowed_networks`: the
+/// same SSRF guard as a provider's.
+pub fn jwks_policy(
+    name: &str,
+    url: &str,
+    allowed_networks: &[String],
+    allow_plain_http: bool,
+) -> Result<ProviderPolicy, ProviderError> {
+    let file = FileProvider {
+        base_url: url.to_string(),
+        allowed_hosts: Vec::new(),
+        allowed_methods: vec!["GET".into()],
+        allowed_path_prefixes: Vec::new(),
+        allowed_networks: allowed_networks.to_vec(),
+        allow_plain_http,
+        auth_header: None,
+        auth_scheme: None,
+        max_request_bytes: Some(1024),
+        max_response_bytes: Some(1 << 20),
+        timeout_ms: Some(5_000),
+        max_retries: Some(1),
+        max_retry_after_seconds: Some(1),
+        max_redirects: Some(0),
+        max_concurrency: Some(4),
+        ca_file: None,
+        oauth: None,
+    };
+    if url.starts_with("http://") && !allow_plain_http {
+        return Err(invalid(
+            &format!("{name}.jwks_url"),
+            "must be https:// (jwks_allow_plain_http is for a loopback test issuer only)",
+        ));
+    }
+    // Reported under the issuer's own keys (`name` is e.g. `security_event_issuers[0]`).
+    parse("jwks", file, Path::new(".")).map_err(|e| ProviderError {
+        key: if e.key.ends_with(".allowed_networks") {
+            format!("{name}.jwks_allowed_networks")
+        } else {
+            format!("{name}.jwks_url")
+        },
+        message: e.message,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

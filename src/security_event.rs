@@ -40,10 +40,139 @@ pub struct Issuer {
     pub audience: String,
     /// Records of this provider are affected.
     pub provider: String,
-    /// Verification key.
-    pub key: VerifyingKey,
+    /// Verification keys: one static key, or the issuer's JWKS (fetched by the vault).
+    pub key: IssuerKeys,
     /// Largest accepted age of `iat`, seconds.
     pub max_age_seconds: i64,
+}
+
+/// Where an issuer's verification keys come from.
+#[derive(Debug, Clone)]
+pub enum IssuerKeys {
+    /// One key from a PEM file (`public_key_file`); a token's `kid` is not consulted.
+    Static(VerifyingKey),
+    /// The issuer's JSON Web Key Set (`jwks_url`): a token names its key by `kid`.
+    Jwks(std::sync::Arc<Jwks>),
+}
+
+/// An issuer's JWKS: the URL and the keys last fetched from it, by `kid`. The vault fetches it
+/// (through the SSRF-guarded client); this module only parses and looks up.
+#[derive(Debug)]
+pub struct Jwks {
+    /// The `jwks_url`.
+    pub url: http::Uri,
+    /// The outbound policy its fetch goes through (that host only).
+    pub policy: crate::provider::ProviderPolicy,
+    keys: std::sync::RwLock<std::collections::HashMap<String, VerifyingKey>>,
+}
+
+/// Why a JWKS document was not usable.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("the JWKS is not usable: {0}")]
+pub struct JwksError(pub &'static str);
+
+impl Jwks {
+    /// An empty set for `url`, fetched on first use through `policy`.
+    pub fn new(url: http::Uri, policy: crate::provider::ProviderPolicy) -> Self {
+        Self {
+            url,
+            policy,
+            keys: std::sync::RwLock::default(),
+        }
+    }
+
+    /// The key with this `kid`, if the last fetch had it.
+    pub fn get(&self, kid: &str) -> Option<VerifyingKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(kid)
+            .cloned()
+    }
+
+    /// Replaces the keys with those of a fetched JWKS document (RFC 7517): RSA keys of 2048 to
+    /// 8192 bits and P-256 keys with a `kid`, for signing; others are skipped. Returns how many
+    /// were kept; a document with none usable is an error and keeps the previous keys.
+    pub fn load(&self, json: &[u8]) -> Result<usize, JwksError> {
+        #[derive(Deserialize)]
+        struct Set {
+            keys: Vec<Value>,
+        }
+        let set: Set =
+            serde_json::from_slice(json).map_err(|_| JwksError("not a JSON object with keys"))?;
+        let b64 = |v: &Value, f: &str| -> Option<Vec<u8>> {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(v.get(f)?.as_str()?)
+                .ok()
+        };
+        let mut keys = std::collections::HashMap::new();
+        for k in &set.keys {
+            let Some(kid) = k.get("kid").and_then(Value::as_str) else {
+                continue;
+            };
+            if k.get("use")
+                .and_then(Value::as_str)
+                .is_some_and(|u| u != "sig")
+            {
+                continue;
+            }
+            let key = match k.get("kty").and_then(Value::as_str) {
+                Some("RSA") => {
+                    let (Some(n), Some(e)) = (b64(k, "n"), b64(k, "e")) else {
+                        continue;
+                    };
+                    let Ok(public) = rsa::RsaPublicKey::new(
+                        rsa::BigUint::from_bytes_be(&n),
+                        rsa::BigUint::from_bytes_be(&e),
+                    ) else {
+                        continue;
+                    };
+                    use rsa::pkcs1::EncodeRsaPublicKey as _;
+                    let Ok(der) = public.to_pkcs1_der() else {
+                        continue;
+                    };
+                    VerifyingKey::Rs256(der.as_bytes().to_vec())
+                }
+                Some("EC") if k.get("crv").and_then(Value::as_str) == Some("P-256") => {
+                    let (Some(x), Some(y)) = (b64(k, "x"), b64(k, "y")) else {
+                        continue;
+                    };
+                    if x.len() != 32 || y.len() != 32 {
+                        continue;
+                    }
+                    VerifyingKey::Es256([&[4u8][..], &x, &y].concat())
+                }
+                _ => continue,
+            };
+            keys.insert(kid.to_string(), key);
+        }
+        if keys.is_empty() {
+            return Err(JwksError("no RSA or P-256 signing key with a kid"));
+        }
+        let n = keys.len();
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+        Ok(n)
+    }
+}
+
+/// The issuer (index into `issuers`) and `kid` of a token whose issuer publishes a JWKS and
+/// whose key this vault has not fetched yet: the vault fetches the set before verifying. No
+/// verification happens here.
+pub fn jwks_to_fetch(token: &str, issuers: &[Issuer]) -> Option<usize> {
+    let mut parts = token.trim().split('.');
+    let (h, p) = (parts.next()?, parts.next()?);
+    let header: Value = serde_json::from_slice(&part(h, "").ok()?).ok()?;
+    let claims: Value = serde_json::from_slice(&part(p, "").ok()?).ok()?;
+    let iss = claims.get("iss")?.as_str()?;
+    let (index, issuer) = issuers.iter().enumerate().find(|(_, i)| i.issuer == iss)?;
+    let IssuerKeys::Jwks(jwks) = &issuer.key else {
+        return None;
+    };
+    let kid = header.get("kid")?.as_str()?;
+    jwks.get(kid).is_none().then_some(index)
 }
 
 /// A public key for one JWS algorithm.
@@ -187,6 +316,9 @@ pub enum SetError {
     /// Signature did not verify.
     #[error("signature does not verify with the issuer's configured key")]
     Signature,
+    /// The token's `kid` is not in the issuer's JWKS (after a refetch).
+    #[error("kid is not in the issuer's JWKS")]
+    UnknownKid,
     /// `iss` is not a configured issuer.
     #[error("issuer is not configured in [[security_event_issuers]]")]
     UnknownIssuer,
@@ -204,6 +336,7 @@ pub enum SetError {
 struct Header {
     alg: String,
     typ: Option<String>,
+    kid: Option<String>,
 }
 
 fn part(b64: &str, what: &'static str) -> Result<Vec<u8>, SetError> {
@@ -246,9 +379,16 @@ pub fn verify(token: &str, issuers: &[Issuer], now: i64) -> Result<Verified, Set
         .ok_or(SetError::UnknownIssuer)?;
     let signature = part(sig, "signature is not base64url")?;
     let signing_input = &token.trim()[..h.len() + 1 + p.len()];
-    issuer
-        .key
-        .verify(&header.alg, signing_input.as_bytes(), &signature)?;
+    let key = match &issuer.key {
+        IssuerKeys::Static(k) => k.clone(),
+        IssuerKeys::Jwks(jwks) => {
+            let kid = header.kid.as_deref().ok_or(SetError::Malformed(
+                "header has no kid; the issuer publishes a JWKS",
+            ))?;
+            jwks.get(kid).ok_or(SetError::UnknownKid)?
+        }
+    };
+    key.verify(&header.alg, signing_input.as_bytes(), &signature)?;
     let aud_ok = match claims.get("aud") {
         Some(Value::String(a)) => *a == issuer.audience,
         Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(&issuer.audience)),
@@ -348,10 +488,44 @@ mod tests {
             issuer: "https://idp.example".into(),
             audience: "tokenvault".into(),
             provider: "github".into(),
-            key: VerifyingKey::Es256(pair.public_key().as_ref().to_vec()),
+            key: IssuerKeys::Static(VerifyingKey::Es256(pair.public_key().as_ref().to_vec())),
             max_age_seconds: 300,
         };
         (pair, issuer)
+    }
+
+    fn policy() -> crate::provider::ProviderPolicy {
+        crate::provider::jwks_policy("t", "https://idp.example/jwks", &[], false).expect("policy")
+    }
+
+    #[test]
+    fn a_jwks_keeps_usable_signing_keys_by_kid_and_refuses_a_useless_one() {
+        let (pair, _) = es256();
+        let point = pair.public_key().as_ref();
+        let ec = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "e1",
+            "x": b64(&point[1..33]), "y": b64(&point[33..65])});
+        let jwks = Jwks::new("https://idp.example/jwks".parse().expect("uri"), policy());
+        let doc = serde_json::json!({"keys": [
+            ec,
+            {"kty": "EC", "crv": "P-384", "kid": "p384", "x": "AA", "y": "AA"},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"},
+            {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},
+            {"kty": "EC", "crv": "P-256", "x": b64(&point[1..33]), "y": b64(&point[33..65])},
+        ]});
+        assert_eq!(jwks.load(doc.to_string().as_bytes()), Ok(1));
+        assert_eq!(jwks.get("e1"), Some(VerifyingKey::Es256(point.to_vec())));
+        for missing in ["p384", "enc", "hmac"] {
+            assert_eq!(jwks.get(missing), None, "{missing}");
+        }
+        // A document with nothing usable keeps what was loaded.
+        for bad in [
+            &b"not json"[..],
+            br#"{"keys": []}"#,
+            br#"{"keys": [{"kty": "oct", "kid": "x"}]}"#,
+        ] {
+            assert!(jwks.load(bad).is_err());
+        }
+        assert!(jwks.get("e1").is_some());
     }
 
     fn sign(pair: &aws_lc_rs::signature::EcdsaKeyPair, header: &str, claims: &Value) -> String {

@@ -28,10 +28,15 @@ fn der(pem_file: &str) -> Vec<u8> {
 
 /// A compact JWS over `claims`, RS256 with `key` (PKCS#8 PEM fixture).
 fn rs256(key: &str, claims: &serde_json::Value) -> String {
+    rs256_header(key, &json!({"alg": "RS256", "typ": "secevent+jwt"}), claims)
+}
+
+/// Like [`rs256`] with its own JOSE header.
+fn rs256_header(key: &str, header: &serde_json::Value, claims: &serde_json::Value) -> String {
     let pair = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&der(key)).expect("rsa key");
     let input = format!(
         "{}.{}",
-        b64(br#"{"alg":"RS256","typ":"secevent+jwt"}"#),
+        b64(header.to_string().as_bytes()),
         b64(claims.to_string().as_bytes())
     );
     let mut sig = vec![0; pair.public_modulus_len()];
@@ -105,6 +110,11 @@ max_age_seconds = 60
 "#,
     )
     .expect("config");
+    TestDaemon::start_with(load_config(dir)).await
+}
+
+/// `dir/tokenvault.toml`, as a dev daemon with the test credentials.
+fn load_config(dir: &std::path::Path) -> Config {
     let mut c = Config::load(
         &dir.join("tokenvault.toml"),
         &HashMap::<String, String>::new(),
@@ -112,7 +122,7 @@ max_age_seconds = 60
     .expect("config loads");
     c.dev = true;
     c.credentials = common::credentials();
-    TestDaemon::start_with(c).await
+    c
 }
 
 async fn put(d: &TestDaemon, id: &str, owner: &str, provider: &str, scopes: &[&str]) {
@@ -348,16 +358,7 @@ async fn a_security_event_that_fails_midway_changes_nothing_and_can_be_retried()
     let tmp = tempfile::tempdir().expect("tempdir");
     let first = daemon(tmp.path()).await;
     first.stop().await;
-    let config = {
-        let mut c = Config::load(
-            &tmp.path().join("tokenvault.toml"),
-            &HashMap::<String, String>::new(),
-        )
-        .expect("config loads");
-        c.dev = true;
-        c.credentials = common::credentials();
-        c
-    };
+    let config = load_config(tmp.path());
     let store = std::sync::Arc::new(FaultyStore::new(std::sync::Arc::new(
         tokenvault::store::MemoryStore::new(),
     )));
@@ -522,4 +523,175 @@ async fn security_events_pushed_over_http_are_authorized_by_their_signature() {
         "{events:?}"
     );
     d.stop().await;
+}
+
+/// A JWK of an RSA public key fixture.
+fn rsa_jwk(pub_pem: &str, kid: &str) -> serde_json::Value {
+    use rsa::pkcs8::DecodePublicKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    let pem = std::fs::read_to_string(fixture_path(pub_pem)).expect("pem");
+    let key = rsa::RsaPublicKey::from_public_key_pem(&pem).expect("rsa");
+    json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+           "n": b64(&key.n().to_bytes_be()), "e": b64(&key.e().to_bytes_be())})
+}
+
+/// An RS256 SET whose header names `kid`.
+fn rs256_kid(key: &str, kid: &str, claims: &serde_json::Value) -> String {
+    rs256_header(
+        key,
+        &json!({"alg": "RS256", "typ": "secevent+jwt", "kid": kid}),
+        claims,
+    )
+}
+
+#[tokio::test]
+async fn issuer_keys_come_from_its_jwks_by_kid_refetched_once_on_an_unknown_kid() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let idp = common::upstream::FakeProvider::start("a", "r").await;
+    idp.lock().jwks = json!({"keys": [rsa_jwk("keys/test/fixture-a.pub.pem", "k1")]}).to_string();
+    std::fs::write(
+        tmp.path().join("tokenvault.toml"),
+        format!(
+            r#"data_dir = "data"
+key_dir = "keys"
+[[security_event_issuers]]
+issuer = "https://jwks.example"
+audience = "tokenvault"
+provider = "github"
+jwks_url = "{}/jwks"
+jwks_allow_plain_http = true
+jwks_allowed_networks = ["127.0.0.0/8"]
+[[security_event_issuers]]
+issuer = "https://metadata.example"
+audience = "tokenvault"
+provider = "github"
+jwks_url = "http://169.254.169.254/jwks"
+jwks_allow_plain_http = true
+"#,
+            idp.base()
+        ),
+    )
+    .expect("config");
+    let c = load_config(tmp.path());
+    // The vault's clock, moved past the refetch interval instead of sleeping.
+    let clock = common::TestClock::new();
+    let store = tokenvault::vault::open_store(&c).expect("store");
+    let d = TestDaemon::start_with_clock(c, store, &clock).await;
+    for id in ["j1", "j2", "j3"] {
+        put(&d, id, &format!("{id}@example.com"), "github", &["repo"]).await;
+    }
+    let event =
+        |jti: &str, owner: &str| set("https://jwks.example", jti, TOKENS_REVOKED, subject(owner));
+    // First use: the set is fetched, k1 verifies.
+    let t = rs256_kid(
+        "keys/test/fixture-a.key.pem",
+        "k1",
+        &event("j-1", "j1@example.com"),
+    );
+    assert_eq!(send(&d, ADMIN, t).await.expect("applied").revoked, 1);
+    assert_eq!(idp.hits("/jwks"), 1);
+    // A known kid does not fetch again.
+    let t = rs256_kid(
+        "keys/test/fixture-a.key.pem",
+        "k1",
+        &event("j-2", "nobody@example.com"),
+    );
+    send(&d, ADMIN, t).await.expect("applied");
+    assert_eq!(idp.hits("/jwks"), 1);
+    // The issuer rotates to k2: the unknown kid triggers one refetch (the last fetch being
+    // more than the refetch interval ago), and it verifies.
+    clock.advance(31);
+    idp.lock().jwks = json!({"keys": [rsa_jwk("keys/test/fixture-b.pub.pem", "k2")]}).to_string();
+    let t = rs256_kid(
+        "keys/test/fixture-b.key.pem",
+        "k2",
+        &event("j-3", "j2@example.com"),
+    );
+    assert_eq!(send(&d, ADMIN, t).await.expect("applied").revoked, 1);
+    assert_eq!(idp.hits("/jwks"), 2);
+    // Made-up kids right after: refused, and no fetch within the refetch interval.
+    for kid in ["k9", "k10", "k11"] {
+        let t = rs256_kid(
+            "keys/test/fixture-b.key.pem",
+            kid,
+            &event(kid, "j3@example.com"),
+        );
+        let err = send(&d, ADMIN, t).await.expect_err("unknown kid");
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(
+            err.message().contains("kid is not in the issuer's JWKS"),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(idp.hits("/jwks"), 2);
+    // A token signed by the old key under the new kid: the signature fails.
+    let t = rs256_kid(
+        "keys/test/fixture-a.key.pem",
+        "k2",
+        &event("j-4", "j3@example.com"),
+    );
+    assert_eq!(
+        send(&d, ADMIN, t).await.expect_err("bad sig").code(),
+        Code::PermissionDenied
+    );
+    d.get("j3").await.expect("untouched");
+    // A JWKS on a metadata address is never fetched: the SSRF guard refuses it, the token too.
+    let t = rs256_kid(
+        "keys/test/fixture-a.key.pem",
+        "k1",
+        &set(
+            "https://metadata.example",
+            "m-1",
+            TOKENS_REVOKED,
+            subject("j3@example.com"),
+        ),
+    );
+    assert_eq!(
+        send(&d, ADMIN, t).await.expect_err("no keys").code(),
+        Code::PermissionDenied
+    );
+    d.get("j3").await.expect("untouched");
+    d.stop().await;
+}
+
+#[test]
+fn issuer_key_settings_are_checked_at_load() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let load = |issuer: &str| {
+        std::fs::write(
+            tmp.path().join("t.toml"),
+            format!(
+                "data_dir = \"d\"\nkey_dir = \"k\"\n[[security_event_issuers]]\nissuer = \"i\"\naudience = \"a\"\nprovider = \"p\"\n{issuer}"
+            ),
+        )
+        .expect("write");
+        Config::load(
+            &tmp.path().join("t.toml"),
+            &HashMap::<String, String>::new(),
+        )
+        .expect_err(issuer)
+        .to_string()
+    };
+    std::fs::copy(
+        fixture_path("keys/test/fixture-a.pub.pem"),
+        tmp.path().join("k.pem"),
+    )
+    .expect("copy");
+    let e = load("public_key_file = \"k.pem\"\njwks_url = \"https://idp.example/jwks\"\n");
+    assert!(
+        e.contains("set exactly one of public_key_file and jwks_url"),
+        "{e}"
+    );
+    let e = load("");
+    assert!(
+        e.contains("set exactly one of public_key_file and jwks_url"),
+        "{e}"
+    );
+    let e = load("jwks_url = \"http://idp.example/jwks\"\n");
+    assert!(e.contains("jwks_url"), "{e}");
+    let e = load(
+        "jwks_url = \"https://idp.example/jwks\"\njwks_allowed_networks = [\"10.0.0.0/33\"]\n",
+    );
+    assert!(e.contains("allowed_networks"), "{e}");
 }

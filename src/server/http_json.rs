@@ -385,9 +385,9 @@ async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
         Err(e) => {
             use crate::security_event::SetError;
             let (err, code) = match &e {
-                VaultError::SecurityEvent(SetError::Signature | SetError::Algorithm(_)) => {
-                    ("invalid_key", Code::PermissionDenied)
-                }
+                VaultError::SecurityEvent(
+                    SetError::Signature | SetError::Algorithm(_) | SetError::UnknownKid,
+                ) => ("invalid_key", Code::PermissionDenied),
                 VaultError::SecurityEvent(SetError::UnknownIssuer) => {
                     ("invalid_issuer", Code::PermissionDenied)
                 }

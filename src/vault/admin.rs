@@ -378,6 +378,14 @@ impl Vault {
         caller: &Caller,
         token: String,
     ) -> Result<SecurityEventOutcome, VaultError> {
+        // A token naming a key this vault has not fetched from its issuer's JWKS: fetch it
+        // first (rate-limited); verification below then finds the key or refuses the token.
+        if let Some(index) =
+            crate::security_event::jwks_to_fetch(&token, &self.security_event_issuers)
+        {
+            let issuer = self.security_event_issuers[index].issuer.clone();
+            self.jwks.refresh(index, &issuer, self.now()).await;
+        }
         let who = caller.name.clone();
         let result = self
             .blocking(move |v| {

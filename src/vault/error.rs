@@ -373,9 +373,10 @@ impl VaultError {
             VaultError::SecurityEvent(e) => {
                 use crate::security_event::SetError;
                 match e {
-                    SetError::Signature | SetError::UnknownIssuer | SetError::Algorithm(_) => {
-                        ErrorKind::PermissionDenied
-                    }
+                    SetError::Signature
+                    | SetError::UnknownIssuer
+                    | SetError::UnknownKid
+                    | SetError::Algorithm(_) => ErrorKind::PermissionDenied,
                     SetError::Malformed(_) | SetError::Claim(_) | SetError::Unsupported => {
                         ErrorKind::InvalidArgument
                     }

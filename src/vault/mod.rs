@@ -25,6 +25,7 @@ mod exchange;
 mod grants;
 pub mod ingest;
 mod jobs;
+mod jwks;
 pub mod limits;
 pub mod metrics;
 mod records;
@@ -281,6 +282,9 @@ pub struct Vault {
     single_flight: refresh::SingleFlight,
     /// Trusted issuers of provider security events.
     security_event_issuers: Vec<crate::security_event::Issuer>,
+    /// The JWKS fetchers of issuers that publish one, by issuer index, and when each last
+    /// fetched.
+    jwks: jwks::JwksFetchers,
     metrics: Arc<metrics::Metrics>,
     /// Group commit of ingest writes.
     commit: commit::GroupCommit,
@@ -337,6 +341,7 @@ impl Vault {
             config_source: config.source.clone(),
             single_flight: refresh::SingleFlight::default(),
             security_event_issuers: config.security_event_issuers.clone(),
+            jwks: jwks::JwksFetchers::new(&config.security_event_issuers)?,
             metrics: Arc::new(metrics::Metrics::default()),
             cpu: cpu_pool::CpuPool::start(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),

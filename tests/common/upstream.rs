@@ -41,6 +41,8 @@ pub struct ProviderState {
     pub codes: HashMap<String, (String, String)>,
     /// Codes redeemed successfully.
     pub exchanges: u32,
+    /// What `/jwks` serves (a security event issuer's key set).
+    pub jwks: String,
 }
 
 #[derive(Clone)]
@@ -96,6 +98,7 @@ impl FakeProvider {
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
             codes: HashMap::new(),
             exchanges: 0,
+            jwks: String::new(),
         }));
         let shared = Arc::clone(&state);
         tokio::spawn(async move {
@@ -207,6 +210,10 @@ async fn handle(
     };
     if path == "/oauth/token" {
         return token(&state, &auth, &body).await;
+    }
+    if path == "/jwks" {
+        let jwks = state.lock().expect("lock").jwks.clone();
+        return reply(200, jwks);
     }
     let authorized = auth == expected;
     match path.as_str() {
