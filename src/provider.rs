@@ -411,6 +411,14 @@ mod tests {
                 "base_url = \"https://a\"\n[oauth]\ntoken_endpoint = \"https://a/t\"\nclient_id = \"c\"\nclient_auth = \"client_secret_jwt\"\nclient_secret_record = \"cs\"",
                 "unknown variant",
             ),
+            (
+                "base_url = \"https://a\"\n[oauth]\ntoken_endpoint = \"https://a/t\"\nclient_id = \"c\"\nclient_auth = \"client_secret_post\"\nclient_secret_record = \"cs\"\nredirect_uris = [\"http://app.example/cb\"]",
+                "providers.x.oauth.redirect_uris: each must be an https:// URL",
+            ),
+            (
+                "base_url = \"https://a\"\n[oauth]\ntoken_endpoint = \"https://a/t\"\nclient_id = \"c\"\nclient_auth = \"client_secret_post\"\nclient_secret_record = \"cs\"\nredirect_uris = [\"https://app.example/cb#frag\"]",
+                "providers.x.oauth.redirect_uris: each must be an https:// URL",
+            ),
         ] {
             let err = toml::from_str::<FileProvider>(text)
                 .map_err(|e| e.to_string())

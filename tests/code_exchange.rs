@@ -15,24 +15,30 @@ use tonic::Code;
 
 const REDIRECT: &str = "https://app.example/oauth/callback";
 
-async fn setup() -> (tempfile::TempDir, FakeProvider, TestDaemon) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let provider = FakeProvider::start("unused-access", "unused-refresh").await;
+/// `[providers.github]` for the fake provider, with `client_auth` and the registered redirect.
+fn providers_toml(provider: &FakeProvider, client_auth: &str) -> String {
     let base = provider.base();
-    let toml = format!(
-        r#"data_dir = "data"
-key_dir = "keys"
-[providers.github]
+    format!(
+        r#"[providers.github]
 base_url = "{base}/api"
 allow_plain_http = true
 allowed_networks = ["127.0.0.0/8"]
 [providers.github.oauth]
 token_endpoint = "{base}/oauth/token"
 client_id = "tv-client"
-client_auth = "client_secret_post"
+client_auth = "{client_auth}"
 client_secret_record = "github-client-secret"
 redirect_uris = ["{REDIRECT}"]
 "#
+    )
+}
+
+async fn setup() -> (tempfile::TempDir, FakeProvider, TestDaemon) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start("unused-access", "unused-refresh").await;
+    let toml = format!(
+        "data_dir = \"data\"\nkey_dir = \"keys\"\n{}",
+        providers_toml(&provider, "client_secret_post")
     );
     let path = tmp.path().join("tokenvault.toml");
     std::fs::write(&path, toml).expect("config");
@@ -444,4 +450,122 @@ const readline = require('node:readline');
     }
     assert_eq!(provider.lock().exchanges, 2);
     d.stop().await;
+}
+
+/// The daemon as its own process with debug logging: a code exchange, a replayed one and a
+/// read; its log file holds none of the code, verifier, state, client secret or tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_reaches_the_daemon_log_in_a_code_exchange() {
+    use sha2::Digest as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let provider = FakeProvider::start("unused-access", "unused-refresh").await;
+    let hash = |c: &str| hex::encode(sha2::Sha256::digest(c.as_bytes()));
+    std::fs::write(
+        dir.join("tokenvault.toml"),
+        format!(
+            r#"listen = "127.0.0.1:0"
+data_dir = "data"
+key_dir = "keys"
+lock_memory = false
+log = "debug"
+[[credentials]]
+name = "ingest"
+role = "ingest"
+sha256 = "{}"
+[[credentials]]
+name = "worker"
+role = "worker"
+sha256 = "{}"
+{}"#,
+            hash(INGEST),
+            hash(WORKER),
+            providers_toml(&provider, "client_secret_basic")
+        ),
+    )
+    .expect("config");
+    let init = process::run(
+        dir,
+        &["keys", "init", "--config", "tokenvault.toml"],
+        &[],
+        None,
+    );
+    assert!(init.status.success(), "{}", process::stderr(&init));
+    let (mut child, addr, _) =
+        process::spawn_daemon(dir, &["serve", "--config", "tokenvault.toml"], &[]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let authed = |cred: &str| {
+        tonic::service::interceptor::InterceptedService::new(channel.clone(), Bearer::new(cred))
+    };
+    let mut ingest = v1::ingest_client::IngestClient::new(authed(INGEST));
+    let pem = ingest
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .active
+        .expect("active")
+        .spki_pem;
+    let sealer = tokenvault::Sealer::from_pem(&pem).expect("sealer");
+    let secret_meta = RecordMeta::parse(
+        "github-client-secret",
+        "ops",
+        "github",
+        SecretKind::ClientSecret,
+        &[],
+        0,
+    )
+    .expect("meta");
+    let record = sealer
+        .seal_record(
+            &secret_meta,
+            &tokenvault::secret::Secret::new(CLIENT_SECRET.as_bytes().to_vec()),
+        )
+        .expect("seal");
+    ingest
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(record),
+            expected_version: 0,
+        })
+        .await
+        .expect("client secret stored");
+    let code = authorize(&provider);
+    ingest
+        .exchange_code(request("github:logged", &code))
+        .await
+        .expect("exchanged");
+    let replay = ingest
+        .exchange_code(request("github:logged-2", &code))
+        .await
+        .expect_err("replayed");
+    assert_eq!(replay.code(), Code::FailedPrecondition);
+    let (access, refresh) = {
+        let s = provider.lock();
+        (s.access.clone(), s.refresh.clone())
+    };
+    let got = v1::broker_client::BrokerClient::new(authed(WORKER))
+        .get_token(v1::GetTokenRequest {
+            id: "github:logged".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(String::from_utf8_lossy(&got.secret).contains(&access));
+    child.kill().expect("stop");
+    child.wait().expect("reap");
+    let log = std::fs::read_to_string(dir.join("daemon.log")).expect("log");
+    assert!(log.contains("authorization code exchanged"), "{log}");
+    for (what, secret) in [
+        ("code", code.expose_code()),
+        ("verifier", code.expose_verifier()),
+        ("client secret", CLIENT_SECRET),
+        ("access token", access.as_str()),
+        ("refresh token", refresh.as_str()),
+    ] {
+        assert!(!log.contains(secret), "the {what} is in the daemon log");
+    }
 }
