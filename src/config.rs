@@ -298,7 +298,32 @@ pub struct Config {
     /// On shutdown, how long health reports NOT_SERVING before the listeners close, so load
     /// balancers stop routing new calls first.
     pub shutdown_grace: std::time::Duration,
+    /// Audit trail retention and shipping (`[audit]`).
+    pub audit: AuditConfig,
 }
+
+/// `[audit]`: how long the trail is kept in the store and where it is shipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Events older than this many days are pruned (behind a checkpoint); `None`: kept forever.
+    pub retention_days: Option<u32>,
+    /// The JSON-lines file every event is shipped to, if any.
+    pub sink: Option<SinkConfig>,
+}
+
+/// `[audit] sink_file`: a JSON-lines file, rotated by size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    /// The file events are appended to.
+    pub file: PathBuf,
+    /// Rotate when the file reaches this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`FILE.1` newest .. `FILE.N`).
+    pub keep_files: u32,
+}
+
+/// Longest accepted `[audit] retention_days` (100 years).
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
 
 /// Which engine holds the records.
 #[derive(Debug, Clone, Default)]
@@ -434,6 +459,65 @@ struct FileConfig {
     providers: std::collections::BTreeMap<String, crate::provider::FileProvider>,
     #[serde(default)]
     security_event_issuers: Vec<FileIssuer>,
+    audit: Option<FileAudit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    retention_days: Option<u32>,
+    sink_file: Option<PathBuf>,
+    sink_max_mb: Option<u64>,
+    sink_keep_files: Option<u32>,
+}
+
+/// Checks `[audit]`; a relative `sink_file` is relative to the config file's directory.
+fn audit_from(file: Option<FileAudit>, base: &Path) -> Result<AuditConfig, ConfigError> {
+    let Some(f) = file else {
+        return Ok(AuditConfig::default());
+    };
+    if let Some(days) = f.retention_days
+        && !(1..=MAX_RETENTION_DAYS).contains(&days)
+    {
+        return Err(invalid(
+            "audit.retention_days",
+            format!("must be 1 to {MAX_RETENTION_DAYS} (leave it out to keep the trail forever)"),
+        ));
+    }
+    let sink = match f.sink_file {
+        None => {
+            if f.sink_max_mb.is_some() || f.sink_keep_files.is_some() {
+                return Err(invalid(
+                    "audit",
+                    "sink_max_mb and sink_keep_files need sink_file",
+                ));
+            }
+            None
+        }
+        Some(file) => {
+            let max_mb = f.sink_max_mb.unwrap_or(100);
+            if !(1..=1_048_576).contains(&max_mb) {
+                return Err(invalid("audit.sink_max_mb", "must be 1 to 1048576"));
+            }
+            let keep_files = f.sink_keep_files.unwrap_or(5);
+            if !(1..=1000).contains(&keep_files) {
+                return Err(invalid("audit.sink_keep_files", "must be 1 to 1000"));
+            }
+            let file = base.join(file);
+            if file.file_name().is_none() {
+                return Err(invalid("audit.sink_file", "must name a file"));
+            }
+            Some(SinkConfig {
+                file,
+                max_bytes: max_mb << 20,
+                keep_files,
+            })
+        }
+    };
+    Ok(AuditConfig {
+        retention_days: f.retention_days,
+        sink,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -798,6 +882,7 @@ impl Config {
         }
         let config = Config {
             shutdown_grace: std::time::Duration::from_secs(shutdown_grace_seconds),
+            audit: audit_from(file.audit, base)?,
             listen,
             ingest_listen,
             data_dir: base.join(data_dir),
@@ -942,6 +1027,7 @@ impl Config {
             security_event_issuers: Vec::new(),
             lock_memory: true,
             shutdown_grace: std::time::Duration::ZERO,
+            audit: AuditConfig::default(),
             metrics_listen: Some(SocketAddr::new(listen.ip(), 0)),
             log_format: log_format(env, None)?,
         })
@@ -1061,6 +1147,30 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_audit_table() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = write(
+            tmp.path(),
+            "data_dir = \"d\"\nkey_dir = \"k\"\n[audit]\nretention_days = 90\nsink_file = \"log/audit.jsonl\"\nsink_max_mb = 7\nsink_keep_files = 3\n",
+        );
+        let c = Config::load(&p, &HashMap::new()).expect("loads");
+        assert_eq!(
+            c.audit,
+            AuditConfig {
+                retention_days: Some(90),
+                sink: Some(SinkConfig {
+                    file: tmp.path().join("log/audit.jsonl"),
+                    max_bytes: 7 << 20,
+                    keep_files: 3,
+                }),
+            }
+        );
+        let p = write(tmp.path(), "data_dir = \"d\"\nkey_dir = \"k\"\n");
+        let c = Config::load(&p, &HashMap::new()).expect("loads");
+        assert_eq!(c.audit, AuditConfig::default(), "kept forever, not shipped");
+    }
+
+    #[test]
     fn rejects_bad_listener_and_key_policy_values() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let env = HashMap::new();
@@ -1105,6 +1215,37 @@ mod tests {
                 "[providers.x]\nbase_url = \"https://a\"\nunknown = 1\n",
                 "unknown field `unknown`",
             ),
+            (
+                "[audit]\nretention_days = 0\n",
+                "audit.retention_days: must be 1 to 36500",
+            ),
+            (
+                "[audit]\nretention_days = 36501\n",
+                "audit.retention_days: must be 1 to 36500",
+            ),
+            ("[audit]\nretention_days = -3\n", "config file"),
+            ("[audit]\nretention_days = \"30\"\n", "invalid type"),
+            (
+                "[audit]\nsink_max_mb = 5\n",
+                "audit: sink_max_mb and sink_keep_files need sink_file",
+            ),
+            (
+                "[audit]\nsink_file = \"a.jsonl\"\nsink_max_mb = 0\n",
+                "audit.sink_max_mb: must be 1 to 1048576",
+            ),
+            (
+                "[audit]\nsink_file = \"a.jsonl\"\nsink_keep_files = 0\n",
+                "audit.sink_keep_files: must be 1 to 1000",
+            ),
+            (
+                "[audit]\nsink_file = \"a.jsonl\"\nsink_keep_files = 1001\n",
+                "audit.sink_keep_files: must be 1 to 1000",
+            ),
+            (
+                "[audit]\nsink_file = \"..\"\n",
+                "audit.sink_file: must name a file",
+            ),
+            ("[audit]\nretain = 3\n", "unknown field `retain`"),
         ] {
             let p = write(
                 tmp.path(),

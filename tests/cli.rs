@@ -139,19 +139,19 @@ fn walkthrough_exit_codes_and_no_plaintext_token_anywhere() {
     );
 
     // The dev daemon serves Prometheus metrics on the port it printed.
-    let metrics = scrape_metrics(&d.stdout_seen);
+    let (_, metrics) = scrape_metrics(&d.stdout_seen);
     for line in [
-        "tokenvault_rpc_requests_total{method=\"/tokenvault.v1.Broker/GetToken\",code=\"Ok\"} 1",
-        "tokenvault_rpc_requests_total{method=\"/tokenvault.v1.Broker/GetToken\",code=\"NotFound\"} 2",
-        "tokenvault_rpc_requests_total{method=\"/tokenvault.v1.Ingest/PutSealed\",code=\"Ok\"} 3",
-        "tokenvault_auth_denials_total{outcome=\"PermissionDenied\"} 1",
-        "tokenvault_auth_denials_total{outcome=\"Unauthenticated\"} 1",
+        "tokenvault_rpc_requests_total{method=\"/tokenvault.v1.Broker/GetToken\",code=\"OK\"} 1",
+        "tokenvault_rpc_requests_total{method=\"/tokenvault.v1.Broker/GetToken\",code=\"NOT_FOUND\"} 2",
+        "tokenvault_rpc_requests_total{method=\"/tokenvault.v1.Ingest/PutSealed\",code=\"OK\"} 3",
+        "tokenvault_auth_denials_total{code=\"PERMISSION_DENIED\"} 1",
+        "tokenvault_auth_denials_total{code=\"UNAUTHENTICATED\"} 1",
         "tokenvault_rsa_unwrap_duration_seconds_count 1",
         "tokenvault_active_key_version 1",
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
-    assert!(metrics.contains("tokenvault_rocksdb{outcome=\"block_cache_capacity_bytes\"}"));
+    assert!(metrics.contains("tokenvault_rocksdb_block_cache_capacity_bytes "));
     for t in tokens {
         assert!(!metrics.contains(t));
     }
@@ -552,26 +552,6 @@ fn a_burst_of_refusals_raises_an_alert_in_the_log() {
 }
 
 /// `GET /metrics` from the address the dev daemon printed (`metrics: http://…/metrics`).
-fn scrape_metrics(stdout: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let url = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics: "))
-        .expect("the dev daemon prints its metrics address");
-    let addr = url
-        .strip_prefix("http://")
-        .and_then(|u| u.strip_suffix("/metrics"))
-        .expect("url shape");
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
 #[test]
 fn json_logs_carry_request_ids_and_no_secrets() {
     let tmp = tempfile::tempdir().expect("tempdir");

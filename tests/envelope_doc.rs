@@ -108,6 +108,17 @@ fn the_documented_opening_recipe_opens_a_vector() {
         dir.join("private.pem"),
     )
     .expect("private.pem");
+    std::fs::write(
+        dir.join("record.json"),
+        serde_json::json!({
+            "id": vector("ok-access-token.txt", "id"),
+            "owner": vector("ok-access-token.txt", "owner"),
+            "provider": vector("ok-access-token.txt", "provider"),
+            "kind": vector("ok-access-token.txt", "kind"),
+        })
+        .to_string(),
+    )
+    .expect("record.json");
     let sh = block_containing("sh", "openssl pkeyutl -decrypt");
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &sh])
@@ -184,4 +195,56 @@ async fn the_documented_python_sealer_stores_records_the_daemon_serves() {
         assert_eq!(got.into_inner().secret, secret, "{kind}");
     }
     d.stop().await;
+}
+
+/// docs/ENVELOPE.md's export recipe: `tokenvault admin export` of a real daemon's store, the
+/// documented Python that picks a record out of it, then the documented OpenSSL and Python
+/// opening steps with the daemon's private key give back the stored secret.
+#[tokio::test]
+async fn an_exported_record_opens_with_the_documented_recipe() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = tmp.path().join("vault");
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let d = TestDaemon::start(&base).await;
+    d.put(&meta("exp-1", "owner-1"), b"exported-secret").await;
+    d.put(&meta("exp-2", "owner-2"), b"other-secret").await;
+    d.stop().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenvault"))
+        .args(["admin", "export", "--from"])
+        .arg(format!("rocksdb:{}", base.join("data").display()))
+        .arg("--out")
+        .arg(work.join("vault.jsonl"))
+        .output()
+        .expect("tokenvault admin export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(
+        base.join("keys/dev/v0001.key.pem"),
+        work.join("private.pem"),
+    )
+    .expect("private.pem");
+    let pick = block_containing("python", "wanted = sys.argv[1]");
+    run_python(
+        &work,
+        &format!("import sys\nsys.argv = [\"-\", \"exp-1\"]\n{pick}"),
+        b"",
+    );
+    let sh = block_containing("sh", "openssl pkeyutl -decrypt");
+    let ran = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &sh])
+        .current_dir(&work)
+        .output()
+        .expect("bash");
+    assert!(
+        ran.status.success(),
+        "the OpenSSL recipe failed: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let open = block_containing("python", "AESGCM(open(\"dek.bin\"");
+    let program = format!("{open}\nimport sys\nsys.stdout.buffer.write(secret)\n");
+    assert_eq!(run_python(&work, &program, b""), b"exported-secret");
 }

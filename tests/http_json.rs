@@ -131,6 +131,31 @@ async fn a_web_tier_stores_over_http_json_and_a_worker_reads_it() {
         d.get("h1").await.expect("get").into_inner().secret,
         b"token-2"
     );
+    // A stale expected version: 412 ABORTED, the current version as a structured detail
+    // (google.rpc.ErrorInfo), and nothing written.
+    let r = post(
+        &d,
+        "/v1/records",
+        INGEST,
+        sealed(&d, "h1", "token-stale", 1).await,
+    )
+    .await;
+    assert_eq!((r.status, r.json["code"].as_str()), (412, Some("ABORTED")));
+    assert_eq!(
+        r.json["details"],
+        serde_json::json!([{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "STALE_VERSION",
+            "domain": "tokenvault.v1",
+            "metadata": { "current_version": "2", "expected_version": "1" },
+        }]),
+        "{}",
+        r.json
+    );
+    assert_eq!(
+        d.get("h1").await.expect("get").into_inner().secret,
+        b"token-2"
+    );
 
     let items = vec![
         sealed(&d, "b1", "s1", 0).await,

@@ -52,6 +52,12 @@ max_batch = 1000
 ingest_grace_seconds = 86400
 auto_rotate_days = 90
 
+[audit]
+retention_days = 400
+sink_file = "audit.jsonl"
+sink_max_mb = 100
+sink_keep_files = 10
+
 [tls]
 cert_file = "server.pem"
 key_file = "server.key"

@@ -21,7 +21,16 @@ pub(crate) enum AdminCommand {
     /// Erase the private key of a retired version.
     Destroy(VersionArgs),
     /// Key versions and records per version.
-    Status(Conn),
+    Status {
+        /// One JSON object: {"keys": [...], "stats": {...}}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Record metadata (never a secret), filtered: e.g. `--state needs-reauth` lists the
+    /// records whose owners must authorize again.
+    Records(RecordsArgs),
     /// Read and verify the tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -30,14 +39,37 @@ pub(crate) enum AdminCommand {
     EmergencyRotate(RewrapArgs),
     /// Re-read the [providers] tables of the daemon's config file (same as SIGHUP).
     ReloadProviders(Conn),
+    /// Write a store's records (metadata and envelope) and key registry (public keys) as JSON
+    /// lines: no private key, no plaintext. Reads the store directly, as `store copy` does
+    /// (a RocksDB directory as a consistent snapshot, even while its daemon runs).
+    Export(super::store::ExportArgs),
+    /// Load an export into a store (stopped daemon) with the same key registry, or an empty
+    /// one served with the private keys of the exported versions. Checks the whole file before
+    /// writing anything.
+    Import(super::store::ImportArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
-    /// Check the whole hash chain; reports the first broken link.
-    Verify(Conn),
+    /// Check every hash chain event by event (constant memory); reports the first broken
+    /// link. A progress line on stderr when it is a terminal.
+    Verify {
+        /// No progress line.
+        #[arg(long)]
+        quiet: bool,
+        /// One JSON object per chain and line: {"instance", "events", "intact", "error"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Apply `[audit] retention_days` now (the daemon also does every ten minutes).
+    Prune(Conn),
     /// Print events, optionally only those about one record or owner, or in a time range.
     List {
+        /// One JSON object per event and line (the audit sink's format).
+        #[arg(long)]
+        json: bool,
         /// Only events about this record id.
         #[arg(long)]
         record: Option<String>,
@@ -53,6 +85,33 @@ pub(crate) enum AuditCommand {
         #[command(flatten)]
         conn: Connection,
     },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RecordsArgs {
+    /// Only records of this provider.
+    #[arg(long)]
+    provider: Option<String>,
+    /// Only records of this owner.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Only records of this kind.
+    #[arg(long, value_parser = ["access_token", "refresh_token", "client_secret", "api_key", "token_bundle"])]
+    kind: Option<String>,
+    /// Only records in this state.
+    #[arg(long, value_parser = ["revoked", "needs-reauth", "expired", "usable"])]
+    state: Option<String>,
+    /// Only records wrapped under this key version.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    key_version: Option<u32>,
+    /// Stop after this many records (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: u64,
+    /// One JSON object per record and line, for scripts.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Connection,
 }
 
 #[derive(Debug, Args)]
@@ -101,15 +160,18 @@ async fn client(conn: &Connection) -> Result<AdminClient<Authed>, CliError> {
     Ok(AdminClient::new(connect(conn, Role::Admin).await?))
 }
 
-fn describe(k: &v1::PublicKey) -> String {
-    let state = v1::KeyState::try_from(k.state).map_or("unknown", |s| match s {
+fn key_state(k: &v1::PublicKey) -> &'static str {
+    v1::KeyState::try_from(k.state).map_or("unknown", |s| match s {
         v1::KeyState::Active => "active",
         v1::KeyState::DecryptOnly => "decrypt-only",
         v1::KeyState::Retired => "retired",
         v1::KeyState::Destroyed => "destroyed",
         v1::KeyState::Unspecified => "unspecified",
-    });
-    format!("v{}  {:<12}  {}", k.version, state, k.fingerprint)
+    })
+}
+
+fn describe(k: &v1::PublicKey) -> String {
+    format!("v{}  {:<12}  {}", k.version, key_state(k), k.fingerprint)
 }
 
 /// Runs one rewrap to completion, reconnecting (and so resuming) while the daemon is away.
@@ -188,6 +250,28 @@ async fn status(conn: &Connection) -> Result<(Vec<v1::PublicKey>, v1::StatsRespo
     Ok((keys, stats))
 }
 
+fn status_json(keys: &[v1::PublicKey], stats: &v1::StatsResponse) -> serde_json::Value {
+    serde_json::json!({
+        "keys": keys.iter().map(|k| serde_json::json!({
+            "version": k.version,
+            "state": key_state(k),
+            "fingerprint": k.fingerprint,
+            "created_at": k.created_at,
+        })).collect::<Vec<_>>(),
+        "stats": {
+            "records": stats.records,
+            "revoked": stats.revoked,
+            "needs_reauth": stats.needs_reauth,
+            "records_per_key_version": stats.records_per_key_version.iter()
+                .map(|c| serde_json::json!({"key_version": c.key_version, "records": c.records}))
+                .collect::<Vec<_>>(),
+            "dek_cache_hits": stats.dek_cache_hits,
+            "dek_cache_misses": stats.dek_cache_misses,
+            "dek_cache_entries": stats.dek_cache_entries,
+        },
+    })
+}
+
 fn print_status(keys: &[v1::PublicKey], stats: &v1::StatsResponse) {
     println!("key versions:");
     for k in keys {
@@ -257,9 +341,19 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
                 r.private_key_erased
             );
         }
-        AdminCommand::Status(a) => {
-            let (keys, stats) = status(&a.conn).await?;
-            print_status(&keys, &stats);
+        AdminCommand::Status { json, conn } => {
+            let (keys, stats) = status(&conn).await?;
+            if json {
+                println!("{}", status_json(&keys, &stats));
+            } else {
+                print_status(&keys, &stats);
+            }
+        }
+        AdminCommand::Records(a) => records(a).await?,
+        AdminCommand::Export(_) | AdminCommand::Import(_) => {
+            return Err(CliError::Internal(
+                "export and import run outside the runtime".into(),
+            ));
         }
         AdminCommand::EmergencyRotate(a) => emergency(a).await?,
         AdminCommand::ReloadProviders(a) => {
@@ -270,37 +364,19 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
                 .into_inner();
             println!("providers: {}", r.providers.join(", "));
         }
-        AdminCommand::Audit(AuditCommand::Verify(a)) => {
-            let mut stream = client(&a.conn)
+        AdminCommand::Audit(AuditCommand::Verify { quiet, json, conn }) => {
+            verify_audit(&conn, quiet, json).await?;
+        }
+        AdminCommand::Audit(AuditCommand::Prune(a)) => {
+            let r = client(&a.conn)
                 .await?
-                .audit_log(v1::AuditLogRequest::default())
+                .prune_audit(v1::PruneAuditRequest {})
                 .await?
                 .into_inner();
-            // One chain per daemon instance sharing the store, each verified on its own.
-            let mut chains: std::collections::BTreeMap<String, Vec<(u64, Vec<u8>)>> =
-                std::collections::BTreeMap::new();
-            while let Some(e) = stream.message().await? {
-                chains.entry(e.instance).or_default().push((e.seq, e.raw));
-            }
-            if chains.is_empty() {
-                chains.insert(String::new(), Vec::new());
-            }
-            for (instance, events) in chains {
-                let name = if instance.is_empty() {
-                    String::new()
-                } else {
-                    format!(" of instance {instance}")
-                };
-                match crate::audit::verify_chain(events) {
-                    Ok(n) => println!("audit chain{name} intact: {n} event(s)"),
-                    Err(e) if name.is_empty() => return Err(CliError::Precondition(e.to_string())),
-                    Err(e) => {
-                        return Err(CliError::Precondition(format!("chain{name}: {e}")));
-                    }
-                }
-            }
+            println!("pruned {} audit event(s)", r.pruned);
         }
         AdminCommand::Audit(AuditCommand::List {
+            json,
             record,
             owner,
             from_ms,
@@ -316,7 +392,11 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
             };
             let mut stream = client(&conn).await?.audit_log(req).await?.into_inner();
             while let Some(e) = stream.message().await? {
-                println!(
+                if json {
+                    println!("{}", crate::audit::sink::line(&e.instance, e.seq, &e.raw));
+                    continue;
+                }
+                let text = format!(
                     "{}{} {} caller={} action={} outcome={} record={} owner={} {}",
                     if e.instance.is_empty() {
                         String::new()
@@ -340,10 +420,195 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
                     },
                     e.detail
                 );
+                println!("{text}");
             }
         }
     }
     Ok(())
+}
+
+fn state_name(r: &v1::RecordInfo, now: i64) -> &'static str {
+    let expires_at = r.meta.as_ref().map_or(0, |m| m.expires_at);
+    if r.revoked {
+        "revoked"
+    } else if r.needs_reauth {
+        "needs-reauth"
+    } else if expires_at != 0 && expires_at <= now {
+        "expired"
+    } else {
+        "usable"
+    }
+}
+
+/// Record metadata as `admin records --json` prints it: one object per line.
+pub(crate) fn record_json(r: &v1::RecordInfo, now: i64) -> serde_json::Value {
+    let m = r.meta.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": m.id,
+        "owner": m.owner,
+        "provider": m.provider,
+        "kind": crate::record::SecretKind::try_from(m.kind).map_or("unspecified", |k| k.as_str()),
+        "scopes": m.scopes,
+        "expires_at": m.expires_at,
+        "created_at": r.created_at,
+        "updated_at": r.updated_at,
+        "version": r.version,
+        "key_version": r.key_version,
+        "revoked": r.revoked,
+        "needs_reauth": r.needs_reauth,
+        "state": state_name(r, now),
+    })
+}
+
+async fn records(a: RecordsArgs) -> Result<(), CliError> {
+    let kind = match &a.kind {
+        Some(k) => crate::record::SecretKind::parse(k)
+            .map(|k| v1::SecretKind::from(k) as i32)
+            .map_err(|e| CliError::Input(e.to_string()))?,
+        None => 0,
+    };
+    let state = match a.state.as_deref() {
+        Some("revoked") => v1::RecordState::Revoked,
+        Some("needs-reauth") => v1::RecordState::NeedsReauth,
+        Some("expired") => v1::RecordState::Expired,
+        Some("usable") => v1::RecordState::Usable,
+        _ => v1::RecordState::Unspecified,
+    };
+    let mut c = client(&a.conn).await?;
+    let mut request = v1::ListRecordsRequest {
+        provider: a.provider.clone().unwrap_or_default(),
+        owner: a.owner.clone().unwrap_or_default(),
+        kind,
+        state: state as i32,
+        key_version: a.key_version.unwrap_or(0),
+        page_size: 1000,
+        page_token: String::new(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let mut printed = 0u64;
+    loop {
+        let page = c.list_records(request.clone()).await?.into_inner();
+        for r in &page.records {
+            if a.limit != 0 && printed == a.limit {
+                return Ok(());
+            }
+            let line = if a.json {
+                record_json(r, now).to_string()
+            } else {
+                let m = r.meta.clone().unwrap_or_default();
+                format!(
+                    "{}  provider={} kind={} state={} version={} key_version={} expires_at={} owner={}",
+                    m.id,
+                    m.provider,
+                    crate::record::SecretKind::try_from(m.kind)
+                        .map_or("unspecified", |k| k.as_str()),
+                    state_name(r, now),
+                    r.version,
+                    r.key_version,
+                    m.expires_at,
+                    m.owner
+                )
+            };
+            println!("{line}");
+            printed += 1;
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(());
+        }
+        request.page_token = page.next_page_token;
+    }
+}
+
+/// Verifies every chain the daemon streams, one after another, in constant memory.
+async fn verify_audit(conn: &Connection, quiet: bool, json: bool) -> Result<(), CliError> {
+    use crate::audit::{ChainVerifier, Checkpoint};
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("verifying audit chain{msg}: {pos} events  {per_sec}")
+            .expect("static template"),
+    );
+    let mut stream = client(conn)
+        .await?
+        .audit_log(v1::AuditLogRequest::default())
+        .await?
+        .into_inner();
+    // Ends one chain's check: prints its line, or fails with its first broken link.
+    let report = |instance: &str, verifier: ChainVerifier| -> Result<(), CliError> {
+        let name = if instance.is_empty() {
+            String::new()
+        } else {
+            format!(" of instance {instance}")
+        };
+        let result = verifier.finish();
+        if json {
+            let line = serde_json::json!({
+                "instance": instance,
+                "events": result.as_ref().ok(),
+                "intact": result.is_ok(),
+                "error": result.as_ref().err().map(ToString::to_string),
+            });
+            bar.suspend(|| println!("{line}"));
+        }
+        match result {
+            Ok(n) => {
+                if !json {
+                    bar.suspend(|| println!("audit chain{name} intact: {n} event(s)"));
+                }
+                Ok(())
+            }
+            Err(e) if name.is_empty() => Err(CliError::Precondition(e.to_string())),
+            Err(e) => Err(CliError::Precondition(format!("chain{name}: {e}"))),
+        }
+    };
+    let mut current: Option<(String, ChainVerifier)> = None;
+    let fail = |current: &mut Option<(String, ChainVerifier)>, e: crate::audit::ChainError| {
+        let instance = current.take().map(|(i, _)| i).unwrap_or_default();
+        let name = if instance.is_empty() {
+            String::new()
+        } else {
+            format!("chain of instance {instance}: ")
+        };
+        if json {
+            let line = serde_json::json!({
+                "instance": instance, "events": null, "intact": false, "error": e.to_string(),
+            });
+            println!("{line}");
+        }
+        CliError::Precondition(format!("{name}{e}"))
+    };
+    while let Some(e) = stream.message().await? {
+        if current.as_ref().is_none_or(|(i, _)| *i != e.instance) {
+            if let Some((instance, verifier)) = current.take() {
+                report(&instance, verifier)?;
+            }
+            let checkpoint = (e.checkpoint_seq != 0).then(|| Checkpoint {
+                seq: e.checkpoint_seq,
+                hash: e.checkpoint_hash.as_slice().try_into().unwrap_or([0; 32]),
+            });
+            bar.set_message(if e.instance.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", e.instance)
+            });
+            current = Some((e.instance.clone(), ChainVerifier::new(checkpoint)));
+        }
+        if let Some((_, verifier)) = current.as_mut()
+            && let Err(err) = verifier.push(e.seq, &e.raw)
+        {
+            bar.finish_and_clear();
+            return Err(fail(&mut current, err));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let (instance, verifier) = current.unwrap_or_else(|| (String::new(), ChainVerifier::new(None)));
+    report(&instance, verifier)
 }
 
 async fn emergency(a: RewrapArgs) -> Result<(), CliError> {

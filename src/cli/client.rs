@@ -146,6 +146,9 @@ pub(crate) enum GrantCommand {
         /// Only this caller (credential name) may use it.
         #[arg(long)]
         audience: Option<String>,
+        /// Print {"grant", "grant_id", "expires_at"} as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Connection,
     },
@@ -595,6 +598,7 @@ pub(crate) async fn grant(cmd: GrantCommand) -> Result<(), CliError> {
             ttl,
             max_uses,
             audience,
+            json,
             conn,
         } => {
             let mut client =
@@ -612,6 +616,27 @@ pub(crate) async fn grant(cmd: GrantCommand) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             let handle = crate::secret::GrantHandle::new(std::mem::take(&mut r.grant));
+            if json {
+                // Built in zeroizing memory (a JSON library would copy the handle into a plain
+                // String); the handle's characters need no JSON escaping, checked here.
+                if !handle
+                    .expose_secret()
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+                {
+                    return Err(CliError::Internal(
+                        "the daemon returned a grant handle with unexpected characters".into(),
+                    ));
+                }
+                let line = Zeroizing::new(format!(
+                    "{{\"grant\":\"{}\",\"grant_id\":{},\"expires_at\":{}}}",
+                    handle.expose_secret(),
+                    serde_json::Value::from(r.grant_id.clone()),
+                    r.expires_at
+                ));
+                println!("{}", line.as_str());
+                return Ok(());
+            }
             eprintln!("grant_id={} expires_at={}", r.grant_id, r.expires_at);
             // The one place a handle is printed: the caller asked for it.
             println!("{}", handle.expose_secret());

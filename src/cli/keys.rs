@@ -52,6 +52,10 @@ pub(crate) enum KeysCommand {
     },
     /// List key versions with state and fingerprint.
     List {
+        /// One JSON object per version and line: {"version", "state", "fingerprint",
+        /// "created_at", "updated_at"}.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         at: Location,
     },
@@ -198,7 +202,7 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
             let info = add_recorded(open(&at)?, None, false, now)?;
             println!("active {}", describe(&info));
         }
-        KeysCommand::List { at } => {
+        KeysCommand::List { json, at } => {
             let (store, _, _) = open(&at)?;
             let keys = store.keys()?;
             if keys.is_empty() {
@@ -207,7 +211,19 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
                 ));
             }
             for k in keys {
-                println!("{}", describe(&k));
+                let line = if json {
+                    serde_json::json!({
+                        "version": k.version,
+                        "state": k.state.as_str(),
+                        "fingerprint": k.id.to_hex(),
+                        "created_at": k.created_at,
+                        "updated_at": k.updated_at,
+                    })
+                    .to_string()
+                } else {
+                    describe(&k)
+                };
+                println!("{line}");
             }
         }
         KeysCommand::ExportPublic { at, version } => {

@@ -182,6 +182,16 @@ pub(crate) fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<CliEr
     None
 }
 
+/// The current version an `ABORTED` for a stale `expected_version` carries (its
+/// `google.rpc.ErrorInfo`), read from the structured detail, never from the message.
+pub(crate) fn stale_version(s: &tonic::Status) -> Option<u64> {
+    use tonic_types::StatusExt as _;
+    let info = s.get_details_error_info()?;
+    (info.reason == crate::server::status::STALE_VERSION)
+        .then(|| info.metadata.get("current_version")?.parse().ok())
+        .flatten()
+}
+
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
@@ -190,10 +200,15 @@ impl From<tonic::Status> for CliError {
             return tls;
         }
         // A transport failure's cause is in its source chain, not in its message.
-        let msg = match std::error::Error::source(&s) {
+        let mut msg = match std::error::Error::source(&s) {
             Some(cause) => format!("{:?}: {}: {}", s.code(), s.message(), describe_error(cause)),
             None => format!("{:?}: {}", s.code(), s.message()),
         };
+        if let Some(current) = stale_version(&s) {
+            msg.push_str(&format!(
+                " (current version {current}; pass --expected-version {current} to replace it)"
+            ));
+        }
         match s.code() {
             Code::NotFound => CliError::NotFound(msg),
             Code::Unauthenticated | Code::PermissionDenied => CliError::Auth(msg),
@@ -330,6 +345,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
         Command::Delete(args) => runtime()?.block_on(client::delete(args)),
+        // Export and import open the store directly (like `store copy`), outside a runtime.
+        Command::Admin(admin::AdminCommand::Export(args)) => store::export(&args),
+        Command::Admin(admin::AdminCommand::Import(args)) => store::import(&args),
         Command::Admin(cmd) => runtime()?.block_on(admin::run(cmd)),
         Command::Store(cmd) => store::run(cmd),
     }

@@ -195,10 +195,18 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
         println!("listening on {addr}");
         // Flush so scripts waiting for the address see it before the first request.
         let _ = std::io::stdout().flush();
-        daemon
+        // The listeners are bound: connections queue from here on, so systemd may start
+        // what depends on the daemon.
+        crate::server::notify::notify("READY=1");
+        let watchdog_stop = tokio_util::sync::CancellationToken::new();
+        if let Some(interval) = crate::server::notify::watchdog_interval() {
+            tokio::spawn(crate::server::notify::watchdog(interval, watchdog_stop.clone()));
+        }
+        let served = daemon
             .serve_split(listener, ingest_listener, shutdown_signal())
-            .await
-            .map_err(|e| CliError::Internal(e.to_string()))?;
+            .await;
+        watchdog_stop.cancel();
+        served.map_err(|e| CliError::Internal(e.to_string()))?;
         tracing::info!("shut down cleanly");
         Ok(())
     })
@@ -222,5 +230,6 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
+    crate::server::notify::notify("STOPPING=1");
     tracing::info!("shutdown signal received; draining requests");
 }

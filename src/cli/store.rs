@@ -1,5 +1,6 @@
 //! `tokenvault store`: whole-store operations run beside (or instead of) a daemon.
 
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,6 +41,161 @@ pub(crate) struct CopyArgs {
     /// CA certificates of the target database's TLS certificate (required off loopback).
     #[arg(long)]
     to_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExportArgs {
+    /// The store: rocksdb:PATH (a consistent snapshot, even while a daemon runs on it) or
+    /// postgres://USER@HOST:PORT/DATABASE.
+    #[arg(long)]
+    from: String,
+    /// The export file to create (refused if it exists); written 0600.
+    #[arg(long)]
+    out: PathBuf,
+    /// File with the database's password (or set TOKENVAULT_STORE_PASSWORD).
+    #[arg(long)]
+    from_password_file: Option<PathBuf>,
+    /// CA certificates of the database's TLS certificate (required off loopback).
+    #[arg(long)]
+    from_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ImportArgs {
+    /// The export file.
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// The store to load it into (no daemon running on a RocksDB directory): rocksdb:PATH or
+    /// postgres://USER@HOST:PORT/DATABASE.
+    #[arg(long)]
+    to: String,
+    /// File with the database's password (or set TOKENVAULT_STORE_PASSWORD).
+    #[arg(long)]
+    to_password_file: Option<PathBuf>,
+    /// CA certificates of the database's TLS certificate (required off loopback).
+    #[arg(long)]
+    to_ca_file: Option<PathBuf>,
+}
+
+fn progress_bar(template: &str) -> ProgressBar {
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(ProgressStyle::with_template(template).expect("static template"));
+    bar
+}
+
+fn export_error(e: crate::store::export::ExportError, file: &Path) -> CliError {
+    use crate::store::export::ExportError;
+    match e {
+        ExportError::Store(s) => CliError::from(s),
+        e @ ExportError::File { .. } => CliError::Input(e.to_string()),
+        e @ ExportError::Malformed { .. } => CliError::Input(format!("{}: {e}", file.display())),
+        e @ (ExportError::KeyMismatch { .. }
+        | ExportError::Exists(_)
+        | ExportError::UnfinishedCopy) => CliError::Precondition(e.to_string()),
+    }
+}
+
+fn print_summary(verb: &str, s: &crate::store::export::ExportSummary) {
+    println!(
+        "{verb} {} record(s) and {} key version(s)",
+        s.record_count(),
+        s.keys
+    );
+    for (v, d) in &s.records {
+        println!(
+            "  {:<28} {:>10}  sha256 {}",
+            format!("records under key v{v}"),
+            d.count,
+            hex::encode(d.sha256)
+        );
+    }
+}
+
+pub(crate) fn export(args: &ExportArgs) -> Result<(), CliError> {
+    let from = open(
+        "--from",
+        &args.from,
+        args.from_password_file.clone(),
+        args.from_ca_file.clone(),
+        true,
+    )?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&args.out)
+        .map_err(|e| CliError::Input(format!("--out {}: {e}", args.out.display())))?;
+    let mut out = std::io::BufWriter::new(file);
+    let bar = progress_bar("export {pos} records  {per_sec}");
+    let result = crate::store::export::export(
+        &*from.store,
+        &from.name,
+        &mut out,
+        &args.out.display().to_string(),
+        crate::unix_now(),
+        &mut |n| bar.set_position(n),
+    )
+    .and_then(|s| {
+        let file = out
+            .into_inner()
+            .map_err(|e| crate::store::export::ExportError::File {
+                path: args.out.display().to_string(),
+                message: e.to_string(),
+            })?;
+        file.sync_all()
+            .map_err(|e| crate::store::export::ExportError::File {
+                path: args.out.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(s)
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok(s) => {
+            print_summary(
+                &format!("exported {} to {}:", from.name, args.out.display()),
+                &s,
+            );
+            Ok(())
+        }
+        Err(e) => {
+            // A partial export must not pass for a whole one.
+            let _ = std::fs::remove_file(&args.out);
+            Err(export_error(e, &args.out))
+        }
+    }
+}
+
+pub(crate) fn import(args: &ImportArgs) -> Result<(), CliError> {
+    let path = args.input.clone();
+    std::fs::metadata(&path)
+        .map_err(|e| CliError::Input(format!("--in {}: {e}", path.display())))?;
+    let to = open(
+        "--to",
+        &args.to,
+        args.to_password_file.clone(),
+        args.to_ca_file.clone(),
+        false,
+    )?;
+    let bar = progress_bar("import {pos} records  {per_sec}");
+    let mut reopen = || -> Result<Box<dyn std::io::BufRead>, crate::store::export::ExportError> {
+        let f =
+            std::fs::File::open(&path).map_err(|e| crate::store::export::ExportError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Box::new(std::io::BufReader::new(f)))
+    };
+    let result =
+        crate::store::export::import(&*to.store, &mut reopen, &mut |n| bar.set_position(n));
+    bar.finish_and_clear();
+    let s = result.map_err(|e| export_error(e, &path))?;
+    print_summary(&format!("imported into {}:", to.name), &s);
+    Ok(())
 }
 
 /// An opened side of a copy, and the name an interrupted copy is resumed under.

@@ -10,8 +10,9 @@ use tonic::{Request, Response, Status};
 use super::status::VaultError;
 use super::{caller, record_id};
 use crate::api::v1::{self, admin_server::Admin};
-use crate::record::Owner;
+use crate::record::{Owner, Provider, SecretKind};
 use crate::rotation::RewrapProgress;
+use crate::vault::listing::{RecordFilter, RecordState};
 use crate::vault::{AuditEntry, AuditFilter, KeyImport, Vault};
 
 fn progress(p: &RewrapProgress) -> v1::RewrapProgress {
@@ -43,6 +44,11 @@ impl From<AuditEntry> for v1::AuditEvent {
             hash: e.hash,
             raw: entry.raw,
             instance: entry.chain,
+            checkpoint_seq: entry.checkpoint.map_or(0, |c| c.seq),
+            checkpoint_hash: entry
+                .checkpoint
+                .map(|c| c.hash.to_vec())
+                .unwrap_or_default(),
         }
     }
 }
@@ -63,6 +69,46 @@ impl TryFrom<v1::AuditLogRequest> for AuditFilter {
             from_time_ms: (req.from_time_ms != 0).then_some(req.from_time_ms),
             to_time_ms: (req.to_time_ms != 0).then_some(req.to_time_ms),
             instance: (!req.instance.is_empty()).then_some(req.instance),
+        })
+    }
+}
+
+impl TryFrom<&v1::ListRecordsRequest> for RecordFilter {
+    type Error = VaultError;
+
+    fn try_from(req: &v1::ListRecordsRequest) -> Result<Self, VaultError> {
+        let invalid = |what: &str| {
+            let what = what.to_string();
+            move |source| VaultError::Invalid { what, source }
+        };
+        let state = match v1::RecordState::try_from(req.state) {
+            Ok(v1::RecordState::Unspecified) => None,
+            Ok(v1::RecordState::Revoked) => Some(RecordState::Revoked),
+            Ok(v1::RecordState::NeedsReauth) => Some(RecordState::NeedsReauth),
+            Ok(v1::RecordState::Expired) => Some(RecordState::Expired),
+            Ok(v1::RecordState::Usable) => Some(RecordState::Usable),
+            Err(_) => {
+                return Err(VaultError::Argument {
+                    what: "state",
+                    why: format!("{} is not a RecordState", req.state),
+                });
+            }
+        };
+        Ok(RecordFilter {
+            provider: (!req.provider.is_empty())
+                .then(|| Provider::parse(&req.provider))
+                .transpose()
+                .map_err(invalid("provider"))?,
+            owner: (!req.owner.is_empty())
+                .then(|| Owner::parse(req.owner.clone()))
+                .transpose()
+                .map_err(invalid("owner"))?,
+            kind: (req.kind != 0)
+                .then(|| SecretKind::try_from(req.kind))
+                .transpose()
+                .map_err(invalid("kind"))?,
+            state,
+            key_version: (req.key_version != 0).then_some(req.key_version),
         })
     }
 }
@@ -214,6 +260,32 @@ impl Admin for AdminService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn list_records(
+        &self,
+        request: Request<v1::ListRecordsRequest>,
+    ) -> Result<Response<v1::ListRecordsResponse>, Status> {
+        let caller = caller(&request);
+        let req = request.into_inner();
+        let filter = RecordFilter::try_from(&req)?;
+        let page = self
+            .0
+            .list_records(&caller, filter, req.page_size, &req.page_token)
+            .await?;
+        Ok(Response::new(v1::ListRecordsResponse {
+            records: page.records.iter().map(Into::into).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn prune_audit(
+        &self,
+        request: Request<v1::PruneAuditRequest>,
+    ) -> Result<Response<v1::PruneAuditResponse>, Status> {
+        let caller = caller(&request);
+        let pruned = self.0.prune_audit(&caller).await?;
+        Ok(Response::new(v1::PruneAuditResponse { pruned }))
     }
 
     async fn security_event(

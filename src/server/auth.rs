@@ -168,8 +168,12 @@ impl RoleGuard {
 
     fn refused(&self, caller: &str, status: Status) -> Status {
         self.auth.note_denial(caller);
-        let code = format!("{:?}", status.code());
-        crate::vault::metrics::Metrics::count(&self.auth.metrics.auth_denials, &code);
+        let code = super::status::code_name(status.code()).to_string();
+        self.auth
+            .metrics
+            .auth_denials
+            .get_or_create(&crate::vault::metrics::CodeLabel { code })
+            .inc();
         if status.code() == tonic::Code::ResourceExhausted {
             crate::vault::metrics::Metrics::count(&self.auth.metrics.rate_limited, "caller");
         }

@@ -61,36 +61,24 @@ pub fn http_status(code: Code) -> StatusCode {
     }
 }
 
-/// The canonical name of a code, as the JSON error body's `code` carries it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// A refusal as HTTP: `{"code": "ALREADY_EXISTS", "message": "..."}` with its status. The
 /// code also goes into the response's extensions, where the metrics layer counts it.
+/// A structured detail (a stale version's `google.rpc.ErrorInfo`) is in `details`, as the
+/// proto3 JSON mapping of `google.rpc.Status` writes it.
 fn error_response(status: &tonic::Status) -> Response {
-    let body = serde_json::json!({
-        "code": code_name(status.code()),
+    use tonic_types::StatusExt as _;
+    let mut body = serde_json::json!({
+        "code": super::status::code_name(status.code()),
         "message": status.message(),
     });
+    if let Some(info) = status.get_details_error_info() {
+        body["details"] = serde_json::json!([{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": info.reason,
+            "domain": info.domain,
+            "metadata": info.metadata,
+        }]);
+    }
     json_response(http_status(status.code()), &body, status.code())
 }
 
@@ -602,7 +590,9 @@ mod tests {
                 seen[&http_status(c)]
             );
             assert_eq!(
-                code_name(c).replace('_', "").to_ascii_lowercase(),
+                crate::server::status::code_name(c)
+                    .replace('_', "")
+                    .to_ascii_lowercase(),
                 format!("{c:?}").to_ascii_lowercase()
             );
         }

@@ -108,7 +108,7 @@ where
                         .rpc_requests
                         .get_or_create(&RpcLabels {
                             method: method.clone(),
-                            code: format!("{code:?}"),
+                            code: super::status::code_name(code).to_string(),
                         })
                         .inc();
                     metrics
@@ -165,7 +165,10 @@ pub(super) async fn serve(
                                     .await
                                     .unwrap_or_default();
                             http::Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
                                 .body(Full::new(bytes::Bytes::from(text)))
                         } else {
                             http::Response::builder().status(404).body(Full::new(

@@ -18,6 +18,7 @@ pub mod ingest;
 #[cfg(not(fuzzing))]
 mod ingest;
 pub mod metrics;
+pub mod notify;
 pub mod status;
 pub mod tls;
 

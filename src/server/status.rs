@@ -9,6 +9,12 @@ use tonic::{Code, Status};
 
 pub use crate::vault::{ErrorKind, VaultError};
 
+/// `google.rpc.ErrorInfo.reason` of an `ABORTED` for a stale `expected_version`; its metadata
+/// holds `current_version`, `expected_version` and, in a batch, `item` (docs/WEB_TIER.md).
+pub const STALE_VERSION: &str = "STALE_VERSION";
+/// `google.rpc.ErrorInfo.domain` of tokenvault's structured error details.
+pub const ERROR_DOMAIN: &str = "tokenvault.v1";
+
 /// The gRPC code of an error kind.
 pub fn code(kind: ErrorKind) -> Code {
     match kind {
@@ -26,6 +32,30 @@ pub fn code(kind: ErrorKind) -> Code {
     }
 }
 
+/// The canonical name of a code (`PERMISSION_DENIED`), as grpc-go and OpenTelemetry write it:
+/// the JSON error body's `code` and the metrics' `code` label.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 impl From<VaultError> for Status {
     fn from(e: VaultError) -> Self {
         let code = code(e.kind());
@@ -34,7 +64,28 @@ impl From<VaultError> for Status {
             tracing::error!(error = %e, "internal error");
             return Status::internal("internal error; see the daemon log");
         }
-        Status::new(code, e.to_string())
+        match e.stale_version() {
+            Some(stale) => {
+                use tonic_types::StatusExt as _;
+                let mut metadata = std::collections::HashMap::from([
+                    ("current_version".to_string(), stale.current.to_string()),
+                    ("expected_version".to_string(), stale.expected.to_string()),
+                ]);
+                if let Some(i) = stale.index {
+                    metadata.insert("item".into(), i.to_string());
+                }
+                Status::with_error_details(
+                    code,
+                    e.to_string(),
+                    tonic_types::ErrorDetails::with_error_info(
+                        STALE_VERSION,
+                        ERROR_DOMAIN,
+                        metadata,
+                    ),
+                )
+            }
+            None => Status::new(code, e.to_string()),
+        }
     }
 }
 

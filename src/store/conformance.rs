@@ -610,8 +610,52 @@ pub fn import_and_listing(store: &dyn TokenStore) {
     assert_eq!(store.meta_page(None, 10).expect("page").len(), 6);
 }
 
+/// Audit retention: the events of the store's own chain up to a point go, the checkpoint and
+/// the event recording it are written in the same write, later events stay.
+pub fn audit_pruning(store: &dyn TokenStore) {
+    let event = |seq: u64| AuditAppend {
+        seq,
+        bytes: format!("event-{seq}").into_bytes(),
+    };
+    for seq in 1..=5 {
+        store.append_audit(&event(seq), true).expect("append");
+    }
+    store
+        .prune_audit(
+            3,
+            &[("audit_checkpoint/x".into(), b"cp".to_vec())],
+            &event(6),
+        )
+        .expect("prune");
+    let kept: Vec<u64> = store
+        .audit_events(0, 100)
+        .expect("events")
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(kept, [4, 5, 6]);
+    assert_eq!(
+        store.get_meta("audit_checkpoint/x").expect("meta"),
+        Some(b"cp".to_vec())
+    );
+    assert_eq!(
+        store.last_audit_event().expect("last"),
+        Some((6, b"event-6".to_vec()))
+    );
+    assert!(
+        store
+            .audit_chains()
+            .expect("chains")
+            .contains(&store.own_chain())
+    );
+    // Appending goes on after the pruned part.
+    store.append_audit(&event(7), true).expect("append");
+    assert_eq!(store.audit_events(5, 10).expect("events").len(), 3);
+}
+
 /// Runs every check, each on a fresh store from `make`.
 pub fn all(make: impl Fn() -> Box<dyn TokenStore>) {
+    audit_pruning(&*make());
     grants(&*make());
     apply_is_atomic_and_audited(&*make());
     retire_is_atomic_with_record_writes(&*make());

@@ -408,13 +408,13 @@ fn is_empty(store: &dyn TokenStore) -> Result<bool, StoreError> {
 
 /// A running count and hash.
 #[derive(Default)]
-struct Running {
+pub(crate) struct Running {
     count: u64,
     hash: Sha256,
 }
 
 impl Running {
-    fn add(&mut self, parts: &[&[u8]]) {
+    pub(crate) fn add(&mut self, parts: &[&[u8]]) {
         self.count += 1;
         for p in parts {
             self.hash.update((p.len() as u64).to_be_bytes());
@@ -422,7 +422,7 @@ impl Running {
         }
     }
 
-    fn finish(self) -> Digest32 {
+    pub(crate) fn finish(self) -> Digest32 {
         Digest32 {
             count: self.count,
             sha256: self.hash.finalize().into(),

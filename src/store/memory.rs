@@ -123,6 +123,21 @@ impl TokenStore for MemoryStore {
         Ok(self.lock().meta.get(key).cloned())
     }
 
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.audit.retain(|seq, _| *seq > through);
+        for (k, v) in meta {
+            inner.meta.insert(k.clone(), v.clone());
+        }
+        inner.audit.insert(audit.seq, audit.bytes.clone());
+        Ok(())
+    }
+
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         let mut inner = self.lock();
         match value {

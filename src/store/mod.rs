@@ -10,6 +10,8 @@
 
 #[cfg(feature = "daemon")]
 pub mod copy;
+#[cfg(feature = "daemon")]
+pub mod export;
 mod memory;
 #[cfg(feature = "daemon")]
 pub mod postgres;
@@ -319,7 +321,9 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Ids of every record of `owner`.
     fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError>;
 
-    /// Engine figures worth exporting as metrics (name, value); none by default.
+    /// Engine figures worth exporting as metrics (name, value), each its own gauge
+    /// `tokenvault_<name>`: the name starts with the engine (`rocksdb_`, `postgres_`) and ends
+    /// with its unit (`_bytes`) if it has one. None by default.
     fn engine_stats(&self) -> Vec<(String, u64)> {
         Vec::new()
     }
@@ -464,6 +468,22 @@ pub trait TokenStore: Send + Sync + 'static {
         let _ = (chain, from_seq, limit);
         Ok(Vec::new())
     }
+
+    /// The name of this store's own audit chain (the one [`TokenStore::audit_events`] reads), as
+    /// [`TokenStore::audit_chains`] lists it: `""` unless the store is shared.
+    fn own_chain(&self) -> String {
+        String::new()
+    }
+
+    /// Audit retention: removes the events of this store's own chain with sequence numbers up
+    /// to `through`, writes the `meta` entries (the checkpoint) and appends `audit` (the event
+    /// recording the pruning) in one atomic, durable write.
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError>;
 
     /// Up to `limit` metadata entries with keys after `after`, in key order: every piece of
     /// state that is not a record, a registry entry or an audit event, grants under

@@ -203,6 +203,10 @@ fn version_u64(v: i64) -> u64 {
 
 type Txn<'a> = deadpool_postgres::Transaction<'a>;
 
+/// Writes a metadata value, replacing the one there: `($1 key, $2 value)`.
+const UPSERT_META: &str = "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
+     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value";
+
 impl PostgresStore {
     /// Connects, applies any pending schema migration, and returns the store. The audit trail
     /// is read and appended under chain `chain` (one per daemon instance sharing the database).
@@ -879,6 +883,36 @@ impl TokenStore for PostgresStore {
         })
     }
 
+    fn own_chain(&self) -> String {
+        self.chain.clone()
+    }
+
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        let meta = Arc::new(meta.to_vec());
+        let audit = Arc::new(audit.clone());
+        let chain = self.chain.clone();
+        let through = version_i64(through);
+        self.txn(move |t| {
+            let (meta, audit, chain) = (Arc::clone(&meta), Arc::clone(&audit), chain.clone());
+            Box::pin(async move {
+                t.execute(
+                    "DELETE FROM tokenvault_audit WHERE chain = $1 AND seq <= $2",
+                    &[&chain, &through],
+                )
+                .await?;
+                for (k, v) in meta.iter() {
+                    t.execute(UPSERT_META, &[k, v]).await?;
+                }
+                insert_audit(t, &chain, std::slice::from_ref(&*audit)).await
+            })
+        })
+    }
+
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         let key = key.to_string();
         let value = value.map(<[u8]>::to_vec);
@@ -886,14 +920,7 @@ impl TokenStore for PostgresStore {
             let (key, value) = (key.clone(), value.clone());
             Box::pin(async move {
                 match value {
-                    Some(v) => {
-                        t.execute(
-                            "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
-                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                            &[&key, &v],
-                        )
-                        .await?
-                    }
+                    Some(v) => t.execute(UPSERT_META, &[&key, &v]).await?,
                     None => {
                         t.execute("DELETE FROM tokenvault_meta WHERE key = $1", &[&key])
                             .await?
@@ -1293,12 +1320,7 @@ async fn import_in(t: &Txn<'_>, batch: &super::Import) -> Result<(), Fail> {
             )
             .await?;
         } else {
-            t.execute(
-                "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                &[key, value],
-            )
-            .await?;
+            t.execute(UPSERT_META, &[key, value]).await?;
         }
     }
     for (chain, seq, bytes) in &batch.audit {

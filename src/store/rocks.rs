@@ -384,11 +384,17 @@ impl TokenStore for RocksStore {
     fn engine_stats(&self) -> Vec<(String, u64)> {
         let records = self.cf(CF_RECORDS);
         [
-            ("estimated_records", "rocksdb.estimate-num-keys"),
-            ("live_sst_bytes", "rocksdb.live-sst-files-size"),
-            ("memtable_bytes", "rocksdb.cur-size-all-mem-tables"),
-            ("block_cache_usage_bytes", "rocksdb.block-cache-usage"),
-            ("block_cache_capacity_bytes", "rocksdb.block-cache-capacity"),
+            ("rocksdb_estimated_records", "rocksdb.estimate-num-keys"),
+            ("rocksdb_live_sst_bytes", "rocksdb.live-sst-files-size"),
+            ("rocksdb_memtable_bytes", "rocksdb.cur-size-all-mem-tables"),
+            (
+                "rocksdb_block_cache_usage_bytes",
+                "rocksdb.block-cache-usage",
+            ),
+            (
+                "rocksdb_block_cache_capacity_bytes",
+                "rocksdb.block-cache-capacity",
+            ),
         ]
         .into_iter()
         .filter_map(|(name, property)| {
@@ -480,6 +486,26 @@ impl TokenStore for RocksStore {
         self.db
             .get_cf(self.cf(CF_META), key.as_bytes())
             .map_err(engine)
+    }
+
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        // One range tombstone, however many events: the cost does not grow with the trail.
+        batch.delete_range_cf(
+            self.cf(CF_AUDIT),
+            0u64.to_be_bytes(),
+            through.saturating_add(1).to_be_bytes(),
+        );
+        for (k, v) in meta {
+            batch.put_cf(self.cf(CF_META), k.as_bytes(), v);
+        }
+        self.add_audit(&mut batch, Some(audit));
+        self.write(batch)
     }
 
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {

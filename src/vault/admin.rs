@@ -84,6 +84,8 @@ pub struct AuditEntry {
     pub event: crate::audit::Event,
     /// The stored bytes, which the hash chain covers.
     pub raw: Vec<u8>,
+    /// On the first event kept after retention pruned the chain: the checkpoint it links to.
+    pub checkpoint: Option<crate::audit::Checkpoint>,
 }
 
 /// The lease that makes a rewrap one run at a time across daemons sharing a store.
@@ -404,6 +406,45 @@ impl Vault {
         result
     }
 
+    /// Ships new audit events to the sink, if one is configured; how many.
+    pub(super) fn ship_audit(&self) -> Result<u64, VaultError> {
+        match &self.shipper {
+            Some(s) => Ok(s.ship()?),
+            None => Ok(0),
+        }
+    }
+
+    /// Applies `[audit] retention_days` now (after shipping what is new, since retention never
+    /// removes an event the sink has not shipped); how many events were removed.
+    pub(super) fn prune_audit_as(&self, caller: &str) -> Result<u64, VaultError> {
+        let days = self.retention_days.ok_or(VaultError::RetentionOff)?;
+        self.ship_audit()?;
+        let not_after = self.shipper.as_ref().map(|s| s.shipped()).transpose()?;
+        let cutoff_ms = self
+            .now()
+            .saturating_sub(i64::from(days) * 86_400)
+            .saturating_mul(1000);
+        Ok(self.audit.prune(caller, cutoff_ms, not_after)?)
+    }
+
+    /// The periodic retention run.
+    pub(super) fn prune_audit_now(&self) -> Result<u64, VaultError> {
+        self.prune_audit_as("retention")
+    }
+
+    /// `Admin.PruneAudit`: retention now, by an administrator.
+    pub async fn prune_audit(self: &Arc<Self>, caller: &Caller) -> Result<u64, VaultError> {
+        let who = caller.name.clone();
+        let pruned = self
+            .blocking(move |v| {
+                let result = v.prune_audit_as(&who);
+                v.audit_if_refused(Draft::new(&who, "PruneAudit"), result)
+            })
+            .await?;
+        tracing::info!(rpc = "PruneAudit", caller = %caller.name, pruned, "audit retention applied");
+        Ok(pruned)
+    }
+
     /// Streams the audit events matching `filter`, oldest first, a page at a time from the
     /// store. Stops at shutdown with [`VaultError::ShuttingDown`].
     pub fn audit_log(
@@ -428,6 +469,13 @@ impl Vault {
                 }
             };
             for chain in chains {
+                let checkpoint = match crate::audit::checkpoint(&*v.store, &chain) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(VaultError::from(e)));
+                        return;
+                    }
+                };
                 let mut next = 1;
                 loop {
                     if v.stopping.is_cancelled() {
@@ -458,6 +506,7 @@ impl Vault {
                             seq,
                             event,
                             raw,
+                            checkpoint: checkpoint.filter(|c| c.seq + 1 == seq),
                         };
                         if tx.blocking_send(Ok(entry)).is_err() {
                             return;

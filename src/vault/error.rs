@@ -79,6 +79,14 @@ pub enum VaultError {
     /// A required message field was absent.
     #[error("{0} is required")]
     Missing(&'static str),
+    /// A request field outside what the call accepts (a page size, a page token).
+    #[error("invalid {what}: {why}")]
+    Argument {
+        /// The field.
+        what: &'static str,
+        /// What is wrong with it (never its value).
+        why: String,
+    },
     /// A malformed envelope.
     #[error("malformed envelope: {0}")]
     Envelope(#[from] FormatError),
@@ -197,6 +205,12 @@ pub enum VaultError {
     /// A store failure.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit sink could not be written.
+    #[error(transparent)]
+    Sink(#[from] crate::audit::sink::SinkError),
+    /// `Admin.PruneAudit` on a daemon without `[audit] retention_days`.
+    #[error("no [audit] retention_days is configured: the trail is kept forever")]
+    RetentionOff,
     /// An item of a batch failed.
     #[error("item {index}: {source}")]
     Item {
@@ -292,6 +306,7 @@ impl VaultError {
         match self {
             VaultError::Invalid { .. }
             | VaultError::Missing(_)
+            | VaultError::Argument { .. }
             | VaultError::Envelope(_)
             | VaultError::SecretLength { .. }
             | VaultError::UnknownKey(_)
@@ -338,14 +353,15 @@ impl VaultError {
             }
             VaultError::Audit(_) => ErrorKind::Internal,
             VaultError::Item { source, .. } => source.kind(),
-            VaultError::Task | VaultError::Seal(_) => ErrorKind::Internal,
+            VaultError::Task | VaultError::Seal(_) | VaultError::Sink(_) => ErrorKind::Internal,
             VaultError::ShuttingDown => ErrorKind::Unavailable,
             VaultError::NeedsReauth(_)
             | VaultError::NoProvider(_)
             | VaultError::NoRefresh(_)
             | VaultError::NotACredential { .. }
             | VaultError::ClientSecret(_)
-            | VaultError::Reload(_) => ErrorKind::FailedPrecondition,
+            | VaultError::Reload(_)
+            | VaultError::RetentionOff => ErrorKind::FailedPrecondition,
             VaultError::BadExchange(_) | VaultError::RedirectNotRegistered(_) => {
                 ErrorKind::InvalidArgument
             }
@@ -410,7 +426,42 @@ impl VaultError {
     }
 }
 
+/// A replace that named another version than the stored one: what a caller needs to retry
+/// (`ABORTED` carries it as a structured detail, so nobody parses the message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleVersion {
+    /// Record id.
+    pub id: String,
+    /// The version the caller named.
+    pub expected: u64,
+    /// The version stored now (0: the record does not exist).
+    pub current: u64,
+    /// The batch item at fault, for a batch.
+    pub index: Option<usize>,
+}
+
 impl VaultError {
+    /// The stale version behind this error, if a version check refused the write.
+    pub fn stale_version(&self) -> Option<StaleVersion> {
+        match self {
+            VaultError::Store(StoreError::VersionMismatch {
+                id,
+                expected,
+                actual,
+            }) => Some(StaleVersion {
+                id: id.clone(),
+                expected: *expected,
+                current: *actual,
+                index: None,
+            }),
+            VaultError::Item { index, source } => source.stale_version().map(|s| StaleVersion {
+                index: Some(*index),
+                ..s
+            }),
+            _ => None,
+        }
+    }
+
     /// A key that is already registered is the caller's doing; every other key failure at
     /// run time (file I/O, generation) is the daemon's.
     fn key_kind(e: &crate::keys::KeyError) -> ErrorKind {

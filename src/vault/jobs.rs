@@ -31,8 +31,47 @@ pub(super) fn start(vault: &Arc<Vault>) {
             .tasks
             .spawn(hold_instance(Arc::clone(vault), stop.clone()));
     }
+    if vault.shipper.is_some() {
+        vault
+            .tasks
+            .spawn(ship_audit(Arc::clone(vault), stop.clone()));
+    }
+    if vault.retention_days.is_some() {
+        vault
+            .tasks
+            .spawn(prune_audit(Arc::clone(vault), stop.clone()));
+    }
     #[cfg(unix)]
     vault.tasks.spawn(reload_on_sighup(Arc::clone(vault), stop));
+}
+
+/// How often new audit events are shipped to the sink: the most a shipped copy lags.
+pub(super) const SHIP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ships the audit trail to the sink file, every [`SHIP_EVERY`].
+async fn ship_audit(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    periodically(SHIP_EVERY, stop, || async {
+        if let Err(e) = vault.blocking(|v| v.ship_audit()).await {
+            tracing::error!(error = %e, "shipping the audit trail failed; retrying");
+        }
+    })
+    .await;
+    // What was appended during shutdown goes out too.
+    if let Err(e) = vault.blocking(|v| v.ship_audit()).await {
+        tracing::error!(error = %e, "shipping the audit trail at shutdown failed");
+    }
+}
+
+/// Applies `[audit] retention_days` at startup and every ten minutes.
+async fn prune_audit(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    periodically(std::time::Duration::from_secs(600), stop, || async {
+        match vault.blocking(|v| v.prune_audit_now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "audit events past retention pruned"),
+            Err(e) => tracing::error!(error = %e, "pruning the audit trail failed"),
+        }
+    })
+    .await;
 }
 
 /// Rotates when the active key is older than `period` seconds (by the vault's clock); checks

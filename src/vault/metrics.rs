@@ -4,14 +4,22 @@
 //! the adapters add theirs (per-RPC counts and latency, authentication refusals). Serving it
 //! over HTTP is the server's job. Labels are bounded: gRPC methods the daemon does not
 //! implement are counted as `unknown`, providers are the configured ones, statuses are gRPC
-//! codes. Must never: put a record id, owner, credential or any secret into a label.
+//! codes in their canonical names (`PERMISSION_DENIED`). Must never: put a record id, owner,
+//! credential or any secret into a label.
+//!
+//! The exposition is OpenMetrics 1.0 text: counters end in `_total`, each name has one unit
+//! (suffix and `# UNIT`), and what is sampled at scrape time (the DEK cache, the engine, the
+//! process) is built fresh for each scrape from the current values, so a counter sampled from
+//! elsewhere is still exposed as a counter.
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
 
 use super::Vault;
 
@@ -38,6 +46,13 @@ pub struct Outcome {
     pub outcome: String,
 }
 
+/// A single gRPC `code` label, in its canonical name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// `PERMISSION_DENIED`, ...
+    pub code: String,
+}
+
 /// Upstream answers by provider and status class.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
@@ -62,7 +77,7 @@ pub struct Metrics {
     /// RSA-OAEP unwrap latency.
     pub rsa_unwrap: Histogram,
     /// Authentication and authorization refusals by gRPC status.
-    pub auth_denials: Family<Outcome, Counter>,
+    pub auth_denials: Family<CodeLabel, Counter>,
     /// Denial-burst alerts raised.
     pub denial_bursts: Counter,
     /// Rate-limit refusals (`caller` or `record` bucket).
@@ -75,9 +90,6 @@ pub struct Metrics {
     pub rewrap_done: Gauge,
     /// Records the running or last rewrap has to move.
     pub rewrap_total: Gauge,
-    dek_cache: Family<Outcome, Gauge>,
-    engine: Family<Outcome, Gauge>,
-    active_key_version: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -97,18 +109,20 @@ impl Default for Metrics {
         );
         let rpc_duration =
             Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency);
-        registry.register(
-            "rpc_duration_seconds",
+        registry.register_with_unit(
+            "rpc_duration",
             "gRPC call latency until the response headers, by method",
+            Unit::Seconds,
             rpc_duration.clone(),
         );
         let rsa_unwrap = latency();
-        registry.register(
-            "rsa_unwrap_duration_seconds",
+        registry.register_with_unit(
+            "rsa_unwrap_duration",
             "RSA-OAEP data key unwrap latency (private-key operation)",
+            Unit::Seconds,
             rsa_unwrap.clone(),
         );
-        let auth_denials = Family::<Outcome, Counter>::default();
+        let auth_denials = Family::<CodeLabel, Counter>::default();
         registry.register(
             "auth_denials",
             "Refused calls by gRPC status (unauthenticated, role, IP allowlist, rate limit)",
@@ -150,23 +164,10 @@ impl Default for Metrics {
             "Records under older key versions when the running or last rewrap started",
             rewrap_total.clone(),
         );
-        let dek_cache = Family::<Outcome, Gauge>::default();
         registry.register(
-            "dek_cache",
-            "DEK cache counters (hits, misses, entries); zero when the cache is off",
-            dek_cache.clone(),
-        );
-        let engine = Family::<Outcome, Gauge>::default();
-        registry.register(
-            "rocksdb",
-            "RocksDB properties (estimated keys, block cache usage and capacity, live SST bytes, memtable bytes)",
-            engine.clone(),
-        );
-        let active_key_version = Gauge::default();
-        registry.register(
-            "active_key_version",
-            "Version of the active key",
-            active_key_version.clone(),
+            "build",
+            "The running tokenvault's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         Self {
             registry,
@@ -180,9 +181,6 @@ impl Default for Metrics {
             upstream,
             rewrap_done,
             rewrap_total,
-            dek_cache,
-            engine,
-            active_key_version,
         }
     }
 }
@@ -209,31 +207,136 @@ impl Metrics {
             .inc();
     }
 
-    /// Encodes every metric, refreshing the sampled ones from `state` first.
+    /// Encodes every metric as OpenMetrics text, with the sampled ones read from `state` now.
     pub fn encode(&self, state: &Vault) -> String {
+        let mut sampled = Registry::with_prefix("tokenvault");
         let cache = state
             .dek_cache
             .as_ref()
             .map(|c| c.stats())
             .unwrap_or_default();
-        let set = |name: &str, v: u64| {
-            self.dek_cache
-                .get_or_create(&label(name))
-                .set(i64::try_from(v).unwrap_or(i64::MAX));
-        };
-        set("hits", cache.hits);
-        set("misses", cache.misses);
-        set("entries", cache.entries);
+        sampled.register(
+            "dek_cache_hits",
+            "Data keys served from the DEK cache (0 when the cache is off)",
+            ConstCounter::new(cache.hits),
+        );
+        sampled.register(
+            "dek_cache_misses",
+            "Data key lookups the DEK cache could not serve",
+            ConstCounter::new(cache.misses),
+        );
+        sampled.register(
+            "dek_cache_entries",
+            "Data keys held in the DEK cache",
+            gauge(cache.entries),
+        );
+        sampled.register(
+            "active_key_version",
+            "Version of the active key",
+            gauge(u64::from(state.keyring().active().0.version)),
+        );
         for (name, value) in state.store.engine_stats() {
-            self.engine
-                .get_or_create(&label(&name))
-                .set(i64::try_from(value).unwrap_or(i64::MAX));
+            let help = format!("Storage engine figure {name}");
+            match name.strip_suffix("_bytes") {
+                Some(stem) => sampled.register_with_unit(stem, help, Unit::Bytes, gauge(value)),
+                None => sampled.register(name, help, gauge(value)),
+            }
         }
-        self.active_key_version
-            .set(i64::from(state.keyring().active().0.version));
+        let mut process = Registry::default();
+        process::register(&mut process);
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &sampled))
+            .and_then(|()| encode_registry(&mut out, &process))
+            .and_then(|()| encode_eof(&mut out));
         out
+    }
+}
+
+fn gauge(v: u64) -> ConstGauge {
+    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// The standard `process_*` metrics (names of the Prometheus client libraries' process
+/// collector), read from `/proc/self`. Hand-written: prometheus-client has no process
+/// collector, and these five values are a few lines of procfs; a value that cannot be read is
+/// left out rather than reported as 0.
+mod process {
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::registry::{Registry, Unit};
+
+    pub(super) fn register(r: &mut Registry) {
+        let ticks = rustix::param::clock_ticks_per_second() as f64;
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // utime and stime are fields 14 and 15 of stat(5), starttime 22; `fields[0]` is field 3.
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+            r.register_with_unit(
+                "process_cpu",
+                "Total user and system CPU time spent",
+                Unit::Seconds,
+                ConstCounter::new((utime + stime) as f64 / ticks),
+            );
+        }
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        });
+        if let (Some(start), Some(boot)) = (field(22), boot) {
+            r.register_with_unit(
+                "process_start_time",
+                "Start time of the process since the Unix epoch",
+                Unit::Seconds,
+                super::gauge(boot + start / ticks as u64),
+            );
+        }
+        let page = rustix::param::page_size() as u64;
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let mut statm = statm.split_whitespace().map(|v| v.parse::<u64>().ok());
+        if let (Some(Some(virt)), Some(Some(rss))) = (statm.next(), statm.next()) {
+            r.register_with_unit(
+                "process_virtual_memory",
+                "Virtual memory size",
+                Unit::Bytes,
+                super::gauge(virt * page),
+            );
+            r.register_with_unit(
+                "process_resident_memory",
+                "Resident memory size",
+                Unit::Bytes,
+                super::gauge(rss * page),
+            );
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            r.register(
+                "process_open_fds",
+                "Number of open file descriptors",
+                super::gauge(dir.count() as u64),
+            );
+        }
+        let max = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("Max open files")?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+            });
+        if let Some(max) = max {
+            r.register(
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                super::gauge(max),
+            );
+        }
     }
 }

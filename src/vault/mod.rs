@@ -27,6 +27,7 @@ pub mod ingest;
 mod jobs;
 mod jwks;
 pub mod limits;
+pub mod listing;
 pub mod metrics;
 mod records;
 mod refresh;
@@ -38,7 +39,7 @@ use thiserror::Error;
 
 pub use admin::{AuditEntry, AuditFilter, KeyImport, Rotated, SecurityEventOutcome, VaultStats};
 pub use broker::{Proxied, ProxyTarget, Released};
-pub use error::{ErrorKind, VaultError};
+pub use error::{ErrorKind, StaleVersion, VaultError};
 pub use exchange::{CodeExchange, Exchanged};
 pub use grants::{GrantSubject, IssueGrant, IssuedGrant};
 pub use ingest::SealedRecord;
@@ -88,6 +89,9 @@ pub enum OpenError {
     /// The audit trail could not be opened.
     #[error("opening the audit trail: {0}")]
     Audit(#[from] AuditError),
+    /// The audit sink file could not be opened.
+    #[error("opening the audit sink: {0}")]
+    Sink(#[from] crate::audit::sink::SinkError),
     /// A key lifecycle change (the dev profile's first key) failed.
     #[error("creating the first key: {0}")]
     Rotation(#[from] crate::rotation::RotationError),
@@ -270,6 +274,10 @@ pub struct Vault {
     /// Set while a rewrap runs; one at a time.
     rewrapping: std::sync::atomic::AtomicBool,
     audit: Arc<Auditor>,
+    /// Ships the trail to `[audit] sink_file`, if configured.
+    shipper: Option<Arc<crate::audit::sink::Shipper>>,
+    /// `[audit] retention_days`.
+    retention_days: Option<u32>,
     /// Unwrapped data keys of recently read records, if enabled.
     dek_cache: Option<dek_cache::DekCache>,
     /// Per caller and record token buckets.
@@ -336,6 +344,12 @@ impl Vault {
         let (active, _) = ring.active();
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
         let upstreams = crate::proxy::Upstreams::new(config.providers.values())?;
+        let shipper = config
+            .audit
+            .sink
+            .clone()
+            .map(|c| crate::audit::sink::Shipper::open(Arc::clone(&store), c).map(Arc::new))
+            .transpose()?;
         Ok(Self {
             upstreams: RwLock::new(Arc::new(upstreams)),
             config_source: config.source.clone(),
@@ -365,6 +379,8 @@ impl Vault {
             policy: config.key_policy,
             key_ops: std::sync::Mutex::new(()),
             rewrapping: std::sync::atomic::AtomicBool::new(false),
+            shipper,
+            retention_days: config.audit.retention_days,
             audit,
             record_limits: limits::RecordLimits::default(),
             dek_cache: config.dek_cache.map(|c| {

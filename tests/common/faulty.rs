@@ -128,6 +128,19 @@ impl TokenStore for FaultyStore {
         self.inner.import(batch)
     }
 
+    fn own_chain(&self) -> String {
+        self.inner.own_chain()
+    }
+
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        self.inner.prune_audit(through, meta, audit)
+    }
+
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         self.inner.put_meta(key, value)
     }

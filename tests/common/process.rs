@@ -191,3 +191,28 @@ pub fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// `GET /metrics` from the metrics address a dev daemon printed: (content type, body).
+#[allow(dead_code)]
+pub fn scrape_metrics(stdout: &str) -> (String, String) {
+    use std::io::{Read as _, Write as _};
+    let addr = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics: http://"))
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("the dev daemon prints its metrics address");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-type: "))
+        .expect("content type")
+        .to_string();
+    (content_type, body.to_string())
+}

@@ -34,6 +34,8 @@ use crate::store::{AuditAppend, StoreError, TokenStore};
 
 /// File name of the audit HMAC key inside the key directory.
 pub const AUDIT_KEY_FILE: &str = "audit.key";
+pub mod sink;
+
 const HASH_DOMAIN: &[u8] = b"tokenvault/v1/audit";
 
 /// One stored audit event (protobuf, private to the trail; exported raw by `Admin.AuditLog`).
@@ -123,24 +125,92 @@ pub struct ChainError {
 /// Checks a run of raw events starting at event 1: consecutive sequence numbers, each hash
 /// correct, each linked to its predecessor. Returns the number of events checked.
 pub fn verify_chain(events: impl IntoIterator<Item = (u64, Vec<u8>)>) -> Result<u64, ChainError> {
-    let mut prev = [0u8; 32];
-    let mut expected_seq = 1;
+    let mut v = ChainVerifier::new(None);
     for (seq, raw) in events {
+        v.push(seq, &raw)?;
+    }
+    v.finish()
+}
+
+/// Where a pruned chain starts: the sequence number and hash of the last event removed by
+/// retention ([`Auditor::prune`]). The first kept event links to this hash, and an `AuditPruned`
+/// event later in the chain names it, so the checkpoint cannot be moved without breaking the
+/// chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Sequence number of the last pruned event.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: [u8; 32],
+}
+
+impl Checkpoint {
+    /// The `detail` of the `AuditPruned` event that records this checkpoint.
+    pub fn detail(&self) -> String {
+        format!(
+            "pruned through event {} (hash {})",
+            self.seq,
+            hex::encode(self.hash)
+        )
+    }
+
+    /// Stored form (meta `audit_checkpoint/<chain>`): seq big-endian, then the hash.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        [&self.seq.to_be_bytes()[..], &self.hash[..]].concat()
+    }
+
+    /// Parses the stored form.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (seq, hash) = (bytes.get(..8)?, bytes.get(8..)?);
+        Some(Self {
+            seq: u64::from_be_bytes(seq.try_into().ok()?),
+            hash: hash.try_into().ok()?,
+        })
+    }
+}
+
+/// Checks one chain event by event, in constant memory: what `admin audit verify` runs over
+/// a stream of any length.
+#[derive(Debug)]
+pub struct ChainVerifier {
+    prev: [u8; 32],
+    expected_seq: u64,
+    checkpoint: Option<Checkpoint>,
+    /// Whether an `AuditPruned` event naming `checkpoint` was seen.
+    checkpoint_named: bool,
+    checked: u64,
+}
+
+impl ChainVerifier {
+    /// A verifier for a chain that starts at event 1, or just after `checkpoint` if pruned.
+    pub fn new(checkpoint: Option<Checkpoint>) -> Self {
+        let (prev, expected_seq) = checkpoint.map_or(([0u8; 32], 1), |c| (c.hash, c.seq + 1));
+        Self {
+            prev,
+            expected_seq,
+            checkpoint,
+            checkpoint_named: false,
+            checked: 0,
+        }
+    }
+
+    /// Checks the next event.
+    pub fn push(&mut self, seq: u64, raw: &[u8]) -> Result<(), ChainError> {
         let fail = |reason: &str| ChainError {
             seq,
             reason: reason.to_string(),
         };
-        if seq != expected_seq {
+        if seq != self.expected_seq {
             return Err(ChainError {
-                seq: expected_seq,
+                seq: self.expected_seq,
                 reason: format!("missing; next stored event is {seq}"),
             });
         }
-        let event = Event::decode(raw.as_slice()).map_err(|_| fail("undecodable (altered)"))?;
+        let event = Event::decode(raw).map_err(|_| fail("undecodable (altered)"))?;
         if event.seq != seq {
             return Err(fail("sequence number altered"));
         }
-        if event.prev_hash != prev {
+        if event.prev_hash != self.prev {
             return Err(fail(
                 "does not link to the previous event (altered, removed or reordered)",
             ));
@@ -148,11 +218,43 @@ pub fn verify_chain(events: impl IntoIterator<Item = (u64, Vec<u8>)>) -> Result<
         if event.hash != event_hash(&event) {
             return Err(fail("hash mismatch (altered)"));
         }
-        prev.copy_from_slice(&event.hash);
-        expected_seq += 1;
+        if let Some(c) = &self.checkpoint
+            && event.action == PRUNED_ACTION
+            && event.detail == c.detail()
+        {
+            self.checkpoint_named = true;
+        }
+        self.prev.copy_from_slice(&event.hash);
+        self.expected_seq += 1;
+        self.checked += 1;
+        Ok(())
     }
-    Ok(expected_seq - 1)
+
+    /// Events checked so far.
+    pub fn checked(&self) -> u64 {
+        self.checked
+    }
+
+    /// Ends the check: the number of events checked. A pruned chain must hold the
+    /// `AuditPruned` event that names its checkpoint.
+    pub fn finish(self) -> Result<u64, ChainError> {
+        if let Some(c) = self.checkpoint
+            && !self.checkpoint_named
+        {
+            return Err(ChainError {
+                seq: c.seq + 1,
+                reason: format!(
+                    "the chain starts after a checkpoint at event {} that no {PRUNED_ACTION} event in the chain names (events removed or checkpoint altered)",
+                    c.seq
+                ),
+            });
+        }
+        Ok(self.checked)
+    }
 }
+
+/// Action of the event that records a retention pruning.
+pub const PRUNED_ACTION: &str = "AuditPruned";
 
 /// An event to append, before it is placed in the chain.
 #[derive(Debug, Clone, Default)]
@@ -650,6 +752,72 @@ impl Auditor {
     }
 }
 
+/// Metadata key of a chain's retention checkpoint.
+pub fn checkpoint_key(chain: &str) -> String {
+    format!("audit_checkpoint/{chain}")
+}
+
+/// The retention checkpoint of `chain` in `store`, if retention has pruned it.
+pub fn checkpoint(store: &dyn TokenStore, chain: &str) -> Result<Option<Checkpoint>, StoreError> {
+    match store.get_meta(&checkpoint_key(chain))? {
+        None => Ok(None),
+        Some(bytes) => Checkpoint::from_bytes(&bytes).map(Some).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "the audit checkpoint of chain {chain:?} does not decode"
+            ))
+        }),
+    }
+}
+
+impl Auditor {
+    /// Retention: removes this daemon's own events older than `cutoff_ms` (Unix ms), in chain
+    /// order, none after `not_after` (the last event a sink has shipped, so retention never
+    /// drops an event that was not shipped). The removal, the new checkpoint and an
+    /// `AuditPruned` event naming it are one atomic write. Returns how many events went.
+    pub fn prune(
+        &self,
+        caller: &str,
+        cutoff_ms: i64,
+        not_after: Option<u64>,
+    ) -> Result<u64, AuditError> {
+        let chain = self.store.own_chain();
+        let previous = checkpoint(&*self.store, &chain)?;
+        let first = previous.map_or(1, |c| c.seq + 1);
+        let mut from = first;
+        let mut last: Option<Checkpoint> = None;
+        'scan: loop {
+            let page = self.store.audit_events(from, 1024)?;
+            let Some(&(end, _)) = page.last() else {
+                break;
+            };
+            for (seq, raw) in &page {
+                let event = Event::decode(raw.as_slice()).map_err(|_| {
+                    StoreError::Corrupt(format!("audit event {seq} does not decode"))
+                })?;
+                if event.time_ms >= cutoff_ms || not_after.is_some_and(|n| *seq > n) {
+                    break 'scan;
+                }
+                let mut hash = [0u8; 32];
+                if event.hash.len() == 32 {
+                    hash.copy_from_slice(&event.hash);
+                }
+                last = Some(Checkpoint { seq: *seq, hash });
+            }
+            from = end + 1;
+        }
+        let Some(cp) = last else {
+            return Ok(0);
+        };
+        let draft = Draft::new(caller, PRUNED_ACTION).detail(cp.detail());
+        self.append_with(&draft, |a| {
+            self.store
+                .prune_audit(cp.seq, &[(checkpoint_key(&chain), cp.to_bytes())], a)?;
+            Ok::<_, AuditError>(((), true))
+        })?;
+        Ok(cp.seq + 1 - first)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -743,6 +911,100 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// The chain's events in order and its checkpoint, as `admin audit verify` reads them.
+    fn verify_store(store: &MemoryStore) -> Result<u64, ChainError> {
+        let mut v = ChainVerifier::new(checkpoint(store, "").expect("checkpoint"));
+        for (seq, raw) in store.audit_events(0, 100_000).expect("events") {
+            v.push(seq, &raw)?;
+        }
+        v.finish()
+    }
+
+    #[test]
+    fn retention_prunes_behind_a_checkpoint_the_chain_names() {
+        let (store, a, dir) = auditor();
+        for i in 0..10 {
+            a.append(&Draft::new("w", "GetToken").record(&i.to_string()), true)
+                .expect("append");
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("time")
+            .as_millis() as i64;
+        // Nothing is older than an hour ago: nothing goes, nothing is written.
+        assert_eq!(
+            a.prune("retention", now_ms - 3_600_000, None)
+                .expect("prune"),
+            0
+        );
+        assert_eq!(store.audit_events(0, 100).expect("events").len(), 10);
+        // A sink that has shipped only 4 events holds retention at 4.
+        assert_eq!(
+            a.prune("retention", now_ms + 1000, Some(4)).expect("prune"),
+            4
+        );
+        let events = store.audit_events(0, 100).expect("events");
+        assert_eq!(events.first().map(|e| e.0), Some(5));
+        assert_eq!(
+            events.last().map(|e| e.0),
+            Some(11),
+            "the AuditPruned event"
+        );
+        let pruned = Event::decode(events.last().expect("last").1.as_slice()).expect("decode");
+        assert_eq!(pruned.action, PRUNED_ACTION);
+        let cp = checkpoint(&*store, "").expect("read").expect("checkpoint");
+        assert_eq!(cp.seq, 4);
+        assert_eq!(pruned.detail, cp.detail());
+        assert_eq!(verify_store(&store), Ok(7));
+        // Without its checkpoint the pruned chain does not verify from event 1.
+        assert_eq!(
+            verify_chain(store.audit_events(0, 100).expect("events"))
+                .expect_err("no checkpoint")
+                .seq,
+            1
+        );
+        // Everything else, then again: the second pruning names its own checkpoint.
+        assert_eq!(a.prune("retention", now_ms + 1000, None).expect("prune"), 7);
+        assert_eq!(verify_store(&store), Ok(1));
+        // The chain goes on after a reopen.
+        let again = Auditor::open(store.clone(), dir.path()).expect("reopen");
+        again
+            .append(&Draft::new("w", "GetToken"), true)
+            .expect("append");
+        assert_eq!(verify_store(&store), Ok(2));
+
+        // Moving the checkpoint forward (hiding more events) breaks the check: no AuditPruned
+        // event names the forged checkpoint, or the first kept event does not link to it.
+        let first = store.audit_events(0, 1).expect("events")[0].clone();
+        let forged = Checkpoint {
+            seq: first.0,
+            hash: Event::decode(first.1.as_slice()).expect("decode").hash[..]
+                .try_into()
+                .expect("32"),
+        };
+        let honest = store
+            .get_meta(&checkpoint_key(""))
+            .expect("meta")
+            .expect("cp");
+        store
+            .put_meta(&checkpoint_key(""), Some(&forged.to_bytes()))
+            .expect("forge");
+        let mut v = ChainVerifier::new(Some(forged));
+        let mut result = Ok(());
+        for (seq, raw) in store.audit_events(first.0 + 1, 100).expect("events") {
+            result = result.and_then(|()| v.push(seq, &raw));
+        }
+        let err = result
+            .and_then(|()| v.finish().map(|_| ()))
+            .expect_err("forged");
+        assert!(err.reason.contains("no AuditPruned event"), "{err}");
+        store
+            .put_meta(&checkpoint_key(""), Some(&honest))
+            .expect("restore");
+        assert_eq!(verify_store(&store), Ok(2));
+        assert!(Checkpoint::from_bytes(&[1, 2, 3]).is_none());
     }
 
     #[test]
