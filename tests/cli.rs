@@ -719,3 +719,43 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     assert_eq!(out.status.code(), Some(141), "{}", stderr(&out));
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
 }
+
+#[test]
+fn shell_completions_and_the_manual_page_cover_every_verb() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cwd = dir.path();
+    for (shell, marker) in [
+        ("bash", "_tokenvault()"),
+        ("zsh", "#compdef tokenvault"),
+        ("fish", "complete -c tokenvault"),
+    ] {
+        let out = run(cwd, &["completions", shell], &[], None);
+        assert_exit(&out, 0, "");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {marker}");
+        for verb in [
+            "serve",
+            "records",
+            "export",
+            "import",
+            "prune",
+            "completions",
+        ] {
+            assert!(script.contains(verb), "{shell} completes {verb}");
+        }
+    }
+    let man = run(cwd, &["man"], &[], None);
+    assert_exit(&man, 0, "");
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH tokenvault 1"),
+        "{page}"
+    );
+    assert!(page.contains("admin") && page.contains("store"));
+    assert_exit(
+        &run(cwd, &["completions", "tcsh"], &[], None),
+        2,
+        "invalid value 'tcsh'",
+    );
+    assert_exit(&run(cwd, &["completions"], &[], None), 2, "<SHELL>");
+}

@@ -62,6 +62,14 @@ enum Command {
     /// Whole-store operations: copy between engines, back up a running daemon's RocksDB.
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Print a shell completion script (e.g. `tokenvault completions bash >
+    /// /etc/bash_completion.d/tokenvault`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `tokenvault man > /usr/share/man/man1/tokenvault.1`.
+    Man,
 }
 
 /// Where the daemon's data lives, for commands that open it directly.
@@ -350,5 +358,22 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Admin(admin::AdminCommand::Import(args)) => store::import(&args),
         Command::Admin(cmd) => runtime()?.block_on(admin::run(cmd)),
         Command::Store(cmd) => store::run(cmd),
+        // Both are rendered in memory, then printed with `print!`, so a reader that goes away
+        // ends the output like every other command's (exit 141), not with a panic.
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "tokenvault", &mut script);
+            print!("{}", String::from_utf8_lossy(&script));
+            Ok(())
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut page)
+                .map_err(|e| CliError::Internal(format!("rendering the manual page: {e}")))?;
+            print!("{}", String::from_utf8_lossy(&page));
+            Ok(())
+        }
     }
 }
