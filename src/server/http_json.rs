@@ -317,13 +317,11 @@ const MAX_SET_BYTES: usize = 64 * 1024;
 
 /// An RFC 8935 §2.3 error: 400 with `{"err": ..., "description": ...}`.
 fn set_error(err: &str, description: &str, code: Code) -> Response {
-    let mut r = json_response(
+    json_response(
         StatusCode::BAD_REQUEST,
         &serde_json::json!({ "err": err, "description": description }),
         code,
-    );
-    r.extensions_mut().insert(code);
-    r
+    )
 }
 
 /// RFC 8935 push delivery: the provider (or a web tier or load balancer forwarding its push
