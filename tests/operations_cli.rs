@@ -526,3 +526,92 @@ fn systemd_hears_ready_watchdog_and_stopping() {
     assert_eq!(seen, ["READY=1"]);
     d.terminate();
 }
+
+/// CPU time the process has used, in seconds (utime + stime from /proc).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15; fields[0] is field 3. Clock ticks are 100/s.
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
+}
+
+#[test]
+fn accept_loops_back_off_when_out_of_file_descriptors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    // Few file descriptors, so a few dozen connections use them up.
+    let mut command = Command::new("prlimit");
+    command
+        .args([
+            "--nofile=96:96",
+            BIN,
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(cwd);
+    let (mut child, addr, seen) = spawn_command(cwd, command);
+    let metrics = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics: http://"))
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("metrics address")
+        .to_string();
+    // Connections the daemon must accept until it cannot: the rest wait in the backlog and
+    // every accept fails with EMFILE, on the gRPC and on the metrics listener.
+    let mut held = Vec::new();
+    for _ in 0..120 {
+        held.push(std::net::TcpStream::connect(&addr).expect("connect gRPC"));
+        held.push(std::net::TcpStream::connect(&metrics).expect("connect metrics"));
+    }
+    let log = cwd.join("daemon.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("accepting a connection failed; backing off")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no accept failure logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // While accept fails, the loops wait (10 ms doubling to 1 s) instead of spinning, which
+    // would burn a core: two seconds of it use a small fraction of a second of CPU.
+    let pid = child.id();
+    let before = cpu_seconds(pid);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "the daemon used {used:.2} s of CPU in 2 s while out of descriptors"
+    );
+    // Once descriptors are free again it serves.
+    drop(held);
+    let env: Vec<(String, String)> = std::fs::read_to_string(cwd.join("data/dev-credentials.env"))
+        .expect("creds")
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain([("TOKENVAULT_ADDR".to_string(), format!("http://{addr}"))])
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_exit(
+        &run(cwd, &["get", "nope"], &env, None),
+        3,
+        "no record with id nope",
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    assert!(child.wait().expect("wait").success());
+}

@@ -131,24 +131,10 @@ pub(super) async fn serve(
 ) {
     use http_body_util::Full;
     use hyper_util::rt::TokioIo;
-    let mut backoff = std::time::Duration::from_millis(10);
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let stream = tokio::select! {
+            s = super::tls::accept(&listener, "metrics") => s,
             () = stop.cancelled() => return,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => {
-                backoff = std::time::Duration::from_millis(10);
-                stream
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning on accept.
-                tracing::warn!(error = %e, "metrics listener: accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
-                continue;
-            }
         };
         let scrape_state = Arc::clone(&state);
         let stop_conn = stop.clone();

@@ -148,10 +148,55 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsSe
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Accepts the next connection on `listener`, waiting out accept errors (out of file
+/// descriptors, EMFILE / ENFILE, and the like) with a backoff from 10 ms to 1 s instead of
+/// retrying at once, which would spin a core while the condition lasts. Every accept loop of
+/// the daemon (gRPC with and without TLS, /metrics) goes through it.
+pub(super) async fn accept(
+    listener: &tokio::net::TcpListener,
+    what: &str,
+) -> tokio::net::TcpStream {
+    let mut backoff = std::time::Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => return tcp,
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, backoff_ms = backoff.as_millis(), "accepting a connection failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// The plaintext connections accepted on `listener` (loopback, or behind a TLS proxy), with
+/// TCP_NODELAY and [`accept`]'s backoff; tonic's own `TcpIncoming` retries a failed accept at
+/// once. The loop ends, closing the listener, when the returned stream is dropped.
+pub fn plain_incoming(
+    listener: tokio::net::TcpListener,
+) -> tokio_stream::wrappers::ReceiverStream<Result<tokio::net::TcpStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                () = tx.closed() => return,
+                tcp = accept(&listener, "grpc") => tcp,
+            };
+            // Without TCP_NODELAY, Nagle's algorithm holds back the trailers of each response
+            // until the client ACKs: ~0.5 ms added to every call.
+            let _ = tcp.set_nodelay(true);
+            if tx.send(Ok(tcp)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// The TLS connections accepted on `listener`: each handshake runs in a task of its own (a
 /// slow or silent client holds up nobody), failed ones are dropped with a debug line. Accept
-/// errors (EMFILE, ...) pause the loop briefly instead of spinning. The loop ends, closing
-/// the listener, when the returned stream is dropped.
+/// errors back off ([`accept`]). The loop ends, closing the listener, when the returned
+/// stream is dropped.
 pub fn incoming(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -162,17 +207,9 @@ pub fn incoming(
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
+            let tcp = tokio::select! {
                 () = tx.closed() => return,
-                a = listener.accept() => a,
-            };
-            let tcp = match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a connection failed; pausing");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
+                tcp = accept(&listener, "grpc-tls") => tcp,
             };
             // Without TCP_NODELAY, Nagle's algorithm holds back small responses.
             let _ = tcp.set_nodelay(true);

@@ -84,10 +84,15 @@ pub fn serve_dev_on(cwd: &Path, listen: &str) -> Served {
 /// Starts `tokenvault ARGS` in `cwd` with its log in `cwd/daemon.log`; returns once it prints
 /// "listening on ADDR", with the child, ADDR and everything it printed until then.
 pub fn spawn_daemon(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String, String) {
+    let mut command = cmd(cwd);
+    command.args(args).envs(env.iter().copied());
+    spawn_command(cwd, command)
+}
+
+/// Like [`spawn_daemon`] for a prepared command (e.g. `tokenvault` under `prlimit`).
+pub fn spawn_command(cwd: &Path, mut command: Command) -> (Child, String, String) {
     let log = cwd.join("daemon.log");
-    let mut child = cmd(cwd)
-        .args(args)
-        .envs(env.iter().copied())
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
