@@ -11,7 +11,7 @@
 //! a plaintext; decrypt anything; write to the source. An import writes nothing until the
 //! whole file has been read and checked, and refuses a record id the target already has.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{BufRead, Read as _, Write};
 
 use base64::Engine as _;
@@ -532,45 +532,46 @@ pub fn import(
             ..Import::default()
         })?;
     }
-    // Pass 2: the same file again, written in pages.
+    // Pass 2: the same file again, written in pages; each page is read back at once into
+    // the digests (constant memory, whatever the file's size).
     let mut page = Vec::with_capacity(PAGE);
-    let mut ids = BTreeSet::new();
+    let mut written: BTreeMap<u32, Running> = BTreeMap::new();
     let mut done = 0;
-    let mut flush = |page: &mut Vec<Record>, done: &mut u64| -> Result<(), ExportError> {
+    let mut flush = |page: &mut Vec<Record>| -> Result<(), ExportError> {
         if page.is_empty() {
             return Ok(());
         }
-        *done += page.len() as u64;
+        let records = std::mem::take(page);
+        let ids: Vec<RecordId> = records.iter().map(|r| r.meta.id.clone()).collect();
+        done += records.len() as u64;
         target.import(&Import {
-            records: std::mem::take(page),
+            records,
             ..Import::default()
         })?;
-        progress(*done);
+        for id in &ids {
+            let r = target
+                .get_record(id)?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            written
+                .entry(r.key_version)
+                .or_default()
+                .add(&[&encode_record(&r)]);
+        }
+        progress(done);
         Ok(())
     };
     let (_, again) = read_export(&mut open()?, &mut |r| {
-        ids.insert(r.meta.id.clone());
         page.push(r);
         if page.len() == PAGE {
-            flush(&mut page, &mut done)?;
+            flush(&mut page)?;
         }
         Ok(())
     })?;
-    flush(&mut page, &mut done)?;
+    flush(&mut page)?;
     if again != summary {
         return Err(malformed(0, "the file changed between its two reads"));
     }
     // What the target holds now is what the file said.
-    let mut written: BTreeMap<u32, Running> = BTreeMap::new();
-    for id in &ids {
-        let r = target
-            .get_record(id)?
-            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-        written
-            .entry(r.key_version)
-            .or_default()
-            .add(&[&encode_record(&r)]);
-    }
     let written: BTreeMap<u32, Digest32> =
         written.into_iter().map(|(v, r)| (v, r.finish())).collect();
     if written != summary.records {
