@@ -88,8 +88,16 @@ fn status_counts(cwd: &Path, env: &[(&str, &str)]) -> String {
 fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cwd = tmp.path();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut d = serve_dev_on(cwd, &listen);
+    // A fixed port, so the rewrap reconnects to the restarted daemon. Another test's listener
+    // may take a free port between its pick and the daemon's bind: pick again then.
+    let (listen, mut d) = (0..5)
+        .find_map(|_| {
+            let listen = format!("127.0.0.1:{}", free_port());
+            std::panic::catch_unwind(|| serve_dev_on(cwd, &listen))
+                .ok()
+                .map(|d| (listen, d))
+        })
+        .expect("a daemon on a free port");
     seed(&d, 10_000);
     let env: Vec<(String, String)> = d
         .env()
