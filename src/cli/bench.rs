@@ -518,19 +518,9 @@ fn process_cpu_seconds(pid: &str) -> Result<f64, CliError> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path)
         .map_err(|e| CliError::Precondition(format!("reading {path}: {e}")))?;
-    parse_cpu_ticks(&stat)
+    crate::vault::metrics::cpu_ticks(&stat)
         .map(|ticks| ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
         .ok_or_else(|| CliError::Internal(format!("{path} has no CPU times")))
-}
-
-/// Fields 14 and 15 (utime, stime) of a `/proc/PID/stat` line; the command name (field 2) may
-/// hold spaces and parentheses, so fields are counted from its closing parenthesis.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
 }
 
 fn print_reports(
@@ -703,9 +693,9 @@ mod tests {
     #[test]
     fn cpu_ticks_are_read_past_a_command_name_with_spaces_and_parentheses() {
         let stat = "4242 (tokenvault (x) y) S 1 4242 4242 0 -1 4194560 5 0 0 0 123 45 0 0 20 0 9";
-        assert_eq!(parse_cpu_ticks(stat), Some(168));
-        assert_eq!(parse_cpu_ticks("4242 (short) S 1 2"), None);
-        assert_eq!(parse_cpu_ticks("no parenthesis"), None);
+        assert_eq!(crate::vault::metrics::cpu_ticks(stat), Some(168));
+        assert_eq!(crate::vault::metrics::cpu_ticks("4242 (short) S 1 2"), None);
+        assert_eq!(crate::vault::metrics::cpu_ticks("no parenthesis"), None);
         let mine = process_cpu_seconds("self").expect("own stat");
         assert!(mine >= 0.0);
         assert!(matches!(

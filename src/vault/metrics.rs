@@ -258,6 +258,19 @@ fn gauge(v: u64) -> ConstGauge {
     ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
 }
 
+/// Field `n` (numbered as in proc(5), from 1) of a `/proc/PID/stat` line, as a number. The
+/// command name (field 2) may hold spaces and parentheses, so fields are counted from its
+/// closing parenthesis; `n` must be 3 or more.
+pub(crate) fn stat_field(stat: &str, n: usize) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in clock ticks.
+pub(crate) fn cpu_ticks(stat: &str) -> Option<u64> {
+    Some(stat_field(stat, 14)? + stat_field(stat, 15)?)
+}
+
 /// The standard `process_*` metrics (names of the Prometheus client libraries' process
 /// collector), read from `/proc/self`. Hand-written: prometheus-client has no process
 /// collector, and these five values are a few lines of procfs; a value that cannot be read is
@@ -266,24 +279,21 @@ mod process {
     use prometheus_client::metrics::counter::ConstCounter;
     use prometheus_client::registry::{Registry, Unit};
 
+    use super::{cpu_ticks, stat_field};
+
     pub(super) fn register(r: &mut Registry) {
         let ticks = rustix::param::clock_ticks_per_second() as f64;
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        // utime and stime are fields 14 and 15 of stat(5), starttime 22; `fields[0]` is field 3.
-        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
-        if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        if let Some(cpu) = cpu_ticks(&stat) {
             r.register_with_unit(
                 "process_cpu",
                 "Total user and system CPU time spent",
                 Unit::Seconds,
-                ConstCounter::new((utime + stime) as f64 / ticks),
+                ConstCounter::new(cpu as f64 / ticks),
             );
         }
+        // starttime is field 22 of stat(5).
+        let field = |n: usize| stat_field(&stat, n);
         let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
