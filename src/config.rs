@@ -240,13 +240,143 @@ impl CredentialEntry {
     }
 }
 
-/// Request limits.
+/// What the table of refusals without an authenticated caller allows (`[limits]`;
+/// [`crate::vault::refusals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusalLimits {
+    /// Failures per second a source may cause before it is throttled.
+    pub per_second: u32,
+    /// Failures a source may cause at once.
+    pub burst: u32,
+    /// Sources tracked at once; the least recently refused are dropped first (their counts
+    /// go to the summary's "other sources").
+    pub sources: usize,
+}
+
+/// Request, connection and queue limits (`[limits]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest accepted gRPC request message, in bytes.
     pub max_request_bytes: usize,
     /// Most records in one `PutSealedBatch`.
     pub max_batch: usize,
+    /// Refusals without an authenticated caller: each source's budget and the table's size.
+    pub refusals: RefusalLimits,
+    /// How often refusals without an authenticated caller are summarized into the audit trail.
+    pub refusal_summary: std::time::Duration,
+    /// Open connections per listener; at the cap the connection idle the longest is closed.
+    pub max_connections: usize,
+    /// A connection that moves no byte either way for this long is closed.
+    pub idle_timeout: std::time::Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Longest a request waits for a private-key thread before it is refused.
+    pub max_queue_wait: std::time::Duration,
+    /// Most requests waiting for a private-key thread at once.
+    pub max_queued: usize,
+}
+
+impl Limits {
+    /// Every limit at its default.
+    pub fn standard() -> Self {
+        Self {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_batch: DEFAULT_MAX_BATCH,
+            refusals: RefusalLimits {
+                per_second: 10,
+                burst: 100,
+                sources: 10_000,
+            },
+            refusal_summary: std::time::Duration::from_secs(60),
+            max_connections: 4096,
+            idle_timeout: std::time::Duration::from_secs(30),
+            max_concurrent_streams: 128,
+            max_queue_wait: std::time::Duration::from_millis(250),
+            max_queued: 1024,
+        }
+    }
+
+    fn from_file(file: &FileLimits) -> Result<Self, ConfigError> {
+        let d = Self::standard();
+        fn ranged<T: PartialOrd + Copy + std::fmt::Display>(
+            key: &str,
+            value: Option<T>,
+            default: T,
+            range: std::ops::RangeInclusive<T>,
+        ) -> Result<T, ConfigError> {
+            let v = value.unwrap_or(default);
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                Err(invalid(
+                    &format!("limits.{key}"),
+                    format!("must be {} to {}", range.start(), range.end()),
+                ))
+            }
+        }
+        let limits = Self {
+            max_request_bytes: file.max_request_bytes.unwrap_or(d.max_request_bytes),
+            max_batch: file.max_batch.unwrap_or(d.max_batch),
+            refusals: RefusalLimits {
+                per_second: ranged(
+                    "unauthenticated_per_second",
+                    file.unauthenticated_per_second,
+                    d.refusals.per_second,
+                    1..=1_000_000,
+                )?,
+                burst: ranged(
+                    "unauthenticated_burst",
+                    file.unauthenticated_burst,
+                    d.refusals.burst,
+                    1..=1_000_000,
+                )?,
+                sources: ranged(
+                    "unauthenticated_sources",
+                    file.unauthenticated_sources,
+                    d.refusals.sources,
+                    1..=1_000_000,
+                )?,
+            },
+            refusal_summary: std::time::Duration::from_secs(ranged(
+                "refusal_summary_seconds",
+                file.refusal_summary_seconds,
+                60,
+                1..=3600,
+            )?),
+            max_connections: ranged(
+                "max_connections",
+                file.max_connections,
+                d.max_connections,
+                1..=1_000_000,
+            )?,
+            idle_timeout: std::time::Duration::from_secs(ranged(
+                "idle_timeout_seconds",
+                file.idle_timeout_seconds,
+                30,
+                1..=86_400,
+            )?),
+            max_concurrent_streams: ranged(
+                "max_concurrent_streams",
+                file.max_concurrent_streams,
+                d.max_concurrent_streams,
+                1..=10_000,
+            )?,
+            max_queue_wait: std::time::Duration::from_millis(ranged(
+                "max_queue_wait_ms",
+                file.max_queue_wait_ms,
+                250,
+                1..=60_000,
+            )?),
+            max_queued: ranged("max_queued", file.max_queued, d.max_queued, 1..=1_000_000)?,
+        };
+        if limits.max_batch == 0 || limits.max_request_bytes < 4096 {
+            return Err(invalid(
+                "limits",
+                "max_batch must be > 0, max_request_bytes >= 4096",
+            ));
+        }
+        Ok(limits)
+    }
 }
 
 /// Everything the daemon needs to run.
@@ -540,6 +670,15 @@ struct FileIssuer {
 struct FileLimits {
     max_request_bytes: Option<usize>,
     max_batch: Option<usize>,
+    unauthenticated_per_second: Option<u32>,
+    unauthenticated_burst: Option<u32>,
+    unauthenticated_sources: Option<usize>,
+    refusal_summary_seconds: Option<u64>,
+    max_connections: Option<usize>,
+    idle_timeout_seconds: Option<u64>,
+    max_concurrent_streams: Option<u32>,
+    max_queue_wait_ms: Option<u64>,
+    max_queued: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -860,19 +999,7 @@ impl Config {
                 },
             });
         }
-        let limits = Limits {
-            max_request_bytes: file
-                .limits
-                .max_request_bytes
-                .unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
-            max_batch: file.limits.max_batch.unwrap_or(DEFAULT_MAX_BATCH),
-        };
-        if limits.max_batch == 0 || limits.max_request_bytes < 4096 {
-            return Err(invalid(
-                "limits",
-                "max_batch must be > 0, max_request_bytes >= 4096",
-            ));
-        }
+        let limits = Limits::from_file(&file.limits)?;
         let shutdown_grace_seconds = file.shutdown_grace_seconds.unwrap_or(0);
         if shutdown_grace_seconds > MAX_SHUTDOWN_GRACE_SECONDS {
             return Err(invalid(
@@ -1011,10 +1138,7 @@ impl Config {
             passphrase: passphrase_from(env, None)?,
             block_cache_bytes: 16 << 20,
             store: StoreConfig::Rocks,
-            limits: Limits {
-                max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-                max_batch: DEFAULT_MAX_BATCH,
-            },
+            limits: Limits::standard(),
             credentials,
             tls: None,
             insecure_plaintext: false,
@@ -1171,6 +1295,39 @@ mod tests {
     }
 
     #[test]
+    fn every_limit_loads_from_the_file_and_defaults_otherwise() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = write(tmp.path(), "data_dir = \"d\"\nkey_dir = \"k\"\n");
+        let c = Config::load(&p, &HashMap::new()).expect("loads");
+        assert_eq!(c.limits, Limits::standard());
+        let p = write(
+            tmp.path(),
+            "data_dir = \"d\"\nkey_dir = \"k\"\n[limits]\nunauthenticated_per_second = 2\n\
+             unauthenticated_burst = 3\nunauthenticated_sources = 4\nrefusal_summary_seconds = 5\n\
+             max_connections = 6\nidle_timeout_seconds = 7\nmax_concurrent_streams = 8\n\
+             max_queue_wait_ms = 9\nmax_queued = 10\n",
+        );
+        let c = Config::load(&p, &HashMap::new()).expect("loads");
+        assert_eq!(
+            c.limits,
+            Limits {
+                refusals: RefusalLimits {
+                    per_second: 2,
+                    burst: 3,
+                    sources: 4,
+                },
+                refusal_summary: std::time::Duration::from_secs(5),
+                max_connections: 6,
+                idle_timeout: std::time::Duration::from_secs(7),
+                max_concurrent_streams: 8,
+                max_queue_wait: std::time::Duration::from_millis(9),
+                max_queued: 10,
+                ..Limits::standard()
+            }
+        );
+    }
+
+    #[test]
     fn rejects_bad_listener_and_key_policy_values() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let env = HashMap::new();
@@ -1199,6 +1356,48 @@ mod tests {
             ),
             ("shutdown_grace_seconds = -1\n", "config file"),
             ("shutdown_grace_seconds = \"5\"\n", "invalid type"),
+            (
+                "[limits]\nunauthenticated_per_second = 0\n",
+                "limits.unauthenticated_per_second: must be 1 to 1000000",
+            ),
+            (
+                "[limits]\nunauthenticated_burst = 1000001\n",
+                "limits.unauthenticated_burst: must be 1 to 1000000",
+            ),
+            (
+                "[limits]\nunauthenticated_sources = 0\n",
+                "limits.unauthenticated_sources: must be 1 to 1000000",
+            ),
+            (
+                "[limits]\nrefusal_summary_seconds = 3601\n",
+                "limits.refusal_summary_seconds: must be 1 to 3600",
+            ),
+            (
+                "[limits]\nmax_connections = 0\n",
+                "limits.max_connections: must be 1 to 1000000",
+            ),
+            (
+                "[limits]\nidle_timeout_seconds = 0\n",
+                "limits.idle_timeout_seconds: must be 1 to 86400",
+            ),
+            (
+                "[limits]\nmax_concurrent_streams = 0\n",
+                "limits.max_concurrent_streams: must be 1 to 10000",
+            ),
+            (
+                "[limits]\nmax_queue_wait_ms = 60001\n",
+                "limits.max_queue_wait_ms: must be 1 to 60000",
+            ),
+            (
+                "[limits]\nmax_queued = 0\n",
+                "limits.max_queued: must be 1 to 1000000",
+            ),
+            ("[limits]\nmax_queued = -1\n", "config file"),
+            ("[limits]\nidle_timeout_seconds = \"30\"\n", "invalid type"),
+            (
+                "[limits]\nmax_connection = 5\n",
+                "unknown field `max_connection`",
+            ),
             (
                 "[[security_event_issuers]]\nissuer = \"i\"\naudience = \"a\"\nprovider = \"p\"\npublic_key_file = \"missing.pem\"\n",
                 "security_event_issuers[0].public_key_file: reading",

@@ -416,11 +416,26 @@ pub fn retire(
     Ok(key)
 }
 
-/// Erases the private key file of a retired version and marks it destroyed; only its public
-/// fingerprint remains. Returns the updated entry.
+/// Destroys a retired key version: the registry first ([`mark_destroyed`], with `audit` in the
+/// same write), then the private key is erased. In that order a crash or a failed erase leaves
+/// an audited destruction whose key material is still to be erased (destroy again), never an
+/// erased key whose destruction is not on record.
 pub fn destroy(
     store: &dyn TokenStore,
     dir: &KeyDir,
+    version: u32,
+    now: i64,
+    audit: Option<&AuditAppend>,
+) -> Result<KeyInfo, RotationError> {
+    let key = mark_destroyed(store, version, now, audit)?;
+    dir.erase(version)?;
+    Ok(key)
+}
+
+/// Marks a retired (or already destroyed) version destroyed in the registry, with `audit` in
+/// the same atomic write; refused while records still use it.
+pub fn mark_destroyed(
+    store: &dyn TokenStore,
     version: u32,
     now: i64,
     audit: Option<&AuditAppend>,
@@ -435,7 +450,6 @@ pub fn destroy(
         "destroy",
         "retired",
     )?;
-    dir.erase(version)?;
     if key.state != KeyState::Destroyed {
         key.state = KeyState::Destroyed;
         key.updated_at = now;
@@ -593,9 +607,11 @@ impl<'a> KeyService<'a> {
         version: u32,
         now: i64,
     ) -> Result<KeyInfo, RotationError> {
-        self.recorded(draft, |a| {
-            destroy(self.store, self.dir, version, now, Some(a))
-        })
+        // The audited registry write first; the chain advances with it even if the erase
+        // below fails, since the event is stored.
+        let key = self.recorded(draft, |a| mark_destroyed(self.store, version, now, Some(a)))?;
+        self.dir.erase(version)?;
+        Ok(key)
     }
 }
 

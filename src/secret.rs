@@ -52,8 +52,19 @@ impl fmt::Debug for DataKey {
 }
 
 /// A plaintext secret: an access token, refresh token, client secret, API key or token bundle.
-#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+/// Compared in constant time (for equal lengths), so a comparison never tells how much of a
+/// guess was right.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct Secret(Vec<u8>);
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for Secret {}
 
 impl Secret {
     /// Wraps `bytes`; they are wiped when the `Secret` is dropped.
@@ -119,9 +130,19 @@ impl fmt::Debug for ApiCredential {
 }
 
 /// A grant handle (`tvg_…`, docs/PROXY.md): whoever presents it may use the grant. Zeroized on
-/// drop, redacted in `Debug`; only its SHA-256 (the grant id) is stored or logged.
-#[derive(Clone, PartialEq, Eq)]
+/// drop, redacted in `Debug`; only its SHA-256 (the grant id) is stored or logged. Compared in
+/// constant time, like [`Secret`].
+#[derive(Clone)]
 pub struct GrantHandle(Zeroizing<String>);
+
+impl PartialEq for GrantHandle {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.0.as_bytes().ct_eq(other.0.as_bytes()))
+    }
+}
+
+impl Eq for GrantHandle {}
 
 impl GrantHandle {
     /// Wraps a handle as received or generated.
@@ -169,6 +190,19 @@ impl fmt::Debug for Passphrase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_and_grant_handles_compare_by_value() {
+        let s = |b: &[u8]| Secret::new(b.to_vec());
+        assert_eq!(s(b"gho_abc"), s(b"gho_abc"));
+        assert_ne!(s(b"gho_abc"), s(b"gho_abd"));
+        assert_ne!(s(b"gho_abc"), s(b"gho_ab"));
+        assert_ne!(s(b""), s(b"x"));
+        let g = |t: &str| GrantHandle::new(t.to_string());
+        assert_eq!(g("tvg_1"), g("tvg_1"));
+        assert_ne!(g("tvg_1"), g("tvg_2"));
+        assert_ne!(g("tvg_1"), g("tvg_12"));
+    }
 
     #[test]
     fn debug_output_of_every_secret_type_is_redacted() {

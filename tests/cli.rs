@@ -551,6 +551,46 @@ fn a_burst_of_refusals_raises_an_alert_in_the_log() {
     );
 }
 
+#[test]
+fn calls_with_a_wrong_credential_log_one_summary_line_not_one_each() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let d = serve_dev(cwd);
+    let wrong = "tv_not_a_configured_credential_0000";
+    let env = [
+        ("TOKENVAULT_WORKER_TOKEN", wrong),
+        ("TOKENVAULT_ADDR", d.addr.as_str()),
+    ];
+    for _ in 0..12 {
+        assert_exit(
+            &run(cwd, &["get", "anything"], &env, None),
+            4,
+            "Unauthenticated",
+        );
+    }
+    let (_, log) = d.terminate();
+    // Nothing per refusal; the summary written at shutdown says how many there were.
+    let refusal_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("authentication")
+                || l.contains("refused")
+                || l.contains("invalid credential")
+        })
+        .collect();
+    assert_eq!(refusal_lines.len(), 1, "{log}");
+    assert!(
+        refusal_lines[0].contains("refused=12")
+            && refusal_lines[0].contains("top_source=127.0.0.1"),
+        "{}",
+        refusal_lines[0]
+    );
+    assert!(
+        !log.contains(wrong),
+        "the credential itself is never logged"
+    );
+}
+
 /// `GET /metrics` from the address the dev daemon printed (`metrics: http://…/metrics`).
 #[test]
 fn json_logs_carry_request_ids_and_no_secrets() {

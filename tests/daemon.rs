@@ -1174,3 +1174,170 @@ async fn shutdown_reports_not_serving_stops_long_work_and_releases_the_store() {
     }
     assert!(actions.iter().any(|a| a == "RewrapStopped"), "{actions:?}");
 }
+
+/// Reads `conn` until the daemon closes it (EOF or a reset); fails the test if it stays open
+/// for 10 s.
+async fn closed_by_the_daemon(conn: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut sink),
+    )
+    .await;
+    assert!(read.is_ok(), "the daemon kept a silent connection open");
+}
+
+#[tokio::test]
+async fn silent_and_excess_connections_are_closed_and_new_clients_served() {
+    use tokio::io::AsyncWriteExt as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(tmp.path());
+    cfg.limits.max_connections = 20;
+    cfg.limits.idle_timeout = std::time::Duration::from_secs(1);
+    let d = TestDaemon::start_with(cfg).await;
+    // Twice the cap of connections that send nothing.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(
+            tokio::net::TcpStream::connect(d.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // A new client is served meanwhile: the cap closed the connections idle the longest.
+    let served = tokio::time::timeout(std::time::Duration::from_secs(10), d.get("nothing-here"))
+        .await
+        .expect("a new client is not locked out");
+    assert_eq!(served.expect_err("no such record").code(), Code::NotFound);
+    // Every silent connection is closed, by the cap or the idle timeout.
+    for conn in &mut silent {
+        closed_by_the_daemon(conn).await;
+    }
+    // An HTTP/1.1 request that declares a body and never sends it is cut too.
+    let mut slow = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    slow.write_all(
+        format!(
+            "POST /v1/records HTTP/1.1\r\nhost: vault\r\ncontent-type: application/json\r\n\
+             authorization: Bearer {INGEST}\r\ncontent-length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    closed_by_the_daemon(&mut slow).await;
+    // And so is one that stops in the middle of its headers.
+    let mut slower = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    slower
+        .write_all(b"GET /v1/public-keys HTTP/1.1\r\nhost: va")
+        .await
+        .expect("write");
+    closed_by_the_daemon(&mut slower).await;
+    // The daemon still serves.
+    d.get("nothing-here").await.expect_err("no such record");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn every_stored_record_has_its_audit_event_in_the_same_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    let sealer = d.sealer().await;
+    let mut ingest = d.ingest(INGEST).await;
+    let record = |id: &str, secret: &[u8]| sealed(&sealer, &meta(id, "user-7"), secret);
+    // Created, replaced (the web tier's token substitution is on record too), and a batch.
+    ingest
+        .put_sealed(put_req(record("gh:7", b"gho_first")))
+        .await
+        .expect("create");
+    ingest
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(record("gh:7", b"gho_second")),
+            expected_version: 1,
+        })
+        .await
+        .expect("replace");
+    ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest {
+            items: vec![put_req(record("gh:8", b"a")), put_req(record("gh:9", b"b"))],
+        })
+        .await
+        .expect("batch");
+    // Refused writes change nothing, audit trail included.
+    let before = d.audit_events(v1::AuditLogRequest::default()).await.len();
+    for stale in [0, 1, 5] {
+        ingest
+            .put_sealed(v1::PutSealedRequest {
+                record: Some(record("gh:7", b"gho_third")),
+                expected_version: stale,
+            })
+            .await
+            .expect_err("stale");
+    }
+    ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest {
+            items: vec![
+                put_req(record("gh:10", b"c")),
+                put_req(record("gh:8", b"d")),
+            ],
+        })
+        .await
+        .expect_err("one item exists: the whole batch is refused");
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    assert_eq!(events.len(), before, "refused writes added events");
+
+    let of = |id: &str| {
+        let d = &d;
+        let id = id.to_string();
+        async move {
+            d.audit_events(v1::AuditLogRequest {
+                record_id: id,
+                ..Default::default()
+            })
+            .await
+            .into_iter()
+            .map(|e| (e.caller, e.action, e.outcome, e.detail))
+            .collect::<Vec<_>>()
+        }
+    };
+    let ev = |action: &str, detail: &str| {
+        (
+            "web-tier".to_string(),
+            action.to_string(),
+            "ok".to_string(),
+            detail.to_string(),
+        )
+    };
+    assert_eq!(
+        of("gh:7").await,
+        [
+            ev("PutSealed", "created: version 1, key version 1"),
+            ev("PutSealed", "replaced: version 2, key version 1"),
+        ]
+    );
+    assert_eq!(
+        of("gh:8").await,
+        [ev("PutSealedBatch", "created: version 1, key version 1")]
+    );
+    assert_eq!(
+        of("gh:9").await,
+        [ev("PutSealedBatch", "created: version 1, key version 1")]
+    );
+    assert!(of("gh:10").await.is_empty());
+    let owner = d
+        .audit_events(v1::AuditLogRequest {
+            owner: "user-7".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(owner.len(), 4);
+    assert_eq!(
+        tokenvault::audit::verify_chain(events.iter().map(|e| (e.seq, e.raw.clone()))),
+        Ok(u64::try_from(events.len()).expect("small"))
+    );
+    d.stop().await;
+}

@@ -483,4 +483,21 @@ async fn the_audit_trail_is_shipped_pruned_behind_a_checkpoint_and_verified() {
         .expect_err("bad sink")
         .to_string();
     assert!(e.contains("no-such-dir/audit.jsonl"), "{e}");
+    // So does an existing one that others may read: its events could leak or be edited.
+    let loose = dir.path().join("loose.jsonl");
+    std::fs::write(&loose, "").expect("write");
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    bad.audit.sink = Some(tokenvault::config::SinkConfig {
+        file: loose.clone(),
+        max_bytes: 1 << 20,
+        keep_files: 1,
+    });
+    let e = tokenvault::vault::Vault::open(Arc::clone(&store), &bad)
+        .expect_err("loose sink")
+        .to_string();
+    assert!(
+        e.contains("loose.jsonl") && e.contains("mode 644") && e.contains("chmod 600"),
+        "{e}"
+    );
 }

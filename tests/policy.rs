@@ -464,3 +464,159 @@ async fn ipv6_allowlists_and_spoofed_forwarded_headers() {
         )
     );
 }
+
+/// The refusal summaries in the audit trail: `(detail)` of each `unauthenticated-refusals`
+/// event.
+async fn refusal_summaries(d: &TestDaemon) -> Vec<String> {
+    d.audit_events(v1::AuditLogRequest::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action == "unauthenticated-refusals")
+        .map(|e| {
+            assert_eq!((e.caller.as_str(), e.outcome.as_str()), ("-", "summary"));
+            e.detail
+        })
+        .collect()
+}
+
+/// Adds up `reason=count` over every summary of `source`.
+fn summed(summaries: &[String], source: &str, reason: &str) -> u64 {
+    summaries
+        .iter()
+        .filter_map(|d| d.strip_prefix(&format!("source {source} in ")))
+        .flat_map(|d| d.split(' '))
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == reason)
+        .map(|(_, v)| v.parse::<u64>().expect("a count"))
+        .sum()
+}
+
+#[tokio::test]
+async fn calls_without_a_valid_credential_write_nothing_are_throttled_and_summarized() {
+    use tonic_types::StatusExt as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(tmp.path());
+    cfg.limits.refusals.per_second = 1;
+    cfg.limits.refusals.burst = 5;
+    // Long enough that no summary is written while the calls below are made.
+    cfg.limits.refusal_summary = std::time::Duration::from_secs(3600);
+    let d = TestDaemon::start_with(cfg).await;
+    let before = d.audit_events(v1::AuditLogRequest::default()).await;
+
+    let get = |cred: Option<&'static str>, header: Option<&'static str>| {
+        let d = &d;
+        async move {
+            let mut req = tonic::Request::new(v1::GetTokenRequest { id: "r".into() });
+            if let Some(h) = header {
+                req.metadata_mut()
+                    .insert("authorization", h.parse().expect("ascii"));
+            }
+            match cred {
+                Some(c) => d.broker(c).await.get_token(req).await,
+                None => {
+                    v1::broker_client::BrokerClient::new(d.channel().await)
+                        .get_token(req)
+                        .await
+                }
+            }
+        }
+    };
+    // Within the address's budget of 5 failures: each refused as what it is.
+    for (header, message) in [
+        (None, "missing credential"),
+        (None, "missing credential"),
+        (Some("Basic dXNlcjpwYXNz"), "malformed authorization header"),
+        (Some("Bearer tv_wrong_1"), "invalid credential"),
+        (Some("Bearer tv_wrong_2"), "invalid credential"),
+    ] {
+        let e = get(None, header).await.expect_err("refused");
+        assert_eq!(e.code(), Code::Unauthenticated, "{header:?}");
+        assert!(e.message().starts_with(message), "{}", e.message());
+    }
+    // Past it: refused at once with a retry hint, without telling whether it would match.
+    let e = get(None, Some("Bearer tv_wrong_3"))
+        .await
+        .expect_err("throttled");
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message()
+            .starts_with("too many refused requests from this address"),
+        "{}",
+        e.message()
+    );
+    let delay = e
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        delay >= std::time::Duration::from_millis(100)
+            && delay <= std::time::Duration::from_secs(1),
+        "{delay:?}"
+    );
+    // A configured caller from the same address is served all the same.
+    assert_eq!(
+        get(Some(WORKER), None)
+            .await
+            .expect_err("no such record")
+            .code(),
+        Code::NotFound
+    );
+
+    // Nothing of the refusals reached the audit trail: only the worker's call (and the
+    // audit reads themselves, which are not refusals) came after `before`.
+    let after = d.audit_events(v1::AuditLogRequest::default()).await;
+    let new: Vec<(String, String)> = after[before.len()..]
+        .iter()
+        .map(|e| (e.caller.clone(), e.action.clone()))
+        .collect();
+    assert!(
+        new.iter().all(|(caller, _)| caller != "-"),
+        "refusals without a credential were written one by one: {new:?}"
+    );
+    assert!(
+        new.contains(&("worker-1".into(), "GetToken".into())),
+        "{new:?}"
+    );
+    assert!(refusal_summaries(&d).await.is_empty());
+
+    // At shutdown the period's refusals are written as one summary per address.
+    d.stop().await;
+    // The same store, opened again.
+    let d = TestDaemon::start(tmp.path()).await;
+    let summaries = refusal_summaries(&d).await;
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert_eq!(
+        summaries[0],
+        "source 127.0.0.1 in 3600s: missing_credential=2 malformed_credential=1 invalid_credential=2 throttled=1"
+    );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_are_summarized_every_period() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(tmp.path());
+    cfg.limits.refusal_summary = std::time::Duration::from_secs(1);
+    let d = TestDaemon::start_with(cfg).await;
+    for _ in 0..3 {
+        d.broker("tv_not_a_credential")
+            .await
+            .get_token(v1::GetTokenRequest { id: "r".into() })
+            .await
+            .expect_err("refused");
+    }
+    // Written by the periodic job while the daemon runs: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let summaries = refusal_summaries(&d).await;
+        if summed(&summaries, "127.0.0.1", "invalid_credential") == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no summary of 3 refusals within 20 s: {summaries:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    d.stop().await;
+}

@@ -82,6 +82,11 @@ fn subject(owner: &str) -> serde_json::Value {
 }
 
 async fn daemon(dir: &std::path::Path) -> TestDaemon {
+    daemon_with(dir, "").await
+}
+
+/// [`daemon`] with `extra` appended to its configuration file.
+async fn daemon_with(dir: &std::path::Path, extra: &str) -> TestDaemon {
     std::fs::copy(
         fixture_path("keys/test/fixture-a.pub.pem"),
         dir.join("idp.pem"),
@@ -107,7 +112,9 @@ audience = "tokenvault"
 provider = "gitlab"
 public_key_file = "ec.pem"
 max_age_seconds = 60
-"#,
+"#
+        .to_string()
+            + extra,
     )
     .expect("config");
     TestDaemon::start_with(load_config(dir)).await
@@ -514,12 +521,62 @@ async fn security_events_pushed_over_http_are_authorized_by_their_signature() {
             .unwrap_or_default()
             .contains("already applied")
     );
-    // The push is audited like the gRPC call, under its own caller name.
+    // The applied push is audited like the gRPC call, under its own caller name; the refused
+    // ones (no credential authorized them) are not written one by one.
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    let pushes: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e.caller == "security-event-push")
+        .map(|e| (e.action.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        pushes,
+        [("SecurityEvent", "ok"), ("Revoke", "ok")],
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| e.caller != "-"), "{events:?}");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn an_address_that_keeps_pushing_refused_events_is_throttled_before_its_body_is_read() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = daemon_with(tmp.path(), "[limits]\nunauthenticated_per_second = 1\nunauthenticated_burst = 3\nrefusal_summary_seconds = 3600\n").await;
+    const SET: &str = "application/secevent+jwt";
+    for _ in 0..3 {
+        let (status, json) = push(&d, SET, "garbage".into()).await;
+        assert_eq!(
+            (status, json["err"].as_str()),
+            (400, Some("invalid_request"))
+        );
+    }
+    // The fourth: 429 with Retry-After, and the connection is closed since its body was not
+    // read.
+    let (status, headers, body) = common::http_call_with_headers(
+        d.addr,
+        "POST",
+        "/v1/security-events",
+        &[("content-type", SET.to_string())],
+        b"garbage".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 429, "{body:?}");
+    assert_eq!(
+        headers.get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(json["code"], "RESOURCE_EXHAUSTED");
+    // None of it was audited one by one.
     let events = d.audit_events(v1::AuditLogRequest::default()).await;
     assert!(
         events
             .iter()
-            .any(|e| e.caller == "security-event-push" && e.outcome == "ok"),
+            .all(|e| e.caller != "security-event-push" && e.caller != "-"),
         "{events:?}"
     );
     d.stop().await;

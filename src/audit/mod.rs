@@ -331,7 +331,7 @@ struct Chain {
 /// after the queue, in order, so the stored chain never has a gap.
 pub struct Auditor {
     store: Arc<dyn TokenStore>,
-    key: Zeroizing<[u8; 32]>,
+    key: Arc<Zeroizing<[u8; 32]>>,
     chain: Mutex<Chain>,
     /// Held by whoever writes to the store: one group or one change at a time, in chain order.
     writer: Mutex<()>,
@@ -565,7 +565,7 @@ impl Auditor {
         };
         Ok(Self {
             store,
-            key,
+            key: Arc::new(key),
             chain: Mutex::new(Chain {
                 head,
                 durable: head,
@@ -578,44 +578,11 @@ impl Auditor {
 
     /// HMAC-SHA256 (hex) of `value` under the audit key: how ids and owners appear in events.
     pub fn hmac(&self, value: &str) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key[..])
-            .expect("HMAC takes any key length");
-        mac.update(value.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        hmac_hex(&self.key, value)
     }
 
     fn seal(&self, head: &Head, draft: &Draft) -> (AuditAppend, [u8; 32]) {
-        let mut event = Event {
-            seq: head.next_seq,
-            time_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            caller: draft.caller.clone(),
-            action: draft.action.clone(),
-            record_hmac: draft
-                .record
-                .as_deref()
-                .map(|r| self.hmac(r))
-                .unwrap_or_default(),
-            owner_hmac: draft
-                .owner
-                .as_deref()
-                .map(|o| self.hmac(o))
-                .unwrap_or_default(),
-            outcome: draft.outcome.clone(),
-            detail: draft.detail.clone(),
-            prev_hash: head.last_hash.to_vec(),
-            hash: Vec::new(),
-        };
-        let hash = event_hash(&event);
-        event.hash = hash.to_vec();
-        (
-            AuditAppend {
-                seq: event.seq,
-                bytes: event.encode_to_vec(),
-            },
-            hash,
-        )
+        seal_event(&self.key, head, draft)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Chain> {
@@ -749,6 +716,113 @@ impl Auditor {
             // One draft gives one event.
             _ => unreachable!("one draft, one event"),
         })
+    }
+
+    /// Runs `write`, which decides its events itself: it seals them with the [`ChainSealer`]
+    /// it is given and must store them in its one atomic write. The chain moves past them only
+    /// if `write` succeeds; events are serialized as with [`Auditor::append_all_with`].
+    pub fn append_decided<T, E>(
+        &self,
+        write: impl FnOnce(Arc<ChainSealer>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let _writer = self.writer();
+        let mut chain = self.lock();
+        // Queued events of reads go first, as for every other change.
+        let _ = self.flush(&mut chain);
+        let sealer = Arc::new(ChainSealer {
+            key: Arc::clone(&self.key),
+            start: chain.head,
+            end: Mutex::new(chain.head),
+        });
+        let value = write(Arc::clone(&sealer))?;
+        let end = *sealer
+            .end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        chain.head = end;
+        chain.durable = end;
+        Ok(value)
+    }
+}
+
+/// HMAC-SHA256 (hex) of `value` under `key`.
+fn hmac_hex(key: &[u8; 32], value: &str) -> String {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("HMAC takes any key length");
+    mac.update(value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// `draft` sealed as the event at `head` under `key`: its bytes and hash.
+fn seal_event(key: &[u8; 32], head: &Head, draft: &Draft) -> (AuditAppend, [u8; 32]) {
+    let mut event = Event {
+        seq: head.next_seq,
+        time_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        caller: draft.caller.clone(),
+        action: draft.action.clone(),
+        record_hmac: draft
+            .record
+            .as_deref()
+            .map(|r| hmac_hex(key, r))
+            .unwrap_or_default(),
+        owner_hmac: draft
+            .owner
+            .as_deref()
+            .map(|o| hmac_hex(key, o))
+            .unwrap_or_default(),
+        outcome: draft.outcome.clone(),
+        detail: draft.detail.clone(),
+        prev_hash: head.last_hash.to_vec(),
+        hash: Vec::new(),
+    };
+    let hash = event_hash(&event);
+    event.hash = hash.to_vec();
+    (
+        AuditAppend {
+            seq: event.seq,
+            bytes: event.encode_to_vec(),
+        },
+        hash,
+    )
+}
+
+/// Seals the events of a write that decides them itself, from the place in the chain that
+/// [`Auditor::append_decided`] reserved: a group commit knows which requests it accepts (and
+/// so which records get an event) only once the store has checked their versions.
+pub struct ChainSealer {
+    key: Arc<Zeroizing<[u8; 32]>>,
+    start: Head,
+    end: Mutex<Head>,
+}
+
+impl std::fmt::Debug for ChainSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainSealer").finish_non_exhaustive()
+    }
+}
+
+impl ChainSealer {
+    /// `drafts` as consecutive links from the reserved place. Each call starts there again (a
+    /// store that re-runs its transaction seals again); the chain moves past the last call's
+    /// events once the write succeeds.
+    pub fn seal(&self, drafts: &[Draft]) -> Vec<AuditAppend> {
+        let mut next = self.start;
+        let mut appends = Vec::with_capacity(drafts.len());
+        for draft in drafts {
+            let (append, hash) = seal_event(&self.key, &next, draft);
+            appends.push(append);
+            next = Head {
+                next_seq: next.next_seq + 1,
+                last_hash: hash,
+            };
+        }
+        *self
+            .end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        appends
     }
 }
 

@@ -105,13 +105,32 @@ impl Shipper {
         }
     }
 
+    /// Opens the file for appending, created 0600. An existing file that group or others may
+    /// read or write is refused: the events name callers, actions and record HMACs, and a
+    /// writable copy could be edited before a SIEM reads it.
     fn open_file(&self) -> Result<std::fs::File, SinkError> {
-        std::fs::OpenOptions::new()
+        use std::os::unix::fs::PermissionsExt as _;
+        let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o600)
             .open(&self.config.file)
-            .map_err(|e| self.err(&self.config.file, e))
+            .map_err(|e| self.err(&self.config.file, e))?;
+        let mode = file
+            .metadata()
+            .map_err(|e| self.err(&self.config.file, e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(self.err(
+                &self.config.file,
+                format!(
+                    "is accessible to group or others (mode {:o}); chmod 600 it",
+                    mode & 0o777
+                ),
+            ));
+        }
+        Ok(file)
     }
 
     /// The last event shipped (0: none).

@@ -61,6 +61,19 @@ pub(crate) struct BenchArgs {
     /// time is always reported.
     #[arg(long, value_name = "PID")]
     daemon_pid: Option<u32>,
+    /// Also attack the daemon during the timed window, to measure what the attack costs the
+    /// legitimate mix (compare with a run without it).
+    #[arg(long, value_enum)]
+    attack: Option<super::attack::Attack>,
+    /// Attack requests per second (0: as fast as --attack-concurrency tasks go).
+    #[arg(long, default_value_t = 0)]
+    attack_rate: u32,
+    /// Tasks sending attack requests.
+    #[arg(long, default_value_t = 16)]
+    attack_concurrency: usize,
+    /// Connections held by the idle-connections and slowloris attacks.
+    #[arg(long, default_value_t = 2000)]
+    attack_connections: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -301,6 +314,25 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
     let total_weight: u32 = mix.iter().map(|(_, w)| w).sum();
     let cpu_before = CpuUse::now(args.daemon_pid)?;
     let deadline = Instant::now() + Duration::from_secs(args.duration.max(1));
+    if args.attack.is_some() {
+        // The attacker holds thousands of connections; a shell's soft limit is 1,024.
+        let _ = crate::server::conn::raise_nofile_limit();
+    }
+    let attack = args
+        .attack
+        .map(|kind| {
+            super::attack::start(
+                super::attack::Plan {
+                    kind,
+                    rate: args.attack_rate,
+                    concurrency: args.attack_concurrency,
+                    connections: args.attack_connections,
+                },
+                args.conn.addr(),
+                deadline,
+            )
+        })
+        .transpose()?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..concurrency {
@@ -409,7 +441,22 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         .into_iter()
         .map(|(op, s)| report(op.name(), s, seconds))
         .collect();
-    print_reports(&args, concurrency, seconds, &reports, Some(&cpu))
+    let tally = match attack {
+        Some(handle) => Some(
+            handle
+                .await
+                .map_err(|e| CliError::Internal(format!("attack task: {e}")))?,
+        ),
+        None => None,
+    };
+    print_reports(
+        &args,
+        concurrency,
+        seconds,
+        &reports,
+        Some(&cpu),
+        tally.as_ref(),
+    )
 }
 
 /// `POST /v1/records` over HTTP/1.1 (keep-alive, pooled), the JSON route a web tier without
@@ -529,6 +576,7 @@ fn print_reports(
     seconds: f64,
     reports: &[Report],
     cpu: Option<&CpuUse>,
+    attack: Option<&super::attack::Tally>,
 ) -> Result<(), CliError> {
     let ops: u64 = reports.iter().map(|r| r.count).sum();
     let per_op = |s: f64| (ops > 0).then(|| s * 1e6 / ops as f64);
@@ -544,6 +592,11 @@ fn print_reports(
                 "daemon_seconds": c.daemon_seconds,
                 "load_generator_us_per_op": per_op(c.load_generator_seconds),
                 "daemon_us_per_op": c.daemon_seconds.and_then(per_op),
+            })),
+            "attack": attack.map(|t| serde_json::json!({
+                "kind": args.attack.map(|k| format!("{k:?}")),
+                "rate": args.attack_rate,
+                "tally": t,
             })),
         });
         println!("{out}");
@@ -576,6 +629,21 @@ fn print_reports(
                 "cpu µs per operation: load generator {}, daemon {}",
                 show(per_op(c.load_generator_seconds)),
                 show(c.daemon_seconds.and_then(per_op))
+            );
+        }
+        if let Some(t) = attack {
+            let answers: Vec<String> = t.answers.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!(
+                "attack {:?}: sent {} · answers: {} · closed by the daemon {} · connect failures {}",
+                args.attack,
+                t.sent,
+                if answers.is_empty() {
+                    "-".into()
+                } else {
+                    answers.join(", ")
+                },
+                t.closed_by_daemon,
+                t.connect_failed
             );
         }
     }
@@ -683,7 +751,7 @@ async fn rewrap(args: &BenchArgs) -> Result<(), CliError> {
         max_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         errors: last.failed,
     };
-    print_reports(args, 1, seconds, &[report], None)
+    print_reports(args, 1, seconds, &[report], None, None)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! after a pause).
 
 mod admin;
+mod attack;
 mod bench;
 mod client;
 mod keys;

@@ -137,6 +137,22 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
     if let Err(e) = crate::server::harden_process() {
         tracing::warn!(error = %e, "could not disable core dumps; secrets could reach a core file");
     }
+    // Each listener holds up to max_connections descriptors; RocksDB, the database pool and
+    // the upstream clients need their own besides.
+    let listeners = 1 + usize::from(config.ingest_listen.is_some());
+    let wanted = u64::try_from(config.limits.max_connections.saturating_mul(listeners))
+        .unwrap_or(u64::MAX)
+        .saturating_add(1024);
+    match crate::server::conn::raise_nofile_limit() {
+        Ok(Some(limit)) if limit < wanted => tracing::warn!(
+            open_files = limit,
+            needed = wanted,
+            "the open-files limit is below the listeners' max_connections plus a reserve; \
+             raise LimitNOFILE (systemd) or lower [limits] max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     if config.lock_memory {
         match crate::server::lock_memory() {
             Ok(()) => tracing::info!("memory locked: keys and tokens are never swapped to disk"),

@@ -137,7 +137,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RotateKeyRequest>,
     ) -> Result<Response<v1::RotateKeyResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let mut req = request.into_inner();
         // The PEM leaves the prost message at once, into memory that is zeroized on drop.
         let private_pem = zeroize::Zeroizing::new(std::mem::take(&mut req.private_key_pem));
@@ -156,7 +156,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RewrapRequest>,
     ) -> Result<Response<Self::RewrapStream>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let max = request.into_inner().max_records_per_second;
         let updates = self.0.rewrap(&caller, (max > 0).then_some(max)).await?;
         Ok(Response::new(Box::pin(
@@ -168,7 +168,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RetireKeyRequest>,
     ) -> Result<Response<v1::RetireKeyResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let info = self
             .0
             .retire_key(&caller, request.into_inner().version)
@@ -182,7 +182,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::DestroyKeyRequest>,
     ) -> Result<Response<v1::DestroyKeyResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let (info, erased) = self
             .0
             .destroy_key(&caller, request.into_inner().version)
@@ -206,7 +206,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RevokeRequest>,
     ) -> Result<Response<v1::RevokeResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let id = record_id(request.into_inner().id)?;
         let record = self.0.revoke(&caller, id).await?;
         Ok(Response::new(v1::RevokeResponse {
@@ -218,7 +218,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let id = record_id(request.into_inner().id)?;
         self.0.delete(&caller, id).await?;
         Ok(Response::new(v1::DeleteResponse {}))
@@ -228,7 +228,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::DeleteOwnerRequest>,
     ) -> Result<Response<v1::DeleteOwnerResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let owner =
             Owner::parse(request.into_inner().owner).map_err(|source| VaultError::Invalid {
                 what: "owner".into(),
@@ -266,7 +266,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::ListRecordsRequest>,
     ) -> Result<Response<v1::ListRecordsResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let filter = RecordFilter::try_from(&req)?;
         let page = self
@@ -283,7 +283,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::PruneAuditRequest>,
     ) -> Result<Response<v1::PruneAuditResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let pruned = self.0.prune_audit(&caller).await?;
         Ok(Response::new(v1::PruneAuditResponse { pruned }))
     }
@@ -292,7 +292,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::SecurityEventRequest>,
     ) -> Result<Response<v1::SecurityEventResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let applied = self
             .0
             .security_event(&caller, request.into_inner().token)
@@ -308,7 +308,7 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::ReloadProvidersRequest>,
     ) -> Result<Response<v1::ReloadProvidersResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let providers = self.0.reload_providers(&caller).await?;
         Ok(Response::new(v1::ReloadProvidersResponse { providers }))
     }

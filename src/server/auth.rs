@@ -1,24 +1,36 @@
 //! Caller authentication and role checks for every gRPC service.
 //!
 //! Owns: [`Authenticator`] (configured credential hashes, constant-time comparison, per-caller
-//! token buckets, denial-burst alerts) and [`RoleGuard`], the tonic interceptor that admits
-//! exactly one role per service. `UNAUTHENTICATED` without a valid credential,
-//! `PERMISSION_DENIED` for a valid credential of the wrong role or from an address outside its
-//! allowlist, `RESOURCE_EXHAUSTED` past its rate limit.
+//! token buckets, denial-burst alerts), [`RoleGuard`], which admits exactly one role per
+//! service, and [`Guarded`], the tower service that puts a guard in front of a gRPC service.
+//! `UNAUTHENTICATED` without a valid credential, `PERMISSION_DENIED` for a valid credential of
+//! the wrong role or from an address outside its allowlist, `RESOURCE_EXHAUSTED` past its rate
+//! limit, or (with a retry hint) when an address keeps failing to authenticate.
 //!
-//! Must never: log or echo a presented credential, or compare credentials in variable time.
+//! Refusals of an authenticated caller are audited one by one, on the blocking pool, before
+//! the refusal is answered. Refusals without one (no credential, a wrong one) are only counted
+//! ([`crate::vault::refusals`]): no store write, no fsync, no log line of their own.
+//!
+//! Must never: log or echo a presented credential, compare credentials in variable time, or do
+//! I/O on the async executor.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::service::Interceptor;
-use tonic::{Request, Status};
+use tonic::Status;
+use tonic::server::NamedService;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::config::{CallerPolicy, CredentialEntry, Role};
+use crate::vault::Vault;
 use crate::vault::limits::Bucket;
+use crate::vault::refusals::{RefusalReason, Source, Verdict};
 
 /// The authenticated caller, attached to each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +53,9 @@ pub const DENIAL_WINDOW: Duration = Duration::from_secs(60);
 pub struct Authenticator {
     entries: Vec<(CredentialEntry, Arc<CallerPolicy>)>,
     buckets: Mutex<HashMap<String, Bucket>>,
-    denials: Mutex<HashMap<String, Vec<Instant>>>,
+    /// Refusals per configured caller in the current window (bounded by the configuration:
+    /// only authenticated callers are tracked here).
+    denials: Mutex<HashMap<String, (Instant, usize)>>,
     metrics: Arc<crate::vault::metrics::Metrics>,
 }
 
@@ -92,12 +106,18 @@ impl Authenticator {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
-        let recent = denials.entry(caller.to_string()).or_default();
-        recent.retain(|t| now.duration_since(*t) < DENIAL_WINDOW);
-        recent.push(now);
-        if recent.len() == DENIAL_ALERT_THRESHOLD {
+        let (start, count) = denials.entry(caller.to_string()).or_insert((now, 0));
+        // A fixed window: O(1) per refusal, whatever the rate.
+        if now.duration_since(*start) >= DENIAL_WINDOW {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        if *count == DENIAL_ALERT_THRESHOLD {
+            let count = *count;
+            drop(denials);
             self.metrics.denial_bursts.inc();
-            tracing::warn!(alert = "denial_burst", %caller, denials = recent.len(), window_seconds = DENIAL_WINDOW.as_secs(), "caller refused repeatedly; credential may be stolen");
+            tracing::warn!(alert = "denial_burst", %caller, denials = count, window_seconds = DENIAL_WINDOW.as_secs(), "caller refused repeatedly; credential may be stolen");
         }
     }
 
@@ -121,30 +141,47 @@ impl Authenticator {
 }
 
 impl Authenticator {
-    /// The caller configured for one of the identities a verified client certificate asserts.
+    /// The caller configured for the first of the identities a verified client certificate
+    /// asserts (in [`super::tls::client_identities`]' order: SAN names before the CN) that
+    /// names one.
     pub fn authenticate_identities(&self, identities: &[String]) -> Option<Caller> {
-        self.entries
-            .iter()
-            .find(|(e, _)| {
-                e.mtls_identity
-                    .as_ref()
-                    .is_some_and(|m| identities.contains(m))
-            })
-            .map(|(e, policy)| Caller {
-                name: e.name.clone(),
-                role: e.role,
-                policy: Arc::clone(policy),
-            })
+        identities.iter().find_map(|id| {
+            self.entries
+                .iter()
+                .find(|(e, _)| e.mtls_identity.as_ref() == Some(id))
+                .map(|(e, policy)| Caller {
+                    name: e.name.clone(),
+                    role: e.role,
+                    policy: Arc::clone(policy),
+                })
+        })
     }
 }
 
-/// Interceptor admitting only callers of one role to one service.
+/// Admits only callers of one role to one service.
 #[derive(Debug, Clone)]
 pub struct RoleGuard {
     auth: Arc<Authenticator>,
     role: Role,
     service: &'static str,
-    audit: Option<Arc<crate::audit::Auditor>>,
+    /// Audits refusals of configured callers and counts the others; without it (unit tests)
+    /// refusals are only answered.
+    vault: Option<Arc<Vault>>,
+    /// Audits of refusals in flight at once: a flood of refusals of one (stolen) credential
+    /// waits here, not in the blocking pool.
+    audits: Arc<tokio::sync::Semaphore>,
+}
+
+/// Audits of authenticated refusals written at once.
+const REFUSAL_AUDITS: usize = 16;
+
+/// Why a request was refused, and whether a configured caller made it.
+#[derive(Debug)]
+enum Refused {
+    /// No configured caller: counted, not audited.
+    Anonymous(RefusalReason, Status),
+    /// A configured caller refused for its role, address or rate: audited.
+    Caller(String, Status),
 }
 
 impl RoleGuard {
@@ -154,71 +191,110 @@ impl RoleGuard {
             auth,
             role,
             service,
-            audit: None,
+            vault: None,
+            audits: Arc::new(tokio::sync::Semaphore::new(REFUSAL_AUDITS)),
         }
     }
-}
 
-impl RoleGuard {
-    /// Records every refused call in `audit`.
-    pub fn with_audit(mut self, audit: Arc<crate::audit::Auditor>) -> Self {
-        self.audit = Some(audit);
+    /// Records every refusal of a configured caller in `vault`'s audit trail, and counts the
+    /// others in its [`crate::vault::refusals::Refusals`], which also throttles the addresses that keep failing.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = Some(vault);
         self
     }
 
-    fn refused(&self, caller: &str, status: Status) -> Status {
-        self.auth.note_denial(caller);
+    /// Admits the request with these headers and connection extensions, or refuses it.
+    /// Audits a refused configured caller (on the blocking pool) before answering.
+    pub async fn admit(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Caller, Status> {
+        match self.check(headers, extensions) {
+            Ok(caller) => Ok(caller),
+            Err(Refused::Anonymous(reason, status)) => {
+                Err(self.refuse_anonymous(extensions, reason, status))
+            }
+            Err(Refused::Caller(name, status)) => Err(self.refuse_caller(&name, status).await),
+        }
+    }
+
+    fn count_code(&self, status: &Status) {
         let code = super::status::code_name(status.code()).to_string();
         self.auth
             .metrics
             .auth_denials
             .get_or_create(&crate::vault::metrics::CodeLabel { code })
             .inc();
+    }
+
+    /// Counts the refusal; past its address's budget, answers `RESOURCE_EXHAUSTED` with a
+    /// `google.rpc.RetryInfo` instead.
+    fn refuse_anonymous(
+        &self,
+        extensions: &http::Extensions,
+        reason: RefusalReason,
+        status: Status,
+    ) -> Status {
+        let verdict = self.vault.as_ref().map_or(Verdict::Refuse, |v| {
+            v.refusals()
+                .refuse(Source::of(remote_ip(extensions)), reason)
+        });
+        let status = match verdict {
+            Verdict::Refuse => status,
+            Verdict::Throttle(wait) => throttled(wait),
+        };
+        self.count_code(&status);
+        status
+    }
+
+    async fn refuse_caller(&self, caller: &str, status: Status) -> Status {
+        self.auth.note_denial(caller);
+        self.count_code(&status);
         if status.code() == tonic::Code::ResourceExhausted {
             crate::vault::metrics::Metrics::count(&self.auth.metrics.rate_limited, "caller");
         }
-        if let Some(audit) = &self.audit {
-            let draft = crate::audit::Draft::new(caller, "auth")
-                .outcome(format!("{:?}", status.code()))
-                .detail(self.service);
-            if let Err(e) = audit.append(&draft, false) {
-                tracing::error!(error = %e, "could not audit an authentication failure");
-            }
+        if let Some(vault) = &self.vault {
+            // Waits here, not in the blocking pool, when many refusals are audited at once.
+            let _permit = self.audits.acquire().await;
+            vault
+                .audit_refusal(caller, self.service, &format!("{:?}", status.code()))
+                .await;
         }
         status
     }
-}
 
-impl Interceptor for RoleGuard {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        self.check(request)
-            .map_err(|(caller, status)| self.refused(&caller, status))
-    }
-}
-
-impl RoleGuard {
-    fn check(&self, request: Request<()>) -> Result<Request<()>, (String, Status)> {
-        let anonymous = |status| ("-".to_string(), status);
-        let Some(header) = request.metadata().get("authorization") else {
+    fn check(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Caller, Refused> {
+        let anonymous = |reason, message: &'static str| {
+            Refused::Anonymous(reason, Status::unauthenticated(message))
+        };
+        let Some(header) = headers.get(http::header::AUTHORIZATION) else {
             // No bearer credential: a verified client certificate may identify the caller.
-            let identities = request
-                .peer_certs()
+            let identities = extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs)
                 .and_then(|chain| chain.first().map(|c| super::tls::client_identities(c)))
                 .unwrap_or_default();
             let caller = match self.auth.authenticate_identities(&identities) {
                 Some(c) => c,
                 None if identities.is_empty() => {
-                    return Err(anonymous(Status::unauthenticated(
+                    return Err(anonymous(
+                        RefusalReason::MissingCredential,
                         "missing credential: send `authorization: Bearer <credential>` or a client certificate",
-                    )));
+                    ));
                 }
                 None => {
-                    return Err(anonymous(Status::unauthenticated(
+                    return Err(anonymous(
+                        RefusalReason::UnknownCertificate,
                         "client certificate identity is not a configured caller",
-                    )));
+                    ));
                 }
             };
-            return self.admit(request, caller);
+            return self.admit_caller(extensions, caller);
         };
         let presented = header
             .to_str()
@@ -228,25 +304,25 @@ impl RoleGuard {
                     .or_else(|| h.strip_prefix("bearer "))
             })
             .ok_or_else(|| {
-                anonymous(Status::unauthenticated(
+                anonymous(
+                    RefusalReason::MalformedCredential,
                     "malformed authorization header: expected `Bearer <credential>`",
-                ))
+                )
             })?;
         let Some(caller) = self.auth.authenticate(presented.trim()) else {
-            tracing::warn!(
-                service = self.service,
-                "authentication failed: unknown credential"
-            );
-            return Err(anonymous(Status::unauthenticated("invalid credential")));
+            return Err(anonymous(
+                RefusalReason::InvalidCredential,
+                "invalid credential",
+            ));
         };
-        self.admit(request, caller)
+        self.admit_caller(extensions, caller)
     }
 
-    fn admit(
+    fn admit_caller(
         &self,
-        mut request: Request<()>,
+        extensions: &http::Extensions,
         caller: Caller,
-    ) -> Result<Request<()>, (String, Status)> {
+    ) -> Result<Caller, Refused> {
         if caller.role != self.role {
             tracing::warn!(service = self.service, caller = %caller.name, role = caller.role.as_str(), "permission denied");
             let status = Status::permission_denied(format!(
@@ -256,21 +332,21 @@ impl RoleGuard {
                 self.service,
                 self.role.as_str()
             ));
-            return Err((caller.name, status));
+            return Err(Refused::Caller(caller.name, status));
         }
-        if let Some(ip) = request.remote_addr().map(|a| a.ip()) {
+        if let Some(ip) = remote_ip(extensions) {
             if !caller.policy.allows_ip(ip) {
                 tracing::warn!(service = self.service, caller = %caller.name, %ip, "client address not allowed");
                 let status = Status::permission_denied(format!(
                     "client address {ip} is not allowed for credential '{}'",
                     caller.name
                 ));
-                return Err((caller.name, status));
+                return Err(Refused::Caller(caller.name, status));
             }
         } else if !caller.policy.allowed_ips.is_empty() {
             let status =
                 Status::permission_denied("client address unknown; credential has an IP allowlist");
-            return Err((caller.name, status));
+            return Err(Refused::Caller(caller.name, status));
         }
         if !self.auth.take_token(&caller) {
             let status = Status::resource_exhausted(format!(
@@ -278,10 +354,94 @@ impl RoleGuard {
                 caller.name,
                 caller.policy.rate_per_second.unwrap_or(0)
             ));
-            return Err((caller.name, status));
+            return Err(Refused::Caller(caller.name, status));
         }
-        request.extensions_mut().insert(caller);
-        Ok(request)
+        Ok(caller)
+    }
+}
+
+/// The peer address of the connection a request came on (plaintext or TLS), as tonic records
+/// it in the request's extensions.
+pub fn remote_ip(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
+        .map(|a| a.ip())
+}
+
+/// `RESOURCE_EXHAUSTED` for an address that spent its budget of failures, with a
+/// `google.rpc.RetryInfo` saying when to try again (HTTP: `Retry-After`).
+pub fn throttled(wait: Duration) -> Status {
+    use tonic_types::StatusExt as _;
+    Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "too many refused requests from this address; retry in {} ms",
+            wait.as_millis()
+        ),
+        tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+    )
+}
+
+/// A gRPC service behind a [`RoleGuard`]: the request reaches it only with its [`Caller`] in
+/// its extensions. Unlike tonic's synchronous interceptors, the guard may wait (for the
+/// audit of a refusal) without blocking an executor thread.
+#[derive(Debug, Clone)]
+pub struct Guarded<S> {
+    inner: S,
+    guard: RoleGuard,
+}
+
+impl<S> Guarded<S> {
+    /// `inner` behind `guard`.
+    pub fn new(inner: S, guard: RoleGuard) -> Self {
+        Self { inner, guard }
+    }
+}
+
+impl<S: NamedService> NamedService for Guarded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for Guarded<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        // The service that was polled ready serves this request; the clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            match guard.admit(request.headers(), request.extensions()).await {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
     }
 }
 
@@ -301,13 +461,15 @@ mod tests {
     }
 
     fn call(g: &mut RoleGuard, header: Option<&str>) -> Result<Caller, Status> {
-        let mut req = Request::new(());
+        let mut headers = http::HeaderMap::new();
         if let Some(h) = header {
-            req.metadata_mut()
-                .insert("authorization", h.parse().expect("ascii"));
+            headers.insert("authorization", h.parse().expect("ascii"));
         }
-        g.call(req)
-            .map(|r| r.extensions().get::<Caller>().cloned().expect("caller set"))
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(g.admit(&headers, &http::Extensions::new()))
     }
 
     #[test]

@@ -53,7 +53,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<v1::GetTokenRequest>,
     ) -> Result<Response<v1::GetTokenResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let id = record_id(request.into_inner().id)?;
         let released = self.0.get_token(&caller, &id).await?;
         Ok(Response::new(v1::GetTokenResponse {
@@ -66,7 +66,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<v1::ProxyRequest>,
     ) -> Result<Response<v1::ProxyResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let mut req = request.into_inner();
         let grant =
             (!req.grant.is_empty()).then(|| GrantHandle::new(std::mem::take(&mut req.grant)));
@@ -103,7 +103,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<v1::IssueGrantRequest>,
     ) -> Result<Response<v1::IssueGrantResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let issue = IssueGrant::try_from(request.into_inner())?;
         let issued = self.0.issue_grant(&caller, issue).await?;
         Ok(Response::new(v1::IssueGrantResponse {
@@ -117,7 +117,7 @@ impl Broker for BrokerService {
         &self,
         request: Request<v1::RevokeGrantRequest>,
     ) -> Result<Response<v1::RevokeGrantResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         // The field takes the grant id or the handle itself: treated as a secret either way.
         let handle = GrantHandle::new(request.into_inner().grant_id);
         self.0.revoke_grant(&caller, handle).await?;

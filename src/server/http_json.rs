@@ -24,7 +24,6 @@ use base64::Engine as _;
 use http::StatusCode;
 use serde::{Deserialize, Deserializer};
 use tonic::Code;
-use tonic::service::Interceptor as _;
 
 use super::auth::RoleGuard;
 use super::status::VaultError;
@@ -79,7 +78,15 @@ fn error_response(status: &tonic::Status) -> Response {
             "metadata": info.metadata,
         }]);
     }
-    json_response(http_status(status.code()), &body, status.code())
+    let mut response = json_response(http_status(status.code()), &body, status.code());
+    if let Some(delay) = status.get_details_retry_info().and_then(|r| r.retry_delay) {
+        // Retry-After counts whole seconds: a shorter wait is rounded up.
+        let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+    }
+    response
 }
 
 fn ok_json(value: serde_json::Value) -> Response {
@@ -161,20 +168,22 @@ async fn admit(s: &Http, req: Request) -> Result<(crate::vault::Caller, bytes::B
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
         });
     let needs_body = parts.method == http::Method::POST;
-    let request = tonic::Request::from_http(http::Request::from_parts(parts, ()));
-    let request = s
+    let caller = s
         .guard
-        .clone()
-        .call(request)
-        .map_err(|status| Box::new(error_response(&status)))?;
-    let caller = super::caller(&request);
+        .admit(&parts.headers, &parts.extensions)
+        .await
+        .map_err(|status| before_body(&parts, error_response(&status)))?;
+    let caller = crate::vault::Caller::new(caller.name, caller.policy);
     if !needs_body {
         return Ok((caller, bytes::Bytes::new()));
     }
     if !json {
-        return Err(Box::new(error_response(&tonic::Status::invalid_argument(
-            "content-type must be application/json",
-        ))));
+        return Err(before_body(
+            &parts,
+            error_response(&tonic::Status::invalid_argument(
+                "content-type must be application/json",
+            )),
+        ));
     }
     let bytes = axum::body::to_bytes(body, s.max_body).await.map_err(|e| {
         let too_large = std::error::Error::source(&e)
@@ -201,14 +210,45 @@ async fn admit_json<T: serde::de::DeserializeOwned>(
     Ok((caller, decode(&body)?))
 }
 
+/// A refusal answered before the request's body was read. Over HTTP/1.1 the unread body would
+/// be taken for the next request, so hyper closes the connection after the response: the
+/// response says so (`Connection: close`), or a client that reuses connections (Python's
+/// `requests.Session`) sends its next request into a closed socket. Reading the body instead
+/// would let an unauthenticated client make the daemon read up to `max_request_bytes`.
+fn before_body(parts: &http::request::Parts, mut response: Response) -> Refusal {
+    let has_body = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || parts.headers.contains_key(http::header::TRANSFER_ENCODING);
+    if has_body && parts.version <= http::Version::HTTP_11 {
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    Box::new(response)
+}
+
 /// Decodes a JSON body, with a message that says where it is wrong but never echoes a value.
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
     serde_json::from_slice(bytes).map_err(|e| {
         let message = e.to_string();
         let at = format!("line {} column {}", e.line(), e.column());
-        let message = if message.contains('"') && !message.starts_with("unknown field") {
-            // serde's text would quote the offending value.
-            format!("invalid JSON value at {at}")
+        let message = if (message.contains('"') || message.contains('`'))
+            && !message.starts_with("unknown field")
+        {
+            // serde's text would quote the offending value: a string in quotes, a number or
+            // boolean in backticks. What was expected comes from our own types.
+            match message
+                .split_once(", expected ")
+                .map(|(_, e)| e.split(" at line ").next().unwrap_or(e))
+            {
+                Some(expected) if !expected.contains('"') => {
+                    format!("invalid JSON value at {at}: expected {expected}")
+                }
+                _ => format!("invalid JSON value at {at}"),
+            }
         } else if message.contains(" at line ") {
             format!("invalid JSON: {message}")
         } else {
@@ -326,10 +366,25 @@ fn set_error(err: &str, description: &str, code: Code) -> Response {
 
 /// RFC 8935 push delivery: the provider (or a web tier or load balancer forwarding its push
 /// as is) posts one SET as `application/secevent+jwt`. No credential: the issuer's signature
-/// authorizes, and the same verification, replay marker and audit as `Admin.SecurityEvent`
-/// apply. 202 when applied; 400 with an RFC 8935 `err` code otherwise.
+/// authorizes, and the same verification and replay marker as `Admin.SecurityEvent` apply. An
+/// applied event is audited with its change; a refused push is not (it is unauthenticated):
+/// it is counted and summarized ([`crate::vault::refusals`]), and an address that keeps
+/// sending refused pushes gets 429 with `Retry-After` before its body is read. 202 when
+/// applied; 400 with an RFC 8935 `err` code otherwise.
 async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
+    use crate::vault::refusals::{RefusalReason, Source};
     let (parts, body) = req.into_parts();
+    // No credential authorizes a push, so every refusal counts against its address, and an
+    // address past its budget is refused before anything is read or verified.
+    let refusals = s.vault.refusals();
+    let source = Source::of(super::auth::remote_ip(&parts.extensions));
+    if let Some(wait) = refusals.throttled(source) {
+        return *before_body(&parts, error_response(&super::auth::throttled(wait)));
+    }
+    let refused = |reason, err, description: &str, code| {
+        refusals.refuse(source, reason);
+        set_error(err, description, code)
+    };
     let set_type = parts
         .headers
         .get(http::header::CONTENT_TYPE)
@@ -337,32 +392,33 @@ async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
         .and_then(|v| v.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/secevent+jwt"));
     if !set_type {
-        return set_error(
-            "invalid_request",
-            "Content-Type must be application/secevent+jwt",
-            Code::InvalidArgument,
+        return *before_body(
+            &parts,
+            refused(
+                RefusalReason::SecurityEventRefused,
+                "invalid_request",
+                "Content-Type must be application/secevent+jwt",
+                Code::InvalidArgument,
+            ),
         );
     }
     let Ok(bytes) = axum::body::to_bytes(body, MAX_SET_BYTES).await else {
-        return set_error(
+        return refused(
+            RefusalReason::SecurityEventRefused,
             "invalid_request",
             "the body is not a readable SET of at most 64 KiB",
             Code::InvalidArgument,
         );
     };
     let Ok(token) = String::from_utf8(bytes.to_vec()) else {
-        return set_error(
+        return refused(
+            RefusalReason::SecurityEventRefused,
             "invalid_request",
             "the SET is not UTF-8",
             Code::InvalidArgument,
         );
     };
-    let caller = crate::vault::Caller::internal("security-event-push");
-    match s
-        .vault
-        .security_event(&caller, token.trim().to_string())
-        .await
-    {
+    match s.vault.security_event_push(token.trim().to_string()).await {
         Ok(_) => {
             let mut r = StatusCode::ACCEPTED.into_response();
             r.extensions_mut().insert(Code::Ok);
@@ -370,24 +426,38 @@ async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
         }
         Err(e) => {
             use crate::security_event::SetError;
-            let (err, code) = match &e {
+            let (err, code, reason) = match &e {
                 VaultError::SecurityEvent(
                     SetError::Signature | SetError::Algorithm(_) | SetError::UnknownKid,
-                ) => ("invalid_key", Code::PermissionDenied),
-                VaultError::SecurityEvent(SetError::UnknownIssuer) => {
-                    ("invalid_issuer", Code::PermissionDenied)
-                }
-                VaultError::SecurityEvent(SetError::Claim(c)) if c.starts_with("aud ") => {
-                    ("invalid_audience", Code::PermissionDenied)
-                }
-                VaultError::SecurityEvent(_) => ("invalid_request", Code::InvalidArgument),
+                ) => (
+                    "invalid_key",
+                    Code::PermissionDenied,
+                    RefusalReason::SecurityEventRefused,
+                ),
+                VaultError::SecurityEvent(SetError::UnknownIssuer) => (
+                    "invalid_issuer",
+                    Code::PermissionDenied,
+                    RefusalReason::SecurityEventRefused,
+                ),
+                VaultError::SecurityEvent(SetError::Claim(c)) if c.starts_with("aud ") => (
+                    "invalid_audience",
+                    Code::PermissionDenied,
+                    RefusalReason::SecurityEventRefused,
+                ),
+                VaultError::SecurityEvent(_) => (
+                    "invalid_request",
+                    Code::InvalidArgument,
+                    RefusalReason::SecurityEventRefused,
+                ),
                 // A replayed jti: refused, as over gRPC.
-                VaultError::Store(crate::store::StoreError::AlreadyExists(_)) => {
-                    ("invalid_request", Code::AlreadyExists)
-                }
+                VaultError::Store(crate::store::StoreError::AlreadyExists(_)) => (
+                    "invalid_request",
+                    Code::AlreadyExists,
+                    RefusalReason::SecurityEventReplayed,
+                ),
                 _ => return error_response(&tonic::Status::from(e)),
             };
-            set_error(err, &e.to_string(), code)
+            refused(reason, err, &e.to_string(), code)
         }
     }
 }
@@ -626,5 +696,39 @@ mod tests {
             .err()
             .expect("refused");
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn json_errors_echo_no_number_or_boolean_either() {
+        let message = |body: &[u8]| -> String {
+            let r = *decode::<JsonPutSealed>(body).err().expect("refused");
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+            let bytes = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime")
+                .block_on(axum::body::to_bytes(r.into_body(), 1 << 16))
+                .expect("body");
+            let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+            json["message"].as_str().expect("message").to_string()
+        };
+        for (body, value) in [
+            (
+                &br#"{"record": {"meta": {"owner": 987654321}}}"#[..],
+                "987654321",
+            ),
+            (br#"{"record": {"meta": {"owner": true}}}"#, "true"),
+            (br#"{"record": {"meta": {"owner": -4.5e3}}}"#, "4500"),
+            (br#"{"record": {"envelope": 31337}}"#, "31337"),
+            (br#"{"expectedVersion": false}"#, "false"),
+        ] {
+            let m = message(body);
+            assert!(m.starts_with("invalid JSON"), "{m}");
+            assert!(!m.contains(value) && !m.contains('`'), "{m}");
+        }
+        // What was expected is still said: it comes from the message types, not the body.
+        assert!(
+            message(br#"{"record": {"meta": {"owner": 987654321}}}"#)
+                .ends_with("expected a string"),
+        );
     }
 }

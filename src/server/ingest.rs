@@ -101,7 +101,7 @@ impl Ingest for IngestService {
         &self,
         request: Request<v1::PutSealedRequest>,
     ) -> Result<Response<v1::PutSealedResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let item = SealedRecord::try_from(request.into_inner())?;
         let version = self.0.put_sealed(&caller, item).await?;
         Ok(Response::new(v1::PutSealedResponse { version }))
@@ -111,7 +111,7 @@ impl Ingest for IngestService {
         &self,
         request: Request<v1::PutSealedBatchRequest>,
     ) -> Result<Response<v1::PutSealedBatchResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let items = request.into_inner().items;
         self.0.check_batch_size(items.len())?;
         let items = items
@@ -127,7 +127,7 @@ impl Ingest for IngestService {
         &self,
         request: Request<v1::ExchangeCodeRequest>,
     ) -> Result<Response<v1::ExchangeCodeResponse>, Status> {
-        let caller = caller(&request);
+        let caller = caller(&request)?;
         let req = CodeExchange::try_from(request.into_inner())?;
         let id = req.meta.id.to_string();
         let done = self.0.exchange_code(&caller, req).await?;

@@ -12,6 +12,7 @@
 mod admin;
 pub mod auth;
 mod broker;
+pub mod conn;
 pub mod http_json;
 #[cfg(fuzzing)]
 pub mod ingest;
@@ -125,10 +126,11 @@ impl Daemon {
         ingest_listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
-        let max = self.vault.limits().max_request_bytes;
+        let limits = *self.vault.limits();
+        let max = limits.max_request_bytes;
         let guard = |role, service| {
             RoleGuard::new(Arc::clone(&self.auth), role, service)
-                .with_audit(Arc::clone(self.vault.audit()))
+                .with_vault(Arc::clone(&self.vault))
         };
         let http_routes = || {
             tonic::service::Routes::from(http_json::router(
@@ -138,7 +140,7 @@ impl Daemon {
             ))
         };
         let ingest = || {
-            tonic::service::interceptor::InterceptedService::new(
+            auth::Guarded::new(
                 IngestServer::new(ingest::IngestService(Arc::clone(&self.vault)))
                     .max_decoding_message_size(max),
                 guard(Role::Ingest, "Ingest"),
@@ -187,6 +189,7 @@ impl Daemon {
             // HTTP/1.1 as well as HTTP/2: the HTTP/JSON routes serve web tiers without gRPC.
             Ok(tonic::transport::Server::builder()
                 .accept_http1(true)
+                .max_concurrent_streams(limits.max_concurrent_streams)
                 .layer(metrics::MetricsLayer(Arc::clone(self.vault.metrics())))
                 .layer(tower::util::MapResponseLayer::new(
                     oversize_is_resource_exhausted,
@@ -198,19 +201,31 @@ impl Daemon {
         // Serves a router on a listener, in TLS (our acceptor: ALPN h2 and http/1.1) or in
         // plaintext. A macro because the two incoming streams have different types.
         let tls = self.tls.clone();
+        let connections = |what| {
+            let conns = conn::Connections::new(
+                what,
+                limits.max_connections,
+                limits.idle_timeout,
+                Arc::clone(self.vault.metrics()),
+            );
+            vault.spawn(Arc::clone(&conns).reap(vault.stopping()));
+            conns
+        };
         macro_rules! serve_on {
-            ($router:expr, $listener:expr, $stop:expr) => {{
+            ($router:expr, $listener:expr, $what:expr, $stop:expr) => {{
                 let router = $router;
+                let conns = connections($what);
                 let serving: std::pin::Pin<
                     Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
                 > = match &tls {
                     Some(config) => Box::pin(router.serve_with_incoming_shutdown(
-                        tls::incoming($listener, Arc::clone(config)),
+                        tls::incoming($listener, Arc::clone(config), conns),
                         $stop,
                     )),
-                    None => Box::pin(
-                        router.serve_with_incoming_shutdown(tls::plain_incoming($listener), $stop),
-                    ),
+                    None => Box::pin(router.serve_with_incoming_shutdown(
+                        tls::plain_incoming($listener, conns),
+                        $stop,
+                    )),
                 };
                 serving
             }};
@@ -229,6 +244,7 @@ impl Daemon {
                         .add_service(ingest_health)
                         .add_service(ingest()),
                     l,
+                    "ingest",
                     stopped(stop_rx.clone())
                 );
                 Some(tokio::spawn(server))
@@ -241,15 +257,9 @@ impl Daemon {
             .add_service(reflection)
             .add_service(reflection_v1alpha)
             .add_service(ingest())
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                broker,
-                guard(Role::Worker, "Broker"),
-            ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                admin,
-                guard(Role::Admin, "Admin"),
-            ));
-        let main = serve_on!(main, listener, stopped(stop_rx));
+            .add_service(auth::Guarded::new(broker, guard(Role::Worker, "Broker")))
+            .add_service(auth::Guarded::new(admin, guard(Role::Admin, "Admin")));
+        let main = serve_on!(main, listener, "grpc", stopped(stop_rx));
         let grace = self.shutdown_grace;
         let stopping = Arc::clone(&vault);
         let signal = async move {
@@ -391,12 +401,18 @@ pub fn harden_process() -> std::io::Result<()> {
     Ok(())
 }
 
-/// The authenticated caller (the interceptor always sets it).
-fn caller<T>(request: &tonic::Request<T>) -> Caller {
-    request.extensions().get::<auth::Caller>().map_or_else(
-        || Caller::internal("?"),
-        |c| Caller::new(c.name.clone(), Arc::clone(&c.policy)),
-    )
+/// The authenticated caller that [`auth::Guarded`] put into the request. A request without
+/// one is refused (fail closed): it can only reach a handler through a route that was wired
+/// without its guard.
+fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+    request
+        .extensions()
+        .get::<auth::Caller>()
+        .map(|c| Caller::new(c.name.clone(), Arc::clone(&c.policy)))
+        .ok_or_else(|| {
+            tracing::error!("a request reached a handler without an authenticated caller");
+            tonic::Status::internal("the request has no authenticated caller")
+        })
 }
 
 /// A record id from a request field, or `INVALID_ARGUMENT` saying why not.

@@ -64,6 +64,15 @@ impl From<VaultError> for Status {
             tracing::error!(error = %e, "internal error");
             return Status::internal("internal error; see the daemon log");
         }
+        if let VaultError::Overloaded { retry_ms, .. } = &e {
+            use tonic_types::StatusExt as _;
+            let wait = std::time::Duration::from_millis(*retry_ms);
+            return Status::with_error_details(
+                code,
+                e.to_string(),
+                tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+            );
+        }
         match e.stale_version() {
             Some(stale) => {
                 use tonic_types::StatusExt as _;

@@ -174,7 +174,10 @@ pub(super) async fn accept(
 /// once. The loop ends, closing the listener, when the returned stream is dropped.
 pub fn plain_incoming(
     listener: tokio::net::TcpListener,
-) -> tokio_stream::wrappers::ReceiverStream<Result<tokio::net::TcpStream, std::io::Error>> {
+    conns: Arc<super::conn::Connections>,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<super::conn::Bounded<tokio::net::TcpStream>, std::io::Error>,
+> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -185,7 +188,7 @@ pub fn plain_incoming(
             // Without TCP_NODELAY, Nagle's algorithm holds back the trailers of each response
             // until the client ACKs: ~0.5 ms added to every call.
             let _ = tcp.set_nodelay(true);
-            if tx.send(Ok(tcp)).await.is_err() {
+            if tx.send(Ok(conns.admit(tcp))).await.is_err() {
                 return;
             }
         }
@@ -200,8 +203,12 @@ pub fn plain_incoming(
 pub fn incoming(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
+    conns: Arc<super::conn::Connections>,
 ) -> tokio_stream::wrappers::ReceiverStream<
-    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+    Result<
+        tokio_rustls::server::TlsStream<super::conn::Bounded<tokio::net::TcpStream>>,
+        std::io::Error,
+    >,
 > {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -213,6 +220,9 @@ pub fn incoming(
             };
             // Without TCP_NODELAY, Nagle's algorithm holds back small responses.
             let _ = tcp.set_nodelay(true);
+            // Counted from the accept, so connections still in their handshake count against
+            // the cap too.
+            let tcp = conns.admit(tcp);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

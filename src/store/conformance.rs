@@ -458,7 +458,7 @@ pub fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
         Err(refused.clone())
     );
     assert_eq!(
-        store.put_record_groups(&[&[write("late", "o", 0)]], 2),
+        store.put_record_groups(&[&[write("late", "o", 0)]], 2, Recorder::after(store)),
         Ok(vec![Err(refused.clone())])
     );
     assert_eq!(
@@ -472,7 +472,38 @@ pub fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
         .expect("active version accepted");
 }
 
-/// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing.
+/// A [`GroupAudit`] that seals one event per accepted record, `group:id:version` as its bytes,
+/// from the sequence number after the store's last event.
+struct Recorder {
+    first: u64,
+}
+
+impl Recorder {
+    fn after(store: &dyn TokenStore) -> Arc<Self> {
+        let last = store
+            .last_audit_event()
+            .expect("last event")
+            .map_or(0, |(s, _)| s);
+        Arc::new(Self { first: last + 1 })
+    }
+}
+
+impl GroupAudit for Recorder {
+    fn seal(&self, accepted: &[(usize, &[Record])]) -> Vec<AuditAppend> {
+        accepted
+            .iter()
+            .flat_map(|(g, records)| records.iter().map(move |r| (*g, r)))
+            .zip(self.first..)
+            .map(|((g, r), seq)| AuditAppend {
+                seq,
+                bytes: format!("{g}:{}:{}", r.meta.id, r.version).into_bytes(),
+            })
+            .collect()
+    }
+}
+
+/// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing,
+/// and exactly the accepted records get their audit events, in the same write.
 pub fn group_commit(store: &dyn TokenStore) {
     store
         .put_records(&[write("taken", "o", 0)], 1)
@@ -481,9 +512,31 @@ pub fn group_commit(store: &dyn TokenStore) {
     let refused = [write("g3", "o", 0), write("taken", "o", 0)];
     let replace_g1 = [write("g1", "o2", 1)];
     let stale = [write("g1", "o", 1)];
+    let recorder = Recorder::after(store);
+    let first = recorder.first;
     let outcomes = store
-        .put_record_groups(&[&a, &refused, &replace_g1, &stale], 2)
+        .put_record_groups(&[&a, &refused, &replace_g1, &stale], 2, recorder)
         .expect("commit");
+    let events: Vec<(u64, String)> = store
+        .audit_events(first, 100)
+        .expect("events")
+        .into_iter()
+        .map(|(seq, b)| (seq, String::from_utf8(b).expect("utf-8")))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            (first, "0:g1:1".to_string()),
+            (first + 1, "0:g2:1".to_string()),
+            (first + 2, "2:g1:2".to_string()),
+        ]
+    );
+    // A commit that accepts nothing writes no event.
+    let outcomes_none = store
+        .put_record_groups(&[&stale], 3, Recorder::after(store))
+        .expect("commit");
+    assert!(outcomes_none[0].is_err());
+    assert_eq!(store.audit_events(first + 3, 10).expect("events"), vec![]);
     assert_eq!(outcomes[0], Ok(vec![1, 1]));
     assert_eq!(outcomes[1], Err(StoreError::AlreadyExists("taken".into())));
     assert_eq!(outcomes[2], Ok(vec![2]));

@@ -58,6 +58,41 @@ impl TokenStore for MemoryStore {
         Ok(versions)
     }
 
+    fn put_record_groups(
+        &self,
+        groups: &[&[RecordWrite]],
+        now: i64,
+        audit: std::sync::Arc<dyn super::GroupAudit>,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        let mut inner = self.lock();
+        let keys = inner.keys.clone();
+        // Planned against the records as the earlier groups leave them.
+        let mut staged: BTreeMap<RecordId, Record> = BTreeMap::new();
+        let mut accepted: Vec<(usize, Vec<Record>)> = Vec::new();
+        let mut outcomes = Vec::with_capacity(groups.len());
+        for (index, writes) in groups.iter().enumerate() {
+            match plan_writes(
+                writes,
+                now,
+                |id| Ok(staged.get(id).or_else(|| inner.records.get(id)).cloned()),
+                |v| Ok(keys.get(&v).map(|k| k.state)),
+            ) {
+                Ok(planned) => {
+                    outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
+                    staged.extend(planned.iter().map(|r| (r.meta.id.clone(), r.clone())));
+                    accepted.push((index, planned));
+                }
+                Err(e) => outcomes.push(Err(e)),
+            }
+        }
+        let appends = super::seal_accepted(&*audit, &accepted);
+        inner.records.extend(staged);
+        for a in appends {
+            inner.audit.insert(a.seq, a.bytes);
+        }
+        Ok(outcomes)
+    }
+
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
         Ok(self.lock().records.get(id).cloned())
     }

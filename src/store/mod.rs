@@ -20,6 +20,8 @@ pub(crate) mod rocks;
 #[cfg(feature = "daemon")]
 mod schema;
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 pub use memory::MemoryStore;
@@ -172,6 +174,27 @@ pub struct RecordWrite {
     pub expected_version: u64,
 }
 
+/// Seals the audit events of what a group commit accepted ([`TokenStore::put_record_groups`]).
+pub trait GroupAudit: Send + Sync {
+    /// The events of `accepted` (each accepted group's index and the records it writes, in
+    /// order), as consecutive audit chain links to write with them. A store that re-runs its
+    /// transaction calls it again; only the last call's events may be written.
+    fn seal(&self, accepted: &[(usize, &[Record])]) -> Vec<AuditAppend>;
+}
+
+/// The events `audit` seals for the groups a commit accepted (none when it accepted none), as
+/// every engine's `put_record_groups` writes them.
+pub(crate) fn seal_accepted(
+    audit: &dyn GroupAudit,
+    accepted: &[(usize, Vec<Record>)],
+) -> Vec<AuditAppend> {
+    if accepted.is_empty() {
+        return Vec::new();
+    }
+    let views: Vec<(usize, &[Record])> = accepted.iter().map(|(i, r)| (*i, r.as_slice())).collect();
+    audit.seal(&views)
+}
+
 /// One encoded audit event and its position in the hash chain (see `audit`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditAppend {
@@ -247,15 +270,15 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Group commit: applies several independent requests (each an atomic group following
     /// [`TokenStore::put_records`]' rules) with one durable write. Groups are planned in order,
     /// each seeing the groups accepted before it, and each gets its own outcome; a refused group
-    /// changes nothing. The outer error is an engine failure (nothing written). The default
-    /// applies the groups one by one.
+    /// changes nothing. The events `audit` seals for the accepted groups' records are written in
+    /// the same atomic write, so no record is created or replaced without its event. The outer
+    /// error is an engine failure (nothing written).
     fn put_record_groups(
         &self,
         groups: &[&[RecordWrite]],
         now: i64,
-    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
-        Ok(groups.iter().map(|g| self.put_records(g, now)).collect())
-    }
+        audit: Arc<dyn GroupAudit>,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError>;
 
     /// Reads one record.
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError>;
@@ -511,7 +534,7 @@ pub trait TokenStore: Send + Sync + 'static {
 /// PEM per version, in metadata. The keyring never sees the store; it sees [`SharedKeys`].
 #[cfg(feature = "daemon")]
 #[derive(Debug, Clone)]
-pub struct StoreKeys(pub std::sync::Arc<dyn TokenStore>);
+pub struct StoreKeys(pub Arc<dyn TokenStore>);
 
 #[cfg(feature = "daemon")]
 impl std::fmt::Debug for dyn TokenStore {

@@ -507,6 +507,7 @@ async fn write_groups(
     t: &Txn<'_>,
     groups: &[Vec<RecordWrite>],
     now: i64,
+    audit: Option<(&str, &dyn super::GroupAudit)>,
 ) -> Result<Vec<Result<Vec<u64>, StoreError>>, Fail> {
     let mut ids: Vec<String> = groups
         .iter()
@@ -530,7 +531,8 @@ async fn write_groups(
         .collect();
     let mut touched = std::collections::BTreeSet::new();
     let mut outcomes = Vec::with_capacity(groups.len());
-    for g in groups {
+    let mut accepted: Vec<(usize, Vec<Record>)> = Vec::new();
+    for (index, g) in groups.iter().enumerate() {
         match plan_writes(
             g,
             now,
@@ -539,13 +541,19 @@ async fn write_groups(
         ) {
             Ok(planned) => {
                 outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
-                for r in planned {
+                for r in &planned {
                     touched.insert(r.meta.id.to_string());
-                    current.insert(r.meta.id.to_string(), r);
+                    current.insert(r.meta.id.to_string(), r.clone());
+                }
+                if audit.is_some() {
+                    accepted.push((index, planned));
                 }
             }
             Err(e) => outcomes.push(Err(e)),
         }
+    }
+    if let Some((chain, audit)) = audit {
+        insert_audit(t, chain, &super::seal_accepted(audit, &accepted)).await?;
     }
     let rows: Vec<(Record, Option<u64>)> = touched
         .into_iter()
@@ -658,7 +666,7 @@ async fn write_group(
     writes: &[RecordWrite],
     now: i64,
 ) -> Result<Result<Vec<u64>, StoreError>, Fail> {
-    Ok(write_groups(t, &[writes.to_vec()], now)
+    Ok(write_groups(t, &[writes.to_vec()], now, None)
         .await?
         .pop()
         .unwrap_or(Ok(Vec::new())))
@@ -669,20 +677,36 @@ async fn update_one(t: &Txn<'_>, r: Record, prev: u64) -> Result<(), Fail> {
     store_rows(t, &[(r, Some(prev))]).await
 }
 
+/// Appends audit events to a chain in one statement; an event already there is not inserted
+/// (the caller compares the count).
+const INSERT_AUDIT: &str = "INSERT INTO tokenvault_audit (chain, seq, value)
+     SELECT $1, * FROM UNNEST($2::bigint[], $3::bytea[])
+     ON CONFLICT (chain, seq) DO NOTHING";
+
+/// [`INSERT_AUDIT`]'s sequence and value columns.
+fn audit_columns(audit: &[AuditAppend]) -> (Vec<i64>, Vec<&[u8]>) {
+    (
+        audit.iter().map(|a| version_i64(a.seq)).collect(),
+        audit.iter().map(|a| a.bytes.as_slice()).collect(),
+    )
+}
+
 async fn insert_audit(t: &Txn<'_>, chain: &str, audit: &[AuditAppend]) -> Result<(), Fail> {
-    for a in audit {
-        let seq = version_i64(a.seq);
-        let stmt = t
-            .prepare_cached(
-                "INSERT INTO tokenvault_audit (chain, seq, value) VALUES ($1, $2, $3)
-                 ON CONFLICT (chain, seq) DO NOTHING",
-            )
-            .await?;
-        let inserted = t.execute(&stmt, &[&chain, &seq, &a.bytes]).await?;
-        if inserted != 1 {
-            // Another writer took this place in the chain: the whole change is refused.
-            return Err(StoreError::Conflict(format!("audit event {}", a.seq)).into());
-        }
+    if audit.is_empty() {
+        return Ok(());
+    }
+    // One statement for every event (a group commit writes one per record).
+    let stmt = t.prepare_cached(INSERT_AUDIT).await?;
+    let (seqs, values) = audit_columns(audit);
+    let inserted = t.execute(&stmt, &[&chain, &seqs, &values]).await?;
+    if inserted != audit.len() as u64 {
+        // Another writer took a place in the chain: the whole change is refused.
+        return Err(StoreError::Conflict(format!(
+            "audit events {}..={}",
+            audit[0].seq,
+            audit[audit.len() - 1].seq
+        ))
+        .into());
     }
     Ok(())
 }
@@ -712,12 +736,15 @@ impl TokenStore for PostgresStore {
         &self,
         groups: &[&[RecordWrite]],
         now: i64,
+        audit: Arc<dyn super::GroupAudit>,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let groups: Vec<Vec<RecordWrite>> = groups.iter().map(|g| g.to_vec()).collect();
         let groups = Arc::new(groups);
+        let chain = self.chain.clone();
         self.txn(move |t| {
-            let groups = Arc::clone(&groups);
-            Box::pin(async move { write_groups(t, &groups, now).await })
+            let (groups, audit, chain) = (Arc::clone(&groups), Arc::clone(&audit), chain.clone());
+            // A re-run transaction plans again and seals again; the last sealing is written.
+            Box::pin(async move { write_groups(t, &groups, now, Some((&chain, &*audit))).await })
         })
     }
 
@@ -1084,15 +1111,8 @@ impl TokenStore for PostgresStore {
         self.read_on(self.async_pool.clone(), move |c| {
             let (entries, chain) = (Arc::clone(&entries), chain.clone());
             Box::pin(async move {
-                let stmt = c
-                    .prepare_cached(
-                        "INSERT INTO tokenvault_audit (chain, seq, value)
-                         SELECT $1, * FROM UNNEST($2::bigint[], $3::bytea[])
-                         ON CONFLICT (chain, seq) DO NOTHING",
-                    )
-                    .await?;
-                let seqs: Vec<i64> = entries.iter().map(|a| version_i64(a.seq)).collect();
-                let values: Vec<&[u8]> = entries.iter().map(|a| a.bytes.as_slice()).collect();
+                let stmt = c.prepare_cached(INSERT_AUDIT).await?;
+                let (seqs, values) = audit_columns(&entries);
                 let n = c.execute(&stmt, &[&chain, &seqs, &values]).await?;
                 if n != entries.len() as u64 {
                     return Err(StoreError::Conflict(

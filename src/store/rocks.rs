@@ -287,7 +287,14 @@ impl RocksStore {
 
 impl TokenStore for RocksStore {
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
-        self.put_record_groups(&[writes], now)?
+        /// Seeding and tests write records without events.
+        struct Unaudited;
+        impl super::GroupAudit for Unaudited {
+            fn seal(&self, _: &[(usize, &[Record])]) -> Vec<AuditAppend> {
+                Vec::new()
+            }
+        }
+        self.put_record_groups(&[writes], now, std::sync::Arc::new(Unaudited))?
             .pop()
             .unwrap_or_else(|| Ok(Vec::new()))
     }
@@ -296,6 +303,7 @@ impl TokenStore for RocksStore {
         &self,
         groups: &[&[RecordWrite]],
         now: i64,
+        audit: std::sync::Arc<dyn super::GroupAudit>,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let _guard = self.lock();
         // Records accepted earlier in this commit, which later groups must see.
@@ -306,7 +314,8 @@ impl TokenStore for RocksStore {
         // Key states read once per commit, not once per record (the lock keeps them current).
         let mut key_states: std::collections::HashMap<u32, Option<crate::keys::KeyState>> =
             std::collections::HashMap::new();
-        for writes in groups {
+        let mut accepted_groups: Vec<(usize, Vec<Record>)> = Vec::new();
+        for (index, writes) in groups.iter().enumerate() {
             let mut previous = std::collections::HashMap::new();
             let planned = plan_writes(
                 writes,
@@ -342,7 +351,11 @@ impl TokenStore for RocksStore {
                 self.stage_record(&mut batch, previous.get(&r.meta.id), r);
             }
             outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
-            accepted.extend(planned.into_iter().map(|r| (r.meta.id.clone(), r)));
+            accepted.extend(planned.iter().map(|r| (r.meta.id.clone(), r.clone())));
+            accepted_groups.push((index, planned));
+        }
+        for a in super::seal_accepted(&*audit, &accepted_groups) {
+            batch.put_cf(self.cf(CF_AUDIT), a.seq.to_be_bytes(), &a.bytes);
         }
         if !batch.is_empty() {
             self.write(batch)?;

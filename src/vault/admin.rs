@@ -319,7 +319,7 @@ impl Vault {
                 })
             })
             .await?;
-        tracing::info!(rpc = "Revoke", caller = %caller.name, record = %log_id, "revoked");
+        tracing::info!(rpc = "Revoke", caller = %caller.name, record = %self.log_id(&log_id), "revoked");
         Ok(record)
     }
 
@@ -338,7 +338,7 @@ impl Vault {
             })
         })
         .await?;
-        tracing::info!(rpc = "Delete", caller = %caller.name, record = %log_id, "deleted");
+        tracing::info!(rpc = "Delete", caller = %caller.name, record = %self.log_id(&log_id), "deleted");
         Ok(())
     }
 
@@ -374,11 +374,36 @@ impl Vault {
         Ok(VaultStats { store, cache })
     }
 
-    /// Verifies and applies a provider's security event token (RFC 8417).
+    /// Verifies and applies a provider's security event token (RFC 8417) sent by an
+    /// authenticated caller (`Admin.SecurityEvent`): a refusal is audited and logged.
     pub async fn security_event(
         self: &Arc<Self>,
         caller: &Caller,
         token: String,
+    ) -> Result<SecurityEventOutcome, VaultError> {
+        let result = self.apply_set(caller, token, true).await;
+        if let Err(e) = &result {
+            tracing::warn!(rpc = "SecurityEvent", caller = %caller.name, error = %e, "security event refused");
+        }
+        result
+    }
+
+    /// Like [`Vault::security_event`] for a push (RFC 8935), which no credential
+    /// authorizes: an applied event is audited with its change, but a refused one is neither
+    /// audited nor logged here (the adapter counts it as an unauthenticated refusal).
+    pub async fn security_event_push(
+        self: &Arc<Self>,
+        token: String,
+    ) -> Result<SecurityEventOutcome, VaultError> {
+        self.apply_set(&Caller::internal("security-event-push"), token, false)
+            .await
+    }
+
+    async fn apply_set(
+        self: &Arc<Self>,
+        caller: &Caller,
+        token: String,
+        audit_refusal: bool,
     ) -> Result<SecurityEventOutcome, VaultError> {
         // A token naming a key this vault has not fetched from its issuer's JWKS: fetch it
         // first (rate-limited); verification below then finds the key or refuses the token.
@@ -392,18 +417,67 @@ impl Vault {
         let result = self
             .blocking(move |v| {
                 let applied = apply_security_event(v, &who, &token, v.now());
-                v.audit_if_refused(Draft::new(&who, "SecurityEvent"), applied)
+                if audit_refusal {
+                    v.audit_if_refused(Draft::new(&who, "SecurityEvent"), applied)
+                } else {
+                    applied
+                }
             })
             .await;
-        match &result {
-            Ok(r) => {
-                tracing::warn!(rpc = "SecurityEvent", caller = %caller.name, event = %r.event_type, revoked = r.revoked, deleted = r.deleted, "security event applied")
-            }
-            Err(e) => {
-                tracing::warn!(rpc = "SecurityEvent", caller = %caller.name, error = %e, "security event refused")
-            }
+        if let Ok(r) = &result {
+            tracing::warn!(rpc = "SecurityEvent", caller = %caller.name, event = %r.event_type, revoked = r.revoked, deleted = r.deleted, "security event applied");
         }
         result
+    }
+
+    /// Audits the refusal of a configured caller by an adapter's guard (its role, address or
+    /// rate limit), on the blocking pool; a failure to audit is logged (the refusal stands).
+    pub async fn audit_refusal(self: &Arc<Self>, caller: &str, service: &str, outcome: &str) {
+        let draft = Draft::new(caller, "auth").outcome(outcome).detail(service);
+        let written = self
+            .blocking(move |v| Ok(v.audit.append(&draft, false)?))
+            .await;
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not audit a refused call");
+        }
+    }
+
+    /// Writes what [`super::refusals::Refusals`] counted since the last summary as audit
+    /// events, all in one store write: one event per source for the sources refused most (the
+    /// rest added up into one), caller `-`, action `unauthenticated-refusals`. One log line
+    /// says how many. Nothing is written when nothing was refused.
+    pub(super) fn write_refusal_summary(&self) -> Result<(), VaultError> {
+        let summary = self.refusals.take_summary();
+        if summary.is_empty() {
+            return Ok(());
+        }
+        let seconds = self.limits.refusal_summary.as_secs();
+        let drafts: Vec<Draft> = summary
+            .top
+            .iter()
+            .chain(&summary.rest)
+            .map(|s| {
+                Draft::new("-", "unauthenticated-refusals")
+                    .outcome("summary")
+                    .detail(format!(
+                        "source {} in {seconds}s: {}",
+                        s.source,
+                        s.counts_text()
+                    ))
+            })
+            .collect();
+        self.audit.append_all_with(&drafts, |appends| {
+            self.store.append_audit_batch(appends, true)?;
+            Ok::<_, VaultError>(((), true))
+        })?;
+        tracing::warn!(
+            refused = summary.total(),
+            sources = summary.top.len() + usize::from(summary.rest.is_some()),
+            top_source = %summary.top.first().map_or("-", |t| t.source.as_str()),
+            seconds,
+            "requests refused without an authenticated caller (summary; the audit trail has one event per source)"
+        );
+        Ok(())
     }
 
     /// Ships new audit events to the sink, if one is configured; how many.

@@ -85,10 +85,10 @@ impl Vault {
         .await;
         match &result {
             Ok(_) => {
-                tracing::debug!(rpc = "GetToken", caller = %caller.name, record = %id, "released")
+                tracing::debug!(rpc = "GetToken", caller = %caller.name, record = %self.log_id(id), "released")
             }
             Err(e) => {
-                tracing::info!(rpc = "GetToken", caller = %caller.name, record = %id, error = %e, "refused")
+                tracing::info!(rpc = "GetToken", caller = %caller.name, record = %self.log_id(id), error = %e, "refused")
             }
         }
         result
@@ -118,10 +118,10 @@ impl Vault {
             .await;
         match &result {
             Ok(r) => {
-                tracing::debug!(rpc = "Proxy", caller = %caller.name, record = %id, status = r.response.status, refreshed = r.refreshed, "proxied")
+                tracing::debug!(rpc = "Proxy", caller = %caller.name, record = %self.log_id(&id), status = r.response.status, refreshed = r.refreshed, "proxied")
             }
             Err(e) => {
-                tracing::info!(rpc = "Proxy", caller = %caller.name, record = %id, error = %e, "refused")
+                tracing::info!(rpc = "Proxy", caller = %caller.name, record = %self.log_id(&id), error = %e, "refused")
             }
         }
         result

@@ -5,18 +5,58 @@
 //! [`MAX_GROUPS`]) and hands them to [`TokenStore::put_record_groups`]: each request keeps its
 //! own atomicity and outcome, and is acknowledged only after the write that contains it is on
 //! disk. Under load a sync is shared by many callers; alone, a caller pays one sync as before.
+//! Every record an accepted request creates or replaces gets its audit event (caller, created
+//! or replaced, version, key version) in that same write.
 
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use crate::store::{RecordWrite, StoreError, TokenStore};
+use crate::audit::{Auditor, ChainSealer, Draft};
+use crate::record::Record;
+use crate::store::{AuditAppend, GroupAudit, RecordWrite, StoreError, TokenStore};
 
 /// Most requests in one commit.
 pub const MAX_GROUPS: usize = 1024;
 
 struct Pending {
     writes: Vec<RecordWrite>,
+    /// Who asked, and how (`PutSealed`, `PutSealedBatch`): the audit events' caller and action.
+    caller: String,
+    action: &'static str,
     reply: tokio::sync::oneshot::Sender<Result<Vec<u64>, StoreError>>,
+}
+
+/// The audit events of the requests a commit accepts: one per record.
+struct Events {
+    sealer: Arc<ChainSealer>,
+    callers: Vec<(String, &'static str)>,
+}
+
+impl GroupAudit for Events {
+    fn seal(&self, accepted: &[(usize, &[Record])]) -> Vec<AuditAppend> {
+        let drafts: Vec<Draft> = accepted
+            .iter()
+            .flat_map(|(group, records)| {
+                let (caller, action) = &self.callers[*group];
+                records.iter().map(move |r| {
+                    let change = if r.version == 1 {
+                        "created"
+                    } else {
+                        "replaced"
+                    };
+                    Draft::new(caller, action)
+                        .record(r.meta.id.as_str())
+                        .owner(r.meta.owner.as_str())
+                        .outcome("ok")
+                        .detail(format!(
+                            "{change}: version {}, key version {}",
+                            r.version, r.key_version
+                        ))
+                })
+            })
+            .collect();
+        self.sealer.seal(&drafts)
+    }
 }
 
 /// The committer thread and its queue.
@@ -32,8 +72,8 @@ impl std::fmt::Debug for GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the committer over `store`.
-    pub(super) fn start(store: Arc<dyn TokenStore>) -> std::io::Result<Self> {
+    /// Starts the committer over `store`, auditing into `audit`.
+    pub(super) fn start(store: Arc<dyn TokenStore>, audit: Arc<Auditor>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Pending>();
         let thread = std::thread::Builder::new()
             .name("tokenvault-commit".into())
@@ -48,7 +88,18 @@ impl GroupCommit {
                     }
                     let groups: Vec<&[RecordWrite]> =
                         pending.iter().map(|p| p.writes.as_slice()).collect();
-                    match store.put_record_groups(&groups, crate::unix_now()) {
+                    let callers: Vec<(String, &'static str)> = pending
+                        .iter()
+                        .map(|p| (p.caller.clone(), p.action))
+                        .collect();
+                    let written = audit.append_decided(|sealer| {
+                        store.put_record_groups(
+                            &groups,
+                            crate::unix_now(),
+                            Arc::new(Events { sealer, callers }),
+                        )
+                    });
+                    match written {
                         Ok(outcomes) => {
                             for (p, outcome) in pending.into_iter().zip(outcomes) {
                                 // The caller may have gone away; its write stands.
@@ -69,14 +120,25 @@ impl GroupCommit {
         })
     }
 
-    /// Queues one atomic request and waits until it is durable (or refused).
-    pub(super) async fn submit(&self, writes: Vec<RecordWrite>) -> Result<Vec<u64>, StoreError> {
+    /// Queues one atomic request of `caller`'s `action` and waits until it is durable, with
+    /// its audit events (or refused).
+    pub(super) async fn submit(
+        &self,
+        writes: Vec<RecordWrite>,
+        caller: &str,
+        action: &'static str,
+    ) -> Result<Vec<u64>, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || StoreError::Engine("the commit thread has stopped".into());
         self.tx
             .as_ref()
             .ok_or_else(gone)?
-            .send(Pending { writes, reply })
+            .send(Pending {
+                writes,
+                caller: caller.to_string(),
+                action,
+                reply,
+            })
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }

@@ -12,9 +12,12 @@
 //! several jobs long, and for at most [`MAX_HELD`] jobs; with no backlog every result is
 //! handed back at once.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::metrics::Metrics;
 
 /// The hand-back of a finished job's result.
 type Done = Box<dyn FnOnce() + Send>;
@@ -27,6 +30,34 @@ struct Queue {
     rx: Mutex<mpsc::Receiver<Job>>,
     /// Jobs sent and not yet taken by a thread.
     waiting: AtomicUsize,
+    /// Moving average of a job's run time, in nanoseconds: with `waiting`, what a new job
+    /// would wait.
+    average_ns: AtomicU64,
+}
+
+/// How much work the pool takes on (`[limits] max_queued`, `max_queue_wait_ms`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bound {
+    /// Most jobs waiting at once.
+    pub max_queued: usize,
+    /// Longest a job may wait for a thread.
+    pub max_wait: Duration,
+}
+
+/// Why a job did not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// The pool has stopped, or the job panicked.
+    Failed,
+    /// Refused at once: the queue is full, or the wait it predicts exceeds the bound.
+    Full {
+        /// Jobs waiting when it was refused.
+        queued: usize,
+        /// The wait predicted for it.
+        predicted: Duration,
+    },
+    /// It waited longer than the bound for a thread (the prediction was wrong).
+    Late(Duration),
 }
 
 /// The pool; dropping it lets the threads finish the queue and exit.
@@ -34,6 +65,9 @@ pub(super) struct CpuPool {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     queue: Arc<Queue>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    count: usize,
+    bound: Bound,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for CpuPool {
@@ -43,13 +77,18 @@ impl std::fmt::Debug for CpuPool {
 }
 
 impl CpuPool {
-    /// Starts `threads` workers.
-    pub(super) fn start(threads: usize) -> std::io::Result<Self> {
+    /// Starts `threads` workers that take on at most `bound`'s work.
+    pub(super) fn start(
+        threads: usize,
+        bound: Bound,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let threads = threads.max(1);
         let queue = Arc::new(Queue {
             rx: Mutex::new(rx),
             waiting: AtomicUsize::new(0),
+            average_ns: AtomicU64::new(0),
         });
         let handles = (0..threads)
             .map(|i| {
@@ -63,20 +102,67 @@ impl CpuPool {
             tx: Mutex::new(Some(tx)),
             queue,
             threads: Mutex::new(handles),
+            count: threads,
+            bound,
+            metrics,
         })
     }
 
-    /// Runs `f` on the pool and waits for its result; `None` if the pool has stopped or the
-    /// job panicked.
+    /// The wait a job sent now would have before a thread takes it.
+    fn predicted_wait(&self, queued: usize) -> Duration {
+        let average = self.queue.average_ns.load(Ordering::Relaxed);
+        let queued = u64::try_from(queued).unwrap_or(u64::MAX);
+        let threads = u64::try_from(self.count).unwrap_or(1).max(1);
+        Duration::from_nanos(queued.saturating_mul(average) / threads)
+    }
+
+    /// Runs `f` on the pool and waits for its result. Refused at once when the queue is full
+    /// or the wait it predicts (jobs queued × their average run time ÷ threads) exceeds the
+    /// bound; refused when a thread takes it if it waited longer than the bound anyway;
+    /// dropped unrun if its caller has gone by then.
     pub(super) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<T> {
+    ) -> Result<T, Refused> {
+        let queued = self.queue.waiting.load(Ordering::Relaxed);
+        let predicted = self.predicted_wait(queued);
+        if queued >= self.bound.max_queued || predicted > self.bound.max_wait {
+            Metrics::count(&self.metrics.shed, "queue_full");
+            return Err(Refused::Full { queued, predicted });
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let (enqueued, max_wait) = (Instant::now(), self.bound.max_wait);
+        let (queue, metrics) = (Arc::clone(&self.queue), Arc::clone(&self.metrics));
         let job: Job = Box::new(move || {
+            let waited = enqueued.elapsed();
+            if reply.is_closed() {
+                // The caller went away (its deadline passed, its connection closed): its
+                // private-key work would be for nobody.
+                Metrics::count(&metrics.shed, "caller_gone");
+                return Box::new(|| {});
+            }
+            if waited > max_wait {
+                Metrics::count(&metrics.shed, "queue_wait");
+                return Box::new(move || {
+                    let _ = reply.send(Err(Refused::Late(waited)));
+                });
+            }
+            let started = Instant::now();
             let out = f();
+            let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            // An exponential moving average over about 16 jobs: follows a change of load
+            // within milliseconds, smooths one slow job out.
+            let _ = queue
+                .average_ns
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                    Some(if avg == 0 {
+                        took
+                    } else {
+                        avg - avg / 16 + took / 16
+                    })
+                });
             Box::new(move || {
-                let _ = reply.send(out);
+                let _ = reply.send(Ok(out));
             })
         });
         {
@@ -91,10 +177,10 @@ impl CpuPool {
                 .is_none_or(|r| r.is_err())
             {
                 self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
-                return None;
+                return Err(Refused::Failed);
             }
         }
-        answer.await.ok()
+        answer.await.unwrap_or(Err(Refused::Failed))
     }
 }
 
@@ -168,11 +254,21 @@ impl Drop for CpuPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    fn unbounded() -> Bound {
+        Bound {
+            max_queued: usize::MAX,
+            max_wait: Duration::from_secs(3600),
+        }
+    }
+
+    fn pool(threads: usize) -> CpuPool {
+        CpuPool::start(threads, unbounded(), Arc::default()).expect("pool")
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_caller_gets_its_own_result_under_a_backlog() {
-        let pool = Arc::new(CpuPool::start(2).expect("pool"));
+        let pool = Arc::new(pool(2));
         // 200 jobs queued at once: results are held back and handed back in groups, and
         // every caller must still get its own answer.
         let mut calls = tokio::task::JoinSet::new();
@@ -184,7 +280,8 @@ mod tests {
                         std::thread::sleep(Duration::from_micros(200));
                         i * 3
                     })
-                    .await;
+                    .await
+                    .ok();
                 (i, got)
             });
         }
@@ -202,7 +299,7 @@ mod tests {
     async fn callers_that_wait_for_each_answer_never_stall() {
         // A closed loop, like workers over gRPC: each caller sends its next job only after its
         // last answer. Results held back while the queue drains must still reach them.
-        let pool = Arc::new(CpuPool::start(2).expect("pool"));
+        let pool = Arc::new(pool(2));
         let mut callers = tokio::task::JoinSet::new();
         for c in 0..8u32 {
             let pool = Arc::clone(&pool);
@@ -213,7 +310,8 @@ mod tests {
                             std::thread::sleep(Duration::from_micros(20));
                             c * 1000 + i
                         })
-                        .await;
+                        .await
+                        .ok();
                     assert_eq!(got, Some(c * 1000 + i));
                 }
             });
@@ -229,31 +327,147 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lone_job_is_answered_without_waiting_for_more_work() {
-        let pool = CpuPool::start(2).expect("pool");
+        let pool = pool(2);
         // With results held back, a lone caller would wait forever for a job that never
         // comes: the timeout turns that into a failure instead of a hang.
         for i in 0..50 {
             let got = tokio::time::timeout(Duration::from_secs(5), pool.run(move || i))
                 .await
                 .expect("answered without more work arriving");
-            assert_eq!(got, Some(i));
+            assert_eq!(got, Ok(i));
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_job_fails_alone_and_the_pool_lives_on() {
-        let pool = CpuPool::start(1).expect("pool");
+        let pool = pool(1);
         let panicked = pool.run(|| -> u8 { panic!("job failed") }).await;
-        assert_eq!(panicked, None);
+        assert_eq!(panicked, Err(Refused::Failed));
         // The single thread survived the panic and still serves.
-        assert_eq!(pool.run(|| 7u8).await, Some(7));
+        assert_eq!(pool.run(|| 7u8).await, Ok(7));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_pool_answers_none() {
-        let pool = CpuPool::start(1).expect("pool");
+        let pool = pool(1);
         drop(pool.tx.lock().expect("lock").take());
-        assert_eq!(pool.run(|| 1u8).await, None);
+        assert_eq!(pool.run(|| 1u8).await, Err(Refused::Failed));
         assert_eq!(pool.queue.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    /// Runs a job that holds one pool thread until the sender is used (or dropped).
+    async fn hold_a_thread(
+        pool: &Arc<CpuPool>,
+    ) -> (
+        mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<bool, Refused>>,
+    ) {
+        let (release, hold) = mpsc::channel::<()>();
+        let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+        let holder = {
+            let pool = Arc::clone(pool);
+            tokio::spawn(async move {
+                pool.run(move || {
+                    let _ = started_tx.send(());
+                    hold.recv().is_ok()
+                })
+                .await
+            })
+        };
+        started.await.expect("the holder runs");
+        (release, holder)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overload_is_refused_at_once_and_what_was_accepted_runs() {
+        let metrics = Arc::new(Metrics::default());
+        let pool = Arc::new(
+            CpuPool::start(
+                1,
+                Bound {
+                    max_queued: 4,
+                    max_wait: Duration::from_secs(60),
+                },
+                Arc::clone(&metrics),
+            )
+            .expect("pool"),
+        );
+        // One job holds the only thread until released; four more fill the queue.
+        let (release, holder) = hold_a_thread(&pool).await;
+        let mut queued = Vec::new();
+        for i in 0..4u8 {
+            let pool = Arc::clone(&pool);
+            queued.push(tokio::spawn(async move { pool.run(move || i).await }));
+        }
+        while pool.queue.waiting.load(Ordering::SeqCst) < 4 {
+            tokio::task::yield_now().await;
+        }
+        let refused = pool.run(|| 9u8).await;
+        assert!(
+            matches!(refused, Err(Refused::Full { queued: 4, .. })),
+            "{refused:?}"
+        );
+        release.send(()).expect("release");
+        assert_eq!(holder.await.expect("task"), Ok(true));
+        for (i, q) in queued.into_iter().enumerate() {
+            assert_eq!(q.await.expect("task"), Ok(u8::try_from(i).expect("small")));
+        }
+        let text = metrics.encode_for_test();
+        assert!(
+            text.contains(r#"tokenvault_shed_total{outcome="queue_full"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_waited_too_long_or_lost_its_caller_does_not_run() {
+        let metrics = Arc::new(Metrics::default());
+        let pool = Arc::new(
+            CpuPool::start(
+                1,
+                Bound {
+                    max_queued: 100,
+                    max_wait: Duration::from_millis(50),
+                },
+                Arc::clone(&metrics),
+            )
+            .expect("pool"),
+        );
+        let ran = Arc::new(AtomicUsize::new(0));
+        let (release, holder) = hold_a_thread(&pool).await;
+        // Nothing has run yet, so nothing predicts a wait: both are accepted.
+        let late = {
+            let (pool, ran) = (Arc::clone(&pool), Arc::clone(&ran));
+            tokio::spawn(async move { pool.run(move || ran.fetch_add(1, Ordering::SeqCst)).await })
+        };
+        let gone = {
+            let (pool, ran) = (Arc::clone(&pool), Arc::clone(&ran));
+            tokio::spawn(async move { pool.run(move || ran.fetch_add(1, Ordering::SeqCst)).await })
+        };
+        while pool.queue.waiting.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        let _ = gone.await;
+        // Past the bound while the thread is held.
+        let past = Instant::now() + Duration::from_millis(60);
+        while Instant::now() < past {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        release.send(()).expect("release");
+        assert_eq!(holder.await.expect("task"), Ok(true));
+        assert!(
+            matches!(late.await.expect("task"), Err(Refused::Late(w)) if w > Duration::from_millis(50))
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        let text = metrics.encode_for_test();
+        assert!(
+            text.contains(r#"tokenvault_shed_total{outcome="queue_wait"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tokenvault_shed_total{outcome="caller_gone"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -155,6 +155,15 @@ pub enum VaultError {
         /// Record id.
         id: String,
     },
+    /// The daemon is overloaded: the request could not start on a private-key thread within
+    /// `[limits] max_queue_wait_ms` and was refused rather than queued.
+    #[error("overloaded: {reason}; retry in {retry_ms} ms")]
+    Overloaded {
+        /// Why (queue full, waited too long).
+        reason: String,
+        /// How long the caller should wait before retrying.
+        retry_ms: u64,
+    },
     /// A key supplied for import was refused.
     #[error("invalid key: {0}")]
     BadKey(String),
@@ -321,7 +330,9 @@ impl VaultError {
             | VaultError::Expired { .. } => ErrorKind::FailedPrecondition,
             VaultError::BatchTooLarge { .. } => ErrorKind::ResourceExhausted,
             VaultError::PolicyDenied(_) => ErrorKind::PermissionDenied,
-            VaultError::RecordRateLimited { .. } => ErrorKind::ResourceExhausted,
+            VaultError::RecordRateLimited { .. } | VaultError::Overloaded { .. } => {
+                ErrorKind::ResourceExhausted
+            }
             // Every way a stored envelope can fail to open for its record is DATA_LOSS except the
             // key lifecycle refusals, which an operator caused on purpose. Exhaustive, so a new
             // variant must be placed here rather than falling into INTERNAL.

@@ -180,7 +180,7 @@ fn store(
         .get_record(&meta.id)?
         .map(|r| r.version)
         .ok_or(VaultError::Task)?;
-    tracing::info!(record = %meta.id, version, "authorization code exchanged and stored");
+    tracing::info!(record = %s.log_id(&meta.id), version, "authorization code exchanged and stored");
     Ok(Exchanged {
         version,
         expires_at: bundle.expires_at,

@@ -115,9 +115,12 @@ impl Vault {
         };
         let write = item.into_write(key_version);
         let id = write.meta.id.clone();
-        let versions = self.commit.submit(vec![write]).await?;
+        let versions = self
+            .commit
+            .submit(vec![write], &caller.name, "PutSealed")
+            .await?;
         let version = versions.first().copied().ok_or(VaultError::Task)?;
-        tracing::debug!(rpc = "PutSealed", caller = %caller.name, record = %id, version, "stored");
+        tracing::debug!(rpc = "PutSealed", caller = %caller.name, record = %self.log_id(&id), version, "stored");
         Ok(version)
     }
 
@@ -168,7 +171,10 @@ impl Vault {
             .map(|(item, v)| item.into_write(v))
             .collect();
         let count = writes.len();
-        let versions = self.commit.submit(writes).await?;
+        let versions = self
+            .commit
+            .submit(writes, &caller.name, "PutSealedBatch")
+            .await?;
         tracing::debug!(rpc = "PutSealedBatch", caller = %caller.name, records = count, "stored");
         Ok(versions)
     }

@@ -41,8 +41,31 @@ pub(super) fn start(vault: &Arc<Vault>) {
             .tasks
             .spawn(prune_audit(Arc::clone(vault), stop.clone()));
     }
+    vault
+        .tasks
+        .spawn(summarize_refusals(Arc::clone(vault), stop.clone()));
     #[cfg(unix)]
     vault.tasks.spawn(reload_on_sighup(Arc::clone(vault), stop));
+}
+
+/// Writes the refusals without an authenticated caller into the audit trail every
+/// `[limits] refusal_summary_seconds`, and once more at shutdown.
+async fn summarize_refusals(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    let period = vault.limits.refusal_summary;
+    // A full period first: a summary covers one period's refusals.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        if let Err(e) = vault.blocking(|v| v.write_refusal_summary()).await {
+            tracing::error!(error = %e, "writing the summary of refused requests failed");
+        }
+    }
+    if let Err(e) = vault.blocking(|v| v.write_refusal_summary()).await {
+        tracing::error!(error = %e, "writing the summary of refused requests at shutdown failed");
+    }
 }
 
 /// How often new audit events are shipped to the sink: the most a shipped copy lags.

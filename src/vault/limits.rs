@@ -25,14 +25,19 @@ impl Bucket {
         }
     }
 
-    /// Refills at `rate` per second up to `burst`, then takes one token if there is one.
-    pub fn take(&mut self, rate: u32, burst: u32) -> bool {
+    /// Refills at `rate` per second up to `burst`; the tokens now in the bucket.
+    pub fn peek(&mut self, rate: u32, burst: u32) -> f64 {
         let now = Instant::now();
         let burst = f64::from(burst.max(1));
         self.tokens =
             (self.tokens + now.duration_since(self.at).as_secs_f64() * f64::from(rate)).min(burst);
         self.at = now;
-        if self.tokens >= 1.0 {
+        self.tokens
+    }
+
+    /// Refills at `rate` per second up to `burst`, then takes one token if there is one.
+    pub fn take(&mut self, rate: u32, burst: u32) -> bool {
+        if self.peek(rate, burst) >= 1.0 {
             self.tokens -= 1.0;
             true
         } else {

@@ -82,6 +82,13 @@ pub struct Metrics {
     pub denial_bursts: Counter,
     /// Rate-limit refusals (`caller` or `record` bucket).
     pub rate_limited: Family<Outcome, Counter>,
+    /// Refusals without an authenticated caller, by reason (never by source: unbounded).
+    pub unauthenticated_refusals: Family<Outcome, Counter>,
+    /// Connections the daemon closed, by why (`idle`, `cap`).
+    pub connections_closed: Family<Outcome, Counter>,
+    /// Requests refused because the private-key queue was full or too slow, by why
+    /// (`queue_full`, `queue_wait`, `caller_gone`).
+    pub shed: Family<Outcome, Counter>,
     /// Token refreshes by outcome.
     pub refreshes: Family<Outcome, Counter>,
     /// Upstream answers (and proxy failures) by provider.
@@ -140,6 +147,24 @@ impl Default for Metrics {
             "Rate-limit refusals by bucket (caller, record)",
             rate_limited.clone(),
         );
+        let unauthenticated_refusals = Family::<Outcome, Counter>::default();
+        registry.register(
+            "unauthenticated_refusals",
+            "Requests refused without an authenticated caller, by reason (missing, malformed or invalid credential, unknown certificate, refused or replayed security event, throttled source)",
+            unauthenticated_refusals.clone(),
+        );
+        let connections_closed = Family::<Outcome, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections the daemon closed: idle past idle_timeout_seconds, or the longest idle one at max_connections",
+            connections_closed.clone(),
+        );
+        let shed = Family::<Outcome, Counter>::default();
+        registry.register(
+            "shed",
+            "Requests refused at once under overload: private-key queue full, queue wait over max_queue_wait_ms, or the caller gone before its turn",
+            shed.clone(),
+        );
         let refreshes = Family::<Outcome, Counter>::default();
         registry.register(
             "token_refreshes",
@@ -177,6 +202,9 @@ impl Default for Metrics {
             auth_denials,
             denial_bursts,
             rate_limited,
+            unauthenticated_refusals,
+            connections_closed,
+            shed,
             refreshes,
             upstream,
             rewrap_done,
@@ -205,6 +233,14 @@ impl Metrics {
                 status: status.to_string(),
             })
             .inc();
+    }
+
+    /// The counted metrics (none of the sampled ones) as OpenMetrics text.
+    #[cfg(test)]
+    pub(crate) fn encode_for_test(&self) -> String {
+        let mut out = String::new();
+        let _ = encode_registry(&mut out, &self.registry);
+        out
     }
 
     /// Encodes every metric as OpenMetrics text, with the sampled ones read from `state` now.

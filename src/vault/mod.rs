@@ -31,6 +31,7 @@ pub mod listing;
 pub mod metrics;
 mod records;
 mod refresh;
+pub mod refusals;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -282,6 +283,9 @@ pub struct Vault {
     dek_cache: Option<dek_cache::DekCache>,
     /// Per caller and record token buckets.
     record_limits: limits::RecordLimits,
+    /// Refusals without an authenticated caller: counted and summarized, never written one
+    /// by one.
+    refusals: Arc<refusals::Refusals>,
     /// Upstream clients by provider; replaced wholesale on reload.
     upstreams: RwLock<Arc<crate::proxy::Upstreams>>,
     /// The config file providers are reloaded from, if the daemon has one.
@@ -350,26 +354,36 @@ impl Vault {
             .clone()
             .map(|c| crate::audit::sink::Shipper::open(Arc::clone(&store), c).map(Arc::new))
             .transpose()?;
+        let metrics = Arc::new(metrics::Metrics::default());
         Ok(Self {
+            refusals: Arc::new(refusals::Refusals::new(
+                config.limits.refusals,
+                Arc::clone(&metrics),
+            )),
             upstreams: RwLock::new(Arc::new(upstreams)),
             config_source: config.source.clone(),
             single_flight: refresh::SingleFlight::default(),
             security_event_issuers: config.security_event_issuers.clone(),
             jwks: jwks::JwksFetchers::new(&config.security_event_issuers)?,
-            metrics: Arc::new(metrics::Metrics::default()),
+            metrics: Arc::clone(&metrics),
             cpu: cpu_pool::CpuPool::start(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+                cpu_pool::Bound {
+                    max_queued: config.limits.max_queued,
+                    max_wait: config.limits.max_queue_wait,
+                },
+                Arc::clone(&metrics),
             )
             .map_err(|source| OpenError::Threads {
                 what: "RSA pool",
                 source,
             })?,
-            commit: commit::GroupCommit::start(Arc::clone(&store)).map_err(|source| {
-                OpenError::Threads {
+            commit: commit::GroupCommit::start(Arc::clone(&store), Arc::clone(&audit)).map_err(
+                |source| OpenError::Threads {
                     what: "group commit",
                     source,
-                }
-            })?,
+                },
+            )?,
             stopping: tokio_util::sync::CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
             store,
@@ -448,6 +462,18 @@ impl Vault {
     /// The audit trail (adapters audit refused authentication with it).
     pub fn audit(&self) -> &Arc<Auditor> {
         &self.audit
+    }
+
+    /// How a record id appears in the log: the keyed hash the audit trail uses for it, since
+    /// ids embed owners (`github:user-42`). An operator correlates log lines with audit events
+    /// by it, and [`crate::audit::Auditor::hmac`] computes it for an id they know.
+    pub fn log_id(&self, id: &crate::record::RecordId) -> String {
+        self.audit.hmac(id.as_str())
+    }
+
+    /// Refusals without an authenticated caller (the adapters count theirs here).
+    pub fn refusals(&self) -> &Arc<refusals::Refusals> {
+        &self.refusals
     }
 
     /// The configured request limits.
@@ -672,10 +698,28 @@ impl Vault {
         f: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
     ) -> Result<T, VaultError> {
         let vault = Arc::clone(self);
-        self.cpu
-            .run(move || f(&vault))
-            .await
-            .ok_or(VaultError::Task)?
+        let max_wait = self.limits.max_queue_wait;
+        let retry_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
+        match self.cpu.run(move || f(&vault)).await {
+            Ok(result) => result,
+            Err(cpu_pool::Refused::Failed) => Err(VaultError::Task),
+            Err(cpu_pool::Refused::Full { queued, predicted }) => Err(VaultError::Overloaded {
+                reason: format!(
+                    "{queued} requests wait for a private-key thread (about {} ms; max_queue_wait_ms is {})",
+                    predicted.as_millis(),
+                    max_wait.as_millis()
+                ),
+                retry_ms,
+            }),
+            Err(cpu_pool::Refused::Late(waited)) => Err(VaultError::Overloaded {
+                reason: format!(
+                    "waited {} ms for a private-key thread (max_queue_wait_ms is {})",
+                    waited.as_millis(),
+                    max_wait.as_millis()
+                ),
+                retry_ms,
+            }),
+        }
     }
 
     /// Runs blocking work (store, RSA) off the async executor.

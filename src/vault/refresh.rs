@@ -322,7 +322,7 @@ fn store_refreshed(
     match written {
         Ok(()) => {
             super::metrics::Metrics::count(&s.metrics.refreshes, "refreshed");
-            tracing::info!(record = %seen.meta.id, "token refreshed");
+            tracing::info!(record = %s.log_id(&seen.meta.id), "token refreshed");
             s.forget_deks(Some(&seen.meta.id));
             let (record, _) = read_open(s, &seen.meta.id)?;
             Ok((record, fresh))
@@ -388,7 +388,7 @@ fn mark_reauth(
     })?;
     if marked {
         super::metrics::Metrics::count(&s.metrics.refreshes, "invalid_grant");
-        tracing::warn!(record = %seen.meta.id, "refresh token rejected (invalid_grant); record needs re-authorization");
+        tracing::warn!(record = %s.log_id(&seen.meta.id), "refresh token rejected (invalid_grant); record needs re-authorization");
         s.forget_deks(Some(&seen.meta.id));
         return Ok(None);
     }
@@ -478,7 +478,7 @@ pub(super) async fn background(state: Arc<Vault>, stop: tokio_util::sync::Cancel
                     tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
                     if let Err(e) = refresh(&state, &upstream, "background-refresh", &record).await
                     {
-                        tracing::warn!(record = %record.meta.id, error = %e, "background refresh failed");
+                        tracing::warn!(record = %state.log_id(&record.meta.id), error = %e, "background refresh failed");
                     }
                 });
             }

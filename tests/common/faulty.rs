@@ -70,11 +70,12 @@ impl TokenStore for FaultyStore {
         &self,
         groups: &[&[RecordWrite]],
         now: i64,
+        audit: Arc<dyn tokenvault::store::GroupAudit>,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         for w in groups.iter().flat_map(|g| g.iter()) {
             self.check_record(&w.meta.id)?;
         }
-        self.inner.put_record_groups(groups, now)
+        self.inner.put_record_groups(groups, now, audit)
     }
 
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {

@@ -379,6 +379,23 @@ pub async fn http_call(
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> (u16, Option<String>, bytes::Bytes) {
+    let (status, headers, body) = http_call_with_headers(addr, method, path, headers, body).await;
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, content_type, body)
+}
+
+/// Like [`http_call`]: `(status, response headers, body)`.
+#[allow(dead_code)]
+pub async fn http_call_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (u16, http::HeaderMap, bytes::Bytes) {
     use http_body_util::BodyExt as _;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
@@ -396,16 +413,12 @@ pub async fn http_call(
         .await
         .expect("HTTP call");
     let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let headers = response.headers().clone();
     let bytes = response
         .into_body()
         .collect()
         .await
         .expect("body")
         .to_bytes();
-    (status, content_type, bytes)
+    (status, headers, bytes)
 }
