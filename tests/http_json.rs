@@ -298,7 +298,7 @@ async fn bad_http_requests_get_the_grpc_code_and_its_status_and_store_nothing() 
                 json,
                 vec![b' '; 70 * 1024],
             ),
-            (429, "RESOURCE_EXHAUSTED", "max_request_bytes"),
+            (413, "RESOURCE_EXHAUSTED", "max_request_bytes"),
         ),
         (
             (
@@ -371,5 +371,50 @@ async fn bad_http_requests_get_the_grpc_code_and_its_status_and_store_nothing() 
         d.get("x2").await.expect_err("tampered").code(),
         tonic::Code::DataLoss
     );
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_before_the_body_is_read_closes_the_connection_and_says_so() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(tmp.path()).await;
+    let body = serde_json::to_vec(&sealed(&d, "c1", "t", 0).await).expect("json");
+    // Refused before the body is read: wrong credential, wrong content type.
+    for (credential, content_type, status) in [
+        ("tv_wrong", "application/json", 401),
+        (INGEST, "text/plain", 400),
+    ] {
+        let (got, headers, _) = http_call_with_headers(
+            d.addr,
+            "POST",
+            "/v1/records",
+            &[
+                ("authorization", format!("Bearer {credential}")),
+                ("content-type", content_type.to_string()),
+            ],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(got, status);
+        assert_eq!(
+            headers.get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{status}"
+        );
+    }
+    // A request whose body was read keeps its connection.
+    let (got, headers, _) = http_call_with_headers(
+        d.addr,
+        "POST",
+        "/v1/records",
+        &[
+            ("authorization", format!("Bearer {INGEST}")),
+            ("content-type", "application/json".to_string()),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(got, 200);
+    assert_eq!(headers.get("connection"), None);
     d.stop().await;
 }

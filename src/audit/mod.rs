@@ -84,6 +84,7 @@ impl Event {
     }
 }
 
+#[cfg(test)]
 fn event_hash(event: &Event) -> [u8; 32] {
     let unhashed = Event {
         hash: Vec::new(),
@@ -215,7 +216,19 @@ impl ChainVerifier {
                 "does not link to the previous event (altered, removed or reordered)",
             ));
         }
-        if event.hash != event_hash(&event) {
+        // The hash covers the stored bytes, not a re-encoding of what they decode to: an
+        // unknown field added to an event decodes to the same fields but fails here.
+        let Some(hashed) = raw
+            .strip_suffix(event.hash.as_slice())
+            .and_then(|r| r.strip_suffix(&[HASH_FIELD_KEY, 32]))
+            .filter(|_| event.hash.len() == 32)
+        else {
+            return Err(fail("hash mismatch (altered)"));
+        };
+        let mut h = Sha256::new();
+        h.update(HASH_DOMAIN);
+        h.update(hashed);
+        if event.hash.as_slice() != h.finalize().as_slice() {
             return Err(fail("hash mismatch (altered)"));
         }
         if let Some(c) = &self.checkpoint
@@ -755,7 +768,17 @@ fn hmac_hex(key: &[u8; 32], value: &str) -> String {
 
 /// `draft` sealed as the event at `head` under `key`: its bytes and hash.
 fn seal_event(key: &[u8; 32], head: &Head, draft: &Draft) -> (AuditAppend, [u8; 32]) {
-    let mut event = Event {
+    seal_event_with(key, head, draft, None)
+}
+
+/// [`seal_event`], with the HMAC of the draft's owner computed already.
+fn seal_event_with(
+    key: &[u8; 32],
+    head: &Head,
+    draft: &Draft,
+    owner_hmac: Option<&str>,
+) -> (AuditAppend, [u8; 32]) {
+    let event = Event {
         seq: head.next_seq,
         time_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -767,26 +790,37 @@ fn seal_event(key: &[u8; 32], head: &Head, draft: &Draft) -> (AuditAppend, [u8; 
             .as_deref()
             .map(|r| hmac_hex(key, r))
             .unwrap_or_default(),
-        owner_hmac: draft
-            .owner
-            .as_deref()
-            .map(|o| hmac_hex(key, o))
-            .unwrap_or_default(),
+        owner_hmac: match (owner_hmac, draft.owner.as_deref()) {
+            (Some(h), Some(_)) => h.to_string(),
+            (_, Some(o)) => hmac_hex(key, o),
+            (_, None) => String::new(),
+        },
         outcome: draft.outcome.clone(),
         detail: draft.detail.clone(),
         prev_hash: head.last_hash.to_vec(),
         hash: Vec::new(),
     };
-    let hash = event_hash(&event);
-    event.hash = hash.to_vec();
+    // The hash covers the encoding without the hash field (proto3 leaves an empty field out),
+    // and `hash` is the last field: the stored bytes are that encoding with the field appended,
+    // exactly as prost would encode the whole event (tested), for one encoding instead of two.
+    let mut bytes = event.encode_to_vec();
+    let mut h = Sha256::new();
+    h.update(HASH_DOMAIN);
+    h.update(&bytes);
+    let hash: [u8; 32] = h.finalize().into();
+    bytes.extend_from_slice(&[HASH_FIELD_KEY, 32]);
+    bytes.extend_from_slice(&hash);
     (
         AuditAppend {
             seq: event.seq,
-            bytes: event.encode_to_vec(),
+            bytes,
         },
         hash,
     )
 }
+
+/// The key byte of `Event.hash` (field 10, length-delimited): `10 << 3 | 2`.
+const HASH_FIELD_KEY: u8 = 82;
 
 /// Seals the events of a write that decides them itself, from the place in the chain that
 /// [`Auditor::append_decided`] reserved: a group commit knows which requests it accepts (and
@@ -810,8 +844,19 @@ impl ChainSealer {
     pub fn seal(&self, drafts: &[Draft]) -> Vec<AuditAppend> {
         let mut next = self.start;
         let mut appends = Vec::with_capacity(drafts.len());
+        // A batch usually stores many records of one owner: its HMAC is computed once.
+        let mut owner: Option<(&str, String)> = None;
         for draft in drafts {
-            let (append, hash) = seal_event(&self.key, &next, draft);
+            let owner_hmac = match (draft.owner.as_deref(), &owner) {
+                (Some(o), Some((last, h))) if *last == o => Some(h.clone()),
+                (Some(o), _) => {
+                    let h = hmac_hex(&self.key, o);
+                    owner = Some((o, h.clone()));
+                    Some(h)
+                }
+                (None, _) => None,
+            };
+            let (append, hash) = seal_event_with(&self.key, &next, draft, owner_hmac.as_deref());
             appends.push(append);
             next = Head {
                 next_seq: next.next_seq + 1,
@@ -1111,6 +1156,69 @@ mod tests {
             );
         }
         assert_eq!(store.audit_events(1, 10).expect("events"), vec![]);
+    }
+
+    #[test]
+    fn sealed_bytes_are_proto_encoding_and_the_hash_is_the_chain_hash() {
+        let key = [7u8; 32];
+        let head = Head {
+            next_seq: 42,
+            last_hash: [9; 32],
+        };
+        for draft in [
+            Draft::new("web-tier", "PutSealed")
+                .record("gh:1")
+                .owner("user-1")
+                .outcome("ok")
+                .detail("created: version 1, key version 1"),
+            Draft::new("-", "x"),
+        ] {
+            let (append, hash) = seal_event(&key, &head, &draft);
+            let event = Event::decode(append.bytes.as_slice()).expect("decodes");
+            assert_eq!(event.encode_to_vec(), append.bytes, "prost's own encoding");
+            assert_eq!(event.hash, hash.to_vec());
+            assert_eq!(event_hash(&event), hash);
+            assert_eq!((event.seq, event.prev_hash), (42, vec![9; 32]));
+        }
+    }
+
+    #[test]
+    fn bytes_added_to_a_stored_event_break_the_chain_even_if_they_decode_the_same() {
+        let key = [7u8; 32];
+        let first = Head {
+            next_seq: 1,
+            last_hash: [0; 32],
+        };
+        let (a, hash) = seal_event(&key, &first, &Draft::new("c", "A"));
+        let (b, _) = seal_event(
+            &key,
+            &Head {
+                next_seq: 2,
+                last_hash: hash,
+            },
+            &Draft::new("c", "B"),
+        );
+        assert_eq!(
+            verify_chain([(1, a.bytes.clone()), (2, b.bytes.clone())]),
+            Ok(2)
+        );
+        // Field 15 (varint 1) appended: prost skips it, so the event decodes to the same
+        // fields, and a check of a re-encoding would call it intact.
+        let mut padded = a.bytes.clone();
+        padded.extend_from_slice(&[15 << 3, 1]);
+        assert_eq!(
+            Event::decode(padded.as_slice()).expect("decodes").hash,
+            hash.to_vec()
+        );
+        let e = verify_chain([(1, padded), (2, b.bytes.clone())]).expect_err("altered");
+        assert_eq!((e.seq, e.reason.as_str()), (1, "hash mismatch (altered)"));
+        // The same field inserted before the hash.
+        let at = a.bytes.len() - 34;
+        let mut inserted = a.bytes[..at].to_vec();
+        inserted.extend_from_slice(&[15 << 3, 1]);
+        inserted.extend_from_slice(&a.bytes[at..]);
+        let e = verify_chain([(1, inserted), (2, b.bytes)]).expect_err("altered");
+        assert_eq!(e.seq, 1);
     }
 
     #[test]

@@ -710,7 +710,25 @@ async fn warm_up(
                     return Ok::<_, CliError>(());
                 }
                 let id = format!("{seeded}{i}");
-                broker.get_token(v1::GetTokenRequest { id }).await?;
+                // A daemon shedding load answers RESOURCE_EXHAUSTED with a retry hint: the
+                // warm-up waits as told and reads the record again.
+                loop {
+                    match broker
+                        .get_token(v1::GetTokenRequest { id: id.clone() })
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                            use tonic_types::StatusExt as _;
+                            let wait = status
+                                .get_details_retry_info()
+                                .and_then(|r| r.retry_delay)
+                                .unwrap_or(Duration::from_millis(100));
+                            tokio::time::sleep(wait).await;
+                        }
+                        Err(status) => return Err(status.into()),
+                    }
+                }
             }
         });
     }

@@ -189,14 +189,20 @@ async fn admit(s: &Http, req: Request) -> Result<(crate::vault::Caller, bytes::B
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit");
-        Box::new(error_response(&if too_large {
-            tonic::Status::resource_exhausted(format!(
+        if too_large {
+            // RESOURCE_EXHAUSTED as over gRPC, but 413, which HTTP clients know means "do
+            // not retry the same body" (429 would invite a retry).
+            let mut r = error_response(&tonic::Status::resource_exhausted(format!(
                 "request too large: the body is over max_request_bytes ({} bytes)",
                 s.max_body
-            ))
+            )));
+            *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            Box::new(r)
         } else {
-            tonic::Status::invalid_argument("the request body could not be read")
-        }))
+            Box::new(error_response(&tonic::Status::invalid_argument(
+                "the request body could not be read",
+            )))
+        }
     })?;
     Ok((caller, bytes))
 }

@@ -306,8 +306,9 @@ impl TokenStore for RocksStore {
         audit: std::sync::Arc<dyn super::GroupAudit>,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let _guard = self.lock();
-        // Records accepted earlier in this commit, which later groups must see.
-        let mut accepted: std::collections::HashMap<RecordId, Record> =
+        // Records accepted earlier in this commit, which later groups must see: where they are
+        // in `accepted_groups` (group, position), so no record is copied to be found.
+        let mut accepted: std::collections::HashMap<RecordId, (usize, usize)> =
             std::collections::HashMap::new();
         let mut batch = WriteBatch::default();
         let mut outcomes = Vec::with_capacity(groups.len());
@@ -322,7 +323,7 @@ impl TokenStore for RocksStore {
                 now,
                 |id| {
                     let r = match accepted.get(id) {
-                        Some(r) => Some(r.clone()),
+                        Some(&(g, i)) => Some(accepted_groups[g].1[i].clone()),
                         None => self.read(id)?,
                     };
                     if let Some(r) = &r {
@@ -351,7 +352,13 @@ impl TokenStore for RocksStore {
                 self.stage_record(&mut batch, previous.get(&r.meta.id), r);
             }
             outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
-            accepted.extend(planned.iter().map(|r| (r.meta.id.clone(), r.clone())));
+            let at = accepted_groups.len();
+            accepted.extend(
+                planned
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.meta.id.clone(), (at, i))),
+            );
             accepted_groups.push((index, planned));
         }
         for a in super::seal_accepted(&*audit, &accepted_groups) {

@@ -63,6 +63,11 @@ impl GroupAudit for Events {
 pub(super) struct GroupCommit {
     tx: Option<mpsc::Sender<Pending>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Requests queued or being written; at most `max_pending`, beyond which a request is
+    /// refused at once rather than queued.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+    max_pending: usize,
+    metrics: Arc<super::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for GroupCommit {
@@ -72,9 +77,17 @@ impl std::fmt::Debug for GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the committer over `store`, auditing into `audit`.
-    pub(super) fn start(store: Arc<dyn TokenStore>, audit: Arc<Auditor>) -> std::io::Result<Self> {
+    /// Starts the committer over `store`, auditing into `audit`, with at most `max_pending`
+    /// requests waiting.
+    pub(super) fn start(
+        store: Arc<dyn TokenStore>,
+        audit: Arc<Auditor>,
+        max_pending: usize,
+        metrics: Arc<super::metrics::Metrics>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Pending>();
+        let pending_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = Arc::clone(&pending_count);
         let thread = std::thread::Builder::new()
             .name("tokenvault-commit".into())
             .spawn(move || {
@@ -99,6 +112,7 @@ impl GroupCommit {
                             Arc::new(Events { sealer, callers }),
                         )
                     });
+                    done.fetch_sub(pending.len(), std::sync::atomic::Ordering::SeqCst);
                     match written {
                         Ok(outcomes) => {
                             for (p, outcome) in pending.into_iter().zip(outcomes) {
@@ -117,6 +131,9 @@ impl GroupCommit {
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
+            pending: pending_count,
+            max_pending: max_pending.max(1),
+            metrics,
         })
     }
 
@@ -127,20 +144,37 @@ impl GroupCommit {
         writes: Vec<RecordWrite>,
         caller: &str,
         action: &'static str,
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Vec<u64>, super::VaultError> {
+        use std::sync::atomic::Ordering;
+        let queued = self.pending.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            super::metrics::Metrics::count(&self.metrics.shed, "commit_queue_full");
+            return Err(super::VaultError::Overloaded {
+                reason: format!(
+                    "{queued} write requests wait for the store (max_queued is {})",
+                    self.max_pending
+                ),
+                // About one group commit.
+                retry_ms: 50,
+            });
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || StoreError::Engine("the commit thread has stopped".into());
-        self.tx
-            .as_ref()
-            .ok_or_else(gone)?
-            .send(Pending {
+        let sent = self.tx.as_ref().ok_or_else(gone).and_then(|tx| {
+            tx.send(Pending {
                 writes,
                 caller: caller.to_string(),
                 action,
                 reply,
             })
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+            .map_err(|_| gone())
+        });
+        if let Err(e) = sent {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        Ok(answer.await.map_err(|_| gone())??)
     }
 }
 

@@ -118,14 +118,12 @@ impl Vault {
                 .record(req.meta.id.as_str())
                 .owner(req.meta.owner.as_str())
                 .outcome(outcome);
-            if let Err(e) = self.audit.append(&draft, true) {
-                tracing::error!(error = %e, "could not audit a refused code exchange");
-            }
+            self.audit_off_executor(draft, "a refused code exchange")
         };
         let response = match post_token_request(&upstream, &config, request).await {
             Ok(r) => r,
             Err(e) => {
-                audit("Unavailable");
+                audit("Unavailable").await;
                 return Err(VaultError::Proxy(e));
             }
         };
@@ -134,7 +132,7 @@ impl Vault {
             Ok(a) => a,
             Err(source) => {
                 let error = VaultError::Exchange { provider, source };
-                audit(error.kind().name());
+                audit(error.kind().name()).await;
                 return Err(error);
             }
         };

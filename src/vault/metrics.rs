@@ -86,8 +86,8 @@ pub struct Metrics {
     pub unauthenticated_refusals: Family<Outcome, Counter>,
     /// Connections the daemon closed, by why (`idle`, `cap`).
     pub connections_closed: Family<Outcome, Counter>,
-    /// Requests refused because the private-key queue was full or too slow, by why
-    /// (`queue_full`, `queue_wait`, `caller_gone`).
+    /// Requests refused because the private-key queue was full or too slow, or the commit
+    /// queue full, by why (`queue_full`, `queue_wait`, `caller_gone`, `commit_queue_full`).
     pub shed: Family<Outcome, Counter>,
     /// Token refreshes by outcome.
     pub refreshes: Family<Outcome, Counter>,
@@ -162,7 +162,7 @@ impl Default for Metrics {
         let shed = Family::<Outcome, Counter>::default();
         registry.register(
             "shed",
-            "Requests refused at once under overload: private-key queue full, queue wait over max_queue_wait_ms, or the caller gone before its turn",
+            "Requests refused at once under overload: private-key queue full, queue wait over max_queue_wait_ms, the caller gone before its turn, or the commit queue full",
             shed.clone(),
         );
         let refreshes = Family::<Outcome, Counter>::default();

@@ -378,12 +378,16 @@ impl Vault {
                 what: "RSA pool",
                 source,
             })?,
-            commit: commit::GroupCommit::start(Arc::clone(&store), Arc::clone(&audit)).map_err(
-                |source| OpenError::Threads {
-                    what: "group commit",
-                    source,
-                },
-            )?,
+            commit: commit::GroupCommit::start(
+                Arc::clone(&store),
+                Arc::clone(&audit),
+                config.limits.max_queued,
+                Arc::clone(&metrics),
+            )
+            .map_err(|source| OpenError::Threads {
+                what: "group commit",
+                source,
+            })?,
             stopping: tokio_util::sync::CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
             store,
@@ -557,12 +561,25 @@ impl Vault {
                     .upstreams
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(upstreams);
-                self.audit.append(&draft.detail(names.join(",")), true)?;
+                let audit = Arc::clone(&self.audit);
+                let draft = draft.detail(names.join(","));
+                self.tasks
+                    .spawn_blocking(move || audit.append(&draft, true))
+                    .await
+                    .map_err(|_| VaultError::Task)??;
                 tracing::info!(providers = ?names, "providers reloaded");
                 Ok(names)
             }
             Err(e) => {
-                self.audit_outcome(draft, &e);
+                let audit = Arc::clone(&self.audit);
+                let draft = draft.outcome(e.kind().name());
+                let written = self
+                    .tasks
+                    .spawn_blocking(move || audit.append(&draft, true))
+                    .await;
+                if !matches!(written, Ok(Ok(()))) {
+                    tracing::error!("could not audit a failed provider reload");
+                }
                 tracing::error!(error = %e, "provider reload failed");
                 Err(e)
             }
@@ -719,6 +736,17 @@ impl Vault {
                 ),
                 retry_ms,
             }),
+        }
+    }
+
+    /// Appends `draft` durably on the blocking pool, for use-case code running on the executor;
+    /// a failure to audit is logged (`what` says what was being audited).
+    async fn audit_off_executor(self: &Arc<Self>, draft: Draft, what: &'static str) {
+        let written = self
+            .blocking(move |v| Ok(v.audit.append(&draft, true)?))
+            .await;
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not audit {what}");
         }
     }
 

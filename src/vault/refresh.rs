@@ -200,7 +200,7 @@ async fn refresh_locked(
     let response = match response {
         Ok(r) => r,
         Err(e) => {
-            audit_refresh(state, caller, &current, &format!("failed: {e}"));
+            audit_refresh_off_executor(state, caller, &current, format!("failed: {e}")).await;
             return Err(VaultError::Proxy(e));
         }
     };
@@ -225,7 +225,7 @@ async fn refresh_locked(
             }
         }
         Err(source) => {
-            audit_refresh(state, caller, &current, &format!("failed: {source}"));
+            audit_refresh_off_executor(state, caller, &current, format!("failed: {source}")).await;
             Err(VaultError::Refresh {
                 id: id.to_string(),
                 source,
@@ -292,6 +292,22 @@ fn audit_refresh(state: &Vault, caller: &str, record: &Record, outcome: &str) {
     {
         tracing::error!(error = %e, "could not audit a refresh");
     }
+}
+
+/// [`audit_refresh`] on the blocking pool, for the refresh's steps that run on the executor.
+async fn audit_refresh_off_executor(
+    state: &Arc<Vault>,
+    caller: &str,
+    record: &Record,
+    outcome: String,
+) {
+    let (caller, record) = (caller.to_string(), record.clone());
+    let _ = state
+        .blocking(move |s| {
+            audit_refresh(s, &caller, &record, &outcome);
+            Ok(())
+        })
+        .await;
 }
 
 /// Seals the refreshed bundle under the active key and writes it over `seen`'s version. If
