@@ -272,8 +272,8 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Longest a request waits for a private-key thread before it is refused.
     pub max_queue_wait: std::time::Duration,
-    /// Most requests waiting for a private-key thread at once, and most write requests
-    /// waiting for the group commit.
+    /// Most requests waiting for a private-key thread at once, most write requests waiting
+    /// for the group commit, and most record reads (`GetToken`, `Proxy`) in progress.
     pub max_queued: usize,
 }
 
@@ -853,6 +853,27 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Default batch size limit.
 pub const DEFAULT_MAX_BATCH: usize = 1000;
 
+/// Refuses a provider whose `timeout_ms` is not below `[limits] idle_timeout_seconds`: a proxied
+/// call moves no byte on the caller's connection while it waits on its provider, so the idle
+/// timeout would cut it first. Also checked when providers are reloaded.
+pub fn check_provider_timeouts(
+    providers: &std::collections::BTreeMap<String, crate::provider::ProviderPolicy>,
+    limits: &Limits,
+) -> Result<(), ConfigError> {
+    for (name, p) in providers {
+        if p.timeout >= limits.idle_timeout {
+            return Err(invalid(
+                &format!("providers.{name}.timeout_ms"),
+                format!(
+                    "must be below [limits] idle_timeout_seconds ({} s): the idle timeout would cut a proxied call first",
+                    limits.idle_timeout.as_secs()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -1114,6 +1135,7 @@ impl Config {
             },
         };
         config.check_listen()?;
+        check_provider_timeouts(&config.providers, &config.limits)?;
         Ok(config)
     }
 

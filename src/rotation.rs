@@ -440,16 +440,39 @@ pub fn mark_destroyed(
     now: i64,
     audit: Option<&AuditAppend>,
 ) -> Result<KeyInfo, RotationError> {
-    // Checked here as well as at retirement: an envelope that slipped in under a retiring key
-    // must never lose its only private key.
-    ensure_unused(store, version)?;
-    let mut key = find_in(
+    ensure_destroyable(store, version)?;
+    write_destroyed(store, version, now, audit)
+}
+
+/// Whether `version` may be destroyed: retired (or destroyed already) and used by no record.
+/// Checked here as well as at retirement: an envelope that slipped in under a retiring key
+/// must never lose its only private key. Once a version is retired no record can be stored
+/// under it (retirement is atomic with record writes), so the answer cannot turn from yes to
+/// no: the count runs before the audited write, not inside it.
+fn ensure_destroyable(store: &dyn TokenStore, version: u32) -> Result<(), RotationError> {
+    find_destroyable(store, version)?;
+    ensure_unused(store, version)
+}
+
+/// The registry entry of `version` if it may be destroyed (retired, or destroyed already).
+fn find_destroyable(store: &dyn TokenStore, version: u32) -> Result<KeyInfo, RotationError> {
+    find_in(
         store,
         version,
         &[KeyState::Retired, KeyState::Destroyed],
         "destroy",
         "retired",
-    )?;
+    )
+}
+
+/// The registry write of [`mark_destroyed`], once [`ensure_destroyable`] said yes.
+fn write_destroyed(
+    store: &dyn TokenStore,
+    version: u32,
+    now: i64,
+    audit: Option<&AuditAppend>,
+) -> Result<KeyInfo, RotationError> {
+    let mut key = find_destroyable(store, version)?;
     if key.state != KeyState::Destroyed {
         key.state = KeyState::Destroyed;
         key.updated_at = now;
@@ -481,14 +504,17 @@ pub fn add_version(
     key: PrivateKey,
     now: i64,
 ) -> Result<KeyInfo, KeyError> {
-    add_version_audited(store, dir, key, now, None)
+    let file = dir.prepare(&key)?;
+    add_version_audited(store, dir, &key, &file, now, None)
 }
 
-/// [`add_version`], writing `audit` in the same atomic registry write.
+/// [`add_version`] of a key [`KeyDir::prepare`]d as `file`, writing `audit` in the same atomic
+/// registry write.
 pub fn add_version_audited(
     store: &dyn TokenStore,
     dir: &KeyDir,
-    key: PrivateKey,
+    key: &PrivateKey,
+    file: &crate::keys::keyring::KeyFile,
     now: i64,
     audit: Option<&AuditAppend>,
 ) -> Result<KeyInfo, KeyError> {
@@ -503,7 +529,7 @@ pub fn add_version_audited(
     while dir.is_shared() && dir.has_private(version) {
         version += 1;
     }
-    dir.write(version, &key)?;
+    dir.write_prepared(version, file)?;
     let info = KeyInfo {
         version,
         id,
@@ -569,11 +595,14 @@ impl<'a> KeyService<'a> {
         key: PrivateKey,
         now: i64,
     ) -> Result<KeyInfo, RotationError> {
+        // The passphrase's scrypt runs before the audited write, not inside it.
+        let file = self.dir.prepare(&key)?;
         self.recorded(draft, |a| {
             Ok(add_version_audited(
                 self.store,
                 self.dir,
-                key,
+                &key,
+                &file,
                 now,
                 Some(a),
             )?)
@@ -607,9 +636,13 @@ impl<'a> KeyService<'a> {
         version: u32,
         now: i64,
     ) -> Result<KeyInfo, RotationError> {
-        // The audited registry write first; the chain advances with it even if the erase
-        // below fails, since the event is stored.
-        let key = self.recorded(draft, |a| mark_destroyed(self.store, version, now, Some(a)))?;
+        // The records are counted before the audited write; the audited registry write goes
+        // first, and the chain advances with it even if the erase below fails, since the
+        // event is stored.
+        ensure_destroyable(self.store, version)?;
+        let key = self.recorded(draft, |a| {
+            write_destroyed(self.store, version, now, Some(a))
+        })?;
         self.dir.erase(version)?;
         Ok(key)
     }

@@ -353,3 +353,33 @@ fn only_keys_private_names_a_private_key_type() {
         }
     }
 }
+
+/// The private-key pool does only private-key work: its one user is the unwrap of a record's
+/// data key (`GetToken`, `Proxy`), and that closure does nothing else (no store read, no audit
+/// append), so an RSA thread never waits on I/O and a cached call never waits for an RSA
+/// thread.
+#[test]
+fn the_private_key_pool_only_unwraps() {
+    let users: Vec<(String, String)> = all_files()
+        .into_iter()
+        .filter(|(_, c)| c.contains(".cpu_bound("))
+        .map(|(r, c)| (r.display().to_string(), c))
+        .collect();
+    assert_eq!(
+        users.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
+        ["vault/broker.rs"],
+        "who runs work on the private-key pool"
+    );
+    let code = &users[0].1;
+    assert_eq!(code.matches(".cpu_bound(").count(), 1, "one use");
+    let at = code.find(".cpu_bound(").expect("found");
+    // The closure, up to the `.await` that ends the call.
+    let closure = &code[at..at + code[at..].find(".await").expect("awaited")];
+    assert!(closure.contains("records::open_unwrapping("), "{closure}");
+    for io in ["store", "audit", "blocking", "keyring()", "reload"] {
+        assert!(
+            !closure.contains(io),
+            "the private-key closure touches {io}: {closure}"
+        );
+    }
+}

@@ -58,15 +58,33 @@ async fn seal_store_get_round_trip() {
     // Replace with the right version; a stale writer is refused and changes nothing.
     let sealer = d.sealer().await;
     let mut ingest = d.ingest(INGEST).await;
+    let replace = v1::PutSealedRequest {
+        record: Some(sealed(&sealer, &m, b"gho_second")),
+        expected_version: 1,
+    };
     let v2 = ingest
-        .put_sealed(v1::PutSealedRequest {
-            record: Some(sealed(&sealer, &m, b"gho_second")),
-            expected_version: 1,
-        })
+        .put_sealed(replace.clone())
         .await
         .expect("replace")
         .into_inner();
     assert_eq!(v2.version, 2);
+    // The same request again (a web tier retrying after UNAVAILABLE, not knowing whether its
+    // write landed) answers the stored version and writes nothing, not even an audit event.
+    let puts = || async {
+        d.audit_events(v1::AuditLogRequest::default())
+            .await
+            .iter()
+            .filter(|e| e.action == "PutSealed")
+            .count()
+    };
+    let before = puts().await;
+    let retried = ingest
+        .put_sealed(replace)
+        .await
+        .expect("a blind retry of the write that landed succeeds")
+        .into_inner();
+    assert_eq!(retried.version, 2);
+    assert_eq!(puts().await, before);
     let stale = ingest
         .put_sealed(v1::PutSealedRequest {
             record: Some(sealed(&sealer, &m, b"gho_stale")),
@@ -1340,4 +1358,33 @@ async fn every_stored_record_has_its_audit_event_in_the_same_write() {
         Ok(u64::try_from(events.len()).expect("small"))
     );
     d.stop().await;
+}
+
+/// A call that never ends on its own (a health Watch stream, which load balancers hold open)
+/// does not keep the daemon from exiting: after the listeners stop, in-flight calls get
+/// `idle_timeout_seconds` to finish, then their connections are closed.
+#[tokio::test]
+async fn a_health_watch_stream_does_not_hold_the_shutdown_forever() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = config(dir.path());
+    config.limits.idle_timeout = std::time::Duration::from_secs(2);
+    let d = TestDaemon::start_with(config).await;
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(d.channel().await)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("stream").expect("a status");
+    assert_eq!(
+        first.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // The stream stays open; the daemon stops anyway, within the drain limit (and far less
+    // than this test's own bound).
+    tokio::time::timeout(std::time::Duration::from_secs(20), d.stop())
+        .await
+        .expect("the daemon stopped with a watch stream open");
+    drop(watch);
 }

@@ -186,6 +186,14 @@ async fn bad_http_requests_get_the_grpc_code_and_its_status_and_store_nothing() 
         200
     );
     let before = d.stats().await.records;
+    // The very same request again (a retry that does not know whether the first landed)
+    // answers the stored version; another seal for the same id is a conflict.
+    let repeated = post(&d, "/v1/records", INGEST, good.clone()).await;
+    assert_eq!(
+        (repeated.status, &repeated.json["version"]),
+        (200, &"1".into())
+    );
+    let other_seal = sealed(&d, "x1", "tok", 0).await;
 
     let body = |v: &serde_json::Value| v.to_string().into_bytes();
     let json = Some("application/json");
@@ -277,7 +285,7 @@ async fn bad_http_requests_get_the_grpc_code_and_its_status_and_store_nothing() 
             (400, "INVALID_ARGUMENT", "record is required"),
         ),
         (
-            ("POST", "/v1/records", Some(INGEST), json, body(&good)),
+            ("POST", "/v1/records", Some(INGEST), json, body(&other_seal)),
             (409, "ALREADY_EXISTS", "x1"),
         ),
         (

@@ -411,6 +411,38 @@ async fn a_shared_store_needs_the_right_passphrase() {
             .expect_err("refused")
             .to_string()
     };
+    // Every row of every table of the vault, as text: a refused start must leave it as it is
+    // (no lease, no audit event, no key, nothing).
+    let client = pg::client(&url).await;
+    let snapshot = || async {
+        let tables: Vec<String> = client
+            .query(
+                "SELECT tablename::text FROM pg_tables WHERE tablename LIKE 'tokenvault%' ORDER BY 1",
+                &[],
+            )
+            .await
+            .expect("tables")
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(tables.len() >= 4, "{tables:?}");
+        let mut rows = Vec::new();
+        for t in tables {
+            let all: String = client
+                .query_one(
+                    &format!(
+                        "SELECT coalesce(string_agg(x::text, '|' ORDER BY x::text), '') FROM {t} x"
+                    ),
+                    &[],
+                )
+                .await
+                .expect("rows")
+                .get(0);
+            rows.push((t, all));
+        }
+        rows
+    };
+    let before = snapshot().await;
     let mut none = pg::config_on(dir.path(), &url, "b");
     none.passphrase = None;
     let e = open(none).await;
@@ -423,8 +455,11 @@ async fn a_shared_store_needs_the_right_passphrase() {
     let e = open(wrong).await;
     assert!(e.contains("does not open with this passphrase"), "{e}");
     assert!(!e.contains(pg::PASSPHRASE) && !e.contains("wrong\""), "{e}");
-    // Nothing was written by the refused daemons: no audit chain "b".
-    let client = pg::client(&url).await;
+    // Nothing was written by the refused daemons: not a byte, and no audit chain "b".
+    assert!(
+        snapshot().await == before,
+        "a refused start changed the database"
+    );
     let chain_b = || async {
         client
             .query_one(
@@ -460,7 +495,12 @@ async fn a_shared_store_needs_the_right_passphrase() {
             }
         };
         write(tampered).await;
+        let tampered_state = snapshot().await;
         let e = open(pg::config_on(dir.path(), &url, "b")).await;
+        assert!(
+            snapshot().await == tampered_state,
+            "{key}: a refused start changed the database"
+        );
         let expected = match key {
             "audit_hmac_key" => "audit_hmac_key (in the store): does not open with this passphrase",
             _ => "shared store: private key v1: not a valid RSA private key",

@@ -61,13 +61,38 @@ async fn a_database_restart_under_load_is_unavailable_then_recovers_losing_nothi
     tokio::task::spawn_blocking(|| pg::pg_ctl("stop"))
         .await
         .expect("stop");
-    // While it is down: UNAVAILABLE, saying why.
+    // While it is down: UNAVAILABLE, saying why; and health says NOT_SERVING (the daemon
+    // probes the database every second), so a load balancer takes the daemon out.
     let e = d.get("before1").await.expect_err("database down");
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("database"), "{}", e.message());
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health answers whatever the database does")
+        .into_inner();
+    let mut until = async |want: ServingStatus, within: u64| {
+        tokio::time::timeout(std::time::Duration::from_secs(within), async {
+            while let Some(m) = health.message().await.expect("health stream") {
+                if m.status == want as i32 {
+                    return;
+                }
+            }
+            panic!("the health stream ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("health did not turn {want:?} within {within} s"));
+    };
+    until(ServingStatus::NotServing, 10).await;
     tokio::task::spawn_blocking(|| pg::pg_ctl("start"))
         .await
         .expect("start");
+    until(ServingStatus::Serving, 30).await;
+    // The watch would hold the daemon's shutdown for its drain limit.
+    drop(health);
     // Back without restarting the daemon (the pool replaces its broken connections).
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while d.get("before1").await.is_err() {

@@ -535,12 +535,16 @@ async fn fifty_concurrent_callers_cause_exactly_one_refresh() {
         tasks.spawn(async move { client.proxy(request("b", "GET", "/me")).await });
     }
     let mut ok = 0;
+    let mut refreshed = 0;
     while let Some(r) = tasks.join_next().await {
         let r = r.expect("join").expect("proxied").into_inner();
         assert_eq!(r.status, 200);
         ok += 1;
+        refreshed += usize::from(r.refreshed);
     }
     assert_eq!(ok, 50);
+    // Only the call that refreshed says so; the others used its result.
+    assert_eq!(refreshed, 1);
     let p = s.provider.lock();
     assert_eq!(p.refreshes, 1);
     assert_eq!(p.token_requests, 1);

@@ -305,9 +305,22 @@ fn emergency_rotate_ends_with_a_verification_report() {
     let creds = d.creds.clone();
     d.terminate();
 
-    // Tamper with one stored event while the daemon is down; `audit verify` names it.
-    {
+    // Tamper with one stored event while the daemon is down; `audit verify` names it. Beside
+    // it, an intact copy of the chain as another instance's (as `store copy` brings them from
+    // a shared database) and a copy with one event removed: every chain is checked and
+    // reported, a broken one does not stop the check of the others.
+    let intact_events = {
+        use tokenvault::store::TokenStore as _;
         let store = tokenvault::store::RocksStore::open(&cwd.join("data"), 1 << 20).expect("open");
+        let intact = store.audit_events(1, 1_000_000).expect("events");
+        let mut copies = tokenvault::store::Import::default();
+        for (seq, raw) in &intact {
+            copies.audit.push(("b-intact".into(), *seq, raw.clone()));
+            if *seq != 3 {
+                copies.audit.push(("c-gap".into(), *seq, raw.clone()));
+            }
+        }
+        store.import(&copies).expect("import other chains");
         let (seq, mut raw) = tokenvault::store::TokenStore::audit_events(&store, 2, 1)
             .expect("events")
             .remove(0);
@@ -315,17 +328,52 @@ fn emergency_rotate_ends_with_a_verification_report() {
         raw[n] ^= 0x01;
         tokenvault::store::TokenStore::dangerous_overwrite_audit(&store, seq, &raw)
             .expect("tamper");
-    }
+        intact.len()
+    };
     let d = serve_dev_on(cwd, addr.trim_start_matches("http://"));
     let mut env: Vec<(&str, &str)> = creds
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     env.push(("TOKENVAULT_ADDR", addr.as_str()));
+    let o = run(cwd, &["admin", "audit", "verify"], &env, None);
     assert_exit(
-        &run(cwd, &["admin", "audit", "verify"], &env, None),
+        &o,
         6,
-        "audit chain broken at event 2",
+        "2 of 3 audit chains broken: audit chain broken at event 2",
+    );
+    assert!(
+        stderr(&o).contains("chain of instance c-gap: audit chain broken at event 3: missing"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stdout(&o).contains(&format!(
+            "audit chain of instance b-intact intact: {} event(s)",
+            intact_events
+        )),
+        "{}",
+        stdout(&o)
+    );
+    let o = run(cwd, &["admin", "audit", "verify", "--json"], &env, None);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let intact: Vec<(&str, bool)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["instance"].as_str().expect("instance"),
+                l["intact"].as_bool().expect("intact"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        intact,
+        [("", false), ("b-intact", true), ("c-gap", false)],
+        "{lines:?}"
     );
     d.terminate();
 }

@@ -183,8 +183,58 @@ async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
     assert_eq!(lines(&stdout(&out)), lines(&report));
     assert!(stdout(&out).contains("audit events, chain \"p\""));
 
-    // A daemon on the copy of the copy, with the source's keys, serves everything.
-    copy_keys(&a.path().join("keys"), &c.path().join("keys"));
+    // A daemon on the copy of the copy, with the keys written out of the database (the
+    // inverse of `keys share`), serves everything. By default the files are encrypted with
+    // the database's passphrase; --unencrypted suits this daemon's directory, which has none.
+    let export = |to: &Path, unencrypted: bool| {
+        let mut args = vec![
+            "keys",
+            "export-files",
+            "--config",
+            "pg.toml",
+            "--to-key-dir",
+        ];
+        args.push(to.to_str().expect("utf-8"));
+        if unencrypted {
+            args.push("--unencrypted");
+        }
+        run(a.path(), &args, &[], None)
+    };
+    let sealed_dir = tempfile::tempdir().expect("sealed keys");
+    let sealed = export(sealed_dir.path(), false);
+    assert_exit(&sealed, 0, "");
+    let pem = std::fs::read_to_string(sealed_dir.path().join("v0002.key.pem")).expect("v2 file");
+    assert!(pem.contains("ENCRYPTED PRIVATE KEY"), "{pem}");
+    use std::os::unix::fs::PermissionsExt as _;
+    for file in ["v0001.key.pem", "audit.key"] {
+        let mode = std::fs::metadata(sealed_dir.path().join(file))
+            .expect("written")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let c_keys = config(c.path()).key_dir;
+    let exported = export(&c_keys, true);
+    assert_exit(&exported, 0, "");
+    assert!(stdout(&exported).contains("wrote private key v1 (unencrypted)"));
+    assert!(stdout(&exported).contains("wrote the audit HMAC key"));
+    // Again: nothing to write, nothing overwritten.
+    let again = export(&c_keys, true);
+    assert_exit(&again, 0, "");
+    assert!(stdout(&again).contains("private key v2 already there"));
+    assert!(stdout(&again).contains("already had the audit HMAC key"));
+    // A directory holding another daemon's audit key is refused, and nothing is written.
+    let other_keys = config(stranger.path()).key_dir;
+    let files_before: Vec<_> = std::fs::read_dir(&other_keys)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_exit(&export(&other_keys, true), 6, "not overwritten");
+    let files_after: Vec<_> = std::fs::read_dir(&other_keys)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(files_before, files_after);
     let d = TestDaemon::start(c.path()).await;
     assert_eq!(
         d.get("r7").await.expect("get").into_inner().secret,

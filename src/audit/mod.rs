@@ -400,28 +400,7 @@ fn shared_key(
     };
     for _ in 0..2 {
         if let Some(blob) = store.get_meta(SHARED_KEY_META)? {
-            if blob.len() != 16 + 12 + 32 + 16 {
-                return Err(err("has the wrong length"));
-            }
-            let kek = passphrase_kek(passphrase, &blob[..16])?;
-            let cipher =
-                aes_gcm::Aes256Gcm::new_from_slice(&kek[..]).map_err(|_| err("bad key length"))?;
-            let plain = Zeroizing::new(
-                cipher
-                    .decrypt(
-                        aes_gcm::Nonce::from_slice(&blob[16..28]),
-                        Payload {
-                            msg: &blob[28..],
-                            aad: SHARED_KEY_AAD,
-                        },
-                    )
-                    .map_err(|_| {
-                        err("does not open with this passphrase (every daemon sharing the store needs the same one)")
-                    })?,
-            );
-            let mut key = Zeroizing::new([0u8; 32]);
-            key.copy_from_slice(&plain[..]);
-            return Ok((key, false));
+            return Ok((open_shared_key(&blob, passphrase)?, false));
         }
         let mut key = Zeroizing::new([0u8; 32]);
         match proposed {
@@ -452,6 +431,51 @@ fn shared_key(
         // Another daemon created it first: read that one.
     }
     Err(err("could not be created"))
+}
+
+/// The audit HMAC key in its stored (encrypted) form, opened with `passphrase`.
+fn open_shared_key(
+    blob: &[u8],
+    passphrase: &crate::secret::Passphrase,
+) -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    use aes_gcm::aead::{Aead as _, KeyInit as _, Payload};
+    let err = |message: &str| AuditError::Key {
+        path: format!("{SHARED_KEY_META} (in the store)"),
+        message: message.to_string(),
+    };
+    if blob.len() != 16 + 12 + 32 + 16 {
+        return Err(err("has the wrong length"));
+    }
+    let kek = passphrase_kek(passphrase, &blob[..16])?;
+    let cipher = aes_gcm::Aes256Gcm::new_from_slice(&kek[..]).map_err(|_| err("bad key length"))?;
+    let plain = Zeroizing::new(
+        cipher
+            .decrypt(
+                aes_gcm::Nonce::from_slice(&blob[16..28]),
+                Payload {
+                    msg: &blob[28..],
+                    aad: SHARED_KEY_AAD,
+                },
+            )
+            .map_err(|_| {
+                err("does not open with this passphrase (every daemon sharing the store needs the same one)")
+            })?,
+    );
+    let mut key = Zeroizing::new([0u8; 32]);
+    key.copy_from_slice(&plain[..]);
+    Ok(key)
+}
+
+/// Checks, writing nothing, that `passphrase` opens a shared store's audit HMAC key, if the
+/// store has one yet: what a daemon checks before it claims anything in the store.
+pub fn check_shared_key(
+    store: &dyn TokenStore,
+    passphrase: &crate::secret::Passphrase,
+) -> Result<(), AuditError> {
+    match store.get_meta(SHARED_KEY_META)? {
+        Some(blob) => open_shared_key(&blob, passphrase).map(|_| ()),
+        None => Ok(()),
+    }
 }
 
 /// Moves `key_dir`'s audit HMAC key into a shared store, encrypted with `passphrase`, so the
@@ -523,18 +547,61 @@ fn load_or_create_key(dir: &Path) -> Result<Zeroizing<[u8; 32]>, AuditError> {
     }
     let mut key = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(&mut key[..]);
-    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    write_key_file(&path, &key).map_err(err)?;
+    tracing::info!(path = %path.display(), "created audit HMAC key");
+    Ok(key)
+}
+
+/// Creates an audit key file, 0600, synced; refuses to replace an existing one.
+fn write_key_file(path: &Path, key: &[u8; 32]) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| err(e.to_string()))?;
+        .open(path)
+        .map_err(|e| e.to_string())?;
     f.write_all(&key[..])
         .and_then(|()| f.sync_all())
-        .map_err(|e| err(e.to_string()))?;
-    tracing::info!(path = %path.display(), "created audit HMAC key");
-    Ok(key)
+        .map_err(|e| e.to_string())
+}
+
+/// Writes a shared store's audit HMAC key, opened with `passphrase`, to `key_dir` as its
+/// audit key file (0600): the inverse of [`share_key_file`], so a RocksDB daemon serving a copy
+/// of the database writes and searches the same HMACs as the trail it copied. Whether it was
+/// written: false if the file already holds this very key; an error if it holds another one,
+/// or the store has none.
+pub fn export_key_file(
+    store: &dyn TokenStore,
+    passphrase: &crate::secret::Passphrase,
+    key_dir: &Path,
+) -> Result<bool, AuditError> {
+    let blob = store
+        .get_meta(SHARED_KEY_META)?
+        .ok_or_else(|| AuditError::Key {
+            path: format!("{SHARED_KEY_META} (in the store)"),
+            message: "does not exist: the store has no shared audit trail".into(),
+        })?;
+    let key = open_shared_key(&blob, passphrase)?;
+    let path = key_dir.join(AUDIT_KEY_FILE);
+    match read_key_file(&path)? {
+        Some(existing) if bool::from(subtle::ConstantTimeEq::ct_eq(&existing[..], &key[..])) => {
+            Ok(false)
+        }
+        Some(_) => Err(AuditError::Key {
+            path: path.display().to_string(),
+            message: "holds another audit key; not overwritten".into(),
+        }),
+        None => {
+            write_key_file(&path, &key).map_err(|message| AuditError::Key {
+                path: path.display().to_string(),
+                message,
+            })?;
+            Ok(true)
+        }
+    }
 }
 
 impl Auditor {

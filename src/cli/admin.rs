@@ -521,9 +521,11 @@ async fn records(a: RecordsArgs) -> Result<(), CliError> {
     }
 }
 
-/// Verifies every chain the daemon streams, one after another, in constant memory.
+/// Verifies every chain the daemon streams, one after another, in constant memory, and reports
+/// each one: a broken chain does not stop the check of the others. Fails (exit 6) if any is
+/// broken, naming each broken chain's first bad link.
 async fn verify_audit(conn: &Connection, quiet: bool, json: bool) -> Result<(), CliError> {
-    use crate::audit::{ChainVerifier, Checkpoint};
+    use crate::audit::{ChainError, ChainVerifier, Checkpoint};
     let bar = if quiet {
         ProgressBar::hidden()
     } else {
@@ -538,14 +540,11 @@ async fn verify_audit(conn: &Connection, quiet: bool, json: bool) -> Result<(), 
         .audit_log(v1::AuditLogRequest::default())
         .await?
         .into_inner();
-    // Ends one chain's check: prints its line, or fails with its first broken link.
-    let report = |instance: &str, verifier: ChainVerifier| -> Result<(), CliError> {
-        let name = if instance.is_empty() {
-            String::new()
-        } else {
-            format!(" of instance {instance}")
-        };
-        let result = verifier.finish();
+    let mut broken: Vec<String> = Vec::new();
+    let mut chains = 0usize;
+    // Ends one chain's check: prints its line and keeps a broken one's first bad link.
+    let mut report = |instance: &str, result: Result<u64, ChainError>| {
+        chains += 1;
         if json {
             let line = serde_json::json!({
                 "instance": instance,
@@ -555,37 +554,36 @@ async fn verify_audit(conn: &Connection, quiet: bool, json: bool) -> Result<(), 
             });
             bar.suspend(|| println!("{line}"));
         }
+        let name = if instance.is_empty() {
+            String::new()
+        } else {
+            format!(" of instance {instance}")
+        };
         match result {
             Ok(n) => {
                 if !json {
                     bar.suspend(|| println!("audit chain{name} intact: {n} event(s)"));
                 }
-                Ok(())
             }
-            Err(e) if name.is_empty() => Err(CliError::Precondition(e.to_string())),
-            Err(e) => Err(CliError::Precondition(format!("chain{name}: {e}"))),
+            Err(e) => {
+                let line = if instance.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("chain{name}: {e}")
+                };
+                if !json {
+                    bar.suspend(|| println!("{line}"));
+                }
+                broken.push(line);
+            }
         }
     };
-    let mut current: Option<(String, ChainVerifier)> = None;
-    let fail = |current: &mut Option<(String, ChainVerifier)>, e: crate::audit::ChainError| {
-        let instance = current.take().map(|(i, _)| i).unwrap_or_default();
-        let name = if instance.is_empty() {
-            String::new()
-        } else {
-            format!("chain of instance {instance}: ")
-        };
-        if json {
-            let line = serde_json::json!({
-                "instance": instance, "events": null, "intact": false, "error": e.to_string(),
-            });
-            println!("{line}");
-        }
-        CliError::Precondition(format!("{name}{e}"))
-    };
+    // The chain being checked; once broken, its remaining events are only counted.
+    let mut current: Option<(String, Result<ChainVerifier, ChainError>)> = None;
     while let Some(e) = stream.message().await? {
         if current.as_ref().is_none_or(|(i, _)| *i != e.instance) {
-            if let Some((instance, verifier)) = current.take() {
-                report(&instance, verifier)?;
+            if let Some((instance, state)) = current.take() {
+                report(&instance, state.and_then(ChainVerifier::finish));
             }
             let checkpoint = (e.checkpoint_seq != 0).then(|| Checkpoint {
                 seq: e.checkpoint_seq,
@@ -596,19 +594,29 @@ async fn verify_audit(conn: &Connection, quiet: bool, json: bool) -> Result<(), 
             } else {
                 format!(" {}", e.instance)
             });
-            current = Some((e.instance.clone(), ChainVerifier::new(checkpoint)));
+            current = Some((e.instance.clone(), Ok(ChainVerifier::new(checkpoint))));
         }
-        if let Some((_, verifier)) = current.as_mut()
+        if let Some((_, state)) = current.as_mut()
+            && let Ok(verifier) = state
             && let Err(err) = verifier.push(e.seq, &e.raw)
         {
-            bar.finish_and_clear();
-            return Err(fail(&mut current, err));
+            *state = Err(err);
         }
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let (instance, verifier) = current.unwrap_or_else(|| (String::new(), ChainVerifier::new(None)));
-    report(&instance, verifier)
+    let (instance, state) =
+        current.unwrap_or_else(|| (String::new(), Ok(ChainVerifier::new(None))));
+    report(&instance, state.and_then(ChainVerifier::finish));
+    match broken.as_slice() {
+        [] => Ok(()),
+        [one] => Err(CliError::Precondition(one.clone())),
+        several => Err(CliError::Precondition(format!(
+            "{} of {chains} audit chains broken: {}",
+            several.len(),
+            several.join("; ")
+        ))),
+    }
 }
 
 async fn emergency(a: RewrapArgs) -> Result<(), CliError> {

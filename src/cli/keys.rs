@@ -94,6 +94,20 @@ pub(crate) enum KeysCommand {
         #[arg(long)]
         import_passphrase_file: Option<PathBuf>,
     },
+    /// Write the shared database's private keys and audit key out to a key directory: the
+    /// inverse of `share`, the step after `store copy` from the database to RocksDB, so a
+    /// RocksDB daemon serves the copy. The key files are encrypted with the database's
+    /// passphrase (the RocksDB daemon then needs the same one) unless --unencrypted.
+    ExportFiles {
+        #[command(flatten)]
+        at: Location,
+        /// The RocksDB daemon's key directory (its `key_dir`), created if missing.
+        #[arg(long)]
+        to_key_dir: PathBuf,
+        /// Write the private keys unencrypted (0600), for a key directory without a passphrase.
+        #[arg(long)]
+        unencrypted: bool,
+    },
 }
 
 fn open(at: &Location) -> Result<(std::sync::Arc<dyn TokenStore>, KeyDir, Config), CliError> {
@@ -257,8 +271,94 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
             from_key_dir,
             import_passphrase_file,
         } => share(&at, &from_key_dir, import_passphrase_file.as_deref())?,
+        KeysCommand::ExportFiles {
+            at,
+            to_key_dir,
+            unencrypted,
+        } => export_files(&at, &to_key_dir, unencrypted)?,
     }
     Ok(())
+}
+
+/// `keys export-files`: every private key the registry still holds, read from the database and
+/// checked against its registered fingerprint, and the audit key, written to `to`. Everything
+/// is read and checked before the first file is written; a key file already in `to` is kept if
+/// it holds the same key, and refused otherwise.
+fn export_files(at: &Location, to: &std::path::Path, unencrypted: bool) -> Result<(), CliError> {
+    let (store, shared, _) = open(at)?;
+    let passphrase = shared_passphrase(&shared)?;
+    let target = KeyDir::new(to, (!unencrypted).then(|| passphrase.clone()));
+    let keys = store.keys()?;
+    if keys.is_empty() {
+        return Err(CliError::NotFound(
+            "the database has no key registry; nothing to export".into(),
+        ));
+    }
+    let mut writing = Vec::new();
+    for k in &keys {
+        if !shared.has_private(k.version) {
+            if k.state.accepts_envelopes() {
+                return Err(CliError::NotFound(format!(
+                    "the database has no private key for v{}, which records may use",
+                    k.version
+                )));
+            }
+            continue;
+        }
+        let key = shared.read(k.version)?;
+        if key.public_key().id() != k.id {
+            return Err(CliError::Input(format!(
+                "the database's private key v{} is not the registered one (fingerprint {}, registered {})",
+                k.version,
+                key.public_key().id().to_hex(),
+                k.id.to_hex()
+            )));
+        }
+        if target.has_private(k.version) {
+            let existing = target.read(k.version)?;
+            if existing.public_key().id() != k.id {
+                return Err(CliError::Precondition(format!(
+                    "{}: key v{} is another key; not overwritten",
+                    to.display(),
+                    k.version
+                )));
+            }
+            println!("private key v{} already there", k.version);
+            continue;
+        }
+        writing.push((k.version, key));
+    }
+    let written = crate::audit::export_key_file(&*store, passphrase, to)
+        .map_err(|e| CliError::Precondition(e.to_string()))?;
+    for (version, key) in &writing {
+        target.write(*version, key)?;
+        println!(
+            "wrote private key v{version}{}",
+            if unencrypted { " (unencrypted)" } else { "" }
+        );
+    }
+    println!(
+        "{} the audit HMAC key; a RocksDB daemon with key_dir {} can now open every record",
+        if written { "wrote" } else { "already had" },
+        to.display()
+    );
+    Ok(())
+}
+
+/// The passphrase of a key directory in a shared database; refused for a config whose keys are
+/// files already (`share` and `export-files` move keys between the two).
+fn shared_passphrase(shared: &KeyDir) -> Result<&Passphrase, CliError> {
+    shared
+        .is_shared()
+        .then(|| shared.passphrase())
+        .flatten()
+        .ok_or_else(|| {
+            CliError::Input(
+                "--config must name a daemon on a shared [store] database; its key_dir already \
+                 holds the keys"
+                    .into(),
+            )
+        })
 }
 
 /// `keys share`: every private key the registry still needs, read from `from` and checked
@@ -269,13 +369,7 @@ fn share(
     passphrase_file: Option<&std::path::Path>,
 ) -> Result<(), CliError> {
     let (store, shared, _) = open(at)?;
-    let Some(passphrase) = shared.is_shared().then(|| shared.passphrase()).flatten() else {
-        return Err(CliError::Input(
-            "--config must name a daemon on a shared [store] database; its key_dir already \
-             holds the keys"
-                .into(),
-        ));
-    };
+    let passphrase = shared_passphrase(&shared)?;
     let local_passphrase = match (std::env::var(ENV_IMPORT_PASSPHRASE).ok(), passphrase_file) {
         (Some(p), _) => Some(Passphrase::new(p)),
         (None, Some(f)) => Some(Passphrase::new(

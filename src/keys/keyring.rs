@@ -42,6 +42,19 @@ pub struct KeyDir {
     shared: Option<std::sync::Arc<dyn SharedKeys>>,
 }
 
+/// A private key encoded for its key directory (encrypted with the passphrase if there is
+/// one) and its public key, ready to write under any version ([`KeyDir::prepare`]).
+pub struct KeyFile {
+    private_pem: zeroize::Zeroizing<String>,
+    public_pem: String,
+}
+
+impl std::fmt::Debug for KeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyFile").finish_non_exhaustive()
+    }
+}
+
 impl KeyDir {
     /// A key directory at `path`; key files are encrypted with `passphrase` when given.
     pub fn new(path: impl Into<PathBuf>, passphrase: Option<Passphrase>) -> Self {
@@ -101,9 +114,23 @@ impl KeyDir {
     /// Writes a version's key files: the private key 0600 (encrypted if a passphrase is set),
     /// the public key 0644. Writes go to a temporary file that is renamed into place.
     pub fn write(&self, version: u32, key: &PrivateKey) -> Result<(), KeyError> {
+        self.write_prepared(version, &self.prepare(key)?)
+    }
+
+    /// The slow part of [`KeyDir::write`] (the passphrase's scrypt), which does not depend on
+    /// the version: done before the version is chosen, so a rotation holds the audit trail's
+    /// write order only for the writes themselves.
+    pub fn prepare(&self, key: &PrivateKey) -> Result<KeyFile, KeyError> {
+        Ok(KeyFile {
+            private_pem: key.to_pkcs8_pem(self.passphrase.as_ref())?,
+            public_pem: key.public_key().to_pem(),
+        })
+    }
+
+    /// Writes a key prepared by [`KeyDir::prepare`] as `version`.
+    pub fn write_prepared(&self, version: u32, file: &KeyFile) -> Result<(), KeyError> {
         if let Some(shared) = &self.shared {
-            let pem = key.to_pkcs8_pem(self.passphrase.as_ref())?;
-            return if shared.claim(version, pem.as_bytes())? {
+            return if shared.claim(version, file.private_pem.as_bytes())? {
                 Ok(())
             } else {
                 Err(KeyError::VersionTaken(version))
@@ -114,12 +141,15 @@ impl KeyDir {
             move |source| KeyError::Io { path, source }
         };
         std::fs::create_dir_all(&self.path).map_err(io(&self.path))?;
-        let pem = key.to_pkcs8_pem(self.passphrase.as_ref())?;
-        write_atomic(&self.private_path(version), pem.as_bytes(), 0o600)
-            .map_err(io(&self.private_path(version)))?;
+        write_atomic(
+            &self.private_path(version),
+            file.private_pem.as_bytes(),
+            0o600,
+        )
+        .map_err(io(&self.private_path(version)))?;
         write_atomic(
             &self.public_path(version),
-            key.public_key().to_pem().as_bytes(),
+            file.public_pem.as_bytes(),
             0o644,
         )
         .map_err(io(&self.public_path(version)))
@@ -217,7 +247,8 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 struct Slot {
     info: KeyInfo,
     public: PublicKey,
-    private: Option<PrivateKey>,
+    /// Shared with the keyring a reload builds, so a reload reads only new versions' keys.
+    private: Option<std::sync::Arc<PrivateKey>>,
 }
 
 /// Every key version, with private keys for those that may still open envelopes.
@@ -241,30 +272,53 @@ impl Keyring {
     /// Builds the keyring from registry entries, loading the private key of every active and
     /// decrypt-only version from `dir` and checking it matches the registered fingerprint.
     pub fn load(infos: Vec<KeyInfo>, dir: &KeyDir) -> Result<Self, KeyError> {
+        Self::build(infos, dir, None)
+    }
+
+    /// Like [`Keyring::load`] after a change to the registry, keeping this keyring's private
+    /// keys for the versions it has loaded already (same version, same fingerprint): only a
+    /// version it does not hold yet is read and decrypted (a passphrase's scrypt costs a
+    /// noticeable fraction of a second per key), so a rotation costs one key's decryption, not
+    /// one per live version. The minimum decryption version carries over.
+    pub fn reload(&self, infos: Vec<KeyInfo>, dir: &KeyDir) -> Result<Self, KeyError> {
+        Ok(Self::build(infos, dir, Some(self))?.with_min_version(self.min_version))
+    }
+
+    fn build(
+        infos: Vec<KeyInfo>,
+        dir: &KeyDir,
+        previous: Option<&Keyring>,
+    ) -> Result<Self, KeyError> {
         let mut slots = BTreeMap::new();
         let mut by_id = HashMap::new();
         let mut active = None;
         for info in infos {
             let public = PublicKey::from_spki_der(&info.spki_der)?;
-            let private = if info.state.accepts_envelopes() {
-                let key = dir.read(info.version).map_err(|e| match e {
-                    // Already names the file.
-                    e @ (KeyError::Io { .. } | KeyError::InsecurePermissions { .. }) => e,
-                    e => KeyError::At {
-                        location: dir.location(info.version),
-                        error: Box::new(e),
-                    },
-                })?;
-                if key.public_key().id() != info.id || public.id() != info.id {
-                    return Err(KeyError::Mismatch {
-                        path: dir.location(info.version),
-                        version: info.version,
-                        expected: info.id.to_hex(),
-                    });
+            let loaded = previous
+                .and_then(|p| p.slots.get(&info.version))
+                .filter(|slot| slot.info.id == info.id)
+                .and_then(|slot| slot.private.clone());
+            let private = match (info.state.accepts_envelopes(), loaded) {
+                (false, _) => None,
+                (true, Some(key)) => Some(key),
+                (true, None) => {
+                    let key = dir.read(info.version).map_err(|e| match e {
+                        // Already names the file.
+                        e @ (KeyError::Io { .. } | KeyError::InsecurePermissions { .. }) => e,
+                        e => KeyError::At {
+                            location: dir.location(info.version),
+                            error: Box::new(e),
+                        },
+                    })?;
+                    if key.public_key().id() != info.id || public.id() != info.id {
+                        return Err(KeyError::Mismatch {
+                            path: dir.location(info.version),
+                            version: info.version,
+                            expected: info.id.to_hex(),
+                        });
+                    }
+                    Some(std::sync::Arc::new(key))
                 }
-                Some(key)
-            } else {
-                None
             };
             if info.state == KeyState::Active {
                 active = Some(info.version);
@@ -309,7 +363,7 @@ impl Keyring {
             Slot {
                 info,
                 public,
-                private: Some(key),
+                private: Some(std::sync::Arc::new(key)),
             },
         );
         Self {
@@ -367,7 +421,7 @@ impl UnwrapperLookup for Keyring {
         }
         let slot = &self.slots[version];
         match (&slot.private, slot.info.state.accepts_envelopes()) {
-            (Some(key), true) => Ok(key),
+            (Some(key), true) => Ok(&**key),
             _ => Err(KeyLookupError::KeyUnavailable {
                 version: *version,
                 state: slot.info.state,
@@ -384,6 +438,36 @@ mod tests {
     use crate::rotation::{add_version, init};
     use crate::secret::Secret;
     use crate::store::{MemoryStore, TokenStore as _};
+
+    #[test]
+    fn a_reload_reads_only_the_versions_it_has_not_loaded() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = KeyDir::new(tmp.path(), None);
+        let store = MemoryStore::new();
+        init(&store, &dir, 10).expect("init");
+        let ring1 = Keyring::load(store.keys().expect("keys"), &dir)
+            .expect("load")
+            .with_min_version(1);
+        let meta = RecordMeta::parse("r", "o", "p", SecretKind::ApiKey, &[], 0).expect("valid");
+        let old =
+            envelope::seal(&meta, &Secret::new(b"s1".to_vec()), ring1.active().1).expect("seal");
+        // v1's file becomes unreadable: a reload that read it again would fail.
+        std::fs::write(tmp.path().join("v0001.key.pem"), b"not a key").expect("spoil v1");
+        add_version(&store, &dir, PrivateKey::generate().expect("gen"), 20).expect("rotate");
+        let ring2 = ring1
+            .reload(store.keys().expect("keys"), &dir)
+            .expect("reload reads only v2");
+        assert_eq!(ring2.active().0.version, 2);
+        assert_eq!(ring2.min_version(), 1);
+        assert_eq!(
+            envelope::open(&meta, &old, &ring2)
+                .expect("v1 still opens from the kept key")
+                .expose_secret(),
+            b"s1"
+        );
+        // A fresh load does read every version, and so fails on the spoiled file.
+        assert!(Keyring::load(store.keys().expect("keys"), &dir).is_err());
+    }
 
     #[test]
     fn rotation_keeps_old_records_readable_and_seals_under_the_new_key() {

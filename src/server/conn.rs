@@ -13,7 +13,7 @@
 //! read timeout and by its total read and write activity, a silent one by the idle timeout.
 //! A call that neither sends nor receives a byte for that long (a proxied upstream call slower
 //! than the idle timeout) is cut too: the idle timeout must exceed every provider's
-//! `timeout_ms` (checked at start).
+//! `timeout_ms` (`config::check_provider_timeouts`, at start and on a provider reload).
 //!
 //! Must never: hold its lock across I/O, or scan its table per byte (only on admission at the
 //! cap and once per reaper tick).

@@ -211,10 +211,37 @@ impl Daemon {
             vault.spawn(Arc::clone(&conns).reap(vault.stopping()));
             conns
         };
+        // Once the listeners stop, in-flight calls get `idle_timeout_seconds` to finish; then
+        // the connections still open are closed. Without the bound, a call that never ends on
+        // its own (a health Watch stream, which load balancers hold open) would keep the
+        // daemon from ever exiting.
+        let drain_limit = limits.idle_timeout;
+        let bounded = |serving: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        >,
+                       mut stop: tokio::sync::watch::Receiver<bool>,
+                       what: &'static str| async move {
+            let drained = async {
+                let _ = stop.wait_for(|s| *s).await;
+                tokio::time::sleep(drain_limit).await;
+            };
+            tokio::select! {
+                served = serving => served,
+                () = drained => {
+                    tracing::warn!(
+                        listener = what,
+                        seconds = drain_limit.as_secs(),
+                        "calls still open after draining (a stream that does not end, such as a health Watch): closing their connections"
+                    );
+                    Ok(())
+                }
+            }
+        };
         macro_rules! serve_on {
             ($router:expr, $listener:expr, $what:expr, $stop:expr) => {{
                 let router = $router;
                 let conns = connections($what);
+                let drain_stop = stop_rx.clone();
                 let serving: std::pin::Pin<
                     Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
                 > = match &tls {
@@ -227,17 +254,27 @@ impl Daemon {
                         $stop,
                     )),
                 };
-                serving
+                bounded(serving, drain_stop, $what)
             }};
         }
-        let mut reporters = vec![health_reporter];
+        use tonic::server::NamedService;
+        const INGEST: &str = <IngestServer<ingest::IngestService> as NamedService>::NAME;
+        // Each listener's health reporter, with the services it serves.
+        let mut reporters = vec![(
+            health_reporter,
+            vec![
+                INGEST,
+                <BrokerServer<broker::BrokerService> as NamedService>::NAME,
+                <AdminServer<admin::AdminService> as NamedService>::NAME,
+            ],
+        )];
         let ingest_only = match ingest_listener {
             Some(l) => {
                 let (ingest_reporter, ingest_health) = tonic_health::server::health_reporter();
                 ingest_reporter
                     .set_serving::<IngestServer<ingest::IngestService>>()
                     .await;
-                reporters.push(ingest_reporter);
+                reporters.push((ingest_reporter, vec![INGEST]));
                 let server = serve_on!(
                     builder()?
                         .add_routes(http_routes())
@@ -262,19 +299,47 @@ impl Daemon {
         let main = serve_on!(main, listener, "grpc", stopped(stop_rx));
         let grace = self.shutdown_grace;
         let stopping = Arc::clone(&vault);
+        // Health follows the database: NOT_SERVING while it does not answer, so a load
+        // balancer routes calls to daemons that can serve them. The flag (under the lock the
+        // shutdown takes too) keeps a late change from undoing the shutdown's NOT_SERVING.
+        let shutting_down = Arc::new(tokio::sync::Mutex::new(false));
+        let follow_store = {
+            let (reporters, shutting_down) = (reporters.clone(), Arc::clone(&shutting_down));
+            let mut reachable = vault.store_reachable();
+            tokio::spawn(async move {
+                while reachable.changed().await.is_ok() {
+                    let up = *reachable.borrow_and_update();
+                    let down = shutting_down.lock().await;
+                    if *down {
+                        return;
+                    }
+                    let status = if up {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    for (r, services) in &reporters {
+                        r.set_service_status("", status).await;
+                        for service in services {
+                            r.set_service_status(*service, status).await;
+                        }
+                    }
+                }
+            })
+        };
         let signal = async move {
             shutdown.await;
+            *shutting_down.lock().await = true;
+            follow_store.abort();
             // From the moment shutdown begins, health says NOT_SERVING (for the grace period,
             // so load balancers route new calls elsewhere) and long-running work stops.
-            for r in &reporters {
+            for (r, services) in &reporters {
                 r.set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
-                r.set_not_serving::<IngestServer<ingest::IngestService>>()
-                    .await;
-                r.set_not_serving::<BrokerServer<broker::BrokerService>>()
-                    .await;
-                r.set_not_serving::<AdminServer<admin::AdminService>>()
-                    .await;
+                for service in services {
+                    r.set_service_status(*service, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
             }
             stopping.begin_shutdown();
             tracing::info!(

@@ -35,9 +35,20 @@ pub fn create_read_replace(store: &dyn TokenStore) {
         (1, 100, 100, false)
     );
     assert_eq!(r.envelope, b"envelope-of-a");
-    // Create over an existing id, and a stale replace, both refuse and change nothing.
+    // The very same write again (a sealer's blind retry) answers the stored version and
+    // writes nothing.
+    assert_eq!(store.put_records(&[write("a", "o1", 0)], 101), Ok(vec![1]));
+    assert_eq!(store.get_record(&rid("a")).expect("get"), Some(r.clone()));
+    // Another create over an existing id (other envelope, or other metadata), and a stale
+    // replace, refuse and change nothing.
+    let mut other = write("a", "o1", 0);
+    other.envelope = b"another".to_vec();
     assert_eq!(
-        store.put_records(&[write("a", "o1", 0)], 101),
+        store.put_records(&[other], 101),
+        Err(StoreError::AlreadyExists("a".into()))
+    );
+    assert_eq!(
+        store.put_records(&[write("a", "o-other", 0)], 101),
         Err(StoreError::AlreadyExists("a".into()))
     );
     assert_eq!(
@@ -63,6 +74,27 @@ pub fn create_read_replace(store: &dyn TokenStore) {
     let r2 = store.get_record(&rid("a")).expect("get").expect("present");
     assert_eq!((r2.version, r2.created_at, r2.updated_at), (2, 100, 102));
     assert_eq!(r2.envelope, b"new");
+    // Once replaced, repeating the create is refused; repeating the replace is not.
+    assert_eq!(
+        store.put_records(&[write("a", "o1", 0)], 103),
+        Err(StoreError::AlreadyExists("a".into()))
+    );
+    let mut again = write("a", "o2", 1);
+    again.envelope = b"new".to_vec();
+    assert_eq!(store.put_records(&[again.clone()], 103), Ok(vec![2]));
+    assert_eq!(
+        store.put_record_groups(&[&[again.clone()]], 103, Recorder::after(store)),
+        Ok(vec![Ok(vec![2])])
+    );
+    assert_eq!(store.get_record(&rid("a")).expect("get"), Some(r2.clone()));
+    // Not after the record changed since (here: revoked).
+    store
+        .apply(&[Mutation::Revoke(rid("a"))], &[], 104)
+        .expect("revoke");
+    assert!(matches!(
+        store.put_records(&[again], 105),
+        Err(StoreError::VersionMismatch { actual: 3, .. })
+    ));
     // The owner moved with the replace: deleting the old owner leaves it alone.
     assert_eq!(
         store.delete_owner(&Owner::parse("o1").expect("valid"), None),
@@ -77,9 +109,9 @@ pub fn create_read_replace(store: &dyn TokenStore) {
 
 /// Record batches are all or nothing.
 pub fn batches_are_atomic(store: &dyn TokenStore) {
-    store
-        .put_records(&[write("existing", "o", 0)], 1)
-        .expect("seed");
+    let mut seed = write("existing", "o", 0);
+    seed.envelope = b"the seed's own envelope".to_vec();
+    store.put_records(&[seed], 1).expect("seed");
     let bad = [
         write("n1", "o", 0),
         write("n2", "o", 0),
@@ -410,17 +442,21 @@ pub fn apply_is_atomic_and_audited(store: &dyn TokenStore) {
     assert_eq!((r4.revoked, r4.version), (true, 2));
 }
 
-/// Retiring a key version is refused while records use it, and record writes are refused
-/// under a retired or destroyed version: no interleaving strands a record.
-pub fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
-    let key = |version: u32, state: KeyState| KeyInfo {
+/// A registry entry of `version` in `state` (fingerprint and SPKI made of the version byte).
+fn key(version: u32, state: KeyState) -> KeyInfo {
+    KeyInfo {
         version,
         id: KeyId([version as u8; 32]),
         spki_der: vec![version as u8],
         state,
         created_at: 1,
         updated_at: 1,
-    };
+    }
+}
+
+/// Retiring a key version is refused while records use it, and record writes are refused
+/// under a retired or destroyed version: no interleaving strands a record.
+pub fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
     store
         .put_keys(
             &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
@@ -505,9 +541,9 @@ impl GroupAudit for Recorder {
 /// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing,
 /// and exactly the accepted records get their audit events, in the same write.
 pub fn group_commit(store: &dyn TokenStore) {
-    store
-        .put_records(&[write("taken", "o", 0)], 1)
-        .expect("seed");
+    let mut seed = write("taken", "o", 0);
+    seed.envelope = b"the seed's own envelope".to_vec();
+    store.put_records(&[seed], 1).expect("seed");
     let a = [write("g1", "o", 0), write("g2", "o", 0)];
     let refused = [write("g3", "o", 0), write("taken", "o", 0)];
     let replace_g1 = [write("g1", "o2", 1)];
@@ -706,12 +742,84 @@ pub fn audit_pruning(store: &dyn TokenStore) {
     assert_eq!(store.audit_events(5, 10).expect("events").len(), 3);
 }
 
+/// Retiring a version counts exactly the records wrapped under it, however they came (put,
+/// import) and went (rewrap, delete, delete of an owner): an engine that indexes records by key
+/// version keeps the index in step with every write.
+pub fn retire_counts_records_under_the_version(store: &dyn TokenStore) {
+    store
+        .put_keys(
+            &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
+            None,
+        )
+        .expect("keys");
+    let mut other = write("other", "p", 0);
+    other.key_version = 2;
+    store
+        .put_records(
+            &[
+                write("a", "o", 0),
+                write("b", "o", 0),
+                write("c", "q", 0),
+                other,
+            ],
+            1,
+        )
+        .expect("put");
+    let in_use = |records: u64| {
+        assert_eq!(
+            store.retire_key(&key(1, KeyState::Retired), None),
+            Err(StoreError::KeyInUse {
+                version: 1,
+                records
+            })
+        );
+    };
+    in_use(3);
+    // A replace under the same version is still one record.
+    store
+        .put_records(&[write("a", "o", 1)], 2)
+        .expect("replace");
+    in_use(3);
+    let rewrapped = store
+        .replace_envelopes(
+            &[EnvelopeReplace {
+                id: rid("a"),
+                expected_version: 2,
+                envelope: b"rewrapped".to_vec(),
+                key_version: 2,
+            }],
+            3,
+        )
+        .expect("rewrap");
+    assert_eq!(rewrapped, vec![Ok(3)]);
+    in_use(2);
+    store
+        .apply(&[Mutation::DeleteRecord(rid("b"))], &[], 4)
+        .expect("delete");
+    in_use(1);
+    store
+        .delete_owner(&Owner::parse("q").expect("owner"), None)
+        .expect("delete owner");
+    store
+        .retire_key(&key(1, KeyState::Retired), None)
+        .expect("no record left under version 1");
+    // Version 2 still counts its own two.
+    assert_eq!(
+        store.retire_key(&key(2, KeyState::Retired), None),
+        Err(StoreError::KeyInUse {
+            version: 2,
+            records: 2
+        })
+    );
+}
+
 /// Runs every check, each on a fresh store from `make`.
 pub fn all(make: impl Fn() -> Box<dyn TokenStore>) {
     audit_pruning(&*make());
     grants(&*make());
     apply_is_atomic_and_audited(&*make());
     retire_is_atomic_with_record_writes(&*make());
+    retire_counts_records_under_the_version(&*make());
     group_commit(&*make());
     scan_replace_and_meta(&*make());
     create_read_replace(&*make());
@@ -794,5 +902,41 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    #[cfg(feature = "daemon")]
+    #[test]
+    fn rocks_builds_the_key_version_index_of_an_older_directory() {
+        use super::super::rocks::{BY_KEY_BUILT_FOR_TEST, CF_BY_KEY_FOR_TEST};
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
+            store
+                .put_keys(&[key(1, KeyState::Active)], None)
+                .expect("keys");
+            store
+                .put_records(&[write("a", "o", 0), write("b", "o", 0)], 1)
+                .expect("put");
+            // As a directory written before the index existed: no entries, no marker.
+            let index = store.cf(CF_BY_KEY_FOR_TEST);
+            for id in ["a", "b"] {
+                store
+                    .db
+                    .delete_cf(index, schema::key_version_key(1, &rid(id)))
+                    .expect("drop entry");
+            }
+            store
+                .db
+                .delete_cf(index, BY_KEY_BUILT_FOR_TEST)
+                .expect("drop marker");
+        }
+        let store = RocksStore::open(dir.path(), 8 << 20).expect("reopen");
+        assert_eq!(
+            store.retire_key(&key(1, KeyState::Retired), None),
+            Err(StoreError::KeyInUse {
+                version: 1,
+                records: 2
+            })
+        );
     }
 }

@@ -51,11 +51,10 @@ impl TokenStore for MemoryStore {
             |id| Ok(inner.records.get(id).cloned()),
             |v| Ok(keys.get(&v).map(|k| k.state)),
         )?;
-        let versions = planned.iter().map(|r| r.version).collect();
-        for r in planned {
+        for r in planned.records {
             inner.records.insert(r.meta.id.clone(), r);
         }
-        Ok(versions)
+        Ok(planned.versions)
     }
 
     fn put_record_groups(
@@ -78,9 +77,14 @@ impl TokenStore for MemoryStore {
                 |v| Ok(keys.get(&v).map(|k| k.state)),
             ) {
                 Ok(planned) => {
-                    outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
-                    staged.extend(planned.iter().map(|r| (r.meta.id.clone(), r.clone())));
-                    accepted.push((index, planned));
+                    outcomes.push(Ok(planned.versions));
+                    staged.extend(
+                        planned
+                            .records
+                            .iter()
+                            .map(|r| (r.meta.id.clone(), r.clone())),
+                    );
+                    accepted.push((index, planned.records));
                 }
                 Err(e) => outcomes.push(Err(e)),
             }
@@ -202,7 +206,7 @@ impl TokenStore for MemoryStore {
                         |id| Ok(next.records.get(id).cloned()),
                         |v| Ok(keys.get(&v).map(|k| k.state)),
                     )?;
-                    for r in planned {
+                    for r in planned.records {
                         next.records.insert(r.meta.id.clone(), r);
                     }
                 }

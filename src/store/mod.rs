@@ -569,16 +569,35 @@ impl crate::keys::keyring::SharedKeys for StoreKeys {
     }
 }
 
+/// What [`plan_writes`] decided for a batch.
+#[derive(Debug)]
+pub(crate) struct Planned {
+    /// The records to write, in batch order: every write but the repeated ones.
+    pub(crate) records: Vec<Record>,
+    /// The version each write of the batch leaves its record at, in batch order.
+    pub(crate) versions: Vec<u64>,
+}
+
 /// Validates a batch against current versions, shared by every implementation so their
 /// semantics cannot drift. `current` returns the stored record for an id.
+///
+/// A write that repeats the one that made the stored version (same expected version, so the
+/// stored one is just after it; byte-identical envelope, which holds a fresh random data key,
+/// so no other write has it; same metadata and key version) is accepted without a write: it
+/// answers that stored version. So a sealer that retries after UNAVAILABLE, not knowing
+/// whether its write landed, gets success rather than a version conflict, and nothing is
+/// written twice.
 pub(crate) fn plan_writes(
     writes: &[RecordWrite],
     now: i64,
     mut current: impl FnMut(&RecordId) -> Result<Option<Record>, StoreError>,
     mut key_state: impl FnMut(u32) -> Result<Option<crate::keys::KeyState>, StoreError>,
-) -> Result<Vec<Record>, StoreError> {
+) -> Result<Planned, StoreError> {
     let mut seen = std::collections::HashSet::with_capacity(writes.len());
-    let mut out = Vec::with_capacity(writes.len());
+    let mut out = Planned {
+        records: Vec::with_capacity(writes.len()),
+        versions: Vec::with_capacity(writes.len()),
+    };
     for w in writes {
         if !seen.insert(w.meta.id.clone()) {
             return Err(StoreError::DuplicateInBatch(w.meta.id.to_string()));
@@ -596,6 +615,10 @@ pub(crate) fn plan_writes(
         }
         let existing = current(&w.meta.id)?;
         let actual = existing.as_ref().map_or(0, |r| r.version);
+        if let Some(stored) = existing.as_ref().filter(|r| is_repeat_of(w, r)) {
+            out.versions.push(stored.version);
+            continue;
+        }
         if actual != w.expected_version {
             return Err(if w.expected_version == 0 {
                 StoreError::AlreadyExists(w.meta.id.to_string())
@@ -607,7 +630,8 @@ pub(crate) fn plan_writes(
                 }
             });
         }
-        out.push(Record {
+        out.versions.push(actual + 1);
+        out.records.push(Record {
             meta: w.meta.clone(),
             envelope: w.envelope.clone(),
             key_version: w.key_version,
@@ -619,6 +643,16 @@ pub(crate) fn plan_writes(
         });
     }
     Ok(out)
+}
+
+/// Whether `w` is the very write that made `stored` (see [`plan_writes`]).
+fn is_repeat_of(w: &RecordWrite, stored: &Record) -> bool {
+    stored.version == w.expected_version + 1
+        && stored.envelope == w.envelope
+        && stored.key_version == w.key_version
+        && stored.meta == w.meta
+        && !stored.revoked
+        && !stored.needs_reauth
 }
 
 /// Applies one change to `current` if it is still at `expected_version`: the version check,
@@ -675,10 +709,13 @@ pub fn fuzz_decode_record(bytes: &[u8]) -> bool {
 }
 
 /// Counts records for [`TokenStore::stats`], shared by every implementation.
-pub(crate) fn count_stats<'a>(records: impl Iterator<Item = &'a Record>) -> StoreStats {
+pub(crate) fn count_stats(
+    records: impl Iterator<Item = impl std::borrow::Borrow<Record>>,
+) -> StoreStats {
     let mut stats = StoreStats::default();
     let mut per_key = std::collections::BTreeMap::<u32, u64>::new();
     for r in records {
+        let r = r.borrow();
         stats.records += 1;
         stats.revoked += u64::from(r.revoked);
         stats.needs_reauth += u64::from(r.needs_reauth);

@@ -540,13 +540,13 @@ async fn write_groups(
             |v| Ok(states.get(&v).copied()),
         ) {
             Ok(planned) => {
-                outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
-                for r in &planned {
+                outcomes.push(Ok(planned.versions));
+                for r in &planned.records {
                     touched.insert(r.meta.id.to_string());
                     current.insert(r.meta.id.to_string(), r.clone());
                 }
                 if audit.is_some() {
-                    accepted.push((index, planned));
+                    accepted.push((index, planned.records));
                 }
             }
             Err(e) => outcomes.push(Err(e)),

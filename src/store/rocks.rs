@@ -43,7 +43,17 @@ const CF_AUDIT: &str = "audit";
 /// Other daemons' audit chains, brought in by `store copy` from a shared database: chain name
 /// ‖ 0x00 ‖ seq (big-endian) → event. Names never contain NUL.
 const CF_CHAINS: &str = "audit_chains";
+/// Records by the key version wrapping their data key: version (big-endian) ‖ record id → empty,
+/// so retiring a version counts its records without reading the others.
+const CF_BY_KEY: &str = "records_by_key";
+#[cfg(test)]
+pub(crate) const CF_BY_KEY_FOR_TEST: &str = CF_BY_KEY;
 const META_SCHEMA: &[u8] = b"schema_version";
+/// Key in [`CF_BY_KEY`] (shorter than any entry's version prefix) set once the index holds every
+/// record: a directory written before the index existed gets it built at open.
+const BY_KEY_BUILT: &[u8] = b"";
+#[cfg(test)]
+pub(crate) const BY_KEY_BUILT_FOR_TEST: &[u8] = BY_KEY_BUILT;
 
 /// A [`TokenStore`] on an embedded RocksDB in one directory.
 pub struct RocksStore {
@@ -85,7 +95,36 @@ impl RocksStore {
             write_lock: Mutex::new(()),
         };
         store.check_schema()?;
+        store.build_key_index()?;
         Ok(store)
+    }
+
+    /// Builds [`CF_BY_KEY`] from the records, once, for a directory written before it existed
+    /// (at open, before anything else writes).
+    fn build_key_index(&self) -> Result<(), StoreError> {
+        if self
+            .db
+            .get_pinned_cf(self.cf(CF_BY_KEY), BY_KEY_BUILT)
+            .map_err(engine)?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_RECORDS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(engine)?;
+            let r = schema::decode_record(&v)?;
+            batch.put_cf(
+                self.cf(CF_BY_KEY),
+                schema::key_version_key(r.key_version, &r.meta.id),
+                [],
+            );
+        }
+        batch.put_cf(self.cf(CF_BY_KEY), BY_KEY_BUILT, []);
+        self.write(batch)
     }
 
     /// Opens the store in `path` for reading only, as a RocksDB secondary instance (its own
@@ -172,6 +211,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_META, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_AUDIT, cf_opts(false)),
             ColumnFamilyDescriptor::new(CF_CHAINS, cf_opts(false)),
+            ColumnFamilyDescriptor::new(CF_BY_KEY, cf_opts(false)),
         ];
         (db_opts, cfs)
     }
@@ -231,14 +271,20 @@ impl RocksStore {
             .transpose()
     }
 
-    /// Stages `new` over `previous` (owner index included) in `batch`.
+    /// Stages `new` over `previous` (owner and key-version indexes included) in `batch`.
     fn stage_record(&self, batch: &mut WriteBatch, previous: Option<&Record>, new: &Record) {
         if let Some(old) = previous {
             batch.delete_cf(
                 self.cf(CF_OWNERS),
                 schema::owner_key(&old.meta.owner, &old.meta.id),
             );
+            self.unindex_key_version(batch, old);
         }
+        batch.put_cf(
+            self.cf(CF_BY_KEY),
+            schema::key_version_key(new.key_version, &new.meta.id),
+            [],
+        );
         batch.put_cf(
             self.cf(CF_RECORDS),
             new.meta.id.as_str(),
@@ -248,6 +294,24 @@ impl RocksStore {
             self.cf(CF_OWNERS),
             schema::owner_key(&new.meta.owner, &new.meta.id),
             [],
+        );
+    }
+
+    /// Stages the deletion of `record` (its indexes included) in `batch`.
+    fn stage_delete(&self, batch: &mut WriteBatch, record: &Record) {
+        let id = &record.meta.id;
+        batch.delete_cf(self.cf(CF_RECORDS), id.as_str());
+        batch.delete_cf(
+            self.cf(CF_OWNERS),
+            schema::owner_key(&record.meta.owner, id),
+        );
+        self.unindex_key_version(batch, record);
+    }
+
+    fn unindex_key_version(&self, batch: &mut WriteBatch, record: &Record) {
+        batch.delete_cf(
+            self.cf(CF_BY_KEY),
+            schema::key_version_key(record.key_version, &record.meta.id),
         );
     }
 
@@ -270,6 +334,7 @@ impl RocksStore {
             CF_META,
             CF_AUDIT,
             CF_CHAINS,
+            CF_BY_KEY,
             rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
         ] {
             self.db.flush_cf(self.cf(cf)).map_err(engine)?;
@@ -348,18 +413,19 @@ impl TokenStore for RocksStore {
                     continue;
                 }
             };
-            for r in &planned {
+            for r in &planned.records {
                 self.stage_record(&mut batch, previous.get(&r.meta.id), r);
             }
-            outcomes.push(Ok(planned.iter().map(|r| r.version).collect()));
+            outcomes.push(Ok(planned.versions));
             let at = accepted_groups.len();
             accepted.extend(
                 planned
+                    .records
                     .iter()
                     .enumerate()
                     .map(|(i, r)| (r.meta.id.clone(), (at, i))),
             );
-            accepted_groups.push((index, planned));
+            accepted_groups.push((index, planned.records));
         }
         for a in super::seal_accepted(&*audit, &accepted_groups) {
             batch.put_cf(self.cf(CF_AUDIT), a.seq.to_be_bytes(), &a.bytes);
@@ -388,10 +454,21 @@ impl TokenStore for RocksStore {
             }
             let mut batch = WriteBatch::default();
             for id in &ids {
-                batch.delete_cf(self.cf(CF_RECORDS), id);
-                let mut k = prefix.clone();
-                k.extend_from_slice(id);
-                batch.delete_cf(self.cf(CF_OWNERS), k);
+                let record = self
+                    .db
+                    .get_pinned_cf(self.cf(CF_RECORDS), id)
+                    .map_err(engine)?
+                    .map(|v| schema::decode_record(&v))
+                    .transpose()?;
+                match record {
+                    Some(r) => self.stage_delete(&mut batch, &r),
+                    // An index entry without its record: only the entry goes.
+                    None => {
+                        let mut k = prefix.clone();
+                        k.extend_from_slice(id);
+                        batch.delete_cf(self.cf(CF_OWNERS), k);
+                    }
+                }
             }
             self.add_audit(&mut batch, audit);
             self.write(batch)?;
@@ -442,15 +519,25 @@ impl TokenStore for RocksStore {
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
-        let mut records = Vec::new();
-        for item in self
+        // Streamed: one decoded record at a time, whatever the store holds.
+        let mut failed = None;
+        let records = self
             .db
             .iterator_cf(self.cf(CF_RECORDS), rocksdb::IteratorMode::Start)
-        {
-            let (_, v) = item.map_err(engine)?;
-            records.push(schema::decode_record(&v)?);
-        }
-        Ok(count_stats(records.iter()))
+            .map_while(|item| {
+                match item
+                    .map_err(engine)
+                    .and_then(|(_, v)| schema::decode_record(&v))
+                {
+                    Ok(record) => Some(record),
+                    Err(e) => {
+                        failed = Some(e);
+                        None
+                    }
+                }
+            });
+        let stats = count_stats(records);
+        failed.map_or(Ok(stats), Err)
     }
 
     fn scan_records(
@@ -487,16 +574,12 @@ impl TokenStore for RocksStore {
         let mut batch = WriteBatch::default();
         let mut outcomes = Vec::with_capacity(items.len());
         for item in items {
-            outcomes.push(
-                plan_replace_envelope(self.read(&item.id)?, item, now).map(|r| {
-                    batch.put_cf(
-                        self.cf(CF_RECORDS),
-                        item.id.as_str(),
-                        schema::encode_record(&r),
-                    );
-                    r.version
-                }),
-            );
+            let previous = self.read(&item.id)?;
+            let planned = plan_replace_envelope(previous.clone(), item, now);
+            outcomes.push(planned.map(|r| {
+                self.stage_record(&mut batch, previous.as_ref(), &r);
+                r.version
+            }));
         }
         self.write(batch)?;
         Ok(outcomes)
@@ -566,7 +649,7 @@ impl TokenStore for RocksStore {
                         |_| Ok(previous.clone()),
                         |v| self.key_state(v),
                     )?;
-                    for r in planned {
+                    for r in planned.records {
                         self.stage_record(&mut batch, previous.as_ref(), &r);
                         staged.insert(r.meta.id.clone(), Some(r));
                     }
@@ -598,8 +681,7 @@ impl TokenStore for RocksStore {
                 Mutation::DeleteRecord(id) => {
                     let r = current(&staged, id)?
                         .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                    batch.delete_cf(self.cf(CF_RECORDS), id.as_str());
-                    batch.delete_cf(self.cf(CF_OWNERS), schema::owner_key(&r.meta.owner, id));
+                    self.stage_delete(&mut batch, &r);
                     staged.insert(id.clone(), None);
                     purge.push(id.as_str().as_bytes().to_vec());
                 }
@@ -683,13 +765,14 @@ impl TokenStore for RocksStore {
 
     fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let _guard = self.lock();
+        let prefix = key.version.to_be_bytes();
         let mut records = 0u64;
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_RECORDS), rocksdb::IteratorMode::Start)
-        {
-            let (_, v) = item.map_err(engine)?;
-            records += u64::from(schema::decode_record(&v)?.key_version == key.version);
+        for item in self.db.prefix_iterator_cf(self.cf(CF_BY_KEY), prefix) {
+            let (k, _) = item.map_err(engine)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            records += 1;
         }
         if records > 0 {
             return Err(StoreError::KeyInUse {

@@ -153,6 +153,14 @@ pub(crate) fn key_key(version: u32) -> [u8; 4] {
     version.to_be_bytes()
 }
 
+/// Key of a key-version index entry: the version (big-endian), then the record id, so the
+/// records under one version are one prefix.
+pub(crate) fn key_version_key(version: u32, id: &RecordId) -> Vec<u8> {
+    let mut k = version.to_be_bytes().to_vec();
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+
 /// Key of an owner index entry.
 pub(crate) fn owner_key(owner: &Owner, id: &RecordId) -> Vec<u8> {
     let mut k = owner_prefix(owner);

@@ -74,10 +74,10 @@ impl Vault {
                     source,
                 })?;
                 if bundle.expires_within(self.now(), oauth.refresh_skew_seconds) {
-                    let (r, fresh) =
+                    let refreshed =
                         refresh::refresh(self, &upstream, &caller.name, &record).await?;
-                    record = r;
-                    secret = fresh.to_secret();
+                    record = refreshed.record;
+                    secret = refreshed.bundle.to_secret();
                 }
             }
             Ok::<_, VaultError>(Released { record, secret })
@@ -237,7 +237,10 @@ impl Vault {
         )
         .await?;
         let refreshable = refresh::oauth_for(state, &record);
+        // Whether this call refreshed the token (what the caller is told), and whether it
+        // asked for a refresh at all (at most once per call, whoever did it).
         let mut refreshed = false;
+        let mut asked = false;
         let mut token = match record.meta.kind {
             SecretKind::TokenBundle => {
                 let bundle = TokenBundle::parse(&secret).map_err(|source| VaultError::Refresh {
@@ -248,10 +251,11 @@ impl Vault {
                     Some((up, oauth))
                         if bundle.expires_within(state.now(), oauth.refresh_skew_seconds) =>
                     {
-                        let (r, fresh) = refresh::refresh(state, up, caller, &record).await?;
-                        record = r;
-                        refreshed = true;
-                        fresh.access()
+                        let r = refresh::refresh(state, up, caller, &record).await?;
+                        record = r.record;
+                        refreshed = r.by_this_call;
+                        asked = true;
+                        r.bundle.access()
                     }
                     _ => bundle.access(),
                 }
@@ -271,12 +275,12 @@ impl Vault {
         let mut response = sent?;
         // One refresh after the provider rejects the access token.
         if proxy::is_unauthorized(response.status)
-            && !refreshed
+            && !asked
             && let Some((up, _)) = &refreshable
         {
-            let (_, fresh) = refresh::refresh(state, up, caller, &record).await?;
-            refreshed = true;
-            token = fresh.access();
+            let r = refresh::refresh(state, up, caller, &record).await?;
+            refreshed = r.by_this_call;
+            token = r.bundle.access();
             let sent = upstream.send(&prepared, &token).await;
             count(&sent);
             response = sent?;
@@ -295,6 +299,10 @@ impl Vault {
 /// use is spent only once everything passed, in the same write as the audit event. A
 /// refreshable token bundle past its expiry is returned (the caller refreshes it); anything
 /// else past expiry is refused.
+///
+/// The store read, the checks, a cached data key and the audit write run on the blocking
+/// pool; only an RSA unwrap takes a private-key thread, so a cached call never queues behind
+/// private-key work, and a private-key thread never waits on the store or the audit trail.
 async fn load<T: Send + 'static>(
     state: &Arc<Vault>,
     caller: &str,
@@ -304,41 +312,93 @@ async fn load<T: Send + 'static>(
     grant: Option<Arc<grants::GrantUse>>,
     check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError> + Send + 'static,
 ) -> Result<(Record, Secret, T), VaultError> {
-    let ring = state.keyring();
+    // Held until the secret is released: the reads in progress are bounded, shed beyond.
+    let _permit = state.read_permit()?;
     let (who, policy, id) = (caller.to_string(), Arc::clone(policy), id.clone());
     let draft = draft.record(id.as_str());
-    state
-        .cpu_bound(move |s| {
+    let (draft, read) = state
+        .blocking(move |s| {
             let mut draft = draft;
-            let released = s
+            let read = s
                 .record_token(&who, &policy, &id)
-                .and_then(|()| release(s, &id, &ring, &policy, &mut draft, check))
-                .and_then(|released| {
-                    match &grant {
-                        Some(g) => g.spend(s, &who, &released.0, &draft)?,
-                        None => s.audit.append(&draft, false)?,
-                    }
-                    Ok(released)
+                .and_then(|()| read_checked(s, &id, &policy, &mut draft, check))
+                .and_then(|(record, checked)| {
+                    let (cached, ring) = open_cached(s, &id, &record)?;
+                    Ok((who, id, record, checked, cached, ring))
                 });
-            if let Err(e) = &released
-                && !matches!(e, VaultError::Audit(_))
-            {
-                s.audit_outcome(draft, e);
+            Ok((draft, read))
+        })
+        .await?;
+    let (who, id, record, checked, cached, ring) = match read {
+        Ok(read) => read,
+        Err(e) => return Err(refused(state, draft, e).await),
+    };
+    let (record, secret) = match cached {
+        Some(secret) => (record, secret),
+        None => {
+            let opened = state
+                .cpu_bound(move |s| {
+                    let opened =
+                        records::open_unwrapping(s, &id, &record, &ring).map_err(|source| {
+                            VaultError::Open {
+                                id: id.to_string(),
+                                source,
+                            }
+                        });
+                    Ok((record, opened))
+                })
+                .await?;
+            match opened {
+                (record, Ok(secret)) => (record, secret),
+                (_, Err(e)) => return Err(refused(state, draft, e).await),
             }
-            released
+        }
+    };
+    state
+        .blocking(move |s| {
+            let audited = match &grant {
+                Some(g) => g.spend(s, &who, &record, &draft),
+                None => s.audit.append(&draft, false).map_err(VaultError::from),
+            };
+            match audited {
+                Ok(()) => Ok((record, secret, checked)),
+                Err(e) => {
+                    if !matches!(e, VaultError::Audit(_)) {
+                        s.audit_outcome(draft, &e);
+                    }
+                    Err(e)
+                }
+            }
         })
         .await
 }
 
-/// Reads, checks and opens one record.
-fn release<T>(
+/// Audits a refusal of [`load`] on the blocking pool and gives the error back. A shed call
+/// (overload) is not audited: it did nothing, and auditing it would make shedding cost a write.
+async fn refused(state: &Arc<Vault>, draft: Draft, e: VaultError) -> VaultError {
+    if matches!(
+        e,
+        VaultError::Audit(_) | VaultError::Overloaded { .. } | VaultError::Task
+    ) {
+        return e;
+    }
+    state
+        .blocking(move |s| {
+            s.audit_outcome(draft, &e);
+            Ok(e)
+        })
+        .await
+        .unwrap_or_else(|task| task)
+}
+
+/// Reads one record and checks it may be released to the caller.
+fn read_checked<T>(
     s: &Vault,
     id: &RecordId,
-    ring: &Keyring,
     policy: &CallerPolicy,
     draft: &mut Draft,
     check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError>,
-) -> Result<(Record, Secret, T), VaultError> {
+) -> Result<(Record, T), VaultError> {
     let record = s
         .store
         .get_record(id)?
@@ -365,18 +425,29 @@ fn release<T>(
             expires_at,
         });
     }
-    let secret = match records::open(s, id, &record, ring) {
-        // A version another daemon sharing the store just added: reload once and retry.
+    Ok((record, checked))
+}
+
+/// Opens a record with its cached data key if there is one ([`records::open_cached`]), and
+/// gives the keyring to unwrap it with otherwise. A version that another daemon sharing the
+/// store just added makes it reload the keyring once and look again.
+fn open_cached(
+    s: &Vault,
+    id: &RecordId,
+    record: &Record,
+) -> Result<(Option<Secret>, Arc<Keyring>), VaultError> {
+    let ring = s.keyring();
+    let opened = match records::open_cached(s, id, record, &ring) {
         Err(crate::envelope::DecryptError::UnknownKey(_)) if s.reload_for_unknown_key() => {
-            records::open(s, id, &record, &s.keyring())
+            let ring = s.keyring();
+            records::open_cached(s, id, record, &ring).map(|cached| (cached, ring))
         }
-        other => other,
-    }
-    .map_err(|source| VaultError::Open {
+        other => other.map(|cached| (cached, ring)),
+    };
+    opened.map_err(|source| VaultError::Open {
         id: id.to_string(),
         source,
-    })?;
-    Ok((record, secret, checked))
+    })
 }
 
 /// A bounded label for a proxy failure.

@@ -120,10 +120,19 @@ async fn auto_rotate(vault: Arc<Vault>, period: i64, stop: tokio_util::sync::Can
 /// still use a version another daemon retired or destroyed (docs/THREAT_MODEL.md).
 pub(super) const KEY_REGISTRY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Follows key lifecycle changes made by other daemons on the shared store.
+/// Follows key lifecycle changes made by other daemons on the shared store; the registry read
+/// is also the probe behind the health service's view of the database.
 async fn follow_key_registry(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
     periodically(KEY_REGISTRY_POLL, stop, || async {
-        if let Err(e) = vault.blocking(Vault::sync_keyring).await {
+        let synced = vault.blocking(Vault::sync_keyring).await.map(|_| ());
+        vault.probed_store(&synced);
+        // An unreachable database is logged once, by the probe, not every second.
+        if let Err(e) = synced
+            && !matches!(
+                e,
+                super::VaultError::Store(crate::store::StoreError::Unavailable(_))
+            )
+        {
             tracing::warn!(error = %e, "reading the shared key registry failed");
         }
     })

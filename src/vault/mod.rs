@@ -298,6 +298,11 @@ pub struct Vault {
     /// fetched.
     jwks: jwks::JwksFetchers,
     metrics: Arc<metrics::Metrics>,
+    /// Whether the store answered the last probe ([`Vault::store_reachable`]).
+    store_reachable: tokio::sync::watch::Sender<bool>,
+    /// Bounds the record reads (`GetToken`, `Proxy`) in progress at once to `[limits]
+    /// max_queued`: they run on the blocking pool, whose own queue has no bound.
+    reads: Arc<tokio::sync::Semaphore>,
     /// Group commit of ingest writes.
     commit: commit::GroupCommit,
     /// One thread per core for private-key work.
@@ -311,8 +316,9 @@ pub struct Vault {
     clock: Clock,
     /// This process's identity as a lease owner (random per start).
     instance_id: String,
-    /// When the keyring was last reloaded for an unknown key (rate limit).
-    last_unknown_reload: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When the last check of the registry for an unknown key started, and whether it changed
+    /// the keyring; its lock makes the check single flight ([`Vault::reload_for_unknown_key`]).
+    last_unknown_reload: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -324,6 +330,10 @@ impl std::fmt::Debug for Vault {
 impl Vault {
     /// Opens the vault over `store` with the keys, providers and limits of `config`. In the dev
     /// profile an empty keyring is initialized with a fresh RSA-2048 key.
+    ///
+    /// A start that is refused writes nothing to a shared store: every check that can refuse
+    /// (the passphrase, the private keys, providers, the audit sink) runs before the instance
+    /// name is claimed, and a failure after the claim gives the claim back.
     pub fn open(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, OpenError> {
         let dir = key_dir(config, &store)?;
         let instance_id = format!(
@@ -331,29 +341,63 @@ impl Vault {
             instance_name(config),
             hex::encode(rand::random::<[u8; 8]>())
         );
-        if dir.is_shared() {
-            Self::claim_instance(&*store, instance_name(config), &instance_id)?;
+        if let (crate::config::StoreConfig::Postgres(_), Some(passphrase)) =
+            (&config.store, &config.passphrase)
+        {
+            crate::audit::check_shared_key(&*store, passphrase)?;
         }
-        let audit = Arc::new(auditor(config, &store)?);
-        if config.dev && store.keys()?.is_empty() {
-            let keys = crate::rotation::KeyService::new(&*store, &dir, &audit);
-            let info = keys.init(
-                &Draft::new("dev-profile", "InitKeys").detail("version 1, development"),
-                crate::unix_now(),
-            )?;
-            tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");
-        }
-        let ring = Keyring::load(store.keys()?, &dir)?
-            .with_min_version(config.key_policy.min_decrypt_version);
-        let (active, _) = ring.active();
-        tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
+        // Loaded before anything is written when there are keys already (the usual start);
+        // loaded again only after the dev profile created the first one.
+        let stored_keys = store.keys()?;
+        let ring = if stored_keys.is_empty() {
+            None
+        } else {
+            Some(Keyring::load(stored_keys, &dir)?)
+        };
         let upstreams = crate::proxy::Upstreams::new(config.providers.values())?;
+        let jwks = jwks::JwksFetchers::new(&config.security_event_issuers)?;
         let shipper = config
             .audit
             .sink
             .clone()
             .map(|c| crate::audit::sink::Shipper::open(Arc::clone(&store), c).map(Arc::new))
             .transpose()?;
+        if dir.is_shared() {
+            Self::claim_instance(&*store, instance_name(config), &instance_id)?;
+        }
+        let claimed = || {
+            let audit = Arc::new(auditor(config, &store)?);
+            let ring = match ring {
+                Some(ring) => ring,
+                None => {
+                    if config.dev {
+                        let keys = crate::rotation::KeyService::new(&*store, &dir, &audit);
+                        let info = keys.init(
+                            &Draft::new("dev-profile", "InitKeys").detail("version 1, development"),
+                            crate::unix_now(),
+                        )?;
+                        tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");
+                    }
+                    Keyring::load(store.keys()?, &dir)?
+                }
+            };
+            Ok::<_, OpenError>((audit, ring))
+        };
+        let (audit, ring) = match claimed() {
+            Ok(opened) => opened,
+            Err(e) => {
+                if dir.is_shared() {
+                    let name = instance_lease(instance_name(config));
+                    if let Err(release) = store.release_lease(&name, &instance_id) {
+                        tracing::warn!(error = %release, "could not give back the instance name after a refused start");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let ring = ring.with_min_version(config.key_policy.min_decrypt_version);
+        let (active, _) = ring.active();
+        tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
         let metrics = Arc::new(metrics::Metrics::default());
         Ok(Self {
             refusals: Arc::new(refusals::Refusals::new(
@@ -364,7 +408,7 @@ impl Vault {
             config_source: config.source.clone(),
             single_flight: refresh::SingleFlight::default(),
             security_event_issuers: config.security_event_issuers.clone(),
-            jwks: jwks::JwksFetchers::new(&config.security_event_issuers)?,
+            jwks,
             metrics: Arc::clone(&metrics),
             cpu: cpu_pool::CpuPool::start(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
@@ -409,6 +453,8 @@ impl Vault {
                 )
             }),
             clock: Arc::new(crate::unix_now),
+            store_reachable: tokio::sync::watch::Sender::new(true),
+            reads: Arc::new(tokio::sync::Semaphore::new(config.limits.max_queued)),
             last_unknown_reload: std::sync::Mutex::new(None),
             instance_id,
         })
@@ -504,6 +550,31 @@ impl Vault {
         self.stopping.clone()
     }
 
+    /// Whether the store is reachable, as the daemon's health reports it: a daemon on a shared
+    /// database probes it every second ([`jobs`]) and turns false while it does not answer,
+    /// so a load balancer that follows the health service routes calls to the other daemons.
+    /// Always true on RocksDB (the store is in the process).
+    pub fn store_reachable(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.store_reachable.subscribe()
+    }
+
+    /// Records the outcome of a store probe; a change is logged once.
+    fn probed_store(&self, result: &Result<(), VaultError>) {
+        let reachable = !matches!(result, Err(VaultError::Store(StoreError::Unavailable(_))));
+        let changed = self.store_reachable.send_if_modified(|r| {
+            let changed = *r != reachable;
+            *r = reachable;
+            changed
+        });
+        match (changed, result) {
+            (true, Err(e)) if !reachable => {
+                tracing::error!(error = %e, "the database does not answer: health NOT_SERVING until it does");
+            }
+            (true, _) => tracing::info!("the database answers again: health SERVING"),
+            _ => {}
+        }
+    }
+
     /// Tells every job and long-running stream (rewrap, audit log) to stop at its next safe
     /// point. Work already under way finishes; none is aborted mid-way, since aborting a task
     /// does not stop the blocking work it started.
@@ -544,11 +615,14 @@ impl Vault {
             VaultError::Reload("the daemon was started without a config file".into())
         })?;
         let draft = Draft::new(&caller.name, "ReloadProviders");
+        let limits = self.limits;
         let loaded = self
             .tasks
             .spawn_blocking(move || {
                 let policies =
                     Config::load_providers(&path).map_err(|e| VaultError::Reload(e.to_string()))?;
+                crate::config::check_provider_timeouts(&policies, &limits)
+                    .map_err(|e| VaultError::Reload(e.to_string()))?;
                 crate::proxy::Upstreams::new(policies.values())
                     .map_err(|e| VaultError::Reload(e.to_string()))
             })
@@ -620,36 +694,47 @@ impl Vault {
     }
 
     /// After meeting an envelope under a key this daemon does not know: if the keys are shared,
-    /// reloads the registry once (a version another daemon just added), at most once a second
-    /// however many such envelopes arrive. Returns whether the keyring changed.
+    /// checks the registry for a version another daemon just added and loads it. Returns
+    /// whether the keyring changed (the caller looks again).
+    ///
+    /// Single flight: one check runs at a time and every caller waits for an answer instead of
+    /// being refused. A check that started after a caller arrived read the registry after
+    /// that caller met the unknown key, so its answer is that caller's too; only a caller that
+    /// arrived while an older check ran needs the next one. So however many requests meet a
+    /// new version at once, the registry is read about twice and the new key decrypted once,
+    /// and a stream of envelopes under a key no daemon has costs one registry read at a time.
     fn reload_for_unknown_key(&self) -> bool {
         if !self.shares_keys() {
             return false;
         }
-        let now = std::time::Instant::now();
+        let arrived = std::time::Instant::now();
+        let mut last = self
+            .last_unknown_reload
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((started, changed)) = *last
+            && started > arrived
         {
-            let mut last = self
-                .last_unknown_reload
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
-                return false;
-            }
-            *last = Some(now);
+            return changed;
         }
-        match self.sync_keyring() {
+        let started = std::time::Instant::now();
+        let changed = match self.sync_keyring() {
             Ok(changed) => changed,
             Err(e) => {
                 tracing::warn!(error = %e, "reloading the keyring for an unknown key failed");
                 false
             }
-        }
+        };
+        *last = Some((started, changed));
+        changed
     }
 
     /// Reloads the keyring from the registry and key files after a lifecycle change.
     fn reload_keyring(&self) -> Result<Arc<Keyring>, VaultError> {
+        // Only versions this keyring does not hold yet are read and decrypted.
         let ring = Arc::new(
-            Keyring::load(self.store.keys()?, &self.key_dir)?
+            self.keyring()
+                .reload(self.store.keys()?, &self.key_dir)?
                 .with_min_version(self.policy.min_decrypt_version),
         );
         *self
@@ -737,6 +822,21 @@ impl Vault {
                 retry_ms,
             }),
         }
+    }
+
+    /// A place among the record reads in progress, or `RESOURCE_EXHAUSTED` at once when
+    /// `[limits] max_queued` of them are (shed, not queued).
+    fn read_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, VaultError> {
+        Arc::clone(&self.reads).try_acquire_owned().map_err(|_| {
+            metrics::Metrics::count(&self.metrics.shed, "reads_full");
+            VaultError::Overloaded {
+                reason: format!(
+                    "{} record reads are in progress (max_queued is {})",
+                    self.limits.max_queued, self.limits.max_queued
+                ),
+                retry_ms: u64::try_from(self.limits.max_queue_wait.as_millis()).unwrap_or(u64::MAX),
+            }
+        })
     }
 
     /// Appends `draft` durably on the blocking pool, for use-case code running on the executor;

@@ -88,6 +88,17 @@ fn bundle_of(record: &Record, secret: &Secret) -> Result<TokenBundle, VaultError
     })
 }
 
+/// What [`refresh`] gives the call that asked for it.
+pub(super) struct Refreshed {
+    /// The record to use, as stored now.
+    pub(super) record: Record,
+    /// Its bundle.
+    pub(super) bundle: TokenBundle,
+    /// Whether this call refreshed it (false: another call or daemon had, and this one uses
+    /// what it stored).
+    pub(super) by_this_call: bool,
+}
+
 /// Refreshes `seen` (a token bundle record as the caller read it) unless someone else already
 /// did; returns the record and bundle to use.
 pub(super) async fn refresh(
@@ -95,7 +106,7 @@ pub(super) async fn refresh(
     upstream: &Upstream,
     caller: &str,
     seen: &Record,
-) -> Result<(Record, TokenBundle), VaultError> {
+) -> Result<Refreshed, VaultError> {
     let id = seen.meta.id.clone();
     let lock = state.single_flight.lock_for(&id);
     let result = {
@@ -163,7 +174,7 @@ async fn refresh_locked(
     upstream: &Upstream,
     caller: &str,
     seen: &Record,
-) -> Result<(Record, TokenBundle), VaultError> {
+) -> Result<Refreshed, VaultError> {
     let oauth = upstream
         .policy()
         .oauth
@@ -178,7 +189,11 @@ async fn refresh_locked(
     let bundle = bundle_of(&current, &secret)?;
     if current.version != seen.version {
         // Refreshed (or re-authorized) meanwhile: use what is stored now.
-        return Ok((current, bundle));
+        return Ok(Refreshed {
+            record: current,
+            bundle,
+            by_this_call: false,
+        });
     }
     let refresh_token = bundle
         .refresh_token
@@ -220,7 +235,11 @@ async fn refresh_locked(
                 .await?;
             match outcome {
                 // Another daemon refreshed with the same (now spent) token first.
-                Some(newer) => Ok(newer),
+                Some((record, bundle)) => Ok(Refreshed {
+                    record,
+                    bundle,
+                    by_this_call: false,
+                }),
                 None => Err(VaultError::NeedsReauth(id.to_string())),
             }
         }
@@ -318,7 +337,7 @@ fn store_refreshed(
     seen: &Record,
     fresh: TokenBundle,
     now: i64,
-) -> Result<(Record, TokenBundle), VaultError> {
+) -> Result<Refreshed, VaultError> {
     let mut meta = seen.meta.clone();
     let write = bundle_write(s, &mut meta, &fresh, seen.version)?;
     // The new bundle and its audit event are one durable write.
@@ -341,14 +360,22 @@ fn store_refreshed(
             tracing::info!(record = %s.log_id(&seen.meta.id), "token refreshed");
             s.forget_deks(Some(&seen.meta.id));
             let (record, _) = read_open(s, &seen.meta.id)?;
-            Ok((record, fresh))
+            Ok(Refreshed {
+                record,
+                bundle: fresh,
+                by_this_call: true,
+            })
         }
         Err(StoreError::VersionMismatch { .. } | StoreError::NotFound(_)) => {
             audit_refresh(s, caller, seen, "conflict: a newer version was kept");
             let (record, secret) = read_open(s, &seen.meta.id)?;
             usable(&record)?;
             let bundle = bundle_of(&record, &secret)?;
-            Ok((record, bundle))
+            Ok(Refreshed {
+                record,
+                bundle,
+                by_this_call: false,
+            })
         }
         Err(e) => Err(e.into()),
     }

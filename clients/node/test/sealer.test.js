@@ -97,7 +97,11 @@ test('refusals carry the gRPC code and the HTTP status', withDaemon, async () =>
   const record = { id: 'node-dup', owner: 'o', provider: 'github', kind: 'access_token',
     envelope: seal(pem, 'node-dup', 'o', 'github', 'access_token', Buffer.from('t')) };
   await client.putSealed(record);
-  await assert.rejects(client.putSealed(record), (e) => e instanceof TokenvaultError && e.status === 409 && e.code === 'ALREADY_EXISTS');
+  // The very same write again (a blind retry) answers the stored version; a new seal of the
+  // same id is a conflict.
+  assert.strictEqual(await client.putSealed(record), 1);
+  const other = { ...record, envelope: seal(pem, 'node-dup', 'o', 'github', 'access_token', Buffer.from('t')) };
+  await assert.rejects(client.putSealed(other), (e) => e instanceof TokenvaultError && e.status === 409 && e.code === 'ALREADY_EXISTS');
   await assert.rejects(client.putSealed({ ...record, expectedVersion: 9 }), (e) => e.status === 412 && e.code === 'ABORTED');
   await assert.rejects(new Client(URL, 'tv_wrong').publicKey(), (e) => e.status === 401 && e.code === 'UNAUTHENTICATED');
 });

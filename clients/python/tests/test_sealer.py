@@ -92,8 +92,12 @@ def test_refusals_carry_the_grpc_code_and_http_status():
     pem = client.public_key()["spkiPem"]
     envelope = seal(pem, "py-dup", "o", "github", "access_token", b"t")
     client.put_sealed("py-dup", "o", "github", "access_token", envelope)
+    # The very same write again (a blind retry) answers the stored version; a new seal of the
+    # same id is a conflict.
+    assert client.put_sealed("py-dup", "o", "github", "access_token", envelope) == 1
+    other = seal(pem, "py-dup", "o", "github", "access_token", b"t")
     with pytest.raises(TokenvaultError) as e:
-        client.put_sealed("py-dup", "o", "github", "access_token", envelope)
+        client.put_sealed("py-dup", "o", "github", "access_token", other)
     assert (e.value.status, e.value.code) == (409, "ALREADY_EXISTS")
     with pytest.raises(TokenvaultError) as e:
         client.put_sealed("py-dup", "o", "github", "access_token", envelope, expected_version=9)
