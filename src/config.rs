@@ -272,8 +272,8 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Longest a request waits for a private-key thread before it is refused.
     pub max_queue_wait: std::time::Duration,
-    /// Most requests waiting for a private-key thread at once, most write requests waiting
-    /// for the group commit, and most record reads (`GetToken`, `Proxy`) in progress.
+    /// Most requests waiting for a private-key thread at once, for a store thread, and most
+    /// write requests waiting for the group commit.
     pub max_queued: usize,
 }
 

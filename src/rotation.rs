@@ -380,12 +380,7 @@ fn ensure_unused(store: &dyn TokenStore, version: u32) -> Result<(), RotationErr
 
 /// Records wrapped under `version` right now.
 pub fn records_under(store: &dyn TokenStore, version: u32) -> Result<u64, RotationError> {
-    Ok(store
-        .stats()?
-        .per_key_version
-        .iter()
-        .find(|(v, _)| *v == version)
-        .map_or(0, |(_, n)| *n))
+    Ok(store.records_under_key(version)?)
 }
 
 /// Marks a decrypt-only version retired, writing `audit` in the same batch. Refused while any

@@ -766,6 +766,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TokenStore) {
         )
         .expect("put");
     let in_use = |records: u64| {
+        assert_eq!(store.records_under_key(1), Ok(records));
         assert_eq!(
             store.retire_key(&key(1, KeyState::Retired), None),
             Err(StoreError::KeyInUse {
@@ -803,6 +804,8 @@ pub fn retire_counts_records_under_the_version(store: &dyn TokenStore) {
     store
         .retire_key(&key(1, KeyState::Retired), None)
         .expect("no record left under version 1");
+    assert_eq!(store.records_under_key(1), Ok(0));
+    assert_eq!(store.records_under_key(2), Ok(2));
     // Version 2 still counts its own two.
     assert_eq!(
         store.retire_key(&key(2, KeyState::Retired), None),

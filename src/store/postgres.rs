@@ -1056,6 +1056,21 @@ impl TokenStore for PostgresStore {
         })
     }
 
+    fn records_under_key(&self, version: u32) -> Result<u64, StoreError> {
+        self.txn(move |t| {
+            Box::pin(async move {
+                let records: i64 = t
+                    .query_one(
+                        "SELECT count(*) FROM tokenvault_records WHERE key_version = $1",
+                        &[&i64::from(version)],
+                    )
+                    .await?
+                    .get(0);
+                Ok(version_u64(records))
+            })
+        })
+    }
+
     fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let key = key.clone();
         let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();

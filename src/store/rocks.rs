@@ -297,6 +297,20 @@ impl RocksStore {
         );
     }
 
+    /// Records under key `version`, counted from [`CF_BY_KEY`].
+    fn count_under_key(&self, version: u32) -> Result<u64, StoreError> {
+        let prefix = version.to_be_bytes();
+        let mut records = 0u64;
+        for item in self.db.prefix_iterator_cf(self.cf(CF_BY_KEY), prefix) {
+            let (k, _) = item.map_err(engine)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            records += 1;
+        }
+        Ok(records)
+    }
+
     /// Stages the deletion of `record` (its indexes included) in `batch`.
     fn stage_delete(&self, batch: &mut WriteBatch, record: &Record) {
         let id = &record.meta.id;
@@ -540,6 +554,10 @@ impl TokenStore for RocksStore {
         failed.map_or(Ok(stats), Err)
     }
 
+    fn records_under_key(&self, version: u32) -> Result<u64, StoreError> {
+        self.count_under_key(version)
+    }
+
     fn scan_records(
         &self,
         after: Option<&RecordId>,
@@ -765,15 +783,7 @@ impl TokenStore for RocksStore {
 
     fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let _guard = self.lock();
-        let prefix = key.version.to_be_bytes();
-        let mut records = 0u64;
-        for item in self.db.prefix_iterator_cf(self.cf(CF_BY_KEY), prefix) {
-            let (k, _) = item.map_err(engine)?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            records += 1;
-        }
+        let records = self.count_under_key(key.version)?;
         if records > 0 {
             return Err(StoreError::KeyInUse {
                 version: key.version,

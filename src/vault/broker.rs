@@ -312,79 +312,135 @@ async fn load<T: Send + 'static>(
     grant: Option<Arc<grants::GrantUse>>,
     check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError> + Send + 'static,
 ) -> Result<(Record, Secret, T), VaultError> {
-    // Held until the secret is released: the reads in progress are bounded, shed beyond.
-    let _permit = state.read_permit()?;
     let (who, policy, id) = (caller.to_string(), Arc::clone(policy), id.clone());
     let draft = draft.record(id.as_str());
-    let (draft, read) = state
-        .blocking(move |s| {
+    // One step on the store pool does everything a call with a cached data key needs.
+    let loaded = state
+        .io_bound(move |s| {
             let mut draft = draft;
             let read = s
                 .record_token(&who, &policy, &id)
                 .and_then(|()| read_checked(s, &id, &policy, &mut draft, check))
                 .and_then(|(record, checked)| {
                     let (cached, ring) = open_cached(s, &id, &record)?;
-                    Ok((who, id, record, checked, cached, ring))
+                    Ok((record, checked, cached, ring))
                 });
-            Ok((draft, read))
-        })
-        .await?;
-    let (who, id, record, checked, cached, ring) = match read {
-        Ok(read) => read,
-        Err(e) => return Err(refused(state, draft, e).await),
-    };
-    let (record, secret) = match cached {
-        Some(secret) => (record, secret),
-        None => {
-            let opened = state
-                .cpu_bound(move |s| {
-                    let opened =
-                        records::open_unwrapping(s, &id, &record, &ring).map_err(|source| {
-                            VaultError::Open {
-                                id: id.to_string(),
-                                source,
-                            }
-                        });
-                    Ok((record, opened))
-                })
-                .await?;
-            match opened {
-                (record, Ok(secret)) => (record, secret),
-                (_, Err(e)) => return Err(refused(state, draft, e).await),
-            }
-        }
-    };
-    state
-        .blocking(move |s| {
-            let audited = match &grant {
-                Some(g) => g.spend(s, &who, &record, &draft),
-                None => s.audit.append(&draft, false).map_err(VaultError::from),
-            };
-            match audited {
-                Ok(()) => Ok((record, secret, checked)),
+            match read {
                 Err(e) => {
-                    if !matches!(e, VaultError::Audit(_)) {
-                        s.audit_outcome(draft, &e);
-                    }
+                    audit_refusal(s, draft, &e);
                     Err(e)
                 }
+                Ok((record, checked, Some(secret), _)) => {
+                    release(s, &who, grant.as_deref(), draft, record, secret, checked)
+                        .map(Loaded::Released)
+                }
+                Ok((record, checked, None, ring)) => Ok(Loaded::Unwrap(Box::new(Unwrap {
+                    who,
+                    id,
+                    record,
+                    checked,
+                    ring,
+                    draft,
+                    grant,
+                }))),
             }
         })
+        .await?;
+    let u = match loaded {
+        Loaded::Released(released) => return Ok(released),
+        Loaded::Unwrap(u) => *u,
+    };
+    let Unwrap {
+        who,
+        id,
+        record,
+        checked,
+        ring,
+        draft,
+        grant,
+    } = u;
+    let opened = state
+        .cpu_bound(move |s| {
+            let opened = records::open_unwrapping(s, &id, &record, &ring).map_err(|source| {
+                VaultError::Open {
+                    id: id.to_string(),
+                    source,
+                }
+            });
+            Ok((record, opened))
+        })
+        .await?;
+    let (record, secret) = match opened {
+        (record, Ok(secret)) => (record, secret),
+        (_, Err(e)) => return Err(refused(state, draft, e).await),
+    };
+    state
+        .io_bound(move |s| release(s, &who, grant.as_deref(), draft, record, secret, checked))
         .await
 }
 
-/// Audits a refusal of [`load`] on the blocking pool and gives the error back. A shed call
-/// (overload) is not audited: it did nothing, and auditing it would make shedding cost a write.
-async fn refused(state: &Arc<Vault>, draft: Draft, e: VaultError) -> VaultError {
-    if matches!(
+/// What the first step of [`load`] leaves to do.
+enum Loaded<T> {
+    /// Opened with a cached data key and audited: the call is done.
+    Released((Record, Secret, T)),
+    /// The data key must be unwrapped on the private-key pool, then the call audited.
+    Unwrap(Box<Unwrap<T>>),
+}
+
+/// A record read and checked, waiting for its data key to be unwrapped.
+struct Unwrap<T> {
+    who: String,
+    id: RecordId,
+    record: Record,
+    checked: T,
+    ring: Arc<Keyring>,
+    draft: Draft,
+    grant: Option<Arc<grants::GrantUse>>,
+}
+
+/// The last step of [`load`]: audits the release (spending a use of the grant, if one is
+/// presented, in the same write) before the secret is handed back; a failure is audited and
+/// nothing is released.
+fn release<T>(
+    s: &Vault,
+    who: &str,
+    grant: Option<&grants::GrantUse>,
+    draft: Draft,
+    record: Record,
+    secret: Secret,
+    checked: T,
+) -> Result<(Record, Secret, T), VaultError> {
+    let audited = match grant {
+        Some(g) => g.spend(s, who, &record, &draft),
+        None => s.audit.append(&draft, false).map_err(VaultError::from),
+    };
+    match audited {
+        Ok(()) => Ok((record, secret, checked)),
+        Err(e) => {
+            if !matches!(e, VaultError::Audit(_)) {
+                s.audit_outcome(draft, &e);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Audits a refusal of [`load`], unless it is one that is not audited: a shed call (it did
+/// nothing, and auditing it would make shedding cost a write), or the audit trail's own failure.
+fn audit_refusal(s: &Vault, draft: Draft, e: &VaultError) {
+    if !matches!(
         e,
         VaultError::Audit(_) | VaultError::Overloaded { .. } | VaultError::Task
     ) {
-        return e;
+        s.audit_outcome(draft, e);
     }
+}
+
+/// [`audit_refusal`] on the store pool, giving the error back.
+async fn refused(state: &Arc<Vault>, draft: Draft, e: VaultError) -> VaultError {
     state
-        .blocking(move |s| {
-            s.audit_outcome(draft, &e);
+        .io_bound(move |s| {
+            audit_refusal(s, draft, &e);
             Ok(e)
         })
         .await

@@ -1,4 +1,5 @@
-//! A fixed pool of one thread per core for private-key work (`GetToken`, `Proxy`).
+//! A fixed pool of one thread per core for private-key work (`GetToken`, `Proxy`), and the
+//! same kind of pool, with more threads, for those calls' store and audit steps.
 //!
 //! Jobs wait in a queue rather than as threads: with 64 requests in flight, tokio's blocking
 //! pool would run 64 RSA operations on 2 cores at once and spend the difference switching
@@ -60,8 +61,35 @@ pub(super) enum Refused {
     Late(Duration),
 }
 
+/// What a pool is for: names its threads and the outcomes of the work it sheds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Private-key work: one thread per core (`tokenvault-cpu-N`).
+    PrivateKey,
+    /// The store reads, checks and audit writes of `GetToken` and `Proxy` (`tokenvault-io-N`).
+    Io,
+}
+
+impl Kind {
+    fn thread_name(self, i: usize) -> String {
+        match self {
+            Kind::PrivateKey => format!("tokenvault-cpu-{i}"),
+            Kind::Io => format!("tokenvault-io-{i}"),
+        }
+    }
+
+    /// The `tokenvault_shed_total` outcomes: queue full, waited too long, caller gone.
+    fn shed(self) -> [&'static str; 3] {
+        match self {
+            Kind::PrivateKey => ["queue_full", "queue_wait", "caller_gone"],
+            Kind::Io => ["io_queue_full", "io_queue_wait", "io_caller_gone"],
+        }
+    }
+}
+
 /// The pool; dropping it lets the threads finish the queue and exit.
 pub(super) struct CpuPool {
+    kind: Kind,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     queue: Arc<Queue>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -79,6 +107,7 @@ impl std::fmt::Debug for CpuPool {
 impl CpuPool {
     /// Starts `threads` workers that take on at most `bound`'s work.
     pub(super) fn start(
+        kind: Kind,
         threads: usize,
         bound: Bound,
         metrics: Arc<Metrics>,
@@ -94,11 +123,12 @@ impl CpuPool {
             .map(|i| {
                 let queue = Arc::clone(&queue);
                 std::thread::Builder::new()
-                    .name(format!("tokenvault-cpu-{i}"))
+                    .name(kind.thread_name(i))
                     .spawn(move || work(&queue, threads))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
+            kind,
             tx: Mutex::new(Some(tx)),
             queue,
             threads: Mutex::new(handles),
@@ -127,22 +157,23 @@ impl CpuPool {
         let queued = self.queue.waiting.load(Ordering::Relaxed);
         let predicted = self.predicted_wait(queued);
         if queued >= self.bound.max_queued || predicted > self.bound.max_wait {
-            Metrics::count(&self.metrics.shed, "queue_full");
+            Metrics::count(&self.metrics.shed, self.kind.shed()[0]);
             return Err(Refused::Full { queued, predicted });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let (enqueued, max_wait) = (Instant::now(), self.bound.max_wait);
         let (queue, metrics) = (Arc::clone(&self.queue), Arc::clone(&self.metrics));
+        let [_, late, gone] = self.kind.shed();
         let job: Job = Box::new(move || {
             let waited = enqueued.elapsed();
             if reply.is_closed() {
                 // The caller went away (its deadline passed, its connection closed): its
                 // private-key work would be for nobody.
-                Metrics::count(&metrics.shed, "caller_gone");
+                Metrics::count(&metrics.shed, gone);
                 return Box::new(|| {});
             }
             if waited > max_wait {
-                Metrics::count(&metrics.shed, "queue_wait");
+                Metrics::count(&metrics.shed, late);
                 return Box::new(move || {
                     let _ = reply.send(Err(Refused::Late(waited)));
                 });
@@ -263,7 +294,7 @@ mod tests {
     }
 
     fn pool(threads: usize) -> CpuPool {
-        CpuPool::start(threads, unbounded(), Arc::default()).expect("pool")
+        CpuPool::start(Kind::PrivateKey, threads, unbounded(), Arc::default()).expect("pool")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,6 +414,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let pool = Arc::new(
             CpuPool::start(
+                Kind::PrivateKey,
                 1,
                 Bound {
                     max_queued: 4,
@@ -424,6 +456,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let pool = Arc::new(
             CpuPool::start(
+                Kind::PrivateKey,
                 1,
                 Bound {
                     max_queued: 100,

@@ -188,6 +188,17 @@ pub fn instance_lease(name: &str) -> String {
     format!("instance/{name}")
 }
 
+/// Threads of the store pool: twice the cores on RocksDB (its reads and unsynced audit writes
+/// rarely wait), and at least the connection pool's size on PostgreSQL (each store call waits
+/// a round trip, so fewer threads would leave connections idle).
+fn io_threads(config: &Config) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    match &config.store {
+        crate::config::StoreConfig::Postgres(pg) => (2 * cores).max(pg.pool_size),
+        _ => 2 * cores,
+    }
+}
+
 /// The daemon's instance name in a shared store (`""` on RocksDB).
 fn instance_name(config: &Config) -> &str {
     match &config.store {
@@ -300,9 +311,10 @@ pub struct Vault {
     metrics: Arc<metrics::Metrics>,
     /// Whether the store answered the last probe ([`Vault::store_reachable`]).
     store_reachable: tokio::sync::watch::Sender<bool>,
-    /// Bounds the record reads (`GetToken`, `Proxy`) in progress at once to `[limits]
-    /// max_queued`: they run on the blocking pool, whose own queue has no bound.
-    reads: Arc<tokio::sync::Semaphore>,
+    /// The store reads, checks and audit writes of `GetToken` and `Proxy`: a fixed pool with a
+    /// bounded queue, like the private-key pool's, instead of tokio's blocking pool (one
+    /// thread per call in flight, and an unbounded queue).
+    io: cpu_pool::CpuPool,
     /// Group commit of ingest writes.
     commit: commit::GroupCommit,
     /// One thread per core for private-key work.
@@ -411,6 +423,7 @@ impl Vault {
             jwks,
             metrics: Arc::clone(&metrics),
             cpu: cpu_pool::CpuPool::start(
+                cpu_pool::Kind::PrivateKey,
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
                 cpu_pool::Bound {
                     max_queued: config.limits.max_queued,
@@ -454,7 +467,19 @@ impl Vault {
             }),
             clock: Arc::new(crate::unix_now),
             store_reachable: tokio::sync::watch::Sender::new(true),
-            reads: Arc::new(tokio::sync::Semaphore::new(config.limits.max_queued)),
+            io: cpu_pool::CpuPool::start(
+                cpu_pool::Kind::Io,
+                io_threads(config),
+                cpu_pool::Bound {
+                    max_queued: config.limits.max_queued,
+                    max_wait: config.limits.max_queue_wait,
+                },
+                Arc::clone(&metrics),
+            )
+            .map_err(|source| OpenError::Threads {
+                what: "store pool",
+                source,
+            })?,
             last_unknown_reload: std::sync::Mutex::new(None),
             instance_id,
         })
@@ -799,15 +824,33 @@ impl Vault {
         self: &Arc<Self>,
         f: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
     ) -> Result<T, VaultError> {
+        self.pooled(&self.cpu, "a private-key thread", f).await
+    }
+
+    /// Like [`Vault::blocking`], for the store and audit steps of `GetToken` and `Proxy`: on
+    /// the store pool, bounded and shed like the private-key pool.
+    async fn io_bound<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
+    ) -> Result<T, VaultError> {
+        self.pooled(&self.io, "a store thread", f).await
+    }
+
+    async fn pooled<T: Send + 'static>(
+        self: &Arc<Self>,
+        pool: &cpu_pool::CpuPool,
+        thread: &str,
+        f: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
+    ) -> Result<T, VaultError> {
         let vault = Arc::clone(self);
         let max_wait = self.limits.max_queue_wait;
         let retry_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
-        match self.cpu.run(move || f(&vault)).await {
+        match pool.run(move || f(&vault)).await {
             Ok(result) => result,
             Err(cpu_pool::Refused::Failed) => Err(VaultError::Task),
             Err(cpu_pool::Refused::Full { queued, predicted }) => Err(VaultError::Overloaded {
                 reason: format!(
-                    "{queued} requests wait for a private-key thread (about {} ms; max_queue_wait_ms is {})",
+                    "{queued} requests wait for {thread} (about {} ms; max_queue_wait_ms is {})",
                     predicted.as_millis(),
                     max_wait.as_millis()
                 ),
@@ -815,28 +858,13 @@ impl Vault {
             }),
             Err(cpu_pool::Refused::Late(waited)) => Err(VaultError::Overloaded {
                 reason: format!(
-                    "waited {} ms for a private-key thread (max_queue_wait_ms is {})",
+                    "waited {} ms for {thread} (max_queue_wait_ms is {})",
                     waited.as_millis(),
                     max_wait.as_millis()
                 ),
                 retry_ms,
             }),
         }
-    }
-
-    /// A place among the record reads in progress, or `RESOURCE_EXHAUSTED` at once when
-    /// `[limits] max_queued` of them are (shed, not queued).
-    fn read_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, VaultError> {
-        Arc::clone(&self.reads).try_acquire_owned().map_err(|_| {
-            metrics::Metrics::count(&self.metrics.shed, "reads_full");
-            VaultError::Overloaded {
-                reason: format!(
-                    "{} record reads are in progress (max_queued is {})",
-                    self.limits.max_queued, self.limits.max_queued
-                ),
-                retry_ms: u64::try_from(self.limits.max_queue_wait.as_millis()).unwrap_or(u64::MAX),
-            }
-        })
     }
 
     /// Appends `draft` durably on the blocking pool, for use-case code running on the executor;
