@@ -200,6 +200,29 @@ async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
         }
         run(a.path(), &args, &[], None)
     };
+    // A config whose keys are files already has nothing to export, and writes nothing.
+    let refused_dir = tempfile::tempdir().expect("refused");
+    let refused = run(
+        a.path(),
+        &[
+            "keys",
+            "export-files",
+            "--dev",
+            "--to-key-dir",
+            refused_dir.path().to_str().expect("utf-8"),
+        ],
+        &[],
+        None,
+    );
+    assert_exit(
+        &refused,
+        5,
+        "must name a daemon on a shared [store] database",
+    );
+    assert_eq!(
+        std::fs::read_dir(refused_dir.path()).expect("list").count(),
+        0
+    );
     let sealed_dir = tempfile::tempdir().expect("sealed keys");
     let sealed = export(sealed_dir.path(), false);
     assert_exit(&sealed, 0, "");

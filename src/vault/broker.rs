@@ -346,10 +346,6 @@ async fn load<T: Send + 'static>(
             }
         })
         .await?;
-    let u = match loaded {
-        Loaded::Released(released) => return Ok(released),
-        Loaded::Unwrap(u) => *u,
-    };
     let Unwrap {
         who,
         id,
@@ -358,7 +354,10 @@ async fn load<T: Send + 'static>(
         ring,
         draft,
         grant,
-    } = u;
+    } = match loaded {
+        Loaded::Released(released) => return Ok(released),
+        Loaded::Unwrap(u) => *u,
+    };
     let opened = state
         .cpu_bound(move |s| {
             let opened = records::open_unwrapping(s, &id, &record, &ring).map_err(|source| {

@@ -191,8 +191,7 @@ pub fn instance_lease(name: &str) -> String {
 /// Threads of the store pool: twice the cores on RocksDB (its reads and unsynced audit writes
 /// rarely wait), and at least the connection pool's size on PostgreSQL (each store call waits
 /// a round trip, so fewer threads would leave connections idle).
-fn io_threads(config: &Config) -> usize {
-    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+fn io_threads(config: &Config, cores: usize) -> usize {
     match &config.store {
         crate::config::StoreConfig::Postgres(pg) => (2 * cores).max(pg.pool_size),
         _ => 2 * cores,
@@ -411,6 +410,20 @@ impl Vault {
         let (active, _) = ring.active();
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
         let metrics = Arc::new(metrics::Metrics::default());
+        // The private-key pool and the store pool: the same bounds, their own threads.
+        let pool = |kind, threads, what| {
+            cpu_pool::CpuPool::start(
+                kind,
+                threads,
+                cpu_pool::Bound {
+                    max_queued: config.limits.max_queued,
+                    max_wait: config.limits.max_queue_wait,
+                },
+                Arc::clone(&metrics),
+            )
+            .map_err(|source| OpenError::Threads { what, source })
+        };
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
         Ok(Self {
             refusals: Arc::new(refusals::Refusals::new(
                 config.limits.refusals,
@@ -422,19 +435,7 @@ impl Vault {
             security_event_issuers: config.security_event_issuers.clone(),
             jwks,
             metrics: Arc::clone(&metrics),
-            cpu: cpu_pool::CpuPool::start(
-                cpu_pool::Kind::PrivateKey,
-                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
-                cpu_pool::Bound {
-                    max_queued: config.limits.max_queued,
-                    max_wait: config.limits.max_queue_wait,
-                },
-                Arc::clone(&metrics),
-            )
-            .map_err(|source| OpenError::Threads {
-                what: "RSA pool",
-                source,
-            })?,
+            cpu: pool(cpu_pool::Kind::PrivateKey, cores, "RSA pool")?,
             commit: commit::GroupCommit::start(
                 Arc::clone(&store),
                 Arc::clone(&audit),
@@ -467,19 +468,7 @@ impl Vault {
             }),
             clock: Arc::new(crate::unix_now),
             store_reachable: tokio::sync::watch::Sender::new(true),
-            io: cpu_pool::CpuPool::start(
-                cpu_pool::Kind::Io,
-                io_threads(config),
-                cpu_pool::Bound {
-                    max_queued: config.limits.max_queued,
-                    max_wait: config.limits.max_queue_wait,
-                },
-                Arc::clone(&metrics),
-            )
-            .map_err(|source| OpenError::Threads {
-                what: "store pool",
-                source,
-            })?,
+            io: pool(cpu_pool::Kind::Io, io_threads(config, cores), "store pool")?,
             last_unknown_reload: std::sync::Mutex::new(None),
             instance_id,
         })
