@@ -41,7 +41,7 @@ pub(crate) enum AdminCommand {
     ReloadProviders(Conn),
     /// Write a store's records (metadata and envelope) and key registry (public keys) as JSON
     /// lines: no private key, no plaintext. Reads the store directly, as `store copy` does
-    /// (a RocksDB directory as a consistent snapshot, even while its daemon runs).
+    /// (as one consistent snapshot, even while daemons run on it).
     Export(super::store::ExportArgs),
     /// Load an export into a store (stopped daemon) with the same key registry, or an empty
     /// one served with the private keys of the exported versions. Checks the whole file before

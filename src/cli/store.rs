@@ -21,8 +21,8 @@ pub(crate) enum StoreCommand {
 
 #[derive(Debug, Args)]
 pub(crate) struct CopyArgs {
-    /// Source: rocksdb:PATH (read as one consistent snapshot, even while a daemon runs on
-    /// it) or postgres://USER@HOST:PORT/DATABASE.
+    /// Source: rocksdb:PATH or postgres://USER@HOST:PORT/DATABASE, read as one consistent
+    /// snapshot even while daemons run on it.
     #[arg(long)]
     from: String,
     /// Target, empty or holding an interrupted copy from the same source: rocksdb:PATH or
@@ -45,8 +45,8 @@ pub(crate) struct CopyArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct ExportArgs {
-    /// The store: rocksdb:PATH (a consistent snapshot, even while a daemon runs on it) or
-    /// postgres://USER@HOST:PORT/DATABASE.
+    /// The store: rocksdb:PATH or postgres://USER@HOST:PORT/DATABASE, read as one consistent
+    /// snapshot even while daemons run on it.
     #[arg(long)]
     from: String,
     /// The export file to create (refused if it exists); written 0600.
@@ -382,6 +382,14 @@ fn open(
             crate::vault::OpenError::Store(s) => CliError::from(s).with_prefix(flag),
             other => input(other.to_string()),
         })?;
+        // A live cluster's source is read as of one instant, as a RocksDB source is.
+        let store = if source {
+            store
+                .into_snapshot()
+                .map_err(|e| CliError::from(e).with_prefix(flag))?
+        } else {
+            store
+        };
         return Ok(Side {
             store: Arc::new(store),
             name,

@@ -111,10 +111,30 @@ impl std::fmt::Debug for PostgresOptions {
 
 /// A [`TokenStore`] in a PostgreSQL database.
 pub struct PostgresStore {
+    /// Set on a store opened as a snapshot: every read sees the database as it was then.
+    snapshot: Option<Snapshot>,
     pool: Pool,
     runtime: tokio::runtime::Runtime,
     /// The audit chain this store appends to and reads.
     chain: String,
+}
+
+/// An exported snapshot (`pg_export_snapshot()`): valid while `holder`'s transaction is open,
+/// so every pooled connection can read as of the same instant with `SET TRANSACTION SNAPSHOT`.
+struct Snapshot {
+    id: String,
+    _holder: deadpool_postgres::Client,
+}
+
+/// Whether `id` looks like what `pg_export_snapshot()` returns (hex digits and dashes): it is
+/// put into SQL text, as `SET TRANSACTION SNAPSHOT` takes no parameter.
+fn is_snapshot_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+/// The statement that makes a transaction read the exported snapshot `id`.
+fn set_snapshot(id: &str) -> String {
+    format!("SET TRANSACTION SNAPSHOT '{id}'")
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -242,12 +262,52 @@ impl PostgresStore {
         pg.connect_timeout(options.connect_timeout);
         let pool = build(pg, options.pool_size)?;
         let store = Self {
+            snapshot: None,
             pool,
             runtime,
             chain: chain.to_string(),
         };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// This store, from now on reading the database as of one instant (what `store copy` and
+    /// `admin export` read from a live cluster): one connection holds a `REPEATABLE READ READ
+    /// ONLY` transaction open and exports its snapshot, and every later call runs in a read-only
+    /// transaction importing it, so pages read minutes apart agree with each other. Writes are
+    /// refused by the database (read-only transactions). If the holding connection is lost,
+    /// reads fail instead of silently seeing a newer state.
+    pub fn into_snapshot(mut self) -> Result<Self, StoreError> {
+        // The holder keeps one connection for itself; reads need another.
+        let size = self.pool.status().max_size.max(2);
+        self.pool.resize(size);
+        let pool = self.pool.clone();
+        let (id, holder) = self.wait(async move {
+            let client = pool.get().await.map_err(|e| match Fail::from(e) {
+                Fail::Final(e) => e,
+                Fail::Retry(m) => StoreError::Unavailable(m),
+            })?;
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| db_error(&e))?;
+            let id: String = client
+                .query_one("SELECT pg_export_snapshot()", &[])
+                .await
+                .map_err(|e| db_error(&e))?
+                .get(0);
+            Ok((id, client))
+        })?;
+        if !is_snapshot_id(&id) {
+            return Err(StoreError::Engine(
+                "the database returned an unexpected snapshot identifier".into(),
+            ));
+        }
+        self.snapshot = Some(Snapshot {
+            id,
+            _holder: holder,
+        });
+        Ok(self)
     }
 
     /// Runs `op` on the store's runtime in a fresh transaction, re-running it after a
@@ -261,11 +321,25 @@ impl PostgresStore {
             + 'static,
     {
         let op = Arc::new(op);
+        let snapshot = self.snapshot.as_ref().map(|s| set_snapshot(&s.id));
         self.retrying(move |pool| {
             let op = Arc::clone(&op);
+            let snapshot = snapshot.clone();
             Box::pin(async move {
                 let mut client = pool.get().await?;
-                let txn = client.transaction().await?;
+                let txn = match &snapshot {
+                    None => client.transaction().await?,
+                    Some(set) => {
+                        let txn = client
+                            .build_transaction()
+                            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                            .read_only(true)
+                            .start()
+                            .await?;
+                        txn.batch_execute(set).await?;
+                        txn
+                    }
+                };
                 let value = op(&txn).await?;
                 txn.commit().await?;
                 Ok(value)
@@ -300,11 +374,27 @@ impl PostgresStore {
             + 'static,
     {
         let op = Arc::new(op);
+        let snapshot = self.snapshot.as_ref().map(|s| {
+            format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}",
+                set_snapshot(&s.id)
+            )
+        });
         self.retrying_on(pool, move |pool| {
             let op = Arc::clone(&op);
+            let snapshot = snapshot.clone();
             Box::pin(async move {
                 let client = pool.get().await?;
-                op(&client).await
+                let Some(begin) = snapshot else {
+                    return op(&client).await;
+                };
+                // A snapshot store's reads run in a read-only transaction importing it; the
+                // connection goes back to the pool with no transaction open either way.
+                client.batch_execute(&begin).await?;
+                let value = op(&client).await;
+                let end = if value.is_ok() { "COMMIT" } else { "ROLLBACK" };
+                client.batch_execute(end).await?;
+                value
             })
         })
     }
@@ -1516,6 +1606,116 @@ mod tests {
             pool_size: 4,
             connect_timeout: Duration::from_secs(5),
         }
+    }
+
+    fn writes(range: std::ops::Range<u32>, expected: u64) -> Vec<RecordWrite> {
+        range
+            .map(|i| RecordWrite {
+                meta: crate::record::RecordMeta::parse(
+                    &format!("r{i:04}"),
+                    "o",
+                    "github",
+                    crate::record::SecretKind::AccessToken,
+                    &[],
+                    0,
+                )
+                .expect("meta"),
+                envelope: vec![(i % 251) as u8; 40],
+                key_version: 1,
+                expected_version: expected,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_snapshot_reads_one_instant_while_the_database_changes_and_writes_nothing() {
+        use crate::store::copy;
+        let (live, config) = fresh();
+        live.put_keys(
+            &[KeyInfo {
+                version: 1,
+                id: crate::keys::KeyId([1; 32]),
+                state: KeyState::Active,
+                created_at: 1,
+                updated_at: 1,
+                spki_der: vec![1],
+            }],
+            None,
+        )
+        .expect("keys");
+        live.put_records(&writes(0..600, 0), 10).expect("records");
+        let snap = PostgresStore::connect(options(config), "test")
+            .and_then(PostgresStore::into_snapshot)
+            .expect("snapshot");
+        let then = copy::summarize(&snap).expect("summary");
+        assert_eq!(then.records[&1].count, 600);
+
+        // The database changes under a copy between its pages: records replaced on both sides
+        // of the copy's cursor, new ones, metadata, an audit event.
+        let target = crate::store::MemoryStore::new();
+        let mut changed = false;
+        let report = copy::copy(
+            &snap,
+            &target,
+            &copy::CopyOptions {
+                source_name: "postgres:test".into(),
+                stop_after_pages: None,
+            },
+            &mut |p| {
+                if p.phase == copy::Phase::Records && !changed {
+                    changed = true;
+                    live.put_records(&writes(0..600, 1), 11).expect("replace");
+                    live.put_records(&writes(600..700, 0), 11).expect("more");
+                    live.put_meta("late", Some(b"x")).expect("meta");
+                    live.append_audit(
+                        &AuditAppend {
+                            seq: 1,
+                            bytes: b"late".to_vec(),
+                        },
+                        true,
+                    )
+                    .expect("audit");
+                }
+            },
+        )
+        .expect("a copy of a snapshot verifies against it");
+        assert!(changed, "the copy never reached its records");
+        assert_eq!(report.summary, then, "the copy is the snapshot");
+        assert_eq!(copy::summarize(&target).expect("target"), then);
+        let now = copy::summarize(&live).expect("live summary");
+        assert_eq!(now.records[&1].count, 700);
+        assert_ne!(now, then);
+
+        // Nothing can be written through a snapshot.
+        assert!(snap.put_meta("x", Some(b"y")).is_err());
+        assert!(snap.put_records(&writes(900..901, 0), 12).is_err());
+        assert_eq!(live.get_meta("x"), Ok(None));
+        assert_eq!(
+            live.get_record(&RecordId::parse("r0900").expect("id")),
+            Ok(None)
+        );
+
+        // Without the transaction that holds it, the snapshot is gone: reads fail rather than
+        // see the database as it is now.
+        let ended = live
+            .txn(|t| {
+                Box::pin(async move {
+                    // The timeout form waits until the backend has exited.
+                    Ok(t.query(
+                        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
+                         WHERE datname = current_database() AND state = 'idle in transaction'",
+                        &[],
+                    )
+                    .await?
+                    .iter()
+                    .filter(|r| r.get::<_, bool>(0))
+                    .count())
+                })
+            })
+            .expect("terminate the holder");
+        assert_eq!(ended, 1, "one transaction holds the snapshot");
+        assert!(snap.scan_records(None, 10).is_err());
+        assert!(snap.keys().is_err());
     }
 
     #[test]
