@@ -2,7 +2,7 @@
 //!
 //! Owns: [`Keyring`] (in-memory, looked up by fingerprint on every open), [`KeyDir`] (the key
 //! file directory: `v0001.key.pem`, 0600, and `v0001.pub.pem`, or, for daemons sharing one
-//! database, the store through [`SharedKeys`], always passphrase-encrypted PKCS#8) and the
+//! database, the store through [`SharedKeys`], always encrypted under the passphrase) and the
 //! operations that add key versions (`rotation::init`, `rotation::add_version`). The public facts
 //! of each version live in the store's key registry; private keys live only in key files (or
 //! encrypted in the shared store) and process memory.
@@ -21,16 +21,39 @@ use super::{
 };
 use crate::secret::Passphrase;
 
-/// Private keys kept in a store several daemons share: one encrypted PKCS#8 PEM per version.
+/// Private keys kept in a store several daemons share: one encrypted private key per version
+/// (sealed under a key-encryption key derived from the passphrase, [`PrivateKey::seal_with`];
+/// versions stored by older releases are passphrase-encrypted PKCS#8 PEM, still read).
 /// Implemented over the `TokenStore` (this module does not know the store).
 pub trait SharedKeys: Send + Sync + std::fmt::Debug {
-    /// The stored PEM of `version`, if any.
+    /// The stored bytes of `version`, if any.
     fn get(&self, version: u32) -> Result<Option<Vec<u8>>, KeyError>;
-    /// Stores the PEM of `version` unless one is there already (another daemon claimed the
-    /// version first); whether it was stored.
-    fn claim(&self, version: u32, pem: &[u8]) -> Result<bool, KeyError>;
-    /// Deletes the PEM of `version`; already absent is fine.
+    /// Stores the bytes of `version` unless some are there already (another daemon claimed
+    /// the version first); whether they were stored.
+    fn claim(&self, version: u32, bytes: &[u8]) -> Result<bool, KeyError>;
+    /// Deletes the bytes of `version`; already absent is fine.
     fn erase(&self, version: u32) -> Result<(), KeyError>;
+    /// The salt of the key-encryption key: 16 random bytes, created once by the first daemon
+    /// that needs them (atomically, so every daemon derives the same key).
+    fn kek_salt(&self) -> Result<Vec<u8>, KeyError>;
+}
+
+/// scrypt cost of the shared store's key-encryption key: N = 2^17, r = 8, p = 1, the cost of
+/// the PBES2 key files (`pkcs8`'s default), so a copy of the database gives no cheaper guess
+/// at the passphrase than a key file does. Paid once per process, not once per key.
+const KEK_LOG_N: u8 = 17;
+
+/// A shared store's private keys and the key-encryption key derived for them (once: the
+/// slot is filled by the first read or write and kept, cloned [`KeyDir`]s included).
+struct Shared {
+    keys: std::sync::Arc<dyn SharedKeys>,
+    kek: std::sync::Mutex<Option<std::sync::Arc<zeroize::Zeroizing<[u8; 32]>>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
 }
 
 /// Where the private keys are (a key directory, or the shared store), and the passphrase
@@ -39,13 +62,13 @@ pub trait SharedKeys: Send + Sync + std::fmt::Debug {
 pub struct KeyDir {
     path: PathBuf,
     passphrase: Option<Passphrase>,
-    shared: Option<std::sync::Arc<dyn SharedKeys>>,
+    shared: Option<std::sync::Arc<Shared>>,
 }
 
 /// A private key encoded for its key directory (encrypted with the passphrase if there is
 /// one) and its public key, ready to write under any version ([`KeyDir::prepare`]).
 pub struct KeyFile {
-    private_pem: zeroize::Zeroizing<String>,
+    private: zeroize::Zeroizing<Vec<u8>>,
     public_pem: String,
 }
 
@@ -76,8 +99,46 @@ impl KeyDir {
         Self {
             path: path.into(),
             passphrase: Some(passphrase),
-            shared: Some(keys),
+            shared: Some(std::sync::Arc::new(Shared {
+                keys,
+                kek: std::sync::Mutex::new(None),
+            })),
         }
+    }
+
+    /// The shared store's key-encryption key: derived from the passphrase and the store's salt
+    /// on first use (scrypt, [`KEK_LOG_N`]), then kept. Callers arriving meanwhile wait for
+    /// that one derivation.
+    fn kek(
+        &self,
+        shared: &Shared,
+    ) -> Result<std::sync::Arc<zeroize::Zeroizing<[u8; 32]>>, KeyError> {
+        let mut slot = shared
+            .kek
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(kek) = &*slot {
+            return Ok(std::sync::Arc::clone(kek));
+        }
+        let passphrase = self
+            .passphrase
+            .as_ref()
+            .ok_or(KeyError::PassphraseRequired(
+                super::passphrase_hint::KEY_DIR,
+            ))?;
+        let salt = shared.keys.kek_salt()?;
+        let mut kek = zeroize::Zeroizing::new([0u8; 32]);
+        let params = scrypt::Params::new(KEK_LOG_N, 8, 1, 32).map_err(|_| KeyError::Generation)?;
+        scrypt::scrypt(
+            passphrase.expose_secret().as_bytes(),
+            &salt,
+            &params,
+            &mut kek[..],
+        )
+        .map_err(|_| KeyError::Generation)?;
+        let kek = std::sync::Arc::new(kek);
+        *slot = Some(std::sync::Arc::clone(&kek));
+        Ok(kek)
     }
 
     /// Whether the private keys are in a shared store.
@@ -121,8 +182,15 @@ impl KeyDir {
     /// the version: done before the version is chosen, so a rotation holds the audit trail's
     /// write order only for the writes themselves.
     pub fn prepare(&self, key: &PrivateKey) -> Result<KeyFile, KeyError> {
+        let private = match &self.shared {
+            Some(shared) => key.seal_with(&**self.kek(shared)?)?,
+            None => {
+                let pem = key.to_pkcs8_pem(self.passphrase.as_ref())?;
+                zeroize::Zeroizing::new(pem.as_bytes().to_vec())
+            }
+        };
         Ok(KeyFile {
-            private_pem: key.to_pkcs8_pem(self.passphrase.as_ref())?,
+            private,
             public_pem: key.public_key().to_pem(),
         })
     }
@@ -130,7 +198,7 @@ impl KeyDir {
     /// Writes a key prepared by [`KeyDir::prepare`] as `version`.
     pub fn write_prepared(&self, version: u32, file: &KeyFile) -> Result<(), KeyError> {
         if let Some(shared) = &self.shared {
-            return if shared.claim(version, file.private_pem.as_bytes())? {
+            return if shared.keys.claim(version, &file.private)? {
                 Ok(())
             } else {
                 Err(KeyError::VersionTaken(version))
@@ -141,12 +209,8 @@ impl KeyDir {
             move |source| KeyError::Io { path, source }
         };
         std::fs::create_dir_all(&self.path).map_err(io(&self.path))?;
-        write_atomic(
-            &self.private_path(version),
-            file.private_pem.as_bytes(),
-            0o600,
-        )
-        .map_err(io(&self.private_path(version)))?;
+        write_atomic(&self.private_path(version), &file.private, 0o600)
+            .map_err(io(&self.private_path(version)))?;
         write_atomic(
             &self.public_path(version),
             file.public_pem.as_bytes(),
@@ -158,7 +222,7 @@ impl KeyDir {
     /// Whether the private key of `version` exists.
     pub fn has_private(&self, version: u32) -> bool {
         match &self.shared {
-            Some(shared) => !matches!(shared.get(version), Ok(None)),
+            Some(shared) => !matches!(shared.keys.get(version), Ok(None)),
             None => self.private_path(version).exists(),
         }
     }
@@ -169,7 +233,7 @@ impl KeyDir {
     /// passphrase so their remains are useless.)
     pub fn erase(&self, version: u32) -> Result<(), KeyError> {
         if let Some(shared) = &self.shared {
-            return shared.erase(version);
+            return shared.keys.erase(version);
         }
         let path = self.private_path(version);
         let io = |source| KeyError::Io {
@@ -202,10 +266,17 @@ impl KeyDir {
     /// Reads a version's private key, refusing files readable by group or others.
     pub fn read(&self, version: u32) -> Result<PrivateKey, KeyError> {
         if let Some(shared) = &self.shared {
-            let pem = shared
-                .get(version)?
-                .map(|b| zeroize::Zeroizing::new(String::from_utf8_lossy(&b).into_owned()))
-                .ok_or(KeyError::UnknownVersion(version))?;
+            let stored = zeroize::Zeroizing::new(
+                shared
+                    .keys
+                    .get(version)?
+                    .ok_or(KeyError::UnknownVersion(version))?,
+            );
+            if PrivateKey::is_sealed(&stored) {
+                return PrivateKey::open_sealed(&stored, &**self.kek(shared)?);
+            }
+            // Stored by an older release: passphrase-encrypted PKCS#8 PEM (scrypt per key).
+            let pem = zeroize::Zeroizing::new(String::from_utf8_lossy(&stored).into_owned());
             return PrivateKey::from_pem(&pem, self.passphrase.as_ref())
                 .map_err(|e| e.with_passphrase_hint(super::passphrase_hint::KEY_DIR));
         }
@@ -438,6 +509,103 @@ mod tests {
     use crate::rotation::{add_version, init};
     use crate::secret::Secret;
     use crate::store::{MemoryStore, TokenStore as _};
+
+    /// A shared store's keys over a real [`crate::store::StoreKeys`], counting salt reads.
+    #[derive(Debug)]
+    struct Counting {
+        inner: crate::store::StoreKeys,
+        salt_reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SharedKeys for Counting {
+        fn get(&self, version: u32) -> Result<Option<Vec<u8>>, KeyError> {
+            self.inner.get(version)
+        }
+        fn claim(&self, version: u32, bytes: &[u8]) -> Result<bool, KeyError> {
+            self.inner.claim(version, bytes)
+        }
+        fn erase(&self, version: u32) -> Result<(), KeyError> {
+            self.inner.erase(version)
+        }
+        fn kek_salt(&self) -> Result<Vec<u8>, KeyError> {
+            self.salt_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.kek_salt()
+        }
+    }
+
+    #[test]
+    fn shared_keys_are_sealed_under_one_key_encryption_key_derived_once() {
+        let store: std::sync::Arc<dyn crate::store::TokenStore> =
+            std::sync::Arc::new(MemoryStore::new());
+        let keys = std::sync::Arc::new(Counting {
+            inner: crate::store::StoreKeys(std::sync::Arc::clone(&store)),
+            salt_reads: 0.into(),
+        });
+        let pass = || Passphrase::new("correct horse".to_string());
+        let a = KeyDir::shared("unused", pass(), keys.clone());
+        let k1 = PrivateKey::generate().expect("generate");
+        let k2 = PrivateKey::generate().expect("generate");
+        a.write(1, &k1).expect("write v1");
+        // A clone (what the vault and its jobs hold) shares the derived key.
+        a.clone().write(2, &k2).expect("write v2");
+        let stored = store
+            .get_meta("private_key/v0001")
+            .expect("meta")
+            .expect("row");
+        assert!(PrivateKey::is_sealed(&stored), "sealed, not PEM");
+        let plain = k1.to_pkcs8_pem(None).expect("pem");
+        assert!(
+            !stored
+                .windows(16)
+                .any(|w| plain.as_bytes().windows(16).any(|p| p == w)),
+            "no plaintext in the row"
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                a.read(1).expect("v1").public_key().id(),
+                k1.public_key().id()
+            );
+            assert_eq!(
+                a.read(2).expect("v2").public_key().id(),
+                k2.public_key().id()
+            );
+        }
+        assert_eq!(
+            keys.salt_reads.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the key-encryption key is derived once, not per key or per read"
+        );
+        // Another daemon with the same passphrase reads them; one with another does not.
+        let b = KeyDir::shared("unused", pass(), keys.clone());
+        assert_eq!(
+            b.read(2).expect("b reads v2").public_key().id(),
+            k2.public_key().id()
+        );
+        let wrong = KeyDir::shared("unused", Passphrase::new("wrong".to_string()), keys.clone());
+        assert!(matches!(wrong.read(1), Err(KeyError::WrongPassphrase)));
+        // An altered row is refused the same way, and a short one as malformed.
+        let mut tampered = stored.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        store
+            .put_meta("private_key/v0001", Some(&tampered))
+            .expect("tamper");
+        assert!(matches!(a.read(1), Err(KeyError::WrongPassphrase)));
+        store
+            .put_meta("private_key/v0001", Some(b"TVK1short"))
+            .expect("truncate");
+        assert!(matches!(a.read(1), Err(KeyError::Malformed { .. })));
+        // A version stored by an older release (passphrase-encrypted PKCS#8 PEM) still reads.
+        let old = k1.to_pkcs8_pem(Some(&pass())).expect("pbes2");
+        store
+            .put_meta("private_key/v0001", Some(old.as_bytes()))
+            .expect("old format");
+        assert_eq!(
+            a.read(1).expect("old v1").public_key().id(),
+            k1.public_key().id()
+        );
+    }
 
     #[test]
     fn a_reload_reads_only_the_versions_it_has_not_loaded() {

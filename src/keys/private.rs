@@ -5,7 +5,8 @@
 //! `aws-lc-rs` (constant-time; the `rsa` crate's private operations carry RUSTSEC-2023-0071).
 //!
 //! Must never: perform a private-key operation with the `rsa` crate, return private key bytes
-//! other than through [`PrivateKey::to_pkcs8_pem`] (used only to write 0600 key files), or put
+//! other than through [`PrivateKey::to_pkcs8_pem`] (used only to write 0600 key files) or
+//! encrypted by [`PrivateKey::seal_with`] (a shared store's keys), or put
 //! key material in an error, a log line or `Debug` output.
 
 #![expect(
@@ -25,6 +26,12 @@ use zeroize::Zeroizing;
 use super::public::pem_label;
 use super::{KeyError, KeyId, KeyOpError, OAEP_LABEL, PublicKey, Unwrapper, passphrase_hint};
 use crate::secret::{DATA_KEY_LEN, DataKey, Passphrase};
+
+/// First bytes of a private key sealed under a key-encryption key ([`PrivateKey::seal_with`]).
+const SEALED_MAGIC: &[u8; 4] = b"TVK1";
+/// Associated data of a sealed private key: binds the bytes to their purpose. (Not to a key
+/// version: a key loaded for a version is checked against the registry's fingerprint.)
+const SEALED_AAD: &[u8] = b"tokenvault/v1/shared-private-key";
 
 /// An RSA private key that unwraps data keys.
 pub struct PrivateKey {
@@ -120,6 +127,64 @@ impl PrivateKey {
     /// The matching public key.
     pub fn public_key(&self) -> &PublicKey {
         &self.public
+    }
+
+    /// This key's PKCS#8 DER sealed with AES-256-GCM under `kek` (how a shared store keeps
+    /// private keys: the key-encryption key is derived from the passphrase once per process,
+    /// so loading a version another daemon added costs no scrypt): `TVK1`, a 12-byte random
+    /// nonce, then the ciphertext and its 16-byte tag, with [`SEALED_AAD`] as associated data.
+    pub fn seal_with(&self, kek: &[u8; 32]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        use aes_gcm::aead::{Aead as _, KeyInit as _, Payload};
+        use rand::RngCore as _;
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(kek).map_err(|_| KeyError::Generation)?;
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let sealed = cipher
+            .encrypt(
+                aes_gcm::Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &self.pkcs8_der,
+                    aad: SEALED_AAD,
+                },
+            )
+            .map_err(|_| KeyError::Generation)?;
+        Ok(Zeroizing::new(
+            [&SEALED_MAGIC[..], &nonce, &sealed].concat(),
+        ))
+    }
+
+    /// Whether `bytes` are in the form [`PrivateKey::seal_with`] writes (otherwise PEM).
+    pub fn is_sealed(bytes: &[u8]) -> bool {
+        bytes.starts_with(SEALED_MAGIC)
+    }
+
+    /// Opens what [`PrivateKey::seal_with`] wrote. A wrong key-encryption key (so a wrong
+    /// passphrase) and altered bytes are both [`KeyError::WrongPassphrase`]: GCM cannot tell
+    /// them apart.
+    pub fn open_sealed(bytes: &[u8], kek: &[u8; 32]) -> Result<Self, KeyError> {
+        use aes_gcm::aead::{Aead as _, KeyInit as _, Payload};
+        let body = bytes
+            .strip_prefix(SEALED_MAGIC)
+            .filter(|b| b.len() > 12 + 16)
+            .ok_or(KeyError::Malformed {
+                what: "private key",
+                reason: "not a sealed private key (too short)".into(),
+            })?;
+        let (nonce, sealed) = body.split_at(12);
+        let cipher =
+            aes_gcm::Aes256Gcm::new_from_slice(kek).map_err(|_| KeyError::WrongPassphrase)?;
+        let der = Zeroizing::new(
+            cipher
+                .decrypt(
+                    aes_gcm::Nonce::from_slice(nonce),
+                    Payload {
+                        msg: sealed,
+                        aad: SEALED_AAD,
+                    },
+                )
+                .map_err(|_| KeyError::WrongPassphrase)?,
+        );
+        Self::from_pkcs8_der(der)
     }
 
     /// PKCS#8 PEM, encrypted (PBES2: scrypt + AES-256-CBC) when `passphrase` is given.

@@ -578,7 +578,28 @@ impl crate::keys::keyring::SharedKeys for StoreKeys {
             .put_meta(&private_key_meta(version), None)
             .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
     }
+
+    fn kek_salt(&self) -> Result<Vec<u8>, crate::keys::KeyError> {
+        let store = |e: StoreError| crate::keys::KeyError::Store(e.to_string());
+        if let Some(salt) = self.0.get_meta(KEK_SALT_META).map_err(store)? {
+            return Ok(salt);
+        }
+        let mut salt = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut salt);
+        // Two daemons creating it at once: the first one's is kept, and both read it.
+        self.0
+            .put_meta_if_absent(KEK_SALT_META, &salt)
+            .map_err(store)?;
+        self.0
+            .get_meta(KEK_SALT_META)
+            .map_err(store)?
+            .ok_or_else(|| crate::keys::KeyError::Store("the key salt vanished".into()))
+    }
 }
+
+/// Store metadata key of the salt of the shared private keys' key-encryption key.
+#[cfg(feature = "daemon")]
+const KEK_SALT_META: &str = "private_key_kek_salt";
 
 /// What [`plan_writes`] decided for a batch.
 #[derive(Debug)]
