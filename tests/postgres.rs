@@ -450,6 +450,46 @@ async fn a_shared_store_needs_the_right_passphrase() {
     let e = open(wrong).await;
     assert!(e.contains("does not open with this passphrase"), "{e}");
     assert!(!e.contains(pg::PASSPHRASE) && !e.contains("wrong\""), "{e}");
+    // Every other setting that refuses a start, each checked before anything is written.
+    let loose_sink = dir.path().join("loose-audit.jsonl");
+    std::fs::write(&loose_sink, "").expect("sink file");
+    std::fs::set_permissions(
+        &loose_sink,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let mut sink = pg::config_on(dir.path(), &url, "b");
+    sink.audit.sink = Some(tokenvault::config::SinkConfig {
+        file: loose_sink,
+        max_bytes: 1 << 20,
+        keep_files: 2,
+    });
+    let e = open(sink).await;
+    assert!(e.contains("chmod 600"), "{e}");
+    let mut tls = pg::config_on(dir.path(), &url, "b");
+    tls.tls = Some(tokenvault::config::TlsConfig {
+        cert_file: dir.path().join("missing-cert.pem"),
+        key_file: dir.path().join("missing-key.pem"),
+        client_ca_file: None,
+        require_client_cert: false,
+    });
+    let e = open(tls).await;
+    assert!(
+        e.contains("TLS key") && e.contains("missing-key.pem"),
+        "{e}"
+    );
+    // A port in use: the `serve` command binds its listeners before it opens the vault.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let serve_dir = tempfile::tempdir().expect("serve dir");
+    write_daemon_config(serve_dir.path(), &url, "b", &format!("127.0.0.1:{port}"));
+    let out = process::run(
+        serve_dir.path(),
+        &["serve", "--config", "daemon.toml"],
+        &[],
+        None,
+    );
+    process::assert_exit(&out, 7, &format!("cannot listen on 127.0.0.1:{port}"));
     // Nothing was written by the refused daemons: not a byte, and no audit chain "b".
     assert!(
         snapshot().await == before,
@@ -520,13 +560,26 @@ async fn spawn_on(
     url: &str,
     instance: &str,
 ) -> (std::process::Child, tonic::transport::Channel) {
+    write_daemon_config(dir, url, instance, "127.0.0.1:0");
+    let (child, addr, _) = process::spawn_daemon(dir, &["serve", "--config", "daemon.toml"], &[]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    (child, channel)
+}
+
+/// Writes `dir/daemon.toml` (and `dir/pass`): a daemon on the database at `url` as `instance`,
+/// listening on `listen`, with the test credentials and the shared passphrase.
+fn write_daemon_config(dir: &std::path::Path, url: &str, instance: &str, listen: &str) {
     use sha2::Digest as _;
     let hash = |c: &str| hex::encode(sha2::Sha256::digest(c.as_bytes()));
     std::fs::write(dir.join("pass"), pg::PASSPHRASE).expect("passphrase file");
     std::fs::write(
         dir.join("daemon.toml"),
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkey_dir = \"keys\"\n\
+            "listen = \"{listen}\"\ndata_dir = \"data\"\nkey_dir = \"keys\"\n\
              passphrase_file = \"pass\"\nlock_memory = false\n\
              [store]\nurl = \"{url}\"\ninstance = \"{instance}\"\n\
              [[credentials]]\nname = \"admin\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
@@ -536,13 +589,6 @@ async fn spawn_on(
         ),
     )
     .expect("config");
-    let (child, addr, _) = process::spawn_daemon(dir, &["serve", "--config", "daemon.toml"], &[]);
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    (child, channel)
 }
 
 #[tokio::test]

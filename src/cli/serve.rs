@@ -163,6 +163,25 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
             ),
         }
     }
+    // Every listener is bound before the vault opens: a start refused for a port in use writes
+    // nothing to a shared store (no instance claim, no audit event).
+    let bind = |a: SocketAddr| async move {
+        tokio::net::TcpListener::bind(a)
+            .await
+            .map_err(|e| CliError::Unavailable(format!("cannot listen on {a}: {e}")))
+    };
+    let (listener, ingest_listener, metrics_listener) = runtime.block_on(async {
+        let listener = bind(config.listen).await?;
+        let ingest = match config.ingest_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let metrics = match config.metrics_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        Ok::<_, CliError>((listener, ingest, metrics))
+    })?;
     let daemon = Daemon::open(&config).map_err(|e| match e {
         crate::server::StartError::Store(s)
         | crate::server::StartError::Vault(crate::vault::OpenError::Store(s)) => CliError::from(s),
@@ -172,9 +191,6 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
         other => CliError::Internal(other.to_string()),
     })?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| CliError::Unavailable(format!("cannot listen on {}: {e}", config.listen)))?;
         let addr = listener
             .local_addr()
             .map_err(|e| CliError::Internal(format!("local address: {e}")))?;
@@ -186,22 +202,12 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
                 println!("  export {}={}", credential_env(*role), cred.expose_secret());
             }
         }
-        let ingest_listener = match config.ingest_listen {
-            Some(a) => {
-                let l = tokio::net::TcpListener::bind(a)
-                    .await
-                    .map_err(|e| CliError::Unavailable(format!("cannot listen on {a}: {e}")))?;
-                let bound = l.local_addr().map_err(|e| CliError::Internal(format!("local address: {e}")))?;
-                println!("ingest only: listening on {bound}");
-                Some(l)
-            }
-            None => None,
-        };
-        let daemon = match config.metrics_listen {
-            Some(a) => {
-                let l = tokio::net::TcpListener::bind(a)
-                    .await
-                    .map_err(|e| CliError::Unavailable(format!("cannot listen on {a}: {e}")))?;
+        if let Some(l) = &ingest_listener {
+            let bound = l.local_addr().map_err(|e| CliError::Internal(format!("local address: {e}")))?;
+            println!("ingest only: listening on {bound}");
+        }
+        let daemon = match metrics_listener {
+            Some(l) => {
                 let bound = l.local_addr().map_err(|e| CliError::Internal(format!("local address: {e}")))?;
                 println!("metrics: {}", crate::server::metrics::url(bound));
                 daemon.with_metrics_listener(l)

@@ -33,9 +33,10 @@ pub trait SharedKeys: Send + Sync + std::fmt::Debug {
     fn claim(&self, version: u32, bytes: &[u8]) -> Result<bool, KeyError>;
     /// Deletes the bytes of `version`; already absent is fine.
     fn erase(&self, version: u32) -> Result<(), KeyError>;
-    /// The salt of the key-encryption key: 16 random bytes, created once by the first daemon
-    /// that needs them (atomically, so every daemon derives the same key).
-    fn kek_salt(&self) -> Result<Vec<u8>, KeyError>;
+    /// The salt of the key-encryption key: 16 random bytes, created (when `create`) once by the
+    /// first daemon that stores a key (atomically, so every daemon derives the same key). A
+    /// read never creates it: a start that only loads keys writes nothing.
+    fn kek_salt(&self, create: bool) -> Result<Option<Vec<u8>>, KeyError>;
 }
 
 /// scrypt cost of the shared store's key-encryption key: N = 2^17, r = 8, p = 1, the cost of
@@ -112,6 +113,7 @@ impl KeyDir {
     fn kek(
         &self,
         shared: &Shared,
+        create: bool,
     ) -> Result<std::sync::Arc<zeroize::Zeroizing<[u8; 32]>>, KeyError> {
         let mut slot = shared
             .kek
@@ -126,7 +128,12 @@ impl KeyDir {
             .ok_or(KeyError::PassphraseRequired(
                 super::passphrase_hint::KEY_DIR,
             ))?;
-        let salt = shared.keys.kek_salt()?;
+        let salt = shared.keys.kek_salt(create)?.ok_or_else(|| {
+            KeyError::Store(
+                "the store holds sealed private keys but not their salt (private_key_kek_salt)"
+                    .into(),
+            )
+        })?;
         let mut kek = zeroize::Zeroizing::new([0u8; 32]);
         let params = scrypt::Params::new(KEK_LOG_N, 8, 1, 32).map_err(|_| KeyError::Generation)?;
         scrypt::scrypt(
@@ -183,7 +190,7 @@ impl KeyDir {
     /// write order only for the writes themselves.
     pub fn prepare(&self, key: &PrivateKey) -> Result<KeyFile, KeyError> {
         let private = match &self.shared {
-            Some(shared) => key.seal_with(&**self.kek(shared)?)?,
+            Some(shared) => key.seal_with(&**self.kek(shared, true)?)?,
             None => {
                 let pem = key.to_pkcs8_pem(self.passphrase.as_ref())?;
                 zeroize::Zeroizing::new(pem.as_bytes().to_vec())
@@ -273,7 +280,7 @@ impl KeyDir {
                     .ok_or(KeyError::UnknownVersion(version))?,
             );
             if PrivateKey::is_sealed(&stored) {
-                return PrivateKey::open_sealed(&stored, &**self.kek(shared)?);
+                return PrivateKey::open_sealed(&stored, &**self.kek(shared, false)?);
             }
             // Stored by an older release: passphrase-encrypted PKCS#8 PEM (scrypt per key).
             let pem = zeroize::Zeroizing::new(String::from_utf8_lossy(&stored).into_owned());
@@ -527,10 +534,10 @@ mod tests {
         fn erase(&self, version: u32) -> Result<(), KeyError> {
             self.inner.erase(version)
         }
-        fn kek_salt(&self) -> Result<Vec<u8>, KeyError> {
+        fn kek_salt(&self, create: bool) -> Result<Option<Vec<u8>>, KeyError> {
             self.salt_reads
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.inner.kek_salt()
+            self.inner.kek_salt(create)
         }
     }
 
@@ -605,6 +612,20 @@ mod tests {
             a.read(1).expect("old v1").public_key().id(),
             k1.public_key().id()
         );
+        // Reading never creates the salt: without it, a sealed key is refused, naming it.
+        let store2: std::sync::Arc<dyn crate::store::TokenStore> =
+            std::sync::Arc::new(MemoryStore::new());
+        store2
+            .put_meta("private_key/v0001", Some(&stored))
+            .expect("row without salt");
+        let c = KeyDir::shared(
+            "unused",
+            pass(),
+            std::sync::Arc::new(crate::store::StoreKeys(std::sync::Arc::clone(&store2))),
+        );
+        let e = c.read(1).expect_err("no salt");
+        assert!(e.to_string().contains("private_key_kek_salt"), "{e}");
+        assert_eq!(store2.get_meta("private_key_kek_salt"), Ok(None));
     }
 
     #[test]

@@ -83,22 +83,29 @@ impl Daemon {
 
     /// Like [`Daemon::open`] over any store.
     pub fn with_store(store: Arc<dyn TokenStore>, config: &Config) -> Result<Self, StartError> {
-        Self::with_vault(Vault::open(store, config)?, config)
+        // Loaded before the vault opens: a start refused for a TLS file writes nothing to a
+        // shared store (no instance claim, no audit event).
+        let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+        Ok(Self::serving(Vault::open(store, config)?, config, tls))
     }
 
     /// Serves an opened vault (tests give it their own clock) with `config`'s credentials,
     /// TLS and grace period.
     pub fn with_vault(vault: Vault, config: &Config) -> Result<Self, StartError> {
         let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+        Ok(Self::serving(vault, config, tls))
+    }
+
+    fn serving(vault: Vault, config: &Config, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let auth = Authenticator::new(config.credentials.clone())
             .with_metrics(Arc::clone(vault.metrics()));
-        Ok(Self {
+        Self {
             vault: Arc::new(vault),
             shutdown_grace: config.shutdown_grace,
             auth: Arc::new(auth),
             tls,
             metrics_listener: None,
-        })
+        }
     }
 
     /// Also serves Prometheus metrics (`GET /metrics`) on `listener`.

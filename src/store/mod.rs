@@ -579,10 +579,11 @@ impl crate::keys::keyring::SharedKeys for StoreKeys {
             .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
     }
 
-    fn kek_salt(&self) -> Result<Vec<u8>, crate::keys::KeyError> {
+    fn kek_salt(&self, create: bool) -> Result<Option<Vec<u8>>, crate::keys::KeyError> {
         let store = |e: StoreError| crate::keys::KeyError::Store(e.to_string());
-        if let Some(salt) = self.0.get_meta(KEK_SALT_META).map_err(store)? {
-            return Ok(salt);
+        let stored = self.0.get_meta(KEK_SALT_META).map_err(store)?;
+        if stored.is_some() || !create {
+            return Ok(stored);
         }
         let mut salt = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut salt);
@@ -590,10 +591,7 @@ impl crate::keys::keyring::SharedKeys for StoreKeys {
         self.0
             .put_meta_if_absent(KEK_SALT_META, &salt)
             .map_err(store)?;
-        self.0
-            .get_meta(KEK_SALT_META)
-            .map_err(store)?
-            .ok_or_else(|| crate::keys::KeyError::Store("the key salt vanished".into()))
+        self.0.get_meta(KEK_SALT_META).map_err(store)
     }
 }
 
