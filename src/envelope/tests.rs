@@ -1,6 +1,6 @@
 //! Envelope unit tests and the reproducible generator of tests/vectors/.
 //!
-//! `tests/envelope_vectors.rs` opens the checked-in vectors through the public API. Here, where
+//! `tests/it/envelope_vectors.rs` opens the checked-in vectors through the public API. Here, where
 //! the injectable RNG is reachable, each positive vector is sealed again from its seed and must
 //! come out byte for byte identical: a known-answer test of sealing itself.
 

@@ -12,7 +12,7 @@
 //! call one method, and convert the result back; the error mapping lives with them.
 //!
 //! Must never: name tonic, a generated proto type or any transport (enforced by
-//! `tests/architecture.rs`); run RSA or store work on the async executor's threads; release a
+//! `tests/it/architecture.rs`); run RSA or store work on the async executor's threads; release a
 //! secret before its audit event is written; change anything on a refused request.
 
 mod admin;

@@ -4,7 +4,7 @@
 //! TOKENVAULT_AUDIT_EVENTS sets the larger size (default 200,000; the README's figure is
 //! from 1,000,000).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

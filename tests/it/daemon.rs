@@ -1,6 +1,6 @@
 //! The real daemon over real gRPC on loopback against a real RocksDB in a temp dir.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tokenvault::Sealer;

@@ -1,7 +1,7 @@
 //! The HTTP/JSON routes for web tiers: a real daemon, real HTTP/1.1 on loopback, the same
 //! credentials, limits and errors as gRPC.
 
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::*;

@@ -1,7 +1,7 @@
 //! `tokenvault admin` against a real daemon process: rewrap of 10,000 records survives the
 //! daemon being SIGKILLed mid-run, and `emergency-rotate` ends with a verification report.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

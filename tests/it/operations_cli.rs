@@ -4,7 +4,7 @@
 //! and imported into another vault that serves it, refused imports that change nothing, and
 //! systemd's readiness, watchdog and stopping notifications.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! TLS and mutual TLS on the gRPC listener: certificates made by rcgen, the daemon configured
 //! from a TOML file like production, clients over real TLS on loopback.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! team's admin and a worker admitted by client certificate only. Then every way the TLS setup
 //! can be wrong on the client side, each refused with a clear message and its exit code.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Key lifecycle over the real daemon: rotate, online rewrap, retire, destroy, grace period,
 //! minimum decryption version.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tokenvault::Sealer;

@@ -3,7 +3,7 @@
 //! the daemon redeems the code (`Ingest.ExchangeCode`, gRPC and HTTP/JSON) with the client
 //! secret it holds; the web tier never sees a token.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -2,7 +2,7 @@
 //! the backup of a running daemon's RocksDB, and refused copies that change nothing. Real
 //! daemons, the real binary, a real PostgreSQL (scripts/with-postgres).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

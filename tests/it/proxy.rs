@@ -1,7 +1,7 @@
 //! Broker.Proxy and token refresh against real HTTP servers on 127.0.0.1: an API that checks
 //! the bearer token and an OAuth token endpoint with rotating, single-use refresh tokens.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

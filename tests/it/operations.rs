@@ -3,7 +3,7 @@
 //! retention behind a checkpoint and still verifiable. Real daemons over real gRPC on
 //! loopback, on RocksDB.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

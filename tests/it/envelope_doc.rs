@@ -3,7 +3,7 @@
 //! real daemon whose `GetToken` must return what was sealed. The interpreter is the one
 //! `scripts/pyenv` makes (with `cryptography`), named by TOKENVAULT_TEST_PYTHON.
 
-mod common;
+use crate::common;
 
 use std::io::Write as _;
 use std::path::Path;

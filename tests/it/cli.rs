@@ -2,7 +2,7 @@
 //! exit codes and messages; and a scan of everything the daemon wrote (logs, RocksDB files) for
 //! plaintext tokens.
 
-mod common;
+use crate::common;
 
 use common::process::*;
 #[test]

@@ -1,7 +1,7 @@
 //! Daemons on the PostgreSQL store: real daemons, real gRPC on loopback, a real PostgreSQL
 //! server (started by scripts/with-postgres).
 
-mod common;
+use crate::common;
 
 use common::pg;
 use common::*;

@@ -1,7 +1,7 @@
 //! The optional DEK cache: hits skip the RSA unwrap; every change to a record or the keyring
 //! makes cached keys unusable; entries expire.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tokenvault::api::v1;

@@ -2,7 +2,7 @@
 //! run against a real daemon over HTTP/JSON, then every record they stored is read back with
 //! `tokenvault get` and compared with the vector's plaintext.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

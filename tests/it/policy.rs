@@ -1,6 +1,6 @@
 //! Per-caller policies: providers, owner prefixes, kinds, client IP allowlists and rate limits.
 
-mod common;
+use crate::common;
 
 use common::*;
 use tokenvault::api::v1;

@@ -1,7 +1,7 @@
 //! Admin.SecurityEvent: signed provider security events (RISC / CAEP Security Event Tokens)
 //! revoke or delete exactly the affected records, once, and are audited.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -1,0 +1,35 @@
+//! Every integration test, as modules of one test binary: one link of the daemon's
+//! dependencies (RocksDB, aws-lc) instead of one per file. Tests still drive real daemons over
+//! gRPC on loopback, real RocksDB and a real PostgreSQL, and spawn the real binary where a
+//! test needs a process. `tests/postgres_restart.rs` stays a binary of its own: it stops the
+//! shared PostgreSQL server, which must not happen under the other tests.
+//!
+//! One module: `cargo test --test it cli::` (or any test name filter).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod architecture;
+mod audit_scale;
+mod cli;
+mod code_exchange;
+mod daemon;
+mod dek_cache;
+mod envelope_doc;
+mod envelope_vectors;
+mod http_json;
+mod lifecycle;
+mod openssl_interop;
+mod operations;
+mod operations_cli;
+mod policy;
+mod postgres;
+mod proxy;
+mod redaction;
+mod rotation_cli;
+mod runbook_tls;
+mod sealers;
+mod security_events;
+mod store_copy;
+mod tls;
+mod wycheproof;
