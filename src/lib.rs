@@ -37,6 +37,8 @@ pub mod api;
 #[cfg(feature = "daemon")]
 pub mod audit;
 #[cfg(feature = "daemon")]
+pub mod ca;
+#[cfg(feature = "daemon")]
 pub mod cli;
 pub mod client;
 #[cfg(feature = "daemon")]

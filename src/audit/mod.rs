@@ -322,32 +322,44 @@ struct Head {
     last_hash: [u8; 32],
 }
 
-/// The chain's position and the events sealed but not yet written.
+/// An event of a read waiting for the next group write, and where its caller learns the
+/// outcome (set once, by whoever writes the group).
+struct Pending {
+    draft: Draft,
+    outcome: Arc<std::sync::OnceLock<Result<(), String>>>,
+}
+
+/// The chain's position and the events of reads waiting to be written.
 struct Chain {
-    /// Where the next sealed event goes.
+    /// Just after the last written event: where the next event is sealed. It only moves
+    /// once a write has succeeded, so a failed write never leaves a gap.
     head: Head,
-    /// Just after the last event known to be written.
-    durable: Head,
-    /// Sealed events of reads waiting for the next group write, in order, with their hashes.
-    queue: Vec<(AuditAppend, [u8; 32])>,
-    /// Raised when a group write fails: queued events of an older epoch were dropped (their
-    /// callers are refused) and the head went back to `durable`, so the chain has no gap.
-    epoch: u64,
+    /// Events of reads waiting for the next group write, in arrival order. They are sealed
+    /// by the writer of their group, against the head as it is then.
+    queue: Vec<Pending>,
 }
 
 /// Appends events to the store's audit chain.
 ///
 /// Events of reads (`append(.., false)`, one per `GetToken`) are written in groups: each caller
-/// seals its event under a short lock, then one of the waiting callers writes every queued
-/// event with one store call while the others wait for it, so a store with a round trip per
-/// write (PostgreSQL) is not limited to one event per round trip. Every other event is written
-/// after the queue, in order, so the stored chain never has a gap.
+/// queues its event under a short lock, then either writes every queued event with one store
+/// call (when no write is in progress) or waits to be told its event was written by someone
+/// else's, so a store with a round trip per write (PostgreSQL) is not limited to one event per
+/// round trip. A change (`append_with` and friends) first writes the queued events, then its
+/// own, in order, so the stored chain never has a gap.
+///
+/// No lock is held across a store write except `writer`, which is the chain's order itself
+/// (one write at a time, each sealed after the last written event). The `chain` lock covers
+/// only the queue and the head: callers keep queueing while a write is in flight, and a read
+/// returns as soon as a group holding its event is written, whoever wrote it.
 pub struct Auditor {
     store: Arc<dyn TokenStore>,
     key: Arc<Zeroizing<[u8; 32]>>,
     chain: Mutex<Chain>,
     /// Held by whoever writes to the store: one group or one change at a time, in chain order.
     writer: Mutex<()>,
+    /// Notified (under `chain`) whenever a write ends and `writer` is free again.
+    written: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -648,21 +660,16 @@ impl Auditor {
             key: Arc::new(key),
             chain: Mutex::new(Chain {
                 head,
-                durable: head,
                 queue: Vec::new(),
-                epoch: 0,
             }),
             writer: Mutex::new(()),
+            written: std::sync::Condvar::new(),
         })
     }
 
     /// HMAC-SHA256 (hex) of `value` under the audit key: how ids and owners appear in events.
     pub fn hmac(&self, value: &str) -> String {
         hmac_hex(&self.key, value)
-    }
-
-    fn seal(&self, head: &Head, draft: &Draft) -> (AuditAppend, [u8; 32]) {
-        seal_event(&self.key, head, draft)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Chain> {
@@ -677,41 +684,44 @@ impl Auditor {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes the queued events of reads (the caller holds the writer lock and `chain`). On a
-    /// failure they are dropped and the head goes back to the last written event.
-    fn flush(&self, chain: &mut Chain) -> Result<(), StoreError> {
+    /// Writes the queued events of reads as one group, sealed from the head. The caller holds
+    /// the writer lock and passes the chain lock, which is released during the store write and
+    /// returned. Each queued caller is told the outcome; on a failure their events are dropped
+    /// (they are refused) and the head stays, so the chain has no gap.
+    fn flush<'a>(
+        &'a self,
+        mut chain: std::sync::MutexGuard<'a, Chain>,
+    ) -> (std::sync::MutexGuard<'a, Chain>, Result<(), StoreError>) {
         if chain.queue.is_empty() {
-            return Ok(());
+            return (chain, Ok(()));
         }
         let batch = std::mem::take(&mut chain.queue);
-        let appends: Vec<AuditAppend> = batch.iter().map(|(a, _)| a.clone()).collect();
+        let start = chain.head;
+        drop(chain);
+        let (appends, next) = seal_run(&self.key, start, batch.iter().map(|p| &p.draft));
         let written = self.store.append_audit_batch(&appends, false);
-        self.settle(chain, &batch, written)
+        let mut chain = self.lock();
+        if written.is_ok() {
+            chain.head = next;
+        }
+        let outcome = written.as_ref().map(|_| ()).map_err(|e| {
+            format!("a group write of audit events failed ({e}); the call was refused")
+        });
+        for pending in batch {
+            let _ = pending.outcome.set(outcome.clone());
+        }
+        (chain, written)
     }
 
-    /// Records the outcome of writing `batch`.
-    fn settle(
+    /// Gives up the writer lock and wakes every caller waiting for a write to end (under the
+    /// chain lock, so none can miss it between checking and waiting).
+    fn release(
         &self,
-        chain: &mut Chain,
-        batch: &[(AuditAppend, [u8; 32])],
-        written: Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        match (written, batch.last()) {
-            (Ok(()), Some((last, hash))) => {
-                chain.durable = Head {
-                    next_seq: last.seq + 1,
-                    last_hash: *hash,
-                };
-                Ok(())
-            }
-            (Ok(()), None) => Ok(()),
-            (Err(e), _) => {
-                chain.epoch += 1;
-                chain.queue.clear();
-                chain.head = chain.durable;
-                Err(e)
-            }
-        }
+        writer: std::sync::MutexGuard<'_, ()>,
+        _chain_held: &std::sync::MutexGuard<'_, Chain>,
+    ) {
+        drop(writer);
+        self.written.notify_all();
     }
 
     /// Appends `draft` on its own. `sync` forces it to disk first (mutations, refusals); events
@@ -723,37 +733,32 @@ impl Auditor {
                 Ok::<_, AuditError>(((), true))
             });
         }
-        let (epoch, seq) = {
-            let mut chain = self.lock();
-            let head = chain.head;
-            let (append, hash) = self.seal(&head, draft);
-            chain.queue.push((append, hash));
-            chain.head = Head {
-                next_seq: head.next_seq + 1,
-                last_hash: hash,
-            };
-            (chain.epoch, head.next_seq)
-        };
-        let _writer = self.writer();
-        let batch = {
-            let mut chain = self.lock();
-            if chain.epoch != epoch {
-                return Err(StoreError::Unavailable(
-                    "a group write of audit events failed; the call was refused".into(),
-                )
-                .into());
-            }
-            if chain.durable.next_seq > seq {
-                // Another caller wrote it with its group.
-                return Ok(());
-            }
-            std::mem::take(&mut chain.queue)
-        };
-        // Written without holding the chain, so callers keep sealing the next group meanwhile.
-        let appends: Vec<AuditAppend> = batch.iter().map(|(a, _)| a.clone()).collect();
-        let written = self.store.append_audit_batch(&appends, false);
+        let outcome = Arc::new(std::sync::OnceLock::new());
         let mut chain = self.lock();
-        Ok(self.settle(&mut chain, &batch, written)?)
+        chain.queue.push(Pending {
+            draft: draft.clone(),
+            outcome: Arc::clone(&outcome),
+        });
+        loop {
+            if let Some(done) = outcome.get() {
+                return done.clone().map_err(|m| StoreError::Unavailable(m).into());
+            }
+            // Nobody is writing: write the queue (this event included) now.
+            let writer = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    chain = self
+                        .written
+                        .wait(chain)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    continue;
+                }
+            };
+            let (after, _) = self.flush(chain);
+            chain = after;
+            self.release(writer, &chain);
+        }
     }
 
     /// Like [`Auditor::append_with`] for several events at once: `write` gets them sealed as
@@ -763,25 +768,21 @@ impl Auditor {
         drafts: &[Draft],
         write: impl FnOnce(&[AuditAppend]) -> Result<(T, bool), E>,
     ) -> Result<T, E> {
-        let _writer = self.writer();
-        let mut chain = self.lock();
+        let writer = self.writer();
         // Queued events of reads go first; if they cannot be written they are dropped (their
         // callers are refused) and this change is sealed after the last written event.
-        let _ = self.flush(&mut chain);
-        let mut next = chain.head;
-        let mut appends = Vec::with_capacity(drafts.len());
-        for draft in drafts {
-            let (append, hash) = self.seal(&next, draft);
-            appends.push(append);
-            next.next_seq += 1;
-            next.last_hash = hash;
-        }
-        let (value, written) = write(&appends)?;
-        if written {
+        let (chain, _) = self.flush(self.lock());
+        let start = chain.head;
+        drop(chain);
+        let (appends, next) = seal_run(&self.key, start, drafts.iter());
+        // Written without the chain lock: reads keep queueing meanwhile.
+        let result = write(&appends);
+        let mut chain = self.lock();
+        if let Ok((_, true)) = &result {
             chain.head = next;
-            chain.durable = next;
         }
-        Ok(value)
+        self.release(writer, &chain);
+        result.map(|(value, _)| value)
     }
 
     /// Runs `write`, which must store the sealed event in the same atomic batch as its change
@@ -805,23 +806,40 @@ impl Auditor {
         &self,
         write: impl FnOnce(Arc<ChainSealer>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let _writer = self.writer();
+        let writer = self.writer();
+        // Queued events of reads go first, in this change's own atomic write (one write, not
+        // a group of reads and then the change).
         let mut chain = self.lock();
-        // Queued events of reads go first, as for every other change.
-        let _ = self.flush(&mut chain);
+        let reads = std::mem::take(&mut chain.queue);
         let sealer = Arc::new(ChainSealer {
             key: Arc::clone(&self.key),
             start: chain.head,
-            end: Mutex::new(chain.head),
+            reads: reads.iter().map(|p| p.draft.clone()).collect(),
+            end: Mutex::new(None),
         });
-        let value = write(Arc::clone(&sealer))?;
-        let end = *sealer
+        drop(chain);
+        let result = write(Arc::clone(&sealer));
+        let sealed = *sealer
             .end
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        chain.head = end;
-        chain.durable = end;
-        Ok(value)
+        let mut chain = self.lock();
+        match (&result, sealed) {
+            (Ok(_), Some(end)) => {
+                chain.head = end;
+                for pending in reads {
+                    let _ = pending.outcome.set(Ok(()));
+                }
+            }
+            // Nothing was sealed (the write accepted nothing) or it failed: the reads wait
+            // for the next write, first in line.
+            _ => {
+                let later = std::mem::replace(&mut chain.queue, reads);
+                chain.queue.extend(later);
+            }
+        }
+        self.release(writer, &chain);
+        result
     }
 }
 
@@ -834,6 +852,7 @@ fn hmac_hex(key: &[u8; 32], value: &str) -> String {
 }
 
 /// `draft` sealed as the event at `head` under `key`: its bytes and hash.
+#[cfg(test)]
 fn seal_event(key: &[u8; 32], head: &Head, draft: &Draft) -> (AuditAppend, [u8; 32]) {
     seal_event_with(key, head, draft, None)
 }
@@ -886,16 +905,50 @@ fn seal_event_with(
     )
 }
 
+/// `drafts` sealed as consecutive links from `start`: their events, and the head after them.
+fn seal_run<'a>(
+    key: &[u8; 32],
+    start: Head,
+    drafts: impl Iterator<Item = &'a Draft>,
+) -> (Vec<AuditAppend>, Head) {
+    let mut next = start;
+    let mut appends = Vec::with_capacity(drafts.size_hint().0);
+    // A batch usually stores many records of one owner: its HMAC is computed once.
+    let mut owner: Option<(&str, String)> = None;
+    for draft in drafts {
+        let owner_hmac = match (draft.owner.as_deref(), &owner) {
+            (Some(o), Some((last, h))) if *last == o => Some(h.clone()),
+            (Some(o), _) => {
+                let h = hmac_hex(key, o);
+                owner = Some((o, h.clone()));
+                Some(h)
+            }
+            (None, _) => None,
+        };
+        let (append, hash) = seal_event_with(key, &next, draft, owner_hmac.as_deref());
+        appends.push(append);
+        next = Head {
+            next_seq: next.next_seq + 1,
+            last_hash: hash,
+        };
+    }
+    (appends, next)
+}
+
 /// The key byte of `Event.hash` (field 10, length-delimited): `10 << 3 | 2`.
 const HASH_FIELD_KEY: u8 = 82;
 
 /// Seals the events of a write that decides them itself, from the place in the chain that
 /// [`Auditor::append_decided`] reserved: a group commit knows which requests it accepts (and
-/// so which records get an event) only once the store has checked their versions.
+/// so which records get an event) only once the store has checked their versions. The events
+/// of reads queued when the write began come first, so they are written with it.
 pub struct ChainSealer {
     key: Arc<Zeroizing<[u8; 32]>>,
     start: Head,
-    end: Mutex<Head>,
+    /// Events of reads waiting for a write, sealed ahead of the write's own.
+    reads: Vec<Draft>,
+    /// Just after the last event of the last `seal` call, once there was one.
+    end: Mutex<Option<Head>>,
 }
 
 impl std::fmt::Debug for ChainSealer {
@@ -905,35 +958,15 @@ impl std::fmt::Debug for ChainSealer {
 }
 
 impl ChainSealer {
-    /// `drafts` as consecutive links from the reserved place. Each call starts there again (a
-    /// store that re-runs its transaction seals again); the chain moves past the last call's
-    /// events once the write succeeds.
+    /// The queued reads' events, then `drafts`, as consecutive links from the reserved place.
+    /// Each call starts there again (a store that re-runs its transaction seals again); the
+    /// chain moves past the last call's events once the write succeeds.
     pub fn seal(&self, drafts: &[Draft]) -> Vec<AuditAppend> {
-        let mut next = self.start;
-        let mut appends = Vec::with_capacity(drafts.len());
-        // A batch usually stores many records of one owner: its HMAC is computed once.
-        let mut owner: Option<(&str, String)> = None;
-        for draft in drafts {
-            let owner_hmac = match (draft.owner.as_deref(), &owner) {
-                (Some(o), Some((last, h))) if *last == o => Some(h.clone()),
-                (Some(o), _) => {
-                    let h = hmac_hex(&self.key, o);
-                    owner = Some((o, h.clone()));
-                    Some(h)
-                }
-                (None, _) => None,
-            };
-            let (append, hash) = seal_event_with(&self.key, &next, draft, owner_hmac.as_deref());
-            appends.push(append);
-            next = Head {
-                next_seq: next.next_seq + 1,
-                last_hash: hash,
-            };
-        }
+        let (appends, next) = seal_run(&self.key, self.start, self.reads.iter().chain(drafts));
         *self
             .end
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(next);
         appends
     }
 }
@@ -1035,6 +1068,64 @@ mod tests {
         let events = store.audit_events(1, 10_000).expect("events");
         assert_eq!(events.len(), 8 * 200 + 8 * 4);
         assert_eq!(verify_chain(events), Ok(8 * 200 + 8 * 4));
+    }
+
+    /// A read queued while a group commit holds the write order: written inside the commit's
+    /// own write when the commit seals, or by the next write when it seals nothing.
+    #[test]
+    fn reads_queued_during_a_group_commit_ride_in_it_or_the_next_write() {
+        let (store, a, _dir) = auditor();
+        let a = Arc::new(a);
+        let queued = |a: &Auditor| {
+            while a.lock().queue.is_empty() {
+                std::thread::yield_now();
+            }
+        };
+        for seals in [true, false] {
+            let before = store.audit_events(1, 1000).expect("events").len();
+            std::thread::scope(|s| {
+                // A write is in flight when the read arrives: it queues and waits.
+                let in_flight = a.writer();
+                let reader = {
+                    let a = Arc::clone(&a);
+                    s.spawn(move || a.append(&Draft::new("worker", "GetToken").record("r"), false))
+                };
+                queued(&a);
+                // Ends without waking anyone: the reader waits for the commit below.
+                drop(in_flight);
+                let writes = a
+                    .append_decided(|sealer| {
+                        if !seals {
+                            // Accepted nothing: no event, no write.
+                            return Ok::<_, StoreError>(0);
+                        }
+                        let appends = sealer.seal(&[Draft::new("web", "PutSealed").record("x")]);
+                        store.append_audit_batch(&appends, true)?;
+                        Ok(appends.len())
+                    })
+                    .expect("commit");
+                reader.join().expect("reader").expect("the read is written");
+                let events = store.audit_events(1, 1000).expect("events");
+                if seals {
+                    assert_eq!(
+                        writes, 2,
+                        "the queued read's event rides in the commit's write"
+                    );
+                    let last: Vec<Event> = events[before..]
+                        .iter()
+                        .map(|(_, raw)| Event::decode(raw.as_slice()).expect("decode"))
+                        .collect();
+                    assert_eq!(
+                        last.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+                        ["GetToken", "PutSealed"],
+                        "the read first, then the change"
+                    );
+                } else {
+                    assert_eq!(events.len(), before + 1, "the read, written on its own");
+                }
+            });
+        }
+        assert_eq!(verify_store(&store), Ok(3));
     }
 
     fn auditor() -> (Arc<MemoryStore>, Auditor, tempfile::TempDir) {

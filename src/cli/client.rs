@@ -262,7 +262,7 @@ impl TlsFiles {
     /// refuses with an alert, which is then reported as what it is (exit 4).
     async fn probe_client_certificate(&self, uri: &http::Uri) -> Result<(), CliError> {
         use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        use rustls::pki_types::{PrivateKeyDer, ServerName};
         use tokio::io::AsyncReadExt as _;
         let Some((cert, key)) = &self.identity else {
             return Ok(());
@@ -270,33 +270,19 @@ impl TlsFiles {
         let input = |what: &str, e: &dyn std::fmt::Display| {
             CliError::Input(format!("{what} is not usable: {e}"))
         };
-        let mut roots = rustls::RootCertStore::empty();
-        match &self.ca_pem {
-            Some(ca) => {
-                for c in CertificateDer::pem_slice_iter(ca) {
-                    let c = c.map_err(|e| input("--ca-file", &e))?;
-                    roots.add(c).map_err(|e| input("--ca-file", &e))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        let chain = CertificateDer::pem_slice_iter(cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| input("--client-cert", &e))?;
+        let roots = crate::ca::roots_or_mozilla(self.ca_pem.as_deref().map(|p| &p[..]))
+            .map_err(|e| input("--ca-file", &e))?;
+        let chain = crate::ca::certificates(cert).map_err(|e| input("--client-cert", &e))?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| input("--client-key", &e))?;
-        let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| CliError::Internal(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| {
-            CliError::Input(format!(
-                "the TLS settings are not usable (do --client-cert and --client-key belong \
+        let mut config = crate::ca::client_builder(roots)
+            .map_err(|e| CliError::Internal(e.to_string()))?
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| {
+                CliError::Input(format!(
+                    "the TLS settings are not usable (do --client-cert and --client-key belong \
                  together?): {e}"
-            ))
-        })?;
+                ))
+            })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         let host = uri
             .host()

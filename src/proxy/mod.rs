@@ -221,37 +221,24 @@ pub enum UpstreamSetupError {
 
 /// Builds the TLS configuration: the provider's CA file, or the bundled Mozilla roots.
 fn tls_config(policy: &ProviderPolicy) -> Result<rustls::ClientConfig, UpstreamSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &policy.ca_file {
+    let roots = match &policy.ca_file {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|source| UpstreamSetupError::ReadCa {
                 path: path.clone(),
                 source,
             })?;
-            let bad = |reason: String| UpstreamSetupError::BadCa {
-                path: path.clone(),
-                reason,
-            };
-            let mut any = false;
-            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| bad(e.to_string()))?;
-                roots.add(cert).map_err(|e| bad(e.to_string()))?;
-                any = true;
-            }
-            if !any {
-                return Err(UpstreamSetupError::EmptyCa { path: path.clone() });
-            }
+            crate::ca::roots_from_pem(&pem).map_err(|e| match e {
+                crate::ca::CaError::Empty => UpstreamSetupError::EmptyCa { path: path.clone() },
+                other => UpstreamSetupError::BadCa {
+                    path: path.clone(),
+                    reason: other.to_string(),
+                },
+            })?
         }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        None => crate::ca::mozilla_roots(),
+    };
+    Ok(crate::ca::client_builder(roots)?.with_no_client_auth())
 }
-
-use rustls::pki_types::pem::PemObject as _;
 
 impl Upstream {
     /// A client for `policy` using the system resolver.

@@ -16,8 +16,8 @@ use std::path::Path;
 
 use std::sync::Arc;
 
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_cert::der::Decode as _;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -97,17 +97,8 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsSe
             message,
         }
     };
-    let certs = |path: &Path, what| -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
-        let pem = read(path, what)?;
-        let certs = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(what, path)(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(invalid(what, path)("holds no PEM certificate".into()));
-        }
-        Ok(certs)
-    };
-    let chain = certs(&tls.cert_file, "TLS certificate")?;
+    let chain = crate::ca::certificates(&read(&tls.cert_file, "TLS certificate")?)
+        .map_err(|e| invalid("TLS certificate", &tls.cert_file)(e.to_string()))?;
     let key_pem = zeroize::Zeroizing::new(read(&tls.key_file, "TLS key")?);
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| invalid("TLS key", &tls.key_file)(e.to_string()))?;
@@ -117,12 +108,8 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsSe
         .map_err(|e| invalid("TLS certificate", &tls.cert_file)(e.to_string()))?;
     let builder = match &tls.client_ca_file {
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in certs(ca, "client CA")? {
-                roots
-                    .add(cert)
-                    .map_err(|e| invalid("client CA", ca)(e.to_string()))?;
-            }
+            let roots = crate::ca::roots_from_pem(&read(ca, "client CA")?)
+                .map_err(|e| invalid("client CA", ca)(e.to_string()))?;
             let verifier =
                 rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
             let verifier = if tls.require_client_cert {

@@ -243,29 +243,14 @@ pub fn auditor(config: &Config, store: &Arc<dyn TokenStore>) -> Result<Auditor, 
 /// A TLS client configuration trusting only the CA certificates in `path` (rustls on
 /// aws-lc-rs; the server name is checked against the URL's host).
 fn database_tls(path: &std::path::Path) -> Result<rustls::ClientConfig, OpenError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    let fail = |message: String| OpenError::StoreCa {
+    let fail = |e: &dyn std::fmt::Display| OpenError::StoreCa {
         path: path.to_path_buf(),
-        message,
+        message: e.to_string(),
     };
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| fail(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(fail("holds no PEM certificate".into()));
-    }
-    for cert in certs {
-        roots.add(cert).map_err(|e| fail(e.to_string()))?;
-    }
-    rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| fail(e.to_string()))
-    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    let roots = crate::ca::roots_from_file(path).map_err(|e| fail(&e))?;
+    Ok(crate::ca::client_builder(roots)
+        .map_err(|e| fail(&e))?
+        .with_no_client_auth())
 }
 
 /// The source of "now" (Unix seconds) for every time-based rule of the vault: grant expiry,

@@ -1,7 +1,8 @@
 //! A real store with a fault switch: every call goes to the wrapped [`TokenStore`] (a
 //! `MemoryStore` or `RocksStore`), except writes that touch a chosen record or any grant, which
 //! fail with an engine error while the switch is on. Proves that a failure mid-way through an
-//! operation leaves nothing half-written.
+//! operation leaves nothing half-written. A second switch makes every write (records, keys,
+//! metadata, audit events) wait a set time first, as a slow or distant database does.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,10 @@ struct Faults {
 pub struct FaultyStore {
     inner: Arc<dyn TokenStore>,
     faults: Mutex<Faults>,
+    /// How long every write waits before it goes to `inner`.
+    delay: Mutex<std::time::Duration>,
+    /// Told each time a delayed write starts waiting.
+    delayed: tokio::sync::Notify,
 }
 
 impl FaultyStore {
@@ -28,6 +33,27 @@ impl FaultyStore {
         Self {
             inner,
             faults: Mutex::new(Faults::default()),
+            delay: Mutex::new(std::time::Duration::ZERO),
+            delayed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Every write waits `delay` first, from now on (zero: none does).
+    pub fn delay_writes(&self, delay: std::time::Duration) {
+        *self.delay.lock().expect("delay") = delay;
+    }
+
+    /// Returns once a delayed write has started waiting (at once if one did since the last call).
+    pub async fn a_write_is_delayed(&self) {
+        self.delayed.notified().await;
+    }
+
+    /// The write delay, on the calling (store) thread.
+    fn pause(&self) {
+        let delay = *self.delay.lock().expect("delay");
+        if !delay.is_zero() {
+            self.delayed.notify_one();
+            std::thread::sleep(delay);
         }
     }
 
@@ -60,6 +86,7 @@ impl FaultyStore {
 
 impl TokenStore for FaultyStore {
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        self.pause();
         for w in writes {
             self.check_record(&w.meta.id)?;
         }
@@ -72,6 +99,7 @@ impl TokenStore for FaultyStore {
         now: i64,
         audit: Arc<dyn tokenvault::store::GroupAudit>,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        self.pause();
         for w in groups.iter().flat_map(|g| g.iter()) {
             self.check_record(&w.meta.id)?;
         }
@@ -83,6 +111,7 @@ impl TokenStore for FaultyStore {
     }
 
     fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
+        self.pause();
         self.inner.delete_owner(owner, audit)
     }
 
@@ -107,6 +136,7 @@ impl TokenStore for FaultyStore {
         items: &[EnvelopeReplace],
         now: i64,
     ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+        self.pause();
         for i in items {
             self.check_record(&i.id)?;
         }
@@ -126,6 +156,7 @@ impl TokenStore for FaultyStore {
     }
 
     fn import(&self, batch: &tokenvault::store::Import) -> Result<(), StoreError> {
+        self.pause();
         self.inner.import(batch)
     }
 
@@ -139,10 +170,12 @@ impl TokenStore for FaultyStore {
         meta: &[(String, Vec<u8>)],
         audit: &AuditAppend,
     ) -> Result<(), StoreError> {
+        self.pause();
         self.inner.prune_audit(through, meta, audit)
     }
 
     fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        self.pause();
         self.inner.put_meta(key, value)
     }
 
@@ -152,6 +185,7 @@ impl TokenStore for FaultyStore {
         audit: &[AuditAppend],
         now: i64,
     ) -> Result<(), StoreError> {
+        self.pause();
         for m in mutations {
             match m {
                 Mutation::PutRecord(w) => self.check_record(&w.meta.id)?,
@@ -182,15 +216,23 @@ impl TokenStore for FaultyStore {
     }
 
     fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        self.pause();
         self.inner.put_keys(keys, audit)
     }
 
     fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        self.pause();
         self.inner.retire_key(key, audit)
     }
 
     fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError> {
+        self.pause();
         self.inner.append_audit(entry, sync)
+    }
+
+    fn append_audit_batch(&self, entries: &[AuditAppend], sync: bool) -> Result<(), StoreError> {
+        self.pause();
+        self.inner.append_audit_batch(entries, sync)
     }
 
     fn audit_events(&self, from_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {

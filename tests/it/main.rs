@@ -30,6 +30,7 @@ mod rotation_cli;
 mod runbook_tls;
 mod sealers;
 mod security_events;
+mod slow_store;
 mod store_copy;
 mod tls;
 mod wycheproof;
