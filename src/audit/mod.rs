@@ -478,15 +478,26 @@ fn open_shared_key(
     Ok(key)
 }
 
+/// A shared store's audit HMAC key, opened with `passphrase`, if the store has one yet; writes
+/// nothing: what a daemon checks before it claims anything in the store (and then opens its
+/// trail with, [`Auditor::open_shared_with`], so the passphrase's scrypt runs once per start).
+pub struct SharedAuditKey(Option<Zeroizing<[u8; 32]>>);
+
+impl std::fmt::Debug for SharedAuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedAuditKey").finish_non_exhaustive()
+    }
+}
+
 /// Checks, writing nothing, that `passphrase` opens a shared store's audit HMAC key, if the
-/// store has one yet: what a daemon checks before it claims anything in the store.
+/// store has one yet.
 pub fn check_shared_key(
     store: &dyn TokenStore,
     passphrase: &crate::secret::Passphrase,
-) -> Result<(), AuditError> {
+) -> Result<SharedAuditKey, AuditError> {
     match store.get_meta(SHARED_KEY_META)? {
-        Some(blob) => open_shared_key(&blob, passphrase).map(|_| ()),
-        None => Ok(()),
+        Some(blob) => open_shared_key(&blob, passphrase).map(|k| SharedAuditKey(Some(k))),
+        None => Ok(SharedAuditKey(None)),
     }
 }
 
@@ -633,6 +644,19 @@ impl Auditor {
     ) -> Result<Self, AuditError> {
         let (key, _) = shared_key(&*store, passphrase, None)?;
         Self::with_key(store, key)
+    }
+
+    /// [`Auditor::open_shared`] with the key [`check_shared_key`] opened already (created now if
+    /// the store had none then).
+    pub fn open_shared_with(
+        store: Arc<dyn TokenStore>,
+        checked: SharedAuditKey,
+        passphrase: &crate::secret::Passphrase,
+    ) -> Result<Self, AuditError> {
+        match checked.0 {
+            Some(key) => Self::with_key(store, key),
+            None => Self::open_shared(store, passphrase),
+        }
     }
 
     fn with_key(store: Arc<dyn TokenStore>, key: Zeroizing<[u8; 32]>) -> Result<Self, AuditError> {

@@ -337,11 +337,14 @@ impl Vault {
             instance_name(config),
             hex::encode(rand::random::<[u8; 8]>())
         );
-        if let (crate::config::StoreConfig::Postgres(_), Some(passphrase)) =
-            (&config.store, &config.passphrase)
-        {
-            crate::audit::check_shared_key(&*store, passphrase)?;
-        }
+        // Opened before anything is written, and kept for the trail below (one scrypt).
+        let shared_audit_key = match (&config.store, &config.passphrase) {
+            (crate::config::StoreConfig::Postgres(_), Some(passphrase)) => Some((
+                crate::audit::check_shared_key(&*store, passphrase)?,
+                passphrase,
+            )),
+            _ => None,
+        };
         // Loaded before anything is written when there are keys already (the usual start);
         // loaded again only after the dev profile created the first one.
         let stored_keys = store.keys()?;
@@ -362,7 +365,12 @@ impl Vault {
             Self::claim_instance(&*store, instance_name(config), &instance_id)?;
         }
         let claimed = || {
-            let audit = Arc::new(auditor(config, &store)?);
+            let audit = Arc::new(match shared_audit_key {
+                Some((checked, passphrase)) => {
+                    Auditor::open_shared_with(Arc::clone(&store), checked, passphrase)?
+                }
+                None => auditor(config, &store)?,
+            });
             let ring = match ring {
                 Some(ring) => ring,
                 None => {
