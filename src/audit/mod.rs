@@ -329,6 +329,20 @@ struct Pending {
     outcome: Arc<std::sync::OnceLock<Result<(), String>>>,
 }
 
+impl Drop for Pending {
+    /// A pending event dropped without an outcome (the write carrying it panicked) refuses its
+    /// caller instead of leaving it waiting.
+    fn drop(&mut self) {
+        let _ = self.outcome.set(Err(
+            "the write carrying this audit event did not finish; the call was refused".into(),
+        ));
+    }
+}
+
+/// How long a read waits for a wake-up before it looks again (a safety net: every write that
+/// ends wakes the waiters).
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The chain's position and the events of reads waiting to be written.
 struct Chain {
     /// Just after the last written event: where the next event is sealed. It only moves
@@ -774,8 +788,9 @@ impl Auditor {
                 Err(std::sync::TryLockError::WouldBlock) => {
                     chain = self
                         .written
-                        .wait(chain)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        .wait_timeout(chain, RECHECK)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
                     continue;
                 }
             };
@@ -1150,6 +1165,39 @@ mod tests {
             });
         }
         assert_eq!(verify_store(&store), Ok(3));
+    }
+
+    /// A bug that panics inside a group write must not leave the reads it carried waiting
+    /// forever: they are refused, and the trail keeps working.
+    #[test]
+    fn a_read_whose_group_write_panics_is_refused_not_left_waiting() {
+        let (store, a, _dir) = auditor();
+        let a = Arc::new(a);
+        std::thread::scope(|s| {
+            let in_flight = a.writer();
+            let reader = {
+                let a = Arc::clone(&a);
+                s.spawn(move || a.append(&Draft::new("worker", "GetToken"), false))
+            };
+            while a.lock().queue.is_empty() {
+                std::thread::yield_now();
+            }
+            drop(in_flight);
+            let commit = {
+                let a = Arc::clone(&a);
+                s.spawn(move || {
+                    a.append_decided(|_sealer| -> Result<(), StoreError> {
+                        panic!("a bug in the store")
+                    })
+                })
+            };
+            assert!(commit.join().is_err(), "the commit panicked");
+            let refused = reader.join().expect("reader").expect_err("refused");
+            assert!(refused.to_string().contains("did not finish"), "{refused}");
+        });
+        a.append(&Draft::new("worker", "GetToken"), false)
+            .expect("the next read is written");
+        assert_eq!(verify_store(&store), Ok(1));
     }
 
     fn auditor() -> (Arc<MemoryStore>, Auditor, tempfile::TempDir) {
