@@ -347,23 +347,10 @@ impl PostgresStore {
         })
     }
 
-    /// Runs a read on a pooled connection without a transaction (one statement, one round
-    /// trip with the statement cache), with the same retries as [`PostgresStore::txn`].
+    /// Runs one statement (a read, or a write that is a transaction by itself) on a pooled
+    /// connection without an explicit transaction (one round trip with the statement cache),
+    /// with the same retries as [`PostgresStore::txn`].
     fn read<T, F>(&self, op: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'a> Fn(
-                &'a deadpool_postgres::Client,
-            ) -> futures_like::BoxFuture<'a, Result<T, Fail>>
-            + Send
-            + Sync
-            + 'static,
-    {
-        self.read_on(self.pool.clone(), op)
-    }
-
-    /// [`PostgresStore::read`] on `pool`.
-    fn read_on<T, F>(&self, pool: Pool, op: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: for<'a> Fn(
@@ -380,7 +367,7 @@ impl PostgresStore {
                 set_snapshot(&s.id)
             )
         });
-        self.retrying_on(pool, move |pool| {
+        self.retrying(move |pool| {
             let op = Arc::clone(&op);
             let snapshot = snapshot.clone();
             Box::pin(async move {
@@ -406,14 +393,7 @@ impl PostgresStore {
         T: Send + 'static,
         F: Fn(Pool) -> futures_like::BoxFuture<'static, Result<T, Fail>> + Send + 'static,
     {
-        self.retrying_on(self.pool.clone(), attempt)
-    }
-
-    fn retrying_on<T, F>(&self, pool: Pool, attempt: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: Fn(Pool) -> futures_like::BoxFuture<'static, Result<T, Fail>> + Send + 'static,
-    {
+        let pool = self.pool.clone();
         self.wait(async move {
             let mut n = 0;
             loop {
@@ -1203,7 +1183,7 @@ impl TokenStore for PostgresStore {
         // BEGIN/INSERT/COMMIT takes three.
         let entries = Arc::new(entries.to_vec());
         let chain = self.chain.clone();
-        self.read_on(self.pool.clone(), move |c| {
+        self.read(move |c| {
             let (entries, chain) = (Arc::clone(&entries), chain.clone());
             Box::pin(async move {
                 let stmt = c.prepare_cached(INSERT_AUDIT).await?;

@@ -416,9 +416,7 @@ fn release<T>(
     match audited {
         Ok(()) => Ok((record, secret, checked)),
         Err(e) => {
-            if !matches!(e, VaultError::Audit(_)) {
-                s.audit_outcome(draft, &e);
-            }
+            audit_refusal(s, draft, &e);
             Err(e)
         }
     }
