@@ -13,7 +13,7 @@ use tokenvault::keys::keyring::{KeyDir, Keyring};
 use tokenvault::record::{RecordMeta, SecretKind};
 use tokenvault::rotation::{RewrapOptions, rewrap_all};
 use tokenvault::secret::Secret;
-use tokenvault::store::{RecordWrite, RocksStore, TokenStore};
+use tokenvault::store::{RecordWrite, RocksStore, prelude::*};
 
 const RECORDS: usize = 2000;
 

@@ -4,7 +4,7 @@
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tokenvault::record::{RecordMeta, SecretKind};
-use tokenvault::store::{RecordWrite, RocksStore, TokenStore};
+use tokenvault::store::{RecordStore, RecordWrite, RocksStore, TestHooks};
 
 fn write(id: String) -> RecordWrite {
     RecordWrite {

@@ -649,6 +649,7 @@ mod tests {
     use crate::keys::PrivateKey;
     use crate::record::{RecordMeta, SecretKind};
     use crate::secret::Secret;
+    use crate::store::prelude::*;
     use crate::store::{MemoryStore, RecordWrite};
 
     /// A store with `n` records `r00`.. sealed under version 1, then version 2 made active.

@@ -1080,6 +1080,7 @@ impl Auditor {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    use crate::store::prelude::*;
 
     #[test]
     fn concurrent_reads_are_written_in_groups_without_a_gap() {

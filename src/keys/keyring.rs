@@ -515,7 +515,7 @@ mod tests {
     use crate::record::{RecordMeta, SecretKind};
     use crate::rotation::{add_version, init};
     use crate::secret::Secret;
-    use crate::store::{MemoryStore, TokenStore as _};
+    use crate::store::{MemoryStore, prelude::*};
 
     /// A shared store's keys over a real [`crate::store::StoreKeys`], counting salt reads.
     #[derive(Debug)]

@@ -27,7 +27,7 @@ fn rid(id: &str) -> RecordId {
 }
 
 /// Create, read, version-checked replace, owner index.
-pub fn create_read_replace(store: &dyn TokenStore) {
+pub fn create_read_replace(store: &dyn TestHooks) {
     assert_eq!(store.put_records(&[write("a", "o1", 0)], 100), Ok(vec![1]));
     let r = store.get_record(&rid("a")).expect("get").expect("present");
     assert_eq!(
@@ -108,7 +108,7 @@ pub fn create_read_replace(store: &dyn TokenStore) {
 }
 
 /// Record batches are all or nothing.
-pub fn batches_are_atomic(store: &dyn TokenStore) {
+pub fn batches_are_atomic(store: &dyn TestHooks) {
     let mut seed = write("existing", "o", 0);
     seed.envelope = b"the seed's own envelope".to_vec();
     store.put_records(&[seed], 1).expect("seed");
@@ -138,7 +138,7 @@ pub fn batches_are_atomic(store: &dyn TokenStore) {
 }
 
 /// Revoke, delete, delete by owner, counts.
-pub fn revoke_delete_and_stats(store: &dyn TokenStore) {
+pub fn revoke_delete_and_stats(store: &dyn TestHooks) {
     store
         .put_records(
             &[
@@ -212,7 +212,7 @@ pub fn revoke_delete_and_stats(store: &dyn TokenStore) {
 }
 
 /// The key registry.
-pub fn key_registry(store: &dyn TokenStore) {
+pub fn key_registry(store: &dyn TestHooks) {
     assert_eq!(store.keys(), Ok(vec![]));
     let key = |version: u32, state| KeyInfo {
         version,
@@ -238,7 +238,7 @@ pub fn key_registry(store: &dyn TokenStore) {
 }
 
 /// Paged scans, envelope replacement (rewrap), small metadata values.
-pub fn scan_replace_and_meta(store: &dyn TokenStore) {
+pub fn scan_replace_and_meta(store: &dyn TestHooks) {
     let ids = ["c", "a", "e", "b", "d"];
     let writes: Vec<_> = ids.iter().map(|id| write(id, "o", 0)).collect();
     store.put_records(&writes, 1).expect("seed");
@@ -315,7 +315,7 @@ pub fn scan_replace_and_meta(store: &dyn TokenStore) {
 }
 
 /// Grants: compare-and-swap puts, idempotent deletes, pages in id order.
-pub fn grants(store: &dyn TokenStore) {
+pub fn grants(store: &dyn TestHooks) {
     let put = |id: &str, grant: &[u8], expected: Option<&[u8]>| Mutation::PutGrant {
         id: id.into(),
         grant: grant.to_vec(),
@@ -363,7 +363,7 @@ pub fn grants(store: &dyn TokenStore) {
 }
 
 /// `apply`: all or nothing with its audit events; each mutation sees the ones before it.
-pub fn apply_is_atomic_and_audited(store: &dyn TokenStore) {
+pub fn apply_is_atomic_and_audited(store: &dyn TestHooks) {
     store
         .put_records(&[write("r1", "o", 0), write("r2", "o", 0)], 1)
         .expect("put");
@@ -456,7 +456,7 @@ fn key(version: u32, state: KeyState) -> KeyInfo {
 
 /// Retiring a key version is refused while records use it, and record writes are refused
 /// under a retired or destroyed version: no interleaving strands a record.
-pub fn retire_is_atomic_with_record_writes(store: &dyn TokenStore) {
+pub fn retire_is_atomic_with_record_writes(store: &dyn TestHooks) {
     store
         .put_keys(
             &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
@@ -515,7 +515,7 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn after(store: &dyn TokenStore) -> Arc<Self> {
+    fn after(store: &dyn TestHooks) -> Arc<Self> {
         let last = store
             .last_audit_event()
             .expect("last event")
@@ -540,7 +540,7 @@ impl GroupAudit for Recorder {
 
 /// Group commit: independent outcomes, later groups see earlier ones, refusals change nothing,
 /// and exactly the accepted records get their audit events, in the same write.
-pub fn group_commit(store: &dyn TokenStore) {
+pub fn group_commit(store: &dyn TestHooks) {
     let mut seed = write("taken", "o", 0);
     seed.envelope = b"the seed's own envelope".to_vec();
     store.put_records(&[seed], 1).expect("seed");
@@ -595,7 +595,7 @@ pub fn group_commit(store: &dyn TokenStore) {
 
 /// What `store copy` relies on: metadata listed in key order across pages (grants and replay
 /// markers under their shared keys), and an import written as it is, over what is there.
-pub fn import_and_listing(store: &dyn TokenStore) {
+pub fn import_and_listing(store: &dyn TestHooks) {
     store
         .apply(
             &[
@@ -701,7 +701,7 @@ pub fn import_and_listing(store: &dyn TokenStore) {
 
 /// Audit retention: the events of the store's own chain up to a point go, the checkpoint and
 /// the event recording it are written in the same write, later events stay.
-pub fn audit_pruning(store: &dyn TokenStore) {
+pub fn audit_pruning(store: &dyn TestHooks) {
     let event = |seq: u64| AuditAppend {
         seq,
         bytes: format!("event-{seq}").into_bytes(),
@@ -745,7 +745,7 @@ pub fn audit_pruning(store: &dyn TokenStore) {
 /// Retiring a version counts exactly the records wrapped under it, however they came (put,
 /// import) and went (rewrap, delete, delete of an owner): an engine that indexes records by key
 /// version keeps the index in step with every write.
-pub fn retire_counts_records_under_the_version(store: &dyn TokenStore) {
+pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
     store
         .put_keys(
             &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
@@ -817,7 +817,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TokenStore) {
 }
 
 /// Runs every check, each on a fresh store from `make`.
-pub fn all(make: impl Fn() -> Box<dyn TokenStore>) {
+pub fn all(make: impl Fn() -> Box<dyn TestHooks>) {
     audit_pruning(&*make());
     grants(&*make());
     apply_is_atomic_and_audited(&*make());

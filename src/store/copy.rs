@@ -530,6 +530,7 @@ mod tests {
     use super::*;
     use crate::keys::{KeyId, KeyInfo, KeyState};
     use crate::record::{RecordMeta, SecretKind};
+    use crate::store::prelude::*;
     use crate::store::{AuditAppend, MemoryStore, Mutation, RecordWrite};
 
     fn filled() -> MemoryStore {

@@ -3,7 +3,7 @@
 //!
 //! Owns: the export format (docs/ENVELOPE.md, "Exporting records") and its checks. Built on
 //! `store copy` (one mechanism): the same reads of the source (a RocksDB source is a
-//! consistent snapshot even while a daemon runs), the same atomic [`TokenStore::import`] write
+//! consistent snapshot even while a daemon runs), the same atomic [`Transfer::import`](super::Transfer::import) write
 //! and the same per-key-version record digests ([`copy::Digest32`]), which the export's last
 //! line carries and the import checks twice (over the file, then over what it wrote).
 //!
@@ -508,7 +508,7 @@ fn check_keys(target: &dyn TokenStore, keys: &[KeyInfo]) -> Result<Vec<KeyInfo>,
 
 /// Loads an export into `target`: reads and checks the whole file first (format, order, keys,
 /// every envelope's key, the stated digests, no id the target has), then writes the records
-/// page by page with [`TokenStore::import`], as `store copy` does, and checks the digests of
+/// page by page with [`Transfer::import`](super::Transfer::import), as `store copy` does, and checks the digests of
 /// what it wrote. `open` reopens the file for the second pass.
 pub fn import(
     target: &dyn TokenStore,

@@ -1,16 +1,19 @@
-//! In-memory [`TokenStore`] for tests and benches. Same semantics as RocksDB, no durability.
+//! In-memory [`TokenStore`](super::TokenStore) for tests and benches. Same semantics as RocksDB, no durability.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+#[cfg(any(test, feature = "testing"))]
+use super::TestHooks;
 use super::{
-    AuditAppend, EnvelopeReplace, GRANT_PREFIX, Mutation, RecordWrite, StoreError, StoreStats,
-    TokenStore, grant_key, plan_replace_envelope, plan_writes, replay_key, short_id,
+    AuditAppend, AuditLog, EnvelopeReplace, GRANT_PREFIX, KeyRegistry, Leases, MetaStore, Mutation,
+    RecordStore, RecordWrite, StoreError, StoreStats, Transfer, grant_key, plan_replace_envelope,
+    plan_writes, replay_key, short_id,
 };
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
 
-/// A [`TokenStore`] held in process memory.
+/// A [`TokenStore`](super::TokenStore) held in process memory.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -41,22 +44,7 @@ impl MemoryStore {
     }
 }
 
-impl TokenStore for MemoryStore {
-    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
-        let mut inner = self.lock();
-        let keys = inner.keys.clone();
-        let planned = plan_writes(
-            writes,
-            now,
-            |id| Ok(inner.records.get(id).cloned()),
-            |v| Ok(keys.get(&v).map(|k| k.state)),
-        )?;
-        for r in planned.records {
-            inner.records.insert(r.meta.id.clone(), r);
-        }
-        Ok(planned.versions)
-    }
-
+impl RecordStore for MemoryStore {
     fn put_record_groups(
         &self,
         groups: &[&[RecordWrite]],
@@ -158,34 +146,6 @@ impl TokenStore for MemoryStore {
             .collect())
     }
 
-    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.lock().meta.get(key).cloned())
-    }
-
-    fn prune_audit(
-        &self,
-        through: u64,
-        meta: &[(String, Vec<u8>)],
-        audit: &AuditAppend,
-    ) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        inner.audit.retain(|seq, _| *seq > through);
-        for (k, v) in meta {
-            inner.meta.insert(k.clone(), v.clone());
-        }
-        inner.audit.insert(audit.seq, audit.bytes.clone());
-        Ok(())
-    }
-
-    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        match value {
-            Some(v) => inner.meta.insert(key.to_string(), v.to_vec()),
-            None => inner.meta.remove(key),
-        };
-        Ok(())
-    }
-
     fn apply(
         &self,
         mutations: &[Mutation],
@@ -268,6 +228,21 @@ impl TokenStore for MemoryStore {
         *inner = next;
         Ok(())
     }
+}
+
+impl MetaStore for MemoryStore {
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        match value {
+            Some(v) => inner.meta.insert(key.to_string(), v.to_vec()),
+            None => inner.meta.remove(key),
+        };
+        Ok(())
+    }
 
     fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.lock().meta.get(&grant_key(id)).cloned())
@@ -290,6 +265,23 @@ impl TokenStore for MemoryStore {
             .take(limit)
             .collect())
     }
+}
+
+impl KeyRegistry for MemoryStore {
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        Ok(self.lock().keys.values().cloned().collect())
+    }
+
+    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(a) = audit {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
+        for k in keys {
+            inner.keys.insert(k.version, k.clone());
+        }
+        Ok(())
+    }
 
     fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let mut inner = self.lock();
@@ -310,22 +302,9 @@ impl TokenStore for MemoryStore {
         inner.keys.insert(key.version, key.clone());
         Ok(())
     }
+}
 
-    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
-        Ok(self.lock().keys.values().cloned().collect())
-    }
-
-    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        if let Some(a) = audit {
-            inner.audit.insert(a.seq, a.bytes.clone());
-        }
-        for k in keys {
-            inner.keys.insert(k.version, k.clone());
-        }
-        Ok(())
-    }
-
+impl AuditLog for MemoryStore {
     fn append_audit(&self, entry: &AuditAppend, _sync: bool) -> Result<(), StoreError> {
         self.lock().audit.insert(entry.seq, entry.bytes.clone());
         Ok(())
@@ -374,6 +353,23 @@ impl TokenStore for MemoryStore {
             .collect())
     }
 
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.audit.retain(|seq, _| *seq > through);
+        for (k, v) in meta {
+            inner.meta.insert(k.clone(), v.clone());
+        }
+        inner.audit.insert(audit.seq, audit.bytes.clone());
+        Ok(())
+    }
+}
+
+impl Transfer for MemoryStore {
     fn meta_page(
         &self,
         after: Option<&str>,
@@ -409,6 +405,27 @@ impl TokenStore for MemoryStore {
             }
         }
         Ok(())
+    }
+}
+
+/// One process owns the store: every lease is granted.
+impl Leases for MemoryStore {}
+
+#[cfg(any(test, feature = "testing"))]
+impl TestHooks for MemoryStore {
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        let mut inner = self.lock();
+        let keys = inner.keys.clone();
+        let planned = plan_writes(
+            writes,
+            now,
+            |id| Ok(inner.records.get(id).cloned()),
+            |v| Ok(keys.get(&v).map(|k| k.state)),
+        )?;
+        for r in planned.records {
+            inner.records.insert(r.meta.id.clone(), r);
+        }
+        Ok(planned.versions)
     }
 
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {

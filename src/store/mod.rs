@@ -24,6 +24,17 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+/// The store's traits, brought into scope unnamed (`use tokenvault::store::prelude::*;`), for
+/// code that calls an engine's methods on the engine's own type rather than a `dyn TokenStore`.
+pub mod prelude {
+    #[cfg(any(test, feature = "testing"))]
+    pub use super::TestHooks as _;
+    pub use super::{
+        AuditLog as _, KeyRegistry as _, Leases as _, MetaStore as _, RecordStore as _,
+        TokenStore as _, Transfer as _,
+    };
+}
+
 pub use memory::MemoryStore;
 #[cfg(feature = "daemon")]
 pub use postgres::{PostgresOptions, PostgresStore};
@@ -100,11 +111,11 @@ pub enum StoreError {
     },
 }
 
-/// One change of an atomic, audited write ([`TokenStore::apply`]).
+/// One change of an atomic, audited write ([`RecordStore::apply`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Mutation {
-    /// Creates or replaces a record, version-checked like [`TokenStore::put_records`].
+    /// Creates or replaces a record, version-checked like [`TestHooks::put_records`].
     PutRecord(RecordWrite),
     /// Marks a record revoked (no change if it already is); `NotFound` if absent.
     Revoke(RecordId),
@@ -174,7 +185,7 @@ pub struct RecordWrite {
     pub expected_version: u64,
 }
 
-/// Seals the audit events of what a group commit accepted ([`TokenStore::put_record_groups`]).
+/// Seals the audit events of what a group commit accepted ([`RecordStore::put_record_groups`]).
 pub trait GroupAudit: Send + Sync {
     /// The events of `accepted` (each accepted group's index and the records it writes, in
     /// order), as consecutive audit chain links to write with them. A store that re-runs its
@@ -204,7 +215,7 @@ pub struct AuditAppend {
     pub bytes: Vec<u8>,
 }
 
-/// One rewrapped envelope to store, see [`TokenStore::replace_envelopes`].
+/// One rewrapped envelope to store, see [`RecordStore::replace_envelopes`].
 #[derive(Debug, Clone)]
 pub struct EnvelopeReplace {
     /// Record id.
@@ -217,7 +228,7 @@ pub struct EnvelopeReplace {
     pub key_version: u32,
 }
 
-/// State written as it is by [`TokenStore::import`] (`tokenvault store copy`): records keep
+/// State written as it is by [`Transfer::import`] (`tokenvault store copy`): records keep
 /// their versions and times, audit events their chain and sequence number.
 #[derive(Debug, Clone, Default)]
 pub struct Import {
@@ -225,7 +236,7 @@ pub struct Import {
     pub records: Vec<Record>,
     /// Key registry entries, created or overwritten.
     pub keys: Vec<KeyInfo>,
-    /// Metadata as [`TokenStore::meta_page`] lists it (grants and replay markers included).
+    /// Metadata as [`Transfer::meta_page`] lists it (grants and replay markers included).
     pub meta: Vec<(String, Vec<u8>)>,
     /// Audit events: chain name, sequence number, encoded event.
     pub audit: Vec<(String, u64, Vec<u8>)>,
@@ -241,7 +252,7 @@ impl Import {
     }
 }
 
-/// Value of a replay marker in [`TokenStore::meta_page`]: when it was applied, Unix seconds,
+/// Value of a replay marker in [`Transfer::meta_page`]: when it was applied, Unix seconds,
 /// big-endian (RocksDB's and memory's stored form; PostgreSQL's column is converted).
 pub(crate) fn replay_value(at: i64) -> [u8; 8] {
     at.to_be_bytes()
@@ -262,13 +273,16 @@ pub struct StoreStats {
 
 /// Records and the key registry. All methods are blocking; async callers run them on a
 /// blocking pool.
-pub trait TokenStore: Send + Sync + 'static {
-    /// Applies `writes` atomically with version checks; returns the new versions in order.
-    /// `now` (Unix seconds) stamps created/updated times.
-    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError>;
+///
+/// The parts, each one cohesive interface: [`RecordStore`], [`MetaStore`], [`KeyRegistry`], [`AuditLog`], [`Leases`], [`Transfer`]. Every engine implements them all; callers hold a `dyn TokenStore`.
+pub trait TokenStore: RecordStore + MetaStore + KeyRegistry + AuditLog + Leases + Transfer {}
 
+impl<T: RecordStore + MetaStore + KeyRegistry + AuditLog + Leases + Transfer> TokenStore for T {}
+
+/// Records: create, replace, revoke, delete, read, count and scan them, and the atomic audited write of every state change ([`RecordStore::apply`]). Blocking; async callers run it on a blocking pool.
+pub trait RecordStore: Send + Sync + 'static {
     /// Group commit: applies several independent requests (each an atomic group following
-    /// [`TokenStore::put_records`]' rules) with one durable write. Groups are planned in order,
+    /// [`TestHooks::put_records`]' rules) with one durable write. Groups are planned in order,
     /// each seeing the groups accepted before it, and each gets its own outcome; a refused group
     /// changes nothing. The events `audit` seals for the accepted groups' records are written in
     /// the same atomic write, so no record is created or replaced without its event. The outer
@@ -383,6 +397,20 @@ pub trait TokenStore: Send + Sync + 'static {
         now: i64,
     ) -> Result<Vec<Result<u64, StoreError>>, StoreError>;
 
+    /// The one audited-write API: applies `mutations` and appends `audit` (consecutive events
+    /// of the chain) in one atomic, durable write. Every precondition is checked first, in
+    /// order, each mutation seeing the ones before it; if any fails, nothing is written and
+    /// its error is returned.
+    fn apply(
+        &self,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+    ) -> Result<(), StoreError>;
+}
+
+/// Small named values beside the records: cursors, salts, grants. Blocking; async callers run it on a blocking pool.
+pub trait MetaStore: Send + Sync + 'static {
     /// Reads a small metadata value (e.g. the rewrap cursor).
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
@@ -400,17 +428,6 @@ pub trait TokenStore: Send + Sync + 'static {
         Ok(true)
     }
 
-    /// The one audited-write API: applies `mutations` and appends `audit` (consecutive events
-    /// of the chain) in one atomic, durable write. Every precondition is checked first, in
-    /// order, each mutation seeing the ones before it; if any fails, nothing is written and
-    /// its error is returned.
-    fn apply(
-        &self,
-        mutations: &[Mutation],
-        audit: &[AuditAppend],
-        now: i64,
-    ) -> Result<(), StoreError>;
-
     /// Reads a grant by id.
     fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
@@ -420,7 +437,10 @@ pub trait TokenStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
 
+/// The key registry: which key versions exist and in what state. Blocking; async callers run it on a blocking pool.
+pub trait KeyRegistry: Send + Sync + 'static {
     /// The key registry, ascending by version.
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
 
@@ -432,7 +452,10 @@ pub trait TokenStore: Send + Sync + 'static {
     /// which refuse versions the registry marks retired or destroyed (`KeyNotAccepted`), so no
     /// record can be left under a retired key however writes and the retirement interleave.
     fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError>;
+}
 
+/// The audit trail's stored events: appended, read per chain, pruned. Blocking; async callers run it on a blocking pool.
+pub trait AuditLog: Send + Sync + 'static {
     /// Appends one audit event. `sync` forces the WAL to disk before returning.
     fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError>;
 
@@ -448,6 +471,58 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The audit event with the highest sequence number.
     fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError>;
 
+    /// The names of every audit chain in the store, ascending: one per daemon instance sharing
+    /// it. A store one daemon owns has one chain, `""`.
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        Ok(vec![String::new()])
+    }
+
+    /// Like [`AuditLog::audit_events`] for the chain named `chain` (of any daemon sharing the
+    /// store; this daemon's own is what `audit_events` reads).
+    fn chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if chain.is_empty() {
+            self.audit_events(from_seq, limit)
+        } else {
+            self.other_chain_events(chain, from_seq, limit)
+        }
+    }
+
+    /// [`AuditLog::chain_events`] of a chain other than the store's own `""`: in a store one
+    /// daemon owns, those `store copy` brought from a shared database. None by default.
+    fn other_chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let _ = (chain, from_seq, limit);
+        Ok(Vec::new())
+    }
+
+    /// The name of this store's own audit chain (the one [`AuditLog::audit_events`] reads), as
+    /// [`AuditLog::audit_chains`] lists it: `""` unless the store is shared.
+    fn own_chain(&self) -> String {
+        String::new()
+    }
+
+    /// Audit retention: removes the events of this store's own chain with sequence numbers up
+    /// to `through`, writes the `meta` entries (the checkpoint) and appends `audit` (the event
+    /// recording the pruning) in one atomic, durable write.
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError>;
+}
+
+/// Leases, so daemons sharing a store run a job once at a time. Blocking; async callers run it on a blocking pool.
+pub trait Leases: Send + Sync + 'static {
     /// Takes or renews the lease `name` for `owner` until `ttl` from now by the store's clock
     /// (not the daemons'): returns its fencing token (raised each time the lease changes
     /// owner) while `owner` holds it, `None` while another owner's lease is unexpired. How
@@ -469,56 +544,10 @@ pub trait TokenStore: Send + Sync + 'static {
         let _ = (name, owner);
         Ok(())
     }
+}
 
-    /// The names of every audit chain in the store, ascending: one per daemon instance sharing
-    /// it. A store one daemon owns has one chain, `""`.
-    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
-        Ok(vec![String::new()])
-    }
-
-    /// Like [`TokenStore::audit_events`] for the chain named `chain` (of any daemon sharing the
-    /// store; this daemon's own is what `audit_events` reads).
-    fn chain_events(
-        &self,
-        chain: &str,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        if chain.is_empty() {
-            self.audit_events(from_seq, limit)
-        } else {
-            self.other_chain_events(chain, from_seq, limit)
-        }
-    }
-
-    /// [`TokenStore::chain_events`] of a chain other than the store's own `""`: in a store one
-    /// daemon owns, those `store copy` brought from a shared database. None by default.
-    fn other_chain_events(
-        &self,
-        chain: &str,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let _ = (chain, from_seq, limit);
-        Ok(Vec::new())
-    }
-
-    /// The name of this store's own audit chain (the one [`TokenStore::audit_events`] reads), as
-    /// [`TokenStore::audit_chains`] lists it: `""` unless the store is shared.
-    fn own_chain(&self) -> String {
-        String::new()
-    }
-
-    /// Audit retention: removes the events of this store's own chain with sequence numbers up
-    /// to `through`, writes the `meta` entries (the checkpoint) and appends `audit` (the event
-    /// recording the pruning) in one atomic, durable write.
-    fn prune_audit(
-        &self,
-        through: u64,
-        meta: &[(String, Vec<u8>)],
-        audit: &AuditAppend,
-    ) -> Result<(), StoreError>;
-
+/// What `store copy` reads and writes: every piece of state as it is. Blocking; async callers run it on a blocking pool.
+pub trait Transfer: Send + Sync + 'static {
     /// Up to `limit` metadata entries with keys after `after`, in key order: every piece of
     /// state that is not a record, a registry entry or an audit event, grants under
     /// [`grant_key`] and replay markers under [`replay_key`] (value: [`replay_value`]), so
@@ -534,6 +563,16 @@ pub trait TokenStore: Send + Sync + 'static {
     /// timestamps, overwriting what is there (so a resumed copy can write a page again). Only
     /// `store copy` calls this, on a store no daemon serves.
     fn import(&self, batch: &Import) -> Result<(), StoreError>;
+}
+
+/// Writes that bypass the rules, for tests only (behind the `testing` feature): seeding
+/// records without audit events and tampering with a stored event to prove it is detected.
+/// Nothing in the daemon can call them.
+#[cfg(any(test, feature = "testing"))]
+pub trait TestHooks: TokenStore {
+    /// Applies `writes` atomically with version checks; returns the new versions in order.
+    /// `now` (Unix seconds) stamps created/updated times.
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError>;
 
     /// Overwrites a stored audit event's bytes. Exists only so tests can prove that tampering
     /// is detected; nothing in the daemon calls it.
@@ -708,7 +747,7 @@ fn plan_update(
     Ok(r)
 }
 
-/// Applies [`TokenStore::replace_envelopes`] to `current`, shared by every implementation.
+/// Applies [`RecordStore::replace_envelopes`] to `current`, shared by every implementation.
 pub(crate) fn plan_replace_envelope(
     current: Option<Record>,
     item: &EnvelopeReplace,
@@ -720,7 +759,7 @@ pub(crate) fn plan_replace_envelope(
     })
 }
 
-/// Applies [`TokenStore::mark_needs_reauth`] to `current`, shared by every implementation.
+/// Applies [`RecordStore::mark_needs_reauth`] to `current`, shared by every implementation.
 pub(crate) fn plan_mark_needs_reauth(
     current: Option<Record>,
     id: &RecordId,
@@ -738,7 +777,7 @@ pub fn fuzz_decode_record(bytes: &[u8]) -> bool {
     schema::decode_record(bytes).is_ok()
 }
 
-/// Counts records for [`TokenStore::stats`], shared by every implementation.
+/// Counts records for [`RecordStore::stats`], shared by every implementation.
 pub(crate) fn count_stats(
     records: impl Iterator<Item = impl std::borrow::Borrow<Record>>,
 ) -> StoreStats {

@@ -1,4 +1,4 @@
-//! The PostgreSQL [`TokenStore`]: the engine several daemons share (PostgreSQL, and the engines
+//! The PostgreSQL [`TokenStore`](super::TokenStore): the engine several daemons share (PostgreSQL, and the engines
 //! that speak its wire protocol).
 //!
 //! Owns: the connection pool (tokio-postgres under deadpool-postgres, on a small runtime of its
@@ -32,10 +32,12 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 
+#[cfg(any(test, feature = "testing"))]
+use super::TestHooks;
 use super::schema::{decode_key, decode_record, encode_key, encode_record};
 use super::{
-    AuditAppend, EnvelopeReplace, Mutation, RecordWrite, StoreError, StoreStats, TokenStore,
-    plan_replace_envelope, plan_writes, short_id,
+    AuditAppend, AuditLog, EnvelopeReplace, KeyRegistry, Leases, MetaStore, Mutation, RecordStore,
+    RecordWrite, StoreError, StoreStats, Transfer, plan_replace_envelope, plan_writes, short_id,
 };
 use crate::keys::{KeyInfo, KeyState};
 use crate::record::{Owner, Record, RecordId};
@@ -109,7 +111,7 @@ impl std::fmt::Debug for PostgresOptions {
     }
 }
 
-/// A [`TokenStore`] in a PostgreSQL database.
+/// A [`TokenStore`](super::TokenStore) in a PostgreSQL database.
 pub struct PostgresStore {
     /// Set on a store opened as a snapshot: every read sees the database as it was then.
     snapshot: Option<Snapshot>,
@@ -786,15 +788,7 @@ async fn upsert_keys(t: &Txn<'_>, keys: &[KeyInfo]) -> Result<(), Fail> {
     Ok(())
 }
 
-impl TokenStore for PostgresStore {
-    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
-        let writes = writes.to_vec();
-        self.txn(move |t| {
-            let writes = writes.clone();
-            Box::pin(async move { write_group(t, &writes, now).await })
-        })?
-    }
-
+impl RecordStore for PostgresStore {
     fn put_record_groups(
         &self,
         groups: &[&[RecordWrite]],
@@ -909,6 +903,21 @@ impl TokenStore for PostgresStore {
         })
     }
 
+    fn records_under_key(&self, version: u32) -> Result<u64, StoreError> {
+        self.txn(move |t| {
+            Box::pin(async move {
+                let records: i64 = t
+                    .query_one(
+                        "SELECT count(*) FROM tokenvault_records WHERE key_version = $1",
+                        &[&i64::from(version)],
+                    )
+                    .await?
+                    .get(0);
+                Ok(version_u64(records))
+            })
+        })
+    }
+
     fn scan_records(
         &self,
         after: Option<&RecordId>,
@@ -960,6 +969,29 @@ impl TokenStore for PostgresStore {
         })
     }
 
+    fn apply(
+        &self,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mutations = Arc::new(mutations.to_vec());
+        let audit = Arc::new(audit.to_vec());
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let (mutations, audit, chain) =
+                (Arc::clone(&mutations), Arc::clone(&audit), chain.clone());
+            Box::pin(async move {
+                for m in mutations.iter() {
+                    apply_one(t, m, now).await?;
+                }
+                insert_audit(t, &chain, &audit).await
+            })
+        })
+    }
+}
+
+impl MetaStore for PostgresStore {
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_string();
         self.read(move |c| {
@@ -969,36 +1001,6 @@ impl TokenStore for PostgresStore {
                     .prepare_cached("SELECT value FROM tokenvault_meta WHERE key = $1")
                     .await?;
                 Ok(c.query_opt(&stmt, &[&key]).await?.map(|r| r.get(0)))
-            })
-        })
-    }
-
-    fn own_chain(&self) -> String {
-        self.chain.clone()
-    }
-
-    fn prune_audit(
-        &self,
-        through: u64,
-        meta: &[(String, Vec<u8>)],
-        audit: &AuditAppend,
-    ) -> Result<(), StoreError> {
-        let meta = Arc::new(meta.to_vec());
-        let audit = Arc::new(audit.clone());
-        let chain = self.chain.clone();
-        let through = version_i64(through);
-        self.txn(move |t| {
-            let (meta, audit, chain) = (Arc::clone(&meta), Arc::clone(&audit), chain.clone());
-            Box::pin(async move {
-                t.execute(
-                    "DELETE FROM tokenvault_audit WHERE chain = $1 AND seq <= $2",
-                    &[&chain, &through],
-                )
-                .await?;
-                for (k, v) in meta.iter() {
-                    t.execute(UPSERT_META, &[k, v]).await?;
-                }
-                insert_audit(t, &chain, std::slice::from_ref(&*audit)).await
             })
         })
     }
@@ -1033,27 +1035,6 @@ impl TokenStore for PostgresStore {
                 )
                 .await?
                     == 1)
-            })
-        })
-    }
-
-    fn apply(
-        &self,
-        mutations: &[Mutation],
-        audit: &[AuditAppend],
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let mutations = Arc::new(mutations.to_vec());
-        let audit = Arc::new(audit.to_vec());
-        let chain = self.chain.clone();
-        self.txn(move |t| {
-            let (mutations, audit, chain) =
-                (Arc::clone(&mutations), Arc::clone(&audit), chain.clone());
-            Box::pin(async move {
-                for m in mutations.iter() {
-                    apply_one(t, m, now).await?;
-                }
-                insert_audit(t, &chain, &audit).await
             })
         })
     }
@@ -1093,7 +1074,9 @@ impl TokenStore for PostgresStore {
             })
         })
     }
+}
 
+impl KeyRegistry for PostgresStore {
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         self.read(|c| {
             Box::pin(async move {
@@ -1115,21 +1098,6 @@ impl TokenStore for PostgresStore {
             Box::pin(async move {
                 upsert_keys(t, &keys).await?;
                 insert_audit(t, &chain, &audit).await
-            })
-        })
-    }
-
-    fn records_under_key(&self, version: u32) -> Result<u64, StoreError> {
-        self.txn(move |t| {
-            Box::pin(async move {
-                let records: i64 = t
-                    .query_one(
-                        "SELECT count(*) FROM tokenvault_records WHERE key_version = $1",
-                        &[&i64::from(version)],
-                    )
-                    .await?
-                    .get(0);
-                Ok(version_u64(records))
             })
         })
     }
@@ -1168,7 +1136,9 @@ impl TokenStore for PostgresStore {
             })
         })
     }
+}
 
+impl AuditLog for PostgresStore {
     fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError> {
         self.append_audit_batch(std::slice::from_ref(entry), sync)
     }
@@ -1204,6 +1174,78 @@ impl TokenStore for PostgresStore {
         chain_page(self, self.chain.clone(), from_seq, limit)
     }
 
+    fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let chain = chain.clone();
+            Box::pin(async move {
+                Ok(t.query_opt(
+                    "SELECT seq, value FROM tokenvault_audit WHERE chain = $1
+                     ORDER BY seq DESC LIMIT 1",
+                    &[&chain],
+                )
+                .await?
+                .map(|r| (version_u64(r.get(0)), r.get(1))))
+            })
+        })
+    }
+
+    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
+        self.txn(|t| {
+            Box::pin(async move {
+                Ok(t.query(
+                    "SELECT DISTINCT chain FROM tokenvault_audit ORDER BY chain",
+                    &[],
+                )
+                .await?
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect())
+            })
+        })
+    }
+
+    fn chain_events(
+        &self,
+        chain: &str,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        chain_page(self, chain.to_string(), from_seq, limit)
+    }
+
+    fn own_chain(&self) -> String {
+        self.chain.clone()
+    }
+
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        let meta = Arc::new(meta.to_vec());
+        let audit = Arc::new(audit.clone());
+        let chain = self.chain.clone();
+        let through = version_i64(through);
+        self.txn(move |t| {
+            let (meta, audit, chain) = (Arc::clone(&meta), Arc::clone(&audit), chain.clone());
+            Box::pin(async move {
+                t.execute(
+                    "DELETE FROM tokenvault_audit WHERE chain = $1 AND seq <= $2",
+                    &[&chain, &through],
+                )
+                .await?;
+                for (k, v) in meta.iter() {
+                    t.execute(UPSERT_META, &[k, v]).await?;
+                }
+                insert_audit(t, &chain, std::slice::from_ref(&*audit)).await
+            })
+        })
+    }
+}
+
+impl Leases for PostgresStore {
     fn acquire_lease(
         &self,
         name: &str,
@@ -1250,47 +1292,9 @@ impl TokenStore for PostgresStore {
             })
         })
     }
+}
 
-    fn audit_chains(&self) -> Result<Vec<String>, StoreError> {
-        self.txn(|t| {
-            Box::pin(async move {
-                Ok(t.query(
-                    "SELECT DISTINCT chain FROM tokenvault_audit ORDER BY chain",
-                    &[],
-                )
-                .await?
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect())
-            })
-        })
-    }
-
-    fn chain_events(
-        &self,
-        chain: &str,
-        from_seq: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        chain_page(self, chain.to_string(), from_seq, limit)
-    }
-
-    fn last_audit_event(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let chain = self.chain.clone();
-        self.txn(move |t| {
-            let chain = chain.clone();
-            Box::pin(async move {
-                Ok(t.query_opt(
-                    "SELECT seq, value FROM tokenvault_audit WHERE chain = $1
-                     ORDER BY seq DESC LIMIT 1",
-                    &[&chain],
-                )
-                .await?
-                .map(|r| (version_u64(r.get(0)), r.get(1))))
-            })
-        })
-    }
-
+impl Transfer for PostgresStore {
     fn meta_page(
         &self,
         after: Option<&str>,
@@ -1335,6 +1339,17 @@ impl TokenStore for PostgresStore {
             let batch = Arc::clone(&batch);
             Box::pin(async move { import_in(t, &batch).await })
         })
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl TestHooks for PostgresStore {
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        let writes = writes.to_vec();
+        self.txn(move |t| {
+            let writes = writes.clone();
+            Box::pin(async move { write_group(t, &writes, now).await })
+        })?
     }
 
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
@@ -1454,7 +1469,7 @@ fn chain_page(
     })
 }
 
-/// One mutation of [`TokenStore::apply`], seeing the ones before it in the transaction.
+/// One mutation of [`RecordStore::apply`], seeing the ones before it in the transaction.
 async fn apply_one(t: &Txn<'_>, m: &Mutation, now: i64) -> Result<(), Fail> {
     match m {
         Mutation::PutRecord(w) => write_group(t, std::slice::from_ref(w), now)

@@ -1,4 +1,4 @@
-//! The embedded RocksDB [`TokenStore`]: the only module that imports `rocksdb`.
+//! The embedded RocksDB [`TokenStore`](super::TokenStore): the only module that imports `rocksdb`.
 //!
 //! Column families: `records` (record id → record), `owners` (owner ‖ 0x00 ‖ id → empty, for
 //! `DeleteOwner`), `keys` (version, big-endian → key registry entry), `meta` (schema
@@ -25,10 +25,13 @@ use rocksdb::{
     CompactOptions, DB, DBCompressionType, Options, WriteBatch, WriteOptions,
 };
 
+#[cfg(any(test, feature = "testing"))]
+use super::TestHooks;
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    AuditAppend, EnvelopeReplace, GRANT_PREFIX, Mutation, RecordWrite, StoreError, StoreStats,
-    TokenStore, count_stats, grant_key, plan_replace_envelope, plan_writes, replay_key, short_id,
+    AuditAppend, AuditLog, EnvelopeReplace, GRANT_PREFIX, KeyRegistry, Leases, MetaStore, Mutation,
+    RecordStore, RecordWrite, StoreError, StoreStats, Transfer, count_stats, grant_key,
+    plan_replace_envelope, plan_writes, replay_key, short_id,
 };
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
@@ -55,7 +58,7 @@ const BY_KEY_BUILT: &[u8] = b"";
 #[cfg(test)]
 pub(crate) const BY_KEY_BUILT_FOR_TEST: &[u8] = BY_KEY_BUILT;
 
-/// A [`TokenStore`] on an embedded RocksDB in one directory.
+/// A [`TokenStore`](super::TokenStore) on an embedded RocksDB in one directory.
 pub struct RocksStore {
     pub(crate) db: DB,
     write_lock: Mutex<()>,
@@ -364,20 +367,7 @@ impl RocksStore {
     }
 }
 
-impl TokenStore for RocksStore {
-    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
-        /// Seeding and tests write records without events.
-        struct Unaudited;
-        impl super::GroupAudit for Unaudited {
-            fn seal(&self, _: &[(usize, &[Record])]) -> Vec<AuditAppend> {
-                Vec::new()
-            }
-        }
-        self.put_record_groups(&[writes], now, std::sync::Arc::new(Unaudited))?
-            .pop()
-            .unwrap_or_else(|| Ok(Vec::new()))
-    }
-
+impl RecordStore for RocksStore {
     fn put_record_groups(
         &self,
         groups: &[&[RecordWrite]],
@@ -492,6 +482,23 @@ impl TokenStore for RocksStore {
         Ok(ids.len() as u64)
     }
 
+    fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
+        let prefix = schema::owner_prefix(owner);
+        let mut ids = Vec::new();
+        for item in self.db.prefix_iterator_cf(self.cf(CF_OWNERS), &prefix) {
+            let (k, _) = item.map_err(engine)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = std::str::from_utf8(&k[prefix.len()..])
+                .ok()
+                .and_then(|s| RecordId::parse(s).ok())
+                .ok_or_else(|| StoreError::Corrupt("owner index: bad record id".into()))?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
     fn engine_stats(&self) -> Vec<(String, u64)> {
         let records = self.cf(CF_RECORDS);
         [
@@ -513,23 +520,6 @@ impl TokenStore for RocksStore {
             Some((name.to_string(), value))
         })
         .collect()
-    }
-
-    fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
-        let prefix = schema::owner_prefix(owner);
-        let mut ids = Vec::new();
-        for item in self.db.prefix_iterator_cf(self.cf(CF_OWNERS), &prefix) {
-            let (k, _) = item.map_err(engine)?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let id = std::str::from_utf8(&k[prefix.len()..])
-                .ok()
-                .and_then(|s| RecordId::parse(s).ok())
-                .ok_or_else(|| StoreError::Corrupt("owner index: bad record id".into()))?;
-            ids.push(id);
-        }
-        Ok(ids)
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -601,41 +591,6 @@ impl TokenStore for RocksStore {
         }
         self.write(batch)?;
         Ok(outcomes)
-    }
-
-    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db
-            .get_cf(self.cf(CF_META), key.as_bytes())
-            .map_err(engine)
-    }
-
-    fn prune_audit(
-        &self,
-        through: u64,
-        meta: &[(String, Vec<u8>)],
-        audit: &AuditAppend,
-    ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        // One range tombstone, however many events: the cost does not grow with the trail.
-        batch.delete_range_cf(
-            self.cf(CF_AUDIT),
-            0u64.to_be_bytes(),
-            through.saturating_add(1).to_be_bytes(),
-        );
-        for (k, v) in meta {
-            batch.put_cf(self.cf(CF_META), k.as_bytes(), v);
-        }
-        self.add_audit(&mut batch, Some(audit));
-        self.write(batch)
-    }
-
-    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        match value {
-            Some(v) => batch.put_cf(self.cf(CF_META), key.as_bytes(), v),
-            None => batch.delete_cf(self.cf(CF_META), key.as_bytes()),
-        }
-        self.write(batch)
     }
 
     fn apply(
@@ -750,6 +705,23 @@ impl TokenStore for RocksStore {
         }
         Ok(())
     }
+}
+
+impl MetaStore for RocksStore {
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf(CF_META), key.as_bytes())
+            .map_err(engine)
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        match value {
+            Some(v) => batch.put_cf(self.cf(CF_META), key.as_bytes(), v),
+            None => batch.delete_cf(self.cf(CF_META), key.as_bytes()),
+        }
+        self.write(batch)
+    }
 
     fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.get_meta(&grant_key(id))
@@ -780,26 +752,9 @@ impl TokenStore for RocksStore {
         }
         Ok(out)
     }
+}
 
-    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
-        let _guard = self.lock();
-        let records = self.count_under_key(key.version)?;
-        if records > 0 {
-            return Err(StoreError::KeyInUse {
-                version: key.version,
-                records,
-            });
-        }
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.cf(CF_KEYS),
-            schema::key_key(key.version),
-            schema::encode_key(key),
-        );
-        self.add_audit(&mut batch, audit);
-        self.write(batch)
-    }
-
+impl KeyRegistry for RocksStore {
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         let mut keys = Vec::new();
         for item in self
@@ -826,6 +781,27 @@ impl TokenStore for RocksStore {
         self.write(batch)
     }
 
+    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let records = self.count_under_key(key.version)?;
+        if records > 0 {
+            return Err(StoreError::KeyInUse {
+                version: key.version,
+                records,
+            });
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_KEYS),
+            schema::key_key(key.version),
+            schema::encode_key(key),
+        );
+        self.add_audit(&mut batch, audit);
+        self.write(batch)
+    }
+}
+
+impl AuditLog for RocksStore {
     fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         self.add_audit(&mut batch, Some(entry));
@@ -907,6 +883,28 @@ impl TokenStore for RocksStore {
         Ok(out)
     }
 
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        // One range tombstone, however many events: the cost does not grow with the trail.
+        batch.delete_range_cf(
+            self.cf(CF_AUDIT),
+            0u64.to_be_bytes(),
+            through.saturating_add(1).to_be_bytes(),
+        );
+        for (k, v) in meta {
+            batch.put_cf(self.cf(CF_META), k.as_bytes(), v);
+        }
+        self.add_audit(&mut batch, Some(audit));
+        self.write(batch)
+    }
+}
+
+impl Transfer for RocksStore {
     fn meta_page(
         &self,
         after: Option<&str>,
@@ -967,6 +965,25 @@ impl TokenStore for RocksStore {
             }
         }
         self.write(wb)
+    }
+}
+
+/// The directory lock makes one process the owner: every lease is granted.
+impl Leases for RocksStore {}
+
+#[cfg(any(test, feature = "testing"))]
+impl TestHooks for RocksStore {
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        /// Seeding and tests write records without events.
+        struct Unaudited;
+        impl super::GroupAudit for Unaudited {
+            fn seal(&self, _: &[(usize, &[Record])]) -> Vec<AuditAppend> {
+                Vec::new()
+            }
+        }
+        self.put_record_groups(&[writes], now, std::sync::Arc::new(Unaudited))?
+            .pop()
+            .unwrap_or_else(|| Ok(Vec::new()))
     }
 
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {

@@ -2,7 +2,7 @@
 //! durable (fsync'd) RocksDB write.
 //!
 //! One committer thread takes every request queued while the previous write was syncing (up to
-//! [`MAX_GROUPS`]) and hands them to [`TokenStore::put_record_groups`]: each request keeps its
+//! [`MAX_GROUPS`]) and hands them to [`RecordStore::put_record_groups`]: each request keeps its
 //! own atomicity and outcome, and is acknowledged only after the write that contains it is on
 //! disk. Under load a sync is shared by many callers; alone, a caller pays one sync as before.
 //! Every record an accepted request creates or replaces gets its audit event (caller, created

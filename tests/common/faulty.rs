@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use tokenvault::keys::KeyInfo;
 use tokenvault::record::{Owner, Record, RecordId};
 use tokenvault::store::{
-    AuditAppend, EnvelopeReplace, Mutation, RecordWrite, StoreError, StoreStats, TokenStore,
+    AuditAppend, AuditLog, EnvelopeReplace, KeyRegistry, Leases, MetaStore, Mutation, RecordStore,
+    RecordWrite, StoreError, StoreStats, TestHooks, Transfer,
 };
 
 #[derive(Default)]
@@ -20,7 +21,7 @@ struct Faults {
 }
 
 pub struct FaultyStore {
-    inner: Arc<dyn TokenStore>,
+    inner: Arc<dyn TestHooks>,
     faults: Mutex<Faults>,
     /// How long every write waits before it goes to `inner`.
     delay: Mutex<std::time::Duration>,
@@ -29,7 +30,7 @@ pub struct FaultyStore {
 }
 
 impl FaultyStore {
-    pub fn new(inner: Arc<dyn TokenStore>) -> Self {
+    pub fn new(inner: Arc<dyn TestHooks>) -> Self {
         Self {
             inner,
             faults: Mutex::new(Faults::default()),
@@ -84,15 +85,7 @@ impl FaultyStore {
     }
 }
 
-impl TokenStore for FaultyStore {
-    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
-        self.pause();
-        for w in writes {
-            self.check_record(&w.meta.id)?;
-        }
-        self.inner.put_records(writes, now)
-    }
-
+impl RecordStore for FaultyStore {
     fn put_record_groups(
         &self,
         groups: &[&[RecordWrite]],
@@ -143,42 +136,6 @@ impl TokenStore for FaultyStore {
         self.inner.replace_envelopes(items, now)
     }
 
-    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get_meta(key)
-    }
-
-    fn meta_page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.inner.meta_page(after, limit)
-    }
-
-    fn import(&self, batch: &tokenvault::store::Import) -> Result<(), StoreError> {
-        self.pause();
-        self.inner.import(batch)
-    }
-
-    fn own_chain(&self) -> String {
-        self.inner.own_chain()
-    }
-
-    fn prune_audit(
-        &self,
-        through: u64,
-        meta: &[(String, Vec<u8>)],
-        audit: &AuditAppend,
-    ) -> Result<(), StoreError> {
-        self.pause();
-        self.inner.prune_audit(through, meta, audit)
-    }
-
-    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
-        self.pause();
-        self.inner.put_meta(key, value)
-    }
-
     fn apply(
         &self,
         mutations: &[Mutation],
@@ -198,6 +155,17 @@ impl TokenStore for FaultyStore {
         }
         self.inner.apply(mutations, audit, now)
     }
+}
+
+impl MetaStore for FaultyStore {
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_meta(key)
+    }
+
+    fn put_meta(&self, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        self.pause();
+        self.inner.put_meta(key, value)
+    }
 
     fn get_grant(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.get_grant(id)
@@ -210,7 +178,9 @@ impl TokenStore for FaultyStore {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.grant_page(after, limit)
     }
+}
 
+impl KeyRegistry for FaultyStore {
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
         self.inner.keys()
     }
@@ -224,7 +194,9 @@ impl TokenStore for FaultyStore {
         self.pause();
         self.inner.retire_key(key, audit)
     }
+}
 
+impl AuditLog for FaultyStore {
     fn append_audit(&self, entry: &AuditAppend, sync: bool) -> Result<(), StoreError> {
         self.pause();
         self.inner.append_audit(entry, sync)
@@ -243,7 +215,62 @@ impl TokenStore for FaultyStore {
         self.inner.last_audit_event()
     }
 
+    fn own_chain(&self) -> String {
+        self.inner.own_chain()
+    }
+
+    fn prune_audit(
+        &self,
+        through: u64,
+        meta: &[(String, Vec<u8>)],
+        audit: &AuditAppend,
+    ) -> Result<(), StoreError> {
+        self.pause();
+        self.inner.prune_audit(through, meta, audit)
+    }
+}
+
+impl Transfer for FaultyStore {
+    fn meta_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.meta_page(after, limit)
+    }
+
+    fn import(&self, batch: &tokenvault::store::Import) -> Result<(), StoreError> {
+        self.pause();
+        self.inner.import(batch)
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl TestHooks for FaultyStore {
+    fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
+        self.pause();
+        for w in writes {
+            self.check_record(&w.meta.id)?;
+        }
+        self.inner.put_records(writes, now)
+    }
+
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.dangerous_overwrite_audit(seq, bytes)
+    }
+}
+
+impl Leases for FaultyStore {
+    fn acquire_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.acquire_lease(name, owner, ttl)
+    }
+
+    fn release_lease(&self, name: &str, owner: &str) -> Result<(), StoreError> {
+        self.inner.release_lease(name, owner)
     }
 }

@@ -765,7 +765,7 @@ async fn kinds_round_trip_over_the_wire() {
 #[tokio::test]
 async fn retired_keys_are_refused_at_ingest_and_at_open() {
     use tokenvault::keys::{KeyState, keyring};
-    use tokenvault::store::TokenStore as _;
+    use tokenvault::store::prelude::*;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = TestDaemon::start(dir.path()).await;
     d.put(&meta("under-v1", "o"), b"v1-secret").await;
@@ -999,7 +999,7 @@ async fn stored_envelope_with_altered_key_fingerprint_is_data_loss() {
     {
         let cfg = config(dir.path());
         let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 1 << 20).expect("open");
-        use tokenvault::store::TokenStore as _;
+        use tokenvault::store::prelude::*;
         let mut items = Vec::new();
         for (id, byte) in [("fp-first", 4usize), ("fp-last", 35)] {
             let rid = tokenvault::record::RecordId::parse(id).expect("id");
@@ -1175,7 +1175,7 @@ async fn shutdown_reports_not_serving_stops_long_work_and_releases_the_store() {
     // stop in the audit trail.
     let store = tokenvault::store::RocksStore::open(&config(dir.path()).data_dir, 1 << 20)
         .expect("the store is free as soon as serve returns");
-    use tokenvault::store::TokenStore as _;
+    use tokenvault::store::prelude::*;
     let per_version = store.stats().expect("stats").per_key_version;
     assert!(
         per_version.iter().any(|(v, n)| *v == 1 && *n > 0),

@@ -485,7 +485,7 @@ async fn audit_events(d: &TestDaemon, req: v1::AuditLogRequest) -> Vec<v1::Audit
 
 #[tokio::test]
 async fn audit_trail_records_who_did_what_and_reveals_tampering() {
-    use tokenvault::store::TokenStore as _;
+    use tokenvault::store::prelude::*;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = TestDaemon::start(dir.path()).await;
     d.put(&meta("acct-7", "alice@example.com"), b"tok").await;

@@ -1159,7 +1159,7 @@ fn grants_config(base: &Path, providers: &str) -> Config {
 
 #[tokio::test]
 async fn expired_grants_are_deleted_even_if_never_presented() {
-    use tokenvault::store::{MemoryStore, TokenStore};
+    use tokenvault::store::{MemoryStore, prelude::*};
     let tmp = tempfile::tempdir().expect("tempdir");
     let provider = FakeProvider::start(ACCESS, REFRESH).await;
     let providers = providers_toml(&provider, "");
@@ -1590,7 +1590,7 @@ async fn grant_changes_and_their_audit_events_are_one_write() {
     assert_eq!(err.code(), Code::Internal);
     assert_eq!(ok_events("IssueGrant").await, 0);
     assert!(
-        tokenvault::store::TokenStore::grant_page(&*store, None, 10)
+        tokenvault::store::MetaStore::grant_page(&*store, None, 10)
             .expect("grants")
             .is_empty()
     );

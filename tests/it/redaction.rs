@@ -88,7 +88,7 @@ fn no_secret_type_prints_its_secret() {
     let dir = tokenvault::keys::keyring::KeyDir::new(tmp.path(), None);
     tokenvault::rotation::init(&*store, &dir, 1).expect("init");
     let ring = tokenvault::keys::keyring::Keyring::load(
-        tokenvault::store::TokenStore::keys(&*store).expect("keys"),
+        tokenvault::store::KeyRegistry::keys(&*store).expect("keys"),
         &dir,
     )
     .expect("keyring");

@@ -152,7 +152,7 @@ fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
     let mid = {
         // The store is readable offline: some, not all, records moved.
         let store = tokenvault::store::RocksStore::open(&cwd.join("data"), 1 << 20).expect("open");
-        tokenvault::store::TokenStore::stats(&store)
+        tokenvault::store::RecordStore::stats(&store)
             .expect("stats")
             .per_key_version
     };
@@ -310,7 +310,7 @@ fn emergency_rotate_ends_with_a_verification_report() {
     // a shared database) and a copy with one event removed: every chain is checked and
     // reported, a broken one does not stop the check of the others.
     let intact_events = {
-        use tokenvault::store::TokenStore as _;
+        use tokenvault::store::prelude::*;
         let store = tokenvault::store::RocksStore::open(&cwd.join("data"), 1 << 20).expect("open");
         let intact = store.audit_events(1, 1_000_000).expect("events");
         let mut copies = tokenvault::store::Import::default();
@@ -321,13 +321,12 @@ fn emergency_rotate_ends_with_a_verification_report() {
             }
         }
         store.import(&copies).expect("import other chains");
-        let (seq, mut raw) = tokenvault::store::TokenStore::audit_events(&store, 2, 1)
+        let (seq, mut raw) = tokenvault::store::AuditLog::audit_events(&store, 2, 1)
             .expect("events")
             .remove(0);
         let n = raw.len() - 40;
         raw[n] ^= 0x01;
-        tokenvault::store::TokenStore::dangerous_overwrite_audit(&store, seq, &raw)
-            .expect("tamper");
+        tokenvault::store::TestHooks::dangerous_overwrite_audit(&store, seq, &raw).expect("tamper");
         intact.len()
     };
     let d = serve_dev_on(cwd, addr.trim_start_matches("http://"));

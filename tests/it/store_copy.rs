@@ -440,7 +440,7 @@ async fn a_daemon_refuses_a_store_holding_an_unfinished_copy() {
     let config = config(dir.path());
     {
         let store = tokenvault::store::RocksStore::open(&config.data_dir, 8 << 20).expect("open");
-        tokenvault::store::TokenStore::put_meta(
+        tokenvault::store::MetaStore::put_meta(
             &store,
             tokenvault::store::copy::COPY_STATE,
             Some(b"source=00\nphase=records\nafter=\n"),
