@@ -277,7 +277,9 @@ impl From<crate::store::StoreError> for CliError {
             StoreError::DuplicateInBatch(_) => CliError::Input(e.to_string()),
             StoreError::Unavailable(_) => CliError::Unavailable(e.to_string()),
             StoreError::SchemaTooNew { .. } => CliError::Precondition(e.to_string()),
-            StoreError::Corrupt(_) | StoreError::Engine(_) => CliError::Internal(e.to_string()),
+            StoreError::Corrupt(_) | StoreError::Engine(_) | StoreError::Unaudited => {
+                CliError::Internal(e.to_string())
+            }
         }
     }
 }

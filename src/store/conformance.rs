@@ -22,6 +22,17 @@ fn write(id: &str, owner: &str, expected: u64) -> RecordWrite {
     }
 }
 
+/// An audit event for a record change whose event the check does not look at: sequence
+/// numbers far above any a check writes itself, each used once per process.
+fn event() -> AuditAppend {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 40);
+    let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    AuditAppend {
+        seq,
+        bytes: format!("event {seq}").into_bytes(),
+    }
+}
+
 fn rid(id: &str) -> RecordId {
     RecordId::parse(id).expect("valid")
 }
@@ -89,7 +100,7 @@ pub fn create_read_replace(store: &dyn TestHooks) {
     assert_eq!(store.get_record(&rid("a")).expect("get"), Some(r2.clone()));
     // Not after the record changed since (here: revoked).
     store
-        .apply(&[Mutation::Revoke(rid("a"))], &[], 104)
+        .apply(&[Mutation::Revoke(rid("a"))], &[event()], 104)
         .expect("revoke");
     assert!(matches!(
         store.put_records(&[again], 105),
@@ -97,11 +108,11 @@ pub fn create_read_replace(store: &dyn TestHooks) {
     ));
     // The owner moved with the replace: deleting the old owner leaves it alone.
     assert_eq!(
-        store.delete_owner(&Owner::parse("o1").expect("valid"), None),
+        store.delete_owner(&Owner::parse("o1").expect("valid"), &event()),
         Ok(0)
     );
     assert_eq!(
-        store.delete_owner(&Owner::parse("o2").expect("valid"), None),
+        store.delete_owner(&Owner::parse("o2").expect("valid"), &event()),
         Ok(1)
     );
     assert_eq!(store.get_record(&rid("a")), Ok(None));
@@ -149,27 +160,27 @@ pub fn revoke_delete_and_stats(store: &dyn TestHooks) {
             1,
         )
         .expect("seed");
-    let r = store.revoke(&rid("r1"), 5, None).expect("revoke");
+    let r = store.revoke(&rid("r1"), 5, &event()).expect("revoke");
     assert!(r.revoked);
     assert_eq!(r.version, 2);
     assert_eq!(
         store
-            .revoke(&rid("r1"), 6, None)
+            .revoke(&rid("r1"), 6, &event())
             .expect("idempotent")
             .version,
         2
     );
     assert_eq!(
-        store.revoke(&rid("nope"), 6, None),
+        store.revoke(&rid("nope"), 6, &event()),
         Err(StoreError::NotFound("nope".into()))
     );
     // Needs-reauth is version checked, counted, and cleared by the next write.
     assert!(matches!(
-        store.mark_needs_reauth(&rid("r2"), 7, 5, None),
+        store.mark_needs_reauth(&rid("r2"), 7, 5, &event()),
         Err(StoreError::VersionMismatch { .. })
     ));
     let marked = store
-        .mark_needs_reauth(&rid("r2"), 1, 5, None)
+        .mark_needs_reauth(&rid("r2"), 1, 5, &event())
         .expect("mark");
     assert!(marked.needs_reauth && marked.version == 2);
     assert_eq!(store.get_record(&rid("r2")).expect("get"), Some(marked));
@@ -193,8 +204,8 @@ pub fn revoke_delete_and_stats(store: &dyn TestHooks) {
             .expect("r2")
             .needs_reauth
     );
-    assert_eq!(store.delete_record(&rid("r3"), None), Ok(true));
-    assert_eq!(store.delete_record(&rid("r3"), None), Ok(false));
+    assert_eq!(store.delete_record(&rid("r3"), &event()), Ok(true));
+    assert_eq!(store.delete_record(&rid("r3"), &event()), Ok(false));
     // An owner that is a prefix of another must not take the other's records.
     store
         .put_records(&[write("r4", "alice2", 0)], 1)
@@ -204,7 +215,7 @@ pub fn revoke_delete_and_stats(store: &dyn TestHooks) {
     ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     assert_eq!(ids, vec![rid("r1"), rid("r2")]);
     assert_eq!(
-        store.delete_owner(&Owner::parse("alice").expect("valid"), None),
+        store.delete_owner(&Owner::parse("alice").expect("valid"), &event()),
         Ok(2)
     );
     assert_eq!(store.get_record(&rid("r1")), Ok(None));
@@ -434,7 +445,7 @@ pub fn apply_is_atomic_and_audited(store: &dyn TestHooks) {
                 Mutation::PutRecord(write("r4", "o", 0)),
                 Mutation::Revoke(rid("r4")),
             ],
-            &[],
+            &[audit(4)],
             8,
         )
         .expect("apply");
@@ -472,7 +483,7 @@ pub fn retire_is_atomic_with_record_writes(store: &dyn TestHooks) {
         })
     );
     assert_eq!(store.keys().expect("keys")[0].state, KeyState::DecryptOnly);
-    store.delete_record(&rid("v1"), None).expect("delete");
+    store.delete_record(&rid("v1"), &event()).expect("delete");
     store
         .retire_key(
             &key(1, KeyState::Retired),
@@ -795,11 +806,11 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
     assert_eq!(rewrapped, vec![Ok(3)]);
     in_use(2);
     store
-        .apply(&[Mutation::DeleteRecord(rid("b"))], &[], 4)
+        .apply(&[Mutation::DeleteRecord(rid("b"))], &[event()], 4)
         .expect("delete");
     in_use(1);
     store
-        .delete_owner(&Owner::parse("q").expect("owner"), None)
+        .delete_owner(&Owner::parse("q").expect("owner"), &event())
         .expect("delete owner");
     store
         .retire_key(&key(1, KeyState::Retired), None)
@@ -816,8 +827,108 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
     );
 }
 
+/// How many kinds of [`Mutation`] there are; [`one_of_each_kind`] makes one of each.
+const MUTATION_KINDS: usize = 7;
+
+/// Whether a mutation changes a record, so that it needs its audit event in the same write.
+/// Exhaustive: a new kind of mutation does not compile until it is classified here, added to
+/// [`one_of_each_kind`] and counted in [`MUTATION_KINDS`].
+fn changes_a_record(m: &Mutation) -> bool {
+    match m {
+        Mutation::PutRecord(_)
+        | Mutation::Revoke(_)
+        | Mutation::DeleteRecord(_)
+        | Mutation::MarkNeedsReauth { .. } => true,
+        // Grant upkeep (an expired grant swept on sight) and replay markers: state beside the
+        // records, audited by their callers where it matters, never a change to a token.
+        Mutation::PutGrant { .. } | Mutation::DeleteGrant(_) | Mutation::PutReplayMarker { .. } => {
+            false
+        }
+    }
+}
+
+/// One mutation of each kind, each one that applies to a store holding record `r` at version 1
+/// and no grant `g`.
+fn one_of_each_kind() -> Vec<Mutation> {
+    vec![
+        Mutation::PutRecord(write("r", "o", 1)),
+        Mutation::Revoke(rid("r")),
+        Mutation::DeleteRecord(rid("r")),
+        Mutation::MarkNeedsReauth {
+            id: rid("r"),
+            expected_version: 1,
+        },
+        Mutation::PutGrant {
+            id: "g".into(),
+            grant: b"grant".to_vec(),
+            expected: None,
+        },
+        Mutation::DeleteGrant("g".into()),
+        Mutation::PutReplayMarker {
+            key: "event".into(),
+            at: 1,
+        },
+    ]
+}
+
+/// Audit by construction: every kind of record change is refused (`Unaudited`, nothing
+/// written) without an audit event in the same write, and written with its event when it has
+/// one; a group commit whose sealer seals nothing for accepted records writes nothing.
+pub fn every_record_change_needs_its_audit_event(store: &dyn TestHooks) {
+    let kinds = one_of_each_kind();
+    let distinct: std::collections::HashSet<_> = kinds.iter().map(std::mem::discriminant).collect();
+    assert_eq!(distinct.len(), MUTATION_KINDS, "one mutation of each kind");
+    store.put_records(&[write("r", "o", 0)], 1).expect("seed");
+    let seeded = store.get_record(&rid("r")).expect("read");
+    for (seq, m) in (1..).zip(&kinds) {
+        let trail = store.audit_events(1, 100).expect("events");
+        let without = store.apply(std::slice::from_ref(m), &[], 2);
+        if changes_a_record(m) {
+            assert_eq!(without, Err(StoreError::Unaudited), "{m:?}");
+            assert_eq!(store.get_record(&rid("r")).expect("read"), seeded, "{m:?}");
+            assert_eq!(store.audit_events(1, 100).expect("events"), trail, "{m:?}");
+            let event = AuditAppend {
+                seq,
+                bytes: format!("event {seq}").into_bytes(),
+            };
+            store
+                .apply(std::slice::from_ref(m), std::slice::from_ref(&event), 2)
+                .unwrap_or_else(|e| panic!("{m:?} with its event: {e}"));
+            assert_eq!(
+                store.audit_events(seq, 1).expect("events"),
+                vec![(seq, event.bytes.clone())],
+                "{m:?}"
+            );
+            assert_ne!(store.get_record(&rid("r")).expect("read"), seeded, "{m:?}");
+            // Back to the seeded record for the next kind.
+            store
+                .apply_unaudited(&[Mutation::DeleteRecord(rid("r"))], 3)
+                .ok();
+            store.put_records(&[write("r", "o", 0)], 1).expect("seed");
+        } else {
+            assert_eq!(without, Ok(()), "{m:?}");
+        }
+    }
+    /// Seals nothing, whatever it is given.
+    struct Silent;
+    impl GroupAudit for Silent {
+        fn seal(&self, _: &[(usize, &[Record])]) -> Vec<AuditAppend> {
+            Vec::new()
+        }
+    }
+    let trail = store.audit_events(1, 100).expect("events");
+    let w = [write("unaudited", "o", 0)];
+    assert_eq!(
+        store.put_record_groups(&[&w], 4, Arc::new(Silent)),
+        Err(StoreError::Unaudited)
+    );
+    assert_eq!(store.get_record(&rid("unaudited")), Ok(None));
+    assert_eq!(store.audit_events(1, 100).expect("events"), trail);
+}
+
 /// Runs every check, each on a fresh store from `make`.
 pub fn all(make: impl Fn() -> Box<dyn TestHooks>) {
+    every_record_change_needs_its_audit_event(&*make());
     audit_pruning(&*make());
     grants(&*make());
     apply_is_atomic_and_audited(&*make());
@@ -893,7 +1004,7 @@ mod tests {
             .db
             .flush_cf(store.cf(CF_RECORDS_FOR_TEST))
             .expect("flush");
-        assert!(store.delete_record(&rid("gone"), None).expect("delete"));
+        assert!(store.delete_record(&rid("gone"), &event()).expect("delete"));
         drop(store);
         let marker = b"UNIQUE-ENVELOPE-MARKER";
         for entry in std::fs::read_dir(dir.path()).expect("list") {

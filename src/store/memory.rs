@@ -8,7 +8,7 @@ use super::TestHooks;
 use super::{
     AuditAppend, AuditLog, EnvelopeReplace, GRANT_PREFIX, KeyRegistry, Leases, MetaStore, Mutation,
     RecordStore, RecordWrite, StoreError, StoreStats, Transfer, grant_key, plan_replace_envelope,
-    plan_writes, replay_key, short_id,
+    plan_writes,
 };
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
@@ -35,12 +35,56 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// [`RecordStore::apply`]; `audited` says the write carries audit events (the test hook
+    /// [`TestHooks::apply_unaudited`] passes true to bypass the check).
+    fn apply_audited(
+        &self,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+        audited: bool,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let changes = super::rules::plan(mutations, now, &mut &*inner, audited)?;
+        for (id, c) in changes.records {
+            match c.after {
+                Some(r) => inner.records.insert(id, r),
+                None => inner.records.remove(&id),
+            };
+        }
+        for (key, c) in changes.meta {
+            match c.after {
+                Some(v) => inner.meta.insert(key, v),
+                None => inner.meta.remove(&key),
+            };
+        }
+        for a in audit {
+            inner.audit.insert(a.seq, a.bytes.clone());
+        }
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-applied batch: every mutation
         // below is planned first and applied without fallible steps.
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The stored state [`super::rules::plan`] reads, under the store's lock.
+impl super::rules::State for &Inner {
+    fn record(&mut self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        Ok(self.records.get(id).cloned())
+    }
+
+    fn key_state(&mut self, version: u32) -> Result<Option<crate::keys::KeyState>, StoreError> {
+        Ok(self.keys.get(&version).map(|k| k.state))
+    }
+
+    fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.meta.get(key).cloned())
     }
 }
 
@@ -77,7 +121,7 @@ impl RecordStore for MemoryStore {
                 Err(e) => outcomes.push(Err(e)),
             }
         }
-        let appends = super::seal_accepted(&*audit, &accepted);
+        let appends = super::seal_accepted(&*audit, &accepted)?;
         inner.records.extend(staged);
         for a in appends {
             inner.audit.insert(a.seq, a.bytes);
@@ -89,11 +133,9 @@ impl RecordStore for MemoryStore {
         Ok(self.lock().records.get(id).cloned())
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
+    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        if let Some(a) = audit {
-            inner.audit.insert(a.seq, a.bytes.clone());
-        }
+        inner.audit.insert(audit.seq, audit.bytes.clone());
         let before = inner.records.len();
         inner.records.retain(|_, r| &r.meta.owner != owner);
         Ok((before - inner.records.len()) as u64)
@@ -152,81 +194,7 @@ impl RecordStore for MemoryStore {
         audit: &[AuditAppend],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        // Applied to a copy that replaces the store only if every mutation passes: all or
-        // nothing, as in one RocksDB batch. (A test store; the copy's cost does not matter.)
-        let mut next = inner.clone();
-        for m in mutations {
-            match m {
-                Mutation::PutRecord(w) => {
-                    let keys = next.keys.clone();
-                    let planned = plan_writes(
-                        std::slice::from_ref(w),
-                        now,
-                        |id| Ok(next.records.get(id).cloned()),
-                        |v| Ok(keys.get(&v).map(|k| k.state)),
-                    )?;
-                    for r in planned.records {
-                        next.records.insert(r.meta.id.clone(), r);
-                    }
-                }
-                Mutation::Revoke(id) => {
-                    let r = next
-                        .records
-                        .get_mut(id)
-                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                    if !r.revoked {
-                        r.revoked = true;
-                        r.updated_at = now;
-                        r.version += 1;
-                    }
-                }
-                Mutation::MarkNeedsReauth {
-                    id,
-                    expected_version,
-                } => {
-                    let r = super::plan_mark_needs_reauth(
-                        next.records.get(id).cloned(),
-                        id,
-                        *expected_version,
-                        now,
-                    )?;
-                    next.records.insert(id.clone(), r);
-                }
-                Mutation::DeleteRecord(id) => {
-                    next.records
-                        .remove(id)
-                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                }
-                Mutation::PutGrant {
-                    id,
-                    grant,
-                    expected,
-                } => {
-                    let previous = next.meta.insert(grant_key(id), grant.clone());
-                    if previous != *expected {
-                        return Err(StoreError::Conflict(format!("grant {}", short_id(id))));
-                    }
-                }
-                Mutation::DeleteGrant(id) => {
-                    next.meta.remove(&grant_key(id));
-                }
-                Mutation::PutReplayMarker { key, at } => {
-                    if next
-                        .meta
-                        .insert(replay_key(key), super::replay_value(*at).to_vec())
-                        .is_some()
-                    {
-                        return Err(StoreError::AlreadyExists(format!("replay marker {key}")));
-                    }
-                }
-            }
-        }
-        for a in audit {
-            next.audit.insert(a.seq, a.bytes.clone());
-        }
-        *inner = next;
-        Ok(())
+        self.apply_audited(mutations, audit, now, !audit.is_empty())
     }
 }
 
@@ -413,6 +381,10 @@ impl Leases for MemoryStore {}
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for MemoryStore {
+    fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
+        self.apply_audited(mutations, &[], now, true)
+    }
+
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
         let mut inner = self.lock();
         let keys = inner.keys.clone();

@@ -17,6 +17,7 @@ mod memory;
 pub mod postgres;
 #[cfg(feature = "daemon")]
 pub(crate) mod rocks;
+mod rules;
 #[cfg(feature = "daemon")]
 mod schema;
 
@@ -87,6 +88,10 @@ pub enum StoreError {
     /// A compare-and-swap found another value than expected (e.g. a grant used concurrently).
     #[error("{0} changed concurrently")]
     Conflict(String),
+    /// A record change came without its audit event (a caller's defect, refused by every
+    /// engine before anything is written).
+    #[error("a record change came without its audit event; nothing was written")]
+    Unaudited,
     /// The database cannot be reached right now (down, restarting, out of connections); the
     /// same call may succeed later. Nothing was written.
     #[error("the database is unavailable: {0}")]
@@ -195,15 +200,21 @@ pub trait GroupAudit: Send + Sync {
 
 /// The events `audit` seals for the groups a commit accepted (none when it accepted none), as
 /// every engine's `put_record_groups` writes them.
+/// `Unaudited` if records were accepted and `audit` sealed no event for them: a record change
+/// without its audit event is never written, whatever the sealer.
 pub(crate) fn seal_accepted(
     audit: &dyn GroupAudit,
     accepted: &[(usize, Vec<Record>)],
-) -> Vec<AuditAppend> {
-    if accepted.is_empty() {
-        return Vec::new();
+) -> Result<Vec<AuditAppend>, StoreError> {
+    if accepted.iter().all(|(_, r)| r.is_empty()) {
+        return Ok(Vec::new());
     }
     let views: Vec<(usize, &[Record])> = accepted.iter().map(|(i, r)| (*i, r.as_slice())).collect();
-    audit.seal(&views)
+    let events = audit.seal(&views);
+    if events.is_empty() {
+        return Err(StoreError::Unaudited);
+    }
+    Ok(events)
 }
 
 /// One encoded audit event and its position in the hash chain (see `audit`).
@@ -297,17 +308,12 @@ pub trait RecordStore: Send + Sync + 'static {
     /// Reads one record.
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError>;
 
-    /// Marks a record revoked (idempotent) and returns it. `audit`, if given, is written in the
-    /// same atomic batch (and only if the record exists).
-    fn revoke(
-        &self,
-        id: &RecordId,
-        now: i64,
-        audit: Option<&AuditAppend>,
-    ) -> Result<Record, StoreError> {
+    /// Marks a record revoked (idempotent) and returns it. `audit` is written in the same
+    /// atomic batch (and only if the record exists).
+    fn revoke(&self, id: &RecordId, now: i64, audit: &AuditAppend) -> Result<Record, StoreError> {
         self.apply(
             &[Mutation::Revoke(id.clone())],
-            audit.map_or(&[], std::slice::from_ref),
+            std::slice::from_ref(audit),
             now,
         )?;
         self.get_record(id)?
@@ -321,29 +327,26 @@ pub trait RecordStore: Send + Sync + 'static {
         id: &RecordId,
         expected_version: u64,
         now: i64,
-        audit: Option<&AuditAppend>,
+        audit: &AuditAppend,
     ) -> Result<Record, StoreError> {
         self.apply(
             &[Mutation::MarkNeedsReauth {
                 id: id.clone(),
                 expected_version,
             }],
-            audit.map_or(&[], std::slice::from_ref),
+            std::slice::from_ref(audit),
             now,
         )?;
         self.get_record(id)?
             .ok_or_else(|| StoreError::NotFound(id.to_string()))
     }
 
-    /// Deletes a record; false if there was none (and then `audit` is not written).
-    fn delete_record(
-        &self,
-        id: &RecordId,
-        audit: Option<&AuditAppend>,
-    ) -> Result<bool, StoreError> {
+    /// Deletes a record with `audit` in the same batch; false if there was none (and then
+    /// `audit` is not written).
+    fn delete_record(&self, id: &RecordId, audit: &AuditAppend) -> Result<bool, StoreError> {
         match self.apply(
             &[Mutation::DeleteRecord(id.clone())],
-            audit.map_or(&[], std::slice::from_ref),
+            std::slice::from_ref(audit),
             0,
         ) {
             Ok(()) => Ok(true),
@@ -353,7 +356,7 @@ pub trait RecordStore: Send + Sync + 'static {
     }
 
     /// Deletes every record of `owner`, with `audit` in the same batch; returns how many.
-    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError>;
+    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError>;
 
     /// Ids of every record of `owner`.
     fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError>;
@@ -573,6 +576,10 @@ pub trait TestHooks: TokenStore {
     /// Applies `writes` atomically with version checks; returns the new versions in order.
     /// `now` (Unix seconds) stamps created/updated times.
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError>;
+
+    /// [`RecordStore::apply`] without audit events: puts stored state (a record needing
+    /// re-authorization, say) in place for a test.
+    fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError>;
 
     /// Overwrites a stored audit event's bytes. Exists only so tests can prove that tampering
     /// is detected; nothing in the daemon calls it.

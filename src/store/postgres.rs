@@ -36,8 +36,9 @@ use tokio_postgres::error::SqlState;
 use super::TestHooks;
 use super::schema::{decode_key, decode_record, encode_key, encode_record};
 use super::{
-    AuditAppend, AuditLog, EnvelopeReplace, KeyRegistry, Leases, MetaStore, Mutation, RecordStore,
-    RecordWrite, StoreError, StoreStats, Transfer, plan_replace_envelope, plan_writes, short_id,
+    AuditAppend, AuditLog, EnvelopeReplace, GRANT_PREFIX, KeyRegistry, Leases, MetaStore, Mutation,
+    REPLAY_PREFIX, RecordStore, RecordWrite, StoreError, StoreStats, Transfer, grant_key,
+    plan_replace_envelope, plan_writes, replay_key, replay_value,
 };
 use crate::keys::{KeyInfo, KeyState};
 use crate::record::{Owner, Record, RecordId};
@@ -507,6 +508,28 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// [`RecordStore::apply`]; `audited` says the write carries audit events (the test hook
+    /// [`TestHooks::apply_unaudited`] passes true to bypass the check).
+    fn apply_audited(
+        &self,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+        audited: bool,
+    ) -> Result<(), StoreError> {
+        let mutations = Arc::new(mutations.to_vec());
+        let audit = Arc::new(audit.to_vec());
+        let chain = self.chain.clone();
+        self.txn(move |t| {
+            let (mutations, audit, chain) =
+                (Arc::clone(&mutations), Arc::clone(&audit), chain.clone());
+            Box::pin(async move {
+                apply_in(t, &mutations, now, audited).await?;
+                insert_audit(t, &chain, &audit).await
+            })
+        })
+    }
+
     /// The schema version the database is at.
     pub fn schema_version(&self) -> Result<i32, StoreError> {
         self.txn(|t| {
@@ -618,7 +641,7 @@ async fn write_groups(
         }
     }
     if let Some((chain, audit)) = audit {
-        insert_audit(t, chain, &super::seal_accepted(audit, &accepted)).await?;
+        insert_audit(t, chain, &super::seal_accepted(audit, &accepted)?).await?;
     }
     let rows: Vec<(Record, Option<u64>)> = touched
         .into_iter()
@@ -821,9 +844,9 @@ impl RecordStore for PostgresStore {
         })
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
+    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
         let owner = owner.as_str().to_string();
-        let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
+        let audit = vec![audit.clone()];
         let chain = self.chain.clone();
         self.txn(move |t| {
             let (owner, audit, chain) = (owner.clone(), audit.clone(), chain.clone());
@@ -975,19 +998,7 @@ impl RecordStore for PostgresStore {
         audit: &[AuditAppend],
         now: i64,
     ) -> Result<(), StoreError> {
-        let mutations = Arc::new(mutations.to_vec());
-        let audit = Arc::new(audit.to_vec());
-        let chain = self.chain.clone();
-        self.txn(move |t| {
-            let (mutations, audit, chain) =
-                (Arc::clone(&mutations), Arc::clone(&audit), chain.clone());
-            Box::pin(async move {
-                for m in mutations.iter() {
-                    apply_one(t, m, now).await?;
-                }
-                insert_audit(t, &chain, &audit).await
-            })
-        })
+        self.apply_audited(mutations, audit, now, !audit.is_empty())
     }
 }
 
@@ -1323,7 +1334,7 @@ impl Transfer for PostgresStore {
                     .into_iter()
                     .map(|r| {
                         let value = match r.get::<_, Option<i64>>(2) {
-                            Some(at) => super::replay_value(at).to_vec(),
+                            Some(at) => replay_value(at).to_vec(),
                             None => r.get::<_, Option<Vec<u8>>>(1).unwrap_or_default(),
                         };
                         (r.get(0), value)
@@ -1344,6 +1355,10 @@ impl Transfer for PostgresStore {
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for PostgresStore {
+    fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
+        self.apply_audited(mutations, &[], now, true)
+    }
+
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
         let writes = writes.to_vec();
         self.txn(move |t| {
@@ -1412,14 +1427,14 @@ async fn import_in(t: &Txn<'_>, batch: &super::Import) -> Result<(), Fail> {
     }
     upsert_keys(t, &batch.keys).await?;
     for (key, value) in &batch.meta {
-        if let Some(id) = key.strip_prefix(super::GRANT_PREFIX) {
+        if let Some(id) = key.strip_prefix(GRANT_PREFIX) {
             t.execute(
                 "INSERT INTO tokenvault_grants (id, value) VALUES ($1, $2)
                  ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value",
                 &[&id, value],
             )
             .await?;
-        } else if let Some(marker) = key.strip_prefix(super::REPLAY_PREFIX) {
+        } else if let Some(marker) = key.strip_prefix(REPLAY_PREFIX) {
             let at = <[u8; 8]>::try_from(value.as_slice())
                 .map(i64::from_be_bytes)
                 .map_err(|_| StoreError::Corrupt(format!("replay marker {key} is not 8 bytes")))?;
@@ -1469,99 +1484,149 @@ fn chain_page(
     })
 }
 
-/// One mutation of [`RecordStore::apply`], seeing the ones before it in the transaction.
-async fn apply_one(t: &Txn<'_>, m: &Mutation, now: i64) -> Result<(), Fail> {
-    match m {
-        Mutation::PutRecord(w) => write_group(t, std::slice::from_ref(w), now)
+/// [`RecordStore::apply`]'s mutations in the transaction: reads what they name in one query
+/// per table (rows locked), plans them with the shared rules (`store::rules`) and writes what
+/// changed. A value another writer created since it was read (an absent row is not locked)
+/// re-runs the transaction, whose planning then sees it.
+async fn apply_in(
+    t: &Txn<'_>,
+    mutations: &[Mutation],
+    now: i64,
+    audited: bool,
+) -> Result<(), Fail> {
+    let reads = super::rules::reads(mutations);
+    let mut state = super::rules::Fetched::default();
+    if !reads.key_versions.is_empty() {
+        let versions: Vec<i64> = reads.key_versions.iter().map(|v| i64::from(*v)).collect();
+        state.key_states = share_key_states(t, &versions).await?;
+    }
+    if !reads.records.is_empty() {
+        let ids: Vec<String> = reads.records.iter().map(|i| i.to_string()).collect();
+        state.records = lock_records(t, &ids)
             .await?
-            .map(|_| ())
-            .map_err(Fail::from),
-        Mutation::Revoke(id) => {
-            let current = lock_records(t, &[id.to_string()]).await?;
-            let mut r = current
-                .get(id.as_str())
-                .cloned()
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            if r.revoked {
-                return Ok(());
+            .into_values()
+            .map(|r| (r.meta.id.clone(), r))
+            .collect();
+    }
+    let grants: Vec<&str> = reads
+        .meta
+        .iter()
+        .filter_map(|k| k.strip_prefix(GRANT_PREFIX))
+        .collect();
+    if !grants.is_empty() {
+        let stmt = t
+            .prepare_cached("SELECT id, value FROM tokenvault_grants WHERE id = ANY($1) FOR UPDATE")
+            .await?;
+        for row in t.query(&stmt, &[&grants]).await? {
+            let id: &str = row.get(0);
+            state.meta.insert(grant_key(id), row.get(1));
+        }
+    }
+    let markers: Vec<&str> = reads
+        .meta
+        .iter()
+        .filter_map(|k| k.strip_prefix(REPLAY_PREFIX))
+        .collect();
+    if !markers.is_empty() {
+        let stmt = t
+            .prepare_cached("SELECT key, applied_at FROM tokenvault_replay WHERE key = ANY($1)")
+            .await?;
+        for row in t.query(&stmt, &[&markers]).await? {
+            let key: &str = row.get(0);
+            state
+                .meta
+                .insert(replay_key(key), replay_value(row.get(1)).to_vec());
+        }
+    }
+    let changes = super::rules::plan(mutations, now, &mut state, audited)?;
+    let mut rows = Vec::new();
+    let (mut deleted, mut deleted_versions) = (Vec::new(), Vec::new());
+    for (id, c) in changes.records {
+        match (c.before, c.after) {
+            (before, Some(after)) => rows.push((after, before.map(|b| b.version))),
+            (Some(before), None) => {
+                deleted.push(id.to_string());
+                deleted_versions.push(version_i64(before.version));
             }
-            let prev = r.version;
-            r.revoked = true;
-            r.updated_at = now;
-            r.version += 1;
-            update_one(t, r, prev).await
+            (None, None) => {}
         }
-        Mutation::MarkNeedsReauth {
-            id,
-            expected_version,
-        } => {
-            let current = lock_records(t, &[id.to_string()]).await?;
-            let r = super::plan_mark_needs_reauth(
-                current.get(id.as_str()).cloned(),
-                id,
-                *expected_version,
-                now,
-            )?;
-            update_one(t, r, *expected_version).await
+    }
+    store_rows(t, &rows).await?;
+    if !deleted.is_empty() {
+        let n = t
+            .execute(
+                "DELETE FROM tokenvault_records AS t
+                 USING UNNEST($1::text[], $2::bigint[]) AS d(id, version)
+                 WHERE t.id = d.id COLLATE \"C\" AND t.version = d.version",
+                &[&deleted, &deleted_versions],
+            )
+            .await?;
+        if n != deleted.len() as u64 {
+            return Err(Fail::Retry("a locked record changed".into()));
         }
-        Mutation::DeleteRecord(id) => {
-            let n = t
-                .execute(
-                    "DELETE FROM tokenvault_records WHERE id = $1",
-                    &[&id.as_str()],
-                )
-                .await?;
-            if n == 0 {
-                return Err(StoreError::NotFound(id.to_string()).into());
-            }
-            Ok(())
-        }
-        Mutation::PutGrant {
-            id,
-            grant,
-            expected,
-        } => {
-            let n = match expected {
-                None => {
+    }
+    for (key, c) in changes.meta {
+        let n = if let Some(id) = key.strip_prefix(GRANT_PREFIX) {
+            match (&c.before, &c.after) {
+                (None, Some(v)) => {
                     t.execute(
                         "INSERT INTO tokenvault_grants (id, value) VALUES ($1, $2)
                          ON CONFLICT (id) DO NOTHING",
-                        &[id, grant],
+                        &[&id, v],
                     )
                     .await?
                 }
-                Some(old) => {
+                (Some(old), Some(v)) => {
                     t.execute(
                         "UPDATE tokenvault_grants SET value = $2 WHERE id = $1 AND value = $3",
-                        &[id, grant, old],
+                        &[&id, v, old],
                     )
                     .await?
                 }
-            };
-            if n != 1 {
-                return Err(StoreError::Conflict(format!("grant {}", short_id(id))).into());
+                (Some(old), None) => {
+                    t.execute(
+                        "DELETE FROM tokenvault_grants WHERE id = $1 AND value = $2",
+                        &[&id, old],
+                    )
+                    .await?
+                }
+                (None, None) => 1,
             }
-            Ok(())
-        }
-        Mutation::DeleteGrant(id) => {
-            t.execute("DELETE FROM tokenvault_grants WHERE id = $1", &[id])
-                .await?;
-            Ok(())
-        }
-        Mutation::PutReplayMarker { key, at } => {
-            let n = t
-                .execute(
-                    "INSERT INTO tokenvault_replay (key, applied_at) VALUES ($1, $2)
-                     ON CONFLICT (key) DO NOTHING",
-                    &[key, at],
-                )
-                .await?;
-            if n != 1 {
-                return Err(StoreError::AlreadyExists(format!("replay marker {key}")).into());
+        } else if let Some(marker) = key.strip_prefix(REPLAY_PREFIX) {
+            match &c.after {
+                Some(v) => {
+                    let at = <[u8; 8]>::try_from(v.as_slice())
+                        .map(i64::from_be_bytes)
+                        .map_err(|_| StoreError::Corrupt("replay marker value".into()))?;
+                    t.execute(
+                        "INSERT INTO tokenvault_replay (key, applied_at) VALUES ($1, $2)
+                         ON CONFLICT (key) DO NOTHING",
+                        &[&marker, &at],
+                    )
+                    .await?
+                }
+                None => {
+                    t.execute("DELETE FROM tokenvault_replay WHERE key = $1", &[&marker])
+                        .await?
+                }
             }
-            Ok(())
+        } else {
+            match &c.after {
+                Some(v) => t.execute(UPSERT_META, &[&key, v]).await?,
+                None => {
+                    t.execute("DELETE FROM tokenvault_meta WHERE key = $1", &[&key])
+                        .await?
+                }
+            }
+        };
+        if n != 1 {
+            return Err(Fail::Retry(format!(
+                "{} changed concurrently",
+                key.split('/').next().unwrap_or("metadata")
+            )));
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use super::schema::{self, SCHEMA_VERSION};
 use super::{
     AuditAppend, AuditLog, EnvelopeReplace, GRANT_PREFIX, KeyRegistry, Leases, MetaStore, Mutation,
     RecordStore, RecordWrite, StoreError, StoreStats, Transfer, count_stats, grant_key,
-    plan_replace_envelope, plan_writes, replay_key, short_id,
+    plan_replace_envelope, plan_writes,
 };
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId};
@@ -340,39 +340,63 @@ impl RocksStore {
             .transpose()
     }
 
-    /// Pushes deleted records out of the memtable, WAL and SST files so their envelopes are
-    /// physically gone, not just shadowed by a tombstone.
-    fn purge(&self, ids: &[Vec<u8>]) -> Result<(), StoreError> {
-        // A WAL file is dropped only once every column family with data in it is flushed.
-        for cf in [
-            CF_RECORDS,
-            CF_OWNERS,
-            CF_KEYS,
-            CF_META,
-            CF_AUDIT,
-            CF_CHAINS,
-            CF_BY_KEY,
-            rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
-        ] {
-            self.db.flush_cf(self.cf(cf)).map_err(engine)?;
+    /// [`RecordStore::apply`]; `audited` says the write carries audit events (the test hook
+    /// [`TestHooks::apply_unaudited`] passes true to bypass the check).
+    fn apply_audited(
+        &self,
+        mutations: &[Mutation],
+        audit: &[AuditAppend],
+        now: i64,
+        audited: bool,
+    ) -> Result<(), StoreError> {
+        let guard = self.lock();
+        let changes = super::rules::plan(
+            mutations,
+            now,
+            &mut Stored {
+                store: self,
+                key_states: std::collections::HashMap::new(),
+            },
+            audited,
+        )?;
+        let mut batch = WriteBatch::default();
+        let mut purge = Vec::new();
+        for (id, c) in &changes.records {
+            match (&c.before, &c.after) {
+                (before, Some(after)) => self.stage_record(&mut batch, before.as_ref(), after),
+                (Some(before), None) => {
+                    self.stage_delete(&mut batch, before);
+                    purge.push(id.as_str().as_bytes().to_vec());
+                }
+                (None, None) => {}
+            }
         }
-        let mut opts = CompactOptions::default();
-        opts.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
-        let (Some(lo), Some(hi)) = (ids.iter().min(), ids.iter().max()) else {
-            return Ok(());
-        };
-        self.db
-            .compact_range_cf_opt(self.cf(CF_RECORDS), Some(lo), Some(hi), &opts);
+        for (key, c) in &changes.meta {
+            match &c.after {
+                Some(v) => batch.put_cf(self.cf(CF_META), key, v),
+                None => batch.delete_cf(self.cf(CF_META), key),
+            }
+        }
+        for a in audit {
+            self.add_audit(&mut batch, Some(a));
+        }
+        if !batch.is_empty() {
+            self.write(batch)?;
+        }
+        drop(guard);
+        if !purge.is_empty() {
+            self.purge(&purge)?;
+        }
         Ok(())
     }
-}
 
-impl RecordStore for RocksStore {
-    fn put_record_groups(
+    /// [`RecordStore::put_record_groups`], and the test hook's unaudited seeding (`audit`
+    /// `None`: only [`TestHooks::put_records`] passes it).
+    fn write_groups(
         &self,
         groups: &[&[RecordWrite]],
         now: i64,
-        audit: std::sync::Arc<dyn super::GroupAudit>,
+        audit: Option<&dyn super::GroupAudit>,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let _guard = self.lock();
         // Records accepted earlier in this commit, which later groups must see: where they are
@@ -431,7 +455,11 @@ impl RecordStore for RocksStore {
             );
             accepted_groups.push((index, planned.records));
         }
-        for a in super::seal_accepted(&*audit, &accepted_groups) {
+        let events = match audit {
+            Some(audit) => super::seal_accepted(audit, &accepted_groups)?,
+            None => Vec::new(),
+        };
+        for a in events {
             batch.put_cf(self.cf(CF_AUDIT), a.seq.to_be_bytes(), &a.bytes);
         }
         if !batch.is_empty() {
@@ -440,11 +468,74 @@ impl RecordStore for RocksStore {
         Ok(outcomes)
     }
 
+    /// Pushes deleted records out of the memtable, WAL and SST files so their envelopes are
+    /// physically gone, not just shadowed by a tombstone.
+    fn purge(&self, ids: &[Vec<u8>]) -> Result<(), StoreError> {
+        // A WAL file is dropped only once every column family with data in it is flushed.
+        for cf in [
+            CF_RECORDS,
+            CF_OWNERS,
+            CF_KEYS,
+            CF_META,
+            CF_AUDIT,
+            CF_CHAINS,
+            CF_BY_KEY,
+            rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+        ] {
+            self.db.flush_cf(self.cf(cf)).map_err(engine)?;
+        }
+        let mut opts = CompactOptions::default();
+        opts.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+        let (Some(lo), Some(hi)) = (ids.iter().min(), ids.iter().max()) else {
+            return Ok(());
+        };
+        self.db
+            .compact_range_cf_opt(self.cf(CF_RECORDS), Some(lo), Some(hi), &opts);
+        Ok(())
+    }
+}
+
+/// The stored state [`super::rules::plan`] reads, under the write lock; key states read once
+/// per write.
+struct Stored<'a> {
+    store: &'a RocksStore,
+    key_states: std::collections::HashMap<u32, Option<crate::keys::KeyState>>,
+}
+
+impl super::rules::State for Stored<'_> {
+    fn record(&mut self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        self.store.read(id)
+    }
+
+    fn key_state(&mut self, version: u32) -> Result<Option<crate::keys::KeyState>, StoreError> {
+        if let Some(s) = self.key_states.get(&version) {
+            return Ok(*s);
+        }
+        let s = self.store.key_state(version)?;
+        self.key_states.insert(version, s);
+        Ok(s)
+    }
+
+    fn meta(&mut self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get_meta(key)
+    }
+}
+
+impl RecordStore for RocksStore {
+    fn put_record_groups(
+        &self,
+        groups: &[&[RecordWrite]],
+        now: i64,
+        audit: std::sync::Arc<dyn super::GroupAudit>,
+    ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
+        self.write_groups(groups, now, Some(&*audit))
+    }
+
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
         self.read(id)
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
+    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
         let prefix = schema::owner_prefix(owner);
         let ids: Vec<Vec<u8>> = {
             let _guard = self.lock();
@@ -474,7 +565,7 @@ impl RecordStore for RocksStore {
                     }
                 }
             }
-            self.add_audit(&mut batch, audit);
+            self.add_audit(&mut batch, Some(audit));
             self.write(batch)?;
             ids
         };
@@ -599,111 +690,7 @@ impl RecordStore for RocksStore {
         audit: &[AuditAppend],
         now: i64,
     ) -> Result<(), StoreError> {
-        let guard = self.lock();
-        // Records as this batch leaves them (None: deleted), which later mutations must see.
-        let mut staged: std::collections::HashMap<RecordId, Option<Record>> =
-            std::collections::HashMap::new();
-        let current = |staged: &std::collections::HashMap<RecordId, Option<Record>>,
-                       id: &RecordId| match staged.get(id) {
-            Some(r) => Ok(r.clone()),
-            None => self.read(id),
-        };
-        let mut staged_meta: std::collections::HashMap<String, Option<Vec<u8>>> =
-            std::collections::HashMap::new();
-        let mut batch = WriteBatch::default();
-        let mut purge = Vec::new();
-        for m in mutations {
-            match m {
-                Mutation::PutRecord(w) => {
-                    let previous = current(&staged, &w.meta.id)?;
-                    let planned = plan_writes(
-                        std::slice::from_ref(w),
-                        now,
-                        |_| Ok(previous.clone()),
-                        |v| self.key_state(v),
-                    )?;
-                    for r in planned.records {
-                        self.stage_record(&mut batch, previous.as_ref(), &r);
-                        staged.insert(r.meta.id.clone(), Some(r));
-                    }
-                }
-                Mutation::Revoke(id) => {
-                    let mut r = current(&staged, id)?
-                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                    if !r.revoked {
-                        r.revoked = true;
-                        r.updated_at = now;
-                        r.version += 1;
-                        batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
-                        staged.insert(id.clone(), Some(r));
-                    }
-                }
-                Mutation::MarkNeedsReauth {
-                    id,
-                    expected_version,
-                } => {
-                    let r = super::plan_mark_needs_reauth(
-                        current(&staged, id)?,
-                        id,
-                        *expected_version,
-                        now,
-                    )?;
-                    batch.put_cf(self.cf(CF_RECORDS), id.as_str(), schema::encode_record(&r));
-                    staged.insert(id.clone(), Some(r));
-                }
-                Mutation::DeleteRecord(id) => {
-                    let r = current(&staged, id)?
-                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-                    self.stage_delete(&mut batch, &r);
-                    staged.insert(id.clone(), None);
-                    purge.push(id.as_str().as_bytes().to_vec());
-                }
-                Mutation::PutGrant {
-                    id,
-                    grant,
-                    expected,
-                } => {
-                    let key = grant_key(id);
-                    let stored = match staged_meta.get(&key) {
-                        Some(v) => v.clone(),
-                        None => self.db.get_cf(self.cf(CF_META), &key).map_err(engine)?,
-                    };
-                    if stored != *expected {
-                        return Err(StoreError::Conflict(format!("grant {}", short_id(id))));
-                    }
-                    batch.put_cf(self.cf(CF_META), &key, grant);
-                    staged_meta.insert(key, Some(grant.clone()));
-                }
-                Mutation::DeleteGrant(id) => {
-                    let key = grant_key(id);
-                    batch.delete_cf(self.cf(CF_META), &key);
-                    staged_meta.insert(key, None);
-                }
-                Mutation::PutReplayMarker { key, at } => {
-                    let k = replay_key(key);
-                    if self
-                        .db
-                        .get_pinned_cf(self.cf(CF_META), &k)
-                        .map_err(engine)?
-                        .is_some()
-                    {
-                        return Err(StoreError::AlreadyExists(format!("replay marker {key}")));
-                    }
-                    batch.put_cf(self.cf(CF_META), k, super::replay_value(*at));
-                }
-            }
-        }
-        for a in audit {
-            self.add_audit(&mut batch, Some(a));
-        }
-        if !batch.is_empty() {
-            self.write(batch)?;
-        }
-        drop(guard);
-        if !purge.is_empty() {
-            self.purge(&purge)?;
-        }
-        Ok(())
+        self.apply_audited(mutations, audit, now, !audit.is_empty())
     }
 }
 
@@ -973,15 +960,12 @@ impl Leases for RocksStore {}
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for RocksStore {
+    fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
+        self.apply_audited(mutations, &[], now, true)
+    }
+
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
-        /// Seeding and tests write records without events.
-        struct Unaudited;
-        impl super::GroupAudit for Unaudited {
-            fn seal(&self, _: &[(usize, &[Record])]) -> Vec<AuditAppend> {
-                Vec::new()
-            }
-        }
-        self.put_record_groups(&[writes], now, std::sync::Arc::new(Unaudited))?
+        self.write_groups(&[writes], now, None)?
             .pop()
             .unwrap_or_else(|| Ok(Vec::new()))
     }

@@ -314,9 +314,7 @@ impl Vault {
             .blocking(move |v| {
                 let draft = Draft::new(&who, "Revoke").record(id.as_str());
                 v.forget_deks(Some(&id));
-                v.audited(draft, |a| {
-                    Ok((v.store.revoke(&id, v.now(), Some(a))?, true))
-                })
+                v.audited(draft, |a| Ok((v.store.revoke(&id, v.now(), a)?, true)))
             })
             .await?;
         tracing::info!(rpc = "Revoke", caller = %caller.name, record = %self.log_id(&log_id), "revoked");
@@ -330,7 +328,7 @@ impl Vault {
             let draft = Draft::new(&who, "Delete").record(id.as_str());
             v.forget_deks(Some(&id));
             v.audited(draft, |a| {
-                if v.store.delete_record(&id, Some(a))? {
+                if v.store.delete_record(&id, a)? {
                     Ok(((), true))
                 } else {
                     Err(StoreError::NotFound(id.to_string()).into())
@@ -353,9 +351,7 @@ impl Vault {
             .blocking(move |v| {
                 let draft = Draft::new(&who, "DeleteOwner").owner(owner.as_str());
                 v.forget_deks(None);
-                v.audited(draft, |a| {
-                    Ok((v.store.delete_owner(&owner, Some(a))?, true))
-                })
+                v.audited(draft, |a| Ok((v.store.delete_owner(&owner, a)?, true)))
             })
             .await?;
         // The owner is a personal identifier: it is not logged.

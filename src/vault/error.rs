@@ -498,9 +498,10 @@ impl VaultError {
             // The database is down or restarting: the caller may retry, nothing was written.
             StoreError::Unavailable(_) => ErrorKind::Unavailable,
             StoreError::SchemaTooNew { .. } => ErrorKind::FailedPrecondition,
-            StoreError::Corrupt(_) | StoreError::Engine(_) | StoreError::Locked(_) => {
-                ErrorKind::Internal
-            }
+            StoreError::Corrupt(_)
+            | StoreError::Engine(_)
+            | StoreError::Locked(_)
+            | StoreError::Unaudited => ErrorKind::Internal,
         }
     }
 }

@@ -422,7 +422,7 @@ fn mark_reauth(
     let marked = s.audited(draft, |audit| {
         match s
             .store
-            .mark_needs_reauth(&seen.meta.id, seen.version, now, Some(audit))
+            .mark_needs_reauth(&seen.meta.id, seen.version, now, audit)
         {
             Ok(_) => Ok((true, true)),
             Err(StoreError::VersionMismatch { .. }) => Ok((false, false)),

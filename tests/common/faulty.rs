@@ -103,7 +103,7 @@ impl RecordStore for FaultyStore {
         self.inner.get_record(id)
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: Option<&AuditAppend>) -> Result<u64, StoreError> {
+    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
         self.pause();
         self.inner.delete_owner(owner, audit)
     }
@@ -247,6 +247,11 @@ impl Transfer for FaultyStore {
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for FaultyStore {
+    fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
+        self.pause();
+        self.inner.apply_unaudited(mutations, now)
+    }
+
     fn put_records(&self, writes: &[RecordWrite], now: i64) -> Result<Vec<u64>, StoreError> {
         self.pause();
         for w in writes {

@@ -281,6 +281,30 @@ fn the_envelope_does_no_io_and_sees_no_wire_or_store_types() {
 }
 
 #[test]
+fn the_mutation_rules_do_no_io_and_name_no_engine() {
+    let rules = all_files()
+        .into_iter()
+        .find(|(r, _)| r == Path::new("store/rules.rs"))
+        .expect("the scan sees store/rules.rs");
+    for needle in [
+        "std::fs",
+        "std::net",
+        "tokio",
+        "rocksdb",
+        "RocksStore",
+        "PostgresStore",
+        "MemoryStore",
+        "postgres::",
+        "memory::",
+    ] {
+        assert!(
+            !rules.1.contains(needle),
+            "store/rules.rs mentions {needle}"
+        );
+    }
+}
+
+#[test]
 fn wire_types_stop_at_the_adapters() {
     for f in mentioning("crate::api") {
         assert!(

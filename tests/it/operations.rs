@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::*;
 use tokenvault::api::v1;
 use tokenvault::record::{RecordId, RecordMeta, SecretKind};
-use tokenvault::store::{RocksStore, TokenStore};
+use tokenvault::store::{Mutation, RocksStore, TokenStore, prelude::*};
 
 fn meta_of(id: &str, owner: &str, provider: &str, kind: SecretKind, expires_at: i64) -> RecordMeta {
     RecordMeta::parse(id, owner, provider, kind, &["repo".into()], expires_at).expect("valid")
@@ -49,9 +49,8 @@ async fn all_ids(d: &TestDaemon, mut req: v1::ListRecordsRequest) -> Vec<String>
 async fn records_are_listed_by_state_and_filters_and_bad_requests_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path());
-    let store: Arc<dyn TokenStore> =
-        Arc::new(RocksStore::open(&dir.path().join("data"), 8 << 20).expect("store"));
-    let d = TestDaemon::start_with_store(config, Arc::clone(&store)).await;
+    let store = Arc::new(RocksStore::open(&dir.path().join("data"), 8 << 20).expect("store"));
+    let d = TestDaemon::start_with_store(config, Arc::clone(&store) as Arc<dyn TokenStore>).await;
     let now = tokenvault::unix_now();
     for i in 0..12 {
         let provider = if i % 3 == 0 { "google" } else { "github" };
@@ -77,7 +76,13 @@ async fn records_are_listed_by_state_and_filters_and_bad_requests_are_refused() 
     for id in ["rec-03", "rec-08"] {
         let id = RecordId::parse(id).expect("id");
         store
-            .mark_needs_reauth(&id, 1, now, None)
+            .apply_unaudited(
+                &[Mutation::MarkNeedsReauth {
+                    id,
+                    expected_version: 1,
+                }],
+                now,
+            )
             .expect("needs reauth");
     }
     d.admin(ADMIN)
