@@ -14,8 +14,8 @@ use crate::config::{CallerPolicy, KeyPolicy};
 use crate::envelope::{EnvelopeRef, MAX_SECRET_LEN};
 use crate::keys::keyring::Keyring;
 use crate::keys::{KeyInfo, KeyState};
-use crate::record::RecordMeta;
-use crate::store::RecordWrite;
+use crate::record::{RecordId, RecordMeta};
+use crate::store::{RecordWrite, StoreError};
 
 /// One sealed record as a web tier hands it over: validated metadata and the envelope bytes,
 /// not yet checked against the keyring.
@@ -171,10 +171,12 @@ impl Vault {
             .map(|(item, v)| item.into_write(v))
             .collect();
         let count = writes.len();
+        let ids: Vec<RecordId> = writes.iter().map(|w| w.meta.id.clone()).collect();
         let versions = self
             .commit
             .submit(writes, &caller.name, "PutSealedBatch")
-            .await?;
+            .await
+            .map_err(|e| at_failing_item(e, &ids))?;
         tracing::debug!(rpc = "PutSealedBatch", caller = %caller.name, records = count, "stored");
         Ok(versions)
     }
@@ -197,5 +199,22 @@ impl Vault {
     /// Every key version known to the keyring.
     pub fn keys(&self) -> Vec<KeyInfo> {
         self.keyring().infos().cloned().collect()
+    }
+}
+
+/// A batch's store refusal that names a record (a stale or taken version), as the refusal of
+/// that record's item, so `metadata.item` and the message say which item it was.
+fn at_failing_item(e: VaultError, ids: &[RecordId]) -> VaultError {
+    let id = match &e {
+        VaultError::Store(
+            StoreError::VersionMismatch { id, .. }
+            | StoreError::AlreadyExists(id)
+            | StoreError::NotFound(id),
+        ) => id,
+        _ => return e,
+    };
+    match ids.iter().position(|i| i.as_str() == id) {
+        Some(index) => e.at_item(index),
+        None => e,
     }
 }

@@ -385,6 +385,32 @@ async fn batches_are_atomic_and_bounded() {
         .into_inner();
     assert_eq!(ok.versions, vec![1; 5]);
     assert_eq!(stats(&d).await.records, 5);
+
+    // A stale expected version refuses the batch and names the item (docs/WEB_TIER.md).
+    let mut stale: Vec<_> = (0..3)
+        .map(|i| {
+            let mut r = put_req(sealed(&sealer, &meta(&format!("b{i}"), "o"), b"t"));
+            r.expected_version = 1;
+            r
+        })
+        .collect();
+    stale[2].expected_version = 7;
+    let e = ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest { items: stale })
+        .await
+        .expect_err("stale item");
+    assert_eq!(e.code(), Code::Aborted);
+    assert!(e.message().starts_with("item 2: "), "{}", e.message());
+    {
+        use tonic_types::StatusExt as _;
+        let info = e.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "STALE_VERSION");
+        assert_eq!(info.metadata["item"], "2");
+        assert_eq!(info.metadata["expected_version"], "7");
+        assert_eq!(info.metadata["current_version"], "1");
+    }
+    // Nothing of the refused batch was written.
+    assert_eq!(d.get("b0").await.expect("get").into_inner().secret, b"s");
     d.stop().await;
 }
 
