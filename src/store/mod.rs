@@ -695,16 +695,8 @@ pub(crate) fn plan_writes(
             out.versions.push(stored.version);
             continue;
         }
-        if actual != w.expected_version {
-            return Err(if w.expected_version == 0 {
-                StoreError::AlreadyExists(w.meta.id.to_string())
-            } else {
-                StoreError::VersionMismatch {
-                    id: w.meta.id.to_string(),
-                    expected: w.expected_version,
-                    actual,
-                }
-            });
+        if let Some(refused) = version_refusal(&w.meta.id, w.expected_version, actual) {
+            return Err(refused);
         }
         out.versions.push(actual + 1);
         out.records.push(Record {
@@ -719,6 +711,24 @@ pub(crate) fn plan_writes(
         });
     }
     Ok(out)
+}
+
+/// The refusal of a write expecting `expected` (0: create) over a record at `actual` (0:
+/// absent), if any: the one version rule, which callers that must not act on a write the
+/// store would refuse (a code exchange spends its code first) check ahead of it.
+pub(crate) fn version_refusal(id: &RecordId, expected: u64, actual: u64) -> Option<StoreError> {
+    if actual == expected {
+        return None;
+    }
+    Some(if expected == 0 {
+        StoreError::AlreadyExists(id.to_string())
+    } else {
+        StoreError::VersionMismatch {
+            id: id.to_string(),
+            expected,
+            actual,
+        }
+    })
 }
 
 /// Whether `w` is the very write that made `stored` (see [`plan_writes`]).

@@ -749,6 +749,7 @@ async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), F
 }
 
 /// Plans and writes one atomic group (the error of a refused group).
+#[cfg(any(test, feature = "testing"))]
 async fn write_group(
     t: &Txn<'_>,
     writes: &[RecordWrite],

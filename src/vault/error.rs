@@ -287,7 +287,10 @@ pub enum VaultError {
     )]
     RedirectNotRegistered(String),
     /// The provider refused or failed the code exchange; nothing was stored.
-    #[error("exchanging the authorization code at provider {provider}: {source}")]
+    #[error(
+        "exchanging the authorization code at provider {provider}: {}",
+        exchange_cause(source)
+    )]
     Exchange {
         /// Provider name.
         provider: String,
@@ -503,5 +506,17 @@ impl VaultError {
             | StoreError::Locked(_)
             | StoreError::Unaudited => ErrorKind::Internal,
         }
+    }
+}
+
+/// Why a code exchange failed, in the exchange's own words: `invalid_grant` there is about the
+/// code, not a refresh token.
+fn exchange_cause(source: &crate::oauth::OAuthError) -> String {
+    match source {
+        crate::oauth::OAuthError::InvalidGrant => "the provider rejected the authorization code \
+             (invalid_grant): it is expired or already used, or the redirect URI or code \
+             verifier does not match the authorization request"
+            .to_string(),
+        other => other.to_string(),
     }
 }

@@ -100,6 +100,17 @@ impl Vault {
         if !config.redirect_uris.contains(&req.redirect_uri) {
             return Err(VaultError::RedirectNotRegistered(provider));
         }
+        // The code can be redeemed once: a write the store would refuse (the record exists,
+        // or is at another version than expected) is refused before the code is spent.
+        let (id, expected) = (req.meta.id.clone(), req.expected_version);
+        self.blocking(move |v| {
+            let actual = v.store.get_record(&id)?.map_or(0, |r| r.version);
+            match crate::store::version_refusal(&id, expected, actual) {
+                Some(refused) => Err(refused.into()),
+                None => Ok(()),
+            }
+        })
+        .await?;
         let secret = client_secret(self, &config).await?;
         // Both were checked to be ASCII above.
         let text = |s: &Secret| String::from_utf8_lossy(s.expose_secret()).into_owned();

@@ -155,7 +155,15 @@ async fn a_code_is_redeemed_by_the_daemon_and_the_web_tier_never_sees_a_token() 
         .expect_err("replayed");
     assert_eq!(replay.code(), Code::FailedPrecondition, "{replay:?}");
     assert!(
-        replay.message().contains("invalid_grant"),
+        replay.message().starts_with(
+            "exchanging the authorization code at provider github: the provider rejected the \
+             authorization code (invalid_grant)"
+        ),
+        "{}",
+        replay.message()
+    );
+    assert!(
+        !replay.message().contains("refresh token"),
         "{}",
         replay.message()
     );
@@ -164,8 +172,31 @@ async fn a_code_is_redeemed_by_the_daemon_and_the_web_tier_never_sees_a_token() 
         Code::NotFound
     );
 
-    // Re-authorization replaces the record at its version, over HTTP/JSON this time.
-    let again = authorize(&provider);
+    // A write the store would refuse is refused before the code is spent: the code stays
+    // redeemable at the provider (a create over the stored record, a stale version).
+    let unspent = authorize(&provider);
+    let before = provider.lock().exchanges;
+    let taken = exchange(&d, INGEST, request("github:user-42", &unspent))
+        .await
+        .expect_err("exists");
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+    let mut stale = request("github:user-42", &unspent);
+    stale.expected_version = 5;
+    let stale = exchange(&d, INGEST, stale).await.expect_err("stale");
+    assert_eq!(stale.code(), Code::Aborted, "{stale:?}");
+    assert_eq!(
+        stale.message(),
+        "record github:user-42 is at version 1, not the expected 5"
+    );
+    assert_eq!(
+        provider.lock().exchanges,
+        before,
+        "the code was not redeemed"
+    );
+
+    // Re-authorization replaces the record at its version, over HTTP/JSON this time, with the
+    // code the refused requests left unspent.
+    let again = unspent;
     let body = serde_json::json!({
         "meta": {"id": "github:user-42", "owner": "user-42", "provider": "github", "scopes": ["repo"]},
         "code": again.expose_code(),
