@@ -39,6 +39,34 @@ pub(crate) fn credential_env(role: Role) -> &'static str {
 
 const ROLES: [Role; 3] = [Role::Ingest, Role::Worker, Role::Admin];
 
+/// Writes the address the dev daemon is listening on into its credentials file as
+/// `TOKENVAULT_ADDR` (the name the CLI and the docs/WEB_TIER.md snippets read), replacing the
+/// previous run's, so `source data/dev-credentials.env` is all a client needs. Rewritten whole
+/// (a 0600 temporary file renamed over it), never left half-written.
+fn record_dev_addr(path: &Path, addr: SocketAddr) -> Result<(), CliError> {
+    let io = |e: std::io::Error| CliError::Internal(format!("{}: {e}", path.display()));
+    let old = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+    let mut text = Zeroizing::new(String::with_capacity(old.len() + 48));
+    for line in old
+        .lines()
+        .filter(|l| !l.starts_with("export TOKENVAULT_ADDR="))
+    {
+        text.push_str(line);
+        text.push('\n');
+    }
+    text.push_str(&format!("export TOKENVAULT_ADDR=http://{addr}\n"));
+    let tmp = path.with_extension("env.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
 /// Loads the dev credentials from `path`, creating them (0600) on first run.
 fn dev_credentials(path: &Path) -> Result<Vec<(Role, ApiCredential)>, CliError> {
     let io = |e: std::io::Error| CliError::Internal(format!("{}: {e}", path.display()));
@@ -201,6 +229,8 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
             for (role, cred) in creds {
                 println!("  export {}={}", credential_env(*role), cred.expose_secret());
             }
+            println!("  export TOKENVAULT_ADDR=http://{addr}");
+            record_dev_addr(&std::env::current_dir().map_err(|e| CliError::Internal(format!("current directory: {e}")))?.join("data").join("dev-credentials.env"), addr)?;
         }
         if let Some(l) = &ingest_listener {
             let bound = l.local_addr().map_err(|e| CliError::Internal(format!("local address: {e}")))?;

@@ -415,7 +415,7 @@ print(json.dumps(stored), flush=True)
         cmd.arg(&py_path)
             .env("PYTHONPATH", process::root().join("clients/python"))
             .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("TOKENVAULT_URL", addr_py)
+            .env("TOKENVAULT_ADDR", addr_py)
             .env("TOKENVAULT_INGEST_TOKEN", INGEST);
         run_handler(&provider_py, cmd)
     })
@@ -460,7 +460,7 @@ const readline = require('node:readline');
     let stored = tokio::task::spawn_blocking(move || {
         let mut cmd = std::process::Command::new("node");
         cmd.arg(&js)
-            .env("TOKENVAULT_URL", url)
+            .env("TOKENVAULT_ADDR", url)
             .env("TOKENVAULT_INGEST_TOKEN", INGEST);
         run_handler(&provider_js, cmd)
     })

@@ -602,8 +602,12 @@ fn accept_loops_back_off_when_out_of_file_descriptors() {
         .filter_map(|l| l.strip_prefix("export "))
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .chain([("TOKENVAULT_ADDR".to_string(), format!("http://{addr}"))])
         .collect();
+    // The file names the address the daemon is listening on: sourcing it is all a client needs.
+    assert!(
+        env.contains(&("TOKENVAULT_ADDR".to_string(), format!("http://{addr}"))),
+        "{env:?}"
+    );
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_exit(
         &run(cwd, &["get", "nope"], &env, None),
