@@ -663,6 +663,7 @@ struct FileIssuer {
     jwks_allowed_networks: Vec<String>,
     #[serde(default)]
     jwks_allow_plain_http: bool,
+    jwks_ca_file: Option<PathBuf>,
     max_age_seconds: Option<i64>,
 }
 
@@ -1091,11 +1092,20 @@ impl Config {
                         (None, Some(url)) => {
                             // The fetch goes through a provider client of its own: that URL's
                             // host only, https unless allowed, no private address unless listed.
+                            // An issuer behind a private CA: its roots instead of the
+                            // bundled public ones, read now so a bad file stops the start.
+                            let ca_file = f.jwks_ca_file.as_ref().map(|p| base.join(p));
+                            if let Some(ca) = &ca_file {
+                                crate::ca::roots_from_file(ca).map_err(|e| {
+                                    invalid(&format!("{key}.jwks_ca_file"), e.to_string())
+                                })?;
+                            }
                             let policy = crate::provider::jwks_policy(
                                 &key,
                                 url,
                                 &f.jwks_allowed_networks,
                                 f.jwks_allow_plain_http,
+                                ca_file,
                             )
                             .map_err(ConfigError::from)?;
                             let uri: http::Uri = url

@@ -340,6 +340,7 @@ pub fn jwks_policy(
     url: &str,
     allowed_networks: &[String],
     allow_plain_http: bool,
+    ca_file: Option<PathBuf>,
 ) -> Result<ProviderPolicy, ProviderError> {
     let file = FileProvider {
         base_url: url.to_string(),
@@ -357,7 +358,7 @@ pub fn jwks_policy(
         max_retry_after_seconds: Some(1),
         max_redirects: Some(0),
         max_concurrency: Some(4),
-        ca_file: None,
+        ca_file,
         oauth: None,
     };
     if url.starts_with("http://") && !allow_plain_http {

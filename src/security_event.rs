@@ -495,7 +495,8 @@ mod tests {
     }
 
     fn policy() -> crate::provider::ProviderPolicy {
-        crate::provider::jwks_policy("t", "https://idp.example/jwks", &[], false).expect("policy")
+        crate::provider::jwks_policy("t", "https://idp.example/jwks", &[], false, None)
+            .expect("policy")
     }
 
     #[test]

@@ -712,6 +712,70 @@ jwks_allow_plain_http = true
     d.stop().await;
 }
 
+#[tokio::test]
+async fn a_jwks_behind_a_private_ca_is_fetched_with_its_ca_file_and_only_with_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = common::pki::ca("issuer test CA");
+    let (cert, key) = common::pki::leaf(&pki, &["localhost"], "localhost");
+    let idp = common::upstream::FakeProvider::start_tls("a", "r", &cert, &key).await;
+    idp.lock().jwks = json!({"keys": [rsa_jwk("keys/test/fixture-a.pub.pem", "k1")]}).to_string();
+    std::fs::write(tmp.path().join("idp-ca.pem"), &pki.ca_pem).expect("ca");
+    let port = idp.addr.port();
+    std::fs::write(
+        tmp.path().join("tokenvault.toml"),
+        format!(
+            r#"data_dir = "data"
+key_dir = "keys"
+[[security_event_issuers]]
+issuer = "https://private.example"
+audience = "tokenvault"
+provider = "github"
+jwks_url = "https://localhost:{port}/jwks"
+jwks_allowed_networks = ["127.0.0.0/8", "::1/128"]
+jwks_ca_file = "idp-ca.pem"
+[[security_event_issuers]]
+issuer = "https://public-roots.example"
+audience = "tokenvault"
+provider = "github"
+jwks_url = "https://localhost:{port}/jwks"
+jwks_allowed_networks = ["127.0.0.0/8", "::1/128"]
+"#
+        ),
+    )
+    .expect("config");
+    let c = load_config(tmp.path());
+    let d = TestDaemon::start_with(c).await;
+    put(&d, "p1", "p1@example.com", "github", &["repo"]).await;
+    let signed = |issuer: &str, jti: &str| {
+        rs256_kid(
+            "keys/test/fixture-a.key.pem",
+            "k1",
+            &set(issuer, jti, TOKENS_REVOKED, subject("p1@example.com")),
+        )
+    };
+    // The issuer trusted through the bundled public roots only: the private CA's certificate
+    // is refused, no key is had, the token is refused and changes nothing.
+    let err = send(&d, ADMIN, signed("https://public-roots.example", "x-1"))
+        .await
+        .expect_err("untrusted JWKS host");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    d.get("p1").await.expect("untouched");
+    // With its CA file: fetched over TLS and verified.
+    assert_eq!(
+        send(&d, ADMIN, signed("https://private.example", "x-2"))
+            .await
+            .expect("applied")
+            .revoked,
+        1
+    );
+    assert_eq!(
+        idp.hits("/jwks"),
+        1,
+        "one fetch, by the issuer with the CA file"
+    );
+    d.stop().await;
+}
+
 #[test]
 fn issuer_key_settings_are_checked_at_load() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -751,4 +815,9 @@ fn issuer_key_settings_are_checked_at_load() {
         "jwks_url = \"https://idp.example/jwks\"\njwks_allowed_networks = [\"10.0.0.0/33\"]\n",
     );
     assert!(e.contains("allowed_networks"), "{e}");
+    let e = load("jwks_url = \"https://idp.example/jwks\"\njwks_ca_file = \"missing.pem\"\n");
+    assert!(e.contains("jwks_ca_file"), "{e}");
+    std::fs::write(tmp.path().join("not-a-ca.pem"), "not PEM").expect("write");
+    let e = load("jwks_url = \"https://idp.example/jwks\"\njwks_ca_file = \"not-a-ca.pem\"\n");
+    assert!(e.contains("jwks_ca_file"), "{e}");
 }
