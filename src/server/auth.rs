@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -55,8 +55,19 @@ pub struct Authenticator {
     buckets: Mutex<HashMap<String, Bucket>>,
     /// Refusals per configured caller in the current window (bounded by the configuration:
     /// only authenticated callers are tracked here).
-    denials: Mutex<HashMap<String, (Instant, usize)>>,
+    denials: Mutex<HashMap<String, (Duration, usize)>>,
     metrics: Arc<crate::vault::metrics::Metrics>,
+    /// The time rate limits and the denial window run on (the vault's, in a daemon).
+    monotonic: MonotonicClock,
+}
+
+/// [`crate::vault::Monotonic`], shown in `Debug` by name.
+struct MonotonicClock(crate::vault::Monotonic);
+
+impl std::fmt::Debug for MonotonicClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MonotonicClock")
+    }
 }
 
 impl Authenticator {
@@ -73,7 +84,14 @@ impl Authenticator {
             buckets: Mutex::new(HashMap::new()),
             denials: Mutex::new(HashMap::new()),
             metrics: Arc::default(),
+            monotonic: MonotonicClock(crate::vault::limits::system_monotonic()),
         }
+    }
+
+    /// Runs rate limits and the denial window on `monotonic` (the vault's clock).
+    pub fn with_monotonic(mut self, monotonic: crate::vault::Monotonic) -> Self {
+        self.monotonic = MonotonicClock(monotonic);
+        self
     }
 
     /// Counts refusals in `metrics`.
@@ -88,14 +106,15 @@ impl Authenticator {
             return true;
         };
         let burst = caller.policy.burst.unwrap_or(rate);
+        let now = (self.monotonic.0)();
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         buckets
             .entry(caller.name.clone())
-            .or_insert_with(|| Bucket::full(burst))
-            .take(rate, burst)
+            .or_insert_with(|| Bucket::full(burst, now))
+            .take(rate, burst, now)
     }
 
     /// Counts a refusal; raises a structured alert when a caller is refused again and again,
@@ -105,10 +124,10 @@ impl Authenticator {
             .denials
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
+        let now = (self.monotonic.0)();
         let (start, count) = denials.entry(caller.to_string()).or_insert((now, 0));
         // A fixed window: O(1) per refusal, whatever the rate.
-        if now.duration_since(*start) >= DENIAL_WINDOW {
+        if now.saturating_sub(*start) >= DENIAL_WINDOW {
             *start = now;
             *count = 0;
         }
@@ -238,7 +257,7 @@ impl RoleGuard {
     ) -> Status {
         let verdict = self.vault.as_ref().map_or(Verdict::Refuse, |v| {
             v.refusals()
-                .refuse(Source::of(remote_ip(extensions)), reason)
+                .refuse(Source::of(remote_ip(extensions)), reason, v.monotonic_now())
         });
         let status = match verdict {
             Verdict::Refuse => status,

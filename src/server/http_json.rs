@@ -384,11 +384,11 @@ async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
     // address past its budget is refused before anything is read or verified.
     let refusals = s.vault.refusals();
     let source = Source::of(super::auth::remote_ip(&parts.extensions));
-    if let Some(wait) = refusals.throttled(source) {
+    if let Some(wait) = refusals.throttled(source, s.vault.monotonic_now()) {
         return *before_body(&parts, error_response(&super::auth::throttled(wait)));
     }
     let refused = |reason, err, description: &str, code| {
-        refusals.refuse(source, reason);
+        refusals.refuse(source, reason, s.vault.monotonic_now());
         set_error(err, description, code)
     };
     let set_type = parts

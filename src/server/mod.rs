@@ -98,7 +98,8 @@ impl Daemon {
 
     fn serving(vault: Vault, config: &Config, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let auth = Authenticator::new(config.credentials.clone())
-            .with_metrics(Arc::clone(vault.metrics()));
+            .with_metrics(Arc::clone(vault.metrics()))
+            .with_monotonic(Arc::clone(vault.monotonic()));
         Self {
             vault: Arc::new(vault),
             shutdown_grace: config.shutdown_grace,

@@ -258,6 +258,8 @@ fn database_tls(path: &std::path::Path) -> Result<rustls::ClientConfig, OpenErro
 /// time instead of sleeping.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
+pub use limits::Monotonic;
+
 /// The application core. One per daemon; shared by every adapter through an `Arc`.
 pub struct Vault {
     store: Arc<dyn TokenStore>,
@@ -310,6 +312,7 @@ pub struct Vault {
     /// them, since they may hold the store.
     tasks: tokio_util::task::TaskTracker,
     clock: Clock,
+    monotonic: Monotonic,
     /// This process's identity as a lease owner (random per start).
     instance_id: String,
     /// When the last check of the registry for an unknown key started, and whether it changed
@@ -460,6 +463,7 @@ impl Vault {
                 )
             }),
             clock: Arc::new(crate::unix_now),
+            monotonic: limits::system_monotonic(),
             store_reachable: tokio::sync::watch::Sender::new(true),
             io: pool(cpu_pool::Kind::Io, io_threads(config, cores), "store pool")?,
             last_unknown_reload: std::sync::Mutex::new(None),
@@ -509,6 +513,23 @@ impl Vault {
     /// Now, in Unix seconds, by the vault's clock.
     pub fn now(&self) -> i64 {
         (self.clock)()
+    }
+
+    /// Replaces the monotonic clock rate limits and refusal windows run on (tests move time
+    /// with it instead of sleeping). A daemon's authenticator takes the vault's.
+    pub fn with_monotonic(mut self, monotonic: Monotonic) -> Self {
+        self.monotonic = monotonic;
+        self
+    }
+
+    /// The monotonic clock rate limits run on.
+    pub fn monotonic(&self) -> &Monotonic {
+        &self.monotonic
+    }
+
+    /// Now by the monotonic clock.
+    pub fn monotonic_now(&self) -> std::time::Duration {
+        (self.monotonic)()
     }
 
     /// The metrics every component counts into (adapters add their own, e.g. per RPC).

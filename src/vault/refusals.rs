@@ -229,10 +229,14 @@ impl Refusals {
 
     /// Whether `source` has spent its budget already, without charging it (for paths whose
     /// check itself costs something, like a security event's signature).
-    pub fn throttled(&self, source: Source) -> Option<Duration> {
+    pub fn throttled(&self, source: Source, now: Duration) -> Option<Duration> {
         let mut table = self.lock();
         let state = table.sources.get_mut(&source)?;
-        if state.bucket.peek(self.limits.per_second, self.limits.burst) >= 1.0 {
+        if state
+            .bucket
+            .peek(self.limits.per_second, self.limits.burst, now)
+            >= 1.0
+        {
             return None;
         }
         state.counts[RefusalReason::Throttled.index()] += 1;
@@ -241,13 +245,14 @@ impl Refusals {
         Some(self.retry_after())
     }
 
-    /// Counts a refusal of `source` for `reason` and charges its budget.
-    pub fn refuse(&self, source: Source, reason: RefusalReason) -> Verdict {
+    /// Counts a refusal of `source` for `reason` and charges its budget, at `now` by the
+    /// vault's monotonic clock.
+    pub fn refuse(&self, source: Source, reason: RefusalReason, now: Duration) -> Verdict {
         let (limits, retry) = (self.limits, self.retry_after());
         let mut table = self.lock();
         if !table.sources.contains(&source) {
             let fresh = SourceState {
-                bucket: Bucket::full(limits.burst),
+                bucket: Bucket::full(limits.burst, now),
                 counts: [0; RefusalReason::ALL.len()],
             };
             // The least recently refused source makes room; its counts are kept for the
@@ -261,7 +266,7 @@ impl Refusals {
         }
         let verdict = match table.sources.get_mut(&source) {
             Some(state) => {
-                if state.bucket.take(limits.per_second, limits.burst) {
+                if state.bucket.take(limits.per_second, limits.burst, now) {
                     state.counts[reason.index()] += 1;
                     Verdict::Refuse
                 } else {
@@ -343,6 +348,9 @@ mod tests {
         )
     }
 
+    /// The monotonic time the checks run at, unless they move it.
+    const T0: Duration = Duration::from_secs(1000);
+
     fn ip(s: &str) -> Source {
         Source::of(Some(s.parse().expect("ip")))
     }
@@ -353,18 +361,18 @@ mod tests {
         let a = ip("192.0.2.1");
         for _ in 0..3 {
             assert_eq!(
-                r.refuse(a, RefusalReason::InvalidCredential),
+                r.refuse(a, RefusalReason::InvalidCredential, T0),
                 Verdict::Refuse
             );
         }
         assert!(matches!(
-            r.refuse(a, RefusalReason::InvalidCredential),
+            r.refuse(a, RefusalReason::InvalidCredential, T0),
             Verdict::Throttle(d) if d >= Duration::from_millis(100)
         ));
-        assert!(r.throttled(a).is_some());
-        assert_eq!(r.throttled(ip("192.0.2.2")), None);
+        assert!(r.throttled(a, T0).is_some());
+        assert_eq!(r.throttled(ip("192.0.2.2"), T0), None);
         assert_eq!(
-            r.refuse(ip("192.0.2.2"), RefusalReason::MissingCredential),
+            r.refuse(ip("192.0.2.2"), RefusalReason::MissingCredential, T0),
             Verdict::Refuse
         );
         let s = r.take_summary();
@@ -382,7 +390,15 @@ mod tests {
         assert_eq!(s.total(), 6);
         // Counts start again; the bucket does not refill by taking a summary.
         assert!(r.take_summary().is_empty());
-        assert!(r.throttled(a).is_some());
+        assert!(r.throttled(a, T0).is_some());
+        // It refills with time (1 per second), read from the clock passed in, not slept for.
+        let later = T0 + Duration::from_millis(1001);
+        assert_eq!(r.throttled(a, later), None);
+        assert_eq!(
+            r.refuse(a, RefusalReason::InvalidCredential, later),
+            Verdict::Refuse
+        );
+        assert!(r.throttled(a, later).is_some());
     }
 
     #[test]
@@ -400,7 +416,7 @@ mod tests {
         for i in 0..200u32 {
             let source = Source::V4(i.to_be_bytes());
             for _ in 0..=(i % 3) {
-                r.refuse(source, RefusalReason::MissingCredential);
+                r.refuse(source, RefusalReason::MissingCredential, T0);
             }
         }
         assert_eq!(r.lock().sources.len(), 50);

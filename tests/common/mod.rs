@@ -48,19 +48,36 @@ pub fn credentials() -> Vec<CredentialEntry> {
 /// A clock a test moves by hand: it starts at the real time and advances only when told.
 #[derive(Clone, Debug)]
 #[allow(dead_code)]
-pub struct TestClock(std::sync::Arc<std::sync::atomic::AtomicI64>);
+/// A clock tests move: Unix seconds for the vault's time rules and a monotonic reading for its
+/// rate limits, advanced together.
+pub struct TestClock(
+    std::sync::Arc<std::sync::atomic::AtomicI64>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+);
 
 #[allow(dead_code)]
 impl TestClock {
     pub fn new() -> Self {
-        Self(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
-            tokenvault::unix_now(),
-        )))
+        Self(
+            std::sync::Arc::new(std::sync::atomic::AtomicI64::new(tokenvault::unix_now())),
+            std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000_000_000_000)),
+        )
     }
 
     pub fn advance(&self, seconds: i64) {
         self.0
             .fetch_add(seconds, std::sync::atomic::Ordering::SeqCst);
+        self.1.fetch_add(
+            u64::try_from(seconds).expect("forward") * 1_000_000_000,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    pub fn monotonic(&self) -> tokenvault::vault::Monotonic {
+        let nanos = std::sync::Arc::clone(&self.1);
+        std::sync::Arc::new(move || {
+            std::time::Duration::from_nanos(nanos.load(std::sync::atomic::Ordering::SeqCst))
+        })
     }
 
     pub fn source(&self) -> tokenvault::vault::Clock {
@@ -126,7 +143,8 @@ impl TestDaemon {
     ) -> Self {
         let vault = tokenvault::vault::Vault::open(store, &config)
             .expect("vault opens")
-            .with_clock(clock.source());
+            .with_clock(clock.source())
+            .with_monotonic(clock.monotonic());
         let daemon = Daemon::with_vault(vault, &config).expect("daemon opens");
         Self::serve(daemon, "127.0.0.1:0").await
     }
