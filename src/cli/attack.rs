@@ -1,5 +1,5 @@
 //! `tokenvault bench --attack KIND`: hostile load sent next to the legitimate mix, so one run
-//! measures what an attacker costs legitimate callers (README, "Under attack").
+//! measures what an attacker costs legitimate callers (docs/PERFORMANCE.md, "Under attack").
 //!
 //! Owns: the attack kinds (credential floods, security event pushes, idle and slow
 //! connections) and their tally. Plaintext `http://` daemons only: an attack is a loopback

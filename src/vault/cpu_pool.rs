@@ -8,7 +8,7 @@
 //! Under a backlog, a thread hands its finished results back a few at a time instead of one by
 //! one. Each hand-back wakes an executor thread, which on a machine whose cores are all busy
 //! with RSA means preempting one of them; grouping the wake-ups measured +10% uncached
-//! `GetToken` throughput on 2 cores (README, Performance). A result is held back only while
+//! `GetToken` throughput on 2 cores (docs/PERFORMANCE.md). A result is held back only while
 //! at least `threads` more jobs are queued behind it, i.e. when the caller's wait is already
 //! several jobs long, and for at most [`MAX_HELD`] jobs; with no backlog every result is
 //! handed back at once.

@@ -842,12 +842,13 @@ async fn an_instance_name_runs_once() {
     again.stop().await;
 }
 
-/// The README's `[store]` tables, byte for byte: the reference's commented block uncommented,
-/// and the "Running several daemons" example, load as the text says (paths moved to a
-/// temporary directory, since the files they name must exist).
+/// The documented `[store]` tables, byte for byte: the README reference's commented block
+/// uncommented, and docs/SCALING.md's "Running several daemons" example, load as the text says
+/// (paths moved to a temporary directory, since the files they name must exist).
 #[test]
 fn the_readme_store_tables_load_as_documented() {
-    let readme = std::fs::read_to_string(fixture_path("README.md")).expect("README.md");
+    let readme = std::fs::read_to_string(fixture_path("README.md")).expect("README.md")
+        + &std::fs::read_to_string(fixture_path("docs/SCALING.md")).expect("docs/SCALING.md");
     let dir = tempfile::tempdir().expect("tempdir");
     let etc = dir.path().join("etc/");
     std::fs::create_dir_all(&etc).expect("etc");
