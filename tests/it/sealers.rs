@@ -94,6 +94,13 @@ async fn the_python_sealer_stores_what_tokenvault_get_reads_back() {
     let clients = root().join("clients/python");
     let addr = d.addr;
     let suite = tokio::task::spawn_blocking(move || {
+        // The package's own type check: typed (py.typed) and clean under mypy --strict.
+        run_suite(
+            addr,
+            &python,
+            &["-m", "mypy", "--strict", "tokenvault_sealer"],
+            &clients,
+        );
         run_suite(
             addr,
             &python,

@@ -11,7 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from tokenvault_sealer import KINDS, Client, TokenvaultError, seal
+import tokenvault_sealer
+from tokenvault_sealer import KINDS, Client, TokenvaultError, VaultUnreachable, seal
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 VECTORS = ROOT / "tests" / "vectors"
@@ -63,6 +64,30 @@ def test_bad_input_is_refused_before_anything_is_sealed():
     with pytest.raises(ValueError):
         Client("ftp://x", "c")
     assert "c-secret" not in repr(Client("http://127.0.0.1:1", "c-secret"))
+
+
+def test_plain_http_is_refused_off_loopback():
+    for url in ("http://vault.example:50051", "http://10.0.0.5:50051", "http://[2001:db8::1]:1",
+                "http://127.0.0.1.example.com:1"):
+        with pytest.raises(ValueError, match="must be https://"):
+            Client(url, "c")
+    for url in ("http://127.0.0.1:1", "http://127.0.0.2:1", "http://[::1]:1",
+                "http://localhost:1", "https://vault.example:50051"):
+        Client(url, "c")
+
+
+def test_an_unreachable_daemon_raises_the_package_s_own_error_without_the_credential():
+    # Port 1 on loopback: nothing listens there, the connection is refused at once.
+    with pytest.raises(VaultUnreachable) as e:
+        Client("http://127.0.0.1:1", "c-secret-credential", timeout=5).public_key()
+    assert isinstance(e.value, TokenvaultError)
+    assert (e.value.status, e.value.code) == (0, "UNAVAILABLE")
+    assert "c-secret-credential" not in str(e.value)
+
+
+def test_the_version_is_the_package_s():
+    pyproject = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'version = "%s"' % tokenvault_sealer.__version__ in pyproject
 
 
 URL = os.environ.get("TOKENVAULT_TEST_URL")

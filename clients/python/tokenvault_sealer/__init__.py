@@ -8,25 +8,37 @@ only: it can seal and store, never read back.
     key = client.public_key()
     envelope = seal(key["spkiPem"], "github:user-42", "user-42", "github", "access_token", token)
     version = client.put_sealed("github:user-42", "user-42", "github", "access_token", envelope)
+
+``https://`` is required unless the daemon is on loopback (``http://127.0.0.1:…``,
+``http://[::1]:…``, ``http://localhost:…``): the credential and the envelopes would otherwise
+cross the network in the clear. Refusals raise :class:`TokenvaultError`; a daemon that cannot
+be reached raises :class:`VaultUnreachable`, a subclass.
 """
+
+from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import os
 import ssl
 import struct
 import urllib.error
+import urllib.parse
 import urllib.request
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["KINDS", "seal", "Client", "TokenvaultError"]
+__all__ = ["KINDS", "seal", "Client", "TokenvaultError", "VaultUnreachable", "__version__"]
+
+__version__ = "0.1.0"
 
 #: The kind strings bound in the associated data, and their ``SecretKind`` names on the wire.
-KINDS = {
+KINDS: Dict[str, str] = {
     "access_token": "SECRET_KIND_ACCESS_TOKEN",
     "refresh_token": "SECRET_KIND_REFRESH_TOKEN",
     "client_secret": "SECRET_KIND_CLIENT_SECRET",
@@ -37,12 +49,22 @@ _LABEL = b"tokenvault/v1/dek"
 _MAGIC = b"TVE\x01"
 
 
-def _lp(text):
+def _lp(text: str) -> bytes:
     b = text.encode("utf-8")
     return struct.pack(">I", len(b)) + b
 
 
-def seal(spki_pem, record_id, owner, provider, kind, secret, *, _dek=None, _nonce=None):
+def seal(
+    spki_pem: str,
+    record_id: str,
+    owner: str,
+    provider: str,
+    kind: str,
+    secret: Union[bytes, bytearray],
+    *,
+    _dek: Optional[bytes] = None,
+    _nonce: Optional[bytes] = None,
+) -> bytes:
     """Returns the envelope (bytes) of ``secret`` for the record's identity.
 
     ``spki_pem`` is the active public key's ``spkiPem`` (``GET /v1/public-keys``). ``_dek`` and
@@ -79,30 +101,63 @@ def seal(spki_pem, record_id, owner, provider, kind, secret, *, _dek=None, _nonc
 class TokenvaultError(Exception):
     """A refusal: ``code`` is the gRPC code name (``ALREADY_EXISTS``), ``status`` the HTTP one."""
 
-    def __init__(self, status, code, message):
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__("%s (HTTP %d): %s" % (code, status, message))
         self.status = status
         self.code = code
         self.message = message
 
 
+class VaultUnreachable(TokenvaultError):
+    """The daemon could not be reached or did not answer (``code`` ``UNAVAILABLE``, ``status``
+    0): refused connection, TLS failure, timeout. Nothing is known to have been written; a write
+    retried with the same envelope is answered with the version it stored, if it did."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, "UNAVAILABLE", message)
+
+
+def _is_loopback(host: Optional[str]) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Client:
     """The daemon's HTTP/JSON ingest routes, with an ingest credential."""
 
-    def __init__(self, base_url, credential, ca_file=None, timeout=10.0):
+    def __init__(
+        self,
+        base_url: str,
+        credential: str,
+        ca_file: Optional[str] = None,
+        timeout: float = 10.0,
+    ) -> None:
         self._base = base_url.rstrip("/")
         self._credential = credential
         self._timeout = timeout
-        self._context = None
-        if self._base.startswith("https://"):
+        self._context: Optional[ssl.SSLContext] = None
+        url = urllib.parse.urlsplit(self._base)
+        if url.scheme == "https":
             self._context = ssl.create_default_context(cafile=ca_file)
-        elif not self._base.startswith("http://"):
-            raise ValueError("base_url must be http:// (loopback) or https://")
+        elif url.scheme == "http":
+            if not _is_loopback(url.hostname):
+                raise ValueError(
+                    "base_url must be https:// unless the daemon is on loopback "
+                    "(http://127.0.0.1, http://[::1] or http://localhost)"
+                )
+        else:
+            raise ValueError("base_url must be https:// (or http:// on loopback)")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Client(%r, credential=[REDACTED])" % self._base
 
-    def _call(self, method, path, body=None):
+    def _call(self, method: str, path: str, body: Optional[Mapping[str, Any]] = None) -> Any:
         data = None if body is None else json.dumps(body).encode("utf-8")
         request = urllib.request.Request(self._base + path, data=data, method=method)
         request.add_header("Authorization", "Bearer " + self._credential)
@@ -115,15 +170,29 @@ class Client:
             try:
                 err = json.loads(e.read())
                 raise TokenvaultError(e.code, err["code"], err["message"]) from None
-            except (ValueError, KeyError):
+            except (ValueError, KeyError, TypeError):
                 raise TokenvaultError(e.code, "UNKNOWN", "HTTP %d without a JSON error" % e.code) from None
+        except (urllib.error.URLError, OSError) as e:
+            # Refused connections, TLS failures and timeouts; the credential is not in the text.
+            reason = getattr(e, "reason", e)
+            raise VaultUnreachable("cannot reach %s: %s" % (self._base, reason)) from None
 
-    def public_key(self):
+    def public_key(self) -> Dict[str, Any]:
         """The active key: ``version``, ``fingerprint``, ``spkiPem``, ``state``, ``createdAt``."""
-        return self._call("GET", "/v1/public-keys")["active"]
+        active: Dict[str, Any] = self._call("GET", "/v1/public-keys")["active"]
+        return active
 
     @staticmethod
-    def _item(record_id, owner, provider, kind, envelope, scopes=(), expires_at=0, expected_version=0):
+    def _item(
+        record_id: str,
+        owner: str,
+        provider: str,
+        kind: str,
+        envelope: bytes,
+        scopes: Iterable[str] = (),
+        expires_at: int = 0,
+        expected_version: int = 0,
+    ) -> Dict[str, Any]:
         return {
             "record": {
                 "meta": {
@@ -139,13 +208,32 @@ class Client:
             "expectedVersion": str(int(expected_version)),
         }
 
-    def put_sealed(self, record_id, owner, provider, kind, envelope, scopes=(), expires_at=0, expected_version=0):
+    def put_sealed(
+        self,
+        record_id: str,
+        owner: str,
+        provider: str,
+        kind: str,
+        envelope: bytes,
+        scopes: Iterable[str] = (),
+        expires_at: int = 0,
+        expected_version: int = 0,
+    ) -> int:
         """Stores one sealed record; returns its new version. ``expected_version`` 0 creates."""
         body = self._item(record_id, owner, provider, kind, envelope, scopes, expires_at, expected_version)
         return int(self._call("POST", "/v1/records", body)["version"])
 
-    def exchange_code(self, record_id, owner, provider, code, code_verifier, redirect_uri,
-                      scopes=(), expected_version=0):
+    def exchange_code(
+        self,
+        record_id: str,
+        owner: str,
+        provider: str,
+        code: str,
+        code_verifier: str,
+        redirect_uri: str,
+        scopes: Iterable[str] = (),
+        expected_version: int = 0,
+    ) -> Dict[str, Any]:
         """Has the daemon redeem an OAuth authorization code and store the token bundle.
 
         Returns ``{"id", "version", "expiresAt", "scopes"}``, never a token: the web tier does not
@@ -158,9 +246,10 @@ class Client:
             "redirectUri": redirect_uri,
             "expectedVersion": str(int(expected_version)),
         }
-        return self._call("POST", "/v1/code-exchange", body)
+        answer: Dict[str, Any] = self._call("POST", "/v1/code-exchange", body)
+        return answer
 
-    def put_sealed_batch(self, items):
+    def put_sealed_batch(self, items: Sequence[Mapping[str, Any]]) -> List[int]:
         """Stores several records atomically; ``items`` are dicts of ``put_sealed``'s arguments."""
         body = {"items": [self._item(**item) for item in items]}
         return [int(v) for v in self._call("POST", "/v1/records:batch", body)["versions"]]
