@@ -5,16 +5,19 @@
 // node:crypto and fetch only. The web tier holds the vault's public key: it can seal and
 // store, never read back.
 //
-//   const client = new Client('https://vault.internal:50052', credential);
+//   const client = new Client('https://vault.internal:50052', credential, { ca: fs.readFileSync('vault-ca.pem') });
 //   const key = await client.publicKey();
 //   const envelope = seal(key.spkiPem, 'github:user-42', 'user-42', 'github', 'access_token', token);
 //   const version = await client.putSealed({ id: 'github:user-42', owner: 'user-42',
-//     provider: 'github', kind: 'access_token', envelope });
+//     provider: 'github', kind: 'access_token', envelope });   // a BigInt: 1n
 //
-// TLS: Node's fetch trusts the system's CAs; for a private CA start node with
-// NODE_EXTRA_CA_CERTS=vault-ca.pem.
+// https:// is required unless the daemon is on loopback. Versions are 64-bit: they are BigInts
+// here and decimal strings on the wire, never Numbers. Types: index.d.ts.
 
 const crypto = require('node:crypto');
+const http = require('node:http');
+const https = require('node:https');
+const net = require('node:net');
 
 // The kind strings bound in the associated data, and their SecretKind names on the wire.
 const KINDS = Object.freeze({
@@ -77,15 +80,53 @@ class TokenvaultError extends Error {
   }
 }
 
-// The daemon's HTTP/JSON ingest routes, with an ingest credential.
+// The daemon could not be reached or did not answer in time (status 0, code UNAVAILABLE).
+// Nothing is known to have been written; the same write retried with the same envelope is
+// answered with the version it stored, if it did.
+class VaultUnreachable extends TokenvaultError {
+  constructor(message) {
+    super(0, 'UNAVAILABLE', message);
+    this.name = 'VaultUnreachable';
+  }
+}
+
+function isLoopback(hostname) {
+  const host = hostname.replace(/^\[|\]$/g, '');
+  if (host === 'localhost') return true;
+  if (net.isIPv4(host)) return host.startsWith('127.');
+  if (net.isIPv6(host)) return host === '::1';
+  return false;
+}
+
+// The daemon's HTTP/JSON ingest routes, with an ingest credential. Options: `ca` (PEM of a
+// private CA the daemon's certificate is signed by; default: Node's bundled roots) and
+// `timeoutMs` (per call, default 10000).
 class Client {
   #base;
   #credential;
+  #agent;
+  #timeoutMs;
 
-  constructor(baseUrl, credential) {
-    if (!/^https?:\/\//.test(baseUrl)) throw new RangeError('baseUrl must be http:// (loopback) or https://');
+  constructor(baseUrl, credential, { ca, timeoutMs = 10000 } = {}) {
+    let url;
+    try {
+      url = new URL(baseUrl);
+    } catch {
+      throw new RangeError('baseUrl must be https:// (or http:// on loopback)');
+    }
+    if (url.protocol === 'https:') {
+      this.#agent = new https.Agent({ ca, keepAlive: true });
+    } else if (url.protocol === 'http:') {
+      if (!isLoopback(url.hostname)) {
+        throw new RangeError('baseUrl must be https:// unless the daemon is on loopback (http://127.0.0.1, http://[::1] or http://localhost)');
+      }
+      this.#agent = new http.Agent({ keepAlive: true });
+    } else {
+      throw new RangeError('baseUrl must be https:// (or http:// on loopback)');
+    }
     this.#base = baseUrl.replace(/\/+$/, '');
     this.#credential = credential;
+    this.#timeoutMs = timeoutMs;
   }
 
   // Keeps the credential out of console.log and util.inspect.
@@ -97,23 +138,42 @@ class Client {
     return { baseUrl: this.#base, credential: '[REDACTED]' };
   }
 
-  async #call(method, path, body) {
+  #call(method, path, body) {
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body), 'utf8');
     const headers = { authorization: `Bearer ${this.#credential}` };
-    if (body !== undefined) headers['content-type'] = 'application/json';
-    const response = await fetch(this.#base + path, {
-      method,
-      headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await response.text();
-    let json;
-    try {
-      json = JSON.parse(text);
-    } catch {
-      throw new TokenvaultError(response.status, 'UNKNOWN', `HTTP ${response.status} without a JSON body`);
+    if (payload !== undefined) {
+      headers['content-type'] = 'application/json';
+      headers['content-length'] = String(payload.length);
     }
-    if (!response.ok) throw new TokenvaultError(response.status, json.code, json.message);
-    return json;
+    const url = new URL(this.#base + path);
+    const transport = url.protocol === 'https:' ? https : http;
+    return new Promise((resolve, reject) => {
+      const request = transport.request(
+        url,
+        { method, headers, agent: this.#agent, timeout: this.#timeoutMs },
+        (response) => {
+          const chunks = [];
+          response.on('data', (c) => chunks.push(c));
+          response.on('error', (e) => reject(new VaultUnreachable(`reading from ${this.#base}: ${e.message}`)));
+          response.on('end', () => {
+            const status = response.statusCode || 0;
+            let json;
+            try {
+              json = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+            } catch {
+              reject(new TokenvaultError(status, 'UNKNOWN', `HTTP ${status} without a JSON body`));
+              return;
+            }
+            if (status < 200 || status > 299) reject(new TokenvaultError(status, json.code, json.message));
+            else resolve(json);
+          });
+        },
+      );
+      // Refused connections, TLS failures and timeouts; the credential is not in the text.
+      request.on('timeout', () => request.destroy(new Error(`no answer within ${this.#timeoutMs} ms`)));
+      request.on('error', (e) => reject(new VaultUnreachable(`cannot reach ${this.#base}: ${e.message}`)));
+      request.end(payload);
+    });
   }
 
   // The active key: {version, fingerprint, spkiPem, state, createdAt}.
@@ -125,35 +185,38 @@ class Client {
     if (!KINDS[kind]) throw new RangeError(`unknown kind ${JSON.stringify(kind)}`);
     return {
       record: {
-        meta: { id, owner, provider, kind: KINDS[kind], scopes, expiresAt: String(expiresAt) },
+        meta: { id, owner, provider, kind: KINDS[kind], scopes, expiresAt: BigInt(expiresAt).toString() },
         envelope: Buffer.from(envelope).toString('base64'),
       },
-      expectedVersion: String(expectedVersion),
+      expectedVersion: BigInt(expectedVersion).toString(),
     };
   }
 
-  // Stores one sealed record; resolves to its new version (expectedVersion 0 creates).
+  // Stores one sealed record; resolves to its new version, a BigInt (expectedVersion 0 creates).
   async putSealed(record) {
-    return Number((await this.#call('POST', '/v1/records', Client.item(record))).version);
+    return BigInt((await this.#call('POST', '/v1/records', Client.item(record))).version);
   }
 
   // Has the daemon redeem an OAuth authorization code and store the token bundle; resolves to
-  // {id, version, expiresAt, scopes}, never a token.
+  // {id, version, expiresAt, scopes}, never a token (version and expiresAt as decimal strings,
+  // as on the wire).
   async exchangeCode({ id, owner, provider, code, codeVerifier, redirectUri, scopes = [], expectedVersion = 0 }) {
     return this.#call('POST', '/v1/code-exchange', {
       meta: { id, owner, provider, scopes },
       code,
       codeVerifier,
       redirectUri,
-      expectedVersion: String(expectedVersion),
+      expectedVersion: BigInt(expectedVersion).toString(),
     });
   }
 
   // Stores several records atomically; resolves to their versions.
   async putSealedBatch(records) {
     const body = { items: records.map((r) => Client.item(r)) };
-    return (await this.#call('POST', '/v1/records:batch', body)).versions.map(Number);
+    return (await this.#call('POST', '/v1/records:batch', body)).versions.map((v) => BigInt(v));
   }
 }
 
-module.exports = { KINDS, seal, Client, TokenvaultError };
+const version = '0.1.0';
+
+module.exports = { KINDS, seal, Client, TokenvaultError, VaultUnreachable, version };

@@ -128,6 +128,19 @@ async fn the_node_sealer_stores_what_tokenvault_get_reads_back() {
     let clients = root().join("clients/node");
     let addr = d.addr;
     let suite = tokio::task::spawn_blocking(move || {
+        // The declarations checked by TypeScript (pinned in package-lock.json), then the suite.
+        run_suite(
+            addr,
+            "npm",
+            &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            &clients,
+        );
+        run_suite(
+            addr,
+            "node",
+            &["node_modules/typescript/bin/tsc", "--noEmit", "-p", "."],
+            &clients,
+        );
         run_suite(addr, "node", &["--test", "test/sealer.test.js"], &clients);
     });
     suite.await.expect("node --test");

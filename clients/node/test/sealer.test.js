@@ -9,7 +9,7 @@ const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
 const util = require('node:util');
-const { seal, Client, TokenvaultError } = require('..');
+const { seal, Client, TokenvaultError, VaultUnreachable } = require('..');
 
 const ROOT = path.resolve(__dirname, '..', '..', '..');
 const VECTORS = path.join(ROOT, 'tests', 'vectors');
@@ -64,7 +64,13 @@ test('bad input is refused before anything is sealed', () => {
   }
   const ec = fs.readFileSync(path.join(KEYS, 'fixture-ec.pub.pem'), 'utf8');
   assert.throws(() => seal(ec, 'a', 'o', 'p', 'access_token', Buffer.from('x')), /RSA, 2048 to 4096/);
-  assert.throws(() => new Client('ftp://x', 'c'), /http/);
+  assert.throws(() => new Client('ftp://x', 'c'), /https:\/\//);
+  for (const url of ['http://vault.example:50051', 'http://10.0.0.5:1', 'http://[2001:db8::1]:1', 'http://127.0.0.1.example.com:1']) {
+    assert.throws(() => new Client(url, 'c'), /must be https:\/\/ unless the daemon is on loopback/, url);
+  }
+  for (const url of ['http://127.0.0.1:1', 'http://127.0.0.2:1', 'http://[::1]:1', 'http://localhost:1', 'https://vault.example']) {
+    new Client(url, 'c');
+  }
   const client = new Client('http://127.0.0.1:1', 'c-secret');
   assert.ok(!util.inspect(client).includes('c-secret'));
   assert.ok(!JSON.stringify(client).includes('c-secret'));
@@ -82,13 +88,13 @@ test('vectors are stored over HTTP/JSON for the harness to read back', withDaemo
     const id = `node-${file.replace(/\.txt$/, '')}`;
     const envelope = seal(key.spkiPem, id, v.owner, v.provider, v.kind, Buffer.from(v.plaintext, 'hex'));
     const version = await client.putSealed({ id, owner: v.owner, provider: v.provider, kind: v.kind, envelope, scopes: ['read'] });
-    assert.strictEqual(version, 1);
+    assert.strictEqual(version, 1n);
   }
   const items = [0, 1, 2].map((i) => ({
     id: `node-batch-${i}`, owner: 'o', provider: 'github', kind: 'api_key',
     envelope: seal(key.spkiPem, `node-batch-${i}`, 'o', 'github', 'api_key', Buffer.from(`batch-${i}`)),
   }));
-  assert.deepStrictEqual(await client.putSealedBatch(items), [1, 1, 1]);
+  assert.deepStrictEqual(await client.putSealedBatch(items), [1n, 1n, 1n]);
 });
 
 test('refusals carry the gRPC code and the HTTP status', withDaemon, async () => {
@@ -99,9 +105,26 @@ test('refusals carry the gRPC code and the HTTP status', withDaemon, async () =>
   await client.putSealed(record);
   // The very same write again (a blind retry) answers the stored version; a new seal of the
   // same id is a conflict.
-  assert.strictEqual(await client.putSealed(record), 1);
+  assert.strictEqual(await client.putSealed(record), 1n);
   const other = { ...record, envelope: seal(pem, 'node-dup', 'o', 'github', 'access_token', Buffer.from('t')) };
   await assert.rejects(client.putSealed(other), (e) => e instanceof TokenvaultError && e.status === 409 && e.code === 'ALREADY_EXISTS');
   await assert.rejects(client.putSealed({ ...record, expectedVersion: 9 }), (e) => e.status === 412 && e.code === 'ABORTED');
   await assert.rejects(new Client(URL, 'tv_wrong').publicKey(), (e) => e.status === 401 && e.code === 'UNAUTHENTICATED');
+});
+
+test('an unreachable daemon rejects with the package\'s own error, without the credential', async () => {
+  // Port 1 on loopback: nothing listens there, the connection is refused at once.
+  await assert.rejects(new Client('http://127.0.0.1:1', 'c-secret-credential', { timeoutMs: 5000 }).publicKey(), (e) =>
+    e instanceof VaultUnreachable && e instanceof TokenvaultError && e.status === 0 && e.code === 'UNAVAILABLE' &&
+    !e.message.includes('c-secret-credential'));
+});
+
+test('the ES module entry exports the same API', async () => {
+  const esm = await import('tokenvault-sealer');
+  const cjs = require('..');
+  for (const name of ['KINDS', 'seal', 'Client', 'TokenvaultError', 'VaultUnreachable', 'version']) {
+    assert.strictEqual(esm[name], cjs[name], name);
+  }
+  const pkg = JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8'));
+  assert.strictEqual(cjs.version, pkg.version);
 });
