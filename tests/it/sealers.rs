@@ -1,6 +1,6 @@
 //! The Python and Node.js sealers in clients/: their own test suites (pytest, `node --test`)
-//! run against a real daemon over HTTP/JSON, then every record they stored is read back with
-//! `tokenvault get` and compared with the vector's plaintext.
+//! run against a real daemon over HTTP/JSON on TLS with a private CA, then every record they
+//! stored is read back with `tokenvault get` and compared with the vector's plaintext.
 
 use crate::common;
 
@@ -35,12 +35,42 @@ fn ok_vectors() -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Runs a sealer's test suite against `d`; every test must pass, none may be skipped.
-fn run_suite(addr: std::net::SocketAddr, program: &str, args: &[&str], dir: &Path) {
+/// A daemon serving TLS with a certificate for `localhost` from a private CA, and the CA's
+/// PEM file (in `dir`).
+async fn tls_daemon(dir: &Path) -> (TestDaemon, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = common::pki::ca("sealer test CA");
+    let (cert, key) = common::pki::leaf(&pki, &["localhost"], "localhost");
+    let (cert_file, key_file, ca_file) = (
+        dir.join("server.pem"),
+        dir.join("server.key"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert_file, cert).expect("cert");
+    std::fs::write(&key_file, key).expect("key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("mode");
+    std::fs::write(&ca_file, &pki.ca_pem).expect("ca");
+    let mut c = config(dir);
+    c.tls = Some(tokenvault::config::TlsConfig {
+        cert_file,
+        key_file,
+        client_ca_file: None,
+        require_client_cert: false,
+    });
+    (TestDaemon::start_with(c).await, ca_file)
+}
+
+/// Runs a sealer's test suite against the TLS daemon at `addr` (its CA in `ca`); every test
+/// must pass, none may be skipped.
+fn run_suite(addr: std::net::SocketAddr, ca: &Path, program: &str, args: &[&str], dir: &Path) {
     let out = Command::new(program)
         .args(args)
         .current_dir(dir)
-        .env("TOKENVAULT_TEST_URL", format!("http://{addr}"))
+        .env(
+            "TOKENVAULT_TEST_URL",
+            format!("https://localhost:{}", addr.port()),
+        )
+        .env("TOKENVAULT_TEST_CA", ca)
         .env("TOKENVAULT_INGEST_TOKEN", INGEST)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
@@ -59,15 +89,20 @@ fn run_suite(addr: std::net::SocketAddr, program: &str, args: &[&str], dir: &Pat
     );
 }
 
-/// Reads every record a sealer stored (prefix `py-` or `node-`) with `tokenvault get`.
-fn read_back(d: &TestDaemon, prefix: &str) {
+/// Reads every record a sealer stored (prefix `py-` or `node-`) with `tokenvault get`, over
+/// the daemon's TLS with its CA.
+fn read_back(d: &TestDaemon, ca: &Path, prefix: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let addr = format!("http://{}", d.addr);
+    let addr = format!("https://localhost:{}", d.addr.port());
+    let ca = ca.display().to_string();
     let get = |id: &str| {
         let out = run(
             dir.path(),
             &["get", id, "--addr", &addr],
-            &[("TOKENVAULT_WORKER_TOKEN", WORKER)],
+            &[
+                ("TOKENVAULT_WORKER_TOKEN", WORKER),
+                ("TOKENVAULT_CA_FILE", &ca),
+            ],
             None,
         );
         assert!(out.status.success(), "get {id}: {}", process::stderr(&out));
@@ -87,22 +122,26 @@ fn read_back(d: &TestDaemon, prefix: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sealer_stores_what_tokenvault_get_reads_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = TestDaemon::start(dir.path()).await;
+    let (d, ca) = tls_daemon(dir.path()).await;
     let python = std::env::var("TOKENVAULT_TEST_PYTHON").unwrap_or_else(|_| {
         panic!("TOKENVAULT_TEST_PYTHON is not set: run ./scripts/test (scripts/pyenv makes it)")
     });
     let clients = root().join("clients/python");
     let addr = d.addr;
+    let ca_file = ca.clone();
     let suite = tokio::task::spawn_blocking(move || {
+        let ca = ca_file.as_path();
         // The package's own type check: typed (py.typed) and clean under mypy --strict.
         run_suite(
             addr,
+            ca,
             &python,
             &["-m", "mypy", "--strict", "tokenvault_sealer"],
             &clients,
         );
         run_suite(
             addr,
+            ca,
             &python,
             &[
                 "-m",
@@ -117,33 +156,43 @@ async fn the_python_sealer_stores_what_tokenvault_get_reads_back() {
         );
     });
     suite.await.expect("pytest");
-    read_back(&d, "py-");
+    read_back(&d, &ca, "py-");
     d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_sealer_stores_what_tokenvault_get_reads_back() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = TestDaemon::start(dir.path()).await;
+    let (d, ca) = tls_daemon(dir.path()).await;
     let clients = root().join("clients/node");
     let addr = d.addr;
+    let ca_file = ca.clone();
     let suite = tokio::task::spawn_blocking(move || {
+        let ca = ca_file.as_path();
         // The declarations checked by TypeScript (pinned in package-lock.json), then the suite.
         run_suite(
             addr,
+            ca,
             "npm",
             &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
             &clients,
         );
         run_suite(
             addr,
+            ca,
             "node",
             &["node_modules/typescript/bin/tsc", "--noEmit", "-p", "."],
             &clients,
         );
-        run_suite(addr, "node", &["--test", "test/sealer.test.js"], &clients);
+        run_suite(
+            addr,
+            ca,
+            "node",
+            &["--test", "test/sealer.test.js"],
+            &clients,
+        );
     });
     suite.await.expect("node --test");
-    read_back(&d, "node-");
+    read_back(&d, &ca, "node-");
     d.stop().await;
 }

@@ -77,10 +77,19 @@ test('bad input is refused before anything is sealed', () => {
 });
 
 const URL = process.env.TOKENVAULT_TEST_URL;
+// The harness's daemon serves TLS with a certificate from this private CA.
+const CA = process.env.TOKENVAULT_TEST_CA && fs.readFileSync(process.env.TOKENVAULT_TEST_CA);
 const withDaemon = { skip: URL === undefined ? 'run by tests/sealers.rs with a daemon' : false };
 
+test("the daemon's private CA is needed and enough", withDaemon, async () => {
+  assert.ok(URL.startsWith('https://'));
+  await assert.rejects(new Client(URL, process.env.TOKENVAULT_INGEST_TOKEN).publicKey(),
+    (e) => e instanceof VaultUnreachable && /certificate/i.test(e.message));
+  assert.ok((await new Client(URL, process.env.TOKENVAULT_INGEST_TOKEN, { ca: CA }).publicKey()).version >= 1);
+});
+
 test('vectors are stored over HTTP/JSON for the harness to read back', withDaemon, async () => {
-  const client = new Client(URL, process.env.TOKENVAULT_INGEST_TOKEN);
+  const client = new Client(URL, process.env.TOKENVAULT_INGEST_TOKEN, { ca: CA });
   const key = await client.publicKey();
   assert.strictEqual(key.state, 'KEY_STATE_ACTIVE');
   for (const file of OK) {
@@ -98,7 +107,7 @@ test('vectors are stored over HTTP/JSON for the harness to read back', withDaemo
 });
 
 test('refusals carry the gRPC code and the HTTP status', withDaemon, async () => {
-  const client = new Client(URL, process.env.TOKENVAULT_INGEST_TOKEN);
+  const client = new Client(URL, process.env.TOKENVAULT_INGEST_TOKEN, { ca: CA });
   const pem = (await client.publicKey()).spkiPem;
   const record = { id: 'node-dup', owner: 'o', provider: 'github', kind: 'access_token',
     envelope: seal(pem, 'node-dup', 'o', 'github', 'access_token', Buffer.from('t')) };
@@ -109,7 +118,7 @@ test('refusals carry the gRPC code and the HTTP status', withDaemon, async () =>
   const other = { ...record, envelope: seal(pem, 'node-dup', 'o', 'github', 'access_token', Buffer.from('t')) };
   await assert.rejects(client.putSealed(other), (e) => e instanceof TokenvaultError && e.status === 409 && e.code === 'ALREADY_EXISTS');
   await assert.rejects(client.putSealed({ ...record, expectedVersion: 9 }), (e) => e.status === 412 && e.code === 'ABORTED');
-  await assert.rejects(new Client(URL, 'tv_wrong').publicKey(), (e) => e.status === 401 && e.code === 'UNAUTHENTICATED');
+  await assert.rejects(new Client(URL, 'tv_wrong', { ca: CA }).publicKey(), (e) => e.status === 401 && e.code === 'UNAUTHENTICATED');
 });
 
 test('an unreachable daemon rejects with the package\'s own error, without the credential', async () => {

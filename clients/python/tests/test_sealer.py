@@ -91,12 +91,22 @@ def test_the_version_is_the_package_s():
 
 
 URL = os.environ.get("TOKENVAULT_TEST_URL")
+# The harness's daemon serves TLS with a certificate from this private CA.
+CA = os.environ.get("TOKENVAULT_TEST_CA")
 needs_daemon = pytest.mark.skipif(URL is None, reason="run by tests/sealers.rs with a daemon")
 
 
 @needs_daemon
+def test_the_daemon_s_private_ca_is_needed_and_enough():
+    assert URL.startswith("https://")
+    with pytest.raises(VaultUnreachable, match="CERTIFICATE_VERIFY_FAILED"):
+        Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"]).public_key()
+    assert Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"], ca_file=CA).public_key()["version"] >= 1
+
+
+@needs_daemon
 def test_vectors_are_stored_over_http_json_for_the_harness_to_read_back():
-    client = Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"])
+    client = Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"], ca_file=CA)
     key = client.public_key()
     assert key["state"] == "KEY_STATE_ACTIVE"
     for path in OK:
@@ -113,7 +123,7 @@ def test_vectors_are_stored_over_http_json_for_the_harness_to_read_back():
 
 @needs_daemon
 def test_refusals_carry_the_grpc_code_and_http_status():
-    client = Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"])
+    client = Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"], ca_file=CA)
     pem = client.public_key()["spkiPem"]
     envelope = seal(pem, "py-dup", "o", "github", "access_token", b"t")
     client.put_sealed("py-dup", "o", "github", "access_token", envelope)
@@ -128,5 +138,5 @@ def test_refusals_carry_the_grpc_code_and_http_status():
         client.put_sealed("py-dup", "o", "github", "access_token", envelope, expected_version=9)
     assert (e.value.status, e.value.code) == (412, "ABORTED")
     with pytest.raises(TokenvaultError) as e:
-        Client(URL, "tv_wrong").public_key()
+        Client(URL, "tv_wrong", ca_file=CA).public_key()
     assert (e.value.status, e.value.code) == (401, "UNAUTHENTICATED")
