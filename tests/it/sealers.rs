@@ -39,8 +39,8 @@ fn ok_vectors() -> Vec<(String, Vec<u8>)> {
 /// PEM file (in `dir`).
 async fn tls_daemon(dir: &Path) -> (TestDaemon, std::path::PathBuf) {
     use std::os::unix::fs::PermissionsExt as _;
-    let pki = common::pki::ca("sealer test CA");
-    let (cert, key) = common::pki::leaf(&pki, &["localhost"], "localhost");
+    let pki = pki::ca("sealer test CA");
+    let (cert, key) = pki::leaf(&pki, &["localhost"], "localhost");
     let (cert_file, key_file, ca_file) = (
         dir.join("server.pem"),
         dir.join("server.key"),
