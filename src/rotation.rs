@@ -22,6 +22,8 @@ use crate::keys::PrivateKey;
 use crate::keys::keyring::{KeyDir, Keyring};
 use crate::keys::{KeyError, KeyInfo, KeyState, UnwrapperLookup, Wrapper};
 use crate::record::{Record, RecordId};
+#[cfg(any(test, feature = "testing"))]
+use crate::store::TestHooks;
 use crate::store::{AuditAppend, EnvelopeReplace, StoreError, TokenStore};
 
 /// Store metadata key of the rewrap cursor.
@@ -389,7 +391,7 @@ pub fn retire(
     store: &dyn TokenStore,
     version: u32,
     now: i64,
-    audit: Option<&AuditAppend>,
+    audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
     // Retiring again rewrites the same entry (so the audit event lands with it).
     let mut key = find_in(
@@ -420,7 +422,7 @@ pub fn destroy(
     dir: &KeyDir,
     version: u32,
     now: i64,
-    audit: Option<&AuditAppend>,
+    audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
     let key = mark_destroyed(store, version, now, audit)?;
     dir.erase(version)?;
@@ -433,7 +435,7 @@ pub fn mark_destroyed(
     store: &dyn TokenStore,
     version: u32,
     now: i64,
-    audit: Option<&AuditAppend>,
+    audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
     ensure_destroyable(store, version)?;
     write_destroyed(store, version, now, audit)
@@ -465,7 +467,7 @@ fn write_destroyed(
     store: &dyn TokenStore,
     version: u32,
     now: i64,
-    audit: Option<&AuditAppend>,
+    audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
     let mut key = find_destroyable(store, version)?;
     if key.state != KeyState::Destroyed {
@@ -481,8 +483,11 @@ fn store_err(e: StoreError) -> KeyError {
     KeyError::Store(e.to_string())
 }
 
-/// Creates key version 1 with a fresh RSA-2048 key. Refuses if the registry has any version.
-pub fn init(store: &dyn TokenStore, dir: &KeyDir, now: i64) -> Result<KeyInfo, KeyError> {
+/// Creates key version 1 with a fresh RSA-2048 key, without an audit event (tests and benches
+/// seed keyrings with it; the daemon and `tokenvault keys` go through [`KeyService`]). Refuses
+/// if the registry has any version.
+#[cfg(any(test, feature = "testing"))]
+pub fn init(store: &dyn TestHooks, dir: &KeyDir, now: i64) -> Result<KeyInfo, KeyError> {
     let existing = store.keys().map_err(store_err)?;
     if !existing.is_empty() {
         return Err(KeyError::AlreadyInitialized(existing.len()));
@@ -493,14 +498,17 @@ pub fn init(store: &dyn TokenStore, dir: &KeyDir, now: i64) -> Result<KeyInfo, K
 /// Adds `key` as the next version and makes it active; the previously active version becomes
 /// decrypt-only. The key file is written before the registry, so a crash in between leaves
 /// at most an unused file, never a registered version without its key.
+#[cfg(any(test, feature = "testing"))]
 pub fn add_version(
-    store: &dyn TokenStore,
+    store: &dyn TestHooks,
     dir: &KeyDir,
     key: PrivateKey,
     now: i64,
 ) -> Result<KeyInfo, KeyError> {
     let file = dir.prepare(&key)?;
-    add_version_audited(store, dir, &key, &file, now, None)
+    let (info, writes) = next_version(store, dir, &key, &file, now)?;
+    store.put_keys_unaudited(&writes).map_err(store_err)?;
+    Ok(info)
 }
 
 /// [`add_version`] of a key [`KeyDir::prepare`]d as `file`, writing `audit` in the same atomic
@@ -511,8 +519,22 @@ pub fn add_version_audited(
     key: &PrivateKey,
     file: &crate::keys::keyring::KeyFile,
     now: i64,
-    audit: Option<&AuditAppend>,
+    audit: &AuditAppend,
 ) -> Result<KeyInfo, KeyError> {
+    let (info, writes) = next_version(store, dir, key, file, now)?;
+    store.put_keys(&writes, audit).map_err(store_err)?;
+    Ok(info)
+}
+
+/// The next version of the registry for `key` (its key file written as `file`) and the
+/// registry entries to write: it, active, and the previously active ones, decrypt-only.
+fn next_version(
+    store: &dyn TokenStore,
+    dir: &KeyDir,
+    key: &PrivateKey,
+    file: &crate::keys::keyring::KeyFile,
+    now: i64,
+) -> Result<(KeyInfo, Vec<KeyInfo>), KeyError> {
     let existing = store.keys().map_err(store_err)?;
     let id = key.public_key().id();
     if let Some(dup) = existing.iter().find(|k| k.id == id) {
@@ -543,8 +565,7 @@ pub fn add_version_audited(
         })
         .collect();
     writes.push(info.clone());
-    store.put_keys(&writes, audit).map_err(store_err)?;
-    Ok(info)
+    Ok((info, writes))
 }
 
 /// The audited key service: every key lifecycle change (a new version, retirement,
@@ -594,12 +615,7 @@ impl<'a> KeyService<'a> {
         let file = self.dir.prepare(&key)?;
         self.recorded(draft, |a| {
             Ok(add_version_audited(
-                self.store,
-                self.dir,
-                &key,
-                &file,
-                now,
-                Some(a),
+                self.store, self.dir, &key, &file, now, a,
             )?)
         })
     }
@@ -621,7 +637,7 @@ impl<'a> KeyService<'a> {
         version: u32,
         now: i64,
     ) -> Result<KeyInfo, RotationError> {
-        self.recorded(draft, |a| retire(self.store, version, now, Some(a)))
+        self.recorded(draft, |a| retire(self.store, version, now, a))
     }
 
     /// Destroys a retired version ([`destroy`]), with `draft` in the same write.
@@ -635,9 +651,7 @@ impl<'a> KeyService<'a> {
         // first, and the chain advances with it even if the erase below fails, since the
         // event is stored.
         ensure_destroyable(self.store, version)?;
-        let key = self.recorded(draft, |a| {
-            write_destroyed(self.store, version, now, Some(a))
-        })?;
+        let key = self.recorded(draft, |a| write_destroyed(self.store, version, now, a))?;
         self.dir.erase(version)?;
         Ok(key)
     }

@@ -236,11 +236,11 @@ pub fn key_registry(store: &dyn TestHooks) {
     store
         .put_keys(
             &[key(2, KeyState::Active), key(1, KeyState::DecryptOnly)],
-            None,
+            &event(),
         )
         .expect("put");
     store
-        .put_keys(&[key(1, KeyState::Retired)], None)
+        .put_keys(&[key(1, KeyState::Retired)], &event())
         .expect("update");
     assert_eq!(
         store.keys(),
@@ -471,12 +471,12 @@ pub fn retire_is_atomic_with_record_writes(store: &dyn TestHooks) {
     store
         .put_keys(
             &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
-            None,
+            &event(),
         )
         .expect("keys");
     store.put_records(&[write("v1", "o", 0)], 1).expect("put");
     assert_eq!(
-        store.retire_key(&key(1, KeyState::Retired), None),
+        store.retire_key(&key(1, KeyState::Retired), &event()),
         Err(StoreError::KeyInUse {
             version: 1,
             records: 1
@@ -487,10 +487,10 @@ pub fn retire_is_atomic_with_record_writes(store: &dyn TestHooks) {
     store
         .retire_key(
             &key(1, KeyState::Retired),
-            Some(&AuditAppend {
+            &AuditAppend {
                 seq: 1,
                 bytes: b"retired".to_vec(),
-            }),
+            },
         )
         .expect("retire");
     assert_eq!(store.keys().expect("keys")[0].state, KeyState::Retired);
@@ -760,7 +760,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
     store
         .put_keys(
             &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
-            None,
+            &event(),
         )
         .expect("keys");
     let mut other = write("other", "p", 0);
@@ -779,7 +779,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
     let in_use = |records: u64| {
         assert_eq!(store.records_under_key(1), Ok(records));
         assert_eq!(
-            store.retire_key(&key(1, KeyState::Retired), None),
+            store.retire_key(&key(1, KeyState::Retired), &event()),
             Err(StoreError::KeyInUse {
                 version: 1,
                 records
@@ -813,13 +813,13 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
         .delete_owner(&Owner::parse("q").expect("owner"), &event())
         .expect("delete owner");
     store
-        .retire_key(&key(1, KeyState::Retired), None)
+        .retire_key(&key(1, KeyState::Retired), &event())
         .expect("no record left under version 1");
     assert_eq!(store.records_under_key(1), Ok(0));
     assert_eq!(store.records_under_key(2), Ok(2));
     // Version 2 still counts its own two.
     assert_eq!(
-        store.retire_key(&key(2, KeyState::Retired), None),
+        store.retire_key(&key(2, KeyState::Retired), &event()),
         Err(StoreError::KeyInUse {
             version: 2,
             records: 2
@@ -1026,7 +1026,7 @@ mod tests {
         {
             let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
             store
-                .put_keys(&[key(1, KeyState::Active)], None)
+                .put_keys(&[key(1, KeyState::Active)], &event())
                 .expect("keys");
             store
                 .put_records(&[write("a", "o", 0), write("b", "o", 0)], 1)
@@ -1046,7 +1046,7 @@ mod tests {
         }
         let store = RocksStore::open(dir.path(), 8 << 20).expect("reopen");
         assert_eq!(
-            store.retire_key(&key(1, KeyState::Retired), None),
+            store.retire_key(&key(1, KeyState::Retired), &event()),
             Err(StoreError::KeyInUse {
                 version: 1,
                 records: 2

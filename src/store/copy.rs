@@ -536,17 +536,14 @@ mod tests {
     fn filled() -> MemoryStore {
         let store = MemoryStore::new();
         store
-            .put_keys(
-                &[KeyInfo {
-                    version: 1,
-                    id: KeyId([1; 32]),
-                    state: KeyState::Active,
-                    created_at: 1,
-                    updated_at: 1,
-                    spki_der: vec![1],
-                }],
-                None,
-            )
+            .put_keys_unaudited(&[KeyInfo {
+                version: 1,
+                id: KeyId([1; 32]),
+                state: KeyState::Active,
+                created_at: 1,
+                updated_at: 1,
+                spki_der: vec![1],
+            }])
             .expect("keys");
         let writes: Vec<_> = (0..700)
             .map(|i| RecordWrite {

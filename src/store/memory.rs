@@ -235,12 +235,11 @@ impl MetaStore for MemoryStore {
     }
 }
 
-impl KeyRegistry for MemoryStore {
-    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
-        Ok(self.lock().keys.values().cloned().collect())
-    }
-
-    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+/// The registry writes behind [`KeyRegistry`] (always with an event) and [`TestHooks`]' unaudited
+/// seeding (`audit` `None`).
+impl MemoryStore {
+    /// [`KeyRegistry::put_keys`].
+    fn write_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if let Some(a) = audit {
             inner.audit.insert(a.seq, a.bytes.clone());
@@ -251,7 +250,8 @@ impl KeyRegistry for MemoryStore {
         Ok(())
     }
 
-    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    /// [`KeyRegistry::retire_key`].
+    fn write_retired(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let records = inner
             .records
@@ -269,6 +269,20 @@ impl KeyRegistry for MemoryStore {
         }
         inner.keys.insert(key.version, key.clone());
         Ok(())
+    }
+}
+
+impl KeyRegistry for MemoryStore {
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        Ok(self.lock().keys.values().cloned().collect())
+    }
+
+    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
+        self.write_keys(keys, Some(audit))
+    }
+
+    fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {
+        self.write_retired(key, Some(audit))
     }
 }
 
@@ -381,6 +395,14 @@ impl Leases for MemoryStore {}
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for MemoryStore {
+    fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
+        self.write_keys(keys, None)
+    }
+
+    fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError> {
+        self.write_retired(key, None)
+    }
+
     fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
         self.apply_audited(mutations, &[], now, true)
     }

@@ -448,13 +448,13 @@ pub trait KeyRegistry: Send + Sync + 'static {
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
 
     /// Inserts or replaces key registry entries atomically, with `audit` in the same batch.
-    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError>;
+    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError>;
 
     /// Writes `key` (a version being retired) with `audit`, only if no record is under its
     /// version: `KeyInUse` otherwise. Checked in the same critical section as record writes,
     /// which refuse versions the registry marks retired or destroyed (`KeyNotAccepted`), so no
     /// record can be left under a retired key however writes and the retirement interleave.
-    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError>;
+    fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError>;
 }
 
 /// The audit trail's stored events: appended, read per chain, pruned. Blocking; async callers run it on a blocking pool.
@@ -580,6 +580,13 @@ pub trait TestHooks: TokenStore {
     /// [`RecordStore::apply`] without audit events: puts stored state (a record needing
     /// re-authorization, say) in place for a test.
     fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError>;
+
+    /// [`KeyRegistry::put_keys`] without an audit event: seeds a registry for a test.
+    fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError>;
+
+    /// [`KeyRegistry::retire_key`] without an audit event (its refusal while records remain
+    /// under the version included).
+    fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError>;
 
     /// Overwrites a stored audit event's bytes. Exists only so tests can prove that tampering
     /// is detected; nothing in the daemon calls it.

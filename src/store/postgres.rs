@@ -1088,20 +1088,11 @@ impl MetaStore for PostgresStore {
     }
 }
 
-impl KeyRegistry for PostgresStore {
-    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
-        self.read(|c| {
-            Box::pin(async move {
-                c.query("SELECT value FROM tokenvault_keys ORDER BY version", &[])
-                    .await?
-                    .into_iter()
-                    .map(|r| decode_key(r.get::<_, &[u8]>(0)).map_err(Fail::from))
-                    .collect()
-            })
-        })
-    }
-
-    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+/// The registry writes behind [`KeyRegistry`] (always with an event) and [`TestHooks`]' unaudited
+/// seeding (`audit` `None`).
+impl PostgresStore {
+    /// [`KeyRegistry::put_keys`].
+    fn write_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let keys = keys.to_vec();
         let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
         let chain = self.chain.clone();
@@ -1114,7 +1105,8 @@ impl KeyRegistry for PostgresStore {
         })
     }
 
-    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    /// [`KeyRegistry::retire_key`].
+    fn write_retired(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let key = key.clone();
         let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
         let chain = self.chain.clone();
@@ -1147,6 +1139,28 @@ impl KeyRegistry for PostgresStore {
                 insert_audit(t, &chain, &audit).await
             })
         })
+    }
+}
+
+impl KeyRegistry for PostgresStore {
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        self.read(|c| {
+            Box::pin(async move {
+                c.query("SELECT value FROM tokenvault_keys ORDER BY version", &[])
+                    .await?
+                    .into_iter()
+                    .map(|r| decode_key(r.get::<_, &[u8]>(0)).map_err(Fail::from))
+                    .collect()
+            })
+        })
+    }
+
+    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
+        self.write_keys(keys, Some(audit))
+    }
+
+    fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {
+        self.write_retired(key, Some(audit))
     }
 }
 
@@ -1356,6 +1370,14 @@ impl Transfer for PostgresStore {
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for PostgresStore {
+    fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
+        self.write_keys(keys, None)
+    }
+
+    fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError> {
+        self.write_retired(key, None)
+    }
+
     fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
         self.apply_audited(mutations, &[], now, true)
     }
@@ -1692,17 +1714,14 @@ mod tests {
     fn a_snapshot_reads_one_instant_while_the_database_changes_and_writes_nothing() {
         use crate::store::copy;
         let (live, config) = fresh();
-        live.put_keys(
-            &[KeyInfo {
-                version: 1,
-                id: crate::keys::KeyId([1; 32]),
-                state: KeyState::Active,
-                created_at: 1,
-                updated_at: 1,
-                spki_der: vec![1],
-            }],
-            None,
-        )
+        live.put_keys_unaudited(&[KeyInfo {
+            version: 1,
+            id: crate::keys::KeyId([1; 32]),
+            state: KeyState::Active,
+            created_at: 1,
+            updated_at: 1,
+            spki_der: vec![1],
+        }])
         .expect("keys");
         live.put_records(&writes(0..600, 0), 10).expect("records");
         let snap = PostgresStore::connect(options(config), "test")

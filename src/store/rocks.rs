@@ -741,20 +741,11 @@ impl MetaStore for RocksStore {
     }
 }
 
-impl KeyRegistry for RocksStore {
-    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
-        let mut keys = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_KEYS), rocksdb::IteratorMode::Start)
-        {
-            let (_, v) = item.map_err(engine)?;
-            keys.push(schema::decode_key(&v)?);
-        }
-        Ok(keys)
-    }
-
-    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+/// The registry writes behind [`KeyRegistry`] (always with an event) and [`TestHooks`]' unaudited
+/// seeding (`audit` `None`).
+impl RocksStore {
+    /// [`KeyRegistry::put_keys`].
+    fn write_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let _guard = self.lock();
         let mut batch = WriteBatch::default();
         for k in keys {
@@ -768,7 +759,8 @@ impl KeyRegistry for RocksStore {
         self.write(batch)
     }
 
-    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    /// [`KeyRegistry::retire_key`].
+    fn write_retired(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
         let _guard = self.lock();
         let records = self.count_under_key(key.version)?;
         if records > 0 {
@@ -785,6 +777,28 @@ impl KeyRegistry for RocksStore {
         );
         self.add_audit(&mut batch, audit);
         self.write(batch)
+    }
+}
+
+impl KeyRegistry for RocksStore {
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        let mut keys = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_KEYS), rocksdb::IteratorMode::Start)
+        {
+            let (_, v) = item.map_err(engine)?;
+            keys.push(schema::decode_key(&v)?);
+        }
+        Ok(keys)
+    }
+
+    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
+        self.write_keys(keys, Some(audit))
+    }
+
+    fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {
+        self.write_retired(key, Some(audit))
     }
 }
 
@@ -960,6 +974,14 @@ impl Leases for RocksStore {}
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for RocksStore {
+    fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
+        self.write_keys(keys, None)
+    }
+
+    fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError> {
+        self.write_retired(key, None)
+    }
+
     fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
         self.apply_audited(mutations, &[], now, true)
     }

@@ -185,12 +185,12 @@ impl KeyRegistry for FaultyStore {
         self.inner.keys()
     }
 
-    fn put_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
         self.pause();
         self.inner.put_keys(keys, audit)
     }
 
-    fn retire_key(&self, key: &KeyInfo, audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {
         self.pause();
         self.inner.retire_key(key, audit)
     }
@@ -247,6 +247,16 @@ impl Transfer for FaultyStore {
 
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for FaultyStore {
+    fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
+        self.pause();
+        self.inner.put_keys_unaudited(keys)
+    }
+
+    fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError> {
+        self.pause();
+        self.inner.retire_key_unaudited(key)
+    }
+
     fn apply_unaudited(&self, mutations: &[Mutation], now: i64) -> Result<(), StoreError> {
         self.pause();
         self.inner.apply_unaudited(mutations, now)

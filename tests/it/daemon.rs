@@ -816,7 +816,7 @@ async fn retired_keys_are_refused_at_ingest_and_at_open() {
             .find(|k| k.version == 1)
             .expect("v1");
         v1.state = KeyState::Retired;
-        store.put_keys(&[v1], None).expect("retire");
+        store.put_keys_unaudited(&[v1]).expect("retire");
     }
     let d = TestDaemon::start(dir.path()).await;
     let rec = v1_sealer
