@@ -68,6 +68,13 @@ pub struct Daemon {
     metrics_listener: Option<TcpListener>,
 }
 
+impl Daemon {
+    /// The vault this daemon serves (what tests and embedders observe it through).
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+}
+
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon").finish_non_exhaustive()

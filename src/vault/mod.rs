@@ -297,6 +297,8 @@ pub struct Vault {
     metrics: Arc<metrics::Metrics>,
     /// Whether the store answered the last probe ([`Vault::store_reachable`]).
     store_reachable: tokio::sync::watch::Sender<bool>,
+    /// Background refresh scans completed ([`Vault::background_scans`]).
+    background_scans: tokio::sync::watch::Sender<u64>,
     /// The store reads, checks and audit writes of `GetToken` and `Proxy`: a fixed pool with a
     /// bounded queue, like the private-key pool's, instead of tokio's blocking pool (one
     /// thread per call in flight, and an unbounded queue).
@@ -465,6 +467,7 @@ impl Vault {
             clock: Arc::new(crate::unix_now),
             monotonic: limits::system_monotonic(),
             store_reachable: tokio::sync::watch::Sender::new(true),
+            background_scans: tokio::sync::watch::Sender::new(0),
             io: pool(cpu_pool::Kind::Io, io_threads(config, cores), "store pool")?,
             last_unknown_reload: std::sync::Mutex::new(None),
             instance_id,
@@ -584,6 +587,18 @@ impl Vault {
     /// Always true on RocksDB (the store is in the process).
     pub fn store_reachable(&self) -> tokio::sync::watch::Receiver<bool> {
         self.store_reachable.subscribe()
+    }
+
+    /// How many provider scans the background refresher has completed (each provider's scan
+    /// and the refreshes it started), so a caller can wait for the next one instead of
+    /// sleeping through an interval.
+    pub fn background_scans(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.background_scans.subscribe()
+    }
+
+    /// Counts a completed background refresh scan.
+    pub(super) fn background_scan_done(&self) {
+        self.background_scans.send_modify(|n| *n += 1);
     }
 
     /// Records the outcome of a store probe; a change is logged once.

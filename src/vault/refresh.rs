@@ -526,6 +526,7 @@ pub(super) async fn background(state: Arc<Vault>, stop: tokio_util::sync::Cancel
                 });
             }
             while tasks.join_next().await.is_some() {}
+            state.background_scan_done();
         }
     }
 }

@@ -100,6 +100,8 @@ pub fn config(base: &Path) -> Config {
 
 pub struct TestDaemon {
     pub addr: SocketAddr,
+    /// The daemon's vault, for what a test waits on (e.g. background refresh scans).
+    pub vault: std::sync::Arc<tokenvault::vault::Vault>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -152,6 +154,7 @@ impl TestDaemon {
     async fn serve(daemon: Daemon, bind: &str) -> Self {
         let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let vault = std::sync::Arc::clone(daemon.vault());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             daemon
@@ -163,6 +166,7 @@ impl TestDaemon {
         });
         Self {
             addr,
+            vault,
             shutdown: Some(tx),
             handle: Some(handle),
         }

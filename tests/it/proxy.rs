@@ -828,8 +828,14 @@ background_interval_seconds = 1
     while provider.lock().refreshes == 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Let another scan pass: the renewed bundle is no longer due, the other never was.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Let another whole scan pass (the one that refreshed may still be finishing, so two from
+    // now): the renewed bundle is no longer due, the other never was.
+    let mut scans = daemon.vault.background_scans();
+    let target = *scans.borrow() + 2;
+    tokio::time::timeout(Duration::from_secs(10), scans.wait_for(|n| *n >= target))
+        .await
+        .expect("two more scans within 10 s")
+        .expect("the vault is running");
     let counts = {
         let p = provider.lock();
         (p.refreshes, p.token_requests)
