@@ -143,14 +143,18 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
         let listen = args
             .listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)));
-        let creds = dev_credentials(&cwd.join("data").join("dev-credentials.env"))?;
+        let creds_file = cwd.join("data").join("dev-credentials.env");
+        let creds = dev_credentials(&creds_file)?;
         let entries = creds
             .iter()
             .map(|(role, c)| {
                 CredentialEntry::for_credential(&format!("dev-{}", role.as_str()), *role, c)
             })
             .collect();
-        (Config::dev(&cwd, listen, entries, &Env)?, Some(creds))
+        (
+            Config::dev(&cwd, listen, entries, &Env)?,
+            Some((creds, creds_file)),
+        )
     } else {
         let path = args.config.ok_or_else(|| {
             CliError::Input("pass --config FILE, or --dev for a development daemon".into())
@@ -222,7 +226,7 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
         let addr = listener
             .local_addr()
             .map_err(|e| CliError::Internal(format!("local address: {e}")))?;
-        if let Some(creds) = &dev_creds {
+        if let Some((creds, creds_file)) = &dev_creds {
             println!("tokenvault DEVELOPMENT daemon: plaintext gRPC on loopback only; never use in production.");
             println!("{}", Daemon::describe(&config));
             println!("dev credentials (also in data/dev-credentials.env; `source` it):");
@@ -230,7 +234,7 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
                 println!("  export {}={}", credential_env(*role), cred.expose_secret());
             }
             println!("  export TOKENVAULT_ADDR=http://{addr}");
-            record_dev_addr(&std::env::current_dir().map_err(|e| CliError::Internal(format!("current directory: {e}")))?.join("data").join("dev-credentials.env"), addr)?;
+            record_dev_addr(creds_file, addr)?;
         }
         if let Some(l) = &ingest_listener {
             let bound = l.local_addr().map_err(|e| CliError::Internal(format!("local address: {e}")))?;
