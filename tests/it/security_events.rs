@@ -776,6 +776,53 @@ jwks_allowed_networks = ["127.0.0.0/8", "::1/128"]
     d.stop().await;
 }
 
+/// docs/SECURITY_EVENTS.md's configuration block loads as written, and with its commented
+/// options uncommented (the files it names put in place).
+#[test]
+fn the_documented_issuer_configuration_loads() {
+    let doc = std::fs::read_to_string(fixture_path("docs/SECURITY_EVENTS.md")).expect("doc");
+    let block: String = doc
+        .lines()
+        .skip_while(|l| l.trim() != "```toml")
+        .skip(1)
+        .take_while(|l| l.trim() != "```")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        block.contains("jwks_ca_file"),
+        "the block documents jwks_ca_file"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        fixture_path("keys/test/fixture-a.pub.pem"),
+        tmp.path().join("google-set.pem"),
+    )
+    .expect("key");
+    std::fs::write(
+        tmp.path().join("issuer-ca.pem"),
+        common::pki::ca("doc CA").ca_pem,
+    )
+    .expect("ca");
+    let uncommented: String = block
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for text in [block, uncommented] {
+        std::fs::write(
+            tmp.path().join("t.toml"),
+            format!("data_dir = \"d\"\nkey_dir = \"k\"\n{text}"),
+        )
+        .expect("write");
+        let c = Config::load(
+            &tmp.path().join("t.toml"),
+            &HashMap::<String, String>::new(),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.security_event_issuers.len(), 2);
+    }
+}
+
 #[test]
 fn issuer_key_settings_are_checked_at_load() {
     let tmp = tempfile::tempdir().expect("tempdir");
