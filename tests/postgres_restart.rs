@@ -87,10 +87,21 @@ async fn a_database_restart_under_load_is_unavailable_then_recovers_losing_nothi
         .unwrap_or_else(|_| panic!("health did not turn {want:?} within {within} s"));
     };
     until(ServingStatus::NotServing, 10).await;
+    // And over HTTP, for load balancers that check with a GET.
+    let (code, _, body) = http_call(d.addr, "GET", "/v1/health", &[], Vec::new()).await;
+    assert_eq!(
+        (code, body.as_ref()),
+        (503, &br#"{"status":"NOT_SERVING"}"#[..])
+    );
     tokio::task::spawn_blocking(|| pg::pg_ctl("start"))
         .await
         .expect("start");
     until(ServingStatus::Serving, 30).await;
+    let (code, _, body) = http_call(d.addr, "GET", "/v1/health", &[], Vec::new()).await;
+    assert_eq!(
+        (code, body.as_ref()),
+        (200, &br#"{"status":"SERVING"}"#[..])
+    );
     // The watch would hold the daemon's shutdown for its drain limit.
     drop(health);
     // Back without restarting the daemon (the pool replaces its broken connections).

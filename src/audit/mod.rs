@@ -351,6 +351,10 @@ struct Chain {
     /// Events of reads waiting for the next group write, in arrival order. They are sealed
     /// by the writer of their group, against the head as it is then.
     queue: Vec<Pending>,
+    /// A write failed, and a failed write may have committed all the same (a database
+    /// connection lost during COMMIT, a primary killed after its standby applied the commit):
+    /// the next writer reads the head back from the store before sealing.
+    unsure: bool,
 }
 
 /// Appends events to the store's audit chain.
@@ -674,31 +678,14 @@ impl Auditor {
     }
 
     fn with_key(store: Arc<dyn TokenStore>, key: Zeroizing<[u8; 32]>) -> Result<Self, AuditError> {
-        let head = match store.last_audit_event()? {
-            None => Head {
-                next_seq: 1,
-                last_hash: [0; 32],
-            },
-            Some((seq, raw)) => {
-                let last = Event::decode(raw.as_slice()).map_err(|_| {
-                    StoreError::Corrupt(format!("audit event {seq} does not decode"))
-                })?;
-                let mut last_hash = [0u8; 32];
-                if last.hash.len() == 32 {
-                    last_hash.copy_from_slice(&last.hash);
-                }
-                Head {
-                    next_seq: seq + 1,
-                    last_hash,
-                }
-            }
-        };
+        let head = stored_head(store.as_ref())?;
         Ok(Self {
             store,
             key: Arc::new(key),
             chain: Mutex::new(Chain {
                 head,
                 queue: Vec::new(),
+                unsure: false,
             }),
             writer: Mutex::new(()),
             written: std::sync::Condvar::new(),
@@ -722,25 +709,49 @@ impl Auditor {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The chain lock again, with the head read back from the store if the last write failed
+    /// (see [`Chain::unsure`]). The caller holds the writer lock, so nothing else moves the
+    /// chain meanwhile. If the store cannot be read either, the head stays: a write sealed
+    /// from it is refused by the store if the failed one did commit (its sequence number is
+    /// taken), so the chain never forks, and the next writer tries again.
+    fn settled<'a>(
+        &'a self,
+        chain: std::sync::MutexGuard<'a, Chain>,
+    ) -> std::sync::MutexGuard<'a, Chain> {
+        if !chain.unsure {
+            return chain;
+        }
+        drop(chain);
+        let stored = stored_head(self.store.as_ref());
+        let mut chain = self.lock();
+        if let Ok(head) = stored {
+            chain.head = head;
+            chain.unsure = false;
+        }
+        chain
+    }
+
     /// Writes the queued events of reads as one group, sealed from the head. The caller holds
     /// the writer lock and passes the chain lock, which is released during the store write and
     /// returned. Each queued caller is told the outcome; on a failure their events are dropped
     /// (they are refused) and the head stays, so the chain has no gap.
     fn flush<'a>(
         &'a self,
-        mut chain: std::sync::MutexGuard<'a, Chain>,
+        chain: std::sync::MutexGuard<'a, Chain>,
     ) -> (std::sync::MutexGuard<'a, Chain>, Result<(), StoreError>) {
         if chain.queue.is_empty() {
             return (chain, Ok(()));
         }
+        let mut chain = self.settled(chain);
         let batch = std::mem::take(&mut chain.queue);
         let start = chain.head;
         drop(chain);
         let (appends, next) = seal_run(&self.key, start, batch.iter().map(|p| &p.draft));
         let written = self.store.append_audit_batch(&appends, false);
         let mut chain = self.lock();
-        if written.is_ok() {
-            chain.head = next;
+        match written {
+            Ok(()) => chain.head = next,
+            Err(_) => chain.unsure = true,
         }
         let outcome = written.as_ref().map(|_| ()).map_err(|e| {
             format!("a group write of audit events failed ({e}); the call was refused")
@@ -811,14 +822,17 @@ impl Auditor {
         // Queued events of reads go first; if they cannot be written they are dropped (their
         // callers are refused) and this change is sealed after the last written event.
         let (chain, _) = self.flush(self.lock());
+        let chain = self.settled(chain);
         let start = chain.head;
         drop(chain);
         let (appends, next) = seal_run(&self.key, start, drafts.iter());
         // Written without the chain lock: reads keep queueing meanwhile.
         let result = write(&appends);
         let mut chain = self.lock();
-        if let Ok((_, true)) = &result {
-            chain.head = next;
+        match &result {
+            Ok((_, true)) => chain.head = next,
+            Ok((_, false)) => {}
+            Err(_) => chain.unsure = true,
         }
         self.release(writer, &chain);
         result.map(|(value, _)| value)
@@ -848,7 +862,7 @@ impl Auditor {
         let writer = self.writer();
         // Queued events of reads go first, in this change's own atomic write (one write, not
         // a group of reads and then the change).
-        let mut chain = self.lock();
+        let mut chain = self.settled(self.lock());
         let reads = std::mem::take(&mut chain.queue);
         let sealer = Arc::new(ChainSealer {
             key: Arc::clone(&self.key),
@@ -873,6 +887,7 @@ impl Auditor {
             // Nothing was sealed (the write accepted nothing) or it failed: the reads wait
             // for the next write, first in line.
             _ => {
+                chain.unsure |= result.is_err();
                 let later = std::mem::replace(&mut chain.queue, reads);
                 chain.queue.extend(later);
             }
@@ -880,6 +895,28 @@ impl Auditor {
         self.release(writer, &chain);
         result
     }
+}
+
+/// Where the next event of the store's chain goes: after its last stored event.
+fn stored_head(store: &dyn TokenStore) -> Result<Head, StoreError> {
+    Ok(match store.last_audit_event()? {
+        None => Head {
+            next_seq: 1,
+            last_hash: [0; 32],
+        },
+        Some((seq, raw)) => {
+            let last = Event::decode(raw.as_slice())
+                .map_err(|_| StoreError::Corrupt(format!("audit event {seq} does not decode")))?;
+            let mut last_hash = [0u8; 32];
+            if last.hash.len() == 32 {
+                last_hash.copy_from_slice(&last.hash);
+            }
+            Head {
+                next_seq: seq + 1,
+                last_hash,
+            }
+        }
+    })
 }
 
 /// HMAC-SHA256 (hex) of `value` under `key`.
@@ -1471,5 +1508,33 @@ mod tests {
             vec![1, 2]
         );
         assert_eq!(verify_chain(events), Ok(2));
+    }
+
+    #[test]
+    fn a_write_that_failed_but_committed_is_followed_not_forked() {
+        let (store, a, _dir) = auditor();
+        // The change and its event commit, but the answer is lost (a connection broken
+        // during COMMIT): the caller sees an error.
+        let r: Result<(), StoreError> = a.append_with(&Draft::new("c", "Delete"), |ap| {
+            store.append_audit(ap, true)?;
+            Err(StoreError::Unavailable(
+                "connection lost during COMMIT".into(),
+            ))
+        });
+        assert!(r.is_err());
+        // The next events follow the stored one instead of reusing its sequence number
+        // (which the store refuses, for every later write).
+        a.append_with(&Draft::new("c", "Revoke"), |ap| {
+            store.append_audit(ap, true).map(|()| ((), true))
+        })
+        .expect("the next change is written");
+        a.append(&Draft::new("c", "GetToken"), false)
+            .expect("the next read is written");
+        let events = store.audit_events(1, 10).expect("events");
+        assert_eq!(
+            events.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(verify_chain(events), Ok(3));
     }
 }

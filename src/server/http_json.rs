@@ -1,8 +1,9 @@
 //! The HTTP/JSON adapter of `Ingest`, served next to gRPC on the same listeners, for web tiers
 //! that do not speak gRPC (README, "HTTP/JSON for web tiers"): `GET /v1/public-keys`,
-//! `POST /v1/records`, `POST /v1/records:batch`, `POST /v1/code-exchange`, and the push
+//! `POST /v1/records`, `POST /v1/records:batch`, `POST /v1/code-exchange`, the push
 //! receiver of provider security events (RFC 8935), `POST /v1/security-events`, which the
-//! event's signature authorizes rather than a credential.
+//! event's signature authorizes rather than a credential, and `GET /v1/health`, the gRPC
+//! health status for load balancers that check over HTTP (HAProxy), which needs none.
 //!
 //! Owns: the routes, their JSON (the proto3 JSON mapping of the same messages: lowerCamelCase
 //! names, proto names accepted too, 64-bit integers as strings, bytes as base64, enums by name)
@@ -36,6 +37,8 @@ struct Http {
     vault: Arc<Vault>,
     guard: RoleGuard,
     max_body: usize,
+    /// Whether the daemon serves: what its gRPC health service says for `""`.
+    serving: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The HTTP status of a gRPC code: each code the daemon answers with has its own status
@@ -105,13 +108,20 @@ fn json_response(status: StatusCode, body: &serde_json::Value, code: Code) -> Re
 }
 
 /// The routes, for `role_guard`'s callers (the ingest role).
-pub(super) fn router(vault: Arc<Vault>, guard: RoleGuard, max_body: usize) -> Router {
+pub(super) fn router(
+    vault: Arc<Vault>,
+    guard: RoleGuard,
+    max_body: usize,
+    serving: tokio::sync::watch::Receiver<bool>,
+) -> Router {
     let state = Http {
         vault,
         guard,
         max_body,
+        serving,
     };
     Router::new()
+        .route("/v1/health", get(health).fallback(method_not_allowed))
         .route(
             "/v1/public-keys",
             get(public_keys).fallback(method_not_allowed),
@@ -149,7 +159,7 @@ async fn method_not_allowed() -> Response {
 
 async fn not_found() -> Response {
     let mut r = error_response(&tonic::Status::not_found(
-        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records, POST /v1/records:batch, POST /v1/code-exchange and POST /v1/security-events",
+        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records, POST /v1/records:batch, POST /v1/code-exchange, POST /v1/security-events and GET /v1/health",
     ));
     r.extensions_mut().insert(Unrouted);
     r
@@ -266,6 +276,21 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
 
 /// A refused request's response (boxed: it is large and travels through `Result`s).
 type Refusal = Box<Response>;
+
+/// `200 {"status":"SERVING"}` or `503 {"status":"NOT_SERVING"}` (shutting down, or the
+/// database does not answer), as `grpc.health.v1.Health/Check` answers for `""`. No
+/// credential, no store access, no log line: it costs what a refused request costs.
+async fn health(State(s): State<Http>) -> Response {
+    if *s.serving.borrow() {
+        ok_json(serde_json::json!({ "status": "SERVING" }))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "status": "NOT_SERVING" }),
+            Code::Unavailable,
+        )
+    }
+}
 
 async fn public_keys(State(s): State<Http>, req: Request) -> Response {
     if let Err(r) = admit(&s, req).await {

@@ -147,11 +147,14 @@ impl Daemon {
             RoleGuard::new(Arc::clone(&self.auth), role, service)
                 .with_vault(Arc::clone(&self.vault))
         };
+        // What health says for "", for the HTTP health route (GET /v1/health).
+        let (serving_tx, serving) = tokio::sync::watch::channel(true);
         let http_routes = || {
             tonic::service::Routes::from(http_json::router(
                 Arc::clone(&self.vault),
                 guard(Role::Ingest, "Ingest"),
                 max,
+                serving.clone(),
             ))
         };
         let ingest = || {
@@ -318,8 +321,10 @@ impl Daemon {
         // balancer routes calls to daemons that can serve them. The flag (under the lock the
         // shutdown takes too) keeps a late change from undoing the shutdown's NOT_SERVING.
         let shutting_down = Arc::new(tokio::sync::Mutex::new(false));
+        let serving_tx = Arc::new(serving_tx);
         let follow_store = {
             let (reporters, shutting_down) = (reporters.clone(), Arc::clone(&shutting_down));
+            let serving_tx = Arc::clone(&serving_tx);
             let mut reachable = vault.store_reachable();
             tokio::spawn(async move {
                 while reachable.changed().await.is_ok() {
@@ -333,6 +338,7 @@ impl Daemon {
                     } else {
                         tonic_health::ServingStatus::NotServing
                     };
+                    serving_tx.send_replace(up);
                     for (r, services) in &reporters {
                         r.set_service_status("", status).await;
                         for service in services {
@@ -346,6 +352,7 @@ impl Daemon {
             shutdown.await;
             *shutting_down.lock().await = true;
             follow_store.abort();
+            serving_tx.send_replace(false);
             // From the moment shutdown begins, health says NOT_SERVING (for the grace period,
             // so load balancers route new calls elsewhere) and long-running work stops.
             for (r, services) in &reporters {

@@ -221,3 +221,27 @@ pub fn scrape_metrics(stdout: &str) -> (String, String) {
         .to_string();
     (content_type, body.to_string())
 }
+
+/// A loopback port that was free a moment ago, for a process that must keep its address
+/// across a restart (the OS picks another on each bind to port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Writes `dir/name` with permissions `mode`; returns its path.
+pub fn write(dir: &Path, name: &str, text: &str, mode: u32) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    path.display().to_string()
+}
+
+/// SHA-256 of `text`, hex: how a config file names an API credential.
+pub fn sha256_hex(text: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
+}

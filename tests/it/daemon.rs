@@ -1167,6 +1167,19 @@ async fn shutdown_reports_not_serving_stops_long_work_and_releases_the_store() {
         }
     };
     assert_eq!(status("").await, ServingStatus::Serving as i32);
+    // The same status over HTTP, for load balancers that check with a GET (HAProxy).
+    let addr = d.addr;
+    let http_health = async |method: &str| {
+        let (code, _, body) = http_call(addr, method, "/v1/health", &[], Vec::new()).await;
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        (code, body)
+    };
+    assert_eq!(
+        http_health("GET").await,
+        (200, serde_json::json!({ "status": "SERVING" }))
+    );
+    let (code, body) = http_health("POST").await;
+    assert_eq!((code, body["code"].as_str()), (405, Some("UNIMPLEMENTED")));
     let started = std::time::Instant::now();
     d.begin_stop();
     // Wait on the event, bounded well inside the grace period.
@@ -1188,6 +1201,10 @@ async fn shutdown_reports_not_serving_stops_long_work_and_releases_the_store() {
             "{service}"
         );
     }
+    assert_eq!(
+        http_health("GET").await,
+        (503, serde_json::json!({ "status": "NOT_SERVING" }))
+    );
     drop(health);
     // The paced rewrap ends long before its 30 s, not done.
     let mut last = None;

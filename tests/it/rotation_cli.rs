@@ -12,14 +12,6 @@ use tokenvault::record::{RecordMeta, SecretKind};
 use tokenvault::secret::Secret;
 use tonic::service::interceptor::InterceptedService;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// Seals and stores `n` records through Ingest, as a web tier would.
 fn seed(d: &Served, n: usize) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");

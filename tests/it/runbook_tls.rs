@@ -6,7 +6,6 @@
 
 use crate::common;
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
@@ -18,17 +17,6 @@ use common::{INGEST, WORKER};
 type EnvVars = Vec<(&'static str, String)>;
 
 const PASSPHRASE: &str = "correct horse battery staple";
-
-fn write(dir: &Path, name: &str, text: &str, mode: u32) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-    path.display().to_string()
-}
-
-fn sha256_hex(text: &str) -> String {
-    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
-}
 
 /// deploy/tokenvault.toml with loopback addresses and temp paths, and a second worker whose
 /// rate limit is 1 call a second (to see the rate-limit exit code).

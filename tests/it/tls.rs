@@ -7,17 +7,13 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
 use common::pki::{Pki, ca, leaf, tls_verdict};
+use common::process::write;
 use common::*;
 use tokenvault::api::v1;
 use tokenvault::config::{Config, Env};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-fn write(dir: &Path, name: &str, text: &str, mode: u32) {
-    std::fs::write(dir.join(name), text).expect("write");
-    std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
 
 /// A daemon with TLS and client CA `ca`, configured through a TOML file. The worker
 /// `worker-1.internal` authenticates by client certificate only.
