@@ -251,6 +251,9 @@ pub struct RefusalLimits {
     /// Sources tracked at once; the least recently refused are dropped first (their counts
     /// go to the summary's "other sources").
     pub sources: usize,
+    /// Throttled refusals held back until their retry time at once; past it (or at 0) they
+    /// are answered at once.
+    pub hold_max: usize,
 }
 
 /// Request, connection and queue limits (`[limits]`).
@@ -287,6 +290,7 @@ impl Limits {
                 per_second: 10,
                 burst: 100,
                 sources: 10_000,
+                hold_max: 1024,
             },
             refusal_summary: std::time::Duration::from_secs(60),
             max_connections: 4096,
@@ -336,6 +340,12 @@ impl Limits {
                     file.unauthenticated_sources,
                     d.refusals.sources,
                     1..=1_000_000,
+                )?,
+                hold_max: ranged(
+                    "throttled_hold_max",
+                    file.throttled_hold_max,
+                    d.refusals.hold_max,
+                    0..=1_000_000,
                 )?,
             },
             refusal_summary: std::time::Duration::from_secs(ranged(
@@ -675,6 +685,7 @@ struct FileLimits {
     unauthenticated_per_second: Option<u32>,
     unauthenticated_burst: Option<u32>,
     unauthenticated_sources: Option<usize>,
+    throttled_hold_max: Option<usize>,
     refusal_summary_seconds: Option<u64>,
     max_connections: Option<usize>,
     idle_timeout_seconds: Option<u64>,
@@ -1338,7 +1349,7 @@ mod tests {
             "data_dir = \"d\"\nkey_dir = \"k\"\n[limits]\nunauthenticated_per_second = 2\n\
              unauthenticated_burst = 3\nunauthenticated_sources = 4\nrefusal_summary_seconds = 5\n\
              max_connections = 6\nidle_timeout_seconds = 7\nmax_concurrent_streams = 8\n\
-             max_queue_wait_ms = 9\nmax_queued = 10\n",
+             max_queue_wait_ms = 9\nmax_queued = 10\nthrottled_hold_max = 11\n",
         );
         let c = Config::load(&p, &HashMap::new()).expect("loads");
         assert_eq!(
@@ -1348,6 +1359,7 @@ mod tests {
                     per_second: 2,
                     burst: 3,
                     sources: 4,
+                    hold_max: 11,
                 },
                 refusal_summary: std::time::Duration::from_secs(5),
                 max_connections: 6,
@@ -1401,6 +1413,11 @@ mod tests {
                 "[limits]\nunauthenticated_sources = 0\n",
                 "limits.unauthenticated_sources: must be 1 to 1000000",
             ),
+            (
+                "[limits]\nthrottled_hold_max = 1000001\n",
+                "limits.throttled_hold_max: must be 0 to 1000000",
+            ),
+            ("[limits]\nthrottled_hold_max = -1\n", "config file"),
             (
                 "[limits]\nrefusal_summary_seconds = 3601\n",
                 "limits.refusal_summary_seconds: must be 1 to 3600",

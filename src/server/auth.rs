@@ -232,7 +232,11 @@ impl RoleGuard {
         match self.check(headers, extensions) {
             Ok(caller) => Ok(caller),
             Err(Refused::Anonymous(reason, status)) => {
-                Err(self.refuse_anonymous(extensions, reason, status))
+                let (status, hold) = self.refuse_anonymous(extensions, reason, status);
+                if let (Some(wait), Some(vault)) = (hold, &self.vault) {
+                    vault.refusals().hold(wait).await;
+                }
+                Err(status)
             }
             Err(Refused::Caller(name, status)) => Err(self.refuse_caller(&name, status).await),
         }
@@ -248,23 +252,23 @@ impl RoleGuard {
     }
 
     /// Counts the refusal; past its address's budget, answers `RESOURCE_EXHAUSTED` with a
-    /// `google.rpc.RetryInfo` instead.
+    /// `google.rpc.RetryInfo` instead, and says how long to hold that answer back.
     fn refuse_anonymous(
         &self,
         extensions: &http::Extensions,
         reason: RefusalReason,
         status: Status,
-    ) -> Status {
+    ) -> (Status, Option<Duration>) {
         let verdict = self.vault.as_ref().map_or(Verdict::Refuse, |v| {
             v.refusals()
                 .refuse(Source::of(remote_ip(extensions)), reason, v.monotonic_now())
         });
-        let status = match verdict {
-            Verdict::Refuse => status,
-            Verdict::Throttle(wait) => throttled(wait),
+        let (status, hold) = match verdict {
+            Verdict::Refuse => (status, None),
+            Verdict::Throttle(wait) => (throttled(wait), Some(wait)),
         };
         self.count_code(&status);
-        status
+        (status, hold)
     }
 
     async fn refuse_caller(&self, caller: &str, status: Status) -> Status {

@@ -410,6 +410,7 @@ async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
     let refusals = s.vault.refusals();
     let source = Source::of(super::auth::remote_ip(&parts.extensions));
     if let Some(wait) = refusals.throttled(source, s.vault.monotonic_now()) {
+        refusals.hold(wait).await;
         return *before_body(&parts, error_response(&super::auth::throttled(wait)));
     }
     let refused = |reason, err, description: &str, code| {

@@ -188,6 +188,8 @@ pub struct Refusals {
     limits: RefusalLimits,
     table: Mutex<Table>,
     metrics: std::sync::Arc<Metrics>,
+    /// Permits for throttled refusals held back until their retry time ([`Refusals::hold`]).
+    holds: tokio::sync::Semaphore,
 }
 
 /// The answer to a refusal: whether its source has spent its budget, and how long it should
@@ -212,7 +214,22 @@ impl Refusals {
                 dropped_sources: 0,
             }),
             metrics,
+            holds: tokio::sync::Semaphore::new(
+                limits.hold_max.min(tokio::sync::Semaphore::MAX_PERMITS),
+            ),
         }
+    }
+
+    /// Holds a throttled refusal back for `wait`, its retry hint, before it is answered. A
+    /// client that retries as soon as it is answered (a closed-loop flood) is then paced by its
+    /// own concurrency instead of by the daemon's CPU; a client that honours the hint loses
+    /// nothing. Costs a timer, no thread; at most `hold_max` are held at once, and past that
+    /// the refusal is answered at once, so holding never grows without bound.
+    pub async fn hold(&self, wait: Duration) {
+        let Ok(_permit) = self.holds.try_acquire() else {
+            return;
+        };
+        tokio::time::sleep(wait).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -343,6 +360,7 @@ mod tests {
                 per_second,
                 burst,
                 sources,
+                hold_max: 0,
             },
             std::sync::Arc::default(),
         )

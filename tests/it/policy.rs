@@ -552,10 +552,13 @@ async fn calls_without_a_valid_credential_write_nothing_are_throttled_and_summar
         assert_eq!(e.code(), Code::Unauthenticated, "{header:?}");
         assert!(e.message().starts_with(message), "{}", e.message());
     }
-    // Past it: refused at once with a retry hint, without telling whether it would match.
+    // Past it: refused with a retry hint, without telling whether it would match, and held
+    // back for that long before it is answered.
+    let started = std::time::Instant::now();
     let e = get(None, Some("Bearer tv_wrong_3"))
         .await
         .expect_err("throttled");
+    let held = started.elapsed();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(
         e.message()
@@ -571,6 +574,10 @@ async fn calls_without_a_valid_credential_write_nothing_are_throttled_and_summar
         delay >= std::time::Duration::from_millis(100)
             && delay <= std::time::Duration::from_secs(1),
         "{delay:?}"
+    );
+    assert!(
+        held >= delay,
+        "answered after {held:?}, before its retry time {delay:?}"
     );
     // A configured caller from the same address is served all the same.
     assert_eq!(
@@ -637,5 +644,47 @@ async fn refusals_are_summarized_every_period() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    d.stop().await;
+}
+
+/// Throttled refusals are held back until their retry time, at most `throttled_hold_max` at
+/// once: past that they are answered at once, so holding them costs a bounded number of timers.
+#[tokio::test]
+async fn throttled_refusals_are_held_back_at_most_hold_max_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(tmp.path());
+    cfg.limits.refusals.per_second = 1;
+    cfg.limits.refusals.burst = 1;
+    cfg.limits.refusals.hold_max = 2;
+    let d = TestDaemon::start_with(cfg).await;
+    let channel = d.channel().await;
+    let call = || {
+        let mut client = v1::broker_client::BrokerClient::new(channel.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let e = client
+                .get_token(v1::GetTokenRequest { id: "r".into() })
+                .await
+                .expect_err("no credential");
+            (e.code(), started.elapsed())
+        }
+    };
+    // The budget of one failure, then four at once past it.
+    assert_eq!(call().await.0, Code::Unauthenticated);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        calls.spawn(call());
+    }
+    let answers = calls.join_all().await;
+    assert!(
+        answers.iter().all(|(c, _)| *c == Code::ResourceExhausted),
+        "{answers:?}"
+    );
+    // The retry time is 1 s at one failure a second: two were held that long, two were not.
+    let held = answers
+        .iter()
+        .filter(|(_, t)| *t >= std::time::Duration::from_secs(1))
+        .count();
+    assert_eq!(held, 2, "{answers:?}");
     d.stop().await;
 }

@@ -550,8 +550,10 @@ async fn an_address_that_keeps_pushing_refused_events_is_throttled_before_its_bo
             (400, Some("invalid_request"))
         );
     }
-    // The fourth: 429 with Retry-After, and the connection is closed since its body was not
-    // read.
+    // The fourth: 429 with Retry-After, held back for that long (a client that pushes again
+    // at once is paced by its own concurrency), and the connection is closed since its body
+    // was not read.
+    let started = std::time::Instant::now();
     let (status, headers, body) = common::http_call_with_headers(
         d.addr,
         "POST",
@@ -561,6 +563,7 @@ async fn an_address_that_keeps_pushing_refused_events_is_throttled_before_its_bo
     )
     .await;
     assert_eq!(status, 429, "{body:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
     assert_eq!(
         headers.get("retry-after").map(|v| v.as_bytes()),
         Some(&b"1"[..])
