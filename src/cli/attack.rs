@@ -1,4 +1,4 @@
-//! `tokenvault bench --attack KIND`: hostile load sent next to the legitimate mix, so one run
+//! `tokenvault-bench --attack KIND`: hostile load sent next to the legitimate mix, so one run
 //! measures what an attacker costs legitimate callers (docs/PERFORMANCE.md, "Under attack").
 //!
 //! Owns: the attack kinds (credential floods, security event pushes, idle and slow

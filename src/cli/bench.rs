@@ -1,5 +1,8 @@
-//! `tokenvault bench`: drives a running daemon with a mix of operations and reports throughput
-//! and latency percentiles per operation, as a table or JSON. Seeds its own records.
+//! `tokenvault-bench`, the load generator (a binary of its own, `src/bin/tokenvault-bench.rs`,
+//! so the daemon's binary does not carry it): drives a running daemon with a mix of
+//! operations and reports throughput and latency percentiles per operation, as a table or
+//! JSON. Seeds its own records. Reads the daemon's address and credentials as `tokenvault`
+//! does (`--addr` / TOKENVAULT_ADDR and the credential variables).
 //!
 //! Envelopes are sealed before the timed phase (sealing is the web tier's CPU, not the
 //! daemon's), so on a shared machine the figures measure the daemon.
@@ -8,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, Parser};
 use rand::Rng as _;
 
 use super::CliError;
@@ -18,6 +21,15 @@ use crate::config::Role;
 use crate::record::{RecordMeta, SecretKind};
 use crate::sealer::Sealer;
 use crate::secret::Secret;
+
+/// Load-test a running tokenvault daemon: a mix of operations, throughput and latency
+/// percentiles (ingest, worker and, for rewrap, admin credentials).
+#[derive(Debug, Parser)]
+#[command(name = "tokenvault-bench", version, long_about = None)]
+pub(crate) struct BenchCli {
+    #[command(flatten)]
+    pub(crate) args: BenchArgs,
+}
 
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {

@@ -50,9 +50,6 @@ enum Command {
     /// Mint or revoke downscoped Proxy grants (worker credential with `issue_grants`).
     #[command(subcommand)]
     Grant(client::GrantCommand),
-    /// Load-test a running daemon: a mix of operations, throughput and latency percentiles
-    /// (ingest, worker and, for rewrap, admin credentials).
-    Bench(bench::BenchArgs),
     /// Revoke a record so it is never handed out again (admin credential).
     Revoke(client::IdArgs),
     /// Irrecoverably delete a record (admin credential).
@@ -307,6 +304,19 @@ impl From<crate::config::ConfigError> for CliError {
 /// Parses `std::env::args`, runs the command and returns the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    exit_with(|| run(cli))
+}
+
+/// The `tokenvault-bench` load generator, a binary of its own so that the daemon's binary does
+/// not carry it: parses `std::env::args`, runs it and returns the exit code (the same codes as
+/// `tokenvault`'s).
+pub fn bench_main() -> ExitCode {
+    let cli = bench::BenchCli::parse();
+    exit_with(|| runtime()?.block_on(bench::run(cli.args)))
+}
+
+/// Runs `command` and turns its outcome into the exit code, the error on stderr.
+fn exit_with(command: impl FnOnce() -> Result<(), CliError> + std::panic::UnwindSafe) -> ExitCode {
     // A reader that goes away early (`tokenvault ... | head -1`) makes `println!` fail with
     // EPIPE, which it reports by panicking. End quietly instead, with the status a shell gives
     // a process killed by SIGPIPE, as other command-line tools do; every other panic is
@@ -317,7 +327,7 @@ pub fn main() -> ExitCode {
             default_hook(info);
         }
     }));
-    match std::panic::catch_unwind(|| run(cli)) {
+    match std::panic::catch_unwind(command) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {e}");
@@ -326,6 +336,14 @@ pub fn main() -> ExitCode {
         Err(payload) if is_broken_pipe(payload.as_ref()) => ExitCode::from(141),
         Err(payload) => std::panic::resume_unwind(payload),
     }
+}
+
+/// The async runtime of a command that needs one.
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Internal(format!("starting the async runtime: {e}")))
 }
 
 /// Whether a panic is `print!`'s report of a closed standard output.
@@ -340,12 +358,6 @@ fn is_broken_pipe(payload: &(dyn std::any::Any + Send)) -> bool {
 
 /// Runs a parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    let runtime = || {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| CliError::Internal(format!("starting the async runtime: {e}")))
-    };
     match cli.command {
         Command::Serve(args) => serve::run(args, runtime()?),
         Command::Keys(cmd) => keys::run(cmd),
@@ -353,7 +365,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Get(args) => runtime()?.block_on(client::get(args)),
         Command::Proxy(args) => runtime()?.block_on(client::proxy(args)),
         Command::Grant(cmd) => runtime()?.block_on(client::grant(cmd)),
-        Command::Bench(args) => runtime()?.block_on(bench::run(args)),
         Command::Revoke(args) => runtime()?.block_on(client::revoke(args)),
         Command::Delete(args) => runtime()?.block_on(client::delete(args)),
         // Export and import open the store directly (like `store copy`), outside a runtime.

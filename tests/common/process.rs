@@ -9,13 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
+/// The load generator, a binary of its own.
+pub const BENCH: &str = env!("CARGO_BIN_EXE_tokenvault-bench");
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 pub fn cmd(cwd: &Path) -> Command {
-    let mut c = Command::new(BIN);
+    cmd_of(BIN, cwd)
+}
+
+/// `bin` (one of the package's binaries) in `cwd`, without the test's TOKENVAULT_ variables.
+pub fn cmd_of(bin: &str, cwd: &Path) -> Command {
+    let mut c = Command::new(bin);
     c.current_dir(cwd);
     for (k, _) in std::env::vars() {
         if k.starts_with("TOKENVAULT_") {
@@ -26,7 +33,22 @@ pub fn cmd(cwd: &Path) -> Command {
 }
 
 pub fn run(cwd: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
-    let mut c = cmd(cwd);
+    run_bin(BIN, cwd, args, env, stdin)
+}
+
+/// `tokenvault-bench ARGS`, as [`run`] runs `tokenvault`.
+pub fn bench(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_bin(BENCH, cwd, args, env, None)
+}
+
+fn run_bin(
+    bin: &str,
+    cwd: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+) -> Output {
+    let mut c = cmd_of(bin, cwd);
     c.args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::piped())

@@ -645,10 +645,9 @@ fn bench_drives_every_operation_and_reports_json() {
     let d = serve_dev(cwd);
     let mut env = d.env();
     env.retain(|(k, _)| *k != "TOKENVAULT_ADMIN_TOKEN");
-    let o = run(
+    let o = bench(
         cwd,
         &[
-            "bench",
             "--duration",
             "1",
             "--concurrency",
@@ -664,7 +663,6 @@ fn bench_drives_every_operation_and_reports_json() {
             &d.child.id().to_string(),
         ],
         &env,
-        None,
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
@@ -698,20 +696,14 @@ fn bench_drives_every_operation_and_reports_json() {
     );
     // Rewrap needs the admin credential: refused without it, then timed with it.
     assert_exit(
-        &run(
-            cwd,
-            &["bench", "--mix", "rewrap", "--records", "30"],
-            &env,
-            None,
-        ),
+        &bench(cwd, &["--mix", "rewrap", "--records", "30"], &env),
         4,
         "no credential",
     );
-    let o = run(
+    let o = bench(
         cwd,
-        &["bench", "--mix", "rewrap", "--records", "30", "--json"],
+        &["--mix", "rewrap", "--records", "30", "--json"],
         &d.env(),
-        None,
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
@@ -719,7 +711,7 @@ fn bench_drives_every_operation_and_reports_json() {
     assert!(rewrap["items"].as_u64().expect("items") >= 30, "{rewrap}");
     assert_eq!(rewrap["errors"], 0);
     assert_exit(
-        &run(cwd, &["bench", "--mix", "delete=1"], &d.env(), None),
+        &bench(cwd, &["--mix", "delete=1"], &d.env()),
         5,
         "unknown operation",
     );
@@ -728,11 +720,10 @@ fn bench_drives_every_operation_and_reports_json() {
     let before = status();
     assert!(String::from_utf8_lossy(&before).contains("records"));
     assert_exit(
-        &run(
+        &bench(
             cwd,
-            &["bench", "--mix", "put=1", "--daemon-pid", "999999999"],
+            &["--mix", "put=1", "--daemon-pid", "999999999"],
             &d.env(),
-            None,
         ),
         6,
         "reading /proc/999999999/stat",
@@ -740,6 +731,27 @@ fn bench_drives_every_operation_and_reports_json() {
     assert_eq!(status(), before, "no record was seeded");
     let (status, log) = d.terminate();
     assert!(status.success(), "{log}");
+}
+
+/// The load generator is a binary of its own: the daemon's binary neither offers it nor
+/// carries its code (a message only the load generator has is not in it).
+#[test]
+fn the_daemons_binary_carries_no_load_generator() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    assert_exit(
+        &run(tmp.path(), &["bench", "--mix", "get"], &[], None),
+        2,
+        "unrecognized subcommand 'bench'",
+    );
+    let needle: &[u8] = b"the bench's HTTP client has no TLS";
+    let carries = |path: &str| {
+        std::fs::read(path)
+            .expect("binary")
+            .windows(needle.len())
+            .any(|w| w == needle)
+    };
+    assert!(carries(BENCH), "the needle is the load generator's");
+    assert!(!carries(BIN), "tokenvault carries the load generator");
 }
 
 #[test]
