@@ -1471,11 +1471,22 @@ async fn import_in(t: &Txn<'_>, batch: &super::Import) -> Result<(), Fail> {
             t.execute(UPSERT_META, &[key, value]).await?;
         }
     }
-    for (chain, seq, bytes) in &batch.audit {
+    if !batch.audit.is_empty() {
+        // One statement for the page's events: a store written since every stored record
+        // has its event holds about as many events as records, and a round trip per event
+        // made a copy into PostgreSQL ten times slower than one per page (3.1k against 36k
+        // records a second, measured with scripts/perf-postgres).
+        let (mut chains, mut seqs, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for (chain, seq, bytes) in &batch.audit {
+            chains.push(chain.as_str());
+            seqs.push(version_i64(*seq));
+            values.push(bytes.as_slice());
+        }
         t.execute(
-            "INSERT INTO tokenvault_audit (chain, seq, value) VALUES ($1, $2, $3)
+            "INSERT INTO tokenvault_audit (chain, seq, value)
+             SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bytea[])
              ON CONFLICT (chain, seq) DO UPDATE SET value = EXCLUDED.value",
-            &[chain, &version_i64(*seq), bytes],
+            &[&chains, &seqs, &values],
         )
         .await?;
     }

@@ -55,8 +55,19 @@ sha256 = "{worker}"
     write(dir, "tokenvault.toml", &toml, 0o640);
 }
 
-fn start_daemon(dir: &Path) -> Child {
-    spawn_daemon(dir, &["serve", "--config", "tokenvault.toml"], &[]).0
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves no daemon, balancer
+/// or client running.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_daemon(dir: &Path) -> Killed {
+    Killed(spawn_daemon(dir, &["serve", "--config", "tokenvault.toml"], &[]).0)
 }
 
 fn sigterm(child: &Child) {
@@ -214,20 +225,22 @@ async fn daemons_restarted_one_by_one_behind_haproxy_fail_no_call() {
         ),
         0o600,
     );
-    let mut lb = Command::new(&haproxy)
-        .args(["-db", "-f"])
-        .arg(root().join("deploy/haproxy.cfg"))
-        .args(["-f", &extra])
-        .env("TOKENVAULT_LB_BIND", format!("127.0.0.1:{lb_port}"))
-        .env("TOKENVAULT_LB_CERT", shared.join("balancer.pem"))
-        .env("TOKENVAULT_LB_CA", shared.join("ca.pem"))
-        .env("TOKENVAULT_DAEMON_A", format!("127.0.0.1:{}", ports[0]))
-        .env("TOKENVAULT_DAEMON_B", format!("127.0.0.1:{}", ports[1]))
-        .env("TOKENVAULT_DAEMON_C", format!("127.0.0.1:{}", ports[2]))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&lb_log).expect("log"))
-        .spawn()
-        .expect("haproxy starts");
+    let _lb = Killed(
+        Command::new(&haproxy)
+            .args(["-db", "-f"])
+            .arg(root().join("deploy/haproxy.cfg"))
+            .args(["-f", &extra])
+            .env("TOKENVAULT_LB_BIND", format!("127.0.0.1:{lb_port}"))
+            .env("TOKENVAULT_LB_CERT", shared.join("balancer.pem"))
+            .env("TOKENVAULT_LB_CA", shared.join("ca.pem"))
+            .env("TOKENVAULT_DAEMON_A", format!("127.0.0.1:{}", ports[0]))
+            .env("TOKENVAULT_DAEMON_B", format!("127.0.0.1:{}", ports[1]))
+            .env("TOKENVAULT_DAEMON_C", format!("127.0.0.1:{}", ports[2]))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&lb_log).expect("log"))
+            .spawn()
+            .expect("haproxy starts"),
+    );
     for name in names {
         until_server(&socket, name, true, Duration::from_secs(30), &lb_log);
     }
@@ -236,20 +249,22 @@ async fn daemons_restarted_one_by_one_behind_haproxy_fail_no_call() {
     let python = std::env::var("TOKENVAULT_TEST_PYTHON").expect(
         "TOKENVAULT_TEST_PYTHON (set by ./scripts/test: the Python environment with grpcio)",
     );
-    let mut client = Command::new(python)
-        .arg(root().join("tests/lb/grpc_load.py"))
-        .arg(format!("127.0.0.1:{lb_port}"))
-        .arg(shared.join("ca.pem"))
-        .arg(root().join("deploy/grpc-service-config.json"))
-        .arg(&requests_file)
-        .arg(&get)
-        .env("TOKENVAULT_INGEST_TOKEN", INGEST)
-        .env("TOKENVAULT_WORKER_TOKEN", WORKER)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the Python client starts");
-    let mut out = BufReader::new(client.stdout.take().expect("stdout"));
+    let mut client = Killed(
+        Command::new(python)
+            .arg(root().join("tests/lb/grpc_load.py"))
+            .arg(format!("127.0.0.1:{lb_port}"))
+            .arg(shared.join("ca.pem"))
+            .arg(root().join("deploy/grpc-service-config.json"))
+            .arg(&requests_file)
+            .arg(&get)
+            .env("TOKENVAULT_INGEST_TOKEN", INGEST)
+            .env("TOKENVAULT_WORKER_TOKEN", WORKER)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the Python client starts"),
+    );
+    let mut out = BufReader::new(client.0.stdout.take().expect("stdout"));
     let mut line = String::new();
     out.read_line(&mut line).expect("client output");
     assert_eq!(
@@ -263,11 +278,11 @@ async fn daemons_restarted_one_by_one_behind_haproxy_fail_no_call() {
     let started = Instant::now();
     for (i, name) in names.iter().enumerate() {
         tokio::task::block_in_place(|| {
-            sigterm(&daemons[i]);
+            sigterm(&daemons[i].0);
             // Out of the balancer while it still serves (its grace period)...
             until_server(&socket, name, false, Duration::from_secs(30), &lb_log);
             // ...then drained and gone, started again, and back in.
-            let status = daemons[i].wait().expect("wait");
+            let status = daemons[i].0.wait().expect("wait");
             assert!(status.success(), "daemon {name} exits cleanly: {status}");
             daemons[i] = start_daemon(&dirs[i]);
             until_server(&socket, name, true, Duration::from_secs(30), &lb_log);
@@ -275,10 +290,10 @@ async fn daemons_restarted_one_by_one_behind_haproxy_fail_no_call() {
     }
     let restarts = started.elapsed();
 
-    drop(client.stdin.take());
+    drop(client.0.stdin.take());
     let mut summary = String::new();
     out.read_line(&mut summary).expect("summary");
-    assert!(client.wait().expect("client").success());
+    assert!(client.0.wait().expect("client").success());
     let summary: serde_json::Value = serde_json::from_str(&summary).expect("JSON summary");
     let acked: Vec<String> = summary["acked"]
         .as_array()
@@ -313,9 +328,7 @@ async fn daemons_restarted_one_by_one_behind_haproxy_fail_no_call() {
         );
     }
     check.stop().await;
-    let _ = lb.kill();
-    let _ = lb.wait();
     for d in &mut daemons {
-        tokio::task::block_in_place(|| terminate(d));
+        tokio::task::block_in_place(|| terminate(&mut d.0));
     }
 }
