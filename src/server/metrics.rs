@@ -128,12 +128,13 @@ pub(super) async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<Vault>,
     stop: tokio_util::sync::CancellationToken,
+    conns: Arc<super::conn::Connections>,
 ) {
     use http_body_util::Full;
     use hyper_util::rt::TokioIo;
     loop {
         let stream = tokio::select! {
-            s = super::tls::accept(&listener, "metrics") => s,
+            s = super::tls::accept(&listener, "metrics") => conns.admit(s),
             () = stop.cancelled() => return,
         };
         let scrape_state = Arc::clone(&state);

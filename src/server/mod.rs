@@ -199,7 +199,21 @@ impl Daemon {
         let vault = Arc::clone(&self.vault);
         vault.start_jobs();
         if let Some(l) = self.metrics_listener.take() {
-            vault.spawn(metrics::serve(l, Arc::clone(&vault), vault.stopping()));
+            // The same bounds as every other listener: at most `max_connections`, the one idle
+            // the longest closed at the cap, and none silent longer than `idle_timeout`.
+            let conns = conn::Connections::new(
+                "metrics",
+                limits.max_connections,
+                limits.idle_timeout,
+                Arc::clone(self.vault.metrics()),
+            );
+            vault.spawn(Arc::clone(&conns).reap(vault.stopping()));
+            vault.spawn(metrics::serve(
+                l,
+                Arc::clone(&vault),
+                vault.stopping(),
+                conns,
+            ));
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 

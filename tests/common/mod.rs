@@ -124,6 +124,22 @@ impl TestDaemon {
         Self::serve(daemon, bind).await
     }
 
+    /// Like [`TestDaemon::start_with`], also serving `/metrics` on a listener of its own, whose
+    /// address it returns too.
+    #[allow(dead_code)]
+    pub async fn start_with_metrics(config: Config) -> (Self, SocketAddr) {
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind metrics");
+        let addr = metrics.local_addr().expect("metrics addr");
+        let daemon = tokio::task::spawn_blocking(move || Daemon::open(&config))
+            .await
+            .expect("join")
+            .expect("daemon opens")
+            .with_metrics_listener(metrics);
+        (Self::serve(daemon, "127.0.0.1:0").await, addr)
+    }
+
     /// Like [`TestDaemon::start_with`] over `store`, which the test can read while the daemon
     /// runs.
     #[allow(dead_code)]

@@ -1303,6 +1303,35 @@ async fn silent_and_excess_connections_are_closed_and_new_clients_served() {
     d.stop().await;
 }
 
+/// The metrics listener has the same bounds as the others: connections past `max_connections`
+/// or silent longer than `idle_timeout_seconds` are closed, and a scrape is served meanwhile.
+#[tokio::test]
+async fn the_metrics_listener_closes_silent_and_excess_connections() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(tmp.path());
+    cfg.limits.max_connections = 3;
+    cfg.limits.idle_timeout = std::time::Duration::from_secs(1);
+    let (d, metrics) = TestDaemon::start_with_metrics(cfg).await;
+    let mut silent = Vec::new();
+    for _ in 0..6 {
+        silent.push(
+            tokio::net::TcpStream::connect(metrics)
+                .await
+                .expect("connect"),
+        );
+    }
+    for conn in &mut silent {
+        closed_by_the_daemon(conn).await;
+    }
+    let (status, _, body) = http_call(metrics, "GET", "/metrics", &[], Vec::new()).await;
+    assert_eq!(status, 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("tokenvault_"),
+        "a scrape"
+    );
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn every_stored_record_has_its_audit_event_in_the_same_write() {
     let dir = tempfile::tempdir().expect("tempdir");
