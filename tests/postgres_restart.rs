@@ -67,26 +67,8 @@ async fn a_database_restart_under_load_is_unavailable_then_recovers_losing_nothi
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("database"), "{}", e.message());
     use tonic_health::pb::health_check_response::ServingStatus;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await)
-        .watch(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health answers whatever the database does")
-        .into_inner();
-    let mut until = async |want: ServingStatus, within: u64| {
-        tokio::time::timeout(std::time::Duration::from_secs(within), async {
-            while let Some(m) = health.message().await.expect("health stream") {
-                if m.status == want as i32 {
-                    return;
-                }
-            }
-            panic!("the health stream ended");
-        })
-        .await
-        .unwrap_or_else(|_| panic!("health did not turn {want:?} within {within} s"));
-    };
-    until(ServingStatus::NotServing, 10).await;
+    let mut health = HealthWatch::open(d.channel().await).await;
+    health.until(ServingStatus::NotServing, 10).await;
     // And over HTTP, for load balancers that check with a GET.
     let (code, _, body) = http_call(d.addr, "GET", "/v1/health", &[], Vec::new()).await;
     assert_eq!(
@@ -96,7 +78,7 @@ async fn a_database_restart_under_load_is_unavailable_then_recovers_losing_nothi
     tokio::task::spawn_blocking(|| pg::pg_ctl("start"))
         .await
         .expect("start");
-    until(ServingStatus::Serving, 30).await;
+    health.until(ServingStatus::Serving, 30).await;
     let (code, _, body) = http_call(d.addr, "GET", "/v1/health", &[], Vec::new()).await;
     assert_eq!(
         (code, body.as_ref()),

@@ -460,3 +460,41 @@ pub async fn http_call_with_headers(
         .to_bytes();
     (status, headers, bytes)
 }
+
+/// A gRPC health `Watch` of `""` on `channel`, held as a load balancer holds it. Drop it before
+/// stopping the daemon: an open watch holds the shutdown for its drain limit.
+#[allow(dead_code)]
+pub struct HealthWatch(tonic::Streaming<tonic_health::pb::HealthCheckResponse>);
+
+#[allow(dead_code)]
+impl HealthWatch {
+    pub async fn open(channel: Channel) -> Self {
+        let stream = tonic_health::pb::health_client::HealthClient::new(channel)
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers whatever the database does")
+            .into_inner();
+        Self(stream)
+    }
+
+    /// Waits until the daemon reports `want`, for at most `within` seconds.
+    pub async fn until(
+        &mut self,
+        want: tonic_health::pb::health_check_response::ServingStatus,
+        within: u64,
+    ) {
+        let stream = &mut self.0;
+        tokio::time::timeout(std::time::Duration::from_secs(within), async {
+            while let Some(m) = stream.message().await.expect("health stream") {
+                if m.status == want as i32 {
+                    return;
+                }
+            }
+            panic!("the health stream ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("health did not turn {want:?} within {within} s"));
+    }
+}

@@ -230,33 +230,15 @@ async fn the_loss_of_the_primary_loses_no_acknowledged_write_and_no_audit_link()
     // Health, as a load balancer watches it: NOT_SERVING while no node takes writes (the
     // daemon's probe of the database needs a writable one with this URL), SERVING again after.
     use tonic_health::pb::health_check_response::ServingStatus;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(daemons[2].channel().await)
-        .watch(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .expect("health watch")
-        .into_inner();
-    let mut until = async |want: ServingStatus, within: u64| {
-        tokio::time::timeout(Duration::from_secs(within), async {
-            while let Some(m) = health.message().await.expect("health stream") {
-                if m.status == want as i32 {
-                    return;
-                }
-            }
-            panic!("the health stream ended");
-        })
-        .await
-        .unwrap_or_else(|_| panic!("health did not turn {want:?} within {within} s"));
-    };
-    until(ServingStatus::Serving, 10).await;
+    let mut health = HealthWatch::open(daemons[2].channel().await).await;
+    health.until(ServingStatus::Serving, 10).await;
 
     let lost_at = Instant::now();
     let before = acks.load(Ordering::SeqCst);
     cluster.lose("pg1");
-    until(ServingStatus::NotServing, 30).await;
+    health.until(ServingStatus::NotServing, 30).await;
     // Patroni promotes the synchronous standby once the lost leader's key expires (ttl).
-    until(ServingStatus::Serving, 90).await;
+    health.until(ServingStatus::Serving, 90).await;
     // The watch would hold the daemon's shutdown for its drain limit.
     drop(health);
     until_acks(before + 150, Duration::from_secs(90)).await;
