@@ -843,7 +843,7 @@ async fn an_instance_name_runs_once() {
 }
 
 /// The documented `[store]` tables, byte for byte: the README reference's commented block
-/// uncommented, and docs/SCALING.md's "Running several daemons" example, load as the text says
+/// uncommented, and docs/SCALING.md's "Running several daemons" and failover examples, load as the text says
 /// (paths moved to a temporary directory, since the files they name must exist).
 #[test]
 fn the_readme_store_tables_load_as_documented() {
@@ -900,6 +900,26 @@ fn the_readme_store_tables_load_as_documented() {
         .iter()
         .find(|b| b.contains("instance = \"vault-a\"") && b.contains("\n[store]"))
         .expect("the several-daemons example");
+    // docs/SCALING.md's table for a primary and its standby: both hosts, the writable one.
+    let failover = toml_blocks
+        .iter()
+        .find(|b| b.contains("target_session_attrs=read-write"))
+        .expect("the failover example");
+    let failover = store_table(failover, false);
+    {
+        let table = failover
+            .strip_prefix("[store]")
+            .expect("starts with [store]");
+        let store = pg::load_store(dir.path(), table).expect("loads");
+        let tokenvault::config::StoreConfig::Postgres(pg) = store else {
+            panic!("not a database store");
+        };
+        assert_eq!(pg.connection.get_hosts().len(), 2);
+        assert_eq!(
+            pg.connection.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+    }
     for table in [store_table(reference, true), store_table(example, false)] {
         assert!(table.contains("url = \"postgres://tokenvault@db.internal:5432/tokenvault\""));
         let table = table.strip_prefix("[store]").expect("starts with [store]");
