@@ -789,9 +789,14 @@ async fn insert_audit(t: &Txn<'_>, chain: &str, audit: &[AuditAppend]) -> Result
     let (seqs, values) = audit_columns(audit);
     let inserted = t.execute(&stmt, &[&chain, &seqs, &values]).await?;
     if inserted != audit.len() as u64 {
-        // Another writer took a place in the chain: the whole change is refused.
-        return Err(StoreError::Conflict(format!(
-            "audit events {}..={}",
+        // The chain already holds these places: an earlier write of this daemon committed
+        // although its answer was lost (the instance lease keeps any other daemon off this
+        // chain). The whole change is refused and nothing is written; the auditor reads the
+        // chain's head back before its next write, so a retry succeeds: UNAVAILABLE, as for
+        // the lost answer itself.
+        return Err(StoreError::Unavailable(format!(
+            "audit events {}..={} are already stored (an earlier write's outcome was not \
+             known); retry",
             audit[0].seq,
             audit[audit.len() - 1].seq
         ))
