@@ -99,10 +99,18 @@ use crate::keys::{KeyInfo, KeyState};
 use crate::sealer::Sealer;
 use crate::secret::Secret;
 
-impl Sealer {
-    /// Seals `secret` and packages the record for `Ingest.PutSealed` (the wire form of
-    /// [`Sealer::seal`]).
-    pub fn seal_record(
+/// The wire form of [`Sealer::seal`]: a record packaged for `Ingest.PutSealed`.
+pub trait SealRecord {
+    /// Seals `secret` and packages the record for `Ingest.PutSealed`.
+    fn seal_record(
+        &self,
+        meta: &RecordMeta,
+        secret: &Secret,
+    ) -> Result<v1::SealedRecord, EncryptError>;
+}
+
+impl SealRecord for Sealer {
+    fn seal_record(
         &self,
         meta: &RecordMeta,
         secret: &Secret,
@@ -127,18 +135,15 @@ impl From<SecretKind> for v1::SecretKind {
     }
 }
 
-impl TryFrom<i32> for SecretKind {
-    type Error = ValidationError;
-
-    fn try_from(wire: i32) -> Result<Self, ValidationError> {
-        match v1::SecretKind::try_from(wire) {
-            Ok(v1::SecretKind::AccessToken) => Ok(SecretKind::AccessToken),
-            Ok(v1::SecretKind::RefreshToken) => Ok(SecretKind::RefreshToken),
-            Ok(v1::SecretKind::ClientSecret) => Ok(SecretKind::ClientSecret),
-            Ok(v1::SecretKind::ApiKey) => Ok(SecretKind::ApiKey),
-            Ok(v1::SecretKind::TokenBundle) => Ok(SecretKind::TokenBundle),
-            Ok(v1::SecretKind::Unspecified) | Err(_) => Err(ValidationError::UnknownKind),
-        }
+/// The [`SecretKind`] a wire `SecretKind` value names (unspecified and unknown values refused).
+pub fn secret_kind(wire: i32) -> Result<SecretKind, ValidationError> {
+    match v1::SecretKind::try_from(wire) {
+        Ok(v1::SecretKind::AccessToken) => Ok(SecretKind::AccessToken),
+        Ok(v1::SecretKind::RefreshToken) => Ok(SecretKind::RefreshToken),
+        Ok(v1::SecretKind::ClientSecret) => Ok(SecretKind::ClientSecret),
+        Ok(v1::SecretKind::ApiKey) => Ok(SecretKind::ApiKey),
+        Ok(v1::SecretKind::TokenBundle) => Ok(SecretKind::TokenBundle),
+        Ok(v1::SecretKind::Unspecified) | Err(_) => Err(ValidationError::UnknownKind),
     }
 }
 
@@ -150,7 +155,7 @@ impl TryFrom<&v1::RecordMeta> for RecordMeta {
             &m.id,
             &m.owner,
             &m.provider,
-            m.kind.try_into()?,
+            secret_kind(m.kind)?,
             &m.scopes,
             m.expires_at,
         )

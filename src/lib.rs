@@ -43,7 +43,6 @@ pub mod cli;
 pub mod client;
 #[cfg(feature = "daemon")]
 pub mod config;
-pub mod envelope;
 #[cfg(feature = "daemon")]
 pub mod grant;
 pub mod keys;
@@ -53,11 +52,8 @@ pub mod oauth;
 pub mod provider;
 #[cfg(feature = "daemon")]
 pub mod proxy;
-pub mod record;
 #[cfg(feature = "daemon")]
 pub mod rotation;
-pub mod sealer;
-pub mod secret;
 #[cfg(feature = "daemon")]
 pub mod security_event;
 #[cfg(feature = "daemon")]
@@ -67,7 +63,10 @@ pub mod store;
 pub mod vault;
 pub mod web;
 
-pub use sealer::Sealer;
+pub use tokenvault_envelope::{Sealer, envelope, record, sealer, secret};
+
+#[cfg(test)]
+mod envelope_tests;
 
 /// The current time as Unix seconds.
 pub fn unix_now() -> i64 {

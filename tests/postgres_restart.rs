@@ -7,6 +7,7 @@ mod common;
 
 use common::pg;
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::secret::Secret;
 use tonic::Code;

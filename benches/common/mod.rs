@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::config::{Config, CredentialEntry, Role};
 use tokenvault::record::{RecordMeta, SecretKind};

@@ -447,7 +447,7 @@ pub(crate) fn record_json(r: &v1::RecordInfo, now: i64) -> serde_json::Value {
         "id": m.id,
         "owner": m.owner,
         "provider": m.provider,
-        "kind": crate::record::SecretKind::try_from(m.kind).map_or("unspecified", |k| k.as_str()),
+        "kind": crate::api::secret_kind(m.kind).map_or("unspecified", |k| k.as_str()),
         "scopes": m.scopes,
         "expires_at": m.expires_at,
         "created_at": r.created_at,
@@ -502,8 +502,7 @@ async fn records(a: RecordsArgs) -> Result<(), CliError> {
                     "{}  provider={} kind={} state={} version={} key_version={} expires_at={} owner={}",
                     m.id,
                     m.provider,
-                    crate::record::SecretKind::try_from(m.kind)
-                        .map_or("unspecified", |k| k.as_str()),
+                    crate::api::secret_kind(m.kind).map_or("unspecified", |k| k.as_str()),
                     state_name(r, now),
                     r.version,
                     r.key_version,

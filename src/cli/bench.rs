@@ -16,6 +16,7 @@ use rand::Rng as _;
 
 use super::CliError;
 use super::client::{Authed, Connection, active_sealer, connect};
+use crate::api::SealRecord as _;
 use crate::api::v1;
 use crate::config::Role;
 use crate::record::{RecordMeta, SecretKind};

@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use super::CliError;
 use super::serve::credential_env;
+use crate::api::SealRecord as _;
 use crate::api::v1;
 use crate::client::Bearer;
 use crate::config::Role;
@@ -480,7 +481,7 @@ pub(crate) async fn get(args: GetArgs) -> Result<(), CliError> {
                 "id={} provider={} kind={} version={} key_version={} expires_at={} scopes={}",
                 meta.id,
                 meta.provider,
-                SecretKind::try_from(meta.kind).map_or("?", |k| k.as_str()),
+                crate::api::secret_kind(meta.kind).map_or("?", |k| k.as_str()),
                 info.version,
                 info.key_version,
                 meta.expires_at,

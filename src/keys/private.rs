@@ -23,8 +23,9 @@ use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
-use super::public::pem_label;
-use super::{KeyError, KeyId, KeyOpError, OAEP_LABEL, PublicKey, Unwrapper, passphrase_hint};
+use super::{
+    KeyError, KeyId, KeyOpError, OAEP_LABEL, PublicKey, Unwrapper, passphrase_hint, pem_label,
+};
 use crate::secret::{DATA_KEY_LEN, DataKey, Passphrase};
 
 /// First bytes of a private key sealed under a key-encryption key ([`PrivateKey::seal_with`]).
@@ -106,7 +107,7 @@ impl PrivateKey {
         // Name a non-RSA key's own algorithm: the rsa crate's error quotes the RSA OID it
         // expected, which reads as if the key were RSA.
         if let Ok(info) = PrivateKeyInfo::try_from(der.as_slice()) {
-            super::public::require_rsa("private key", info.algorithm.oid)?;
+            super::require_rsa("private key", info.algorithm.oid)?;
         }
         // The rsa crate validates structure and consistency (no private-key operation), then
         // aws-lc takes over for all arithmetic.

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::status::VaultError;
 use super::{caller, record_id};
 use crate::api::v1::{self, admin_server::Admin};
-use crate::record::{Owner, Provider, SecretKind};
+use crate::record::{Owner, Provider};
 use crate::rotation::RewrapProgress;
 use crate::vault::listing::{RecordFilter, RecordState};
 use crate::vault::{AuditEntry, AuditFilter, KeyImport, Vault};
@@ -104,7 +104,7 @@ impl TryFrom<&v1::ListRecordsRequest> for RecordFilter {
                 .transpose()
                 .map_err(invalid("owner"))?,
             kind: (req.kind != 0)
-                .then(|| SecretKind::try_from(req.kind))
+                .then(|| crate::api::secret_kind(req.kind))
                 .transpose()
                 .map_err(invalid("kind"))?,
             state,

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use tokenvault::Sealer;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::config::{Config, CredentialEntry, Role};
 use tokenvault::record::{RecordMeta, SecretKind};

@@ -13,24 +13,35 @@ fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// Every `.rs` file under `dir`, relative to `src/`.
-fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+/// The sealing crate's sources: the modules the daemon crate re-exports under the same names
+/// (`envelope`, `keys`, `record`, `sealer`, `secret`), scanned with the daemon's.
+fn sealing_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/envelope/src")
+}
+
+/// Every `.rs` file under `dir`, relative to `root`.
+fn files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).expect("read_dir") {
         let p = e.expect("entry").path();
         if p.is_dir() {
-            files(&p, out);
+            files(root, &p, out);
         } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push(p.strip_prefix(src()).expect("under src").to_path_buf());
+            out.push(p.strip_prefix(root).expect("under root").to_path_buf());
         }
     }
 }
 
-/// The file's code without comments and without its unit-test module.
+/// The code of a file of the daemon crate (`rel` to `src/`).
 fn code(rel: &Path) -> String {
-    let text = std::fs::read_to_string(src().join(rel)).expect("read");
+    code_at(&src(), rel)
+}
+
+/// The file's code without comments and without its unit-test module.
+fn code_at(root: &Path, rel: &Path) -> String {
+    let text = std::fs::read_to_string(root.join(rel)).expect("read");
     if rel
         .file_name()
-        .is_some_and(|n| n == "tests.rs" || n == "conformance.rs")
+        .is_some_and(|n| n == "tests.rs" || n == "conformance.rs" || n == "envelope_tests.rs")
     {
         return String::new();
     }
@@ -124,16 +135,24 @@ fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
         .find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
 }
 
+/// Every file of the daemon crate and of the sealing crate, with its code; paths are relative
+/// to each crate's `src/`, so a module has the same name in both (the sealing crate's own
+/// `lib.rs` is left out: the daemon's stands for the crate root).
 fn all_files() -> Vec<(PathBuf, String)> {
-    let mut rels = Vec::new();
-    files(&src(), &mut rels);
-    rels.sort();
-    rels.into_iter()
-        .map(|r| {
-            let c = code(&r);
-            (r, c)
-        })
-        .collect()
+    let mut out = Vec::new();
+    for root in [src(), sealing_src()] {
+        let mut rels = Vec::new();
+        files(&root, &root, &mut rels);
+        rels.sort();
+        for r in rels {
+            if root == sealing_src() && r == Path::new("lib.rs") {
+                continue;
+            }
+            let c = code_at(&root, &r);
+            out.push((r, c));
+        }
+    }
+    out
 }
 
 #[test]
@@ -267,6 +286,12 @@ fn mentioning(needle: &str) -> Vec<String> {
 
 #[test]
 fn the_envelope_does_no_io_and_sees_no_wire_or_store_types() {
+    assert!(
+        all_files()
+            .iter()
+            .any(|(r, c)| r.starts_with("envelope") && c.contains("fn seal")),
+        "the scan sees the envelope"
+    );
     for needle in [
         "std::fs",
         "std::net",
@@ -282,6 +307,71 @@ fn the_envelope_does_no_io_and_sees_no_wire_or_store_types() {
             .filter(|f| f.starts_with("envelope"))
             .collect();
         assert!(hits.is_empty(), "envelope mentions {needle}: {hits:?}");
+    }
+}
+
+/// The sealing crate (what a Rust web tier links to seal) has no gRPC, no async runtime, no
+/// store and no private key, in its manifest and in its code; aws-lc-rs only as an option.
+#[test]
+fn the_sealing_crate_has_no_transport_runtime_store_or_private_key() {
+    let manifest = std::fs::read_to_string(sealing_src().join("../Cargo.toml")).expect("read");
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .expect("a [dependencies] table")
+        .split("\n[")
+        .next()
+        .unwrap_or_default();
+    let names: Vec<&str> = deps
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(n, _)| n.trim()))
+        .collect();
+    assert!(
+        names.contains(&"rsa"),
+        "the scan sees the dependencies: {names:?}"
+    );
+    for name in &names {
+        assert!(
+            ![
+                "tonic",
+                "prost",
+                "tokio",
+                "rocksdb",
+                "hyper",
+                "h2",
+                "tower",
+                "axum",
+                "tokenvault"
+            ]
+            .iter()
+            .any(|banned| name.starts_with(banned)),
+            "the sealing crate depends on {name}"
+        );
+    }
+    let aws_lc = deps
+        .lines()
+        .find(|l| l.starts_with("aws-lc-rs"))
+        .expect("aws-lc-rs listed");
+    assert!(aws_lc.contains("optional = true"), "{aws_lc}");
+
+    let mut rels = Vec::new();
+    files(&sealing_src(), &sealing_src(), &mut rels);
+    assert!(rels.len() > 5, "the scan sees the sealing crate: {rels:?}");
+    for rel in rels {
+        let code = code_at(&sealing_src(), &rel);
+        for needle in [
+            "std::fs",
+            "std::net",
+            "tokio",
+            "tonic",
+            "prost",
+            "rocksdb",
+            "PrivateDecryptingKey",
+            "RsaPrivateKey",
+            "PrivateKeyInfo",
+        ] {
+            assert!(!code.contains(needle), "{} names {needle}", rel.display());
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use common::upstream::{CLIENT_SECRET, FakeProvider};
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::record::{RecordMeta, SecretKind};
 use tonic::Code;

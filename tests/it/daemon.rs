@@ -4,6 +4,7 @@ use crate::common;
 
 use common::*;
 use tokenvault::Sealer;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::envelope::format::HEADER_LEN;
 use tokenvault::keys::PublicKey;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::common;
 use common::pg;
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::audit::ChainVerifier;
 use tonic::Code;

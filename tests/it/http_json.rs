@@ -5,6 +5,7 @@ use crate::common;
 
 use base64::Engine as _;
 use common::*;
+use tokenvault::api::SealRecord as _;
 
 struct Reply {
     status: u16,

@@ -5,6 +5,7 @@ use crate::common;
 
 use common::*;
 use tokenvault::Sealer;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::secret::Secret;
 use tonic::Code;

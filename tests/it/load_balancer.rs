@@ -16,6 +16,7 @@ use common::pki::{ca, leaf};
 use common::process::{free_port, root, sha256_hex, spawn_daemon, write};
 use common::*;
 use prost::Message as _;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 
 /// A daemon's config: TLS, the shared database, a drain long enough for the balancer's

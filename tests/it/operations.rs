@@ -8,6 +8,7 @@ use crate::common;
 use std::sync::Arc;
 
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::record::{RecordId, RecordMeta, SecretKind};
 use tokenvault::store::{Mutation, RocksStore, TokenStore, prelude::*};

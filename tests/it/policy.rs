@@ -3,6 +3,7 @@
 use crate::common;
 
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::config::{CallerPolicy, Config, CredentialEntry, Env, Role};
 use tokenvault::record::{RecordMeta, SecretKind};

@@ -5,6 +5,7 @@ use crate::common;
 
 use common::pg;
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tonic::Code;
 

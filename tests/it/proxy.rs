@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::upstream::{CLIENT_SECRET, FakeProvider};
 use common::{ADMIN, INGEST, TestDaemon, WORKER};
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::config::Config;
 use tokenvault::record::{RecordMeta, SecretKind};

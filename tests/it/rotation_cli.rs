@@ -7,6 +7,7 @@ use std::path::Path;
 
 use common::Bearer;
 use common::process::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::record::{RecordMeta, SecretKind};
 use tokenvault::secret::Secret;

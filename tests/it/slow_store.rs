@@ -13,6 +13,7 @@ use crate::common;
 
 use common::faulty::FaultyStore;
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::config::DekCacheConfig;
 use tonic::Code;

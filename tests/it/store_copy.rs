@@ -8,6 +8,7 @@ use std::path::Path;
 
 use common::process::{assert_exit, run};
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tonic::Code;
 

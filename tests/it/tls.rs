@@ -9,6 +9,7 @@ use std::path::Path;
 use common::pki::{Pki, ca, leaf, tls_verdict};
 use common::process::write;
 use common::*;
+use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
 use tokenvault::config::{Config, Env};
 use tonic::Code;

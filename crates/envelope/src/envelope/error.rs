@@ -6,7 +6,6 @@ use crate::keys::{KeyId, KeyLookupError, KeyOpError, KeyState};
 
 /// Why bytes are not a well-formed envelope. Structural, so reported precisely.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum FormatError {
     /// Shorter than its fields require.
     #[error("envelope is truncated: {0}")]
@@ -32,7 +31,6 @@ pub enum FormatError {
 
 /// Why a secret could not be sealed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum EncryptError {
     /// The secret exceeds [`super::MAX_SECRET_LEN`].
     #[error("secret is {len} bytes, larger than the limit of {max}")]
@@ -58,7 +56,6 @@ pub enum EncryptError {
 /// Every cryptographic failure (OAEP decoding, GCM tag, wrong associated data) is the one
 /// [`DecryptError::DecryptionFailed`], so opening is neither a padding nor an AEAD oracle.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum DecryptError {
     /// The bytes are not a well-formed envelope.
     #[error(transparent)]
@@ -91,7 +88,6 @@ pub enum DecryptError {
 
 /// Why a data key could not be rewrapped.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum RewrapError {
     /// The envelope did not open with its current key.
     #[error(transparent)]

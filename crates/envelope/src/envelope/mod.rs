@@ -70,7 +70,18 @@ pub fn seal(
 /// [`seal`] with the randomness (data key, nonce and, for the pure-Rust backend, the OAEP seed)
 /// drawn from `rng`. Only tests may pass anything but the OS CSPRNG: it exists so known-answer
 /// vectors can be generated reproducibly.
-pub(crate) fn seal_with_rng(
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub fn seal_with_rng_for_tests(
+    meta: &RecordMeta,
+    secret: &Secret,
+    wrapper: &dyn Wrapper,
+    rng: &mut dyn CryptoRngCore,
+) -> Result<Vec<u8>, EncryptError> {
+    seal_with_rng(meta, secret, wrapper, rng)
+}
+
+fn seal_with_rng(
     meta: &RecordMeta,
     secret: &Secret,
     wrapper: &dyn Wrapper,
@@ -169,6 +180,3 @@ pub fn rewrap(
     }
     .encode())
 }
-
-#[cfg(test)]
-mod tests;

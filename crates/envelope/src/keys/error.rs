@@ -6,7 +6,6 @@ use thiserror::Error;
 
 /// Why a key could not be loaded, validated or written. Messages never contain key material.
 #[derive(Debug, Error)]
-#[non_exhaustive]
 pub enum KeyError {
     /// The text is not PEM, or holds an unexpected PEM label.
     #[error("not a {expected} PEM file (found {found})")]
@@ -156,7 +155,6 @@ impl KeyError {
 /// A key operation failed. Every RSA-OAEP failure is the one [`KeyOpError::Unwrap`], so an
 /// opener is no padding oracle; `envelope` maps these into its own errors.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum KeyOpError {
     /// RSA-OAEP wrapping failed.
     #[error("wrapping the data key failed")]
@@ -168,7 +166,6 @@ pub enum KeyOpError {
 
 /// Why no key can unwrap a data key sealed under a fingerprint.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum KeyLookupError {
     /// No key has this fingerprint.
     #[error("no key with fingerprint {0}")]

@@ -77,7 +77,8 @@ impl PublicKey {
         Self::from_rsa(rsa)
     }
 
-    pub(crate) fn from_rsa(rsa: RsaPublicKey) -> Result<Self, KeyError> {
+    #[doc(hidden)]
+    pub fn from_rsa(rsa: RsaPublicKey) -> Result<Self, KeyError> {
         let bits = rsa.n().bits();
         if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
             return Err(KeyError::UnsupportedSize { bits });
@@ -214,7 +215,8 @@ pub fn spki_pem(spki_der: &[u8]) -> String {
 
 /// The label of the first PEM block in `pem`, which must have its END line (the decoder
 /// would otherwise report a missing END as a bad BEGIN boundary).
-pub(crate) fn pem_label(pem: &str) -> Result<String, KeyError> {
+#[doc(hidden)]
+pub fn pem_label(pem: &str) -> Result<String, KeyError> {
     let mut lines = pem.lines().map(str::trim);
     let label = lines
         .find_map(|l| {
@@ -231,10 +233,8 @@ pub(crate) fn pem_label(pem: &str) -> Result<String, KeyError> {
 }
 
 /// Refuses a key whose algorithm is not rsaEncryption, naming the algorithm it has.
-pub(crate) fn require_rsa(
-    what: &'static str,
-    oid: pkcs8::ObjectIdentifier,
-) -> Result<(), KeyError> {
+#[doc(hidden)]
+pub fn require_rsa(what: &'static str, oid: pkcs8::ObjectIdentifier) -> Result<(), KeyError> {
     let algorithm = match oid.to_string().as_str() {
         "1.2.840.113549.1.1.1" => return Ok(()),
         "1.2.840.10045.2.1" => "EC (id-ecPublicKey)".to_string(),

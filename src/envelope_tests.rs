@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::*;
-use crate::keys::{KeyId, PrivateKey, PublicKey, Unwrapper};
-use crate::record::SecretKind;
+use crate::envelope::*;
+use crate::keys::{KeyId, PrivateKey, PublicKey, Unwrapper, Wrapper};
+use crate::record::{RecordMeta, SecretKind};
+use crate::secret::{DataKey, Secret};
+use tokenvault_envelope::envelope::seal_with_rng_for_tests as seal_with_rng;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(name)

@@ -21,12 +21,12 @@ pub enum Backend {
 /// Seals secrets for the vault with the active public key.
 ///
 /// ```
-/// use tokenvault::record::{RecordMeta, SecretKind};
-/// use tokenvault::secret::Secret;
-/// use tokenvault::Sealer;
+/// use tokenvault_envelope::record::{RecordMeta, SecretKind};
+/// use tokenvault_envelope::secret::Secret;
+/// use tokenvault_envelope::Sealer;
 ///
 /// // In production the PEM comes from `Ingest.PublicKeys` or `tokenvault keys export-public`.
-/// let pem = include_str!("../keys/test/fixture-a.pub.pem");
+/// let pem = include_str!("../../../keys/test/fixture-a.pub.pem");
 /// let sealer = Sealer::from_pem(pem)?;
 /// let meta = RecordMeta::parse("github:user-42", "user-42", "github", SecretKind::AccessToken, &[], 0)?;
 /// let envelope = sealer.seal(&meta, &Secret::new(b"gho_example".to_vec()))?;

@@ -25,7 +25,6 @@ pub const MAX_SCOPE_LEN: usize = 256;
 /// A field of caller input that failed validation. The message names the field and the rule,
 /// never the offending value (which might be a pasted secret).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum ValidationError {
     /// A required field was empty.
     #[error("{field} must not be empty")]
