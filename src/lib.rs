@@ -8,7 +8,9 @@
 //! read one back. The privileged daemon (`tokenvault serve`, feature `daemon`) holds the
 //! private keys, stores envelopes in RocksDB and hands decrypted tokens to authorized workers.
 //!
-//! Module map (see docs/ARCHITECTURE.md):
+//! Module map (see docs/ARCHITECTURE.md); [`secret`], [`record`], [`envelope`], [`sealer`] and
+//! the public half of [`keys`] are the crate `tokenvault-envelope`'s, and [`web`] is the crate
+//! `tokenvault-web`, re-exported here under the same paths:
 //! - [`secret`]: zeroizing, redacted newtypes for every secret.
 //! - [`record`]: validated record identity and metadata.
 //! - [`envelope`]: the at-rest format (docs/ENVELOPE.md), seal and open.
@@ -61,12 +63,17 @@ pub mod server;
 pub mod store;
 #[cfg(feature = "daemon")]
 pub mod vault;
-pub mod web;
 
 pub use tokenvault_envelope::{Sealer, envelope, record, sealer, secret};
+pub use tokenvault_web as web;
 
 #[cfg(test)]
 mod envelope_tests;
+
+/// docs/WEB_TIER.md's Rust block (written against `tokenvault::web`) runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/WEB_TIER.md")]
+struct WebTierDoc;
 
 /// The current time as Unix seconds.
 pub fn unix_now() -> i64 {
