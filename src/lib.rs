@@ -35,14 +35,12 @@
 #![deny(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
-pub mod api;
 #[cfg(feature = "daemon")]
 pub mod audit;
 #[cfg(feature = "daemon")]
 pub mod ca;
 #[cfg(feature = "daemon")]
 pub mod cli;
-pub mod client;
 #[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
@@ -65,6 +63,8 @@ pub mod store;
 pub mod vault;
 
 pub use tokenvault_envelope::{Sealer, envelope, record, sealer, secret};
+pub use tokenvault_proto as api;
+pub use tokenvault_proto::client;
 pub use tokenvault_web as web;
 
 #[cfg(test)]

@@ -62,14 +62,13 @@ impl TryFrom<v1::ExchangeCodeRequest> for CodeExchange {
     }
 }
 
-impl From<(&str, Exchanged)> for v1::ExchangeCodeResponse {
-    fn from((id, e): (&str, Exchanged)) -> Self {
-        v1::ExchangeCodeResponse {
-            id: id.to_string(),
-            version: e.version,
-            expires_at: e.expires_at.unwrap_or(0),
-            scopes: e.scopes,
-        }
+/// The answer to an exchange that stored record `id`.
+fn exchanged(id: &str, e: Exchanged) -> v1::ExchangeCodeResponse {
+    v1::ExchangeCodeResponse {
+        id: id.to_string(),
+        version: e.version,
+        expires_at: e.expires_at.unwrap_or(0),
+        scopes: e.scopes,
     }
 }
 
@@ -131,7 +130,7 @@ impl Ingest for IngestService {
         let req = CodeExchange::try_from(request.into_inner())?;
         let id = req.meta.id.to_string();
         let done = self.0.exchange_code(&caller, req).await?;
-        Ok(Response::new((id.as_str(), done).into()))
+        Ok(Response::new(exchanged(id.as_str(), done)))
     }
 
     async fn public_keys(

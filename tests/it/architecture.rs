@@ -135,20 +135,32 @@ fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
         .find_map(|n| visit(n, graph, &mut Vec::new(), &mut done))
 }
 
-/// Every file of the daemon crate and of the sealing crate, with its code; paths are relative
-/// to each crate's `src/`, so a module has the same name in both (the sealing crate's own
-/// `lib.rs` is left out: the daemon's stands for the crate root).
+/// The proto crate's sources (`tokenvault::api`, its `lib.rs`, and `tokenvault::client`).
+fn proto_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/proto/src")
+}
+
+/// Every file of the daemon crate, the sealing crate and the proto crate, with its code; paths
+/// are relative to each crate's `src/`, under the module name the daemon crate re-exports it
+/// as (the proto crate's `lib.rs` is `api.rs`; the sealing crate's own `lib.rs` is left out:
+/// the daemon's stands for the crate root).
 fn all_files() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    for root in [src(), sealing_src()] {
+    for root in [src(), sealing_src(), proto_src()] {
         let mut rels = Vec::new();
         files(&root, &root, &mut rels);
         rels.sort();
         for r in rels {
-            if root == sealing_src() && r == Path::new("lib.rs") {
-                continue;
-            }
             let c = code_at(&root, &r);
+            if r == Path::new("lib.rs") {
+                if root == sealing_src() {
+                    continue;
+                }
+                if root == proto_src() {
+                    out.push((PathBuf::from("api.rs"), c));
+                    continue;
+                }
+            }
             out.push((r, c));
         }
     }

@@ -1,4 +1,4 @@
-//! Generates the gRPC code from proto/ with a vendored protoc, so a fresh machine needs none.
+//! Generates the gRPC code from the workspace's proto/ with a vendored protoc, so a fresh machine needs none.
 
 use std::path::PathBuf;
 
@@ -20,9 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         .compile_with_config(
             config,
-            &["proto/tokenvault/v1/tokenvault.proto"],
-            &["proto"],
+            &["../../proto/tokenvault/v1/tokenvault.proto"],
+            &["../../proto"],
         )?;
-    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=../../proto");
     Ok(())
 }

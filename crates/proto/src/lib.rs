@@ -1,5 +1,9 @@
-//! Generated gRPC code for package `tokenvault.v1` (from proto/ by build.rs) and conversions
-//! between wire types and domain types.
+//! # tokenvault-proto
+//!
+//! Generated gRPC code for package `tokenvault.v1` (from the workspace's proto/ by build.rs),
+//! conversions between wire types and the sealing crate's domain types, and the bearer
+//! interceptor every gRPC client uses ([`client`]). Re-exported by `tokenvault` as
+//! `tokenvault::api` (and `tokenvault::client`).
 //!
 //! Architecture invariant: proto types stop here and in `server`/`cli`; `envelope`, `keys` and
 //! `store` never see them.
@@ -11,6 +15,8 @@
     reason = "generated code"
 )]
 #![allow(clippy::all, clippy::pedantic, reason = "generated code")]
+
+pub mod client;
 
 /// The `tokenvault.v1` package.
 pub mod v1 {
@@ -94,10 +100,10 @@ pub mod v1 {
     }
 }
 
-use crate::envelope::EncryptError;
-use crate::keys::{KeyInfo, KeyState};
-use crate::sealer::Sealer;
-use crate::secret::Secret;
+use tokenvault_envelope::envelope::EncryptError;
+use tokenvault_envelope::keys::{KeyInfo, KeyState};
+use tokenvault_envelope::sealer::Sealer;
+use tokenvault_envelope::secret::Secret;
 
 /// The wire form of [`Sealer::seal`]: a record packaged for `Ingest.PutSealed`.
 pub trait SealRecord {
@@ -121,7 +127,7 @@ impl SealRecord for Sealer {
         })
     }
 }
-use crate::record::{Record, RecordMeta, SecretKind, ValidationError};
+use tokenvault_envelope::record::{Record, RecordMeta, SecretKind, ValidationError};
 
 impl From<SecretKind> for v1::SecretKind {
     fn from(k: SecretKind) -> Self {
@@ -206,7 +212,7 @@ impl From<&KeyInfo> for v1::PublicKey {
             version: k.version,
             fingerprint: k.id.to_hex(),
             // Pure encoding of the registered DER; no key parsing on every PublicKeys call.
-            spki_pem: crate::keys::spki_pem(&k.spki_der),
+            spki_pem: tokenvault_envelope::keys::spki_pem(&k.spki_der),
             state: v1::KeyState::from(k.state).into(),
             created_at: k.created_at,
         }
