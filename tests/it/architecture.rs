@@ -16,7 +16,14 @@ fn src() -> PathBuf {
 /// The sealing crate's sources: the modules the daemon crate re-exports under the same names
 /// (`envelope`, `keys`, `record`, `sealer`, `secret`), scanned with the daemon's.
 fn sealing_src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/envelope/src")
+    workspace_crate("envelope").join("src")
+}
+
+/// The directory of the workspace crate `crates/{name}`.
+fn workspace_crate(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("crates")
+        .join(name)
 }
 
 /// Every `.rs` file under `dir`, relative to `root`.
@@ -137,7 +144,7 @@ fn cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 
 /// The proto crate's sources (`tokenvault::api`, its `lib.rs`, and `tokenvault::client`).
 fn proto_src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/proto/src")
+    workspace_crate("proto").join("src")
 }
 
 /// Every file of the daemon crate, the sealing crate and the proto crate, with its code; paths
@@ -328,9 +335,7 @@ fn the_envelope_does_no_io_and_sees_no_wire_or_store_types() {
 #[test]
 fn the_sealing_crate_has_no_transport_runtime_store_or_private_key() {
     for (krate, a_dependency) in [("envelope", "rsa"), ("web", "sha2")] {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("crates")
-            .join(krate);
+        let root = workspace_crate(krate);
         let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("read");
         let deps = manifest
             .split("[dependencies]")
@@ -395,10 +400,8 @@ fn the_sealing_crate_has_no_transport_runtime_store_or_private_key() {
             }
         }
     }
-    let envelope = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/envelope/Cargo.toml"),
-    )
-    .expect("read");
+    let envelope =
+        std::fs::read_to_string(workspace_crate("envelope").join("Cargo.toml")).expect("read");
     assert!(
         envelope.contains("aws-lc-rs = { version = \"1.19.0\", optional = true }"),
         "aws-lc-rs stays an option of the sealing crate"
