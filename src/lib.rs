@@ -9,8 +9,9 @@
 //! private keys, stores envelopes in RocksDB and hands decrypted tokens to authorized workers.
 //!
 //! Module map (see docs/ARCHITECTURE.md); [`secret`], [`record`], [`envelope`], [`sealer`] and
-//! the public half of [`keys`] are the crate `tokenvault-envelope`'s, and [`web`] is the crate
-//! `tokenvault-web`, re-exported here under the same paths:
+//! the public half of [`keys`] are the crate `tokenvault-envelope`'s, [`web`] is the crate
+//! `tokenvault-web`, [`api`] and [`client`] the crate `tokenvault-proto`'s and [`store`] the
+//! crate `tokenvault-store`, re-exported here under the same paths:
 //! - [`secret`]: zeroizing, redacted newtypes for every secret.
 //! - [`record`]: validated record identity and metadata.
 //! - [`envelope`]: the at-rest format (docs/ENVELOPE.md), seal and open.
@@ -18,7 +19,8 @@
 //! - [`rotation`]: the key lifecycle over a store: rewrap, retire, destroy (feature `daemon`).
 //! - [`sealer`]: the web tier's library entry point (public keys only); [`web`]: its OAuth
 //!   callback (state, nonce, PKCE S256).
-//! - [`store`]: the `TokenStore` trait, RocksDB and in-memory implementations.
+//! - [`store`]: the `TokenStore` traits and the engines: RocksDB, PostgreSQL, memory
+//!   (feature `daemon`).
 //! - [`api`]: generated gRPC types (`tokenvault.v1`); [`client`]: the bearer interceptor.
 //! - [`vault`]: the application core, every use case without a transport (feature `daemon`).
 //! - [`config`], [`server`], [`cli`]: the daemon's configuration, its gRPC adapters and the
@@ -58,13 +60,14 @@ pub mod rotation;
 pub mod security_event;
 #[cfg(feature = "daemon")]
 pub mod server;
-pub mod store;
 #[cfg(feature = "daemon")]
 pub mod vault;
 
 pub use tokenvault_envelope::{Sealer, envelope, record, sealer, secret};
 pub use tokenvault_proto as api;
 pub use tokenvault_proto::client;
+#[cfg(feature = "daemon")]
+pub use tokenvault_store as store;
 pub use tokenvault_web as web;
 
 #[cfg(test)]

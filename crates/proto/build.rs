@@ -1,4 +1,5 @@
-//! Generates the gRPC code from the workspace's proto/ with a vendored protoc, so a fresh machine needs none.
+//! Generates the gRPC code from the workspace's proto/ with a vendored protoc, so a fresh machine
+//! needs none, and the proto3 JSON mapping (pbjson) of the messages the HTTP/JSON routes speak.
 
 use std::path::PathBuf;
 
@@ -23,6 +24,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["../../proto/tokenvault/v1/tokenvault.proto"],
             &["../../proto"],
         )?;
+    // proto3 JSON (serde) for the `Ingest` messages only: what the HTTP/JSON routes and their
+    // clients exchange. A message that carries a token, a grant handle or a private key
+    // (GetTokenResponse, ProxyRequest, ...) gets no Serialize, so it cannot be written out as
+    // JSON by mistake. Every field is written, defaults included, as the routes always have.
+    let descriptors = std::fs::read(out_dir.join("tokenvault_descriptor.bin"))?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors)?
+        .emit_fields()
+        .build(&[
+            ".tokenvault.v1.SecretKind",
+            ".tokenvault.v1.KeyState",
+            ".tokenvault.v1.RecordMeta",
+            ".tokenvault.v1.SealedRecord",
+            ".tokenvault.v1.PutSealedRequest",
+            ".tokenvault.v1.PutSealedResponse",
+            ".tokenvault.v1.PutSealedBatchRequest",
+            ".tokenvault.v1.PutSealedBatchResponse",
+            ".tokenvault.v1.PublicKeysRequest",
+            ".tokenvault.v1.PublicKey",
+            ".tokenvault.v1.PublicKeysResponse",
+            ".tokenvault.v1.ExchangeCodeRequest",
+            ".tokenvault.v1.ExchangeCodeResponse",
+        ])?;
     println!("cargo:rerun-if-changed=../../proto");
     Ok(())
 }

@@ -510,22 +510,13 @@ impl HttpIngest {
     }
 
     async fn put(&self, record: &v1::SealedRecord) -> bool {
-        use base64::Engine as _;
-        let Some(meta) = &record.meta else {
+        // PutSealed's proto3 JSON, as a web tier written from docs/WEB_TIER.md sends it.
+        let Ok(body) = serde_json::to_string(&v1::PutSealedRequest {
+            record: Some(record.clone()),
+            expected_version: 0,
+        }) else {
             return false;
         };
-        let kind = v1::SecretKind::try_from(meta.kind)
-            .map_or("SECRET_KIND_UNSPECIFIED", |k| k.as_str_name());
-        let body = serde_json::json!({
-            "record": {
-                "meta": {
-                    "id": meta.id, "owner": meta.owner, "provider": meta.provider,
-                    "kind": kind, "scopes": meta.scopes, "expiresAt": meta.expires_at.to_string(),
-                },
-                "envelope": base64::engine::general_purpose::STANDARD.encode(&record.envelope),
-            },
-        })
-        .to_string();
         let Ok(request) = http::Request::post(&self.url)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::AUTHORIZATION, self.authorization.as_str())

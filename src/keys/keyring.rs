@@ -517,10 +517,10 @@ mod tests {
     use crate::secret::Secret;
     use crate::store::{MemoryStore, prelude::*};
 
-    /// A shared store's keys over a real [`crate::store::StoreKeys`], counting salt reads.
+    /// A shared store's keys over a real [`crate::vault::StoreKeys`], counting salt reads.
     #[derive(Debug)]
     struct Counting {
-        inner: crate::store::StoreKeys,
+        inner: crate::vault::StoreKeys,
         salt_reads: std::sync::atomic::AtomicUsize,
     }
 
@@ -546,7 +546,7 @@ mod tests {
         let store: std::sync::Arc<dyn crate::store::TokenStore> =
             std::sync::Arc::new(MemoryStore::new());
         let keys = std::sync::Arc::new(Counting {
-            inner: crate::store::StoreKeys(std::sync::Arc::clone(&store)),
+            inner: crate::vault::StoreKeys(std::sync::Arc::clone(&store)),
             salt_reads: 0.into(),
         });
         let pass = || Passphrase::new("correct horse".to_string());
@@ -621,7 +621,7 @@ mod tests {
         let c = KeyDir::shared(
             "unused",
             pass(),
-            std::sync::Arc::new(crate::store::StoreKeys(std::sync::Arc::clone(&store2))),
+            std::sync::Arc::new(crate::vault::StoreKeys(std::sync::Arc::clone(&store2))),
         );
         let e = c.read(1).expect_err("no salt");
         assert!(e.to_string().contains("private_key_kek_salt"), "{e}");

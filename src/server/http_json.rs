@@ -5,9 +5,10 @@
 //! event's signature authorizes rather than a credential, and `GET /v1/health`, the gRPC
 //! health status for load balancers that check over HTTP (HAProxy), which needs none.
 //!
-//! Owns: the routes, their JSON (the proto3 JSON mapping of the same messages: lowerCamelCase
-//! names, proto names accepted too, 64-bit integers as strings, bytes as base64, enums by name)
-//! and [`http_status`], the one mapping from a gRPC code to an HTTP status.
+//! Owns: the routes and [`http_status`], the one mapping from a gRPC code to an HTTP status.
+//! Bodies are the proto3 JSON mapping of the same `Ingest` messages (lowerCamelCase names,
+//! proto names accepted too, 64-bit integers as strings, bytes as base64, enums by name),
+//! generated with the messages (`tokenvault-proto`, pbjson), not written here.
 //!
 //! Must never: hold use-case logic. A handler authenticates with the very `RoleGuard` the gRPC
 //! `Ingest` service uses (same credentials, caller policy, rate limit and audit of refusals),
@@ -21,12 +22,11 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use base64::Engine as _;
 use http::StatusCode;
-use serde::{Deserialize, Deserializer};
 use tonic::Code;
 
 use super::auth::RoleGuard;
+use super::ingest::exchanged;
 use super::status::VaultError;
 use crate::api::v1;
 use crate::vault::{CodeExchange, SealedRecord, Vault};
@@ -296,40 +296,41 @@ async fn public_keys(State(s): State<Http>, req: Request) -> Response {
     if let Err(r) = admit(&s, req).await {
         return *r;
     }
-    let key: v1::PublicKey = (&s.vault.active_key()).into();
-    ok_json(serde_json::json!({ "active": public_key_json(&key) }))
-}
-
-fn public_key_json(k: &v1::PublicKey) -> serde_json::Value {
-    let state =
-        v1::KeyState::try_from(k.state).map_or("KEY_STATE_UNSPECIFIED", |s| s.as_str_name());
-    serde_json::json!({
-        "version": k.version,
-        "fingerprint": k.fingerprint,
-        "spkiPem": k.spki_pem,
-        "state": state,
-        "createdAt": k.created_at.to_string(),
+    ok_message(&v1::PublicKeysResponse {
+        active: Some((&s.vault.active_key()).into()),
     })
 }
 
+/// `200` with `message` in the proto3 JSON mapping.
+fn ok_message(message: &impl serde::Serialize) -> Response {
+    match serde_json::to_value(message) {
+        Ok(value) => ok_json(value),
+        // The generated encoders fail on no message of these types; if one ever did, nothing
+        // of it is echoed.
+        Err(_) => error_response(&tonic::Status::internal(
+            "the response could not be encoded",
+        )),
+    }
+}
+
 async fn put_record(State(s): State<Http>, req: Request) -> Response {
-    let (caller, item) = match admit_json::<JsonPutSealed>(&s, req).await {
+    let (caller, item) = match admit_json::<v1::PutSealedRequest>(&s, req).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
     let result = async {
-        let item = SealedRecord::try_from(v1::PutSealedRequest::from(item))?;
+        let item = SealedRecord::try_from(item)?;
         s.vault.put_sealed(&caller, item).await
     }
     .await;
     match result {
-        Ok(version) => ok_json(serde_json::json!({ "version": version.to_string() })),
+        Ok(version) => ok_message(&v1::PutSealedResponse { version }),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
 }
 
 async fn put_batch(State(s): State<Http>, req: Request) -> Response {
-    let (caller, batch) = match admit_json::<JsonBatch>(&s, req).await {
+    let (caller, batch) = match admit_json::<v1::PutSealedBatchRequest>(&s, req).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -339,46 +340,30 @@ async fn put_batch(State(s): State<Http>, req: Request) -> Response {
             .items
             .into_iter()
             .enumerate()
-            .map(|(index, item)| {
-                SealedRecord::try_from(v1::PutSealedRequest::from(item))
-                    .map_err(|e| e.at_item(index))
-            })
+            .map(|(index, item)| SealedRecord::try_from(item).map_err(|e| e.at_item(index)))
             .collect::<Result<Vec<_>, _>>()?;
         s.vault.put_sealed_batch(&caller, items).await
     }
     .await;
     match result {
-        Ok(versions) => ok_json(serde_json::json!({
-            "versions": versions.iter().map(u64::to_string).collect::<Vec<_>>()
-        })),
+        Ok(versions) => ok_message(&v1::PutSealedBatchResponse { versions }),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
 }
 
 async fn exchange_code(State(s): State<Http>, req: Request) -> Response {
-    let (caller, item) = match admit_json::<JsonExchange>(&s, req).await {
+    let (caller, item) = match admit_json::<v1::ExchangeCodeRequest>(&s, req).await {
         Ok(v) => v,
         Err(r) => return *r,
     };
     let result = async {
-        let req = CodeExchange::try_from(v1::ExchangeCodeRequest {
-            meta: item.meta.map(JsonRecordMeta::into_proto),
-            code: item.code.to_string(),
-            code_verifier: item.code_verifier.to_string(),
-            redirect_uri: item.redirect_uri,
-            expected_version: item.expected_version,
-        })?;
+        let req = CodeExchange::try_from(item)?;
         let id = req.meta.id.to_string();
         s.vault.exchange_code(&caller, req).await.map(|e| (id, e))
     }
     .await;
     match result {
-        Ok((id, e)) => ok_json(serde_json::json!({
-            "id": id,
-            "version": e.version.to_string(),
-            "expiresAt": e.expires_at.unwrap_or(0).to_string(),
-            "scopes": e.scopes,
-        })),
+        Ok((id, e)) => ok_message(&exchanged(&id, e)),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
 }
@@ -494,172 +479,6 @@ async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
     }
 }
 
-/// `ExchangeCodeRequest` in the proto3 JSON mapping.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonExchange {
-    meta: Option<JsonRecordMeta>,
-    #[serde(default)]
-    code: zeroize::Zeroizing<String>,
-    #[serde(default, rename = "codeVerifier", alias = "code_verifier")]
-    code_verifier: zeroize::Zeroizing<String>,
-    #[serde(default, rename = "redirectUri", alias = "redirect_uri")]
-    redirect_uri: String,
-    #[serde(
-        default,
-        rename = "expectedVersion",
-        alias = "expected_version",
-        deserialize_with = "uint64"
-    )]
-    expected_version: u64,
-}
-
-/// `PutSealedRequest` in the proto3 JSON mapping.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonPutSealed {
-    record: Option<JsonSealedRecord>,
-    #[serde(
-        default,
-        rename = "expectedVersion",
-        alias = "expected_version",
-        deserialize_with = "uint64"
-    )]
-    expected_version: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonBatch {
-    #[serde(default)]
-    items: Vec<JsonPutSealed>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonSealedRecord {
-    meta: Option<JsonRecordMeta>,
-    /// base64 (standard or URL-safe, padded or not, as proto3 JSON parsers accept).
-    #[serde(default, deserialize_with = "base64_bytes")]
-    envelope: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonRecordMeta {
-    #[serde(default)]
-    id: String,
-    #[serde(default)]
-    owner: String,
-    #[serde(default)]
-    provider: String,
-    #[serde(default, deserialize_with = "secret_kind")]
-    kind: i32,
-    #[serde(default)]
-    scopes: Vec<String>,
-    #[serde(
-        default,
-        rename = "expiresAt",
-        alias = "expires_at",
-        deserialize_with = "int64"
-    )]
-    expires_at: i64,
-}
-
-impl From<JsonPutSealed> for v1::PutSealedRequest {
-    fn from(item: JsonPutSealed) -> Self {
-        v1::PutSealedRequest {
-            record: item.record.map(|r| v1::SealedRecord {
-                meta: r.meta.map(JsonRecordMeta::into_proto),
-                envelope: r.envelope,
-            }),
-            expected_version: item.expected_version,
-        }
-    }
-}
-
-impl JsonRecordMeta {
-    fn into_proto(self) -> v1::RecordMeta {
-        v1::RecordMeta {
-            id: self.id,
-            owner: self.owner,
-            provider: self.provider,
-            kind: self.kind,
-            scopes: self.scopes,
-            expires_at: self.expires_at,
-        }
-    }
-}
-
-fn base64_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    let text = String::deserialize(d)?;
-    decode_base64(&text).ok_or_else(|| serde::de::Error::custom("envelope: expected base64"))
-}
-
-/// Bytes as proto3 JSON writes them: standard or URL-safe base64, with or without padding.
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-    let config =
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
-    let standard = GeneralPurpose::new(&base64::alphabet::STANDARD, config);
-    let url_safe = GeneralPurpose::new(&base64::alphabet::URL_SAFE, config);
-    standard
-        .decode(text)
-        .ok()
-        .or_else(|| url_safe.decode(text).ok())
-}
-
-/// A proto3 JSON integer: a number, or a string holding one.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum JsonInt {
-    Number(serde_json::Number),
-    Text(String),
-}
-
-fn integer<'de, D: Deserializer<'de>, T: std::str::FromStr>(
-    d: D,
-    what: &'static str,
-) -> Result<T, D::Error> {
-    let text = match JsonInt::deserialize(d)? {
-        JsonInt::Number(n) => n.to_string(),
-        JsonInt::Text(t) => t,
-    };
-    text.parse::<T>()
-        .map_err(|_| serde::de::Error::custom(format!("expected {what}")))
-}
-
-fn uint64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    integer(
-        d,
-        "an unsigned 64-bit integer (a number or a string of digits)",
-    )
-}
-
-fn int64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    integer(d, "a 64-bit integer (a number or a string of digits)")
-}
-
-/// A `SecretKind` by name (`SECRET_KIND_ACCESS_TOKEN`) or number.
-fn secret_kind<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Kind {
-        Number(i32),
-        Name(String),
-    }
-    match Kind::deserialize(d)? {
-        Kind::Number(n) => Ok(n),
-        Kind::Name(name) => v1::SecretKind::from_str_name(&name)
-            .map(|k| k as i32)
-            .ok_or_else(|| {
-                serde::de::Error::custom(
-                    "kind: expected a SecretKind name such as SECRET_KIND_ACCESS_TOKEN",
-                )
-            }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,42 +517,113 @@ mod tests {
         }
     }
 
+    /// The request bodies, read by the generated proto3 JSON decoders as other parsers write
+    /// them.
     #[test]
-    fn proto3_json_integers_and_bytes_are_read_as_parsers_write_them() {
-        let item: JsonPutSealed = serde_json::from_str(
-            r#"{"record": {"meta": {"id": "a", "owner": "o", "provider": "p",
-                "kind": "SECRET_KIND_REFRESH_TOKEN", "expires_at": "17"},
-                "envelope": "AQID"}, "expectedVersion": 3}"#,
-        )
-        .expect("decode");
-        let req = v1::PutSealedRequest::from(item);
-        assert_eq!(req.expected_version, 3);
-        let rec = req.record.expect("record");
-        assert_eq!(rec.envelope, vec![1, 2, 3]);
-        let meta = rec.meta.expect("meta");
-        assert_eq!(meta.kind, v1::SecretKind::RefreshToken as i32);
-        assert_eq!(meta.expires_at, 17);
-        assert_eq!(decode_base64("_-8"), Some(vec![0xff, 0xef]));
-        assert_eq!(decode_base64("/+8="), Some(vec![0xff, 0xef]));
-        assert_eq!(decode_base64("!!"), None);
+    fn proto3_json_is_read_as_parsers_write_it() {
+        let body = |kind: &str, envelope: &str| {
+            format!(
+                r#"{{"record": {{"meta": {{"id": "a", "owner": "o", "provider": "p",
+                    "kind": {kind}, "expires_at": "17"}}, "envelope": "{envelope}"}},
+                    "expectedVersion": 3}}"#
+            )
+        };
+        // Standard and URL-safe base64, padded or not, and a slash escaped as PHP's
+        // json_encode writes it by default.
+        for (envelope, bytes) in [
+            ("AQID", vec![1, 2, 3]),
+            ("_-8", vec![0xff, 0xef]),
+            ("/+8=", vec![0xff, 0xef]),
+            (r"\/+8", vec![0xff, 0xef]),
+        ] {
+            let req = decode::<v1::PutSealedRequest>(
+                body("\"SECRET_KIND_REFRESH_TOKEN\"", envelope).as_bytes(),
+            )
+            .unwrap_or_else(|_| panic!("{envelope} is read"));
+            assert_eq!(req.expected_version, 3);
+            let rec = req.record.expect("record");
+            assert_eq!(rec.envelope, bytes, "{envelope}");
+            let meta = rec.meta.expect("meta");
+            assert_eq!(meta.kind, v1::SecretKind::RefreshToken as i32);
+            assert_eq!(meta.expires_at, 17);
+        }
+        // An enum by number, as proto3 JSON allows.
+        let req = decode::<v1::PutSealedRequest>(body("2", "AQID").as_bytes())
+            .unwrap_or_else(|_| panic!("a kind by number is read"));
+        assert_eq!(
+            req.record.and_then(|r| r.meta).map(|m| m.kind),
+            Some(v1::SecretKind::RefreshToken as i32)
+        );
+        // What is not the message is refused: bad base64, a field it does not have.
+        for bad in [
+            body("2", "!!"),
+            r#"{"record": {}, "expectedVersion": 1, "extra": 1}"#.to_string(),
+            r#"{"items": []}"#.to_string(),
+        ] {
+            assert!(
+                decode::<v1::PutSealedRequest>(bad.as_bytes()).is_err(),
+                "{bad} is refused"
+            );
+        }
+    }
+
+    /// The responses are proto3 JSON with every field present, defaults included: what
+    /// docs/WEB_TIER.md shows, and what clients written from it read.
+    #[test]
+    fn responses_are_proto3_json_with_every_field() {
+        fn json(m: &impl serde::Serialize) -> serde_json::Value {
+            serde_json::to_value(m).expect("encode")
+        }
+        assert_eq!(
+            json(&v1::PutSealedResponse { version: 3 }),
+            serde_json::json!({ "version": "3" })
+        );
+        assert_eq!(
+            json(&v1::PutSealedBatchResponse {
+                versions: vec![1, u64::MAX]
+            }),
+            serde_json::json!({ "versions": ["1", "18446744073709551615"] })
+        );
+        assert_eq!(
+            json(&v1::ExchangeCodeResponse {
+                id: "a".into(),
+                version: 1,
+                expires_at: 0,
+                scopes: vec![],
+            }),
+            serde_json::json!({ "id": "a", "version": "1", "expiresAt": "0", "scopes": [] })
+        );
+        assert_eq!(
+            json(&v1::PublicKeysResponse {
+                active: Some(v1::PublicKey {
+                    version: 2,
+                    fingerprint: "ab".into(),
+                    spki_pem: "PEM".into(),
+                    state: v1::KeyState::Active as i32,
+                    created_at: 5,
+                }),
+            }),
+            serde_json::json!({ "active": {
+                "version": 2, "fingerprint": "ab", "spkiPem": "PEM",
+                "state": "KEY_STATE_ACTIVE", "createdAt": "5",
+            } })
+        );
     }
 
     #[test]
     fn json_errors_say_where_without_the_value() {
-        let r = *decode::<JsonPutSealed>(br#"{"record": {"meta": {"owner": 5}}}"#)
-            .err()
-            .expect("refused");
+        let r = *decode::<v1::PutSealedRequest>(br#"{"record": {"meta": {"owner": 5}}}"#)
+            .expect_err("refused");
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-        let r = *decode::<JsonPutSealed>(br#"{"expectedVersion": "alice@example.com"}"#)
-            .err()
-            .expect("refused");
+        let r = *decode::<v1::PutSealedRequest>(br#"{"expectedVersion": "alice@example.com"}"#)
+            .expect_err("refused");
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]
     fn json_errors_echo_no_number_or_boolean_either() {
         let message = |body: &[u8]| -> String {
-            let r = *decode::<JsonPutSealed>(body).err().expect("refused");
+            let r = *decode::<v1::PutSealedRequest>(body).expect_err("refused");
             assert_eq!(r.status(), StatusCode::BAD_REQUEST);
             let bytes = tokio::runtime::Builder::new_current_thread()
                 .build()

@@ -63,7 +63,7 @@ impl TryFrom<v1::ExchangeCodeRequest> for CodeExchange {
 }
 
 /// The answer to an exchange that stored record `id`.
-fn exchanged(id: &str, e: Exchanged) -> v1::ExchangeCodeResponse {
+pub(super) fn exchanged(id: &str, e: Exchanged) -> v1::ExchangeCodeResponse {
     v1::ExchangeCodeResponse {
         id: id.to_string(),
         version: e.version,

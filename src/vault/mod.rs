@@ -32,6 +32,7 @@ pub mod metrics;
 mod records;
 mod refresh;
 pub mod refusals;
+mod store_keys;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -44,6 +45,7 @@ pub use error::{ErrorKind, StaleVersion, VaultError};
 pub use exchange::{CodeExchange, Exchanged};
 pub use grants::{GrantSubject, IssueGrant, IssuedGrant};
 pub use ingest::SealedRecord;
+pub use store_keys::StoreKeys;
 
 use crate::audit::{AuditError, Auditor, Draft};
 use crate::config::{CallerPolicy, Config, KeyPolicy, Limits};
@@ -218,7 +220,7 @@ pub fn key_dir(config: &Config, store: &Arc<dyn TokenStore>) -> Result<KeyDir, O
             Ok(KeyDir::shared(
                 &config.key_dir,
                 passphrase,
-                Arc::new(crate::store::StoreKeys(Arc::clone(store))),
+                Arc::new(StoreKeys(Arc::clone(store))),
             ))
         }
         _ => Ok(KeyDir::new(&config.key_dir, config.passphrase.clone())),

@@ -147,18 +147,33 @@ fn proto_src() -> PathBuf {
     workspace_crate("proto").join("src")
 }
 
-/// Every file of the daemon crate, the sealing crate and the proto crate, with its code; paths
-/// are relative to each crate's `src/`, under the module name the daemon crate re-exports it
-/// as (the proto crate's `lib.rs` is `api.rs`; the sealing crate's own `lib.rs` is left out:
-/// the daemon's stands for the crate root).
+/// The store crate's sources (`tokenvault::store`).
+fn store_src() -> PathBuf {
+    workspace_crate("store").join("src")
+}
+
+/// Every file of the daemon crate, the sealing crate, the proto crate and the store crate, with
+/// its code; paths are relative to each crate's `src/`, under the module name the daemon crate
+/// re-exports it as (the proto crate's `lib.rs` is `api.rs`; the store crate's files are under
+/// `store/`, its `lib.rs` as `store/mod.rs`; the sealing crate's own `lib.rs` is left out: the
+/// daemon's stands for the crate root).
 fn all_files() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    for root in [src(), sealing_src(), proto_src()] {
+    for root in [src(), sealing_src(), proto_src(), store_src()] {
         let mut rels = Vec::new();
         files(&root, &root, &mut rels);
         rels.sort();
         for r in rels {
             let c = code_at(&root, &r);
+            if root == store_src() {
+                let r = if r == Path::new("lib.rs") {
+                    PathBuf::from("mod.rs")
+                } else {
+                    r
+                };
+                out.push((Path::new("store").join(r), c));
+                continue;
+            }
             if r == Path::new("lib.rs") {
                 if root == sealing_src() {
                     continue;
@@ -336,18 +351,8 @@ fn the_envelope_does_no_io_and_sees_no_wire_or_store_types() {
 fn the_sealing_crate_has_no_transport_runtime_store_or_private_key() {
     for (krate, a_dependency) in [("envelope", "rsa"), ("web", "sha2")] {
         let root = workspace_crate(krate);
-        let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("read");
-        let deps = manifest
-            .split("[dependencies]")
-            .nth(1)
-            .expect("a [dependencies] table")
-            .split("\n[")
-            .next()
-            .unwrap_or_default();
-        let names: Vec<&str> = deps
-            .lines()
-            .filter_map(|l| l.split_once('=').map(|(n, _)| n.trim()))
-            .collect();
+        let deps = dependencies_table(&root);
+        let names = dependency_names(&deps);
         assert!(
             names.contains(&a_dependency),
             "the scan sees {krate}'s dependencies: {names:?}"
@@ -405,6 +410,102 @@ fn the_sealing_crate_has_no_transport_runtime_store_or_private_key() {
     assert!(
         envelope.contains("aws-lc-rs = { version = \"1.19.0\", optional = true }"),
         "aws-lc-rs stays an option of the sealing crate"
+    );
+}
+
+/// The `[dependencies]` table of the manifest in `dir`, as text.
+fn dependencies_table(dir: &Path) -> String {
+    let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("read");
+    manifest
+        .split("[dependencies]")
+        .nth(1)
+        .expect("a [dependencies] table")
+        .split("\n[")
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The crate names a `[dependencies]` table lists.
+fn dependency_names(deps: &str) -> Vec<&str> {
+    deps.lines()
+        .filter_map(|l| l.split_once('=').map(|(n, _)| n.trim()))
+        .collect()
+}
+
+/// The store crate holds sealed envelopes and public key metadata: it depends on the sealing
+/// crate and its engines' drivers, never on the daemon crate, the gRPC contract, a server
+/// framework or aws-lc (no private-key code can reach it: `only_keys_private_names_a_private_key_type`
+/// scans its files too). Its test hooks exist only behind its `testing` feature, which the
+/// daemon turns on only through its own `testing` feature, never by default.
+#[test]
+fn the_store_crate_sees_no_transport_private_key_or_daemon() {
+    let deps = dependencies_table(&workspace_crate("store"));
+    let names = dependency_names(&deps);
+    for engine in ["rocksdb", "tokio-postgres", "tokenvault-envelope"] {
+        assert!(
+            names.contains(&engine),
+            "the scan sees the store's dependencies: {names:?}"
+        );
+    }
+    for name in &names {
+        assert!(
+            ![
+                "tonic",
+                "axum",
+                "hyper",
+                "h2",
+                "tower",
+                "aws-lc-rs",
+                "tokenvault-proto",
+                "tokenvault-web",
+            ]
+            .iter()
+            .any(|banned| name.starts_with(banned))
+                && *name != "tokenvault",
+            "the store crate depends on {name}"
+        );
+    }
+
+    let store_manifest =
+        std::fs::read_to_string(workspace_crate("store").join("Cargo.toml")).expect("read");
+    assert!(
+        store_manifest.contains("\ndefault = []\n"),
+        "the store's test hooks are not a default feature"
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let daemon_dep = dependencies_table(root)
+        .lines()
+        .find(|l| l.starts_with("tokenvault-store"))
+        .expect("the daemon depends on the store crate")
+        .to_string();
+    assert!(
+        !daemon_dep.contains("testing"),
+        "the daemon's build turns on the store's test hooks: {daemon_dep}"
+    );
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("read");
+    let default = manifest
+        .lines()
+        .find(|l| l.starts_with("default = "))
+        .expect("the daemon's default features");
+    assert!(!default.contains("testing"), "{default}");
+    assert!(
+        manifest.contains("testing = [\"tokenvault-store?/testing\"]"),
+        "the store's hooks come only with the daemon's own testing feature"
+    );
+
+    // Each hook is declared behind the feature.
+    let lib = std::fs::read_to_string(store_src().join("lib.rs")).expect("read");
+    let hooks = lib
+        .find("pub trait TestHooks")
+        .expect("the scan sees TestHooks");
+    assert!(
+        lib[..hooks]
+            .trim_end()
+            .rsplit('\n')
+            .take(12)
+            .any(|l| l.trim() == "#[cfg(any(test, feature = \"testing\"))]"),
+        "TestHooks is behind the testing feature"
     );
 }
 

@@ -152,7 +152,6 @@ pub struct Report {
 
 /// Why a copy stopped.
 #[derive(Debug, Error)]
-#[non_exhaustive]
 pub enum CopyError {
     /// The source failed.
     #[error("reading the source: {0}")]
@@ -529,9 +528,9 @@ fn differences(source: &Summary, target: &Summary) -> String {
 mod tests {
     use super::*;
     use crate::keys::{KeyId, KeyInfo, KeyState};
+    use crate::prelude::*;
     use crate::record::{RecordMeta, SecretKind};
-    use crate::store::prelude::*;
-    use crate::store::{AuditAppend, MemoryStore, Mutation, RecordWrite};
+    use crate::{AuditAppend, MemoryStore, Mutation, RecordWrite};
 
     fn filled() -> MemoryStore {
         let store = MemoryStore::new();

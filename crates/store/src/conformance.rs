@@ -945,7 +945,6 @@ pub fn all(make: impl Fn() -> Box<dyn TestHooks>) {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(feature = "daemon")]
     use super::super::rocks::CF_RECORDS_FOR_TEST;
     use super::*;
 
@@ -954,7 +953,6 @@ mod tests {
         all(|| Box::new(MemoryStore::new()));
     }
 
-    #[cfg(feature = "daemon")]
     #[test]
     fn rocks_store_conforms_and_persists() {
         let dirs = std::cell::RefCell::new(Vec::new());
@@ -989,7 +987,6 @@ mod tests {
         );
     }
 
-    #[cfg(feature = "daemon")]
     #[test]
     fn rocks_delete_removes_the_envelope_from_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1018,7 +1015,6 @@ mod tests {
         }
     }
 
-    #[cfg(feature = "daemon")]
     #[test]
     fn rocks_builds_the_key_version_index_of_an_older_directory() {
         use super::super::rocks::{BY_KEY_BUILT_FOR_TEST, CF_BY_KEY_FOR_TEST};

@@ -36,7 +36,6 @@ const MAX_LINE: usize = 1 << 20;
 
 /// Why an export or import stopped.
 #[derive(Debug, Error)]
-#[non_exhaustive]
 pub enum ExportError {
     /// The store failed.
     #[error("{0}")]

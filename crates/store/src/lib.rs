@@ -1,24 +1,37 @@
-//! Storage of records and the key registry behind the [`TokenStore`] trait.
+//! # tokenvault-store
 //!
-//! Owns: the trait, its error type and the implementations: [`RocksStore`] (the embedded
-//! default), [`PostgresStore`] (shared by several daemons) and [`MemoryStore`] (tests,
-//! benches). All pass the same conformance suite.
+//! Storage of records and the key registry behind the [`TokenStore`] trait. Re-exported by
+//! `tokenvault` as `tokenvault::store`.
+//!
+//! Owns: the traits, their error type, the mutation rules every engine applies, and the
+//! engines: [`RocksStore`] (the embedded default), [`PostgresStore`] (shared by several
+//! daemons) and [`MemoryStore`] (tests, benches). All pass the same conformance suite
+//! ([`conformance`], feature `testing`), as does an engine written outside this crate.
+//! Also `store copy` between engines ([`copy`]) and the export file ([`export`]).
+//!
+//! Must never: decrypt (it holds sealed envelopes and public key metadata only; it depends on
+//! the sealing crate, never on private-key code), speak gRPC or HTTP, or write a record change
+//! without its audit event ([`StoreError::Unaudited`]).
 //!
 //! Architecture invariant: no RocksDB type appears in this file or in the trait; only
 //! `store/rocks.rs` imports `rocksdb`, so another engine can implement [`TokenStore`].
 //! Invariant: an acknowledged write is durable (WAL synced) and a batch is all-or-nothing.
+//!
+//! Feature `testing`: [`TestHooks`] (unaudited seeding, audit tampering) and [`conformance`],
+//! for tests and benches only; the daemon is built without it.
 
-#[cfg(feature = "daemon")]
+#![forbid(unsafe_code)]
+
+// The sealing crate's modules under the names the daemon crate re-exports them as, so this
+// crate's paths (`crate::keys::KeyInfo`) read as they do there.
+use tokenvault_envelope::{envelope, keys, record};
+
 pub mod copy;
-#[cfg(feature = "daemon")]
 pub mod export;
 mod memory;
-#[cfg(feature = "daemon")]
 pub mod postgres;
-#[cfg(feature = "daemon")]
 pub(crate) mod rocks;
 mod rules;
-#[cfg(feature = "daemon")]
 mod schema;
 
 use std::sync::Arc;
@@ -37,17 +50,17 @@ pub mod prelude {
 }
 
 pub use memory::MemoryStore;
-#[cfg(feature = "daemon")]
 pub use postgres::{PostgresOptions, PostgresStore};
-#[cfg(feature = "daemon")]
 pub use rocks::RocksStore;
 
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId, RecordMeta};
 
 /// Why a store operation failed.
+///
+/// Not `#[non_exhaustive]`: the daemon maps every variant to a status exhaustively, and the
+/// workspace's crates are released together, so a new variant fails that build, not a request.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum StoreError {
     /// No record with this id.
     #[error("no record with id {0}")]
@@ -83,7 +96,7 @@ pub enum StoreError {
         /// Version.
         version: u32,
         /// Its state in the registry.
-        state: crate::keys::KeyState,
+        state: keys::KeyState,
     },
     /// A compare-and-swap found another value than expected (e.g. a grant used concurrently).
     #[error("{0} changed concurrently")]
@@ -118,7 +131,6 @@ pub enum StoreError {
 
 /// One change of an atomic, audited write ([`RecordStore::apply`]).
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub enum Mutation {
     /// Creates or replaces a record, version-checked like [`TestHooks::put_records`].
     PutRecord(RecordWrite),
@@ -594,63 +606,11 @@ pub trait TestHooks: TokenStore {
     fn dangerous_overwrite_audit(&self, seq: u64, bytes: &[u8]) -> Result<(), StoreError>;
 }
 
-/// Private keys kept in the store (daemons sharing a database): one passphrase-encrypted PKCS#8
-/// PEM per version, in metadata. The keyring never sees the store; it sees [`SharedKeys`].
-#[cfg(feature = "daemon")]
-#[derive(Debug, Clone)]
-pub struct StoreKeys(pub Arc<dyn TokenStore>);
-
-#[cfg(feature = "daemon")]
 impl std::fmt::Debug for dyn TokenStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TokenStore")
     }
 }
-
-#[cfg(feature = "daemon")]
-fn private_key_meta(version: u32) -> String {
-    format!("private_key/v{version:04}")
-}
-
-#[cfg(feature = "daemon")]
-impl crate::keys::keyring::SharedKeys for StoreKeys {
-    fn get(&self, version: u32) -> Result<Option<Vec<u8>>, crate::keys::KeyError> {
-        self.0
-            .get_meta(&private_key_meta(version))
-            .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
-    }
-
-    fn claim(&self, version: u32, pem: &[u8]) -> Result<bool, crate::keys::KeyError> {
-        self.0
-            .put_meta_if_absent(&private_key_meta(version), pem)
-            .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
-    }
-
-    fn erase(&self, version: u32) -> Result<(), crate::keys::KeyError> {
-        self.0
-            .put_meta(&private_key_meta(version), None)
-            .map_err(|e| crate::keys::KeyError::Store(e.to_string()))
-    }
-
-    fn kek_salt(&self, create: bool) -> Result<Option<Vec<u8>>, crate::keys::KeyError> {
-        let store = |e: StoreError| crate::keys::KeyError::Store(e.to_string());
-        let stored = self.0.get_meta(KEK_SALT_META).map_err(store)?;
-        if stored.is_some() || !create {
-            return Ok(stored);
-        }
-        let mut salt = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut salt);
-        // Two daemons creating it at once: the first one's is kept, and both read it.
-        self.0
-            .put_meta_if_absent(KEK_SALT_META, &salt)
-            .map_err(store)?;
-        self.0.get_meta(KEK_SALT_META).map_err(store)
-    }
-}
-
-/// Store metadata key of the salt of the shared private keys' key-encryption key.
-#[cfg(feature = "daemon")]
-const KEK_SALT_META: &str = "private_key_kek_salt";
 
 /// What [`plan_writes`] decided for a batch.
 #[derive(Debug)]
@@ -674,7 +634,7 @@ pub(crate) fn plan_writes(
     writes: &[RecordWrite],
     now: i64,
     mut current: impl FnMut(&RecordId) -> Result<Option<Record>, StoreError>,
-    mut key_state: impl FnMut(u32) -> Result<Option<crate::keys::KeyState>, StoreError>,
+    mut key_state: impl FnMut(u32) -> Result<Option<keys::KeyState>, StoreError>,
 ) -> Result<Planned, StoreError> {
     let mut seen = std::collections::HashSet::with_capacity(writes.len());
     let mut out = Planned {
@@ -688,7 +648,7 @@ pub(crate) fn plan_writes(
         // A version absent from the registry is the caller's business (the daemon checks
         // every envelope against its keyring); a retired or destroyed one is refused here,
         // under the store's write ordering, so a retirement cannot strand a record.
-        if let Some(state @ (crate::keys::KeyState::Retired | crate::keys::KeyState::Destroyed)) =
+        if let Some(state @ (keys::KeyState::Retired | keys::KeyState::Destroyed)) =
             key_state(w.key_version)?
         {
             return Err(StoreError::KeyNotAccepted {
@@ -723,7 +683,7 @@ pub(crate) fn plan_writes(
 /// The refusal of a write expecting `expected` (0: create) over a record at `actual` (0:
 /// absent), if any: the one version rule, which callers that must not act on a write the
 /// store would refuse (a code exchange spends its code first) check ahead of it.
-pub(crate) fn version_refusal(id: &RecordId, expected: u64, actual: u64) -> Option<StoreError> {
+pub fn version_refusal(id: &RecordId, expected: u64, actual: u64) -> Option<StoreError> {
     if actual == expected {
         return None;
     }
@@ -796,7 +756,7 @@ pub(crate) fn plan_mark_needs_reauth(
 }
 
 /// Decodes a stored record value, as the fuzzer does: never panics, whatever the bytes.
-#[cfg(all(fuzzing, feature = "daemon"))]
+#[cfg(fuzzing)]
 pub fn fuzz_decode_record(bytes: &[u8]) -> bool {
     schema::decode_record(bytes).is_ok()
 }

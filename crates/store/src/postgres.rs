@@ -1728,7 +1728,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_reads_one_instant_while_the_database_changes_and_writes_nothing() {
-        use crate::store::copy;
+        use crate::copy;
         let (live, config) = fresh();
         live.put_keys_unaudited(&[KeyInfo {
             version: 1,
@@ -1748,7 +1748,7 @@ mod tests {
 
         // The database changes under a copy between its pages: records replaced on both sides
         // of the copy's cursor, new ones, metadata, an audit event.
-        let target = crate::store::MemoryStore::new();
+        let target = crate::MemoryStore::new();
         let mut changed = false;
         let report = copy::copy(
             &snap,
@@ -1816,7 +1816,7 @@ mod tests {
 
     #[test]
     fn conformance() {
-        crate::store::conformance::all(|| Box::new(fresh().0));
+        crate::conformance::all(|| Box::new(fresh().0));
     }
 
     #[test]

@@ -20,7 +20,6 @@ use crate::record::{Record, RecordId};
 /// What [`plan`] may read for a list of mutations: an engine that fetches state up front (one
 /// query per table) fetches exactly these.
 // Read up front only by the database engines, which the web-tier build leaves out.
-#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
 #[derive(Debug, Default)]
 pub(crate) struct Reads {
     /// Records, by id, each once.
@@ -62,7 +61,6 @@ pub(crate) struct Changes {
 
 /// The [`Reads`] of `mutations`.
 // Read up front only by the database engines, which the web-tier build leaves out.
-#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
 pub(crate) fn reads(mutations: &[Mutation]) -> Reads {
     let mut r = Reads::default();
     for m in mutations {
@@ -236,7 +234,6 @@ pub(crate) fn plan(
 /// A [`State`] fetched up front (an engine that reads [`reads`] in a few queries): what was not
 /// fetched reads as absent, which is what the fetch found.
 // Read up front only by the database engines, which the web-tier build leaves out.
-#[cfg_attr(not(feature = "daemon"), allow(dead_code))]
 #[derive(Debug, Default)]
 pub(crate) struct Fetched {
     /// Records found, by id.
@@ -264,8 +261,8 @@ impl State for Fetched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RecordWrite;
     use crate::record::{RecordMeta, SecretKind};
-    use crate::store::RecordWrite;
 
     fn write(id: &str, expected: u64) -> RecordWrite {
         RecordWrite {
