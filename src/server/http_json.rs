@@ -246,32 +246,45 @@ fn before_body(parts: &http::request::Parts, mut response: Response) -> Refusal 
     Box::new(response)
 }
 
-/// Decodes a JSON body, with a message that says where it is wrong but never echoes a value.
+/// Decodes a JSON body, with a message that says where it is wrong (the field's path, line and
+/// column) but never echoes a value.
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Refusal> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        let message = e.to_string();
-        let at = format!("line {} column {}", e.line(), e.column());
-        let message = if (message.contains('"') || message.contains('`'))
-            && !message.starts_with("unknown field")
-        {
-            // serde's text would quote the offending value: a string in quotes, a number or
-            // boolean in backticks. What was expected comes from our own types.
-            match message
-                .split_once(", expected ")
-                .map(|(_, e)| e.split(" at line ").next().unwrap_or(e))
-            {
-                Some(expected) if !expected.contains('"') => {
-                    format!("invalid JSON value at {at}: expected {expected}")
-                }
-                _ => format!("invalid JSON value at {at}"),
-            }
-        } else if message.contains(" at line ") {
-            format!("invalid JSON: {message}")
-        } else {
-            format!("invalid JSON: {message} at {at}")
-        };
-        Box::new(error_response(&tonic::Status::invalid_argument(message)))
-    })
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| (Some(e.path().to_string()), e.into_inner()))
+        .and_then(|value| de.end().map(|()| value).map_err(|e| (None, e)))
+        .map_err(|(path, e)| {
+            Box::new(error_response(&tonic::Status::invalid_argument(
+                json_error_message(path.as_deref(), &e),
+            )))
+        })
+}
+
+/// What a refused body is told. serde's own text can quote the offending value (a string in
+/// quotes, a number or boolean in backticks) and a decoder's custom text can carry part of it
+/// (base64's "Invalid symbol 42, offset 7"): such text is cut to what was expected, which comes
+/// from the message types, not from the body.
+fn json_error_message(path: Option<&str>, e: &serde_json::Error) -> String {
+    let at = format!("line {} column {}", e.line(), e.column());
+    let text = e.to_string();
+    let text = text.split(" at line ").next().unwrap_or(&text);
+    if e.is_syntax() || e.is_eof() {
+        return format!("invalid JSON: {text} at {at}");
+    }
+    let place = match path {
+        Some(p) if p != "." && !p.is_empty() => format!("{p} ({at})"),
+        _ => at,
+    };
+    let echoes = text.contains(['"', '`']) || text.contains(|c: char| c.is_ascii_digit());
+    if text.starts_with("unknown field") || !echoes {
+        return format!("invalid JSON value at {place}: {text}");
+    }
+    match text.split_once(", expected ") {
+        Some((_, expected)) if !expected.contains('"') => {
+            format!("invalid JSON value at {place}: expected {expected}")
+        }
+        _ => format!("invalid JSON value at {place}"),
+    }
 }
 
 /// A refused request's response (boxed: it is large and travels through `Result`s).
@@ -610,28 +623,77 @@ mod tests {
         );
     }
 
+    /// The message of a refused body.
+    fn refusal(body: &[u8]) -> String {
+        let r = *decode::<v1::PutSealedBatchRequest>(body).expect_err("refused");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(axum::body::to_bytes(r.into_body(), 1 << 16))
+            .expect("body");
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        json["message"].as_str().expect("message").to_string()
+    }
+
     #[test]
     fn json_errors_say_where_without_the_value() {
-        let r = *decode::<v1::PutSealedRequest>(br#"{"record": {"meta": {"owner": 5}}}"#)
-            .expect_err("refused");
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-        let r = *decode::<v1::PutSealedRequest>(br#"{"expectedVersion": "alice@example.com"}"#)
-            .expect_err("refused");
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        for (body, place, said, value) in [
+            (
+                &br#"{"items": [{}, {"record": {"meta": {"owner": 5}}}]}"#[..],
+                "items[1].record.meta.owner (line 1 column 46)",
+                "expected a string",
+                "5}",
+            ),
+            (
+                br#"{"items": [{"expectedVersion": "alice@example.com"}]}"#,
+                "items[0].expectedVersion",
+                "invalid digit",
+                "alice",
+            ),
+            (
+                br#"{"items": [{"record": {"envelope": "AQ*D"}}]}"#,
+                "items[0].record.envelope",
+                "",
+                "AQ",
+            ),
+            (
+                br#"{"items": [{"record": {"meta": {"kind": "SECRET_KIND_BOGUS"}}}]}"#,
+                "items[0].record.meta.kind",
+                "expected one of `SECRET_KIND_UNSPECIFIED`",
+                "BOGUS",
+            ),
+            (
+                br#"{"items": [], "extra": 31337}"#,
+                "extra",
+                "unknown field `extra`",
+                "31337",
+            ),
+            (
+                br#"{"items": []} xyzzy"#,
+                "",
+                "trailing characters",
+                "xyzzy",
+            ),
+            (
+                br#"{"items": [nope]}"#,
+                "",
+                "expected ident at line 1 column 13",
+                "nope",
+            ),
+        ] {
+            let m = refusal(body);
+            assert!(m.starts_with("invalid JSON"), "{m}");
+            assert!(m.contains(place) && m.contains(said), "{m}");
+            assert!(!m.contains(value), "{m} echoes {value}");
+        }
     }
 
     #[test]
     fn json_errors_echo_no_number_or_boolean_either() {
         let message = |body: &[u8]| -> String {
-            let r = *decode::<v1::PutSealedRequest>(body).expect_err("refused");
-            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-            let bytes = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("runtime")
-                .block_on(axum::body::to_bytes(r.into_body(), 1 << 16))
-                .expect("body");
-            let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
-            json["message"].as_str().expect("message").to_string()
+            let items = format!(r#"{{"items": [{}]}}"#, String::from_utf8_lossy(body));
+            refusal(items.as_bytes())
         };
         for (body, value) in [
             (

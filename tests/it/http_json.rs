@@ -271,11 +271,11 @@ async fn bad_http_requests_get_the_grpc_code_and_its_status_and_store_nothing() 
         ),
         (
             ("POST", "/v1/records", Some(INGEST), json, body(&wrong_kind)),
-            (400, "INVALID_ARGUMENT", "SecretKind name"),
+            (400, "INVALID_ARGUMENT", "record.meta.kind"),
         ),
         (
             ("POST", "/v1/records", Some(INGEST), json, body(&not_base64)),
-            (400, "INVALID_ARGUMENT", "expected base64"),
+            (400, "INVALID_ARGUMENT", "record.envelope"),
         ),
         (
             ("POST", "/v1/records", Some(INGEST), json, body(&bad_id)),
@@ -349,11 +349,7 @@ async fn bad_http_requests_get_the_grpc_code_and_its_status_and_store_nothing() 
         ),
         (
             ("POST", "/v1/records", Some(INGEST), json, body(&personal)),
-            (
-                400,
-                "INVALID_ARGUMENT",
-                "expected an unsigned 64-bit integer",
-            ),
+            (400, "INVALID_ARGUMENT", "expectedVersion"),
         ),
     ];
     for ((method, path, cred, ctype, payload), (status, code, needle)) in cases {
