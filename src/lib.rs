@@ -8,10 +8,13 @@
 //! read one back. The privileged daemon (`tokenvault serve`, feature `daemon`) holds the
 //! private keys, stores envelopes in RocksDB and hands decrypted tokens to authorized workers.
 //!
-//! Module map (see docs/ARCHITECTURE.md); [`secret`], [`record`], [`envelope`], [`sealer`] and
-//! the public half of [`keys`] are the crate `tokenvault-envelope`'s, [`web`] is the crate
-//! `tokenvault-web`, [`api`] and [`client`] the crate `tokenvault-proto`'s and [`store`] the
-//! crate `tokenvault-store`, re-exported here under the same paths:
+//! This crate is the command line (`tokenvault`: `serve`, `admin`, `keys`, `store`, and the load
+//! generator `tokenvault-bench`); the rest is re-exported from the workspace's crates under
+//! the same paths (see docs/ARCHITECTURE.md): [`secret`], [`record`], [`envelope`], [`sealer`]
+//! and the public half of [`keys`] are the crate `tokenvault-envelope`'s, [`web`] is the crate
+//! `tokenvault-web`, [`api`] and [`client`] the crate `tokenvault-proto`'s, [`store`] the crate
+//! `tokenvault-store`, and the daemon's modules (with feature `daemon`) the crate
+//! `tokenvault-daemon`'s:
 //! - [`secret`]: zeroizing, redacted newtypes for every secret.
 //! - [`record`]: validated record identity and metadata.
 //! - [`envelope`]: the at-rest format (docs/ENVELOPE.md), seal and open.
@@ -38,49 +41,21 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 #[cfg(feature = "daemon")]
-pub mod audit;
-#[cfg(feature = "daemon")]
-pub mod ca;
-#[cfg(feature = "daemon")]
 pub mod cli;
-#[cfg(feature = "daemon")]
-pub mod config;
-#[cfg(feature = "daemon")]
-pub mod grant;
-pub mod keys;
-#[cfg(feature = "daemon")]
-pub mod oauth;
-#[cfg(feature = "daemon")]
-pub mod provider;
-#[cfg(feature = "daemon")]
-pub mod proxy;
-#[cfg(feature = "daemon")]
-pub mod rotation;
-#[cfg(feature = "daemon")]
-pub mod security_event;
-#[cfg(feature = "daemon")]
-pub mod server;
-#[cfg(feature = "daemon")]
-pub mod vault;
 
+#[cfg(feature = "daemon")]
+pub use tokenvault_daemon::{
+    audit, ca, config, grant, keys, oauth, provider, proxy, rotation, security_event, server,
+    store, unix_now, vault,
+};
+#[cfg(not(feature = "daemon"))]
+pub use tokenvault_envelope::keys;
 pub use tokenvault_envelope::{Sealer, envelope, record, sealer, secret};
 pub use tokenvault_proto as api;
 pub use tokenvault_proto::client;
-#[cfg(feature = "daemon")]
-pub use tokenvault_store as store;
 pub use tokenvault_web as web;
-
-#[cfg(test)]
-mod envelope_tests;
 
 /// docs/WEB_TIER.md's Rust block (written against `tokenvault::web`) runs as a doc test.
 #[cfg(doctest)]
 #[doc = include_str!("../docs/WEB_TIER.md")]
 struct WebTierDoc;
-
-/// The current time as Unix seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}

@@ -9,7 +9,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// The daemon crate's sources (`tokenvault-daemon`: keys, vault, server, audit, ...), which
+/// the root crate re-exports under the same module names.
 fn src() -> PathBuf {
+    workspace_crate("daemon").join("src")
+}
+
+/// The root crate's own sources: the command line (`cli/`), the binaries and the re-exports.
+fn cli_src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
@@ -152,14 +159,15 @@ fn store_src() -> PathBuf {
     workspace_crate("store").join("src")
 }
 
-/// Every file of the daemon crate, the sealing crate, the proto crate and the store crate, with
+/// Every file of the daemon crate, the root (CLI) crate, the sealing crate, the proto crate and
+/// the store crate, with
 /// its code; paths are relative to each crate's `src/`, under the module name the daemon crate
 /// re-exports it as (the proto crate's `lib.rs` is `api.rs`; the store crate's files are under
 /// `store/`, its `lib.rs` as `store/mod.rs`; the sealing crate's own `lib.rs` is left out: the
 /// daemon's stands for the crate root).
 fn all_files() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    for root in [src(), sealing_src(), proto_src(), store_src()] {
+    for root in [src(), cli_src(), sealing_src(), proto_src(), store_src()] {
         let mut rels = Vec::new();
         files(&root, &root, &mut rels);
         rels.sort();
@@ -473,25 +481,37 @@ fn the_store_crate_sees_no_transport_private_key_or_daemon() {
         store_manifest.contains("\ndefault = []\n"),
         "the store's test hooks are not a default feature"
     );
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let daemon_dep = dependencies_table(root)
+    // The daemon crate depends on the store without its hooks; its own testing feature (and
+    // the root crate's, which the tests and benches turn on) is the only way to them.
+    let daemon = workspace_crate("daemon");
+    let store_dep = dependencies_table(&daemon)
         .lines()
         .find(|l| l.starts_with("tokenvault-store"))
         .expect("the daemon depends on the store crate")
         .to_string();
     assert!(
-        !daemon_dep.contains("testing"),
-        "the daemon's build turns on the store's test hooks: {daemon_dep}"
+        !store_dep.contains("testing"),
+        "the daemon's build turns on the store's test hooks: {store_dep}"
     );
-    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("read");
-    let default = manifest
+    let daemon_manifest = std::fs::read_to_string(daemon.join("Cargo.toml")).expect("read");
+    assert!(
+        daemon_manifest.contains("\ndefault = []\n"),
+        "daemon defaults"
+    );
+    assert!(
+        daemon_manifest.contains("\ntesting = [\"tokenvault-store/testing\"]\n"),
+        "the store's hooks come only with the daemon's testing feature"
+    );
+    let root = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .expect("read");
+    let default = root
         .lines()
         .find(|l| l.starts_with("default = "))
-        .expect("the daemon's default features");
+        .expect("the root crate's default features");
     assert!(!default.contains("testing"), "{default}");
     assert!(
-        manifest.contains("testing = [\"tokenvault-store?/testing\"]"),
-        "the store's hooks come only with the daemon's own testing feature"
+        root.contains("\ntesting = [\"tokenvault-daemon?/testing\"]\n"),
+        "the root crate reaches the hooks only through its own testing feature"
     );
 
     // Each hook is declared behind the feature.
@@ -507,6 +527,45 @@ fn the_store_crate_sees_no_transport_private_key_or_daemon() {
             .any(|l| l.trim() == "#[cfg(any(test, feature = \"testing\"))]"),
         "TestHooks is behind the testing feature"
     );
+}
+
+/// The daemon crate is a library the command line drives: it parses no arguments and prints
+/// nothing for a terminal (its output is the tracing log and the audit trail), and it cannot
+/// reach the CLI (the root crate depends on it, never the other way).
+#[test]
+fn the_daemon_crate_has_no_command_line() {
+    let deps = dependencies_table(&workspace_crate("daemon"));
+    let names = dependency_names(&deps);
+    assert!(
+        names.contains(&"tokenvault-store") && names.contains(&"tonic"),
+        "the scan sees the daemon's dependencies: {names:?}"
+    );
+    for name in &names {
+        assert!(
+            !["clap", "indicatif"].iter().any(|b| name.starts_with(b)) && *name != "tokenvault",
+            "the daemon crate depends on {name}"
+        );
+    }
+    let root = src();
+    let mut rels = Vec::new();
+    files(&root, &root, &mut rels);
+    assert!(
+        rels.iter().any(|r| r == Path::new("vault/mod.rs")),
+        "the scan sees the daemon crate"
+    );
+    for rel in rels {
+        let code = code_at(&root, &rel);
+        for needle in [
+            "println!",
+            "eprintln!",
+            "print!(",
+            "clap",
+            "crate::cli",
+            "std::io::stdout",
+        ] {
+            assert!(!code.contains(needle), "{} names {needle}", rel.display());
+        }
+    }
 }
 
 #[test]

@@ -18,7 +18,9 @@ use crate::secret::{DataKey, Secret};
 use tokenvault_envelope::envelope::seal_with_rng_for_tests as seal_with_rng;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(name)
 }
 
 fn private_key(name: &str) -> PrivateKey {

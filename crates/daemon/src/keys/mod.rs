@@ -5,11 +5,8 @@
 //! feature) and is reachable only through [`Unwrapper`]: no function returns private key bytes
 //! except the explicit PEM export used to write key files.
 
-#[cfg(feature = "daemon")]
 pub mod keyring;
-#[cfg(feature = "daemon")]
 mod private;
 
-#[cfg(feature = "daemon")]
 pub use private::PrivateKey;
 pub use tokenvault_envelope::keys::*;

@@ -303,7 +303,7 @@ pub(crate) fn stat_field(stat: &str, n: usize) -> Option<u64> {
 }
 
 /// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in clock ticks.
-pub(crate) fn cpu_ticks(stat: &str) -> Option<u64> {
+pub fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(stat_field(stat, 14)? + stat_field(stat, 15)?)
 }
 

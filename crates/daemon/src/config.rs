@@ -1532,7 +1532,7 @@ mod tests {
     /// deploy/tokenvault.toml is a configuration the daemon accepts as shipped.
     #[test]
     fn the_sample_production_config_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tokenvault.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/tokenvault.toml");
         let mut env = HashMap::new();
         env.insert(ENV_KEY_PASSPHRASE.to_string(), "x".to_string());
         let c = Config::load(&path, &env).expect("sample config loads");

@@ -31,7 +31,6 @@ pub const REWRAP_CURSOR: &str = "rewrap_cursor";
 
 /// Why a lifecycle operation was refused or failed.
 #[derive(Debug, Error)]
-#[non_exhaustive]
 pub enum RotationError {
     /// No such key version.
     #[error("no key version {0}")]
