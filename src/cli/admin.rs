@@ -268,6 +268,7 @@ fn status_json(keys: &[v1::PublicKey], stats: &v1::StatsResponse) -> serde_json:
             "dek_cache_hits": stats.dek_cache_hits,
             "dek_cache_misses": stats.dek_cache_misses,
             "dek_cache_entries": stats.dek_cache_entries,
+            "fips": stats.fips,
         },
     })
 }
@@ -285,6 +286,14 @@ fn print_status(keys: &[v1::PublicKey], stats: &v1::StatsResponse) {
     for c in &stats.records_per_key_version {
         println!("  v{}: {}", c.key_version, c.records);
     }
+    println!(
+        "cryptography: {}",
+        if stats.fips {
+            "aws-lc FIPS 140-3 module"
+        } else {
+            "aws-lc (not the FIPS module)"
+        }
+    );
 }
 
 pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {

@@ -25,9 +25,18 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use thiserror::Error;
 
+/// What `--version` prints: a FIPS build says so.
+#[cfg(feature = "fips")]
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (FIPS: cryptography on the aws-lc FIPS 140-3 module)"
+);
+#[cfg(not(feature = "fips"))]
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// Command-line interface of the tokenvault daemon and its clients.
 #[derive(Debug, Parser)]
-#[command(name = "tokenvault", version, about = "An encrypted vault for OAuth tokens", long_about = None)]
+#[command(name = "tokenvault", version = VERSION, about = "An encrypted vault for OAuth tokens", long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

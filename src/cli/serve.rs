@@ -137,6 +137,8 @@ fn init_tracing(filter: &str, format: LogFormat) {
 }
 
 pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(), CliError> {
+    // A FIPS build that is not in FIPS mode must not serve: before any key or store is opened.
+    crate::keys::check_fips_mode().map_err(CliError::Precondition)?;
     let (config, dev_creds) = if args.dev {
         let cwd = std::env::current_dir()
             .map_err(|e| CliError::Internal(format!("current directory: {e}")))?;

@@ -485,6 +485,18 @@ fn serve_needs_a_config_or_dev_and_help_reads_well() {
     for verb in ["init", "rotate", "list", "export-public", "import"] {
         assert!(keys_help.contains(verb), "{keys_help}");
     }
+    // --version says whether the cryptography is aws-lc's FIPS module (a `fips` build).
+    let version =
+        String::from_utf8_lossy(&run(tmp.path(), &["--version"], &[], None).stdout).into_owned();
+    assert!(
+        version.starts_with(&format!("tokenvault {}", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    assert_eq!(
+        version.contains("FIPS 140-3"),
+        cfg!(feature = "fips"),
+        "{version}"
+    );
 }
 
 #[test]
@@ -718,7 +730,15 @@ fn bench_drives_every_operation_and_reports_json() {
     // A pid that is not running is refused before anything is seeded.
     let status = || run(cwd, &["admin", "status"], &d.env(), None).stdout;
     let before = status();
-    assert!(String::from_utf8_lossy(&before).contains("records"));
+    let text = String::from_utf8_lossy(&before).into_owned();
+    assert!(text.contains("records"), "{text}");
+    // Admin.Stats says which cryptographic module the daemon runs on.
+    assert!(text.contains("cryptography: aws-lc"), "{text}");
+    assert_eq!(
+        text.contains("FIPS 140-3"),
+        cfg!(feature = "fips"),
+        "{text}"
+    );
     assert_exit(
         &bench(
             cwd,

@@ -243,6 +243,14 @@ fn records_audit_metrics_export_and_import_as_an_operator_runs_them() {
     let build = &family("tokenvault_build")[2][0];
     assert_eq!(build[0], "tokenvault_build_info");
     assert_eq!(build[1]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        build[1]["fips"],
+        if cfg!(feature = "fips") {
+            "true"
+        } else {
+            "false"
+        }
+    );
     assert!(
         family("process_resident_memory_bytes")[2][0][2]
             .as_f64()

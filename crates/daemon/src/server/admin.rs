@@ -247,6 +247,7 @@ impl Admin for AdminService {
             records: stats.store.records,
             revoked: stats.store.revoked,
             needs_reauth: stats.store.needs_reauth,
+            fips: crate::keys::FIPS_BUILD,
             dek_cache_hits: stats.cache.hits,
             dek_cache_misses: stats.cache.misses,
             dek_cache_entries: stats.cache.entries,

@@ -192,7 +192,17 @@ impl Default for Metrics {
         registry.register(
             "build",
             "The running tokenvault's version",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION")),
+                (
+                    "fips",
+                    if crate::keys::FIPS_BUILD {
+                        "true"
+                    } else {
+                        "false"
+                    },
+                ),
+            ]),
         );
         Self {
             registry,
