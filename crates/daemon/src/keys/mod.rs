@@ -1,9 +1,9 @@
 //! Key material: everything of [`tokenvault_envelope::keys`] (fingerprints, the wrapping
 //! traits, public keys), plus what only the daemon has: the private half and the keyring.
 //!
-//! Architecture invariant: the private half lives only in `private` (behind the `daemon`
-//! feature) and is reachable only through [`Unwrapper`]: no function returns private key bytes
-//! except the explicit PEM export used to write key files.
+//! Architecture invariant: the private half lives only in `private` (in this crate, which a
+//! web tier never links) and is reachable only through [`Unwrapper`]: no function returns
+//! private key bytes except the explicit PEM export used to write key files.
 
 pub mod keyring;
 mod private;

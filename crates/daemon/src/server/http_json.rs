@@ -92,15 +92,26 @@ fn error_response(status: &tonic::Status) -> Response {
     response
 }
 
-fn ok_json(value: serde_json::Value) -> Response {
-    json_response(StatusCode::OK, &value, Code::Ok)
+/// `200` with `body`: a generated message in the proto3 JSON mapping, or a small JSON value.
+fn ok_json(body: &impl serde::Serialize) -> Response {
+    json_response(StatusCode::OK, body, Code::Ok)
 }
 
-fn json_response(status: StatusCode, body: &serde_json::Value, code: Code) -> Response {
+fn json_response(status: StatusCode, body: &impl serde::Serialize, code: Code) -> Response {
+    let (status, body, code) = match serde_json::to_string(body) {
+        Ok(text) => (status, text, code),
+        // Neither a JSON value nor a generated message fails to encode; if one ever did,
+        // nothing of it is echoed.
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            r#"{"code":"INTERNAL","message":"the response could not be encoded"}"#.to_string(),
+            Code::Internal,
+        ),
+    };
     let mut response = (
         status,
         [(http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
+        body,
     )
         .into_response();
     response.extensions_mut().insert(code);
@@ -295,7 +306,7 @@ type Refusal = Box<Response>;
 /// credential, no store access, no log line: it costs what a refused request costs.
 async fn health(State(s): State<Http>) -> Response {
     if *s.serving.borrow() {
-        ok_json(serde_json::json!({ "status": "SERVING" }))
+        ok_json(&serde_json::json!({ "status": "SERVING" }))
     } else {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -309,21 +320,9 @@ async fn public_keys(State(s): State<Http>, req: Request) -> Response {
     if let Err(r) = admit(&s, req).await {
         return *r;
     }
-    ok_message(&v1::PublicKeysResponse {
+    ok_json(&v1::PublicKeysResponse {
         active: Some((&s.vault.active_key()).into()),
     })
-}
-
-/// `200` with `message` in the proto3 JSON mapping.
-fn ok_message(message: &impl serde::Serialize) -> Response {
-    match serde_json::to_value(message) {
-        Ok(value) => ok_json(value),
-        // The generated encoders fail on no message of these types; if one ever did, nothing
-        // of it is echoed.
-        Err(_) => error_response(&tonic::Status::internal(
-            "the response could not be encoded",
-        )),
-    }
 }
 
 async fn put_record(State(s): State<Http>, req: Request) -> Response {
@@ -337,7 +336,7 @@ async fn put_record(State(s): State<Http>, req: Request) -> Response {
     }
     .await;
     match result {
-        Ok(version) => ok_message(&v1::PutSealedResponse { version }),
+        Ok(version) => ok_json(&v1::PutSealedResponse { version }),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
 }
@@ -359,7 +358,7 @@ async fn put_batch(State(s): State<Http>, req: Request) -> Response {
     }
     .await;
     match result {
-        Ok(versions) => ok_message(&v1::PutSealedBatchResponse { versions }),
+        Ok(versions) => ok_json(&v1::PutSealedBatchResponse { versions }),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
 }
@@ -376,7 +375,7 @@ async fn exchange_code(State(s): State<Http>, req: Request) -> Response {
     }
     .await;
     match result {
-        Ok((id, e)) => ok_message(&exchanged(&id, e)),
+        Ok((id, e)) => ok_json(&exchanged(&id, e)),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
 }
