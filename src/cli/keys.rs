@@ -201,7 +201,7 @@ fn add_recorded_claimed(
     Ok(match (init, key) {
         (true, _) => keys.init(&draft, now)?,
         (false, Some(key)) => keys.add_version(&draft, key, now)?,
-        (false, None) => keys.add_version(&draft, PrivateKey::generate()?, now)?,
+        (false, None) => keys.add_version(&draft, dir.generate()?, now)?,
     })
 }
 

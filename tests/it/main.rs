@@ -24,6 +24,7 @@ mod load_balancer;
 mod openssl_interop;
 mod operations;
 mod operations_cli;
+mod pkcs11;
 mod policy;
 mod postgres;
 mod proxy;

@@ -29,6 +29,10 @@ pub const ENV_KEY_DIR: &str = "TOKENVAULT_KEY_DIR";
 pub const ENV_KEY_PASSPHRASE: &str = "TOKENVAULT_KEY_PASSPHRASE";
 /// Env var: a file holding the private key passphrase.
 pub const ENV_KEY_PASSPHRASE_FILE: &str = "TOKENVAULT_KEY_PASSPHRASE_FILE";
+/// Env var: the PKCS#11 token's user PIN (`[keys] backend = "pkcs11"`).
+pub const ENV_PKCS11_PIN: &str = "TOKENVAULT_PKCS11_PIN";
+/// Env var: a file holding the PKCS#11 token's user PIN.
+pub const ENV_PKCS11_PIN_FILE: &str = "TOKENVAULT_PKCS11_PIN_FILE";
 /// Env var: the password of the `[store]` database user (instead of `store.password_file`).
 pub const ENV_STORE_PASSWORD: &str = "TOKENVAULT_STORE_PASSWORD";
 
@@ -441,6 +445,20 @@ pub struct Config {
     pub shutdown_grace: std::time::Duration,
     /// Audit trail retention and shipping (`[audit]`).
     pub audit: AuditConfig,
+    /// Where new key versions are generated and kept (`[keys] backend`).
+    pub key_backend: KeyBackend,
+}
+
+/// `[keys] backend`: where the private keys of new key versions are generated and kept.
+#[derive(Debug, Clone, Default)]
+pub enum KeyBackend {
+    /// Key files in `key_dir` (or, on a shared database, the store), encrypted with the
+    /// passphrase if one is set.
+    #[default]
+    File,
+    /// A PKCS#11 token (`[keys.pkcs11]`): generated there, never leaving it. Versions made
+    /// before the move still load from their files until they are destroyed.
+    Pkcs11(tokenvault_pkcs11::TokenConfig),
 }
 
 /// `[audit]`: how long the trail is kept in the store and where it is shipped.
@@ -700,6 +718,86 @@ struct FileKeys {
     ingest_grace_seconds: Option<i64>,
     min_decrypt_version: Option<u32>,
     auto_rotate_days: Option<u32>,
+    backend: Option<String>,
+    pkcs11: Option<FilePkcs11>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePkcs11 {
+    module: PathBuf,
+    token_label: Option<String>,
+    slot: Option<u64>,
+    pin_file: Option<PathBuf>,
+}
+
+/// Checks `[keys] backend` and `[keys.pkcs11]`; the PIN comes from `TOKENVAULT_PKCS11_PIN`,
+/// `TOKENVAULT_PKCS11_PIN_FILE` or `pin_file` (relative paths: the config file's directory),
+/// never from the command line.
+fn key_backend_from(
+    backend: Option<String>,
+    pkcs11: Option<FilePkcs11>,
+    env: &dyn Strings,
+    base: &Path,
+) -> Result<KeyBackend, ConfigError> {
+    match (backend.as_deref().unwrap_or("file"), pkcs11) {
+        ("file", None) => Ok(KeyBackend::File),
+        ("file", Some(_)) => Err(invalid(
+            "keys.pkcs11",
+            "set [keys] backend = \"pkcs11\" to use the token",
+        )),
+        ("pkcs11", None) => Err(invalid(
+            "keys.pkcs11",
+            "required with backend = \"pkcs11\" (module, token_label or slot, pin_file)",
+        )),
+        ("pkcs11", Some(p)) => {
+            let token = match (p.token_label, p.slot) {
+                (Some(label), None) if !label.is_empty() && label.len() <= 32 => {
+                    tokenvault_pkcs11::TokenSelector::Label(label)
+                }
+                (Some(_), None) => {
+                    return Err(invalid("keys.pkcs11.token_label", "must be 1 to 32 bytes"));
+                }
+                (None, Some(slot)) => tokenvault_pkcs11::TokenSelector::Slot(slot),
+                _ => {
+                    return Err(invalid(
+                        "keys.pkcs11",
+                        "set exactly one of token_label and slot",
+                    ));
+                }
+            };
+            let pin = match env.get(ENV_PKCS11_PIN) {
+                Some(pin) => pin,
+                None => {
+                    let path = env
+                        .get(ENV_PKCS11_PIN_FILE)
+                        .map(PathBuf::from)
+                        .or(p.pin_file.map(|f| base.join(f)))
+                        .ok_or_else(|| {
+                            invalid(
+                                "keys.pkcs11.pin_file",
+                                format!(
+                                    "the token's user PIN is required: set pin_file, \
+                                     {ENV_PKCS11_PIN} or {ENV_PKCS11_PIN_FILE}"
+                                ),
+                            )
+                        })?;
+                    std::fs::read_to_string(&path)
+                        .map_err(|source| ConfigError::Read { path, source })?
+                }
+            };
+            let pin = tokenvault_pkcs11::Pin::new(pin);
+            Ok(KeyBackend::Pkcs11(tokenvault_pkcs11::TokenConfig {
+                module: base.join(p.module),
+                token,
+                pin,
+            }))
+        }
+        (other, _) => Err(invalid(
+            "keys.backend",
+            format!("{other:?} is not a key backend: \"file\" or \"pkcs11\""),
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -1041,9 +1139,11 @@ impl Config {
                 format!("must be at most {MAX_SHUTDOWN_GRACE_SECONDS}"),
             ));
         }
+        let key_backend = key_backend_from(file.keys.backend, file.keys.pkcs11, env, base)?;
         let config = Config {
             shutdown_grace: std::time::Duration::from_secs(shutdown_grace_seconds),
             audit: audit_from(file.audit, base)?,
+            key_backend,
             listen,
             ingest_listen,
             data_dir: base.join(data_dir),
@@ -1196,6 +1296,7 @@ impl Config {
             lock_memory: true,
             shutdown_grace: std::time::Duration::ZERO,
             audit: AuditConfig::default(),
+            key_backend: KeyBackend::File,
             metrics_listen: Some(SocketAddr::new(listen.ip(), 0)),
             log_format: log_format(env, None)?,
         })

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::envelope::{self, RewrapError};
-use crate::keys::PrivateKey;
 use crate::keys::keyring::{KeyDir, Keyring};
 use crate::keys::{KeyError, KeyInfo, KeyState, UnwrapperLookup, Wrapper};
+use crate::keys::{NewKey, PublicKey};
 use crate::record::{Record, RecordId};
 #[cfg(any(test, feature = "testing"))]
 use crate::store::TestHooks;
@@ -424,7 +424,7 @@ pub fn destroy(
     audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
     let key = mark_destroyed(store, version, now, audit)?;
-    dir.erase(version)?;
+    dir.erase(version, &key.id)?;
     Ok(key)
 }
 
@@ -491,7 +491,7 @@ pub fn init(store: &dyn TestHooks, dir: &KeyDir, now: i64) -> Result<KeyInfo, Ke
     if !existing.is_empty() {
         return Err(KeyError::AlreadyInitialized(existing.len()));
     }
-    add_version(store, dir, PrivateKey::generate()?, now)
+    add_version(store, dir, dir.generate()?, now)
 }
 
 /// Adds `key` as the next version and makes it active; the previously active version becomes
@@ -501,11 +501,12 @@ pub fn init(store: &dyn TestHooks, dir: &KeyDir, now: i64) -> Result<KeyInfo, Ke
 pub fn add_version(
     store: &dyn TestHooks,
     dir: &KeyDir,
-    key: PrivateKey,
+    key: impl Into<NewKey>,
     now: i64,
 ) -> Result<KeyInfo, KeyError> {
+    let key = key.into();
     let file = dir.prepare(&key)?;
-    let (info, writes) = next_version(store, dir, &key, &file, now)?;
+    let (info, writes) = next_version(store, dir, key.public_key(), &file, now)?;
     store.put_keys_unaudited(&writes).map_err(store_err)?;
     Ok(info)
 }
@@ -515,7 +516,7 @@ pub fn add_version(
 pub fn add_version_audited(
     store: &dyn TokenStore,
     dir: &KeyDir,
-    key: &PrivateKey,
+    key: &PublicKey,
     file: &crate::keys::keyring::KeyFile,
     now: i64,
     audit: &AuditAppend,
@@ -530,12 +531,12 @@ pub fn add_version_audited(
 fn next_version(
     store: &dyn TokenStore,
     dir: &KeyDir,
-    key: &PrivateKey,
+    key: &PublicKey,
     file: &crate::keys::keyring::KeyFile,
     now: i64,
 ) -> Result<(KeyInfo, Vec<KeyInfo>), KeyError> {
     let existing = store.keys().map_err(store_err)?;
-    let id = key.public_key().id();
+    let id = key.id();
     if let Some(dup) = existing.iter().find(|k| k.id == id) {
         return Err(KeyError::Duplicate(dup.version));
     }
@@ -552,7 +553,7 @@ fn next_version(
         state: KeyState::Active,
         created_at: now,
         updated_at: now,
-        spki_der: key.public_key().spki_der().to_vec(),
+        spki_der: key.spki_der().to_vec(),
     };
     let mut writes: Vec<KeyInfo> = existing
         .into_iter()
@@ -607,14 +608,20 @@ impl<'a> KeyService<'a> {
     pub fn add_version(
         &self,
         draft: &crate::audit::Draft,
-        key: PrivateKey,
+        key: impl Into<NewKey>,
         now: i64,
     ) -> Result<KeyInfo, RotationError> {
+        let key = key.into();
         // The passphrase's scrypt runs before the audited write, not inside it.
         let file = self.dir.prepare(&key)?;
         self.recorded(draft, |a| {
             Ok(add_version_audited(
-                self.store, self.dir, &key, &file, now, a,
+                self.store,
+                self.dir,
+                key.public_key(),
+                &file,
+                now,
+                a,
             )?)
         })
     }
@@ -626,7 +633,7 @@ impl<'a> KeyService<'a> {
         if !existing.is_empty() {
             return Err(KeyError::AlreadyInitialized(existing.len()).into());
         }
-        self.add_version(draft, PrivateKey::generate()?, now)
+        self.add_version(draft, self.dir.generate()?, now)
     }
 
     /// Retires a decrypt-only version ([`retire`]), with `draft` in the same write.
@@ -651,7 +658,7 @@ impl<'a> KeyService<'a> {
         // event is stored.
         ensure_destroyable(self.store, version)?;
         let key = self.recorded(draft, |a| write_destroyed(self.store, version, now, a))?;
-        self.dir.erase(version)?;
+        self.dir.erase(version, &key.id)?;
         Ok(key)
     }
 }

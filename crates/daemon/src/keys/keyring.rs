@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use super::KeyLookupError;
 use super::{
-    KeyError, KeyId, KeyInfo, KeyState, PrivateKey, PublicKey, Unwrapper, UnwrapperLookup,
+    KeyError, KeyId, KeyInfo, KeyState, LoadedKey, NewKey, PrivateKey, PublicKey, Unwrapper,
+    UnwrapperLookup,
 };
 use crate::secret::Passphrase;
 
@@ -58,19 +59,31 @@ impl std::fmt::Debug for Shared {
 }
 
 /// Where the private keys are (a key directory, or the shared store), and the passphrase
-/// protecting them.
+/// protecting them; with a PKCS#11 token, new versions are generated in the token and a
+/// version's key is looked for there first (by its fingerprint), so versions created before a
+/// move to the token still load from their files.
 #[derive(Debug, Clone)]
 pub struct KeyDir {
     path: PathBuf,
     passphrase: Option<Passphrase>,
     shared: Option<std::sync::Arc<Shared>>,
+    token: Option<std::sync::Arc<tokenvault_pkcs11::Token>>,
 }
 
-/// A private key encoded for its key directory (encrypted with the passphrase if there is
-/// one) and its public key, ready to write under any version ([`KeyDir::prepare`]).
-pub struct KeyFile {
-    private: zeroize::Zeroizing<Vec<u8>>,
-    public_pem: String,
+/// A new key ready to write under any version ([`KeyDir::prepare`]): a private key encoded for
+/// its key directory (encrypted with the passphrase if there is one) and its public key, or a
+/// token key pair to name.
+pub struct KeyFile(Prepared);
+
+enum Prepared {
+    Bytes {
+        private: zeroize::Zeroizing<Vec<u8>>,
+        public_pem: String,
+    },
+    Token {
+        pair: tokenvault_pkcs11::NewKeyPair,
+        id: KeyId,
+    },
 }
 
 impl std::fmt::Debug for KeyFile {
@@ -86,6 +99,31 @@ impl KeyDir {
             path: path.into(),
             passphrase,
             shared: None,
+            token: None,
+        }
+    }
+
+    /// The same key directory with new versions generated in `token`.
+    pub fn with_token(mut self, token: std::sync::Arc<tokenvault_pkcs11::Token>) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// The PKCS#11 token new versions are generated in, if any.
+    pub fn token(&self) -> Option<&std::sync::Arc<tokenvault_pkcs11::Token>> {
+        self.token.as_ref()
+    }
+
+    /// A fresh RSA-2048 key for a new version: generated in the token if there is one,
+    /// otherwise in memory with aws-lc.
+    pub fn generate(&self) -> Result<NewKey, KeyError> {
+        match &self.token {
+            Some(token) => {
+                let pair = token.generate_rsa_2048().map_err(super::token::key_error)?;
+                let public = super::token::public_key(&pair.modulus, &pair.public_exponent)?;
+                Ok(NewKey::Token { pair, public })
+            }
+            None => Ok(NewKey::Memory(PrivateKey::generate()?)),
         }
     }
 
@@ -104,6 +142,7 @@ impl KeyDir {
                 keys,
                 kek: std::sync::Mutex::new(None),
             })),
+            token: None,
         }
     }
 
@@ -182,13 +221,24 @@ impl KeyDir {
     /// Writes a version's key files: the private key 0600 (encrypted if a passphrase is set),
     /// the public key 0644. Writes go to a temporary file that is renamed into place.
     pub fn write(&self, version: u32, key: &PrivateKey) -> Result<(), KeyError> {
-        self.write_prepared(version, &self.prepare(key)?)
+        let file = self.prepare_memory(key)?;
+        self.write_prepared(version, &file)
     }
 
     /// The slow part of [`KeyDir::write`] (the passphrase's scrypt), which does not depend on
     /// the version: done before the version is chosen, so a rotation holds the audit trail's
     /// write order only for the writes themselves.
-    pub fn prepare(&self, key: &PrivateKey) -> Result<KeyFile, KeyError> {
+    pub fn prepare(&self, key: &NewKey) -> Result<KeyFile, KeyError> {
+        match key {
+            NewKey::Memory(key) => self.prepare_memory(key),
+            NewKey::Token { pair, public } => Ok(KeyFile(Prepared::Token {
+                pair: pair.clone(),
+                id: public.id(),
+            })),
+        }
+    }
+
+    fn prepare_memory(&self, key: &PrivateKey) -> Result<KeyFile, KeyError> {
         let private = match &self.shared {
             Some(shared) => key.seal_with(&**self.kek(shared, true)?)?,
             None => {
@@ -196,16 +246,32 @@ impl KeyDir {
                 zeroize::Zeroizing::new(pem.as_bytes().to_vec())
             }
         };
-        Ok(KeyFile {
+        Ok(KeyFile(Prepared::Bytes {
             private,
             public_pem: key.public_key().to_pem(),
-        })
+        }))
     }
 
     /// Writes a key prepared by [`KeyDir::prepare`] as `version`.
+    /// A token key pair is named for the version instead (`CKA_ID` its fingerprint,
+    /// `CKA_LABEL` `tokenvault v0001`); nothing is written outside the token.
     pub fn write_prepared(&self, version: u32, file: &KeyFile) -> Result<(), KeyError> {
+        let (private, public_pem) = match &file.0 {
+            Prepared::Bytes {
+                private,
+                public_pem,
+            } => (private, public_pem),
+            Prepared::Token { pair, id } => {
+                let token = self.token.as_ref().ok_or_else(|| {
+                    KeyError::Token("a token key without a configured token".into())
+                })?;
+                return token
+                    .name(pair, &id.0, &super::token::object_label(version))
+                    .map_err(super::token::key_error);
+            }
+        };
         if let Some(shared) = &self.shared {
-            return if shared.keys.claim(version, &file.private)? {
+            return if shared.keys.claim(version, private)? {
                 Ok(())
             } else {
                 Err(KeyError::VersionTaken(version))
@@ -216,14 +282,10 @@ impl KeyDir {
             move |source| KeyError::Io { path, source }
         };
         std::fs::create_dir_all(&self.path).map_err(io(&self.path))?;
-        write_atomic(&self.private_path(version), &file.private, 0o600)
+        write_atomic(&self.private_path(version), private, 0o600)
             .map_err(io(&self.private_path(version)))?;
-        write_atomic(
-            &self.public_path(version),
-            file.public_pem.as_bytes(),
-            0o644,
-        )
-        .map_err(io(&self.public_path(version)))
+        write_atomic(&self.public_path(version), public_pem.as_bytes(), 0o644)
+            .map_err(io(&self.public_path(version)))
     }
 
     /// Whether the private key of `version` exists.
@@ -238,7 +300,12 @@ impl KeyDir {
     /// unlinked. Already absent is fine. (On copy-on-write or journaling file systems and SSDs
     /// an overwrite cannot guarantee the old blocks are gone; encrypt key files with a
     /// passphrase so their remains are useless.)
-    pub fn erase(&self, version: u32) -> Result<(), KeyError> {
+    ///
+    /// With a token, the token's key pair of `id` is destroyed too (and checked gone).
+    pub fn erase(&self, version: u32, id: &KeyId) -> Result<(), KeyError> {
+        if let Some(token) = &self.token {
+            token.destroy(&id.0).map_err(super::token::key_error)?;
+        }
         if let Some(shared) = &self.shared {
             return shared.keys.erase(version);
         }
@@ -268,6 +335,17 @@ impl KeyDir {
                 .map_err(io)?;
         }
         Ok(())
+    }
+
+    /// The private key of `info`: in the token if the token has the fingerprint, otherwise
+    /// read from its file or the shared store ([`KeyDir::read`]).
+    pub fn load(&self, info: &KeyInfo) -> Result<LoadedKey, KeyError> {
+        if let Some(token) = &self.token
+            && let Some(key) = super::token::TokenKey::find(token, &info.id)?
+        {
+            return Ok(LoadedKey::Token(key));
+        }
+        self.read(info.version).map(LoadedKey::Memory)
     }
 
     /// Reads a version's private key, refusing files readable by group or others.
@@ -326,7 +404,7 @@ struct Slot {
     info: KeyInfo,
     public: PublicKey,
     /// Shared with the keyring a reload builds, so a reload reads only new versions' keys.
-    private: Option<std::sync::Arc<PrivateKey>>,
+    private: Option<std::sync::Arc<LoadedKey>>,
 }
 
 /// Every key version, with private keys for those that may still open envelopes.
@@ -380,9 +458,12 @@ impl Keyring {
                 (false, _) => None,
                 (true, Some(key)) => Some(key),
                 (true, None) => {
-                    let key = dir.read(info.version).map_err(|e| match e {
-                        // Already names the file.
-                        e @ (KeyError::Io { .. } | KeyError::InsecurePermissions { .. }) => e,
+                    let key = dir.load(&info).map_err(|e| match e {
+                        // Already names the file, or the token.
+                        e @ (KeyError::Io { .. }
+                        | KeyError::InsecurePermissions { .. }
+                        | KeyError::Token(_)
+                        | KeyError::TokenUnavailable(_)) => e,
                         e => KeyError::At {
                             location: dir.location(info.version),
                             error: Box::new(e),
@@ -441,7 +522,7 @@ impl Keyring {
             Slot {
                 info,
                 public,
-                private: Some(std::sync::Arc::new(key)),
+                private: Some(std::sync::Arc::new(LoadedKey::Memory(key))),
             },
         );
         Self {

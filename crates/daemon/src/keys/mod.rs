@@ -7,9 +7,74 @@
 
 pub mod keyring;
 mod private;
+pub mod token;
 
 pub use private::PrivateKey;
 pub use tokenvault_envelope::keys::*;
+
+/// A private key the keyring can use: in process memory (read from a key file or the shared
+/// store) or in a PKCS#11 token.
+#[derive(Debug)]
+pub enum LoadedKey {
+    /// In memory.
+    Memory(PrivateKey),
+    /// In the token.
+    Token(token::TokenKey),
+}
+
+impl LoadedKey {
+    /// The matching public key.
+    pub fn public_key(&self) -> &PublicKey {
+        match self {
+            Self::Memory(k) => k.public_key(),
+            Self::Token(k) => k.public_key(),
+        }
+    }
+}
+
+impl Unwrapper for LoadedKey {
+    fn key_id(&self) -> KeyId {
+        self.public_key().id()
+    }
+
+    fn unwrap_dek(&self, wrapped: &[u8]) -> Result<crate::secret::DataKey, KeyOpError> {
+        match self {
+            Self::Memory(k) => k.unwrap_dek(wrapped),
+            Self::Token(k) => k.unwrap_dek(wrapped),
+        }
+    }
+}
+
+/// A key version about to be added: generated in memory or imported (to be written to a key
+/// file or the shared store), or generated in the PKCS#11 token (to be named there).
+#[derive(Debug)]
+pub enum NewKey {
+    /// In memory.
+    Memory(PrivateKey),
+    /// Generated in the token, not yet named.
+    Token {
+        /// The token's new key pair.
+        pair: tokenvault_pkcs11::NewKeyPair,
+        /// Its public key.
+        public: PublicKey,
+    },
+}
+
+impl NewKey {
+    /// The new key's public key.
+    pub fn public_key(&self) -> &PublicKey {
+        match self {
+            Self::Memory(k) => k.public_key(),
+            Self::Token { public, .. } => public,
+        }
+    }
+}
+
+impl From<PrivateKey> for NewKey {
+    fn from(key: PrivateKey) -> Self {
+        Self::Memory(key)
+    }
+}
 
 /// Whether this build does its cryptography on aws-lc's FIPS 140-3 validated module (cargo
 /// feature `fips`).

@@ -85,6 +85,9 @@ impl Daemon {
     /// Opens the store (RocksDB, or the `[store]` database) and the keyring named by `config`. In the dev profile an empty
     /// keyring is initialized with a fresh RSA-2048 key.
     pub fn open(config: &Config) -> Result<Self, StartError> {
+        // The token first: a wrong PIN, a missing module or no such token stop the start
+        // before the store is opened or created.
+        crate::vault::check_token(config)?;
         Self::with_store(crate::vault::open_store(config)?, config)
     }
 

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use super::{Caller, Vault, VaultError};
 use crate::audit::Draft;
-use crate::keys::{KeyInfo, PrivateKey};
+use crate::keys::{KeyInfo, NewKey, PrivateKey};
 use crate::record::{Owner, Record, RecordId};
 use crate::rotation::{self, KeyService, RewrapOptions, RewrapProgress};
 use crate::store::{Mutation, StoreError, StoreStats};
@@ -118,8 +118,8 @@ impl Vault {
         let rotated = self
             .blocking(move |v| {
                 let key = match import {
-                    None => PrivateKey::generate()?,
-                    Some(k) => imported_key(&k.private_pem, k.public_pem.as_deref())?,
+                    None => v.key_dir.generate()?,
+                    Some(k) => imported_key(&k.private_pem, k.public_pem.as_deref())?.into(),
                 };
                 v.rotate_to(&who, key)
             })
@@ -130,10 +130,10 @@ impl Vault {
 
     /// Rotates to a fresh key (automatic rotation; blocking).
     pub(super) fn rotate_now(&self, caller: &str) -> Result<Rotated, VaultError> {
-        self.rotate_to(caller, PrivateKey::generate()?)
+        self.rotate_to(caller, self.key_dir.generate()?)
     }
 
-    fn rotate_to(&self, caller: &str, key: PrivateKey) -> Result<Rotated, VaultError> {
+    fn rotate_to(&self, caller: &str, key: NewKey) -> Result<Rotated, VaultError> {
         let _ops = self.key_ops();
         let previous = self.keyring().active().0.version;
         let draft =

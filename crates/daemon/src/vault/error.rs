@@ -346,6 +346,7 @@ impl VaultError {
                 DecryptError::KeyUnavailable { .. } | DecryptError::BelowMinimum { .. } => {
                     ErrorKind::FailedPrecondition
                 }
+                DecryptError::KeyUnreachable => ErrorKind::Unavailable,
             },
             VaultError::Store(e) => Self::store_kind(e),
             VaultError::Rotation(e) => {
@@ -483,6 +484,7 @@ impl VaultError {
             crate::keys::KeyError::Duplicate(_) => ErrorKind::AlreadyExists,
             // A concurrent rotation on another daemon won: retrying rotates again.
             crate::keys::KeyError::VersionTaken(_) => ErrorKind::Aborted,
+            crate::keys::KeyError::TokenUnavailable(_) => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }

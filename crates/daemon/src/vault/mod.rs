@@ -209,8 +209,32 @@ fn instance_name(config: &Config) -> &str {
 }
 
 /// Where `config`'s private keys are: files in `key_dir`, or, on a database several daemons
-/// share, the store itself, encrypted with the passphrase (which is then required).
+/// share, the store itself, encrypted with the passphrase (which is then required); with
+/// `[keys] backend = "pkcs11"`, new versions in the token, which is opened (and logged in to)
+/// here: a wrong PIN, a missing module or no such token stop the start.
 pub fn key_dir(config: &Config, store: &Arc<dyn TokenStore>) -> Result<KeyDir, OpenError> {
+    let dir = files_or_store(config, store)?;
+    match &config.key_backend {
+        crate::config::KeyBackend::File => Ok(dir),
+        crate::config::KeyBackend::Pkcs11(token) => {
+            let token = tokenvault_pkcs11::Token::open(token.clone())
+                .map_err(crate::keys::token::key_error)?;
+            Ok(dir.with_token(token))
+        }
+    }
+}
+
+/// Opens and logs in to `config`'s PKCS#11 token, if it has one, and lets it go: for a start
+/// to fail on the token before anything else is opened.
+pub fn check_token(config: &Config) -> Result<(), OpenError> {
+    if let crate::config::KeyBackend::Pkcs11(token) = &config.key_backend {
+        tokenvault_pkcs11::Token::open(token.clone()).map_err(crate::keys::token::key_error)?;
+    }
+    Ok(())
+}
+
+/// The key files or the shared store's keys of `config`, before any token.
+fn files_or_store(config: &Config, store: &Arc<dyn TokenStore>) -> Result<KeyDir, OpenError> {
     match &config.store {
         crate::config::StoreConfig::Postgres(_) => {
             let passphrase = config

@@ -84,6 +84,9 @@ pub enum DecryptError {
     /// Authentication failed: wrong key, tampered envelope or wrong record identity.
     #[error("decryption failed: the envelope does not authenticate for this record")]
     DecryptionFailed,
+    /// The private key is in a PKCS#11 token that cannot be reached now; retrying may work.
+    #[error("the private key of this envelope is in a token that is unavailable; retry later")]
+    KeyUnreachable,
 }
 
 /// Why a data key could not be rewrapped.
@@ -104,8 +107,11 @@ impl From<KeyOpError> for EncryptError {
 }
 
 impl From<KeyOpError> for DecryptError {
-    fn from(_: KeyOpError) -> Self {
-        DecryptError::DecryptionFailed
+    fn from(e: KeyOpError) -> Self {
+        match e {
+            KeyOpError::Wrap | KeyOpError::Unwrap => DecryptError::DecryptionFailed,
+            KeyOpError::Unavailable => DecryptError::KeyUnreachable,
+        }
     }
 }
 

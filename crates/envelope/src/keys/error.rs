@@ -114,6 +114,13 @@ pub enum KeyError {
     /// Persisting the key registry failed.
     #[error("key registry: {0}")]
     Store(String),
+    /// The PKCS#11 token refused or could not be set up (`[keys.pkcs11]`): a wrong PIN, a
+    /// missing module, no such token, a key it does not have.
+    #[error("[keys.pkcs11]: {0}")]
+    Token(String),
+    /// The PKCS#11 token is unreachable now (removed, its daemon stopped); retrying may work.
+    #[error("the PKCS#11 token is unavailable: {0}")]
+    TokenUnavailable(String),
 }
 
 /// How to supply a passphrase, by where the key is being read.
@@ -162,6 +169,10 @@ pub enum KeyOpError {
     /// RSA-OAEP unwrapping failed (wrong key, altered bytes, wrong label: one error).
     #[error("unwrapping the data key failed")]
     Unwrap,
+    /// The private key is in a token that cannot be reached now: nothing was decided about
+    /// the ciphertext, and retrying may work.
+    #[error("the private key's token is unavailable")]
+    Unavailable,
 }
 
 /// Why no key can unwrap a data key sealed under a fingerprint.

@@ -77,6 +77,20 @@ impl PublicKey {
         Self::from_rsa(rsa)
     }
 
+    /// The RSA public key with big-endian `modulus` and `exponent` (as a PKCS#11 token gives
+    /// them: `CKA_MODULUS`, `CKA_PUBLIC_EXPONENT`).
+    pub fn from_rsa_parts(modulus: &[u8], exponent: &[u8]) -> Result<Self, KeyError> {
+        let rsa = RsaPublicKey::new(
+            rsa::BigUint::from_bytes_be(modulus),
+            rsa::BigUint::from_bytes_be(exponent),
+        )
+        .map_err(|e| KeyError::Malformed {
+            what: "public key",
+            reason: e.to_string(),
+        })?;
+        Self::from_rsa(rsa)
+    }
+
     #[doc(hidden)]
     pub fn from_rsa(rsa: RsaPublicKey) -> Result<Self, KeyError> {
         let bits = rsa.n().bits();

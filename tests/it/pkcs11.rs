@@ -1,0 +1,233 @@
+//! Private keys in a PKCS#11 token (opencryptoki's soft token, started by
+//! scripts/with-softtoken): a real daemon over real gRPC generates its key versions in the
+//! token, opens envelopes there, rotates, rewraps, retires and destroys them; a file-key
+//! deployment moves into the token and back with rotate + rewrap + destroy; a wrong PIN, a
+//! missing module and an unknown token stop the start before anything is written.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use tokenvault::api::v1;
+use tokenvault::config::{Config, KeyBackend};
+use tokenvault_pkcs11::{Pin, Token, TokenConfig, TokenSelector};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with ./scripts/test, which starts a software PKCS#11 token (scripts/with-softtoken)")
+    })
+}
+
+fn token_config() -> TokenConfig {
+    TokenConfig {
+        module: PathBuf::from(env("TOKENVAULT_TEST_PKCS11_MODULE")),
+        token: TokenSelector::Label(env("TOKENVAULT_TEST_PKCS11_LABEL")),
+        pin: Pin::new(env("TOKENVAULT_TEST_PKCS11_PIN")),
+    }
+}
+
+fn in_token(base: &Path) -> Config {
+    let mut c = config(base);
+    c.key_backend = KeyBackend::Pkcs11(token_config());
+    c
+}
+
+fn token() -> Arc<Token> {
+    Token::open(token_config()).expect("token")
+}
+
+fn id_bytes(fingerprint: &str) -> Vec<u8> {
+    (0..fingerprint.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&fingerprint[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// Every private key file under `dir`.
+fn private_key_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.to_string_lossy().ends_with(".key.pem") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+async fn fingerprint(d: &TestDaemon, version: u32) -> String {
+    d.admin(ADMIN)
+        .await
+        .list_keys(v1::ListKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys
+        .into_iter()
+        .find(|k| k.version == version)
+        .expect("version listed")
+        .fingerprint
+}
+
+async fn secret(d: &TestDaemon, id: &str) -> Vec<u8> {
+    d.get(id).await.expect("get").into_inner().secret.to_vec()
+}
+
+async fn rotate(d: &TestDaemon, import: Option<String>) -> u32 {
+    d.admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {
+            private_key_pem: import.unwrap_or_default(),
+            public_key_pem: String::new(),
+        })
+        .await
+        .expect("rotate")
+        .into_inner()
+        .active
+        .expect("active")
+        .version
+}
+
+/// Rewraps everything onto the active version, then retires and destroys `version`.
+async fn retire_and_destroy(d: &TestDaemon, version: u32) {
+    let progress = d.rewrap().await;
+    assert_eq!(progress.failed, 0, "{progress:?}");
+    let mut admin = d.admin(ADMIN).await;
+    admin
+        .retire_key(v1::RetireKeyRequest { version })
+        .await
+        .expect("retire");
+    admin
+        .destroy_key(v1::DestroyKeyRequest { version })
+        .await
+        .expect("destroy");
+}
+
+#[tokio::test]
+async fn keys_generated_in_the_token_open_rotate_rewrap_retire_and_destroy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start_with(in_token(dir.path())).await;
+    d.seed("r", 20).await;
+    assert_eq!(secret(&d, "r3").await, b"secret-3");
+    let token = token();
+    let v1 = id_bytes(&fingerprint(&d, 1).await);
+    assert!(
+        token.find(&v1).expect("find").is_some(),
+        "v1 is in the token"
+    );
+    assert!(
+        !token.exposes_private_value(&v1).expect("check"),
+        "the token refuses CKA_VALUE and the private exponent of v1"
+    );
+
+    assert_eq!(rotate(&d, None).await, 2);
+    let v2 = id_bytes(&fingerprint(&d, 2).await);
+    assert!(
+        token.find(&v2).expect("find").is_some(),
+        "v2 is in the token"
+    );
+    retire_and_destroy(&d, 1).await;
+    assert!(
+        token.find(&v1).expect("find").is_none(),
+        "v1 destroyed in the token"
+    );
+    for i in [0, 7, 19] {
+        assert_eq!(
+            secret(&d, &format!("r{i}")).await,
+            format!("secret-{i}").as_bytes()
+        );
+    }
+    // Not one private key anywhere under the data or key directories.
+    assert_eq!(private_key_files(dir.path()), Vec::<PathBuf>::new());
+
+    // A restart finds v2 in the token by its fingerprint.
+    d.stop().await;
+    let d = TestDaemon::start_with(in_token(dir.path())).await;
+    assert_eq!(secret(&d, "r11").await, b"secret-11");
+    d.stop().await;
+    token.destroy(&v2).expect("clean up v2");
+}
+
+#[tokio::test]
+async fn a_file_key_deployment_moves_into_the_token_and_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.seed("m", 10).await;
+    d.stop().await;
+    let key_file = |v: u32| dir.path().join(format!("keys/dev/v{v:04}.key.pem"));
+    assert!(key_file(1).exists());
+
+    // Into the token: v1 still opens from its file, v2 is generated in the token.
+    let d = TestDaemon::start_with(in_token(dir.path())).await;
+    assert_eq!(secret(&d, "m4").await, b"secret-4");
+    assert_eq!(rotate(&d, None).await, 2);
+    assert!(!key_file(2).exists(), "v2 has no file");
+    let token = token();
+    let v2 = id_bytes(&fingerprint(&d, 2).await);
+    assert!(token.find(&v2).expect("find").is_some());
+    retire_and_destroy(&d, 1).await;
+    assert!(!key_file(1).exists(), "v1's file is erased");
+    assert_eq!(private_key_files(dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(secret(&d, "m9").await, b"secret-9");
+
+    // And back: an imported key is kept as a file; the token's v2 is destroyed there.
+    let imported = tokenvault::keys::PrivateKey::generate()
+        .expect("generate")
+        .to_pkcs8_pem(None)
+        .expect("pem")
+        .to_string();
+    assert_eq!(rotate(&d, Some(imported)).await, 3);
+    assert!(key_file(3).exists());
+    retire_and_destroy(&d, 2).await;
+    assert!(
+        token.find(&v2).expect("find").is_none(),
+        "v2 destroyed in the token"
+    );
+    assert_eq!(secret(&d, "m0").await, b"secret-0");
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_pin_a_missing_module_or_an_unknown_token_stops_the_start_and_writes_nothing() {
+    type Spoil = fn(&mut TokenConfig);
+    let cases: [(&str, Spoil, &str); 3] = [
+        (
+            "wrong PIN",
+            |t| t.pin = Pin::new("00009999".into()),
+            "[keys.pkcs11]: the PKCS#11 token refused the user PIN",
+        ),
+        (
+            "missing module",
+            |t| t.module = PathBuf::from("/nonexistent/libpkcs11.so"),
+            "[keys.pkcs11]: PKCS#11 module /nonexistent/libpkcs11.so: no such file",
+        ),
+        (
+            "unknown token",
+            |t| t.token = TokenSelector::Label("no-such-token".into()),
+            "[keys.pkcs11]: no initialized PKCS#11 token with token label \"no-such-token\"",
+        ),
+    ];
+    for (what, spoil, expected) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t = token_config();
+        spoil(&mut t);
+        let mut c = config(dir.path());
+        c.key_backend = KeyBackend::Pkcs11(t);
+        let e = tokenvault::server::Daemon::open(&c).expect_err(what);
+        let text = e.to_string();
+        assert!(text.contains(expected), "{what}: {text}");
+        assert!(!text.contains("0000"), "{what}: no PIN in {text}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            0,
+            "{what}: nothing created"
+        );
+    }
+}
