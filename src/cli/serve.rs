@@ -222,6 +222,10 @@ pub(crate) fn run(args: ServeArgs, runtime: tokio::runtime::Runtime) -> Result<(
         e @ crate::server::StartError::Vault(crate::vault::OpenError::UnfinishedCopy) => {
             CliError::Precondition(e.to_string())
         }
+        // A wrong PIN, a missing module, no such token (6), or one that is unreachable (7).
+        crate::server::StartError::Vault(crate::vault::OpenError::Keys(
+            k @ (crate::keys::KeyError::Token(_) | crate::keys::KeyError::TokenUnavailable(_)),
+        )) => CliError::from(k),
         other => CliError::Internal(other.to_string()),
     })?;
     runtime.block_on(async move {

@@ -47,19 +47,10 @@ fn id_bytes(fingerprint: &str) -> Vec<u8> {
 
 /// Every private key file under `dir`.
 fn private_key_files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).expect("read dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.to_string_lossy().ends_with(".key.pem") {
-                found.push(path);
-            }
-        }
-    }
-    found
+    let mut files = Vec::new();
+    process::files_under(dir, &mut files);
+    files.retain(|f| f.to_string_lossy().ends_with(".key.pem"));
+    files
 }
 
 async fn fingerprint(d: &TestDaemon, version: u32) -> String {
@@ -230,4 +221,77 @@ async fn a_wrong_pin_a_missing_module_or_an_unknown_token_stops_the_start_and_wr
             "{what}: nothing created"
         );
     }
+}
+
+#[test]
+fn serve_with_a_wrong_pin_exits_6_naming_the_setting_and_a_missing_token_key_is_named() {
+    use process::{assert_exit, run};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = token_config();
+    std::fs::write(dir.path().join("pin"), "00001111\n").expect("pin file");
+    std::fs::write(
+        dir.path().join("tokenvault.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkey_dir = \"keys\"\n[keys]\nbackend = \"pkcs11\"\n\
+             [keys.pkcs11]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"pin\"\n",
+            t.module.display(),
+            env("TOKENVAULT_TEST_PKCS11_LABEL"),
+        ),
+    )
+    .expect("config");
+    let o = run(
+        dir.path(),
+        &["serve", "--config", "tokenvault.toml"],
+        &[],
+        None,
+    );
+    assert_exit(
+        &o,
+        6,
+        "[keys.pkcs11]: the PKCS#11 token refused the user PIN",
+    );
+    assert!(!process::stderr(&o).contains("0000"), "no PIN");
+    assert!(!dir.path().join("data").exists(), "nothing written");
+
+    // The right PIN (from the environment, which wins over pin_file) but a registry naming a
+    // version that is in neither the token nor a key file: the start names it.
+    let pin = env("TOKENVAULT_TEST_PKCS11_PIN");
+    let o = run(
+        dir.path(),
+        &["keys", "init", "--config", "tokenvault.toml"],
+        &[("TOKENVAULT_PKCS11_PIN", &pin)],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", process::stderr(&o));
+    assert!(
+        private_key_files(dir.path()).is_empty(),
+        "keys init made no key file"
+    );
+    let fingerprint = String::from_utf8_lossy(
+        &run(
+            dir.path(),
+            &["keys", "list", "--config", "tokenvault.toml"],
+            &[("TOKENVAULT_PKCS11_PIN", &pin)],
+            None,
+        )
+        .stdout,
+    )
+    .split_whitespace()
+    .find(|w| w.len() == 64)
+    .expect("a fingerprint listed")
+    .to_string();
+    token()
+        .destroy(&id_bytes(&fingerprint))
+        .expect("remove v1 behind the daemon's back");
+    let o = run(
+        dir.path(),
+        &["serve", "--config", "tokenvault.toml"],
+        &[("TOKENVAULT_PKCS11_PIN", &pin)],
+        None,
+    );
+    assert_exit(
+        &o,
+        6,
+        &format!("[keys.pkcs11]: key version 1 ({fingerprint}) is neither in the token nor at "),
+    );
 }

@@ -345,6 +345,14 @@ impl KeyDir {
         {
             return Ok(LoadedKey::Token(key));
         }
+        if self.token.is_some() && !self.has_private(info.version) {
+            return Err(KeyError::Token(format!(
+                "key version {} ({}) is neither in the token nor at {}",
+                info.version,
+                info.id.to_hex(),
+                self.location(info.version).display()
+            )));
+        }
         self.read(info.version).map(LoadedKey::Memory)
     }
 
