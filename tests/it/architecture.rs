@@ -695,3 +695,58 @@ fn the_private_key_pool_only_unwraps() {
         );
     }
 }
+
+#[test]
+fn only_the_pkcs11_adapter_may_use_unsafe_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut crates: Vec<PathBuf> = std::fs::read_dir(root.join("crates"))
+        .expect("crates")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    crates.push(root.to_path_buf());
+    assert!(crates.len() >= 7, "{crates:?}");
+    for dir in crates {
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).expect("manifest");
+        let pkcs11 = dir.ends_with("crates/pkcs11");
+        let expected = if pkcs11 {
+            "unsafe_code = \"deny\""
+        } else {
+            "unsafe_code = \"forbid\""
+        };
+        assert!(manifest.contains(expected), "{}: {expected}", dir.display());
+        let mut rs = Vec::new();
+        files(&dir, &dir.join("src"), &mut rs);
+        for rel in rs {
+            let text = std::fs::read_to_string(dir.join(&rel)).expect("read");
+            let allows = text.matches("#[allow(unsafe_code)]").count();
+            let blocks = text.matches("unsafe {").count();
+            if pkcs11 && rel == Path::new("src/lib.rs") {
+                assert_eq!(allows, 1, "one allowed function in {}", rel.display());
+                let allowed = text
+                    .split("#[allow(unsafe_code)]")
+                    .nth(1)
+                    .expect("after the allow");
+                assert!(
+                    allowed.trim_start().starts_with("fn raw_token_label("),
+                    "the allow is on raw_token_label"
+                );
+                assert_eq!(
+                    blocks,
+                    text.split("#[allow(unsafe_code)]")
+                        .nth(1)
+                        .expect("after")
+                        .matches("unsafe {")
+                        .count(),
+                    "every unsafe block is inside raw_token_label (the file's last function)"
+                );
+            } else {
+                assert_eq!(
+                    (allows, blocks),
+                    (0, 0),
+                    "{}: no unsafe code",
+                    dir.join(&rel).display()
+                );
+            }
+        }
+    }
+}

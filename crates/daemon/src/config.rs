@@ -1492,6 +1492,38 @@ mod tests {
             ),
             ("[keys]\nmin_decrypt_version = -1\n", "config file"),
             (
+                "[keys]\nbackend = \"hsm\"\n",
+                "keys.backend: \"hsm\" is not a key backend: \"file\" or \"pkcs11\"",
+            ),
+            (
+                "[keys]\nbackend = \"pkcs11\"\n",
+                "keys.pkcs11: required with backend = \"pkcs11\"",
+            ),
+            (
+                "[keys.pkcs11]\nmodule = \"m.so\"\nslot = 1\npin_file = \"p\"\n",
+                "keys.pkcs11: set [keys] backend = \"pkcs11\" to use the token",
+            ),
+            (
+                "[keys]\nbackend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"m.so\"\nslot = 1\ntoken_label = \"t\"\npin_file = \"p\"\n",
+                "keys.pkcs11: set exactly one of token_label and slot",
+            ),
+            (
+                "[keys]\nbackend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"m.so\"\ntoken_label = \"\"\npin_file = \"p\"\n",
+                "keys.pkcs11.token_label: must be 1 to 32 bytes",
+            ),
+            (
+                "[keys]\nbackend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"m.so\"\nslot = 1\n",
+                "keys.pkcs11.pin_file: the token's user PIN is required",
+            ),
+            (
+                "[keys]\nbackend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"m.so\"\nslot = 1\npin_file = \"missing-pin\"\n",
+                "missing-pin",
+            ),
+            (
+                "[keys]\nbackend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"m.so\"\nslot = 1\npin = \"1234\"\n",
+                "unknown field `pin`",
+            ),
+            (
                 "metrics_listen = \"nope\"\n",
                 "metrics_listen: not an IP:port address",
             ),
