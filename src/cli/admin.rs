@@ -18,8 +18,12 @@ pub(crate) enum AdminCommand {
     Rewrap(RewrapArgs),
     /// Retire a decrypt-only version (refused while records still use it).
     Retire(VersionArgs),
-    /// Erase the private key of a retired version.
+    /// Schedule the destruction of a retired version: it opens nothing from now on and its
+    /// private key is erased after [keys] destroy_waiting_days (default 7); until then
+    /// `cancel-destroy` restores it.
     Destroy(VersionArgs),
+    /// Cancel a pending destruction: the version is retired again.
+    CancelDestroy(VersionArgs),
     /// Key versions and records per version.
     Status {
         /// One JSON object: {"keys": [...], "stats": {...}}.
@@ -165,13 +169,22 @@ fn key_state(k: &v1::PublicKey) -> &'static str {
         v1::KeyState::Active => "active",
         v1::KeyState::DecryptOnly => "decrypt-only",
         v1::KeyState::Retired => "retired",
+        v1::KeyState::PendingDestruction => "pending-destruction",
         v1::KeyState::Destroyed => "destroyed",
         v1::KeyState::Unspecified => "unspecified",
     })
 }
 
 fn describe(k: &v1::PublicKey) -> String {
-    format!("v{}  {:<12}  {}", k.version, key_state(k), k.fingerprint)
+    let line = format!("v{}  {:<12}  {}", k.version, key_state(k), k.fingerprint);
+    if k.destroy_after == 0 {
+        line
+    } else {
+        format!(
+            "{line}  destroyed after {}",
+            tokenvault_daemon::rfc3339(k.destroy_after)
+        )
+    }
 }
 
 /// Runs one rewrap to completion, reconnecting (and so resuming) while the daemon is away.
@@ -344,11 +357,24 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
                 .destroy_key(v1::DestroyKeyRequest { version: a.version })
                 .await?
                 .into_inner();
-            println!(
-                "{}  private key erased: {}",
-                r.key.as_ref().map_or_else(String::new, describe),
-                r.private_key_erased
-            );
+            let key = r.key.unwrap_or_default();
+            println!("{}", describe(&key));
+            if key.destroy_after != 0 {
+                println!(
+                    "destruction of v{v} scheduled for {}; until then `tokenvault admin cancel-destroy {v}` restores it",
+                    tokenvault_daemon::rfc3339(key.destroy_after),
+                    v = key.version
+                );
+            } else {
+                println!("private key erased: {}", r.private_key_erased);
+            }
+        }
+        AdminCommand::CancelDestroy(a) => {
+            let r = client(&a.conn)
+                .await?
+                .cancel_destroy_key(v1::CancelDestroyKeyRequest { version: a.version })
+                .await?;
+            println!("{}", describe(&r.into_inner().key.unwrap_or_default()));
         }
         AdminCommand::Status { json, conn } => {
             let (keys, stats) = status(&conn).await?;
@@ -650,24 +676,28 @@ async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
     }
     let mut c = client(&a.conn).await?;
     let keys = c.list_keys(v1::ListKeysRequest {}).await?.into_inner().keys;
-    let mut erased = Vec::new();
     for k in keys.iter().filter(|k| k.version != active.version) {
         if k.state == v1::KeyState::DecryptOnly as i32 {
             c.retire_key(v1::RetireKeyRequest { version: k.version })
                 .await?;
             println!("3/4 retired v{}", k.version);
         }
-        // Destroy is idempotent: an already destroyed version is checked again for its file.
+        // Idempotent: a version pending destruction keeps its date, a destroyed one is
+        // checked again for leftover key material.
         let r = c
             .destroy_key(v1::DestroyKeyRequest { version: k.version })
             .await?
-            .into_inner();
-        println!(
-            "4/4 destroyed v{} (private key erased: {})",
-            k.version, r.private_key_erased
-        );
-        if r.private_key_erased {
-            erased.push(k.version);
+            .into_inner()
+            .key
+            .unwrap_or_default();
+        if r.destroy_after != 0 {
+            println!(
+                "4/4 v{} opens nothing; its destruction is scheduled for {}",
+                k.version,
+                tokenvault_daemon::rfc3339(r.destroy_after)
+            );
+        } else {
+            println!("4/4 v{} is {}", k.version, key_state(&r));
         }
     }
     // Verification report.
@@ -680,25 +710,25 @@ async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
         .filter(|c| c.key_version != active.version)
         .map(|c| c.records)
         .sum();
+    // Every older version must open nothing: pending destruction or destroyed.
     let old_alive: Vec<u32> = keys
         .iter()
-        .filter(|k| k.version != active.version && k.state != v1::KeyState::Destroyed as i32)
+        .filter(|k| {
+            k.version != active.version
+                && k.state != v1::KeyState::Destroyed as i32
+                && k.state != v1::KeyState::PendingDestruction as i32
+        })
         .map(|k| k.version)
         .collect();
-    let not_erased: Vec<u32> = keys
-        .iter()
-        .filter(|k| k.version != active.version && !erased.contains(&k.version))
-        .map(|k| k.version)
-        .collect();
-    if stray == 0 && old_alive.is_empty() && not_erased.is_empty() {
+    if stray == 0 && old_alive.is_empty() {
         println!(
-            "VERIFIED: all {} record(s) are wrapped under v{}; every older version is destroyed and its private key file is gone",
+            "VERIFIED: all {} record(s) are wrapped under v{}; every older version opens nothing and is destroyed or scheduled for destruction ([keys] destroy_waiting_days)",
             stats.records, active.version
         );
         Ok(())
     } else {
         Err(CliError::Internal(format!(
-            "VERIFICATION FAILED: {stray} record(s) under older versions; versions not destroyed: {old_alive:?}; private keys not confirmed erased: {not_erased:?}"
+            "VERIFICATION FAILED: {stray} record(s) under older versions; versions that still open envelopes: {old_alive:?}"
         )))
     }
 }

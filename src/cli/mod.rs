@@ -300,9 +300,10 @@ impl From<crate::rotation::RotationError> for CliError {
             RotationError::Key(k) => k.into(),
             RotationError::Store(s) => s.into(),
             RotationError::UnknownVersion(_) => CliError::NotFound(e.to_string()),
-            RotationError::WrongState { .. } | RotationError::RecordsRemain { .. } => {
-                CliError::Precondition(e.to_string())
-            }
+            RotationError::WrongState { .. }
+            | RotationError::RecordsRemain { .. }
+            | RotationError::DestructionDue { .. }
+            | RotationError::NotDue { .. } => CliError::Precondition(e.to_string()),
         }
     }
 }

@@ -196,6 +196,17 @@ impl TestDaemon {
         }
     }
 
+    /// Runs the vault's destruction of due key versions now (the job runs it every minute):
+    /// what it destroyed.
+    #[allow(dead_code)]
+    pub async fn destroy_due(&self) -> Vec<tokenvault::keys::KeyInfo> {
+        let vault = std::sync::Arc::clone(&self.vault);
+        tokio::task::spawn_blocking(move || vault.destroy_due_keys())
+            .await
+            .expect("join")
+            .expect("destroy due keys")
+    }
+
     /// Graceful stop; returns once the store is closed.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {

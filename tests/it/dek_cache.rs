@@ -110,6 +110,12 @@ async fn cached_keys_are_used_then_invalidated_and_expire() {
         d.get("r2").await.expect("get under v2").into_inner().secret,
         b"secret-2"
     );
+    clock.advance(7 * 86_400);
+    assert_eq!(d.destroy_due().await.len(), 1, "v1 destroyed when due");
+    assert_eq!(
+        d.get("r2").await.expect("get under v2").into_inner().secret,
+        b"secret-2"
+    );
     d.stop().await;
 }
 

@@ -45,7 +45,10 @@ fn state(keys: &[v1::PublicKey], version: u32) -> v1::KeyState {
 #[tokio::test]
 async fn rotate_rewrap_retire_destroy() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = TestDaemon::start(dir.path()).await;
+    let cfg = config(dir.path());
+    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
+    let clock = TestClock::new();
+    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
     d.seed("r", 300).await;
     let old_sealer = d.sealer().await;
     let mut admin = d.admin(ADMIN).await;
@@ -149,13 +152,117 @@ async fn rotate_rewrap_retire_destroy() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     let key_file = dir.path().join("keys/dev/v0001.key.pem");
     assert!(key_file.exists());
-    let destroyed = admin
+
+    // Destroy waits: pending destruction for the waiting period (7 days by default), opening
+    // nothing, cancellable until then.
+    let week = 7 * 86_400;
+    let asked_at = d.vault.now();
+    let pending = admin
         .destroy_key(v1::DestroyKeyRequest { version: 1 })
         .await
         .expect("destroy")
         .into_inner();
-    assert!(destroyed.private_key_erased);
+    let key = pending.key.expect("key");
+    assert_eq!(key.state, v1::KeyState::PendingDestruction as i32);
+    assert_eq!(key.destroy_after, asked_at + week);
+    assert!(!pending.private_key_erased);
+    assert!(key_file.exists(), "kept while pending");
+    let e = d
+        .ingest(INGEST)
+        .await
+        .put_sealed(v1::PutSealedRequest {
+            record: Some(
+                old_sealer
+                    .seal_record(&meta("later2", "o"), &Secret::new(b"x".to_vec()))
+                    .expect("seal"),
+            ),
+            expected_version: 0,
+        })
+        .await
+        .expect_err("pending destruction");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("pending-destruction"),
+        "{}",
+        e.message()
+    );
+    let cancelled = admin
+        .cancel_destroy_key(v1::CancelDestroyKeyRequest { version: 1 })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(
+        cancelled.key.expect("key").state,
+        v1::KeyState::Retired as i32
+    );
+    let e = admin
+        .cancel_destroy_key(v1::CancelDestroyKeyRequest { version: 1 })
+        .await
+        .expect_err("nothing to cancel");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::FailedPrecondition,
+            "key version 1 is retired; cancel-destroy needs a pending-destruction key"
+        )
+    );
+    let again = admin
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("destroy again")
+        .into_inner();
+    let due = again.key.expect("key").destroy_after;
+    assert!(due >= asked_at + week);
+    // Asking once more keeps the date.
+    clock.advance(60);
+    let same = admin
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("asked twice")
+        .into_inner();
+    assert_eq!(same.key.expect("key").destroy_after, due);
+    clock.advance(due - d.vault.now() - 1);
+    assert!(d.destroy_due().await.is_empty(), "one second early");
+    assert!(key_file.exists());
+    clock.advance(1);
+    let e = admin
+        .cancel_destroy_key(v1::CancelDestroyKeyRequest { version: 1 })
+        .await
+        .expect_err("due");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().ends_with("it can no longer be cancelled"),
+        "{}",
+        e.message()
+    );
+    let destroyed = d.destroy_due().await;
+    assert_eq!(
+        destroyed.iter().map(|k| k.version).collect::<Vec<_>>(),
+        vec![1]
+    );
     assert!(!key_file.exists(), "private key file is gone");
+    let events = d
+        .audit_events(v1::AuditLogRequest::default())
+        .await
+        .into_iter()
+        .filter(|e| e.action.contains("DestroyKey"))
+        .map(|e| (e.caller, e.action, e.outcome))
+        .collect::<Vec<_>>();
+    assert!(
+        events.contains(&(
+            "key-destroy-job".to_string(),
+            "DestroyKey".to_string(),
+            "ok".to_string()
+        )),
+        "{events:?}"
+    );
+    assert!(d.destroy_due().await.is_empty(), "nothing left to do");
+    let destroyed = admin
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("destroy a destroyed version")
+        .into_inner();
+    assert!(destroyed.private_key_erased);
     assert!(
         dir.path().join("keys/dev/v0001.pub.pem").exists(),
         "the public half is kept"

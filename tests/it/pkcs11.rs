@@ -86,8 +86,15 @@ async fn rotate(d: &TestDaemon, import: Option<String>) -> u32 {
         .version
 }
 
-/// Rewraps everything onto the active version, then retires and destroys `version`.
-async fn retire_and_destroy(d: &TestDaemon, version: u32) {
+/// A daemon with `config` whose clock the test moves.
+async fn start(config: Config, clock: &TestClock) -> TestDaemon {
+    let store = tokenvault::vault::open_store(&config).expect("store");
+    TestDaemon::start_with_clock(config, store, clock).await
+}
+
+/// Rewraps everything onto the active version, then retires `version`, asks for its
+/// destruction and lets the waiting period pass.
+async fn retire_and_destroy(d: &TestDaemon, clock: &TestClock, version: u32) {
     let progress = d.rewrap().await;
     assert_eq!(progress.failed, 0, "{progress:?}");
     let mut admin = d.admin(ADMIN).await;
@@ -99,12 +106,22 @@ async fn retire_and_destroy(d: &TestDaemon, version: u32) {
         .destroy_key(v1::DestroyKeyRequest { version })
         .await
         .expect("destroy");
+    clock.advance(7 * 86_400);
+    assert_eq!(
+        d.destroy_due()
+            .await
+            .iter()
+            .map(|k| k.version)
+            .collect::<Vec<_>>(),
+        vec![version]
+    );
 }
 
 #[tokio::test]
 async fn keys_generated_in_the_token_open_rotate_rewrap_retire_and_destroy() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let d = TestDaemon::start_with(in_token(dir.path())).await;
+    let clock = TestClock::new();
+    let d = start(in_token(dir.path()), &clock).await;
     d.seed("r", 20).await;
     assert_eq!(secret(&d, "r3").await, b"secret-3");
     let token = token();
@@ -124,7 +141,7 @@ async fn keys_generated_in_the_token_open_rotate_rewrap_retire_and_destroy() {
         token.find(&v2).expect("find").is_some(),
         "v2 is in the token"
     );
-    retire_and_destroy(&d, 1).await;
+    retire_and_destroy(&d, &clock, 1).await;
     assert!(
         token.find(&v1).expect("find").is_none(),
         "v1 destroyed in the token"
@@ -156,14 +173,15 @@ async fn a_file_key_deployment_moves_into_the_token_and_back() {
     assert!(key_file(1).exists());
 
     // Into the token: v1 still opens from its file, v2 is generated in the token.
-    let d = TestDaemon::start_with(in_token(dir.path())).await;
+    let clock = TestClock::new();
+    let d = start(in_token(dir.path()), &clock).await;
     assert_eq!(secret(&d, "m4").await, b"secret-4");
     assert_eq!(rotate(&d, None).await, 2);
     assert!(!key_file(2).exists(), "v2 has no file");
     let token = token();
     let v2 = id_bytes(&fingerprint(&d, 2).await);
     assert!(token.find(&v2).expect("find").is_some());
-    retire_and_destroy(&d, 1).await;
+    retire_and_destroy(&d, &clock, 1).await;
     assert!(!key_file(1).exists(), "v1's file is erased");
     assert_eq!(private_key_files(dir.path()), Vec::<PathBuf>::new());
     assert_eq!(secret(&d, "m9").await, b"secret-9");
@@ -176,7 +194,7 @@ async fn a_file_key_deployment_moves_into_the_token_and_back() {
         .to_string();
     assert_eq!(rotate(&d, Some(imported)).await, 3);
     assert!(key_file(3).exists());
-    retire_and_destroy(&d, 2).await;
+    retire_and_destroy(&d, &clock, 2).await;
     assert!(
         token.find(&v2).expect("find").is_none(),
         "v2 destroyed in the token"

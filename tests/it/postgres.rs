@@ -290,13 +290,17 @@ async fn until_keys(d: &TestDaemon, want: &[(u32, v1::KeyState)]) {
 
 #[tokio::test]
 async fn daemons_with_their_own_key_dirs_share_one_encrypted_keyring() {
-    use v1::KeyState::{Active, DecryptOnly, Destroyed, Retired};
+    use v1::KeyState::{Active, DecryptOnly, Destroyed, PendingDestruction, Retired};
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("a"),
         tempfile::tempdir().expect("b"),
     );
     let url = pg::database().await;
-    let a = TestDaemon::start_with(pg::config_on(dir_a.path(), &url, "a")).await;
+    // a's clock is the test's, so the destruction's waiting period can pass.
+    let clock = TestClock::new();
+    let cfg_a = pg::config_on(dir_a.path(), &url, "a");
+    let store_a = tokenvault::vault::open_store(&cfg_a).expect("store a");
+    let a = TestDaemon::start_with_clock(cfg_a, store_a, &clock).await;
     let b = TestDaemon::start_with(pg::config_on(dir_b.path(), &url, "b")).await;
     // The private keys are in the store, encrypted; no key file was written anywhere.
     let db = pg::client(&url).await;
@@ -355,13 +359,19 @@ async fn daemons_with_their_own_key_dirs_share_one_encrypted_keyring() {
         .await
         .expect("retire");
     until_keys(&b, &[(1, Retired), (2, Active)]).await;
-    let destroyed = admin()
+    let pending = admin()
         .await
         .destroy_key(v1::DestroyKeyRequest { version: 1 })
         .await
         .expect("destroy")
         .into_inner();
-    assert!(destroyed.private_key_erased);
+    assert!(
+        !pending.private_key_erased,
+        "pending for the waiting period"
+    );
+    until_keys(&b, &[(1, PendingDestruction), (2, Active)]).await;
+    clock.advance(7 * 86_400);
+    assert_eq!(a.destroy_due().await.len(), 1, "destroyed when due");
     until_keys(&b, &[(1, Destroyed), (2, Active)]).await;
     let left: i64 = db
         .query_one(

@@ -226,8 +226,24 @@ fn the_runbook_runs_over_mutual_tls_and_bad_tls_setups_are_refused() {
         "{status}"
     );
     ok(&run(dir, &["admin", "retire", "1"], &admin_env, None));
+    let destroy = ok(&run(dir, &["admin", "destroy", "1"], &admin_env, None));
+    assert!(
+        destroy.starts_with("v1  pending-destruction")
+            && destroy.contains("destruction of v1 scheduled for "),
+        "{destroy}"
+    );
+    assert!(
+        dir.join("keys/v0001.key.pem").exists(),
+        "erased only when the waiting period is over"
+    );
+    let cancelled = ok(&run(
+        dir,
+        &["admin", "cancel-destroy", "1"],
+        &admin_env,
+        None,
+    ));
+    assert!(cancelled.starts_with("v1  retired"), "{cancelled}");
     ok(&run(dir, &["admin", "destroy", "1"], &admin_env, None));
-    assert!(!dir.join("keys/v0001.key.pem").exists());
     // The worker, by certificate, still reads every record.
     let o = run(dir, &["get", "gh:07"], &env_of(&worker), None);
     assert_eq!(o.stdout, b"gho_runbook_07", "{}", stderr(&o));
@@ -243,7 +259,7 @@ fn the_runbook_runs_over_mutual_tls_and_bad_tls_setups_are_refused() {
         report.contains("VERIFIED: all 20 record(s) are wrapped under v3"),
         "{report}"
     );
-    assert!(report.contains("v2  destroyed"), "{report}");
+    assert!(report.contains("v2  pending-destruction"), "{report}");
     let o = run(dir, &["get", "gh:19"], &env_of(&worker), None);
     assert_eq!(o.stdout, b"gho_runbook_19", "{}", stderr(&o));
     let verify = ok(&run(dir, &["admin", "audit", "verify"], &admin_env, None));

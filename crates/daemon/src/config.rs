@@ -573,7 +573,13 @@ pub struct KeyPolicy {
     pub min_decrypt_version: u32,
     /// Rotate automatically when the active version is this old, in seconds (off if `None`).
     pub auto_rotate_seconds: Option<i64>,
+    /// How long a version asked to be destroyed waits (pending destruction, cancellable)
+    /// before it is destroyed, in seconds (`destroy_waiting_days`, 1 to 30, default 7).
+    pub destroy_waiting_seconds: i64,
 }
+
+/// Default waiting period before a scheduled destruction: seven days (AWS KMS's minimum).
+pub const DEFAULT_DESTROY_WAITING_DAYS: u32 = 7;
 
 /// Default ingest grace period after a rotation: one day.
 pub const DEFAULT_INGEST_GRACE_SECONDS: i64 = 86_400;
@@ -585,6 +591,7 @@ impl KeyPolicy {
             ingest_grace_seconds: DEFAULT_INGEST_GRACE_SECONDS,
             min_decrypt_version: 0,
             auto_rotate_seconds: None,
+            destroy_waiting_seconds: i64::from(DEFAULT_DESTROY_WAITING_DAYS) * 86_400,
         }
     }
 }
@@ -718,6 +725,7 @@ struct FileKeys {
     ingest_grace_seconds: Option<i64>,
     min_decrypt_version: Option<u32>,
     auto_rotate_days: Option<u32>,
+    destroy_waiting_days: Option<u32>,
     backend: Option<String>,
     pkcs11: Option<FilePkcs11>,
 }
@@ -1253,6 +1261,21 @@ impl Config {
                     Some(0) => return Err(invalid("keys.auto_rotate_days", "must be at least 1")),
                     d => d.map(|d| i64::from(d) * 86_400),
                 },
+                destroy_waiting_seconds: match file
+                    .keys
+                    .destroy_waiting_days
+                    .unwrap_or(DEFAULT_DESTROY_WAITING_DAYS)
+                {
+                    d if crate::rotation::DESTROY_WAITING_DAYS.contains(&d) => {
+                        i64::from(d) * 86_400
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "keys.destroy_waiting_days",
+                            "must be 1 to 30 (days a destroyed version stays pending and cancellable)",
+                        ));
+                    }
+                },
             },
         };
         config.check_listen()?;
@@ -1347,7 +1370,7 @@ mod tests {
             tmp.path(),
             &format!(
                 "data_dir = \"d\"\nkey_dir = \"/abs/k\"\n[limits]\nmax_batch = 10\n\
-                 [keys]\ningest_grace_seconds = 60\nmin_decrypt_version = 2\nauto_rotate_days = 90\n\
+                 [keys]\ningest_grace_seconds = 60\nmin_decrypt_version = 2\nauto_rotate_days = 90\ndestroy_waiting_days = 12\n\
                  [[credentials]]\nname = \"web\"\nrole = \"ingest\"\nsha256 = \"{hash}\"\n"
             ),
         );
@@ -1364,7 +1387,8 @@ mod tests {
             KeyPolicy {
                 ingest_grace_seconds: 60,
                 min_decrypt_version: 2,
-                auto_rotate_seconds: Some(90 * 86_400)
+                auto_rotate_seconds: Some(90 * 86_400),
+                destroy_waiting_seconds: 12 * 86_400,
             }
         );
         assert_eq!(c.credentials[0].role, Role::Ingest);
@@ -1491,6 +1515,14 @@ mod tests {
                 "keys.auto_rotate_days: must be at least 1",
             ),
             ("[keys]\nmin_decrypt_version = -1\n", "config file"),
+            (
+                "[keys]\ndestroy_waiting_days = 0\n",
+                "keys.destroy_waiting_days: must be 1 to 30",
+            ),
+            (
+                "[keys]\ndestroy_waiting_days = 31\n",
+                "keys.destroy_waiting_days: must be 1 to 30",
+            ),
             (
                 "[keys]\nbackend = \"hsm\"\n",
                 "keys.backend: \"hsm\" is not a key backend: \"file\" or \"pkcs11\"",

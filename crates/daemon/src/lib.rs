@@ -43,6 +43,17 @@ pub use tokenvault_store as store;
 #[cfg(test)]
 mod envelope_tests;
 
+/// Unix seconds as an RFC 3339 UTC time (`2026-12-11T10:40:52Z`), for messages and output.
+pub fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("@{secs}"))
+}
+
 /// The current time as Unix seconds.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()

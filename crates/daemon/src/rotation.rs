@@ -61,6 +61,28 @@ pub enum RotationError {
     /// A key file failure.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The destruction is due: it can no longer be cancelled.
+    #[error(
+        "key version {version} is due for destruction since {}; it can no longer be cancelled",
+        crate::rfc3339(*due)
+    )]
+    DestructionDue {
+        /// Version.
+        version: u32,
+        /// When it became due, Unix seconds.
+        due: i64,
+    },
+    /// The destruction is scheduled for later.
+    #[error(
+        "key version {version} is pending destruction until {}",
+        crate::rfc3339(*due)
+    )]
+    NotDue {
+        /// Version.
+        version: u32,
+        /// When it becomes due, Unix seconds.
+        due: i64,
+    },
 }
 
 /// Tuning of a rewrap run.
@@ -412,65 +434,126 @@ pub fn retire(
     Ok(key)
 }
 
-/// Destroys a retired key version: the registry first ([`mark_destroyed`], with `audit` in the
-/// same write), then the private key is erased. In that order a crash or a failed erase leaves
-/// an audited destruction whose key material is still to be erased (destroy again), never an
-/// erased key whose destruction is not on record.
-pub fn destroy(
+/// Shortest and longest waiting period before a scheduled destruction (`[keys]
+/// destroy_waiting_days`), as AWS KMS's pending deletion: long enough to notice a version
+/// destroyed by mistake, short enough that a compromised key does not linger.
+pub const DESTROY_WAITING_DAYS: std::ops::RangeInclusive<u32> = 1..=30;
+
+/// What asking to destroy a version did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destroy {
+    /// Scheduled (or already scheduled): pending destruction until `destroy_after`.
+    Scheduled(KeyInfo),
+    /// Destroyed already; its private key erased again if any of it was left.
+    Destroyed(KeyInfo),
+}
+
+/// The registry entry of `version` if destroying it may be asked for: retired, pending
+/// destruction, or destroyed already.
+fn find_destroyable(store: &dyn TokenStore, version: u32) -> Result<KeyInfo, RotationError> {
+    find_in(
+        store,
+        version,
+        &[
+            KeyState::Retired,
+            KeyState::PendingDestruction,
+            KeyState::Destroyed,
+        ],
+        "destroy",
+        "retired",
+    )
+}
+
+/// Schedules the destruction of a retired version at `due`, with `audit` in the same write:
+/// it is pending destruction from now on (it opens nothing, as when retired) and the due run
+/// ([`destroy_due`]) destroys it. Asked again while pending, the same entry is written again
+/// with its date unchanged (so the audit event lands with it); asked for a destroyed version,
+/// the entry is written again and nothing else changes. Refused while records still use it:
+/// checked here as at retirement, so an envelope that slipped in under a retiring key never
+/// loses its only private key.
+pub fn schedule_destroy(
+    store: &dyn TokenStore,
+    version: u32,
+    now: i64,
+    due: i64,
+    audit: &AuditAppend,
+) -> Result<KeyInfo, RotationError> {
+    let mut key = find_destroyable(store, version)?;
+    if key.state == KeyState::Retired {
+        ensure_unused(store, version)?;
+        key.state = KeyState::PendingDestruction;
+        key.destroy_after = Some(due);
+        key.updated_at = now;
+    }
+    store.put_keys(std::slice::from_ref(&key), audit)?;
+    Ok(key)
+}
+
+/// Returns a version pending destruction to retired, with `audit` in the same write; refused
+/// once its destruction is due (the due run may be destroying it on another daemon).
+pub fn cancel_destroy(
+    store: &dyn TokenStore,
+    version: u32,
+    now: i64,
+    audit: &AuditAppend,
+) -> Result<KeyInfo, RotationError> {
+    let mut key = find_in(
+        store,
+        version,
+        &[KeyState::PendingDestruction],
+        "cancel-destroy",
+        "pending-destruction",
+    )?;
+    let due = key.destroy_after.unwrap_or(i64::MIN);
+    if now >= due {
+        return Err(RotationError::DestructionDue { version, due });
+    }
+    key.state = KeyState::Retired;
+    key.destroy_after = None;
+    key.updated_at = now;
+    store.put_keys(std::slice::from_ref(&key), audit)?;
+    Ok(key)
+}
+
+/// Destroys a version whose destruction is due (or destroyed already): the registry first,
+/// with `audit` in the same write, then the private key is erased (file, shared store row,
+/// token objects). In that order a crash or a failed erase leaves an audited destruction
+/// whose key material is still to be erased (the due run erases it again), never an erased key
+/// whose destruction is not on record. Refused before the due time.
+pub fn destroy_due(
     store: &dyn TokenStore,
     dir: &KeyDir,
     version: u32,
     now: i64,
     audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
-    let key = mark_destroyed(store, version, now, audit)?;
+    let key = write_destroyed(store, version, now, audit)?;
     dir.erase(version, &key.id)?;
     Ok(key)
 }
 
-/// Marks a retired (or already destroyed) version destroyed in the registry, with `audit` in
-/// the same atomic write; refused while records still use it.
-pub fn mark_destroyed(
-    store: &dyn TokenStore,
-    version: u32,
-    now: i64,
-    audit: &AuditAppend,
-) -> Result<KeyInfo, RotationError> {
-    ensure_destroyable(store, version)?;
-    write_destroyed(store, version, now, audit)
-}
-
-/// Whether `version` may be destroyed: retired (or destroyed already) and used by no record.
-/// Checked here as well as at retirement: an envelope that slipped in under a retiring key
-/// must never lose its only private key. Once a version is retired no record can be stored
-/// under it (retirement is atomic with record writes), so the answer cannot turn from yes to
-/// no: the count runs before the audited write, not inside it.
-fn ensure_destroyable(store: &dyn TokenStore, version: u32) -> Result<(), RotationError> {
-    find_destroyable(store, version)?;
-    ensure_unused(store, version)
-}
-
-/// The registry entry of `version` if it may be destroyed (retired, or destroyed already).
-fn find_destroyable(store: &dyn TokenStore, version: u32) -> Result<KeyInfo, RotationError> {
-    find_in(
-        store,
-        version,
-        &[KeyState::Retired, KeyState::Destroyed],
-        "destroy",
-        "retired",
-    )
-}
-
-/// The registry write of [`mark_destroyed`], once [`ensure_destroyable`] said yes.
+/// The registry write of [`destroy_due`].
 fn write_destroyed(
     store: &dyn TokenStore,
     version: u32,
     now: i64,
     audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
-    let mut key = find_destroyable(store, version)?;
-    if key.state != KeyState::Destroyed {
+    let mut key = find_in(
+        store,
+        version,
+        &[KeyState::PendingDestruction, KeyState::Destroyed],
+        "destroy",
+        "pending-destruction",
+    )?;
+    if key.state == KeyState::PendingDestruction {
+        let due = key.destroy_after.unwrap_or(i64::MAX);
+        if now < due {
+            return Err(RotationError::NotDue { version, due });
+        }
+        ensure_unused(store, version)?;
         key.state = KeyState::Destroyed;
+        key.destroy_after = None;
         key.updated_at = now;
     }
     // Written even when already destroyed, so the audit event lands with the registry entry.
@@ -554,6 +637,7 @@ fn next_version(
         created_at: now,
         updated_at: now,
         spki_der: key.spki_der().to_vec(),
+        destroy_after: None,
     };
     let mut writes: Vec<KeyInfo> = existing
         .into_iter()
@@ -646,17 +730,51 @@ impl<'a> KeyService<'a> {
         self.recorded(draft, |a| retire(self.store, version, now, a))
     }
 
-    /// Destroys a retired version ([`destroy`]), with `draft` in the same write.
+    /// Asks for the destruction of `version` ([`schedule_destroy`]): a retired version becomes
+    /// pending destruction until `now + waiting_seconds`; a destroyed one has its private key
+    /// erased again if any of it is left. `draft` goes in the same write.
     pub fn destroy(
         &self,
         draft: &crate::audit::Draft,
         version: u32,
         now: i64,
+        waiting_seconds: i64,
+    ) -> Result<Destroy, RotationError> {
+        let key = self.recorded(draft, |a| {
+            schedule_destroy(
+                self.store,
+                version,
+                now,
+                now.saturating_add(waiting_seconds),
+                a,
+            )
+        })?;
+        if key.state == KeyState::Destroyed {
+            self.dir.erase(version, &key.id)?;
+            return Ok(Destroy::Destroyed(key));
+        }
+        Ok(Destroy::Scheduled(key))
+    }
+
+    /// Cancels a pending destruction ([`cancel_destroy`]), with `draft` in the same write.
+    pub fn cancel_destroy(
+        &self,
+        draft: &crate::audit::Draft,
+        version: u32,
+        now: i64,
     ) -> Result<KeyInfo, RotationError> {
-        // The records are counted before the audited write; the audited registry write goes
-        // first, and the chain advances with it even if the erase below fails, since the
-        // event is stored.
-        ensure_destroyable(self.store, version)?;
+        self.recorded(draft, |a| cancel_destroy(self.store, version, now, a))
+    }
+
+    /// Destroys a version whose destruction is due ([`destroy_due`]), with `draft` in the same
+    /// write. The audited registry write goes first, and the chain advances with it even if
+    /// the erase fails, since the event is stored.
+    pub fn destroy_due(
+        &self,
+        draft: &crate::audit::Draft,
+        version: u32,
+        now: i64,
+    ) -> Result<KeyInfo, RotationError> {
         let key = self.recorded(draft, |a| write_destroyed(self.store, version, now, a))?;
         self.dir.erase(version, &key.id)?;
         Ok(key)
@@ -938,5 +1056,120 @@ mod tests {
         )
         .expect("rewrap");
         assert_eq!(p.rewrapped, 3);
+    }
+}
+
+#[cfg(test)]
+mod destruction_tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use std::sync::Arc;
+
+    const WEEK: i64 = 7 * 86_400;
+
+    #[test]
+    fn destruction_waits_is_cancellable_and_happens_only_when_due() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = KeyDir::new(tmp.path(), None);
+        let memory = MemoryStore::new();
+        init(&memory, &dir, 10).expect("init");
+        add_version(
+            &memory,
+            &dir,
+            crate::keys::PrivateKey::generate().expect("gen"),
+            20,
+        )
+        .expect("rotate");
+        let store: Arc<dyn TokenStore> = Arc::new(memory);
+        let audit = crate::audit::Auditor::open(Arc::clone(&store), tmp.path()).expect("audit");
+        let keys = KeyService::new(&*store, &dir, &audit);
+        let draft = |action| crate::audit::Draft::new("secteam", action);
+        let file = tmp.path().join("v0001.key.pem");
+
+        // Only a retired version may be scheduled.
+        let e = keys
+            .destroy(&draft("DestroyKey"), 1, 100, WEEK)
+            .expect_err("decrypt-only");
+        assert_eq!(
+            e.to_string(),
+            "key version 1 is decrypt-only; destroy needs a retired key"
+        );
+        keys.retire(&draft("RetireKey"), 1, 100).expect("retire");
+        let Destroy::Scheduled(k) = keys
+            .destroy(&draft("DestroyKey"), 1, 100, WEEK)
+            .expect("schedule")
+        else {
+            panic!("scheduled, not destroyed");
+        };
+        assert_eq!(
+            (k.state, k.destroy_after),
+            (KeyState::PendingDestruction, Some(100 + WEEK))
+        );
+        // It opens nothing while pending, naming the state.
+        let ring = Keyring::load(store.keys().expect("keys"), &dir).expect("load");
+        assert!(matches!(
+            ring.unwrapper(&k.id),
+            Err(crate::keys::KeyLookupError::KeyUnavailable {
+                version: 1,
+                state: KeyState::PendingDestruction
+            })
+        ));
+        // Asked again later: the date stands.
+        let Destroy::Scheduled(again) = keys
+            .destroy(&draft("DestroyKey"), 1, 5_000, WEEK)
+            .expect("again")
+        else {
+            panic!("still pending");
+        };
+        assert_eq!(again.destroy_after, Some(100 + WEEK));
+        // Not before the date.
+        let e = keys
+            .destroy_due(&draft("DestroyKey"), 1, 100 + WEEK - 1)
+            .expect_err("early");
+        assert!(
+            matches!(e, RotationError::NotDue { version: 1, due } if due == 100 + WEEK),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "key version 1 is pending destruction until 1970-01-08T00:01:40Z"
+        );
+        assert!(file.exists());
+        // Cancelled: retired again, and the next request starts a new wait.
+        let k = keys
+            .cancel_destroy(&draft("CancelDestroyKey"), 1, 200)
+            .expect("cancel");
+        assert_eq!((k.state, k.destroy_after), (KeyState::Retired, None));
+        assert!(matches!(
+            keys.cancel_destroy(&draft("CancelDestroyKey"), 1, 201),
+            Err(RotationError::WrongState { .. })
+        ));
+        keys.destroy(&draft("DestroyKey"), 1, 300, WEEK)
+            .expect("schedule again");
+        // Once due it can no longer be cancelled; the due run destroys it.
+        assert!(matches!(
+            keys.cancel_destroy(&draft("CancelDestroyKey"), 1, 300 + WEEK),
+            Err(RotationError::DestructionDue { version: 1, .. })
+        ));
+        let k = keys
+            .destroy_due(&draft("DestroyKey"), 1, 300 + WEEK)
+            .expect("due");
+        assert_eq!((k.state, k.destroy_after), (KeyState::Destroyed, None));
+        assert!(!file.exists(), "private key erased");
+        assert_eq!(store.keys().expect("keys")[0].state, KeyState::Destroyed);
+        // Asking to destroy a destroyed version erases again and changes nothing else.
+        assert!(matches!(
+            keys.destroy(&draft("DestroyKey"), 1, 400 + WEEK, WEEK),
+            Ok(Destroy::Destroyed(_))
+        ));
+        // The active version can be neither scheduled nor destroyed.
+        assert!(matches!(
+            keys.destroy(&draft("DestroyKey"), 2, 500, WEEK),
+            Err(RotationError::WrongState { .. })
+        ));
+        assert!(matches!(
+            keys.destroy_due(&draft("DestroyKey"), 2, 500 + WEEK),
+            Err(RotationError::WrongState { .. })
+        ));
     }
 }

@@ -205,6 +205,7 @@ impl From<KeyState> for v1::KeyState {
             KeyState::Active => v1::KeyState::Active,
             KeyState::DecryptOnly => v1::KeyState::DecryptOnly,
             KeyState::Retired => v1::KeyState::Retired,
+            KeyState::PendingDestruction => v1::KeyState::PendingDestruction,
             KeyState::Destroyed => v1::KeyState::Destroyed,
         }
     }
@@ -219,6 +220,7 @@ impl From<&KeyInfo> for v1::PublicKey {
             spki_pem: tokenvault_envelope::keys::spki_pem(&k.spki_der),
             state: v1::KeyState::from(k.state).into(),
             created_at: k.created_at,
+            destroy_after: k.destroy_after.unwrap_or(0),
         }
     }
 }

@@ -232,6 +232,7 @@ pub fn key_registry(store: &dyn TestHooks) {
         created_at: 10,
         updated_at: 11,
         spki_der: vec![1, 2, 3],
+        destroy_after: None,
     };
     store
         .put_keys(
@@ -462,6 +463,7 @@ fn key(version: u32, state: KeyState) -> KeyInfo {
         state,
         created_at: 1,
         updated_at: 1,
+        destroy_after: None,
     }
 }
 
@@ -659,6 +661,7 @@ pub fn import_and_listing(store: &dyn TestHooks) {
         created_at: 1,
         updated_at: 2,
         spki_der: vec![3],
+        destroy_after: None,
     };
     let batch = Import {
         records: vec![record("o1")],

@@ -542,6 +542,7 @@ mod tests {
                 created_at: 1,
                 updated_at: 1,
                 spki_der: vec![1],
+                destroy_after: None,
             }])
             .expect("keys");
         let writes: Vec<_> = (0..700)

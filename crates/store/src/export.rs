@@ -98,6 +98,7 @@ fn key_json(k: &KeyInfo) -> Value {
         "created_at": k.created_at,
         "updated_at": k.updated_at,
         "spki_pem": crate::keys::spki_pem(&k.spki_der),
+        "destroy_after": k.destroy_after,
     })
 }
 
@@ -290,6 +291,7 @@ fn parse_key(f: &Fields<'_>) -> Result<KeyInfo, ExportError> {
         "active" => KeyState::Active,
         "decrypt-only" => KeyState::DecryptOnly,
         "retired" => KeyState::Retired,
+        "pending-destruction" => KeyState::PendingDestruction,
         "destroyed" => KeyState::Destroyed,
         _ => return Err(malformed(f.line, "state is not a key state")),
     };
@@ -300,6 +302,11 @@ fn parse_key(f: &Fields<'_>) -> Result<KeyInfo, ExportError> {
         created_at: f.i64("created_at")?,
         updated_at: f.i64("updated_at")?,
         spki_der: public.spki_der().to_vec(),
+        // Absent in exports of earlier releases; null when not pending.
+        destroy_after: match f.value.get("destroy_after") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(f.i64("destroy_after")?),
+        },
     })
 }
 

@@ -648,8 +648,11 @@ pub(crate) fn plan_writes(
         // A version absent from the registry is the caller's business (the daemon checks
         // every envelope against its keyring); a retired or destroyed one is refused here,
         // under the store's write ordering, so a retirement cannot strand a record.
-        if let Some(state @ (keys::KeyState::Retired | keys::KeyState::Destroyed)) =
-            key_state(w.key_version)?
+        if let Some(
+            state @ (keys::KeyState::Retired
+            | keys::KeyState::PendingDestruction
+            | keys::KeyState::Destroyed),
+        ) = key_state(w.key_version)?
         {
             return Err(StoreError::KeyNotAccepted {
                 version: w.key_version,

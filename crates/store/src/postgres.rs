@@ -1737,6 +1737,7 @@ mod tests {
             created_at: 1,
             updated_at: 1,
             spki_der: vec![1],
+            destroy_after: None,
         }])
         .expect("keys");
         live.put_records(&writes(0..600, 0), 10).expect("records");

@@ -57,6 +57,9 @@ struct StoredKey {
     updated_at: i64,
     #[prost(bytes = "vec", tag = "6")]
     spki_der: Vec<u8>,
+    /// When a pending destruction is due (Unix seconds); 0: none.
+    #[prost(int64, tag = "7")]
+    destroy_after: i64,
 }
 
 pub(crate) fn encode_record(r: &Record) -> Vec<u8> {
@@ -118,6 +121,7 @@ pub(crate) fn encode_key(k: &KeyInfo) -> Vec<u8> {
         created_at: k.created_at,
         updated_at: k.updated_at,
         spki_der: k.spki_der.clone(),
+        destroy_after: k.destroy_after.unwrap_or(0),
     }
     .encode_to_vec()
 }
@@ -129,6 +133,7 @@ pub(crate) fn decode_key(bytes: &[u8]) -> Result<KeyInfo, StoreError> {
         KeyState::Active,
         KeyState::DecryptOnly,
         KeyState::Retired,
+        KeyState::PendingDestruction,
         KeyState::Destroyed,
     ]
     .into_iter()
@@ -145,6 +150,7 @@ pub(crate) fn decode_key(bytes: &[u8]) -> Result<KeyInfo, StoreError> {
         created_at: s.created_at,
         updated_at: s.updated_at,
         spki_der: s.spki_der,
+        destroy_after: (s.destroy_after != 0).then_some(s.destroy_after),
     })
 }
 

@@ -288,6 +288,18 @@ impl KeyDir {
             .map_err(io(&self.public_path(version)))
     }
 
+    /// Whether any private key material of `info` is left: its file, its shared store row or
+    /// its token objects (a token that cannot be asked counts as holding it).
+    pub fn holds(&self, info: &KeyInfo) -> bool {
+        if self.has_private(info.version) {
+            return true;
+        }
+        match &self.token {
+            Some(token) => !matches!(token.find(&info.id.0), Ok(None)),
+            None => false,
+        }
+    }
+
     /// Whether the private key of `version` exists.
     pub fn has_private(&self, version: u32) -> bool {
         match &self.shared {
@@ -520,6 +532,7 @@ impl Keyring {
             created_at: 0,
             updated_at: 0,
             spki_der: key.public_key().spki_der().to_vec(),
+            destroy_after: None,
         };
         let public = key.public_key().clone();
         let mut by_id = HashMap::new();

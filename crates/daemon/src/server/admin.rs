@@ -193,6 +193,20 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn cancel_destroy_key(
+        &self,
+        request: Request<v1::CancelDestroyKeyRequest>,
+    ) -> Result<Response<v1::CancelDestroyKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let info = self
+            .0
+            .cancel_destroy_key(&caller, request.into_inner().version)
+            .await?;
+        Ok(Response::new(v1::CancelDestroyKeyResponse {
+            key: Some((&info).into()),
+        }))
+    }
+
     async fn list_keys(
         &self,
         _request: Request<v1::ListKeysRequest>,

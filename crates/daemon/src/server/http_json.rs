@@ -613,11 +613,12 @@ mod tests {
                     spki_pem: "PEM".into(),
                     state: v1::KeyState::Active as i32,
                     created_at: 5,
+                    destroy_after: 0,
                 }),
             }),
             serde_json::json!({ "active": {
                 "version": 2, "fingerprint": "ab", "spkiPem": "PEM",
-                "state": "KEY_STATE_ACTIVE", "createdAt": "5",
+                "state": "KEY_STATE_ACTIVE", "createdAt": "5", "destroyAfter": "0",
             } })
         );
     }

@@ -14,8 +14,9 @@ use zeroize::Zeroizing;
 
 use super::{Caller, Vault, VaultError};
 use crate::audit::Draft;
-use crate::keys::{KeyInfo, NewKey, PrivateKey};
+use crate::keys::{KeyInfo, KeyState, NewKey, PrivateKey};
 use crate::record::{Owner, Record, RecordId};
+use crate::rotation::Destroy;
 use crate::rotation::{self, KeyService, RewrapOptions, RewrapProgress};
 use crate::store::{Mutation, StoreError, StoreStats};
 
@@ -90,6 +91,12 @@ pub struct AuditEntry {
 
 /// The lease that makes a rewrap one run at a time across daemons sharing a store.
 const REWRAP_LEASE_NAME: &str = "rewrap";
+/// The lease of the run that destroys due key versions: one daemon of a cluster at a time.
+const DESTROY_LEASE_NAME: &str = "key-destroy";
+/// How long a destroy run may hold its lease before another daemon may take over.
+const DESTROY_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+/// The audit trail's caller of destructions the due run performs.
+pub const DESTROY_JOB: &str = "key-destroy-job";
 /// How long a rewrap lease lasts unrenewed: how soon another daemon can take over the run of a
 /// daemon that died. Renewed with every progress report (several a second).
 pub(super) const REWRAP_LEASE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -169,8 +176,11 @@ impl Vault {
         Ok(info)
     }
 
-    /// Destroys a retired version: erases its private key. Returns the entry and whether the
-    /// private key file is gone.
+    /// Asks for the destruction of a retired version: it is pending destruction (opens
+    /// nothing, cancellable) until `[keys] destroy_waiting_days` have passed, then the due run
+    /// ([`Vault::destroy_due_keys`]) destroys it. Returns the entry and whether no private key
+    /// of the version is left (false while pending; for a version destroyed already, its key
+    /// material is erased again first).
     pub async fn destroy_key(
         self: &Arc<Self>,
         caller: &Caller,
@@ -180,15 +190,100 @@ impl Vault {
         let (info, erased) = self
             .blocking(move |v| {
                 let _ops = v.key_ops();
-                let draft = Draft::new(&who, "DestroyKey").detail(format!("v{version}"));
-                let destroyed = v.key_service().destroy(&draft, version, v.now());
-                let info = v.audit_if_refused(draft, destroyed.map_err(VaultError::from))?;
+                let waiting = v.policy.destroy_waiting_seconds;
+                let draft = Draft::new(&who, "DestroyKey")
+                    .detail(format!("v{version}, after {} day(s)", waiting / 86_400));
+                let asked = v.key_service().destroy(&draft, version, v.now(), waiting);
+                let asked = v.audit_if_refused(draft, asked.map_err(VaultError::from))?;
                 v.reload_keyring()?;
-                Ok((info, !v.key_dir.has_private(version)))
+                Ok(match asked {
+                    Destroy::Scheduled(info) => (info, false),
+                    Destroy::Destroyed(info) => {
+                        let erased = !v.key_dir.holds(&info);
+                        (info, erased)
+                    }
+                })
             })
             .await?;
-        tracing::info!(rpc = "DestroyKey", caller = %caller.name, version, erased, "destroyed");
+        tracing::info!(rpc = "DestroyKey", caller = %caller.name, version, state = %info.state, destroy_after = info.destroy_after.unwrap_or(0), "destruction asked");
         Ok((info, erased))
+    }
+
+    /// Cancels a pending destruction: the version is retired again. Refused once it is due.
+    pub async fn cancel_destroy_key(
+        self: &Arc<Self>,
+        caller: &Caller,
+        version: u32,
+    ) -> Result<KeyInfo, VaultError> {
+        let who = caller.name.clone();
+        let info = self
+            .blocking(move |v| {
+                let _ops = v.key_ops();
+                let draft = Draft::new(&who, "CancelDestroyKey").detail(format!("v{version}"));
+                let cancelled = v.key_service().cancel_destroy(&draft, version, v.now());
+                let info = v.audit_if_refused(draft, cancelled.map_err(VaultError::from))?;
+                v.reload_keyring()?;
+                Ok(info)
+            })
+            .await?;
+        tracing::info!(rpc = "CancelDestroyKey", caller = %caller.name, version, "destruction cancelled");
+        Ok(info)
+    }
+
+    /// Destroys every version whose destruction is due, each audited (caller
+    /// [`DESTROY_JOB`]), and erases again what a failed erase left of destroyed versions. On a
+    /// shared store one daemon at a time does it (the `key-destroy` lease); the others return
+    /// nothing. Blocking; the periodic job runs it every minute.
+    pub fn destroy_due_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
+        let now = self.now();
+        let keys = self.store.keys()?;
+        let due: Vec<&KeyInfo> = keys
+            .iter()
+            .filter(|k| {
+                k.state == KeyState::PendingDestruction && k.destroy_after.is_some_and(|d| d <= now)
+            })
+            .collect();
+        let left: Vec<&KeyInfo> = keys
+            .iter()
+            .filter(|k| k.state == KeyState::Destroyed && self.key_dir.holds(k))
+            .collect();
+        if due.is_empty() && left.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self
+            .store
+            .acquire_lease(DESTROY_LEASE_NAME, &self.instance_id, DESTROY_LEASE)?
+            .is_none()
+        {
+            return Ok(Vec::new());
+        }
+        let result = (|| {
+            let _ops = self.key_ops();
+            let mut destroyed = Vec::new();
+            for k in due {
+                let draft = Draft::new(DESTROY_JOB, "DestroyKey").detail(format!(
+                    "v{}, due {}",
+                    k.version,
+                    crate::rfc3339(k.destroy_after.unwrap_or(now))
+                ));
+                let done = self.key_service().destroy_due(&draft, k.version, now);
+                destroyed.push(self.audit_if_refused(draft, done.map_err(VaultError::from))?);
+            }
+            for k in left {
+                self.key_dir.erase(k.version, &k.id)?;
+            }
+            if !destroyed.is_empty() {
+                self.reload_keyring()?;
+            }
+            Ok(destroyed)
+        })();
+        if let Err(e) = self
+            .store
+            .release_lease(DESTROY_LEASE_NAME, &self.instance_id)
+        {
+            tracing::warn!(error = %e, "releasing the key-destroy lease failed");
+        }
+        result
     }
 
     /// Starts a rewrap of every stored data key to the active version, one run at a time;

@@ -353,9 +353,10 @@ impl VaultError {
                 use crate::rotation::RotationError;
                 match e {
                     RotationError::UnknownVersion(_) => ErrorKind::NotFound,
-                    RotationError::WrongState { .. } | RotationError::RecordsRemain { .. } => {
-                        ErrorKind::FailedPrecondition
-                    }
+                    RotationError::WrongState { .. }
+                    | RotationError::RecordsRemain { .. }
+                    | RotationError::DestructionDue { .. }
+                    | RotationError::NotDue { .. } => ErrorKind::FailedPrecondition,
                     RotationError::Store(e) => VaultError::store_kind(e),
                     RotationError::Key(e) => Self::key_kind(e),
                 }

@@ -1,5 +1,6 @@
-//! The vault's periodic jobs: the grant sweep, automatic rotation, background refresh and the
-//! provider reload on SIGHUP.
+//! The vault's periodic jobs: the grant sweep, automatic rotation, the destruction of key
+//! versions whose waiting period is over, background refresh and the provider reload on
+//! SIGHUP.
 //!
 //! Every job is tracked by the vault and stops when shutdown begins; a run that has started is
 //! finished, never cancelled, since its blocking work must not outlive the vault.
@@ -20,6 +21,9 @@ pub(super) fn start(vault: &Arc<Vault>) {
             .tasks
             .spawn(auto_rotate(Arc::clone(vault), period, stop.clone()));
     }
+    vault
+        .tasks
+        .spawn(destroy_due_keys(Arc::clone(vault), stop.clone()));
     vault
         .tasks
         .spawn(refresh::background(Arc::clone(vault), stop.clone()));
@@ -111,6 +115,26 @@ async fn auto_rotate(vault: Arc<Vault>, period: i64, stop: tokio_util::sync::Can
                 tracing::info!(version = r.active.version, fingerprint = %r.active.id, "automatic rotation")
             }
             Err(e) => tracing::error!(error = %e, "automatic rotation failed"),
+        }
+    })
+    .await;
+}
+
+/// How often key versions whose destruction is due are destroyed: the most a destruction lags
+/// its date.
+pub(super) const DESTROY_DUE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Destroys the key versions whose waiting period is over (at start, then every
+/// [`DESTROY_DUE_EVERY`]); on a shared store one daemon at a time does it.
+async fn destroy_due_keys(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    periodically(DESTROY_DUE_EVERY, stop, || async {
+        match vault.blocking(Vault::destroy_due_keys).await {
+            Ok(done) => {
+                for k in done {
+                    tracing::info!(version = k.version, fingerprint = %k.id, "key version destroyed: its waiting period is over");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "destroying key versions that are due failed; retrying"),
         }
     })
     .await;

@@ -76,7 +76,8 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// Lifecycle state of a key version: active → decrypt-only → retired → destroyed.
+/// Lifecycle state of a key version: active → decrypt-only → retired → pending destruction →
+/// destroyed (a pending destruction can be cancelled back to retired until it is due).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
     /// Seals new records; exactly one version is active.
@@ -85,6 +86,8 @@ pub enum KeyState {
     DecryptOnly,
     /// No record uses it; envelopes sealed under it are refused.
     Retired,
+    /// Retired and scheduled for destruction at [`KeyInfo::destroy_after`]; opens nothing.
+    PendingDestruction,
     /// Private key erased; only the fingerprint remains.
     Destroyed,
 }
@@ -96,6 +99,7 @@ impl KeyState {
             KeyState::Active => "active",
             KeyState::DecryptOnly => "decrypt-only",
             KeyState::Retired => "retired",
+            KeyState::PendingDestruction => "pending-destruction",
             KeyState::Destroyed => "destroyed",
         }
     }
@@ -127,6 +131,9 @@ pub struct KeyInfo {
     pub updated_at: i64,
     /// The public key, SubjectPublicKeyInfo DER.
     pub spki_der: Vec<u8>,
+    /// When a [`KeyState::PendingDestruction`] version is due to be destroyed, Unix seconds
+    /// (`None` in every other state).
+    pub destroy_after: Option<i64>,
 }
 
 /// A data key wrapped (RSA-OAEP encrypted) under one public key.
