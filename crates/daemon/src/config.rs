@@ -581,6 +581,11 @@ pub struct KeyPolicy {
 /// Default waiting period before a scheduled destruction: seven days (AWS KMS's minimum).
 pub const DEFAULT_DESTROY_WAITING_DAYS: u32 = 7;
 
+/// Shortest and longest waiting period before a scheduled destruction (`[keys]
+/// destroy_waiting_days`), as AWS KMS's pending deletion: long enough to notice a version
+/// destroyed by mistake, short enough that a compromised key does not linger.
+pub const DESTROY_WAITING_DAYS: std::ops::RangeInclusive<u32> = 1..=30;
+
 /// Default ingest grace period after a rotation: one day.
 pub const DEFAULT_INGEST_GRACE_SECONDS: i64 = 86_400;
 
@@ -1266,7 +1271,7 @@ impl Config {
                     .destroy_waiting_days
                     .unwrap_or(DEFAULT_DESTROY_WAITING_DAYS)
                 {
-                    d if crate::rotation::DESTROY_WAITING_DAYS.contains(&d) => {
+                    d if DESTROY_WAITING_DAYS.contains(&d) => {
                         i64::from(d) * 86_400
                     }
                     _ => {

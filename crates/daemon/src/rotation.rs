@@ -434,11 +434,6 @@ pub fn retire(
     Ok(key)
 }
 
-/// Shortest and longest waiting period before a scheduled destruction (`[keys]
-/// destroy_waiting_days`), as AWS KMS's pending deletion: long enough to notice a version
-/// destroyed by mistake, short enough that a compromised key does not linger.
-pub const DESTROY_WAITING_DAYS: std::ops::RangeInclusive<u32> = 1..=30;
-
 /// What asking to destroy a version did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destroy {
