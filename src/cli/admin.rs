@@ -24,6 +24,9 @@ pub(crate) enum AdminCommand {
     Destroy(VersionArgs),
     /// Cancel a pending destruction: the version is retired again.
     CancelDestroy(VersionArgs),
+    /// Approve a call held by the two-person rule ([admin] approvals_required), by its request
+    /// id; the approval that completes it runs the call.
+    Approve(ApproveArgs),
     /// Key versions and records per version.
     Status {
         /// One JSON object: {"keys": [...], "stats": {...}}.
@@ -138,6 +141,14 @@ pub(crate) struct RotateArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct ApproveArgs {
+    /// The request id (32 hex digits) the held call printed.
+    id: String,
+    #[command(flatten)]
+    conn: Connection,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct VersionArgs {
     /// Key version.
     version: u32,
@@ -173,6 +184,24 @@ fn key_state(k: &v1::PublicKey) -> &'static str {
         v1::KeyState::Destroyed => "destroyed",
         v1::KeyState::Unspecified => "unspecified",
     })
+}
+
+/// A call the two-person rule holds: what the other admins need.
+fn print_held(r: &v1::ApprovalRequest) {
+    println!(
+        "held for approval: {} {} needs {} of {} admin approvals ({} so far: {})",
+        r.action,
+        r.target,
+        r.required,
+        r.required,
+        r.approvals.len(),
+        r.approvals.join(", ")
+    );
+    println!(
+        "another admin runs `tokenvault admin approve {}` before {}",
+        r.id,
+        tokenvault_daemon::rfc3339(r.expires_at)
+    );
 }
 
 fn describe(k: &v1::PublicKey) -> String {
@@ -357,6 +386,10 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
                 .destroy_key(v1::DestroyKeyRequest { version: a.version })
                 .await?
                 .into_inner();
+            if let Some(held) = &r.approval {
+                print_held(held);
+                return Ok(());
+            }
             let key = r.key.unwrap_or_default();
             println!("{}", describe(&key));
             if key.destroy_after != 0 {
@@ -373,8 +406,28 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
             let r = client(&a.conn)
                 .await?
                 .cancel_destroy_key(v1::CancelDestroyKeyRequest { version: a.version })
-                .await?;
-            println!("{}", describe(&r.into_inner().key.unwrap_or_default()));
+                .await?
+                .into_inner();
+            match &r.approval {
+                Some(held) => print_held(held),
+                None => println!("{}", describe(&r.key.unwrap_or_default())),
+            }
+        }
+        AdminCommand::Approve(a) => {
+            let r = client(&a.conn)
+                .await?
+                .approve(v1::ApproveRequest { id: a.id })
+                .await?
+                .into_inner();
+            let req = r.request.unwrap_or_default();
+            if r.executed {
+                println!(
+                    "approved request {} ({} {}): {}",
+                    req.id, req.action, req.target, r.outcome
+                );
+            } else {
+                print_held(&req);
+            }
         }
         AdminCommand::Status { json, conn } => {
             let (keys, stats) = status(&conn).await?;
@@ -684,12 +737,20 @@ async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
         }
         // Idempotent: a version pending destruction keeps its date, a destroyed one is
         // checked again for leftover key material.
-        let r = c
+        let answer = c
             .destroy_key(v1::DestroyKeyRequest { version: k.version })
             .await?
-            .into_inner()
-            .key
-            .unwrap_or_default();
+            .into_inner();
+        // The two-person rule never holds the rotation back: the version is retired and
+        // opens nothing; only its destruction waits for a second admin.
+        if let Some(held) = &answer.approval {
+            println!(
+                "4/4 v{} opens nothing; its destruction waits for approval: `tokenvault admin approve {}`",
+                k.version, held.id
+            );
+            continue;
+        }
+        let r = answer.key.unwrap_or_default();
         if r.destroy_after != 0 {
             println!(
                 "4/4 v{} opens nothing; its destruction is scheduled for {}",
@@ -710,19 +771,20 @@ async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
         .filter(|c| c.key_version != active.version)
         .map(|c| c.records)
         .sum();
-    // Every older version must open nothing: pending destruction or destroyed.
+    // Every older version must open nothing: retired (its destruction awaiting approval),
+    // pending destruction or destroyed.
     let old_alive: Vec<u32> = keys
         .iter()
         .filter(|k| {
             k.version != active.version
-                && k.state != v1::KeyState::Destroyed as i32
-                && k.state != v1::KeyState::PendingDestruction as i32
+                && (k.state == v1::KeyState::Active as i32
+                    || k.state == v1::KeyState::DecryptOnly as i32)
         })
         .map(|k| k.version)
         .collect();
     if stray == 0 && old_alive.is_empty() {
         println!(
-            "VERIFIED: all {} record(s) are wrapped under v{}; every older version opens nothing and is destroyed or scheduled for destruction ([keys] destroy_waiting_days)",
+            "VERIFIED: all {} record(s) are wrapped under v{}; every older version opens nothing (destroyed, or destroyed after [keys] destroy_waiting_days once asked and approved)",
             stats.records, active.version
         );
         Ok(())

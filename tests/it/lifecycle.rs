@@ -852,3 +852,191 @@ async fn rotate_key_imports_a_provided_key_pair() {
     );
     d.stop().await;
 }
+
+/// `[admin] approvals_required = 2`: destroying, cancelling and deleting an owner wait for a
+/// second admin identity; the requester cannot approve itself, a request lapses, one approval
+/// acts once; rotation, rewrap and retirement never wait.
+#[tokio::test]
+async fn the_two_person_rule_holds_destroy_cancel_and_delete_owner() {
+    use tokenvault::config::{CredentialEntry, Role};
+    use tokenvault::secret::ApiCredential;
+    const SECOND: &str = "tv_test_second_admin_credential_0123456789";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.admin.approvals_required = 2;
+    cfg.credentials.push(CredentialEntry::for_credential(
+        "secteam-2",
+        Role::Admin,
+        &ApiCredential::new(SECOND.into()),
+    ));
+    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
+    let clock = TestClock::new();
+    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
+    d.seed("r", 5).await;
+    let mut first = d.admin(ADMIN).await;
+    let mut second = d.admin(SECOND).await;
+
+    // Rotation, rewrap and retirement act at once.
+    first
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    assert_eq!(d.rewrap().await.rewrapped, 5);
+    first
+        .retire_key(v1::RetireKeyRequest { version: 1 })
+        .await
+        .expect("retire");
+
+    // Destroy is held: nothing changes until a second identity approves.
+    let held = first
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("destroy")
+        .into_inner();
+    let request = held.approval.expect("held");
+    assert_eq!(
+        (
+            request.action.as_str(),
+            request.target.as_str(),
+            request.required,
+            request.approvals.clone()
+        ),
+        ("DestroyKey", "v1", 2, vec!["secteam".to_string()])
+    );
+    assert_eq!(request.expires_at, d.vault.now() + 3_600);
+    assert_eq!(
+        held.key.expect("key").state,
+        v1::KeyState::Retired as i32,
+        "nothing changed yet"
+    );
+    assert_eq!(state(&keys(&d).await, 1), v1::KeyState::Retired);
+    // The requester cannot approve its own request; a malformed or unknown id is refused.
+    let e = first
+        .approve(v1::ApproveRequest {
+            id: request.id.clone(),
+        })
+        .await
+        .expect_err("self-approval");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::PermissionDenied,
+            format!(
+                "secteam already agreed to approval request {}: another admin identity must approve it",
+                request.id
+            )
+            .as_str()
+        )
+    );
+    let e = second
+        .approve(v1::ApproveRequest {
+            id: "not-an-id".into(),
+        })
+        .await
+        .expect_err("bad id");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = second
+        .approve(v1::ApproveRequest { id: "0".repeat(32) })
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound);
+    // A worker cannot approve.
+    let e = d.channel().await.clone();
+    let mut worker = v1::admin_client::AdminClient::new(
+        tonic::service::interceptor::InterceptedService::new(e, Bearer::new(WORKER)),
+    );
+    let e = worker
+        .approve(v1::ApproveRequest {
+            id: request.id.clone(),
+        })
+        .await
+        .expect_err("worker");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(state(&keys(&d).await, 1), v1::KeyState::Retired);
+
+    // The second identity approves: the destruction is scheduled, once.
+    let approved = second
+        .approve(v1::ApproveRequest {
+            id: request.id.clone(),
+        })
+        .await
+        .expect("approve")
+        .into_inner();
+    assert!(approved.executed);
+    assert!(
+        approved
+            .outcome
+            .starts_with("v1 is pending destruction until "),
+        "{}",
+        approved.outcome
+    );
+    assert_eq!(
+        approved.request.expect("request").approvals,
+        vec!["secteam".to_string(), "secteam-2".to_string()]
+    );
+    assert_eq!(state(&keys(&d).await, 1), v1::KeyState::PendingDestruction);
+    let e = second
+        .approve(v1::ApproveRequest {
+            id: request.id.clone(),
+        })
+        .await
+        .expect_err("acted once");
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Cancel is held too; an unapproved request lapses.
+    let held = second
+        .cancel_destroy_key(v1::CancelDestroyKeyRequest { version: 1 })
+        .await
+        .expect("cancel")
+        .into_inner()
+        .approval
+        .expect("held");
+    assert_eq!(held.approvals, vec!["secteam-2".to_string()]);
+    clock.advance(3_600);
+    let e = first
+        .approve(v1::ApproveRequest {
+            id: held.id.clone(),
+        })
+        .await
+        .expect_err("expired");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("expired"), "{}", e.message());
+    assert_eq!(state(&keys(&d).await, 1), v1::KeyState::PendingDestruction);
+
+    // DeleteOwner waits for its approval, then deletes.
+    let held = first
+        .delete_owner(v1::DeleteOwnerRequest { owner: "o".into() })
+        .await
+        .expect("delete owner")
+        .into_inner();
+    assert_eq!(held.deleted, 0);
+    let request = held.approval.expect("held");
+    assert_eq!(
+        d.get("r1").await.expect("still there").into_inner().secret,
+        b"secret-1"
+    );
+    let approved = second
+        .approve(v1::ApproveRequest { id: request.id })
+        .await
+        .expect("approve")
+        .into_inner();
+    assert_eq!(approved.outcome, "5 record(s) deleted");
+    assert_eq!(
+        d.get("r1").await.expect_err("deleted").code(),
+        Code::NotFound
+    );
+
+    // Every request, approval and refusal is in the audit trail.
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    let count = |action: &str, outcome: &str| {
+        events
+            .iter()
+            .filter(|e| e.action == action && e.outcome == outcome)
+            .count()
+    };
+    assert_eq!(count("RequestApproval", "ok"), 3);
+    assert_eq!(count("Approve", "ok"), 2);
+    assert!(count("Approve", "PermissionDenied") >= 1);
+    assert_eq!(count("Approve", "FailedPrecondition"), 1);
+    d.stop().await;
+}

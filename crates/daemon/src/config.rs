@@ -447,6 +447,57 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Where new key versions are generated and kept (`[keys] backend`).
     pub key_backend: KeyBackend,
+    /// The two-person rule (`[admin]`).
+    pub admin: AdminPolicy,
+}
+
+/// `[admin]`: how many distinct admin identities must agree to the guarded calls (destroying
+/// a key version, cancelling a destruction, deleting an owner's records), and for how long a
+/// request waits for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminPolicy {
+    /// 1: every admin acts alone (the default); 2 or more: the requester plus others.
+    pub approvals_required: u32,
+    /// How long a request waits for its approvals, in seconds.
+    pub approval_ttl_seconds: i64,
+}
+
+impl Default for AdminPolicy {
+    fn default() -> Self {
+        Self {
+            approvals_required: 1,
+            approval_ttl_seconds: 3_600,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    approvals_required: Option<u32>,
+    approval_ttl_minutes: Option<u32>,
+}
+
+/// Checks `[admin]`: `approvals_required` 1 to 5, `approval_ttl_minutes` 1 to 10080 (a week).
+fn admin_from(file: Option<FileAdmin>) -> Result<AdminPolicy, ConfigError> {
+    let Some(f) = file else {
+        return Ok(AdminPolicy::default());
+    };
+    let approvals_required = f.approvals_required.unwrap_or(1);
+    if !(1..=5).contains(&approvals_required) {
+        return Err(invalid(
+            "admin.approvals_required",
+            "must be 1 to 5 (distinct admin identities, the requester included)",
+        ));
+    }
+    let minutes = f.approval_ttl_minutes.unwrap_or(60);
+    if !(1..=10_080).contains(&minutes) {
+        return Err(invalid("admin.approval_ttl_minutes", "must be 1 to 10080"));
+    }
+    Ok(AdminPolicy {
+        approvals_required,
+        approval_ttl_seconds: i64::from(minutes) * 60,
+    })
 }
 
 /// `[keys] backend`: where the private keys of new key versions are generated and kept.
@@ -631,6 +682,7 @@ struct FileConfig {
     #[serde(default)]
     security_event_issuers: Vec<FileIssuer>,
     audit: Option<FileAudit>,
+    admin: Option<FileAdmin>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1157,6 +1209,7 @@ impl Config {
             shutdown_grace: std::time::Duration::from_secs(shutdown_grace_seconds),
             audit: audit_from(file.audit, base)?,
             key_backend,
+            admin: admin_from(file.admin)?,
             listen,
             ingest_listen,
             data_dir: base.join(data_dir),
@@ -1271,9 +1324,7 @@ impl Config {
                     .destroy_waiting_days
                     .unwrap_or(DEFAULT_DESTROY_WAITING_DAYS)
                 {
-                    d if DESTROY_WAITING_DAYS.contains(&d) => {
-                        i64::from(d) * 86_400
-                    }
+                    d if DESTROY_WAITING_DAYS.contains(&d) => i64::from(d) * 86_400,
                     _ => {
                         return Err(invalid(
                             "keys.destroy_waiting_days",
@@ -1325,6 +1376,7 @@ impl Config {
             shutdown_grace: std::time::Duration::ZERO,
             audit: AuditConfig::default(),
             key_backend: KeyBackend::File,
+            admin: AdminPolicy::default(),
             metrics_listen: Some(SocketAddr::new(listen.ip(), 0)),
             log_format: log_format(env, None)?,
         })
@@ -1520,6 +1572,19 @@ mod tests {
                 "keys.auto_rotate_days: must be at least 1",
             ),
             ("[keys]\nmin_decrypt_version = -1\n", "config file"),
+            (
+                "[admin]\napprovals_required = 0\n",
+                "admin.approvals_required: must be 1 to 5",
+            ),
+            (
+                "[admin]\napprovals_required = 6\n",
+                "admin.approvals_required: must be 1 to 5",
+            ),
+            (
+                "[admin]\napproval_ttl_minutes = 10081\n",
+                "admin.approval_ttl_minutes: must be 1 to 10080",
+            ),
+            ("[admin]\napprovals = 2\n", "unknown field `approvals`"),
             (
                 "[keys]\ndestroy_waiting_days = 0\n",
                 "keys.destroy_waiting_days: must be 1 to 30",

@@ -326,6 +326,51 @@ pub fn scan_replace_and_meta(store: &dyn TestHooks) {
     assert_eq!(store.get_meta("cursor"), Ok(None));
 }
 
+/// Approval requests: created once, changed and removed only from the value read, with their
+/// audit event in the same write.
+pub fn approvals(store: &dyn TestHooks) {
+    let put = |request: Option<&[u8]>, expected: Option<&[u8]>| Mutation::PutApproval {
+        id: "req".into(),
+        request: request.map(<[u8]>::to_vec),
+        expected: expected.map(<[u8]>::to_vec),
+    };
+    let key = approval_key("req");
+    store
+        .apply(&[put(Some(b"one"), None)], &[event()], 1)
+        .expect("create");
+    assert_eq!(store.get_meta(&key), Ok(Some(b"one".to_vec())));
+    let before = store.audit_events(0, 100).expect("events").len();
+    for (request, expected) in [
+        (Some(&b"again"[..]), None),
+        (Some(&b"two"[..]), Some(&b"stale"[..])),
+        (None, Some(&b"stale"[..])),
+    ] {
+        assert!(matches!(
+            store.apply(&[put(request, expected)], &[event()], 2),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    assert_eq!(
+        store.audit_events(0, 100).expect("events").len(),
+        before,
+        "a refused change writes no event"
+    );
+    store
+        .apply(&[put(Some(b"two"), Some(b"one"))], &[event()], 2)
+        .expect("swap");
+    store
+        .apply(&[put(None, Some(b"two"))], &[event()], 3)
+        .expect("remove");
+    assert_eq!(store.get_meta(&key), Ok(None));
+    assert!(
+        matches!(
+            store.apply(&[put(None, Some(b"two"))], &[event()], 4),
+            Err(StoreError::Conflict(_))
+        ),
+        "removed once"
+    );
+}
+
 /// Grants: compare-and-swap puts, idempotent deletes, pages in id order.
 pub fn grants(store: &dyn TestHooks) {
     let put = |id: &str, grant: &[u8], expected: Option<&[u8]>| Mutation::PutGrant {
@@ -831,7 +876,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
 }
 
 /// How many kinds of [`Mutation`] there are; [`one_of_each_kind`] makes one of each.
-const MUTATION_KINDS: usize = 7;
+const MUTATION_KINDS: usize = 8;
 
 /// Whether a mutation changes a record, so that it needs its audit event in the same write.
 /// Exhaustive: a new kind of mutation does not compile until it is classified here, added to
@@ -844,9 +889,11 @@ fn changes_a_record(m: &Mutation) -> bool {
         | Mutation::MarkNeedsReauth { .. } => true,
         // Grant upkeep (an expired grant swept on sight) and replay markers: state beside the
         // records, audited by their callers where it matters, never a change to a token.
-        Mutation::PutGrant { .. } | Mutation::DeleteGrant(_) | Mutation::PutReplayMarker { .. } => {
-            false
-        }
+        // Approval requests are admin state beside the records, audited by their callers.
+        Mutation::PutGrant { .. }
+        | Mutation::DeleteGrant(_)
+        | Mutation::PutReplayMarker { .. }
+        | Mutation::PutApproval { .. } => false,
     }
 }
 
@@ -870,6 +917,11 @@ fn one_of_each_kind() -> Vec<Mutation> {
         Mutation::PutReplayMarker {
             key: "event".into(),
             at: 1,
+        },
+        Mutation::PutApproval {
+            id: "a".into(),
+            request: Some(b"request".to_vec()),
+            expected: None,
         },
     ]
 }
@@ -934,6 +986,7 @@ pub fn all(make: impl Fn() -> Box<dyn TestHooks>) {
     every_record_change_needs_its_audit_event(&*make());
     audit_pruning(&*make());
     grants(&*make());
+    approvals(&*make());
     apply_is_atomic_and_audited(&*make());
     retire_is_atomic_with_record_writes(&*make());
     retire_counts_records_under_the_version(&*make());

@@ -158,6 +158,18 @@ pub enum Mutation {
     },
     /// Deletes a grant; nothing if there is none.
     DeleteGrant(String),
+    /// Stores, replaces or (with `request: None`) removes a pending admin approval request
+    /// (the two-person rule) under its id; compare-and-swap on `expected` (the request as it
+    /// was read, `None`: it must not exist yet), `Conflict` if another writer changed it, so
+    /// one request is never approved into action twice.
+    PutApproval {
+        /// The request id (32 hex digits).
+        id: String,
+        /// The encoded request; `None` removes it.
+        request: Option<Vec<u8>>,
+        /// Compare-and-swap: the request as it was read.
+        expected: Option<Vec<u8>>,
+    },
     /// Records that a security event was applied; `AlreadyExists` if it was before, so an
     /// event is applied once.
     PutReplayMarker {
@@ -174,6 +186,11 @@ pub(crate) fn grant_key(id: &str) -> String {
 }
 
 /// Metadata key of a security-event replay marker.
+/// Metadata key of a pending approval request (the two-person rule).
+pub fn approval_key(id: &str) -> String {
+    format!("approval/{id}")
+}
+
 pub(crate) fn replay_key(key: &str) -> String {
     format!("{REPLAY_PREFIX}{key}")
 }

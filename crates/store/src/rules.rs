@@ -76,6 +76,7 @@ pub(crate) fn reads(mutations: &[Mutation]) -> Reads {
                 r.meta.push(grant_key(id));
             }
             Mutation::PutReplayMarker { key, .. } => r.meta.push(replay_key(key)),
+            Mutation::PutApproval { id, .. } => r.meta.push(crate::approval_key(id)),
         }
     }
     r.records.sort_unstable();
@@ -210,6 +211,20 @@ pub(crate) fn plan(
                 c.after = Some(grant.clone());
             }
             Mutation::DeleteGrant(id) => o.meta(grant_key(id))?.after = None,
+            Mutation::PutApproval {
+                id,
+                request,
+                expected,
+            } => {
+                let c = o.meta(crate::approval_key(id))?;
+                if c.after != *expected {
+                    return Err(StoreError::Conflict(format!(
+                        "approval request {}",
+                        short_id(id)
+                    )));
+                }
+                c.after = request.clone();
+            }
             Mutation::PutReplayMarker { key, at } => {
                 let c = o.meta(replay_key(key))?;
                 if c.after.is_some() {

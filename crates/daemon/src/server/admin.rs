@@ -12,6 +12,7 @@ use super::{caller, record_id};
 use crate::api::v1::{self, admin_server::Admin};
 use crate::record::{Owner, Provider};
 use crate::rotation::RewrapProgress;
+use crate::vault::approvals::{ApprovalRequest, Decision};
 use crate::vault::listing::{RecordFilter, RecordState};
 use crate::vault::{AuditEntry, AuditFilter, KeyImport, Vault};
 
@@ -116,6 +117,29 @@ impl TryFrom<&v1::ListRecordsRequest> for RecordFilter {
 /// The `tokenvault.v1.Admin` service.
 pub struct AdminService(pub(super) Arc<Vault>);
 
+impl AdminService {
+    /// The registry entry of `version` as this daemon holds it.
+    fn key(&self, version: u32) -> Option<v1::PublicKey> {
+        self.0
+            .keys()
+            .iter()
+            .find(|k| k.version == version)
+            .map(Into::into)
+    }
+}
+
+/// A held call on the wire.
+fn approval(r: &ApprovalRequest) -> v1::ApprovalRequest {
+    v1::ApprovalRequest {
+        id: r.id.clone(),
+        action: r.action.name().into(),
+        target: r.action.target(),
+        approvals: r.approvals.clone(),
+        required: r.required,
+        expires_at: r.expires_at,
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     type RewrapStream = Pin<Box<dyn Stream<Item = Result<v1::RewrapProgress, Status>> + Send>>;
@@ -183,14 +207,21 @@ impl Admin for AdminService {
         request: Request<v1::DestroyKeyRequest>,
     ) -> Result<Response<v1::DestroyKeyResponse>, Status> {
         let caller = caller(&request)?;
-        let (info, erased) = self
-            .0
-            .destroy_key(&caller, request.into_inner().version)
-            .await?;
-        Ok(Response::new(v1::DestroyKeyResponse {
-            key: Some((&info).into()),
-            private_key_erased: erased,
-        }))
+        let version = request.into_inner().version;
+        Ok(Response::new(
+            match self.0.destroy_key(&caller, version).await? {
+                Decision::Done((info, erased)) => v1::DestroyKeyResponse {
+                    key: Some((&info).into()),
+                    private_key_erased: erased,
+                    approval: None,
+                },
+                Decision::Held(request) => v1::DestroyKeyResponse {
+                    key: self.key(version),
+                    private_key_erased: false,
+                    approval: Some(approval(&request)),
+                },
+            },
+        ))
     }
 
     async fn cancel_destroy_key(
@@ -198,12 +229,31 @@ impl Admin for AdminService {
         request: Request<v1::CancelDestroyKeyRequest>,
     ) -> Result<Response<v1::CancelDestroyKeyResponse>, Status> {
         let caller = caller(&request)?;
-        let info = self
-            .0
-            .cancel_destroy_key(&caller, request.into_inner().version)
-            .await?;
-        Ok(Response::new(v1::CancelDestroyKeyResponse {
-            key: Some((&info).into()),
+        let version = request.into_inner().version;
+        Ok(Response::new(
+            match self.0.cancel_destroy_key(&caller, version).await? {
+                Decision::Done(info) => v1::CancelDestroyKeyResponse {
+                    key: Some((&info).into()),
+                    approval: None,
+                },
+                Decision::Held(request) => v1::CancelDestroyKeyResponse {
+                    key: self.key(version),
+                    approval: Some(approval(&request)),
+                },
+            },
+        ))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<v1::ApproveRequest>,
+    ) -> Result<Response<v1::ApproveResponse>, Status> {
+        let caller = caller(&request)?;
+        let approved = self.0.approve(&caller, request.into_inner().id).await?;
+        Ok(Response::new(v1::ApproveResponse {
+            request: Some(approval(&approved.request)),
+            executed: approved.outcome.is_some(),
+            outcome: approved.outcome.unwrap_or_default(),
         }))
     }
 
@@ -248,8 +298,18 @@ impl Admin for AdminService {
                 what: "owner".into(),
                 source,
             })?;
-        let deleted = self.0.delete_owner(&caller, owner).await?;
-        Ok(Response::new(v1::DeleteOwnerResponse { deleted }))
+        Ok(Response::new(
+            match self.0.delete_owner(&caller, owner).await? {
+                Decision::Done(deleted) => v1::DeleteOwnerResponse {
+                    deleted,
+                    approval: None,
+                },
+                Decision::Held(request) => v1::DeleteOwnerResponse {
+                    deleted: 0,
+                    approval: Some(approval(&request)),
+                },
+            },
+        ))
     }
 
     async fn stats(

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use zeroize::Zeroizing;
 
+use super::approvals::{ApprovalRequest, Decision, Guarded};
 use super::{Caller, Vault, VaultError};
 use crate::audit::Draft;
 use crate::keys::{KeyInfo, KeyState, NewKey, PrivateKey};
@@ -181,7 +182,31 @@ impl Vault {
     /// ([`Vault::destroy_due_keys`]) destroys it. Returns the entry and whether no private key
     /// of the version is left (false while pending; for a version destroyed already, its key
     /// material is erased again first).
+    ///
+    /// Under the two-person rule the call only stores an approval request.
     pub async fn destroy_key(
+        self: &Arc<Self>,
+        caller: &Caller,
+        version: u32,
+    ) -> Result<Decision<(KeyInfo, bool)>, VaultError> {
+        if let Some(held) = self.held(caller, Guarded::DestroyKey { version }).await? {
+            return Ok(Decision::Held(held));
+        }
+        Ok(Decision::Done(self.destroy_key_now(caller, version).await?))
+    }
+
+    /// Under the two-person rule, `action` stored as a request waiting for approvals.
+    async fn held(
+        self: &Arc<Self>,
+        caller: &Caller,
+        action: Guarded,
+    ) -> Result<Option<ApprovalRequest>, VaultError> {
+        let who = caller.name.clone();
+        self.blocking(move |v| v.hold(&who, action)).await
+    }
+
+    /// [`Vault::destroy_key`] without the two-person rule (once approved).
+    pub(super) async fn destroy_key_now(
         self: &Arc<Self>,
         caller: &Caller,
         version: u32,
@@ -210,7 +235,25 @@ impl Vault {
     }
 
     /// Cancels a pending destruction: the version is retired again. Refused once it is due.
+    /// Under the two-person rule the call only stores an approval request.
     pub async fn cancel_destroy_key(
+        self: &Arc<Self>,
+        caller: &Caller,
+        version: u32,
+    ) -> Result<Decision<KeyInfo>, VaultError> {
+        if let Some(held) = self
+            .held(caller, Guarded::CancelDestroyKey { version })
+            .await?
+        {
+            return Ok(Decision::Held(held));
+        }
+        Ok(Decision::Done(
+            self.cancel_destroy_key_now(caller, version).await?,
+        ))
+    }
+
+    /// [`Vault::cancel_destroy_key`] without the two-person rule (once approved).
+    pub(super) async fn cancel_destroy_key_now(
         self: &Arc<Self>,
         caller: &Caller,
         version: u32,
@@ -436,7 +479,24 @@ impl Vault {
     }
 
     /// Deletes every record of an owner; returns how many.
+    ///
+    /// Under the two-person rule the call only stores an approval request.
     pub async fn delete_owner(
+        self: &Arc<Self>,
+        caller: &Caller,
+        owner: Owner,
+    ) -> Result<Decision<u64>, VaultError> {
+        let action = Guarded::DeleteOwner {
+            owner: owner.as_str().to_string(),
+        };
+        if let Some(held) = self.held(caller, action).await? {
+            return Ok(Decision::Held(held));
+        }
+        Ok(Decision::Done(self.delete_owner_now(caller, owner).await?))
+    }
+
+    /// [`Vault::delete_owner`] without the two-person rule (once approved).
+    pub(super) async fn delete_owner_now(
         self: &Arc<Self>,
         caller: &Caller,
         owner: Owner,

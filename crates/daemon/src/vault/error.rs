@@ -79,6 +79,9 @@ pub enum VaultError {
     /// A required message field was absent.
     #[error("{0} is required")]
     Missing(&'static str),
+    /// An approval under the two-person rule was refused.
+    #[error(transparent)]
+    Approval(#[from] super::approvals::ApprovalError),
     /// A request field outside what the call accepts (a page size, a page token).
     #[error("invalid {what}: {why}")]
     Argument {
@@ -333,6 +336,14 @@ impl VaultError {
             | VaultError::Expired { .. } => ErrorKind::FailedPrecondition,
             VaultError::BatchTooLarge { .. } => ErrorKind::ResourceExhausted,
             VaultError::PolicyDenied(_) => ErrorKind::PermissionDenied,
+            VaultError::Approval(e) => {
+                use super::approvals::ApprovalError;
+                match e {
+                    ApprovalError::BadId => ErrorKind::InvalidArgument,
+                    ApprovalError::AlreadyApproved { .. } => ErrorKind::PermissionDenied,
+                    ApprovalError::Expired { .. } => ErrorKind::FailedPrecondition,
+                }
+            }
             VaultError::RecordRateLimited { .. } | VaultError::Overloaded { .. } => {
                 ErrorKind::ResourceExhausted
             }

@@ -16,6 +16,7 @@
 //! secret before its audit event is written; change anything on a refused request.
 
 mod admin;
+pub mod approvals;
 mod broker;
 pub(crate) mod commit;
 pub(crate) mod cpu_pool;
@@ -293,6 +294,8 @@ pub struct Vault {
     limits: Limits,
     key_dir: KeyDir,
     policy: KeyPolicy,
+    /// The two-person rule.
+    approvals: crate::config::AdminPolicy,
     /// Serializes key lifecycle operations (rotate, retire, destroy, keyring reloads).
     key_ops: std::sync::Mutex<()>,
     /// Set while a rewrap runs; one at a time.
@@ -477,6 +480,7 @@ impl Vault {
             limits: config.limits,
             key_dir: dir,
             policy: config.key_policy,
+            approvals: config.admin,
             key_ops: std::sync::Mutex::new(()),
             rewrapping: std::sync::atomic::AtomicBool::new(false),
             shipper,
