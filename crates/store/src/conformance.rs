@@ -345,10 +345,11 @@ pub fn approvals(store: &dyn TestHooks) {
         (Some(&b"two"[..]), Some(&b"stale"[..])),
         (None, Some(&b"stale"[..])),
     ] {
-        assert!(matches!(
-            store.apply(&[put(request, expected)], &[event()], 2),
-            Err(StoreError::Conflict(_))
-        ));
+        let refused = store.apply(&[put(request, expected)], &[event()], 2);
+        assert!(
+            matches!(refused, Err(StoreError::Conflict(_))),
+            "{refused:?}"
+        );
     }
     assert_eq!(
         store.audit_events(0, 100).expect("events").len(),

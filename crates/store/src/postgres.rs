@@ -1577,6 +1577,23 @@ async fn apply_in(
                 .insert(replay_key(key), replay_value(row.get(1)).to_vec());
         }
     }
+    // Other metadata a mutation reads (approval requests): rows of tokenvault_meta, locked
+    // like grants so a compare-and-swap holds across daemons.
+    let other: Vec<&str> = reads
+        .meta
+        .iter()
+        .map(String::as_str)
+        .filter(|k| !k.starts_with(GRANT_PREFIX) && !k.starts_with(REPLAY_PREFIX))
+        .collect();
+    if !other.is_empty() {
+        let stmt = t
+            .prepare_cached("SELECT key, value FROM tokenvault_meta WHERE key = ANY($1) FOR UPDATE")
+            .await?;
+        for row in t.query(&stmt, &[&other]).await? {
+            let key: &str = row.get(0);
+            state.meta.insert(key.to_string(), row.get(1));
+        }
+    }
     let changes = super::rules::plan(mutations, now, &mut state, audited)?;
     let mut rows = Vec::new();
     let (mut deleted, mut deleted_versions) = (Vec::new(), Vec::new());
@@ -1650,12 +1667,31 @@ async fn apply_in(
                 }
             }
         } else {
-            match &c.after {
-                Some(v) => t.execute(UPSERT_META, &[&key, v]).await?,
-                None => {
-                    t.execute("DELETE FROM tokenvault_meta WHERE key = $1", &[&key])
-                        .await?
+            // Compare-and-swap against the value planned from, as for grants.
+            match (&c.before, &c.after) {
+                (None, Some(v)) => {
+                    t.execute(
+                        "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
+                         ON CONFLICT (key) DO NOTHING",
+                        &[&key, v],
+                    )
+                    .await?
                 }
+                (Some(old), Some(v)) => {
+                    t.execute(
+                        "UPDATE tokenvault_meta SET value = $2 WHERE key = $1 AND value = $3",
+                        &[&key, v, old],
+                    )
+                    .await?
+                }
+                (Some(old), None) => {
+                    t.execute(
+                        "DELETE FROM tokenvault_meta WHERE key = $1 AND value = $2",
+                        &[&key, old],
+                    )
+                    .await?
+                }
+                (None, None) => 1,
             }
         };
         if n != 1 {
