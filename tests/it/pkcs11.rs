@@ -25,6 +25,8 @@ fn token_config() -> TokenConfig {
         module: PathBuf::from(env("TOKENVAULT_TEST_PKCS11_MODULE")),
         token: TokenSelector::Label(env("TOKENVAULT_TEST_PKCS11_LABEL")),
         pin: Pin::new(env("TOKENVAULT_TEST_PKCS11_PIN")),
+        // opencryptoki 3.8's soft token crashes when two sessions use one key at once.
+        max_sessions: 1,
     }
 }
 
@@ -155,10 +157,32 @@ async fn keys_generated_in_the_token_open_rotate_rewrap_retire_and_destroy() {
     // Not one private key anywhere under the data or key directories.
     assert_eq!(private_key_files(dir.path()), Vec::<PathBuf>::new());
 
-    // A restart finds v2 in the token by its fingerprint.
+    // A restart finds v2 in the token by its fingerprint; concurrent reads share the bounded
+    // session pool (one session here: the soft token's limit).
     d.stop().await;
     let d = TestDaemon::start_with(in_token(dir.path())).await;
     assert_eq!(secret(&d, "r11").await, b"secret-11");
+    let mut reads = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let mut broker = d.broker(WORKER).await;
+        reads.spawn(async move {
+            for i in 0..5 {
+                let n = (t * 5 + i) % 20;
+                let got = broker
+                    .get_token(v1::GetTokenRequest {
+                        id: format!("r{n}"),
+                    })
+                    .await
+                    .expect("concurrent get")
+                    .into_inner()
+                    .secret;
+                assert_eq!(got, format!("secret-{n}").as_bytes());
+            }
+        });
+    }
+    while let Some(done) = reads.join_next().await {
+        done.expect("reader");
+    }
     d.stop().await;
     token.destroy(&v2).expect("clean up v2");
 }

@@ -794,7 +794,11 @@ struct FilePkcs11 {
     token_label: Option<String>,
     slot: Option<u64>,
     pin_file: Option<PathBuf>,
+    max_sessions: Option<usize>,
 }
+
+/// Default `[keys.pkcs11] max_sessions`: parallel operations most HSMs take per client.
+pub const DEFAULT_PKCS11_SESSIONS: usize = 4;
 
 /// Checks `[keys] backend` and `[keys.pkcs11]`; the PIN comes from `TOKENVAULT_PKCS11_PIN`,
 /// `TOKENVAULT_PKCS11_PIN_FILE` or `pin_file` (relative paths: the config file's directory),
@@ -831,6 +835,10 @@ fn key_backend_from(
                     ));
                 }
             };
+            let max_sessions = p.max_sessions.unwrap_or(DEFAULT_PKCS11_SESSIONS);
+            if !(1..=256).contains(&max_sessions) {
+                return Err(invalid("keys.pkcs11.max_sessions", "must be 1 to 256"));
+            }
             let pin = match env.get(ENV_PKCS11_PIN) {
                 Some(pin) => pin,
                 None => {
@@ -856,6 +864,7 @@ fn key_backend_from(
                 module: base.join(p.module),
                 token,
                 pin,
+                max_sessions,
             }))
         }
         (other, _) => Err(invalid(
@@ -1624,6 +1633,10 @@ mod tests {
             (
                 "[keys]\nbackend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"m.so\"\nslot = 1\npin = \"1234\"\n",
                 "unknown field `pin`",
+            ),
+            (
+                "[keys]\nbackend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"m.so\"\nslot = 1\nmax_sessions = 0\n",
+                "keys.pkcs11.max_sessions: must be 1 to 256",
             ),
             (
                 "metrics_listen = \"nope\"\n",

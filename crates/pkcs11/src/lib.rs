@@ -81,6 +81,10 @@ pub struct TokenConfig {
     pub token: TokenSelector,
     /// The user PIN.
     pub pin: Pin,
+    /// Most sessions open at once (at least 1): calls beyond it wait for a session. A token's
+    /// own limit on parallel operations goes here; opencryptoki's soft token needs 1 (its 3.8
+    /// release crashes when two sessions use one key object at once).
+    pub max_sessions: usize,
 }
 
 /// What went wrong with the token. Messages name the setting to fix where there is one and
@@ -184,12 +188,20 @@ pub struct Token {
     config: TokenConfig,
     ctx: Pkcs11,
     slot: Slot,
-    /// Idle sessions, each logged in (login state is per application and token, so every
-    /// session of the process shares one login). Checked out for one call at a time.
-    idle: Mutex<Vec<Session>>,
+    /// The sessions: idle ones, each logged in (login state is per application and token, so
+    /// every session of the process shares one login), checked out for one call at a time,
+    /// and how many are open; at most `max_sessions`.
+    pool: Mutex<Pool>,
+    /// Signalled when a session is returned or closed.
+    freed: std::sync::Condvar,
+}
+
+struct Pool {
+    idle: Vec<Session>,
+    open: usize,
     /// Bumped when the pool is dropped after the token went away, so a session checked out
     /// before is closed on return instead of pooled.
-    epoch: std::sync::atomic::AtomicU64,
+    epoch: u64,
 }
 
 impl std::fmt::Debug for Token {
@@ -218,8 +230,12 @@ impl Token {
             config,
             ctx,
             slot,
-            idle: Mutex::new(Vec::new()),
-            epoch: 0.into(),
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                open: 1,
+                epoch: 0,
+            }),
+            freed: std::sync::Condvar::new(),
         };
         let session = token.new_session().map_err(|e| match e {
             TokenError::Unavailable(reason) => TokenError::Module {
@@ -228,12 +244,12 @@ impl Token {
             },
             e => e,
         })?;
-        token.give_back(session, token.epoch());
+        token.give_back(Some(session), 0);
         Ok(Arc::new(token))
     }
 
-    fn epoch(&self) -> u64 {
-        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A new read-write session, logged in.
@@ -294,42 +310,70 @@ impl Token {
         Ok(())
     }
 
-    fn give_back(&self, session: Session, epoch: u64) {
-        if epoch == self.epoch() {
-            self.idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(session);
+    /// Returns a session checked out at `epoch` to the pool (closed instead if the pool was
+    /// dropped meanwhile), or, with `None`, counts one that could not be opened or was closed.
+    fn give_back(&self, session: Option<Session>, epoch: u64) {
+        let mut pool = self.pool();
+        match session {
+            Some(s) if epoch == pool.epoch => pool.idle.push(s),
+            stale => {
+                pool.open = pool.open.saturating_sub(1);
+                drop(pool);
+                drop(stale);
+            }
         }
+        self.freed.notify_one();
     }
 
-    /// Runs `op` on a session of its own: an idle one, or a new one. If the token went away,
-    /// the pool is dropped (the next call opens fresh sessions) and the answer is
+    /// Runs `op` on a session of its own: an idle one, a new one while fewer than
+    /// `max_sessions` are open, or the next one returned. If the token went away, the pool is
+    /// dropped (the next call opens fresh sessions) and the answer is
     /// [`TokenError::Unavailable`].
     fn with_session<T>(
         &self,
         op: impl FnOnce(&Session) -> Result<T, TokenError>,
     ) -> Result<T, TokenError> {
-        let epoch = self.epoch();
-        let pooled = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+        let max = self.config.max_sessions.max(1);
+        let mut pool = self.pool();
+        let (pooled, epoch) = loop {
+            if let Some(s) = pool.idle.pop() {
+                break (Some(s), pool.epoch);
+            }
+            if pool.open < max {
+                pool.open += 1;
+                break (None, pool.epoch);
+            }
+            pool = self
+                .freed
+                .wait(pool)
+                .unwrap_or_else(PoisonError::into_inner);
+        };
+        drop(pool);
         let session = match pooled {
             Some(s) => s,
-            None => self.new_session()?,
+            None => match self.new_session() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.give_back(None, epoch);
+                    return Err(e);
+                }
+            },
         };
         let result = op(&session);
-        match &result {
-            Err(TokenError::Unavailable(_)) => {
-                self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                let stale =
-                    std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
-                drop(stale);
-                drop(session);
-            }
-            _ => self.give_back(session, epoch),
+        if let Err(TokenError::Unavailable(_)) = &result {
+            let stale = {
+                let mut pool = self.pool();
+                pool.epoch += 1;
+                let stale = std::mem::take(&mut pool.idle);
+                pool.open = pool.open.saturating_sub(stale.len());
+                stale
+            };
+            drop(stale);
+            self.freed.notify_all();
+            self.give_back(None, epoch);
+            drop(session);
+        } else {
+            self.give_back(Some(session), epoch);
         }
         result
     }
