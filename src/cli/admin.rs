@@ -136,6 +136,10 @@ pub(crate) struct RotateArgs {
     /// File with the passphrase of an encrypted key file (or set TOKENVAULT_IMPORT_PASSPHRASE).
     #[arg(long, requires = "import_private")]
     import_passphrase_file: Option<std::path::PathBuf>,
+    /// Register the RSA key pair with this label in the daemon's PKCS#11 token (it must be
+    /// sensitive and never extractable) instead of generating one.
+    #[arg(long, conflicts_with = "import_private")]
+    import_token_label: Option<String>,
     #[command(flatten)]
     conn: Connection,
 }
@@ -269,6 +273,12 @@ async fn rewrap(args: &RewrapArgs) -> Result<v1::RewrapProgress, CliError> {
 
 /// Builds `RotateKey`: generate in the daemon, or import a key read (and decrypted) here.
 fn rotate_request(a: &RotateArgs) -> Result<v1::RotateKeyRequest, CliError> {
+    if let Some(label) = &a.import_token_label {
+        return Ok(v1::RotateKeyRequest {
+            token_key_label: label.clone(),
+            ..Default::default()
+        });
+    }
     let Some(path) = &a.import_private else {
         return Ok(v1::RotateKeyRequest::default());
     };
@@ -282,6 +292,7 @@ fn rotate_request(a: &RotateArgs) -> Result<v1::RotateKeyRequest, CliError> {
     Ok(v1::RotateKeyRequest {
         private_key_pem: key.to_pkcs8_pem(None)?.to_string(),
         public_key_pem: key.public_key().to_pem(),
+        token_key_label: String::new(),
     })
 }
 

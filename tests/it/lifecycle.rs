@@ -819,6 +819,7 @@ async fn rotate_key_imports_a_provided_key_pair() {
             .rotate_key(v1::RotateKeyRequest {
                 private_key_pem,
                 public_key_pem,
+                token_key_label: String::new(),
             })
             .await
             .expect_err(msg);
@@ -831,6 +832,7 @@ async fn rotate_key_imports_a_provided_key_pair() {
         .rotate_key(v1::RotateKeyRequest {
             private_key_pem: read("fixture-b.key.pem"),
             public_key_pem: read("fixture-b.pub.pem"),
+            token_key_label: String::new(),
         })
         .await
         .expect("import")
@@ -841,6 +843,7 @@ async fn rotate_key_imports_a_provided_key_pair() {
         .rotate_key(v1::RotateKeyRequest {
             private_key_pem: read("fixture-b.key.pem"),
             public_key_pem: String::new(),
+            token_key_label: String::new(),
         })
         .await
         .expect_err("duplicate");

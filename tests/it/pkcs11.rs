@@ -79,6 +79,7 @@ async fn rotate(d: &TestDaemon, import: Option<String>) -> u32 {
         .rotate_key(v1::RotateKeyRequest {
             private_key_pem: import.unwrap_or_default(),
             public_key_pem: String::new(),
+            token_key_label: String::new(),
         })
         .await
         .expect("rotate")
@@ -157,6 +158,45 @@ async fn keys_generated_in_the_token_open_rotate_rewrap_retire_and_destroy() {
     // Not one private key anywhere under the data or key directories.
     assert_eq!(private_key_files(dir.path()), Vec::<PathBuf>::new());
 
+    // An existing token key is registered by its label (a key generated here, as an HSM
+    // administrator would); an unknown label changes nothing.
+    let label = format!("imported-{}", d.vault.now());
+    let pair = token.generate_rsa_2048().expect("generate");
+    token
+        .name(&pair, b"operator-chosen-id", &label)
+        .expect("label it");
+    let e = d
+        .admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {
+            token_key_label: "no-such-label".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown label");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("no-such-label"), "{}", e.message());
+    let v3 = d
+        .admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {
+            token_key_label: label.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("import by label")
+        .into_inner()
+        .active
+        .expect("active");
+    assert_eq!(v3.version, 3);
+    let found = token
+        .find(&id_bytes(&v3.fingerprint))
+        .expect("find")
+        .expect("the imported key now has the fingerprint as its id");
+    assert_eq!(found.modulus, pair.modulus);
+    d.seed("i", 3).await;
+    assert_eq!(secret(&d, "i2").await, b"secret-2");
+
     // A restart finds v2 in the token by its fingerprint; concurrent reads share the bounded
     // session pool (one session here: the soft token's limit).
     d.stop().await;
@@ -185,6 +225,9 @@ async fn keys_generated_in_the_token_open_rotate_rewrap_retire_and_destroy() {
     }
     d.stop().await;
     token.destroy(&v2).expect("clean up v2");
+    token
+        .destroy(&id_bytes(&v3.fingerprint))
+        .expect("clean up v3");
 }
 
 #[tokio::test]

@@ -149,6 +149,7 @@ fn no_secret_type_prints_its_secret() {
                 v1::RotateKeyRequest {
                     private_key_pem: pem.clone(),
                     public_key_pem: String::new(),
+                    token_key_label: String::new(),
                 }
             ),
             body[..40].to_string(),

@@ -161,11 +161,13 @@ fn classify(operation: &'static str, e: CkError) -> TokenError {
     }
 }
 
-/// A key pair just generated in the token, not yet named.
+/// A key pair just generated in the token (or found there by label), not yet named.
 #[derive(Debug, Clone)]
 pub struct NewKeyPair {
     private: ObjectHandle,
-    public: ObjectHandle,
+    public: Option<ObjectHandle>,
+    /// Found by its label (an existing key): naming it keeps its label.
+    pub imported: bool,
     /// The RSA modulus, big-endian.
     pub modulus: Vec<u8>,
     /// The RSA public exponent, big-endian.
@@ -412,25 +414,93 @@ impl Token {
             let (modulus, public_exponent) = rsa_public(s, public)?;
             Ok(NewKeyPair {
                 private,
-                public,
+                public: Some(public),
+                imported: false,
                 modulus,
                 public_exponent,
             })
         })
     }
 
-    /// Names a generated key pair: `CKA_ID` (how [`Token::find`] finds it) and `CKA_LABEL`.
-    pub fn name(&self, pair: &NewKeyPair, id: &[u8], label: &str) -> Result<(), TokenError> {
+    /// The RSA key pair whose private half is labelled `label`, to register as a new version:
+    /// refused unless that private key is sensitive, has never been extractable and may
+    /// decrypt (a key that was ever readable out of the token gains nothing from being used
+    /// there).
+    pub fn find_labelled(&self, label: &str) -> Result<NewKeyPair, TokenError> {
+        let with_label = |class| {
+            [
+                Attribute::Class(class),
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ]
+        };
         self.with_session(|s| {
-            for object in [pair.private, pair.public] {
-                s.update_attributes(
-                    object,
+            let found = s
+                .find_objects(&with_label(ObjectClass::PRIVATE_KEY))
+                .map_err(|e| classify("C_FindObjects", e))?;
+            let private = match found.as_slice() {
+                [] => return Err(TokenError::NotFound(format!("label {label:?}"))),
+                [one] => *one,
+                many => {
+                    return Err(TokenError::Refused {
+                        operation: "import",
+                        reason: format!("{} private keys are labelled {label:?}", many.len()),
+                    });
+                }
+            };
+            let flags = s
+                .get_attributes(
+                    private,
                     &[
-                        Attribute::Id(id.to_vec()),
-                        Attribute::Label(label.as_bytes().to_vec()),
+                        AttributeType::Sensitive,
+                        AttributeType::NeverExtractable,
+                        AttributeType::Decrypt,
                     ],
                 )
-                .map_err(|e| classify("C_SetAttributeValue", e))?;
+                .map_err(|e| classify("C_GetAttributeValue", e))?;
+            let held = flags.iter().all(|a| {
+                matches!(
+                    a,
+                    Attribute::Sensitive(true)
+                        | Attribute::NeverExtractable(true)
+                        | Attribute::Decrypt(true)
+                )
+            }) && flags.len() == 3;
+            if !held {
+                return Err(TokenError::Refused {
+                    operation: "import",
+                    reason: format!(
+                        "the private key labelled {label:?} must be sensitive, never extractable and able to decrypt"
+                    ),
+                });
+            }
+            let public = s
+                .find_objects(&with_label(ObjectClass::PUBLIC_KEY))
+                .map_err(|e| classify("C_FindObjects", e))?
+                .first()
+                .copied();
+            let (modulus, public_exponent) = rsa_public(s, private)?;
+            Ok(NewKeyPair {
+                private,
+                public,
+                imported: true,
+                modulus,
+                public_exponent,
+            })
+        })
+    }
+
+    /// Names a key pair: `CKA_ID` (how [`Token::find`] finds it) and, unless it was found by
+    /// its label ([`Token::find_labelled`]), `CKA_LABEL`.
+    pub fn name(&self, pair: &NewKeyPair, id: &[u8], label: &str) -> Result<(), TokenError> {
+        let mut attributes = vec![Attribute::Id(id.to_vec())];
+        if !pair.imported {
+            attributes.push(Attribute::Label(label.as_bytes().to_vec()));
+        }
+        self.with_session(|s| {
+            for object in std::iter::once(pair.private).chain(pair.public) {
+                s.update_attributes(object, &attributes)
+                    .map_err(|e| classify("C_SetAttributeValue", e))?;
             }
             Ok(())
         })

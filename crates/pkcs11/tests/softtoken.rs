@@ -136,3 +136,83 @@ fn a_wrong_pin_a_missing_module_and_an_unknown_token_are_start_errors_naming_wha
 
     assert_eq!(format!("{:?}", config().pin), "Pin(redacted)");
 }
+
+#[test]
+fn a_key_is_registered_by_label_only_if_it_can_never_leave_the_token() {
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::Attribute;
+    let token = Token::open(config()).expect("open");
+    let kept = format!("kept-{}", hex(&random_id()[..4]));
+    let pair = token.generate_rsa_2048().expect("generate");
+    token.name(&pair, &random_id(), &kept).expect("label");
+    let found = token
+        .find_labelled(&kept)
+        .expect("a sensitive, never-extractable key");
+    assert!(found.imported);
+    assert_eq!(found.modulus, pair.modulus);
+    let id = random_id();
+    token.name(&found, &id, "ignored").expect("give it an id");
+    assert!(token.find(&id).expect("find").is_some());
+    assert!(
+        token.find_labelled(&kept).is_ok(),
+        "an imported key keeps its label"
+    );
+    token.destroy(&id).expect("clean up");
+
+    // A key that was created extractable is refused, whatever it is now.
+    let loose = format!("loose-{}", hex(&random_id()[..4]));
+    let ctx = cryptoki::context::Pkcs11::new(config().module).expect("module");
+    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
+        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
+    ));
+    let slot = ctx.get_slots_with_token().expect("slots")[0];
+    let session = ctx.open_rw_session(slot).expect("session");
+    let _ = session.login(
+        cryptoki::session::UserType::User,
+        Some(&cryptoki::types::AuthPin::new(
+            env("TOKENVAULT_TEST_PKCS11_PIN").into(),
+        )),
+    );
+    let label = Attribute::Label(loose.as_bytes().to_vec());
+    session
+        .generate_key_pair(
+            &Mechanism::RsaPkcsKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ModulusBits(2048.into()),
+                Attribute::PublicExponent(vec![1, 0, 1]),
+                label.clone(),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Decrypt(true),
+                label,
+            ],
+        )
+        .expect("an extractable key");
+    let e = token.find_labelled(&loose).expect_err("extractable");
+    assert!(
+        e.to_string()
+            .contains("must be sensitive, never extractable and able to decrypt"),
+        "{e}"
+    );
+    assert!(matches!(
+        token.find_labelled("no-such-label"),
+        Err(TokenError::NotFound(_))
+    ));
+    for object in session
+        .find_objects(&[Attribute::Label(loose.as_bytes().to_vec())])
+        .expect("find")
+    {
+        session.destroy_object(object).expect("clean up");
+    }
+    drop(session);
+    // Never finalized: a dropped context would C_Finalize the module under the other tests.
+    std::mem::forget(ctx);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

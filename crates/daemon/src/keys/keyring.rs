@@ -114,6 +114,20 @@ impl KeyDir {
         self.token.as_ref()
     }
 
+    /// The key pair labelled `label` in the token, for a new version (refused unless it can
+    /// never leave the token).
+    pub fn import_from_token(&self, label: &str) -> Result<NewKey, KeyError> {
+        let token = self
+            .token
+            .as_ref()
+            .ok_or_else(|| KeyError::Token("no token: set [keys] backend = \"pkcs11\"".into()))?;
+        let pair = token
+            .find_labelled(label)
+            .map_err(super::token::key_error)?;
+        let public = super::token::public_key(&pair.modulus, &pair.public_exponent)?;
+        Ok(NewKey::Token { pair, public })
+    }
+
     /// A fresh RSA-2048 key for a new version: generated in the token if there is one,
     /// otherwise in memory with aws-lc.
     pub fn generate(&self) -> Result<NewKey, KeyError> {

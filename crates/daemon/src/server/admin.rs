@@ -165,10 +165,21 @@ impl Admin for AdminService {
         let mut req = request.into_inner();
         // The PEM leaves the prost message at once, into memory that is zeroized on drop.
         let private_pem = zeroize::Zeroizing::new(std::mem::take(&mut req.private_key_pem));
-        let import = (!private_pem.is_empty()).then(|| KeyImport {
-            private_pem,
-            public_pem: (!req.public_key_pem.is_empty()).then_some(req.public_key_pem),
-        });
+        let import = match (private_pem.is_empty(), req.token_key_label.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(KeyImport::Pem {
+                private_pem,
+                public_pem: (!req.public_key_pem.is_empty()).then_some(req.public_key_pem),
+            }),
+            (true, false) => Some(KeyImport::TokenLabel(req.token_key_label)),
+            (false, false) => {
+                return Err(VaultError::Argument {
+                    what: "token_key_label",
+                    why: "give either private_key_pem or token_key_label, not both".into(),
+                }
+                .into());
+            }
+        };
         let rotated = self.0.rotate(&caller, import).await?;
         Ok(Response::new(v1::RotateKeyResponse {
             active: Some((&rotated.active).into()),

@@ -23,11 +23,16 @@ use crate::store::{Mutation, StoreError, StoreStats};
 
 /// A key supplied for import by `RotateKey`.
 #[derive(Debug)]
-pub struct KeyImport {
-    /// The private key PEM (PKCS#8 or PKCS#1, unencrypted).
-    pub private_pem: Zeroizing<String>,
-    /// Optionally, the public key PEM it must match.
-    pub public_pem: Option<String>,
+pub enum KeyImport {
+    /// A private key PEM.
+    Pem {
+        /// The private key PEM (PKCS#8 or PKCS#1, unencrypted).
+        private_pem: Zeroizing<String>,
+        /// Optionally, the public key PEM it must match.
+        public_pem: Option<String>,
+    },
+    /// The key pair with this label in the daemon's PKCS#11 token.
+    TokenLabel(String),
 }
 
 /// The outcome of a rotation.
@@ -127,7 +132,11 @@ impl Vault {
             .blocking(move |v| {
                 let key = match import {
                     None => v.key_dir.generate()?,
-                    Some(k) => imported_key(&k.private_pem, k.public_pem.as_deref())?.into(),
+                    Some(KeyImport::Pem {
+                        private_pem,
+                        public_pem,
+                    }) => imported_key(&private_pem, public_pem.as_deref())?.into(),
+                    Some(KeyImport::TokenLabel(label)) => v.key_dir.import_from_token(&label)?,
                 };
                 v.rotate_to(&who, key)
             })

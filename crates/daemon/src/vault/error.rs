@@ -497,6 +497,8 @@ impl VaultError {
             // A concurrent rotation on another daemon won: retrying rotates again.
             crate::keys::KeyError::VersionTaken(_) => ErrorKind::Aborted,
             crate::keys::KeyError::TokenUnavailable(_) => ErrorKind::Unavailable,
+            // The token refused (no key with that label, an extractable key): its state.
+            crate::keys::KeyError::Token(_) => ErrorKind::FailedPrecondition,
             _ => ErrorKind::Internal,
         }
     }
