@@ -23,10 +23,8 @@ use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use hmac::{Hmac, Mac};
 use prost::Message;
 use rand::RngCore;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
@@ -90,10 +88,18 @@ fn event_hash(event: &Event) -> [u8; 32] {
         hash: Vec::new(),
         ..event.clone()
     };
-    let mut h = Sha256::new();
+    domain_hash(&unhashed.encode_to_vec())
+}
+
+/// SHA-256 of [`HASH_DOMAIN`] followed by `bytes`: an event's chain hash. On aws-lc, so a FIPS
+/// build hashes the chain on its validated module.
+fn domain_hash(bytes: &[u8]) -> [u8; 32] {
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(HASH_DOMAIN);
-    h.update(unhashed.encode_to_vec());
-    h.finalize().into()
+    h.update(bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.finish().as_ref());
+    out
 }
 
 /// Why the audit trail could not be written or read.
@@ -225,10 +231,7 @@ impl ChainVerifier {
         else {
             return Err(fail("hash mismatch (altered)"));
         };
-        let mut h = Sha256::new();
-        h.update(HASH_DOMAIN);
-        h.update(hashed);
-        if event.hash.as_slice() != h.finalize().as_slice() {
+        if event.hash.as_slice() != domain_hash(hashed).as_slice() {
             return Err(fail("hash mismatch (altered)"));
         }
         if let Some(c) = &self.checkpoint
@@ -919,12 +922,10 @@ fn stored_head(store: &dyn TokenStore) -> Result<Head, StoreError> {
     })
 }
 
-/// HMAC-SHA256 (hex) of `value` under `key`.
+/// HMAC-SHA256 (hex) of `value` under `key`, on aws-lc (the FIPS module in a FIPS build).
 fn hmac_hex(key: &[u8; 32], value: &str) -> String {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("HMAC takes any key length");
-    mac.update(value.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+    hex::encode(aws_lc_rs::hmac::sign(&key, value.as_bytes()))
 }
 
 /// `draft` sealed as the event at `head` under `key`: its bytes and hash.
@@ -966,10 +967,7 @@ fn seal_event_with(
     // and `hash` is the last field: the stored bytes are that encoding with the field appended,
     // exactly as prost would encode the whole event (tested), for one encoding instead of two.
     let mut bytes = event.encode_to_vec();
-    let mut h = Sha256::new();
-    h.update(HASH_DOMAIN);
-    h.update(&bytes);
-    let hash: [u8; 32] = h.finalize().into();
+    let hash = domain_hash(&bytes);
     bytes.extend_from_slice(&[HASH_FIELD_KEY, 32]);
     bytes.extend_from_slice(&hash);
     (
