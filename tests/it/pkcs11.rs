@@ -380,3 +380,50 @@ fn serve_with_a_wrong_pin_exits_6_naming_the_setting_and_a_missing_token_key_is_
         &format!("[keys.pkcs11]: key version 1 ({fingerprint}) is neither in the token nor at "),
     );
 }
+
+/// Two daemons on one PostgreSQL database, both pointed at the same token: a version one of
+/// them generates in the token opens on the other (found by its fingerprint), and no private
+/// key reaches the database.
+#[tokio::test]
+async fn two_daemons_on_one_database_share_the_token_keys() {
+    let url = pg::database().await;
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let on = |dir: &Path, name: &str| {
+        let mut c = pg::config_on(dir, &url, name);
+        c.key_backend = KeyBackend::Pkcs11(token_config());
+        c
+    };
+    let a = TestDaemon::start_with(on(dir_a.path(), "a")).await;
+    let b = TestDaemon::start_with(on(dir_b.path(), "b")).await;
+    a.seed("s", 5).await;
+    assert_eq!(
+        secret(&b, "s3").await,
+        b"secret-3",
+        "b opens a's v1 in the token"
+    );
+
+    assert_eq!(rotate(&b, None).await, 2);
+    b.seed("t", 2).await;
+    // a meets an unknown fingerprint, re-reads the registry and finds v2 in the token.
+    assert_eq!(secret(&a, "t1").await, b"secret-1");
+    let db = pg::client(&url).await;
+    let rows: i64 = db
+        .query_one(
+            "SELECT count(*) FROM tokenvault_meta WHERE key LIKE 'private_key/%'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(rows, 0, "no private key in the database");
+    let (v1, v2) = (fingerprint(&a, 1).await, fingerprint(&a, 2).await);
+    a.stop().await;
+    b.stop().await;
+    let token = token();
+    for v in [v1, v2] {
+        token.destroy(&id_bytes(&v)).expect("clean up");
+    }
+}
