@@ -193,10 +193,9 @@ fn key_state(k: &v1::PublicKey) -> &'static str {
 /// A call the two-person rule holds: what the other admins need.
 fn print_held(r: &v1::ApprovalRequest) {
     println!(
-        "held for approval: {} {} needs {} of {} admin approvals ({} so far: {})",
+        "held for approval: {} {} needs {} distinct admins ({} so far: {})",
         r.action,
         r.target,
-        r.required,
         r.required,
         r.approvals.len(),
         r.approvals.join(", ")
