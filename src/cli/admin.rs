@@ -24,6 +24,9 @@ pub(crate) enum AdminCommand {
     Destroy(VersionArgs),
     /// Cancel a pending destruction: the version is retired again.
     CancelDestroy(VersionArgs),
+    /// Refuse to open anything wrapped under a lower version, on every daemon, from now on
+    /// (0: none; [keys] min_decrypt_version still applies if higher).
+    MinDecryptVersion(VersionArgs),
     /// Approve a call held by the two-person rule ([admin] approvals_required), by its request
     /// id; the approval that completes it runs the call.
     Approve(ApproveArgs),
@@ -421,6 +424,17 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
             match &r.approval {
                 Some(held) => print_held(held),
                 None => println!("{}", describe(&r.key.unwrap_or_default())),
+            }
+        }
+        AdminCommand::MinDecryptVersion(a) => {
+            let r = client(&a.conn)
+                .await?
+                .set_min_decrypt_version(v1::SetMinDecryptVersionRequest { version: a.version })
+                .await?
+                .into_inner();
+            match &r.approval {
+                Some(held) => print_held(held),
+                None => println!("minimum decryption version: v{}", r.minimum),
             }
         }
         AdminCommand::Approve(a) => {

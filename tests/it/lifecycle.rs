@@ -1029,6 +1029,22 @@ async fn the_two_person_rule_holds_destroy_cancel_and_delete_owner() {
         Code::NotFound
     );
 
+    // Changing the minimum decryption version is held too.
+    let held = first
+        .set_min_decrypt_version(v1::SetMinDecryptVersionRequest { version: 2 })
+        .await
+        .expect("set min")
+        .into_inner();
+    assert_eq!(held.minimum, 0, "unchanged until approved");
+    let approved = second
+        .approve(v1::ApproveRequest {
+            id: held.approval.expect("held").id,
+        })
+        .await
+        .expect("approve")
+        .into_inner();
+    assert_eq!(approved.outcome, "the minimum decryption version is v2");
+
     // Every request, approval and refusal is in the audit trail.
     let events = d.audit_events(v1::AuditLogRequest::default()).await;
     let count = |action: &str, outcome: &str| {
@@ -1037,9 +1053,87 @@ async fn the_two_person_rule_holds_destroy_cancel_and_delete_owner() {
             .filter(|e| e.action == action && e.outcome == outcome)
             .count()
     };
-    assert_eq!(count("RequestApproval", "ok"), 3);
-    assert_eq!(count("Approve", "ok"), 2);
+    assert_eq!(count("RequestApproval", "ok"), 4);
+    assert_eq!(count("Approve", "ok"), 3);
     assert!(count("Approve", "PermissionDenied") >= 1);
     assert_eq!(count("Approve", "FailedPrecondition"), 1);
+    d.stop().await;
+}
+
+/// `Admin.SetMinDecryptVersion`: at run time, kept across a restart, never above the active
+/// version, and held by the two-person rule.
+#[tokio::test]
+async fn the_minimum_decryption_version_is_set_at_run_time_and_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = TestDaemon::start(dir.path()).await;
+    d.seed("r", 3).await;
+    let mut admin = d.admin(ADMIN).await;
+    admin
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    let e = admin
+        .set_min_decrypt_version(v1::SetMinDecryptVersionRequest { version: 3 })
+        .await
+        .expect_err("above the active version");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "invalid version: 3 is above the active version 2: every envelope would be refused"
+    );
+    assert_eq!(
+        d.get("r1")
+            .await
+            .expect("v1 still opens")
+            .into_inner()
+            .secret,
+        b"secret-1"
+    );
+    let set = admin
+        .set_min_decrypt_version(v1::SetMinDecryptVersionRequest { version: 2 })
+        .await
+        .expect("set")
+        .into_inner();
+    assert_eq!((set.minimum, set.approval), (2, None));
+    let e = d.get("r1").await.expect_err("below the minimum");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .contains("below the minimum decryption version 2"),
+        "{}",
+        e.message()
+    );
+    // Kept across a restart.
+    d.stop().await;
+    let d = TestDaemon::start(dir.path()).await;
+    assert_eq!(
+        d.get("r1").await.expect_err("still refused").code(),
+        Code::FailedPrecondition
+    );
+    // Lowered again: v1 opens.
+    d.admin(ADMIN)
+        .await
+        .set_min_decrypt_version(v1::SetMinDecryptVersionRequest { version: 0 })
+        .await
+        .expect("lower");
+    assert_eq!(
+        d.get("r1").await.expect("opens").into_inner().secret,
+        b"secret-1"
+    );
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == "SetMinDecryptVersion" && e.outcome == "ok")
+            .count(),
+        2
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == "SetMinDecryptVersion" && e.outcome == "InvalidArgument")
+            .count(),
+        1
+    );
     d.stop().await;
 }

@@ -370,6 +370,21 @@ pub fn approvals(store: &dyn TestHooks) {
         ),
         "removed once"
     );
+    // Settings: the same compare-and-swap, never removed.
+    let set = |value: &[u8], expected: Option<&[u8]>| Mutation::PutSetting {
+        name: "min".into(),
+        value: value.to_vec(),
+        expected: expected.map(<[u8]>::to_vec),
+    };
+    store.apply(&[set(b"2", None)], &[event()], 5).expect("set");
+    assert!(matches!(
+        store.apply(&[set(b"3", None)], &[event()], 6),
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .apply(&[set(b"3", Some(b"2"))], &[event()], 6)
+        .expect("change");
+    assert_eq!(store.get_meta(&setting_key("min")), Ok(Some(b"3".to_vec())));
 }
 
 /// Grants: compare-and-swap puts, idempotent deletes, pages in id order.
@@ -877,7 +892,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
 }
 
 /// How many kinds of [`Mutation`] there are; [`one_of_each_kind`] makes one of each.
-const MUTATION_KINDS: usize = 8;
+const MUTATION_KINDS: usize = 9;
 
 /// Whether a mutation changes a record, so that it needs its audit event in the same write.
 /// Exhaustive: a new kind of mutation does not compile until it is classified here, added to
@@ -894,7 +909,8 @@ fn changes_a_record(m: &Mutation) -> bool {
         Mutation::PutGrant { .. }
         | Mutation::DeleteGrant(_)
         | Mutation::PutReplayMarker { .. }
-        | Mutation::PutApproval { .. } => false,
+        | Mutation::PutApproval { .. }
+        | Mutation::PutSetting { .. } => false,
     }
 }
 
@@ -922,6 +938,11 @@ fn one_of_each_kind() -> Vec<Mutation> {
         Mutation::PutApproval {
             id: "a".into(),
             request: Some(b"request".to_vec()),
+            expected: None,
+        },
+        Mutation::PutSetting {
+            name: "s".into(),
+            value: b"1".to_vec(),
             expected: None,
         },
     ]

@@ -170,6 +170,17 @@ pub enum Mutation {
         /// Compare-and-swap: the request as it was read.
         expected: Option<Vec<u8>>,
     },
+    /// Stores a vault-wide setting an admin changes at run time (`min_decrypt_version`) under
+    /// its name; compare-and-swap on `expected` (the value as read, `None`: unset), `Conflict`
+    /// if another daemon changed it meanwhile.
+    PutSetting {
+        /// The setting's name.
+        name: String,
+        /// Its new value.
+        value: Vec<u8>,
+        /// Compare-and-swap: the value as it was read.
+        expected: Option<Vec<u8>>,
+    },
     /// Records that a security event was applied; `AlreadyExists` if it was before, so an
     /// event is applied once.
     PutReplayMarker {
@@ -186,6 +197,11 @@ pub(crate) fn grant_key(id: &str) -> String {
 }
 
 /// Metadata key of a security-event replay marker.
+/// Metadata key of a run-time setting ([`Mutation::PutSetting`]).
+pub fn setting_key(name: &str) -> String {
+    format!("setting/{name}")
+}
+
 /// Metadata key of a pending approval request (the two-person rule).
 pub fn approval_key(id: &str) -> String {
     format!("approval/{id}")

@@ -77,6 +77,7 @@ pub(crate) fn reads(mutations: &[Mutation]) -> Reads {
             }
             Mutation::PutReplayMarker { key, .. } => r.meta.push(replay_key(key)),
             Mutation::PutApproval { id, .. } => r.meta.push(crate::approval_key(id)),
+            Mutation::PutSetting { name, .. } => r.meta.push(crate::setting_key(name)),
         }
     }
     r.records.sort_unstable();
@@ -224,6 +225,17 @@ pub(crate) fn plan(
                     )));
                 }
                 c.after = request.clone();
+            }
+            Mutation::PutSetting {
+                name,
+                value,
+                expected,
+            } => {
+                let c = o.meta(crate::setting_key(name))?;
+                if c.after != *expected {
+                    return Err(StoreError::Conflict(format!("setting {name}")));
+                }
+                c.after = Some(value.clone());
             }
             Mutation::PutReplayMarker { key, at } => {
                 let c = o.meta(replay_key(key))?;

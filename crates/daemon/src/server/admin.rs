@@ -255,6 +255,26 @@ impl Admin for AdminService {
         ))
     }
 
+    async fn set_min_decrypt_version(
+        &self,
+        request: Request<v1::SetMinDecryptVersionRequest>,
+    ) -> Result<Response<v1::SetMinDecryptVersionResponse>, Status> {
+        let caller = caller(&request)?;
+        let version = request.into_inner().version;
+        Ok(Response::new(
+            match self.0.set_min_decrypt_version(&caller, version).await? {
+                Decision::Done(minimum) => v1::SetMinDecryptVersionResponse {
+                    minimum,
+                    approval: None,
+                },
+                Decision::Held(request) => v1::SetMinDecryptVersionResponse {
+                    minimum: self.0.min_version_in_force(),
+                    approval: Some(approval(&request)),
+                },
+            },
+        ))
+    }
+
     async fn approve(
         &self,
         request: Request<v1::ApproveRequest>,

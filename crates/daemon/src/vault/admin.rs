@@ -504,6 +504,70 @@ impl Vault {
         Ok(Decision::Done(self.delete_owner_now(caller, owner).await?))
     }
 
+    /// `Admin.SetMinDecryptVersion`: refuses to open anything wrapped under a version below
+    /// `version` from now on, on every daemon of the store (each re-reads it with the
+    /// registry), until changed again; the configuration's `min_decrypt_version` still applies
+    /// if it is higher. Refused above the active version (every envelope would be refused).
+    /// Returns the minimum in force. Under the two-person rule the call only stores an approval
+    /// request.
+    pub async fn set_min_decrypt_version(
+        self: &Arc<Self>,
+        caller: &Caller,
+        version: u32,
+    ) -> Result<Decision<u32>, VaultError> {
+        if let Some(held) = self
+            .held(caller, Guarded::SetMinDecryptVersion { version })
+            .await?
+        {
+            return Ok(Decision::Held(held));
+        }
+        Ok(Decision::Done(
+            self.set_min_decrypt_version_now(caller, version).await?,
+        ))
+    }
+
+    /// [`Vault::set_min_decrypt_version`] without the two-person rule (once approved).
+    pub(super) async fn set_min_decrypt_version_now(
+        self: &Arc<Self>,
+        caller: &Caller,
+        version: u32,
+    ) -> Result<u32, VaultError> {
+        let who = caller.name.clone();
+        let minimum = self
+            .blocking(move |v| {
+                let _ops = v.key_ops();
+                let draft = Draft::new(&who, "SetMinDecryptVersion").detail(format!("v{version}"));
+                let active = v.keyring().active().0.version;
+                if version > active {
+                    return v.audit_if_refused(
+                        draft,
+                        Err(VaultError::Argument {
+                            what: "version",
+                            why: format!(
+                                "{version} is above the active version {active}: every envelope would be refused"
+                            ),
+                        }),
+                    );
+                }
+                let name = super::MIN_DECRYPT_SETTING;
+                let read = v.store.get_meta(&crate::store::setting_key(name))?;
+                let put = Mutation::PutSetting {
+                    name: name.into(),
+                    value: version.to_be_bytes().to_vec(),
+                    expected: read,
+                };
+                let now = v.now();
+                v.audited(draft, |a| {
+                    v.store.apply(&[put], std::slice::from_ref(a), now)?;
+                    Ok(((), true))
+                })?;
+                Ok(v.reload_keyring()?.min_version())
+            })
+            .await?;
+        tracing::info!(rpc = "SetMinDecryptVersion", caller = %caller.name, version, minimum, "minimum decryption version set");
+        Ok(minimum)
+    }
+
     /// [`Vault::delete_owner`] without the two-person rule (once approved).
     pub(super) async fn delete_owner_now(
         self: &Arc<Self>,

@@ -1,6 +1,6 @@
 //! The two-person rule (`[admin] approvals_required`): asking for a key version's destruction,
-//! cancelling one and deleting an owner's records take effect only once that many distinct
-//! admin identities agreed; the requester is the first.
+//! cancelling one, deleting an owner's records and changing the minimum decryption version take
+//! effect only once that many distinct admin identities agreed; the requester is the first.
 //!
 //! Owns: [`ApprovalRequest`] (stored under `approval/<id>` beside the records; its creation,
 //! every approval and its removal are each one write with their audit event) and the decision
@@ -39,6 +39,11 @@ pub enum Guarded {
         /// The owner whose records go.
         owner: String,
     },
+    /// `Admin.SetMinDecryptVersion`.
+    SetMinDecryptVersion {
+        /// The new minimum.
+        version: u32,
+    },
 }
 
 impl Guarded {
@@ -48,6 +53,7 @@ impl Guarded {
             Self::DestroyKey { .. } => "DestroyKey",
             Self::CancelDestroyKey { .. } => "CancelDestroyKey",
             Self::DeleteOwner { .. } => "DeleteOwner",
+            Self::SetMinDecryptVersion { .. } => "SetMinDecryptVersion",
         }
     }
 
@@ -55,9 +61,9 @@ impl Guarded {
     /// trail keeps only the owner's HMAC).
     pub fn target(&self) -> String {
         match self {
-            Self::DestroyKey { version } | Self::CancelDestroyKey { version } => {
-                format!("v{version}")
-            }
+            Self::DestroyKey { version }
+            | Self::CancelDestroyKey { version }
+            | Self::SetMinDecryptVersion { version } => format!("v{version}"),
             Self::DeleteOwner { owner } => owner.clone(),
         }
     }
@@ -320,6 +326,10 @@ impl Vault {
                 })?;
                 let deleted = self.delete_owner_now(actor, owner).await?;
                 format!("{deleted} record(s) deleted")
+            }
+            Guarded::SetMinDecryptVersion { version } => {
+                let minimum = self.set_min_decrypt_version_now(actor, *version).await?;
+                format!("the minimum decryption version is v{minimum}")
             }
         })
     }

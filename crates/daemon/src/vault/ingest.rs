@@ -200,6 +200,11 @@ impl Vault {
     pub fn keys(&self) -> Vec<KeyInfo> {
         self.keyring().infos().cloned().collect()
     }
+
+    /// The minimum decryption version this daemon applies now.
+    pub fn min_version_in_force(&self) -> u32 {
+        self.keyring().min_version()
+    }
 }
 
 /// A batch's store refusal that names a record (a stale or taken version), as the refusal of

@@ -201,6 +201,17 @@ fn io_threads(config: &Config, cores: usize) -> usize {
     }
 }
 
+/// The run-time setting `Admin.SetMinDecryptVersion` writes.
+pub(crate) const MIN_DECRYPT_SETTING: &str = "min_decrypt_version";
+
+/// The minimum decryption version stored by `Admin.SetMinDecryptVersion` (0: none).
+fn stored_min_version(store: &dyn TokenStore) -> Result<u32, StoreError> {
+    Ok(store
+        .get_meta(&crate::store::setting_key(MIN_DECRYPT_SETTING))?
+        .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+        .map_or(0, u32::from_be_bytes))
+}
+
 /// The daemon's instance name in a shared store (`""` on RocksDB).
 fn instance_name(config: &Config) -> &str {
     match &config.store {
@@ -433,7 +444,12 @@ impl Vault {
                 return Err(e);
             }
         };
-        let ring = ring.with_min_version(config.key_policy.min_decrypt_version);
+        let ring = ring.with_min_version(
+            config
+                .key_policy
+                .min_decrypt_version
+                .max(stored_min_version(&*store)?),
+        );
         let (active, _) = ring.active();
         tracing::info!(version = active.version, fingerprint = %active.id, "keyring loaded");
         let metrics = Arc::new(metrics::Metrics::default());
@@ -757,7 +773,7 @@ impl Vault {
     fn sync_keyring(&self) -> Result<bool, VaultError> {
         let stored = self.store.keys()?;
         let loaded: Vec<crate::keys::KeyInfo> = self.keyring().infos().cloned().collect();
-        if stored == loaded {
+        if stored == loaded && self.min_decrypt_version()? == self.keyring().min_version() {
             return Ok(false);
         }
         let _ops = self.key_ops();
@@ -802,13 +818,22 @@ impl Vault {
         changed
     }
 
+    /// The minimum decryption version in force: the configuration's or the one
+    /// `Admin.SetMinDecryptVersion` stored, whichever is higher.
+    fn min_decrypt_version(&self) -> Result<u32, VaultError> {
+        Ok(self
+            .policy
+            .min_decrypt_version
+            .max(stored_min_version(&*self.store)?))
+    }
+
     /// Reloads the keyring from the registry and key files after a lifecycle change.
     fn reload_keyring(&self) -> Result<Arc<Keyring>, VaultError> {
         // Only versions this keyring does not hold yet are read and decrypted.
         let ring = Arc::new(
             self.keyring()
                 .reload(self.store.keys()?, &self.key_dir)?
-                .with_min_version(self.policy.min_decrypt_version),
+                .with_min_version(self.min_decrypt_version()?),
         );
         *self
             .keyring
