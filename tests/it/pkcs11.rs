@@ -427,3 +427,131 @@ async fn two_daemons_on_one_database_share_the_token_keys() {
         token.destroy(&id_bytes(&v)).expect("clean up");
     }
 }
+
+/// A daemon process serving many readers at once with a key another process (`keys init`)
+/// made in the token. opencryptoki 3.8's soft token crashes when two sessions decrypt with
+/// such a key at the same time, which is what `max_sessions = 1` prevents: with 4 this daemon
+/// dies of a segfault.
+#[test]
+fn a_daemon_process_serves_concurrent_reads_with_its_key_in_the_token() {
+    use process::{run, spawn_daemon};
+    use tokenvault::api::SealRecord as _;
+    use tokenvault::config::{CredentialEntry, Role};
+    use tokenvault::secret::ApiCredential;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = token_config();
+    let hash = |name: &str, role: Role, token: &str| {
+        let sha = CredentialEntry::for_credential(name, role, &ApiCredential::new(token.into()))
+            .sha256
+            .expect("hashed");
+        let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "[[credentials]]\nname = \"{name}\"\nrole = \"{}\"\nsha256 = \"{hex}\"\n",
+            match role {
+                Role::Ingest => "ingest",
+                Role::Worker => "worker",
+                Role::Admin => "admin",
+            }
+        )
+    };
+    std::fs::write(dir.path().join("pin"), env("TOKENVAULT_TEST_PKCS11_PIN")).expect("pin");
+    std::fs::write(
+        dir.path().join("tokenvault.toml"),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nkey_dir = \"keys\"\n[keys]\n\
+             backend = \"pkcs11\"\n[keys.pkcs11]\nmodule = \"{}\"\ntoken_label = \"{}\"\n\
+             pin_file = \"pin\"\nmax_sessions = 1\n{}{}",
+            t.module.display(),
+            env("TOKENVAULT_TEST_PKCS11_LABEL"),
+            hash("web", Role::Ingest, INGEST),
+            hash("worker", Role::Worker, WORKER),
+        ),
+    )
+    .expect("config");
+    let o = run(
+        dir.path(),
+        &["keys", "init", "--config", "tokenvault.toml"],
+        &[],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", process::stderr(&o));
+    let (mut child, addr, _) =
+        spawn_daemon(dir.path(), &["serve", "--config", "tokenvault.toml"], &[]);
+    let addr = format!("http://{addr}");
+    let fingerprint = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let connect = || async {
+                tonic::transport::Channel::from_shared(addr.clone())
+                    .expect("uri")
+                    .connect()
+                    .await
+                    .expect("connect")
+            };
+            let mut ingest = v1::ingest_client::IngestClient::new(
+                tonic::service::interceptor::InterceptedService::new(
+                    connect().await,
+                    Bearer::new(INGEST),
+                ),
+            );
+            let active = ingest
+                .public_keys(v1::PublicKeysRequest {})
+                .await
+                .expect("keys")
+                .into_inner()
+                .active
+                .expect("active");
+            let sealer = tokenvault::Sealer::from_pem(&active.spki_pem).expect("pem");
+            let items = (0..20)
+                .map(|i| v1::PutSealedRequest {
+                    record: Some(
+                        sealer
+                            .seal_record(
+                                &meta(&format!("p{i}"), "o"),
+                                &tokenvault::secret::Secret::new(format!("s-{i}").into_bytes()),
+                            )
+                            .expect("seal"),
+                    ),
+                    expected_version: 0,
+                })
+                .collect();
+            ingest
+                .put_sealed_batch(v1::PutSealedBatchRequest { items })
+                .await
+                .expect("batch");
+            let mut readers = tokio::task::JoinSet::new();
+            for r in 0..8 {
+                let mut broker = v1::broker_client::BrokerClient::new(
+                    tonic::service::interceptor::InterceptedService::new(
+                        connect().await,
+                        Bearer::new(WORKER),
+                    ),
+                );
+                readers.spawn(async move {
+                    for i in 0..25 {
+                        let n = (r * 7 + i) % 20;
+                        let got = broker
+                            .get_token(v1::GetTokenRequest {
+                                id: format!("p{n}"),
+                            })
+                            .await
+                            .expect("concurrent get")
+                            .into_inner()
+                            .secret;
+                        assert_eq!(got, format!("s-{n}").as_bytes());
+                    }
+                });
+            }
+            while let Some(done) = readers.join_next().await {
+                done.expect("reader");
+            }
+            active.fingerprint
+        });
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "the daemon is still running"
+    );
+    child.kill().expect("kill");
+    let _ = child.wait();
+    token().destroy(&id_bytes(&fingerprint)).expect("clean up");
+}
