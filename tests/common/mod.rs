@@ -289,29 +289,7 @@ impl TestDaemon {
 
     /// Seals and stores `n` records `{prefix}{i}` in batches of up to 1000.
     pub async fn seed(&self, prefix: &str, n: usize) {
-        let sealer = self.sealer().await;
-        let mut ingest = self.ingest(INGEST).await;
-        let ids: Vec<usize> = (0..n).collect();
-        for chunk in ids.chunks(1000) {
-            let items = chunk
-                .iter()
-                .map(|i| v1::PutSealedRequest {
-                    record: Some(
-                        sealer
-                            .seal_record(
-                                &meta(&format!("{prefix}{i}"), "o"),
-                                &Secret::new(format!("secret-{i}").into_bytes()),
-                            )
-                            .expect("seal"),
-                    ),
-                    expected_version: 0,
-                })
-                .collect();
-            ingest
-                .put_sealed_batch(v1::PutSealedBatchRequest { items })
-                .await
-                .expect("batch");
-        }
+        seed_over(self.channel().await, prefix, n).await;
     }
 
     /// Runs `Admin.Rewrap` to completion; returns the last progress report.
@@ -508,5 +486,44 @@ impl HealthWatch {
         })
         .await
         .unwrap_or_else(|_| panic!("health did not turn {want:?} within {within} s"));
+    }
+}
+
+/// Seals records `{prefix}{i}` (secret `secret-{i}`, owner `o`) under the active key of the
+/// daemon behind `channel` and stores them through Ingest, with the test ingest credential, in
+/// batches of up to 1000: a daemon in this process or one spawned as a process.
+#[allow(dead_code)]
+pub async fn seed_over(channel: Channel, prefix: &str, n: usize) {
+    let mut ingest =
+        v1::ingest_client::IngestClient::new(InterceptedService::new(channel, Bearer::new(INGEST)));
+    let pem = ingest
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("public keys")
+        .into_inner()
+        .active
+        .expect("active")
+        .spki_pem;
+    let sealer = Sealer::from_pem(&pem).expect("pem");
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(1000) {
+        let items = chunk
+            .iter()
+            .map(|i| v1::PutSealedRequest {
+                record: Some(
+                    sealer
+                        .seal_record(
+                            &meta(&format!("{prefix}{i}"), "o"),
+                            &Secret::new(format!("secret-{i}").into_bytes()),
+                        )
+                        .expect("seal"),
+                ),
+                expected_version: 0,
+            })
+            .collect();
+        ingest
+            .put_sealed_batch(v1::PutSealedBatchRequest { items })
+            .await
+            .expect("batch");
     }
 }

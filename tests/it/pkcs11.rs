@@ -435,7 +435,6 @@ async fn two_daemons_on_one_database_share_the_token_keys() {
 #[test]
 fn a_daemon_process_serves_concurrent_reads_with_its_key_in_the_token() {
     use process::{run, spawn_daemon};
-    use tokenvault::api::SealRecord as _;
     use tokenvault::config::{CredentialEntry, Role};
     use tokenvault::secret::ApiCredential;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -465,7 +464,7 @@ fn a_daemon_process_serves_concurrent_reads_with_its_key_in_the_token() {
             env("TOKENVAULT_TEST_PKCS11_LABEL"),
             hash("web", Role::Ingest, INGEST),
             hash("worker", Role::Worker, WORKER),
-        ),
+        ) + &hash("secteam", Role::Admin, ADMIN),
     )
     .expect("config");
     let o = run(
@@ -488,37 +487,7 @@ fn a_daemon_process_serves_concurrent_reads_with_its_key_in_the_token() {
                     .await
                     .expect("connect")
             };
-            let mut ingest = v1::ingest_client::IngestClient::new(
-                tonic::service::interceptor::InterceptedService::new(
-                    connect().await,
-                    Bearer::new(INGEST),
-                ),
-            );
-            let active = ingest
-                .public_keys(v1::PublicKeysRequest {})
-                .await
-                .expect("keys")
-                .into_inner()
-                .active
-                .expect("active");
-            let sealer = tokenvault::Sealer::from_pem(&active.spki_pem).expect("pem");
-            let items = (0..20)
-                .map(|i| v1::PutSealedRequest {
-                    record: Some(
-                        sealer
-                            .seal_record(
-                                &meta(&format!("p{i}"), "o"),
-                                &tokenvault::secret::Secret::new(format!("s-{i}").into_bytes()),
-                            )
-                            .expect("seal"),
-                    ),
-                    expected_version: 0,
-                })
-                .collect();
-            ingest
-                .put_sealed_batch(v1::PutSealedBatchRequest { items })
-                .await
-                .expect("batch");
+            seed_over(connect().await, "p", 20).await;
             let mut readers = tokio::task::JoinSet::new();
             for r in 0..8 {
                 let mut broker = v1::broker_client::BrokerClient::new(
@@ -538,14 +507,25 @@ fn a_daemon_process_serves_concurrent_reads_with_its_key_in_the_token() {
                             .expect("concurrent get")
                             .into_inner()
                             .secret;
-                        assert_eq!(got, format!("s-{n}").as_bytes());
+                        assert_eq!(got, format!("secret-{n}").as_bytes());
                     }
                 });
             }
             while let Some(done) = readers.join_next().await {
                 done.expect("reader");
             }
-            active.fingerprint
+            let keys = v1::admin_client::AdminClient::new(
+                tonic::service::interceptor::InterceptedService::new(
+                    connect().await,
+                    Bearer::new(ADMIN),
+                ),
+            )
+            .list_keys(v1::ListKeysRequest {})
+            .await
+            .expect("keys")
+            .into_inner()
+            .keys;
+            keys[0].fingerprint.clone()
         });
     assert!(
         child.try_wait().expect("status").is_none(),
