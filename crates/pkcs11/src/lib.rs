@@ -361,7 +361,14 @@ impl Token {
                 }
             },
         };
-        let result = op(&session);
+        let result = match op(&session) {
+            // A refusal from a session that is no longer logged in (the token was reset, or
+            // logged this process out) is the token going away, not the answer to the call.
+            Err(e) if !matches!(e, TokenError::Unavailable(_)) && !user_session(&session) => Err(
+                TokenError::Unavailable("the token logged this process out".into()),
+            ),
+            other => other,
+        };
         if let Err(TokenError::Unavailable(_)) = &result {
             let stale = {
                 let mut pool = self.pool();
@@ -517,6 +524,13 @@ impl Token {
                 ])
                 .map_err(|e| classify("C_FindObjects", e))?;
             let handle = match found.as_slice() {
+                // Private objects are invisible to a session that is not logged in: none found
+                // then says nothing about the key.
+                [] if !user_session(s) => {
+                    return Err(TokenError::Unavailable(
+                        "the token logged this process out".into(),
+                    ));
+                }
                 [] => return Ok(None),
                 [one] => *one,
                 many => {
@@ -574,6 +588,12 @@ impl Token {
     /// longer has any object with that id. Already gone is fine.
     pub fn destroy(&self, id: &[u8]) -> Result<(), TokenError> {
         self.with_session(|s| {
+            // Logged out, the private half would be invisible and "nothing left" a lie.
+            if !user_session(s) {
+                return Err(TokenError::Unavailable(
+                    "the token logged this process out".into(),
+                ));
+            }
             for object in Self::objects(s, id)? {
                 s.destroy_object(object)
                     .map_err(|e| classify("C_DestroyObject", e))?;
@@ -637,6 +657,15 @@ fn context(module: &std::path::Path) -> Result<Pkcs11, String> {
     }
     contexts.push((module.to_path_buf(), ctx.clone()));
     Ok(ctx)
+}
+
+/// Whether `s` is logged in as the user (so private objects are visible and usable).
+fn user_session(s: &Session) -> bool {
+    use cryptoki::session::SessionState;
+    matches!(
+        s.get_session_info().map(|i| i.session_state()),
+        Ok(SessionState::RoUser | SessionState::RwUser)
+    )
 }
 
 /// The modulus and public exponent of an RSA key object (public or private half: both are
