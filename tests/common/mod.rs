@@ -8,6 +8,7 @@ pub mod faulty;
 pub mod pg;
 pub mod pki;
 pub mod process;
+pub mod token;
 pub mod upstream;
 
 use std::collections::HashMap;

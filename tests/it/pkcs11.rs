@@ -7,45 +7,12 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use common::token::*;
 use common::*;
 use tokenvault::api::v1;
 use tokenvault::config::{Config, KeyBackend};
-use tokenvault_pkcs11::{Pin, Token, TokenConfig, TokenSelector};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run the tests with ./scripts/test, which starts a software PKCS#11 token (scripts/with-softtoken)")
-    })
-}
-
-fn token_config() -> TokenConfig {
-    TokenConfig {
-        module: PathBuf::from(env("TOKENVAULT_TEST_PKCS11_MODULE")),
-        token: TokenSelector::Label(env("TOKENVAULT_TEST_PKCS11_LABEL")),
-        pin: Pin::new(env("TOKENVAULT_TEST_PKCS11_PIN")),
-        // opencryptoki 3.8's soft token crashes when two sessions use one key at once.
-        max_sessions: 1,
-    }
-}
-
-fn in_token(base: &Path) -> Config {
-    let mut c = config(base);
-    c.key_backend = KeyBackend::Pkcs11(token_config());
-    c
-}
-
-fn token() -> Arc<Token> {
-    Token::open(token_config()).expect("token")
-}
-
-fn id_bytes(fingerprint: &str) -> Vec<u8> {
-    (0..fingerprint.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&fingerprint[i..i + 2], 16).expect("hex"))
-        .collect()
-}
+use tokenvault_pkcs11::{Pin, TokenConfig, TokenSelector};
 
 /// Every private key file under `dir`.
 fn private_key_files(dir: &Path) -> Vec<PathBuf> {
@@ -53,24 +20,6 @@ fn private_key_files(dir: &Path) -> Vec<PathBuf> {
     process::files_under(dir, &mut files);
     files.retain(|f| f.to_string_lossy().ends_with(".key.pem"));
     files
-}
-
-async fn fingerprint(d: &TestDaemon, version: u32) -> String {
-    d.admin(ADMIN)
-        .await
-        .list_keys(v1::ListKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .keys
-        .into_iter()
-        .find(|k| k.version == version)
-        .expect("version listed")
-        .fingerprint
-}
-
-async fn secret(d: &TestDaemon, id: &str) -> Vec<u8> {
-    d.get(id).await.expect("get").into_inner().secret.to_vec()
 }
 
 async fn rotate(d: &TestDaemon, import: Option<String>) -> u32 {
@@ -534,36 +483,4 @@ fn a_daemon_process_serves_concurrent_reads_with_its_key_in_the_token() {
     child.kill().expect("kill");
     let _ = child.wait();
     token().destroy(&id_bytes(&fingerprint)).expect("clean up");
-}
-
-/// The token logs the daemon out (as a token reset does): the next call that needs the key
-/// answers UNAVAILABLE, and the one after it succeeds, the daemon having opened a new session
-/// and logged in again, without a restart.
-#[tokio::test]
-async fn a_token_that_logs_the_daemon_out_answers_unavailable_then_recovers() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = TestDaemon::start_with(in_token(dir.path())).await;
-    d.seed("u", 3).await;
-    assert_eq!(secret(&d, "u1").await, b"secret-1");
-
-    // Another session of this process logs out: login state is per process and token, so
-    // every session of the daemon is logged out with it.
-    let ctx = cryptoki::context::Pkcs11::new(token_config().module).expect("module");
-    let _ = ctx.initialize(cryptoki::context::CInitializeArgs::new(
-        cryptoki::context::CInitializeFlags::OS_LOCKING_OK,
-    ));
-    let slot = ctx.get_slots_with_token().expect("slots")[0];
-    let session = ctx.open_ro_session(slot).expect("session");
-    session.logout().expect("log the process out");
-    drop(session);
-    // Never finalized: that would pull the module from under the daemon.
-    std::mem::forget(ctx);
-
-    let e = d.get("u1").await.expect_err("logged out");
-    assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
-    assert_eq!(secret(&d, "u1").await, b"secret-1", "recovered");
-    assert_eq!(secret(&d, "u2").await, b"secret-2");
-    let v1 = fingerprint(&d, 1).await;
-    d.stop().await;
-    token().destroy(&id_bytes(&v1)).expect("clean up");
 }

@@ -1697,3 +1697,32 @@ async fn a_grant_use_is_spent_when_the_call_is_attempted() {
     assert_eq!(s.provider.hits("/api/error"), 1);
     s.daemon.stop().await;
 }
+
+/// Proxy with the private key in a PKCS#11 token: the token opens the record, the upstream
+/// sees the injected token, the worker never does.
+#[tokio::test]
+async fn proxies_with_the_key_in_a_pkcs11_token() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = FakeProvider::start(ACCESS, REFRESH).await;
+    let providers = providers_toml(&provider, "");
+    let mut config = load(tmp.path(), &providers);
+    config.key_backend = tokenvault::config::KeyBackend::Pkcs11(common::token::token_config());
+    let d = TestDaemon::start_with(config).await;
+    put_client_secret(&d).await;
+    put_token(&d, "tok", "github", ACCESS.as_bytes()).await;
+    let mut req = request("tok", "POST", "/upload");
+    req.body = b"hello".to_vec();
+    let r = proxy(&d, req).await.expect("proxied");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"{\"user\":\"octocat\",\"received\":5}");
+    let seen = provider.lock().last_headers.clone();
+    assert_eq!(
+        header(&seen, "authorization"),
+        Some(&*format!("Bearer {ACCESS}"))
+    );
+    let v1 = common::token::fingerprint(&d, 1).await;
+    d.stop().await;
+    common::token::token()
+        .destroy(&common::token::id_bytes(&v1))
+        .expect("clean up");
+}
