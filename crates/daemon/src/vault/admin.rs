@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use zeroize::Zeroizing;
 
-use super::approvals::{ApprovalRequest, Decision, Guarded};
+use super::approvals::{Decision, Guarded};
 use super::{Caller, Vault, VaultError};
 use crate::audit::Draft;
 use crate::keys::{KeyInfo, KeyState, NewKey, PrivateKey};
@@ -198,20 +198,27 @@ impl Vault {
         caller: &Caller,
         version: u32,
     ) -> Result<Decision<(KeyInfo, bool)>, VaultError> {
-        if let Some(held) = self.held(caller, Guarded::DestroyKey { version }).await? {
-            return Ok(Decision::Held(held));
-        }
-        Ok(Decision::Done(self.destroy_key_now(caller, version).await?))
+        self.guarded(
+            caller,
+            Guarded::DestroyKey { version },
+            self.destroy_key_now(caller, version),
+        )
+        .await
     }
 
-    /// Under the two-person rule, `action` stored as a request waiting for approvals.
-    async fn held(
+    /// Runs `act` (a future, so not started yet) unless the two-person rule holds `action`, in
+    /// which case only the approval request is stored and returned.
+    async fn guarded<T>(
         self: &Arc<Self>,
         caller: &Caller,
         action: Guarded,
-    ) -> Result<Option<ApprovalRequest>, VaultError> {
+        act: impl Future<Output = Result<T, VaultError>>,
+    ) -> Result<Decision<T>, VaultError> {
         let who = caller.name.clone();
-        self.blocking(move |v| v.hold(&who, action)).await
+        match self.blocking(move |v| v.hold(&who, action)).await? {
+            Some(held) => Ok(Decision::Held(held)),
+            None => Ok(Decision::Done(act.await?)),
+        }
     }
 
     /// [`Vault::destroy_key`] without the two-person rule (once approved).
@@ -250,15 +257,12 @@ impl Vault {
         caller: &Caller,
         version: u32,
     ) -> Result<Decision<KeyInfo>, VaultError> {
-        if let Some(held) = self
-            .held(caller, Guarded::CancelDestroyKey { version })
-            .await?
-        {
-            return Ok(Decision::Held(held));
-        }
-        Ok(Decision::Done(
-            self.cancel_destroy_key_now(caller, version).await?,
-        ))
+        self.guarded(
+            caller,
+            Guarded::CancelDestroyKey { version },
+            self.cancel_destroy_key_now(caller, version),
+        )
+        .await
     }
 
     /// [`Vault::cancel_destroy_key`] without the two-person rule (once approved).
@@ -498,10 +502,8 @@ impl Vault {
         let action = Guarded::DeleteOwner {
             owner: owner.as_str().to_string(),
         };
-        if let Some(held) = self.held(caller, action).await? {
-            return Ok(Decision::Held(held));
-        }
-        Ok(Decision::Done(self.delete_owner_now(caller, owner).await?))
+        self.guarded(caller, action, self.delete_owner_now(caller, owner))
+            .await
     }
 
     /// `Admin.SetMinDecryptVersion`: refuses to open anything wrapped under a version below
@@ -515,15 +517,12 @@ impl Vault {
         caller: &Caller,
         version: u32,
     ) -> Result<Decision<u32>, VaultError> {
-        if let Some(held) = self
-            .held(caller, Guarded::SetMinDecryptVersion { version })
-            .await?
-        {
-            return Ok(Decision::Held(held));
-        }
-        Ok(Decision::Done(
-            self.set_min_decrypt_version_now(caller, version).await?,
-        ))
+        self.guarded(
+            caller,
+            Guarded::SetMinDecryptVersion { version },
+            self.set_min_decrypt_version_now(caller, version),
+        )
+        .await
     }
 
     /// [`Vault::set_min_decrypt_version`] without the two-person rule (once approved).
