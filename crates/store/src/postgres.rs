@@ -1623,31 +1623,7 @@ async fn apply_in(
     }
     for (key, c) in changes.meta {
         let n = if let Some(id) = key.strip_prefix(GRANT_PREFIX) {
-            match (&c.before, &c.after) {
-                (None, Some(v)) => {
-                    t.execute(
-                        "INSERT INTO tokenvault_grants (id, value) VALUES ($1, $2)
-                         ON CONFLICT (id) DO NOTHING",
-                        &[&id, v],
-                    )
-                    .await?
-                }
-                (Some(old), Some(v)) => {
-                    t.execute(
-                        "UPDATE tokenvault_grants SET value = $2 WHERE id = $1 AND value = $3",
-                        &[&id, v, old],
-                    )
-                    .await?
-                }
-                (Some(old), None) => {
-                    t.execute(
-                        "DELETE FROM tokenvault_grants WHERE id = $1 AND value = $2",
-                        &[&id, old],
-                    )
-                    .await?
-                }
-                (None, None) => 1,
-            }
+            compare_and_swap(t, &GRANT_CAS, id, &c.before, &c.after).await?
         } else if let Some(marker) = key.strip_prefix(REPLAY_PREFIX) {
             match &c.after {
                 Some(v) => {
@@ -1667,32 +1643,8 @@ async fn apply_in(
                 }
             }
         } else {
-            // Compare-and-swap against the value planned from, as for grants.
-            match (&c.before, &c.after) {
-                (None, Some(v)) => {
-                    t.execute(
-                        "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
-                         ON CONFLICT (key) DO NOTHING",
-                        &[&key, v],
-                    )
-                    .await?
-                }
-                (Some(old), Some(v)) => {
-                    t.execute(
-                        "UPDATE tokenvault_meta SET value = $2 WHERE key = $1 AND value = $3",
-                        &[&key, v, old],
-                    )
-                    .await?
-                }
-                (Some(old), None) => {
-                    t.execute(
-                        "DELETE FROM tokenvault_meta WHERE key = $1 AND value = $2",
-                        &[&key, old],
-                    )
-                    .await?
-                }
-                (None, None) => 1,
-            }
+            // Approval requests and settings: compare-and-swap, as for grants.
+            compare_and_swap(t, &META_CAS, &key, &c.before, &c.after).await?
         };
         if n != 1 {
             return Err(Fail::Retry(format!(
@@ -1702,6 +1654,43 @@ async fn apply_in(
         }
     }
     Ok(())
+}
+
+/// The three statements of a compare-and-swap on a key/value table: insert if absent, update
+/// from the value read, delete from the value read. Each changes one row or none.
+struct CasStatements {
+    insert: &'static str,
+    update: &'static str,
+    delete: &'static str,
+}
+
+const GRANT_CAS: CasStatements = CasStatements {
+    insert: "INSERT INTO tokenvault_grants (id, value) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+    update: "UPDATE tokenvault_grants SET value = $2 WHERE id = $1 AND value = $3",
+    delete: "DELETE FROM tokenvault_grants WHERE id = $1 AND value = $2",
+};
+
+const META_CAS: CasStatements = CasStatements {
+    insert: "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+    update: "UPDATE tokenvault_meta SET value = $2 WHERE key = $1 AND value = $3",
+    delete: "DELETE FROM tokenvault_meta WHERE key = $1 AND value = $2",
+};
+
+/// Writes `after` over the row `key` that was `before` when planned: the rows changed (1, or
+/// 0 if another writer got there first; 1 when nothing was to change).
+async fn compare_and_swap(
+    t: &Txn<'_>,
+    sql: &CasStatements,
+    key: &str,
+    before: &Option<Vec<u8>>,
+    after: &Option<Vec<u8>>,
+) -> Result<u64, Fail> {
+    Ok(match (before, after) {
+        (None, Some(v)) => t.execute(sql.insert, &[&key, v]).await?,
+        (Some(old), Some(v)) => t.execute(sql.update, &[&key, v, old]).await?,
+        (Some(old), None) => t.execute(sql.delete, &[&key, old]).await?,
+        (None, None) => 1,
+    })
 }
 
 #[cfg(test)]
