@@ -44,6 +44,9 @@ pub(crate) enum AdminCommand {
     /// Read and verify the tamper-evident audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// See and replay webhook deliveries (docs/WEBHOOKS.md).
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Rotate, rewrap everything, retire and destroy every older version, then verify.
     /// Waits for the daemon and resumes if it restarts mid-way.
     EmergencyRotate(RewrapArgs),
@@ -145,6 +148,37 @@ pub(crate) struct RotateArgs {
     import_token_label: Option<String>,
     #[command(flatten)]
     conn: Connection,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum WebhooksCommand {
+    /// An endpoint's pending deliveries (or, with --finished, those delivered, dead-lettered
+    /// or gone), in the order their events were written.
+    List {
+        /// The endpoint ([webhooks.endpoints.NAME]).
+        endpoint: String,
+        /// Finished deliveries instead of pending ones.
+        #[arg(long)]
+        finished: bool,
+        /// One JSON object per delivery and line (Admin.ListDeliveries' fields).
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Send a delivery again now (a finished one as a replay, same webhook-id); clears the
+    /// endpoint's 410 Gone mark.
+    Retry {
+        /// The endpoint.
+        endpoint: String,
+        /// The delivery's id, as `list` prints it.
+        id: String,
+        #[command(flatten)]
+        conn: Connection,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -462,6 +496,46 @@ pub(crate) async fn run(cmd: AdminCommand) -> Result<(), CliError> {
             }
         }
         AdminCommand::Records(a) => records(a).await?,
+        AdminCommand::Webhooks(WebhooksCommand::List {
+            endpoint,
+            finished,
+            json,
+            limit,
+            conn,
+        }) => {
+            let mut c = client(&conn).await?;
+            let mut request = v1::ListDeliveriesRequest {
+                endpoint,
+                finished,
+                page_token: String::new(),
+                page_size: 1000,
+            };
+            let mut printed = 0u64;
+            'pages: loop {
+                let page = c.list_deliveries(request.clone()).await?.into_inner();
+                for d in &page.deliveries {
+                    if limit != 0 && printed == limit {
+                        break 'pages;
+                    }
+                    println!("{}", delivery_line(d, json));
+                    printed += 1;
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                request.page_token = page.next_page_token;
+            }
+        }
+        AdminCommand::Webhooks(WebhooksCommand::Retry { endpoint, id, conn }) => {
+            let d = client(&conn)
+                .await?
+                .retry_delivery(v1::RetryDeliveryRequest { endpoint, id })
+                .await?
+                .into_inner()
+                .delivery
+                .unwrap_or_default();
+            println!("pending again: {}", delivery_line(&d, false));
+        }
         AdminCommand::Export(_) | AdminCommand::Import(_) => {
             return Err(CliError::Internal(
                 "export and import run outside the runtime".into(),
@@ -570,6 +644,40 @@ pub(crate) fn record_json(r: &v1::RecordInfo, now: i64) -> serde_json::Value {
         "needs_reauth": r.needs_reauth,
         "state": state_name(r, now),
     })
+}
+
+/// One delivery as `admin webhooks` prints it: JSON with every field, or one line without
+/// the body.
+fn delivery_line(d: &v1::Delivery, json: bool) -> String {
+    if json {
+        return serde_json::json!({
+            "id": d.id,
+            "event_id": d.event_id,
+            "type": d.r#type,
+            "endpoint": d.endpoint,
+            "record_id": d.record_id,
+            "state": d.state,
+            "attempts": d.attempts,
+            "created_at": d.created_at,
+            "next_attempt_at": d.next_attempt_at,
+            "finished_at": d.finished_at,
+            "last_error": d.last_error,
+            "body": d.body,
+        })
+        .to_string();
+    }
+    format!(
+        "{}  {} state={} attempts={} record={} created_at={} next_attempt_at={} finished_at={} last_error={:?}",
+        d.id,
+        d.r#type,
+        d.state,
+        d.attempts,
+        d.record_id,
+        d.created_at,
+        d.next_attempt_at,
+        d.finished_at,
+        d.last_error
+    )
 }
 
 async fn records(a: RecordsArgs) -> Result<(), CliError> {

@@ -103,9 +103,14 @@ impl RecordStore for FaultyStore {
         self.inner.get_record(id)
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
+    fn delete_owner(
+        &self,
+        owner: &Owner,
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
         self.pause();
-        self.inner.delete_owner(owner, audit)
+        self.inner.delete_owner(owner, audit, outbox)
     }
 
     fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {
@@ -177,6 +182,15 @@ impl MetaStore for FaultyStore {
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.inner.grant_page(after, limit)
+    }
+
+    fn outbox_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.outbox_page(prefix, after, limit)
     }
 }
 

@@ -36,4 +36,5 @@ mod security_events;
 mod slow_store;
 mod store_copy;
 mod tls;
+mod webhooks;
 mod wycheproof;

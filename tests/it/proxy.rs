@@ -15,8 +15,8 @@ use tokenvault::config::Config;
 use tokenvault::record::{RecordMeta, SecretKind};
 use tonic::Code;
 
-const ACCESS: &str = "at-0-initial-access-token";
-const REFRESH: &str = "rt-0-initial-refresh-token";
+pub(crate) const ACCESS: &str = "at-0-initial-access-token";
+pub(crate) const REFRESH: &str = "rt-0-initial-refresh-token";
 
 /// The `[providers]` tables for the fake provider, plus extra TOML.
 fn providers_toml(p: &FakeProvider, extra: &str) -> String {
@@ -88,7 +88,7 @@ fn write_config(dir: &Path, providers: &str) -> std::path::PathBuf {
     path
 }
 
-fn load(dir: &Path, providers: &str) -> Config {
+pub(crate) fn load(dir: &Path, providers: &str) -> Config {
     let path = write_config(dir, providers);
     let mut c = Config::load(&path, &HashMap::<String, String>::new()).expect("config loads");
     c.dev = true;
@@ -96,23 +96,23 @@ fn load(dir: &Path, providers: &str) -> Config {
     c
 }
 
-fn meta(id: &str, provider: &str, kind: SecretKind, expires_at: i64) -> RecordMeta {
+pub(crate) fn meta(id: &str, provider: &str, kind: SecretKind, expires_at: i64) -> RecordMeta {
     RecordMeta::parse(id, "alice", provider, kind, &["repo".into()], expires_at).expect("meta")
 }
 
-fn bundle(access: &str, refresh: &str, expires_at: i64) -> Vec<u8> {
+pub(crate) fn bundle(access: &str, refresh: &str, expires_at: i64) -> Vec<u8> {
     format!(
         r#"{{"access_token":"{access}","refresh_token":"{refresh}","expires_at":{expires_at},"token_type":"Bearer"}}"#
     )
     .into_bytes()
 }
 
-struct Setup {
-    tmp: tempfile::TempDir,
-    provider: FakeProvider,
-    daemon: TestDaemon,
+pub(crate) struct Setup {
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) provider: FakeProvider,
+    pub(crate) daemon: TestDaemon,
     /// The providers part of the config file.
-    providers: String,
+    pub(crate) providers: String,
     /// The vault's clock, when the test moves time.
     clock: Option<common::TestClock>,
 }
@@ -123,7 +123,7 @@ async fn setup() -> Setup {
 
 /// A fake provider, and a daemon configured for it plus `extra(provider)` TOML, holding the
 /// OAuth client secret.
-async fn setup_with(extra: impl Fn(&FakeProvider) -> String) -> Setup {
+pub(crate) async fn setup_with(extra: impl Fn(&FakeProvider) -> String) -> Setup {
     let tmp = tempfile::tempdir().expect("tempdir");
     let provider = FakeProvider::start(ACCESS, REFRESH).await;
     let providers = providers_toml(&provider, &extra(&provider));
@@ -149,18 +149,24 @@ async fn put_client_secret(d: &TestDaemon) {
 }
 
 /// Stores an access token record.
-async fn put_token(d: &TestDaemon, id: &str, provider: &str, token: &[u8]) {
+pub(crate) async fn put_token(d: &TestDaemon, id: &str, provider: &str, token: &[u8]) {
     d.put(&meta(id, provider, SecretKind::AccessToken, 0), token)
         .await;
 }
 
 /// Stores a token bundle record.
-async fn put_bundle(d: &TestDaemon, id: &str, provider: &str, tokens: (&str, &str), at: i64) {
+pub(crate) async fn put_bundle(
+    d: &TestDaemon,
+    id: &str,
+    provider: &str,
+    tokens: (&str, &str),
+    at: i64,
+) {
     let m = meta(id, provider, SecretKind::TokenBundle, at);
     d.put(&m, &bundle(tokens.0, tokens.1, at)).await;
 }
 
-fn request(id: &str, method: &str, path: &str) -> v1::ProxyRequest {
+pub(crate) fn request(id: &str, method: &str, path: &str) -> v1::ProxyRequest {
     v1::ProxyRequest {
         id: id.into(),
         method: method.into(),
@@ -171,7 +177,10 @@ fn request(id: &str, method: &str, path: &str) -> v1::ProxyRequest {
     }
 }
 
-async fn proxy(d: &TestDaemon, req: v1::ProxyRequest) -> Result<v1::ProxyResponse, tonic::Status> {
+pub(crate) async fn proxy(
+    d: &TestDaemon,
+    req: v1::ProxyRequest,
+) -> Result<v1::ProxyResponse, tonic::Status> {
     d.broker(WORKER)
         .await
         .proxy(req)

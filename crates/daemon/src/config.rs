@@ -449,6 +449,8 @@ pub struct Config {
     pub key_backend: KeyBackend,
     /// The two-person rule (`[admin]`).
     pub admin: AdminPolicy,
+    /// Signed webhooks from the outbox (`[webhooks]`, docs/WEBHOOKS.md).
+    pub webhooks: crate::webhook::WebhookConfig,
 }
 
 /// `[admin]`: how many distinct admin identities must agree to the guarded calls (destroying
@@ -683,6 +685,7 @@ struct FileConfig {
     security_event_issuers: Vec<FileIssuer>,
     audit: Option<FileAudit>,
     admin: Option<FileAdmin>,
+    webhooks: Option<crate::webhook::FileWebhooks>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1219,6 +1222,8 @@ impl Config {
             audit: audit_from(file.audit, base)?,
             key_backend,
             admin: admin_from(file.admin)?,
+            webhooks: crate::webhook::parse(file.webhooks.unwrap_or_default(), base)
+                .map_err(|e| invalid(&e.key, e.message))?,
             listen,
             ingest_listen,
             data_dir: base.join(data_dir),
@@ -1386,6 +1391,7 @@ impl Config {
             audit: AuditConfig::default(),
             key_backend: KeyBackend::File,
             admin: AdminPolicy::default(),
+            webhooks: crate::webhook::WebhookConfig::default(),
             metrics_listen: Some(SocketAddr::new(listen.ip(), 0)),
             log_format: log_format(env, None)?,
         })

@@ -34,6 +34,7 @@ pub mod rotation;
 pub mod security_event;
 pub mod server;
 pub mod vault;
+pub mod webhook;
 
 pub use tokenvault_envelope::{Sealer, envelope, record, sealer, secret};
 pub use tokenvault_proto as api;

@@ -108,11 +108,11 @@ pub fn create_read_replace(store: &dyn TestHooks) {
     ));
     // The owner moved with the replace: deleting the old owner leaves it alone.
     assert_eq!(
-        store.delete_owner(&Owner::parse("o1").expect("valid"), &event()),
+        store.delete_owner(&Owner::parse("o1").expect("valid"), &event(), &[]),
         Ok(0)
     );
     assert_eq!(
-        store.delete_owner(&Owner::parse("o2").expect("valid"), &event()),
+        store.delete_owner(&Owner::parse("o2").expect("valid"), &event(), &[]),
         Ok(1)
     );
     assert_eq!(store.get_record(&rid("a")), Ok(None));
@@ -215,7 +215,7 @@ pub fn revoke_delete_and_stats(store: &dyn TestHooks) {
     ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     assert_eq!(ids, vec![rid("r1"), rid("r2")]);
     assert_eq!(
-        store.delete_owner(&Owner::parse("alice").expect("valid"), &event()),
+        store.delete_owner(&Owner::parse("alice").expect("valid"), &event(), &[]),
         Ok(2)
     );
     assert_eq!(store.get_record(&rid("r1")), Ok(None));
@@ -874,7 +874,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
         .expect("delete");
     in_use(1);
     store
-        .delete_owner(&Owner::parse("q").expect("owner"), &event())
+        .delete_owner(&Owner::parse("q").expect("owner"), &event(), &[])
         .expect("delete owner");
     store
         .retire_key(&key(1, KeyState::Retired), &event())
@@ -892,7 +892,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
 }
 
 /// How many kinds of [`Mutation`] there are; [`one_of_each_kind`] makes one of each.
-const MUTATION_KINDS: usize = 9;
+const MUTATION_KINDS: usize = 10;
 
 /// Whether a mutation changes a record, so that it needs its audit event in the same write.
 /// Exhaustive: a new kind of mutation does not compile until it is classified here, added to
@@ -911,6 +911,9 @@ fn changes_a_record(m: &Mutation) -> bool {
         | Mutation::PutReplayMarker { .. }
         | Mutation::PutApproval { .. }
         | Mutation::PutSetting { .. } => false,
+        // An outbox entry reports a change; it goes with that change's write, or (a delivery's
+        // outcome) is the deliverer's bookkeeping.
+        Mutation::PutOutbox { .. } => false,
     }
 }
 
@@ -945,7 +948,99 @@ fn one_of_each_kind() -> Vec<Mutation> {
             value: b"1".to_vec(),
             expected: None,
         },
+        Mutation::PutOutbox {
+            key: "p/e/1".into(),
+            value: Some(b"entry".to_vec()),
+            expected: None,
+        },
     ]
+}
+
+/// The outbox: entries created once, changed and removed only from the value read, written
+/// with the change they report (a refused change writes none), listed by prefix in key order,
+/// and written with an owner's deletion.
+pub fn outbox(store: &dyn TestHooks) {
+    let put = |key: &str, value: Option<&[u8]>, expected: Option<&[u8]>| Mutation::PutOutbox {
+        key: key.into(),
+        value: value.map(<[u8]>::to_vec),
+        expected: expected.map(<[u8]>::to_vec),
+    };
+    for key in ["p/a/2", "p/a/1", "p/b/1", "d/a/1"] {
+        store
+            .apply(&[put(key, Some(key.as_bytes()), None)], &[], 1)
+            .expect("create");
+    }
+    let keys = |prefix: &str, after: Option<&str>, limit: usize| -> Vec<String> {
+        store
+            .outbox_page(prefix, after, limit)
+            .expect("page")
+            .into_iter()
+            .map(|(k, v)| {
+                assert_eq!(k.as_bytes(), v.as_slice());
+                k
+            })
+            .collect()
+    };
+    assert_eq!(keys("p/", None, 10), ["p/a/1", "p/a/2", "p/b/1"]);
+    assert_eq!(keys("p/a/", None, 10), ["p/a/1", "p/a/2"]);
+    assert_eq!(keys("p/", Some("p/a/1"), 1), ["p/a/2"]);
+    assert_eq!(keys("p/", Some("p/b/1"), 10), Vec::<String>::new());
+    assert_eq!(keys("", None, 10), ["d/a/1", "p/a/1", "p/a/2", "p/b/1"]);
+    // Other metadata beside the outbox is not listed.
+    store.put_meta("outbox", Some(b"x")).expect("meta");
+    store.put_meta("outboy/1", Some(b"x")).expect("meta");
+    assert_eq!(keys("", None, 10).len(), 4);
+    // Compare-and-swap: a stale or repeated write is refused and changes nothing.
+    for refused in [
+        put("p/a/1", Some(b"again"), None),
+        put("p/a/1", Some(b"new"), Some(b"stale")),
+        put("p/a/1", None, Some(b"stale")),
+    ] {
+        assert!(matches!(
+            store.apply(&[refused], &[], 2),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    // Moved from pending to done in one write.
+    store
+        .apply(
+            &[
+                put("p/a/1", None, Some(b"p/a/1")),
+                put("d/a/2", Some(b"d/a/2"), None),
+            ],
+            &[],
+            2,
+        )
+        .expect("move");
+    assert_eq!(keys("p/", None, 10), ["p/a/2", "p/b/1"]);
+    assert_eq!(keys("d/", None, 10), ["d/a/1", "d/a/2"]);
+    // An entry goes only with the change it reports.
+    let trail = store.audit_events(1, 100).expect("events");
+    assert!(matches!(
+        store.apply(
+            &[
+                put("p/c/1", Some(b"p/c/1"), None),
+                Mutation::Revoke(rid("absent"))
+            ],
+            &[event()],
+            3,
+        ),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(keys("p/c/", None, 10), Vec::<String>::new());
+    assert_eq!(store.audit_events(1, 100).expect("events"), trail);
+    store
+        .put_records(&[write("x", "gone", 0)], 3)
+        .expect("seed");
+    store
+        .delete_owner(
+            &Owner::parse("gone").expect("owner"),
+            &event(),
+            &[("p/o/1".into(), b"p/o/1".to_vec())],
+        )
+        .expect("delete owner");
+    assert_eq!(keys("p/o/", None, 10), ["p/o/1"]);
+    assert_eq!(store.get_record(&rid("x")), Ok(None));
 }
 
 /// Audit by construction: every kind of record change is refused (`Unaudited`, nothing
@@ -1009,6 +1104,7 @@ pub fn all(make: impl Fn() -> Box<dyn TestHooks>) {
     audit_pruning(&*make());
     grants(&*make());
     approvals(&*make());
+    outbox(&*make());
     apply_is_atomic_and_audited(&*make());
     retire_is_atomic_with_record_writes(&*make());
     retire_counts_records_under_the_version(&*make());

@@ -181,6 +181,19 @@ pub enum Mutation {
         /// Compare-and-swap: the value as it was read.
         expected: Option<Vec<u8>>,
     },
+    /// Creates, replaces or (with `value: None`) removes an outbox entry (a webhook delivery,
+    /// docs/WEBHOOKS.md) under its key; compare-and-swap on `expected` (the entry as read,
+    /// `None`: it must not exist yet), `Conflict` if another writer changed it. Written in the
+    /// same atomic write as the change the event reports, so a crash neither loses nor invents
+    /// an event; a deliverer that lost its lease cannot overwrite another's outcome.
+    PutOutbox {
+        /// The entry's key under [`OUTBOX_PREFIX`].
+        key: String,
+        /// The encoded entry; `None` removes it.
+        value: Option<Vec<u8>>,
+        /// Compare-and-swap: the entry as it was read.
+        expected: Option<Vec<u8>>,
+    },
     /// Records that a security event was applied; `AlreadyExists` if it was before, so an
     /// event is applied once.
     PutReplayMarker {
@@ -196,7 +209,6 @@ pub(crate) fn grant_key(id: &str) -> String {
     format!("grant/{id}")
 }
 
-/// Metadata key of a security-event replay marker.
 /// Metadata key of a run-time setting ([`Mutation::PutSetting`]).
 pub fn setting_key(name: &str) -> String {
     format!("setting/{name}")
@@ -207,6 +219,15 @@ pub fn approval_key(id: &str) -> String {
     format!("approval/{id}")
 }
 
+/// Prefix of every outbox entry's metadata key ([`Mutation::PutOutbox`]).
+pub const OUTBOX_PREFIX: &str = "outbox/";
+
+/// Metadata key of an outbox entry.
+pub fn outbox_key(key: &str) -> String {
+    format!("{OUTBOX_PREFIX}{key}")
+}
+
+/// Metadata key of a security-event replay marker.
 pub(crate) fn replay_key(key: &str) -> String {
     format!("{REPLAY_PREFIX}{key}")
 }
@@ -400,8 +421,14 @@ pub trait RecordStore: Send + Sync + 'static {
         }
     }
 
-    /// Deletes every record of `owner`, with `audit` in the same batch; returns how many.
-    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError>;
+    /// Deletes every record of `owner`, with `audit` and the `outbox` entries (key under
+    /// [`OUTBOX_PREFIX`], value; created or overwritten) in the same batch; returns how many.
+    fn delete_owner(
+        &self,
+        owner: &Owner,
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<u64, StoreError>;
 
     /// Ids of every record of `owner`.
     fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError>;
@@ -482,6 +509,15 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Up to `limit` grants (id, encoded grant) with ids after `after`, in id order.
     fn grant_page(
         &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Up to `limit` outbox entries (key under [`OUTBOX_PREFIX`], value) whose keys start with
+    /// `prefix` and sort after `after` (from the first if `None`), in key order.
+    fn outbox_page(
+        &self,
+        prefix: &str,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;

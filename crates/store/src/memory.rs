@@ -133,9 +133,17 @@ impl RecordStore for MemoryStore {
         Ok(self.lock().records.get(id).cloned())
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
+    fn delete_owner(
+        &self,
+        owner: &Owner,
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         inner.audit.insert(audit.seq, audit.bytes.clone());
+        for (key, value) in outbox {
+            inner.meta.insert(super::outbox_key(key), value.clone());
+        }
         let before = inner.records.len();
         inner.records.retain(|_, r| &r.meta.owner != owner);
         Ok((before - inner.records.len()) as u64)
@@ -230,6 +238,29 @@ impl MetaStore for MemoryStore {
             .meta
             .range((from, Bound::Unbounded))
             .map_while(|(k, v)| Some((k.strip_prefix(GRANT_PREFIX)?.to_string(), v.clone())))
+            .take(limit)
+            .collect())
+    }
+
+    fn outbox_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        use std::ops::Bound;
+        let within = super::outbox_key(prefix);
+        let from = after.map_or(Bound::Included(within.clone()), |a| {
+            Bound::Excluded(super::outbox_key(a))
+        });
+        Ok(self
+            .lock()
+            .meta
+            .range((from, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(&within))
+            .filter_map(|(k, v)| {
+                Some((k.strip_prefix(super::OUTBOX_PREFIX)?.to_string(), v.clone()))
+            })
             .take(limit)
             .collect())
     }

@@ -850,16 +850,35 @@ impl RecordStore for PostgresStore {
         })
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
+    fn delete_owner(
+        &self,
+        owner: &Owner,
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
         let owner = owner.as_str().to_string();
         let audit = vec![audit.clone()];
+        let outbox: Arc<Vec<(String, Vec<u8>)>> = Arc::new(
+            outbox
+                .iter()
+                .map(|(k, v)| (super::outbox_key(k), v.clone()))
+                .collect(),
+        );
         let chain = self.chain.clone();
         self.txn(move |t| {
-            let (owner, audit, chain) = (owner.clone(), audit.clone(), chain.clone());
+            let (owner, audit, chain, outbox) = (
+                owner.clone(),
+                audit.clone(),
+                chain.clone(),
+                Arc::clone(&outbox),
+            );
             Box::pin(async move {
                 let n = t
                     .execute("DELETE FROM tokenvault_records WHERE owner = $1", &[&owner])
                     .await?;
+                for (k, v) in outbox.iter() {
+                    t.execute(UPSERT_META, &[k, v]).await?;
+                }
                 insert_audit(t, &chain, &audit).await?;
                 Ok(n)
             })
@@ -1088,6 +1107,54 @@ impl MetaStore for PostgresStore {
                 .into_iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect())
+            })
+        })
+    }
+
+    fn outbox_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let from = super::outbox_key(after.unwrap_or(prefix));
+        // The first key past every key starting with the prefix: its last byte raised (outbox
+        // keys are ASCII, and the prefix always ends in an ASCII byte: "outbox/" at least).
+        let mut upper = super::outbox_key(prefix).into_bytes();
+        if let Some(last) = upper.last_mut() {
+            *last = last.saturating_add(1);
+        }
+        let upper = String::from_utf8(upper)
+            .map_err(|_| StoreError::Engine("an outbox prefix must be ASCII".into()))?;
+        let after = after.map(super::outbox_key);
+        // One more than asked: the entry `after` itself may be the first row.
+        let limit = i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX);
+        let wanted = usize::try_from(limit).unwrap_or(usize::MAX) - 1;
+        self.read(move |c| {
+            let (from, upper, after) = (from.clone(), upper.clone(), after.clone());
+            Box::pin(async move {
+                // The key column is COLLATE "C" (byte order), so the primary key serves the range.
+                let stmt = c
+                    .prepare_cached(
+                        "SELECT key, value FROM tokenvault_meta
+                         WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3",
+                    )
+                    .await?;
+                let rows = c.query(&stmt, &[&from, &upper, &limit]).await?;
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|r| {
+                        let key: String = r.get(0);
+                        if after.as_ref() == Some(&key) {
+                            return None;
+                        }
+                        Some((
+                            key.strip_prefix(super::OUTBOX_PREFIX)?.to_string(),
+                            r.get(1),
+                        ))
+                    })
+                    .take(wanted)
+                    .collect())
             })
         })
     }

@@ -392,6 +392,35 @@ impl RocksStore {
 
     /// [`RecordStore::put_record_groups`], and the test hook's unaudited seeding (`audit`
     /// `None`: only [`TestHooks::put_records`] passes it).
+    /// Up to `limit` metadata entries under `table` (a key prefix, stripped from the keys
+    /// returned) whose rest starts with `prefix` and sorts after `after`, in key order.
+    fn meta_under(
+        &self,
+        table: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let from = format!("{table}{}", after.unwrap_or(prefix));
+        let within = format!("{table}{prefix}");
+        let mode = rocksdb::IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (k, v) = item.map_err(engine)?;
+            if !k.starts_with(within.as_bytes()) || out.len() == limit {
+                break;
+            }
+            let rest = &k[table.len()..];
+            if after.is_some_and(|a| a.as_bytes() == rest) {
+                continue;
+            }
+            let rest = String::from_utf8(rest.to_vec())
+                .map_err(|_| StoreError::Corrupt(format!("a key under {table} is not UTF-8")))?;
+            out.push((rest, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn write_groups(
         &self,
         groups: &[&[RecordWrite]],
@@ -535,7 +564,12 @@ impl RecordStore for RocksStore {
         self.read(id)
     }
 
-    fn delete_owner(&self, owner: &Owner, audit: &AuditAppend) -> Result<u64, StoreError> {
+    fn delete_owner(
+        &self,
+        owner: &Owner,
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
         let prefix = schema::owner_prefix(owner);
         let ids: Vec<Vec<u8>> = {
             let _guard = self.lock();
@@ -564,6 +598,9 @@ impl RecordStore for RocksStore {
                         batch.delete_cf(self.cf(CF_OWNERS), k);
                     }
                 }
+            }
+            for (key, value) in outbox {
+                batch.put_cf(self.cf(CF_META), super::outbox_key(key), value);
             }
             self.add_audit(&mut batch, Some(audit));
             self.write(batch)?;
@@ -719,25 +756,16 @@ impl MetaStore for RocksStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let from = after.map_or_else(|| GRANT_PREFIX.to_string(), grant_key);
-        let mode = rocksdb::IteratorMode::From(from.as_bytes(), rocksdb::Direction::Forward);
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
-            let (k, v) = item.map_err(engine)?;
-            let Some(id) = k.strip_prefix(GRANT_PREFIX.as_bytes()) else {
-                break;
-            };
-            if out.len() == limit {
-                break;
-            }
-            if after.is_some_and(|a| a.as_bytes() == id) {
-                continue;
-            }
-            let id = String::from_utf8(id.to_vec())
-                .map_err(|_| StoreError::Corrupt("grant id is not UTF-8".into()))?;
-            out.push((id, v.to_vec()));
-        }
-        Ok(out)
+        self.meta_under(GRANT_PREFIX, "", after, limit)
+    }
+
+    fn outbox_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.meta_under(super::OUTBOX_PREFIX, prefix, after, limit)
     }
 }
 

@@ -78,6 +78,7 @@ pub(crate) fn reads(mutations: &[Mutation]) -> Reads {
             Mutation::PutReplayMarker { key, .. } => r.meta.push(replay_key(key)),
             Mutation::PutApproval { id, .. } => r.meta.push(crate::approval_key(id)),
             Mutation::PutSetting { name, .. } => r.meta.push(crate::setting_key(name)),
+            Mutation::PutOutbox { key, .. } => r.meta.push(crate::outbox_key(key)),
         }
     }
     r.records.sort_unstable();
@@ -236,6 +237,17 @@ pub(crate) fn plan(
                     return Err(StoreError::Conflict(format!("setting {name}")));
                 }
                 c.after = Some(value.clone());
+            }
+            Mutation::PutOutbox {
+                key,
+                value,
+                expected,
+            } => {
+                let c = o.meta(crate::outbox_key(key))?;
+                if c.after != *expected {
+                    return Err(StoreError::Conflict(format!("outbox entry {key}")));
+                }
+                c.after = value.clone();
             }
             Mutation::PutReplayMarker { key, at } => {
                 let c = o.meta(replay_key(key))?;

@@ -385,6 +385,47 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn list_deliveries(
+        &self,
+        request: Request<v1::ListDeliveriesRequest>,
+    ) -> Result<Response<v1::ListDeliveriesResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let page = self
+            .0
+            .list_deliveries(
+                &caller,
+                &req.endpoint,
+                req.finished,
+                req.page_size,
+                &req.page_token,
+            )
+            .await?;
+        Ok(Response::new(v1::ListDeliveriesResponse {
+            deliveries: page
+                .deliveries
+                .into_iter()
+                .map(|(id, e)| delivery(id, e))
+                .collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn retry_delivery(
+        &self,
+        request: Request<v1::RetryDeliveryRequest>,
+    ) -> Result<Response<v1::RetryDeliveryResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let (id, entry) = self
+            .0
+            .retry_delivery(&caller, &req.endpoint, &req.id)
+            .await?;
+        Ok(Response::new(v1::RetryDeliveryResponse {
+            delivery: Some(delivery(id, entry)),
+        }))
+    }
+
     async fn prune_audit(
         &self,
         request: Request<v1::PruneAuditRequest>,
@@ -417,5 +458,27 @@ impl Admin for AdminService {
         let caller = caller(&request)?;
         let providers = self.0.reload_providers(&caller).await?;
         Ok(Response::new(v1::ReloadProvidersResponse { providers }))
+    }
+}
+
+/// A stored webhook delivery as `Admin` lists it.
+fn delivery(id: String, e: crate::webhook::Entry) -> v1::Delivery {
+    v1::Delivery {
+        id,
+        event_id: e.id,
+        r#type: e.kind,
+        endpoint: e.endpoint,
+        record_id: e.record.unwrap_or_default(),
+        state: e.state.as_str().into(),
+        attempts: e.attempts,
+        created_at: e.created_ms / 1000,
+        next_attempt_at: if e.state == crate::webhook::State::Pending {
+            e.next_attempt_ms / 1000
+        } else {
+            0
+        },
+        finished_at: e.finished_ms.map_or(0, |ms| ms / 1000),
+        last_error: e.last_error.unwrap_or_default(),
+        body: e.body,
     }
 }

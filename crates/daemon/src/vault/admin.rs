@@ -20,6 +20,7 @@ use crate::record::{Owner, Record, RecordId};
 use crate::rotation::Destroy;
 use crate::rotation::{self, KeyService, RewrapOptions, RewrapProgress};
 use crate::store::{Mutation, StoreError, StoreStats};
+use crate::webhook::{Event, EventType};
 
 /// A key supplied for import by `RotateKey`.
 #[derive(Debug)]
@@ -465,7 +466,30 @@ impl Vault {
             .blocking(move |v| {
                 let draft = Draft::new(&who, "Revoke").record(id.as_str());
                 v.forget_deks(Some(&id));
-                v.audited(draft, |a| Ok((v.store.revoke(&id, v.now(), a)?, true)))
+                v.audited(draft, |a| {
+                    let before = v
+                        .store
+                        .get_record(&id)?
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                    let mut mutations = vec![Mutation::Revoke(id.clone())];
+                    if !before.revoked {
+                        mutations.extend(
+                            v.outbox(&[Event::about(
+                                EventType::Revoked,
+                                &before,
+                                before.version + 1,
+                            )
+                            .with("reason", "admin")]),
+                        );
+                    }
+                    v.store
+                        .apply(&mutations, std::slice::from_ref(a), v.now())?;
+                    let after = v
+                        .store
+                        .get_record(&id)?
+                        .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                    Ok((after, true))
+                })
             })
             .await?;
         tracing::info!(rpc = "Revoke", caller = %caller.name, record = %self.log_id(&log_id), "revoked");
@@ -479,11 +503,17 @@ impl Vault {
             let draft = Draft::new(&who, "Delete").record(id.as_str());
             v.forget_deks(Some(&id));
             v.audited(draft, |a| {
-                if v.store.delete_record(&id, a)? {
-                    Ok(((), true))
-                } else {
-                    Err(StoreError::NotFound(id.to_string()).into())
-                }
+                let before = v
+                    .store
+                    .get_record(&id)?
+                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+                let mut mutations = vec![Mutation::DeleteRecord(id.clone())];
+                mutations.extend(
+                    v.outbox(&[Event::about(EventType::Deleted, &before, before.version)
+                        .with("reason", "admin")]),
+                );
+                v.store.apply(&mutations, std::slice::from_ref(a), 0)?;
+                Ok(((), true))
             })
         })
         .await?;
@@ -578,7 +608,17 @@ impl Vault {
             .blocking(move |v| {
                 let draft = Draft::new(&who, "DeleteOwner").owner(owner.as_str());
                 v.forget_deks(None);
-                v.audited(draft, |a| Ok((v.store.delete_owner(&owner, a)?, true)))
+                let mut event = Event {
+                    kind: EventType::OwnerDeleted,
+                    record: None,
+                    provider: None,
+                    data: serde_json::Map::new(),
+                };
+                event.data.insert("owner".into(), owner.as_str().into());
+                let rows = v.outbox_rows(&[event]);
+                v.audited(draft, |a| {
+                    Ok((v.store.delete_owner(&owner, a, &rows)?, true))
+                })
             })
             .await?;
         // The owner is a personal identifier: it is not logged.
@@ -872,6 +912,7 @@ fn apply_security_event(
                 .detail(detail.clone()),
         ];
         let mut mutations = Vec::new();
+        let mut events = Vec::new();
         let (mut revoked, mut deleted) = (0, 0);
         for id in s.store.owner_record_ids(&owner)? {
             let Some(record) = s.store.get_record(&id)? else {
@@ -890,6 +931,10 @@ fn apply_security_event(
                 Action::Delete => {
                     drafts.push(draft("Delete"));
                     mutations.push(Mutation::DeleteRecord(id));
+                    events.push(
+                        Event::about(EventType::Deleted, &record, record.version)
+                            .with("reason", "security_event"),
+                    );
                     deleted += 1;
                 }
                 Action::RevokeScopesOutside(kept)
@@ -901,6 +946,10 @@ fn apply_security_event(
                 Action::Revoke | Action::RevokeScopesOutside(_) if !record.revoked => {
                     drafts.push(draft("Revoke"));
                     mutations.push(Mutation::Revoke(id));
+                    events.push(
+                        Event::about(EventType::Revoked, &record, record.version + 1)
+                            .with("reason", "security_event"),
+                    );
                     revoked += 1;
                 }
                 _ => {}
@@ -910,6 +959,7 @@ fn apply_security_event(
             key: marker.clone(),
             at: now,
         });
+        mutations.extend(s.outbox(&events));
         let written = s.audit.append_all_with(&drafts, |appends| {
             match s.store.apply(&mutations, appends, now) {
                 Ok(()) => Ok((true, true)),

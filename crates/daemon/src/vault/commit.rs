@@ -38,25 +38,32 @@ impl GroupAudit for Events {
             .iter()
             .flat_map(|(group, records)| {
                 let (caller, action) = &self.callers[*group];
-                records.iter().map(move |r| {
-                    let change = if r.version == 1 {
-                        "created"
-                    } else {
-                        "replaced"
-                    };
-                    Draft::new(caller, action)
-                        .record(r.meta.id.as_str())
-                        .owner(r.meta.owner.as_str())
-                        .outcome("ok")
-                        .detail(format!(
-                            "{change}: version {}, key version {}",
-                            r.version, r.key_version
-                        ))
-                })
+                records
+                    .iter()
+                    .map(move |r| stored_draft(caller, action, &r.meta, r.version, r.key_version))
             })
             .collect();
         self.sealer.seal(&drafts)
     }
+}
+
+/// The audit event of a record an ingest request created or replaced (at `version`, under
+/// `key_version`), whichever write path stored it.
+pub(super) fn stored_draft(
+    caller: &str,
+    action: &str,
+    meta: &crate::record::RecordMeta,
+    version: u64,
+    key_version: u32,
+) -> Draft {
+    let change = if version == 1 { "created" } else { "replaced" };
+    Draft::new(caller, action)
+        .record(meta.id.as_str())
+        .owner(meta.owner.as_str())
+        .outcome("ok")
+        .detail(format!(
+            "{change}: version {version}, key version {key_version}"
+        ))
 }
 
 /// The committer thread and its queue.

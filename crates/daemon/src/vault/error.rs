@@ -260,6 +260,16 @@ pub enum VaultError {
     /// The configured client secret record is missing, revoked or of the wrong kind.
     #[error("client secret record {0} is not a usable client_secret record")]
     ClientSecret(String),
+    /// A webhook endpoint's signing secret cannot be used (its message never shows it).
+    #[error("webhook endpoint {endpoint}: secret record {record}: {why}")]
+    WebhookSecret {
+        /// `[webhooks.endpoints.NAME]`.
+        endpoint: String,
+        /// The record named in `secret_records`.
+        record: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A refresh could not be performed.
     #[error("refreshing record {id}: {source}")]
     Refresh {
@@ -387,6 +397,7 @@ impl VaultError {
             | VaultError::NoRefresh(_)
             | VaultError::NotACredential { .. }
             | VaultError::ClientSecret(_)
+            | VaultError::WebhookSecret { .. }
             | VaultError::Reload(_)
             | VaultError::RetentionOff => ErrorKind::FailedPrecondition,
             VaultError::BadExchange(_) | VaultError::RedirectNotRegistered(_) => {

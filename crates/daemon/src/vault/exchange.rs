@@ -177,9 +177,11 @@ fn store(
         .record(meta.id.as_str())
         .owner(meta.owner.as_str())
         .outcome("ok");
+    let mut mutations = s.outbox(&s.recoveries(std::slice::from_ref(&write))?);
+    mutations.insert(0, Mutation::PutRecord(write));
     s.audit.append_with(&draft, |a| {
         s.store
-            .apply(&[Mutation::PutRecord(write)], std::slice::from_ref(a), now)
+            .apply(&mutations, std::slice::from_ref(a), now)
             .map(|()| ((), true))
             .map_err(VaultError::from)
     })?;

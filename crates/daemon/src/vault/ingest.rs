@@ -15,7 +15,7 @@ use crate::envelope::{EnvelopeRef, MAX_SECRET_LEN};
 use crate::keys::keyring::Keyring;
 use crate::keys::{KeyInfo, KeyState};
 use crate::record::{RecordId, RecordMeta};
-use crate::store::{RecordWrite, StoreError};
+use crate::store::{Mutation, RecordWrite, StoreError};
 
 /// One sealed record as a web tier hands it over: validated metadata and the envelope bytes,
 /// not yet checked against the keyring.
@@ -115,10 +115,17 @@ impl Vault {
         };
         let write = item.into_write(key_version);
         let id = write.meta.id.clone();
-        let versions = self
-            .commit
-            .submit(vec![write], &caller.name, "PutSealed")
-            .await?;
+        let versions = match self
+            .put_recovering(caller, vec![write], "PutSealed")
+            .await?
+        {
+            Ok(versions) => versions,
+            Err(writes) => {
+                self.commit
+                    .submit(writes, &caller.name, "PutSealed")
+                    .await?
+            }
+        };
         let version = versions.first().copied().ok_or(VaultError::Task)?;
         tracing::debug!(rpc = "PutSealed", caller = %caller.name, record = %self.log_id(&id), version, "stored");
         Ok(version)
@@ -172,13 +179,79 @@ impl Vault {
             .collect();
         let count = writes.len();
         let ids: Vec<RecordId> = writes.iter().map(|w| w.meta.id.clone()).collect();
-        let versions = self
-            .commit
-            .submit(writes, &caller.name, "PutSealedBatch")
+        let versions = match self
+            .put_recovering(caller, writes, "PutSealedBatch")
             .await
-            .map_err(|e| at_failing_item(e, &ids))?;
+            .map_err(|e| at_failing_item(e, &ids))?
+        {
+            Ok(versions) => versions,
+            Err(writes) => self
+                .commit
+                .submit(writes, &caller.name, "PutSealedBatch")
+                .await
+                .map_err(|e| at_failing_item(e, &ids))?,
+        };
         tracing::debug!(rpc = "PutSealedBatch", caller = %caller.name, records = count, "stored");
         Ok(versions)
+    }
+
+    /// Writes `writes` outside the group commit when one of them replaces a record that needs
+    /// re-authorization: with the `record.recovered` webhook and their audit events in one
+    /// write. Otherwise (no endpoint configured, only creates, or nothing to recover) hands
+    /// them back (`Err`) for the group commit, having read nothing or only the replaced
+    /// records. Rare by nature: an owner who signed in again.
+    async fn put_recovering(
+        self: &Arc<Self>,
+        caller: &Caller,
+        writes: Vec<RecordWrite>,
+        action: &'static str,
+    ) -> Result<Result<Vec<u64>, Vec<RecordWrite>>, VaultError> {
+        if !self.webhooks.enabled() || writes.iter().all(|w| w.expected_version == 0) {
+            return Ok(Err(writes));
+        }
+        let who = caller.name.clone();
+        self.blocking(move |v| {
+            let events = v.recoveries(&writes)?;
+            if events.is_empty() {
+                return Ok(Err(writes));
+            }
+            // One audit event per record this write changes: a write that repeats the one
+            // that made the stored version changes nothing and gets none (the store accepts it
+            // as such, or refuses the whole write).
+            let mut drafts = Vec::with_capacity(writes.len());
+            for w in &writes {
+                let stored = v.store.get_record(&w.meta.id)?.map_or(0, |r| r.version);
+                if stored == w.expected_version {
+                    drafts.push(super::commit::stored_draft(
+                        &who,
+                        action,
+                        &w.meta,
+                        w.expected_version + 1,
+                        w.key_version,
+                    ));
+                }
+            }
+            let mut mutations: Vec<Mutation> =
+                writes.iter().cloned().map(Mutation::PutRecord).collect();
+            mutations.extend(v.outbox(&events));
+            let now = v.now();
+            v.audit.append_all_with(&drafts, |appends| {
+                v.store
+                    .apply(&mutations, appends, now)
+                    .map(|()| ((), true))
+                    .map_err(VaultError::from)
+            })?;
+            for w in &writes {
+                v.forget_deks(Some(&w.meta.id));
+            }
+            let mut versions = Vec::with_capacity(writes.len());
+            for w in &writes {
+                let stored = v.store.get_record(&w.meta.id)?.map_or(0, |r| r.version);
+                versions.push(stored);
+            }
+            Ok(Ok(versions))
+        })
+        .await
     }
 
     /// [`Vault::reload_for_unknown_key`] off the async executor (it reads the store and

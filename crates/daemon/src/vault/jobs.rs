@@ -1,6 +1,6 @@
 //! The vault's periodic jobs: the grant sweep, automatic rotation, the destruction of key
-//! versions whose waiting period is over, background refresh and the provider reload on
-//! SIGHUP.
+//! versions whose waiting period is over, background refresh, webhook delivery and the
+//! provider reload on SIGHUP.
 //!
 //! Every job is tracked by the vault and stops when shutdown begins; a run that has started is
 //! finished, never cancelled, since its blocking work must not outlive the vault.
@@ -44,6 +44,11 @@ pub(super) fn start(vault: &Arc<Vault>) {
         vault
             .tasks
             .spawn(prune_audit(Arc::clone(vault), stop.clone()));
+    }
+    if vault.webhooks.enabled() {
+        vault
+            .tasks
+            .spawn(super::webhooks::deliver(Arc::clone(vault), stop.clone()));
     }
     vault
         .tasks

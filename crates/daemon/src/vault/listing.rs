@@ -227,16 +227,7 @@ impl Vault {
         page_size: u32,
         page_token: &str,
     ) -> Result<RecordPage, VaultError> {
-        let page_size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n <= MAX_PAGE_SIZE => n,
-            n => {
-                return Err(VaultError::Argument {
-                    what: "page_size",
-                    why: format!("{n} is more than the maximum of {MAX_PAGE_SIZE}"),
-                });
-            }
-        };
+        let page_size = page_size_of(page_size)?;
         let after = parse_token(&filter, page_token)?;
         let who = caller.name.clone();
         self.blocking(move |v| {
@@ -257,5 +248,18 @@ impl Vault {
             })
         })
         .await
+    }
+}
+
+/// A listing's `page_size` as asked: 0 is [`DEFAULT_PAGE_SIZE`], above [`MAX_PAGE_SIZE`] is
+/// refused.
+pub(super) fn page_size_of(asked: u32) -> Result<u32, VaultError> {
+    match asked {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n <= MAX_PAGE_SIZE => Ok(n),
+        n => Err(VaultError::Argument {
+            what: "page_size",
+            why: format!("{n} is more than the maximum of {MAX_PAGE_SIZE}"),
+        }),
     }
 }

@@ -62,6 +62,13 @@ pub struct UpstreamLabels {
     pub status: String,
 }
 
+/// A configured webhook endpoint's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// `[webhooks.endpoints.NAME]`.
+    pub endpoint: String,
+}
+
 fn latency() -> Histogram {
     // 50 µs .. ~3.3 s.
     Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
@@ -93,6 +100,11 @@ pub struct Metrics {
     pub refreshes: Family<Outcome, Counter>,
     /// Upstream answers (and proxy failures) by provider.
     pub upstream: Family<UpstreamLabels, Counter>,
+    /// Webhook delivery attempts by outcome (`delivered`, `failed`, `gone`), and entries
+    /// dead-lettered (`dead`).
+    pub webhook_deliveries: Family<Outcome, Counter>,
+    /// Age in seconds of each endpoint's oldest undelivered entry at the last pass.
+    pub webhook_lag: Family<EndpointLabel, Gauge>,
     /// Records rewrapped, and the total of the running or last rewrap.
     pub rewrap_done: Gauge,
     /// Records the running or last rewrap has to move.
@@ -177,6 +189,19 @@ impl Default for Metrics {
             "Proxy upstream answers by provider and status class, and proxy failures",
             upstream.clone(),
         );
+        let webhook_deliveries = Family::<Outcome, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, failed, gone) and entries dead-lettered (dead)",
+            webhook_deliveries.clone(),
+        );
+        let webhook_lag = Family::<EndpointLabel, Gauge>::default();
+        registry.register_with_unit(
+            "webhook_lag",
+            "Age of each webhook endpoint's oldest undelivered entry at the last delivery pass",
+            Unit::Seconds,
+            webhook_lag.clone(),
+        );
         let rewrap_done = Gauge::default();
         registry.register(
             "rewrap_records_done",
@@ -217,6 +242,8 @@ impl Default for Metrics {
             shed,
             refreshes,
             upstream,
+            webhook_deliveries,
+            webhook_lag,
             rewrap_done,
             rewrap_total,
         }

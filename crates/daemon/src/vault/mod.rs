@@ -34,6 +34,8 @@ mod records;
 mod refresh;
 pub mod refusals;
 mod store_keys;
+mod webhooks;
+pub use webhooks::DeliveryPage;
 
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -335,6 +337,8 @@ pub struct Vault {
     /// fetched.
     jwks: jwks::JwksFetchers,
     metrics: Arc<metrics::Metrics>,
+    /// `[webhooks]`: the endpoints the outbox delivers to.
+    webhooks: webhooks::Webhooks,
     /// Whether the store answered the last probe ([`Vault::store_reachable`]).
     store_reachable: tokio::sync::watch::Sender<bool>,
     /// Background refresh scans completed ([`Vault::background_scans`]).
@@ -400,6 +404,7 @@ impl Vault {
         };
         let upstreams = crate::proxy::Upstreams::new(config.providers.values())?;
         let jwks = jwks::JwksFetchers::new(&config.security_event_issuers)?;
+        let webhooks = webhooks::Webhooks::new(&config.webhooks)?;
         let shipper = config
             .audit
             .sink
@@ -477,6 +482,7 @@ impl Vault {
             single_flight: refresh::SingleFlight::default(),
             security_event_issuers: config.security_event_issuers.clone(),
             jwks,
+            webhooks,
             metrics: Arc::clone(&metrics),
             cpu: pool(cpu_pool::Kind::PrivateKey, cores, "RSA pool")?,
             commit: commit::GroupCommit::start(

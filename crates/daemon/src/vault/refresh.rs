@@ -27,6 +27,7 @@ use crate::proxy::Upstream;
 use crate::record::{Record, RecordId, Scope, SecretKind};
 use crate::secret::Secret;
 use crate::store::{Mutation, RecordWrite, StoreError};
+use crate::webhook::{Event, EventType};
 
 /// Per-record locks so that one refresh runs at a time per record in this daemon.
 #[derive(Debug, Default)]
@@ -301,14 +302,34 @@ fn refresh_draft(caller: &str, record: &Record, outcome: &str) -> Draft {
         .outcome(outcome)
 }
 
-/// Audits a refresh that changed nothing (failed, or lost to a newer version).
+/// Audits a refresh that changed nothing (failed, or lost to a newer version). A failure is
+/// also a `record.refresh_failed` webhook, written with its audit event.
 fn audit_refresh(state: &Vault, caller: &str, record: &Record, outcome: &str) {
     let kind = outcome.split(':').next().unwrap_or(outcome);
     super::metrics::Metrics::count(&state.metrics.refreshes, kind);
-    if let Err(e) = state
-        .audit
-        .append(&refresh_draft(caller, record, outcome), true)
-    {
+    let draft = refresh_draft(caller, record, outcome);
+    let outbox = if kind == "failed" {
+        state.outbox(&[
+            Event::about(EventType::RefreshFailed, record, record.version).with(
+                "reason",
+                outcome.strip_prefix("failed: ").unwrap_or(outcome),
+            ),
+        ])
+    } else {
+        Vec::new()
+    };
+    let written = if outbox.is_empty() {
+        state.audit.append(&draft, true).map_err(VaultError::from)
+    } else {
+        state.audit.append_with(&draft, |a| {
+            state
+                .store
+                .apply(&outbox, std::slice::from_ref(a), state.now())
+                .map(|()| ((), true))
+                .map_err(VaultError::from)
+        })
+    };
+    if let Err(e) = written {
         tracing::error!(error = %e, "could not audit a refresh");
     }
 }
@@ -419,12 +440,19 @@ fn mark_reauth(
     now: i64,
 ) -> Result<Option<(Record, TokenBundle)>, VaultError> {
     let draft = refresh_draft(caller, seen, "invalid_grant: needs re-authorization");
+    let mut mutations = vec![Mutation::MarkNeedsReauth {
+        id: seen.meta.id.clone(),
+        expected_version: seen.version,
+    }];
+    mutations.extend(
+        s.outbox(
+            &[Event::about(EventType::NeedsReauth, seen, seen.version + 1)
+                .with("reason", "invalid_grant")],
+        ),
+    );
     let marked = s.audited(draft, |audit| {
-        match s
-            .store
-            .mark_needs_reauth(&seen.meta.id, seen.version, now, audit)
-        {
-            Ok(_) => Ok((true, true)),
+        match s.store.apply(&mutations, std::slice::from_ref(audit), now) {
+            Ok(()) => Ok((true, true)),
             Err(StoreError::VersionMismatch { .. }) => Ok((false, false)),
             Err(e) => Err(e.into()),
         }
