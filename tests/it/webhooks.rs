@@ -490,3 +490,184 @@ async fn an_unusable_secret_sends_nothing_and_no_endpoint_writes_nothing() {
     assert_eq!(e.code(), Code::NotFound);
     plain.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_database_deliver_each_event_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start(dir.path(), false);
+    let toml = receiver.toml("");
+    let url = common::pg::database().await;
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut daemons = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        // One after another: the first creates the shared keyring.
+        let config = common::pg::shared(
+            crate::proxy::load(d.path(), &toml),
+            d.path(),
+            &url,
+            &format!("d{i}"),
+        );
+        daemons.push(TestDaemon::start_with(config).await);
+    }
+    put_secrets(&daemons[0]).await;
+    const N: usize = 20;
+    for i in 0..N {
+        put_live(&daemons[0], &format!("r{i}")).await;
+    }
+    for i in 0..N {
+        daemons[i % 2]
+            .admin(ADMIN)
+            .await
+            .revoke(v1::RevokeRequest {
+                id: format!("r{i}"),
+            })
+            .await
+            .expect("revoke");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (done, pending) = (
+            deliveries(&daemons[1], true).await.len(),
+            deliveries(&daemons[0], false).await.len(),
+        );
+        if done == N && pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} finished, {pending} pending"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every delivery is recorded finished after its answer: the receiver saw each event once.
+    let got = receiver.delivered();
+    let ids: std::collections::HashSet<&str> =
+        got.iter().map(|l| l["id"].as_str().expect("id")).collect();
+    assert_eq!((got.len(), ids.len()), (N, N), "{got:#?}");
+    assert_eq!(receiver.lines().len(), N, "nothing sent twice or refused");
+    for d in daemons {
+        d.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_when_the_daemon_is_killed() {
+    use common::process;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let receiver = Receiver::start(dir, true);
+    std::fs::write(
+        dir.join("tokenvault.toml"),
+        format!(
+            r#"listen = "127.0.0.1:0"
+data_dir = "data"
+key_dir = "keys"
+lock_memory = false
+[[credentials]]
+name = "ingest"
+role = "ingest"
+sha256 = "{}"
+[[credentials]]
+name = "admin"
+role = "admin"
+sha256 = "{}"
+{}"#,
+            process::sha256_hex(INGEST),
+            process::sha256_hex(ADMIN),
+            receiver.toml("")
+        ),
+    )
+    .expect("config");
+    let init = process::run(
+        dir,
+        &["keys", "init", "--config", "tokenvault.toml"],
+        &[],
+        None,
+    );
+    assert!(init.status.success(), "{}", process::stderr(&init));
+    let serve = || process::spawn_daemon(dir, &["serve", "--config", "tokenvault.toml"], &[]);
+    let (mut child, addr, _) = serve();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    // The signing secrets, and records to revoke, through Ingest.
+    let mut ingest =
+        v1::ingest_client::IngestClient::new(tonic::service::interceptor::InterceptedService::new(
+            channel.clone(),
+            common::Bearer::new(INGEST),
+        ));
+    let pem = ingest
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .active
+        .expect("active")
+        .spki_pem;
+    let sealer = tokenvault::Sealer::from_pem(&pem).expect("sealer");
+    let put = |id: &str, kind: SecretKind, secret: &[u8]| {
+        let record = sealer
+            .seal_record(
+                &meta(id, "github", kind, 0),
+                &tokenvault::secret::Secret::new(secret.to_vec()),
+            )
+            .expect("seal");
+        v1::PutSealedRequest {
+            record: Some(record),
+            expected_version: 0,
+        }
+    };
+    let mut items = vec![
+        put(
+            "hook-secret-new",
+            SecretKind::ClientSecret,
+            NEW_SECRET.as_bytes(),
+        ),
+        put(
+            "hook-secret-old",
+            SecretKind::ClientSecret,
+            OLD_SECRET.as_bytes(),
+        ),
+    ];
+    const N: usize = 10;
+    items.extend((0..N).map(|i| put(&format!("k{i}"), SecretKind::AccessToken, b"token")));
+    ingest
+        .put_sealed_batch(v1::PutSealedBatchRequest { items })
+        .await
+        .expect("stored");
+    let mut admin = v1::admin_client::AdminClient::new(
+        tonic::service::interceptor::InterceptedService::new(channel, common::Bearer::new(ADMIN)),
+    );
+    for i in 0..N {
+        admin
+            .revoke(v1::RevokeRequest {
+                id: format!("k{i}"),
+            })
+            .await
+            .expect("revoke");
+    }
+    // Acknowledged, not delivered (the receiver is down), then kill -9.
+    receiver.until("a first attempt", |l| !l.is_empty()).await;
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+    assert!(receiver.delivered().is_empty());
+    receiver.up();
+    let (mut child, _, _) = serve();
+    receiver
+        .until("every event after the restart", |l| {
+            l.iter().filter(|l| l["answer"] == 204).count() >= N
+        })
+        .await;
+    let got = receiver.delivered();
+    let mut revoked: Vec<&str> = got
+        .iter()
+        .map(|l| l["event"]["data"]["record_id"].as_str().expect("record"))
+        .collect();
+    revoked.sort_unstable();
+    revoked.dedup();
+    assert_eq!(revoked.len(), N, "{got:#?}");
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+}
