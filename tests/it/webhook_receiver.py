@@ -62,6 +62,7 @@ class Handler(BaseHTTPRequestHandler):
             "binds_body_and_time": all(binds),
             "event": payload,
             "raw": body.decode(),
+            "headers": {k: headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")},
         })
         self.reply(204)
 

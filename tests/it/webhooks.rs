@@ -306,6 +306,32 @@ async fn events_reach_a_verifying_receiver_in_order_once_it_is_back_and_can_be_r
         .find(|l| l["event"]["type"] == "owner.deleted")
         .expect("owner.deleted");
     assert_eq!(owner["event"]["data"]["owner"], "nobody-here");
+    // docs/WEBHOOKS.md's Node.js verification accepts the same deliveries.
+    let node = common::process::root().join("tests/it/webhook-node");
+    let out = receiver.out.clone();
+    let verified = tokio::task::spawn_blocking(move || {
+        let install = std::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&node)
+            .status()
+            .expect("npm");
+        assert!(install.success(), "npm ci");
+        std::process::Command::new("node")
+            .arg("verify.mjs")
+            .arg(&out)
+            .arg(NEW_SECRET)
+            .current_dir(&node)
+            .output()
+            .expect("node")
+    })
+    .await
+    .expect("node check");
+    assert_eq!(
+        String::from_utf8_lossy(&verified.stdout).trim(),
+        "verified 5",
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
     // Every delivery finished, none left pending.
     let done = deliveries(d, true).await;
     assert_eq!(done.len(), 5);
