@@ -36,22 +36,25 @@ pub fn dev_config(dir: &std::path::Path) -> Config {
     .expect("config")
 }
 
-/// Serves `config` on loopback, stores `token` as access-token record `bench` of provider
-/// `github`, and returns a worker client.
-pub async fn start(config: &Config, token: &[u8]) -> Broker {
+/// Serves `config` on loopback; returns a channel to it.
+pub async fn serve(config: &Config) -> Channel {
     let daemon = Daemon::open(config).expect("daemon");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(daemon.serve(listener, std::future::pending()));
-    let channel = Channel::from_shared(format!("http://{addr}"))
+    Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
         .await
-        .expect("connect");
+        .expect("connect")
+}
+
+/// An ingest client on `channel`, and a sealer for the daemon's active key.
+pub async fn ingest(channel: Channel) -> (Ingest, tokenvault::Sealer) {
     let mut ingest = v1::ingest_client::IngestClient::with_interceptor(
-        channel.clone(),
+        channel,
         Bearer::new(INGEST).expect("credential"),
     );
     let pem = ingest
@@ -62,7 +65,17 @@ pub async fn start(config: &Config, token: &[u8]) -> Broker {
         .active
         .expect("active")
         .spki_pem;
-    let sealer = tokenvault::Sealer::from_pem(&pem).expect("pem");
+    (ingest, tokenvault::Sealer::from_pem(&pem).expect("pem"))
+}
+
+/// An ingest client.
+pub type Ingest = v1::ingest_client::IngestClient<InterceptedService<Channel, Bearer>>;
+
+/// Serves `config` on loopback, stores `token` as access-token record `bench` of provider
+/// `github`, and returns a worker client.
+pub async fn start(config: &Config, token: &[u8]) -> Broker {
+    let channel = serve(config).await;
+    let (mut ingest, sealer) = ingest(channel.clone()).await;
     let meta =
         RecordMeta::parse("bench", "o", "github", SecretKind::AccessToken, &[], 0).expect("valid");
     let record = sealer

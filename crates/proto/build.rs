@@ -24,8 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &["../../proto/tokenvault/v1/tokenvault.proto"],
             &["../../proto"],
         )?;
-    // proto3 JSON (serde) for the `Ingest` messages only: what the HTTP/JSON routes and their
-    // clients exchange. A message that carries a token, a grant handle or a private key
+    // proto3 JSON (serde) for the messages the HTTP/JSON routes and their clients exchange. A message that carries a token, a grant handle or a private key
     // (GetTokenResponse, ProxyRequest, ...) gets no Serialize, so it cannot be written out as
     // JSON by mistake. Every field is written, defaults included, as the routes always have.
     let descriptors = std::fs::read(out_dir.join("tokenvault_descriptor.bin"))?;
@@ -46,6 +45,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".tokenvault.v1.PublicKeysResponse",
             ".tokenvault.v1.ExchangeCodeRequest",
             ".tokenvault.v1.ExchangeCodeResponse",
+            // Broker over HTTP: what a worker gets back. `GetTokenResponse` (the token) and
+            // `ProxyRequest` (a grant handle) stay without serde; the routes write and read
+            // those two by hand.
+            ".tokenvault.v1.RecordInfo",
+            ".tokenvault.v1.HttpHeader",
+            ".tokenvault.v1.ProxyResponse",
         ])?;
     println!("cargo:rerun-if-changed=../../proto");
     Ok(())

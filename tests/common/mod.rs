@@ -495,17 +495,7 @@ impl HealthWatch {
 /// batches of up to 1000: a daemon in this process or one spawned as a process.
 #[allow(dead_code)]
 pub async fn seed_over(channel: Channel, prefix: &str, n: usize) {
-    let mut ingest =
-        v1::ingest_client::IngestClient::new(InterceptedService::new(channel, Bearer::new(INGEST)));
-    let pem = ingest
-        .public_keys(v1::PublicKeysRequest {})
-        .await
-        .expect("public keys")
-        .into_inner()
-        .active
-        .expect("active")
-        .spki_pem;
-    let sealer = Sealer::from_pem(&pem).expect("pem");
+    let (mut ingest, sealer) = ingest_over(channel).await;
     let ids: Vec<usize> = (0..n).collect();
     for chunk in ids.chunks(1000) {
         let items = chunk
@@ -527,4 +517,26 @@ pub async fn seed_over(channel: Channel, prefix: &str, n: usize) {
             .await
             .expect("batch");
     }
+}
+
+/// An ingest client (the test ingest credential) of the daemon behind `channel`, and a sealer
+/// for its active key: a daemon in this process or one spawned as a process.
+#[allow(dead_code)]
+pub async fn ingest_over(
+    channel: Channel,
+) -> (
+    v1::ingest_client::IngestClient<InterceptedService<Channel, tokenvault::client::Bearer>>,
+    Sealer,
+) {
+    let mut ingest =
+        v1::ingest_client::IngestClient::new(InterceptedService::new(channel, Bearer::new(INGEST)));
+    let pem = ingest
+        .public_keys(v1::PublicKeysRequest {})
+        .await
+        .expect("public keys")
+        .into_inner()
+        .active
+        .expect("active")
+        .spki_pem;
+    (ingest, Sealer::from_pem(&pem).expect("pem"))
 }

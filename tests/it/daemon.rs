@@ -901,6 +901,21 @@ async fn the_ingest_only_listener_cannot_reach_broker_or_admin() {
         .await
         .expect_err("no admin here");
     assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    // Nor Broker's HTTP routes: a worker credential reads nothing through the web port.
+    for path in ["/v1/records/web:token", "/v1/proxy"] {
+        let (status, _, body) = http_call(
+            web_addr,
+            "POST",
+            path,
+            &[
+                ("authorization", format!("Bearer {WORKER}")),
+                ("content-type", "application/json".into()),
+            ],
+            b"{}".to_vec(),
+        )
+        .await;
+        assert_eq!(status, 404, "{path}: {}", String::from_utf8_lossy(&body));
+    }
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let r = health
         .check(tonic_health::pb::HealthCheckRequest {

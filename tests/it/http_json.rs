@@ -6,6 +6,7 @@ use crate::common;
 use base64::Engine as _;
 use common::*;
 use tokenvault::api::SealRecord as _;
+use tokenvault::api::v1;
 
 struct Reply {
     status: u16,
@@ -421,5 +422,147 @@ async fn a_refusal_before_the_body_is_read_closes_the_connection_and_says_so() {
     .await;
     assert_eq!(got, 200);
     assert_eq!(headers.get("connection"), None);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_reads_a_token_over_http_and_every_refusal_has_its_status() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (d, metrics) = TestDaemon::start_with_metrics(config(dir.path())).await;
+    d.put(&meta("app/user:42", "o"), b"the-token").await;
+    d.put(&meta("gone", "o"), b"s").await;
+    d.admin(ADMIN)
+        .await
+        .revoke(v1::RevokeRequest { id: "gone".into() })
+        .await
+        .expect("revoke");
+    let addr = d.addr;
+    let token = |path: &'static str,
+                 credential: Option<&'static str>,
+                 ctype: Option<&'static str>,
+                 body: &'static [u8]| {
+        call(addr, "POST", path, credential, ctype, body.to_vec())
+    };
+    // The id percent-encoded or not; an empty body or `{}`.
+    for (path, ctype, body) in [
+        ("/v1/records/app%2Fuser%3A42:token", None, &b""[..]),
+        (
+            "/v1/records/app/user:42:token",
+            Some("application/json"),
+            b"{}",
+        ),
+    ] {
+        let (status, headers, bytes) = http_call_with_headers(
+            d.addr,
+            "POST",
+            path,
+            &[("authorization", format!("Bearer {WORKER}"))]
+                .into_iter()
+                .chain(ctype.map(|t| ("content-type", t.to_string())))
+                .collect::<Vec<_>>(),
+            body.to_vec(),
+        )
+        .await;
+        assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&bytes));
+        assert_eq!(headers["cache-control"], "no-store");
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        let secret = base64::engine::general_purpose::STANDARD
+            .decode(json["secret"].as_str().expect("secret"))
+            .expect("base64");
+        assert_eq!(secret, b"the-token");
+        assert_eq!(json["info"]["meta"]["id"], "app/user:42");
+        assert_eq!(json["info"]["version"], "1");
+    }
+    // Refusals: each its gRPC code and HTTP status.
+    assert_error(
+        &token("/v1/records/app/user:42:token", None, None, b"").await,
+        401,
+        "UNAUTHENTICATED",
+        "credential",
+    );
+    for cred in [INGEST, ADMIN] {
+        assert_error(
+            &token("/v1/records/app/user:42:token", Some(cred), None, b"").await,
+            403,
+            "PERMISSION_DENIED",
+            "",
+        );
+    }
+    assert_error(
+        &token("/v1/records/nope:token", Some(WORKER), None, b"").await,
+        404,
+        "NOT_FOUND",
+        "",
+    );
+    assert_error(
+        &token("/v1/records/gone:token", Some(WORKER), None, b"").await,
+        422,
+        "FAILED_PRECONDITION",
+        "revoked",
+    );
+    assert_error(
+        &token("/v1/records/bad%20id:token", Some(WORKER), None, b"").await,
+        400,
+        "INVALID_ARGUMENT",
+        "record id",
+    );
+    assert_error(
+        &token("/v1/records/app/user:42:secret", Some(WORKER), None, b"").await,
+        404,
+        "NOT_FOUND",
+        "no such route",
+    );
+    assert_error(
+        &token(
+            "/v1/records/app/user:42:token",
+            Some(WORKER),
+            Some("application/json"),
+            br#"{"id": "other"}"#,
+        )
+        .await,
+        400,
+        "INVALID_ARGUMENT",
+        "unknown field",
+    );
+    assert_error(
+        &token(
+            "/v1/records/app/user:42:token",
+            Some(WORKER),
+            Some("text/plain"),
+            b"x",
+        )
+        .await,
+        400,
+        "INVALID_ARGUMENT",
+        "content-type",
+    );
+    let r = call(
+        d.addr,
+        "GET",
+        "/v1/records/app/user:42:token",
+        Some(WORKER),
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(r.status, 405);
+    // Audited as over gRPC: each release, and the refusals of a configured caller.
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    let released = events
+        .iter()
+        .filter(|e| e.action == "GetToken" && e.outcome == "ok")
+        .count();
+    assert_eq!(released, 2, "{events:?}");
+    // Metrics name the route, never the record id in its path.
+    let (_, _, text) = http_call(metrics, "GET", "/metrics", &[], Vec::new()).await;
+    let text = String::from_utf8(text.to_vec()).expect("utf8");
+    assert!(
+        text.contains(r#"method="/v1/records/{id}:token",code="OK""#),
+        "{text}"
+    );
+    assert!(
+        !text.contains("user:42") && !text.contains("user%3A42"),
+        "{text}"
+    );
     d.stop().await;
 }

@@ -1735,3 +1735,151 @@ async fn proxies_with_the_key_in_a_pkcs11_token() {
         .destroy(&common::token::id_bytes(&v1))
         .expect("clean up");
 }
+
+/// `POST /v1/proxy` with a JSON body: `(status, JSON answer)`.
+async fn http_proxy(d: &TestDaemon, credential: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, _, bytes) = common::http_call(
+        d.addr,
+        "POST",
+        "/v1/proxy",
+        &[
+            ("authorization", format!("Bearer {credential}")),
+            ("content-type", "application/json".into()),
+        ],
+        body.as_bytes().to_vec(),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_slice(&bytes).expect("a JSON answer"),
+    )
+}
+
+#[tokio::test]
+async fn workers_proxy_over_http_json_with_the_same_policy_and_refusals() {
+    use base64::Engine as _;
+    let s = setup().await;
+    put_token(&s.daemon, "tok", "github", ACCESS.as_bytes()).await;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let (status, answer) = http_proxy(
+        &s.daemon,
+        WORKER,
+        &serde_json::json!({
+            "id": "tok", "method": "POST", "path": "/upload?x=1",
+            "headers": [{"name": "X-Request-Id", "value": b64(b"req-8")},
+                        {"name": "Authorization", "value": b64(b"Bearer attacker")}],
+            "body": b64(b"hello"),
+        })
+        .to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], 200);
+    assert_eq!(answer["refreshed"], false);
+    let body = base64::engine::general_purpose::STANDARD
+        .decode(answer["body"].as_str().expect("body"))
+        .expect("base64");
+    assert_eq!(body, b"{\"user\":\"octocat\",\"received\":5}");
+    let seen = s.provider.lock().last_headers.clone();
+    assert_eq!(
+        header(&seen, "authorization"),
+        Some(&*format!("Bearer {ACCESS}"))
+    );
+    assert_eq!(header(&seen, "x-request-id"), Some("req-8"));
+    // A reflected credential is redacted here too.
+    let (_, echoed) = http_proxy(
+        &s.daemon,
+        WORKER,
+        r#"{"id":"tok","method":"GET","path":"/echo"}"#,
+    )
+    .await;
+    let echoed = base64::engine::general_purpose::STANDARD
+        .decode(echoed["body"].as_str().expect("body"))
+        .expect("base64");
+    assert_eq!(echoed, b"{\"authorization\":\"Bearer [REDACTED]\"}");
+    // Refusals: the outbound policy, the caller's role, malformed JSON, unknown fields, bytes
+    // that are not base64; nothing reached the provider for any of them.
+    let hits = || s.provider.lock().hits.values().sum::<u32>();
+    let before = hits();
+    for (credential, body, status, code) in [
+        (
+            WORKER,
+            r#"{"id":"tok","method":"DELETE","path":"/me"}"#,
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            WORKER,
+            r#"{"id":"tok","method":"GET","path":"http://evil/"}"#,
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            INGEST,
+            r#"{"id":"tok","method":"GET","path":"/me"}"#,
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            ADMIN,
+            r#"{"id":"tok","method":"GET","path":"/me"}"#,
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            "tv_wrong",
+            r#"{"id":"tok","method":"GET","path":"/me"}"#,
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            WORKER,
+            r#"{"id":"tok","method":"GET""#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            WORKER,
+            r#"{"id":"tok","method":"GET","path":"/me","x":1}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            WORKER,
+            r#"{"id":"tok","method":"GET","path":"/me","body":"%%%"}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            WORKER,
+            r#"{"id":"","method":"GET","path":"/me"}"#,
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            WORKER,
+            r#"{"id":"missing","method":"GET","path":"/me"}"#,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            WORKER,
+            r#"{"grant":"tvg_not_a_grant","method":"GET","path":"/me"}"#,
+            403,
+            "PERMISSION_DENIED",
+        ),
+    ] {
+        let (got, answer) = http_proxy(&s.daemon, credential, body).await;
+        assert_eq!(
+            (got, answer["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {answer}"
+        );
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.contains("%%%") && !message.contains("tvg_not"),
+            "{message}"
+        );
+    }
+    assert_eq!(hits(), before);
+}

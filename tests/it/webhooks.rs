@@ -619,20 +619,7 @@ sha256 = "{}"
         .await
         .expect("connect");
     // The signing secrets, and records to revoke, through Ingest.
-    let mut ingest =
-        v1::ingest_client::IngestClient::new(tonic::service::interceptor::InterceptedService::new(
-            channel.clone(),
-            common::Bearer::new(INGEST),
-        ));
-    let pem = ingest
-        .public_keys(v1::PublicKeysRequest {})
-        .await
-        .expect("keys")
-        .into_inner()
-        .active
-        .expect("active")
-        .spki_pem;
-    let sealer = tokenvault::Sealer::from_pem(&pem).expect("sealer");
+    let (mut ingest, sealer) = common::ingest_over(channel.clone()).await;
     let put = |id: &str, kind: SecretKind, secret: &[u8]| {
         let record = sealer
             .seal_record(

@@ -67,36 +67,9 @@ impl Broker for BrokerService {
         request: Request<v1::ProxyRequest>,
     ) -> Result<Response<v1::ProxyResponse>, Status> {
         let caller = caller(&request)?;
-        let mut req = request.into_inner();
-        let grant =
-            (!req.grant.is_empty()).then(|| GrantHandle::new(std::mem::take(&mut req.grant)));
-        // Without a grant the id is required (and reported invalid when empty).
-        let id = if grant.is_none() || !req.id.is_empty() {
-            Some(record_id(req.id)?)
-        } else {
-            None
-        };
-        let call = CallerRequest {
-            method: req.method,
-            path: req.path,
-            headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-            body: req.body,
-        };
-        let proxied = self
-            .0
-            .proxy(&caller, ProxyTarget { id, grant }, call)
-            .await?;
-        let response = proxied.response;
-        Ok(Response::new(v1::ProxyResponse {
-            status: u32::from(response.status),
-            headers: response
-                .headers
-                .into_iter()
-                .map(|(name, value)| v1::HttpHeader { name, value })
-                .collect(),
-            body: response.body.to_vec(),
-            refreshed: proxied.refreshed,
-        }))
+        Ok(Response::new(
+            proxy_call(&self.0, &caller, request.into_inner()).await?,
+        ))
     }
 
     async fn issue_grant(
@@ -123,4 +96,38 @@ impl Broker for BrokerService {
         self.0.revoke_grant(&caller, handle).await?;
         Ok(Response::new(v1::RevokeGrantResponse {}))
     }
+}
+
+/// `Broker.Proxy` for either adapter (gRPC, and `POST /v1/proxy`): the request checked and
+/// converted, one vault call, the answer as the proto message.
+pub(super) async fn proxy_call(
+    vault: &Arc<Vault>,
+    caller: &crate::vault::Caller,
+    mut req: v1::ProxyRequest,
+) -> Result<v1::ProxyResponse, VaultError> {
+    let grant = (!req.grant.is_empty()).then(|| GrantHandle::new(std::mem::take(&mut req.grant)));
+    // Without a grant the id is required (and reported invalid when empty).
+    let id = if grant.is_none() || !req.id.is_empty() {
+        Some(record_id(req.id)?)
+    } else {
+        None
+    };
+    let call = CallerRequest {
+        method: req.method,
+        path: req.path,
+        headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        body: req.body,
+    };
+    let proxied = vault.proxy(caller, ProxyTarget { id, grant }, call).await?;
+    let response = proxied.response;
+    Ok(v1::ProxyResponse {
+        status: u32::from(response.status),
+        headers: response
+            .headers
+            .into_iter()
+            .map(|(name, value)| v1::HttpHeader { name, value })
+            .collect(),
+        body: response.body.to_vec(),
+        refreshed: proxied.refreshed,
+    })
 }

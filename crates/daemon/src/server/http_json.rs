@@ -3,7 +3,9 @@
 //! `POST /v1/records`, `POST /v1/records:batch`, `POST /v1/code-exchange`, the push
 //! receiver of provider security events (RFC 8935), `POST /v1/security-events`, which the
 //! event's signature authorizes rather than a credential, and `GET /v1/health`, the gRPC
-//! health status for load balancers that check over HTTP (HAProxy), which needs none.
+//! health status for load balancers that check over HTTP (HAProxy), which needs none. On the
+//! main listener only, `Broker` for workers: `POST /v1/records/{id}:token` (GetToken) and
+//! `POST /v1/proxy`, behind the gRPC `Broker`'s own guard (the worker role).
 //!
 //! Owns: the routes and [`http_status`], the one mapping from a gRPC code to an HTTP status.
 //! Bodies are the proto3 JSON mapping of the same `Ingest` messages (lowerCamelCase names,
@@ -36,6 +38,8 @@ use crate::vault::{CodeExchange, SealedRecord, Vault};
 struct Http {
     vault: Arc<Vault>,
     guard: RoleGuard,
+    /// The `Broker` routes' guard (the worker role), on the main listener only.
+    broker: Option<RoleGuard>,
     max_body: usize,
     /// Whether the daemon serves: what its gRPC health service says for `""`.
     serving: tokio::sync::watch::Receiver<bool>,
@@ -118,20 +122,35 @@ fn json_response(status: StatusCode, body: &impl serde::Serialize, code: Code) -
     response
 }
 
-/// The routes, for `role_guard`'s callers (the ingest role).
+/// The routes: `Ingest`'s for `guard`'s callers (the ingest role), and with `broker` (the
+/// worker role's guard; the main listener only) `Broker`'s `GetToken` and `Proxy`.
 pub(super) fn router(
     vault: Arc<Vault>,
     guard: RoleGuard,
+    broker: Option<RoleGuard>,
     max_body: usize,
     serving: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
+    let serves_broker = broker.is_some();
     let state = Http {
         vault,
         guard,
+        broker,
         max_body,
         serving,
     };
-    Router::new()
+    let router = Router::new();
+    let router = if serves_broker {
+        router
+            .route(
+                "/v1/records/{*name}",
+                post(record_method).fallback(method_not_allowed),
+            )
+            .route("/v1/proxy", post(proxy).fallback(method_not_allowed))
+    } else {
+        router
+    };
+    router
         .route("/v1/health", get(health).fallback(method_not_allowed))
         .route(
             "/v1/public-keys",
@@ -170,7 +189,7 @@ async fn method_not_allowed() -> Response {
 
 async fn not_found() -> Response {
     let mut r = error_response(&tonic::Status::not_found(
-        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records, POST /v1/records:batch, POST /v1/code-exchange, POST /v1/security-events and GET /v1/health",
+        "no such route; the HTTP routes are GET /v1/public-keys, POST /v1/records, POST /v1/records:batch, POST /v1/code-exchange, POST /v1/security-events, GET /v1/health and, on the main listener, POST /v1/records/{id}:token and POST /v1/proxy",
     ));
     r.extensions_mut().insert(Unrouted);
     r
@@ -178,6 +197,18 @@ async fn not_found() -> Response {
 
 /// Authenticates like the gRPC `Ingest` service; returns the vault's caller and the body.
 async fn admit(s: &Http, req: Request) -> Result<(crate::vault::Caller, bytes::Bytes), Refusal> {
+    admit_as(s, &s.guard, req, true).await
+}
+
+/// Authenticates with `guard` (the gRPC service's own); returns the vault's caller and the
+/// body, read up to `max_request_bytes` if the method is POST. `json_only`: a POST must say
+/// `application/json`; otherwise only a body that is not empty must.
+async fn admit_as(
+    s: &Http,
+    guard: &RoleGuard,
+    req: Request,
+    json_only: bool,
+) -> Result<(crate::vault::Caller, bytes::Bytes), Refusal> {
     let (parts, body) = req.into_parts();
     let json = parts
         .headers
@@ -189,13 +220,18 @@ async fn admit(s: &Http, req: Request) -> Result<(crate::vault::Caller, bytes::B
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
         });
     let needs_body = parts.method == http::Method::POST;
-    let caller = s
-        .guard
+    let empty = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() == b"0")
+        || (!parts.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !parts.headers.contains_key(http::header::TRANSFER_ENCODING));
+    let caller = guard
         .admit(&parts.headers, &parts.extensions)
         .await
         .map_err(|status| before_body(&parts, error_response(&status)))?;
     let caller = crate::vault::Caller::new(caller.name, caller.policy);
-    if !needs_body {
+    if !needs_body || (!json_only && empty) {
         return Ok((caller, bytes::Bytes::new()));
     }
     if !json {
@@ -378,6 +414,129 @@ async fn exchange_code(State(s): State<Http>, req: Request) -> Response {
         Ok((id, e)) => ok_json(&exchanged(&id, e)),
         Err(e) => error_response(&tonic::Status::from(e)),
     }
+}
+
+/// The route a response answered, for the metrics' `method` label in place of the path (which
+/// holds a record id: never a label).
+#[derive(Debug, Clone, Copy)]
+pub struct Route(pub &'static str);
+
+/// `POST /v1/records/{id}:token`: `Broker.GetToken` for the worker role. The body is empty or
+/// `{}`. Answers `{"info": RecordInfo, "secret": base64}` with `Cache-Control: no-store`.
+/// Any other `/v1/records/...` name is 404.
+async fn record_method(
+    State(s): State<Http>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    const ROUTE: Route = Route("/v1/records/{id}:token");
+    let Some(id) = name.strip_suffix(":token").map(str::to_string) else {
+        return not_found().await;
+    };
+    let Some(guard) = s.broker.clone() else {
+        return not_found().await;
+    };
+    let mut response = async {
+        let (caller, body) = admit_as(&s, &guard, req, false).await?;
+        if !body.is_empty() {
+            decode::<NoFields>(&body)?;
+        }
+        let result = async {
+            let id = super::record_id(id)?;
+            s.vault.get_token(&caller, &id).await
+        }
+        .await;
+        Ok::<_, Refusal>(match result {
+            Ok(released) => {
+                let secret = zeroize::Zeroizing::new(base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    released.secret.expose_secret(),
+                ));
+                let info = v1::RecordInfo::from(&released.record);
+                let mut r = ok_json(&serde_json::json!({ "info": info, "secret": *secret }));
+                r.headers_mut().insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                r
+            }
+            Err(e) => error_response(&tonic::Status::from(e)),
+        })
+    }
+    .await
+    .unwrap_or_else(|r| *r);
+    response.extensions_mut().insert(ROUTE);
+    response
+}
+
+/// A JSON body that must be an object without fields (`{}`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+/// `ProxyRequest` as `POST /v1/proxy` reads it (the proto3 JSON mapping: lowerCamelCase or
+/// proto names, bytes as base64). Written here rather than generated: the generated mapping
+/// would also serialize the grant handle.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonProxyRequest {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    method: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    headers: Vec<v1::HttpHeader>,
+    #[serde(default, with = "base64_bytes")]
+    body: Vec<u8>,
+    #[serde(default)]
+    grant: zeroize::Zeroizing<String>,
+}
+
+/// proto3 JSON `bytes`: standard or URL-safe base64, padded or not.
+mod base64_bytes {
+    use base64::Engine as _;
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+        let text = text.trim_end_matches('=');
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(text)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text))
+            .map_err(|_| serde::de::Error::custom("expected base64"))
+    }
+}
+
+/// `POST /v1/proxy`: `Broker.Proxy` for the worker role; the body is the `ProxyRequest`, the
+/// answer the `ProxyResponse` (the upstream's status, headers and base64 body).
+async fn proxy(State(s): State<Http>, req: Request) -> Response {
+    const ROUTE: Route = Route("/v1/proxy");
+    let Some(guard) = s.broker.clone() else {
+        return not_found().await;
+    };
+    let mut response = async {
+        let (caller, body) = admit_as(&s, &guard, req, true).await?;
+        let mut r: JsonProxyRequest = decode(&body)?;
+        let request = v1::ProxyRequest {
+            id: r.id,
+            method: r.method,
+            path: r.path,
+            headers: r.headers,
+            body: r.body,
+            grant: std::mem::take(&mut *r.grant),
+        };
+        Ok::<_, Refusal>(
+            match super::broker::proxy_call(&s.vault, &caller, request).await {
+                Ok(answer) => ok_json(&answer),
+                Err(e) => error_response(&tonic::Status::from(e)),
+            },
+        )
+    }
+    .await
+    .unwrap_or_else(|r| *r);
+    response.extensions_mut().insert(ROUTE);
+    response
 }
 
 /// Largest Security Event Token accepted, as over gRPC.

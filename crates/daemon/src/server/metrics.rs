@@ -99,10 +99,15 @@ where
                         .extensions()
                         .get::<super::http_json::Unrouted>()
                         .is_some();
+                    // A route whose path holds a value (a record id) names its template.
+                    let route = response
+                        .extensions()
+                        .get::<super::http_json::Route>()
+                        .map(|r| r.0.to_string());
                     let method = if code == tonic::Code::Unimplemented || unrouted {
                         "unknown".to_string()
                     } else {
-                        method
+                        route.unwrap_or(method)
                     };
                     metrics
                         .rpc_requests

@@ -152,10 +152,12 @@ impl Daemon {
         };
         // What health says for "", for the HTTP health route (GET /v1/health).
         let (serving_tx, serving) = tokio::sync::watch::channel(true);
-        let http_routes = || {
+        // The main listener also serves Broker's HTTP routes; the ingest-only one never does.
+        let http_routes = |broker: bool| {
             tonic::service::Routes::from(http_json::router(
                 Arc::clone(&self.vault),
                 guard(Role::Ingest, "Ingest"),
+                broker.then(|| guard(Role::Worker, "Broker")),
                 max,
                 serving.clone(),
             ))
@@ -312,7 +314,7 @@ impl Daemon {
                 reporters.push((ingest_reporter, vec![INGEST]));
                 let server = serve_on!(
                     builder()?
-                        .add_routes(http_routes())
+                        .add_routes(http_routes(false))
                         .add_service(ingest_health)
                         .add_service(ingest()),
                     l,
@@ -324,7 +326,7 @@ impl Daemon {
             None => None,
         };
         let main = builder()?
-            .add_routes(http_routes())
+            .add_routes(http_routes(true))
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
