@@ -158,7 +158,7 @@ fn main() {
             tasks.spawn(async move {
                 let id = format!("r{i:07}");
                 admin
-                    .revoke(v1::RevokeRequest { id: id.clone() })
+                    .revoke(v1::RevokeRequest { id: id.clone(), ..Default::default()  })
                     .await
                     .expect("revoke");
                 acked.lock().expect("lock").insert(id, Instant::now());

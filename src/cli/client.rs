@@ -166,8 +166,26 @@ pub(crate) enum GrantCommand {
 pub(crate) struct IdArgs {
     /// Record id.
     id: String,
+    /// Also withdraw the grant at the provider ([providers.NAME.revocation], through the
+    /// outbox; docs/WEBHOOKS.md).
+    #[arg(long, conflicts_with = "no_revoke_at_provider")]
+    revoke_at_provider: bool,
+    /// Do not, even if the provider's by_default says so.
+    #[arg(long)]
+    no_revoke_at_provider: bool,
     #[command(flatten)]
     conn: Connection,
+}
+
+impl IdArgs {
+    /// The request's `revoke_at_provider`: unset unless a flag says.
+    fn at_provider(&self) -> Option<bool> {
+        match (self.revoke_at_provider, self.no_revoke_at_provider) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
 }
 
 impl Connection {
@@ -650,6 +668,7 @@ pub(crate) async fn revoke(args: IdArgs) -> Result<(), CliError> {
     let info = client
         .revoke(v1::RevokeRequest {
             id: args.id.clone(),
+            revoke_at_provider: args.at_provider(),
         })
         .await?
         .into_inner();
@@ -666,6 +685,7 @@ pub(crate) async fn delete(args: IdArgs) -> Result<(), CliError> {
     client
         .delete(v1::DeleteRequest {
             id: args.id.clone(),
+            revoke_at_provider: args.at_provider(),
         })
         .await?;
     println!("deleted {}", args.id);

@@ -169,7 +169,10 @@ async fn every_role_boundary_holds() {
         let e = d
             .admin(cred)
             .await
-            .delete(v1::DeleteRequest { id: "rec".into() })
+            .delete(v1::DeleteRequest {
+                id: "rec".into(),
+                ..Default::default()
+            })
             .await
             .expect_err("unauth");
         assert_eq!(e.code(), Code::Unauthenticated);
@@ -466,6 +469,7 @@ async fn get_token_refusals() {
         .await
         .revoke(v1::RevokeRequest {
             id: "revoked".into(),
+            ..Default::default()
         })
         .await
         .expect("revoke");
@@ -539,7 +543,10 @@ async fn admin_revoke_delete_owner_stats_and_keys() {
     }
     let mut admin = d.admin(ADMIN).await;
     let info = admin
-        .revoke(v1::RevokeRequest { id: "b1".into() })
+        .revoke(v1::RevokeRequest {
+            id: "b1".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke")
         .into_inner()
@@ -558,24 +565,34 @@ async fn admin_revoke_delete_owner_stats_and_keys() {
     );
 
     admin
-        .delete(v1::DeleteRequest { id: "a1".into() })
+        .delete(v1::DeleteRequest {
+            id: "a1".into(),
+            ..Default::default()
+        })
         .await
         .expect("delete");
     let e = admin
-        .delete(v1::DeleteRequest { id: "a1".into() })
+        .delete(v1::DeleteRequest {
+            id: "a1".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("gone");
     assert_eq!(e.code(), Code::NotFound);
     let e = d.get("a1").await.expect_err("gone");
     assert_eq!(e.code(), Code::NotFound);
     let e = admin
-        .revoke(v1::RevokeRequest { id: "zz".into() })
+        .revoke(v1::RevokeRequest {
+            id: "zz".into(),
+            ..Default::default()
+        })
         .await
         .expect_err("unknown");
     assert_eq!(e.code(), Code::NotFound);
     let e = admin
         .delete_owner(v1::DeleteOwnerRequest {
             owner: "bad\u{0}owner".into(),
+            ..Default::default()
         })
         .await
         .expect_err("bad");
@@ -584,6 +601,7 @@ async fn admin_revoke_delete_owner_stats_and_keys() {
     let n = admin
         .delete_owner(v1::DeleteOwnerRequest {
             owner: "alice".into(),
+            ..Default::default()
         })
         .await
         .expect("owner")

@@ -43,7 +43,10 @@ async fn cached_keys_are_used_then_invalidated_and_expire() {
     // Revoke: the key is dropped and the record refused.
     d.admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "r0".into() })
+        .revoke(v1::RevokeRequest {
+            id: "r0".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     assert_eq!(cache_stats(&d).await.2, 0);

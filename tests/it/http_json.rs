@@ -433,7 +433,10 @@ async fn a_worker_reads_a_token_over_http_and_every_refusal_has_its_status() {
     d.put(&meta("gone", "o"), b"s").await;
     d.admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "gone".into() })
+        .revoke(v1::RevokeRequest {
+            id: "gone".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     let addr = d.addr;

@@ -617,12 +617,14 @@ async fn audit_trail_records_who_did_what_and_reveals_tampering() {
     admin
         .revoke(v1::RevokeRequest {
             id: "acct-7".into(),
+            ..Default::default()
         })
         .await
         .expect("revoke");
     admin
         .delete(v1::DeleteRequest {
             id: "acct-7".into(),
+            ..Default::default()
         })
         .await
         .expect("delete");
@@ -1008,7 +1010,10 @@ async fn the_two_person_rule_holds_destroy_cancel_and_delete_owner() {
 
     // DeleteOwner waits for its approval, then deletes.
     let held = first
-        .delete_owner(v1::DeleteOwnerRequest { owner: "o".into() })
+        .delete_owner(v1::DeleteOwnerRequest {
+            owner: "o".into(),
+            ..Default::default()
+        })
         .await
         .expect("delete owner")
         .into_inner();

@@ -29,6 +29,7 @@ mod policy;
 mod postgres;
 mod proxy;
 mod redaction;
+mod revocation;
 mod rotation_cli;
 mod runbook_tls;
 mod sealers;

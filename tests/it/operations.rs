@@ -90,6 +90,7 @@ async fn records_are_listed_by_state_and_filters_and_bad_requests_are_refused() 
         .await
         .revoke(v1::RevokeRequest {
             id: "rec-07".into(),
+            ..Default::default()
         })
         .await
         .expect("revoke");

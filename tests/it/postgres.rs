@@ -22,7 +22,10 @@ async fn a_daemon_on_postgres_serves_and_keeps_everything_across_a_restart() {
     let revoked = d
         .admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "r3".into() })
+        .revoke(v1::RevokeRequest {
+            id: "r3".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke")
         .into_inner();
@@ -102,7 +105,10 @@ async fn two_daemons_share_records_and_grants_through_one_database() {
     // A revoke on one daemon holds on the other (no DEK cache configured here).
     b.admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "x1".into() })
+        .revoke(v1::RevokeRequest {
+            id: "x1".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke via b");
     assert_eq!(

@@ -459,7 +459,10 @@ async fn retries_timeouts_sizes_and_bad_requests() {
     s.daemon
         .admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "tok".into() })
+        .revoke(v1::RevokeRequest {
+            id: "tok".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     let err = proxy(&s.daemon, request("tok", "GET", "/me"))

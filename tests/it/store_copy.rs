@@ -73,7 +73,10 @@ async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
     d.seed("s", 40).await;
     d.admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "r3".into() })
+        .revoke(v1::RevokeRequest {
+            id: "r3".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     let before = d.stats().await;
@@ -469,7 +472,10 @@ async fn an_export_goes_into_postgresql_and_comes_out_the_same() {
     d.seed("r", 120).await;
     d.admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "r7".into() })
+        .revoke(v1::RevokeRequest {
+            id: "r7".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     d.stop().await;

@@ -21,7 +21,7 @@ const NEW_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OLD_SECRET: &str = "whsec_c2VjcmV0LW9mLXRoZS1vbGQtcmVjZWl2ZXItMDE=";
 
 /// The receiver process; killed when dropped.
-struct Receiver {
+pub(crate) struct Receiver {
     child: std::process::Child,
     port: u16,
     out: PathBuf,
@@ -37,7 +37,7 @@ impl Drop for Receiver {
 
 impl Receiver {
     /// Starts the receiver; `down` makes it answer 503 until [`Receiver::up`].
-    fn start(dir: &Path, down: bool) -> Self {
+    pub(crate) fn start(dir: &Path, down: bool) -> Self {
         let python = std::env::var("TOKENVAULT_TEST_PYTHON")
             .unwrap_or_else(|_| panic!("TOKENVAULT_TEST_PYTHON is not set: run ./scripts/test"));
         let control = dir.join("receiver-control");
@@ -93,7 +93,7 @@ impl Receiver {
     }
 
     /// The verified deliveries so far.
-    fn delivered(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn delivered(&self) -> Vec<serde_json::Value> {
         self.lines()
             .into_iter()
             .filter(|l| l["answer"] == 204)
@@ -101,7 +101,7 @@ impl Receiver {
     }
 
     /// Waits until `done` holds for the requests so far.
-    async fn until(&self, what: &str, done: impl Fn(&[serde_json::Value]) -> bool) {
+    pub(crate) async fn until(&self, what: &str, done: impl Fn(&[serde_json::Value]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let lines = self.lines();
@@ -114,7 +114,7 @@ impl Receiver {
     }
 
     /// The `[webhooks]` tables for an endpoint `app` pointing at this receiver.
-    fn toml(&self, extra: &str) -> String {
+    pub(crate) fn toml(&self, extra: &str) -> String {
         format!(
             r#"
 [webhooks]
@@ -131,7 +131,7 @@ timeout_ms = 2000
 }
 
 /// Stores the two signing secrets as sealed `client_secret` records.
-async fn put_secrets(d: &TestDaemon) {
+pub(crate) async fn put_secrets(d: &TestDaemon) {
     for (id, secret) in [
         ("hook-secret-new", NEW_SECRET),
         ("hook-secret-old", OLD_SECRET),
@@ -212,17 +212,24 @@ async fn events_reach_a_verifying_receiver_in_order_once_it_is_back_and_can_be_r
     reauthorize(d, "b", 2).await;
     let mut admin = d.admin(ADMIN).await;
     admin
-        .revoke(v1::RevokeRequest { id: "b".into() })
+        .revoke(v1::RevokeRequest {
+            id: "b".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     admin
-        .delete(v1::DeleteRequest { id: "b".into() })
+        .delete(v1::DeleteRequest {
+            id: "b".into(),
+            ..Default::default()
+        })
         .await
         .expect("delete");
     // owner.deleted, even of an owner without records left (the application asked for it).
     admin
         .delete_owner(v1::DeleteOwnerRequest {
             owner: "nobody-here".into(),
+            ..Default::default()
         })
         .await
         .expect("delete owner");
@@ -382,7 +389,10 @@ async fn a_410_stops_the_endpoint_until_an_admin_retries_and_bad_admin_input_cha
     put_live(d, "one").await;
     put_live(d, "two").await;
     admin
-        .revoke(v1::RevokeRequest { id: "one".into() })
+        .revoke(v1::RevokeRequest {
+            id: "one".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     receiver
@@ -395,7 +405,10 @@ async fn a_410_stops_the_endpoint_until_an_admin_retries_and_bad_admin_input_cha
     }
     // The next event is finished as gone without being sent.
     admin
-        .revoke(v1::RevokeRequest { id: "two".into() })
+        .revoke(v1::RevokeRequest {
+            id: "two".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     while deliveries(d, true).await.len() < 2 {
@@ -484,7 +497,10 @@ async fn an_unusable_secret_sends_nothing_and_no_endpoint_writes_nothing() {
     put_live(d, "one").await;
     d.admin(ADMIN)
         .await
-        .revoke(v1::RevokeRequest { id: "one".into() })
+        .revoke(v1::RevokeRequest {
+            id: "one".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     let pending = deliveries(d, false).await;
@@ -503,7 +519,10 @@ async fn an_unusable_secret_sends_nothing_and_no_endpoint_writes_nothing() {
     put_live(&plain, "one").await;
     let mut admin = plain.admin(ADMIN).await;
     admin
-        .revoke(v1::RevokeRequest { id: "one".into() })
+        .revoke(v1::RevokeRequest {
+            id: "one".into(),
+            ..Default::default()
+        })
         .await
         .expect("revoke");
     let e = admin
@@ -546,6 +565,7 @@ async fn two_daemons_on_one_database_deliver_each_event_once() {
             .await
             .revoke(v1::RevokeRequest {
                 id: format!("r{i}"),
+                ..Default::default()
             })
             .await
             .expect("revoke");
@@ -657,6 +677,7 @@ sha256 = "{}"
         admin
             .revoke(v1::RevokeRequest {
                 id: format!("k{i}"),
+                ..Default::default()
             })
             .await
             .expect("revoke");

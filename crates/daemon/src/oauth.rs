@@ -265,6 +265,21 @@ pub fn code_request(
     )
 }
 
+/// Builds a token revocation request (RFC 7009 §2.1): `token` and its `token_type_hint`
+/// (`refresh_token` or `access_token`), with the client authentication of the token endpoint.
+pub fn revocation_request(
+    config: &OAuthConfig,
+    token: &str,
+    hint: &str,
+    client_secret: &Secret,
+) -> Result<RefreshRequest, OAuthError> {
+    token_request(
+        config,
+        &[("token", token), ("token_type_hint", hint)],
+        client_secret,
+    )
+}
+
 /// A token endpoint request: `pairs`, then the client's authentication.
 fn token_request(
     config: &OAuthConfig,

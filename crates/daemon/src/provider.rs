@@ -55,6 +55,32 @@ pub struct ProviderPolicy {
     pub ca_file: Option<PathBuf>,
     /// Token refresh, if the provider's records are refreshable bundles.
     pub oauth: Option<OAuthConfig>,
+    /// Revocation at the provider when a record is revoked or deleted, if it has one.
+    pub revocation: Option<Revocation>,
+}
+
+/// How a record's grant is withdrawn at the provider (`[providers.NAME.revocation]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// The endpoint (must pass the provider's URL checks).
+    pub endpoint: Uri,
+    /// What is sent there.
+    pub kind: RevocationKind,
+    /// Whether `Revoke`, `Delete` and `DeleteOwner` revoke at the provider unless a request
+    /// says otherwise.
+    pub by_default: bool,
+}
+
+/// The provider's revocation call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationKind {
+    /// RFC 7009: a form POST of `token` and `token_type_hint` (the refresh token when the
+    /// record has one, else the access token) with the client authentication of `[oauth]`.
+    Rfc7009,
+    /// An unlink call of Kakao's kind: a POST authenticated with the user's access token
+    /// (`Authorization: Bearer ...`), no body.
+    Unlink,
 }
 
 /// How the client authenticates at the token endpoint (RFC 6749 §2.3.1).
@@ -121,6 +147,16 @@ pub(crate) struct FileProvider {
     max_concurrency: Option<usize>,
     ca_file: Option<PathBuf>,
     oauth: Option<FileOAuth>,
+    revocation: Option<FileRevocation>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRevocation {
+    endpoint: String,
+    kind: RevocationKind,
+    #[serde(default)]
+    by_default: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +334,31 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Pro
             })
         })
         .transpose()?;
+    let revocation = f
+        .revocation
+        .map(|r| {
+            let endpoint: Uri = r
+                .endpoint
+                .parse()
+                .map_err(|_| invalid(&key("revocation.endpoint"), "not a URL"))?;
+            // Its scheme, host and addresses pass the provider's checks when it is called,
+            // as the token endpoint's do.
+            if endpoint.authority().is_none() {
+                return Err(invalid(&key("revocation.endpoint"), "needs a host"));
+            }
+            if r.kind == RevocationKind::Rfc7009 && oauth.is_none() {
+                return Err(invalid(
+                    &key("revocation.kind"),
+                    "rfc7009 authenticates as the OAuth client: it needs [providers.NAME.oauth]",
+                ));
+            }
+            Ok(Revocation {
+                endpoint,
+                kind: r.kind,
+                by_default: r.by_default,
+            })
+        })
+        .transpose()?;
     Ok(ProviderPolicy {
         name: name.to_string(),
         base: base_uri,
@@ -318,6 +379,7 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Pro
         max_concurrency,
         ca_file: f.ca_file.map(|p| base.join(p)),
         oauth,
+        revocation,
     })
 }
 
@@ -360,6 +422,7 @@ pub fn jwks_policy(
         max_concurrency: Some(4),
         ca_file,
         oauth: None,
+        revocation: None,
     };
     if url.starts_with("http://") && !allow_plain_http {
         return Err(invalid(

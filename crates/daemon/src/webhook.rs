@@ -41,17 +41,20 @@ pub enum EventType {
     RefreshFailed,
     /// Every record of an owner was deleted.
     OwnerDeleted,
+    /// A revocation at the provider was refused, or kept failing until `max_age_hours`.
+    ProviderRevocationFailed,
 }
 
 impl EventType {
     /// Every type, in the order docs/WEBHOOKS.md lists them.
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 7] = [
         EventType::NeedsReauth,
         EventType::Recovered,
         EventType::Revoked,
         EventType::Deleted,
         EventType::RefreshFailed,
         EventType::OwnerDeleted,
+        EventType::ProviderRevocationFailed,
     ];
 
     /// The `type` field of the body.
@@ -63,6 +66,7 @@ impl EventType {
             EventType::Deleted => "record.deleted",
             EventType::RefreshFailed => "record.refresh_failed",
             EventType::OwnerDeleted => "owner.deleted",
+            EventType::ProviderRevocationFailed => "record.provider_revocation_failed",
         }
     }
 
@@ -185,6 +189,39 @@ impl Entry {
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("outbox entry: {e}"))
     }
+}
+
+/// A revocation at the provider waiting in the outbox (key [`revocation_key`]): the record as
+/// it was when revoked or deleted (its sealed envelope, opened only to make the call) and the
+/// retry state. Removed once the provider answered or the call was given up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationEntry {
+    /// Why: `revoke`, `delete` or `delete_owner`.
+    pub reason: String,
+    /// The record's id, owner and provider, for the audit event and the webhook.
+    pub record_id: String,
+    /// Owner.
+    pub owner: String,
+    /// Provider.
+    pub provider: String,
+    /// The record as it was, in the store's own encoding (`store::encode_record`), base64:
+    /// its sealed envelope, opened only to make the call.
+    pub record: String,
+    /// The record's version when it was taken.
+    pub version: u64,
+    /// When it was written, Unix milliseconds.
+    pub created_ms: i64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// When the next attempt is due, Unix milliseconds.
+    pub next_attempt_ms: i64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// Key of a revocation waiting in the outbox: `r/<order>`.
+pub fn revocation_key(order: &str) -> String {
+    format!("r/{order}")
 }
 
 /// Key of a pending entry: `p/<endpoint>/<order>`, listed per endpoint in the order the
@@ -518,6 +555,7 @@ fn endpoint(name: String, f: FileEndpoint, base: &Path) -> Result<Endpoint, Inva
         max_concurrency,
         ca_file: f.ca_file.map(|p| base.join(p)),
         oauth: None,
+        revocation: None,
     };
     Ok(Endpoint {
         name,

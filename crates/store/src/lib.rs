@@ -52,6 +52,7 @@ pub mod prelude {
 pub use memory::MemoryStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use rocks::RocksStore;
+pub use schema::{decode_record, encode_record};
 
 use crate::keys::KeyInfo;
 use crate::record::{Owner, Record, RecordId, RecordMeta};

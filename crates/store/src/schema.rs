@@ -62,7 +62,8 @@ struct StoredKey {
     destroy_after: i64,
 }
 
-pub(crate) fn encode_record(r: &Record) -> Vec<u8> {
+/// A record in the stored form every engine writes (protobuf `StoredRecord`).
+pub fn encode_record(r: &Record) -> Vec<u8> {
     StoredRecord {
         id: r.meta.id.to_string(),
         owner: r.meta.owner.as_str().to_string(),
@@ -86,7 +87,8 @@ pub(crate) fn encode_record(r: &Record) -> Vec<u8> {
     .encode_to_vec()
 }
 
-pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, StoreError> {
+/// Reads [`encode_record`]'s form; `Corrupt` if the bytes are not a valid record.
+pub fn decode_record(bytes: &[u8]) -> Result<Record, StoreError> {
     let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("record: {e}"));
     let s = StoredRecord::decode(bytes).map_err(|e| corrupt(&e))?;
     Ok(Record {

@@ -302,8 +302,9 @@ impl Admin for AdminService {
         request: Request<v1::RevokeRequest>,
     ) -> Result<Response<v1::RevokeResponse>, Status> {
         let caller = caller(&request)?;
-        let id = record_id(request.into_inner().id)?;
-        let record = self.0.revoke(&caller, id).await?;
+        let req = request.into_inner();
+        let id = record_id(req.id)?;
+        let record = self.0.revoke(&caller, id, req.revoke_at_provider).await?;
         Ok(Response::new(v1::RevokeResponse {
             info: Some((&record).into()),
         }))
@@ -314,8 +315,9 @@ impl Admin for AdminService {
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
         let caller = caller(&request)?;
-        let id = record_id(request.into_inner().id)?;
-        self.0.delete(&caller, id).await?;
+        let req = request.into_inner();
+        let id = record_id(req.id)?;
+        self.0.delete(&caller, id, req.revoke_at_provider).await?;
         Ok(Response::new(v1::DeleteResponse {}))
     }
 
@@ -324,13 +326,17 @@ impl Admin for AdminService {
         request: Request<v1::DeleteOwnerRequest>,
     ) -> Result<Response<v1::DeleteOwnerResponse>, Status> {
         let caller = caller(&request)?;
-        let owner =
-            Owner::parse(request.into_inner().owner).map_err(|source| VaultError::Invalid {
-                what: "owner".into(),
-                source,
-            })?;
+        let req = request.into_inner();
+        let owner = Owner::parse(req.owner).map_err(|source| VaultError::Invalid {
+            what: "owner".into(),
+            source,
+        })?;
         Ok(Response::new(
-            match self.0.delete_owner(&caller, owner).await? {
+            match self
+                .0
+                .delete_owner(&caller, owner, req.revoke_at_provider)
+                .await?
+            {
                 Decision::Done(deleted) => v1::DeleteOwnerResponse {
                     deleted,
                     approval: None,

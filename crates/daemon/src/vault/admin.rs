@@ -460,6 +460,7 @@ impl Vault {
         self: &Arc<Self>,
         caller: &Caller,
         id: RecordId,
+        revoke_at_provider: Option<bool>,
     ) -> Result<Record, VaultError> {
         let (who, log_id) = (caller.name.clone(), id.clone());
         let record = self
@@ -481,6 +482,11 @@ impl Vault {
                             )
                             .with("reason", "admin")]),
                         );
+                        mutations.extend(v.revocations(
+                            std::slice::from_ref(&before),
+                            "revoke",
+                            revoke_at_provider,
+                        )?);
                     }
                     v.store
                         .apply(&mutations, std::slice::from_ref(a), v.now())?;
@@ -497,7 +503,12 @@ impl Vault {
     }
 
     /// Deletes a record irrecoverably (docs/THREAT_MODEL.md says what that means).
-    pub async fn delete(self: &Arc<Self>, caller: &Caller, id: RecordId) -> Result<(), VaultError> {
+    pub async fn delete(
+        self: &Arc<Self>,
+        caller: &Caller,
+        id: RecordId,
+        revoke_at_provider: Option<bool>,
+    ) -> Result<(), VaultError> {
         let (who, log_id) = (caller.name.clone(), id.clone());
         self.blocking(move |v| {
             let draft = Draft::new(&who, "Delete").record(id.as_str());
@@ -512,6 +523,14 @@ impl Vault {
                     v.outbox(&[Event::about(EventType::Deleted, &before, before.version)
                         .with("reason", "admin")]),
                 );
+                // A revoked record's grant was withdrawn when it was revoked (if asked).
+                if !before.revoked {
+                    mutations.extend(v.revocations(
+                        std::slice::from_ref(&before),
+                        "delete",
+                        revoke_at_provider,
+                    )?);
+                }
                 v.store.apply(&mutations, std::slice::from_ref(a), 0)?;
                 Ok(((), true))
             })
@@ -528,12 +547,18 @@ impl Vault {
         self: &Arc<Self>,
         caller: &Caller,
         owner: Owner,
+        revoke_at_provider: Option<bool>,
     ) -> Result<Decision<u64>, VaultError> {
         let action = Guarded::DeleteOwner {
             owner: owner.as_str().to_string(),
+            revoke_at_provider,
         };
-        self.guarded(caller, action, self.delete_owner_now(caller, owner))
-            .await
+        self.guarded(
+            caller,
+            action,
+            self.delete_owner_now(caller, owner, revoke_at_provider),
+        )
+        .await
     }
 
     /// `Admin.SetMinDecryptVersion`: refuses to open anything wrapped under a version below
@@ -602,6 +627,7 @@ impl Vault {
         self: &Arc<Self>,
         caller: &Caller,
         owner: Owner,
+        revoke_at_provider: Option<bool>,
     ) -> Result<u64, VaultError> {
         let who = caller.name.clone();
         let deleted = self
@@ -615,7 +641,26 @@ impl Vault {
                     data: serde_json::Map::new(),
                 };
                 event.data.insert("owner".into(), owner.as_str().into());
-                let rows = v.outbox_rows(&[event]);
+                let mut rows = v.outbox_rows(&[event]);
+                // The grants of the records deleted here, withdrawn at providers that can
+                // (others are skipped). Read before the deletion: a record created meanwhile is
+                // deleted without a revocation.
+                if revoke_at_provider != Some(false) {
+                    let mut records = Vec::new();
+                    for id in v.store.owner_record_ids(&owner)? {
+                        if let Some(r) = v.store.get_record(&id)?
+                            && !r.revoked
+                        {
+                            records.push(r);
+                        }
+                    }
+                    rows.extend(v.revocation_rows(
+                        &records,
+                        "delete_owner",
+                        revoke_at_provider,
+                        false,
+                    )?);
+                }
                 v.audited(draft, |a| {
                     Ok((v.store.delete_owner(&owner, a, &rows)?, true))
                 })

@@ -38,6 +38,9 @@ pub enum Guarded {
     DeleteOwner {
         /// The owner whose records go.
         owner: String,
+        /// `revoke_at_provider` as asked (absent in requests stored before it existed).
+        #[serde(default)]
+        revoke_at_provider: Option<bool>,
     },
     /// `Admin.SetMinDecryptVersion`.
     SetMinDecryptVersion {
@@ -64,7 +67,7 @@ impl Guarded {
             Self::DestroyKey { version }
             | Self::CancelDestroyKey { version }
             | Self::SetMinDecryptVersion { version } => format!("v{version}"),
-            Self::DeleteOwner { owner } => owner.clone(),
+            Self::DeleteOwner { owner, .. } => owner.clone(),
         }
     }
 
@@ -78,7 +81,7 @@ impl Guarded {
 
     fn owner(&self) -> Option<&str> {
         match self {
-            Self::DeleteOwner { owner } => Some(owner),
+            Self::DeleteOwner { owner, .. } => Some(owner),
             _ => None,
         }
     }
@@ -319,12 +322,17 @@ impl Vault {
                 let info = self.cancel_destroy_key_now(actor, *version).await?;
                 format!("v{version} is {}", info.state)
             }
-            Guarded::DeleteOwner { owner } => {
+            Guarded::DeleteOwner {
+                owner,
+                revoke_at_provider,
+            } => {
                 let owner = Owner::parse(owner.clone()).map_err(|source| VaultError::Invalid {
                     what: "owner".into(),
                     source,
                 })?;
-                let deleted = self.delete_owner_now(actor, owner).await?;
+                let deleted = self
+                    .delete_owner_now(actor, owner, *revoke_at_provider)
+                    .await?;
                 format!("{deleted} record(s) deleted")
             }
             Guarded::SetMinDecryptVersion { version } => {

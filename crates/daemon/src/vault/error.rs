@@ -260,6 +260,14 @@ pub enum VaultError {
     /// The configured client secret record is missing, revoked or of the wrong kind.
     #[error("client secret record {0} is not a usable client_secret record")]
     ClientSecret(String),
+    /// A revocation at the provider was asked for a record that cannot have one.
+    #[error("record {id} cannot be revoked at its provider: {why}")]
+    NotRevocable {
+        /// Record id.
+        id: String,
+        /// Why not.
+        why: String,
+    },
     /// A webhook endpoint's signing secret cannot be used (its message never shows it).
     #[error("webhook endpoint {endpoint}: secret record {record}: {why}")]
     WebhookSecret {
@@ -398,6 +406,7 @@ impl VaultError {
             | VaultError::NotACredential { .. }
             | VaultError::ClientSecret(_)
             | VaultError::WebhookSecret { .. }
+            | VaultError::NotRevocable { .. }
             | VaultError::Reload(_)
             | VaultError::RetentionOff => ErrorKind::FailedPrecondition,
             VaultError::BadExchange(_) | VaultError::RedirectNotRegistered(_) => {

@@ -33,6 +33,7 @@ pub mod metrics;
 mod records;
 mod refresh;
 pub mod refusals;
+mod revocations;
 mod store_keys;
 mod webhooks;
 pub use webhooks::DeliveryPage;

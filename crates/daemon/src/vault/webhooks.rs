@@ -81,6 +81,11 @@ impl Webhooks {
         })
     }
 
+    /// How long a failing delivery or revocation is retried.
+    pub(super) fn max_age(&self) -> std::time::Duration {
+        self.config.max_age
+    }
+
     /// Whether any endpoint is configured (otherwise nothing is written or delivered).
     pub(super) fn enabled(&self) -> bool {
         !self.config.endpoints.is_empty()
@@ -88,7 +93,7 @@ impl Webhooks {
 
     /// A stamp above every earlier one of this process: microseconds since the epoch, raised
     /// past the last stamp, so entries written in one daemon list in the order written.
-    fn stamp(&self) -> u64 {
+    pub(super) fn stamp(&self) -> u64 {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
@@ -528,6 +533,10 @@ pub(super) async fn deliver(vault: Arc<Vault>, stop: tokio_util::sync::Cancellat
                     );
                 }
             }
+        }
+        match super::revocations::pass(&vault).await {
+            Ok(n) => busy |= n > 0,
+            Err(e) => tracing::error!(error = %e, "revocations at providers failed; retrying"),
         }
         if last_sweep.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
             last_sweep = Some(std::time::Instant::now());
