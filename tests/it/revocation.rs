@@ -300,3 +300,148 @@ async fn grants_are_revoked_at_the_provider_retried_refused_and_reported() {
     }
     d.stop().await;
 }
+
+/// An unlink callback to the daemon: `(status, JSON answer)`.
+async fn unlink(
+    d: &TestDaemon,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    form: &str,
+) -> (u16, serde_json::Value) {
+    let mut headers = Vec::new();
+    if let Some(k) = key {
+        headers.push(("authorization", format!("KakaoAK {k}")));
+    }
+    let (path, body) = if method == "GET" {
+        (format!("{path}?{form}"), Vec::new())
+    } else {
+        headers.push((
+            "content-type",
+            "application/x-www-form-urlencoded".to_string(),
+        ));
+        (path.to_string(), form.as_bytes().to_vec())
+    };
+    let (status, _, bytes) = common::http_call(d.addr, method, &path, &headers, body).await;
+    (status, serde_json::from_slice(&bytes).expect("JSON"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_unlink_callback_deletes_that_users_records_and_forgeries_change_nothing() {
+    const KEY: &str = "kakao-admin-key-0123456789";
+    let extra = r#"
+[providers.kakao]
+base_url = "http://127.0.0.1:9/v2"
+allow_plain_http = true
+[providers.kakao.unlink_callback]
+admin_key_record = "kakao-admin-key"
+app_id = "1234"
+owner_prefix = "kakao:"
+
+[providers.kakaoprod]
+base_url = "http://127.0.0.1:9/v2"
+allow_plain_http = true
+[providers.kakaoprod.unlink_callback]
+admin_key_record = "kakao-admin-key"
+app_id = "1234"
+allowed_sources = ["10.0.0.0/8"]
+"#;
+    let Setup {
+        tmp: _tmp,
+        provider: _upstream,
+        daemon: d,
+        ..
+    } = setup_with(|_| extra.to_string()).await;
+    let record = |id: &str, owner: &str, provider: &str| {
+        tokenvault::record::RecordMeta::parse(id, owner, provider, SecretKind::AccessToken, &[], 0)
+            .expect("meta")
+    };
+    d.put(
+        &meta("kakao-admin-key", "kakao", SecretKind::ClientSecret, 0),
+        KEY.as_bytes(),
+    )
+    .await;
+    for (id, owner, provider) in [
+        ("k1", "kakao:42", "kakao"),
+        ("k2", "kakao:42", "kakao"),
+        ("g1", "kakao:42", "github"),
+        ("k3", "kakao:43", "kakao"),
+    ] {
+        d.put(&record(id, owner, provider), b"at").await;
+    }
+    let path = "/v1/providers/kakao/unlink";
+    let form = "app_id=1234&user_id=42&referrer_type=UNLINK_FROM_APPS";
+    let trail = d.audit_events(v1::AuditLogRequest::default()).await.len();
+    // Forgeries: refused, nothing written (not even an audit event).
+    for (method, path, key, form, status) in [
+        ("POST", path, Some("wrong-key"), form, 401),
+        ("POST", path, None, form, 401),
+        ("POST", path, Some(KEY), "app_id=9999&user_id=42", 401),
+        ("POST", "/v1/providers/github/unlink", Some(KEY), form, 404),
+        (
+            "POST",
+            "/v1/providers/kakaoprod/unlink",
+            Some(KEY),
+            form,
+            403,
+        ),
+        ("POST", path, Some(KEY), "app_id=1234", 400),
+    ] {
+        let (got, answer) = unlink(&d, method, path, key, form).await;
+        assert_eq!(got, status, "{path} {key:?} {form}: {answer}");
+        assert!(!answer.to_string().contains(KEY), "{answer}");
+    }
+    assert_eq!(
+        d.audit_events(v1::AuditLogRequest::default()).await.len(),
+        trail,
+        "a refused callback writes nothing"
+    );
+    for id in ["k1", "k2", "g1", "k3"] {
+        assert!(d.get(id).await.is_ok(), "{id} untouched");
+    }
+    // The provider's own call: that user's records of that provider, in one audited write.
+    let (status, answer) = unlink(&d, "POST", path, Some(KEY), form).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, serde_json::json!({"revoked": 0, "deleted": 2}));
+    for id in ["k1", "k2"] {
+        assert_eq!(d.get(id).await.expect_err("deleted").code(), Code::NotFound);
+    }
+    assert!(d.get("g1").await.is_ok(), "another provider's record stays");
+    assert!(d.get("k3").await.is_ok(), "another user's record stays");
+    // A replay is refused and changes nothing.
+    let (status, answer) = unlink(&d, "POST", path, Some(KEY), form).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (409, Some("ALREADY_EXISTS"))
+    );
+    // Kakao may also call with GET and the parameters in the query.
+    let (status, answer) = unlink(
+        &d,
+        "GET",
+        path,
+        Some(KEY),
+        "app_id=1234&user_id=43&referrer_type=UNLINK_FROM_ADMIN",
+    )
+    .await;
+    assert_eq!((status, answer["deleted"].as_u64()), (200, Some(1)));
+    let events = d.audit_events(v1::AuditLogRequest::default()).await;
+    let callbacks: Vec<&v1::AuditEvent> = events
+        .iter()
+        .filter(|e| e.action == "UnlinkCallback")
+        .collect();
+    assert_eq!(callbacks.len(), 2, "{events:?}");
+    assert_eq!(callbacks[0].caller, "unlink-callback:kakao");
+    assert!(
+        callbacks[0].detail.contains("UNLINK_FROM_APPS"),
+        "{callbacks:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == "Delete" && e.caller == "unlink-callback:kakao")
+            .count(),
+        3
+    );
+    assert!(!events.iter().any(|e| e.detail.contains(KEY)));
+    d.stop().await;
+}

@@ -1165,20 +1165,12 @@ impl Config {
                 .map(|k| SecretKind::parse(k))
                 .collect::<Result<_, _>>()
                 .map_err(|e| invalid(&format!("{key}.kinds"), e.to_string()))?;
-            let allowed_ips = c
-                .allowed_ips
-                .iter()
-                .map(|n| {
-                    n.parse::<ipnet::IpNet>()
-                        .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|_| {
-                    invalid(
-                        &format!("{key}.allowed_ips"),
-                        "each entry must be an IP or CIDR",
-                    )
-                })?;
+            let allowed_ips = crate::provider::networks(&c.allowed_ips).map_err(|()| {
+                invalid(
+                    &format!("{key}.allowed_ips"),
+                    "each entry must be an IP or CIDR",
+                )
+            })?;
             if c.record_rate_per_second == Some(0) {
                 return Err(invalid(
                     &format!("{key}.record_rate_per_second"),

@@ -57,6 +57,35 @@ pub struct ProviderPolicy {
     pub oauth: Option<OAuthConfig>,
     /// Revocation at the provider when a record is revoked or deleted, if it has one.
     pub revocation: Option<Revocation>,
+    /// The provider's unlink callback (a user withdrew consent at the provider), if enabled.
+    pub unlink_callback: Option<UnlinkCallback>,
+}
+
+/// `[providers.NAME.unlink_callback]`: `POST|GET /v1/providers/NAME/unlink` on the ingest
+/// listeners, authenticated as Kakao documents its Unlink callback (`Authorization: KakaoAK
+/// <the app's admin key>`, with `app_id`, `user_id` and `referrer_type`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnlinkCallback {
+    /// Sealed `client_secret` record holding the app's admin key.
+    pub admin_key_record: RecordId,
+    /// The app id the callback must name.
+    pub app_id: String,
+    /// The records' owner is this prefix and the callback's `user_id`.
+    pub owner_prefix: String,
+    /// What happens to that owner's records of this provider.
+    pub action: UnlinkAction,
+    /// Addresses the callback may come from (the provider's published ones); empty: any.
+    pub allowed_sources: Vec<ipnet::IpNet>,
+}
+
+/// What an unlink callback does to the records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnlinkAction {
+    /// Delete them (Kakao's guidelines: delete the user's data).
+    Delete,
+    /// Revoke them (kept, never released again).
+    Revoke,
 }
 
 /// How a record's grant is withdrawn at the provider (`[providers.NAME.revocation]`).
@@ -148,6 +177,19 @@ pub(crate) struct FileProvider {
     ca_file: Option<PathBuf>,
     oauth: Option<FileOAuth>,
     revocation: Option<FileRevocation>,
+    unlink_callback: Option<FileUnlinkCallback>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUnlinkCallback {
+    admin_key_record: String,
+    app_id: String,
+    #[serde(default)]
+    owner_prefix: String,
+    action: Option<UnlinkAction>,
+    #[serde(default)]
+    allowed_sources: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +229,18 @@ pub struct ProviderError {
     pub key: String,
     /// What is wrong.
     pub message: String,
+}
+
+/// A list of networks as configured: each a CIDR or a single address.
+pub(crate) fn networks(entries: &[String]) -> Result<Vec<ipnet::IpNet>, ()> {
+    entries
+        .iter()
+        .map(|n| {
+            n.parse::<ipnet::IpNet>()
+                .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| ())
+        })
+        .collect()
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ProviderError {
@@ -261,15 +315,8 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Pro
             "each prefix must start with '/' and contain no '..'",
         ));
     }
-    let allowed_networks = f
-        .allowed_networks
-        .iter()
-        .map(|n| {
-            n.parse::<ipnet::IpNet>()
-                .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|_| invalid(&key("allowed_networks"), "each entry must be an IP or CIDR"))?;
+    let allowed_networks = networks(&f.allowed_networks)
+        .map_err(|()| invalid(&key("allowed_networks"), "each entry must be an IP or CIDR"))?;
     let auth_header = HeaderName::from_bytes(
         f.auth_header
             .as_deref()
@@ -359,6 +406,41 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Pro
             })
         })
         .transpose()?;
+    let unlink_callback = f
+        .unlink_callback
+        .map(|u| {
+            let admin_key_record = RecordId::parse(u.admin_key_record)
+                .map_err(|e| invalid(&key("unlink_callback.admin_key_record"), e.to_string()))?;
+            if u.app_id.is_empty()
+                || u.app_id.len() > 64
+                || !u.app_id.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    &key("unlink_callback.app_id"),
+                    "1 to 64 printable characters",
+                ));
+            }
+            if u.owner_prefix.len() > 64 || u.owner_prefix.bytes().any(|b| b.is_ascii_control()) {
+                return Err(invalid(
+                    &key("unlink_callback.owner_prefix"),
+                    "up to 64 characters, no control characters",
+                ));
+            }
+            let allowed_sources = networks(&u.allowed_sources).map_err(|()| {
+                invalid(
+                    &key("unlink_callback.allowed_sources"),
+                    "each entry must be an IP or CIDR",
+                )
+            })?;
+            Ok(UnlinkCallback {
+                admin_key_record,
+                app_id: u.app_id,
+                owner_prefix: u.owner_prefix,
+                action: u.action.unwrap_or(UnlinkAction::Delete),
+                allowed_sources,
+            })
+        })
+        .transpose()?;
     Ok(ProviderPolicy {
         name: name.to_string(),
         base: base_uri,
@@ -380,6 +462,7 @@ fn parse(name: &str, f: FileProvider, base: &Path) -> Result<ProviderPolicy, Pro
         ca_file: f.ca_file.map(|p| base.join(p)),
         oauth,
         revocation,
+        unlink_callback,
     })
 }
 
@@ -423,6 +506,7 @@ pub fn jwks_policy(
         ca_file,
         oauth: None,
         revocation: None,
+        unlink_callback: None,
     };
     if url.starts_with("http://") && !allow_plain_http {
         return Err(invalid(
@@ -482,6 +566,34 @@ mod tests {
             (
                 "base_url = \"https://a\"\n[oauth]\ntoken_endpoint = \"https://a/t\"\nclient_id = \"c\"\nclient_auth = \"client_secret_post\"\nclient_secret_record = \"cs\"\nredirect_uris = [\"https://app.example/cb#frag\"]",
                 "providers.x.oauth.redirect_uris: each must be an https:// URL",
+            ),
+            (
+                "base_url = \"https://a\"\n[revocation]\nendpoint = \"https://a/revoke\"\nkind = \"rfc7009\"",
+                "providers.x.revocation.kind: rfc7009 authenticates as the OAuth client",
+            ),
+            (
+                "base_url = \"https://a\"\n[revocation]\nendpoint = \"/revoke\"\nkind = \"unlink\"",
+                "providers.x.revocation.endpoint: needs a host",
+            ),
+            (
+                "base_url = \"https://a\"\n[revocation]\nendpoint = \"https://a/r\"\nkind = \"logout\"",
+                "unknown variant",
+            ),
+            (
+                "base_url = \"https://a\"\n[unlink_callback]\nadmin_key_record = \"bad id!\"\napp_id = \"1\"",
+                "providers.x.unlink_callback.admin_key_record",
+            ),
+            (
+                "base_url = \"https://a\"\n[unlink_callback]\nadmin_key_record = \"k\"\napp_id = \"\"",
+                "providers.x.unlink_callback.app_id",
+            ),
+            (
+                "base_url = \"https://a\"\n[unlink_callback]\nadmin_key_record = \"k\"\napp_id = \"1\"\nallowed_sources = [\"kakao\"]",
+                "providers.x.unlink_callback.allowed_sources",
+            ),
+            (
+                "base_url = \"https://a\"\n[unlink_callback]\nadmin_key_record = \"k\"\napp_id = \"1\"\naction = \"archive\"",
+                "unknown variant",
             ),
         ] {
             let err = toml::from_str::<FileProvider>(text)

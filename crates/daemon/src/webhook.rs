@@ -556,6 +556,7 @@ fn endpoint(name: String, f: FileEndpoint, base: &Path) -> Result<Endpoint, Inva
         ca_file: f.ca_file.map(|p| base.join(p)),
         oauth: None,
         revocation: None,
+        unlink_callback: None,
     };
     Ok(Endpoint {
         name,

@@ -169,6 +169,12 @@ pub(super) fn router(
             "/v1/security-events",
             post(security_event_push).fallback(method_not_allowed),
         )
+        .route(
+            "/v1/providers/{provider}/unlink",
+            post(unlink_callback)
+                .get(unlink_callback)
+                .fallback(method_not_allowed),
+        )
         .route("/v1/{*rest}", any(not_found))
         .with_state(state)
 }
@@ -535,6 +541,96 @@ async fn proxy(State(s): State<Http>, req: Request) -> Response {
     }
     .await
     .unwrap_or_else(|r| *r);
+    response.extensions_mut().insert(ROUTE);
+    response
+}
+
+/// Largest unlink callback body read (three short form fields).
+const MAX_UNLINK_BYTES: usize = 4096;
+
+/// `GET|POST /v1/providers/{provider}/unlink`: a provider's unlink callback (Kakao's kind; the
+/// parameters in the query or an `application/x-www-form-urlencoded` body). No credential of
+/// ours: the provider's admin key authorizes. Every refusal but a replay counts against its
+/// address as an unauthenticated refusal (no write, no log line), and an address past its
+/// budget gets 429 before anything is read. 200 `{"revoked", "deleted"}` when applied.
+async fn unlink_callback(
+    State(s): State<Http>,
+    axum::extract::Path(provider): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    use crate::vault::refusals::{RefusalReason, Source};
+    use crate::vault::{UnlinkCall, UnlinkRefused};
+    const ROUTE: Route = Route("/v1/providers/{provider}/unlink");
+    let (parts, body) = req.into_parts();
+    let refusals = s.vault.refusals();
+    let ip = super::auth::remote_ip(&parts.extensions);
+    let source = Source::of(ip);
+    let mut response = async {
+        if let Some(wait) = refusals.throttled(source, s.vault.monotonic_now()) {
+            refusals.hold(wait).await;
+            return *before_body(&parts, error_response(&super::auth::throttled(wait)));
+        }
+        let refused = |status: tonic::Status| {
+            refusals.refuse(
+                source,
+                RefusalReason::UnlinkCallbackRefused,
+                s.vault.monotonic_now(),
+            );
+            error_response(&status)
+        };
+        let params = if parts.method == http::Method::POST {
+            match axum::body::to_bytes(body, MAX_UNLINK_BYTES).await {
+                Ok(b) => b.to_vec(),
+                Err(_) => {
+                    return refused(tonic::Status::invalid_argument(
+                        "the body is not a readable form of at most 4 KiB",
+                    ));
+                }
+            }
+        } else {
+            parts.uri.query().unwrap_or_default().as_bytes().to_vec()
+        };
+        let mut call = UnlinkCall {
+            provider,
+            authorization: parts
+                .headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| crate::secret::Secret::new(v.as_bytes().to_vec())),
+            source: ip,
+            app_id: String::new(),
+            user_id: String::new(),
+            referrer: String::new(),
+        };
+        for (k, v) in form_urlencoded::parse(&params) {
+            match &*k {
+                "app_id" => call.app_id = v.into_owned(),
+                "user_id" => call.user_id = v.into_owned(),
+                "referrer_type" => call.referrer = v.into_owned(),
+                _ => {}
+            }
+        }
+        match s.vault.unlink_callback(call).await {
+            Ok(Ok(outcome)) => ok_json(&serde_json::json!({
+                "revoked": outcome.revoked,
+                "deleted": outcome.deleted,
+            })),
+            Ok(Err(UnlinkRefused::NoCallback)) => refused(tonic::Status::not_found(
+                "no such provider, or it has no unlink callback",
+            )),
+            Ok(Err(UnlinkRefused::Source)) => refused(tonic::Status::permission_denied(
+                "this address may not send this provider's unlink callbacks",
+            )),
+            Ok(Err(UnlinkRefused::Credential)) => refused(tonic::Status::unauthenticated(
+                "the app id or admin key does not match",
+            )),
+            Ok(Err(UnlinkRefused::Malformed(why))) => refused(tonic::Status::invalid_argument(why)),
+            Ok(Err(UnlinkRefused::Replayed)) => error_response(&tonic::Status::already_exists(
+                "this user's unlink callback was applied within the last minute",
+            )),
+            Err(e) => error_response(&tonic::Status::from(e)),
+        }
+    }
+    .await;
     response.extensions_mut().insert(ROUTE);
     response
 }

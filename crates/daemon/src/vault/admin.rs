@@ -927,7 +927,7 @@ fn apply_security_event(
     token: &str,
     now: i64,
 ) -> Result<SecurityEventOutcome, VaultError> {
-    use crate::security_event::{self, Action};
+    use crate::security_event;
     use sha2::Digest as _;
     let event = security_event::verify(token, &s.security_event_issuers, now)?;
     let issuer = &s.security_event_issuers[event.issuer];
@@ -945,40 +945,92 @@ fn apply_security_event(
         .next()
         .unwrap_or_default()
         .to_string();
-    let detail = format!("{short_type} from {} jti {}", issuer.issuer, event.jti);
+    let applied = apply_owner_action(
+        s,
+        &OwnerAction {
+            caller,
+            action: "SecurityEvent",
+            reason: "security_event",
+            detail: format!("{short_type} from {} jti {}", issuer.issuer, event.jti),
+            provider: &issuer.provider,
+            owner: &owner,
+            what: &event.action,
+            marker: &marker,
+            replayed: format!("security event jti {} (already applied)", event.jti),
+        },
+        now,
+    )?;
+    Ok(SecurityEventOutcome {
+        event_type: event.event_type,
+        ..applied
+    })
+}
+
+/// A provider's word that an owner's grant is gone, verified by the caller: a security event,
+/// or an unlink callback.
+pub(super) struct OwnerAction<'a> {
+    /// Who (the audit events' caller).
+    pub(super) caller: &'a str,
+    /// The audit action of the whole (`SecurityEvent`, `UnlinkCallback`).
+    pub(super) action: &'a str,
+    /// The webhook events' `reason`.
+    pub(super) reason: &'a str,
+    /// The audit detail.
+    pub(super) detail: String,
+    /// Only this provider's records are affected.
+    pub(super) provider: &'a str,
+    /// Whose.
+    pub(super) owner: &'a Owner,
+    /// What to do with them.
+    pub(super) what: &'a crate::security_event::Action,
+    /// The replay marker written with the change (a second one is refused).
+    pub(super) marker: &'a str,
+    /// The refusal's message when the marker exists.
+    pub(super) replayed: String,
+}
+
+/// Revokes or deletes `a.owner`'s records of `a.provider` in one write with their audit events,
+/// webhook events and the replay marker; `AlreadyExists` (nothing written) for a replay.
+pub(super) fn apply_owner_action(
+    s: &Vault,
+    a: &OwnerAction<'_>,
+    now: i64,
+) -> Result<SecurityEventOutcome, VaultError> {
+    use crate::security_event::Action;
+    let (caller, owner) = (a.caller, a.owner);
     // A record deleted between the plan and the write makes the write refuse (NotFound);
     // planning again sees it gone.
     let mut attempts = 0;
     loop {
         attempts += 1;
         let mut drafts = vec![
-            Draft::new(caller, "SecurityEvent")
+            Draft::new(caller, a.action)
                 .owner(owner.as_str())
-                .detail(detail.clone()),
+                .detail(a.detail.clone()),
         ];
         let mut mutations = Vec::new();
         let mut events = Vec::new();
         let (mut revoked, mut deleted) = (0, 0);
-        for id in s.store.owner_record_ids(&owner)? {
+        for id in s.store.owner_record_ids(owner)? {
             let Some(record) = s.store.get_record(&id)? else {
                 continue;
             };
-            if record.meta.provider.as_str() != issuer.provider {
+            if record.meta.provider.as_str() != a.provider {
                 continue;
             }
             let draft = |action: &str| {
                 Draft::new(caller, action)
                     .record(id.as_str())
                     .owner(owner.as_str())
-                    .detail(format!("security event: {detail}"))
+                    .detail(format!("{}: {}", a.reason.replace('_', " "), a.detail))
             };
-            match &event.action {
+            match a.what {
                 Action::Delete => {
                     drafts.push(draft("Delete"));
                     mutations.push(Mutation::DeleteRecord(id));
                     events.push(
                         Event::about(EventType::Deleted, &record, record.version)
-                            .with("reason", "security_event"),
+                            .with("reason", a.reason),
                     );
                     deleted += 1;
                 }
@@ -993,7 +1045,7 @@ fn apply_security_event(
                     mutations.push(Mutation::Revoke(id));
                     events.push(
                         Event::about(EventType::Revoked, &record, record.version + 1)
-                            .with("reason", "security_event"),
+                            .with("reason", a.reason),
                     );
                     revoked += 1;
                 }
@@ -1001,7 +1053,7 @@ fn apply_security_event(
             }
         }
         mutations.push(Mutation::PutReplayMarker {
-            key: marker.clone(),
+            key: a.marker.to_string(),
             at: now,
         });
         mutations.extend(s.outbox(&events));
@@ -1009,12 +1061,9 @@ fn apply_security_event(
             match s.store.apply(&mutations, appends, now) {
                 Ok(()) => Ok((true, true)),
                 Err(StoreError::NotFound(_)) if attempts < 3 => Ok((false, false)),
-                Err(StoreError::AlreadyExists(_)) => {
-                    Err(VaultError::from(StoreError::AlreadyExists(format!(
-                        "security event jti {} (already applied)",
-                        event.jti
-                    ))))
-                }
+                Err(StoreError::AlreadyExists(_)) => Err(VaultError::from(
+                    StoreError::AlreadyExists(a.replayed.clone()),
+                )),
                 Err(e) => Err(e.into()),
             }
         })?;
@@ -1027,7 +1076,7 @@ fn apply_security_event(
             }
         }
         return Ok(SecurityEventOutcome {
-            event_type: event.event_type,
+            event_type: String::new(),
             revoked,
             deleted,
         });

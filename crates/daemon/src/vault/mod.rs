@@ -35,6 +35,8 @@ mod refresh;
 pub mod refusals;
 mod revocations;
 mod store_keys;
+mod unlink;
+pub use unlink::{UnlinkCall, UnlinkRefused};
 mod webhooks;
 pub use webhooks::DeliveryPage;
 
@@ -340,6 +342,8 @@ pub struct Vault {
     metrics: Arc<metrics::Metrics>,
     /// `[webhooks]`: the endpoints the outbox delivers to.
     webhooks: webhooks::Webhooks,
+    /// Providers' unlink-callback admin keys, decrypted and kept a minute.
+    unlink_keys: unlink::AdminKeys,
     /// Whether the store answered the last probe ([`Vault::store_reachable`]).
     store_reachable: tokio::sync::watch::Sender<bool>,
     /// Background refresh scans completed ([`Vault::background_scans`]).
@@ -484,6 +488,7 @@ impl Vault {
             security_event_issuers: config.security_event_issuers.clone(),
             jwks,
             webhooks,
+            unlink_keys: unlink::AdminKeys::default(),
             metrics: Arc::clone(&metrics),
             cpu: pool(cpu_pool::Kind::PrivateKey, cores, "RSA pool")?,
             commit: commit::GroupCommit::start(

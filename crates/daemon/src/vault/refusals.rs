@@ -41,10 +41,12 @@ pub enum RefusalReason {
     SecurityEventReplayed,
     /// Refused at once because the source's failure budget was spent.
     Throttled,
+    /// A provider's unlink callback refused (its source, app id or admin key).
+    UnlinkCallbackRefused,
 }
 
 impl RefusalReason {
-    const ALL: [Self; 7] = [
+    const ALL: [Self; 8] = [
         Self::MissingCredential,
         Self::MalformedCredential,
         Self::InvalidCredential,
@@ -52,6 +54,7 @@ impl RefusalReason {
         Self::SecurityEventRefused,
         Self::SecurityEventReplayed,
         Self::Throttled,
+        Self::UnlinkCallbackRefused,
     ];
 
     /// The metric label and the summary's field name.
@@ -64,6 +67,7 @@ impl RefusalReason {
             Self::SecurityEventRefused => "security_event_refused",
             Self::SecurityEventReplayed => "security_event_replayed",
             Self::Throttled => "throttled",
+            Self::UnlinkCallbackRefused => "unlink_callback_refused",
         }
     }
 
