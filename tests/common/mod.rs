@@ -540,3 +540,25 @@ pub async fn ingest_over(
         .spki_pem;
     (ingest, Sealer::from_pem(&pem).expect("pem"))
 }
+
+/// A TLS channel to the daemon at `addr` whose certificate (for `localhost`) `ca_pem` signed,
+/// with a client certificate and key if given (mutual TLS).
+#[allow(dead_code)]
+pub async fn tls_channel(
+    addr: SocketAddr,
+    ca_pem: &str,
+    client: Option<(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)?
+        .connect()
+        .await
+}

@@ -32,6 +32,7 @@ mod redaction;
 mod revocation;
 mod rotation_cli;
 mod runbook_tls;
+mod sdk;
 mod sealers;
 mod security_events;
 mod slow_store;

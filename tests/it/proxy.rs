@@ -19,7 +19,7 @@ pub(crate) const ACCESS: &str = "at-0-initial-access-token";
 pub(crate) const REFRESH: &str = "rt-0-initial-refresh-token";
 
 /// The `[providers]` tables for the fake provider, plus extra TOML.
-fn providers_toml(p: &FakeProvider, extra: &str) -> String {
+pub(crate) fn providers_toml(p: &FakeProvider, extra: &str) -> String {
     let base = p.base();
     format!(
         r#"

@@ -14,7 +14,7 @@ use tokenvault::api::v1;
 use tokenvault::config::{Config, Env};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 /// A daemon with TLS and client CA `ca`, configured through a TOML file. The worker
 /// `worker-1.internal` authenticates by client certificate only.
@@ -54,17 +54,7 @@ async fn tls_channel(
     ca_pem: &str,
     client: Option<(String, String)>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name("localhost");
-    if let Some((cert, key)) = client {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Channel::from_shared(format!("https://{}", d.addr))
-        .expect("uri")
-        .tls_config(tls)?
-        .connect()
-        .await
+    common::tls_channel(d.addr, ca_pem, client).await
 }
 
 #[tokio::test]

@@ -1,0 +1,1 @@
+"""Generated from proto/tokenvault/v1/tokenvault.proto by generate.py; do not edit."""
