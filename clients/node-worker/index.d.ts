@@ -96,4 +96,6 @@ export declare class Worker {
 }
 
 export declare const IDEMPOTENT_METHODS: ReadonlySet<string>;
+/** The proto file the client was built from. */
+export declare const PROTO: string;
 export declare const status: typeof GrpcStatus;

@@ -6,16 +6,25 @@
 // refusal rejects with a TokenvaultError carrying the gRPC code and the google.rpc.ErrorInfo
 // reason and metadata; tokens and grant handles are Secret values that never print.
 
+const fs = require("node:fs");
 const path = require("node:path");
 const util = require("node:util");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 const protobuf = require("protobufjs");
 
-const definition = protoLoader.loadSync(
-  path.join(__dirname, "proto", "tokenvault", "v1", "tokenvault.proto"),
-  { keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true },
-);
+// The daemon's proto: the copy `npm pack` puts in the package (prepack), or in the workspace
+// the one file every client and the daemon are built from.
+const PROTO = ["proto", "../../proto"]
+  .map((dir) => path.join(__dirname, dir, "tokenvault", "v1", "tokenvault.proto"))
+  .find((file) => fs.existsSync(file));
+const definition = protoLoader.loadSync(PROTO, {
+  keepCase: true,
+  longs: Number,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
 const v1 = grpc.loadPackageDefinition(definition).tokenvault.v1;
 
 // google.rpc.Status and ErrorInfo, to read the `grpc-status-details-bin` trailer.
@@ -252,4 +261,4 @@ class Worker {
   }
 }
 
-module.exports = { Worker, Secret, TokenvaultError, IDEMPOTENT_METHODS, status: grpc.status };
+module.exports = { Worker, Secret, TokenvaultError, IDEMPOTENT_METHODS, PROTO, status: grpc.status };

@@ -129,8 +129,8 @@ test("an unreachable daemon is UNAVAILABLE within the deadline, retried only whe
   assert.equal(String(new Secret("abc")), "Secret(<3 bytes>)");
 });
 
-test("the packaged proto is the daemon's", () => {
-  const here = path.join(__dirname, "..", "proto", "tokenvault", "v1", "tokenvault.proto");
+test("the proto is the daemon's own file", () => {
+  const { PROTO } = require("..");
   const workspace = path.join(__dirname, "..", "..", "..", "proto", "tokenvault", "v1", "tokenvault.proto");
-  assert.equal(fs.readFileSync(here, "utf8"), fs.readFileSync(workspace, "utf8"), "copy proto/ again");
+  assert.equal(fs.readFileSync(PROTO, "utf8"), fs.readFileSync(workspace, "utf8"));
 });
