@@ -1064,11 +1064,27 @@ fn the_documented_provider_configuration_loads() {
         .skip(1)
         .map(|b| b.split("```").next().expect("closed block"))
         .collect();
-    assert_eq!(blocks.len(), 2);
+    assert_eq!(blocks.len(), 4);
     let tmp = tempfile::tempdir().expect("tempdir");
     let path = write_config(tmp.path(), &blocks.concat());
     let providers = Config::load_providers(&path).expect("documented config loads");
     let github = &providers["github"];
+    let revocation = github.revocation.as_ref().expect("revocation");
+    assert_eq!(
+        (revocation.kind, revocation.by_default),
+        (tokenvault::provider::RevocationKind::Rfc7009, false)
+    );
+    let kakao = &providers["kakao"];
+    let unlink = kakao.revocation.as_ref().expect("kakao revocation");
+    assert_eq!(
+        (unlink.kind, unlink.by_default),
+        (tokenvault::provider::RevocationKind::Unlink, true)
+    );
+    let callback = kakao.unlink_callback.as_ref().expect("unlink callback");
+    assert_eq!(
+        (callback.app_id.as_str(), callback.owner_prefix.as_str()),
+        ("123456", "kakao:")
+    );
     assert_eq!(github.base.to_string(), "https://api.github.com/");
     assert_eq!(github.allowed_path_prefixes, vec!["/user", "/repos/"]);
     assert_eq!(github.max_response_bytes, 4_194_304);

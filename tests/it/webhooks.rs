@@ -705,3 +705,31 @@ sha256 = "{}"
     child.kill().expect("kill");
     child.wait().expect("reaped");
 }
+
+/// docs/WEBHOOKS.md's configuration loads as written.
+#[test]
+fn the_documented_webhook_configuration_loads() {
+    let doc = std::fs::read_to_string(common::fixture_path("docs/WEBHOOKS.md")).expect("doc");
+    let block = doc
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("tokenvault.toml");
+    std::fs::write(
+        &path,
+        format!("data_dir = \"data\"\nkey_dir = \"keys\"\n{block}"),
+    )
+    .expect("write");
+    let config = tokenvault::config::Config::load(&path, &tokenvault::config::Env)
+        .expect("documented config loads");
+    let w = &config.webhooks;
+    assert_eq!(w.max_age, Duration::from_secs(72 * 3600));
+    assert_eq!(w.endpoints.len(), 1);
+    assert_eq!(w.endpoints[0].name, "app");
+    assert_eq!(
+        w.endpoints[0].secret_records[0].as_str(),
+        "app-webhook-secret"
+    );
+}

@@ -187,8 +187,10 @@ async fn call(vault: &Arc<Vault>, entry: &RevocationEntry) -> Outcome {
     };
     let opened = {
         let record = record.clone();
+        // The general blocking pool, not the private-key pool: that one serves GetToken and
+        // Proxy only (docs/ARCHITECTURE.md); a revocation is rare background work.
         vault
-            .cpu_bound(move |v| {
+            .blocking(move |v| {
                 super::records::open(v, &record.meta.id, &record, &v.keyring()).map_err(|source| {
                     VaultError::Open {
                         id: record.meta.id.to_string(),
