@@ -199,9 +199,14 @@ impl KeyRegistry for FaultyStore {
         self.inner.keys()
     }
 
-    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
+    fn put_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         self.pause();
-        self.inner.put_keys(keys, audit)
+        self.inner.put_keys(keys, audit, outbox)
     }
 
     fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {

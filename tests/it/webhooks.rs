@@ -733,3 +733,60 @@ fn the_documented_webhook_configuration_loads() {
         "app-webhook-secret"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_and_a_destruction_are_webhooks_for_security_teams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start(dir.path(), false);
+    let cfg = crate::proxy::load(dir.path(), &receiver.toml(""));
+    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
+    let clock = common::TestClock::new();
+    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
+    put_secrets(&d).await;
+    let mut admin = d.admin(ADMIN).await;
+    let rotated = admin
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate")
+        .into_inner();
+    let v2 = rotated.active.expect("active");
+    // Everything moved to version 2, then version 1 retired and destroyed once due.
+    d.rewrap().await;
+    admin
+        .retire_key(v1::RetireKeyRequest { version: 1 })
+        .await
+        .expect("retire");
+    admin
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("destroy");
+    clock.advance(8 * 24 * 3600);
+    assert_eq!(d.destroy_due().await.len(), 1);
+    receiver
+        .until("key.rotated and key.destroyed", |l| {
+            l.iter().filter(|l| l["answer"] == 204).count() == 2
+        })
+        .await;
+    let got = receiver.delivered();
+    let kinds: Vec<&str> = got
+        .iter()
+        .map(|l| l["event"]["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(kinds, ["key.rotated", "key.destroyed"]);
+    assert_eq!(got[0]["event"]["data"]["version"], 2);
+    assert_eq!(
+        got[0]["event"]["data"]["fingerprint"],
+        v2.fingerprint.as_str()
+    );
+    assert_eq!(got[0]["event"]["data"]["state"], "active");
+    assert_eq!(got[1]["event"]["data"]["version"], 1);
+    assert_eq!(got[1]["event"]["data"]["state"], "destroyed");
+    // A repeated erase of a destroyed version sends nothing more.
+    admin
+        .destroy_key(v1::DestroyKeyRequest { version: 1 })
+        .await
+        .expect("destroy again");
+    assert_eq!(deliveries(&d, false).await.len(), 0);
+    assert_eq!(deliveries(&d, true).await.len(), 2);
+    d.stop().await;
+}

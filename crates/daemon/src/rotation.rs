@@ -480,7 +480,7 @@ pub fn schedule_destroy(
         key.destroy_after = Some(due);
         key.updated_at = now;
     }
-    store.put_keys(std::slice::from_ref(&key), audit)?;
+    store.put_keys(std::slice::from_ref(&key), audit, &[])?;
     Ok(key)
 }
 
@@ -506,7 +506,7 @@ pub fn cancel_destroy(
     key.state = KeyState::Retired;
     key.destroy_after = None;
     key.updated_at = now;
-    store.put_keys(std::slice::from_ref(&key), audit)?;
+    store.put_keys(std::slice::from_ref(&key), audit, &[])?;
     Ok(key)
 }
 
@@ -522,17 +522,19 @@ pub fn destroy_due(
     now: i64,
     audit: &AuditAppend,
 ) -> Result<KeyInfo, RotationError> {
-    let key = write_destroyed(store, version, now, audit)?;
+    let key = write_destroyed(store, version, now, audit, None)?;
     dir.erase(version, &key.id)?;
     Ok(key)
 }
 
-/// The registry write of [`destroy_due`].
+/// The registry write of [`destroy_due`], with the `key.destroyed` webhook if `events` makes
+/// one (only when the version goes from pending to destroyed, not when an erase is repeated).
 fn write_destroyed(
     store: &dyn TokenStore,
     version: u32,
     now: i64,
     audit: &AuditAppend,
+    events: Option<&KeyEvents<'_>>,
 ) -> Result<KeyInfo, RotationError> {
     let mut key = find_in(
         store,
@@ -541,6 +543,7 @@ fn write_destroyed(
         "destroy",
         "pending-destruction",
     )?;
+    let mut outbox = Vec::new();
     if key.state == KeyState::PendingDestruction {
         let due = key.destroy_after.unwrap_or(i64::MAX);
         if now < due {
@@ -550,9 +553,12 @@ fn write_destroyed(
         key.state = KeyState::Destroyed;
         key.destroy_after = None;
         key.updated_at = now;
+        if let Some(events) = events {
+            outbox = events(crate::webhook::EventType::KeyDestroyed, &key);
+        }
     }
     // Written even when already destroyed, so the audit event lands with the registry entry.
-    store.put_keys(std::slice::from_ref(&key), audit)?;
+    store.put_keys(std::slice::from_ref(&key), audit, &outbox)?;
     Ok(key)
 }
 
@@ -598,11 +604,18 @@ pub fn add_version_audited(
     file: &crate::keys::keyring::KeyFile,
     now: i64,
     audit: &AuditAppend,
+    events: Option<&KeyEvents<'_>>,
 ) -> Result<KeyInfo, KeyError> {
     let (info, writes) = next_version(store, dir, key, file, now)?;
-    store.put_keys(&writes, audit).map_err(store_err)?;
+    let outbox = events.map_or_else(Vec::new, |e| {
+        e(crate::webhook::EventType::KeyRotated, &info)
+    });
+    store.put_keys(&writes, audit, &outbox).map_err(store_err)?;
     Ok(info)
 }
+
+/// Makes the outbox entries (webhooks) of a key change: a rotation or a destruction.
+pub type KeyEvents<'a> = dyn Fn(crate::webhook::EventType, &KeyInfo) -> Vec<(String, Vec<u8>)> + 'a;
 
 /// The next version of the registry for `key` (its key file written as `file`) and the
 /// registry entries to write: it, active, and the previously active ones, decrypt-only.
@@ -656,6 +669,8 @@ pub struct KeyService<'a> {
     store: &'a dyn TokenStore,
     dir: &'a KeyDir,
     audit: &'a crate::audit::Auditor,
+    /// The webhooks of rotations and destructions, when the daemon sends any.
+    events: Option<Box<KeyEvents<'a>>>,
 }
 
 impl std::fmt::Debug for KeyService<'_> {
@@ -671,7 +686,22 @@ impl<'a> KeyService<'a> {
         dir: &'a KeyDir,
         audit: &'a crate::audit::Auditor,
     ) -> Self {
-        Self { store, dir, audit }
+        Self {
+            store,
+            dir,
+            audit,
+            events: None,
+        }
+    }
+
+    /// The same service, writing `events`' outbox entries (the `key.rotated` and
+    /// `key.destroyed` webhooks) in the registry write of a rotation or a destruction.
+    #[must_use]
+    pub fn with_events(self, events: Box<KeyEvents<'a>>) -> Self {
+        Self {
+            events: Some(events),
+            ..self
+        }
     }
 
     /// Runs `change`, which writes `draft`'s sealed event in its one registry write.
@@ -701,6 +731,7 @@ impl<'a> KeyService<'a> {
                 &file,
                 now,
                 a,
+                self.events.as_deref(),
             )?)
         })
     }
@@ -770,7 +801,9 @@ impl<'a> KeyService<'a> {
         version: u32,
         now: i64,
     ) -> Result<KeyInfo, RotationError> {
-        let key = self.recorded(draft, |a| write_destroyed(self.store, version, now, a))?;
+        let key = self.recorded(draft, |a| {
+            write_destroyed(self.store, version, now, a, self.events.as_deref())
+        })?;
         self.dir.erase(version, &key.id)?;
         Ok(key)
     }

@@ -43,11 +43,15 @@ pub enum EventType {
     OwnerDeleted,
     /// A revocation at the provider was refused, or kept failing until `max_age_hours`.
     ProviderRevocationFailed,
+    /// A new key version became active (security teams).
+    KeyRotated,
+    /// A key version was destroyed after its waiting period (security teams).
+    KeyDestroyed,
 }
 
 impl EventType {
     /// Every type, in the order docs/WEBHOOKS.md lists them.
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 9] = [
         EventType::NeedsReauth,
         EventType::Recovered,
         EventType::Revoked,
@@ -55,6 +59,8 @@ impl EventType {
         EventType::RefreshFailed,
         EventType::OwnerDeleted,
         EventType::ProviderRevocationFailed,
+        EventType::KeyRotated,
+        EventType::KeyDestroyed,
     ];
 
     /// The `type` field of the body.
@@ -67,6 +73,8 @@ impl EventType {
             EventType::RefreshFailed => "record.refresh_failed",
             EventType::OwnerDeleted => "owner.deleted",
             EventType::ProviderRevocationFailed => "record.provider_revocation_failed",
+            EventType::KeyRotated => "key.rotated",
+            EventType::KeyDestroyed => "key.destroyed",
         }
     }
 
@@ -102,6 +110,20 @@ impl Event {
             kind,
             record: Some(record.meta.id.to_string()),
             provider: Some(record.meta.provider.to_string()),
+            data,
+        }
+    }
+
+    /// An event about key version `key`: `data` gets its version, fingerprint and state.
+    pub fn about_key(kind: EventType, key: &crate::keys::KeyInfo) -> Self {
+        let mut data = serde_json::Map::new();
+        data.insert("version".into(), key.version.into());
+        data.insert("fingerprint".into(), key.id.to_string().into());
+        data.insert("state".into(), key.state.to_string().into());
+        Event {
+            kind,
+            record: None,
+            provider: None,
             data,
         }
     }
@@ -313,8 +335,8 @@ pub struct Endpoint {
     pub url: Uri,
     /// Sealed records (kind `client_secret`) holding its `whsec_` secrets; each signs.
     pub secret_records: Vec<RecordId>,
-    /// The providers whose records' events it gets (empty: all). An owner's deletion goes to
-    /// every endpoint that takes its type.
+    /// The providers whose records' events it gets (empty: all). An owner's deletion and the
+    /// key events go to every endpoint that takes their type.
     pub providers: Vec<String>,
     /// The event types it gets (empty: all).
     pub events: Vec<EventType>,

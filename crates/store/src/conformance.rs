@@ -238,10 +238,11 @@ pub fn key_registry(store: &dyn TestHooks) {
         .put_keys(
             &[key(2, KeyState::Active), key(1, KeyState::DecryptOnly)],
             &event(),
+            &[],
         )
         .expect("put");
     store
-        .put_keys(&[key(1, KeyState::Retired)], &event())
+        .put_keys(&[key(1, KeyState::Retired)], &event(), &[])
         .expect("update");
     assert_eq!(
         store.keys(),
@@ -535,6 +536,7 @@ pub fn retire_is_atomic_with_record_writes(store: &dyn TestHooks) {
         .put_keys(
             &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
             &event(),
+            &[],
         )
         .expect("keys");
     store.put_records(&[write("v1", "o", 0)], 1).expect("put");
@@ -825,6 +827,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
         .put_keys(
             &[key(1, KeyState::DecryptOnly), key(2, KeyState::Active)],
             &event(),
+            &[],
         )
         .expect("keys");
     let mut other = write("other", "p", 0);
@@ -1041,6 +1044,15 @@ pub fn outbox(store: &dyn TestHooks) {
         .expect("delete owner");
     assert_eq!(keys("p/o/", None, 10), ["p/o/1"]);
     assert_eq!(store.get_record(&rid("x")), Ok(None));
+    // And with a key registry change (a rotation's webhook).
+    store
+        .put_keys(
+            &[key(7, KeyState::Active)],
+            &event(),
+            &[("p/k/1".into(), b"p/k/1".to_vec())],
+        )
+        .expect("put keys");
+    assert_eq!(keys("p/k/", None, 10), ["p/k/1"]);
 }
 
 /// Audit by construction: every kind of record change is refused (`Unaudited`, nothing
@@ -1196,7 +1208,7 @@ mod tests {
         {
             let store = RocksStore::open(dir.path(), 8 << 20).expect("open");
             store
-                .put_keys(&[key(1, KeyState::Active)], &event())
+                .put_keys(&[key(1, KeyState::Active)], &event(), &[])
                 .expect("keys");
             store
                 .put_records(&[write("a", "o", 0), write("b", "o", 0)], 1)

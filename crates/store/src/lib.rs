@@ -529,8 +529,15 @@ pub trait KeyRegistry: Send + Sync + 'static {
     /// The key registry, ascending by version.
     fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
 
-    /// Inserts or replaces key registry entries atomically, with `audit` in the same batch.
-    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError>;
+    /// Inserts or replaces key registry entries atomically, with `audit` and the `outbox`
+    /// entries (key under [`OUTBOX_PREFIX`], value; created or overwritten: the webhooks of a
+    /// rotation or destruction) in the same batch.
+    fn put_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError>;
 
     /// Writes `key` (a version being retired) with `audit`, only if no record is under its
     /// version: `KeyInUse` otherwise. Checked in the same critical section as record writes,

@@ -270,13 +270,21 @@ impl MetaStore for MemoryStore {
 /// seeding (`audit` `None`).
 impl MemoryStore {
     /// [`KeyRegistry::put_keys`].
-    fn write_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    fn write_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: Option<&AuditAppend>,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if let Some(a) = audit {
             inner.audit.insert(a.seq, a.bytes.clone());
         }
         for k in keys {
             inner.keys.insert(k.version, k.clone());
+        }
+        for (key, value) in outbox {
+            inner.meta.insert(super::outbox_key(key), value.clone());
         }
         Ok(())
     }
@@ -308,8 +316,13 @@ impl KeyRegistry for MemoryStore {
         Ok(self.lock().keys.values().cloned().collect())
     }
 
-    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
-        self.write_keys(keys, Some(audit))
+    fn put_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        self.write_keys(keys, Some(audit), outbox)
     }
 
     fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {
@@ -427,7 +440,7 @@ impl Leases for MemoryStore {}
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for MemoryStore {
     fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
-        self.write_keys(keys, None)
+        self.write_keys(keys, None, &[])
     }
 
     fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError> {

@@ -1164,14 +1164,33 @@ impl MetaStore for PostgresStore {
 /// seeding (`audit` `None`).
 impl PostgresStore {
     /// [`KeyRegistry::put_keys`].
-    fn write_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    fn write_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: Option<&AuditAppend>,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         let keys = keys.to_vec();
         let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
+        let outbox: Arc<Vec<(String, Vec<u8>)>> = Arc::new(
+            outbox
+                .iter()
+                .map(|(k, v)| (super::outbox_key(k), v.clone()))
+                .collect(),
+        );
         let chain = self.chain.clone();
         self.txn(move |t| {
-            let (keys, audit, chain) = (keys.clone(), audit.clone(), chain.clone());
+            let (keys, audit, chain, outbox) = (
+                keys.clone(),
+                audit.clone(),
+                chain.clone(),
+                Arc::clone(&outbox),
+            );
             Box::pin(async move {
                 upsert_keys(t, &keys).await?;
+                for (k, v) in outbox.iter() {
+                    t.execute(UPSERT_META, &[k, v]).await?;
+                }
                 insert_audit(t, &chain, &audit).await
             })
         })
@@ -1227,8 +1246,13 @@ impl KeyRegistry for PostgresStore {
         })
     }
 
-    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
-        self.write_keys(keys, Some(audit))
+    fn put_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        self.write_keys(keys, Some(audit), outbox)
     }
 
     fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {
@@ -1443,7 +1467,7 @@ impl Transfer for PostgresStore {
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for PostgresStore {
     fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
-        self.write_keys(keys, None)
+        self.write_keys(keys, None, &[])
     }
 
     fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError> {

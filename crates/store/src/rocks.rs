@@ -773,7 +773,12 @@ impl MetaStore for RocksStore {
 /// seeding (`audit` `None`).
 impl RocksStore {
     /// [`KeyRegistry::put_keys`].
-    fn write_keys(&self, keys: &[KeyInfo], audit: Option<&AuditAppend>) -> Result<(), StoreError> {
+    fn write_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: Option<&AuditAppend>,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         let _guard = self.lock();
         let mut batch = WriteBatch::default();
         for k in keys {
@@ -782,6 +787,9 @@ impl RocksStore {
                 schema::key_key(k.version),
                 schema::encode_key(k),
             );
+        }
+        for (key, value) in outbox {
+            batch.put_cf(self.cf(CF_META), super::outbox_key(key), value);
         }
         self.add_audit(&mut batch, audit);
         self.write(batch)
@@ -821,8 +829,13 @@ impl KeyRegistry for RocksStore {
         Ok(keys)
     }
 
-    fn put_keys(&self, keys: &[KeyInfo], audit: &AuditAppend) -> Result<(), StoreError> {
-        self.write_keys(keys, Some(audit))
+    fn put_keys(
+        &self,
+        keys: &[KeyInfo],
+        audit: &AuditAppend,
+        outbox: &[(String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        self.write_keys(keys, Some(audit), outbox)
     }
 
     fn retire_key(&self, key: &KeyInfo, audit: &AuditAppend) -> Result<(), StoreError> {
@@ -1003,7 +1016,7 @@ impl Leases for RocksStore {}
 #[cfg(any(test, feature = "testing"))]
 impl TestHooks for RocksStore {
     fn put_keys_unaudited(&self, keys: &[KeyInfo]) -> Result<(), StoreError> {
-        self.write_keys(keys, None)
+        self.write_keys(keys, None, &[])
     }
 
     fn retire_key_unaudited(&self, key: &KeyInfo) -> Result<(), StoreError> {

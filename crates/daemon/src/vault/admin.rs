@@ -119,7 +119,9 @@ impl Drop for Running {
 
 impl Vault {
     fn key_service(&self) -> KeyService<'_> {
-        KeyService::new(&*self.store, &self.key_dir, &self.audit)
+        KeyService::new(&*self.store, &self.key_dir, &self.audit).with_events(Box::new(
+            |kind, key| self.outbox_rows(&[Event::about_key(kind, key)]),
+        ))
     }
 
     /// Rotates to a fresh RSA-2048 version, or to an imported key.

@@ -45,11 +45,18 @@ pub(super) fn start(vault: &Arc<Vault>) {
             .tasks
             .spawn(prune_audit(Arc::clone(vault), stop.clone()));
     }
-    // Always: revocations at providers go through the outbox too, whether or not any
-    // webhook endpoint is configured (and a provider may gain a revocation on reload).
+    for index in 0..vault.webhooks.endpoint_count() {
+        vault.tasks.spawn(super::webhooks::deliver(
+            Arc::clone(vault),
+            index,
+            stop.clone(),
+        ));
+    }
+    // Always: revocations at providers go through the outbox whether or not any webhook
+    // endpoint is configured (and a provider may gain a revocation on reload).
     vault
         .tasks
-        .spawn(super::webhooks::deliver(Arc::clone(vault), stop.clone()));
+        .spawn(super::revocations::run(Arc::clone(vault), stop.clone()));
     vault
         .tasks
         .spawn(summarize_refusals(Arc::clone(vault), stop.clone()));

@@ -397,3 +397,27 @@ pub(super) async fn pass(vault: &Arc<Vault>) -> Result<usize, VaultError> {
     }
     Ok(n)
 }
+
+/// Makes the revocations that are due every `[webhooks] poll_ms` until `stop`: a task of its
+/// own, so a provider that hangs holds back no webhook, and always running (a provider may
+/// gain a revocation on reload).
+pub(super) async fn run(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    let poll = vault.webhooks.poll();
+    loop {
+        let pause = match pass(&vault).await {
+            Ok(n) if n > 0 => std::time::Duration::ZERO,
+            Ok(_) => poll,
+            Err(e) => {
+                tracing::error!(error = %e, "revocations at providers failed; trying again in 30 s");
+                std::time::Duration::from_secs(30)
+            }
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}

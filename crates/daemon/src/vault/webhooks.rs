@@ -1,8 +1,9 @@
 //! The outbox's two ends (docs/WEBHOOKS.md): the entries a change writes in its own store
 //! write ([`Vault::outbox`]), and the job that delivers them ([`deliver`]).
 //!
-//! Delivery: one daemon at a time (the `webhooks` lease on a shared store) reads each
-//! endpoint's pending entries in the order they were written, sends at most one entry per
+//! Delivery: one task per endpoint, so a receiver that hangs holds back only its own; one
+//! daemon at a time (the `webhooks` lease on a shared store) reads each endpoint's pending
+//! entries in the order they were written, sends at most one entry per
 //! record per pass (so a record's events arrive in order, the next only after the previous
 //! was answered), signs each with every secret of the endpoint, and writes every outcome of
 //! the pass in one store write, each a compare-and-swap on the entry as read. A 2xx finishes
@@ -81,9 +82,19 @@ impl Webhooks {
         })
     }
 
+    /// How often the outbox is read for due work.
+    pub(super) fn poll(&self) -> std::time::Duration {
+        self.config.poll
+    }
+
     /// How long a failing delivery or revocation is retried.
     pub(super) fn max_age(&self) -> std::time::Duration {
         self.config.max_age
+    }
+
+    /// How many endpoints are configured.
+    pub(super) fn endpoint_count(&self) -> usize {
+        self.config.endpoints.len()
     }
 
     /// Whether any endpoint is configured (otherwise nothing is written or delivered).
@@ -419,7 +430,9 @@ async fn deliver_endpoint(vault: &Arc<Vault>, index: usize) -> Result<usize, Vau
     } else {
         let e = endpoint.clone();
         let keys = vault.blocking(move |v| v.signing_keys(&e)).await?;
-        let timestamp = vault.now();
+        // The wall clock: the receiver checks the timestamp against its own (Standard Webhooks
+        // libraries refuse five minutes off), whatever clock the vault keeps records by.
+        let timestamp = crate::unix_now();
         let mut tasks = tokio::task::JoinSet::new();
         for (i, due) in pass.due.iter().enumerate() {
             let Some(headers) = signed_headers(&keys, &due.entry, timestamp) else {
@@ -508,61 +521,44 @@ fn sweep_done(v: &Vault, endpoint: &str, now_ms: i64) -> Result<usize, VaultErro
     Ok(n)
 }
 
-/// Delivers due entries every `poll` until `stop`; sweeps old finished entries every minute.
-pub(super) async fn deliver(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+/// Delivers endpoint `index`'s due entries every `poll` until `stop`, and sweeps its old
+/// finished entries every minute. One task per endpoint: a receiver that hangs until the
+/// timeout holds back only its own deliveries.
+pub(super) async fn deliver(
+    vault: Arc<Vault>,
+    index: usize,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let poll = vault.webhooks.config.poll;
+    let name = vault.webhooks.config.endpoints[index].name.clone();
     let mut last_sweep: Option<std::time::Instant> = None;
-    let mut quiet_until: HashMap<usize, std::time::Instant> = HashMap::new();
     loop {
-        let mut busy = false;
-        for index in 0..vault.webhooks.config.endpoints.len() {
-            if quiet_until
-                .get(&index)
-                .is_some_and(|t| *t > std::time::Instant::now())
-            {
-                continue;
+        let mut pause = poll;
+        match deliver_endpoint(&vault, index).await {
+            // More may be due at once (the next event of a record just answered).
+            Ok(n) if n > 0 => pause = std::time::Duration::ZERO,
+            Ok(_) => {}
+            Err(e) => {
+                // A missing or bad secret, or the store: said once per 30 s, not per poll.
+                tracing::error!(endpoint = %name, error = %e, "webhook delivery failed; trying again in 30 s");
+                pause = std::time::Duration::from_secs(30);
             }
-            match deliver_endpoint(&vault, index).await {
-                Ok(n) => busy |= n > 0,
-                Err(e) => {
-                    // A missing or bad secret, or the store: said once per 30 s, not per poll.
-                    tracing::error!(endpoint = %vault.webhooks.config.endpoints[index].name, error = %e, "webhook delivery failed; trying again in 30 s");
-                    quiet_until.insert(
-                        index,
-                        std::time::Instant::now() + std::time::Duration::from_secs(30),
-                    );
-                }
-            }
-        }
-        match super::revocations::pass(&vault).await {
-            Ok(n) => busy |= n > 0,
-            Err(e) => tracing::error!(error = %e, "revocations at providers failed; retrying"),
         }
         if last_sweep.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
             last_sweep = Some(std::time::Instant::now());
+            let endpoint = name.clone();
             let swept = vault
-                .blocking(|v| {
-                    let now_ms = v.now().saturating_mul(1000);
-                    let mut n = 0;
-                    for e in &v.webhooks.config.endpoints {
-                        n += sweep_done(v, &e.name, now_ms)?;
-                    }
-                    Ok(n)
-                })
+                .blocking(move |v| sweep_done(v, &endpoint, v.now().saturating_mul(1000)))
                 .await;
             if let Err(e) = swept {
-                tracing::warn!(error = %e, "removing old finished webhook entries failed");
+                tracing::warn!(endpoint = %name, error = %e, "removing old finished webhook entries failed");
             }
         }
-        if busy {
-            // More may be due at once (the next event of a record just answered).
-            if stop.is_cancelled() {
-                return;
-            }
-            continue;
+        if stop.is_cancelled() {
+            return;
         }
         tokio::select! {
-            () = tokio::time::sleep(poll) => {}
+            () = tokio::time::sleep(pause) => {}
             () = stop.cancelled() => return,
         }
     }
