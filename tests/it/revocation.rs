@@ -272,6 +272,25 @@ async fn grants_are_revoked_at_the_provider_retried_refused_and_reported() {
         assert!(d.get(id).await.is_ok(), "{id} is unchanged");
     }
 
+    // The CLI asks the same and gets the refusal as its exit code.
+    let addr = format!("http://{}", d.addr);
+    let o = tokio::task::spawn_blocking(move || {
+        let cwd = tempfile::tempdir().expect("cwd");
+        common::process::run(
+            cwd.path(),
+            &["revoke", "n", "--revoke-at-provider"],
+            &[
+                ("TOKENVAULT_ADMIN_TOKEN", ADMIN),
+                ("TOKENVAULT_ADDR", &addr),
+            ],
+            None,
+        )
+    })
+    .await
+    .expect("join");
+    common::process::assert_exit(&o, 6, "cannot be revoked at its provider");
+    assert!(d.get("n").await.is_ok(), "n is unchanged");
+
     // Each outcome is in the audit trail; no token is, nor in any webhook body.
     assert_eq!(audited(&d, "ok").await, 3);
     assert_eq!(

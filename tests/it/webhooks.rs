@@ -475,6 +475,42 @@ async fn a_410_stops_the_endpoint_until_an_admin_retries_and_bad_admin_input_cha
     }
     assert_eq!(deliveries(d, false).await.len(), 0);
     assert_eq!(deliveries(d, true).await.len(), 2);
+    // The same through the CLI: one JSON object per delivery; refusals as exit codes.
+    let addr = format!("http://{}", d.addr);
+    let cli = |args: &'static [&'static str]| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let cwd = tempfile::tempdir().expect("cwd");
+            common::process::run(
+                cwd.path(),
+                args,
+                &[
+                    ("TOKENVAULT_ADMIN_TOKEN", ADMIN),
+                    ("TOKENVAULT_ADDR", &addr),
+                ],
+                None,
+            )
+        })
+    };
+    let o = cli(&["admin", "webhooks", "list", "app", "--finished", "--json"])
+        .await
+        .expect("join");
+    common::process::assert_exit(&o, 0, "");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["state"], "delivered");
+    assert_eq!(lines[1]["type"], "record.revoked");
+    let o = cli(&["admin", "webhooks", "list", "nope"])
+        .await
+        .expect("join");
+    common::process::assert_exit(&o, 3, "webhook endpoint");
+    let o = cli(&["admin", "webhooks", "retry", "app", "../x"])
+        .await
+        .expect("join");
+    common::process::assert_exit(&o, 5, "not a delivery id");
     // A worker cannot list or replay deliveries.
     let e = d
         .admin(common::WORKER)

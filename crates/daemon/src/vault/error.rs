@@ -260,6 +260,9 @@ pub enum VaultError {
     /// The configured client secret record is missing, revoked or of the wrong kind.
     #[error("client secret record {0} is not a usable client_secret record")]
     ClientSecret(String),
+    /// No such webhook endpoint, or no such delivery of it.
+    #[error("{0}")]
+    NoSuchDelivery(String),
     /// A revocation at the provider was asked for a record that cannot have one.
     #[error("record {id} cannot be revoked at its provider: {why}")]
     NotRevocable {
@@ -400,6 +403,7 @@ impl VaultError {
             VaultError::Item { source, .. } => source.kind(),
             VaultError::Task | VaultError::Seal(_) | VaultError::Sink(_) => ErrorKind::Internal,
             VaultError::ShuttingDown => ErrorKind::Unavailable,
+            VaultError::NoSuchDelivery(_) => ErrorKind::NotFound,
             VaultError::NeedsReauth(_)
             | VaultError::NoProvider(_)
             | VaultError::NoRefresh(_)

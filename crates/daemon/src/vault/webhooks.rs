@@ -261,7 +261,8 @@ struct Pass {
 }
 
 /// Reads `endpoint`'s pending entries and picks those due: in key order, at most one per
-/// record (the first pending one; a later one waits while an earlier one backs off).
+/// record and one key event (the first pending one; a later one waits while an earlier one
+/// backs off).
 fn due_entries(v: &Vault, endpoint: &str, now_ms: i64) -> Result<Pass, VaultError> {
     let page = v
         .store
@@ -283,8 +284,14 @@ fn due_entries(v: &Vault, endpoint: &str, now_ms: i64) -> Result<Pass, VaultErro
             pass.oldest_ms
                 .map_or(entry.created_ms, |o| o.min(entry.created_ms)),
         );
-        if let Some(record) = &entry.record
-            && !blocked.insert(record.clone())
+        // A record's events go one at a time, in order; so do the key events (a rotation
+        // before the destruction that follows it), which name no record.
+        let lane = entry
+            .record
+            .clone()
+            .or_else(|| entry.kind.starts_with("key.").then(|| "\0keys".to_string()));
+        if let Some(lane) = lane
+            && !blocked.insert(lane)
         {
             continue;
         }
@@ -599,7 +606,7 @@ impl Vault {
             .iter()
             .find(|e| e.name == name)
             .cloned()
-            .ok_or_else(|| StoreError::NotFound(format!("webhook endpoint {name:?}")).into())
+            .ok_or_else(|| VaultError::NoSuchDelivery(format!("no webhook endpoint {name:?}")))
     }
 
     /// `Admin.ListDeliveries`: a page of `endpoint`'s pending or finished deliveries, audited
@@ -680,11 +687,10 @@ impl Vault {
                     (Some(b), _) => (pending.clone(), b),
                     (None, Some(b)) => (done, b),
                     (None, None) => {
-                        return Err(StoreError::NotFound(format!(
-                            "delivery {id} of webhook endpoint {}",
+                        return Err(VaultError::NoSuchDelivery(format!(
+                            "no delivery {id} of webhook endpoint {}",
                             endpoint.name
-                        ))
-                        .into());
+                        )));
                     }
                 };
                 let mut entry = Entry::decode(&bytes).map_err(StoreError::Corrupt)?;
