@@ -826,3 +826,53 @@ async fn a_rotation_and_a_destruction_are_webhooks_for_security_teams() {
     assert_eq!(deliveries(&d, true).await.len(), 2);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_record_is_reported_once_per_version() {
+    let (_dir, receiver, s) = hooked(false).await;
+    let d = &s.daemon;
+    put_secrets(d).await;
+    let past = tokenvault::unix_now() - 60;
+    // An access token past its expiry, and a bundle past it with no refresh token.
+    d.put(
+        &meta("old", "github", SecretKind::AccessToken, past),
+        b"at-old",
+    )
+    .await;
+    let bundle = format!(r#"{{"access_token":"at-nb","expires_at":{past},"token_type":"Bearer"}}"#);
+    d.put(
+        &meta("nb", "github", SecretKind::TokenBundle, past),
+        bundle.as_bytes(),
+    )
+    .await;
+    for id in ["old", "old", "nb", "nb"] {
+        let e = d.get(id).await.expect_err("expired");
+        assert_eq!(e.code(), Code::FailedPrecondition, "{id}: {e:?}");
+    }
+    receiver
+        .until("two record.expired", |l| {
+            l.iter().filter(|l| l["answer"] == 204).count() >= 2
+        })
+        .await;
+    // Asked again: nothing more is written.
+    let _ = d.get("old").await;
+    let _ = d.get("nb").await;
+    assert!(deliveries(d, false).await.is_empty());
+    let done = deliveries(d, true).await;
+    assert_eq!(done.len(), 2, "{done:?}");
+    let mut ids: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|l| {
+            assert_eq!(l["event"]["type"], "record.expired");
+            assert_eq!(l["event"]["data"]["expires_at"], past);
+            l["event"]["data"]["record_id"]
+                .as_str()
+                .expect("id")
+                .to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["nb", "old"]);
+    s.daemon.stop().await;
+}

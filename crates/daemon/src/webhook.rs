@@ -47,11 +47,15 @@ pub enum EventType {
     KeyRotated,
     /// A key version was destroyed after its waiting period (security teams).
     KeyDestroyed,
+    /// A record is past its expiry and cannot be refreshed (no refresh token, or not a
+    /// refreshable bundle): sent once per record version, when a caller or the refresher
+    /// finds it.
+    Expired,
 }
 
 impl EventType {
     /// Every type, in the order docs/WEBHOOKS.md lists them.
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::NeedsReauth,
         EventType::Recovered,
         EventType::Revoked,
@@ -61,6 +65,7 @@ impl EventType {
         EventType::ProviderRevocationFailed,
         EventType::KeyRotated,
         EventType::KeyDestroyed,
+        EventType::Expired,
     ];
 
     /// The `type` field of the body.
@@ -75,6 +80,7 @@ impl EventType {
             EventType::ProviderRevocationFailed => "record.provider_revocation_failed",
             EventType::KeyRotated => "key.rotated",
             EventType::KeyDestroyed => "key.destroyed",
+            EventType::Expired => "record.expired",
         }
     }
 

@@ -473,6 +473,7 @@ fn read_checked<T>(
         .expires_at
         .filter(|_| !refreshable && record.meta.is_expired_at(s.now()))
     {
+        s.report_expired(&record, expires_at);
         return Err(VaultError::Expired {
             id: id.to_string(),
             expires_at,

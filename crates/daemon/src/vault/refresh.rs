@@ -196,13 +196,22 @@ async fn refresh_locked(
             by_this_call: false,
         });
     }
-    let refresh_token = bundle
-        .refresh_token
-        .clone()
-        .ok_or_else(|| VaultError::Refresh {
+    let Some(refresh_token) = bundle.refresh_token.clone() else {
+        // No refresh possible: once the access token has expired, the record is dead.
+        if let Some(at) = bundle.expires_at.filter(|at| *at <= state.now()) {
+            let record = current.clone();
+            let _ = state
+                .blocking(move |s| {
+                    s.report_expired(&record, at);
+                    Ok(())
+                })
+                .await;
+        }
+        return Err(VaultError::Refresh {
             id: id.to_string(),
             source: OAuthError::NoRefreshToken,
-        })?;
+        });
+    };
     let client_secret = client_secret(state, &oauth).await?;
     let request =
         oauth::refresh_request(&oauth, &refresh_token, &client_secret).map_err(|source| {

@@ -193,6 +193,33 @@ impl Vault {
         Ok(events)
     }
 
+    /// Writes `record.expired` for `record` (past `expires_at`, no refresh possible) once per
+    /// record version: a write-once marker goes in the same write as the entries, so the
+    /// callers that keep finding the record expired add nothing. Nothing without endpoints.
+    /// A failure is logged; the caller's refusal stands either way.
+    pub(super) fn report_expired(&self, record: &crate::record::Record, expires_at: i64) {
+        use sha2::Digest as _;
+        if !self.webhooks.enabled() {
+            return;
+        }
+        // The replay markers' write-once rule, under a key of its own domain.
+        let marker = hex::encode(sha2::Sha256::digest(format!(
+            "record.expired\0{}\0{}",
+            record.meta.id, record.version
+        )));
+        let mut mutations = vec![Mutation::PutReplayMarker {
+            key: marker,
+            at: self.now(),
+        }];
+        mutations.extend(self.outbox(&[
+            Event::about(EventType::Expired, record, record.version).with("expires_at", expires_at),
+        ]));
+        match self.store.apply(&mutations, &[], self.now()) {
+            Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+            Err(e) => tracing::warn!(error = %e, "could not write a record.expired webhook"),
+        }
+    }
+
     /// The signing keys of `endpoint`, from its sealed records (kept for [`KEYS_FOR`]).
     fn signing_keys(&self, endpoint: &Endpoint) -> Result<Arc<Vec<SigningKey>>, VaultError> {
         let mut cache = self
