@@ -83,12 +83,22 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this too, without it: then
+    // a one-second smoke run (200 events) that must deliver everything.
+    let measuring = std::env::args().any(|a| a == "--bench");
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let rate: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(1000);
-    let seconds: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let (default_rate, default_seconds) = if measuring { (1000, 10) } else { (200, 1) };
+    let rate: u64 = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default_rate);
+    let seconds: u64 = args
+        .get(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default_seconds);
     let n = usize::try_from(rate * seconds).expect("count");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -192,5 +202,6 @@ fn main() {
             percentile(&lags, 0.99).as_secs_f64() * 1e3,
             lags.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         );
+        assert_eq!(lags.len(), n, "every event delivered");
     });
 }
