@@ -267,3 +267,29 @@ pub fn write(dir: &Path, name: &str, text: &str, mode: u32) -> String {
 pub fn sha256_hex(text: &str) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
 }
+
+/// Runs a client's own test suite (`program args` in `dir`, with `env` and no Python bytecode
+/// left behind): it must pass, and none of its tests may be skipped (pytest's `-rs` and
+/// `node --test`'s `# skipped 0` say so).
+#[allow(dead_code)]
+pub fn run_suite(program: &str, args: &[&str], dir: &Path, env: &[(&str, &std::ffi::OsStr)]) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e} (./scripts/test installs Python and Node.js)")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("skipped") || stdout.contains("# skipped 0"),
+        "a test was skipped:\n{stdout}"
+    );
+}

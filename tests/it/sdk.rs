@@ -4,7 +4,6 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::pki::{ca, leaf};
 use common::process::{root, write};
@@ -109,29 +108,18 @@ fn run_suite(
     args: &[&str],
     dir: &Path,
 ) {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .env(
-            "TOKENVAULT_TEST_TARGET",
-            format!("localhost:{}", d.addr.port()),
-        )
-        .env("TOKENVAULT_TEST_CA", &files[0])
-        .env("TOKENVAULT_TEST_CLIENT_CERT", &files[1])
-        .env("TOKENVAULT_TEST_CLIENT_KEY", &files[2])
-        .env("TOKENVAULT_WORKER_TOKEN", WORKER)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (./scripts/test installs it)"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !stdout.contains("skipped") || stdout.contains("# skipped 0"),
-        "a test was skipped:\n{stdout}"
+    let target = format!("localhost:{}", d.addr.port());
+    process::run_suite(
+        program,
+        args,
+        dir,
+        &[
+            ("TOKENVAULT_TEST_TARGET", target.as_ref()),
+            ("TOKENVAULT_TEST_CA", files[0].as_os_str()),
+            ("TOKENVAULT_TEST_CLIENT_CERT", files[1].as_os_str()),
+            ("TOKENVAULT_TEST_CLIENT_KEY", files[2].as_os_str()),
+            ("TOKENVAULT_WORKER_TOKEN", WORKER.as_ref()),
+        ],
     );
 }
 

@@ -5,7 +5,6 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::process::{root, run};
 use common::*;
@@ -63,29 +62,16 @@ async fn tls_daemon(dir: &Path) -> (TestDaemon, std::path::PathBuf) {
 /// Runs a sealer's test suite against the TLS daemon at `addr` (its CA in `ca`); every test
 /// must pass, none may be skipped.
 fn run_suite(addr: std::net::SocketAddr, ca: &Path, program: &str, args: &[&str], dir: &Path) {
-    let out = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .env(
-            "TOKENVAULT_TEST_URL",
-            format!("https://localhost:{}", addr.port()),
-        )
-        .env("TOKENVAULT_TEST_CA", ca)
-        .env("TOKENVAULT_INGEST_TOKEN", INGEST)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program}: {e} (./scripts/test installs Python and Node.js)")
-        });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        !stdout.contains("skipped") || stdout.contains("# skipped 0"),
-        "a daemon test was skipped:\n{stdout}"
+    let url = format!("https://localhost:{}", addr.port());
+    process::run_suite(
+        program,
+        args,
+        dir,
+        &[
+            ("TOKENVAULT_TEST_URL", url.as_ref()),
+            ("TOKENVAULT_TEST_CA", ca.as_os_str()),
+            ("TOKENVAULT_INGEST_TOKEN", INGEST.as_ref()),
+        ],
     );
 }
 
