@@ -551,6 +551,25 @@ mod futures_like {
     use std::future::Future;
 }
 
+/// Outbox entries (key under `outbox/`, value) as their metadata rows, shared by a
+/// transaction's retries.
+fn outbox_rows(outbox: &[(String, Vec<u8>)]) -> Arc<Vec<(String, Vec<u8>)>> {
+    Arc::new(
+        outbox
+            .iter()
+            .map(|(k, v)| (super::outbox_key(k), v.clone()))
+            .collect(),
+    )
+}
+
+/// Writes [`outbox_rows`] in the transaction (an entry written again is overwritten).
+async fn insert_outbox(t: &Txn<'_>, rows: &[(String, Vec<u8>)]) -> Result<(), Fail> {
+    for (k, v) in rows {
+        t.execute(UPSERT_META, &[k, v]).await?;
+    }
+    Ok(())
+}
+
 /// The records with these ids, locked for update until the transaction ends.
 async fn lock_records(
     t: &Txn<'_>,
@@ -858,12 +877,7 @@ impl RecordStore for PostgresStore {
     ) -> Result<u64, StoreError> {
         let owner = owner.as_str().to_string();
         let audit = vec![audit.clone()];
-        let outbox: Arc<Vec<(String, Vec<u8>)>> = Arc::new(
-            outbox
-                .iter()
-                .map(|(k, v)| (super::outbox_key(k), v.clone()))
-                .collect(),
-        );
+        let outbox = outbox_rows(outbox);
         let chain = self.chain.clone();
         self.txn(move |t| {
             let (owner, audit, chain, outbox) = (
@@ -876,9 +890,7 @@ impl RecordStore for PostgresStore {
                 let n = t
                     .execute("DELETE FROM tokenvault_records WHERE owner = $1", &[&owner])
                     .await?;
-                for (k, v) in outbox.iter() {
-                    t.execute(UPSERT_META, &[k, v]).await?;
-                }
+                insert_outbox(t, &outbox).await?;
                 insert_audit(t, &chain, &audit).await?;
                 Ok(n)
             })
@@ -1172,12 +1184,7 @@ impl PostgresStore {
     ) -> Result<(), StoreError> {
         let keys = keys.to_vec();
         let audit: Vec<AuditAppend> = audit.into_iter().cloned().collect();
-        let outbox: Arc<Vec<(String, Vec<u8>)>> = Arc::new(
-            outbox
-                .iter()
-                .map(|(k, v)| (super::outbox_key(k), v.clone()))
-                .collect(),
-        );
+        let outbox = outbox_rows(outbox);
         let chain = self.chain.clone();
         self.txn(move |t| {
             let (keys, audit, chain, outbox) = (
@@ -1188,9 +1195,7 @@ impl PostgresStore {
             );
             Box::pin(async move {
                 upsert_keys(t, &keys).await?;
-                for (k, v) in outbox.iter() {
-                    t.execute(UPSERT_META, &[k, v]).await?;
-                }
+                insert_outbox(t, &outbox).await?;
                 insert_audit(t, &chain, &audit).await
             })
         })
