@@ -53,7 +53,7 @@ fn all_vectors() {
         .collect();
     names.sort();
     assert!(
-        names.len() >= 17,
+        names.len() >= 28,
         "expected the full vector set, found {names:?}"
     );
     let (mut ok, mut fail) = (0, 0);
@@ -102,11 +102,15 @@ fn all_vectors() {
                     }
                     "bad_magic" => err == DecryptError::Format(FormatError::BadMagic),
                     "unknown_key" => matches!(err, DecryptError::UnknownKey(_)),
+                    "unknown_kem" => {
+                        matches!(err, DecryptError::Format(FormatError::UnknownKem(_)))
+                    }
+                    "scheme_mismatch" => matches!(err, DecryptError::SchemeMismatch { .. }),
                     other => panic!("{name}: unknown expectation {other}"),
                 };
                 assert!(matches, "{name}: expected {expected}, got {err:?}");
             }
         }
     }
-    assert!(ok >= 3 && fail >= 14, "ok {ok} fail {fail}");
+    assert!(ok >= 5 && fail >= 23, "ok {ok} fail {fail}");
 }

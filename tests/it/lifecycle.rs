@@ -800,7 +800,7 @@ async fn rotate_key_imports_a_provided_key_pair() {
             read("fixture-ec.key.pem"),
             String::new(),
             "invalid key: private key uses the EC (id-ecPublicKey) algorithm; tokenvault \
-             accepts RSA keys (2048 to 4096 bits) only",
+             accepts RSA (2048 to 4096 bits) and X-Wing keys only",
         ),
         (
             read("fixture-b.key.pem"),

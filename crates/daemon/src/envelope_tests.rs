@@ -65,8 +65,26 @@ fn positives() -> Vec<Positive> {
             meta: meta("slack-T01", "team-9", "slack", SecretKind::RefreshToken),
             plaintext: b"xoxe-1-refresh",
         },
+        // Envelope v2: the data key sealed with HPKE to an X-Wing key.
+        Positive {
+            name: "v2-ok-access-token",
+            key: "fixture-xwing",
+            seed: 21,
+            meta: meta("github:user-42", "user-42", "github", SecretKind::AccessToken),
+            plaintext: b"gho_16C7e42F292c6912E7710c838347Ae178B4a",
+        },
+        Positive {
+            name: "v2-ok-token-bundle-unicode-owner",
+            key: "fixture-xwing-b",
+            seed: 22,
+            meta: meta("google/acct=7", "j\u{fc}rgen@example.org", "google", SecretKind::TokenBundle),
+            plaintext: br#"{"access_token":"ya29.a0AfH6SM","refresh_token":"1//0g-rt","expires_at":1767225600}"#,
+        },
     ]
 }
+
+/// Every fixture key a vector may name.
+const ALL_KEYS: &str = "fixture-a fixture-b fixture-xwing fixture-xwing-b";
 
 fn seal_positive(p: &Positive) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     let key = private_key(p.key);
@@ -264,7 +282,7 @@ fn sealing_refuses_empty_and_oversized_secrets() {
     ));
     let max = Secret::new(vec![b'x'; MAX_SECRET_LEN]);
     let env = seal(&m, &max, key.public_key()).expect("max size seals");
-    assert_eq!(env.len(), MAX_ENVELOPE_LEN - 256);
+    assert_eq!(env.len(), MAX_ENVELOPE_LEN_V1 - 256);
     assert_eq!(open(&m, &env, &key).expect("opens"), max);
 }
 
@@ -299,7 +317,7 @@ fn write_vectors() {
     for p in &all {
         let (env, dek, nonce) = seal_positive(p);
         let mut f = vec![("expect", "ok".to_string())];
-        f.extend(base(p, &p.meta, "fixture-a fixture-b"));
+        f.extend(base(p, &p.meta, ALL_KEYS));
         f.extend([
             ("seed", p.seed.to_string()),
             ("plaintext", hex::encode(p.plaintext)),
@@ -379,11 +397,11 @@ fn write_vectors() {
         ),
         (
             "fail-unknown-version",
-            "format version byte set to 0x02",
+            "format version byte set to 0x03",
             "unknown_version",
             p.meta.clone(),
             "fixture-a",
-            mutate(&|e| e[3] = 0x02),
+            mutate(&|e| e[3] = 0x03),
         ),
         (
             "fail-bad-magic",
@@ -465,6 +483,111 @@ fn write_vectors() {
     for (name, comment, expect, m, keys, e) in cases {
         let mut f = vec![("expect", expect.to_string())];
         f.extend(base(p, &m, keys));
+        f.push(("envelope", hex::encode(&e)));
+        write(name, comment, &f);
+    }
+    // Envelope v2's failures, from its first positive vector.
+    let p2 = all
+        .iter()
+        .find(|p| p.name == "v2-ok-access-token")
+        .expect("the v2 vector");
+    let (env2, _, _) = seal_positive(p2);
+    let mutate2 = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut e = env2.clone();
+        f(&mut e);
+        e
+    };
+    let enc_at = format::HEADER_LEN_V2;
+    let sealed_at = enc_at + crate::keys::xwing::XWING_ENC_LEN;
+    let xb_id = private_key("fixture-xwing-b").public_key().id();
+    let a_id = private_key("fixture-a").public_key().id();
+    let xa_id = private_key("fixture-xwing").public_key().id();
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "v2-fail-flipped-enc",
+            "a byte of HPKE's enc (the X-Wing encapsulation) flipped",
+            "decryption_failed",
+            p2.meta.clone(),
+            ALL_KEYS,
+            mutate2(&|e| e[enc_at + 100] ^= 0x01),
+        ),
+        (
+            "v2-fail-flipped-sealed-dek",
+            "a byte of the HPKE-sealed data key flipped",
+            "decryption_failed",
+            p2.meta.clone(),
+            ALL_KEYS,
+            mutate2(&|e| e[sealed_at + 3] ^= 0x01),
+        ),
+        (
+            "v2-fail-flipped-ciphertext",
+            "first token ciphertext byte flipped",
+            "decryption_failed",
+            p2.meta.clone(),
+            ALL_KEYS,
+            mutate2(&|e| {
+                let n = e.len() - 16 - 40;
+                e[n] ^= 0x01
+            }),
+        ),
+        (
+            "v2-fail-fingerprint-swapped",
+            "fingerprint rewritten to fixture-xwing-b, data key still sealed to fixture-xwing",
+            "decryption_failed",
+            p2.meta.clone(),
+            ALL_KEYS,
+            mutate2(&|e| e[6..38].copy_from_slice(&xb_id.0)),
+        ),
+        (
+            "v2-fail-unknown-kem",
+            "KEM id rewritten to 0x0041 (ML-KEM-768, not accepted yet)",
+            "unknown_kem",
+            p2.meta.clone(),
+            ALL_KEYS,
+            mutate2(&|e| e[4..6].copy_from_slice(&0x0041u16.to_be_bytes())),
+        ),
+        (
+            "v2-fail-wrong-id",
+            "opened as another record id (the associated data)",
+            "decryption_failed",
+            meta(
+                "github:user-43",
+                "user-42",
+                "github",
+                SecretKind::AccessToken,
+            ),
+            ALL_KEYS,
+            env2.clone(),
+        ),
+        (
+            "v2-fail-truncated-enc",
+            "cut inside HPKE's enc",
+            "truncated",
+            p2.meta.clone(),
+            ALL_KEYS,
+            mutate2(&|e| e.truncate(enc_at + 500)),
+        ),
+        (
+            "v2-fail-names-rsa-key",
+            "a v2 envelope whose fingerprint names the RSA key fixture-a",
+            "scheme_mismatch",
+            p2.meta.clone(),
+            ALL_KEYS,
+            mutate2(&|e| e[6..38].copy_from_slice(&a_id.0)),
+        ),
+        (
+            "v1-fail-names-x-wing-key",
+            "a v1 envelope whose fingerprint names the X-Wing key fixture-xwing",
+            "scheme_mismatch",
+            p.meta.clone(),
+            ALL_KEYS,
+            mutate(&|e| e[4..36].copy_from_slice(&xa_id.0)),
+        ),
+    ];
+    for (name, comment, expect, m, keys, e) in cases {
+        let mut f = vec![("expect", expect.to_string())];
+        let sealer = if name.starts_with("v2") { p2 } else { p };
+        f.extend(base(sealer, &m, keys));
         f.push(("envelope", hex::encode(&e)));
         write(name, comment, &f);
     }

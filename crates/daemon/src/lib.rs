@@ -43,6 +43,8 @@ pub use tokenvault_store as store;
 
 #[cfg(test)]
 mod envelope_tests;
+#[cfg(test)]
+mod xwing_tests;
 
 /// Unix seconds as an RFC 3339 UTC time (`2026-12-11T10:40:52Z`), for messages and output.
 pub fn rfc3339(secs: i64) -> String {

@@ -37,6 +37,10 @@ impl Unwrapper for LoadedKey {
         self.public_key().id()
     }
 
+    fn scheme(&self) -> Scheme {
+        self.public_key().scheme()
+    }
+
     fn unwrap_dek(&self, wrapped: &[u8]) -> Result<crate::secret::DataKey, KeyOpError> {
         match self {
             Self::Memory(k) => k.unwrap_dek(wrapped),

@@ -1,8 +1,11 @@
-//! RSA private keys: the only module that holds private key material.
+//! Private keys: the only module that holds private key material.
 //!
-//! Owns: [`PrivateKey`], which imports PKCS#8 (plain or passphrase-encrypted) and PKCS#1 PEM,
-//! validates the key with the `rsa` crate, and performs every private-key operation with
-//! `aws-lc-rs` (constant-time; the `rsa` crate's private operations carry RUSTSEC-2023-0071).
+//! Owns: [`PrivateKey`], RSA or X-Wing. It imports PKCS#8 (plain or passphrase-encrypted) and,
+//! for RSA, PKCS#1 PEM. An RSA key is validated with the `rsa` crate and every RSA private-key
+//! operation runs on `aws-lc-rs` (constant-time; the `rsa` crate's private operations carry
+//! RUSTSEC-2023-0071). An X-Wing key is the draft's 32-byte seed (PKCS#8 with `id-XWing`, the
+//! seed as the OCTET STRING); HPKE opens v2 envelopes with it (`hpke`, pure Rust: aws-lc-rs
+//! has no X-Wing).
 //!
 //! Must never: perform a private-key operation with the `rsa` crate, return private key bytes
 //! other than through [`PrivateKey::to_pkcs8_pem`] (used only to write 0600 key files) or
@@ -23,8 +26,12 @@ use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
+use hpke::{Deserializable as _, Kem as _};
+
+use super::xwing::{self, XWingKem, XWingPublicKey};
 use super::{
-    KeyError, KeyId, KeyOpError, OAEP_LABEL, PublicKey, Unwrapper, passphrase_hint, pem_label,
+    Algorithm, KeyError, KeyId, KeyOpError, OAEP_LABEL, PublicKey, Scheme, Unwrapper,
+    passphrase_hint, pem_label,
 };
 use crate::secret::{DATA_KEY_LEN, DataKey, Passphrase};
 
@@ -34,11 +41,18 @@ const SEALED_MAGIC: &[u8; 4] = b"TVK1";
 /// version: a key loaded for a version is checked against the registry's fingerprint.)
 const SEALED_AAD: &[u8] = b"tokenvault/v1/shared-private-key";
 
-/// An RSA private key that unwraps data keys.
+/// A private key that unwraps data keys: RSA (envelope v1) or X-Wing (envelope v2).
 pub struct PrivateKey {
     public: PublicKey,
-    oaep: OaepPrivateDecryptingKey,
+    inner: Inner,
     pkcs8_der: Zeroizing<Vec<u8>>,
+}
+
+enum Inner {
+    Rsa(OaepPrivateDecryptingKey),
+    /// The seed (with its expanded keys; zeroized on drop by the type itself). Boxed: it is
+    /// 1.6 KB, and a key is moved around the keyring.
+    XWing(Box<<XWingKem as hpke::Kem>::PrivateKey>),
 }
 
 impl std::fmt::Debug for PrivateKey {
@@ -52,8 +66,36 @@ impl std::fmt::Debug for PrivateKey {
 impl PrivateKey {
     /// Generates a fresh RSA-2048 key with aws-lc-rs.
     pub fn generate() -> Result<Self, KeyError> {
-        let key =
-            PrivateDecryptingKey::generate(KeySize::Rsa2048).map_err(|_| KeyError::Generation)?;
+        Self::generate_with(Algorithm::Rsa(2048))
+    }
+
+    /// Generates a fresh key of `algorithm`: RSA-2048, -3072 or -4096 with aws-lc-rs, or an
+    /// X-Wing seed from the OS CSPRNG.
+    pub fn generate_with(algorithm: Algorithm) -> Result<Self, KeyError> {
+        let size = match algorithm {
+            Algorithm::Rsa(2048) => KeySize::Rsa2048,
+            Algorithm::Rsa(3072) => KeySize::Rsa3072,
+            Algorithm::Rsa(4096) => KeySize::Rsa4096,
+            Algorithm::Rsa(bits) => return Err(KeyError::UnsupportedSize { bits }),
+            Algorithm::XWing => {
+                use pkcs8::der::Encode as _;
+                use rand::RngCore as _;
+                let mut seed = Zeroizing::new([0u8; 32]);
+                rand::rngs::OsRng.fill_bytes(seed.as_mut());
+                let der = PrivateKeyInfo {
+                    algorithm: pkcs8::AlgorithmIdentifierRef {
+                        oid: xwing::ID_XWING,
+                        parameters: None,
+                    },
+                    private_key: seed.as_ref(),
+                    public_key: None,
+                }
+                .to_der()
+                .map_err(|_| KeyError::Generation)?;
+                return Self::from_pkcs8_der(Zeroizing::new(der));
+            }
+        };
+        let key = PrivateDecryptingKey::generate(size).map_err(|_| KeyError::Generation)?;
         let der = Zeroizing::new(
             key.as_der()
                 .map_err(|_| KeyError::Generation)?
@@ -101,12 +143,34 @@ impl PrivateKey {
 
     fn from_pkcs8_der(der: Zeroizing<Vec<u8>>) -> Result<Self, KeyError> {
         let malformed = |e: &dyn std::fmt::Display| KeyError::Malformed {
-            what: "private key",
+            what: "RSA private key",
             reason: e.to_string(),
         };
         // Name a non-RSA key's own algorithm: the rsa crate's error quotes the RSA OID it
         // expected, which reads as if the key were RSA.
         if let Ok(info) = PrivateKeyInfo::try_from(der.as_slice()) {
+            if info.algorithm.oid == xwing::ID_XWING {
+                let seed: &[u8; 32] =
+                    info.private_key
+                        .try_into()
+                        .map_err(|_| KeyError::Malformed {
+                            what: "X-Wing private key",
+                            reason: format!(
+                                "{} bytes; an X-Wing private key is a 32-byte seed",
+                                info.private_key.len()
+                            ),
+                        })?;
+                // Any 32 bytes are a private key (the seed); nothing else can fail.
+                let sk = <XWingKem as hpke::Kem>::PrivateKey::from_bytes(seed)
+                    .map_err(|_| malformed(&"rejected by hpke"))?;
+                let public =
+                    PublicKey::from_xwing(XWingPublicKey::from_hpke(XWingKem::sk_to_pk(&sk)));
+                return Ok(Self {
+                    public,
+                    inner: Inner::XWing(Box::new(sk)),
+                    pkcs8_der: der,
+                });
+            }
             super::require_rsa("private key", info.algorithm.oid)?;
         }
         // The rsa crate validates structure and consistency (no private-key operation), then
@@ -120,7 +184,7 @@ impl PrivateKey {
             .ok_or_else(|| malformed(&"rejected by aws-lc"))?;
         Ok(Self {
             public,
-            oaep,
+            inner: Inner::Rsa(oaep),
             pkcs8_der: der,
         })
     }
@@ -225,13 +289,20 @@ impl Unwrapper for PrivateKey {
         self.public.id()
     }
 
+    fn scheme(&self) -> Scheme {
+        self.public.scheme()
+    }
+
     fn unwrap_dek(&self, wrapped: &[u8]) -> Result<DataKey, KeyOpError> {
-        if wrapped.len() != self.oaep.key_size_bytes() {
+        let oaep = match &self.inner {
+            Inner::Rsa(oaep) => oaep,
+            Inner::XWing(sk) => return open_xwing(sk, self.public.id(), wrapped),
+        };
+        if wrapped.len() != oaep.key_size_bytes() {
             return Err(KeyOpError::Unwrap);
         }
-        let mut out = Zeroizing::new(vec![0u8; self.oaep.min_output_size()]);
-        let plain = self
-            .oaep
+        let mut out = Zeroizing::new(vec![0u8; oaep.min_output_size()]);
+        let plain = oaep
             .decrypt(&OAEP_SHA256_MGF1SHA256, wrapped, &mut out, Some(OAEP_LABEL))
             .map_err(|_| KeyOpError::Unwrap)?;
         if plain.len() != DATA_KEY_LEN {
@@ -240,4 +311,32 @@ impl Unwrapper for PrivateKey {
         // Clear intermediates: `out` is zeroized on drop after the copy.
         DataKey::from_slice(plain).ok_or(KeyOpError::Unwrap)
     }
+}
+
+/// HPKE's open of a v2 data key (`enc ‖ sealed`, see `tokenvault_envelope::keys::xwing`). Any
+/// 1,120 bytes decapsulate (ML-KEM's implicit rejection), so a forged enc yields a wrong key
+/// and fails the tag like any other tampering: one [`KeyOpError::Unwrap`] for every failure.
+fn open_xwing(
+    sk: &<XWingKem as hpke::Kem>::PrivateKey,
+    id: KeyId,
+    wrapped: &[u8],
+) -> Result<DataKey, KeyOpError> {
+    if wrapped.len() != xwing::XWING_ENC_LEN + xwing::SEALED_DEK_LEN {
+        return Err(KeyOpError::Unwrap);
+    }
+    let (enc, sealed) = wrapped.split_at(xwing::XWING_ENC_LEN);
+    let enc =
+        <XWingKem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| KeyOpError::Unwrap)?;
+    let plain = Zeroizing::new(
+        hpke::single_shot_open::<xwing::Aead, xwing::Kdf, XWingKem>(
+            &hpke::OpModeR::Base,
+            sk,
+            &enc,
+            &xwing::hpke_info(xwing::KEM_ID_XWING, &id),
+            sealed,
+            b"",
+        )
+        .map_err(|_| KeyOpError::Unwrap)?,
+    );
+    DataKey::from_slice(&plain).ok_or(KeyOpError::Unwrap)
 }

@@ -89,6 +89,11 @@ impl Unwrapper for TokenKey {
         self.public.id()
     }
 
+    fn scheme(&self) -> super::Scheme {
+        // A token holds RSA keys only (docs/KEY_CUSTODY.md): X-Wing is not a PKCS#11 mechanism.
+        super::Scheme::RsaOaep
+    }
+
     fn unwrap_dek(&self, wrapped: &[u8]) -> Result<DataKey, KeyOpError> {
         let handle = *self.handle.lock().unwrap_or_else(PoisonError::into_inner);
         let plain = match self.token.decrypt_oaep_sha256(handle, wrapped, OAEP_LABEL) {

@@ -374,7 +374,8 @@ impl VaultError {
             VaultError::Open { source, .. } => match source {
                 DecryptError::DecryptionFailed
                 | DecryptError::Format(_)
-                | DecryptError::UnknownKey(_) => ErrorKind::DataLoss,
+                | DecryptError::UnknownKey(_)
+                | DecryptError::SchemeMismatch { .. } => ErrorKind::DataLoss,
                 DecryptError::KeyUnavailable { .. } | DecryptError::BelowMinimum { .. } => {
                     ErrorKind::FailedPrecondition
                 }

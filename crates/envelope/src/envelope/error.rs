@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::keys::{KeyId, KeyLookupError, KeyOpError, KeyState};
+use crate::keys::{KeyId, KeyLookupError, KeyOpError, KeyState, Scheme};
 
 /// Why bytes are not a well-formed envelope. Structural, so reported precisely.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -19,7 +19,20 @@ pub enum FormatError {
     /// The wrapped data key length is not that of an RSA 2048-4096 modulus.
     #[error("wrapped data key length {0} is not 256-512 bytes")]
     WrappedKeyLength(usize),
-    /// Larger than [`super::MAX_ENVELOPE_LEN`].
+    /// A v2 envelope names a KEM this build does not know.
+    #[error("unknown KEM 0x{0:04x} in a version 2 envelope")]
+    UnknownKem(u16),
+    /// A v2 envelope's encapsulation length is not its KEM's.
+    #[error("encapsulation length {len} is not the {expected} bytes of KEM 0x{kem:04x}")]
+    EncapsulationLength {
+        /// The KEM named in the header.
+        kem: u16,
+        /// The length in the header.
+        len: usize,
+        /// That KEM's length.
+        expected: usize,
+    },
+    /// Larger than its version allows ([`super::MAX_ENVELOPE_LEN_V1`], [`super::MAX_ENVELOPE_LEN`]).
     #[error("envelope is {len} bytes, larger than the limit of {max}")]
     TooLarge {
         /// Actual length.
@@ -80,6 +93,15 @@ pub enum DecryptError {
         version: u32,
         /// Configured minimum.
         minimum: u32,
+    },
+    /// The envelope's format (and so its wrapping scheme) is not the one of the key it names:
+    /// a v2 envelope naming an RSA key version, or a v1 envelope naming an X-Wing one.
+    #[error("the envelope is {envelope} but its key is {key}")]
+    SchemeMismatch {
+        /// How the envelope says its data key is wrapped.
+        envelope: Scheme,
+        /// How the named key wraps data keys.
+        key: Scheme,
     },
     /// Authentication failed: wrong key, tampered envelope or wrong record identity.
     #[error("decryption failed: the envelope does not authenticate for this record")]

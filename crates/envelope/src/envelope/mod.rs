@@ -10,7 +10,8 @@
 //!                  where lp(x) = u32_be(len(x)) ‖ x
 //! ct ‖ tag     = AES-256-GCM[dek](nonce, secret, aad)          -- NIST SP 800-38D
 //! wrapped_dek  = RSAES-OAEP[pk](dek), SHA-256, MGF1-SHA-256,
-//!                label "tokenvault/v1/dek"                      -- RFC 8017 §7.1
+//!                label "tokenvault/v1/dek"                      -- RFC 8017 §7.1 (v1)
+//!              | enc ‖ HPKE.SealBase(pk, info, "", dek)         -- RFC 9180, X-Wing (v2)
 //! ```
 //!
 //! Architecture invariant: `envelope` does no I/O and knows nothing of the store or gRPC. The
@@ -34,9 +35,16 @@ use crate::secret::{DataKey, Secret};
 
 /// Largest secret that can be sealed, in bytes.
 pub const MAX_SECRET_LEN: usize = 64 * 1024;
-/// Largest well-formed envelope, in bytes.
-pub const MAX_ENVELOPE_LEN: usize =
+/// Largest well-formed v1 envelope (RSA-4096), in bytes.
+pub const MAX_ENVELOPE_LEN_V1: usize =
     format::HEADER_LEN + 512 + format::NONCE_LEN + MAX_SECRET_LEN + format::TAG_LEN;
+/// Largest well-formed envelope of any version (a v2 envelope under X-Wing), in bytes.
+pub const MAX_ENVELOPE_LEN: usize = format::HEADER_LEN_V2
+    + crate::keys::xwing::XWING_ENC_LEN
+    + crate::keys::xwing::SEALED_DEK_LEN
+    + format::NONCE_LEN
+    + MAX_SECRET_LEN
+    + format::TAG_LEN;
 
 /// The canonical associated data for a record: format version and the record's identity,
 /// each length-prefixed so no two distinct identities encode alike.
@@ -112,6 +120,7 @@ fn seal_with_rng(
         .map_err(|_| EncryptError::Seal)?;
     let wrapped = wrapper.wrap_dek(&dek, rng)?;
     Ok(EnvelopeRef {
+        scheme: wrapper.scheme(),
         key_id: wrapper.key_id(),
         wrapped_dek: &wrapped.0,
         nonce: &nonce,
@@ -128,9 +137,21 @@ pub fn open(
     keys: &dyn UnwrapperLookup,
 ) -> Result<Secret, DecryptError> {
     let env = EnvelopeRef::decode(envelope)?;
-    let unwrapper = keys.unwrapper(&env.key_id)?;
-    let dek = unwrapper.unwrap_dek(env.wrapped_dek)?;
+    let dek = unwrap(&env, keys)?;
     open_with_dek(meta, &env, &dek)
+}
+
+/// The data key of `env`, unwrapped by the key it names, once its scheme is that key's: a v2
+/// envelope naming an RSA key (or the reverse) is refused before any private-key operation.
+pub fn unwrap(env: &EnvelopeRef<'_>, keys: &dyn UnwrapperLookup) -> Result<DataKey, DecryptError> {
+    let unwrapper = keys.unwrapper(&env.key_id)?;
+    if unwrapper.scheme() != env.scheme {
+        return Err(DecryptError::SchemeMismatch {
+            envelope: env.scheme,
+            key: unwrapper.scheme(),
+        });
+    }
+    Ok(unwrapper.unwrap_dek(env.wrapped_dek)?)
 }
 
 /// The AES-GCM half of [`open`], for callers that already hold the data key.
@@ -154,8 +175,9 @@ pub fn open_with_dek(
 }
 
 /// Rewraps the data key of `envelope` (record `meta`) from whichever key in `keys` wrapped it
-/// to the key of `to`. Only the fingerprint and the wrapped data key change: nonce, ciphertext
-/// and tag are copied untouched. The data key is first checked against the ciphertext, so a
+/// to the key of `to`, in `to`'s format version (so v1 becomes v2 when `to` is an X-Wing key).
+/// Only the header and the wrapped data key change: nonce, ciphertext and tag are copied
+/// untouched. The data key is first checked against the ciphertext, so a
 /// corrupt or mis-bound record is never re-sealed under the new key.
 pub fn rewrap(
     meta: &RecordMeta,
@@ -164,16 +186,13 @@ pub fn rewrap(
     to: &dyn Wrapper,
 ) -> Result<Vec<u8>, RewrapError> {
     let env = EnvelopeRef::decode(envelope).map_err(DecryptError::from)?;
-    let dek = keys
-        .unwrapper(&env.key_id)
-        .map_err(DecryptError::from)?
-        .unwrap_dek(env.wrapped_dek)
-        .map_err(DecryptError::from)?;
+    let dek = unwrap(&env, keys)?;
     drop(open_with_dek(meta, &env, &dek)?);
     let wrapped = to
         .wrap_dek(&dek, &mut rand::rngs::OsRng)
         .map_err(EncryptError::from)?;
     Ok(EnvelopeRef {
+        scheme: to.scheme(),
         key_id: to.key_id(),
         wrapped_dek: &wrapped.0,
         ..env

@@ -18,10 +18,10 @@ pub enum KeyError {
     /// The text has no PEM block at all.
     #[error("not a PEM file (no -----BEGIN line)")]
     NotPem,
-    /// The DER inside the PEM did not decode as an RSA key.
-    #[error("not a valid RSA {what}: {reason}")]
+    /// The DER inside the PEM did not decode as a key of its algorithm.
+    #[error("not a valid {what}: {reason}")]
     Malformed {
-        /// "public key" or "private key".
+        /// "RSA public key", "X-Wing private key", ...
         what: &'static str,
         /// Decoder message (never includes key bytes).
         reason: String,
@@ -44,7 +44,7 @@ pub enum KeyError {
     },
     /// The key is not an RSA key.
     #[error(
-        "{what} uses the {algorithm} algorithm; tokenvault accepts RSA keys (2048 to 4096 bits) only"
+        "{what} uses the {algorithm} algorithm; tokenvault accepts RSA (2048 to 4096 bits) and X-Wing keys only"
     )]
     NotRsa {
         /// "public key" or "private key".

@@ -16,6 +16,7 @@
 
 mod error;
 mod public;
+pub mod xwing;
 
 use std::fmt;
 
@@ -26,6 +27,7 @@ pub use error::{KeyError, KeyLookupError, KeyOpError, passphrase_hint};
 pub use public::{PublicKey, RustCryptoWrapper, spki_pem};
 #[doc(hidden)]
 pub use public::{pem_label, require_rsa};
+pub use xwing::XWingPublicKey;
 
 use crate::secret::DataKey;
 
@@ -136,7 +138,81 @@ pub struct KeyInfo {
     pub destroy_after: Option<i64>,
 }
 
-/// A data key wrapped (RSA-OAEP encrypted) under one public key.
+/// A key version's algorithm: what `keys init|rotate --algorithm` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// RSA with this modulus size in bits (2048 to 4096); data keys wrapped with RSA-OAEP.
+    Rsa(usize),
+    /// X-Wing (ML-KEM-768 + X25519); data keys sealed with HPKE.
+    XWing,
+}
+
+impl Algorithm {
+    /// The algorithms a new key version may be generated with, by their names.
+    pub const GENERATED: [(&'static str, Algorithm); 3] = [
+        ("rsa-2048", Algorithm::Rsa(2048)),
+        ("rsa-3072", Algorithm::Rsa(3072)),
+        ("x-wing", Algorithm::XWing),
+    ];
+
+    /// Parses a name of [`Algorithm::GENERATED`].
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::GENERATED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// How keys of this algorithm wrap data keys.
+    pub fn scheme(self) -> Scheme {
+        match self {
+            Algorithm::Rsa(_) => Scheme::RsaOaep,
+            Algorithm::XWing => Scheme::Hpke(xwing::KEM_ID_XWING),
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Algorithm::Rsa(bits) => write!(f, "rsa-{bits}"),
+            Algorithm::XWing => f.write_str("x-wing"),
+        }
+    }
+}
+
+/// How an envelope's data key is wrapped, which is also its format version: RSA-OAEP in
+/// envelope v1, HPKE with a named KEM in envelope v2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// RSAES-OAEP (envelope v1).
+    RsaOaep,
+    /// HPKE base mode with this KEM id (envelope v2), e.g. [`xwing::KEM_ID_XWING`].
+    Hpke(u16),
+}
+
+impl Scheme {
+    /// The envelope format version this scheme is written in.
+    pub fn format_version(self) -> u8 {
+        match self {
+            Scheme::RsaOaep => 1,
+            Scheme::Hpke(_) => 2,
+        }
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scheme::RsaOaep => f.write_str("RSA-OAEP (envelope v1)"),
+            Scheme::Hpke(xwing::KEM_ID_XWING) => f.write_str("HPKE X-Wing (envelope v2)"),
+            Scheme::Hpke(other) => write!(f, "HPKE KEM 0x{other:04x} (envelope v2)"),
+        }
+    }
+}
+
+/// A data key wrapped under one public key: the RSA-OAEP ciphertext (v1), or HPKE's `enc`
+/// followed by the sealed data key (v2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedDek(pub Vec<u8>);
 
@@ -145,8 +221,12 @@ pub trait Wrapper: Send + Sync {
     /// Fingerprint of the wrapping key, written into the envelope.
     fn key_id(&self) -> KeyId;
 
-    /// Encrypts `dek` with RSA-OAEP. Backends that draw the OAEP seed from their own CSPRNG
-    /// ignore `rng`.
+    /// How this key wraps data keys (and so the envelope version it seals). No default: a
+    /// wrapper that named the wrong scheme would write an envelope no key can open.
+    fn scheme(&self) -> Scheme;
+
+    /// Wraps `dek` under this key (RSA-OAEP, or HPKE for v2). Backends that draw their
+    /// randomness from their own CSPRNG ignore `rng`.
     fn wrap_dek(
         &self,
         dek: &DataKey,
@@ -158,6 +238,10 @@ pub trait Wrapper: Send + Sync {
 pub trait Unwrapper: Send + Sync {
     /// Fingerprint of the matching public key.
     fn key_id(&self) -> KeyId;
+
+    /// How this key's data keys are wrapped; an envelope of another scheme is refused before
+    /// any private-key operation. No default, so no key can claim the wrong one by omission.
+    fn scheme(&self) -> Scheme;
 
     /// Decrypts a wrapped data key. Every cryptographic failure is the single
     /// [`KeyOpError::Unwrap`], so callers cannot be used as a padding oracle.

@@ -1,9 +1,12 @@
-//! RSA public keys: SPKI import/export and OAEP wrapping of data keys.
+//! Public keys of either algorithm a key version may have: RSA (2048-4096 bits; data keys
+//! wrapped with RSA-OAEP, envelope v1) or X-Wing (data keys sealed with HPKE, envelope v2).
+//! SPKI import/export and wrapping of data keys.
 //!
-//! Two wrapping backends implement [`Wrapper`]: [`PublicKey`] itself uses `aws-lc-rs` when the
-//! `aws-lc` feature is on (the default; about 9x faster than the `rsa` crate), and
+//! Two RSA wrapping backends implement [`Wrapper`]: [`PublicKey`] itself uses `aws-lc-rs` when
+//! the `aws-lc` feature is on (the default; about 9x faster than the `rsa` crate), and
 //! [`RustCryptoWrapper`] uses the pure-Rust `rsa` crate for web tiers that cannot build C. Both
-//! produce interchangeable envelopes. Only public-key operations live here.
+//! produce interchangeable envelopes. X-Wing is pure Rust either way ([`super::xwing`]). Only
+//! public-key operations live here.
 
 use rand_core::CryptoRngCore;
 use rsa::pkcs1::DecodeRsaPublicKey;
@@ -12,38 +15,61 @@ use rsa::traits::PublicKeyParts;
 use rsa::{Oaep, RsaPublicKey};
 use sha2::Sha256;
 
+use super::xwing::{self, XWingPublicKey};
 use super::{
-    KeyError, KeyId, KeyOpError, MAX_RSA_BITS, MIN_RSA_BITS, OAEP_LABEL, WrappedDek, Wrapper,
+    Algorithm, KeyError, KeyId, KeyOpError, MAX_RSA_BITS, MIN_RSA_BITS, OAEP_LABEL, Scheme,
+    WrappedDek, Wrapper,
 };
 use crate::secret::DataKey;
 
-/// An RSA public key that wraps data keys.
+/// A public key that wraps data keys: RSA or X-Wing.
 #[derive(Clone)]
 pub struct PublicKey {
     id: KeyId,
     spki_der: Vec<u8>,
-    rsa: RsaPublicKey,
-    #[cfg(feature = "aws-lc")]
-    aws: std::sync::Arc<aws_lc_rs::rsa::OaepPublicEncryptingKey>,
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Rsa {
+        rsa: RsaPublicKey,
+        #[cfg(feature = "aws-lc")]
+        aws: std::sync::Arc<aws_lc_rs::rsa::OaepPublicEncryptingKey>,
+    },
+    XWing(Box<XWingPublicKey>),
 }
 
 impl std::fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PublicKey")
             .field("id", &self.id)
-            .field("bits", &self.bits())
+            .field("algorithm", &self.algorithm())
             .finish()
     }
 }
 
 impl PublicKey {
-    /// Parses a SubjectPublicKeyInfo DER encoding of an RSA 2048-4096 bit key.
+    /// Parses a SubjectPublicKeyInfo DER encoding of an RSA 2048-4096 bit key, or of an X-Wing
+    /// key (`id-XWing`, its BIT STRING the draft's 1,216-byte encoding).
     pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
         if let Ok(spki) = spki::SubjectPublicKeyInfoRef::try_from(der) {
+            if spki.algorithm.oid == xwing::ID_XWING {
+                let raw = spki
+                    .subject_public_key
+                    .as_bytes()
+                    .ok_or(KeyError::Malformed {
+                        what: "X-Wing public key",
+                        reason: "its BIT STRING has unused bits".into(),
+                    })?;
+                let key = XWingPublicKey::from_bytes(raw)?;
+                // Re-encoded, so the fingerprint is over the canonical DER.
+                return Ok(Self::from_xwing(key));
+            }
             require_rsa("public key", spki.algorithm.oid)?;
         }
         let rsa = RsaPublicKey::from_public_key_der(der).map_err(|e| KeyError::Malformed {
-            what: "public key",
+            what: "RSA public key",
             reason: e.to_string(),
         })?;
         Self::from_rsa(rsa)
@@ -63,7 +89,7 @@ impl PublicKey {
             }
             "RSA PUBLIC KEY" => {
                 RsaPublicKey::from_pkcs1_pem(pem).map_err(|e| KeyError::Malformed {
-                    what: "public key",
+                    what: "RSA public key",
                     reason: e.to_string(),
                 })?
             }
@@ -85,7 +111,7 @@ impl PublicKey {
             rsa::BigUint::from_bytes_be(exponent),
         )
         .map_err(|e| KeyError::Malformed {
-            what: "public key",
+            what: "RSA public key",
             reason: e.to_string(),
         })?;
         Self::from_rsa(rsa)
@@ -100,7 +126,7 @@ impl PublicKey {
         let spki_der = rsa
             .to_public_key_der()
             .map_err(|e| KeyError::Malformed {
-                what: "public key",
+                what: "RSA public key",
                 reason: e.to_string(),
             })?
             .into_vec();
@@ -110,16 +136,50 @@ impl PublicKey {
             .and_then(|k| aws_lc_rs::rsa::OaepPublicEncryptingKey::new(k).ok())
             .map(std::sync::Arc::new)
             .ok_or_else(|| KeyError::Malformed {
-                what: "public key",
+                what: "RSA public key",
                 reason: "rejected by aws-lc".into(),
             })?;
         Ok(Self {
             id: KeyId::of_spki_der(&spki_der),
             spki_der,
-            rsa,
-            #[cfg(feature = "aws-lc")]
-            aws,
+            kind: Kind::Rsa {
+                rsa,
+                #[cfg(feature = "aws-lc")]
+                aws,
+            },
         })
+    }
+
+    /// The public key of an X-Wing key pair.
+    pub fn from_xwing(key: XWingPublicKey) -> Self {
+        let spki_der = xwing::spki_der(key.as_bytes());
+        Self {
+            id: KeyId::of_spki_der(&spki_der),
+            spki_der,
+            kind: Kind::XWing(Box::new(key)),
+        }
+    }
+
+    /// The key's algorithm (and, for RSA, its size).
+    pub fn algorithm(&self) -> Algorithm {
+        match &self.kind {
+            Kind::Rsa { rsa, .. } => Algorithm::Rsa(rsa.n().bits()),
+            Kind::XWing(_) => Algorithm::XWing,
+        }
+    }
+
+    /// How this key wraps data keys, and so the envelope version it seals.
+    pub fn scheme(&self) -> Scheme {
+        self.algorithm().scheme()
+    }
+
+    /// The raw public key as its algorithm encodes it outside SPKI: the X-Wing encapsulation
+    /// key (1,216 bytes), or for RSA the SubjectPublicKeyInfo DER itself.
+    pub fn raw(&self) -> &[u8] {
+        match &self.kind {
+            Kind::Rsa { .. } => &self.spki_der,
+            Kind::XWing(k) => k.as_bytes(),
+        }
     }
 
     /// Fingerprint of this key.
@@ -137,14 +197,21 @@ impl PublicKey {
         spki_pem(&self.spki_der)
     }
 
-    /// Modulus size in bits.
-    pub fn bits(&self) -> usize {
-        self.rsa.n().bits()
+    /// RSA modulus size in bits; `None` for X-Wing.
+    pub fn bits(&self) -> Option<usize> {
+        match self.algorithm() {
+            Algorithm::Rsa(bits) => Some(bits),
+            Algorithm::XWing => None,
+        }
     }
 
-    /// Size of a wrapped data key (the modulus size) in bytes.
+    /// Size of a wrapped data key in bytes: the modulus size (RSA), or HPKE's enc and the
+    /// sealed data key (X-Wing).
     pub fn wrapped_len(&self) -> usize {
-        self.rsa.size()
+        match &self.kind {
+            Kind::Rsa { rsa, .. } => rsa.size(),
+            Kind::XWing(_) => xwing::XWING_ENC_LEN + xwing::SEALED_DEK_LEN,
+        }
     }
 
     /// The pure-Rust wrapping backend for this key.
@@ -159,14 +226,21 @@ impl Wrapper for PublicKey {
         self.id
     }
 
+    fn scheme(&self) -> Scheme {
+        PublicKey::scheme(self)
+    }
+
     fn wrap_dek(
         &self,
         dek: &DataKey,
-        _rng: &mut dyn CryptoRngCore,
+        rng: &mut dyn CryptoRngCore,
     ) -> Result<WrappedDek, KeyOpError> {
-        let mut out = vec![0u8; self.aws.ciphertext_size()];
-        let len = self
-            .aws
+        let aws = match &self.kind {
+            Kind::Rsa { aws, .. } => aws,
+            Kind::XWing(k) => return k.wrap_dek(dek, rng),
+        };
+        let mut out = vec![0u8; aws.ciphertext_size()];
+        let len = aws
             .encrypt(
                 &aws_lc_rs::rsa::OAEP_SHA256_MGF1SHA256,
                 dek.expose_secret(),
@@ -184,6 +258,10 @@ impl Wrapper for PublicKey {
 impl Wrapper for PublicKey {
     fn key_id(&self) -> KeyId {
         self.id
+    }
+
+    fn scheme(&self) -> Scheme {
+        PublicKey::scheme(self)
     }
 
     fn wrap_dek(
@@ -205,16 +283,22 @@ impl Wrapper for RustCryptoWrapper<'_> {
         self.0.id
     }
 
+    fn scheme(&self) -> Scheme {
+        self.0.scheme()
+    }
+
     fn wrap_dek(
         &self,
         dek: &DataKey,
         mut rng: &mut dyn CryptoRngCore,
     ) -> Result<WrappedDek, KeyOpError> {
+        let rsa = match &self.0.kind {
+            Kind::Rsa { rsa, .. } => rsa,
+            Kind::XWing(k) => return k.wrap_dek(dek, rng),
+        };
         let label = std::str::from_utf8(OAEP_LABEL).expect("the OAEP label is ASCII");
         let padding = Oaep::new_with_label::<Sha256, _>(label);
-        self.0
-            .rsa
-            .encrypt(&mut rng, padding, dek.expose_secret())
+        rsa.encrypt(&mut rng, padding, dek.expose_secret())
             .map(WrappedDek)
             .map_err(|_| KeyOpError::Wrap)
     }
@@ -251,6 +335,7 @@ pub fn pem_label(pem: &str) -> Result<String, KeyError> {
 pub fn require_rsa(what: &'static str, oid: pkcs8::ObjectIdentifier) -> Result<(), KeyError> {
     let algorithm = match oid.to_string().as_str() {
         "1.2.840.113549.1.1.1" => return Ok(()),
+        "1.3.6.1.4.1.62253.25722" => "X-Wing".to_string(),
         "1.2.840.10045.2.1" => "EC (id-ecPublicKey)".to_string(),
         "1.2.840.113549.1.1.10" => "RSASSA-PSS".to_string(),
         "1.3.101.110" => "X25519".to_string(),
