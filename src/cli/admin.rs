@@ -49,7 +49,7 @@ pub(crate) enum AdminCommand {
     Webhooks(WebhooksCommand),
     /// Rotate, rewrap everything, retire and destroy every older version, then verify.
     /// Waits for the daemon and resumes if it restarts mid-way.
-    EmergencyRotate(RewrapArgs),
+    EmergencyRotate(EmergencyArgs),
     /// Re-read the [providers] tables of the daemon's config file (same as SIGHUP).
     ReloadProviders(Conn),
     /// Write a store's records (metadata and envelope) and key registry (public keys) as JSON
@@ -146,6 +146,10 @@ pub(crate) struct RotateArgs {
     /// sensitive and never extractable) instead of generating one.
     #[arg(long, conflicts_with = "import_private")]
     import_token_label: Option<String>,
+    /// The algorithm of the generated key: rsa-2048, rsa-3072 or x-wing (envelope v2, sealed
+    /// with HPKE; docs/ROTATION.md). Default: the active version's.
+    #[arg(long, value_parser = super::keys::ALGORITHMS, conflicts_with_all = ["import_private", "import_token_label"])]
+    algorithm: Option<String>,
     #[command(flatten)]
     conn: Connection,
 }
@@ -212,6 +216,16 @@ pub(crate) struct RewrapArgs {
     conn: Connection,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct EmergencyArgs {
+    /// The algorithm of the new version: rsa-2048, rsa-3072 or x-wing (moves every record to
+    /// envelope v2; docs/ROTATION.md). Default: the active version's.
+    #[arg(long, value_parser = super::keys::ALGORITHMS)]
+    algorithm: Option<String>,
+    #[command(flatten)]
+    rewrap: RewrapArgs,
+}
+
 async fn client(conn: &Connection) -> Result<AdminClient<Authed>, CliError> {
     Ok(AdminClient::new(connect(conn, Role::Admin).await?))
 }
@@ -245,7 +259,13 @@ fn print_held(r: &v1::ApprovalRequest) {
 }
 
 fn describe(k: &v1::PublicKey) -> String {
-    let line = format!("v{}  {:<12}  {}", k.version, key_state(k), k.fingerprint);
+    let line = format!(
+        "v{}  {:<12}  {}  {}",
+        k.version,
+        key_state(k),
+        k.fingerprint,
+        k.algorithm
+    );
     if k.destroy_after == 0 {
         line
     } else {
@@ -316,7 +336,10 @@ fn rotate_request(a: &RotateArgs) -> Result<v1::RotateKeyRequest, CliError> {
         });
     }
     let Some(path) = &a.import_private else {
-        return Ok(v1::RotateKeyRequest::default());
+        return Ok(v1::RotateKeyRequest {
+            algorithm: a.algorithm.clone().unwrap_or_default(),
+            ..Default::default()
+        });
     };
     if !a.conn.is_confidential() {
         return Err(CliError::Input(format!(
@@ -329,6 +352,7 @@ fn rotate_request(a: &RotateArgs) -> Result<v1::RotateKeyRequest, CliError> {
         private_key_pem: key.to_pkcs8_pem(None)?.to_string(),
         public_key_pem: key.public_key().to_pem(),
         token_key_label: String::new(),
+        algorithm: String::new(),
     })
 }
 
@@ -838,10 +862,14 @@ async fn verify_audit(conn: &Connection, quiet: bool, json: bool) -> Result<(), 
     }
 }
 
-async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
+async fn emergency(e: EmergencyArgs) -> Result<(), CliError> {
+    let a = e.rewrap;
     let rotated = client(&a.conn)
         .await?
-        .rotate_key(v1::RotateKeyRequest::default())
+        .rotate_key(v1::RotateKeyRequest {
+            algorithm: e.algorithm.unwrap_or_default(),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     let active = rotated
@@ -916,8 +944,12 @@ async fn emergency(a: RewrapArgs) -> Result<(), CliError> {
         .collect();
     if stray == 0 && old_alive.is_empty() {
         println!(
-            "VERIFIED: all {} record(s) are wrapped under v{}; every older version opens nothing (destroyed, or destroyed after [keys] destroy_waiting_days once asked and approved)",
-            stats.records, active.version
+            "VERIFIED: all {} record(s) are wrapped under v{} ({}, envelope v{}); every older version opens nothing (destroyed, or destroyed after [keys] destroy_waiting_days once asked and approved)",
+            stats.records,
+            active.version,
+            active.algorithm,
+            tokenvault_daemon::keys::Algorithm::parse(&active.algorithm)
+                .map_or(1, |a| a.scheme().format_version())
         );
         Ok(())
     } else {

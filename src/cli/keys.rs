@@ -15,6 +15,18 @@ use crate::store::TokenStore;
 /// Env var with the passphrase of a key file being imported.
 pub(crate) const ENV_IMPORT_PASSPHRASE: &str = "TOKENVAULT_IMPORT_PASSPHRASE";
 
+/// The names `--algorithm` takes: those of [`crate::keys::Algorithm::GENERATED`].
+pub(crate) const ALGORITHMS: [&str; 3] = ["rsa-2048", "rsa-3072", "x-wing"];
+
+fn algorithm(name: Option<&str>) -> Result<Option<crate::keys::Algorithm>, CliError> {
+    name.map(|n| {
+        crate::keys::Algorithm::parse(n).ok_or_else(|| {
+            CliError::Input(format!("--algorithm: one of {}", ALGORITHMS.join(", ")))
+        })
+    })
+    .transpose()
+}
+
 /// Reads a private key file to import (`keys import --private`, `admin rotate
 /// --import-private`), decrypting it with TOKENVAULT_IMPORT_PASSPHRASE or the passphrase file.
 pub(crate) fn read_import_key(
@@ -40,20 +52,28 @@ pub(crate) fn read_import_key(
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum KeysCommand {
-    /// Create key version 1 (fresh RSA-2048) in an empty keyring.
+    /// Create key version 1 (a fresh RSA-2048 key unless --algorithm says otherwise) in an
+    /// empty keyring.
     Init {
         #[command(flatten)]
         at: Location,
+        /// rsa-2048 (the default), rsa-3072, or x-wing (envelope v2: data keys sealed with HPKE
+        /// to an X-Wing key, post-quantum; docs/ENVELOPE.md).
+        #[arg(long, value_parser = ALGORITHMS)]
+        algorithm: Option<String>,
     },
-    /// Add a fresh RSA-2048 version and make it active; the previous one becomes decrypt-only.
+    /// Add a fresh version and make it active; the previous one becomes decrypt-only.
     Rotate {
         #[command(flatten)]
         at: Location,
+        /// rsa-2048, rsa-3072 or x-wing; the active version's algorithm by default.
+        #[arg(long, value_parser = ALGORITHMS)]
+        algorithm: Option<String>,
     },
     /// List key versions with state and fingerprint.
     List {
-        /// One JSON object per version and line: {"version", "state", "fingerprint",
-        /// "created_at", "updated_at"}.
+        /// One JSON object per version and line: {"version", "state", "algorithm",
+        /// "fingerprint", "created_at", "updated_at"}.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -144,12 +164,19 @@ fn open_error(e: crate::vault::OpenError) -> CliError {
 
 fn describe(k: &KeyInfo) -> String {
     format!(
-        "v{}  {:<12}  {}  created {}",
+        "v{}  {:<12}  {}  created {}  {}",
         k.version,
         k.state.as_str(),
         k.id.to_hex(),
-        k.created_at
+        k.created_at,
+        algorithm_name(k)
     )
+}
+
+/// The version's algorithm (`rsa-2048`, `x-wing`, ...), from its registered public key.
+fn algorithm_name(k: &KeyInfo) -> String {
+    crate::keys::spki_algorithm(&k.spki_der)
+        .map_or_else(|| "unknown".into(), |(a, _)| a.to_string())
 }
 
 /// The caller offline key changes are recorded under in the audit trail.
@@ -160,7 +187,7 @@ const OFFLINE_CALLER: &str = "keys-cli";
 /// after the daemon's events. `init` refuses a keyring that already has versions.
 fn add_recorded(
     (store, dir, config): (std::sync::Arc<dyn TokenStore>, KeyDir, Config),
-    key: Option<PrivateKey>,
+    key: NewVersion,
     init: bool,
     now: i64,
 ) -> Result<KeyInfo, CliError> {
@@ -182,11 +209,18 @@ fn add_recorded(
     result
 }
 
+/// What an offline key change adds: an imported key, or a fresh one of an algorithm (the
+/// active version's when not named).
+enum NewVersion {
+    Imported(PrivateKey),
+    Generated(Option<crate::keys::Algorithm>),
+}
+
 fn add_recorded_claimed(
     store: &std::sync::Arc<dyn TokenStore>,
     dir: &KeyDir,
     config: &Config,
-    key: Option<PrivateKey>,
+    key: NewVersion,
     init: bool,
     now: i64,
 ) -> Result<KeyInfo, CliError> {
@@ -194,26 +228,33 @@ fn add_recorded_claimed(
     let keys = crate::rotation::KeyService::new(&**store, dir, &auditor);
     let (action, detail) = match (init, &key) {
         (true, _) => ("InitKeys", "version 1, offline"),
-        (false, Some(_)) => ("RotateKey", "imported key, offline"),
-        (false, None) => ("RotateKey", "new version, offline"),
+        (false, NewVersion::Imported(_)) => ("RotateKey", "imported key, offline"),
+        (false, NewVersion::Generated(_)) => ("RotateKey", "new version, offline"),
     };
     let draft = crate::audit::Draft::new(OFFLINE_CALLER, action).detail(detail);
     Ok(match (init, key) {
-        (true, _) => keys.init(&draft, now)?,
-        (false, Some(key)) => keys.add_version(&draft, key, now)?,
-        (false, None) => keys.add_version(&draft, dir.generate()?, now)?,
+        (true, NewVersion::Generated(a)) => {
+            keys.init(&draft, a.unwrap_or(crate::keys::Algorithm::Rsa(2048)), now)?
+        }
+        (true, NewVersion::Imported(_)) => {
+            return Err(CliError::Internal("init imports no key".into()));
+        }
+        (false, NewVersion::Imported(key)) => keys.add_version(&draft, key, now)?,
+        (false, NewVersion::Generated(a)) => keys.rotate(&draft, a, now)?,
     })
 }
 
 pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
     let now = crate::unix_now();
     match cmd {
-        KeysCommand::Init { at } => {
-            let info = add_recorded(open(&at)?, None, true, now)?;
+        KeysCommand::Init { at, algorithm: a } => {
+            let a = algorithm(a.as_deref())?;
+            let info = add_recorded(open(&at)?, NewVersion::Generated(a), true, now)?;
             println!("created {}", describe(&info));
         }
-        KeysCommand::Rotate { at } => {
-            let info = add_recorded(open(&at)?, None, false, now)?;
+        KeysCommand::Rotate { at, algorithm: a } => {
+            let a = algorithm(a.as_deref())?;
+            let info = add_recorded(open(&at)?, NewVersion::Generated(a), false, now)?;
             println!("active {}", describe(&info));
         }
         KeysCommand::List { json, at } => {
@@ -229,6 +270,7 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
                     serde_json::json!({
                         "version": k.version,
                         "state": k.state.as_str(),
+                        "algorithm": algorithm_name(&k),
                         "fingerprint": k.id.to_hex(),
                         "created_at": k.created_at,
                         "updated_at": k.updated_at,
@@ -263,7 +305,7 @@ pub(crate) fn run(cmd: KeysCommand) -> Result<(), CliError> {
         } => {
             // Validate before touching the store, so a bad file changes nothing.
             let key = read_import_key(&private, import_passphrase_file.as_deref())?;
-            let info = add_recorded(open(&at)?, Some(key), false, now)?;
+            let info = add_recorded(open(&at)?, NewVersion::Imported(key), false, now)?;
             println!("imported as active {}", describe(&info));
         }
         KeysCommand::Share {

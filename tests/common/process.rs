@@ -8,6 +8,8 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+use tokenvault::api::SealRecord as _;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault");
 /// The load generator, a binary of its own.
 pub const BENCH: &str = env!("CARGO_BIN_EXE_tokenvault-bench");
@@ -292,4 +294,74 @@ pub fn run_suite(program: &str, args: &[&str], dir: &Path, env: &[(&str, &std::f
         !stdout.contains("skipped") || stdout.contains("# skipped 0"),
         "a test was skipped:\n{stdout}"
     );
+}
+
+/// Seals and stores `n` records `rec-00000`.. (secret `tok-N`) through Ingest with the
+/// active public key, as a web tier would.
+/// A channel to the daemon `d` that presents the credential in its variable `cred`.
+pub async fn authed(
+    d: &Served,
+    cred: &str,
+) -> tonic::service::interceptor::InterceptedService<
+    tonic::transport::Channel,
+    tokenvault::client::Bearer,
+> {
+    let channel = tonic::transport::Channel::from_shared(d.addr.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    tonic::service::interceptor::InterceptedService::new(channel, super::Bearer::new(&d.cred(cred)))
+}
+
+pub fn seed_records(d: &Served, n: usize) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut ingest = tokenvault::api::v1::ingest_client::IngestClient::new(
+            authed(d, "TOKENVAULT_INGEST_TOKEN").await,
+        );
+        let pem = ingest
+            .public_keys(tokenvault::api::v1::PublicKeysRequest {})
+            .await
+            .expect("keys")
+            .into_inner()
+            .active
+            .expect("active")
+            .spki_pem;
+        let sealer = tokenvault::Sealer::from_pem(&pem).expect("pem");
+        let ids: Vec<usize> = (0..n).collect();
+        for chunk in ids.chunks(1000) {
+            let items = chunk
+                .iter()
+                .map(|i| {
+                    let meta = tokenvault::record::RecordMeta::parse(
+                        &format!("rec-{i:05}"),
+                        "o",
+                        "github",
+                        tokenvault::record::SecretKind::AccessToken,
+                        &[],
+                        0,
+                    )
+                    .expect("valid");
+                    tokenvault::api::v1::PutSealedRequest {
+                        record: Some(
+                            sealer
+                                .seal_record(
+                                    &meta,
+                                    &tokenvault::secret::Secret::new(
+                                        format!("tok-{i}").into_bytes(),
+                                    ),
+                                )
+                                .expect("seal"),
+                        ),
+                        expected_version: 0,
+                    }
+                })
+                .collect();
+            ingest
+                .put_sealed_batch(tokenvault::api::v1::PutSealedBatchRequest { items })
+                .await
+                .expect("batch");
+        }
+    });
 }

@@ -822,6 +822,7 @@ async fn rotate_key_imports_a_provided_key_pair() {
                 private_key_pem,
                 public_key_pem,
                 token_key_label: String::new(),
+                algorithm: String::new(),
             })
             .await
             .expect_err(msg);
@@ -835,6 +836,7 @@ async fn rotate_key_imports_a_provided_key_pair() {
             private_key_pem: read("fixture-b.key.pem"),
             public_key_pem: read("fixture-b.pub.pem"),
             token_key_label: String::new(),
+            algorithm: String::new(),
         })
         .await
         .expect("import")
@@ -846,6 +848,7 @@ async fn rotate_key_imports_a_provided_key_pair() {
             private_key_pem: read("fixture-b.key.pem"),
             public_key_pem: String::new(),
             token_key_label: String::new(),
+            algorithm: String::new(),
         })
         .await
         .expect_err("duplicate");

@@ -26,6 +26,7 @@ mod operations;
 mod operations_cli;
 mod pkcs11;
 mod policy;
+mod post_quantum;
 mod postgres;
 mod proxy;
 mod redaction;

@@ -29,6 +29,7 @@ async fn rotate(d: &TestDaemon, import: Option<String>) -> u32 {
             private_key_pem: import.unwrap_or_default(),
             public_key_pem: String::new(),
             token_key_label: String::new(),
+            algorithm: String::new(),
         })
         .await
         .expect("rotate")
@@ -87,6 +88,23 @@ async fn keys_generated_in_the_token_open_rotate_rewrap_retire_and_destroy() {
         "the token refuses CKA_VALUE and the private exponent of v1"
     );
 
+    // A token holds RSA keys only: an X-Wing version is refused and nothing changes.
+    let e = d
+        .admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {
+            algorithm: "x-wing".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("x-wing in a token");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message()
+            .contains("generates rsa-2048 keys only, not x-wing"),
+        "{}",
+        e.message()
+    );
     assert_eq!(rotate(&d, None).await, 2);
     let v2 = id_bytes(&fingerprint(&d, 2).await);
     assert!(

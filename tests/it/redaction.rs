@@ -150,6 +150,7 @@ fn no_secret_type_prints_its_secret() {
                     private_key_pem: pem.clone(),
                     public_key_pem: String::new(),
                     token_key_label: String::new(),
+                    algorithm: String::new(),
                 }
             ),
             body[..40].to_string(),

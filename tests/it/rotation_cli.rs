@@ -5,67 +5,7 @@ use crate::common;
 
 use std::path::Path;
 
-use common::Bearer;
 use common::process::*;
-use tokenvault::api::SealRecord as _;
-use tokenvault::api::v1;
-use tokenvault::record::{RecordMeta, SecretKind};
-use tokenvault::secret::Secret;
-use tonic::service::interceptor::InterceptedService;
-
-/// Seals and stores `n` records through Ingest, as a web tier would.
-fn seed(d: &Served, n: usize) {
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(d.addr.clone())
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        let mut ingest = v1::ingest_client::IngestClient::new(InterceptedService::new(
-            channel,
-            Bearer::new(&d.cred("TOKENVAULT_INGEST_TOKEN")),
-        ));
-        let pem = ingest
-            .public_keys(v1::PublicKeysRequest {})
-            .await
-            .expect("keys")
-            .into_inner()
-            .active
-            .expect("active")
-            .spki_pem;
-        let sealer = tokenvault::Sealer::from_pem(&pem).expect("pem");
-        let ids: Vec<usize> = (0..n).collect();
-        for chunk in ids.chunks(1000) {
-            let items = chunk
-                .iter()
-                .map(|i| {
-                    let meta = RecordMeta::parse(
-                        &format!("rec-{i:05}"),
-                        "o",
-                        "github",
-                        SecretKind::AccessToken,
-                        &[],
-                        0,
-                    )
-                    .expect("valid");
-                    v1::PutSealedRequest {
-                        record: Some(
-                            sealer
-                                .seal_record(&meta, &Secret::new(format!("tok-{i}").into_bytes()))
-                                .expect("seal"),
-                        ),
-                        expected_version: 0,
-                    }
-                })
-                .collect();
-            ingest
-                .put_sealed_batch(v1::PutSealedBatchRequest { items })
-                .await
-                .expect("batch");
-        }
-    });
-}
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -91,7 +31,7 @@ fn rewrap_of_10000_records_survives_sigkill_of_the_daemon() {
                 .map(|d| (listen, d))
         })
         .expect("a daemon on a free port");
-    seed(&d, 10_000);
+    seed_records(&d, 10_000);
     let env: Vec<(String, String)> = d
         .env()
         .iter()
@@ -192,7 +132,7 @@ fn emergency_rotate_ends_with_a_verification_report() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cwd = tmp.path();
     let d = serve_dev(cwd);
-    seed(&d, 500);
+    seed_records(&d, 500);
     let env = d.env();
     // A second, older version left decrypt-only by an earlier routine rotation.
     run(cwd, &["admin", "rotate"], &env, None);

@@ -562,6 +562,15 @@ fn write_destroyed(
     Ok(key)
 }
 
+/// The active version's algorithm (RSA-2048 for a registry without one): what a rotation that
+/// names no algorithm generates.
+pub fn active_algorithm(keys: &[KeyInfo]) -> crate::keys::Algorithm {
+    keys.iter()
+        .find(|k| k.state == KeyState::Active)
+        .and_then(|k| crate::keys::spki_algorithm(&k.spki_der))
+        .map_or(crate::keys::Algorithm::Rsa(2048), |(a, _)| a)
+}
+
 fn store_err(e: StoreError) -> KeyError {
     KeyError::Store(e.to_string())
 }
@@ -575,7 +584,12 @@ pub fn init(store: &dyn TestHooks, dir: &KeyDir, now: i64) -> Result<KeyInfo, Ke
     if !existing.is_empty() {
         return Err(KeyError::AlreadyInitialized(existing.len()));
     }
-    add_version(store, dir, dir.generate()?, now)
+    add_version(
+        store,
+        dir,
+        dir.generate(crate::keys::Algorithm::Rsa(2048))?,
+        now,
+    )
 }
 
 /// Adds `key` as the next version and makes it active; the previously active version becomes
@@ -736,14 +750,34 @@ impl<'a> KeyService<'a> {
         })
     }
 
-    /// Creates version 1 with a fresh RSA-2048 key; refuses a registry that has any version,
-    /// and then changes nothing.
-    pub fn init(&self, draft: &crate::audit::Draft, now: i64) -> Result<KeyInfo, RotationError> {
+    /// Creates version 1 with a fresh key of `algorithm`; refuses a registry that has any
+    /// version, and then changes nothing.
+    pub fn init(
+        &self,
+        draft: &crate::audit::Draft,
+        algorithm: crate::keys::Algorithm,
+        now: i64,
+    ) -> Result<KeyInfo, RotationError> {
         let existing = self.store.keys()?;
         if !existing.is_empty() {
             return Err(KeyError::AlreadyInitialized(existing.len()).into());
         }
-        self.add_version(draft, self.dir.generate()?, now)
+        self.add_version(draft, self.dir.generate(algorithm)?, now)
+    }
+
+    /// Adds a fresh key as the new active version: of `algorithm`, or of the active version's
+    /// (so a store moved to X-Wing stays there when rotated without naming one).
+    pub fn rotate(
+        &self,
+        draft: &crate::audit::Draft,
+        algorithm: Option<crate::keys::Algorithm>,
+        now: i64,
+    ) -> Result<KeyInfo, RotationError> {
+        let algorithm = match algorithm {
+            Some(a) => a,
+            None => active_algorithm(&self.store.keys()?),
+        };
+        self.add_version(draft, self.dir.generate(algorithm)?, now)
     }
 
     /// Retires a decrypt-only version ([`retire`]), with `draft` in the same write.

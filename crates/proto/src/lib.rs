@@ -213,6 +213,7 @@ impl From<KeyState> for v1::KeyState {
 
 impl From<&KeyInfo> for v1::PublicKey {
     fn from(k: &KeyInfo) -> Self {
+        let algorithm = tokenvault_envelope::keys::spki_algorithm(&k.spki_der);
         v1::PublicKey {
             version: k.version,
             fingerprint: k.id.to_hex(),
@@ -221,6 +222,8 @@ impl From<&KeyInfo> for v1::PublicKey {
             state: v1::KeyState::from(k.state).into(),
             created_at: k.created_at,
             destroy_after: k.destroy_after.unwrap_or(0),
+            algorithm: algorithm.map(|(a, _)| a.to_string()).unwrap_or_default(),
+            public_key: algorithm.map(|(_, raw)| raw.to_vec()).unwrap_or_default(),
         }
     }
 }

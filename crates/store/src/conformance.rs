@@ -280,6 +280,7 @@ pub fn scan_replace_and_meta(store: &dyn TestHooks) {
         envelope: env.to_vec(),
         key_version: kv,
     };
+    let before_rewrap = store.get_record(&rid("a")).expect("get").expect("present");
     let outcomes = store
         .replace_envelopes(
             &[
@@ -293,7 +294,7 @@ pub fn scan_replace_and_meta(store: &dyn TestHooks) {
     assert_eq!(
         outcomes,
         vec![
-            Ok(2),
+            Ok(1),
             Err(StoreError::VersionMismatch {
                 id: "b".into(),
                 expected: 7,
@@ -310,7 +311,8 @@ pub fn scan_replace_and_meta(store: &dyn TestHooks) {
             r.version,
             r.updated_at
         ),
-        (&b"rewrapped"[..], 2, 2, 9)
+        (&b"rewrapped"[..], 2, 1, before_rewrap.updated_at),
+        "a rewrap keeps the version and the update time: only the wrapping moved"
     );
     let b = store.get_record(&rid("b")).expect("get").expect("present");
     assert_eq!(
@@ -870,7 +872,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
             3,
         )
         .expect("rewrap");
-    assert_eq!(rewrapped, vec![Ok(3)]);
+    assert_eq!(rewrapped, vec![Ok(2)]);
     in_use(2);
     store
         .apply(&[Mutation::DeleteRecord(rid("b"))], &[event()], 4)

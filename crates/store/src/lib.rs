@@ -464,9 +464,10 @@ pub trait RecordStore: Send + Sync + 'static {
     ) -> Result<Vec<Record>, StoreError>;
 
     /// Replaces only the envelope and key version of each record still at its expected
-    /// version (rewrap), in one durable write. Each item gets its own outcome: the new version,
-    /// or `VersionMismatch` / `NotFound` for a record changed or deleted meanwhile, which is
-    /// left alone. The outer error is an engine failure (nothing written).
+    /// version (rewrap), in one durable write; the version and `updated_at` stay as they are
+    /// (see `plan_replace_envelope`). Each item gets its own outcome: the record's version, or
+    /// `VersionMismatch` / `NotFound` for a record changed or deleted meanwhile, which is left
+    /// alone. The outer error is an engine failure (nothing written).
     fn replace_envelopes(
         &self,
         items: &[EnvelopeReplace],
@@ -812,15 +813,29 @@ fn plan_update(
 }
 
 /// Applies [`RecordStore::replace_envelopes`] to `current`, shared by every implementation.
+///
+/// Unlike every other change, a rewrap keeps the record's version and `updated_at`: the secret,
+/// its data key and its ciphertext are unchanged (only the wrapping of the data key moved), so
+/// a writer's compare-and-swap on the version it read is not refused because of key
+/// maintenance, and a migration to another key version (to X-Wing) leaves every record as its
+/// owners know it. The version is still checked, so a record written meanwhile is left alone.
+/// The DEK cache stays correct: its entries are also checked against the key fingerprint.
 pub(crate) fn plan_replace_envelope(
     current: Option<Record>,
     item: &EnvelopeReplace,
-    now: i64,
+    _now: i64,
 ) -> Result<Record, StoreError> {
-    plan_update(current, &item.id, item.expected_version, now, |r| {
-        r.envelope = item.envelope.clone();
-        r.key_version = item.key_version;
-    })
+    let mut r = current.ok_or_else(|| StoreError::NotFound(item.id.to_string()))?;
+    if r.version != item.expected_version {
+        return Err(StoreError::VersionMismatch {
+            id: item.id.to_string(),
+            expected: item.expected_version,
+            actual: r.version,
+        });
+    }
+    r.envelope = item.envelope.clone();
+    r.key_version = item.key_version;
+    Ok(r)
 }
 
 /// Applies [`RecordStore::mark_needs_reauth`] to `current`, shared by every implementation.

@@ -105,20 +105,24 @@ class PublicKeysRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PublicKey(_message.Message):
-    __slots__ = ("version", "fingerprint", "spki_pem", "state", "created_at", "destroy_after")
+    __slots__ = ("version", "fingerprint", "spki_pem", "state", "created_at", "destroy_after", "algorithm", "public_key")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SPKI_PEM_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     DESTROY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     version: int
     fingerprint: str
     spki_pem: str
     state: KeyState
     created_at: int
     destroy_after: int
-    def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., spki_pem: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., destroy_after: _Optional[int] = ...) -> None: ...
+    algorithm: str
+    public_key: bytes
+    def __init__(self, version: _Optional[int] = ..., fingerprint: _Optional[str] = ..., spki_pem: _Optional[str] = ..., state: _Optional[_Union[KeyState, str]] = ..., created_at: _Optional[int] = ..., destroy_after: _Optional[int] = ..., algorithm: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class PublicKeysResponse(_message.Message):
     __slots__ = ("active",)
@@ -395,14 +399,16 @@ class ReloadProvidersResponse(_message.Message):
     def __init__(self, providers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RotateKeyRequest(_message.Message):
-    __slots__ = ("private_key_pem", "public_key_pem", "token_key_label")
+    __slots__ = ("private_key_pem", "public_key_pem", "token_key_label", "algorithm")
     PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     TOKEN_KEY_LABEL_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     private_key_pem: str
     public_key_pem: str
     token_key_label: str
-    def __init__(self, private_key_pem: _Optional[str] = ..., public_key_pem: _Optional[str] = ..., token_key_label: _Optional[str] = ...) -> None: ...
+    algorithm: str
+    def __init__(self, private_key_pem: _Optional[str] = ..., public_key_pem: _Optional[str] = ..., token_key_label: _Optional[str] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class RotateKeyResponse(_message.Message):
     __slots__ = ("active", "previous")

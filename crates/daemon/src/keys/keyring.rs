@@ -128,16 +128,21 @@ impl KeyDir {
         Ok(NewKey::Token { pair, public })
     }
 
-    /// A fresh RSA-2048 key for a new version: generated in the token if there is one,
-    /// otherwise in memory with aws-lc.
-    pub fn generate(&self) -> Result<NewKey, KeyError> {
+    /// A fresh key of `algorithm` for a new version: generated in the token if there is one
+    /// (RSA-2048 only: a token holds no X-Wing key, and its RSA generation is fixed at 2048
+    /// bits), otherwise in memory (RSA with aws-lc, X-Wing from the OS CSPRNG).
+    pub fn generate(&self, algorithm: super::Algorithm) -> Result<NewKey, KeyError> {
         match &self.token {
+            Some(_) if algorithm != super::Algorithm::Rsa(2048) => Err(KeyError::Token(format!(
+                "[keys] backend = \"pkcs11\" generates rsa-2048 keys only, not {algorithm}: a \
+                 PKCS#11 token holds no X-Wing key (docs/KEY_CUSTODY.md)"
+            ))),
             Some(token) => {
                 let pair = token.generate_rsa_2048().map_err(super::token::key_error)?;
                 let public = super::token::public_key(&pair.modulus, &pair.public_exponent)?;
                 Ok(NewKey::Token { pair, public })
             }
-            None => Ok(NewKey::Memory(PrivateKey::generate()?)),
+            None => Ok(NewKey::Memory(PrivateKey::generate_with(algorithm)?)),
         }
     }
 

@@ -180,7 +180,24 @@ impl Admin for AdminService {
                 .into());
             }
         };
-        let rotated = self.0.rotate(&caller, import).await?;
+        let algorithm =
+            match req.algorithm.as_str() {
+                "" => None,
+                name => Some(crate::keys::Algorithm::parse(name).ok_or_else(|| {
+                    VaultError::Argument {
+                        what: "algorithm",
+                        why: format!(
+                            "not an algorithm a key is generated with; one of {}",
+                            crate::keys::Algorithm::GENERATED
+                                .iter()
+                                .map(|(n, _)| *n)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    }
+                })?),
+            };
+        let rotated = self.0.rotate(&caller, import, algorithm).await?;
         Ok(Response::new(v1::RotateKeyResponse {
             active: Some((&rotated.active).into()),
             previous: rotated.previous.as_ref().map(Into::into),

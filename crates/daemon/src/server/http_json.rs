@@ -869,11 +869,14 @@ mod tests {
                     state: v1::KeyState::Active as i32,
                     created_at: 5,
                     destroy_after: 0,
+                    algorithm: "x-wing".into(),
+                    public_key: vec![0xfb, 0xff],
                 }),
             }),
             serde_json::json!({ "active": {
                 "version": 2, "fingerprint": "ab", "spkiPem": "PEM",
                 "state": "KEY_STATE_ACTIVE", "createdAt": "5", "destroyAfter": "0",
+                "algorithm": "x-wing", "publicKey": "+/8=",
             } })
         );
     }

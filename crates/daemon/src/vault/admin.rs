@@ -124,17 +124,29 @@ impl Vault {
         ))
     }
 
-    /// Rotates to a fresh RSA-2048 version, or to an imported key.
+    /// Rotates to a fresh version (of `algorithm`, or of the active version's), or to an
+    /// imported key.
     pub async fn rotate(
         self: &Arc<Self>,
         caller: &Caller,
         import: Option<KeyImport>,
+        algorithm: Option<crate::keys::Algorithm>,
     ) -> Result<Rotated, VaultError> {
         let who = caller.name.clone();
+        if import.is_some() && algorithm.is_some() {
+            return Err(VaultError::Argument {
+                what: "algorithm",
+                why: "it names the algorithm of a generated key; an imported key (or a token's) \
+                      is what it is"
+                    .into(),
+            });
+        }
         let rotated = self
             .blocking(move |v| {
                 let key = match import {
-                    None => v.key_dir.generate()?,
+                    None => v
+                        .key_dir
+                        .generate(algorithm.unwrap_or_else(|| v.active_algorithm()))?,
                     Some(KeyImport::Pem {
                         private_pem,
                         public_pem,
@@ -148,9 +160,15 @@ impl Vault {
         Ok(rotated)
     }
 
-    /// Rotates to a fresh key (automatic rotation; blocking).
+    /// Rotates to a fresh key of the active version's algorithm (automatic rotation;
+    /// blocking).
     pub(super) fn rotate_now(&self, caller: &str) -> Result<Rotated, VaultError> {
-        self.rotate_to(caller, self.key_dir.generate()?)
+        self.rotate_to(caller, self.key_dir.generate(self.active_algorithm())?)
+    }
+
+    /// The active version's algorithm: what a rotation that names none generates.
+    fn active_algorithm(&self) -> crate::keys::Algorithm {
+        self.keyring().active().1.algorithm()
     }
 
     fn rotate_to(&self, caller: &str, key: NewKey) -> Result<Rotated, VaultError> {

@@ -6,8 +6,9 @@
 //!
 //! Trade-off (docs/THREAT_MODEL.md): with the cache on, up to `max_entries` data keys live in
 //! process memory for up to `ttl`; a memory disclosure then reveals those records without the
-//! private key. Off by default. Any change to a record (revoke, delete, rewrap, replace) bumps
-//! its version, so a stale entry can never be used; lifecycle operations also clear the cache.
+//! private key. Off by default. Any change to a record's secret or state (revoke, delete,
+//! replace) bumps its version, and a rewrap changes its key fingerprint (keeping the version and
+//! the data key), so a stale entry can never be used; lifecycle operations also clear the cache.
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -183,6 +183,20 @@ pub enum VaultError {
         /// Actual length.
         actual: usize,
     },
+    /// An envelope of another format than its key's: v2 (HPKE) naming an RSA version, or v1
+    /// (RSA-OAEP) naming an X-Wing one.
+    #[error(
+        "the envelope is {envelope} but key version {version} is {key}; seal with the key \
+         Ingest.PublicKeys returns, in the format its algorithm names (docs/ENVELOPE.md)"
+    )]
+    WrongFormat {
+        /// The version the envelope names.
+        version: u32,
+        /// The envelope's scheme.
+        envelope: crate::keys::Scheme,
+        /// The key's.
+        key: crate::keys::Scheme,
+    },
     /// Too many items in a batch.
     #[error("batch of {count} records exceeds the limit of {max}")]
     BatchTooLarge {
@@ -347,6 +361,7 @@ impl VaultError {
             | VaultError::SecretLength { .. }
             | VaultError::UnknownKey(_)
             | VaultError::WrappedLength { .. }
+            | VaultError::WrongFormat { .. }
             | VaultError::EmptyBatch
             | VaultError::BadKey(_) => ErrorKind::InvalidArgument,
             VaultError::KeyNotAccepted { .. }

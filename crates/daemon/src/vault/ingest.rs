@@ -68,6 +68,15 @@ pub fn check_item(
             grace_seconds: policy.ingest_grace_seconds,
         });
     }
+    // A v2 envelope naming an RSA version (or the reverse) could never be opened: refused at
+    // the door rather than stored to fail as DATA_LOSS later.
+    if env.scheme != public.scheme() {
+        return Err(VaultError::WrongFormat {
+            version: info.version,
+            envelope: env.scheme,
+            key: public.scheme(),
+        });
+    }
     if env.wrapped_dek.len() != public.wrapped_len() {
         return Err(VaultError::WrappedLength {
             version: info.version,

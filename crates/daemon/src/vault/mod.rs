@@ -433,6 +433,7 @@ impl Vault {
                         let keys = crate::rotation::KeyService::new(&*store, &dir, &audit);
                         let info = keys.init(
                             &Draft::new("dev-profile", "InitKeys").detail("version 1, development"),
+                            crate::keys::Algorithm::Rsa(2048),
                             crate::unix_now(),
                         )?;
                         tracing::info!(version = info.version, fingerprint = %info.id, key_dir = %dir.path().display(), "created development keyring");

@@ -24,7 +24,7 @@ use rand_core::CryptoRngCore;
 use sha2::{Digest, Sha256};
 
 pub use error::{KeyError, KeyLookupError, KeyOpError, passphrase_hint};
-pub use public::{PublicKey, RustCryptoWrapper, spki_pem};
+pub use public::{PublicKey, RustCryptoWrapper, spki_algorithm, spki_pem};
 #[doc(hidden)]
 pub use public::{pem_label, require_rsa};
 pub use xwing::XWingPublicKey;

@@ -304,6 +304,19 @@ impl Wrapper for RustCryptoWrapper<'_> {
     }
 }
 
+/// The algorithm of a registered SubjectPublicKeyInfo and its raw public key (the X-Wing
+/// encapsulation key; for RSA the SPKI DER itself), read without building the key (no
+/// aws-lc, no ML-KEM decoding): what `PublicKeys` reports for each version. `None` for bytes
+/// that are neither.
+pub fn spki_algorithm(spki_der: &[u8]) -> Option<(Algorithm, &[u8])> {
+    let spki = spki::SubjectPublicKeyInfoRef::try_from(spki_der).ok()?;
+    if spki.algorithm.oid == xwing::ID_XWING {
+        return Some((Algorithm::XWing, spki.subject_public_key.as_bytes()?));
+    }
+    let rsa = RsaPublicKey::from_public_key_der(spki_der).ok()?;
+    Some((Algorithm::Rsa(rsa.n().bits()), spki_der))
+}
+
 /// SubjectPublicKeyInfo DER as PEM (`PUBLIC KEY`, LF, 64 columns, as OpenSSL writes it). Pure
 /// encoding: callers that already hold the DER need not parse the key again.
 pub fn spki_pem(spki_der: &[u8]) -> String {
