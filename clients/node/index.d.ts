@@ -19,7 +19,8 @@ export declare const version: string;
 
 /**
  * The envelope of `secret` (1 to 65536 bytes) for the record's identity, sealed with `spkiPem`
- * (the active public key's `spkiPem`). `testOnly` exists for known-answer tests; never pass it.
+ * (the active public key's `spkiPem`): envelope v1 for an RSA key, v2 (HPKE) for an X-Wing
+ * key. `testOnly` exists for known-answer tests; never pass it.
  */
 export declare function seal(
   spkiPem: string,
@@ -28,7 +29,7 @@ export declare function seal(
   provider: string,
   kind: Kind,
   secret: Buffer,
-  testOnly?: { dek?: Buffer; nonce?: Buffer },
+  testOnly?: { dek?: Buffer; nonce?: Buffer; eseed?: Buffer },
 ): Buffer;
 
 /** A refusal: `code` is the gRPC code name (`ALREADY_EXISTS`), `status` the HTTP status. */
@@ -50,6 +51,10 @@ export interface PublicKey {
   spkiPem: string;
   state: string;
   createdAt: string;
+  /** `rsa-2048`, `rsa-3072`, `rsa-4096` or `x-wing`. */
+  algorithm: string;
+  /** Base64: the X-Wing encapsulation key (1,216 bytes), or for RSA the SPKI DER. */
+  publicKey: string;
 }
 
 /** One record to store. Versions and times are 64-bit: BigInt, or a number within 2^53. */

@@ -2,8 +2,14 @@
 // Seal secrets for a tokenvault daemon and store them over its HTTP/JSON ingest routes.
 //
 // Written from docs/ENVELOPE.md and the README's "HTTP/JSON for web tiers" alone, with
-// node:crypto and fetch only. The web tier holds the vault's public key: it can seal and
-// store, never read back.
+// node:crypto and, for X-Wing keys (envelope v2), @noble/post-quantum's X-Wing KEM. The web
+// tier holds the vault's public key: it can seal and store, never read back.
+//
+// Why @noble/post-quantum and not node:crypto for X-Wing: node:crypto has ML-KEM only from
+// Node.js 24.7 (OpenSSL 3.5) and no X-Wing combiner at all; one pure implementation, checked
+// against the X-Wing draft's vectors in test/, runs the same on every supported Node. HPKE's
+// key schedule (RFC 9180 section 5.1, base mode, one message) is a few HMACs over node:crypto
+// and is checked against RFC 9180 A.1.1 and the shared v2 vectors.
 //
 //   const client = new Client('https://vault.internal:50052', credential, { ca: fs.readFileSync('vault-ca.pem') });
 //   const key = await client.publicKey();
@@ -18,6 +24,8 @@ const crypto = require('node:crypto');
 const http = require('node:http');
 const https = require('node:https');
 const net = require('node:net');
+// ESM-only; require(esm) is on by default from Node.js 20.19.
+const { ml_kem768_x25519: XWing } = require('@noble/post-quantum/hybrid.js');
 
 // The kind strings bound in the associated data, and their SecretKind names on the wire.
 const KINDS = Object.freeze({
@@ -29,6 +37,61 @@ const KINDS = Object.freeze({
 });
 const LABEL = Buffer.from('tokenvault/v1/dek', 'ascii');
 const MAGIC = Buffer.from([0x54, 0x56, 0x45, 0x01]);
+const MAGIC_V2 = Buffer.from([0x54, 0x56, 0x45, 0x02]);
+// SubjectPublicKeyInfo of an X-Wing key: these 22 bytes (id-XWing, 1.3.6.1.4.1.62253.25722, no
+// parameters, and the BIT STRING header), then the 1,216-byte encapsulation key.
+const XWING_SPKI_PREFIX = Buffer.from('308204d4300d060b2b0601040183e62d81c87a038204c100', 'hex');
+const KEM_XWING = 0x647a;
+const KDF_HKDF_SHA256 = 0x0001;
+const AEAD_AES_256_GCM = 0x0002;
+const HPKE_INFO_LABEL = Buffer.from('tokenvault/v2/dek', 'ascii');
+
+function u16(n) {
+  const b = Buffer.alloc(2);
+  b.writeUInt16BE(n);
+  return b;
+}
+
+// RFC 9180 section 4: LabeledExtract and LabeledExpand over HKDF-SHA256, for one suite.
+function hpkeSuite(kem, kdf, aead) {
+  return Buffer.concat([Buffer.from('HPKE', 'ascii'), u16(kem), u16(kdf), u16(aead)]);
+}
+function labeledExtract(suite, salt, label, ikm) {
+  return crypto.createHmac('sha256', salt)
+    .update(Buffer.concat([Buffer.from('HPKE-v1', 'ascii'), suite, Buffer.from(label, 'ascii'), ikm]))
+    .digest();
+}
+function labeledExpand(suite, prk, label, info, length) {
+  // One HMAC block is enough: every length used here is at most 32 bytes.
+  const labeled = Buffer.concat([u16(length), Buffer.from('HPKE-v1', 'ascii'), suite, Buffer.from(label, 'ascii'), info]);
+  return crypto.createHmac('sha256', prk).update(labeled).update(Buffer.from([1])).digest().subarray(0, length);
+}
+// RFC 9180 section 5.1, mode_base (no PSK): the AEAD key and base nonce.
+function keySchedule(suite, sharedSecret, info, keyLength) {
+  const empty = Buffer.alloc(0);
+  const context = Buffer.concat([
+    Buffer.from([0]),
+    labeledExtract(suite, empty, 'psk_id_hash', empty),
+    labeledExtract(suite, empty, 'info_hash', info),
+  ]);
+  const secret = labeledExtract(suite, sharedSecret, 'secret', empty);
+  return {
+    key: labeledExpand(suite, secret, 'key', context, keyLength),
+    baseNonce: labeledExpand(suite, secret, 'base_nonce', context, 12),
+  };
+}
+
+function aesGcm(key, nonce, plaintext, aad) {
+  const cipher = crypto.createCipheriv(key.length === 32 ? 'aes-256-gcm' : 'aes-128-gcm', key, nonce, { authTagLength: 16 });
+  cipher.setAAD(aad);
+  return Buffer.concat([cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
+}
+
+// The DER inside a PEM block labelled PUBLIC KEY, or null.
+function pemDer(pem) {
+  const m = /-----BEGIN PUBLIC KEY-----([A-Za-z0-9+/=\s]+)-----END PUBLIC KEY-----/.exec(pem);
+  return m ? Buffer.from(m[1].replace(/\s+/g, ''), 'base64') : null;
+}
 
 function lp(text) {
   const b = Buffer.from(text, 'utf8');
@@ -40,6 +103,7 @@ function lp(text) {
 // Returns the envelope (a Buffer) of `secret` (a Buffer) for the record's identity.
 // `spkiPem` is the active public key's `spkiPem` (GET /v1/public-keys). `testOnly` ({dek,
 // nonce}) exists for known-answer tests; never pass it otherwise.
+// An X-Wing key (algorithm "x-wing") gives an envelope v2: the data key sealed with HPKE.
 function seal(spkiPem, id, owner, provider, kind, secret, testOnly) {
   if (!Object.prototype.hasOwnProperty.call(KINDS, kind)) {
     throw new RangeError(`unknown kind ${JSON.stringify(kind)}; one of ${Object.keys(KINDS).join(', ')}`);
@@ -47,10 +111,14 @@ function seal(spkiPem, id, owner, provider, kind, secret, testOnly) {
   if (!Buffer.isBuffer(secret) || secret.length < 1 || secret.length > 65536) {
     throw new RangeError('a secret is a Buffer of 1 to 65536 bytes');
   }
+  const der = pemDer(spkiPem);
+  if (der && der.length === XWING_SPKI_PREFIX.length + 1216 && der.subarray(0, XWING_SPKI_PREFIX.length).equals(XWING_SPKI_PREFIX)) {
+    return sealV2(der, id, owner, provider, kind, secret, testOnly);
+  }
   const key = crypto.createPublicKey(spkiPem);
   const bits = key.asymmetricKeyDetails && key.asymmetricKeyDetails.modulusLength;
   if (key.asymmetricKeyType !== 'rsa' || !(bits >= 2048 && bits <= 4096)) {
-    throw new RangeError("the vault's key is RSA, 2048 to 4096 bits");
+    throw new RangeError("the vault's key is RSA, 2048 to 4096 bits, or X-Wing");
   }
   const spkiDer = key.export({ type: 'spki', format: 'der' });
   const dek = (testOnly && testOnly.dek) || crypto.randomBytes(32);
@@ -68,6 +136,25 @@ function seal(spkiPem, id, owner, provider, kind, secret, testOnly) {
   len.writeUInt16BE(wrapped.length);
   const fingerprint = crypto.createHash('sha256').update(spkiDer).digest();
   return Buffer.concat([MAGIC, fingerprint, len, wrapped, nonce, ct, tag]);
+}
+
+// Envelope v2 (docs/ENVELOPE.md): the token ciphertext exactly as in v1 (the associated data
+// keeps its version byte 01), the data key sealed with HPKE base mode to the X-Wing key.
+// `testOnly.eseed` (64 bytes of encapsulation randomness) exists for known-answer tests only.
+function sealV2(der, id, owner, provider, kind, secret, testOnly) {
+  const fingerprint = crypto.createHash('sha256').update(der).digest();
+  const publicKey = der.subarray(XWING_SPKI_PREFIX.length);
+  const dek = (testOnly && testOnly.dek) || crypto.randomBytes(32);
+  const nonce = (testOnly && testOnly.nonce) || crypto.randomBytes(12);
+  const aad = Buffer.concat([MAGIC, lp(id), lp(owner), lp(provider), lp(kind)]);
+  const token = aesGcm(dek, nonce, secret, aad);
+  const { cipherText: enc, sharedSecret } = XWing.encapsulate(publicKey, testOnly && testOnly.eseed);
+  const info = Buffer.concat([HPKE_INFO_LABEL, u16(KEM_XWING), fingerprint]);
+  const suite = hpkeSuite(KEM_XWING, KDF_HKDF_SHA256, AEAD_AES_256_GCM);
+  const { key, baseNonce } = keySchedule(suite, Buffer.from(sharedSecret), info, 32);
+  // The first (and only) message of the HPKE context: its nonce is the base nonce.
+  const sealedDek = aesGcm(key, baseNonce, dek, Buffer.alloc(0));
+  return Buffer.concat([MAGIC_V2, u16(KEM_XWING), fingerprint, u16(enc.length), Buffer.from(enc), sealedDek, nonce, token]);
 }
 
 // A refusal: `code` is the gRPC code name (ALREADY_EXISTS), `status` the HTTP one.
@@ -176,7 +263,8 @@ class Client {
     });
   }
 
-  // The active key: {version, fingerprint, spkiPem, state, createdAt}.
+  // The active key: {version, fingerprint, spkiPem, state, createdAt, algorithm, publicKey}
+  // (algorithm "rsa-2048", "rsa-3072", "rsa-4096" or "x-wing"; seal() takes spkiPem either way).
   async publicKey() {
     return (await this.#call('GET', '/v1/public-keys')).active;
   }
@@ -220,3 +308,5 @@ class Client {
 const version = '0.1.0';
 
 module.exports = { KINDS, seal, Client, TokenvaultError, VaultUnreachable, version };
+// For this package's tests (RFC 9180's and the X-Wing draft's vectors); not part of the API.
+Object.defineProperty(module.exports, '_internal', { value: { hpkeSuite, keySchedule, XWing }, enumerable: false });

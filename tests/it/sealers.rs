@@ -1,5 +1,6 @@
 //! The Python and Node.js sealers in clients/: their own test suites (pytest, `node --test`)
-//! run against a real daemon over HTTP/JSON on TLS with a private CA, then every record they
+//! run against a real daemon over HTTP/JSON on TLS with a private CA, once with its RSA key
+//! (envelope v1) and once after it rotated to X-Wing (envelope v2); then every record they
 //! stored is read back with `tokenvault get` and compared with the vector's plaintext.
 
 use crate::common;
@@ -59,9 +60,23 @@ async fn tls_daemon(dir: &Path) -> (TestDaemon, std::path::PathBuf) {
     (TestDaemon::start_with(c).await, ca_file)
 }
 
+/// Which of the two runs: the records' id prefix and the algorithm of the daemon's key.
+#[derive(Clone, Copy)]
+struct Run {
+    prefix: &'static str,
+    algorithm: &'static str,
+}
+
 /// Runs a sealer's test suite against the TLS daemon at `addr` (its CA in `ca`); every test
 /// must pass, none may be skipped.
-fn run_suite(addr: std::net::SocketAddr, ca: &Path, program: &str, args: &[&str], dir: &Path) {
+fn run_suite(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    run: Run,
+    program: &str,
+    args: &[&str],
+    dir: &Path,
+) {
     let url = format!("https://localhost:{}", addr.port());
     process::run_suite(
         program,
@@ -71,8 +86,32 @@ fn run_suite(addr: std::net::SocketAddr, ca: &Path, program: &str, args: &[&str]
             ("TOKENVAULT_TEST_URL", url.as_ref()),
             ("TOKENVAULT_TEST_CA", ca.as_os_str()),
             ("TOKENVAULT_INGEST_TOKEN", INGEST.as_ref()),
+            ("TOKENVAULT_TEST_PREFIX", run.prefix.as_ref()),
+            ("TOKENVAULT_TEST_ALGORITHM", run.algorithm.as_ref()),
         ],
     );
+}
+
+/// Rotates the TLS daemon (its CA in `ca`) to a fresh X-Wing version (envelope v2 from now on).
+async fn rotate_to_x_wing(d: &TestDaemon, ca: &Path) {
+    let ca = std::fs::read_to_string(ca).expect("ca");
+    let channel = tls_channel(d.addr, &ca, None).await.expect("tls");
+    let active = tokenvault::api::v1::admin_client::AdminClient::new(
+        tonic::service::interceptor::InterceptedService::new(
+            channel,
+            Bearer::new(ADMIN),
+        ),
+    )
+    .rotate_key(tokenvault::api::v1::RotateKeyRequest {
+        algorithm: "x-wing".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("rotate to x-wing")
+    .into_inner()
+    .active
+    .expect("active");
+    assert_eq!(active.algorithm, "x-wing");
 }
 
 /// Reads every record a sealer stored (prefix `py-` or `node-`) with `tokenvault get`, over
@@ -114,22 +153,19 @@ async fn the_python_sealer_stores_what_tokenvault_get_reads_back() {
     });
     let clients = root().join("clients/python");
     let addr = d.addr;
-    let ca_file = ca.clone();
-    let suite = tokio::task::spawn_blocking(move || {
-        let ca = ca_file.as_path();
-        // The package's own type check: typed (py.typed) and clean under mypy --strict.
-        run_suite(
-            addr,
-            ca,
-            &python,
-            &["-m", "mypy", "--strict", "tokenvault_sealer"],
-            &clients,
-        );
-        run_suite(
-            addr,
-            ca,
-            &python,
-            &[
+    let pytest = move |ca: std::path::PathBuf, run: Run| {
+        let (python, clients) = (python.clone(), clients.clone());
+        tokio::task::spawn_blocking(move || {
+            // The package's own type check: typed (py.typed) and clean under mypy --strict.
+            run_suite(
+                addr,
+                &ca,
+                run,
+                &python,
+                &["-m", "mypy", "--strict", "tokenvault_sealer"],
+                &clients,
+            );
+            let args = [
                 "-m",
                 "pytest",
                 "-q",
@@ -137,12 +173,23 @@ async fn the_python_sealer_stores_what_tokenvault_get_reads_back() {
                 "-p",
                 "no:cacheprovider",
                 "tests",
-            ],
-            &clients,
-        );
-    });
-    suite.await.expect("pytest");
-    read_back(&d, &ca, "py-");
+            ];
+            run_suite(addr, &ca, run, &python, &args, &clients);
+        })
+    };
+    let rsa = Run {
+        prefix: "py-",
+        algorithm: "rsa-2048",
+    };
+    pytest(ca.clone(), rsa).await.expect("pytest");
+    read_back(&d, &ca, rsa.prefix);
+    rotate_to_x_wing(&d, &ca).await;
+    let pq = Run {
+        prefix: "py-v2-",
+        algorithm: "x-wing",
+    };
+    pytest(ca.clone(), pq).await.expect("pytest (x-wing)");
+    read_back(&d, &ca, pq.prefix);
     d.stop().await;
 }
 
@@ -152,33 +199,34 @@ async fn the_node_sealer_stores_what_tokenvault_get_reads_back() {
     let (d, ca) = tls_daemon(dir.path()).await;
     let clients = root().join("clients/node");
     let addr = d.addr;
-    let ca_file = ca.clone();
-    let suite = tokio::task::spawn_blocking(move || {
-        let ca = ca_file.as_path();
-        // The declarations checked by TypeScript (pinned in package-lock.json), then the suite.
-        run_suite(
-            addr,
-            ca,
-            "npm",
-            &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            &clients,
-        );
-        run_suite(
-            addr,
-            ca,
-            "node",
-            &["node_modules/typescript/bin/tsc", "--noEmit", "-p", "."],
-            &clients,
-        );
-        run_suite(
-            addr,
-            ca,
-            "node",
-            &["--test", "test/sealer.test.js"],
-            &clients,
-        );
-    });
-    suite.await.expect("node --test");
-    read_back(&d, &ca, "node-");
+    let rsa = Run {
+        prefix: "node-",
+        algorithm: "rsa-2048",
+    };
+    let node = move |ca: std::path::PathBuf, run: Run, install: bool| {
+        let clients = clients.clone();
+        tokio::task::spawn_blocking(move || {
+            if install {
+                // The declarations checked by TypeScript (pinned in package-lock.json).
+                let ci = ["ci", "--no-audit", "--no-fund", "--loglevel=error"];
+                run_suite(addr, &ca, run, "npm", &ci, &clients);
+                let tsc = ["node_modules/typescript/bin/tsc", "--noEmit", "-p", "."];
+                run_suite(addr, &ca, run, "node", &tsc, &clients);
+            }
+            let test = ["--test", "test/sealer.test.js"];
+            run_suite(addr, &ca, run, "node", &test, &clients);
+        })
+    };
+    node(ca.clone(), rsa, true).await.expect("node --test");
+    read_back(&d, &ca, rsa.prefix);
+    rotate_to_x_wing(&d, &ca).await;
+    let pq = Run {
+        prefix: "node-v2-",
+        algorithm: "x-wing",
+    };
+    node(ca.clone(), pq, false)
+        .await
+        .expect("node --test (x-wing)");
+    read_back(&d, &ca, pq.prefix);
     d.stop().await;
 }

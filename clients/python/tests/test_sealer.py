@@ -29,6 +29,52 @@ def vector(path):
 
 
 OK = sorted(p for p in VECTORS.glob("ok-*.txt"))
+OK_V2 = sorted(p for p in VECTORS.glob("v2-ok-*.txt"))
+
+
+def _xwing_private_key(name):
+    """The fixture's X-Wing private key for cryptography's HPKE: its 32-byte seed expanded with
+    SHAKE256 into ML-KEM-768's 64-byte seed and X25519's key, as the X-Wing draft does."""
+    import base64
+    import hashlib
+
+    from cryptography.hazmat.primitives import hpke
+    from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
+    lines = (KEYS / ("%s.key.pem" % name)).read_text().strip().splitlines()
+    seed = base64.b64decode("".join(lines[1:-1]))[-32:]
+    expanded = hashlib.shake_256(seed).digest(96)
+    return hpke.MLKEM768X25519PrivateKey(
+        mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64]),
+        x25519.X25519PrivateKey.from_private_bytes(expanded[64:]),
+    )
+
+
+def _open_v2_dek(envelope, key_name):
+    from cryptography.hazmat.primitives import hpke
+
+    suite = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    info = b"tokenvault/v2/dek" + envelope[4:6] + envelope[6:38]
+    n = int.from_bytes(envelope[38:40], "big")
+    return suite.decrypt(envelope[40:40 + n + 48], _xwing_private_key(key_name), info)
+
+
+@pytest.mark.parametrize("path", OK_V2, ids=[p.stem for p in OK_V2])
+def test_sealing_to_an_x_wing_key_gives_the_v2_layout_around_the_vector_s_ciphertext(path):
+    v = vector(path)
+    pem = (KEYS / ("%s.pub.pem" % v["sealed_with"])).read_text()
+    expected = bytes.fromhex(v["envelope"])
+    dek, nonce = bytes.fromhex(v["dek"]), bytes.fromhex(v["nonce"])
+    got = seal(pem, v["id"], v["owner"], v["provider"], v["kind"], bytes.fromhex(v["plaintext"]),
+               _dek=dek, _nonce=nonce)
+    # Header (KEM id, fingerprint, enc length) and the token part byte for byte; HPKE's
+    # encapsulation is randomized (cryptography takes no encapsulation seed), so enc and the
+    # sealed data key differ, and open to the same data key.
+    assert len(got) == len(expected)
+    assert got[:40] == expected[:40]
+    assert got[40 + 1120 + 48:] == expected[40 + 1120 + 48:]
+    assert _open_v2_dek(got, v["sealed_with"]) == dek
+    assert _open_v2_dek(expected, v["sealed_with"]) == dek
 
 
 @pytest.mark.parametrize("path", OK, ids=[p.stem for p in OK])
@@ -59,7 +105,7 @@ def test_bad_input_is_refused_before_anything_is_sealed():
     for secret in (b"", b"x" * 65537, "text"):
         with pytest.raises(ValueError, match="1 to 65536 bytes"):
             seal(pem, "a", "o", "p", "access_token", secret)
-    with pytest.raises(ValueError, match="RSA, 2048 to 4096"):
+    with pytest.raises(ValueError, match="RSA, 2048 to 4096 bits, or X-Wing"):
         seal((KEYS / "fixture-ec.pub.pem").read_text(), "a", "o", "p", "access_token", b"x")
     with pytest.raises(ValueError):
         Client("ftp://x", "c")
@@ -94,6 +140,9 @@ URL = os.environ.get("TOKENVAULT_TEST_URL")
 # The harness's daemon serves TLS with a certificate from this private CA.
 CA = os.environ.get("TOKENVAULT_TEST_CA")
 needs_daemon = pytest.mark.skipif(URL is None, reason="run by tests/sealers.rs with a daemon")
+# The harness runs the daemon part twice: with an RSA key, then after rotating to X-Wing.
+PREFIX = os.environ.get("TOKENVAULT_TEST_PREFIX", "py-")
+ALGORITHM = os.environ.get("TOKENVAULT_TEST_ALGORITHM", "rsa-2048")
 
 
 @needs_daemon
@@ -109,14 +158,16 @@ def test_vectors_are_stored_over_http_json_for_the_harness_to_read_back():
     client = Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"], ca_file=CA)
     key = client.public_key()
     assert key["state"] == "KEY_STATE_ACTIVE"
+    assert key["algorithm"] == ALGORITHM
     for path in OK:
         v = vector(path)
-        envelope = seal(key["spkiPem"], "py-" + path.stem, v["owner"], v["provider"], v["kind"],
+        envelope = seal(key["spkiPem"], PREFIX + path.stem, v["owner"], v["provider"], v["kind"],
                         bytes.fromhex(v["plaintext"]))
-        assert client.put_sealed("py-" + path.stem, v["owner"], v["provider"], v["kind"],
+        assert envelope[3] == (2 if ALGORITHM == "x-wing" else 1)
+        assert client.put_sealed(PREFIX + path.stem, v["owner"], v["provider"], v["kind"],
                                  envelope, scopes=["read"]) == 1
-    items = [dict(record_id="py-batch-%d" % i, owner="o", provider="github", kind="api_key",
-                  envelope=seal(key["spkiPem"], "py-batch-%d" % i, "o", "github", "api_key",
+    items = [dict(record_id="%sbatch-%d" % (PREFIX, i), owner="o", provider="github", kind="api_key",
+                  envelope=seal(key["spkiPem"], "%sbatch-%d" % (PREFIX, i), "o", "github", "api_key",
                                 b"batch-%d" % i)) for i in range(3)]
     assert client.put_sealed_batch(items) == [1, 1, 1]
 
@@ -125,17 +176,18 @@ def test_vectors_are_stored_over_http_json_for_the_harness_to_read_back():
 def test_refusals_carry_the_grpc_code_and_http_status():
     client = Client(URL, os.environ["TOKENVAULT_INGEST_TOKEN"], ca_file=CA)
     pem = client.public_key()["spkiPem"]
-    envelope = seal(pem, "py-dup", "o", "github", "access_token", b"t")
-    client.put_sealed("py-dup", "o", "github", "access_token", envelope)
+    dup = PREFIX + "dup"
+    envelope = seal(pem, dup, "o", "github", "access_token", b"t")
+    client.put_sealed(dup, "o", "github", "access_token", envelope)
     # The very same write again (a blind retry) answers the stored version; a new seal of the
     # same id is a conflict.
-    assert client.put_sealed("py-dup", "o", "github", "access_token", envelope) == 1
-    other = seal(pem, "py-dup", "o", "github", "access_token", b"t")
+    assert client.put_sealed(dup, "o", "github", "access_token", envelope) == 1
+    other = seal(pem, dup, "o", "github", "access_token", b"t")
     with pytest.raises(TokenvaultError) as e:
-        client.put_sealed("py-dup", "o", "github", "access_token", other)
+        client.put_sealed(dup, "o", "github", "access_token", other)
     assert (e.value.status, e.value.code) == (409, "ALREADY_EXISTS")
     with pytest.raises(TokenvaultError) as e:
-        client.put_sealed("py-dup", "o", "github", "access_token", envelope, expected_version=9)
+        client.put_sealed(dup, "o", "github", "access_token", envelope, expected_version=9)
     assert (e.value.status, e.value.code) == (412, "ABORTED")
     with pytest.raises(TokenvaultError) as e:
         Client(URL, "tv_wrong", ca_file=CA).public_key()

@@ -2,7 +2,9 @@
 
 Written from docs/ENVELOPE.md and the README's "HTTP/JSON for web tiers" alone, with the
 ``cryptography`` package and the standard library. The web tier holds the vault's public key
-only: it can seal and store, never read back.
+only: it can seal and store, never read back. An RSA key gives envelope v1; an X-Wing key
+(``algorithm`` ``x-wing``) gives envelope v2, its data key sealed with ``cryptography``'s HPKE
+(version 47 or later).
 
     client = Client("https://vault.internal:50052", credential, ca_file="vault-ca.pem")
     key = client.public_key()
@@ -47,6 +49,12 @@ KINDS: Dict[str, str] = {
 }
 _LABEL = b"tokenvault/v1/dek"
 _MAGIC = b"TVE\x01"
+_MAGIC_V2 = b"TVE\x02"
+#: The SubjectPublicKeyInfo of an X-Wing key is these 22 bytes (``id-XWing``, no parameters,
+#: the BIT STRING header), then the 1,216-byte encapsulation key.
+_XWING_SPKI_PREFIX = bytes.fromhex("308204d4300d060b2b0601040183e62d81c87a038204c100")
+_KEM_XWING = 0x647A
+_HPKE_INFO_LABEL = b"tokenvault/v2/dek"
 
 
 def _lp(text: str) -> bytes:
@@ -74,9 +82,12 @@ def seal(
         raise ValueError("unknown kind %r; one of %s" % (kind, ", ".join(KINDS)))
     if not isinstance(secret, (bytes, bytearray)) or not 1 <= len(secret) <= 65536:
         raise ValueError("a secret is 1 to 65536 bytes")
+    der = _pem_der(spki_pem)
+    if der is not None and len(der) == len(_XWING_SPKI_PREFIX) + 1216 and der.startswith(_XWING_SPKI_PREFIX):
+        return _seal_v2(der, record_id, owner, provider, kind, bytes(secret), _dek, _nonce)
     pk = serialization.load_pem_public_key(spki_pem.encode("ascii"))
     if not isinstance(pk, rsa.RSAPublicKey) or not 2048 <= pk.key_size <= 4096:
-        raise ValueError("the vault's key is RSA, 2048 to 4096 bits")
+        raise ValueError("the vault's key is RSA, 2048 to 4096 bits, or X-Wing")
     spki_der = pk.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -95,6 +106,59 @@ def seal(
         + wrapped
         + nonce
         + ct_and_tag
+    )
+
+
+def _pem_der(pem: str) -> Optional[bytes]:
+    """The DER of a ``PUBLIC KEY`` PEM block, or None."""
+    lines = [line.strip() for line in pem.strip().splitlines()]
+    if len(lines) < 3 or lines[0] != "-----BEGIN PUBLIC KEY-----" or lines[-1] != "-----END PUBLIC KEY-----":
+        return None
+    try:
+        return base64.b64decode("".join(lines[1:-1]), validate=True)
+    except ValueError:
+        return None
+
+
+def _seal_v2(
+    spki_der: bytes,
+    record_id: str,
+    owner: str,
+    provider: str,
+    kind: str,
+    secret: bytes,
+    dek: Optional[bytes],
+    nonce: Optional[bytes],
+) -> bytes:
+    """Envelope v2: v1's token ciphertext (its associated data keeps the version byte 01), the
+    data key sealed with HPKE base mode (X-Wing, HKDF-SHA256, AES-256-GCM) to the X-Wing key."""
+    try:
+        from cryptography.hazmat.primitives import hpke
+        from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+    except ImportError:
+        raise ValueError("sealing to an X-Wing key needs cryptography 47 or later (HPKE with X-Wing)") from None
+    raw = spki_der[len(_XWING_SPKI_PREFIX):]
+    public_key = hpke.MLKEM768X25519PublicKey(
+        mlkem.MLKEM768PublicKey.from_public_bytes(raw[:1184]),
+        x25519.X25519PublicKey.from_public_bytes(raw[1184:]),
+    )
+    fingerprint = hashlib.sha256(spki_der).digest()
+    dek = dek if dek is not None else os.urandom(32)
+    nonce = nonce if nonce is not None else os.urandom(12)
+    aad = _MAGIC + _lp(record_id) + _lp(owner) + _lp(provider) + _lp(kind)
+    token = AESGCM(dek).encrypt(nonce, secret, aad)
+    suite = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    info = _HPKE_INFO_LABEL + struct.pack(">H", _KEM_XWING) + fingerprint
+    # enc (1,120 bytes) followed by the sealed data key (48 bytes).
+    enc_and_sealed = suite.encrypt(dek, public_key, info)
+    return (
+        _MAGIC_V2
+        + struct.pack(">H", _KEM_XWING)
+        + fingerprint
+        + struct.pack(">H", len(enc_and_sealed) - 48)
+        + enc_and_sealed
+        + nonce
+        + token
     )
 
 
@@ -178,7 +242,9 @@ class Client:
             raise VaultUnreachable("cannot reach %s: %s" % (self._base, reason)) from None
 
     def public_key(self) -> Dict[str, Any]:
-        """The active key: ``version``, ``fingerprint``, ``spkiPem``, ``state``, ``createdAt``."""
+        """The active key: ``version``, ``fingerprint``, ``spkiPem``, ``state``, ``createdAt``,
+        ``algorithm`` (``rsa-2048``, ``rsa-3072``, ``rsa-4096`` or ``x-wing``) and ``publicKey``
+        (base64). :func:`seal` takes ``spkiPem`` whatever the algorithm."""
         active: Dict[str, Any] = self._call("GET", "/v1/public-keys")["active"]
         return active
 

@@ -362,3 +362,33 @@ fn x_wing_private_keys_round_trip_through_pkcs8_files_and_the_shared_store_form(
     let wrapper: &dyn Wrapper = key.public_key();
     assert_eq!(wrapper.scheme(), Scheme::Hpke(KEM_ID_XWING));
 }
+
+/// The v2 vectors' `eseed` is the X-Wing encapsulation randomness their enc was made with, so
+/// a sealer that encapsulates deterministically can rebuild them byte for byte.
+#[test]
+fn the_v2_vectors_enc_is_the_encapsulation_of_their_eseed() {
+    for (name, key) in [
+        ("v2-ok-access-token", "fixture-xwing"),
+        ("v2-ok-token-bundle-unicode-owner", "fixture-xwing-b"),
+    ] {
+        let text = std::fs::read_to_string(root().join(format!("tests/vectors/{name}.txt")))
+            .expect("vector");
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                .map(unhex)
+                .expect("field")
+        };
+        let envelope = field("envelope");
+        let public = fixture(key);
+        let pk =
+            <XWingKem as hpke::Kem>::PublicKey::from_bytes(public.public_key().raw()).expect("pk");
+        let (_, ct) =
+            XWingKem::encap_with_rng(&pk, None, &mut Fixed(field("eseed"))).expect("encapsulate");
+        assert_eq!(
+            &envelope[format::HEADER_LEN_V2..format::HEADER_LEN_V2 + xwing::XWING_ENC_LEN],
+            ct.to_bytes().as_slice(),
+            "{name}"
+        );
+    }
+}
