@@ -32,6 +32,16 @@ OK = sorted(p for p in VECTORS.glob("ok-*.txt"))
 OK_V2 = sorted(p for p in VECTORS.glob("v2-ok-*.txt"))
 
 
+def reseal(path):
+    """The vector, its envelope, its DEK, and the envelope sealed again with its DEK and nonce."""
+    v = vector(path)
+    pem = (KEYS / ("%s.pub.pem" % v["sealed_with"])).read_text()
+    dek, nonce = bytes.fromhex(v["dek"]), bytes.fromhex(v["nonce"])
+    got = seal(pem, v["id"], v["owner"], v["provider"], v["kind"], bytes.fromhex(v["plaintext"]),
+               _dek=dek, _nonce=nonce)
+    return v, bytes.fromhex(v["envelope"]), dek, got
+
+
 def _xwing_private_key(name):
     """The fixture's X-Wing private key for cryptography's HPKE: its 32-byte seed expanded with
     SHAKE256 into ML-KEM-768's 64-byte seed and X25519's key, as the X-Wing draft does."""
@@ -61,12 +71,7 @@ def _open_v2_dek(envelope, key_name):
 
 @pytest.mark.parametrize("path", OK_V2, ids=[p.stem for p in OK_V2])
 def test_sealing_to_an_x_wing_key_gives_the_v2_layout_around_the_vector_s_ciphertext(path):
-    v = vector(path)
-    pem = (KEYS / ("%s.pub.pem" % v["sealed_with"])).read_text()
-    expected = bytes.fromhex(v["envelope"])
-    dek, nonce = bytes.fromhex(v["dek"]), bytes.fromhex(v["nonce"])
-    got = seal(pem, v["id"], v["owner"], v["provider"], v["kind"], bytes.fromhex(v["plaintext"]),
-               _dek=dek, _nonce=nonce)
+    v, expected, dek, got = reseal(path)
     # Header (KEM id, fingerprint, enc length) and the token part byte for byte; HPKE's
     # encapsulation is randomized (cryptography takes no encapsulation seed), so enc and the
     # sealed data key differ, and open to the same data key.
@@ -79,12 +84,7 @@ def test_sealing_to_an_x_wing_key_gives_the_v2_layout_around_the_vector_s_cipher
 
 @pytest.mark.parametrize("path", OK, ids=[p.stem for p in OK])
 def test_resealing_a_vector_with_its_dek_and_nonce_gives_its_bytes(path):
-    v = vector(path)
-    pem = (KEYS / ("%s.pub.pem" % v["sealed_with"])).read_text()
-    expected = bytes.fromhex(v["envelope"])
-    dek, nonce = bytes.fromhex(v["dek"]), bytes.fromhex(v["nonce"])
-    got = seal(pem, v["id"], v["owner"], v["provider"], v["kind"], bytes.fromhex(v["plaintext"]),
-               _dek=dek, _nonce=nonce)
+    v, expected, dek, got = reseal(path)
     n = int.from_bytes(expected[36:38], "big")
     assert len(got) == len(expected)
     # Magic, version, fingerprint and length; then nonce, ciphertext and tag: byte for byte.
