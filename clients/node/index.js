@@ -38,7 +38,7 @@ const KINDS = Object.freeze({
 const LABEL = Buffer.from('tokenvault/v1/dek', 'ascii');
 const MAGIC = Buffer.from([0x54, 0x56, 0x45, 0x01]);
 const MAGIC_V2 = Buffer.from([0x54, 0x56, 0x45, 0x02]);
-// SubjectPublicKeyInfo of an X-Wing key: these 22 bytes (id-XWing, 1.3.6.1.4.1.62253.25722, no
+// SubjectPublicKeyInfo of an X-Wing key: these 24 bytes (id-XWing, 1.3.6.1.4.1.62253.25722, no
 // parameters, and the BIT STRING header), then the 1,216-byte encapsulation key.
 const XWING_SPKI_PREFIX = Buffer.from('308204d4300d060b2b0601040183e62d81c87a038204c100', 'hex');
 const KEM_XWING = 0x647a;

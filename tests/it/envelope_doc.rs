@@ -139,6 +139,41 @@ fn the_documented_opening_recipe_opens_a_vector() {
     );
 }
 
+#[test]
+fn the_documented_v2_opening_recipe_opens_a_v2_vector() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let name = "v2-ok-access-token.txt";
+    std::fs::write(
+        dir.join("env.bin"),
+        hex::decode(vector(name, "envelope")).expect("hex"),
+    )
+    .expect("env.bin");
+    std::fs::copy(
+        fixture_path("keys/test/fixture-xwing.key.pem"),
+        dir.join("private.pem"),
+    )
+    .expect("private.pem");
+    std::fs::write(
+        dir.join("record.json"),
+        serde_json::json!({
+            "id": vector(name, "id"),
+            "owner": vector(name, "owner"),
+            "provider": vector(name, "provider"),
+            "kind": vector(name, "kind"),
+        })
+        .to_string(),
+    )
+    .expect("record.json");
+    let open = block_containing("python", "MLKEM768PrivateKey.from_seed_bytes");
+    let program = format!("{open}\nimport sys\nsys.stdout.buffer.write(secret)\n");
+    assert_eq!(
+        run_python(dir, &program, b""),
+        hex::decode(vector(name, "plaintext")).expect("hex"),
+        "the v2 recipe opens the vector to its plaintext"
+    );
+}
+
 #[tokio::test]
 async fn the_documented_python_sealer_stores_records_the_daemon_serves() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -166,7 +201,25 @@ async fn the_documented_python_sealer_stores_records_the_daemon_serves() {
         ),
     ];
     let mut ingest = d.ingest(INGEST).await;
-    for (i, (kind, number, secret)) in cases.into_iter().enumerate() {
+    // With the daemon's RSA key (envelope v1), then after it rotated to X-Wing (envelope v2).
+    let mut runs = vec![(spki_pem, 1u8)];
+    let rotated = d
+        .admin(ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {
+            algorithm: "x-wing".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate to x-wing")
+        .into_inner()
+        .active
+        .expect("active");
+    runs.push((rotated.spki_pem, 2));
+    let all = runs
+        .iter()
+        .flat_map(|(pem, format)| cases.iter().map(move |case| (pem, *format, *case)));
+    for (i, (spki_pem, format, (kind, number, secret))) in all.enumerate() {
         let id = format!("py:{i}");
         let input = serde_json::json!({
             "pem": spki_pem, "id": id, "owner": "user-7", "provider": "github",
@@ -174,6 +227,10 @@ async fn the_documented_python_sealer_stores_records_the_daemon_serves() {
         });
         let out = run_python(tmp.path(), &program, input.to_string().as_bytes());
         let envelope = hex::decode(out).expect("hex envelope");
+        assert_eq!(
+            envelope[3], format,
+            "{kind}: the envelope version of the key"
+        );
         ingest
             .put_sealed(v1::PutSealedRequest {
                 record: Some(v1::SealedRecord {

@@ -97,10 +97,7 @@ async fn rotate_to_x_wing(d: &TestDaemon, ca: &Path) {
     let ca = std::fs::read_to_string(ca).expect("ca");
     let channel = tls_channel(d.addr, &ca, None).await.expect("tls");
     let active = tokenvault::api::v1::admin_client::AdminClient::new(
-        tonic::service::interceptor::InterceptedService::new(
-            channel,
-            Bearer::new(ADMIN),
-        ),
+        tonic::service::interceptor::InterceptedService::new(channel, Bearer::new(ADMIN)),
     )
     .rotate_key(tokenvault::api::v1::RotateKeyRequest {
         algorithm: "x-wing".into(),

@@ -50,7 +50,7 @@ KINDS: Dict[str, str] = {
 _LABEL = b"tokenvault/v1/dek"
 _MAGIC = b"TVE\x01"
 _MAGIC_V2 = b"TVE\x02"
-#: The SubjectPublicKeyInfo of an X-Wing key is these 22 bytes (``id-XWing``, no parameters,
+#: The SubjectPublicKeyInfo of an X-Wing key is these 24 bytes (``id-XWing``, no parameters,
 #: the BIT STRING header), then the 1,216-byte encapsulation key.
 _XWING_SPKI_PREFIX = bytes.fromhex("308204d4300d060b2b0601040183e62d81c87a038204c100")
 _KEM_XWING = 0x647A

@@ -37,7 +37,7 @@ pub type Aead = hpke::aead::AesGcm256;
 pub const ID_XWING: spki::ObjectIdentifier =
     spki::ObjectIdentifier::new_unwrap("1.3.6.1.4.1.62253.25722");
 
-/// The SubjectPublicKeyInfo DER of an X-Wing encapsulation key: a fixed 22-byte prefix (the
+/// The SubjectPublicKeyInfo DER of an X-Wing encapsulation key: a fixed 24-byte prefix (the
 /// SEQUENCE headers, `id-XWing` and the BIT STRING header), then the key.
 pub fn spki_der(raw: &[u8]) -> Vec<u8> {
     use spki::der::Encode as _;
