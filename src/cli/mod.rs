@@ -253,7 +253,7 @@ impl From<crate::keys::KeyError> for CliError {
             | KeyError::VersionTaken(_) => CliError::Precondition(e.to_string()),
             KeyError::UnknownVersion(_) => CliError::NotFound(e.to_string()),
             // A wrong PIN, a missing module, no such token: the configuration to fix.
-            KeyError::Token(_) => CliError::Precondition(e.to_string()),
+            KeyError::Token(_) | KeyError::NotInFipsBuild => CliError::Precondition(e.to_string()),
             KeyError::TokenUnavailable(_) => CliError::Unavailable(e.to_string()),
             KeyError::Io { .. } | KeyError::Generation | KeyError::Store(_) => {
                 CliError::Internal(e.to_string())

@@ -77,6 +77,7 @@ impl PrivateKey {
             Algorithm::Rsa(3072) => KeySize::Rsa3072,
             Algorithm::Rsa(4096) => KeySize::Rsa4096,
             Algorithm::Rsa(bits) => return Err(KeyError::UnsupportedSize { bits }),
+            Algorithm::XWing if cfg!(feature = "fips") => return Err(KeyError::NotInFipsBuild),
             Algorithm::XWing => {
                 use pkcs8::der::Encode as _;
                 use rand::RngCore as _;
@@ -150,6 +151,9 @@ impl PrivateKey {
         // expected, which reads as if the key were RSA.
         if let Ok(info) = PrivateKeyInfo::try_from(der.as_slice()) {
             if info.algorithm.oid == xwing::ID_XWING {
+                if cfg!(feature = "fips") {
+                    return Err(KeyError::NotInFipsBuild);
+                }
                 let seed: &[u8; 32] =
                     info.private_key
                         .try_into()

@@ -539,6 +539,8 @@ impl VaultError {
             crate::keys::KeyError::TokenUnavailable(_) => ErrorKind::Unavailable,
             // The token refused (no key with that label, an extractable key): its state.
             crate::keys::KeyError::Token(_) => ErrorKind::FailedPrecondition,
+            // A build that cannot hold the requested key: the deployment's choice.
+            crate::keys::KeyError::NotInFipsBuild => ErrorKind::FailedPrecondition,
             _ => ErrorKind::Internal,
         }
     }

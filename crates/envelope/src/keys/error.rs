@@ -118,6 +118,13 @@ pub enum KeyError {
     /// missing module, no such token, a key it does not have.
     #[error("[keys.pkcs11]: {0}")]
     Token(String),
+    /// The FIPS build refuses X-Wing keys: their private-key operation (HPKE, the `hpke` crate)
+    /// would run outside aws-lc's validated module.
+    #[error(
+        "the FIPS build refuses X-Wing keys: HPKE with X-Wing runs outside aws-lc's FIPS 140-3 \
+         module (docs/KEY_CUSTODY.md); use rsa-2048 or rsa-3072"
+    )]
+    NotInFipsBuild,
     /// The PKCS#11 token is unreachable now (removed, its daemon stopped); retrying may work.
     #[error("the PKCS#11 token is unavailable: {0}")]
     TokenUnavailable(String),
