@@ -1,4 +1,5 @@
-//! Seal (aws-lc-rs and pure-Rust backends side by side) and open, per token.
+//! Seal (aws-lc-rs and pure-Rust backends side by side) and open, per token: envelope v1 (RSA-2048)
+//! and v2 (HPKE with X-Wing).
 //!
 //! `cargo bench --bench envelope`
 
@@ -8,17 +9,18 @@ use tokenvault::record::{RecordMeta, SecretKind};
 use tokenvault::sealer::{Backend, Sealer};
 use tokenvault::secret::Secret;
 
-fn fixture_key() -> PrivateKey {
-    let pem = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/keys/test/fixture-a.key.pem"
+fn fixture_key(name: &str) -> PrivateKey {
+    let pem = std::fs::read_to_string(format!(
+        "{}/keys/test/{name}.key.pem",
+        env!("CARGO_MANIFEST_DIR")
     ))
     .expect("fixture key");
     PrivateKey::from_pem(&pem, None).expect("parses")
 }
 
 fn bench(c: &mut Criterion) {
-    let key = fixture_key();
+    let key = fixture_key("fixture-a");
+    let pq = fixture_key("fixture-xwing");
     let meta = RecordMeta::parse(
         "github:user-42",
         "user-42",
@@ -45,6 +47,14 @@ fn bench(c: &mut Criterion) {
         .expect("seal");
     g.bench_function("open/aws-lc", |b| {
         b.iter(|| tokenvault::envelope::open(&meta, &env, &key).expect("open"))
+    });
+    let sealer = Sealer::new(pq.public_key().clone());
+    g.bench_function("seal/x-wing", |b| {
+        b.iter(|| sealer.seal(&meta, &secret).expect("seal"))
+    });
+    let env = sealer.seal(&meta, &secret).expect("seal");
+    g.bench_function("open/x-wing", |b| {
+        b.iter(|| tokenvault::envelope::open(&meta, &env, &pq).expect("open"))
     });
     g.finish();
 }

@@ -77,6 +77,14 @@ fn x_wing_matches_the_drafts_test_vectors() {
         let ct = <XWingKem as hpke::Kem>::EncappedKey::from_bytes(&field("ct")).expect("ct");
         let ss = XWingKem::decap(&sk, None, &ct).expect("decapsulate");
         assert_eq!(ss.0.to_vec(), field("ss"), "shared secret (decapsulation)");
+        // The daemon's own decapsulation (expanded keys kept, aws-lc-rs) agrees.
+        let seed: [u8; 32] = field("seed").try_into().expect("32 bytes");
+        let ss = crate::keys::xwing_decapsulate_for_tests(&seed, &field("ct")).expect("decap");
+        assert_eq!(
+            ss.to_vec(),
+            field("ss"),
+            "shared secret (the daemon's decapsulation)"
+        );
     }
     // The fixture keys are the draft's first two: PKCS#8 and SPKI as this crate reads them.
     let a = fixture("fixture-xwing");
@@ -138,6 +146,15 @@ fn hpke_key_schedule_and_aead_match_rfc_9180_appendix_a_1_1() {
         &info,
     )
     .expect("setup receiver");
+    // The daemon's own key schedule (used with X-Wing's suite id) on this vector's suite.
+    let (key, base_nonce) = crate::keys::hpke_key_schedule_for_tests(
+        *b"HPKE\x00\x20\x00\x01\x00\x01",
+        16,
+        &unhex("fe0e18c9f024ce43799ae393c7e8fe8fce9d218875e8227b0187c04e7d2ea1fc"),
+        &info,
+    );
+    assert_eq!(hex::encode(key), "4531685d41d65f03dc48f6b8302c05b0");
+    assert_eq!(hex::encode(base_nonce), "56d890e5accaaf011cff4b7d");
     for (seq, ct) in cts.iter().enumerate() {
         let aad = format!("Count-{seq}");
         assert_eq!(
@@ -393,4 +410,52 @@ fn the_v2_vectors_enc_is_the_encapsulation_of_their_eseed() {
             "{name}"
         );
     }
+}
+
+/// What the `hpke` crate seals (the web tier's side), the daemon's own X-Wing open reads, for
+/// fresh keys and secrets, and it agrees with `hpke`'s own open.
+#[test]
+fn the_daemons_x_wing_open_reads_what_hpke_seals() {
+    for round in 0..16 {
+        let key = PrivateKey::generate_with(Algorithm::XWing).expect("generate");
+        let m = meta(&format!("r{round}"));
+        let secret = Secret::new(vec![round; 1 + usize::from(round) * 37]);
+        let env = envelope::seal(&m, &secret, key.public_key()).expect("seal");
+        assert_eq!(
+            envelope::open(&m, &env, &key)
+                .expect("open")
+                .expose_secret(),
+            secret.expose_secret()
+        );
+        let parsed = EnvelopeRef::decode(&env).expect("decode");
+        let (enc, sealed) = parsed.wrapped_dek.split_at(xwing::XWING_ENC_LEN);
+        let pem = key.to_pkcs8_pem(None).expect("pem");
+        let der = pem_der(&pem);
+        let seed: [u8; 32] = der[der.len() - 32..].try_into().expect("seed");
+        let sk = <XWingKem as hpke::Kem>::PrivateKey::from_bytes(&seed).expect("sk");
+        let reference = hpke::single_shot_open::<xwing::Aead, xwing::Kdf, XWingKem>(
+            &hpke::OpModeR::Base,
+            &sk,
+            &<XWingKem as hpke::Kem>::EncappedKey::from_bytes(enc).expect("enc"),
+            &xwing::hpke_info(KEM_ID_XWING, &key.key_id()),
+            sealed,
+            b"",
+        )
+        .expect("hpke's open");
+        assert_eq!(
+            reference,
+            key.unwrap_dek(parsed.wrapped_dek)
+                .expect("the daemon's open")
+                .expose_secret()
+                .to_vec()
+        );
+    }
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("base64")
 }

@@ -10,6 +10,8 @@ mod private;
 pub mod token;
 
 pub use private::PrivateKey;
+#[cfg(test)]
+pub(crate) use private::{hpke_key_schedule_for_tests, xwing_decapsulate_for_tests};
 pub use tokenvault_envelope::keys::*;
 
 /// A private key the keyring can use: in process memory (read from a key file or the shared
