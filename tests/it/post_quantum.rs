@@ -290,3 +290,108 @@ fn a_store_moves_to_x_wing_online_keeping_every_record_and_ciphertext() {
     );
     d.terminate();
 }
+
+/// A stored v2 envelope that does not open for its record is `DATA_LOSS` naming the record,
+/// whatever was changed (HPKE's enc, the sealed data key, the token ciphertext, the fingerprint,
+/// the KEM id, or the record it is filed under), and no other record is affected.
+#[tokio::test]
+async fn every_tampering_of_a_stored_v2_envelope_is_data_loss_for_that_record_only() {
+    use tokenvault::store::prelude::*;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = common::TestDaemon::start(dir.path()).await;
+    let rsa_fingerprint = d
+        .admin(common::ADMIN)
+        .await
+        .list_keys(v1::ListKeysRequest {})
+        .await
+        .expect("keys")
+        .into_inner()
+        .keys[0]
+        .fingerprint
+        .clone();
+    d.admin(common::ADMIN)
+        .await
+        .rotate_key(v1::RotateKeyRequest {
+            algorithm: "x-wing".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate to x-wing");
+    let ids = [
+        "enc",
+        "sealed-dek",
+        "ciphertext",
+        "fingerprint",
+        "kem",
+        "moved",
+        "intact",
+    ];
+    for id in ids {
+        d.put(&common::meta(id, "o"), format!("secret-{id}").as_bytes())
+            .await;
+    }
+    d.stop().await;
+    {
+        let store =
+            tokenvault::store::RocksStore::open(&common::config(dir.path()).data_dir, 1 << 20)
+                .expect("open");
+        let get = |id: &str| {
+            store
+                .get_record(&tokenvault::record::RecordId::parse(id).expect("id"))
+                .expect("get")
+                .expect("present")
+        };
+        let rsa = hex::decode(&rsa_fingerprint).expect("hex");
+        let mut items = Vec::new();
+        for id in ids {
+            let rec = get(id);
+            assert_eq!(&rec.envelope[..4], b"TVE\x02", "{id} was sealed v2");
+            let mut envelope = rec.envelope.clone();
+            let len = envelope.len();
+            match id {
+                "enc" => envelope[40 + 500] ^= 0x01,
+                "sealed-dek" => envelope[40 + 1120 + 7] ^= 0x01,
+                "ciphertext" => envelope[len - 20] ^= 0x01,
+                "fingerprint" => envelope[6..38].copy_from_slice(&rsa),
+                "kem" => envelope[4..6].copy_from_slice(&0x0041u16.to_be_bytes()),
+                "moved" => envelope = get("intact").envelope,
+                _ => continue,
+            }
+            items.push(tokenvault::store::EnvelopeReplace {
+                id: rec.meta.id.clone(),
+                expected_version: rec.version,
+                envelope,
+                key_version: rec.key_version,
+            });
+        }
+        for r in store
+            .replace_envelopes(&items, tokenvault::unix_now())
+            .expect("tamper")
+        {
+            r.expect("replaced");
+        }
+    }
+    let d = common::TestDaemon::start(dir.path()).await;
+    for (id, message) in [
+        ("enc", "decryption failed"),
+        ("sealed-dek", "decryption failed"),
+        ("ciphertext", "decryption failed"),
+        (
+            "fingerprint",
+            "the envelope is HPKE X-Wing (envelope v2) but its key is RSA-OAEP (envelope v1)",
+        ),
+        ("kem", "unknown KEM 0x0041 in a version 2 envelope"),
+        ("moved", "decryption failed"),
+    ] {
+        let e = d.get(id).await.expect_err(id);
+        assert_eq!(e.code(), Code::DataLoss, "{id}: {}", e.message());
+        assert!(
+            e.message().starts_with(&format!("record {id}: {message}")),
+            "{id}: {}",
+            e.message()
+        );
+    }
+    let ok = d.get("intact").await.expect("intact").into_inner();
+    assert_eq!(ok.secret, b"secret-intact");
+    d.stop().await;
+}

@@ -137,7 +137,7 @@ impl Default for Metrics {
         let rsa_unwrap = latency();
         registry.register_with_unit(
             "rsa_unwrap_duration",
-            "RSA-OAEP data key unwrap latency (private-key operation)",
+            "Data key unwrap latency (the private-key operation: RSA-OAEP, or X-Wing and HPKE for envelope v2)",
             Unit::Seconds,
             rsa_unwrap.clone(),
         );

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use super::Vault;
 use crate::envelope::{self, DecryptError, EnvelopeRef};
-use crate::keys::UnwrapperLookup as _;
 use crate::keys::keyring::Keyring;
 use crate::record::{Record, RecordId};
 use crate::secret::Secret;
@@ -38,7 +37,7 @@ pub(super) fn open_cached(
     ring: &Keyring,
 ) -> Result<Option<Secret>, DecryptError> {
     let env = EnvelopeRef::decode(&record.envelope)?;
-    ring.unwrapper(&env.key_id)?;
+    envelope::unwrapper_for(&env, ring)?;
     let cache = s.dek_cache.as_ref();
     match cache.and_then(|c| c.get(id, record.version, &env.key_id, s.now())) {
         Some(dek) => envelope::open_with_dek(&record.meta, &env, &dek).map(Some),
@@ -55,7 +54,7 @@ pub(super) fn open_unwrapping(
     ring: &Keyring,
 ) -> Result<Secret, DecryptError> {
     let env = EnvelopeRef::decode(&record.envelope)?;
-    let unwrapper = ring.unwrapper(&env.key_id)?;
+    let unwrapper = envelope::unwrapper_for(&env, ring)?;
     let started = std::time::Instant::now();
     let dek = Arc::new(unwrapper.unwrap_dek(env.wrapped_dek)?);
     s.metrics

@@ -29,7 +29,7 @@ use zeroize::Zeroizing;
 pub use error::{DecryptError, EncryptError, FormatError, RewrapError};
 pub use format::EnvelopeRef;
 
-use crate::keys::{UnwrapperLookup, Wrapper};
+use crate::keys::{Unwrapper, UnwrapperLookup, Wrapper};
 use crate::record::RecordMeta;
 use crate::secret::{DataKey, Secret};
 
@@ -141,9 +141,18 @@ pub fn open(
     open_with_dek(meta, &env, &dek)
 }
 
-/// The data key of `env`, unwrapped by the key it names, once its scheme is that key's: a v2
-/// envelope naming an RSA key (or the reverse) is refused before any private-key operation.
+/// The data key of `env`, unwrapped by the key it names ([`unwrapper_for`]).
 pub fn unwrap(env: &EnvelopeRef<'_>, keys: &dyn UnwrapperLookup) -> Result<DataKey, DecryptError> {
+    Ok(unwrapper_for(env, keys)?.unwrap_dek(env.wrapped_dek)?)
+}
+
+/// The key `env` names, once its scheme is the envelope's: a v2 envelope naming an RSA key (or
+/// the reverse) is refused before any private-key operation. Every opening path goes through
+/// here.
+pub fn unwrapper_for<'k>(
+    env: &EnvelopeRef<'_>,
+    keys: &'k dyn UnwrapperLookup,
+) -> Result<&'k dyn Unwrapper, DecryptError> {
     let unwrapper = keys.unwrapper(&env.key_id)?;
     if unwrapper.scheme() != env.scheme {
         return Err(DecryptError::SchemeMismatch {
@@ -151,7 +160,7 @@ pub fn unwrap(env: &EnvelopeRef<'_>, keys: &dyn UnwrapperLookup) -> Result<DataK
             key: unwrapper.scheme(),
         });
     }
-    Ok(unwrapper.unwrap_dek(env.wrapped_dek)?)
+    Ok(unwrapper)
 }
 
 /// The AES-GCM half of [`open`], for callers that already hold the data key.
