@@ -328,19 +328,15 @@ impl Unwrapper for PrivateKey {
 /// envelope` (open/x-wing), that made a v2 open only about 1.2x cheaper than an RSA-2048 one.
 /// The draft allows keeping the expanded keys; with them, and ML-KEM-768 and X25519 on aws-lc-rs
 /// (constant-time, assembly), the private-key work is a fraction of RSA's. What is hand-written
-/// here is X-Wing's combiner and HPKE's key schedule for one suite, a handful of hashes, checked
-/// against the X-Wing draft's vectors and against `hpke`'s own open (`xwing_tests.rs`).
+/// here (in `tokenvault_envelope::keys::xwing::aws`, shared with sealing) is X-Wing's combiner
+/// and HPKE's key schedule for one suite, a handful of hashes, checked against the X-Wing
+/// draft's vectors and against `hpke`'s own open (`xwing_tests.rs`).
 struct XWingOpener {
     mlkem: aws_lc_rs::kem::DecapsulationKey,
     x25519: aws_lc_rs::agreement::PrivateKey,
     /// X25519 public key of the seed's X25519 half: part of the combiner's input.
     pk_x: [u8; 32],
 }
-
-/// X-Wing's combiner label, the six ASCII bytes `\.//^\`.
-const XWING_LABEL: &[u8; 6] = br"\.//^\";
-/// HPKE's suite id for v2: `HPKE` ‖ KEM X-Wing ‖ KDF HKDF-SHA256 ‖ AEAD AES-256-GCM.
-const HPKE_SUITE: [u8; 10] = [b'H', b'P', b'K', b'E', 0x64, 0x7a, 0x00, 0x01, 0x00, 0x02];
 
 impl XWingOpener {
     /// Expands the seed as the draft's key generation does: SHAKE256(seed, 96) gives
@@ -394,18 +390,9 @@ impl XWingOpener {
             .map_err(|_| KeyOpError::Unwrap)?;
         let peer =
             aws_lc_rs::agreement::UnparsedPublicKey::new(&aws_lc_rs::agreement::X25519, ct_x);
-        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA3_256);
-        digest.update(ss_m.as_ref());
         aws_lc_rs::agreement::agree(&self.x25519, peer, KeyOpError::Unwrap, |ss_x| {
-            digest.update(ss_x);
-            Ok(())
-        })?;
-        digest.update(ct_x);
-        digest.update(&self.pk_x);
-        digest.update(XWING_LABEL);
-        let mut ss = Zeroizing::new([0u8; 32]);
-        ss.copy_from_slice(digest.finish().as_ref());
-        Ok(ss)
+            Ok(xwing::aws::combine(ss_m.as_ref(), ss_x, ct_x, &self.pk_x))
+        })
     }
 
     /// HPKE's open of a v2 data key (`enc ‖ sealed`, see `tokenvault_envelope::keys::xwing`).
@@ -418,67 +405,16 @@ impl XWingOpener {
         }
         let (enc, sealed) = wrapped.split_at(xwing::XWING_ENC_LEN);
         let ss = self.decapsulate(enc)?;
-        let (key, base_nonce) =
-            hpke_key_schedule(ss.as_ref(), &xwing::hpke_info(xwing::KEM_ID_XWING, &id));
-        let key = aws_lc_rs::aead::LessSafeKey::new(
-            aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, key.as_ref())
-                .map_err(|_| KeyOpError::Unwrap)?,
-        );
+        let (key, nonce) =
+            xwing::aws::context(ss.as_ref(), &xwing::hpke_info(xwing::KEM_ID_XWING, &id))
+                .map_err(|_| KeyOpError::Unwrap)?;
         // The first and only message of the context: its nonce is the base nonce.
         let mut buffer = Zeroizing::new(sealed.to_vec());
         let plain = key
-            .open_in_place(
-                aws_lc_rs::aead::Nonce::assume_unique_for_key(base_nonce),
-                aws_lc_rs::aead::Aad::empty(),
-                &mut buffer,
-            )
+            .open_in_place(nonce, aws_lc_rs::aead::Aad::empty(), &mut buffer)
             .map_err(|_| KeyOpError::Unwrap)?;
         DataKey::from_slice(plain).ok_or(KeyOpError::Unwrap)
     }
-}
-
-/// RFC 9180 §5.1's key schedule in mode_base (no PSK) for v2's suite: the AEAD key and base
-/// nonce from the KEM's shared secret and `info`. HKDF-SHA256 with outputs of at most one
-/// block, so each Expand is one HMAC.
-fn hpke_key_schedule(shared_secret: &[u8], info: &[u8]) -> (Zeroizing<Vec<u8>>, [u8; 12]) {
-    hpke_key_schedule_with(HPKE_SUITE, 32, shared_secret, info)
-}
-
-/// [`hpke_key_schedule`] for any suite and AEAD key length (at most 32).
-fn hpke_key_schedule_with(
-    suite: [u8; 10],
-    key_len: u16,
-    shared_secret: &[u8],
-    info: &[u8],
-) -> (Zeroizing<Vec<u8>>, [u8; 12]) {
-    use aws_lc_rs::hmac;
-    let mac = |key: &[u8], parts: &[&[u8]]| {
-        let mut ctx = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, key));
-        for part in parts {
-            ctx.update(part);
-        }
-        ctx.sign()
-    };
-    let extract =
-        |salt: &[u8], label: &[u8], ikm: &[u8]| mac(salt, &[b"HPKE-v1", &suite, label, ikm]);
-    let expand = |prk: &[u8], label: &[u8], context: &[u8], len: u16| {
-        mac(
-            prk,
-            &[&len.to_be_bytes(), b"HPKE-v1", &suite, label, context, &[1]],
-        )
-    };
-    let mut context = Vec::with_capacity(65);
-    context.push(0u8);
-    context.extend_from_slice(extract(b"", b"psk_id_hash", b"").as_ref());
-    context.extend_from_slice(extract(b"", b"info_hash", info).as_ref());
-    let secret = extract(shared_secret, b"secret", b"");
-    let key = Zeroizing::new(
-        expand(secret.as_ref(), b"key", &context, key_len).as_ref()[..usize::from(key_len)]
-            .to_vec(),
-    );
-    let mut nonce = [0u8; 12];
-    nonce.copy_from_slice(&expand(secret.as_ref(), b"base_nonce", &context, 12).as_ref()[..12]);
-    (key, nonce)
 }
 
 /// For this crate's tests: X-Wing's shared secret of `enc` under the private key `seed`,
@@ -501,6 +437,6 @@ pub(crate) fn hpke_key_schedule_for_tests(
     shared_secret: &[u8],
     info: &[u8],
 ) -> (Vec<u8>, [u8; 12]) {
-    let (key, nonce) = hpke_key_schedule_with(suite, key_len, shared_secret, info);
+    let (key, nonce) = xwing::aws::key_schedule(suite, key_len, shared_secret, info);
     (key.to_vec(), nonce)
 }

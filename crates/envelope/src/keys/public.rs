@@ -294,7 +294,7 @@ impl Wrapper for RustCryptoWrapper<'_> {
     ) -> Result<WrappedDek, KeyOpError> {
         let rsa = match &self.0.kind {
             Kind::Rsa { rsa, .. } => rsa,
-            Kind::XWing(k) => return k.wrap_dek(dek, rng),
+            Kind::XWing(k) => return k.wrap_dek_hpke(dek, rng),
         };
         let label = std::str::from_utf8(OAEP_LABEL).expect("the OAEP label is ASCII");
         let padding = Oaep::new_with_label::<Sha256, _>(label);

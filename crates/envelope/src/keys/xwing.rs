@@ -18,6 +18,11 @@
 //! seed) and no SHAKE, so the combiner, the key expansion and HPKE's key schedule would all be
 //! hand-written; `hpke` implements them in pure Rust, so the web tier's no-C build seals v2 too.
 //!
+//! Two implementations seal, as for RSA. With the `aws-lc` feature [`XWingPublicKey`]
+//! encapsulates on aws-lc-rs (ML-KEM-768, X25519), with X-Wing's combiner and HPKE's key
+//! schedule for this one suite written here (aws-lc-rs has no X-Wing and no HPKE); without it,
+//! and always through `PublicKey::rust_crypto`, the `hpke` crate does all of it in pure Rust.
+//!
 //! Must never: hold or reach a decapsulation (private) key; that half lives in the daemon crate.
 
 use hpke::{Deserializable, Serializable};
@@ -55,8 +60,11 @@ pub fn spki_der(raw: &[u8]) -> Vec<u8> {
 
 /// HPKE KEM identifier of X-Wing (draft-ietf-hpke-pq: MLKEM768-X25519).
 pub const KEM_ID_XWING: u16 = 0x647A;
-/// Length of an X-Wing encapsulation (public) key in bytes.
+/// Length of an X-Wing encapsulation (public) key in bytes: ML-KEM-768's, then X25519's 32.
 pub const XWING_PUBLIC_KEY_LEN: usize = 1216;
+/// Length of the ML-KEM-768 encapsulation key at the start of an X-Wing one.
+#[cfg(feature = "aws-lc")]
+const MLKEM_PUBLIC_KEY_LEN: usize = 1184;
 /// Length of an X-Wing encapsulation (HPKE `enc`) in bytes.
 pub const XWING_ENC_LEN: usize = 1120;
 /// Length of the HPKE ciphertext of a data key: 32 bytes and a 16-byte tag.
@@ -80,6 +88,8 @@ pub struct XWingPublicKey {
     id: KeyId,
     bytes: Vec<u8>,
     key: <XWingKem as hpke::Kem>::PublicKey,
+    #[cfg(feature = "aws-lc")]
+    mlkem: std::sync::Arc<aws_lc_rs::kem::EncapsulationKey>,
 }
 
 impl std::fmt::Debug for XWingPublicKey {
@@ -112,6 +122,8 @@ impl XWingPublicKey {
         })?;
         Ok(Self {
             id: KeyId::of_spki_der(&spki_der(bytes)),
+            #[cfg(feature = "aws-lc")]
+            mlkem: aws::encapsulation_key(&bytes[..MLKEM_PUBLIC_KEY_LEN])?,
             bytes: bytes.to_vec(),
             key,
         })
@@ -122,6 +134,10 @@ impl XWingPublicKey {
         let bytes = key.to_bytes().to_vec();
         Self {
             id: KeyId::of_spki_der(&spki_der(&bytes)),
+            // The key came from hpke's own key pair: aws-lc takes any 1,184 bytes here.
+            #[cfg(feature = "aws-lc")]
+            mlkem: aws::encapsulation_key(&bytes[..MLKEM_PUBLIC_KEY_LEN])
+                .unwrap_or_else(|_| unreachable!("aws-lc takes an ML-KEM-768 key of 1,184 bytes")),
             bytes,
             key,
         }
@@ -147,7 +163,33 @@ impl Wrapper for XWingPublicKey {
         Scheme::Hpke(KEM_ID_XWING)
     }
 
+    #[cfg(feature = "aws-lc")]
     fn wrap_dek(
+        &self,
+        dek: &DataKey,
+        _rng: &mut dyn CryptoRngCore,
+    ) -> Result<WrappedDek, KeyOpError> {
+        aws::seal(
+            &self.mlkem,
+            &self.bytes[MLKEM_PUBLIC_KEY_LEN..],
+            &hpke_info(KEM_ID_XWING, &self.id),
+            dek,
+        )
+    }
+
+    #[cfg(not(feature = "aws-lc"))]
+    fn wrap_dek(
+        &self,
+        dek: &DataKey,
+        rng: &mut dyn CryptoRngCore,
+    ) -> Result<WrappedDek, KeyOpError> {
+        self.wrap_dek_hpke(dek, rng)
+    }
+}
+
+impl XWingPublicKey {
+    /// Seals `dek` with the `hpke` crate (pure Rust; `rng` gives the encapsulation randomness).
+    pub(crate) fn wrap_dek_hpke(
         &self,
         dek: &DataKey,
         rng: &mut dyn CryptoRngCore,
@@ -190,3 +232,132 @@ impl hpke::rand_core::TryRng for Rng06<'_> {
 }
 
 impl hpke::rand_core::TryCryptoRng for Rng06<'_> {}
+
+/// X-Wing's combiner label, the six ASCII bytes `\.//^\`.
+#[doc(hidden)]
+pub const XWING_LABEL: &[u8; 6] = br"\.//^\";
+/// HPKE's suite id for v2: `HPKE` ‖ KEM X-Wing ‖ KDF HKDF-SHA256 ‖ AEAD AES-256-GCM.
+#[doc(hidden)]
+pub const HPKE_SUITE: [u8; 10] = [b'H', b'P', b'K', b'E', 0x64, 0x7a, 0x00, 0x01, 0x00, 0x02];
+
+/// X-Wing and HPKE on aws-lc-rs: what both the sealing side here and the daemon's opening side
+/// (`tokenvault::keys`, which adds decapsulation with the private key) use.
+#[cfg(feature = "aws-lc")]
+#[doc(hidden)]
+pub mod aws {
+    use zeroize::Zeroizing;
+
+    use super::{HPKE_SUITE, SEALED_DEK_LEN, XWING_ENC_LEN, XWING_LABEL};
+    use crate::keys::{KeyError, KeyOpError, WrappedDek};
+    use crate::secret::DataKey;
+
+    pub(super) fn encapsulation_key(
+        mlkem: &[u8],
+    ) -> Result<std::sync::Arc<aws_lc_rs::kem::EncapsulationKey>, KeyError> {
+        aws_lc_rs::kem::EncapsulationKey::new(&aws_lc_rs::kem::ML_KEM_768, mlkem)
+            .map(std::sync::Arc::new)
+            .map_err(|_| KeyError::Malformed {
+                what: "X-Wing public key",
+                reason: "its ML-KEM-768 part was rejected by aws-lc".into(),
+            })
+    }
+
+    /// X-Wing's combiner: `SHA3-256(ss_M ‖ ss_X ‖ ct_X ‖ pk_X ‖ label)`.
+    pub fn combine(ss_m: &[u8], ss_x: &[u8], ct_x: &[u8], pk_x: &[u8]) -> Zeroizing<[u8; 32]> {
+        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA3_256);
+        for part in [ss_m, ss_x, ct_x, pk_x, XWING_LABEL] {
+            digest.update(part);
+        }
+        let mut ss = Zeroizing::new([0u8; 32]);
+        ss.copy_from_slice(digest.finish().as_ref());
+        ss
+    }
+
+    /// RFC 9180 §5.1's key schedule in mode_base (no PSK): the AEAD key (`key_len` bytes, at
+    /// most 32) and base nonce from the KEM's shared secret and `info`, for `suite`. HKDF-SHA256
+    /// with outputs of at most one block, so each Expand is one HMAC.
+    pub fn key_schedule(
+        suite: [u8; 10],
+        key_len: u16,
+        shared_secret: &[u8],
+        info: &[u8],
+    ) -> (Zeroizing<Vec<u8>>, [u8; 12]) {
+        use aws_lc_rs::hmac;
+        let mac = |key: &[u8], parts: &[&[u8]]| {
+            let mut ctx = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, key));
+            for part in parts {
+                ctx.update(part);
+            }
+            ctx.sign()
+        };
+        let extract =
+            |salt: &[u8], label: &[u8], ikm: &[u8]| mac(salt, &[b"HPKE-v1", &suite, label, ikm]);
+        let expand = |prk: &[u8], label: &[u8], context: &[u8], len: u16| {
+            mac(
+                prk,
+                &[&len.to_be_bytes(), b"HPKE-v1", &suite, label, context, &[1]],
+            )
+        };
+        let mut context = Vec::with_capacity(65);
+        context.push(0u8);
+        context.extend_from_slice(extract(b"", b"psk_id_hash", b"").as_ref());
+        context.extend_from_slice(extract(b"", b"info_hash", info).as_ref());
+        let secret = extract(shared_secret, b"secret", b"");
+        let key = Zeroizing::new(
+            expand(secret.as_ref(), b"key", &context, key_len).as_ref()[..usize::from(key_len)]
+                .to_vec(),
+        );
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&expand(secret.as_ref(), b"base_nonce", &context, 12).as_ref()[..12]);
+        (key, nonce)
+    }
+
+    /// The AES-256-GCM key of v2's HPKE context for `shared_secret` and `info`, ready to seal or
+    /// open its one message (whose nonce is the base nonce).
+    pub fn context(
+        shared_secret: &[u8],
+        info: &[u8],
+    ) -> Result<(aws_lc_rs::aead::LessSafeKey, aws_lc_rs::aead::Nonce), KeyOpError> {
+        let (key, nonce) = key_schedule(HPKE_SUITE, 32, shared_secret, info);
+        let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &key)
+            .map_err(|_| KeyOpError::Wrap)?;
+        Ok((
+            aws_lc_rs::aead::LessSafeKey::new(key),
+            aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+        ))
+    }
+
+    /// HPKE's SealBase of `dek` to the X-Wing key (`mlkem`, `pk_x`): `enc ‖ sealed`.
+    pub(super) fn seal(
+        mlkem: &aws_lc_rs::kem::EncapsulationKey,
+        pk_x: &[u8],
+        info: &[u8],
+        dek: &DataKey,
+    ) -> Result<WrappedDek, KeyOpError> {
+        use aws_lc_rs::agreement;
+        let (ct_m, ss_m) = mlkem.encapsulate().map_err(|_| KeyOpError::Wrap)?;
+        let ephemeral = agreement::EphemeralPrivateKey::generate(
+            &agreement::X25519,
+            &aws_lc_rs::rand::SystemRandom::new(),
+        )
+        .map_err(|_| KeyOpError::Wrap)?;
+        let ct_x = ephemeral
+            .compute_public_key()
+            .map_err(|_| KeyOpError::Wrap)?;
+        let ss = agreement::agree_ephemeral(
+            ephemeral,
+            agreement::UnparsedPublicKey::new(&agreement::X25519, pk_x),
+            KeyOpError::Wrap,
+            |ss_x| Ok(combine(ss_m.as_ref(), ss_x, ct_x.as_ref(), pk_x)),
+        )?;
+        let (key, nonce) = context(ss.as_ref(), info)?;
+        let mut out = Vec::with_capacity(XWING_ENC_LEN + SEALED_DEK_LEN);
+        out.extend_from_slice(ct_m.as_ref());
+        out.extend_from_slice(ct_x.as_ref());
+        let mut sealed = dek.expose_secret().to_vec();
+        key.seal_in_place_append_tag(nonce, aws_lc_rs::aead::Aad::empty(), &mut sealed)
+            .map_err(|_| KeyOpError::Wrap)?;
+        out.extend_from_slice(&sealed);
+        Ok(WrappedDek(out))
+    }
+}
