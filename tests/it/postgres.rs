@@ -331,12 +331,26 @@ async fn daemons_with_their_own_key_dirs_share_one_encrypted_keyring() {
     a.seed("old", 3).await;
 
     // A rotation on one daemon reaches the other: a web tier sealing with the new key through
-    // b is served at once (b reloads on the unknown key), and b follows the registry.
+    // b is served at once (b reloads on the unknown key), and b follows the registry. The new
+    // version is X-Wing: its private key is shared encrypted in the store like an RSA one, and
+    // b opens envelope v2 with it.
     a.admin(ADMIN)
         .await
-        .rotate_key(v1::RotateKeyRequest::default())
+        .rotate_key(v1::RotateKeyRequest {
+            algorithm: "x-wing".into(),
+            ..Default::default()
+        })
         .await
         .expect("rotate on a");
+    let x_wing_key: Vec<u8> = db
+        .query_one(
+            "SELECT value FROM tokenvault_meta WHERE key = 'private_key/v0002'",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(x_wing_key.starts_with(b"TVK1"), "stored encrypted");
     let fresh = a.sealer().await;
     let rec = fresh
         .seal_record(
@@ -353,6 +367,10 @@ async fn daemons_with_their_own_key_dirs_share_one_encrypted_keyring() {
         .await
         .expect("b accepts the new key");
     assert_eq!(b.get("new").await.expect("get").into_inner().secret, b"n");
+    assert_eq!(
+        fresh.public_key().algorithm(),
+        tokenvault::keys::Algorithm::XWing
+    );
     until_keys(&b, &[(1, DecryptOnly), (2, Active)]).await;
 
     // Rewrap on b, retire and destroy on a: b stops holding version 1 within the poll bound,
