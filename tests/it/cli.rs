@@ -284,7 +284,7 @@ fn keys_commands_import_openssl_keys_and_refuse_bad_ones() {
             "fixture-ec.key.pem",
             None,
             5,
-            "private key uses the EC (id-ecPublicKey) algorithm; tokenvault accepts RSA keys",
+            "private key uses the EC (id-ecPublicKey) algorithm; tokenvault accepts RSA (2048 to 4096 bits) and X-Wing keys",
         ),
         (
             &no_end,

@@ -395,3 +395,132 @@ async fn every_tampering_of_a_stored_v2_envelope_is_data_loss_for_that_record_on
     assert_eq!(ok.secret, b"secret-intact");
     d.stop().await;
 }
+
+/// `tokenvault keys` offline: init and rotate take `--algorithm`, a rotation without one keeps
+/// the active version's, `keys list` names each version's algorithm, an X-Wing key file imports
+/// and exports like an RSA one (PKCS#8 0600, SPKI with id-XWing), and a daemon started on the
+/// result seals and opens envelope v2.
+#[test]
+fn offline_key_commands_take_an_algorithm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cwd = tmp.path();
+    let out = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let o = run(
+        cwd,
+        &["keys", "init", "--dev", "--algorithm", "x-wing"],
+        &[],
+        None,
+    );
+    assert!(
+        out(&o).starts_with("created v1") && out(&o).trim_end().ends_with("x-wing"),
+        "{}{}",
+        out(&o),
+        stderr(&o)
+    );
+    let pem = out(&run(cwd, &["keys", "export-public", "--dev"], &[], None));
+    let public = tokenvault::keys::PublicKey::from_pem(&pem).expect("spki");
+    assert_eq!(public.algorithm(), tokenvault::keys::Algorithm::XWing);
+    assert_eq!(public.raw().len(), 1216);
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = cwd.join("keys/dev/v0001.key.pem");
+    assert_eq!(
+        std::fs::metadata(&file).expect("key").permissions().mode() & 0o777,
+        0o600
+    );
+    let private = std::fs::read_to_string(&file).expect("key file");
+    assert!(
+        private.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+            || private.starts_with("-----BEGIN PRIVATE KEY-----")
+    );
+    let o = run(cwd, &["keys", "rotate", "--dev"], &[], None);
+    assert!(
+        out(&o).starts_with("active v2") && out(&o).trim_end().ends_with("x-wing"),
+        "{}",
+        out(&o)
+    );
+    let o = run(
+        cwd,
+        &["keys", "rotate", "--dev", "--algorithm", "rsa-3072"],
+        &[],
+        None,
+    );
+    assert!(out(&o).trim_end().ends_with("rsa-3072"), "{}", out(&o));
+    assert_exit(
+        &run(
+            cwd,
+            &["keys", "rotate", "--dev", "--algorithm", "rsa-1024"],
+            &[],
+            None,
+        ),
+        2,
+        "invalid value 'rsa-1024'",
+    );
+    let fixture = root().join("keys/test/fixture-xwing.key.pem");
+    let o = run(
+        cwd,
+        &[
+            "keys",
+            "import",
+            "--dev",
+            "--private",
+            &fixture.to_string_lossy(),
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let list = out(&run(cwd, &["keys", "list", "--dev", "--json"], &[], None));
+    let algorithms: Vec<String> = list
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["algorithm"]
+                .as_str()
+                .expect("algorithm")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        algorithms,
+        ["x-wing", "x-wing", "rsa-3072", "x-wing"],
+        "{list}"
+    );
+    // The daemon on this keyring: the imported X-Wing version is active, and a record sealed
+    // by the CLI with what PublicKeys returns is envelope v2 and reads back.
+    let d = serve_dev(cwd);
+    let env = d.env();
+    let o = run(
+        cwd,
+        &[
+            "seal",
+            "--id",
+            "pq-offline",
+            "--owner",
+            "o",
+            "--provider",
+            "github",
+            "--kind",
+            "api_key",
+        ],
+        &env,
+        Some(b"sk_live_after_import"),
+    );
+    assert!(
+        format!("{}{}", out(&o), stderr(&o)).contains(
+            &tokenvault::keys::PublicKey::from_pem(
+                &std::fs::read_to_string(root().join("keys/test/fixture-xwing.pub.pem"))
+                    .expect("pem")
+            )
+            .expect("spki")
+            .id()
+            .to_hex()
+        ),
+        "sealed under the imported key: {}{}",
+        out(&o),
+        stderr(&o)
+    );
+    assert_eq!(
+        run(cwd, &["get", "pq-offline"], &env, None).stdout,
+        b"sk_live_after_import"
+    );
+    d.terminate();
+}
