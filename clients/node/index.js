@@ -24,8 +24,13 @@ const crypto = require('node:crypto');
 const http = require('node:http');
 const https = require('node:https');
 const net = require('node:net');
-// ESM-only; require(esm) is on by default from Node.js 20.19.
-const { ml_kem768_x25519: XWing } = require('@noble/post-quantum/hybrid.js');
+// X-Wing, loaded on first use: only sealing to an X-Wing key needs it, so the RSA path and the
+// HTTP client work without it. ESM-only; require(esm) is on by default from Node.js 20.19.
+let xwing;
+function XWing() {
+  if (xwing === undefined) xwing = require('@noble/post-quantum/hybrid.js').ml_kem768_x25519;
+  return xwing;
+}
 
 // The kind strings bound in the associated data, and their SecretKind names on the wire.
 const KINDS = Object.freeze({
@@ -148,7 +153,7 @@ function sealV2(der, id, owner, provider, kind, secret, testOnly) {
   const nonce = (testOnly && testOnly.nonce) || crypto.randomBytes(12);
   const aad = Buffer.concat([MAGIC, lp(id), lp(owner), lp(provider), lp(kind)]);
   const token = aesGcm(dek, nonce, secret, aad);
-  const { cipherText: enc, sharedSecret } = XWing.encapsulate(publicKey, testOnly && testOnly.eseed);
+  const { cipherText: enc, sharedSecret } = XWing().encapsulate(publicKey, testOnly && testOnly.eseed);
   const info = Buffer.concat([HPKE_INFO_LABEL, u16(KEM_XWING), fingerprint]);
   const suite = hpkeSuite(KEM_XWING, KDF_HKDF_SHA256, AEAD_AES_256_GCM);
   const { key, baseNonce } = keySchedule(suite, Buffer.from(sharedSecret), info, 32);

@@ -147,7 +147,8 @@ pub(crate) struct RotateArgs {
     #[arg(long, conflicts_with = "import_private")]
     import_token_label: Option<String>,
     /// The algorithm of the generated key: rsa-2048, rsa-3072 or x-wing (envelope v2, sealed
-    /// with HPKE; docs/ROTATION.md). Default: the active version's.
+    /// with HPKE; docs/ROTATION.md). Default: the active version's (X-Wing stays X-Wing; RSA keeps
+    /// its size, RSA-2048 in a PKCS#11 token).
     #[arg(long, value_parser = super::keys::ALGORITHMS, conflicts_with_all = ["import_private", "import_token_label"])]
     algorithm: Option<String>,
     #[command(flatten)]
@@ -219,7 +220,7 @@ pub(crate) struct RewrapArgs {
 #[derive(Debug, Args)]
 pub(crate) struct EmergencyArgs {
     /// The algorithm of the new version: rsa-2048, rsa-3072 or x-wing (moves every record to
-    /// envelope v2; docs/ROTATION.md). Default: the active version's.
+    /// envelope v2; docs/ROTATION.md). Default: the active version's (as `admin rotate`).
     #[arg(long, value_parser = super::keys::ALGORITHMS)]
     algorithm: Option<String>,
     #[command(flatten)]

@@ -66,7 +66,8 @@ pub(crate) enum KeysCommand {
     Rotate {
         #[command(flatten)]
         at: Location,
-        /// rsa-2048, rsa-3072 or x-wing; the active version's algorithm by default.
+        /// rsa-2048, rsa-3072 or x-wing. Default: the active version's (X-Wing stays X-Wing; RSA
+        /// keeps its size, RSA-2048 in a PKCS#11 token).
         #[arg(long, value_parser = ALGORITHMS)]
         algorithm: Option<String>,
     },

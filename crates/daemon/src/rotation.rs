@@ -562,8 +562,8 @@ fn write_destroyed(
     Ok(key)
 }
 
-/// The active version's algorithm (RSA-2048 for a registry without one): what a rotation that
-/// names no algorithm generates.
+/// The active version's algorithm (RSA-2048 for a registry without one), which a rotation that
+/// names no algorithm follows ([`KeyDir::rotation_algorithm`]).
 pub fn active_algorithm(keys: &[KeyInfo]) -> crate::keys::Algorithm {
     keys.iter()
         .find(|k| k.state == KeyState::Active)
@@ -765,8 +765,9 @@ impl<'a> KeyService<'a> {
         self.add_version(draft, self.dir.generate(algorithm)?, now)
     }
 
-    /// Adds a fresh key as the new active version: of `algorithm`, or of the active version's
-    /// (so a store moved to X-Wing stays there when rotated without naming one).
+    /// Adds a fresh key as the new active version: of `algorithm`, or following the active
+    /// version's ([`KeyDir::rotation_algorithm`]: a store moved to X-Wing stays there when
+    /// rotated without naming one).
     pub fn rotate(
         &self,
         draft: &crate::audit::Draft,
@@ -775,7 +776,9 @@ impl<'a> KeyService<'a> {
     ) -> Result<KeyInfo, RotationError> {
         let algorithm = match algorithm {
             Some(a) => a,
-            None => active_algorithm(&self.store.keys()?),
+            None => self
+                .dir
+                .rotation_algorithm(active_algorithm(&self.store.keys()?)),
         };
         self.add_version(draft, self.dir.generate(algorithm)?, now)
     }

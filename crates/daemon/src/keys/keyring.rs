@@ -128,6 +128,19 @@ impl KeyDir {
         Ok(NewKey::Token { pair, public })
     }
 
+    /// The algorithm of a rotation that names none, after an active version of `active`:
+    /// X-Wing stays X-Wing; RSA stays RSA of the same size, or RSA-2048 in a PKCS#11 token
+    /// (whose generation is fixed at 2048 bits) and for an imported size that is not 2048,
+    /// 3072 or 4096 bits.
+    pub fn rotation_algorithm(&self, active: super::Algorithm) -> super::Algorithm {
+        use super::Algorithm;
+        match active {
+            Algorithm::XWing => Algorithm::XWing,
+            Algorithm::Rsa(bits @ (3072 | 4096)) if self.token.is_none() => Algorithm::Rsa(bits),
+            Algorithm::Rsa(_) => Algorithm::Rsa(2048),
+        }
+    }
+
     /// A fresh key of `algorithm` for a new version: generated in the token if there is one
     /// (RSA-2048 only: a token holds no X-Wing key, and its RSA generation is fixed at 2048
     /// bits), otherwise in memory (RSA with aws-lc, X-Wing from the OS CSPRNG).
@@ -637,6 +650,22 @@ mod tests {
     use crate::rotation::{add_version, init};
     use crate::secret::Secret;
     use crate::store::{MemoryStore, prelude::*};
+
+    #[test]
+    fn a_rotation_without_an_algorithm_follows_the_active_version() {
+        use crate::keys::Algorithm::{Rsa, XWing};
+        let files = KeyDir::new("/nonexistent", None);
+        for (active, next) in [
+            (XWing, XWing),
+            (Rsa(2048), Rsa(2048)),
+            (Rsa(3072), Rsa(3072)),
+            (Rsa(4096), Rsa(4096)),
+            // An imported size that is not generated falls back to the default.
+            (Rsa(2560), Rsa(2048)),
+        ] {
+            assert_eq!(files.rotation_algorithm(active), next, "{active:?}");
+        }
+    }
 
     /// A shared store's keys over a real [`crate::vault::StoreKeys`], counting salt reads.
     #[derive(Debug)]

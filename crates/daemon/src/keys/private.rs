@@ -347,9 +347,11 @@ impl XWingOpener {
         let mut shake = shake::Shake256::default();
         shake.update(seed);
         shake.finalize_xof().read(expanded.as_mut());
-        let mut mlkem_seed = ml_kem::Seed::default();
+        let mut mlkem_seed = Zeroizing::new([0u8; 64]);
         mlkem_seed.copy_from_slice(&expanded[..64]);
-        let dk = ml_kem::DecapsulationKey::<ml_kem::MlKem768>::from_seed(mlkem_seed);
+        // ml-kem takes the seed by value; its copy is not ours to wipe (THREAT_MODEL.md, "What
+        // is not zeroized").
+        let dk = ml_kem::DecapsulationKey::<ml_kem::MlKem768>::from_seed((*mlkem_seed).into());
         #[expect(
             deprecated,
             reason = "aws-lc-rs takes an ML-KEM decapsulation key only in FIPS 203's expanded form"

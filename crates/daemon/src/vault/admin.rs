@@ -160,15 +160,17 @@ impl Vault {
         Ok(rotated)
     }
 
-    /// Rotates to a fresh key of the active version's algorithm (automatic rotation;
+    /// Rotates to a fresh key following the active version's algorithm (automatic rotation;
     /// blocking).
     pub(super) fn rotate_now(&self, caller: &str) -> Result<Rotated, VaultError> {
         self.rotate_to(caller, self.key_dir.generate(self.active_algorithm())?)
     }
 
-    /// The active version's algorithm: what a rotation that names none generates.
+    /// What a rotation that names no algorithm generates, after the active version
+    /// ([`crate::keys::keyring::KeyDir::rotation_algorithm`]).
     fn active_algorithm(&self) -> crate::keys::Algorithm {
-        self.keyring().active().1.algorithm()
+        self.key_dir
+            .rotation_algorithm(self.keyring().active().1.algorithm())
     }
 
     fn rotate_to(&self, caller: &str, key: NewKey) -> Result<Rotated, VaultError> {
