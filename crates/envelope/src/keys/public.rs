@@ -5,8 +5,9 @@
 //! Two RSA wrapping backends implement [`Wrapper`]: [`PublicKey`] itself uses `aws-lc-rs` when
 //! the `aws-lc` feature is on (the default; about 9x faster than the `rsa` crate), and
 //! [`RustCryptoWrapper`] uses the pure-Rust `rsa` crate for web tiers that cannot build C. Both
-//! produce interchangeable envelopes. X-Wing is pure Rust either way ([`super::xwing`]). Only
-//! public-key operations live here.
+//! produce interchangeable envelopes. X-Wing has the same two (aws-lc-rs, or the pure-Rust
+//! `hpke` crate through [`PublicKey::rust_crypto`]; [`super::xwing`]). Only public-key
+//! operations live here.
 
 use rand_core::CryptoRngCore;
 use rsa::pkcs1::DecodeRsaPublicKey;
