@@ -118,6 +118,23 @@ fn a_store_moves_to_x_wing_online_keeping_every_record_and_ciphertext() {
     );
 
     let after = exported(cwd, "after.jsonl");
+    // The export (an RSA registry entry and an X-Wing one, v2 envelopes) loads into an empty
+    // store: its key lines and every envelope's fingerprint check out.
+    let into = format!("rocksdb:{}", cwd.join("imported").display());
+    let o = run(
+        cwd,
+        &[
+            "admin",
+            "import",
+            "--in",
+            &cwd.join("after.jsonl").to_string_lossy(),
+            "--to",
+            &into,
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
         after.keys().collect::<Vec<_>>(),
         before.keys().collect::<Vec<_>>()

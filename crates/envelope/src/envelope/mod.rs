@@ -1,7 +1,7 @@
 //! Envelope encryption of one secret: seal with a public key, open with the private keyring.
 //!
 //! Owns: the AES-256-GCM layer, the canonical associated data and the [`seal`] / [`open`]
-//! operations over the byte format in [`format`]. Primitives, as in docs/ENVELOPE.md:
+//! operations over the byte format in [`format`](mod@format). Primitives, as in docs/ENVELOPE.md:
 //!
 //! ```text
 //! dek          = random(32)                       -- OS CSPRNG
