@@ -27,9 +27,7 @@ use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use zeroize::Zeroizing;
 
-use hpke::{Deserializable as _, Kem as _};
-
-use super::xwing::{self, XWingKem, XWingPublicKey};
+use super::xwing::{self, XWingPublicKey};
 use super::{
     Algorithm, KeyError, KeyId, KeyOpError, OAEP_LABEL, PublicKey, Scheme, Unwrapper,
     passphrase_hint, pem_label,
@@ -164,13 +162,10 @@ impl PrivateKey {
                                 info.private_key.len()
                             ),
                         })?;
-                // Any 32 bytes are a private key (the seed); nothing else can fail.
-                let sk = <XWingKem as hpke::Kem>::PrivateKey::from_bytes(seed)
-                    .map_err(|_| malformed(&"rejected by hpke"))?;
-                let public =
-                    PublicKey::from_xwing(XWingPublicKey::from_hpke(XWingKem::sk_to_pk(&sk)));
-                let opener =
+                // Any 32 bytes are a private key (the seed); the one expansion gives both halves.
+                let (opener, public) =
                     XWingOpener::new(seed).map_err(|_| malformed(&"rejected by aws-lc"))?;
+                let public = PublicKey::from_xwing(XWingPublicKey::from_bytes(&public)?);
                 return Ok(Self {
                     public,
                     inner: Inner::XWing(Box::new(opener)),
@@ -340,8 +335,9 @@ struct XWingOpener {
 
 impl XWingOpener {
     /// Expands the seed as the draft's key generation does: SHAKE256(seed, 96) gives
-    /// ML-KEM-768's 64-byte seed (d ‖ z) and X25519's private key.
-    fn new(seed: &[u8; 32]) -> Result<Self, aws_lc_rs::error::Unspecified> {
+    /// ML-KEM-768's 64-byte seed (d ‖ z) and X25519's private key. Also returns the key pair's
+    /// encapsulation key as the draft encodes it (ML-KEM-768's, then X25519's).
+    fn new(seed: &[u8; 32]) -> Result<(Self, Vec<u8>), aws_lc_rs::error::Unspecified> {
         use shake::{ExtendableOutput as _, Update as _, XofReader as _};
         let mut expanded = Zeroizing::new([0u8; 96]);
         let mut shake = shake::Shake256::default();
@@ -366,16 +362,21 @@ impl XWingOpener {
             &expanded[64..],
         )
         .map_err(|_| aws_lc_rs::error::Unspecified)?;
-        let pk_x = x25519
+        let pk_x: [u8; 32] = x25519
             .compute_public_key()?
             .as_ref()
             .try_into()
             .map_err(|_| aws_lc_rs::error::Unspecified)?;
-        Ok(Self {
-            mlkem,
-            x25519,
-            pk_x,
-        })
+        let mut public = ml_kem::KeyExport::to_bytes(dk.encapsulation_key()).to_vec();
+        public.extend_from_slice(&pk_x);
+        Ok((
+            Self {
+                mlkem,
+                x25519,
+                pk_x,
+            },
+            public,
+        ))
     }
 
     /// X-Wing's shared secret for `enc` (ML-KEM-768 ciphertext ‖ X25519 ciphertext):
@@ -426,7 +427,7 @@ pub(crate) fn xwing_decapsulate_for_tests(
     seed: &[u8; 32],
     enc: &[u8],
 ) -> Result<[u8; 32], KeyOpError> {
-    let opener = XWingOpener::new(seed).map_err(|_| KeyOpError::Unwrap)?;
+    let (opener, _) = XWingOpener::new(seed).map_err(|_| KeyOpError::Unwrap)?;
     Ok(*opener.decapsulate(enc)?)
 }
 

@@ -134,20 +134,6 @@ impl XWingPublicKey {
         })
     }
 
-    #[doc(hidden)]
-    pub fn from_hpke(key: <XWingKem as hpke::Kem>::PublicKey) -> Self {
-        let bytes = key.to_bytes().to_vec();
-        Self {
-            id: KeyId::of_spki_der(&spki_der(&bytes)),
-            // The key came from hpke's own key pair: aws-lc takes any 1,184 bytes here.
-            #[cfg(feature = "aws-lc")]
-            mlkem: aws::encapsulation_key(&bytes[..MLKEM_PUBLIC_KEY_LEN])
-                .unwrap_or_else(|_| unreachable!("aws-lc takes an ML-KEM-768 key of 1,184 bytes")),
-            bytes,
-            key,
-        }
-    }
-
     /// Fingerprint of this key: SHA-256 of its SubjectPublicKeyInfo DER.
     pub fn id(&self) -> KeyId {
         self.id
