@@ -459,3 +459,25 @@ fn pem_der(pem: &str) -> Vec<u8> {
         .decode(body)
         .expect("base64")
 }
+
+/// A public key file or registry entry with `id-XWing` that is not an X-Wing key is refused,
+/// naming why: a key of another length, and an ML-KEM-768 part that fails FIPS 203's check.
+#[test]
+fn malformed_x_wing_public_keys_are_refused_naming_why() {
+    let good = fixture("fixture-xwing").public_key().raw().to_vec();
+    let short = xwing::spki_der(&good[..1215]);
+    let err = PublicKey::from_spki_der(&short).expect_err("1,215 bytes");
+    assert!(
+        err.to_string()
+            .contains("1215 bytes; an X-Wing encapsulation key is 1216"),
+        "{err}"
+    );
+    let mut bad = good.clone();
+    bad[..1184].fill(0xff);
+    let err = PublicKey::from_spki_der(&xwing::spki_der(&bad)).expect_err("coefficients >= q");
+    assert!(
+        err.to_string()
+            .contains("its ML-KEM-768 part is not a valid encapsulation key"),
+        "{err}"
+    );
+}
