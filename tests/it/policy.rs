@@ -650,6 +650,8 @@ async fn refusals_are_summarized_every_period() {
 
 /// Throttled refusals are held back until their retry time, at most `throttled_hold_max` at
 /// once: past that they are answered at once, so holding them costs a bounded number of timers.
+/// Requests that arrive before the address's last hint has passed double the hint, up to
+/// `throttled_retry_max_seconds`.
 #[tokio::test]
 async fn throttled_refusals_are_held_back_at_most_hold_max_at_once() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -657,6 +659,7 @@ async fn throttled_refusals_are_held_back_at_most_hold_max_at_once() {
     cfg.limits.refusals.per_second = 1;
     cfg.limits.refusals.burst = 1;
     cfg.limits.refusals.hold_max = 2;
+    cfg.limits.refusals.retry_max = std::time::Duration::from_secs(2);
     let d = TestDaemon::start_with(cfg).await;
     let channel = d.channel().await;
     let call = || {
@@ -667,7 +670,9 @@ async fn throttled_refusals_are_held_back_at_most_hold_max_at_once() {
                 .get_token(v1::GetTokenRequest { id: "r".into() })
                 .await
                 .expect_err("no credential");
-            (e.code(), started.elapsed())
+            let hint =
+                tonic_types::StatusExt::get_details_retry_info(&e).and_then(|r| r.retry_delay);
+            (e.code(), started.elapsed(), hint)
         }
     };
     // The budget of one failure, then four at once past it.
@@ -678,14 +683,23 @@ async fn throttled_refusals_are_held_back_at_most_hold_max_at_once() {
     }
     let answers = calls.join_all().await;
     assert!(
-        answers.iter().all(|(c, _)| *c == Code::ResourceExhausted),
+        answers
+            .iter()
+            .all(|(c, _, _)| *c == Code::ResourceExhausted),
         "{answers:?}"
     );
-    // The retry time is 1 s at one failure a second: two were held that long, two were not.
+    // The retry time is 1 s at one failure a second; the three that came while an earlier
+    // hint was running got it doubled, to the 2 s maximum.
+    let mut hints: Vec<_> = answers.iter().map(|(_, _, h)| *h).collect();
+    hints.sort();
+    let s = std::time::Duration::from_secs;
+    assert_eq!(hints, [Some(s(1)), Some(s(2)), Some(s(2)), Some(s(2))]);
+    // Two were held for their hint, two were answered at once.
     let held = answers
         .iter()
-        .filter(|(_, t)| *t >= std::time::Duration::from_secs(1))
+        .filter(|(_, t, h)| h.is_some_and(|h| *t >= h))
         .count();
-    assert_eq!(held, 2, "{answers:?}");
+    let at_once = answers.iter().filter(|(_, t, _)| *t < s(1)).count();
+    assert_eq!((held, at_once), (2, 2), "{answers:?}");
     d.stop().await;
 }

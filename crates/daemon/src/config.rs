@@ -258,6 +258,9 @@ pub struct RefusalLimits {
     /// Throttled refusals held back until their retry time at once; past it (or at 0) they
     /// are answered at once.
     pub hold_max: usize,
+    /// Longest retry hint (and hold) of a throttled refusal: the hint doubles while a source's
+    /// throttled requests arrive before their previous hint has passed.
+    pub retry_max: std::time::Duration,
 }
 
 /// Request, connection and queue limits (`[limits]`).
@@ -294,7 +297,8 @@ impl Limits {
                 per_second: 10,
                 burst: 100,
                 sources: 10_000,
-                hold_max: 1024,
+                hold_max: 4096,
+                retry_max: std::time::Duration::from_secs(10),
             },
             refusal_summary: std::time::Duration::from_secs(60),
             max_connections: 4096,
@@ -351,6 +355,12 @@ impl Limits {
                     d.refusals.hold_max,
                     0..=1_000_000,
                 )?,
+                retry_max: std::time::Duration::from_secs(ranged(
+                    "throttled_retry_max_seconds",
+                    file.throttled_retry_max_seconds,
+                    d.refusals.retry_max.as_secs(),
+                    1..=3600,
+                )?),
             },
             refusal_summary: std::time::Duration::from_secs(ranged(
                 "refusal_summary_seconds",
@@ -771,6 +781,7 @@ struct FileLimits {
     unauthenticated_burst: Option<u32>,
     unauthenticated_sources: Option<usize>,
     throttled_hold_max: Option<usize>,
+    throttled_retry_max_seconds: Option<u64>,
     refusal_summary_seconds: Option<u64>,
     max_connections: Option<usize>,
     idle_timeout_seconds: Option<u64>,
@@ -1538,7 +1549,8 @@ mod tests {
             "data_dir = \"d\"\nkey_dir = \"k\"\n[limits]\nunauthenticated_per_second = 2\n\
              unauthenticated_burst = 3\nunauthenticated_sources = 4\nrefusal_summary_seconds = 5\n\
              max_connections = 6\nidle_timeout_seconds = 7\nmax_concurrent_streams = 8\n\
-             max_queue_wait_ms = 9\nmax_queued = 10\nthrottled_hold_max = 11\n",
+             max_queue_wait_ms = 9\nmax_queued = 10\nthrottled_hold_max = 11\n\
+             throttled_retry_max_seconds = 12\n",
         );
         let c = Config::load(&p, &HashMap::new()).expect("loads");
         assert_eq!(
@@ -1549,6 +1561,7 @@ mod tests {
                     burst: 3,
                     sources: 4,
                     hold_max: 11,
+                    retry_max: std::time::Duration::from_secs(12),
                 },
                 refusal_summary: std::time::Duration::from_secs(5),
                 max_connections: 6,
@@ -1664,6 +1677,14 @@ mod tests {
                 "limits.throttled_hold_max: must be 0 to 1000000",
             ),
             ("[limits]\nthrottled_hold_max = -1\n", "config file"),
+            (
+                "[limits]\nthrottled_retry_max_seconds = 0\n",
+                "limits.throttled_retry_max_seconds: must be 1 to 3600",
+            ),
+            (
+                "[limits]\nthrottled_retry_max_seconds = 3601\n",
+                "limits.throttled_retry_max_seconds: must be 1 to 3600",
+            ),
             (
                 "[limits]\nrefusal_summary_seconds = 3601\n",
                 "limits.refusal_summary_seconds: must be 1 to 3600",

@@ -123,7 +123,26 @@ impl std::fmt::Display for Source {
 struct SourceState {
     bucket: Bucket,
     counts: [u64; RefusalReason::ALL.len()],
+    /// Times the retry hint has been doubled: once for every throttled refusal that came
+    /// before the previous hint had passed ([`Refusals::escalate`]).
+    doublings: u32,
+    /// When the last hint given to this source ends, by the vault's monotonic clock.
+    until: Duration,
 }
+
+impl SourceState {
+    fn new(burst: u32, now: Duration) -> Self {
+        Self {
+            bucket: Bucket::full(burst, now),
+            counts: [0; RefusalReason::ALL.len()],
+            doublings: 0,
+            until: Duration::ZERO,
+        }
+    }
+}
+
+/// Past this many doublings the hint is at `throttled_retry_max_seconds` whatever the base.
+const MAX_DOUBLINGS: u32 = 24;
 
 #[derive(Debug)]
 struct Table {
@@ -242,10 +261,33 @@ impl Refusals {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// How long a throttled source waits for its next failure to be allowed.
+    /// How long a throttled source waits for its next failure to be allowed, before any
+    /// doubling.
     fn retry_after(&self) -> Duration {
         Duration::from_millis(1000 / u64::from(self.limits.per_second.max(1)))
             .max(Duration::from_millis(100))
+            .min(self.limits.retry_max)
+    }
+
+    /// The retry hint for a throttled refusal of `state` at `now`, which is also how long the
+    /// answer is held back. A source whose throttled request arrives before its previous hint
+    /// has passed has more requests in flight than one at a time, or ignores the hint: the
+    /// hint doubles, up to `throttled_retry_max_seconds`. One that waited its hint starts again
+    /// at the base. So a closed-loop flood of N concurrent requests is paced at about N per
+    /// `throttled_retry_max_seconds` instead of N per base hint, while a single client that
+    /// honours the hint (or retries once its held answer comes) never sees more than the base.
+    fn escalate(&self, state: &mut SourceState, now: Duration) -> Duration {
+        state.doublings = if now < state.until {
+            (state.doublings + 1).min(MAX_DOUBLINGS)
+        } else {
+            0
+        };
+        let wait = self
+            .retry_after()
+            .saturating_mul(1 << state.doublings)
+            .min(self.limits.retry_max);
+        state.until = now + wait;
+        wait
     }
 
     /// Whether `source` has spent its budget already, without charging it (for paths whose
@@ -261,21 +303,19 @@ impl Refusals {
             return None;
         }
         state.counts[RefusalReason::Throttled.index()] += 1;
+        let wait = self.escalate(state, now);
         drop(table);
         self.count(RefusalReason::Throttled);
-        Some(self.retry_after())
+        Some(wait)
     }
 
     /// Counts a refusal of `source` for `reason` and charges its budget, at `now` by the
     /// vault's monotonic clock.
     pub fn refuse(&self, source: Source, reason: RefusalReason, now: Duration) -> Verdict {
-        let (limits, retry) = (self.limits, self.retry_after());
+        let limits = self.limits;
         let mut table = self.lock();
         if !table.sources.contains(&source) {
-            let fresh = SourceState {
-                bucket: Bucket::full(limits.burst, now),
-                counts: [0; RefusalReason::ALL.len()],
-            };
+            let fresh = SourceState::new(limits.burst, now);
             // The least recently refused source makes room; its counts are kept for the
             // summary.
             if let Some((_, old)) = table.sources.push(source, fresh) {
@@ -292,7 +332,7 @@ impl Refusals {
                     Verdict::Refuse
                 } else {
                     state.counts[RefusalReason::Throttled.index()] += 1;
-                    Verdict::Throttle(retry)
+                    Verdict::Throttle(self.escalate(state, now))
                 }
             }
             // Not reached: the source was just inserted.
@@ -365,6 +405,7 @@ mod tests {
                 burst,
                 sources,
                 hold_max: 0,
+                retry_max: Duration::from_secs(10),
             },
             std::sync::Arc::default(),
         )
@@ -421,6 +462,59 @@ mod tests {
             Verdict::Refuse
         );
         assert!(r.throttled(a, later).is_some());
+    }
+
+    #[test]
+    fn a_source_that_comes_back_before_its_hint_waits_twice_as_long_up_to_the_max() {
+        let r = table(10, 1, 10);
+        let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
+        let at = |ms: u64| T0 + Duration::from_millis(ms);
+        let throttle = |s, now| match r.refuse(s, RefusalReason::InvalidCredential, now) {
+            Verdict::Throttle(d) => d,
+            Verdict::Refuse => panic!("not throttled at {now:?}"),
+        };
+        // The burst of one, then a flood of concurrent requests within the same instant: each
+        // arrives before the previous hint has passed, so the hint doubles up to the max.
+        assert_eq!(
+            r.refuse(a, RefusalReason::InvalidCredential, T0),
+            Verdict::Refuse
+        );
+        let hints: Vec<u64> = (0..10)
+            .map(|_| u64::try_from(throttle(a, T0).as_millis()).expect("ms"))
+            .collect();
+        assert_eq!(
+            hints,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        // The peek of a pushed event's path escalates the same way.
+        assert_eq!(r.throttled(a, at(1)), Some(Duration::from_secs(10)));
+        // Another source is not affected.
+        assert_eq!(
+            r.refuse(b, RefusalReason::InvalidCredential, T0),
+            Verdict::Refuse
+        );
+        assert_eq!(throttle(b, at(1)), Duration::from_millis(100));
+        // A source that waited its whole hint starts again at the base (its bucket refilled
+        // by one in the meantime, so the first request is an ordinary refusal).
+        let later = 10_001 + 1;
+        assert_eq!(
+            r.refuse(a, RefusalReason::InvalidCredential, at(later)),
+            Verdict::Refuse
+        );
+        assert_eq!(throttle(a, at(later)), Duration::from_millis(100));
+        // One at a time, each after its hint: never more than the base.
+        for i in 1..5 {
+            let now = at(later + 101 * i);
+            assert_eq!(r.throttled(a, now), None, "the bucket refilled by one");
+            assert_eq!(
+                r.refuse(a, RefusalReason::InvalidCredential, now),
+                Verdict::Refuse
+            );
+            assert_eq!(
+                throttle(a, now + Duration::from_millis(1)),
+                Duration::from_millis(100)
+            );
+        }
     }
 
     #[test]
