@@ -106,11 +106,12 @@ impl RecordStore for FaultyStore {
     fn delete_owner(
         &self,
         owner: &Owner,
+        expected: Option<&[(RecordId, u64)]>,
         audit: &AuditAppend,
         outbox: &[(String, Vec<u8>)],
     ) -> Result<u64, StoreError> {
         self.pause();
-        self.inner.delete_owner(owner, audit, outbox)
+        self.inner.delete_owner(owner, expected, audit, outbox)
     }
 
     fn owner_record_ids(&self, owner: &Owner) -> Result<Vec<RecordId>, StoreError> {

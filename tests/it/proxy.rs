@@ -1388,6 +1388,13 @@ async fn grants_are_narrow_counted_expiring_and_revocable() {
         .await
         .expect_err("again");
     assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(
+        err.message(),
+        format!(
+            "no grant {}: never issued, already revoked, or expired",
+            &r.grant_id[..12]
+        )
+    );
     // Only callers with issue_grants may revoke.
     let live = issue(d, grant_request("tok", 60, 0)).await.expect("issued");
     let err = d

@@ -108,11 +108,11 @@ pub fn create_read_replace(store: &dyn TestHooks) {
     ));
     // The owner moved with the replace: deleting the old owner leaves it alone.
     assert_eq!(
-        store.delete_owner(&Owner::parse("o1").expect("valid"), &event(), &[]),
+        store.delete_owner(&Owner::parse("o1").expect("valid"), None, &event(), &[]),
         Ok(0)
     );
     assert_eq!(
-        store.delete_owner(&Owner::parse("o2").expect("valid"), &event(), &[]),
+        store.delete_owner(&Owner::parse("o2").expect("valid"), None, &event(), &[]),
         Ok(1)
     );
     assert_eq!(store.get_record(&rid("a")), Ok(None));
@@ -214,8 +214,46 @@ pub fn revoke_delete_and_stats(store: &dyn TestHooks) {
     let mut ids = store.owner_record_ids(&alice).expect("ids");
     ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
     assert_eq!(ids, vec![rid("r1"), rid("r2")]);
+    // With the records the caller read: any other set (one missing, another version, one more)
+    // is a conflict that writes nothing, neither the deletion nor its event nor its outbox.
+    let version = |id| {
+        store
+            .get_record(&rid(id))
+            .expect("get")
+            .expect("kept")
+            .version
+    };
+    let (v1, v2) = (version("r1"), version("r2"));
+    let trail = store.audit_events(1, 10_000).expect("events");
+    for read in [
+        vec![(rid("r1"), v1)],
+        vec![(rid("r1"), v1), (rid("r2"), v2 + 1)],
+        vec![(rid("r1"), v1), (rid("r2"), v2), (rid("r9"), 1)],
+    ] {
+        assert!(
+            matches!(
+                store.delete_owner(
+                    &alice,
+                    Some(&read),
+                    &event(),
+                    &[("p/d/1".into(), b"x".to_vec())]
+                ),
+                Err(StoreError::Conflict(_))
+            ),
+            "{read:?}"
+        );
+    }
+    assert_eq!(store.audit_events(1, 10_000).expect("events"), trail);
+    assert_eq!(store.outbox_page("p/d/", None, 10).expect("outbox"), vec![]);
+    assert_eq!(store.owner_record_ids(&alice).expect("ids").len(), 2);
+    // In any order.
     assert_eq!(
-        store.delete_owner(&Owner::parse("alice").expect("valid"), &event(), &[]),
+        store.delete_owner(
+            &alice,
+            Some(&[(rid("r2"), v2), (rid("r1"), v1)]),
+            &event(),
+            &[]
+        ),
         Ok(2)
     );
     assert_eq!(store.get_record(&rid("r1")), Ok(None));
@@ -879,7 +917,7 @@ pub fn retire_counts_records_under_the_version(store: &dyn TestHooks) {
         .expect("delete");
     in_use(1);
     store
-        .delete_owner(&Owner::parse("q").expect("owner"), &event(), &[])
+        .delete_owner(&Owner::parse("q").expect("owner"), None, &event(), &[])
         .expect("delete owner");
     store
         .retire_key(&key(1, KeyState::Retired), &event())
@@ -1040,6 +1078,7 @@ pub fn outbox(store: &dyn TestHooks) {
     store
         .delete_owner(
             &Owner::parse("gone").expect("owner"),
+            None,
             &event(),
             &[("p/o/1".into(), b"p/o/1".to_vec())],
         )

@@ -424,9 +424,14 @@ pub trait RecordStore: Send + Sync + 'static {
 
     /// Deletes every record of `owner`, with `audit` and the `outbox` entries (key under
     /// [`OUTBOX_PREFIX`], value; created or overwritten) in the same batch; returns how many.
+    /// With `expected` (each record's id and version, as the caller read them, in any order),
+    /// the owner's records must be exactly those, or nothing is written and `Conflict` is
+    /// returned: what the caller decided from its read (revocations at providers) then covers
+    /// every record deleted.
     fn delete_owner(
         &self,
         owner: &Owner,
+        expected: Option<&[(RecordId, u64)]>,
         audit: &AuditAppend,
         outbox: &[(String, Vec<u8>)],
     ) -> Result<u64, StoreError>;
@@ -759,6 +764,25 @@ pub(crate) fn plan_writes(
         });
     }
     Ok(out)
+}
+
+/// `Conflict` unless the records `found` (id and version, any order) are exactly `expected`
+/// ([`RecordStore::delete_owner`]).
+pub(crate) fn check_owner_records(
+    expected: Option<&[(RecordId, u64)]>,
+    mut found: Vec<(RecordId, u64)>,
+) -> Result<(), StoreError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let mut expected = expected.to_vec();
+    expected.sort();
+    found.sort();
+    if expected == found {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict("the owner's records".into()))
+    }
 }
 
 /// The refusal of a write expecting `expected` (0: create) over a record at `actual` (0:

@@ -136,10 +136,20 @@ impl RecordStore for MemoryStore {
     fn delete_owner(
         &self,
         owner: &Owner,
+        expected: Option<&[(RecordId, u64)]>,
         audit: &AuditAppend,
         outbox: &[(String, Vec<u8>)],
     ) -> Result<u64, StoreError> {
         let mut inner = self.lock();
+        super::check_owner_records(
+            expected,
+            inner
+                .records
+                .values()
+                .filter(|r| &r.meta.owner == owner)
+                .map(|r| (r.meta.id.clone(), r.version))
+                .collect(),
+        )?;
         inner.audit.insert(audit.seq, audit.bytes.clone());
         for (key, value) in outbox {
             inner.meta.insert(super::outbox_key(key), value.clone());

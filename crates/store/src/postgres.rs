@@ -872,24 +872,45 @@ impl RecordStore for PostgresStore {
     fn delete_owner(
         &self,
         owner: &Owner,
+        expected: Option<&[(RecordId, u64)]>,
         audit: &AuditAppend,
         outbox: &[(String, Vec<u8>)],
     ) -> Result<u64, StoreError> {
         let owner = owner.as_str().to_string();
+        let expected: Option<Arc<Vec<(RecordId, u64)>>> = expected.map(|e| Arc::new(e.to_vec()));
         let audit = vec![audit.clone()];
         let outbox = outbox_rows(outbox);
         let chain = self.chain.clone();
         self.txn(move |t| {
-            let (owner, audit, chain, outbox) = (
+            let (owner, expected, audit, chain, outbox) = (
                 owner.clone(),
+                expected.clone(),
                 audit.clone(),
                 chain.clone(),
                 Arc::clone(&outbox),
             );
             Box::pin(async move {
-                let n = t
-                    .execute("DELETE FROM tokenvault_records WHERE owner = $1", &[&owner])
+                // What was deleted is compared after the fact: a mismatch returns before the
+                // commit, so the transaction rolls back and nothing is deleted.
+                let rows = t
+                    .query(
+                        "DELETE FROM tokenvault_records WHERE owner = $1 RETURNING id, version",
+                        &[&owner],
+                    )
                     .await?;
+                let n = rows.len() as u64;
+                if let Some(expected) = &expected {
+                    let found = rows
+                        .iter()
+                        .map(|r| {
+                            let id = RecordId::parse(r.get::<_, String>(0)).map_err(|e| {
+                                Fail::from(StoreError::Corrupt(format!("record id: {e}")))
+                            })?;
+                            Ok((id, version_u64(r.get::<_, i64>(1))))
+                        })
+                        .collect::<Result<Vec<_>, Fail>>()?;
+                    super::check_owner_records(Some(expected), found)?;
+                }
                 insert_outbox(t, &outbox).await?;
                 insert_audit(t, &chain, &audit).await?;
                 Ok(n)

@@ -567,6 +567,7 @@ impl RecordStore for RocksStore {
     fn delete_owner(
         &self,
         owner: &Owner,
+        expected: Option<&[(RecordId, u64)]>,
         audit: &AuditAppend,
         outbox: &[(String, Vec<u8>)],
     ) -> Result<u64, StoreError> {
@@ -582,6 +583,7 @@ impl RecordStore for RocksStore {
                 ids.push(k[prefix.len()..].to_vec());
             }
             let mut batch = WriteBatch::default();
+            let mut found = Vec::with_capacity(ids.len());
             for id in &ids {
                 let record = self
                     .db
@@ -590,7 +592,10 @@ impl RecordStore for RocksStore {
                     .map(|v| schema::decode_record(&v))
                     .transpose()?;
                 match record {
-                    Some(r) => self.stage_delete(&mut batch, &r),
+                    Some(r) => {
+                        self.stage_delete(&mut batch, &r);
+                        found.push((r.meta.id, r.version));
+                    }
                     // An index entry without its record: only the entry goes.
                     None => {
                         let mut k = prefix.clone();
@@ -599,6 +604,7 @@ impl RecordStore for RocksStore {
                     }
                 }
             }
+            super::check_owner_records(expected, found)?;
             for (key, value) in outbox {
                 batch.put_cf(self.cf(CF_META), super::outbox_key(key), value);
             }

@@ -656,36 +656,19 @@ impl Vault {
             .blocking(move |v| {
                 let draft = Draft::new(&who, "DeleteOwner").owner(owner.as_str());
                 v.forget_deks(None);
-                let mut event = Event {
-                    kind: EventType::OwnerDeleted,
-                    record: None,
-                    provider: None,
-                    data: serde_json::Map::new(),
-                };
-                event.data.insert("owner".into(), owner.as_str().into());
-                let mut rows = v.outbox_rows(&[event]);
-                // The grants of the records deleted here, withdrawn at providers that can
-                // (others are skipped). Read before the deletion: a record created meanwhile is
-                // deleted without a revocation.
-                if revoke_at_provider != Some(false) {
-                    let mut records = Vec::new();
-                    for id in v.store.owner_record_ids(&owner)? {
-                        if let Some(r) = v.store.get_record(&id)?
-                            && !r.revoked
-                        {
-                            records.push(r);
-                        }
+                let mut attempts = 0;
+                let deleted = loop {
+                    attempts += 1;
+                    let deleted = delete_owner_once(v, &owner, revoke_at_provider, &draft);
+                    match deleted {
+                        // A record of the owner was created or changed between the read
+                        // and the deletion: read again, so its grant is withdrawn too.
+                        Err(VaultError::Store(StoreError::Conflict(_)))
+                            if attempts < DELETE_OWNER_ATTEMPTS => {}
+                        other => break other,
                     }
-                    rows.extend(v.revocation_rows(
-                        &records,
-                        "delete_owner",
-                        revoke_at_provider,
-                        false,
-                    )?);
-                }
-                v.audited(draft, |a| {
-                    Ok((v.store.delete_owner(&owner, a, &rows)?, true))
-                })
+                };
+                v.audit_if_refused(draft, deleted)
             })
             .await?;
         // The owner is a personal identifier: it is not logged.
@@ -1103,4 +1086,47 @@ pub(super) fn apply_owner_action(
             deleted,
         });
     }
+}
+
+/// Reads and deletes tried before `DeleteOwner` gives up on an owner whose records keep
+/// changing (`ABORTED`, retryable).
+const DELETE_OWNER_ATTEMPTS: u32 = 5;
+
+/// One try of `DeleteOwner`: the owner's records read, their grants' revocations (unless
+/// `revoke_at_provider` is false) and the `owner.deleted` event prepared, then the deletion
+/// of exactly the records read with its audit event and outbox entries, or `Conflict` if
+/// they changed meanwhile (nothing written).
+fn delete_owner_once(
+    v: &Vault,
+    owner: &Owner,
+    revoke_at_provider: Option<bool>,
+    draft: &Draft,
+) -> Result<u64, VaultError> {
+    let mut event = Event {
+        kind: EventType::OwnerDeleted,
+        record: None,
+        provider: None,
+        data: serde_json::Map::new(),
+    };
+    event.data.insert("owner".into(), owner.as_str().into());
+    let mut rows = v.outbox_rows(&[event]);
+    let mut read = Vec::new();
+    // The grants of the records deleted here, withdrawn at providers that can (others are
+    // skipped).
+    if revoke_at_provider != Some(false) {
+        let mut records = Vec::new();
+        for id in v.store.owner_record_ids(owner)? {
+            if let Some(r) = v.store.get_record(&id)? {
+                read.push((r.meta.id.clone(), r.version));
+                if !r.revoked {
+                    records.push(r);
+                }
+            }
+        }
+        rows.extend(v.revocation_rows(&records, "delete_owner", revoke_at_provider, false)?);
+    }
+    let expected = (revoke_at_provider != Some(false)).then_some(read.as_slice());
+    v.audit.append_with(draft, |a| {
+        Ok((v.store.delete_owner(owner, expected, a, &rows)?, true))
+    })
 }

@@ -274,9 +274,9 @@ pub enum VaultError {
     /// The configured client secret record is missing, revoked or of the wrong kind.
     #[error("client secret record {0} is not a usable client_secret record")]
     ClientSecret(String),
-    /// No such webhook endpoint, or no such delivery of it.
+    /// No such webhook endpoint, delivery of it, or grant (the message names which).
     #[error("{0}")]
-    NoSuchDelivery(String),
+    NoSuch(String),
     /// A revocation at the provider was asked for a record that cannot have one.
     #[error("record {id} cannot be revoked at its provider: {why}")]
     NotRevocable {
@@ -419,7 +419,7 @@ impl VaultError {
             VaultError::Item { source, .. } => source.kind(),
             VaultError::Task | VaultError::Seal(_) | VaultError::Sink(_) => ErrorKind::Internal,
             VaultError::ShuttingDown => ErrorKind::Unavailable,
-            VaultError::NoSuchDelivery(_) => ErrorKind::NotFound,
+            VaultError::NoSuch(_) => ErrorKind::NotFound,
             VaultError::NeedsReauth(_)
             | VaultError::NoProvider(_)
             | VaultError::NoRefresh(_)

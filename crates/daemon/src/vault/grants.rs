@@ -169,7 +169,10 @@ pub(super) fn revoke(
     may_issue(caller, policy)?;
     let id = grant::grant_id(handle_or_id);
     if s.store.get_grant(&id)?.is_none() {
-        return Err(StoreError::NotFound(format!("grant {}", grant::short(&id))).into());
+        return Err(VaultError::NoSuch(format!(
+            "no grant {}: never issued, already revoked, or expired",
+            grant::short(&id)
+        )));
     }
     let draft = Draft::new(caller, "RevokeGrant").detail(format!("grant {}", grant::short(&id)));
     s.audited(draft, |a| {

@@ -56,7 +56,16 @@ pub(super) struct Webhooks {
     last_stamp: AtomicU64,
     /// Each endpoint's decrypted signing keys and when they were read.
     keys: std::sync::Mutex<HashMap<String, KeptKeys>>,
+    /// The `record.expired` markers this daemon has seen written (by it or another daemon),
+    /// so a caller that keeps asking for an expired record costs no store write attempt each
+    /// time; bounded, least recently reported dropped first (the store's marker stays the
+    /// rule).
+    expired_reported: std::sync::Mutex<lru::LruCache<[u8; 32], ()>>,
 }
+
+/// Most `record.expired` markers remembered in memory.
+const EXPIRED_REPORTED: std::num::NonZeroUsize =
+    std::num::NonZeroUsize::new(4096).expect("4096 > 0");
 
 impl std::fmt::Debug for Webhooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,6 +88,7 @@ impl Webhooks {
             clients,
             last_stamp: AtomicU64::new(0),
             keys: std::sync::Mutex::new(HashMap::new()),
+            expired_reported: std::sync::Mutex::new(lru::LruCache::new(EXPIRED_REPORTED)),
         })
     }
 
@@ -203,19 +213,31 @@ impl Vault {
             return;
         }
         // The replay markers' write-once rule, under a key of its own domain.
-        let marker = hex::encode(sha2::Sha256::digest(format!(
+        let digest: [u8; 32] = sha2::Sha256::digest(format!(
             "record.expired\0{}\0{}",
             record.meta.id, record.version
-        )));
+        ))
+        .into();
+        let reported = || {
+            self.webhooks
+                .expired_reported
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if reported().get(&digest).is_some() {
+            return;
+        }
         let mut mutations = vec![Mutation::PutReplayMarker {
-            key: marker,
+            key: hex::encode(digest),
             at: self.now(),
         }];
         mutations.extend(self.outbox(&[
             Event::about(EventType::Expired, record, record.version).with("expires_at", expires_at),
         ]));
         match self.store.apply(&mutations, &[], self.now()) {
-            Ok(()) | Err(StoreError::AlreadyExists(_)) => {}
+            Ok(()) | Err(StoreError::AlreadyExists(_)) => {
+                reported().put(digest, ());
+            }
             Err(e) => tracing::warn!(error = %e, "could not write a record.expired webhook"),
         }
     }
@@ -633,7 +655,7 @@ impl Vault {
             .iter()
             .find(|e| e.name == name)
             .cloned()
-            .ok_or_else(|| VaultError::NoSuchDelivery(format!("no webhook endpoint {name:?}")))
+            .ok_or_else(|| VaultError::NoSuch(format!("no webhook endpoint {name:?}")))
     }
 
     /// `Admin.ListDeliveries`: a page of `endpoint`'s pending or finished deliveries, audited
@@ -714,7 +736,7 @@ impl Vault {
                     (Some(b), _) => (pending.clone(), b),
                     (None, Some(b)) => (done, b),
                     (None, None) => {
-                        return Err(VaultError::NoSuchDelivery(format!(
+                        return Err(VaultError::NoSuch(format!(
                             "no delivery {id} of webhook endpoint {}",
                             endpoint.name
                         )));
