@@ -879,7 +879,7 @@ async fn the_two_person_rule_holds_destroy_cancel_and_delete_owner() {
     ));
     let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
     let clock = TestClock::new();
-    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
+    let d = TestDaemon::start_with_clock(cfg.clone(), std::sync::Arc::new(store), &clock).await;
     d.seed("r", 5).await;
     let mut first = d.admin(ADMIN).await;
     let mut second = d.admin(SECOND).await;
@@ -1000,6 +1000,7 @@ async fn the_two_person_rule_holds_destroy_cancel_and_delete_owner() {
         .approval
         .expect("held");
     assert_eq!(held.approvals, vec!["secteam-2".to_string()]);
+    let lapsed = held.id.clone();
     clock.advance(3_600);
     let e = first
         .approve(v1::ApproveRequest {
@@ -1065,6 +1066,47 @@ async fn the_two_person_rule_holds_destroy_cancel_and_delete_owner() {
     assert_eq!(count("Approve", "ok"), 3);
     assert!(count("Approve", "PermissionDenied") >= 1);
     assert_eq!(count("Approve", "FailedPrecondition"), 1);
+
+    // A lapsed request is swept from the store (at start, then every ten minutes); one still
+    // running is kept. Here: the cancel request above lapsed; a new one has an hour left.
+    let running = first
+        .delete_owner(v1::DeleteOwnerRequest {
+            owner: "nobody".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete owner")
+        .into_inner()
+        .approval
+        .expect("held");
+    d.stop().await;
+    let later = TestClock::new();
+    later.advance(3_600 + 60);
+    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
+    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &later).await;
+    let mut second = d.admin(SECOND).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let e = second
+            .approve(v1::ApproveRequest { id: lapsed.clone() })
+            .await
+            .expect_err("lapsed");
+        if e.code() == Code::NotFound {
+            break;
+        }
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lapsed request was not swept"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let approved = second
+        .approve(v1::ApproveRequest { id: running.id })
+        .await
+        .expect("kept")
+        .into_inner();
+    assert_eq!(approved.outcome, "0 record(s) deleted");
     d.stop().await;
 }
 

@@ -168,6 +168,51 @@ fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Deletes every approval request that lapsed unapproved by `now`, a page at a time; returns
+/// how many. An expired request can no longer be approved, but would otherwise stay in the
+/// store for good. Its lapse needs no event of its own: the request's audit event gave its
+/// expiry. A request that does not decode is left for an operator to look at (it cannot be
+/// approved either).
+pub(super) fn sweep_expired(s: &Vault, now: i64) -> Result<u64, VaultError> {
+    const PAGE: usize = 1000;
+    let prefix = approval_key("");
+    let mut after = prefix.clone();
+    let mut deleted = 0u64;
+    loop {
+        let page = s.store.meta_page(Some(&after), PAGE)?;
+        let mut last_page = page.len() < PAGE;
+        let mut expired = Vec::new();
+        for (key, value) in page {
+            let Some(id) = key.strip_prefix(&prefix) else {
+                // Past the requests: metadata is listed in key order.
+                last_page = true;
+                break;
+            };
+            let lapsed = serde_json::from_slice::<ApprovalRequest>(&value)
+                .is_ok_and(|r| now >= r.expires_at);
+            if lapsed {
+                expired.push(Mutation::PutApproval {
+                    id: id.to_string(),
+                    request: None,
+                    expected: Some(value),
+                });
+            }
+            after = key;
+        }
+        if !expired.is_empty() {
+            // Another daemon sweeping at once makes the batch a conflict: its sweep removed them.
+            match s.store.apply(&expired, &[], now) {
+                Ok(()) => deleted += expired.len() as u64,
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if last_page {
+            return Ok(deleted);
+        }
+    }
+}
+
 impl Vault {
     /// Under the two-person rule, stores `action` by `caller` as a request waiting for
     /// approvals (with its audit event, one write) and returns it; `None` when one admin

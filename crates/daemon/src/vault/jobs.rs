@@ -196,13 +196,22 @@ async fn hold_instance(vault: Arc<Vault>, stop: tokio_util::sync::CancellationTo
     .await;
 }
 
-/// Deletes expired grants at startup and every [`grants::SWEEP_EVERY`].
+/// Deletes expired grants and lapsed approval requests at startup and every
+/// [`grants::SWEEP_EVERY`].
 async fn sweep_grants(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
     periodically(grants::SWEEP_EVERY, stop, || async {
         match vault.blocking(|v| grants::sweep_expired(v, v.now())).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "expired grants deleted"),
             Err(e) => tracing::error!(error = %e, "sweeping expired grants failed"),
+        }
+        match vault
+            .blocking(|v| super::approvals::sweep_expired(v, v.now()))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "lapsed approval requests deleted"),
+            Err(e) => tracing::error!(error = %e, "sweeping lapsed approval requests failed"),
         }
     })
     .await;
