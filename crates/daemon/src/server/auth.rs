@@ -194,6 +194,25 @@ pub struct RoleGuard {
 /// Audits of authenticated refusals written at once.
 const REFUSAL_AUDITS: usize = 16;
 
+/// A refused request's answer, and how long to hold it back (a throttled address).
+#[derive(Debug)]
+pub struct Refusal {
+    status: Status,
+    hold: Option<(Duration, Arc<Vault>)>,
+}
+
+impl Refusal {
+    /// The status, once the hold (if any) has passed. Call it after dropping the request's
+    /// body: a body kept while the answer is held would let a throttled client pin up to the
+    /// connection's flow-control window of memory for the whole retry time.
+    pub async fn answer(self) -> Status {
+        if let Some((wait, vault)) = self.hold {
+            vault.refusals().hold(wait).await;
+        }
+        self.status
+    }
+}
+
 /// Why a request was refused, and whether a configured caller made it.
 #[derive(Debug)]
 enum Refused {
@@ -223,22 +242,27 @@ impl RoleGuard {
     }
 
     /// Admits the request with these headers and connection extensions, or refuses it.
-    /// Audits a refused configured caller (on the blocking pool) before answering.
+    /// Audits a refused configured caller (on the blocking pool) before answering. A throttled
+    /// refusal comes back with how long to hold it ([`Refusal::answer`]): the caller drops the
+    /// request's body first, so a held refusal keeps none of what the client sent.
     pub async fn admit(
         &self,
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
-    ) -> Result<Caller, Status> {
+    ) -> Result<Caller, Refusal> {
         match self.check(headers, extensions) {
             Ok(caller) => Ok(caller),
             Err(Refused::Anonymous(reason, status)) => {
                 let (status, hold) = self.refuse_anonymous(extensions, reason, status);
-                if let (Some(wait), Some(vault)) = (hold, &self.vault) {
-                    vault.refusals().hold(wait).await;
-                }
-                Err(status)
+                Err(Refusal {
+                    status,
+                    hold: hold.zip(self.vault.clone()),
+                })
             }
-            Err(Refused::Caller(name, status)) => Err(self.refuse_caller(&name, status).await),
+            Err(Refused::Caller(name, status)) => Err(Refusal {
+                status: self.refuse_caller(&name, status).await,
+                hold: None,
+            }),
         }
     }
 
@@ -462,7 +486,10 @@ where
                     request.extensions_mut().insert(caller);
                     inner.call(request).await
                 }
-                Err(status) => Ok(status.into_http()),
+                Err(refusal) => {
+                    drop(request);
+                    Ok(refusal.answer().await.into_http())
+                }
             }
         })
     }
@@ -492,7 +519,12 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(g.admit(&headers, &http::Extensions::new()))
+            .block_on(async {
+                match g.admit(&headers, &http::Extensions::new()).await {
+                    Ok(caller) => Ok(caller),
+                    Err(refusal) => Err(refusal.answer().await),
+                }
+            })
     }
 
     #[test]

@@ -232,10 +232,15 @@ async fn admit_as(
         .is_some_and(|v| v.as_bytes() == b"0")
         || (!parts.headers.contains_key(http::header::CONTENT_LENGTH)
             && !parts.headers.contains_key(http::header::TRANSFER_ENCODING));
-    let caller = guard
-        .admit(&parts.headers, &parts.extensions)
-        .await
-        .map_err(|status| before_body(&parts, error_response(&status)))?;
+    let caller = match guard.admit(&parts.headers, &parts.extensions).await {
+        Ok(caller) => caller,
+        Err(refusal) => {
+            // Nothing the client sent is kept while a throttled answer is held.
+            drop(body);
+            let status = refusal.answer().await;
+            return Err(before_body(&parts, error_response(&status)));
+        }
+    };
     let caller = crate::vault::Caller::new(caller.name, caller.policy);
     if !needs_body || (!json_only && empty) {
         return Ok((caller, bytes::Bytes::new()));
@@ -567,6 +572,7 @@ async fn unlink_callback(
     let source = Source::of(ip);
     let mut response = async {
         if let Some(wait) = refusals.throttled(source, s.vault.monotonic_now()) {
+            drop(body);
             refusals.hold(wait).await;
             return *before_body(&parts, error_response(&super::auth::throttled(wait)));
         }
@@ -662,6 +668,8 @@ async fn security_event_push(State(s): State<Http>, req: Request) -> Response {
     let refusals = s.vault.refusals();
     let source = Source::of(super::auth::remote_ip(&parts.extensions));
     if let Some(wait) = refusals.throttled(source, s.vault.monotonic_now()) {
+        // Nothing the client sent is kept while the answer is held.
+        drop(body);
         refusals.hold(wait).await;
         return *before_body(&parts, error_response(&super::auth::throttled(wait)));
     }
