@@ -24,6 +24,9 @@ pub(crate) enum Attack {
     WrongCredential,
     /// `Broker.GetToken` with no credential at all.
     NoCredential,
+    /// `Broker.GetToken` with a wrong credential and a 1 MiB request body, one connection per
+    /// task: what a throttled refusal that kept its body would pin.
+    LargeBodies,
     /// `POST /v1/security-events` with bodies that are not a SET.
     SetGarbage,
     /// `POST /v1/security-events` with well-formed SETs of an unknown issuer and a bad
@@ -101,6 +104,7 @@ pub(crate) fn start(
         match plan.kind {
             Attack::WrongCredential
             | Attack::NoCredential
+            | Attack::LargeBodies
             | Attack::SetGarbage
             | Attack::SetForged => {
                 let tasks_n = plan.concurrency.max(1);
@@ -168,7 +172,7 @@ async fn flood(
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let broker = match kind {
-        Attack::WrongCredential | Attack::NoCredential => {
+        Attack::WrongCredential | Attack::NoCredential | Attack::LargeBodies => {
             match tonic::transport::Endpoint::from_shared(base.clone()) {
                 Ok(e) => match e.connect().await {
                     Ok(channel) => Some(v1::broker_client::BrokerClient::new(channel)),
@@ -190,9 +194,14 @@ async fn flood(
         n += 1;
         counts.sent.fetch_add(1, Ordering::Relaxed);
         match (kind, broker.clone()) {
-            (Attack::WrongCredential | Attack::NoCredential, Some(mut b)) => {
-                let mut req = tonic::Request::new(v1::GetTokenRequest { id: "x".into() });
-                if kind == Attack::WrongCredential
+            (Attack::WrongCredential | Attack::NoCredential | Attack::LargeBodies, Some(mut b)) => {
+                let id = if kind == Attack::LargeBodies {
+                    "x".repeat(1 << 20)
+                } else {
+                    "x".into()
+                };
+                let mut req = tonic::Request::new(v1::GetTokenRequest { id });
+                if kind != Attack::NoCredential
                     && let Ok(v) = format!("Bearer tv_attacker_{task}_{n}").parse()
                 {
                     req.metadata_mut().insert("authorization", v);
