@@ -285,6 +285,9 @@ pub struct Limits {
     /// Most requests waiting for a private-key thread at once, for a store thread, and most
     /// write requests waiting for the group commit.
     pub max_queued: usize,
+    /// A private-key call running this long holds its thread stuck (a PKCS#11 token that
+    /// hangs); with every thread stuck, health says NOT_SERVING.
+    pub private_key_stuck: std::time::Duration,
 }
 
 impl Limits {
@@ -306,6 +309,7 @@ impl Limits {
             max_concurrent_streams: 128,
             max_queue_wait: std::time::Duration::from_millis(250),
             max_queued: 1024,
+            private_key_stuck: std::time::Duration::from_secs(30),
         }
     }
 
@@ -393,6 +397,12 @@ impl Limits {
                 1..=60_000,
             )?),
             max_queued: ranged("max_queued", file.max_queued, d.max_queued, 1..=1_000_000)?,
+            private_key_stuck: std::time::Duration::from_secs(ranged(
+                "private_key_stuck_seconds",
+                file.private_key_stuck_seconds,
+                d.private_key_stuck.as_secs(),
+                1..=3600,
+            )?),
         };
         if limits.max_batch == 0 || limits.max_request_bytes < 4096 {
             return Err(invalid(
@@ -788,6 +798,7 @@ struct FileLimits {
     max_concurrent_streams: Option<u32>,
     max_queue_wait_ms: Option<u64>,
     max_queued: Option<usize>,
+    private_key_stuck_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1550,7 +1561,7 @@ mod tests {
              unauthenticated_burst = 3\nunauthenticated_sources = 4\nrefusal_summary_seconds = 5\n\
              max_connections = 6\nidle_timeout_seconds = 7\nmax_concurrent_streams = 8\n\
              max_queue_wait_ms = 9\nmax_queued = 10\nthrottled_hold_max = 11\n\
-             throttled_retry_max_seconds = 12\n",
+             throttled_retry_max_seconds = 12\nprivate_key_stuck_seconds = 13\n",
         );
         let c = Config::load(&p, &HashMap::new()).expect("loads");
         assert_eq!(
@@ -1569,6 +1580,7 @@ mod tests {
                 max_concurrent_streams: 8,
                 max_queue_wait: std::time::Duration::from_millis(9),
                 max_queued: 10,
+                private_key_stuck: std::time::Duration::from_secs(13),
                 ..Limits::standard()
             }
         );
@@ -1710,6 +1722,10 @@ mod tests {
                 "limits.max_queued: must be 1 to 1000000",
             ),
             ("[limits]\nmax_queued = -1\n", "config file"),
+            (
+                "[limits]\nprivate_key_stuck_seconds = 0\n",
+                "limits.private_key_stuck_seconds: must be 1 to 3600",
+            ),
             ("[limits]\nidle_timeout_seconds = \"30\"\n", "invalid type"),
             (
                 "[limits]\nmax_connection = 5\n",

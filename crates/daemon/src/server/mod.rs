@@ -336,8 +336,9 @@ impl Daemon {
         let main = serve_on!(main, listener, "grpc", stopped(stop_rx));
         let grace = self.shutdown_grace;
         let stopping = Arc::clone(&vault);
-        // Health follows the database: NOT_SERVING while it does not answer, so a load
-        // balancer routes calls to daemons that can serve them. The flag (under the lock the
+        // Health follows the database and the private-key threads: NOT_SERVING while the
+        // database does not answer or every private-key thread is stuck in a call (a hung
+        // PKCS#11 token), so a load balancer routes calls to daemons that can serve them. The flag (under the lock the
         // shutdown takes too) keeps a late change from undoing the shutdown's NOT_SERVING.
         let shutting_down = Arc::new(tokio::sync::Mutex::new(false));
         let serving_tx = Arc::new(serving_tx);
@@ -345,9 +346,17 @@ impl Daemon {
             let (reporters, shutting_down) = (reporters.clone(), Arc::clone(&shutting_down));
             let serving_tx = Arc::clone(&serving_tx);
             let mut reachable = vault.store_reachable();
+            let mut keys = vault.private_keys_available();
             tokio::spawn(async move {
-                while reachable.changed().await.is_ok() {
-                    let up = *reachable.borrow_and_update();
+                loop {
+                    let changed = tokio::select! {
+                        c = reachable.changed() => c,
+                        c = keys.changed() => c,
+                    };
+                    if changed.is_err() {
+                        return;
+                    }
+                    let up = *reachable.borrow_and_update() && *keys.borrow_and_update();
                     let down = shutting_down.lock().await;
                     if *down {
                         return;

@@ -34,6 +34,16 @@ struct Queue {
     /// Moving average of a job's run time, in nanoseconds: with `waiting`, what a new job
     /// would wait.
     average_ns: AtomicU64,
+    /// What each thread's running job started at: milliseconds since `epoch`, plus one (0:
+    /// idle). Read by [`CpuPool::stuck`].
+    running: Box<[AtomicU64]>,
+    epoch: Instant,
+}
+
+impl Queue {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
 }
 
 /// How much work the pool takes on (`[limits] max_queued`, `max_queue_wait_ms`).
@@ -118,13 +128,15 @@ impl CpuPool {
             rx: Mutex::new(rx),
             waiting: AtomicUsize::new(0),
             average_ns: AtomicU64::new(0),
+            running: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
         });
         let handles = (0..threads)
             .map(|i| {
                 let queue = Arc::clone(&queue);
                 std::thread::Builder::new()
                     .name(kind.thread_name(i))
-                    .spawn(move || work(&queue, threads))
+                    .spawn(move || work(&queue, threads, i))
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
@@ -136,6 +148,24 @@ impl CpuPool {
             bound,
             metrics,
         })
+    }
+
+    /// Its threads.
+    pub(super) fn threads(&self) -> usize {
+        self.count
+    }
+
+    /// Threads whose current job has run for `at_least` or longer: a private-key call that
+    /// does not return (a PKCS#11 token that hangs) holds its thread for good.
+    pub(super) fn stuck(&self, at_least: Duration) -> usize {
+        let now = self.queue.now_ms();
+        let limit = u64::try_from(at_least.as_millis()).unwrap_or(u64::MAX);
+        self.queue
+            .running
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .filter(|&started| started != 0 && now.saturating_sub(started - 1) >= limit)
+            .count()
     }
 
     /// The wait a job sent now would have before a thread takes it.
@@ -215,8 +245,8 @@ impl CpuPool {
     }
 }
 
-/// One pool thread: runs jobs until the pool is dropped and its queue drained.
-fn work(queue: &Queue, threads: usize) {
+/// One pool thread (the `index`th): runs jobs until the pool is dropped and its queue drained.
+fn work(queue: &Queue, threads: usize, index: usize) {
     let mut held: Vec<Done> = Vec::new();
     let hand_back = |held: &mut Vec<Done>| held.drain(..).for_each(|done| done());
     loop {
@@ -240,8 +270,12 @@ fn work(queue: &Queue, threads: usize) {
         match next {
             Ok(job) => {
                 queue.waiting.fetch_sub(1, Ordering::SeqCst);
+                let running = &queue.running[index];
+                running.store(queue.now_ms() + 1, Ordering::Relaxed);
                 // A panicking job drops its reply (the caller gets `None`); the thread lives on.
-                if let Ok(done) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                running.store(0, Ordering::Relaxed);
+                if let Ok(done) = ran {
                     held.push(done);
                 }
                 if held.len() >= MAX_HELD || queue.waiting.load(Ordering::SeqCst) < threads {
@@ -295,6 +329,34 @@ mod tests {
 
     fn pool(threads: usize) -> CpuPool {
         CpuPool::start(Kind::PrivateKey, threads, unbounded(), Arc::default()).expect("pool")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thread_whose_job_does_not_return_is_counted_stuck_until_it_does() {
+        let pool = Arc::new(pool(2));
+        assert_eq!(pool.stuck(Duration::ZERO), 0, "idle threads are not stuck");
+        let (release, hold) = mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let hung = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                pool.run(move || {
+                    let _ = started.send(());
+                    hold.recv().is_ok()
+                })
+                .await
+            })
+        };
+        running.await.expect("the job started");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(pool.stuck(Duration::from_millis(20)), 1);
+        assert_eq!(pool.stuck(Duration::from_secs(60)), 0, "not that long");
+        // The other thread still serves, and is not counted.
+        assert_eq!(pool.run(|| 7).await, Ok(7));
+        assert_eq!(pool.stuck(Duration::from_millis(20)), 1);
+        release.send(()).expect("release");
+        assert_eq!(hung.await.expect("task"), Ok(true));
+        assert_eq!(pool.stuck(Duration::ZERO), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,9 @@ pub(super) fn start(vault: &Arc<Vault>) {
     vault
         .tasks
         .spawn(sweep_grants(Arc::clone(vault), stop.clone()));
+    vault
+        .tasks
+        .spawn(watch_private_key_threads(Arc::clone(vault), stop.clone()));
     if let Some(period) = vault.policy.auto_rotate_seconds {
         vault
             .tasks
@@ -171,6 +174,15 @@ async fn follow_key_registry(vault: Arc<Vault>, stop: tokio_util::sync::Cancella
         {
             tracing::warn!(error = %e, "reading the shared key registry failed");
         }
+    })
+    .await;
+}
+
+/// Checks every second whether the private-key threads are all held by calls that do not
+/// return ([`Vault::private_keys_available`]).
+async fn watch_private_key_threads(vault: Arc<Vault>, stop: tokio_util::sync::CancellationToken) {
+    periodically(std::time::Duration::from_secs(1), stop, || async {
+        vault.check_private_key_threads();
     })
     .await;
 }

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub rewrap_done: Gauge,
     /// Records the running or last rewrap has to move.
     pub rewrap_total: Gauge,
+    /// Private-key threads whose call has run `private_key_stuck_seconds` or longer.
+    pub private_key_stuck: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -214,6 +216,12 @@ impl Default for Metrics {
             "Records under older key versions when the running or last rewrap started",
             rewrap_total.clone(),
         );
+        let private_key_stuck = Gauge::default();
+        registry.register(
+            "private_key_threads_stuck",
+            "Private-key threads whose call has run [limits] private_key_stuck_seconds or longer (a hung PKCS#11 token)",
+            private_key_stuck.clone(),
+        );
         registry.register(
             "build",
             "The running tokenvault's version",
@@ -246,6 +254,7 @@ impl Default for Metrics {
             webhook_lag,
             rewrap_done,
             rewrap_total,
+            private_key_stuck,
         }
     }
 }

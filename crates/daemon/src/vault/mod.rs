@@ -346,6 +346,9 @@ pub struct Vault {
     unlink_keys: unlink::AdminKeys,
     /// Whether the store answered the last probe ([`Vault::store_reachable`]).
     store_reachable: tokio::sync::watch::Sender<bool>,
+    /// Whether a private-key thread is free of a call that does not return
+    /// ([`Vault::private_keys_available`]).
+    private_keys_available: tokio::sync::watch::Sender<bool>,
     /// Background refresh scans completed ([`Vault::background_scans`]).
     background_scans: tokio::sync::watch::Sender<u64>,
     /// The store reads, checks and audit writes of `GetToken` and `Proxy`: a fixed pool with a
@@ -526,6 +529,7 @@ impl Vault {
             clock: Arc::new(crate::unix_now),
             monotonic: limits::system_monotonic(),
             store_reachable: tokio::sync::watch::Sender::new(true),
+            private_keys_available: tokio::sync::watch::Sender::new(true),
             background_scans: tokio::sync::watch::Sender::new(0),
             io: pool(cpu_pool::Kind::Io, io_threads(config, cores), "store pool")?,
             last_unknown_reload: std::sync::Mutex::new(None),
@@ -646,6 +650,38 @@ impl Vault {
     /// Always true on RocksDB (the store is in the process).
     pub fn store_reachable(&self) -> tokio::sync::watch::Receiver<bool> {
         self.store_reachable.subscribe()
+    }
+
+    /// Whether at least one private-key thread is not held by a call running longer than
+    /// `[limits] private_key_stuck_seconds` (a PKCS#11 token that stopped answering), as the
+    /// daemon's health reports it: false turns health NOT_SERVING, so a load balancer routes
+    /// calls to daemons that can open envelopes. Checked every second ([`jobs`]).
+    pub fn private_keys_available(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.private_keys_available.subscribe()
+    }
+
+    /// Counts the private-key threads stuck in a call, and updates
+    /// [`Vault::private_keys_available`]; a change is logged once.
+    fn check_private_key_threads(&self) {
+        let stuck = self.cpu.stuck(self.limits.private_key_stuck);
+        self.metrics
+            .private_key_stuck
+            .set(i64::try_from(stuck).unwrap_or(i64::MAX));
+        let available = stuck < self.cpu.threads();
+        let changed = self.private_keys_available.send_if_modified(|a| {
+            let changed = *a != available;
+            *a = available;
+            changed
+        });
+        if changed && !available {
+            tracing::error!(
+                threads = stuck,
+                seconds = self.limits.private_key_stuck.as_secs(),
+                "every private-key thread is in a call that has not returned (a hung key token?): health NOT_SERVING until one returns"
+            );
+        } else if changed {
+            tracing::info!("a private-key thread is free again: health SERVING");
+        }
     }
 
     /// How many provider scans the background refresher has completed (each provider's scan
