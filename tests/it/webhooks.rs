@@ -74,6 +74,11 @@ impl Receiver {
         let _ = std::fs::remove_file(self.control.join("down"));
     }
 
+    /// Answers 503 from now on, until [`Receiver::up`].
+    fn down(&self) {
+        std::fs::write(self.control.join("down"), b"").expect("down");
+    }
+
     fn set_gone(&self, gone: bool) {
         let flag = self.control.join("gone");
         if gone {
@@ -768,6 +773,74 @@ fn the_documented_webhook_configuration_loads() {
         w.endpoints[0].secret_records[0].as_str(),
         "app-webhook-secret"
     );
+}
+
+/// A delivery an admin asks for again is retried for `max_age_hours` from that moment: a
+/// replay of an event older than that is not given up on its first failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_an_old_event_is_retried_not_given_up_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start(dir.path(), false);
+    let cfg = crate::proxy::load(dir.path(), &receiver.toml(""));
+    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
+    let clock = common::TestClock::new();
+    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
+    put_secrets(&d).await;
+    let mut admin = d.admin(ADMIN).await;
+    admin
+        .rotate_key(v1::RotateKeyRequest::default())
+        .await
+        .expect("rotate");
+    receiver
+        .until("key.rotated", |l| l.iter().any(|l| l["answer"] == 204))
+        .await;
+    let done = deliveries(&d, true).await;
+    assert_eq!(done.len(), 1);
+    // Four days later (past the 72 h horizon), with the receiver down, it is asked for again.
+    receiver.down();
+    clock.advance(4 * 24 * 3600);
+    admin
+        .retry_delivery(v1::RetryDeliveryRequest {
+            endpoint: "app".into(),
+            id: done[0].id.clone(),
+        })
+        .await
+        .expect("retry");
+    // Its first attempt fails: it stays pending, to be tried again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pending = loop {
+        let pending = deliveries(&d, false).await;
+        if pending
+            .first()
+            .is_some_and(|p| p.attempts > done[0].attempts)
+        {
+            break pending;
+        }
+        let finished = deliveries(&d, true).await;
+        assert!(
+            finished.iter().all(|f| f.state == "delivered"),
+            "given up: {finished:?}"
+        );
+        assert!(Instant::now() < deadline, "no attempt: {pending:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].state, "pending");
+    assert!(
+        pending[0].last_error.contains("503"),
+        "{}",
+        pending[0].last_error
+    );
+    assert!(deliveries(&d, true).await.is_empty());
+    // Once the receiver is back, it is delivered again.
+    receiver.up();
+    clock.advance(3600);
+    receiver
+        .until("the replay", |l| {
+            l.iter().filter(|l| l["answer"] == 204).count() == 2
+        })
+        .await;
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

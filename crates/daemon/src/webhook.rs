@@ -205,6 +205,10 @@ pub struct Entry {
     pub state: State,
     /// When it was delivered or given up, Unix milliseconds.
     pub finished_ms: Option<i64>,
+    /// When an admin last asked for it again (`Admin.RetryDelivery`), Unix milliseconds: the
+    /// `max_age_hours` horizon counts from then, not from the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried_ms: Option<i64>,
 }
 
 impl Entry {
@@ -764,6 +768,7 @@ mod tests {
             last_error: None,
             state: State::Pending,
             finished_ms: None,
+            retried_ms: None,
         };
         assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
         assert!(Entry::decode(b"{").is_err());

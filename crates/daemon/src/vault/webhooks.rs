@@ -162,6 +162,7 @@ impl Vault {
                     last_error: None,
                     state: State::Pending,
                     finished_ms: None,
+                    retried_ms: None,
                 };
                 rows.push((pending_key(&endpoint.name, &position), entry.encode()));
             }
@@ -432,7 +433,10 @@ fn outcome(
         }
         Answer::Failed(why) => {
             entry.last_error = Some(why.clone());
-            let age = u128::try_from(now_ms.saturating_sub(entry.created_ms)).unwrap_or(0);
+            // A replay an admin asked for gets its own horizon: an old event would otherwise
+            // be given up on its first failure.
+            let since = entry.retried_ms.unwrap_or(entry.created_ms);
+            let age = u128::try_from(now_ms.saturating_sub(since)).unwrap_or(0);
             if age >= config.max_age.as_millis() {
                 return finish(entry, State::Dead);
             }
@@ -746,6 +750,7 @@ impl Vault {
                 entry.state = State::Pending;
                 entry.finished_ms = None;
                 entry.next_attempt_ms = v.now().saturating_mul(1000);
+                entry.retried_ms = Some(entry.next_attempt_ms);
                 let mut mutations = Vec::new();
                 if from != pending {
                     mutations.push(Mutation::PutOutbox {
