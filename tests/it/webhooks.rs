@@ -775,17 +775,24 @@ fn the_documented_webhook_configuration_loads() {
     );
 }
 
+/// A receiver that is up, and a daemon on RocksDB in `dir` delivering to it, reading time from
+/// the returned clock, with the endpoint's signing secrets stored.
+async fn clocked(dir: &Path) -> (Receiver, TestDaemon, common::TestClock) {
+    let receiver = Receiver::start(dir, false);
+    let cfg = crate::proxy::load(dir, &receiver.toml(""));
+    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
+    let clock = common::TestClock::new();
+    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
+    put_secrets(&d).await;
+    (receiver, d, clock)
+}
+
 /// A delivery an admin asks for again is retried for `max_age_hours` from that moment: a
 /// replay of an event older than that is not given up on its first failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_of_an_old_event_is_retried_not_given_up_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let receiver = Receiver::start(dir.path(), false);
-    let cfg = crate::proxy::load(dir.path(), &receiver.toml(""));
-    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
-    let clock = common::TestClock::new();
-    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
-    put_secrets(&d).await;
+    let (receiver, d, clock) = clocked(dir.path()).await;
     let mut admin = d.admin(ADMIN).await;
     admin
         .rotate_key(v1::RotateKeyRequest::default())
@@ -846,12 +853,7 @@ async fn a_replay_of_an_old_event_is_retried_not_given_up_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_and_a_destruction_are_webhooks_for_security_teams() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let receiver = Receiver::start(dir.path(), false);
-    let cfg = crate::proxy::load(dir.path(), &receiver.toml(""));
-    let store = tokenvault::store::RocksStore::open(&cfg.data_dir, 8 << 20).expect("store");
-    let clock = common::TestClock::new();
-    let d = TestDaemon::start_with_clock(cfg, std::sync::Arc::new(store), &clock).await;
-    put_secrets(&d).await;
+    let (receiver, d, clock) = clocked(dir.path()).await;
     let mut admin = d.admin(ADMIN).await;
     let rotated = admin
         .rotate_key(v1::RotateKeyRequest::default())
