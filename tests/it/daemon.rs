@@ -1283,6 +1283,64 @@ async fn closed_by_the_daemon(conn: &mut tokio::net::TcpStream) {
     assert!(read.is_ok(), "the daemon kept a silent connection open");
 }
 
+/// `[limits] max_concurrent_streams` and `http2_window_bytes` are what the daemon announces to
+/// an HTTP/2 client: its SETTINGS and the connection's first WINDOW_UPDATE, read off the wire.
+#[tokio::test]
+async fn http2_streams_and_flow_control_windows_are_the_configured_bounds() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(tmp.path());
+    cfg.limits.max_concurrent_streams = 7;
+    cfg.limits.http2_window_bytes = 300_000;
+    let d = TestDaemon::start_with(cfg).await;
+    let mut conn = tokio::net::TcpStream::connect(d.addr)
+        .await
+        .expect("connect");
+    // The client preface and an empty SETTINGS frame.
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("preface");
+    let (mut streams, mut stream_window, mut conn_window) = (None, None, None);
+    let read = async {
+        while conn_window.is_none() || streams.is_none() {
+            let mut head = [0u8; 9];
+            conn.read_exact(&mut head).await.expect("frame header");
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await.expect("frame payload");
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match (head[3], head[4] & 1, stream) {
+                // SETTINGS, not an ACK: six-byte (id, value) pairs.
+                (4, 0, 0) => {
+                    for p in payload.chunks_exact(6) {
+                        let value = u32::from_be_bytes([p[2], p[3], p[4], p[5]]);
+                        match u16::from_be_bytes([p[0], p[1]]) {
+                            3 => streams = Some(value),
+                            4 => stream_window = Some(value),
+                            _ => {}
+                        }
+                    }
+                }
+                // WINDOW_UPDATE of the connection: over the protocol's initial 65,535.
+                (8, _, 0) => {
+                    let inc = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    conn_window = Some(65_535 + (inc & 0x7fff_ffff));
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("the server's SETTINGS and WINDOW_UPDATE");
+    assert_eq!(
+        (streams, stream_window, conn_window),
+        (Some(7), Some(300_000), Some(300_000))
+    );
+    drop(conn);
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn silent_and_excess_connections_are_closed_and_new_clients_served() {
     use tokio::io::AsyncWriteExt as _;

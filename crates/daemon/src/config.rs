@@ -280,6 +280,9 @@ pub struct Limits {
     pub idle_timeout: std::time::Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of a connection and of each stream: request bytes a client
+    /// may send before the daemon reads them, so a connection never buffers more.
+    pub http2_window_bytes: u32,
     /// Longest a request waits for a private-key thread before it is refused.
     pub max_queue_wait: std::time::Duration,
     /// Most requests waiting for a private-key thread at once, for a store thread, and most
@@ -307,6 +310,7 @@ impl Limits {
             max_connections: 4096,
             idle_timeout: std::time::Duration::from_secs(30),
             max_concurrent_streams: 128,
+            http2_window_bytes: 1 << 20,
             max_queue_wait: std::time::Duration::from_millis(250),
             max_queued: 1024,
             private_key_stuck: std::time::Duration::from_secs(30),
@@ -384,6 +388,12 @@ impl Limits {
                 30,
                 1..=86_400,
             )?),
+            http2_window_bytes: ranged(
+                "http2_window_bytes",
+                file.http2_window_bytes,
+                d.http2_window_bytes,
+                65_535..=16 << 20,
+            )?,
             max_concurrent_streams: ranged(
                 "max_concurrent_streams",
                 file.max_concurrent_streams,
@@ -796,6 +806,7 @@ struct FileLimits {
     max_connections: Option<usize>,
     idle_timeout_seconds: Option<u64>,
     max_concurrent_streams: Option<u32>,
+    http2_window_bytes: Option<u32>,
     max_queue_wait_ms: Option<u64>,
     max_queued: Option<usize>,
     private_key_stuck_seconds: Option<u64>,
@@ -1561,7 +1572,8 @@ mod tests {
              unauthenticated_burst = 3\nunauthenticated_sources = 4\nrefusal_summary_seconds = 5\n\
              max_connections = 6\nidle_timeout_seconds = 7\nmax_concurrent_streams = 8\n\
              max_queue_wait_ms = 9\nmax_queued = 10\nthrottled_hold_max = 11\n\
-             throttled_retry_max_seconds = 12\nprivate_key_stuck_seconds = 13\n",
+             throttled_retry_max_seconds = 12\nprivate_key_stuck_seconds = 13\n\
+             http2_window_bytes = 65536\n",
         );
         let c = Config::load(&p, &HashMap::new()).expect("loads");
         assert_eq!(
@@ -1578,6 +1590,7 @@ mod tests {
                 max_connections: 6,
                 idle_timeout: std::time::Duration::from_secs(7),
                 max_concurrent_streams: 8,
+                http2_window_bytes: 65_536,
                 max_queue_wait: std::time::Duration::from_millis(9),
                 max_queued: 10,
                 private_key_stuck: std::time::Duration::from_secs(13),
@@ -1708,6 +1721,10 @@ mod tests {
             (
                 "[limits]\nidle_timeout_seconds = 0\n",
                 "limits.idle_timeout_seconds: must be 1 to 86400",
+            ),
+            (
+                "[limits]\nhttp2_window_bytes = 65534\n",
+                "limits.http2_window_bytes: must be 65535 to 16777216",
             ),
             (
                 "[limits]\nmax_concurrent_streams = 0\n",

@@ -227,6 +227,10 @@ impl Daemon {
             Ok(tonic::transport::Server::builder()
                 .accept_http1(true)
                 .max_concurrent_streams(limits.max_concurrent_streams)
+                // What one connection may have sent and the daemon not yet read: with
+                // `max_connections`, the bound on request bytes buffered in memory.
+                .initial_connection_window_size(limits.http2_window_bytes)
+                .initial_stream_window_size(limits.http2_window_bytes)
                 .layer(metrics::MetricsLayer(Arc::clone(self.vault.metrics())))
                 .layer(tower::util::MapResponseLayer::new(
                     oversize_is_resource_exhausted,
