@@ -342,8 +342,9 @@ impl Daemon {
         let stopping = Arc::clone(&vault);
         // Health follows the database and the private-key threads: NOT_SERVING while the
         // database does not answer or every private-key thread is stuck in a call (a hung
-        // PKCS#11 token), so a load balancer routes calls to daemons that can serve them. The flag (under the lock the
-        // shutdown takes too) keeps a late change from undoing the shutdown's NOT_SERVING.
+        // PKCS#11 token), so a load balancer routes calls to daemons that can serve them. The
+        // flag (under the lock the shutdown takes too) keeps a late change from undoing the
+        // shutdown's NOT_SERVING.
         let shutting_down = Arc::new(tokio::sync::Mutex::new(false));
         let serving_tx = Arc::new(serving_tx);
         let follow_store = {
