@@ -702,6 +702,45 @@ async fn restart_and_offline_rotation_keep_every_record_readable() {
     d.stop().await;
 }
 
+/// With every private-key thread in a call that does not return (a hung PKCS#11 token) for
+/// `private_key_stuck_seconds`, health says NOT_SERVING, and SERVING again once one returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_while_every_private_key_thread_is_stuck() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.limits.private_key_stuck = std::time::Duration::from_secs(1);
+    let d = TestDaemon::start_with(cfg).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let mut until = async |want: ServingStatus| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "tokenvault.v1.Broker".into(),
+                })
+                .await
+                .expect("health")
+                .into_inner()
+                .status;
+            if status == want as i32 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "health never {want:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    until(ServingStatus::Serving).await;
+    let release = d.vault.occupy_private_key_threads();
+    until(ServingStatus::NotServing).await;
+    drop(release);
+    until(ServingStatus::Serving).await;
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn health_and_reflection_serve_generic_clients() {
     use tokenvault_test_reflection as reflection;

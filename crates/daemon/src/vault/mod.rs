@@ -660,6 +660,30 @@ impl Vault {
         self.private_keys_available.subscribe()
     }
 
+    /// Occupies every private-key thread with a call that returns only once the returned
+    /// sender is dropped: what a PKCS#11 token that stops answering does. Tests only.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn occupy_private_key_threads(self: &Arc<Self>) -> std::sync::mpsc::Sender<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for _ in 0..self.cpu.threads() {
+            let (rx, vault) = (Arc::clone(&rx), Arc::clone(self));
+            tokio::spawn(async move {
+                // One thread waits in `recv`, the others on its lock: all are held.
+                let _ = vault
+                    .cpu
+                    .run(move || {
+                        let _ = rx
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .recv();
+                    })
+                    .await;
+            });
+        }
+        tx
+    }
+
     /// Counts the private-key threads stuck in a call, and updates
     /// [`Vault::private_keys_available`]; a change is logged once.
     fn check_private_key_threads(&self) {
