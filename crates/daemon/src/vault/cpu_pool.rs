@@ -335,19 +335,7 @@ mod tests {
     async fn a_thread_whose_job_does_not_return_is_counted_stuck_until_it_does() {
         let pool = Arc::new(pool(2));
         assert_eq!(pool.stuck(Duration::ZERO), 0, "idle threads are not stuck");
-        let (release, hold) = mpsc::channel::<()>();
-        let (started, running) = tokio::sync::oneshot::channel::<()>();
-        let hung = {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                pool.run(move || {
-                    let _ = started.send(());
-                    hold.recv().is_ok()
-                })
-                .await
-            })
-        };
-        running.await.expect("the job started");
+        let (release, hung) = hold_a_thread(&pool).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(pool.stuck(Duration::from_millis(20)), 1);
         assert_eq!(pool.stuck(Duration::from_secs(60)), 0, "not that long");
