@@ -1560,6 +1560,51 @@ mod tests {
         assert_eq!(c.audit, AuditConfig::default(), "kept forever, not shipped");
     }
 
+    /// The README's `[limits]` reference, as written, is every limit at its default: a key
+    /// renamed, left out of the README or documented with another default fails here.
+    #[test]
+    fn the_readme_limits_table_is_the_defaults() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+                .expect("README.md");
+        let table: Vec<&str> = readme
+            .lines()
+            .skip_while(|l| l.trim() != "[limits]")
+            .take_while(|l| !l.trim().is_empty())
+            .collect();
+        assert!(table.len() > 10, "no [limits] table in README.md");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = write(
+            tmp.path(),
+            &format!("data_dir = \"d\"\nkey_dir = \"k\"\n{}\n", table.join("\n")),
+        );
+        let c = Config::load(&p, &HashMap::new()).expect("the README's [limits] loads");
+        assert_eq!(c.limits, Limits::standard());
+        // Every key of the file format is in it.
+        for key in [
+            "max_request_bytes",
+            "max_batch",
+            "unauthenticated_per_second",
+            "unauthenticated_burst",
+            "unauthenticated_sources",
+            "throttled_hold_max",
+            "throttled_retry_max_seconds",
+            "refusal_summary_seconds",
+            "max_connections",
+            "idle_timeout_seconds",
+            "max_concurrent_streams",
+            "http2_window_bytes",
+            "max_queue_wait_ms",
+            "max_queued",
+            "private_key_stuck_seconds",
+        ] {
+            assert!(
+                table.iter().any(|l| l.starts_with(&format!("{key} "))),
+                "{key} is not in the README's [limits]"
+            );
+        }
+    }
+
     #[test]
     fn every_limit_loads_from_the_file_and_defaults_otherwise() {
         let tmp = tempfile::tempdir().expect("tempdir");
