@@ -87,6 +87,10 @@ pub(crate) struct BenchArgs {
     /// Connections held by the idle-connections and slowloris attacks.
     #[arg(long, default_value_t = 2000)]
     attack_connections: usize,
+    /// Send the next call at once after a `RESOURCE_EXHAUSTED` instead of waiting the retry
+    /// time the daemon's `RetryInfo` gives, as a client that ignores it would.
+    #[arg(long)]
+    ignore_retry_hints: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -155,6 +159,8 @@ fn parse_mix(mix: &str) -> Result<Vec<(Op, u32)>, CliError> {
 struct Samples {
     micros: Vec<u64>,
     errors: u64,
+    /// How long each call answered `RESOURCE_EXHAUSTED` took to be refused.
+    refused_micros: Vec<u64>,
     /// Records written (batch) or 1 per call.
     items: u64,
 }
@@ -171,7 +177,12 @@ struct Report {
     p90_us: u64,
     p99_us: u64,
     max_us: u64,
+    /// Calls that failed, refused ones included.
     errors: u64,
+    /// Of those, calls the daemon refused with `RESOURCE_EXHAUSTED` (shed under overload),
+    /// and how long the slowest 1% of them took to be refused.
+    refused: u64,
+    refused_p99_us: u64,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -184,6 +195,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 fn report(op: &str, mut s: Samples, seconds: f64) -> Report {
     s.micros.sort_unstable();
+    s.refused_micros.sort_unstable();
     let count = s.micros.len() as u64;
     Report {
         operation: op.to_string(),
@@ -196,7 +208,36 @@ fn report(op: &str, mut s: Samples, seconds: f64) -> Report {
         p99_us: percentile(&s.micros, 99.0),
         max_us: s.micros.last().copied().unwrap_or(0),
         errors: s.errors,
+        refused: s.refused_micros.len() as u64,
+        refused_p99_us: percentile(&s.refused_micros, 99.0),
     }
+}
+
+/// How one call ended.
+enum Outcome {
+    /// Served; the records it read or wrote.
+    Served(u64),
+    /// Refused with `RESOURCE_EXHAUSTED`, with the daemon's retry time if it gave one.
+    Shed(Option<Duration>),
+    Failed,
+}
+
+impl Outcome {
+    fn of<T>(result: Result<T, tonic::Status>, items: u64) -> Self {
+        match result {
+            Ok(_) => Outcome::Served(items),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                Outcome::Shed(retry_hint(&status))
+            }
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
+/// The retry time of a refusal's `google.rpc.RetryInfo`, if it has one.
+fn retry_hint(status: &tonic::Status) -> Option<Duration> {
+    use tonic_types::StatusExt as _;
+    status.get_details_retry_info().and_then(|r| r.retry_delay)
 }
 
 /// Records to write, each handed out once: pre-sealed ones first, then sealed on demand
@@ -357,6 +398,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         let (mix, pool, seeded) = (mix.clone(), Arc::clone(&pool), seeded.clone());
         let http = http.clone();
         let (method, path, batch_size) = (method.clone(), path.clone(), args.batch_size.max(1));
+        let ignore_hints = args.ignore_retry_hints;
         tasks.spawn(async move {
             let mut ingest: v1::ingest_client::IngestClient<Authed> = ingest;
             let mut broker = broker;
@@ -376,11 +418,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
                     .map_or(Op::Get, |(op, _)| *op);
                 let id = format!("{seeded}{}", rand::thread_rng().gen_range(0..records));
                 let t0 = Instant::now();
-                let (ok, items) = match (op, broker.as_mut()) {
+                let outcome = match (op, broker.as_mut()) {
                     (Op::Get, Some(b)) => {
-                        (b.get_token(v1::GetTokenRequest { id }).await.is_ok(), 1)
+                        Outcome::of(b.get_token(v1::GetTokenRequest { id }).await, 1)
                     }
-                    (Op::Proxy, Some(b)) => (
+                    (Op::Proxy, Some(b)) => Outcome::of(
                         b.proxy(v1::ProxyRequest {
                             id,
                             method: method.clone(),
@@ -389,23 +431,20 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
                             body: vec![],
                             grant: String::new(),
                         })
-                        .await
-                        .is_ok(),
+                        .await,
                         1,
                     ),
-                    (Op::Echo, _) => (
-                        ingest.public_keys(v1::PublicKeysRequest {}).await.is_ok(),
-                        1,
-                    ),
+                    (Op::Echo, _) => {
+                        Outcome::of(ingest.public_keys(v1::PublicKeysRequest {}).await, 1)
+                    }
                     (Op::Put, _) => match pool.take(1).ok().and_then(|mut r| r.pop()) {
-                        Some(record) => (
+                        Some(record) => Outcome::of(
                             ingest
                                 .put_sealed(v1::PutSealedRequest {
                                     record: Some(record),
                                     expected_version: 0,
                                 })
-                                .await
-                                .is_ok(),
+                                .await,
                             1,
                         ),
                         None => break,
@@ -416,23 +455,37 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
                             break;
                         }
                         let n = records.len() as u64;
-                        (ingest.put_sealed_batch(creates(records)).await.is_ok(), n)
+                        Outcome::of(ingest.put_sealed_batch(creates(records)).await, n)
                     }
                     (Op::HttpPut, _) => {
                         match (http.as_ref(), pool.take(1).ok().and_then(|mut r| r.pop())) {
-                            (Some(h), Some(record)) => (h.put(&record).await, 1),
+                            (Some(h), Some(record)) if h.put(&record).await => Outcome::Served(1),
+                            (Some(_), Some(_)) => Outcome::Failed,
                             _ => break,
                         }
                     }
-                    (_, None) => (false, 0),
+                    (_, None) => Outcome::Failed,
                 };
+                let took = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let s = samples.entry(op).or_default();
-                if ok {
-                    s.micros
-                        .push(u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX));
-                    s.items += items;
-                } else {
-                    s.errors += 1;
+                match outcome {
+                    Outcome::Served(items) => {
+                        s.micros.push(took);
+                        s.items += items;
+                    }
+                    Outcome::Shed(retry) => {
+                        s.errors += 1;
+                        s.refused_micros.push(took);
+                        // A client that heeds the daemon waits the time it was given.
+                        if let Some(wait) = retry.filter(|_| !ignore_hints) {
+                            tokio::time::sleep_until(
+                                (tokio::time::Instant::now() + wait)
+                                    .min(tokio::time::Instant::from_std(deadline)),
+                            )
+                            .await;
+                        }
+                    }
+                    Outcome::Failed => s.errors += 1,
                 }
             }
             samples
@@ -444,6 +497,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         for (op, s) in samples {
             let m = merged.entry(op).or_default();
             m.micros.extend(s.micros);
+            m.refused_micros.extend(s.refused_micros);
             m.errors += s.errors;
             m.items += s.items;
         }
@@ -610,12 +664,22 @@ fn print_reports(
             args.mix, concurrency, args.connections, seconds
         );
         println!(
-            "{:<8} {:>9} {:>11} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7}",
-            "op", "calls", "calls/s", "records/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "errors"
+            "{:<8} {:>9} {:>11} {:>12} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>12}",
+            "op",
+            "calls",
+            "calls/s",
+            "records/s",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "max µs",
+            "errors",
+            "refused",
+            "refused p99"
         );
         for r in reports {
             println!(
-                "{:<8} {:>9} {:>11.0} {:>12.0} {:>9} {:>9} {:>9} {:>9} {:>7}",
+                "{:<8} {:>9} {:>11.0} {:>12.0} {:>9} {:>9} {:>9} {:>9} {:>7} {:>8} {:>12}",
                 r.operation,
                 r.count,
                 r.ops_per_second,
@@ -624,7 +688,9 @@ fn print_reports(
                 r.p90_us,
                 r.p99_us,
                 r.max_us,
-                r.errors
+                r.errors,
+                r.refused,
+                r.refused_p99_us
             );
         }
         if let Some(c) = cpu {
@@ -717,20 +783,15 @@ async fn warm_up(
                 // A daemon shedding load answers RESOURCE_EXHAUSTED with a retry hint: the
                 // warm-up waits as told and reads the record again.
                 loop {
-                    match broker
+                    let got = broker
                         .get_token(v1::GetTokenRequest { id: id.clone() })
-                        .await
-                    {
-                        Ok(_) => break,
+                        .await;
+                    match got {
                         Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                            use tonic_types::StatusExt as _;
-                            let wait = status
-                                .get_details_retry_info()
-                                .and_then(|r| r.retry_delay)
-                                .unwrap_or(Duration::from_millis(100));
+                            let wait = retry_hint(&status).unwrap_or(Duration::from_millis(100));
                             tokio::time::sleep(wait).await;
                         }
-                        Err(status) => return Err(status.into()),
+                        got => break got.map(drop)?,
                     }
                 }
             }
@@ -772,6 +833,8 @@ async fn rewrap(args: &BenchArgs) -> Result<(), CliError> {
         p99_us: 0,
         max_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         errors: last.failed,
+        refused: 0,
+        refused_p99_us: 0,
     };
     print_reports(args, 1, seconds, &[report], None, None)
 }

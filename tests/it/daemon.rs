@@ -741,6 +741,55 @@ async fn health_is_not_serving_while_every_private_key_thread_is_stuck() {
     d.stop().await;
 }
 
+/// A call waiting for a private-key thread that never frees (every thread in a hung PKCS#11
+/// call) is refused once it has waited `max_queue_wait_ms`, with a retry hint, instead of
+/// waiting for as long as its client does; once a thread returns, calls are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_for_a_hung_private_key_thread_is_refused_after_max_queue_wait() {
+    use tonic_types::StatusExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.limits.max_queue_wait = std::time::Duration::from_millis(200);
+    let d = TestDaemon::start_with(cfg).await;
+    d.seed("hung-", 2).await;
+    let release = d.vault.occupy_private_key_threads();
+    let started = std::time::Instant::now();
+    let e = d.get("hung-0").await.expect_err("no thread frees");
+    let waited = started.elapsed();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("overloaded: waited 200 ms for a private-key thread (max_queue_wait_ms is 200); retry in "),
+        "{}",
+        e.message()
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(200)
+            && waited < std::time::Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // The hint is spread around the bound so refused callers do not all come back at once.
+    let hint = e
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        (std::time::Duration::from_millis(100)..=std::time::Duration::from_millis(300))
+            .contains(&hint),
+        "{hint:?}"
+    );
+    drop(release);
+    // The refused call's job is skipped when a thread reaches it; the next call is served.
+    let got = d.get("hung-1").await.expect("served once a thread returns");
+    assert!(!got.into_inner().secret.is_empty());
+    let metrics = d.vault.metrics().encode(&d.vault);
+    assert!(
+        metrics.contains(r#"tokenvault_shed_total{outcome="queue_wait"} 1"#),
+        "{metrics}"
+    );
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn health_and_reflection_serve_generic_clients() {
     use tokenvault_test_reflection as reflection;

@@ -285,6 +285,9 @@ pub struct Limits {
     pub http2_window_bytes: u32,
     /// Longest a request waits for a private-key thread before it is refused.
     pub max_queue_wait: std::time::Duration,
+    /// Longest predicted wait a request is accepted with once the private-key or store queue
+    /// has not drained for 100 ms (sustained overload, not a burst); at most `max_queue_wait`.
+    pub overload_queue_wait: std::time::Duration,
     /// Most requests waiting for a private-key thread at once, for a store thread, and most
     /// write requests waiting for the group commit.
     pub max_queued: usize,
@@ -312,6 +315,7 @@ impl Limits {
             max_concurrent_streams: 128,
             http2_window_bytes: 1 << 20,
             max_queue_wait: std::time::Duration::from_millis(250),
+            overload_queue_wait: std::time::Duration::from_millis(2),
             max_queued: 1024,
             private_key_stuck: std::time::Duration::from_secs(30),
         }
@@ -406,6 +410,13 @@ impl Limits {
                 250,
                 1..=60_000,
             )?),
+            // Unset, it follows a lower max_queue_wait_ms down rather than refusing it.
+            overload_queue_wait: std::time::Duration::from_millis(ranged(
+                "overload_queue_wait_ms",
+                file.overload_queue_wait_ms,
+                file.max_queue_wait_ms.map_or(2, |max| max.min(2)),
+                1..=60_000,
+            )?),
             max_queued: ranged("max_queued", file.max_queued, d.max_queued, 1..=1_000_000)?,
             private_key_stuck: std::time::Duration::from_secs(ranged(
                 "private_key_stuck_seconds",
@@ -414,6 +425,15 @@ impl Limits {
                 1..=3600,
             )?),
         };
+        if limits.overload_queue_wait > limits.max_queue_wait {
+            return Err(invalid(
+                "limits.overload_queue_wait_ms",
+                format!(
+                    "must not exceed max_queue_wait_ms ({})",
+                    limits.max_queue_wait.as_millis()
+                ),
+            ));
+        }
         if limits.max_batch == 0 || limits.max_request_bytes < 4096 {
             return Err(invalid(
                 "limits",
@@ -808,6 +828,7 @@ struct FileLimits {
     max_concurrent_streams: Option<u32>,
     http2_window_bytes: Option<u32>,
     max_queue_wait_ms: Option<u64>,
+    overload_queue_wait_ms: Option<u64>,
     max_queued: Option<usize>,
     private_key_stuck_seconds: Option<u64>,
 }
@@ -1595,6 +1616,7 @@ mod tests {
             "max_concurrent_streams",
             "http2_window_bytes",
             "max_queue_wait_ms",
+            "overload_queue_wait_ms",
             "max_queued",
             "private_key_stuck_seconds",
         ] {
@@ -1616,7 +1638,8 @@ mod tests {
             "data_dir = \"d\"\nkey_dir = \"k\"\n[limits]\nunauthenticated_per_second = 2\n\
              unauthenticated_burst = 3\nunauthenticated_sources = 4\nrefusal_summary_seconds = 5\n\
              max_connections = 6\nidle_timeout_seconds = 7\nmax_concurrent_streams = 8\n\
-             max_queue_wait_ms = 9\nmax_queued = 10\nthrottled_hold_max = 11\n\
+             max_queue_wait_ms = 9\noverload_queue_wait_ms = 8\nmax_queued = 10\n\
+             throttled_hold_max = 11\n\
              throttled_retry_max_seconds = 12\nprivate_key_stuck_seconds = 13\n\
              http2_window_bytes = 65536\n",
         );
@@ -1637,10 +1660,24 @@ mod tests {
                 max_concurrent_streams: 8,
                 http2_window_bytes: 65_536,
                 max_queue_wait: std::time::Duration::from_millis(9),
+                overload_queue_wait: std::time::Duration::from_millis(8),
                 max_queued: 10,
                 private_key_stuck: std::time::Duration::from_secs(13),
                 ..Limits::standard()
             }
+        );
+        // A max_queue_wait_ms below the overload default brings that default down with it.
+        let p = write(
+            tmp.path(),
+            "data_dir = \"d\"\nkey_dir = \"k\"\n[limits]\nmax_queue_wait_ms = 1\n",
+        );
+        let c = Config::load(&p, &HashMap::new()).expect("loads");
+        assert_eq!(
+            (c.limits.max_queue_wait, c.limits.overload_queue_wait),
+            (
+                std::time::Duration::from_millis(1),
+                std::time::Duration::from_millis(1)
+            )
         );
     }
 
@@ -1778,6 +1815,18 @@ mod tests {
             (
                 "[limits]\nmax_queue_wait_ms = 60001\n",
                 "limits.max_queue_wait_ms: must be 1 to 60000",
+            ),
+            (
+                "[limits]\noverload_queue_wait_ms = 0\n",
+                "limits.overload_queue_wait_ms: must be 1 to 60000",
+            ),
+            (
+                "[limits]\noverload_queue_wait_ms = 251\n",
+                "limits.overload_queue_wait_ms: must not exceed max_queue_wait_ms (250)",
+            ),
+            (
+                "[limits]\nmax_queue_wait_ms = 20\noverload_queue_wait_ms = 21\n",
+                "limits.overload_queue_wait_ms: must not exceed max_queue_wait_ms (20)",
             ),
             (
                 "[limits]\nmax_queued = 0\n",

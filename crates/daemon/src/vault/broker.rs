@@ -87,6 +87,8 @@ impl Vault {
             Ok(_) => {
                 tracing::debug!(rpc = "GetToken", caller = %caller.name, record = %self.log_id(id), "released")
             }
+            // Shed calls are counted and summarized (`Metrics::shed`), not logged one by one.
+            Err(VaultError::Overloaded { .. }) => {}
             Err(e) => {
                 tracing::info!(rpc = "GetToken", caller = %caller.name, record = %self.log_id(id), error = %e, "refused")
             }
@@ -120,6 +122,7 @@ impl Vault {
             Ok(r) => {
                 tracing::debug!(rpc = "Proxy", caller = %caller.name, record = %self.log_id(&id), status = r.response.status, refreshed = r.refreshed, "proxied")
             }
+            Err(VaultError::Overloaded { .. }) => {}
             Err(e) => {
                 tracing::info!(rpc = "Proxy", caller = %caller.name, record = %self.log_id(&id), error = %e, "refused")
             }

@@ -156,7 +156,7 @@ impl GroupCommit {
         let queued = self.pending.fetch_add(1, Ordering::SeqCst);
         if queued >= self.max_pending {
             self.pending.fetch_sub(1, Ordering::SeqCst);
-            super::metrics::Metrics::count(&self.metrics.shed, "commit_queue_full");
+            self.metrics.shed("commit_queue_full");
             return Err(super::VaultError::Overloaded {
                 reason: format!(
                     "{queued} write requests wait for the store (max_queued is {})",

@@ -12,8 +12,23 @@
 //! at least `threads` more jobs are queued behind it, i.e. when the caller's wait is already
 //! several jobs long, and for at most [`MAX_HELD`] jobs; with no backlog every result is
 //! handed back at once.
+//!
+//! Two bounds decide whether a job is taken on. A burst that arrives at an idle pool may wait
+//! up to `max_queue_wait_ms`: it drains, and refusing it would only make its callers retry.
+//! A queue that has not drained for [`STANDING_AFTER`] is not a burst but a standing queue
+//! (more callers than the threads serve), where a longer queue adds only latency, never
+//! throughput: there a job is taken on only if its predicted wait is within
+//! `overload_queue_wait_ms`, so accepted calls stay fast and the rest are refused at once. This
+//! is the server-queue form of CoDel (RFC 8289; its target and interval are the defaults here),
+//! as Facebook describes it for its RPC servers ("Fail at Scale", ACM Queue 13(8), 2015). The
+//! shorter bound stays for a while after the queue last stood (twice the retry time refusals
+//! give, at least a second): refused callers come back together when their retry time has
+//! passed, and taking them on as a burst would rebuild the queue each time.
+//!
+//! A caller waits for a thread at most `max_queue_wait_ms`, whether or not the threads ever
+//! finish (a hung PKCS#11 token): then it is refused, and its job is skipped when reached.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,6 +42,14 @@ type Job = Box<dyn FnOnce() -> Done + Send>;
 /// Most results a thread holds back before handing them all back.
 const MAX_HELD: usize = 8;
 
+/// A job's turn: waiting for a thread, taken by one, or given up on by its caller.
+const WAITING: u8 = 0;
+const TAKEN: u8 = 1;
+const GAVE_UP: u8 = 2;
+
+/// A queue that has not drained for this long is standing (CoDel's interval, RFC 8289 4.3).
+const STANDING_AFTER: Duration = Duration::from_millis(100);
+
 struct Queue {
     rx: Mutex<mpsc::Receiver<Job>>,
     /// Jobs sent and not yet taken by a thread.
@@ -37,6 +60,12 @@ struct Queue {
     /// What each thread's running job started at: milliseconds since `epoch`, plus one (0:
     /// idle). Read by [`CpuPool::stuck`].
     running: Box<[AtomicU64]>,
+    /// When the queue was last seen empty, in milliseconds since `epoch`.
+    drained_ms: AtomicU64,
+    /// When the queue was last seen standing, in milliseconds since `epoch` plus one (0: never).
+    stood_ms: AtomicU64,
+    /// How long the shorter bound stays after the queue last stood.
+    remember_ms: u64,
     epoch: Instant,
 }
 
@@ -44,15 +73,33 @@ impl Queue {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
+
+    /// Whether the queue has not drained for [`STANDING_AFTER`], or did not within the last
+    /// `remember_ms`.
+    fn standing(&self, now_ms: u64) -> bool {
+        let since = now_ms.saturating_sub(self.drained_ms.load(Ordering::Relaxed));
+        if u128::from(since) > STANDING_AFTER.as_millis() {
+            self.stood_ms.store(now_ms + 1, Ordering::Relaxed);
+            return true;
+        }
+        match self.stood_ms.load(Ordering::Relaxed) {
+            0 => false,
+            stood => now_ms.saturating_sub(stood - 1) < self.remember_ms,
+        }
+    }
 }
 
-/// How much work the pool takes on (`[limits] max_queued`, `max_queue_wait_ms`).
+/// How much work the pool takes on (`[limits] max_queued`, `max_queue_wait_ms`,
+/// `overload_queue_wait_ms`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Bound {
     /// Most jobs waiting at once.
     pub max_queued: usize,
     /// Longest a job may wait for a thread.
     pub max_wait: Duration,
+    /// Longest predicted wait a job is taken on with while the queue is standing; at most
+    /// `max_wait`.
+    pub standing_wait: Duration,
 }
 
 /// Why a job did not run.
@@ -66,6 +113,8 @@ pub(super) enum Refused {
         queued: usize,
         /// The wait predicted for it.
         predicted: Duration,
+        /// Whether the queue was standing, so the shorter bound applied.
+        standing: bool,
     },
     /// It waited longer than the bound for a thread (the prediction was wrong).
     Late(Duration),
@@ -129,6 +178,11 @@ impl CpuPool {
             waiting: AtomicUsize::new(0),
             average_ns: AtomicU64::new(0),
             running: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            drained_ms: AtomicU64::new(0),
+            stood_ms: AtomicU64::new(0),
+            remember_ms: u64::try_from(bound.max_wait.saturating_mul(2).as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1000),
             epoch: Instant::now(),
         });
         let handles = (0..threads)
@@ -178,32 +232,60 @@ impl CpuPool {
 
     /// Runs `f` on the pool and waits for its result. Refused at once when the queue is full
     /// or the wait it predicts (jobs queued × their average run time ÷ threads) exceeds the
-    /// bound; refused when a thread takes it if it waited longer than the bound anyway;
-    /// dropped unrun if its caller has gone by then.
+    /// bound (the shorter one while the queue is standing); refused once it has waited
+    /// `max_wait` for a thread, and then skipped when reached; dropped unrun if its caller has
+    /// gone by the time a thread takes it.
     pub(super) async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Refused> {
         let queued = self.queue.waiting.load(Ordering::Relaxed);
-        let predicted = self.predicted_wait(queued);
-        if queued >= self.bound.max_queued || predicted > self.bound.max_wait {
-            Metrics::count(&self.metrics.shed, self.kind.shed()[0]);
-            return Err(Refused::Full { queued, predicted });
+        let now = self.queue.now_ms();
+        if queued == 0 {
+            self.queue.drained_ms.store(now, Ordering::Relaxed);
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let standing = self.queue.standing(now);
+        let predicted = self.predicted_wait(queued);
+        let bound = if standing {
+            self.bound.standing_wait.min(self.bound.max_wait)
+        } else {
+            self.bound.max_wait
+        };
+        if queued >= self.bound.max_queued || predicted > bound {
+            // Refusing is overload too: the shorter bound stays while calls are refused.
+            self.queue.stood_ms.store(now + 1, Ordering::Relaxed);
+            self.metrics.shed(self.kind.shed()[0]);
+            return Err(Refused::Full {
+                queued,
+                predicted,
+                standing,
+            });
+        }
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
         let (enqueued, max_wait) = (Instant::now(), self.bound.max_wait);
         let (queue, metrics) = (Arc::clone(&self.queue), Arc::clone(&self.metrics));
         let [_, late, gone] = self.kind.shed();
+        // Whether a thread took the job or its caller stopped waiting for one, whichever came
+        // first: the other then knows.
+        let turn = Arc::new(AtomicU8::new(WAITING));
+        let taken = Arc::clone(&turn);
         let job: Job = Box::new(move || {
             let waited = enqueued.elapsed();
+            if taken
+                .compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                // Refused already, and counted then.
+                return Box::new(|| {});
+            }
             if reply.is_closed() {
                 // The caller went away (its deadline passed, its connection closed): its
                 // private-key work would be for nobody.
-                Metrics::count(&metrics.shed, gone);
+                metrics.shed(gone);
                 return Box::new(|| {});
             }
             if waited > max_wait {
-                Metrics::count(&metrics.shed, late);
+                metrics.shed(late);
                 return Box::new(move || {
                     let _ = reply.send(Err(Refused::Late(waited)));
                 });
@@ -241,6 +323,19 @@ impl CpuPool {
                 return Err(Refused::Failed);
             }
         }
+        tokio::select! {
+            biased;
+            result = &mut answer => return result.unwrap_or(Err(Refused::Failed)),
+            () = tokio::time::sleep(max_wait) => {}
+        }
+        if turn
+            .compare_exchange(WAITING, GAVE_UP, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.metrics.shed(late);
+            return Err(Refused::Late(max_wait));
+        }
+        // A thread has it: its result comes however long it runs.
         answer.await.unwrap_or(Err(Refused::Failed))
     }
 }
@@ -269,7 +364,9 @@ fn work(queue: &Queue, threads: usize, index: usize) {
         };
         match next {
             Ok(job) => {
-                queue.waiting.fetch_sub(1, Ordering::SeqCst);
+                if queue.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    queue.drained_ms.store(queue.now_ms(), Ordering::Relaxed);
+                }
                 let running = &queue.running[index];
                 running.store(queue.now_ms() + 1, Ordering::Relaxed);
                 // A panicking job drops its reply (the caller gets `None`); the thread lives on.
@@ -324,6 +421,7 @@ mod tests {
         Bound {
             max_queued: usize::MAX,
             max_wait: Duration::from_secs(3600),
+            standing_wait: Duration::from_secs(3600),
         }
     }
 
@@ -459,6 +557,28 @@ mod tests {
         (release, holder)
     }
 
+    /// With the pool's one thread held, queues `n` jobs, waits `after`, and returns what a
+    /// further job got; then lets the thread go and checks the queued jobs all ran.
+    async fn refused_behind(pool: &Arc<CpuPool>, n: usize, after: Duration) -> Result<u8, Refused> {
+        let (release, holder) = hold_a_thread(pool).await;
+        let mut queued = Vec::new();
+        for i in 1..=n {
+            let p = Arc::clone(pool);
+            queued.push(tokio::spawn(async move { p.run(|| 5u8).await }));
+            while pool.queue.waiting.load(Ordering::SeqCst) < i {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::time::sleep(after).await;
+        let further = pool.run(|| 9u8).await;
+        release.send(()).expect("release");
+        assert_eq!(holder.await.expect("task"), Ok(true));
+        for q in queued {
+            assert_eq!(q.await.expect("task"), Ok(5));
+        }
+        further
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn overload_is_refused_at_once_and_what_was_accepted_runs() {
         let metrics = Arc::new(Metrics::default());
@@ -469,6 +589,7 @@ mod tests {
                 Bound {
                     max_queued: 4,
                     max_wait: Duration::from_secs(60),
+                    standing_wait: Duration::from_secs(60),
                 },
                 Arc::clone(&metrics),
             )
@@ -511,6 +632,7 @@ mod tests {
                 Bound {
                     max_queued: 100,
                     max_wait: Duration::from_millis(50),
+                    standing_wait: Duration::from_millis(50),
                 },
                 Arc::clone(&metrics),
             )
@@ -532,18 +654,30 @@ mod tests {
         }
         gone.abort();
         let _ = gone.await;
-        // Past the bound while the thread is held.
-        let past = Instant::now() + Duration::from_millis(60);
-        while Instant::now() < past {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Refused at the bound while the thread is still held: a hung thread does not keep its
+        // callers waiting.
+        let started = Instant::now();
+        assert!(
+            matches!(late.await.expect("task"), Err(Refused::Late(w)) if w >= Duration::from_millis(50))
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
         release.send(()).expect("release");
         assert_eq!(holder.await.expect("task"), Ok(true));
-        assert!(
-            matches!(late.await.expect("task"), Err(Refused::Late(w)) if w > Duration::from_millis(50))
-        );
+        // The thread reaches both jobs and runs neither.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            let text = metrics.encode_for_test();
+            if text.contains(r#"tokenvault_shed_total{outcome="caller_gone"} 1"#) {
+                break text;
+            }
+            assert!(Instant::now() < deadline, "{text}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        while pool.queue.waiting.load(Ordering::SeqCst) > 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.run(|| 1).await, Ok(1));
         assert_eq!(ran.load(Ordering::SeqCst), 0);
-        let text = metrics.encode_for_test();
         assert!(
             text.contains(r#"tokenvault_shed_total{outcome="queue_wait"} 1"#),
             "{text}"
@@ -551,6 +685,57 @@ mod tests {
         assert!(
             text.contains(r#"tokenvault_shed_total{outcome="caller_gone"} 1"#),
             "{text}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_standing_queue_takes_on_only_the_shorter_wait_and_keeps_it_while_refusing() {
+        let pool = Arc::new(
+            CpuPool::start(
+                Kind::PrivateKey,
+                1,
+                Bound {
+                    max_queued: 100,
+                    max_wait: Duration::from_secs(30),
+                    standing_wait: Duration::from_millis(1),
+                },
+                Arc::default(),
+            )
+            .expect("pool"),
+        );
+        // Jobs of about 2 ms: two waiting predict about 4 ms.
+        for _ in 0..20 {
+            let slow = pool.run(|| std::thread::sleep(Duration::from_millis(2)));
+            assert_eq!(slow.await, Ok(()));
+        }
+        // A burst at a queue that just drained waits within max_wait: both are taken on, and
+        // once it has not drained for longer than STANDING_AFTER it is a standing queue, with
+        // the shorter bound.
+        let refused = refused_behind(&pool, 2, STANDING_AFTER + Duration::from_millis(20)).await;
+        assert!(
+            matches!(
+                refused,
+                Err(Refused::Full {
+                    queued: 2,
+                    standing: true,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        // Drained, but it refused a moment ago: the callers it refused are coming back, and
+        // the shorter bound still applies to them (a burst would take the second one on).
+        let refused = refused_behind(&pool, 1, Duration::ZERO).await;
+        assert!(
+            matches!(
+                refused,
+                Err(Refused::Full {
+                    queued: 1,
+                    standing: true,
+                    ..
+                })
+            ),
+            "{refused:?}"
         );
     }
 }

@@ -111,7 +111,14 @@ pub struct Metrics {
     pub rewrap_total: Gauge,
     /// Private-key threads whose call has run `private_key_stuck_seconds` or longer.
     pub private_key_stuck: Gauge,
+    /// Shed calls not yet in a log line, and when the last such line was written.
+    shed_unlogged: std::sync::atomic::AtomicU64,
+    shed_logged: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// Most often a line says calls are being shed: one per shed call would make shedding cost a
+/// log write each.
+const SHED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -255,6 +262,8 @@ impl Default for Metrics {
             rewrap_done,
             rewrap_total,
             private_key_stuck,
+            shed_unlogged: std::sync::atomic::AtomicU64::new(0),
+            shed_logged: std::sync::Mutex::new(None),
         }
     }
 }
@@ -269,6 +278,30 @@ impl Metrics {
     /// Counts one of `family`'s outcomes.
     pub fn count(family: &Family<Outcome, Counter>, outcome: &str) {
         family.get_or_create(&label(outcome)).inc();
+    }
+
+    /// Counts a call shed under overload (`outcome` says why), and says in the log that calls
+    /// are being shed: at once for the first, then at most once per [`SHED_LOG_EVERY`] with how
+    /// many since the last line. The calls themselves are not logged one by one.
+    pub fn shed(&self, outcome: &str) {
+        use std::sync::atomic::Ordering;
+        Self::count(&self.shed, outcome);
+        self.shed_unlogged.fetch_add(1, Ordering::Relaxed);
+        // Whoever holds the lock is deciding already; the others only count.
+        let Ok(mut last) = self.shed_logged.try_lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= SHED_LOG_EVERY) {
+            let since = last.map_or(0, |t| now.duration_since(t).as_secs());
+            *last = Some(now);
+            let shed = self.shed_unlogged.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                shed,
+                since_seconds = since,
+                "overloaded: calls shed (refused with RESOURCE_EXHAUSTED, or dropped as their caller had gone) since the last such line; tokenvault_shed_total counts them by why"
+            );
+        }
     }
 
     /// Counts an upstream answer or failure.
@@ -430,5 +463,55 @@ mod process {
                 super::gauge(max),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shed_calls_are_counted_one_by_one_and_logged_once_per_period() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let m = Metrics::default();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1000 {
+                m.shed("queue_full");
+            }
+            m.shed("queue_wait");
+        });
+        let text = m.encode_for_test();
+        assert!(
+            text.contains(r#"tokenvault_shed_total{outcome="queue_full"} 1000"#)
+                && text.contains(r#"tokenvault_shed_total{outcome="queue_wait"} 1"#),
+            "{text}"
+        );
+        let log = String::from_utf8(lines.0.lock().expect("lock").clone()).expect("utf-8");
+        // The first shed call says so at once; the next 1,000 wait for the next line.
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(
+            log.contains("overloaded: calls shed") && log.contains("shed=1 "),
+            "{log}"
+        );
+        assert_eq!(
+            m.shed_unlogged.load(std::sync::atomic::Ordering::Relaxed),
+            1000
+        );
     }
 }

@@ -475,6 +475,7 @@ impl Vault {
                 cpu_pool::Bound {
                     max_queued: config.limits.max_queued,
                     max_wait: config.limits.max_queue_wait,
+                    standing_wait: config.limits.overload_queue_wait,
                 },
                 Arc::clone(&metrics),
             )
@@ -990,16 +991,35 @@ impl Vault {
     ) -> Result<T, VaultError> {
         let vault = Arc::clone(self);
         let max_wait = self.limits.max_queue_wait;
-        let retry_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
+        // Refused together, told the same time, the callers would come back together and be
+        // refused together again: the hint is spread over half to one and a half times the
+        // bound, so their retries spread out too.
+        let base = u64::try_from(max_wait.as_millis())
+            .unwrap_or(u64::MAX / 2)
+            .max(2);
+        let retry_ms = base / 2 + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=base);
         match pool.run(move || f(&vault)).await {
             Ok(result) => result,
             Err(cpu_pool::Refused::Failed) => Err(VaultError::Task),
-            Err(cpu_pool::Refused::Full { queued, predicted }) => Err(VaultError::Overloaded {
-                reason: format!(
-                    "{queued} requests wait for {thread} (about {} ms; max_queue_wait_ms is {})",
-                    predicted.as_millis(),
-                    max_wait.as_millis()
-                ),
+            Err(cpu_pool::Refused::Full {
+                queued,
+                predicted,
+                standing,
+            }) => Err(VaultError::Overloaded {
+                reason: if standing {
+                    format!(
+                        "{queued} requests wait for {thread} (about {} ms) and the queue has not \
+                         drained for 100 ms (overload_queue_wait_ms is {})",
+                        predicted.as_millis(),
+                        self.limits.overload_queue_wait.as_millis()
+                    )
+                } else {
+                    format!(
+                        "{queued} requests wait for {thread} (about {} ms; max_queue_wait_ms is {})",
+                        predicted.as_millis(),
+                        max_wait.as_millis()
+                    )
+                },
                 retry_ms,
             }),
             Err(cpu_pool::Refused::Late(waited)) => Err(VaultError::Overloaded {
