@@ -19,11 +19,12 @@
 //! (more callers than the threads serve), where a longer queue adds only latency, never
 //! throughput: there a job is taken on only if its predicted wait is within
 //! `overload_queue_wait_ms`, so accepted calls stay fast and the rest are refused at once. This
-//! is the server-queue form of CoDel (RFC 8289; its target and interval are the defaults here),
-//! as Facebook describes it for its RPC servers ("Fail at Scale", ACM Queue 13(8), 2015). The
-//! shorter bound stays for a while after the queue last stood (twice the retry time refusals
-//! give, at least a second): refused callers come back together when their retry time has
-//! passed, and taking them on as a burst would rebuild the queue each time.
+//! is the server-queue form of CoDel (RFC 8289: its 100 ms interval; its target is
+//! `overload_queue_wait_ms`), as Facebook describes it for its RPC servers ("Fail at Scale",
+//! ACM Queue 13(8), 2015). The shorter bound stays while calls are refused and for a while after
+//! the queue last stood (twice `max_queue_wait_ms`, at least a second, so longer than any retry
+//! time a refusal gives): refused callers come back when their retry time has passed, and
+//! taking them on as a burst would rebuild the queue each time.
 //!
 //! A caller waits for a thread at most `max_queue_wait_ms`, whether or not the threads ever
 //! finish (a hung PKCS#11 token): then it is refused, and its job is skipped when reached.
