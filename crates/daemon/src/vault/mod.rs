@@ -993,11 +993,13 @@ impl Vault {
         let max_wait = self.limits.max_queue_wait;
         // Refused together, told the same time, the callers would come back together and be
         // refused together again: the hint is spread over half to one and a half times the
-        // bound, so their retries spread out too.
-        let base = u64::try_from(max_wait.as_millis())
-            .unwrap_or(u64::MAX / 2)
-            .max(2);
-        let retry_ms = base / 2 + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=base);
+        // bound, so their retries spread out too. Drawn only for a refusal.
+        let retry_ms = || {
+            let base = u64::try_from(max_wait.as_millis())
+                .unwrap_or(u64::MAX / 2)
+                .max(2);
+            base / 2 + rand::Rng::gen_range(&mut rand::thread_rng(), 0..=base)
+        };
         match pool.run(move || f(&vault)).await {
             Ok(result) => result,
             Err(cpu_pool::Refused::Failed) => Err(VaultError::Task),
@@ -1020,7 +1022,7 @@ impl Vault {
                         max_wait.as_millis()
                     )
                 },
-                retry_ms,
+                retry_ms: retry_ms(),
             }),
             Err(cpu_pool::Refused::Late(waited)) => Err(VaultError::Overloaded {
                 reason: format!(
@@ -1028,7 +1030,7 @@ impl Vault {
                     waited.as_millis(),
                     max_wait.as_millis()
                 ),
-                retry_ms,
+                retry_ms: retry_ms(),
             }),
         }
     }
