@@ -10,7 +10,10 @@
 //! Guarantees, in PostgreSQL terms: every acknowledged write is a committed transaction
 //! (`synchronous_commit` as the server has it: on by default); a batch is one transaction; every
 //! replace is version-checked under a row lock (`SELECT ... FOR UPDATE`), so two daemons never
-//! lose an update; a group commit is one transaction with a savepoint per request. Record writes
+//! lose an update; a group commit is one transaction in which each request is planned against
+//! the rows locked for all of them and the requests accepted before it, and written with one
+//! statement per table, statements that do not depend on each other sent together (one round
+//! trip for the locks, one for the writes, then COMMIT). Record writes
 //! take a share lock on the registry rows of the key versions they use and retirement an
 //! exclusive one, so no record can land under a retiring key. Serialization failures and
 //! deadlocks (SQLSTATE 40001 / 40P01) re-run the whole transaction, a bounded number of times.
@@ -152,6 +155,20 @@ impl std::fmt::Debug for PostgresStore {
 enum Fail {
     Retry(String),
     Final(StoreError),
+    /// A statement refused because an earlier one in the same transaction had failed (25P02):
+    /// that earlier failure is the one to report ([`pipelined`]).
+    Aborted(StoreError),
+}
+
+/// The outcome of two statements sent together in one transaction. They may reach the server
+/// in either order (a statement prepared on first use takes a round trip first), so the
+/// failure that counts is the one that is not merely "the transaction is aborted".
+fn pipelined<A, B>(a: Result<A, Fail>, b: Result<B, Fail>) -> Result<(A, B), Fail> {
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok((a, b)),
+        (Err(Fail::Aborted(_)), Err(e)) => Err(e),
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+    }
 }
 
 impl From<StoreError> for Fail {
@@ -165,6 +182,7 @@ impl From<tokio_postgres::Error> for Fail {
         match e.code() {
             Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE => Fail::Retry(e.to_string()),
             Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => Fail::Retry(e.to_string()),
+            Some(c) if *c == SqlState::IN_FAILED_SQL_TRANSACTION => Fail::Aborted(db_error(&e)),
             _ => Fail::Final(db_error(&e)),
         }
     }
@@ -287,7 +305,7 @@ impl PostgresStore {
         let pool = self.pool.clone();
         let (id, holder) = self.wait(async move {
             let client = pool.get().await.map_err(|e| match Fail::from(e) {
-                Fail::Final(e) => e,
+                Fail::Final(e) | Fail::Aborted(e) => e,
                 Fail::Retry(m) => StoreError::Unavailable(m),
             })?;
             client
@@ -403,7 +421,7 @@ impl PostgresStore {
                 n += 1;
                 match attempt(pool.clone()).await {
                     Ok(v) => return Ok(v),
-                    Err(Fail::Final(e)) => return Err(e),
+                    Err(Fail::Final(e) | Fail::Aborted(e)) => return Err(e),
                     Err(Fail::Retry(why)) if n < MAX_ATTEMPTS => {
                         tracing::debug!(attempt = n, %why, "retrying a database transaction");
                         let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..10u64);
@@ -439,7 +457,7 @@ impl PostgresStore {
         let pool = self.pool.clone();
         self.wait(async move {
             let client = pool.get().await.map_err(|e| match Fail::from(e) {
-                Fail::Final(e) => e,
+                Fail::Final(e) | Fail::Aborted(e) => e,
                 Fail::Retry(m) => StoreError::Unavailable(m),
             })?;
             // Two daemons starting together may both create the table; one of them then
@@ -630,8 +648,10 @@ async fn write_groups(
         .collect();
     versions.sort_unstable();
     versions.dedup();
-    let states = share_key_states(t, &versions).await?;
-    let mut current = lock_records(t, &ids).await?;
+    // Both reads go out together (tokio-postgres pipelines requests that are in flight at
+    // once): one round trip instead of two, inside the group commit's critical section.
+    let (states, current) = tokio::join!(share_key_states(t, &versions), lock_records(t, &ids));
+    let (states, mut current) = pipelined(states, current)?;
     let stored: std::collections::HashMap<String, u64> = current
         .iter()
         .map(|(id, r)| (id.clone(), r.version))
@@ -659,9 +679,10 @@ async fn write_groups(
             Err(e) => outcomes.push(Err(e)),
         }
     }
-    if let Some((chain, audit)) = audit {
-        insert_audit(t, chain, &super::seal_accepted(audit, &accepted)?).await?;
-    }
+    let sealed = match audit {
+        Some((chain, audit)) => Some((chain, super::seal_accepted(audit, &accepted)?)),
+        None => None,
+    };
     let rows: Vec<(Record, Option<u64>)> = touched
         .into_iter()
         .filter_map(|id| {
@@ -669,7 +690,16 @@ async fn write_groups(
             current.remove(&id).map(|r| (r, prev))
         })
         .collect();
-    store_rows(t, &rows).await?;
+    // The events and the records go out together too; nothing is committed unless every
+    // statement succeeded and every count checks out.
+    let events = async {
+        match &sealed {
+            Some((chain, events)) => insert_audit(t, chain, events).await,
+            None => Ok(()),
+        }
+    };
+    let (events, written) = tokio::join!(events, store_rows(t, &rows));
+    pipelined(events, written)?;
     Ok(outcomes)
 }
 
@@ -704,16 +734,21 @@ async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), F
         c.value.push(encode_record(r));
         c.prev.push(prev.map_or(0, version_i64));
     }
-    if !creates.id.is_empty() {
+    let create = async {
+        if creates.id.is_empty() {
+            return Ok(());
+        }
         let stmt = t
             .prepare_cached(
                 "INSERT INTO tokenvault_records
                      (id, owner, key_version, version, revoked, needs_reauth, value)
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[],
-                                      $5::bool[], $6::bool[], $7::bytea[])
-                 ON CONFLICT (id) DO NOTHING",
+                                      $5::bool[], $6::bool[], $7::bytea[])",
             )
             .await?;
+        // A plain insert, not `ON CONFLICT DO NOTHING`: a speculative insertion costs the
+        // database an extra index probe and WAL record per row. A row another writer created
+        // since the lock (the only way one can exist) aborts the statement instead.
         let n = t
             .execute(
                 &stmt,
@@ -727,12 +762,22 @@ async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), F
                     &creates.value,
                 ],
             )
-            .await?;
+            .await
+            .map_err(|e| match e.code() {
+                Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
+                    Fail::Retry("a record was created concurrently".into())
+                }
+                _ => Fail::from(e),
+            })?;
         if n != creates.id.len() as u64 {
             return Err(Fail::Retry("a record was created concurrently".into()));
         }
-    }
-    if !updates.id.is_empty() {
+        Ok(())
+    };
+    let update = async {
+        if updates.id.is_empty() {
+            return Ok(());
+        }
         let stmt = t
             .prepare_cached(
                 "UPDATE tokenvault_records AS t SET owner = u.owner, key_version = u.key_version,
@@ -763,8 +808,10 @@ async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), F
             // The rows were locked: this means they changed under the lock, which cannot be.
             return Err(Fail::Retry("a locked record changed".into()));
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    let (create, update) = tokio::join!(create, update);
+    pipelined(create, update).map(|_| ())
 }
 
 /// Plans and writes one atomic group (the error of a refused group).
@@ -785,11 +832,11 @@ async fn update_one(t: &Txn<'_>, r: Record, prev: u64) -> Result<(), Fail> {
     store_rows(t, &[(r, Some(prev))]).await
 }
 
-/// Appends audit events to a chain in one statement; an event already there is not inserted
-/// (the caller compares the count).
+/// Appends audit events to a chain in one statement. A place already taken fails it with a
+/// unique violation, which the callers read as "not inserted" (a plain insert: `ON CONFLICT DO
+/// NOTHING` costs an extra index probe and WAL record per event).
 const INSERT_AUDIT: &str = "INSERT INTO tokenvault_audit (chain, seq, value)
-     SELECT $1, * FROM UNNEST($2::bigint[], $3::bytea[])
-     ON CONFLICT (chain, seq) DO NOTHING";
+     SELECT $1, * FROM UNNEST($2::bigint[], $3::bytea[])";
 
 /// [`INSERT_AUDIT`]'s sequence and value columns.
 fn audit_columns(audit: &[AuditAppend]) -> (Vec<i64>, Vec<&[u8]>) {
@@ -806,7 +853,10 @@ async fn insert_audit(t: &Txn<'_>, chain: &str, audit: &[AuditAppend]) -> Result
     // One statement for every event (a group commit writes one per record).
     let stmt = t.prepare_cached(INSERT_AUDIT).await?;
     let (seqs, values) = audit_columns(audit);
-    let inserted = t.execute(&stmt, &[&chain, &seqs, &values]).await?;
+    let inserted = match t.execute(&stmt, &[&chain, &seqs, &values]).await {
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => 0,
+        other => other?,
+    };
     if inserted != audit.len() as u64 {
         // The chain already holds these places: an earlier write of this daemon committed
         // although its answer was lost (the instance lease keeps any other daemon off this
@@ -1306,7 +1356,10 @@ impl AuditLog for PostgresStore {
             Box::pin(async move {
                 let stmt = c.prepare_cached(INSERT_AUDIT).await?;
                 let (seqs, values) = audit_columns(&entries);
-                let n = c.execute(&stmt, &[&chain, &seqs, &values]).await?;
+                let n = match c.execute(&stmt, &[&chain, &seqs, &values]).await {
+                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => 0,
+                    other => other?,
+                };
                 if n != entries.len() as u64 {
                     return Err(StoreError::Conflict(
                         "audit events (another writer on this chain)".into(),
@@ -1955,6 +2008,150 @@ mod tests {
         assert_eq!(ended, 1, "one transaction holds the snapshot");
         assert!(snap.scan_records(None, 10).is_err());
         assert!(snap.keys().is_err());
+    }
+
+    /// Seals one event per accepted record from a fixed sequence number.
+    struct From(u64);
+
+    impl super::super::GroupAudit for From {
+        fn seal(&self, accepted: &[(usize, &[Record])]) -> Vec<AuditAppend> {
+            accepted
+                .iter()
+                .flat_map(|(_, records)| records.iter())
+                .zip(self.0..)
+                .map(|(r, seq)| AuditAppend {
+                    seq,
+                    bytes: format!("stored {}", r.meta.id).into_bytes(),
+                })
+                .collect()
+        }
+    }
+
+    /// The audit inserts are plain inserts: a place in the chain already taken (an earlier
+    /// write that committed although its answer was lost) must still refuse the whole write
+    /// with the same errors, and leave the stored event and the records as they were.
+    #[test]
+    fn a_write_whose_audit_places_are_taken_writes_nothing() {
+        let (store, _) = fresh();
+        let first = AuditAppend {
+            seq: 1,
+            bytes: b"the first event".to_vec(),
+        };
+        store.append_audit_batch(&[first], false).expect("first");
+        let group = writes(0..2, 0);
+        let refused = store.put_record_groups(&[&group], 1, Arc::new(From(1)));
+        assert_eq!(
+            refused,
+            Err(StoreError::Unavailable(
+                "audit events 1..=2 are already stored (an earlier write's outcome was not \
+                 known); retry"
+                    .into()
+            ))
+        );
+        assert_eq!(store.get_record(&group[0].meta.id), Ok(None));
+        assert_eq!(store.get_record(&group[1].meta.id), Ok(None));
+        let again = AuditAppend {
+            seq: 1,
+            bytes: b"another event".to_vec(),
+        };
+        assert_eq!(
+            store.append_audit_batch(&[again], false),
+            Err(StoreError::Conflict(
+                "audit events (another writer on this chain)".into()
+            ))
+        );
+        assert_eq!(
+            store.audit_events(1, 10),
+            Ok(vec![(1, b"the first event".to_vec())])
+        );
+        // The next place is free: the same group is written whole, with its events.
+        assert_eq!(
+            store.put_record_groups(&[&group], 1, Arc::new(From(2))),
+            Ok(vec![Ok(vec![1, 1])])
+        );
+        assert_eq!(store.audit_events(1, 10).expect("events").len(), 3);
+    }
+
+    /// A record another writer creates while a group commit is planned (committed after the
+    /// group read the ids, before its insert) re-runs the transaction, which then refuses the
+    /// create as a duplicate: the outcome callers get from any other duplicate, not an engine
+    /// error.
+    #[test]
+    fn a_record_created_meanwhile_by_another_writer_is_refused_as_a_duplicate() {
+        let (store, config) = fresh();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let connect = || async {
+            let (client, conn) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            client
+        };
+        let (other, watcher) = rt.block_on(async { (connect().await, connect().await) });
+        let group = writes(7..8, 0);
+        let theirs = Record {
+            meta: group[0].meta.clone(),
+            envelope: b"the other writer's envelope".to_vec(),
+            key_version: 1,
+            created_at: 1,
+            updated_at: 1,
+            revoked: false,
+            needs_reauth: false,
+            version: 1,
+        };
+        rt.block_on(async {
+            other.batch_execute("BEGIN").await.expect("begin");
+            other
+                .execute(
+                    "INSERT INTO tokenvault_records
+                         (id, owner, key_version, version, revoked, needs_reauth, value)
+                     VALUES ($1, 'o', 1, 1, false, false, $2)",
+                    &[&theirs.meta.id.to_string(), &encode_record(&theirs)],
+                )
+                .await
+                .expect("insert, uncommitted");
+        });
+        let store = Arc::new(store);
+        let ours = {
+            let (store, group) = (Arc::clone(&store), group.clone());
+            std::thread::spawn(move || store.put_record_groups(&[&group], 2, Arc::new(From(1))))
+        };
+        // The group's insert waits on the other writer's uncommitted row: only then commit it.
+        rt.block_on(async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let waiting: i64 = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                    )
+                    .await
+                    .expect("activity")
+                    .get(0);
+                if waiting > 0 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the group never waited"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other.batch_execute("COMMIT").await.expect("commit");
+        });
+        let outcome = ours.join().expect("no panic");
+        assert_eq!(
+            outcome,
+            Ok(vec![Err(StoreError::AlreadyExists("r0007".into()))])
+        );
+        let stored = store.get_record(&group[0].meta.id).expect("read");
+        assert_eq!(stored.map(|r| r.envelope), Some(theirs.envelope));
+        assert_eq!(store.audit_events(1, 10), Ok(vec![]));
     }
 
     #[test]
