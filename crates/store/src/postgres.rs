@@ -679,10 +679,6 @@ async fn write_groups(
             Err(e) => outcomes.push(Err(e)),
         }
     }
-    let sealed = match audit {
-        Some((chain, audit)) => Some((chain, super::seal_accepted(audit, &accepted)?)),
-        None => None,
-    };
     let rows: Vec<(Record, Option<u64>)> = touched
         .into_iter()
         .filter_map(|id| {
@@ -690,15 +686,18 @@ async fn write_groups(
             current.remove(&id).map(|r| (r, prev))
         })
         .collect();
-    // The events and the records go out together too; nothing is committed unless every
-    // statement succeeded and every count checks out.
+    // The records and the events go out together: the records first (`join!` polls in order
+    // the first time), so the events are sealed while the database inserts the records. Nothing
+    // is committed unless every statement succeeded and every count checks out.
     let events = async {
-        match &sealed {
-            Some((chain, events)) => insert_audit(t, chain, events).await,
+        match audit {
+            Some((chain, audit)) => {
+                insert_audit(t, chain, &super::seal_accepted(audit, &accepted)?).await
+            }
             None => Ok(()),
         }
     };
-    let (events, written) = tokio::join!(events, store_rows(t, &rows));
+    let (written, events) = tokio::join!(store_rows(t, &rows), events);
     pipelined(events, written)?;
     Ok(outcomes)
 }
