@@ -562,3 +562,11 @@ pub async fn tls_channel(
         .connect()
         .await
 }
+
+/// gRPC's standard retry pushback of a refusal (`grpc-retry-pushback-ms`), if it has one.
+pub fn pushback(e: &tonic::Status) -> Option<String> {
+    e.metadata()
+        .get("grpc-retry-pushback-ms")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}

@@ -380,6 +380,8 @@ async fn batches_are_atomic_and_bounded() {
             "batch of 1001 records exceeds the limit of 1000"
         )
     );
+    // No retry gets past a size limit: standard clients are told not to retry.
+    assert_eq!(pushback(&e).as_deref(), Some("-1"));
     assert_eq!(stats(&d).await.records, 0, "no failed batch wrote anything");
 
     let ok = ingest
@@ -437,6 +439,7 @@ async fn oversized_requests_are_resource_exhausted() {
         "{}",
         e.message()
     );
+    assert_eq!(pushback(&e).as_deref(), Some("-1"));
     // An envelope under the request limit but over the format limit is a format error.
     let mut r = sealed(&sealer, &meta("big", "o"), b"s");
     r.envelope.resize(200 * 1024, 0);
@@ -778,6 +781,8 @@ async fn a_call_waiting_for_a_hung_private_key_thread_is_refused_after_max_queue
             .contains(&hint),
         "{hint:?}"
     );
+    // The same time as gRPC's standard retry pushback.
+    assert_eq!(pushback(&e), Some(hint.as_millis().to_string()));
     drop(release);
     // The refused call's job is skipped when a thread reaches it; the next call is served.
     let got = d.get("hung-1").await.expect("served once a thread returns");
@@ -787,6 +792,78 @@ async fn a_call_waiting_for_a_hung_private_key_thread_is_refused_after_max_queue
         metrics.contains(r#"tokenvault_shed_total{outcome="queue_wait"} 1"#),
         "{metrics}"
     );
+    d.stop().await;
+}
+
+/// A stock gRPC client (Python grpcio) configured with deploy/grpc-service-config.json and no
+/// retry code of its own: its call is shed while the private-key threads are held, and it tries
+/// again after the daemon's `grpc-retry-pushback-ms`, by then successfully. Without
+/// `RESOURCE_EXHAUSTED` in the shipped retry policy the call fails; without the pushback the
+/// retry comes after the policy's own backoff (at most 100 ms) instead of the time the daemon
+/// asks for.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stock_grpc_client_with_the_shipped_service_config_retries_a_shed_call_after_its_pushback()
+ {
+    use base64::Engine as _;
+    use prost::Message as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    // A long bound, so the pushback (half to one and a half times it) stands out from the
+    // policy's own backoff (at most 100 ms) and from the client's overheads.
+    cfg.limits.max_queue_wait = std::time::Duration::from_millis(1000);
+    let d = TestDaemon::start_with(cfg).await;
+    d.seed("pushback-", 1).await;
+    let shed = |d: &TestDaemon| {
+        d.vault
+            .metrics()
+            .encode(&d.vault)
+            .lines()
+            .filter(|l| l.starts_with(r#"tokenvault_shed_total{outcome="queue_wait"} "#))
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+            .next()
+            .unwrap_or_default()
+    };
+    let release = d.vault.occupy_private_key_threads();
+    let request = base64::engine::general_purpose::STANDARD.encode(
+        v1::GetTokenRequest {
+            id: "pushback-0".into(),
+        }
+        .encode_to_vec(),
+    );
+    let python = std::env::var("TOKENVAULT_TEST_PYTHON").expect(
+        "TOKENVAULT_TEST_PYTHON (set by ./scripts/test: the Python environment with grpcio)",
+    );
+    let client = tokio::process::Command::new(python)
+        .arg(process::root().join("tests/lb/retrying_get.py"))
+        .arg(d.addr.to_string())
+        .arg(process::root().join("deploy/grpc-service-config.json"))
+        .arg(request)
+        .env("TOKENVAULT_WORKER_TOKEN", WORKER)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the Python client starts");
+    // Its first attempt finds no private-key thread within 1 s and is shed; only then do the
+    // threads come back, well inside the 0.5-1.5 s the pushback asks the client to wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while shed(&d) != "1" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first attempt was never shed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(release);
+    let out = client.wait_with_output().await.expect("the client ends");
+    let answer: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON line from the client");
+    assert_eq!(answer["ok"], serde_json::json!(true), "{answer}");
+    assert!(answer["response_bytes"].as_u64() > Some(0), "{answer}");
+    // 1 s waiting for a thread, then at least the pushback's 0.5 s before the retry (without
+    // the pushback: 1 s and the policy's backoff of at most 0.1 s).
+    assert!(answer["elapsed_ms"].as_u64() >= Some(1500), "{answer}");
+    // Shed once: the retry came after the pushback, when a thread was free.
+    assert_eq!(shed(&d), "1");
     d.stop().await;
 }
 

@@ -235,6 +235,9 @@ async fn ip_allowlists_and_rate_limits() {
             "credential 'limited' exceeded its rate limit of 1 requests/s"
         )
     );
+    // No time is known when the bucket refills for this caller: a standard client must not
+    // retry on its own.
+    assert_eq!(pushback(&e).as_deref(), Some("-1"));
     // Other callers are unaffected, and the bucket refills.
     d.get("r").await.expect("other worker");
     clock.advance(1);
@@ -579,6 +582,14 @@ async fn calls_without_a_valid_credential_write_nothing_are_throttled_and_summar
     assert!(
         held >= delay,
         "answered after {held:?}, before its retry time {delay:?}"
+    );
+    // The same time as gRPC's standard retry pushback, for clients that retry on their
+    // service config alone.
+    assert_eq!(
+        pushback(&e),
+        Some(delay.as_millis().to_string()),
+        "{:?}",
+        e.metadata()
     );
     // A configured caller from the same address is served all the same.
     assert_eq!(

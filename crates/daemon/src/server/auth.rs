@@ -396,11 +396,14 @@ impl RoleGuard {
             return Err(Refused::Caller(caller.name, status));
         }
         if !self.auth.take_token(&caller) {
-            let status = Status::resource_exhausted(format!(
-                "credential '{}' exceeded its rate limit of {} requests/s",
-                caller.name,
-                caller.policy.rate_per_second.unwrap_or(0)
-            ));
+            let status = super::status::with_pushback(
+                Status::resource_exhausted(format!(
+                    "credential '{}' exceeded its rate limit of {} requests/s",
+                    caller.name,
+                    caller.policy.rate_per_second.unwrap_or(0)
+                )),
+                None,
+            );
             return Err(Refused::Caller(caller.name, status));
         }
         Ok(caller)
@@ -425,13 +428,16 @@ pub fn remote_ip(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
 /// `google.rpc.RetryInfo` saying when to try again (HTTP: `Retry-After`).
 pub fn throttled(wait: Duration) -> Status {
     use tonic_types::StatusExt as _;
-    Status::with_error_details(
-        tonic::Code::ResourceExhausted,
-        format!(
-            "too many refused requests from this address; retry in {} ms",
-            wait.as_millis()
+    super::status::with_pushback(
+        Status::with_error_details(
+            tonic::Code::ResourceExhausted,
+            format!(
+                "too many refused requests from this address; retry in {} ms",
+                wait.as_millis()
+            ),
+            tonic_types::ErrorDetails::with_retry_info(Some(wait)),
         ),
-        tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+        Some(wait),
     )
 }
 

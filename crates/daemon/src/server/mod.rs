@@ -452,7 +452,10 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
             .message()
             .strip_prefix("Error, decoded message length too large: ")
     {
-        let replacement = tonic::Status::resource_exhausted(format!("request too large: {detail}"));
+        let replacement = status::with_pushback(
+            tonic::Status::resource_exhausted(format!("request too large: {detail}")),
+            None,
+        );
         if replacement.add_header(headers).is_err() {
             tracing::warn!("could not rewrite an oversize status");
         }

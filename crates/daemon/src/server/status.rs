@@ -15,6 +15,26 @@ pub const STALE_VERSION: &str = "STALE_VERSION";
 /// `google.rpc.ErrorInfo.domain` of tokenvault's structured error details.
 pub const ERROR_DOMAIN: &str = "tokenvault.v1";
 
+/// The metadata key of gRPC's standard retry pushback (gRFC A6): a client whose service config
+/// retries `RESOURCE_EXHAUSTED` waits this many milliseconds before its next attempt, and does
+/// not retry at all when the value is negative. grpc-core (Python, C++, Ruby), grpc-java and
+/// grpc-go read it; `google.rpc.RetryInfo` says the same to clients that read error details.
+pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
+
+/// Adds [`RETRY_PUSHBACK`] to a `RESOURCE_EXHAUSTED`: `wait` for a refusal that a retry after
+/// it may get past (overload, a throttled address), -1 for one no retry changes (a request
+/// over a size limit, a credential's or record's rate limit, which names no time).
+pub fn with_pushback(mut status: Status, wait: Option<std::time::Duration>) -> Status {
+    let value = match wait {
+        Some(wait) => tonic::metadata::MetadataValue::from(
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        ),
+        None => tonic::metadata::MetadataValue::from(-1i64),
+    };
+    status.metadata_mut().insert(RETRY_PUSHBACK, value);
+    status
+}
+
 /// The gRPC code of an error kind.
 pub fn code(kind: ErrorKind) -> Code {
     match kind {
@@ -67,11 +87,17 @@ impl From<VaultError> for Status {
         if let VaultError::Overloaded { retry_ms, .. } = &e {
             use tonic_types::StatusExt as _;
             let wait = std::time::Duration::from_millis(*retry_ms);
-            return Status::with_error_details(
-                code,
-                e.to_string(),
-                tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+            return with_pushback(
+                Status::with_error_details(
+                    code,
+                    e.to_string(),
+                    tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+                ),
+                Some(wait),
             );
+        }
+        if code == Code::ResourceExhausted {
+            return with_pushback(Status::new(code, e.to_string()), None);
         }
         match e.stale_version() {
             Some(stale) => {
