@@ -2010,9 +2010,9 @@ mod tests {
     }
 
     /// Seals one event per accepted record from a fixed sequence number.
-    struct From(u64);
+    struct SealFrom(u64);
 
-    impl super::super::GroupAudit for From {
+    impl super::super::GroupAudit for SealFrom {
         fn seal(&self, accepted: &[(usize, &[Record])]) -> Vec<AuditAppend> {
             accepted
                 .iter()
@@ -2038,7 +2038,7 @@ mod tests {
         };
         store.append_audit_batch(&[first], false).expect("first");
         let group = writes(0..2, 0);
-        let refused = store.put_record_groups(&[&group], 1, Arc::new(From(1)));
+        let refused = store.put_record_groups(&[&group], 1, Arc::new(SealFrom(1)));
         assert_eq!(
             refused,
             Err(StoreError::Unavailable(
@@ -2065,7 +2065,7 @@ mod tests {
         );
         // The next place is free: the same group is written whole, with its events.
         assert_eq!(
-            store.put_record_groups(&[&group], 1, Arc::new(From(2))),
+            store.put_record_groups(&[&group], 1, Arc::new(SealFrom(2))),
             Ok(vec![Ok(vec![1, 1])])
         );
         assert_eq!(store.audit_events(1, 10).expect("events").len(), 3);
@@ -2117,7 +2117,7 @@ mod tests {
         let store = Arc::new(store);
         let ours = {
             let (store, group) = (Arc::clone(&store), group.clone());
-            std::thread::spawn(move || store.put_record_groups(&[&group], 2, Arc::new(From(1))))
+            std::thread::spawn(move || store.put_record_groups(&[&group], 2, Arc::new(SealFrom(1))))
         };
         // The group's insert waits on the other writer's uncommitted row: only then commit it.
         rt.block_on(async {

@@ -17,13 +17,15 @@ pub const ERROR_DOMAIN: &str = "tokenvault.v1";
 
 /// The metadata key of gRPC's standard retry pushback (gRFC A6): a client whose service config
 /// retries `RESOURCE_EXHAUSTED` waits this many milliseconds before its next attempt, and does
-/// not retry at all when the value is negative. grpc-core (Python, C++, Ruby), grpc-java and
-/// grpc-go read it; `google.rpc.RetryInfo` says the same to clients that read error details.
+/// not retry at all when the value is negative. grpc-core (Python, C++, Ruby), grpc-java,
+/// grpc-go and Node.js's grpc-js read it; `google.rpc.RetryInfo` says the same to clients that
+/// read error details.
 pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
-/// Adds [`RETRY_PUSHBACK`] to a `RESOURCE_EXHAUSTED`: `wait` for a refusal that a retry after
-/// it may get past (overload, a throttled address), -1 for one no retry changes (a request
-/// over a size limit, a credential's or record's rate limit, which names no time).
+/// Adds [`RETRY_PUSHBACK`] to a `RESOURCE_EXHAUSTED`: `wait` for a refusal that names its
+/// retry time (overload, a throttled address); -1, "do not retry on your own", for one that
+/// names none: a request over a size limit, which no retry gets past, or a credential or
+/// record over the rate its policy gives it, which the caller is to slow down for.
 pub fn with_pushback(mut status: Status, wait: Option<std::time::Duration>) -> Status {
     let value = match wait {
         Some(wait) => tonic::metadata::MetadataValue::from(
