@@ -30,7 +30,6 @@
 //! finish (a hung PKCS#11 token): then it is refused, and its job is skipped when reached.
 
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,7 +51,10 @@ const GAVE_UP: u8 = 2;
 const STANDING_AFTER: Duration = Duration::from_millis(100);
 
 struct Queue {
-    rx: Mutex<mpsc::Receiver<Job>>,
+    /// Every thread waits on the channel itself: a job wakes only the thread that takes it.
+    /// (With one `Mutex<mpsc::Receiver>` each job also woke the next thread in line for the
+    /// lock, which took it and went back to sleep in `recv`: a context switch per job.)
+    rx: crossbeam_channel::Receiver<Job>,
     /// Jobs sent and not yet taken by a thread.
     waiting: AtomicUsize,
     /// Moving average of a job's run time, in nanoseconds: with `waiting`, what a new job
@@ -150,7 +152,7 @@ impl Kind {
 /// The pool; dropping it lets the threads finish the queue and exit.
 pub(super) struct CpuPool {
     kind: Kind,
-    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    tx: Mutex<Option<crossbeam_channel::Sender<Job>>>,
     queue: Arc<Queue>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     count: usize,
@@ -172,10 +174,10 @@ impl CpuPool {
         bound: Bound,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let threads = threads.max(1);
         let queue = Arc::new(Queue {
-            rx: Mutex::new(rx),
+            rx,
             waiting: AtomicUsize::new(0),
             average_ns: AtomicU64::new(0),
             running: (0..threads).map(|_| AtomicU64::new(0)).collect(),
@@ -347,21 +349,14 @@ fn work(queue: &Queue, threads: usize, index: usize) {
     let hand_back = |held: &mut Vec<Done>| held.drain(..).for_each(|done| done());
     loop {
         let next = if held.is_empty() {
+            queue.rx.recv().map_err(|_| true)
+        } else {
+            // Never wait while holding results: the callers a later job waits for may be the
+            // ones held here.
             queue
                 .rx
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .recv()
-                .map_err(|_| true)
-        } else {
-            // Never wait for the lock while holding results: its holder is blocked in `recv`
-            // on an empty queue, and the callers it waits for may be the ones held here.
-            match queue.rx.try_lock() {
-                Ok(rx) => rx
-                    .try_recv()
-                    .map_err(|e| e == mpsc::TryRecvError::Disconnected),
-                Err(_) => Err(false),
-            }
+                .try_recv()
+                .map_err(|e| e == crossbeam_channel::TryRecvError::Disconnected)
         };
         match next {
             Ok(job) => {
@@ -417,6 +412,7 @@ impl Drop for CpuPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
 
     fn unbounded() -> Bound {
         Bound {
