@@ -845,18 +845,27 @@ fn audit_columns(audit: &[AuditAppend]) -> (Vec<i64>, Vec<&[u8]>) {
     )
 }
 
+/// Runs [`INSERT_AUDIT`] on `c` (a transaction, or a connection for a statement that is its
+/// own transaction): how many events it inserted, 0 if a place was taken.
+async fn inserted_events(
+    c: &impl deadpool_postgres::GenericClient,
+    chain: &str,
+    audit: &[AuditAppend],
+) -> Result<u64, Fail> {
+    let stmt = c.prepare_cached(INSERT_AUDIT).await?;
+    let (seqs, values) = audit_columns(audit);
+    match c.execute(&stmt, &[&chain, &seqs, &values]).await {
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(0),
+        other => Ok(other?),
+    }
+}
+
 async fn insert_audit(t: &Txn<'_>, chain: &str, audit: &[AuditAppend]) -> Result<(), Fail> {
     if audit.is_empty() {
         return Ok(());
     }
     // One statement for every event (a group commit writes one per record).
-    let stmt = t.prepare_cached(INSERT_AUDIT).await?;
-    let (seqs, values) = audit_columns(audit);
-    let inserted = match t.execute(&stmt, &[&chain, &seqs, &values]).await {
-        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => 0,
-        other => other?,
-    };
-    if inserted != audit.len() as u64 {
+    if inserted_events(t, chain, audit).await? != audit.len() as u64 {
         // The chain already holds these places: an earlier write of this daemon committed
         // although its answer was lost (the instance lease keeps any other daemon off this
         // chain). The whole change is refused and nothing is written; the auditor reads the
@@ -1353,13 +1362,7 @@ impl AuditLog for PostgresStore {
         self.read(move |c| {
             let (entries, chain) = (Arc::clone(&entries), chain.clone());
             Box::pin(async move {
-                let stmt = c.prepare_cached(INSERT_AUDIT).await?;
-                let (seqs, values) = audit_columns(&entries);
-                let n = match c.execute(&stmt, &[&chain, &seqs, &values]).await {
-                    Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => 0,
-                    other => other?,
-                };
-                if n != entries.len() as u64 {
+                if inserted_events(c, &chain, &entries).await? != entries.len() as u64 {
                     return Err(StoreError::Conflict(
                         "audit events (another writer on this chain)".into(),
                     )

@@ -396,12 +396,12 @@ impl RoleGuard {
             return Err(Refused::Caller(caller.name, status));
         }
         if !self.auth.take_token(&caller) {
-            let status = super::status::with_pushback(
-                Status::resource_exhausted(format!(
+            let status = super::status::exhausted(
+                format!(
                     "credential '{}' exceeded its rate limit of {} requests/s",
                     caller.name,
                     caller.policy.rate_per_second.unwrap_or(0)
-                )),
+                ),
                 None,
             );
             return Err(Refused::Caller(caller.name, status));
@@ -427,15 +427,10 @@ pub fn remote_ip(extensions: &http::Extensions) -> Option<std::net::IpAddr> {
 /// `RESOURCE_EXHAUSTED` for an address that spent its budget of failures, with a
 /// `google.rpc.RetryInfo` saying when to try again (HTTP: `Retry-After`).
 pub fn throttled(wait: Duration) -> Status {
-    use tonic_types::StatusExt as _;
-    super::status::with_pushback(
-        Status::with_error_details(
-            tonic::Code::ResourceExhausted,
-            format!(
-                "too many refused requests from this address; retry in {} ms",
-                wait.as_millis()
-            ),
-            tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+    super::status::exhausted(
+        format!(
+            "too many refused requests from this address; retry in {} ms",
+            wait.as_millis()
         ),
         Some(wait),
     )

@@ -452,10 +452,7 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
             .message()
             .strip_prefix("Error, decoded message length too large: ")
     {
-        let replacement = status::with_pushback(
-            tonic::Status::resource_exhausted(format!("request too large: {detail}")),
-            None,
-        );
+        let replacement = status::exhausted(format!("request too large: {detail}"), None);
         if replacement.add_header(headers).is_err() {
             tracing::warn!("could not rewrite an oversize status");
         }

@@ -22,18 +22,30 @@ pub const ERROR_DOMAIN: &str = "tokenvault.v1";
 /// read error details.
 pub const RETRY_PUSHBACK: &str = "grpc-retry-pushback-ms";
 
-/// Adds [`RETRY_PUSHBACK`] to a `RESOURCE_EXHAUSTED`: `wait` for a refusal that names its
-/// retry time (overload, a throttled address); -1, "do not retry on your own", for one that
-/// names none: a request over a size limit, which no retry gets past, or a credential or
-/// record over the rate its policy gives it, which the caller is to slow down for.
-pub fn with_pushback(mut status: Status, wait: Option<std::time::Duration>) -> Status {
-    let value = match wait {
-        Some(wait) => tonic::metadata::MetadataValue::from(
-            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+/// Every `RESOURCE_EXHAUSTED` the daemon answers. With `wait` (overload, a throttled
+/// address): a `google.rpc.RetryInfo` and a [`RETRY_PUSHBACK`] of that time. Without (a request
+/// over a size limit, which no retry gets past; a credential or record over the rate its policy
+/// gives it, which the caller is to slow down for): a [`RETRY_PUSHBACK`] of -1, "do not retry
+/// on your own".
+pub fn exhausted(message: String, wait: Option<std::time::Duration>) -> Status {
+    use tonic_types::StatusExt as _;
+    let (mut status, pushback) = match wait {
+        Some(wait) => (
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+            ),
+            tonic::metadata::MetadataValue::from(
+                u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            ),
         ),
-        None => tonic::metadata::MetadataValue::from(-1i64),
+        None => (
+            Status::new(Code::ResourceExhausted, message),
+            tonic::metadata::MetadataValue::from(-1i64),
+        ),
     };
-    status.metadata_mut().insert(RETRY_PUSHBACK, value);
+    status.metadata_mut().insert(RETRY_PUSHBACK, pushback);
     status
 }
 
@@ -86,20 +98,14 @@ impl From<VaultError> for Status {
             tracing::error!(error = %e, "internal error");
             return Status::internal("internal error; see the daemon log");
         }
-        if let VaultError::Overloaded { retry_ms, .. } = &e {
-            use tonic_types::StatusExt as _;
-            let wait = std::time::Duration::from_millis(*retry_ms);
-            return with_pushback(
-                Status::with_error_details(
-                    code,
-                    e.to_string(),
-                    tonic_types::ErrorDetails::with_retry_info(Some(wait)),
-                ),
-                Some(wait),
-            );
-        }
         if code == Code::ResourceExhausted {
-            return with_pushback(Status::new(code, e.to_string()), None);
+            let wait = match &e {
+                VaultError::Overloaded { retry_ms, .. } => {
+                    Some(std::time::Duration::from_millis(*retry_ms))
+                }
+                _ => None,
+            };
+            return exhausted(e.to_string(), wait);
         }
         match e.stale_version() {
             Some(stale) => {
