@@ -12,8 +12,9 @@
 //! replace is version-checked under a row lock (`SELECT ... FOR UPDATE`), so two daemons never
 //! lose an update; a group commit is one transaction in which each request is planned against
 //! the rows locked for all of them and the requests accepted before it, and written with one
-//! statement per table, statements that do not depend on each other sent together (one round
-//! trip for the locks, one for the writes, then COMMIT). Record writes
+//! statement per table, statements that do not depend on each other sent together: two round
+//! trips in all, one for BEGIN and the locks, one for the writes and COMMIT (COMMIT is queued
+//! only behind statements known to be sent, so it can never commit part of them). Record writes
 //! take a share lock on the registry rows of the key versions they use and retirement an
 //! exclusive one, so no record can land under a retiring key. Serialization failures and
 //! deadlocks (SQLSTATE 40001 / 40P01) re-run the whole transaction, a bounded number of times.
@@ -30,6 +31,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -239,7 +241,146 @@ fn version_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-type Txn<'a> = deadpool_postgres::Transaction<'a>;
+/// A transaction on a pooled connection, begun and ended here rather than by tokio-postgres's
+/// `Transaction`: a group commit sends its BEGIN together with its first statements and its
+/// COMMIT together with its last ([`Txn::begin_with`], [`Txn::commit_with`]), two round trips
+/// fewer inside the group commit's critical section, which `Transaction` cannot express (it
+/// takes the connection by `&mut` and waits for BEGIN's answer before handing it out).
+struct Txn<'a> {
+    client: &'a deadpool_postgres::Client,
+    /// What begins it: `BEGIN`, or a snapshot store's read-only transaction importing the
+    /// snapshot (one simple query either way).
+    begin: &'a str,
+    /// Whether the caller sends BEGIN and COMMIT with its own statements
+    /// ([`PostgresStore::txn_with`]); otherwise [`PostgresStore::txn`] sends them alone.
+    pipelined: bool,
+    begun: AtomicBool,
+    /// COMMIT was answered: the transaction is over (committed, or rolled back by the server if
+    /// a statement had failed).
+    ended: AtomicBool,
+}
+
+impl std::ops::Deref for Txn<'_> {
+    type Target = deadpool_postgres::Client;
+
+    fn deref(&self) -> &Self::Target {
+        self.client
+    }
+}
+
+impl Txn<'_> {
+    /// Runs `first` (the transaction's first statements) with BEGIN sent right ahead of it, in
+    /// one round trip. `first` must not write: were BEGIN refused, it would have run outside a
+    /// transaction (its outcome is then dropped and BEGIN's error returned). Outside a pipelined
+    /// transaction BEGIN was already sent, and this just runs `first`.
+    async fn begin_with<T>(&self, first: impl Future<Output = Result<T, Fail>>) -> Result<T, Fail> {
+        if !self.pipelined || self.begun.load(Ordering::SeqCst) {
+            return first.await;
+        }
+        // `biased`: polled in order, so BEGIN's request is queued before `first`'s.
+        let (began, value) = tokio::join!(biased; self.client.batch_execute(self.begin), first);
+        began?;
+        self.begun.store(true, Ordering::SeqCst);
+        value
+    }
+
+    /// Sends BEGIN alone.
+    async fn begin(&self) -> Result<(), Fail> {
+        self.client.batch_execute(self.begin).await?;
+        self.begun.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Runs `last` (the transaction's last statements) with COMMIT sent right behind it, in
+    /// one round trip, in a pipelined transaction; otherwise just runs `last`.
+    ///
+    /// Why this cannot commit half of `last`: every statement of `last` is an already prepared
+    /// statement wrapped in `sending.watch` and polled on `last`'s first poll (joined, never
+    /// awaited one after another), so its request is queued on that poll or it fails right
+    /// there (encoding, a closed connection, sealing its events) and `sending` notes it. `last`
+    /// is polled first (`biased`), so when COMMIT's future is polled every statement is either
+    /// queued ahead of it or known not to be sent, in which case COMMIT is not sent (nor if
+    /// fewer statements were polled than `sending` expects). A queued statement that fails on the server aborts the
+    /// transaction, and the server answers the COMMIT behind it with a rollback.
+    async fn commit_with<T>(
+        &self,
+        sending: &Sending,
+        last: impl Future<Output = Result<T, Fail>>,
+    ) -> Result<T, Fail> {
+        if !self.pipelined {
+            return last.await;
+        }
+        let commit = async {
+            if !self.begun.load(Ordering::SeqCst) {
+                return Err(Fail::Final(StoreError::Engine(
+                    "internal: COMMIT of a transaction that was not begun".into(),
+                )));
+            }
+            if !sending.all_sent() {
+                // Not committed: the statement's own error says why, and the transaction is
+                // rolled back.
+                return Ok(());
+            }
+            self.client.batch_execute("COMMIT").await?;
+            self.ended.store(true, Ordering::SeqCst);
+            Ok(())
+        };
+        let (value, committed) = tokio::join!(biased; last, commit);
+        let (value, ()) = pipelined(value, committed)?;
+        if !self.ended.load(Ordering::SeqCst) {
+            // Only reachable if `last` polled fewer statements than it declared, or swallowed
+            // a statement's failure: nothing is committed, and that must not read as success.
+            return Err(Fail::Final(StoreError::Engine(
+                "internal: a group commit's statements were not all sent; nothing was committed"
+                    .into(),
+            )));
+        }
+        Ok(value)
+    }
+}
+
+/// What [`Txn::commit_with`] knows of the statements of its `last` by the time it would send
+/// COMMIT: how many were polled, and whether one failed before its request was sent.
+struct Sending {
+    /// How many statements `last` runs ([`Sending::watch`] calls).
+    expected: usize,
+    started: AtomicUsize,
+    failed: AtomicBool,
+}
+
+impl Sending {
+    fn new(expected: usize) -> Self {
+        Self {
+            expected,
+            started: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether every statement was polled and none failed unsent: COMMIT may follow them.
+    fn all_sent(&self) -> bool {
+        self.started.load(Ordering::SeqCst) == self.expected && !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// `statement`, counted on its first poll and noted if it failed there: a prepared
+    /// statement's request is queued on that poll, so a failure there means it was never sent.
+    /// One that has nothing to write returns `Ok` there and counts as sent.
+    async fn watch<T>(&self, statement: impl Future<Output = Result<T, Fail>>) -> Result<T, Fail> {
+        let mut statement = std::pin::pin!(statement);
+        let mut first = true;
+        std::future::poll_fn(|cx| {
+            let polled = statement.as_mut().poll(cx);
+            if std::mem::take(&mut first) {
+                self.started.fetch_add(1, Ordering::SeqCst);
+                if matches!(polled, std::task::Poll::Ready(Err(_))) {
+                    self.failed.store(true, Ordering::SeqCst);
+                }
+            }
+            polled
+        })
+        .await
+    }
+}
 
 /// Writes a metadata value, replacing the one there: `($1 key, $2 value)`.
 const UPSERT_META: &str = "INSERT INTO tokenvault_meta (key, value) VALUES ($1, $2)
@@ -333,37 +474,67 @@ impl PostgresStore {
 
     /// Runs `op` on the store's runtime in a fresh transaction, re-running it after a
     /// serialization failure or deadlock, and waits for the outcome on this thread.
-    fn txn<T, F>(&self, op: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: for<'a> Fn(&'a Txn<'a>) -> futures_like::BoxFuture<'a, Result<T, Fail>>
-            + Send
-            + Sync
-            + 'static,
-    {
+    fn txn<T: Send + 'static>(&self, op: impl TxnOp<T>) -> Result<T, StoreError> {
+        self.txn_with(false, op)
+    }
+
+    /// [`PostgresStore::txn`], or with `pipelined` for an `op` that sends BEGIN with its first
+    /// statements ([`Txn::begin_with`]) and COMMIT with its last ([`Txn::commit_with`]).
+    fn txn_with<T: Send + 'static>(
+        &self,
+        pipelined: bool,
+        op: impl TxnOp<T>,
+    ) -> Result<T, StoreError> {
         let op = Arc::new(op);
-        let snapshot = self.snapshot.as_ref().map(|s| set_snapshot(&s.id));
+        let begin: Arc<str> = match &self.snapshot {
+            None => "BEGIN".into(),
+            Some(s) => format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}",
+                set_snapshot(&s.id)
+            )
+            .into(),
+        };
         self.retrying(move |pool| {
-            let op = Arc::clone(&op);
-            let snapshot = snapshot.clone();
+            let (op, begin) = (Arc::clone(&op), Arc::clone(&begin));
             Box::pin(async move {
-                let mut client = pool.get().await?;
-                let txn = match &snapshot {
-                    None => client.transaction().await?,
-                    Some(set) => {
-                        let txn = client
-                            .build_transaction()
-                            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                            .read_only(true)
-                            .start()
-                            .await?;
-                        txn.batch_execute(set).await?;
-                        txn
-                    }
+                let lease = Lease::new(pool.get().await?);
+                let Some(client) = lease.client.as_ref() else {
+                    return Err(Fail::Final(StoreError::Engine(
+                        "internal: a leased connection is missing".into(),
+                    )));
                 };
-                let value = op(&txn).await?;
-                txn.commit().await?;
-                Ok(value)
+                let t = Txn {
+                    client,
+                    begin: &begin,
+                    pipelined,
+                    begun: AtomicBool::new(false),
+                    ended: AtomicBool::new(false),
+                };
+                let value = async {
+                    if !pipelined {
+                        t.begin().await?;
+                    }
+                    let value = op(&t).await?;
+                    if !t.begun.load(Ordering::SeqCst) {
+                        return Err(Fail::Final(StoreError::Engine(
+                            "internal: a transaction's statements ran before its BEGIN".into(),
+                        )));
+                    }
+                    if !t.ended.load(Ordering::SeqCst) {
+                        client.batch_execute("COMMIT").await?;
+                        t.ended.store(true, Ordering::SeqCst);
+                    }
+                    Ok(value)
+                }
+                .await;
+                // A transaction left open is rolled back before the connection goes back to
+                // the pool; one whose ROLLBACK fails is not given back at all (the lease
+                // closes it, and the server rolls back what it held).
+                if t.ended.load(Ordering::SeqCst) || client.batch_execute("ROLLBACK").await.is_ok()
+                {
+                    lease.release();
+                }
+                value
             })
         })
     }
@@ -563,6 +734,52 @@ impl PostgresStore {
     }
 }
 
+/// A pooled connection that goes back to the pool only once [`Lease::release`]d. Dropped
+/// without that (its transaction's ROLLBACK failed, or the task running it was dropped in the
+/// middle, say at shutdown), it is taken out of the pool and closed, so no later caller ever
+/// runs its statements inside a transaction left open, and the server rolls that one back.
+struct Lease {
+    client: Option<deadpool_postgres::Client>,
+    clean: AtomicBool,
+}
+
+impl Lease {
+    fn new(client: deadpool_postgres::Client) -> Self {
+        Self {
+            client: Some(client),
+            clean: AtomicBool::new(false),
+        }
+    }
+
+    fn release(&self) {
+        self.clean.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.clean.load(Ordering::SeqCst)
+            && let Some(client) = self.client.take()
+        {
+            drop(deadpool_postgres::Client::take(client));
+        }
+    }
+}
+
+/// What [`PostgresStore::txn`] runs: the transaction's statements, built again for each re-run.
+trait TxnOp<T>:
+    for<'a> Fn(&'a Txn<'a>) -> futures_like::BoxFuture<'a, Result<T, Fail>> + Send + Sync + 'static
+{
+}
+
+impl<T, F> TxnOp<T> for F where
+    F: for<'a> Fn(&'a Txn<'a>) -> futures_like::BoxFuture<'a, Result<T, Fail>>
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A boxed future borrowing the transaction (what [`PostgresStore::txn`] closures return).
 mod futures_like {
     pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -628,6 +845,10 @@ async fn share_key_states(
 /// Plans groups of record writes in order, each seeing the groups accepted before it, against
 /// the rows locked for all of them; then writes the final state of every record they touch with
 /// two statements, whatever the number of groups. A refused group changes nothing.
+///
+/// In a pipelined transaction ([`PostgresStore::txn_with`]) this is two round trips in
+/// all: BEGIN, the two locks and the preparation of the writes go out together, then the
+/// writes, the events and COMMIT.
 async fn write_groups(
     t: &Txn<'_>,
     groups: &[Vec<RecordWrite>],
@@ -648,10 +869,23 @@ async fn write_groups(
         .collect();
     versions.sort_unstable();
     versions.dedup();
-    // Both reads go out together (tokio-postgres pipelines requests that are in flight at
-    // once): one round trip instead of two, inside the group commit's critical section.
-    let (states, current) = tokio::join!(share_key_states(t, &versions), lock_records(t, &ids));
-    let (states, mut current) = pipelined(states, current)?;
+    // Sent together (tokio-postgres pipelines requests that are in flight at once): one round
+    // trip instead of three, inside the group commit's critical section. The statements are
+    // prepared here (a cache hit after a connection's first use), so that the writes below
+    // each go out on their first poll, which is what lets COMMIT follow them.
+    let (states, current, statements) = t
+        .begin_with(async {
+            let (states, current, statements) = tokio::join!(
+                share_key_states(t, &versions),
+                lock_records(t, &ids),
+                WriteStatements::prepare(t)
+            );
+            let ((states, current), statements) =
+                pipelined(pipelined(states, current), statements)?;
+            Ok((states, current, statements))
+        })
+        .await?;
+    let mut current = current;
     let stored: std::collections::HashMap<String, u64> = current
         .iter()
         .map(|(id, r)| (id.clone(), r.version))
@@ -686,26 +920,87 @@ async fn write_groups(
             current.remove(&id).map(|r| (r, prev))
         })
         .collect();
-    // The records and the events go out together: the records first (`join!` polls in order
-    // the first time), so the events are sealed while the database inserts the records. Nothing
-    // is committed unless every statement succeeded and every count checks out.
-    let events = async {
+    // The records, the events and COMMIT go out together, in that order (`biased`): the events
+    // are sealed while the database inserts the records. A statement that fails aborts the
+    // transaction, and the server then answers COMMIT with a rollback.
+    let sending = Sending::new(WRITE_STATEMENTS);
+    let events = sending.watch(async {
         match audit {
             Some((chain, audit)) => {
-                insert_audit(t, chain, &super::seal_accepted(audit, &accepted)?).await
+                let appends = super::seal_accepted(audit, &accepted)?;
+                insert_audit_with(t, &statements.events, chain, &appends).await
             }
             None => Ok(()),
         }
+    });
+    let last = async {
+        let (written, events) =
+            tokio::join!(biased; write_rows(t, &statements, &rows, &sending), events);
+        pipelined(written, events).map(|_| ())
     };
-    let (written, events) = tokio::join!(store_rows(t, &rows), events);
-    pipelined(events, written)?;
+    t.commit_with(&sending, last).await?;
     Ok(outcomes)
 }
+
+/// The statements a group commit writes with: [`write_rows`]'s two and [`INSERT_AUDIT`].
+struct WriteStatements {
+    create: tokio_postgres::Statement,
+    update: tokio_postgres::Statement,
+    events: tokio_postgres::Statement,
+}
+
+/// How many statements [`write_groups`] sends before COMMIT ([`Sending::watch`] calls).
+const WRITE_STATEMENTS: usize = 3;
+
+impl WriteStatements {
+    /// Prepared on this connection (cached: a round trip only on a connection's first use).
+    async fn prepare(t: &Txn<'_>) -> Result<Self, Fail> {
+        let (create, update, events) = tokio::join!(
+            t.prepare_cached(CREATE_RECORDS),
+            t.prepare_cached(UPDATE_RECORDS),
+            t.prepare_cached(INSERT_AUDIT)
+        );
+        Ok(Self {
+            create: create?,
+            update: update?,
+            events: events?,
+        })
+    }
+}
+
+/// Creates records from columns (a plain insert, not `ON CONFLICT DO NOTHING`: a speculative
+/// insertion costs the database an extra index probe and WAL record per row; a row another
+/// writer created since the lock, the only way one can exist, aborts the statement instead).
+const CREATE_RECORDS: &str = "INSERT INTO tokenvault_records
+         (id, owner, key_version, version, revoked, needs_reauth, value)
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[],
+                          $5::bool[], $6::bool[], $7::bytea[])";
+
+/// Replaces records from columns, each over the version `prev` it was locked at.
+const UPDATE_RECORDS: &str = "UPDATE tokenvault_records AS t SET owner = u.owner,
+         key_version = u.key_version, version = u.version, revoked = u.revoked,
+         needs_reauth = u.needs_reauth, value = u.value
+     FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bool[],
+                 $6::bool[], $7::bytea[], $8::bigint[])
+         AS u(id, owner, key_version, version, revoked, needs_reauth, value, prev)
+     WHERE t.id = u.id COLLATE \"C\" AND t.version = u.prev";
 
 /// Writes records: each `(record, None)` is created, each `(record, Some(v))` replaces the
 /// stored version `v` (locked by the caller). If another writer created one of the ids since it
 /// was read, the transaction is re-run, and its planning then sees that record.
 async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), Fail> {
+    let statements = WriteStatements::prepare(t).await?;
+    write_rows(t, &statements, rows, &Sending::new(2)).await
+}
+
+/// [`store_rows`] with its statements prepared: both go out on the first poll (two
+/// [`Sending::watch`] calls).
+async fn write_rows(
+    t: &Txn<'_>,
+    statements: &WriteStatements,
+    rows: &[(Record, Option<u64>)],
+    sending: &Sending,
+) -> Result<(), Fail> {
     #[derive(Default)]
     struct Columns {
         id: Vec<String>,
@@ -733,24 +1028,17 @@ async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), F
         c.value.push(encode_record(r));
         c.prev.push(prev.map_or(0, version_i64));
     }
-    let create = async {
+    // The counts below are checked once the answers are in, which in a pipelined commit is
+    // after COMMIT: neither can differ without the statement failing (a plain insert inserts
+    // every row or fails; the replaced rows are locked by this transaction), so they guard
+    // against the impossible, not against a race.
+    let create = sending.watch(async {
         if creates.id.is_empty() {
             return Ok(());
         }
-        let stmt = t
-            .prepare_cached(
-                "INSERT INTO tokenvault_records
-                     (id, owner, key_version, version, revoked, needs_reauth, value)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[],
-                                      $5::bool[], $6::bool[], $7::bytea[])",
-            )
-            .await?;
-        // A plain insert, not `ON CONFLICT DO NOTHING`: a speculative insertion costs the
-        // database an extra index probe and WAL record per row. A row another writer created
-        // since the lock (the only way one can exist) aborts the statement instead.
         let n = t
             .execute(
-                &stmt,
+                &statements.create,
                 &[
                     &creates.id,
                     &creates.owner,
@@ -772,25 +1060,14 @@ async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), F
             return Err(Fail::Retry("a record was created concurrently".into()));
         }
         Ok(())
-    };
-    let update = async {
+    });
+    let update = sending.watch(async {
         if updates.id.is_empty() {
             return Ok(());
         }
-        let stmt = t
-            .prepare_cached(
-                "UPDATE tokenvault_records AS t SET owner = u.owner, key_version = u.key_version,
-                     version = u.version, revoked = u.revoked, needs_reauth = u.needs_reauth,
-                     value = u.value
-                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bool[],
-                             $6::bool[], $7::bytea[], $8::bigint[])
-                     AS u(id, owner, key_version, version, revoked, needs_reauth, value, prev)
-                 WHERE t.id = u.id COLLATE \"C\" AND t.version = u.prev",
-            )
-            .await?;
         let n = t
             .execute(
-                &stmt,
+                &statements.update,
                 &[
                     &updates.id,
                     &updates.owner,
@@ -804,12 +1081,11 @@ async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), F
             )
             .await?;
         if n != updates.id.len() as u64 {
-            // The rows were locked: this means they changed under the lock, which cannot be.
             return Err(Fail::Retry("a locked record changed".into()));
         }
         Ok(())
-    };
-    let (create, update) = tokio::join!(create, update);
+    });
+    let (create, update) = tokio::join!(biased; create, update);
     pipelined(create, update).map(|_| ())
 }
 
@@ -845,16 +1121,17 @@ fn audit_columns(audit: &[AuditAppend]) -> (Vec<i64>, Vec<&[u8]>) {
     )
 }
 
-/// Runs [`INSERT_AUDIT`] on `c` (a transaction, or a connection for a statement that is its
-/// own transaction): how many events it inserted, 0 if a place was taken.
+/// Runs [`INSERT_AUDIT`] (`stmt`, prepared on `c`) on `c` (a transaction, or a connection for a
+/// statement that is its own transaction): how many events it inserted, 0 if a place was taken.
+/// The request goes out on the first poll.
 async fn inserted_events(
     c: &impl deadpool_postgres::GenericClient,
+    stmt: &tokio_postgres::Statement,
     chain: &str,
     audit: &[AuditAppend],
 ) -> Result<u64, Fail> {
-    let stmt = c.prepare_cached(INSERT_AUDIT).await?;
     let (seqs, values) = audit_columns(audit);
-    match c.execute(&stmt, &[&chain, &seqs, &values]).await {
+    match c.execute(stmt, &[&chain, &seqs, &values]).await {
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(0),
         other => Ok(other?),
     }
@@ -864,18 +1141,31 @@ async fn insert_audit(t: &Txn<'_>, chain: &str, audit: &[AuditAppend]) -> Result
     if audit.is_empty() {
         return Ok(());
     }
+    let stmt = t.prepare_cached(INSERT_AUDIT).await?;
+    insert_audit_with(t, &stmt, chain, audit).await
+}
+
+/// [`insert_audit`] with its statement prepared: the request goes out on the first poll.
+async fn insert_audit_with(
+    t: &Txn<'_>,
+    stmt: &tokio_postgres::Statement,
+    chain: &str,
+    audit: &[AuditAppend],
+) -> Result<(), Fail> {
+    let (Some(first), Some(last)) = (audit.first(), audit.last()) else {
+        return Ok(());
+    };
     // One statement for every event (a group commit writes one per record).
-    if inserted_events(t, chain, audit).await? != audit.len() as u64 {
+    if inserted_events(&**t, stmt, chain, audit).await? != audit.len() as u64 {
         // The chain already holds these places: an earlier write of this daemon committed
         // although its answer was lost (the instance lease keeps any other daemon off this
-        // chain). The whole change is refused and nothing is written; the auditor reads the
-        // chain's head back before its next write, so a retry succeeds: UNAVAILABLE, as for
-        // the lost answer itself.
+        // chain). The whole change is refused and nothing is written (the unique violation
+        // aborted the transaction); the auditor reads the chain's head back before its next
+        // write, so a retry succeeds: UNAVAILABLE, as for the lost answer itself.
         return Err(StoreError::Unavailable(format!(
             "audit events {}..={} are already stored (an earlier write's outcome was not \
              known); retry",
-            audit[0].seq,
-            audit[audit.len() - 1].seq
+            first.seq, last.seq
         ))
         .into());
     }
@@ -904,7 +1194,7 @@ impl RecordStore for PostgresStore {
         let groups: Vec<Vec<RecordWrite>> = groups.iter().map(|g| g.to_vec()).collect();
         let groups = Arc::new(groups);
         let chain = self.chain.clone();
-        self.txn(move |t| {
+        self.txn_with(true, move |t| {
             let (groups, audit, chain) = (Arc::clone(&groups), Arc::clone(&audit), chain.clone());
             // A re-run transaction plans again and seals again; the last sealing is written.
             Box::pin(async move { write_groups(t, &groups, now, Some((&chain, &*audit))).await })
@@ -1362,7 +1652,8 @@ impl AuditLog for PostgresStore {
         self.read(move |c| {
             let (entries, chain) = (Arc::clone(&entries), chain.clone());
             Box::pin(async move {
-                if inserted_events(c, &chain, &entries).await? != entries.len() as u64 {
+                let stmt = c.prepare_cached(INSERT_AUDIT).await?;
+                if inserted_events(c, &stmt, &chain, &entries).await? != entries.len() as u64 {
                     return Err(StoreError::Conflict(
                         "audit events (another writer on this chain)".into(),
                     )
@@ -2154,6 +2445,91 @@ mod tests {
         let stored = store.get_record(&group[0].meta.id).expect("read");
         assert_eq!(stored.map(|r| r.envelope), Some(theirs.envelope));
         assert_eq!(store.audit_events(1, 10), Ok(vec![]));
+    }
+
+    /// A pipelined transaction on `store` inserting into a scratch table with two statements
+    /// sent with COMMIT: `second` is what the second one binds (an `int4` commits; anything
+    /// else fails before its request is sent), and `declared` how many statements
+    /// [`Sending`] expects. Returns the outcome and the rows the table then holds, and checks
+    /// that no connection of the database was left inside a transaction.
+    fn pipelined_inserts(
+        second: Box<dyn tokio_postgres::types::ToSql + Send + Sync>,
+        declared: usize,
+    ) -> (Result<(), StoreError>, i64) {
+        let (store, _) = fresh();
+        store
+            .txn(|t| {
+                Box::pin(async move { Ok(t.batch_execute("CREATE TABLE scratch (n int)").await?) })
+            })
+            .expect("scratch table");
+        let second = Arc::new(second);
+        let outcome = store.txn_with(true, move |t| {
+            let second = Arc::clone(&second);
+            Box::pin(async move {
+                let insert = t
+                    .begin_with(async {
+                        Ok(t.prepare_cached("INSERT INTO scratch VALUES ($1)").await?)
+                    })
+                    .await?;
+                let sending = Sending::new(declared);
+                let last = async {
+                    let (a, b) = tokio::join!(
+                        biased;
+                        sending.watch(async { Ok(t.execute(&insert, &[&1i32]).await?) }),
+                        sending.watch(async { Ok(t.execute(&insert, &[&**second]).await?) })
+                    );
+                    pipelined(a, b).map(|_| ())
+                };
+                t.commit_with(&sending, last).await
+            })
+        });
+        let count = |sql: &'static str| {
+            store
+                .txn(move |t| {
+                    Box::pin(async move { Ok(t.query_one(sql, &[]).await?.get::<_, i64>(0)) })
+                })
+                .expect("count")
+        };
+        let open = count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND state LIKE 'idle in transaction%'",
+        );
+        assert_eq!(
+            open, 0,
+            "a connection went back to the pool inside a transaction"
+        );
+        (outcome, count("SELECT count(*) FROM scratch"))
+    }
+
+    #[test]
+    fn a_pipelined_commit_commits_every_statement_sent_with_it() {
+        assert_eq!(pipelined_inserts(Box::new(2i32), 2), (Ok(()), 2));
+    }
+
+    #[test]
+    fn a_pipelined_commit_is_not_sent_after_a_statement_that_could_not_be() {
+        // The first insert reached the server; the second failed to encode (a string for an
+        // int4), so COMMIT must not follow the first one.
+        let (outcome, rows) = pipelined_inserts(Box::new("two"), 2);
+        let Err(StoreError::Engine(message)) = outcome else {
+            panic!("expected an engine error, got {outcome:?}");
+        };
+        assert!(message.contains("serializ"), "{message}");
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn a_pipelined_commit_with_fewer_statements_polled_than_declared_commits_nothing() {
+        let (outcome, rows) = pipelined_inserts(Box::new(2i32), 3);
+        assert_eq!(
+            outcome,
+            Err(StoreError::Engine(
+                "internal: a group commit's statements were not all sent; nothing was committed"
+                    .into()
+            ))
+        );
+        assert_eq!(rows, 0);
     }
 
     #[test]
