@@ -390,8 +390,16 @@ impl PostgresStore {
     /// Connects, applies any pending schema migration, and returns the store. The audit trail
     /// is read and appended under chain `chain` (one per daemon instance sharing the database).
     pub fn connect(options: PostgresOptions, chain: &str) -> Result<Self, StoreError> {
+        // One thread per four cores, at least one. Each call costs this runtime about 30 µs
+        // of client work (measured: cached GetToken, 2 cores), so a thread serves some 30k
+        // calls/s, more than four cores' worth of daemon. On 2 cores one thread instead of two
+        // was 4-6 % faster on every PostgreSQL path (GetToken cached and uncached, PutSealed):
+        // a second worker mostly adds the wake-ups of work stealing between the two.
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .div_ceil(4);
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(threads)
             .thread_name("tokenvault-pg")
             .enable_all()
             .build()
