@@ -300,8 +300,9 @@ impl Txn<'_> {
     /// there (encoding, a closed connection, sealing its events) and `sending` notes it. `last`
     /// is polled first (`biased`), so when COMMIT's future is polled every statement is either
     /// queued ahead of it or known not to be sent, in which case COMMIT is not sent (nor if
-    /// fewer statements were polled than `sending` expects). A queued statement that fails on the server aborts the
-    /// transaction, and the server answers the COMMIT behind it with a rollback.
+    /// fewer statements were polled than `sending` expects). A queued statement that fails on
+    /// the server aborts the transaction, and the server answers the COMMIT behind it with a
+    /// rollback.
     async fn commit_with<T>(
         &self,
         sending: &Sending,
@@ -878,7 +879,7 @@ async fn write_groups(
     versions.sort_unstable();
     versions.dedup();
     // Sent together (tokio-postgres pipelines requests that are in flight at once): one round
-    // trip instead of three, inside the group commit's critical section. The statements are
+    // trip where BEGIN and the locks took two, inside the group commit's critical section. The statements are
     // prepared here (a cache hit after a connection's first use), so that the writes below
     // each go out on their first poll, which is what lets COMMIT follow them.
     let (states, current, statements) = t
