@@ -879,19 +879,23 @@ async fn write_groups(
     versions.sort_unstable();
     versions.dedup();
     // Sent together (tokio-postgres pipelines requests that are in flight at once): one round
-    // trip where BEGIN and the locks took two, inside the group commit's critical section. The statements are
-    // prepared here (a cache hit after a connection's first use), so that the writes below
-    // each go out on their first poll, which is what lets COMMIT follow them.
-    let (states, current, statements) = t
+    // trip where BEGIN and the locks took two, inside the group commit's critical section. The
+    // writes' statements are prepared here (a cache hit after a connection's first use), so
+    // that the writes below each go out on their first poll, which is what lets COMMIT follow
+    // them.
+    let (states, current, (rows_stmts, events_stmt)) = t
         .begin_with(async {
-            let (states, current, statements) = tokio::join!(
+            let (states, current, rows_stmts, events_stmt) = tokio::join!(
                 share_key_states(t, &versions),
                 lock_records(t, &ids),
-                WriteStatements::prepare(t)
+                RowStatements::prepare(t),
+                t.prepare_cached(INSERT_AUDIT)
             );
-            let ((states, current), statements) =
-                pipelined(pipelined(states, current), statements)?;
-            Ok((states, current, statements))
+            let ((states, current), (rows_stmts, events_stmt)) = pipelined(
+                pipelined(states, current),
+                pipelined(rows_stmts, events_stmt.map_err(Fail::from)),
+            )?;
+            Ok((states, current, (rows_stmts, events_stmt)))
         })
         .await?;
     let mut current = current;
@@ -932,47 +936,45 @@ async fn write_groups(
     // The records, the events and COMMIT go out together, in that order (`biased`): the events
     // are sealed while the database inserts the records. A statement that fails aborts the
     // transaction, and the server then answers COMMIT with a rollback.
-    let sending = Sending::new(WRITE_STATEMENTS);
+    let sending = Sending::new(ROW_STATEMENTS + 1);
     let events = sending.watch(async {
         match audit {
             Some((chain, audit)) => {
                 let appends = super::seal_accepted(audit, &accepted)?;
-                insert_audit_with(t, &statements.events, chain, &appends).await
+                insert_audit_with(t, &events_stmt, chain, &appends).await
             }
             None => Ok(()),
         }
     });
     let last = async {
         let (written, events) =
-            tokio::join!(biased; write_rows(t, &statements, &rows, &sending), events);
+            tokio::join!(biased; write_rows(t, &rows_stmts, &rows, &sending), events);
         pipelined(written, events).map(|_| ())
     };
     t.commit_with(&sending, last).await?;
     Ok(outcomes)
 }
 
-/// The statements a group commit writes with: [`write_rows`]'s two and [`INSERT_AUDIT`].
-struct WriteStatements {
+/// The statements [`write_rows`] writes records with.
+struct RowStatements {
     create: tokio_postgres::Statement,
     update: tokio_postgres::Statement,
-    events: tokio_postgres::Statement,
 }
 
-/// How many statements [`write_groups`] sends before COMMIT ([`Sending::watch`] calls).
-const WRITE_STATEMENTS: usize = 3;
+/// How many statements [`write_rows`] sends ([`Sending::watch`] calls); a group commit sends
+/// one more, its events.
+const ROW_STATEMENTS: usize = 2;
 
-impl WriteStatements {
+impl RowStatements {
     /// Prepared on this connection (cached: a round trip only on a connection's first use).
     async fn prepare(t: &Txn<'_>) -> Result<Self, Fail> {
-        let (create, update, events) = tokio::join!(
+        let (create, update) = tokio::join!(
             t.prepare_cached(CREATE_RECORDS),
-            t.prepare_cached(UPDATE_RECORDS),
-            t.prepare_cached(INSERT_AUDIT)
+            t.prepare_cached(UPDATE_RECORDS)
         );
         Ok(Self {
             create: create?,
             update: update?,
-            events: events?,
         })
     }
 }
@@ -998,15 +1000,15 @@ const UPDATE_RECORDS: &str = "UPDATE tokenvault_records AS t SET owner = u.owner
 /// stored version `v` (locked by the caller). If another writer created one of the ids since it
 /// was read, the transaction is re-run, and its planning then sees that record.
 async fn store_rows(t: &Txn<'_>, rows: &[(Record, Option<u64>)]) -> Result<(), Fail> {
-    let statements = WriteStatements::prepare(t).await?;
-    write_rows(t, &statements, rows, &Sending::new(2)).await
+    let statements = RowStatements::prepare(t).await?;
+    write_rows(t, &statements, rows, &Sending::new(ROW_STATEMENTS)).await
 }
 
-/// [`store_rows`] with its statements prepared: both go out on the first poll (two
-/// [`Sending::watch`] calls).
+/// [`store_rows`] with its statements prepared: both go out on the first poll
+/// ([`ROW_STATEMENTS`] [`Sending::watch`] calls).
 async fn write_rows(
     t: &Txn<'_>,
-    statements: &WriteStatements,
+    statements: &RowStatements,
     rows: &[(Record, Option<u64>)],
     sending: &Sending,
 ) -> Result<(), Fail> {
