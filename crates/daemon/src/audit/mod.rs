@@ -326,17 +326,39 @@ struct Head {
 }
 
 /// An event of a read waiting for the next group write, and where its caller learns the
-/// outcome (set once, by whoever writes the group).
+/// outcome (told once, by whoever writes the group).
 struct Pending {
     draft: Draft,
-    outcome: Arc<std::sync::OnceLock<Result<(), String>>>,
+    waiter: Waiter,
+}
+
+/// How a read's caller waits: a thread (on the store pool, woken through `Auditor::written`),
+/// or a task (the executor's; woken by its channel, the group written by the [`ReadFlusher`]).
+enum Waiter {
+    Thread(Arc<std::sync::OnceLock<Result<(), String>>>),
+    Task(Option<tokio::sync::oneshot::Sender<Result<(), String>>>),
+}
+
+impl Pending {
+    fn tell(&mut self, outcome: Result<(), String>) {
+        match &mut self.waiter {
+            Waiter::Thread(told) => {
+                let _ = told.set(outcome);
+            }
+            Waiter::Task(reply) => {
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(outcome);
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Pending {
     /// A pending event dropped without an outcome (the write carrying it panicked) refuses its
     /// caller instead of leaving it waiting.
     fn drop(&mut self) {
-        let _ = self.outcome.set(Err(
+        self.tell(Err(
             "the write carrying this audit event did not finish; the call was refused".into(),
         ));
     }
@@ -358,6 +380,10 @@ struct Chain {
     /// connection lost during COMMIT, a primary killed after its standby applied the commit):
     /// the next writer reads the head back from the store before sealing.
     unsure: bool,
+    /// The [`ReadFlusher`]'s thread waits on `Auditor::work` for events to write.
+    flusher_idle: bool,
+    /// The [`ReadFlusher`] is stopping: its thread writes what is queued and ends.
+    closing: bool,
 }
 
 /// Appends events to the store's audit chain.
@@ -381,6 +407,8 @@ pub struct Auditor {
     writer: Mutex<()>,
     /// Notified (under `chain`) whenever a write ends and `writer` is free again.
     written: std::sync::Condvar,
+    /// Wakes the [`ReadFlusher`]'s thread (under `chain`) when events wait and it is idle.
+    work: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -689,9 +717,12 @@ impl Auditor {
                 head,
                 queue: Vec::new(),
                 unsure: false,
+                flusher_idle: false,
+                closing: false,
             }),
             writer: Mutex::new(()),
             written: std::sync::Condvar::new(),
+            work: std::sync::Condvar::new(),
         })
     }
 
@@ -759,21 +790,60 @@ impl Auditor {
         let outcome = written.as_ref().map(|_| ()).map_err(|e| {
             format!("a group write of audit events failed ({e}); the call was refused")
         });
-        for pending in batch {
-            let _ = pending.outcome.set(outcome.clone());
+        for mut pending in batch {
+            pending.tell(outcome.clone());
         }
         (chain, written)
     }
 
     /// Gives up the writer lock and wakes every caller waiting for a write to end (under the
-    /// chain lock, so none can miss it between checking and waiting).
-    fn release(
-        &self,
-        writer: std::sync::MutexGuard<'_, ()>,
-        _chain_held: &std::sync::MutexGuard<'_, Chain>,
-    ) {
+    /// chain lock, so none can miss it between checking and waiting), and the
+    /// [`ReadFlusher`]'s thread if events are left for it.
+    fn release(&self, writer: std::sync::MutexGuard<'_, ()>, chain: &mut Chain) {
         drop(writer);
         self.written.notify_all();
+        self.wake_flusher(chain);
+    }
+
+    /// Wakes the [`ReadFlusher`]'s thread if it sleeps while events wait: one wake-up per
+    /// sleep, not per event (a wake-up is a system call).
+    fn wake_flusher(&self, chain: &mut Chain) {
+        if chain.flusher_idle && !chain.queue.is_empty() {
+            chain.flusher_idle = false;
+            self.work.notify_one();
+        }
+    }
+
+    /// The [`ReadFlusher`]'s thread: writes the queued events of reads as groups, one group
+    /// while the next one queues, until it is stopped with nothing left to write.
+    fn flush_reads(&self) {
+        let mut chain = self.lock();
+        loop {
+            if chain.queue.is_empty() {
+                if chain.closing {
+                    return;
+                }
+                chain.flusher_idle = true;
+                chain = self
+                    .work
+                    .wait(chain)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                chain.flusher_idle = false;
+                continue;
+            }
+            drop(chain);
+            // A store that panics refuses the group it was writing (`Pending`'s drop); the
+            // thread goes on, or every later read would wait forever.
+            let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let writer = self.writer();
+                let (mut after, _) = self.flush(self.lock());
+                self.release(writer, &mut after);
+            }));
+            if flushed.is_err() {
+                tracing::error!("a group write of audit events panicked; its reads were refused");
+            }
+            chain = self.lock();
+        }
     }
 
     /// Appends `draft` on its own. `sync` forces it to disk first (mutations, refusals); events
@@ -789,7 +859,7 @@ impl Auditor {
         let mut chain = self.lock();
         chain.queue.push(Pending {
             draft: draft.clone(),
-            outcome: Arc::clone(&outcome),
+            waiter: Waiter::Thread(Arc::clone(&outcome)),
         });
         loop {
             if let Some(done) = outcome.get() {
@@ -810,7 +880,7 @@ impl Auditor {
             };
             let (after, _) = self.flush(chain);
             chain = after;
-            self.release(writer, &chain);
+            self.release(writer, &mut chain);
         }
     }
 
@@ -837,7 +907,7 @@ impl Auditor {
             Ok((_, false)) => {}
             Err(_) => chain.unsure = true,
         }
-        self.release(writer, &chain);
+        self.release(writer, &mut chain);
         result.map(|(value, _)| value)
     }
 
@@ -883,8 +953,8 @@ impl Auditor {
         match (&result, sealed) {
             (Ok(_), Some(end)) => {
                 chain.head = end;
-                for pending in reads {
-                    let _ = pending.outcome.set(Ok(()));
+                for mut pending in reads {
+                    pending.tell(Ok(()));
                 }
             }
             // Nothing was sealed (the write accepted nothing) or it failed: the reads wait
@@ -895,8 +965,83 @@ impl Auditor {
                 chain.queue.extend(later);
             }
         }
-        self.release(writer, &chain);
+        self.release(writer, &mut chain);
         result
+    }
+}
+
+/// Writes the events of reads whose callers wait as tasks, on a thread of its own.
+///
+/// A read's caller on the executor queues its event and awaits the group write that holds it,
+/// instead of holding a store-pool thread for the write (a round trip and, on PostgreSQL, a
+/// commit): the thread writes each group while the next one queues, and a change's write takes
+/// the queued events first, as for reads waiting on threads. The queue holds one event per
+/// call in flight, so it is bounded by what bounds those (`[limits]` and the listeners').
+///
+/// Dropping it stops the thread once it has written what is queued.
+pub struct ReadFlusher {
+    audit: Arc<Auditor>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ReadFlusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadFlusher").finish_non_exhaustive()
+    }
+}
+
+impl ReadFlusher {
+    /// Starts the thread that writes `audit`'s queued reads.
+    pub fn start(audit: Arc<Auditor>) -> std::io::Result<Self> {
+        let writes = Arc::clone(&audit);
+        let thread = std::thread::Builder::new()
+            .name("tokenvault-audit".into())
+            .spawn(move || writes.flush_reads())?;
+        Ok(Self {
+            audit,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues the event of a read (as `Auditor::append(draft, false)` does) and resolves once
+    /// a write holding it succeeded, or with the error that refused it. Only a short lock is
+    /// taken here, never across I/O: it may be called on the executor.
+    pub fn append(
+        &self,
+        draft: Draft,
+    ) -> impl Future<Output = Result<(), AuditError>> + Send + 'static {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        {
+            let mut chain = self.audit.lock();
+            chain.queue.push(Pending {
+                draft,
+                waiter: Waiter::Task(Some(reply)),
+            });
+            self.audit.wake_flusher(&mut chain);
+        }
+        async move {
+            match answer.await {
+                Ok(outcome) => outcome.map_err(|m| StoreError::Unavailable(m).into()),
+                // Unreachable: a dropped `Pending` tells its waiter first.
+                Err(_) => Err(StoreError::Unavailable(
+                    "the audit writer stopped; the call was refused".into(),
+                )
+                .into()),
+            }
+        }
+    }
+}
+
+impl Drop for ReadFlusher {
+    fn drop(&mut self) {
+        {
+            let mut chain = self.audit.lock();
+            chain.closing = true;
+            self.audit.work.notify_one();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -1252,6 +1397,103 @@ mod tests {
         a.append(&Draft::new("worker", "GetToken"), false)
             .expect("the next read is written");
         assert_eq!(verify_store(&store), Ok(1));
+    }
+
+    /// Reads awaited on the executor are written by the flusher's thread, in order with the
+    /// changes and the reads of store threads around them: every event is stored, once, and
+    /// the chain has no gap.
+    #[test]
+    fn reads_awaited_as_tasks_are_written_without_a_gap_among_changes_and_thread_reads() {
+        let (store, a, _dir) = auditor();
+        let a = Arc::new(a);
+        let flusher = Arc::new(ReadFlusher::start(Arc::clone(&a)).expect("start"));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for t in 0..8 {
+                let flusher = Arc::clone(&flusher);
+                tasks.spawn(async move {
+                    for i in 0..100 {
+                        flusher
+                            .append(
+                                Draft::new(&format!("task{t}"), "GetToken").record(&i.to_string()),
+                            )
+                            .await
+                            .expect("written");
+                    }
+                });
+            }
+            for t in 0..2 {
+                let a = Arc::clone(&a);
+                tasks.spawn_blocking(move || {
+                    for i in 0..100 {
+                        a.append(&Draft::new(&format!("thread{t}"), "GetToken"), false)
+                            .expect("written");
+                        if i % 25 == 0 {
+                            a.append(&Draft::new("admin", "Revoke"), true)
+                                .expect("written");
+                        }
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.expect("task");
+            }
+        });
+        let events = store.audit_events(1, 10_000).expect("events");
+        assert_eq!(events.len(), 8 * 100 + 2 * 100 + 2 * 4);
+        assert_eq!(verify_chain(events), Ok(8 * 100 + 2 * 100 + 2 * 4));
+    }
+
+    /// Reads that queue while a write holds the order wait in the queue, not in writes of
+    /// their own, and are all written once it ends. Stopping the flusher meanwhile does not
+    /// lose them: its thread writes what is queued before it ends.
+    #[test]
+    fn stopping_the_flusher_writes_the_reads_queued_behind_a_write_first() {
+        let (store, a, _dir) = auditor();
+        let a = Arc::new(a);
+        let flusher = ReadFlusher::start(Arc::clone(&a)).expect("start");
+        let in_flight = a.writer();
+        let answers: Vec<_> = (0..3)
+            .map(|i| flusher.append(Draft::new("worker", "GetToken").record(&i.to_string())))
+            .collect();
+        assert_eq!(a.lock().queue.len(), 3, "queued behind the write in flight");
+        let stopping = std::thread::spawn(move || drop(flusher));
+        // The flusher's thread cannot write before the order is free, so its stop waits.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(
+            !stopping.is_finished(),
+            "the stop waits for the queued reads"
+        );
+        assert!(store.audit_events(1, 10).expect("events").is_empty());
+        drop(in_flight);
+        stopping.join().expect("stopped");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        for answer in answers {
+            rt.block_on(answer)
+                .expect("written before the thread ended");
+        }
+        assert_eq!(verify_store(&store), Ok(3));
+    }
+
+    /// A read's task is told when the write carrying its event panicked, as a thread is.
+    #[test]
+    fn a_task_whose_event_is_dropped_unwritten_is_refused_not_left_waiting() {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        drop(Pending {
+            draft: Draft::new("worker", "GetToken"),
+            waiter: Waiter::Task(Some(reply)),
+        });
+        let told = answer.blocking_recv().expect("told");
+        assert!(
+            told.expect_err("refused").contains("did not finish"),
+            "refused with the reason"
+        );
     }
 
     fn auditor() -> (Arc<MemoryStore>, Auditor, tempfile::TempDir) {

@@ -334,8 +334,11 @@ async fn load<T: Send + 'static>(
                     Err(e)
                 }
                 Ok((record, checked, Some(secret), _)) => {
-                    release(s, &who, grant.as_deref(), draft, record, secret, checked)
-                        .map(Loaded::Released)
+                    let queued = spend(s, &who, grant.as_deref(), &record, draft)?;
+                    Ok(Loaded::Released(
+                        Box::new((record, secret, checked)),
+                        queued,
+                    ))
                 }
                 Ok((record, checked, None, ring)) => Ok(Loaded::Unwrap(Box::new(Unwrap {
                     who,
@@ -358,7 +361,7 @@ async fn load<T: Send + 'static>(
         draft,
         grant,
     } = match loaded {
-        Loaded::Released(released) => return Ok(released),
+        Loaded::Released(released, queued) => return audited(state, queued, *released).await,
         Loaded::Unwrap(u) => *u,
     };
     let opened = state
@@ -376,15 +379,24 @@ async fn load<T: Send + 'static>(
         (record, Ok(secret)) => (record, secret),
         (_, Err(e)) => return Err(refused(state, draft, e).await),
     };
-    state
-        .io_bound(move |s| release(s, &who, grant.as_deref(), draft, record, secret, checked))
-        .await
+    let (record, queued) = match grant {
+        Some(grant) => {
+            state
+                .io_bound(move |s| {
+                    spend(s, &who, Some(&grant), &record, draft).map(|queued| (record, queued))
+                })
+                .await?
+        }
+        None => (record, Some(draft)),
+    };
+    audited(state, queued, (record, secret, checked)).await
 }
 
 /// What the first step of [`load`] leaves to do.
 enum Loaded<T> {
-    /// Opened with a cached data key and audited: the call is done.
-    Released((Record, Secret, T)),
+    /// Opened with a cached data key: the call is done once its audit event, if given back
+    /// (no grant was spent), is written.
+    Released(Box<(Record, Secret, T)>, Option<Draft>),
     /// The data key must be unwrapped on the private-key pool, then the call audited.
     Unwrap(Box<Unwrap<T>>),
 }
@@ -400,29 +412,38 @@ struct Unwrap<T> {
     grant: Option<Arc<grants::GrantUse>>,
 }
 
-/// The last step of [`load`]: audits the release (spending a use of the grant, if one is
-/// presented, in the same write) before the secret is handed back; a failure is audited and
-/// nothing is released.
-fn release<T>(
+/// Spends a use of the grant presented, if any, in the same write as the call's audit event
+/// (a store write: on the store pool); without one, gives the event back for [`audited`]. A
+/// failure is audited and nothing is released.
+fn spend(
     s: &Vault,
     who: &str,
     grant: Option<&grants::GrantUse>,
+    record: &Record,
     draft: Draft,
-    record: Record,
-    secret: Secret,
-    checked: T,
-) -> Result<(Record, Secret, T), VaultError> {
-    let audited = match grant {
-        Some(g) => g.spend(s, who, &record, &draft),
-        None => s.audit.append(&draft, false).map_err(VaultError::from),
+) -> Result<Option<Draft>, VaultError> {
+    let Some(grant) = grant else {
+        return Ok(Some(draft));
     };
-    match audited {
-        Ok(()) => Ok((record, secret, checked)),
+    match grant.spend(s, who, record, &draft) {
+        Ok(()) => Ok(None),
         Err(e) => {
             audit_refusal(s, draft, &e);
             Err(e)
         }
     }
+}
+
+/// The last step of [`load`]: the secret is handed back only once the release's audit event is
+/// written. A queued event is awaited here, on the executor, and written by the audit writer's
+/// next group, so no store-pool thread waits out the group write (on PostgreSQL a round trip
+/// and a commit). If it cannot be written the call is refused; the trail's own failure is not
+/// audited (see [`audit_refusal`]).
+async fn audited<R>(state: &Vault, queued: Option<Draft>, released: R) -> Result<R, VaultError> {
+    if let Some(draft) = queued {
+        state.reads.append(draft).await?;
+    }
+    Ok(released)
 }
 
 /// Audits a refusal of [`load`], unless it is one that is not audited: a shed call (it did

@@ -130,7 +130,7 @@ pub enum OpenError {
         /// Why.
         message: String,
     },
-    /// The pool of private-key threads or the commit thread could not start.
+    /// The pool of private-key threads, the commit thread or the audit writer could not start.
     #[error("starting the {what} thread(s): {source}")]
     Threads {
         /// Which.
@@ -317,6 +317,8 @@ pub struct Vault {
     /// Set while a rewrap runs; one at a time.
     rewrapping: std::sync::atomic::AtomicBool,
     audit: Arc<Auditor>,
+    /// Writes the audit events of reads whose callers await them on the executor.
+    reads: crate::audit::ReadFlusher,
     /// Ships the trail to `[audit] sink_file`, if configured.
     shipper: Option<Arc<crate::audit::sink::Shipper>>,
     /// `[audit] retention_days`.
@@ -518,6 +520,12 @@ impl Vault {
             rewrapping: std::sync::atomic::AtomicBool::new(false),
             shipper,
             retention_days: config.audit.retention_days,
+            reads: crate::audit::ReadFlusher::start(Arc::clone(&audit)).map_err(|source| {
+                OpenError::Threads {
+                    what: "audit writer",
+                    source,
+                }
+            })?,
             audit,
             record_limits: limits::RecordLimits::default(),
             dek_cache: config.dek_cache.map(|c| {
