@@ -125,7 +125,25 @@ pub struct PostgresStore {
     runtime: tokio::runtime::Runtime,
     /// The audit chain this store appends to and reads.
     chain: String,
+    /// Record reads waiting for the next combined read ([`read_batches`]).
+    reads: Arc<std::sync::Mutex<ReadQueue>>,
 }
+
+/// Record reads of concurrent callers waiting to be read together, and whether a task is
+/// reading (it takes whatever waits once its read is answered).
+#[derive(Default)]
+struct ReadQueue {
+    waiting: Vec<(String, ReadReply)>,
+    reading: bool,
+    /// Combined reads sent so far (what the tests compare with the reads asked for).
+    statements: u64,
+}
+
+/// Where one caller of `get_record` is answered: the stored value of its record, if any.
+type ReadReply = std::sync::mpsc::SyncSender<Result<Option<Vec<u8>>, StoreError>>;
+
+/// Most record reads one combined statement answers.
+const MAX_READ_BATCH: usize = 256;
 
 /// An exported snapshot (`pg_export_snapshot()`): valid while `holder`'s transaction is open,
 /// so every pooled connection can read as of the same instant with `SET TRANSACTION SNAPSHOT`.
@@ -437,6 +455,7 @@ impl PostgresStore {
             pool,
             runtime,
             chain: chain.to_string(),
+            reads: Arc::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -594,28 +613,7 @@ impl PostgresStore {
         T: Send + 'static,
         F: Fn(Pool) -> futures_like::BoxFuture<'static, Result<T, Fail>> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        self.wait(async move {
-            let mut n = 0;
-            loop {
-                n += 1;
-                match attempt(pool.clone()).await {
-                    Ok(v) => return Ok(v),
-                    Err(Fail::Final(e) | Fail::Aborted(e)) => return Err(e),
-                    Err(Fail::Retry(why)) if n < MAX_ATTEMPTS => {
-                        tracing::debug!(attempt = n, %why, "retrying a database transaction");
-                        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..10u64);
-                        tokio::time::sleep(Duration::from_millis((5u64 << n.min(6)) + jitter))
-                            .await;
-                    }
-                    Err(Fail::Retry(why)) => {
-                        return Err(StoreError::Unavailable(format!(
-                            "the database kept refusing the transaction ({why}); retry"
-                        )));
-                    }
-                }
-            }
-        })
+        self.wait(retried(self.pool.clone(), attempt))
     }
 
     /// Runs `fut` on the store's runtime and blocks this thread until it is done. Waiting on a
@@ -812,6 +810,106 @@ async fn insert_outbox(t: &Txn<'_>, rows: &[(String, Vec<u8>)]) -> Result<(), Fa
         t.execute(UPSERT_META, &[k, v]).await?;
     }
     Ok(())
+}
+
+/// `attempt`, again after a serialization failure or deadlock (bounded, with jittered backoff).
+async fn retried<T, F>(pool: Pool, attempt: F) -> Result<T, StoreError>
+where
+    F: Fn(Pool) -> futures_like::BoxFuture<'static, Result<T, Fail>>,
+{
+    let mut n = 0;
+    loop {
+        n += 1;
+        match attempt(pool.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(Fail::Final(e) | Fail::Aborted(e)) => return Err(e),
+            Err(Fail::Retry(why)) if n < MAX_ATTEMPTS => {
+                tracing::debug!(attempt = n, %why, "retrying a database transaction");
+                let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..10u64);
+                tokio::time::sleep(Duration::from_millis((5u64 << n.min(6)) + jitter)).await;
+            }
+            Err(Fail::Retry(why)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "the database kept refusing the transaction ({why}); retry"
+                )));
+            }
+        }
+    }
+}
+
+/// Answers the record reads that wait in `queue`, a group at a time, until none is left.
+///
+/// Each group is one statement (`WHERE id = ANY($1)`) in one round trip: under load the reads
+/// that arrive while one group is read are answered by the next, so the database parses,
+/// plans and answers one statement for many reads, and the store's runtime handles one
+/// message each way; a read that arrives when none is being read goes at once, alone. Every
+/// read of a group is answered by a statement that started after it was queued, so it sees
+/// every write committed before it was asked.
+async fn read_batches(pool: Pool, queue: Arc<std::sync::Mutex<ReadQueue>>) {
+    /// Ends the reading if this task stops half-way (a panic, or the runtime shutting down):
+    /// the reads still waiting are refused (their replies dropped), and the next read starts a
+    /// new task. A task that ran out of reads has ended it already, under the lock: by the
+    /// time this is dropped, a read queued since belongs to the next task.
+    struct Reading {
+        queue: Arc<std::sync::Mutex<ReadQueue>>,
+        ended: std::cell::Cell<bool>,
+    }
+    impl Drop for Reading {
+        fn drop(&mut self) {
+            if !self.ended.get() {
+                let mut q = lock_reads(&self.queue);
+                q.reading = false;
+                q.waiting.clear();
+            }
+        }
+    }
+    let reading = Reading {
+        queue,
+        ended: std::cell::Cell::new(false),
+    };
+    loop {
+        let group = {
+            let mut q = lock_reads(&reading.queue);
+            if q.waiting.is_empty() {
+                // Ends here, under the lock: a read queued from now on starts a task.
+                q.reading = false;
+                reading.ended.set(true);
+                return;
+            }
+            let first = q.waiting.len().min(MAX_READ_BATCH);
+            let rest = q.waiting.split_off(first);
+            q.statements += 1;
+            std::mem::replace(&mut q.waiting, rest)
+        };
+        let ids: Arc<Vec<String>> = Arc::new(group.iter().map(|(id, _)| id.clone()).collect());
+        let read = retried(pool.clone(), move |pool| {
+            let ids = Arc::clone(&ids);
+            Box::pin(async move {
+                let client = pool.get().await?;
+                let stmt = client
+                    .prepare_cached("SELECT id, value FROM tokenvault_records WHERE id = ANY($1)")
+                    .await?;
+                let rows = client.query(&stmt, &[&*ids]).await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|row| (row.get::<_, String>(0), row.get::<_, Vec<u8>>(1)))
+                    .collect::<std::collections::HashMap<_, _>>())
+            })
+        })
+        .await;
+        for (id, reply) in group {
+            let _ = reply.send(match &read {
+                Ok(values) => Ok(values.get(&id).cloned()),
+                Err(e) => Err(e.clone()),
+            });
+        }
+    }
+}
+
+fn lock_reads(queue: &std::sync::Mutex<ReadQueue>) -> std::sync::MutexGuard<'_, ReadQueue> {
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The records with these ids, locked for update until the transaction ends.
@@ -1213,6 +1311,23 @@ impl RecordStore for PostgresStore {
     }
 
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+        if self.snapshot.is_none() {
+            let (reply, answer) = std::sync::mpsc::sync_channel(1);
+            let start = {
+                let mut q = lock_reads(&self.reads);
+                q.waiting.push((id.to_string(), reply));
+                !std::mem::replace(&mut q.reading, true)
+            };
+            if start {
+                self.runtime
+                    .spawn(read_batches(self.pool.clone(), Arc::clone(&self.reads)));
+            }
+            let value = answer
+                .recv()
+                .map_err(|_| StoreError::Engine("the database task stopped".into()))??;
+            return value.as_deref().map(decode_record).transpose();
+        }
+        // A snapshot's reads each import it in a transaction of their own.
         let id = id.to_string();
         self.read(move |c| {
             let id = id.clone();
@@ -2511,6 +2626,49 @@ mod tests {
             "a connection went back to the pool inside a transaction"
         );
         (outcome, count("SELECT count(*) FROM scratch"))
+    }
+
+    /// Reads of many threads at once are answered by fewer statements than reads, each with
+    /// its own record (or none), and a read sees a write that committed before it was asked.
+    #[test]
+    fn concurrent_record_reads_are_combined_and_each_gets_its_own_record() {
+        let (store, _) = fresh();
+        store.put_records(&writes(0..64, 0), 10).expect("records");
+        let store = Arc::new(store);
+        let reads_per_thread = 300;
+        std::thread::scope(|s| {
+            for t in 0..16u32 {
+                let store = Arc::clone(&store);
+                s.spawn(move || {
+                    for n in 0..reads_per_thread {
+                        // Ids 64..80 were never written.
+                        let i = (t * 7 + n * 13) % 80;
+                        let id = RecordId::parse(format!("r{i:04}")).expect("id");
+                        let got = store.get_record(&id).expect("read");
+                        match got {
+                            Some(r) => {
+                                assert!(i < 64, "r{i:04} was never written");
+                                assert_eq!(r.meta.id, id);
+                                assert_eq!(r.envelope, vec![(i % 251) as u8; 40]);
+                            }
+                            None => assert!(i >= 64, "r{i:04} was written"),
+                        }
+                    }
+                });
+            }
+        });
+        let statements = lock_reads(&store.reads).statements;
+        assert!(
+            statements < 16 * u64::from(reads_per_thread),
+            "{statements} statements for {} reads",
+            16 * reads_per_thread
+        );
+        let mut replace = writes(5..6, 1);
+        replace[0].envelope = vec![7; 40];
+        store.put_records(&replace, 11).expect("replace");
+        let id = RecordId::parse("r0005").expect("id");
+        let read = store.get_record(&id).expect("read").expect("found");
+        assert_eq!((read.version, read.envelope), (2, vec![7; 40]));
     }
 
     #[test]
