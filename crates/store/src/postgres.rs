@@ -18,6 +18,8 @@
 //! take a share lock on the registry rows of the key versions they use and retirement an
 //! exclusive one, so no record can land under a retiring key. Serialization failures and
 //! deadlocks (SQLSTATE 40001 / 40P01) re-run the whole transaction, a bounded number of times.
+//! Record reads of concurrent callers are answered together, one statement per group, each by a
+//! statement that started after it was asked (so it sees every write committed before).
 //! A database that cannot be reached is [`StoreError::Unavailable`], never a panic.
 //!
 //! Why tokio-postgres + deadpool rather than the blocking `postgres` crate: one runtime serves
