@@ -1462,6 +1462,10 @@ mod tests {
             .collect();
         assert_eq!(a.lock().queue.len(), 3, "queued behind the write in flight");
         let stopping = std::thread::spawn(move || drop(flusher));
+        // The stop has begun (and waits for the thread) before the order is free again.
+        while !a.lock().closing {
+            std::thread::yield_now();
+        }
         // Nothing can be written while the order is held here.
         assert!(store.audit_events(1, 10).expect("events").is_empty());
         drop(in_flight);
