@@ -14,7 +14,9 @@
 //! the rows locked for all of them and the requests accepted before it, and written with one
 //! statement per table, statements that do not depend on each other sent together: two round
 //! trips in all, one for BEGIN and the locks, one for the writes and COMMIT (COMMIT is queued
-//! only behind statements known to be sent, so it can never commit part of them). Record writes
+//! only behind statements known to be sent, so it can never commit part of them). A group of
+//! creates only skips the locking read of its ids (the insert refuses one that exists, and the
+//! group is then re-run with it; see `Locking`). Record writes
 //! take a share lock on the registry rows of the key versions they use and retirement an
 //! exclusive one, so no record can land under a retiring key. Serialization failures and
 //! deadlocks (SQLSTATE 40001 / 40P01) re-run the whole transaction, a bounded number of times.
@@ -129,7 +131,27 @@ pub struct PostgresStore {
     chain: String,
     /// Record reads waiting for the next combined read ([`read_batches`]).
     reads: Arc<std::sync::Mutex<ReadQueue>>,
+    /// Until when a group commit of creates only locks its ids first anyway (see
+    /// [`Locking`]): set when a group that did not lock them failed.
+    lock_creates_until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// Whether a group commit reads and locks the rows of its ids before planning.
+///
+/// A group of creates only need not: the plain insert refuses a record that exists (or is being
+/// created) with a unique violation, and the transaction is then re-run with the locking read,
+/// which plans the duplicate's refusal. That re-run costs the whole group a second transaction,
+/// so a caller repeating one duplicate create could make every group run twice: after any failed
+/// attempt without locks, groups lock for [`LOCK_CREATES_FOR`], and the most such a caller
+/// costs is one extra transaction per period.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Locking {
+    Lock,
+    CreatesOnly,
+}
+
+/// How long groups of creates keep locking after a group that did not lock failed.
+const LOCK_CREATES_FOR: Duration = Duration::from_secs(10);
 
 /// Record reads of concurrent callers waiting to be read together, and whether a task is
 /// reading (it takes whatever waits once its read is answered).
@@ -458,6 +480,7 @@ impl PostgresStore {
             runtime,
             chain: chain.to_string(),
             reads: Arc::default(),
+            lock_creates_until: Arc::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -908,6 +931,14 @@ async fn read_batches(pool: Pool, queue: Arc<std::sync::Mutex<ReadQueue>>) {
     }
 }
 
+fn lock_creates_until(
+    until: &std::sync::Mutex<Option<std::time::Instant>>,
+) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+    until
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn lock_reads(queue: &std::sync::Mutex<ReadQueue>) -> std::sync::MutexGuard<'_, ReadQueue> {
     queue
         .lock()
@@ -963,6 +994,7 @@ async fn write_groups(
     groups: &[Vec<RecordWrite>],
     now: i64,
     audit: Option<(&str, &dyn super::GroupAudit)>,
+    locking: Locking,
 ) -> Result<Vec<Result<Vec<u64>, StoreError>>, Fail> {
     let mut ids: Vec<String> = groups
         .iter()
@@ -987,7 +1019,12 @@ async fn write_groups(
         .begin_with(async {
             let (states, current, rows_stmts, events_stmt) = tokio::join!(
                 share_key_states(t, &versions),
-                lock_records(t, &ids),
+                async {
+                    match locking {
+                        Locking::Lock => lock_records(t, &ids).await,
+                        Locking::CreatesOnly => Ok(std::collections::HashMap::new()),
+                    }
+                },
                 RowStatements::prepare(t),
                 t.prepare_cached(INSERT_AUDIT)
             );
@@ -1207,10 +1244,12 @@ async fn write_group(
     writes: &[RecordWrite],
     now: i64,
 ) -> Result<Result<Vec<u64>, StoreError>, Fail> {
-    Ok(write_groups(t, &[writes.to_vec()], now, None)
-        .await?
-        .pop()
-        .unwrap_or(Ok(Vec::new())))
+    Ok(
+        write_groups(t, &[writes.to_vec()], now, None, Locking::Lock)
+            .await?
+            .pop()
+            .unwrap_or(Ok(Vec::new())),
+    )
 }
 
 /// Writes one updated record over the version it was read at.
@@ -1303,12 +1342,31 @@ impl RecordStore for PostgresStore {
         audit: Arc<dyn super::GroupAudit>,
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let groups: Vec<Vec<RecordWrite>> = groups.iter().map(|g| g.to_vec()).collect();
+        let creates_only = groups.iter().flatten().all(|w| w.expected_version == 0)
+            && lock_creates_until(&self.lock_creates_until)
+                .is_none_or(|until| std::time::Instant::now() >= until);
         let groups = Arc::new(groups);
         let chain = self.chain.clone();
+        let (attempts, until) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::clone(&self.lock_creates_until),
+        );
         self.txn_with(true, move |t| {
             let (groups, audit, chain) = (Arc::clone(&groups), Arc::clone(&audit), chain.clone());
+            let locking = if creates_only && attempts.fetch_add(1, Ordering::Relaxed) == 0 {
+                Locking::CreatesOnly
+            } else {
+                if creates_only {
+                    // The attempt without locks failed: lock, here and for a while.
+                    *lock_creates_until(&until) =
+                        Some(std::time::Instant::now() + LOCK_CREATES_FOR);
+                }
+                Locking::Lock
+            };
             // A re-run transaction plans again and seals again; the last sealing is written.
-            Box::pin(async move { write_groups(t, &groups, now, Some((&chain, &*audit))).await })
+            Box::pin(async move {
+                write_groups(t, &groups, now, Some((&chain, &*audit)), locking).await
+            })
         })
     }
 
@@ -2573,6 +2631,56 @@ mod tests {
         let stored = store.get_record(&group[0].meta.id).expect("read");
         assert_eq!(stored.map(|r| r.envelope), Some(theirs.envelope));
         assert_eq!(store.audit_events(1, 10), Ok(vec![]));
+    }
+
+    /// A group of creates is written without first locking its ids; one that names a record
+    /// that exists fails on insert, is re-run with the locking read, and refuses that create
+    /// alone, and groups of creates then lock for a while, so repeating the duplicate costs
+    /// one extra transaction per period, not one per group.
+    #[test]
+    fn a_duplicate_in_a_group_of_creates_is_refused_alone_and_creates_then_lock_for_a_while() {
+        let (store, _) = fresh();
+        let new = writes(0..2, 0);
+        assert_eq!(
+            store.put_record_groups(&[&new[..1], &new[1..]], 5, Arc::new(SealFrom(1))),
+            Ok(vec![Ok(vec![1]), Ok(vec![1])])
+        );
+        assert_eq!(
+            *lock_creates_until(&store.lock_creates_until),
+            None,
+            "creates that went through leave groups unlocked"
+        );
+        // r0001 again, with another envelope (the same one would be an idempotent replay).
+        let (mut again, fresh_ids) = (writes(1..2, 0), writes(2..4, 0));
+        again[0].envelope = vec![9; 40];
+        let before = std::time::Instant::now();
+        assert_eq!(
+            store.put_record_groups(
+                &[&fresh_ids[..1], &again, &fresh_ids[1..]],
+                6,
+                Arc::new(SealFrom(3))
+            ),
+            Ok(vec![
+                Ok(vec![1]),
+                Err(StoreError::AlreadyExists("r0001".into())),
+                Ok(vec![1])
+            ])
+        );
+        let until = lock_creates_until(&store.lock_creates_until).expect("creates lock now");
+        assert!(until >= before + LOCK_CREATES_FOR, "{until:?}");
+        for i in 0..4 {
+            let id = RecordId::parse(format!("r{i:04}")).expect("id");
+            assert_eq!(
+                store.get_record(&id).expect("read").map(|r| r.version),
+                Some(1)
+            );
+        }
+        let events = store.audit_events(1, 10).expect("events");
+        assert_eq!(
+            events.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4],
+            "one event per record written, the refused create none"
+        );
     }
 
     /// A pipelined transaction on `store` inserting into a scratch table with two statements
