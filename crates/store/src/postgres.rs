@@ -882,7 +882,7 @@ async fn read_batches(pool: Pool, queue: Arc<std::sync::Mutex<ReadQueue>>) {
     impl Drop for Reading {
         fn drop(&mut self) {
             if !self.ended.get() {
-                let mut q = lock_reads(&self.queue);
+                let mut q = unpoisoned(&self.queue);
                 q.reading = false;
                 q.waiting.clear();
             }
@@ -894,7 +894,7 @@ async fn read_batches(pool: Pool, queue: Arc<std::sync::Mutex<ReadQueue>>) {
     };
     loop {
         let group = {
-            let mut q = lock_reads(&reading.queue);
+            let mut q = unpoisoned(&reading.queue);
             if q.waiting.is_empty() {
                 // Ends here, under the lock: a read queued from now on starts a task.
                 q.reading = false;
@@ -931,16 +931,10 @@ async fn read_batches(pool: Pool, queue: Arc<std::sync::Mutex<ReadQueue>>) {
     }
 }
 
-fn lock_creates_until(
-    until: &std::sync::Mutex<Option<std::time::Instant>>,
-) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
-    until
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn lock_reads(queue: &std::sync::Mutex<ReadQueue>) -> std::sync::MutexGuard<'_, ReadQueue> {
-    queue
+/// `mutex`, locked even if a thread panicked holding it: what these locks guard (a queue of
+/// waiting reads, a deadline) stays consistent whatever a holder was doing.
+fn unpoisoned<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -1343,7 +1337,7 @@ impl RecordStore for PostgresStore {
     ) -> Result<Vec<Result<Vec<u64>, StoreError>>, StoreError> {
         let groups: Vec<Vec<RecordWrite>> = groups.iter().map(|g| g.to_vec()).collect();
         let creates_only = groups.iter().flatten().all(|w| w.expected_version == 0)
-            && lock_creates_until(&self.lock_creates_until)
+            && unpoisoned(&self.lock_creates_until)
                 .is_none_or(|until| std::time::Instant::now() >= until);
         let groups = Arc::new(groups);
         let chain = self.chain.clone();
@@ -1358,8 +1352,7 @@ impl RecordStore for PostgresStore {
             } else {
                 if creates_only {
                     // The attempt without locks failed: lock, here and for a while.
-                    *lock_creates_until(&until) =
-                        Some(std::time::Instant::now() + LOCK_CREATES_FOR);
+                    *unpoisoned(&until) = Some(std::time::Instant::now() + LOCK_CREATES_FOR);
                 }
                 Locking::Lock
             };
@@ -1374,7 +1367,7 @@ impl RecordStore for PostgresStore {
         if self.snapshot.is_none() {
             let (reply, answer) = std::sync::mpsc::sync_channel(1);
             let start = {
-                let mut q = lock_reads(&self.reads);
+                let mut q = unpoisoned(&self.reads);
                 q.waiting.push((id.to_string(), reply));
                 !std::mem::replace(&mut q.reading, true)
             };
@@ -2646,7 +2639,7 @@ mod tests {
             Ok(vec![Ok(vec![1]), Ok(vec![1])])
         );
         assert_eq!(
-            *lock_creates_until(&store.lock_creates_until),
+            *unpoisoned(&store.lock_creates_until),
             None,
             "creates that went through leave groups unlocked"
         );
@@ -2666,7 +2659,7 @@ mod tests {
                 Ok(vec![1])
             ])
         );
-        let until = lock_creates_until(&store.lock_creates_until).expect("creates lock now");
+        let until = unpoisoned(&store.lock_creates_until).expect("creates lock now");
         assert!(until >= before + LOCK_CREATES_FOR, "{until:?}");
         for i in 0..4 {
             let id = RecordId::parse(format!("r{i:04}")).expect("id");
@@ -2767,7 +2760,7 @@ mod tests {
                 });
             }
         });
-        let statements = lock_reads(&store.reads).statements;
+        let statements = unpoisoned(&store.reads).statements;
         assert!(
             statements < 16 * u64::from(reads_per_thread),
             "{statements} statements for {} reads",
