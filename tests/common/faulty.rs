@@ -103,6 +103,10 @@ impl RecordStore for FaultyStore {
         self.inner.get_record(id)
     }
 
+    fn read_record(&self, id: &RecordId) -> Option<tokenvault::store::RecordRead> {
+        self.inner.read_record(id)
+    }
+
     fn delete_owner(
         &self,
         owner: &Owner,

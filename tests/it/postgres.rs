@@ -972,3 +972,139 @@ fn the_readme_store_tables_load_as_documented() {
         assert_eq!(pg.ca_file, Some(etc.join("db-ca.pem")));
     }
 }
+
+/// On PostgreSQL a `GetToken` without a grant, of a record whose data key is cached, awaits
+/// its record read on the executor, and a record found releasable there is checked and opened
+/// there; every other call and outcome takes the store-pool step. Callers get what they get on
+/// RocksDB, each refusal is audited once, and a per-record rate limit is charged once per call
+/// whichever way the call went.
+#[tokio::test]
+async fn get_token_on_postgres_releases_refuses_and_audits_each_call_once() {
+    use tokenvault::config::{CallerPolicy, CredentialEntry, DekCacheConfig, Role};
+    use tokenvault::secret::ApiCredential;
+    const ELSEWHERE: &str = "tv_pg_worker_for_other_owners";
+    const LIMITED: &str = "tv_pg_worker_one_per_record_second";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = pg::database().await;
+    let mut cfg = pg::config_on(dir.path(), &url, "a");
+    cfg.dek_cache = Some(DekCacheConfig {
+        max_entries: 100,
+        ttl_seconds: 3600,
+    });
+    for (name, cred, policy) in [
+        (
+            "elsewhere",
+            ELSEWHERE,
+            CallerPolicy {
+                owner_prefixes: vec!["other".into()],
+                ..CallerPolicy::default()
+            },
+        ),
+        (
+            "limited",
+            LIMITED,
+            CallerPolicy {
+                record_rate_per_second: Some(1),
+                ..CallerPolicy::default()
+            },
+        ),
+    ] {
+        cfg.credentials.push(CredentialEntry {
+            policy,
+            ..CredentialEntry::for_credential(name, Role::Worker, &ApiCredential::new(cred.into()))
+        });
+    }
+    let d = TestDaemon::start_with(cfg).await;
+    d.seed("r", 3).await;
+    let hits = || async {
+        d.admin(ADMIN)
+            .await
+            .stats(v1::StatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner()
+            .dek_cache_hits
+    };
+
+    // Uncached (the data key unwrapped on a private-key thread), then from the cache.
+    for _ in 0..2 {
+        assert_eq!(
+            d.get("r0").await.expect("get").into_inner().secret,
+            b"secret-0"
+        );
+    }
+    assert_eq!(hits().await, 1);
+    // r2's key cached: the refusals and releases of r2 below are read on the executor.
+    d.get("r2").await.expect("get");
+    assert_eq!(
+        d.get("nope").await.expect_err("missing").code(),
+        Code::NotFound
+    );
+    d.admin(ADMIN)
+        .await
+        .revoke(v1::RevokeRequest {
+            id: "r1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("revoke");
+    assert_eq!(
+        d.get("r1").await.expect_err("revoked").code(),
+        Code::FailedPrecondition
+    );
+    let denied = d
+        .broker(ELSEWHERE)
+        .await
+        .get_token(v1::GetTokenRequest { id: "r2".into() })
+        .await
+        .expect_err("another owner's record");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let mut limited = d.broker(LIMITED).await;
+    let started = std::time::Instant::now();
+    let (mut released, mut limited_out) = (0u64, 0u64);
+    for _ in 0..4 {
+        match limited
+            .get_token(v1::GetTokenRequest { id: "r2".into() })
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.into_inner().secret, b"secret-2");
+                released += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+                limited_out += 1;
+            }
+        }
+    }
+    // A bucket of one a second, charged once per call: the first call and at most one more per
+    // second elapsed.
+    let allowed = 1 + started.elapsed().as_secs();
+    assert!(
+        (1..=allowed).contains(&released) && limited_out >= 1,
+        "{released} released, {limited_out} limited, {allowed} allowed"
+    );
+
+    let events = d
+        .audit_events(v1::AuditLogRequest {
+            instance: "a".into(),
+            ..Default::default()
+        })
+        .await;
+    let raw: Vec<(u64, Vec<u8>)> = events.iter().map(|e| (e.seq, e.raw.clone())).collect();
+    tokenvault::audit::verify_chain(raw).expect("chain verifies");
+    let count = |caller: &str, outcome: &str| {
+        events
+            .iter()
+            .filter(|e| e.action == "GetToken" && e.caller == caller && e.outcome == outcome)
+            .count() as u64
+    };
+    assert_eq!(count("worker-1", "ok"), 3);
+    assert_eq!(count("worker-1", "NotFound"), 1);
+    assert_eq!(count("worker-1", "FailedPrecondition"), 1);
+    assert_eq!(count("elsewhere", "PermissionDenied"), 1);
+    assert_eq!(count("limited", "ok"), released);
+    assert_eq!(count("limited", "ResourceExhausted"), limited_out);
+    d.stop().await;
+}

@@ -288,8 +288,9 @@ pub struct Limits {
     /// Longest predicted wait a request is accepted with once the private-key or store queue
     /// has not drained for 100 ms (sustained overload, not a burst); at most `max_queue_wait`.
     pub overload_queue_wait: std::time::Duration,
-    /// Most requests waiting for a private-key thread at once, for a store thread, and most
-    /// write requests waiting for the group commit.
+    /// Most requests waiting for a private-key thread at once, for a store thread, for a
+    /// record read awaited on the executor (PostgreSQL), and most write requests waiting for
+    /// the group commit.
     pub max_queued: usize,
     /// A private-key call running this long holds its thread stuck (a PKCS#11 token that
     /// hangs); with every thread stuck, health says NOT_SERVING.

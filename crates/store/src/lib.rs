@@ -284,6 +284,10 @@ pub(crate) fn seal_accepted(
     Ok(events)
 }
 
+/// A record read awaited on an async executor ([`RecordStore::read_record`]).
+pub type RecordRead =
+    std::pin::Pin<Box<dyn Future<Output = Result<Option<Record>, StoreError>> + Send + 'static>>;
+
 /// One encoded audit event and its position in the hash chain (see `audit`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditAppend {
@@ -374,6 +378,16 @@ pub trait RecordStore: Send + Sync + 'static {
 
     /// Reads one record.
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError>;
+
+    /// Reads one record without blocking the calling thread, for an async caller: `Some` where
+    /// the engine answers reads on a task of its own (PostgreSQL, over the network), so the
+    /// caller awaits the answer instead of holding a blocking thread for the round trip. `None`
+    /// (the default) where a read is best made on a blocking thread with
+    /// [`RecordStore::get_record`] (RocksDB: a local lookup that may touch the disk).
+    fn read_record(&self, id: &RecordId) -> Option<RecordRead> {
+        let _ = id;
+        None
+    }
 
     /// Marks a record revoked (idempotent) and returns it. `audit` is written in the same
     /// atomic batch (and only if the record exists).

@@ -21,7 +21,8 @@
 //! exclusive one, so no record can land under a retiring key. Serialization failures and
 //! deadlocks (SQLSTATE 40001 / 40P01) re-run the whole transaction, a bounded number of times.
 //! Record reads of concurrent callers are answered together, one statement per group, each by a
-//! statement that started after it was asked (so it sees every write committed before).
+//! statement that started after it was asked (so it sees every write committed before); a
+//! caller blocks a thread for its answer (`get_record`) or awaits it (`read_record`).
 //! A database that cannot be reached is [`StoreError::Unavailable`], never a panic.
 //!
 //! Why tokio-postgres + deadpool rather than the blocking `postgres` crate: one runtime serves
@@ -163,8 +164,29 @@ struct ReadQueue {
     statements: u64,
 }
 
-/// Where one caller of `get_record` is answered: the stored value of its record, if any.
-type ReadReply = std::sync::mpsc::SyncSender<Result<Option<Vec<u8>>, StoreError>>;
+/// What a combined read answers one caller: the stored value of its record, if any.
+type ReadAnswer = Result<Option<Vec<u8>>, StoreError>;
+
+/// Where one caller of a record read is answered: a thread blocked in `get_record`, or a task
+/// awaiting `read_record`.
+enum ReadReply {
+    Thread(std::sync::mpsc::SyncSender<ReadAnswer>),
+    Task(tokio::sync::oneshot::Sender<ReadAnswer>),
+}
+
+impl ReadReply {
+    /// Answers the caller; one that has gone away (a task whose call was dropped) is skipped.
+    fn send(self, answer: ReadAnswer) {
+        match self {
+            Self::Thread(tx) => {
+                let _ = tx.send(answer);
+            }
+            Self::Task(tx) => {
+                let _ = tx.send(answer);
+            }
+        }
+    }
+}
 
 /// Most record reads one combined statement answers.
 const MAX_READ_BATCH: usize = 256;
@@ -523,6 +545,20 @@ impl PostgresStore {
             _holder: holder,
         });
         Ok(self)
+    }
+
+    /// Queues a record read for the next combined statement, starting the reading task on the
+    /// store's runtime if none runs.
+    fn queue_read(&self, id: &RecordId, reply: ReadReply) {
+        let start = {
+            let mut q = unpoisoned(&self.reads);
+            q.waiting.push((id.to_string(), reply));
+            !std::mem::replace(&mut q.reading, true)
+        };
+        if start {
+            self.runtime
+                .spawn(read_batches(self.pool.clone(), Arc::clone(&self.reads)));
+        }
     }
 
     /// Runs `op` on the store's runtime in a fresh transaction, re-running it after a
@@ -923,12 +959,18 @@ async fn read_batches(pool: Pool, queue: Arc<std::sync::Mutex<ReadQueue>>) {
         })
         .await;
         for (id, reply) in group {
-            let _ = reply.send(match &read {
+            reply.send(match &read {
                 Ok(values) => Ok(values.get(&id).cloned()),
                 Err(e) => Err(e.clone()),
             });
         }
     }
+}
+
+/// A read whose reading task ended without answering it (a panic, or the runtime shutting
+/// down).
+fn read_task_stopped() -> StoreError {
+    StoreError::Engine("the database task stopped".into())
 }
 
 /// `mutex`, locked even if a thread panicked holding it: what these locks guard (a queue of
@@ -1366,18 +1408,8 @@ impl RecordStore for PostgresStore {
     fn get_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
         if self.snapshot.is_none() {
             let (reply, answer) = std::sync::mpsc::sync_channel(1);
-            let start = {
-                let mut q = unpoisoned(&self.reads);
-                q.waiting.push((id.to_string(), reply));
-                !std::mem::replace(&mut q.reading, true)
-            };
-            if start {
-                self.runtime
-                    .spawn(read_batches(self.pool.clone(), Arc::clone(&self.reads)));
-            }
-            let value = answer
-                .recv()
-                .map_err(|_| StoreError::Engine("the database task stopped".into()))??;
+            self.queue_read(id, ReadReply::Thread(reply));
+            let value = answer.recv().map_err(|_| read_task_stopped())??;
             return value.as_deref().map(decode_record).transpose();
         }
         // A snapshot's reads each import it in a transaction of their own.
@@ -1394,6 +1426,21 @@ impl RecordStore for PostgresStore {
                 })
             })
         })
+    }
+
+    /// A combined read like [`RecordStore::get_record`]'s, awaited instead of waited for: the
+    /// caller's task is woken by the reading task's answer, and no thread waits meanwhile. A
+    /// snapshot store reads on a thread ([`RecordStore::get_record`]).
+    fn read_record(&self, id: &RecordId) -> Option<super::RecordRead> {
+        if self.snapshot.is_some() {
+            return None;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue_read(id, ReadReply::Task(reply));
+        Some(Box::pin(async move {
+            let value = answer.await.map_err(|_| read_task_stopped())??;
+            value.as_deref().map(decode_record).transpose()
+        }))
     }
 
     fn delete_owner(
@@ -2449,6 +2496,14 @@ mod tests {
         let now = copy::summarize(&live).expect("live summary");
         assert_eq!(now.records[&1].count, 700);
         assert_ne!(now, then);
+        // A snapshot's reads each import it on a thread; none is offered to await (which would
+        // read the database as it is now).
+        let id = RecordId::parse("r0001").expect("id");
+        assert!(snap.read_record(&id).is_none());
+        assert_eq!(
+            snap.get_record(&id).expect("read").expect("found").version,
+            1
+        );
 
         // Nothing can be written through a snapshot.
         assert!(snap.put_meta("x", Some(b"y")).is_err());
@@ -2731,8 +2786,10 @@ mod tests {
         (outcome, count("SELECT count(*) FROM scratch"))
     }
 
-    /// Reads of many threads at once are answered by fewer statements than reads, each with
-    /// its own record (or none), and a read sees a write that committed before it was asked.
+    /// Reads of many threads at once, blocking ones and awaited ones, are answered by fewer
+    /// statements than reads, each with its own record (or none); an awaited read dropped
+    /// unanswered (its caller gone) costs the others nothing; a read sees a write that
+    /// committed before it was asked.
     #[test]
     fn concurrent_record_reads_are_combined_and_each_gets_its_own_record() {
         let (store, _) = fresh();
@@ -2743,11 +2800,26 @@ mod tests {
             for t in 0..16u32 {
                 let store = Arc::clone(&store);
                 s.spawn(move || {
+                    // Odd threads await their reads, as the daemon's executor does.
+                    let awaiting = (t % 2 == 1).then(|| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .expect("runtime")
+                    });
                     for n in 0..reads_per_thread {
                         // Ids 64..80 were never written.
                         let i = (t * 7 + n * 13) % 80;
                         let id = RecordId::parse(format!("r{i:04}")).expect("id");
-                        let got = store.get_record(&id).expect("read");
+                        let got = match &awaiting {
+                            None => store.get_record(&id).expect("read"),
+                            Some(rt) => {
+                                if n % 10 == 0 {
+                                    drop(store.read_record(&id).expect("an awaited read"));
+                                }
+                                let read = store.read_record(&id).expect("an awaited read");
+                                rt.block_on(read).expect("read")
+                            }
+                        };
                         match got {
                             Some(r) => {
                                 assert!(i < 64, "r{i:04} was never written");

@@ -306,6 +306,12 @@ impl Vault {
 /// The store read, the checks, a cached data key and the audit write run on the blocking
 /// pool; only an RSA unwrap takes a private-key thread, so a cached call never queues behind
 /// private-key work, and a private-key thread never waits on the store or the audit trail.
+/// Where the store answers reads on a task of its own (PostgreSQL), a call without a grant
+/// whose data key is cached awaits its read on the executor instead
+/// ([`Vault::awaited_read`]), and a record found releasable there is checked and opened there
+/// too ([`opened_here`]): such a call takes no store thread at all. Any other outcome of that
+/// read takes the store-pool step, which reads again, so refusals are audited, expiry reported
+/// and rate limits charged in one place.
 async fn load<T: Send + 'static>(
     state: &Arc<Vault>,
     caller: &str,
@@ -317,8 +323,68 @@ async fn load<T: Send + 'static>(
 ) -> Result<(Record, Secret, T), VaultError> {
     let (who, policy, id) = (caller.to_string(), Arc::clone(policy), id.clone());
     let draft = draft.record(id.as_str());
-    // One step on the store pool does everything a call with a cached data key needs.
-    let loaded = state
+    let awaited = match grant {
+        // A grant's use is spent in a store write: on the store pool, with the rest.
+        Some(_) => None,
+        None => state.awaited_read(&id),
+    };
+    let loaded = match awaited {
+        Some(read) => match read.read().await {
+            Ok(Some(record)) if releasable(state, &record, &policy) => {
+                opened_here(state, who, &policy, id, draft, record, check).await?
+            }
+            _ => on_store_pool(state, who, policy, id, draft, grant, check).await?,
+        },
+        None => on_store_pool(state, who, policy, id, draft, grant, check).await?,
+    };
+    let Unwrap {
+        who,
+        id,
+        record,
+        checked,
+        ring,
+        draft,
+        grant,
+    } = match loaded {
+        Loaded::Released(released, queued) => return audited(state, queued, *released).await,
+        Loaded::Unwrap(u) => *u,
+    };
+    let opened = state
+        .cpu_bound(move |s| {
+            let opened = records::open_unwrapping(s, &id, &record, &ring)
+                .map_err(|source| open_error(&id, source));
+            Ok((record, opened))
+        })
+        .await?;
+    let (record, secret) = match opened {
+        (record, Ok(secret)) => (record, secret),
+        (_, Err(e)) => return Err(refused(state, draft, e).await),
+    };
+    let (record, queued) = match grant {
+        Some(grant) => {
+            state
+                .io_bound(move |s| {
+                    spend(s, &who, Some(&grant), &record, draft).map(|queued| (record, queued))
+                })
+                .await?
+        }
+        None => (record, Some(draft)),
+    };
+    audited(state, queued, (record, secret, checked)).await
+}
+
+/// The first step of [`load`] on the store pool: everything a call with a cached data key
+/// needs, in one step (read, checks, open, and a grant's use spent); a refusal is audited.
+async fn on_store_pool<T: Send + 'static>(
+    state: &Arc<Vault>,
+    who: String,
+    policy: Arc<CallerPolicy>,
+    id: RecordId,
+    draft: Draft,
+    grant: Option<Arc<grants::GrantUse>>,
+    check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError> + Send + 'static,
+) -> Result<Loaded<T>, VaultError> {
+    state
         .io_bound(move |s| {
             let mut draft = draft;
             let read = s
@@ -351,45 +417,62 @@ async fn load<T: Send + 'static>(
                 }))),
             }
         })
-        .await?;
-    let Unwrap {
-        who,
-        id,
-        record,
-        checked,
-        ring,
-        draft,
-        grant,
-    } = match loaded {
-        Loaded::Released(released, queued) => return audited(state, queued, *released).await,
-        Loaded::Unwrap(u) => *u,
+        .await
+}
+
+/// The first step of [`load`] on the executor, for a call without a grant whose record was
+/// read there and is [`releasable`]: the rate limit, `check` and a cached data key, none of
+/// which waits on the store. A refusal is audited on the store pool. A data key under a
+/// version this daemon does not know yet is looked up on the store pool too (it may read the
+/// registry).
+async fn opened_here<T: Send + 'static>(
+    state: &Arc<Vault>,
+    who: String,
+    policy: &CallerPolicy,
+    id: RecordId,
+    draft: Draft,
+    record: Record,
+    check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError>,
+) -> Result<Loaded<T>, VaultError> {
+    let mut draft = draft.owner(record.meta.owner.as_str());
+    let checked = match state
+        .record_token(&who, policy, &id)
+        .and_then(|()| check(state, &record, &mut draft))
+    {
+        Ok(checked) => checked,
+        Err(e) => return Err(refused(state, draft, e).await),
     };
-    let opened = state
-        .cpu_bound(move |s| {
-            let opened = records::open_unwrapping(s, &id, &record, &ring).map_err(|source| {
-                VaultError::Open {
-                    id: id.to_string(),
-                    source,
-                }
-            });
-            Ok((record, opened))
-        })
-        .await?;
-    let (record, secret) = match opened {
-        (record, Ok(secret)) => (record, secret),
-        (_, Err(e)) => return Err(refused(state, draft, e).await),
-    };
-    let (record, queued) = match grant {
-        Some(grant) => {
+    let ring = state.keyring();
+    let opened = match records::open_cached(state, &id, &record, &ring) {
+        Err(crate::envelope::DecryptError::UnknownKey(_)) => {
+            let read = (id.clone(), record);
             state
                 .io_bound(move |s| {
-                    spend(s, &who, Some(&grant), &record, draft).map(|queued| (record, queued))
+                    let (id, record) = read;
+                    Ok(open_cached(s, &id, &record).map(|opened| (opened, record)))
                 })
                 .await?
         }
-        None => (record, Some(draft)),
+        other => other
+            .map(|cached| ((cached, ring), record))
+            .map_err(|source| open_error(&id, source)),
     };
-    audited(state, queued, (record, secret, checked)).await
+    match opened {
+        Err(e) => Err(refused(state, draft, e).await),
+        Ok(((Some(secret), _), record)) => Ok(Loaded::Released(
+            Box::new((record, secret, checked)),
+            Some(draft),
+        )),
+        Ok(((None, ring), record)) => Ok(Loaded::Unwrap(Box::new(Unwrap {
+            who,
+            id,
+            record,
+            checked,
+            ring,
+            draft,
+            grant: None,
+        }))),
+    }
 }
 
 /// What the first step of [`load`] leaves to do.
@@ -481,22 +564,9 @@ fn read_checked<T>(
         .get_record(id)?
         .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     *draft = std::mem::take(draft).owner(record.meta.owner.as_str());
-    policy
-        .check_record(&record.meta)
-        .map_err(VaultError::PolicyDenied)?;
-    if record.revoked {
-        return Err(VaultError::Revoked(id.to_string()));
-    }
-    if record.needs_reauth {
-        return Err(VaultError::NeedsReauth(id.to_string()));
-    }
+    usable(&record, policy)?;
     let checked = check(s, &record, draft)?;
-    let refreshable = refresh::oauth_for(s, &record).is_some();
-    if let Some(expires_at) = record
-        .meta
-        .expires_at
-        .filter(|_| !refreshable && record.meta.is_expired_at(s.now()))
-    {
+    if let Some(expires_at) = expired_at(s, &record) {
         s.report_expired(&record, expires_at);
         return Err(VaultError::Expired {
             id: id.to_string(),
@@ -504,6 +574,35 @@ fn read_checked<T>(
         });
     }
     Ok((record, checked))
+}
+
+/// Whether the caller's policy covers the record and its state allows a release.
+fn usable(record: &Record, policy: &CallerPolicy) -> Result<(), VaultError> {
+    policy
+        .check_record(&record.meta)
+        .map_err(VaultError::PolicyDenied)?;
+    if record.revoked {
+        return Err(VaultError::Revoked(record.meta.id.to_string()));
+    }
+    if record.needs_reauth {
+        return Err(VaultError::NeedsReauth(record.meta.id.to_string()));
+    }
+    Ok(())
+}
+
+/// When the record expired, if it has and cannot be refreshed.
+fn expired_at(s: &Vault, record: &Record) -> Option<i64> {
+    let refreshable = refresh::oauth_for(s, record).is_some();
+    record
+        .meta
+        .expires_at
+        .filter(|_| !refreshable && record.meta.is_expired_at(s.now()))
+}
+
+/// Whether [`read_checked`]'s checks before `check` and after it pass (without reporting an
+/// expiry): what lets [`load`] go on with a record read on the executor.
+fn releasable(s: &Vault, record: &Record, policy: &CallerPolicy) -> bool {
+    usable(record, policy).is_ok() && expired_at(s, record).is_none()
 }
 
 /// Opens a record with its cached data key if there is one ([`records::open_cached`]), and
@@ -522,10 +621,15 @@ fn open_cached(
         }
         other => other.map(|cached| (cached, ring)),
     };
-    opened.map_err(|source| VaultError::Open {
+    opened.map_err(|source| open_error(id, source))
+}
+
+/// A record that could not be opened.
+fn open_error(id: &RecordId, source: crate::envelope::DecryptError) -> VaultError {
+    VaultError::Open {
         id: id.to_string(),
         source,
-    })
+    }
 }
 
 /// A bounded label for a proxy failure.

@@ -108,6 +108,12 @@ impl DekCache {
         hit
     }
 
+    /// Whether a key of this record is cached (of whichever version, fresh or not), without
+    /// counting a hit or a miss or touching its place in the eviction order.
+    pub fn holds(&self, id: &RecordId) -> bool {
+        self.lock().peek(id).is_some()
+    }
+
     /// Remembers the key that opened this record version at `now`.
     pub fn put(&self, id: RecordId, version: u64, key_id: KeyId, dek: Arc<DataKey>, now: i64) {
         self.lock().put(

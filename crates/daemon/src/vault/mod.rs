@@ -206,6 +206,32 @@ fn io_threads(config: &Config, cores: usize) -> usize {
     }
 }
 
+/// A record read awaited on the executor, counted among [`Vault::awaited_read`]'s bound until
+/// it is answered or dropped (a caller that went away).
+struct AwaitedRead<'a> {
+    read: crate::store::RecordRead,
+    slot: Slot<'a>,
+}
+
+impl AwaitedRead<'_> {
+    /// The record, read; the place in the bound is given back once it is.
+    async fn read(self) -> Result<Option<crate::record::Record>, StoreError> {
+        let Self { read, slot } = self;
+        let record = read.await;
+        drop(slot);
+        record
+    }
+}
+
+/// One place among [`Vault::awaited_read`]'s bound, given back when dropped.
+struct Slot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The run-time setting `Admin.SetMinDecryptVersion` writes.
 pub(crate) const MIN_DECRYPT_SETTING: &str = "min_decrypt_version";
 
@@ -357,6 +383,9 @@ pub struct Vault {
     /// bounded queue, like the private-key pool's, instead of tokio's blocking pool (one
     /// thread per call in flight, and an unbounded queue).
     io: cpu_pool::CpuPool,
+    /// Record reads of `GetToken` and `Proxy` awaited on the executor ([`Vault::awaited_read`]);
+    /// at most `[limits] max_queued` at once.
+    awaited_reads: std::sync::atomic::AtomicUsize,
     /// Group commit of ingest writes.
     commit: commit::GroupCommit,
     /// One thread per core for private-key work.
@@ -541,6 +570,7 @@ impl Vault {
             private_keys_available: tokio::sync::watch::Sender::new(true),
             background_scans: tokio::sync::watch::Sender::new(0),
             io: pool(cpu_pool::Kind::Io, io_threads(config, cores), "store pool")?,
+            awaited_reads: std::sync::atomic::AtomicUsize::new(0),
             last_unknown_reload: std::sync::Mutex::new(None),
             instance_id,
         })
@@ -989,6 +1019,32 @@ impl Vault {
         f: impl FnOnce(&Vault) -> Result<T, VaultError> + Send + 'static,
     ) -> Result<T, VaultError> {
         self.pooled(&self.io, "a store thread", f).await
+    }
+
+    /// A read of record `id` to await on the executor, for a call the DEK cache can likely
+    /// answer, where the store answers reads on a task of its own (PostgreSQL): the call then
+    /// holds no store thread for the round trip. `None` where the store reads on a thread
+    /// (RocksDB), or while `[limits] max_queued` such reads are in flight (the call then takes
+    /// the store pool, whose bounded queue sheds overload, so load past the bound is refused
+    /// there rather than queued here), or when no key of the record is cached.
+    ///
+    /// Why not for a call that needs the private key: sent on from here, such calls reach the
+    /// private-key pool in bursts (one read statement answers many at once) and keep its queue
+    /// standing, which sheds them; measured at 64 in flight on PostgreSQL, 10-25 % fewer were
+    /// served than through the store pool, whose step paces them.
+    fn awaited_read(&self, id: &crate::record::RecordId) -> Option<AwaitedRead<'_>> {
+        use std::sync::atomic::Ordering;
+        if !self.dek_cache.as_ref().is_some_and(|c| c.holds(id)) {
+            return None;
+        }
+        let in_flight = &self.awaited_reads;
+        if in_flight.fetch_add(1, Ordering::SeqCst) >= self.limits.max_queued {
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let slot = Slot(in_flight);
+        let read = self.store.read_record(id)?;
+        Some(AwaitedRead { read, slot })
     }
 
     async fn pooled<T: Send + 'static>(
