@@ -2,7 +2,9 @@
 //! `MemoryStore` or `RocksStore`), except writes that touch a chosen record or any grant, which
 //! fail with an engine error while the switch is on. Proves that a failure mid-way through an
 //! operation leaves nothing half-written. A second switch makes every write (records, keys,
-//! metadata, audit events) wait a set time first, as a slow or distant database does.
+//! metadata, audit events) wait a set time first, as a slow or distant database does. A third
+//! offers record reads to await (`RecordStore::read_record`, as the PostgreSQL store does) and
+//! can hold them unanswered.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,21 @@ pub struct FaultyStore {
     delay: Mutex<std::time::Duration>,
     /// Told each time a delayed write starts waiting.
     delayed: tokio::sync::Notify,
+    /// Whether reads are offered to await, and whether those wait.
+    awaited: tokio::sync::watch::Sender<Awaited>,
+    /// Told each time an awaited read starts waiting.
+    held: Arc<tokio::sync::Notify>,
+}
+
+/// How [`FaultyStore`] answers `RecordStore::read_record`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Awaited {
+    /// As the wrapped store does (the embedded engines offer none).
+    Off,
+    /// Offered, and held until the switch leaves this state.
+    Held,
+    /// Offered, and answered at once from the wrapped store.
+    Answered,
 }
 
 impl FaultyStore {
@@ -36,7 +53,19 @@ impl FaultyStore {
             faults: Mutex::new(Faults::default()),
             delay: Mutex::new(std::time::Duration::ZERO),
             delayed: tokio::sync::Notify::new(),
+            awaited: tokio::sync::watch::Sender::new(Awaited::Off),
+            held: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// How record reads to await are offered and answered from now on.
+    pub fn awaited_reads(&self, mode: Awaited) {
+        self.awaited.send_replace(mode);
+    }
+
+    /// Returns once an awaited read is held (at once if one was since the last call).
+    pub async fn an_awaited_read_is_held(&self) {
+        self.held.notified().await;
     }
 
     /// Every write waits `delay` first, from now on (zero: none does).
@@ -104,7 +133,18 @@ impl RecordStore for FaultyStore {
     }
 
     fn read_record(&self, id: &RecordId) -> Option<tokenvault::store::RecordRead> {
-        self.inner.read_record(id)
+        if *self.awaited.borrow() == Awaited::Off {
+            return self.inner.read_record(id);
+        }
+        let (inner, id) = (Arc::clone(&self.inner), id.clone());
+        let (mut mode, held) = (self.awaited.subscribe(), Arc::clone(&self.held));
+        Some(Box::pin(async move {
+            if *mode.borrow_and_update() == Awaited::Held {
+                held.notify_one();
+                let _ = mode.wait_for(|m| *m != Awaited::Held).await;
+            }
+            inner.get_record(&id)
+        }))
     }
 
     fn delete_owner(

@@ -3,7 +3,8 @@
 //! the store, so they answer at once; nothing the daemon runs on its async executor waits for
 //! the store. A `GetToken` answered from the DEK cache still waits for its own audit event to
 //! be written (the event is durable before the token leaves, by design): at most the write in
-//! flight when it arrived and the one that carries its event, never a queue of writes.
+//! flight when it arrived and the one that carries its event, never a queue of writes. A store
+//! whose reads are awaited (PostgreSQL's) has them counted against `[limits] max_queued`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::common;
 
-use common::faulty::FaultyStore;
+use common::faulty::{Awaited, FaultyStore};
 use common::*;
 use tokenvault::api::SealRecord as _;
 use tokenvault::api::v1;
@@ -20,10 +21,9 @@ use tonic::Code;
 
 const DELAY: Duration = Duration::from_millis(200);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_store_delays_only_the_calls_that_write() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path());
+/// A daemon of `cfg` with the DEK cache on, over a [`FaultyStore`] on a `MemoryStore`, with
+/// records r0 and r1 stored and r0's data key cached.
+async fn cached(mut cfg: tokenvault::config::Config) -> (TestDaemon, Arc<FaultyStore>) {
     cfg.dek_cache = Some(DekCacheConfig {
         max_entries: 100,
         ttl_seconds: 3600,
@@ -36,6 +36,13 @@ async fn a_slow_store_delays_only_the_calls_that_write() {
     d.get("r0")
         .await
         .expect("a first GetToken fills the DEK cache");
+    (d, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_delays_only_the_calls_that_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (d, store) = cached(config(dir.path())).await;
 
     store.delay_writes(DELAY);
     // Four writers keep the store's write path busy throughout.
@@ -125,4 +132,58 @@ async fn a_slow_store_delays_only_the_calls_that_write() {
         cached < DELAY * 3,
         "a cached GetToken took {cached:?} while every write took {DELAY:?}"
     );
+}
+
+/// A record read awaited on the executor (as on PostgreSQL, for a call whose data key is
+/// cached) counts against `[limits] max_queued`: past it, a call reads on the store pool and is
+/// answered while the awaited read still waits. A call whose key is not cached never awaits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_awaited_on_the_executor_are_bounded_by_max_queued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.limits.max_queued = 1;
+    let (d, store) = cached(cfg).await;
+
+    store.awaited_reads(Awaited::Held);
+    let mut broker = d.broker(WORKER).await;
+    let first = tokio::spawn(async move {
+        broker
+            .get_token(v1::GetTokenRequest { id: "r0".into() })
+            .await
+    });
+    store.an_awaited_read_is_held().await;
+    // Bounded waits, so that a call held by mistake fails the test instead of hanging it.
+    let answered = |id: &'static str| {
+        let d = &d;
+        async move {
+            tokio::time::timeout(Duration::from_secs(20), d.get(id))
+                .await
+                .expect("answered while the awaited read is held")
+        }
+    };
+    let second = answered("r0")
+        .await
+        .expect("past the bound: the store pool");
+    assert_eq!(second.into_inner().secret, b"secret-0");
+    let uncached = answered("r1").await.expect("no cached key: the store pool");
+    assert_eq!(uncached.into_inner().secret, b"secret-1");
+    assert!(!first.is_finished(), "the awaited read is still held");
+
+    store.awaited_reads(Awaited::Answered);
+    let first = first.await.expect("task").expect("answered once let go");
+    assert_eq!(first.into_inner().secret, b"secret-0");
+    // Its place was given back: the next call awaits its read again (and is answered at once).
+    store.awaited_reads(Awaited::Held);
+    let mut broker = d.broker(WORKER).await;
+    let third = tokio::spawn(async move {
+        broker
+            .get_token(v1::GetTokenRequest { id: "r0".into() })
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(20), store.an_awaited_read_is_held())
+        .await
+        .expect("the next call awaits its read");
+    store.awaited_reads(Awaited::Answered);
+    third.await.expect("task").expect("answered");
+    d.stop().await;
 }
