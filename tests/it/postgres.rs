@@ -1106,5 +1106,21 @@ async fn get_token_on_postgres_releases_refuses_and_audits_each_call_once() {
     assert_eq!(count("elsewhere", "PermissionDenied"), 1);
     assert_eq!(count("limited", "ok"), released);
     assert_eq!(count("limited", "ResourceExhausted"), limited_out);
+    // Each event names what the store-pool step's would: the owner once the record was read,
+    // none for a rate-limit refusal (made before the read there).
+    let owner_named = |caller: &str, outcome: &str| {
+        events
+            .iter()
+            .filter(|e| e.action == "GetToken" && e.caller == caller && e.outcome == outcome)
+            .map(|e| !e.owner_hmac.is_empty())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(owner_named("elsewhere", "PermissionDenied"), [true]);
+    assert!(owner_named("limited", "ok").iter().all(|named| *named));
+    assert!(
+        owner_named("limited", "ResourceExhausted")
+            .iter()
+            .all(|named| !named)
+    );
     d.stop().await;
 }

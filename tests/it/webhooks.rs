@@ -245,7 +245,20 @@ async fn events_reach_a_verifying_receiver_in_order_once_it_is_back_and_can_be_r
             l.iter().any(|l| l["answer"] == 503)
         })
         .await;
-    let pending = deliveries(d, false).await;
+    // The receiver logs its answer before the daemon has recorded the failed attempt: wait for
+    // the daemon's record of it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pending = loop {
+        let pending = deliveries(d, false).await;
+        if pending.first().is_some_and(|p| p.attempts >= 1) {
+            break pending;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no attempt recorded: {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let types: Vec<&str> = pending.iter().map(|p| p.r#type.as_str()).collect();
     assert_eq!(
         types,

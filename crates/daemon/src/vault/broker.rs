@@ -434,11 +434,13 @@ async fn opened_here<T: Send + 'static>(
     record: Record,
     check: impl FnOnce(&Vault, &Record, &mut Draft) -> Result<T, VaultError>,
 ) -> Result<Loaded<T>, VaultError> {
+    // In the store-pool step's order, so the trail reads the same either way: the rate limit
+    // refuses before the record is known (its event names no owner).
+    if let Err(e) = state.record_token(&who, policy, &id) {
+        return Err(refused(state, draft, e).await);
+    }
     let mut draft = draft.owner(record.meta.owner.as_str());
-    let checked = match state
-        .record_token(&who, policy, &id)
-        .and_then(|()| check(state, &record, &mut draft))
-    {
+    let checked = match check(state, &record, &mut draft) {
         Ok(checked) => checked,
         Err(e) => return Err(refused(state, draft, e).await),
     };
