@@ -1016,15 +1016,6 @@ async fn get_token_on_postgres_releases_refuses_and_audits_each_call_once() {
     }
     let d = TestDaemon::start_with(cfg).await;
     d.seed("r", 3).await;
-    let hits = || async {
-        d.admin(ADMIN)
-            .await
-            .stats(v1::StatsRequest {})
-            .await
-            .expect("stats")
-            .into_inner()
-            .dek_cache_hits
-    };
 
     // Uncached (the data key unwrapped on a private-key thread), then from the cache.
     for _ in 0..2 {
@@ -1033,7 +1024,7 @@ async fn get_token_on_postgres_releases_refuses_and_audits_each_call_once() {
             b"secret-0"
         );
     }
-    assert_eq!(hits().await, 1);
+    assert_eq!(d.stats().await.dek_cache_hits, 1);
     // r2's key cached: the refusals and releases of r2 below are read on the executor.
     d.get("r2").await.expect("get");
     assert_eq!(

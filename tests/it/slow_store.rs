@@ -134,6 +134,16 @@ async fn a_slow_store_delays_only_the_calls_that_write() {
     );
 }
 
+/// A `GetToken` of `id` by the worker, on a task of its own.
+async fn get_in_a_task(
+    d: &TestDaemon,
+    id: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<v1::GetTokenResponse>, tonic::Status>> {
+    let mut broker = d.broker(WORKER).await;
+    let id = id.to_string();
+    tokio::spawn(async move { broker.get_token(v1::GetTokenRequest { id }).await })
+}
+
 /// A record read awaited on the executor (as on PostgreSQL, for a call whose data key is
 /// cached) counts against `[limits] max_queued`: past it, a call reads on the store pool and is
 /// answered while the awaited read still waits. A call whose key is not cached never awaits.
@@ -145,12 +155,7 @@ async fn reads_awaited_on_the_executor_are_bounded_by_max_queued() {
     let (d, store) = cached(cfg).await;
 
     store.awaited_reads(Awaited::Held);
-    let mut broker = d.broker(WORKER).await;
-    let first = tokio::spawn(async move {
-        broker
-            .get_token(v1::GetTokenRequest { id: "r0".into() })
-            .await
-    });
+    let first = get_in_a_task(&d, "r0").await;
     store.an_awaited_read_is_held().await;
     // Bounded waits, so that a call held by mistake fails the test instead of hanging it.
     let answered = |id: &'static str| {
@@ -174,12 +179,7 @@ async fn reads_awaited_on_the_executor_are_bounded_by_max_queued() {
     assert_eq!(first.into_inner().secret, b"secret-0");
     // Its place was given back: the next call awaits its read again (and is answered at once).
     store.awaited_reads(Awaited::Held);
-    let mut broker = d.broker(WORKER).await;
-    let third = tokio::spawn(async move {
-        broker
-            .get_token(v1::GetTokenRequest { id: "r0".into() })
-            .await
-    });
+    let third = get_in_a_task(&d, "r0").await;
     tokio::time::timeout(Duration::from_secs(20), store.an_awaited_read_is_held())
         .await
         .expect("the next call awaits its read");
