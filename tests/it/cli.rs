@@ -670,6 +670,8 @@ fn bench_drives_every_operation_and_reports_json() {
             "get=2,put=1,batch=1",
             "--batch-size",
             "10",
+            "--presealed",
+            "50",
             "--json",
             "--daemon-pid",
             &d.child.id().to_string(),
@@ -705,6 +707,16 @@ fn bench_drives_every_operation_and_reports_json() {
     assert!(
         items > calls * 9 && items <= calls * 10,
         "{items} records in {calls} batches"
+    );
+    // The first 50 records were sealed before the clock started; every one written after them
+    // was sealed during the run, and the report says so.
+    let written = ops[1]["items"].as_u64().expect("put items") + items;
+    assert!(written > 50, "{written} records written");
+    assert_eq!(report["sealed"]["presealed"], 50, "{report}");
+    assert_eq!(
+        report["sealed"]["during_run"].as_u64(),
+        Some(written - 50),
+        "{report}"
     );
     // Rewrap needs the admin credential: refused without it, then timed with it.
     assert_exit(
