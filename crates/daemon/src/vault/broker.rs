@@ -399,14 +399,7 @@ async fn on_store_pool<T: Send + 'static>(
                     audit_refusal(s, draft, &e);
                     Err(e)
                 }
-                Ok((record, checked, Some(secret), _)) => {
-                    let queued = spend(s, &who, grant.as_deref(), &record, draft)?;
-                    Ok(Loaded::Released(
-                        Box::new((record, secret, checked)),
-                        queued,
-                    ))
-                }
-                Ok((record, checked, None, ring)) => Ok(Loaded::Unwrap(Box::new(Unwrap {
+                Ok((record, checked, cached, ring)) => Unwrap {
                     who,
                     id,
                     record,
@@ -414,7 +407,8 @@ async fn on_store_pool<T: Send + 'static>(
                     ring,
                     draft,
                     grant,
-                }))),
+                }
+                .loaded(s, cached),
             }
         })
         .await
@@ -461,11 +455,8 @@ async fn opened_here<T: Send + 'static>(
     };
     match opened {
         Err(e) => Err(refused(state, draft, e).await),
-        Ok(((Some(secret), _), record)) => Ok(Loaded::Released(
-            Box::new((record, secret, checked)),
-            Some(draft),
-        )),
-        Ok(((None, ring), record)) => Ok(Loaded::Unwrap(Box::new(Unwrap {
+        // No grant: `loaded` spends nothing, so it writes nothing here on the executor.
+        Ok(((cached, ring), record)) => Unwrap {
             who,
             id,
             record,
@@ -473,7 +464,8 @@ async fn opened_here<T: Send + 'static>(
             ring,
             draft,
             grant: None,
-        }))),
+        }
+        .loaded(state, cached),
     }
 }
 
@@ -495,6 +487,27 @@ struct Unwrap<T> {
     ring: Arc<Keyring>,
     draft: Draft,
     grant: Option<Arc<grants::GrantUse>>,
+}
+
+impl<T> Unwrap<T> {
+    /// What is left to do for a record read and checked: with its data key `cached`, released
+    /// once a grant's use, if any, is spent (a store write, see [`spend`]); else the unwrap.
+    fn loaded(self, s: &Vault, cached: Option<Secret>) -> Result<Loaded<T>, VaultError> {
+        let Some(secret) = cached else {
+            return Ok(Loaded::Unwrap(Box::new(self)));
+        };
+        let queued = spend(
+            s,
+            &self.who,
+            self.grant.as_deref(),
+            &self.record,
+            self.draft,
+        )?;
+        Ok(Loaded::Released(
+            Box::new((self.record, secret, self.checked)),
+            queued,
+        ))
+    }
 }
 
 /// Spends a use of the grant presented, if any, in the same write as the call's audit event
