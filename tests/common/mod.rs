@@ -288,6 +288,20 @@ impl TestDaemon {
             .await
     }
 
+    /// `Admin.Revoke` of one record with the admin credential.
+    pub async fn revoke(
+        &self,
+        id: impl Into<String>,
+    ) -> Result<tonic::Response<v1::RevokeResponse>, tonic::Status> {
+        self.admin(ADMIN)
+            .await
+            .revoke(v1::RevokeRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+            .await
+    }
+
     /// Seals and stores `n` records `{prefix}{i}` in batches of up to 1000.
     pub async fn seed(&self, prefix: &str, n: usize) {
         seed_over(self.channel().await, prefix, n).await;

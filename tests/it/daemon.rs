@@ -468,14 +468,7 @@ async fn get_token_refusals() {
     d.put(&expired, b"old").await;
     d.put(&meta("revoked", "o"), b"r").await;
     d.put(&meta("fine", "o"), b"fine-secret").await;
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "revoked".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("revoked").await.expect("revoke");
     // A web tier that binds an envelope to one owner but files it under another: ingest cannot
     // tell, the broker can, and no other record is affected.
     let sealer = d.sealer().await;

@@ -41,14 +41,7 @@ async fn cached_keys_are_used_then_invalidated_and_expire() {
     assert_eq!(cache_stats(&d).await, (2, 1, 1));
 
     // Revoke: the key is dropped and the record refused.
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "r0".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("r0").await.expect("revoke");
     assert_eq!(cache_stats(&d).await.2, 0);
     assert_eq!(
         d.get("r0").await.expect_err("revoked").code(),

@@ -431,14 +431,7 @@ async fn a_worker_reads_a_token_over_http_and_every_refusal_has_its_status() {
     let (d, metrics) = TestDaemon::start_with_metrics(config(dir.path())).await;
     d.put(&meta("app/user:42", "o"), b"the-token").await;
     d.put(&meta("gone", "o"), b"s").await;
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "gone".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("gone").await.expect("revoke");
     let addr = d.addr;
     let token = |path: &'static str,
                  credential: Option<&'static str>,

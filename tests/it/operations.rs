@@ -86,14 +86,7 @@ async fn records_are_listed_by_state_and_filters_and_bad_requests_are_refused() 
             )
             .expect("needs reauth");
     }
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "rec-07".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("rec-07").await.expect("revoke");
 
     let by_state = |state: v1::RecordState| v1::ListRecordsRequest {
         state: state as i32,

@@ -19,16 +19,7 @@ async fn a_daemon_on_postgres_serves_and_keeps_everything_across_a_restart() {
         d.get("r7").await.expect("get").into_inner().secret,
         b"secret-7"
     );
-    let revoked = d
-        .admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "r3".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke")
-        .into_inner();
+    let revoked = d.revoke("r3").await.expect("revoke").into_inner();
     assert!(revoked.info.expect("info").revoked);
     d.stop().await;
     // Nothing was in RocksDB: the data directory was never created.
@@ -103,14 +94,7 @@ async fn two_daemons_share_records_and_grants_through_one_database() {
         b"secret-4"
     );
     // A revoke on one daemon holds on the other (no DEK cache configured here).
-    b.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "x1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke via b");
+    b.revoke("x1").await.expect("revoke via b");
     assert_eq!(
         a.get("x1").await.expect_err("revoked").code(),
         Code::FailedPrecondition
@@ -1031,14 +1015,7 @@ async fn get_token_on_postgres_releases_refuses_and_audits_each_call_once() {
         d.get("nope").await.expect_err("missing").code(),
         Code::NotFound
     );
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "r1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("r1").await.expect("revoke");
     assert_eq!(
         d.get("r1").await.expect_err("revoked").code(),
         Code::FailedPrecondition

@@ -456,15 +456,7 @@ async fn retries_timeouts_sizes_and_bad_requests() {
         "record github-client-secret is a client_secret, which cannot be used as an upstream credential"
     );
     // Revoked records are not used.
-    s.daemon
-        .admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "tok".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    s.daemon.revoke("tok").await.expect("revoke");
     let err = proxy(&s.daemon, request("tok", "GET", "/me"))
         .await
         .expect_err("revoked");

@@ -71,14 +71,7 @@ async fn a_store_copied_to_postgres_and_back_serves_the_same_records() {
         .await
         .expect("rotate");
     d.seed("s", 40).await;
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "r3".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("r3").await.expect("revoke");
     let before = d.stats().await;
     assert_eq!(before.records_per_key_version.len(), 2);
     let trail = verified_trail(&d).await;
@@ -470,14 +463,7 @@ async fn an_export_goes_into_postgresql_and_comes_out_the_same() {
     let a = tempfile::tempdir().expect("a");
     let d = TestDaemon::start(a.path()).await;
     d.seed("r", 120).await;
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "r7".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("r7").await.expect("revoke");
     d.stop().await;
     let first = a.path().join("first.jsonl");
     let second = a.path().join("second.jsonl");

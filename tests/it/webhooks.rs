@@ -549,14 +549,7 @@ async fn an_unusable_secret_sends_nothing_and_no_endpoint_writes_nothing() {
     let d = &s.daemon;
     // The secret records are missing: the event waits, nothing unsigned is sent.
     put_live(d, "one").await;
-    d.admin(ADMIN)
-        .await
-        .revoke(v1::RevokeRequest {
-            id: "one".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("revoke");
+    d.revoke("one").await.expect("revoke");
     let pending = deliveries(d, false).await;
     assert_eq!(pending.len(), 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -615,12 +608,7 @@ async fn two_daemons_on_one_database_deliver_each_event_once() {
     }
     for i in 0..N {
         daemons[i % 2]
-            .admin(ADMIN)
-            .await
-            .revoke(v1::RevokeRequest {
-                id: format!("r{i}"),
-                ..Default::default()
-            })
+            .revoke(format!("r{i}"))
             .await
             .expect("revoke");
     }
