@@ -60,9 +60,9 @@ pub(crate) struct BenchArgs {
     batch_size: usize,
     /// Records for the write operations sealed before the clock starts (default: 200 batches,
     /// at most 200,000). Size it to what the run writes, so that none is sealed during it
-    /// (each takes about 0.7 KB of memory).
-    #[arg(long, value_name = "RECORDS")]
-    presealed: Option<usize>,
+    /// (each takes about 0.7 KB of memory, so at most 10,000,000: 7 GB).
+    #[arg(long, value_name = "RECORDS", value_parser = clap::value_parser!(u32).range(0..=MAX_PRESEALED))]
+    presealed: Option<u32>,
     /// Bytes of each sealed secret.
     #[arg(long, default_value_t = 40)]
     secret_bytes: usize,
@@ -248,6 +248,9 @@ fn retry_hint(status: &tonic::Status) -> Option<Duration> {
     status.get_details_retry_info().and_then(|r| r.retry_delay)
 }
 
+/// Most records `--presealed` seals (about 0.7 KB of memory each).
+const MAX_PRESEALED: i64 = 10_000_000;
+
 /// Records to write, each handed out once: pre-sealed ones first, then sealed on demand
 /// (which then costs client CPU during the run, and is counted).
 struct Pool {
@@ -378,7 +381,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), CliError> {
         0
     } else {
         args.presealed
-            .unwrap_or((args.batch_size.max(1) * 200).min(200_000))
+            .map_or((args.batch_size.max(1) * 200).min(200_000), |n| n as usize)
     };
     let sealing = Sealing {
         sealer,

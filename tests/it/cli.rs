@@ -760,6 +760,21 @@ fn bench_drives_every_operation_and_reports_json() {
         6,
         "reading /proc/999999999/stat",
     );
+    // A malformed or oversized --presealed is refused before anything is seeded or sealed.
+    assert_exit(
+        &bench(cwd, &["--mix", "put=1", "--presealed", "lots"], &d.env()),
+        2,
+        "invalid value 'lots' for '--presealed <RECORDS>'",
+    );
+    assert_exit(
+        &bench(
+            cwd,
+            &["--mix", "put=1", "--presealed", "10000001"],
+            &d.env(),
+        ),
+        2,
+        "10000001 is not in 0..=10000000",
+    );
     assert_eq!(status(), before, "no record was seeded");
     let (status, log) = d.terminate();
     assert!(status.success(), "{log}");
